@@ -1,0 +1,129 @@
+"""Llama-family decoder (Llama, SmolLM, Qwen2 q/k/v bias, Mistral sliding window) as pure JAX functions.
+
+Parameters are a plain pytree with per-layer weights stacked on a leading ``[L]`` axis so the layer stack
+runs as one `lax.scan` (fast compiles). Linear weights use the ``[out, in]`` convention and may be float
+arrays or block-quantized `QTensor`s (dequantized inside the jitted matmul)::
+
+    {"embed": [V, E], "final_norm": [E], "lm_head": [V, E] (untied models only),
+     "layers": {"attn_norm": [L, E], "wq": [L, H*D, E], "wk": [L, KVH*D, E], "wv": [L, KVH*D, E],
+                "wo": [L, E, H*D], "bq"/"bk"/"bv": [L, *] (qkv_bias only), "mlp_norm": [L, E],
+                "w_gate": [L, F, E], "w_up": [L, F, E], "w_down": [L, E, F]}}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.attention.reference import attend, causal_block_mask
+from jaxdec.cache.kv import KVCache, append
+from jaxdec.models.config import LlamaConfig
+from jaxdec.models.interface import ModelOutput
+from jaxdec.models.quant import embed_lookup, matmul
+
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+def rms_norm(x, w, eps):
+    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(var + eps) * w
+
+
+def rope_tables(positions, head_dim, theta):
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B,T,D/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+def _attention_fn(impl):
+    if impl == "xla":
+        return attend
+    if impl == "pallas":
+        from pallas_kernels.tree_attention import tree_attention
+        return tree_attention
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaModel:
+    config: LlamaConfig
+    attention_impl: str = "xla"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def eos_ids(self) -> tuple:
+        return tuple(self.config.eos_ids)
+
+    def with_attention(self, impl: str) -> "LlamaModel":
+        _attention_fn(impl)
+        return dataclasses.replace(self, attention_impl=impl)
+
+    def init_cache(self, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+        c = self.config
+        return KVCache.create(c.num_layers, batch, size, c.num_kv_heads, c.head_dim, dtype)
+
+    def __call__(self, params, tokens, positions, cache: KVCache, mask=None, layers=None,
+                 logits_at=None, return_layer_hidden: bool = False) -> ModelOutput:
+        c = self.config
+        b, t = tokens.shape
+        attn = _attention_fn(self.attention_impl)
+        x = embed_lookup(params["embed"], tokens).astype(jnp.float32)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        block_mask = causal_block_mask(b, t) if mask is None else mask
+        lengths = cache.lengths
+        on = jnp.ones((c.num_layers,), bool) if layers is None else jnp.asarray(layers, bool)
+
+        def block(h, p, kc, vc):
+            hn = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
+            q = matmul(hn, p["wq"])
+            k = matmul(hn, p["wk"])
+            v = matmul(hn, p["wv"])
+            if c.qkv_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+            a = attn(q, kc, vc, lengths, k, v, block_mask, positions, sliding_window=c.sliding_window)
+            h = h + matmul(a.reshape(b, t, c.num_heads * c.head_dim), p["wo"])
+            hn = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
+            h = h + matmul(jax.nn.silu(matmul(hn, p["w_gate"])) * matmul(hn, p["w_up"]), p["w_down"])
+            return h, k, v
+
+        def skip(h, p, kc, vc):
+            z = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), h.dtype)
+            return h, z, z
+
+        def layer(h, xs):
+            p, kc, vc, on_l = xs
+            if layers is None:
+                h2, k, v = block(h, p, kc, vc)
+            else:
+                h2, k, v = jax.lax.cond(on_l, block, skip, h, p, kc, vc)
+            return h2, (k, v, h2 if return_layer_hidden else None)
+
+        h, (k_new, v_new, per_layer) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v, on))
+        cache = append(cache, k_new, v_new)
+        h = rms_norm(h, params["final_norm"], c.rms_norm_eps)
+        hs = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
+        head = params["lm_head"] if "lm_head" in params else params["embed"]
+        logits = matmul(hs, head)
+        layer_hidden = None
+        if return_layer_hidden:
+            layer_hidden = jnp.concatenate([x[None], per_layer], axis=0)
+        return ModelOutput(logits, h, cache, layer_hidden)
