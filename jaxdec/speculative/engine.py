@@ -1,0 +1,275 @@
+"""`SpeculativeDecoder`: draft -> one target call over the draft tree -> verify -> compact -> bonus.
+
+One decoder for every speculative method: it is a frozen dataclass (static configuration, a `jit`
+static argument) run by the spine's driver (`jaxdec.core.loop`), so the whole decode is one
+`lax.while_loop`. A step is:
+
+1. ``drafter.propose`` returns a static-shaped `Draft` (N nodes: tokens, parents, validity, draft
+   probabilities); drafters that run a model (layer skip, draft model) make their calls here.
+2. One target call over the block ``[last, node_1 .. node_N]`` at positions ``length + depth`` with
+   the tree's ancestor mask (a chain's mask is causal).
+3. The verifier (`greedy` or `sampling`) picks the accepted path and the bonus/correction token.
+4. Output: the accepted tokens and the bonus are written for each row (rows accept different counts),
+   clipped at the first stop id (an EOS accepted mid-draft ends the row there) and at ``max_new``, so a
+   row emits exactly what token-by-token decoding would.
+5. KV cache: the accepted path's entries are compacted with `gather_block` (a chain only rolls back),
+   so each row's cache length is exactly its committed context; rows that are already done do not move.
+6. ``drafter.update`` learns from the verify call (Token Recycling's adjacency, n-gram tables ...).
+
+Rows never depend on their batch neighbours: positions, masks and cache lengths are per row.
+
+Statistics (`summarize`): τ (mean tokens per target step per row, bonus included: 1.0 is plain
+decoding), acceptance per draft position (P(position d accepted | position d-1 accepted and a draft
+token was offered there)), target calls, draft calls, tokens per target call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.cache.kv import gather_block, rollback
+from jaxdec.core.state import EOS, LENGTH, DecodeState, emit
+from jaxdec.core.steps import initial_state, prefill, suppress_stops
+from jaxdec.speculative.tree import ancestor_mask, block_depths
+from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain, sampling_verify_tree
+
+VERIFIERS = ("greedy", "sampling")
+
+
+def _write_at(buf, start, toks, cnt):
+    """buf [B,C] <- toks[b, :cnt[b]] at columns start[b] .. start[b]+cnt[b]-1 (no scatter collisions)."""
+    col = jnp.arange(buf.shape[1])[None, :]
+    rel = col - start[:, None]
+    w = (rel >= 0) & (rel < cnt[:, None])
+    src = jnp.take_along_axis(toks, jnp.clip(rel, 0, toks.shape[1] - 1), axis=1)
+    return jnp.where(w, src, buf)
+
+
+def emit_block(state: DecodeState, toks, n):
+    """Append up to ``n[b]`` tokens ``toks[b, :n[b]]`` per live row, stopping after the first stop id and
+    at ``max_new``. Returns (state, cnt [B] tokens actually written)."""
+    live = ~state.done
+    k = toks.shape[1]
+    ar = jnp.arange(k)[None, :]
+    in_n = ar < n[:, None]
+    stop_ids = state.stop_ids
+    if stop_ids.size:
+        is_stop = jnp.any(toks[..., None] == stop_ids[None, None, :], axis=-1) & in_n
+    else:
+        is_stop = jnp.zeros_like(in_n)
+    any_stop = jnp.any(is_stop, axis=1)
+    first_stop = jnp.where(any_stop, jnp.argmax(is_stop, axis=1), k)
+    cnt = jnp.minimum(jnp.minimum(n, first_stop + 1), state.max_new - state.num_new)
+    cnt = jnp.where(live, jnp.maximum(cnt, 0), 0).astype(jnp.int32)
+    tokens = _write_at(state.tokens, state.num_new, toks, cnt)
+    num_new = state.num_new + cnt
+    hit_eos = live & any_stop & (first_stop < cnt)
+    hit_len = live & ~hit_eos & (num_new >= state.max_new)
+    finish = jnp.where(hit_eos, EOS, jnp.where(hit_len, LENGTH, state.finish))
+    last_tok = jnp.take_along_axis(toks, jnp.maximum(cnt - 1, 0)[:, None], axis=1)[:, 0]
+    last = jnp.where(live & (cnt > 0), last_tok, state.last)
+    state = state.replace(tokens=tokens, num_new=num_new, done=state.done | hit_eos | hit_len, finish=finish,
+                          last=last)
+    return state, cnt
+
+
+def step_keys(state: DecodeState, stream: int):
+    """Per-row typed keys for this step: depend on the row's key, its progress and a stream id only."""
+    keys = jax.random.wrap_key_data(state.keys.astype(jnp.uint32))
+    return jax.vmap(lambda k, t: jax.random.fold_in(jax.random.fold_in(k, t), stream))(keys, state.num_new)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyInfo:
+    """What drafters see after a verify call (all arrays traced)."""
+
+    block: Any  # [B,T] tokens of the block (invalid nodes replaced by 0)
+    node_valid: Any  # [B,T] root and valid nodes
+    logits: Any  # [B,T,V] raw target logits after each block node
+    hidden: Any  # [B,T,E] target final hidden states
+    depth: Any  # [B,T]
+    path: Any  # [B,D+1]
+    n_acc: Any  # [B] accepted draft tokens (before clipping)
+    cnt: Any  # [B] tokens emitted this step
+    live: Any  # [B] rows that were running at the start of the step
+    start: Any  # [B] cache length at the start of the step
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeDecoder:
+    """drafter: any object with ``num_nodes``, ``max_depth``, ``is_chain``, ``init``, ``propose`` and
+    ``update`` (see `jaxdec.speculative.drafters`). verifier: "greedy" (lossless for greedy decoding)
+    or "sampling" (speculative sampling with residual resampling: lossless for sampling with the
+    per-row `SamplingParams` in ``inputs["sampling"]``; rows with temperature 0 are greedy).
+    tree_sampling: "iid" (siblings drawn independently, SpecInfer rule) or "without_replacement" (RSD).
+    residual=False is the lossy negative control (draws the correction from p, not the residual)."""
+
+    drafter: Any
+    verifier: str = "greedy"
+    tree_sampling: str = "iid"
+    residual: bool = True
+
+    def __post_init__(self):
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        if int(self.drafter.num_nodes) < 1:
+            raise ValueError("draft length must be >= 1")
+        if self.tree_sampling not in ("iid", "without_replacement"):
+            raise ValueError("tree_sampling must be 'iid' or 'without_replacement'")
+
+    @property
+    def cache_headroom(self) -> int:
+        return int(self.drafter.num_nodes) + 1 + int(getattr(self.drafter, "extra_headroom", 0))
+
+    # ------------------------------------------------------------------------------------------
+    def _processed(self, logits, state, num_new, depth):
+        """logits [B,T,V] -> (greedy choice [B,T], probabilities [B,T,V] or None)."""
+        b, t, v = logits.shape
+        stop_ids = state.stop_ids
+        if stop_ids.size:
+            block_stop = (num_new[:, None] + depth) < state.min_new[:, None]  # [B,T]
+            hit = jnp.zeros((v,), bool).at[stop_ids].set(True)
+            logits = jnp.where(block_stop[..., None] & hit[None, None], -jnp.inf, logits)
+        if self.verifier == "greedy":
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+        from jaxdec.core.processors import process
+        sp = state.method["sampling"]
+        spt = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), t, axis=0), sp)
+        proc = process(logits.reshape(b * t, v), spt).reshape(b, t, v)
+        greedy_row = jnp.asarray(sp.temperature, jnp.float32) <= 0  # [B]
+        am = jnp.argmax(proc, axis=-1)
+        probs = jnp.where(greedy_row[:, None, None], jax.nn.one_hot(am, v, dtype=jnp.float32),
+                          jax.nn.softmax(proc, axis=-1))
+        return am.astype(jnp.int32), probs
+
+    def _first_token(self, logits, state):
+        logits = suppress_stops(logits, state)
+        if self.verifier == "greedy":
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        from jaxdec.core import sampling as sampling_lib
+        from jaxdec.search.token import row_keys_for_step
+        return sampling_lib.sample(row_keys_for_step(state.keys, state.num_new), logits, state.method["sampling"])
+
+    def init(self, model, params, prompts, prompt_lens, cache, inputs):
+        b, p = prompts.shape
+        logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
+        depth_slots = int(self.drafter.max_depth)
+        method = {}
+        if self.verifier == "sampling":
+            if "sampling" not in inputs:
+                raise ValueError("the sampling verifier needs per-row SamplingParams (generate(..., sampling=...))")
+            method["sampling"] = inputs["sampling"]
+        stats = {"model_calls": jnp.ones((), jnp.int32), "draft_calls": jnp.zeros((), jnp.int32),
+                 "row_steps": jnp.zeros((), jnp.int32), "emitted": jnp.zeros((), jnp.int32),
+                 "accepted": jnp.zeros((), jnp.int32),
+                 "pos_offered": jnp.zeros((depth_slots,), jnp.int32),
+                 "pos_accepted": jnp.zeros((depth_slots,), jnp.int32)}
+        state = initial_state(prompts, cache, inputs, method, stats)
+        tok = self._first_token(logits, state)
+        state = emit(state, tok)
+        cap = state.tokens.shape[1]
+        hist = jnp.concatenate([prompts.astype(jnp.int32), jnp.zeros((b, cap + 1), jnp.int32)], axis=1)
+        hist = _write_at(hist, prompt_lens, tok[:, None], jnp.ones((b,), jnp.int32))
+        method = dict(state.method)
+        method["hist"] = hist
+        method["hist_len"] = (prompt_lens + 1).astype(jnp.int32)
+        method["prompt_len"] = prompt_lens.astype(jnp.int32)
+        state = state.replace(method=method)
+        dstate = self.drafter.init(model, params, prompts, prompt_lens, state, inputs)
+        method = dict(state.method)
+        method["draft"] = dstate
+        return state.replace(method=method)
+
+    def step(self, model, params, state: DecodeState) -> DecodeState:
+        drafter = self.drafter
+        live = ~state.done
+        start = state.cache.lengths
+        draft, dstate, cache = drafter.propose(model, params, state, step_keys(state, 1))
+        n = draft.num_nodes
+        max_depth = int(drafter.max_depth)
+        valid = draft.valid
+        parents = draft.parents
+        anc = ancestor_mask(parents)
+        depth = block_depths(parents, max_depth)
+        block = jnp.concatenate([state.last[:, None], jnp.where(valid, draft.tokens, 0)], axis=1).astype(jnp.int32)
+        pos = start[:, None] + depth
+        out = model(params, block, pos, cache, mask=anc)
+        target, probs = self._processed(out.logits, state, state.num_new, depth)
+        if self.verifier == "greedy":
+            verdict = greedy_verify(block, parents, valid, target, anc, depth, max_depth)
+        elif drafter.is_chain:
+            verdict = sampling_verify_chain(step_keys(state, 2), block, valid, probs, draft.q, self.residual)
+        else:
+            verdict = sampling_verify_tree(step_keys(state, 2), block, parents, valid, probs, draft.q, anc, depth,
+                                           max_depth, int(drafter.max_children),
+                                           self.tree_sampling == "without_replacement")
+        state2, cnt = emit_block(state, verdict.out, verdict.n_acc + 1)
+        keep = jnp.where(live, cnt, 0)
+        if drafter.is_chain:
+            new_cache = rollback(out.cache, start + keep)
+        else:
+            new_cache = gather_block(out.cache, start, verdict.path, keep)
+        m = dict(state2.method)
+        m["hist"] = _write_at(m["hist"], m["hist_len"], verdict.out, cnt)
+        m["hist_len"] = m["hist_len"] + cnt
+        m["draft"] = dstate
+        state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
+        info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
+                          logits=out.logits, hidden=out.hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
+                          cnt=cnt, live=live, start=start)
+        m = dict(state2.method)
+        m["draft"] = drafter.update(model, params, state2, dstate, info)
+        state2 = state2.replace(method=m)
+        return state2.replace(stats=self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth))
+
+    def _stats(self, st, draft, parents, depth, verdict, live, cnt, max_depth):
+        n_acc = jnp.where(live, verdict.n_acc, 0)
+        # offered[d]: a valid node at depth d+1 hangs below the accepted path's node at depth d
+        node_depth = depth[:, 1:]  # [B,N]
+        path_at_parent = jnp.take_along_axis(verdict.path, jnp.clip(node_depth - 1, 0, max_depth), axis=1)
+        below = draft.valid & (parents == path_at_parent) & (node_depth - 1 <= verdict.n_acc[:, None])
+        d = jnp.arange(max_depth)
+        offered = jnp.any(below[:, None, :] & (node_depth[:, None, :] == d[None, :, None] + 1), axis=-1)  # [B,D]
+        offered = offered & live[:, None]
+        accepted = (verdict.n_acc[:, None] >= d[None, :] + 1) & live[:, None]
+        return {**st,
+                "model_calls": st["model_calls"] + 1,
+                "draft_calls": st["draft_calls"] + int(getattr(self.drafter, "draft_calls_per_step", 0)),
+                "row_steps": st["row_steps"] + jnp.sum(live).astype(jnp.int32),
+                "emitted": st["emitted"] + jnp.sum(cnt).astype(jnp.int32),
+                "accepted": st["accepted"] + jnp.sum(n_acc).astype(jnp.int32),
+                "pos_offered": st["pos_offered"] + jnp.sum(offered, axis=0).astype(jnp.int32),
+                "pos_accepted": st["pos_accepted"] + jnp.sum(accepted, axis=0).astype(jnp.int32)}
+
+    def summarize(self, state) -> dict:
+        return summarize_stats(state.stats)
+
+
+def summarize_stats(st) -> dict:
+    """Host-side statistics from the (summed) raw counters of one or more runs."""
+    st = {k: np.asarray(v) for k, v in st.items()}
+    rows = max(int(st["row_steps"]), 1)
+    offered = st["pos_offered"].astype(np.int64)
+    acc = st["pos_accepted"].astype(np.int64)
+    per_pos = [float(a / o) if o else float("nan") for a, o in zip(acc, offered)]
+    return {
+        "tau": float((int(st["accepted"]) + int(st["row_steps"])) / rows),
+        "tokens_per_row_step": float(int(st["emitted"]) / rows),
+        "acceptance_per_position": per_pos,
+        "accepted_at_least": [float(a / rows) for a in acc],
+        "target_calls": int(st["model_calls"]),
+        "draft_calls": int(st["draft_calls"]),
+        "row_steps": int(st["row_steps"]),
+        "raw": {k: v.tolist() for k, v in st.items()},
+    }
+
+
+def merge_raw(a: dict | None, b: dict) -> dict:
+    """Sum two `summarize(...)["raw"]` counter dicts (for runs split into several batches)."""
+    if a is None:
+        return {k: np.asarray(v) for k, v in b.items()}
+    return {k: np.asarray(a[k]) + np.asarray(b[k]) for k in b}
