@@ -1,0 +1,294 @@
+"""Beam search (HF-exact) and diverse beam search (groups + Hamming diversity), one `step` each.
+
+Scoring follows transformers 5's vectorised `_beam_search` step for step:
+
+* running beams carry cumulative log-probabilities (log-softmax of the logits, then processors such as
+  min_new_tokens' EOS suppression); the first beam of each group starts at 0, the others at -1e9;
+* each step keeps the top ``K = max(2, 1 + n_stop_ids) * beams`` candidates over beams x vocabulary;
+  candidates ending in a stop id (or reaching max_new_tokens) cannot keep running: the best ``beams``
+  of the others become the next running beams;
+* a candidate that ends is offered to the finished set only if it ranks among the first ``beams`` of
+  the K, with score ``logp_sum / n_new_tokens ** length_penalty``; the finished set keeps the best
+  ``beams`` hypotheses seen so far;
+* ``early_stopping=True`` stops a prompt once its finished set is full; ``False`` stops when the best
+  running beam, normalised at the current length, cannot beat the worst finished one; ``"never"`` does
+  the same but with ``length_penalty > 0`` normalises at max length (the best it could ever get).
+
+Diverse beam search (Vijayakumar et al., 2016) splits the beams into G groups of ``beams / G``; within a
+step the groups choose in order and group g's log-probabilities are lowered by
+``diversity_penalty * (number of times each token was just chosen by groups < g)`` (Hamming
+diversity, as HF's `HammingDiversityLogitsProcessor`; the penalty enters the cumulative score). Each
+group otherwise runs plain beam search with its own finished set and stopping rule, so with
+``diversity_penalty = 0`` every group returns exactly what beam search with ``beams / G`` beams returns.
+A prompt stops when all its groups are done.
+
+Host entry: `beam_search(model, params, prompts, num_beams=4, ...)` -> `Generation` whose ``tokens`` is
+each prompt's best hypothesis and ``extras["beams"]`` lists every returned hypothesis as
+``{"tokens", "score"}`` (best first).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.core.generate import Generation
+from jaxdec.core.steps import decode_call, initial_state, prefill, suppress_stops
+from jaxdec.search.common import (NEG, expand_cache, flat, global_rows, isin, per_prompt, reorder_cache,
+                                  run_grouped)
+
+def hamming_penalty(chosen, vocab_size: int, penalty):
+    """chosen [B, m] tokens picked so far this step by earlier groups; penalty scalar or [B] ->
+    [B, V] amount to subtract (penalty x how often each token was chosen)."""
+    b = chosen.shape[0]
+    counts = jnp.zeros((b, vocab_size), jnp.float32)
+    counts = counts.at[jnp.arange(b)[:, None], chosen].add(1.0)
+    return jnp.reshape(jnp.asarray(penalty, jnp.float32), (-1, 1)) * counts
+
+
+def _normalizer(n, length_penalty: float):
+    return jnp.power(n.astype(jnp.float32), jnp.float32(length_penalty))
+
+
+ES_CODES = {False: 0, True: 1, "never": 2}
+
+
+def early_stopping_code(es) -> int:
+    if es is True or es is False or (isinstance(es, str) and es == "never"):
+        return ES_CODES[es]
+    raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearch:
+    """Beam search decoder over ``num_beams`` rows per prompt (see the module docstring).
+
+    Static: the number of beams and of groups. Traced per prompt (``inputs["beam"]``, so new values
+    do not recompile): ``length_penalty`` [rows] float, ``early_stopping`` [rows] int (0 False, 1 True,
+    2 "never"), ``diversity_penalty`` [rows] float (used when num_groups > 1).
+    """
+
+    num_beams: int = 4
+    num_groups: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if not isinstance(self.num_groups, int) or self.num_groups < 1 or self.num_beams % self.num_groups:
+            raise ValueError(f"num_beam_groups ({self.num_groups!r}) must divide num_beams ({self.num_beams})")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_beams // self.num_groups
+
+    # ---------------------------------------------------------------- decoder protocol
+    def init(self, model, params, prompts, prompt_lens, cache, inputs):
+        nb, g = self.num_beams, self.group_size
+        b = prompts.shape[0]
+        logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
+        cache = expand_cache(cache, nb)  # the prompt was computed once; its KV is copied to the beams
+        logits = jnp.repeat(logits, nb, axis=0)
+        cap = inputs["out_buffer"].shape[1]
+        stop = inputs["stop_ids"]
+        pad = stop[0] if stop.size else jnp.int32(0)
+        first = (jnp.arange(nb) % g) == 0
+        method = {
+            "run_scores": jnp.where(first, 0.0, NEG)[None, :].repeat(b, 0).astype(jnp.float32),
+            "fin_tokens": jnp.full((b, nb, cap), pad, jnp.int32),
+            "fin_len": jnp.zeros((b, nb), jnp.int32),
+            "fin_scores": jnp.full((b, nb), NEG, jnp.float32),
+            "fin_flag": jnp.zeros((b, nb), bool),
+            "unsat": jnp.ones((b, self.num_groups), bool),
+            "start": cache.lengths,
+            "lp": inputs["beam"]["length_penalty"][::nb].astype(jnp.float32),
+            "es": inputs["beam"]["early_stopping"][::nb].astype(jnp.int32),
+            "div": inputs["beam"]["diversity_penalty"][::nb].astype(jnp.float32),
+        }
+        state = initial_state(jnp.zeros((b * nb, 1), jnp.int32), cache, inputs, method,
+                              {"model_calls": jnp.ones((), jnp.int32)})
+        return self._advance(state, logits)
+
+    def step(self, model, params, state):
+        logits, cache, _ = decode_call(model, params, state)
+        state = state.replace(cache=cache, step=state.step + 1,
+                              stats={**state.stats, "model_calls": state.stats["model_calls"] + 1})
+        return self._advance(state, logits)
+
+    # ---------------------------------------------------------------- one beam step
+    def _group_update(self, lp, run_scores, tokens, fin, unsat, t, n, max_new, stop, lpen, es):
+        """One group's step. lp [B,g,V] processed log-probs; run_scores [B,g]; tokens [B,g,cap];
+        fin: dict of this group's finished set; unsat [B]. Returns new running (src [B,g] local, tok,
+        scores), new finished set, unsat, group_done [B]."""
+        bsz, g, v = lp.shape
+        k = max(2, 1 + int(stop.size)) * g
+        acc = (lp + run_scores[:, :, None]).reshape(bsz, g * v)
+        vals, idx = jax.lax.top_k(acc, k)
+        src = idx // v
+        tok = (idx % v).astype(jnp.int32)
+        hits = isin(tok, stop) | (n >= max_new)[:, None]
+        # running beams for the next step: the best g candidates that did not end
+        rvals = vals + hits.astype(jnp.float32) * NEG
+        r_scores, r_i = jax.lax.top_k(rvals, g)
+        r_src = jnp.take_along_axis(src, r_i, axis=1)
+        r_tok = jnp.take_along_axis(tok, r_i, axis=1)
+        # finished set: ended candidates among the first g of the K, normalised by length
+        es_true = es == 1
+        cand = vals / _normalizer(n, lpen)[:, None]
+        full = jnp.all(fin["flag"], axis=1, keepdims=True) & es_true[:, None]
+        cand = cand + full.astype(jnp.float32) * NEG
+        cand = cand + (~unsat)[:, None].astype(jnp.float32) * NEG
+        just = hits & (jnp.arange(k) < g)[None, :]
+        cand = cand + (~just).astype(jnp.float32) * NEG
+        cand_tok = jnp.take_along_axis(tokens, src[:, :, None], axis=1)  # [B,K,cap]
+        cap = tokens.shape[-1]
+        at_t = jnp.arange(cap)[None, None, :] == t[:, None, None]
+        cand_tok = jnp.where(at_t, tok[:, :, None], cand_tok)
+        m_scores = jnp.concatenate([fin["scores"], cand], axis=1)
+        m_tok = jnp.concatenate([fin["tokens"], cand_tok], axis=1)
+        m_len = jnp.concatenate([fin["len"], jnp.broadcast_to(n[:, None], (bsz, k))], axis=1)
+        m_flag = jnp.concatenate([fin["flag"], just], axis=1)
+        f_scores, f_i = jax.lax.top_k(m_scores, g)
+        new_fin = {"scores": f_scores,
+                   "tokens": jnp.take_along_axis(m_tok, f_i[:, :, None], axis=1),
+                   "len": jnp.take_along_axis(m_len, f_i, axis=1),
+                   "flag": jnp.take_along_axis(m_flag, f_i, axis=1)}
+        # can the running beams still improve the finished set? (HF's early-stop heuristic)
+        best_len = jnp.where((es == 2) & (lpen > 0.0), max_new, n)
+        best = r_scores[:, 0] / _normalizer(best_len, lpen)
+        worst = jnp.where(new_fin["flag"], jnp.min(f_scores, axis=1, keepdims=True), NEG)
+        unsat = unsat & jnp.any(best[:, None] > worst, axis=1)
+        open_beam = ~(jnp.all(new_fin["flag"], axis=1) & es_true)
+        done = ~(unsat & open_beam & ~jnp.all(hits, axis=1))
+        return (r_src, r_tok, r_scores), new_fin, unsat, done
+
+    def _advance(self, state, logits):
+        nb, g, ng = self.num_beams, self.group_size, self.num_groups
+        m = state.method
+        bsz = state.batch // nb
+        v = logits.shape[-1]
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        lp = suppress_stops(lp, state)  # HF applies processors to the log-probs
+        lp = per_prompt(lp, nb)
+        tokens = per_prompt(state.tokens, nb)
+        t = per_prompt(state.num_new, nb)[:, 0]
+        n = t + 1
+        max_new = per_prompt(state.max_new, nb)[:, 0]
+        live = ~per_prompt(state.done, nb)[:, 0]
+        stop = state.stop_ids
+
+        srcs, toks, scores, fins, unsats, dones = [], [], [], [], [], []
+        for gi in range(ng):
+            sl = slice(gi * g, (gi + 1) * g)
+            lpg = lp[:, sl]
+            if gi > 0:
+                lpg = lpg - hamming_penalty(jnp.concatenate(toks, axis=1), v, m["div"])[:, None, :]
+            fin = {"scores": m["fin_scores"][:, sl], "tokens": m["fin_tokens"][:, sl], "len": m["fin_len"][:, sl],
+                   "flag": m["fin_flag"][:, sl]}
+            (r_src, r_tok, r_sc), fin, u, d = self._group_update(
+                lpg, m["run_scores"][:, sl], tokens[:, sl], fin, m["unsat"][:, gi], t, n, max_new, stop,
+                m["lp"], m["es"])
+            srcs.append(r_src + gi * g)
+            toks.append(r_tok)
+            scores.append(r_sc)
+            fins.append(fin)
+            unsats.append(u)
+            dones.append(d)
+
+        src = jnp.concatenate(srcs, axis=1)
+        src = jnp.where(live[:, None], src, jnp.arange(nb)[None, :])  # finished prompts stay as they are
+        new_tok = jnp.concatenate(toks, axis=1)
+        lw = live[:, None]
+
+        def keep(new, old):
+            mask = live.reshape((bsz,) + (1,) * (new.ndim - 1))
+            return jnp.where(mask, new, old)
+
+        method = dict(m)
+        method["run_scores"] = keep(jnp.concatenate(scores, axis=1), m["run_scores"])
+        method["fin_scores"] = keep(jnp.concatenate([f["scores"] for f in fins], axis=1), m["fin_scores"])
+        method["fin_tokens"] = keep(jnp.concatenate([f["tokens"] for f in fins], axis=1), m["fin_tokens"])
+        method["fin_len"] = keep(jnp.concatenate([f["len"] for f in fins], axis=1), m["fin_len"])
+        method["fin_flag"] = keep(jnp.concatenate([f["flag"] for f in fins], axis=1), m["fin_flag"])
+        method["unsat"] = keep(jnp.stack(unsats, axis=1), m["unsat"])
+        prompt_done = ~live | jnp.all(jnp.stack(dones, axis=1), axis=1)
+
+        rows = global_rows(src)
+        tok_rows = jnp.take(state.tokens, rows, axis=0)
+        cap = state.capacity
+        at_t = jnp.arange(cap)[None, :] == flat(jnp.broadcast_to(t[:, None], (bsz, nb)))[:, None]
+        live_rows = flat(jnp.broadcast_to(lw, (bsz, nb)))
+        tok_rows = jnp.where(at_t & live_rows[:, None], flat(new_tok)[:, None], tok_rows)
+        cache = reorder_cache(state.cache, rows, m["start"], cap)
+        done_rows = flat(jnp.broadcast_to(prompt_done[:, None], (bsz, nb)))
+        return state.replace(
+            tokens=tok_rows, num_new=state.num_new + live_rows.astype(jnp.int32),
+            last=jnp.where(live_rows, flat(new_tok), state.last), cache=cache, done=done_rows,
+            finish=jnp.where(done_rows, 1, 0).astype(jnp.int32), method=method)
+
+    def summarize(self, state):
+        return {}
+
+
+def _collect(prompts, results, nb: int, num_return: int, stop_ids, group_size: int):
+    beams_out, best, finish = [], [], []
+    stop = set(int(s) for s in stop_ids)
+    for state, real in results:
+        m = jax.tree.map(np.asarray, state.method)
+        for b in range(real):
+            order = np.argsort(-m["fin_scores"][b], kind="stable")[:num_return]
+            hyps = []
+            for j in order:
+                ln = int(m["fin_len"][b, j])
+                hyps.append({"tokens": m["fin_tokens"][b, j, :ln].tolist(), "score": float(m["fin_scores"][b, j]),
+                             "finished": bool(m["fin_flag"][b, j]), "group": int(j) // group_size})
+            beams_out.append(hyps)
+            best.append(hyps[0]["tokens"])
+            finish.append("eos" if hyps[0]["tokens"] and hyps[0]["tokens"][-1] in stop else "length")
+    return beams_out, best, finish
+
+
+def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: int = 64, min_new_tokens: int = 0,
+                length_penalty: float = 1.0, early_stopping: Any = False,
+                num_return_sequences: Optional[int] = None, num_beam_groups: int = 1,
+                diversity_penalty: float = 0.0, stop_ids=None, batch_size: Optional[int] = None,
+                cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None) -> Generation:
+    """Beam search (or diverse beam search with ``num_beam_groups > 1``) over token-id prompts.
+
+    Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
+    batch_size counts prompts per compiled batch (each holds batch_size * num_beams rows). Returns a
+    `Generation`: ``tokens[i]`` is prompt i's best hypothesis (up to and including EOS), ``extras["beams"]
+    [i]`` its ``num_return_sequences`` (default num_beams) hypotheses ``{"tokens", "score",
+    "finished", "group"}`` best first (across groups for diverse beam search); ``extras["scores"][i]`` the best score (HF's ``sequences_scores``).
+    """
+    dec = BeamSearch(num_beams=int(num_beams), num_groups=int(num_beam_groups))
+    es = early_stopping_code(early_stopping)
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
+    if not (np.isfinite(diversity_penalty) and diversity_penalty >= 0):
+        raise ValueError(f"diversity_penalty must be finite and >= 0, got {diversity_penalty!r}")
+
+    def extra(inputs, chunk):
+        rows = inputs["max_new"].shape[0]
+        inputs["beam"] = {"length_penalty": jnp.full((rows,), length_penalty, jnp.float32),
+                          "early_stopping": jnp.full((rows,), es, jnp.int32),
+                          "diversity_penalty": jnp.full((rows,), diversity_penalty, jnp.float32)}
+        return inputs
+
+    nr = num_beams if num_return_sequences is None else int(num_return_sequences)
+    if not 1 <= nr <= num_beams:
+        raise ValueError(f"num_return_sequences must be in [1, num_beams], got {num_return_sequences!r}")
+    stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    prompts, results, stats = run_grouped(dec, model, params, prompts, num_beams, max_new_tokens=max_new_tokens,
+                                          min_new_tokens=min_new_tokens, stop_ids=stop, batch_size=batch_size,
+                                          cache_size=cache_size, debug=debug, callback=callback,
+                                          extra_inputs=extra)
+    beams, best, finish = _collect(prompts, results, num_beams, nr, stop, dec.group_size)
+    new = sum(len(t) for t in best)
+    stats.update({"new_tokens": new, "tokens_per_second": new / stats["seconds"] if stats["seconds"] > 0 else
+                  float("nan"), "num_beams": num_beams})
+    text = [tokenizer.decode(t) for t in best] if tokenizer is not None else None
+    return Generation(prompt_ids=prompts, tokens=best, finish_reason=finish, stats=stats, text=text,
+                      extras={"beams": beams, "scores": [b[0]["score"] for b in beams]})
