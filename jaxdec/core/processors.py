@@ -38,7 +38,11 @@ Semantics (HF's, with ``min_tokens_to_keep = 1``, the value HF uses outside beam
   (so ties at the threshold score are kept).
 
 All arithmetic that decides a mask is float32, in the same order of operations as HF, so thresholds
-compare the same float32 quantities (``1 − p``, ``m · p_max``, ``τ``).
+compare the same float32 quantities (``1 − p``, ``m · p_max``, ``τ``). Temperature and penalty
+divisions are true IEEE divisions (XLA would otherwise turn ``x / t`` into ``x * (1/t)``, 1 ulp off),
+so those values are bit-identical to torch's. Softmax/cumsum roundings still differ from torch's in
+the last bits, so a token whose cumulative mass or probability sits within ~1e-6 of a cut can fall
+on the other side; ties between equal logits are always resolved identically.
 """
 from __future__ import annotations
 
@@ -155,6 +159,13 @@ def _canon_zero(x):
     return jnp.where(x == 0, jnp.zeros_like(x), x)
 
 
+def _exact_div(x, col):
+    """``x / col`` with IEEE division, as torch computes it. XLA rewrites a division by a broadcast
+    into a multiplication by the reciprocal (1 ulp off, which can merge or split ties before top-k);
+    the barrier hides the broadcast from that rewrite."""
+    return x / lax.optimization_barrier(jnp.broadcast_to(col, x.shape))
+
+
 def _sort_ascending(x):
     """Stable ascending sort of each row: (sorted values, original indices). Ties keep index order."""
     idx = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -211,7 +222,7 @@ def repetition_penalty(logits, seen, penalty) -> jax.Array:
     if seen.shape != x.shape:
         raise ValueError(f"seen mask shape {seen.shape} does not match logits {x.shape}")
     r = _rows(penalty, b, jnp.float32)
-    penalized = jnp.where(x < 0, x * r, x / r)
+    penalized = jnp.where(x < 0, x * r, _exact_div(x, r))
     return jnp.where(seen, penalized, x)
 
 
@@ -223,7 +234,7 @@ def temperature(logits, t) -> jax.Array:
     """``logits / t`` per row; rows with ``t <= 0`` (greedy) are returned unchanged."""
     x = _f32(logits)
     t = _rows(t, x.shape[0], jnp.float32)
-    return jnp.where(t > 0, x / jnp.where(t > 0, t, 1.0), x)
+    return jnp.where(t > 0, _exact_div(x, jnp.where(t > 0, t, 1.0)), x)
 
 
 def _top_k_threshold(vals, k):
