@@ -211,3 +211,180 @@ class TokenRecyclingDrafter:
 
             adj = jax.vmap(one)(adj, tok, use, top)
         return {**dstate, "adj": adj}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model drafters: a separate draft model, or the target itself with layers switched off
+# ----------------------------------------------------------------------------------------------------
+
+def draft_distribution(logits, state, sample: bool):
+    """Draft logits [B,V] -> (token [B] drawn or argmax, q [B,V] or None). When sampling, the row's
+    sampling parameters are applied to the draft logits too; rows with temperature 0 draw greedily."""
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    from jaxdec.core.processors import process
+    sp = state.method["sampling"]
+    proc = process(logits, sp)
+    greedy_row = jnp.asarray(sp.temperature, jnp.float32) <= 0
+    am = jnp.argmax(proc, axis=-1)
+    q = jnp.where(greedy_row[:, None], jax.nn.one_hot(am, logits.shape[-1], dtype=jnp.float32),
+                  jax.nn.softmax(proc, axis=-1))
+    return am.astype(jnp.int32), q
+
+
+def _draw_rows(keys, q):
+    logq = jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logq).astype(jnp.int32)
+
+
+def _chain_draft(toks, qs, sample, b):
+    toks = jnp.stack(toks, axis=1)
+    k = toks.shape[1]
+    q = jnp.stack(qs, axis=1) if sample else None
+    return Draft(toks, TreeSpec.chain(k).parents_array(b), jnp.ones((b, k), bool), None, q)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModelDrafter:
+    """A separate draft model (same vocabulary) with its own KV cache drafts a chain of ``num_tokens``.
+
+    Pass ``params = with_draft_params(target_params, draft_params)`` to `generate`. sample=False drafts
+    greedily (for the greedy verifier); sample=True draws from the draft's distribution under the row's
+    sampling parameters and returns q for speculative sampling. The draft cache is kept in step with the
+    target: at most two tokens (the last accepted draft token after a full accept, then the bonus) are
+    fed at the start of the next proposal."""
+
+    draft_model: object
+    num_tokens: int = 4
+    sample: bool = False
+
+    own_params = True
+    max_children = 1
+    is_chain = True
+    extra_headroom = 1
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ValueError(f"draft length (num_tokens) must be >= 1, got {self.num_tokens}")
+
+    num_nodes = property(lambda self: self.num_tokens)
+    max_depth = property(lambda self: self.num_tokens)
+    draft_calls_per_step = property(lambda self: self.num_tokens)
+
+    def init(self, model, dparams, prompts, prompt_lens, state, inputs):
+        from jaxdec.core.steps import prefill
+        if self.draft_model.vocab_size != model.vocab_size:
+            raise ValueError(f"draft model vocabulary ({self.draft_model.vocab_size}) differs from the target's "
+                             f"({model.vocab_size}): a draft model must share the target's tokenizer")
+        b = prompts.shape[0]
+        dcache = self.draft_model.init_cache(b, state.cache.size)
+        _, dcache, _ = prefill(self.draft_model, dparams, prompts, prompt_lens, dcache)
+        pend = jnp.stack([state.last, jnp.zeros_like(state.last)], axis=1)
+        return {"cache": dcache, "pend": pend, "npend": jnp.ones((b,), jnp.int32), "l0": dcache.lengths}
+
+    def propose(self, model, dparams, state, keys):
+        from jaxdec.cache.kv import rollback
+        ds = state.method["draft"]
+        dm = self.draft_model
+        dc = ds["cache"]
+        b = state.batch
+        l0 = dc.lengths
+        pos = l0[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+        out = dm(dparams, ds["pend"], pos, dc, logits_at=(ds["npend"] - 1)[:, None])
+        dc = rollback(out.cache, l0 + ds["npend"])
+        logits = out.logits[:, 0]
+        toks, qs = [], []
+        ks = jax.vmap(lambda k: jax.random.split(k, self.num_tokens))(keys)
+        for i in range(self.num_tokens):
+            am, q = draft_distribution(logits, state, self.sample)
+            x = _draw_rows(ks[:, i], q) if self.sample else am
+            toks.append(x)
+            qs.append(q)
+            if i < self.num_tokens - 1:
+                out = dm(dparams, x[:, None], dc.lengths[:, None], dc)
+                dc, logits = out.cache, out.logits[:, 0]
+        return _chain_draft(toks, qs, self.sample, b), {**ds, "cache": dc, "l0": l0}, state.cache
+
+    def update(self, model, dparams, state, dstate, info):
+        from jaxdec.cache.kv import rollback
+        k = self.num_tokens
+        a = info.n_acc
+        full = a >= k
+        bonus = jnp.take_along_axis(info.out, a[:, None], axis=1)[:, 0]
+        last_draft = info.block[:, k]
+        pend = jnp.where(full[:, None], jnp.stack([last_draft, bonus], 1), jnp.stack([bonus, bonus], 1))
+        npend = jnp.where(full, 2, 1).astype(jnp.int32)
+        length = jnp.where(full, info.start + k, info.start + 1 + a)
+        running = info.live & ~state.done
+        dc = dstate["cache"]
+        dc = rollback(dc, jnp.where(running, length, dstate["l0"]))
+        return {**dstate, "cache": dc, "pend": jnp.where(running[:, None], pend, dstate["pend"]),
+                "npend": jnp.where(running, npend, dstate["npend"])}
+
+
+def truncated_draft(model, params, num_layers: int):
+    """A separate draft model made of the target's first ``num_layers`` layers (same embeddings and head):
+    returns (draft_model, draft_params). Stands in for a trained small model in tests."""
+    cfg = model.config
+    if not 1 <= num_layers <= cfg.num_layers:
+        raise ValueError(f"num_layers must be in [1, {cfg.num_layers}]")
+    dm = dataclasses.replace(model, config=dataclasses.replace(cfg, num_layers=num_layers))
+    dp = dict(params)
+    dp["layers"] = jax.tree.map(lambda a: a[:num_layers], params["layers"])
+    return dm, dp
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkipDrafter:
+    """Self-speculation: the target itself with some layers switched off drafts a chain of ``num_tokens``
+    through the target's own cache (the verify call then overwrites those positions).
+
+    skip: layers switched off (static default). The layer mask lives in the drafter state as a traced
+    ``[L]`` array (``inputs["skip_layers"]`` overrides it per run without recompiling), so adaptive
+    schemes (SWIFT's search, DEL's exit choice) change it between runs or steps for free."""
+
+    skip: tuple = ()
+    num_tokens: int = 4
+    sample: bool = False
+
+    max_children = 1
+    is_chain = True
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ValueError(f"draft length (num_tokens) must be >= 1, got {self.num_tokens}")
+
+    num_nodes = property(lambda self: self.num_tokens)
+    max_depth = property(lambda self: self.num_tokens)
+    draft_calls_per_step = property(lambda self: self.num_tokens)
+
+    def init(self, model, params, prompts, prompt_lens, state, inputs):
+        n = model.num_layers
+        if any(not 0 <= i < n for i in self.skip):
+            raise ValueError(f"skip layers must be in [0, {n})")
+        layers = np.ones((n,), bool)
+        layers[list(self.skip)] = False
+        lay = inputs.get("skip_layers") if isinstance(inputs, dict) else None
+        lay = jnp.asarray(layers) if lay is None else ~jnp.asarray(lay, bool)
+        return {"layers": lay}
+
+    def propose(self, model, params, state, keys):
+        from jaxdec.cache.kv import rollback
+        ds = state.method["draft"]
+        cache = state.cache
+        l0 = cache.lengths
+        b = state.batch
+        x = state.last
+        toks, qs = [], []
+        ks = jax.vmap(lambda k: jax.random.split(k, self.num_tokens))(keys)
+        for i in range(self.num_tokens):
+            out = model(params, x[:, None], (l0 + i)[:, None], cache, layers=ds["layers"])
+            cache = out.cache
+            am, q = draft_distribution(out.logits[:, 0], state, self.sample)
+            x = _draw_rows(ks[:, i], q) if self.sample else am
+            toks.append(x)
+            qs.append(q)
+        return _chain_draft(toks, qs, self.sample, b), ds, rollback(cache, l0)
+
+    def update(self, model, params, state, dstate, info):
+        return dstate

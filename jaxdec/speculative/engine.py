@@ -97,6 +97,7 @@ class VerifyInfo:
     cnt: Any  # [B] tokens emitted this step
     live: Any  # [B] rows that were running at the start of the step
     start: Any  # [B] cache length at the start of the step
+    out: Any  # [B,D+1] the verdict's tokens (accepted drafts then the bonus/correction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,15 @@ class SpeculativeDecoder:
             raise ValueError("draft length must be >= 1")
         if self.tree_sampling not in ("iid", "without_replacement"):
             raise ValueError("tree_sampling must be 'iid' or 'without_replacement'")
+
+    def _split(self, params):
+        """(target params, drafter params): drafters with ``own_params`` (a separate draft model) take
+        ``params = {"target": ..., "draft": ...}`` (see `with_draft_params`); others share the target's."""
+        if getattr(self.drafter, "own_params", False):
+            if not (isinstance(params, dict) and "target" in params and "draft" in params):
+                raise ValueError("this drafter has its own weights: pass params=with_draft_params(target, draft)")
+            return params["target"], params["draft"]
+        return params, params
 
     @property
     def cache_headroom(self) -> int:
@@ -156,6 +166,7 @@ class SpeculativeDecoder:
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         b, p = prompts.shape
+        params, dparams = self._split(params)
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
         depth_slots = int(self.drafter.max_depth)
         method = {}
@@ -167,7 +178,8 @@ class SpeculativeDecoder:
                  "row_steps": jnp.zeros((), jnp.int32), "emitted": jnp.zeros((), jnp.int32),
                  "accepted": jnp.zeros((), jnp.int32),
                  "pos_offered": jnp.zeros((depth_slots,), jnp.int32),
-                 "pos_accepted": jnp.zeros((depth_slots,), jnp.int32)}
+                 "pos_accepted": jnp.zeros((depth_slots,), jnp.int32),
+                 "side_branch_accepts": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
         tok = self._first_token(logits, state)
         state = emit(state, tok)
@@ -179,16 +191,17 @@ class SpeculativeDecoder:
         method["hist_len"] = (prompt_lens + 1).astype(jnp.int32)
         method["prompt_len"] = prompt_lens.astype(jnp.int32)
         state = state.replace(method=method)
-        dstate = self.drafter.init(model, params, prompts, prompt_lens, state, inputs)
+        dstate = self.drafter.init(model, dparams, prompts, prompt_lens, state, inputs)
         method = dict(state.method)
         method["draft"] = dstate
         return state.replace(method=method)
 
     def step(self, model, params, state: DecodeState) -> DecodeState:
         drafter = self.drafter
+        params, dparams = self._split(params)
         live = ~state.done
         start = state.cache.lengths
-        draft, dstate, cache = drafter.propose(model, params, state, step_keys(state, 1))
+        draft, dstate, cache = drafter.propose(model, dparams, state, step_keys(state, 1))
         n = draft.num_nodes
         max_depth = int(drafter.max_depth)
         valid = draft.valid
@@ -220,9 +233,9 @@ class SpeculativeDecoder:
         state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
         info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
                           logits=out.logits, hidden=out.hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
-                          cnt=cnt, live=live, start=start)
+                          cnt=cnt, live=live, start=start, out=verdict.out)
         m = dict(state2.method)
-        m["draft"] = drafter.update(model, params, state2, dstate, info)
+        m["draft"] = drafter.update(model, dparams, state2, dstate, info)
         state2 = state2.replace(method=m)
         return state2.replace(stats=self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth))
 
@@ -236,6 +249,13 @@ class SpeculativeDecoder:
         offered = jnp.any(below[:, None, :] & (node_depth[:, None, :] == d[None, :, None] + 1), axis=-1)  # [B,D]
         offered = offered & live[:, None]
         accepted = (verdict.n_acc[:, None] >= d[None, :] + 1) & live[:, None]
+        # accepted paths that leave the first-child chain (a tree's side branches really won)
+        n = parents.shape[1]
+        earlier = jnp.tril(jnp.ones((n, n), bool), -1)
+        first = ~jnp.any(earlier[None] & (parents[:, None, :] == parents[:, :, None]), axis=-1)  # [B,N]
+        first = jnp.concatenate([jnp.ones_like(first[:, :1]), first], axis=1)
+        on_path = jnp.arange(verdict.path.shape[1])[None] <= verdict.n_acc[:, None]
+        side = jnp.any(on_path & ~jnp.take_along_axis(first, verdict.path, axis=1), axis=1) & live
         return {**st,
                 "model_calls": st["model_calls"] + 1,
                 "draft_calls": st["draft_calls"] + int(getattr(self.drafter, "draft_calls_per_step", 0)),
@@ -243,10 +263,16 @@ class SpeculativeDecoder:
                 "emitted": st["emitted"] + jnp.sum(cnt).astype(jnp.int32),
                 "accepted": st["accepted"] + jnp.sum(n_acc).astype(jnp.int32),
                 "pos_offered": st["pos_offered"] + jnp.sum(offered, axis=0).astype(jnp.int32),
-                "pos_accepted": st["pos_accepted"] + jnp.sum(accepted, axis=0).astype(jnp.int32)}
+                "pos_accepted": st["pos_accepted"] + jnp.sum(accepted, axis=0).astype(jnp.int32),
+                "side_branch_accepts": st["side_branch_accepts"] + jnp.sum(side).astype(jnp.int32)}
 
     def summarize(self, state) -> dict:
         return summarize_stats(state.stats)
+
+
+def with_draft_params(target_params, draft_params) -> dict:
+    """The params bundle for drafters with their own weights (`DraftModelDrafter`)."""
+    return {"target": target_params, "draft": draft_params}
 
 
 def summarize_stats(st) -> dict:
@@ -264,6 +290,7 @@ def summarize_stats(st) -> dict:
         "target_calls": int(st["model_calls"]),
         "draft_calls": int(st["draft_calls"]),
         "row_steps": int(st["row_steps"]),
+        "side_branch_accepts": int(st["side_branch_accepts"]),
         "raw": {k: v.tolist() for k, v in st.items()},
     }
 

@@ -1,0 +1,276 @@
+"""Speculative sampling is lossless: statistical tests per DESIGN's conventions.
+
+* Verifier level (controlled distributions): draft x ~ q, verify against p; the emitted token follows p
+  for chains (Leviathan/Chen residual resampling) and for trees (recursive rejection over i.i.d. or
+  without-replacement siblings); the acceptance rate equals sum_x min(p, q) within its confidence
+  interval; a verifier without residual resampling is rejected.
+* Engine level (`TrigramModel`: a context-dependent toy LM behind the real model interface, whose
+  exact conditionals are known): the whole `SpeculativeDecoder` loop with a separate draft model
+  produces the target's joint distribution of the first speculative token and of two tokens.
+* Real model over a restricted vocabulary: p and q are the default model's and its layer-truncated
+  copy's next-token distributions restricted to a few tokens.
+
+Every test uses a fixed seed, α = 1e-4, pools bins with expected count < 5 and shows that the same test
+rejects a negative control.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxdec.core import loop
+from jaxdec.core.processors import SamplingParams
+from jaxdec.speculative import SpeculativeDecoder, sampling_verify_chain, sampling_verify_tree
+from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+from jaxdec.speculative.engine import with_draft_params
+from jaxdec.speculative.toy import TrigramModel, next_probs, random_table
+from jaxdec.speculative.tree import TreeSpec, ancestor_mask, block_depths
+
+ALPHA = 1e-4
+Z = scipy.stats.norm.isf(ALPHA / 2)
+
+
+def pooled_chisquare_p(observed, probs):
+    """Chi-square p-value; bins with expected count < 5 (zero-probability bins included) are pooled."""
+    observed = np.asarray(observed, float).ravel()
+    probs = np.asarray(probs, float).ravel()
+    n = observed.sum()
+    exp = probs * n
+    small = exp < 5
+    assert observed[probs == 0].sum() == 0 or small.any()
+    obs_b, exp_b = list(observed[~small]), list(exp[~small])
+    if small.any():
+        o, e = observed[small].sum(), exp[small].sum()
+        if e < 5:
+            j = int(np.argmin(exp_b))
+            obs_b[j] += o
+            exp_b[j] += e
+        else:
+            obs_b.append(o)
+            exp_b.append(e)
+    assert len(obs_b) >= 3
+    return scipy.stats.chisquare(np.array(obs_b), np.array(exp_b)).pvalue
+
+
+def _dist(rng, v, sharp):
+    z = rng.standard_normal(v) * sharp
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Verifier level: controlled distributions
+# ------------------------------------------------------------------------------------------------
+V = 8
+N_DRAWS = 200_000
+
+
+def _chain_first_token(p, q, seed, residual=True):
+    """Draw a 1-token draft x ~ q per row, verify against p; returns (emitted first tokens, accepted)."""
+    key = jax.random.PRNGKey(seed)
+    kd, kv = jax.random.split(key)
+    b = N_DRAWS
+    x = jax.random.categorical(kd, jnp.log(jnp.asarray(q, jnp.float32)), shape=(b,)).astype(jnp.int32)
+    block = jnp.stack([jnp.zeros((b,), jnp.int32), x], axis=1)
+    pb = jnp.broadcast_to(jnp.asarray(np.stack([p, np.full(V, 1.0 / V)]), jnp.float32), (b, 2, V))
+    qb = jnp.broadcast_to(jnp.asarray(q, jnp.float32)[None, None], (b, 1, V))
+    keys = jax.random.split(kv, b)
+    verdict = jax.jit(sampling_verify_chain, static_argnames="residual")(
+        keys, block, jnp.ones((b, 1), bool), pb, qb, residual=residual)
+    return np.asarray(verdict.out[:, 0]), np.asarray(verdict.n_acc)
+
+
+def test_chain_first_token_follows_target_and_acceptance_rate():
+    rng = np.random.default_rng(0)
+    p, q = _dist(rng, V, 1.5), _dist(rng, V, 1.5)
+    toks, n_acc = _chain_first_token(p, q, seed=1)
+    counts = np.bincount(toks, minlength=V)
+    assert pooled_chisquare_p(counts, p) > ALPHA
+    # acceptance rate = sum min(p, q), within its normal-approximation interval
+    alpha = np.minimum(p, q).sum()
+    rate = n_acc.mean()
+    se = np.sqrt(alpha * (1 - alpha) / len(n_acc))
+    assert abs(rate - alpha) < Z * se, (rate, alpha)
+    # negative control: without residual resampling the output is biased towards q
+    bad, _ = _chain_first_token(p, q, seed=2, residual=False)
+    assert pooled_chisquare_p(np.bincount(bad, minlength=V), p) < ALPHA
+    # and the acceptance-rate check rejects a wrong claim (the rate is not sum min(p, q) of another q)
+    q2 = _dist(np.random.default_rng(5), V, 1.5)
+    assert abs(rate - np.minimum(p, q2).sum()) > Z * se
+
+
+def _chain_two_tokens(p1, p2, q1, q2, seed, residual=True):
+    """Two-token chain x1 ~ q1, x2 ~ q2(.|x1), verified against p1, p2(.|x1), then a second round when
+    the first token was corrected (the next step's draft from q2(.|y1) verified against p2(.|y1)).
+    Returns the emitted (y1, y2)."""
+    b = N_DRAWS
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    lq1 = jnp.log(jnp.asarray(q1, jnp.float32))
+    lq2 = jnp.log(jnp.asarray(q2, jnp.float32))
+    x1 = jax.random.categorical(ks[0], lq1, shape=(b,)).astype(jnp.int32)
+    x2 = jax.random.categorical(ks[1], lq2[x1]).astype(jnp.int32)
+    block = jnp.stack([jnp.zeros((b,), jnp.int32), x1, x2], axis=1)
+    P2 = jnp.asarray(p2, jnp.float32)
+    Q2 = jnp.asarray(q2, jnp.float32)
+    pb = jnp.stack([jnp.broadcast_to(jnp.asarray(p1, jnp.float32), (b, V)), P2[x1], jnp.full((b, V), 1.0 / V)], 1)
+    qb = jnp.stack([jnp.broadcast_to(jnp.asarray(q1, jnp.float32), (b, V)), Q2[x1]], 1)
+    ver = jax.jit(sampling_verify_chain, static_argnames="residual")
+    v1 = ver(jax.random.split(ks[2], b), block, jnp.ones((b, 2), bool), pb, qb, residual=residual)
+    y1 = v1.out[:, 0]
+    # second round for rows that emitted only one token
+    z = jax.random.categorical(ks[3], lq2[y1]).astype(jnp.int32)
+    block2 = jnp.stack([y1, z], axis=1)
+    pb2 = jnp.stack([P2[y1], jnp.full((b, V), 1.0 / V)], 1)
+    v2 = ver(jax.random.split(ks[4], b), block2, jnp.ones((b, 1), bool), pb2, Q2[y1][:, None], residual=residual)
+    y2 = jnp.where(v1.n_acc >= 1, v1.out[:, 1], v2.out[:, 0])
+    return np.asarray(y1), np.asarray(y2)
+
+
+def test_chain_two_token_joint_follows_target():
+    rng = np.random.default_rng(3)
+    p1, q1 = _dist(rng, V, 1.5), _dist(rng, V, 1.5)
+    p2 = np.stack([_dist(rng, V, 1.5) for _ in range(V)])
+    q2 = np.stack([_dist(rng, V, 1.5) for _ in range(V)])
+    joint = p1[:, None] * p2
+    y1, y2 = _chain_two_tokens(p1, p2, q1, q2, seed=4)
+    counts = np.bincount(y1 * V + y2, minlength=V * V)
+    assert pooled_chisquare_p(counts, joint) > ALPHA
+    b1, b2 = _chain_two_tokens(p1, p2, q1, q2, seed=5, residual=False)
+    assert pooled_chisquare_p(np.bincount(b1 * V + b2, minlength=V * V), joint) < ALPHA
+
+
+@pytest.mark.parametrize("mode", ["iid", "without_replacement", "deterministic"])
+def test_tree_first_token_follows_target(mode):
+    """Root with 3 sibling drafts (each with one child): the emitted first token follows p."""
+    rng = np.random.default_rng(7)
+    p, q = _dist(rng, V, 1.5), _dist(rng, V, 1.5)
+    b = N_DRAWS
+    tree = TreeSpec.from_widths((3, 1))
+    parents = tree.parents_array(b)
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    lq = jnp.log(jnp.asarray(q, jnp.float32))
+    if mode == "iid":
+        sib = jax.random.categorical(ks[0], lq, shape=(b, 3))
+    else:  # Gumbel-top-k: three distinct tokens, a draw without replacement from q
+        g = jax.random.gumbel(ks[0], (b, V)) + lq
+        sib = jax.lax.top_k(g, 3)[1]
+    kids = jax.random.categorical(ks[1], lq, shape=(b, 3))
+    toks = jnp.concatenate([sib, kids], axis=1).astype(jnp.int32)  # nodes 0-2 siblings, 3-5 their children
+    block = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), toks], axis=1)
+    pb = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (b, 7, V))
+    qb = None if mode == "deterministic" else jnp.broadcast_to(jnp.asarray(q, jnp.float32), (b, 6, V))
+    anc = ancestor_mask(parents)
+    depth = block_depths(parents, tree.max_depth)
+
+    def run(qarg, wor):
+        f = jax.jit(lambda k, bl, a, d, pp, qq: sampling_verify_tree(
+            k, bl, parents, jnp.ones((b, 6), bool), pp, qq, a, d, tree.max_depth, tree.max_branching, wor))
+        return np.asarray(f(jax.random.split(ks[2], b), block, anc, depth, pb, qarg).out[:, 0])
+
+    wor = mode == "without_replacement"
+    out = run(qb, wor)
+    assert pooled_chisquare_p(np.bincount(out, minlength=V), p) > ALPHA
+    # negative control: treat distinct (without-replacement) siblings as i.i.d., or i.i.d. as distinct
+    if mode != "deterministic":
+        bad = run(qb, not wor)
+        assert pooled_chisquare_p(np.bincount(bad, minlength=V), p) < ALPHA
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine level: the whole SpeculativeDecoder loop on a context-dependent toy model
+# ------------------------------------------------------------------------------------------------
+TV = 5
+ROWS = 200_000
+
+
+def _toy_setup():
+    tab = random_table(21, TV, 1.2)
+    dtab = tab + random_table(22, TV, 1.2)  # a clearly different draft model
+    return TrigramModel(TV), tab, dtab
+
+
+def _run_toy(decoder, model, params, max_new, seed, temperature=1.0):
+    prompt = np.array([[3, 1]], np.int32)
+    prompts = jnp.asarray(np.repeat(prompt, ROWS, 0))
+    lens = jnp.full((ROWS,), prompt.shape[1], jnp.int32)
+    keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), ROWS)).astype(jnp.uint32)
+    inputs = {"max_new": jnp.full((ROWS,), max_new, jnp.int32), "min_new": jnp.zeros((ROWS,), jnp.int32),
+              "keys": keys, "stop_ids": jnp.zeros((0,), jnp.int32), "out_buffer": jnp.zeros((ROWS, 4), jnp.int32),
+              "sampling": SamplingParams.create(ROWS, temperature=temperature)}
+    size = prompt.shape[1] + 4 + decoder.cache_headroom + 1
+    state = loop.run_jit(decoder, model, params, prompts, lens, inputs, size)
+    return np.asarray(state.tokens), decoder.summarize(state)
+
+
+def _toy_joint(tab, temperature, n):
+    """Exact joint of the first n new tokens after the prompt [3, 1]."""
+    probs = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, pr in probs.items():
+            full = (3, 1) + seq
+            d = next_probs(tab, full[-2], full[-1], temperature)
+            for t in range(TV):
+                nxt[seq + (t,)] = pr * d[t]
+        probs = nxt
+    arr = np.zeros((TV,) * n)
+    for seq, pr in probs.items():
+        arr[seq] = pr
+    return arr
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_joint_distribution_draft_model(temperature):
+    model, tab, dtab = _toy_setup()
+    params = with_draft_params({"table": jnp.asarray(tab)}, {"table": jnp.asarray(dtab)})
+    dec = SpeculativeDecoder(DraftModelDrafter(model, num_tokens=2, sample=True), verifier="sampling")
+    toks, stats = _run_toy(dec, model, params, 3, seed=31, temperature=temperature)
+    joint = _toy_joint(tab, temperature, 3)
+    # first speculative token (token 2, jointly with the plainly sampled token 1)
+    c2 = np.bincount(toks[:, 0] * TV + toks[:, 1], minlength=TV * TV)
+    assert pooled_chisquare_p(c2, joint.sum(axis=2)) > ALPHA
+    # two speculative tokens jointly (tokens 2 and 3, with token 1)
+    c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
+    assert pooled_chisquare_p(c3, joint) > ALPHA
+    assert stats["tau"] > 1.2  # the draft model is accepted often enough that both paths are exercised
+    # negative control: the same run without residual resampling is rejected
+    bad = SpeculativeDecoder(DraftModelDrafter(model, num_tokens=2, sample=True), verifier="sampling", residual=False)
+    btoks, _ = _run_toy(bad, model, params, 3, seed=32, temperature=temperature)
+    cb = np.bincount((btoks[:, 0] * TV + btoks[:, 1]) * TV + btoks[:, 2], minlength=TV ** 3)
+    assert pooled_chisquare_p(cb, joint) < ALPHA
+
+
+def test_engine_acceptance_rate_matches_sum_min():
+    """One speculative step (max_new=2): P(first draft token accepted) = E_t1[sum_x min(p, q)]."""
+    model, tab, dtab = _toy_setup()
+    params = with_draft_params({"table": jnp.asarray(tab)}, {"table": jnp.asarray(dtab)})
+    dec = SpeculativeDecoder(DraftModelDrafter(model, num_tokens=1, sample=True), verifier="sampling")
+    _, stats = _run_toy(dec, model, params, 2, seed=41)
+    p1 = next_probs(tab, 3, 1)
+    alpha = sum(p1[t] * np.minimum(next_probs(tab, 1, t), next_probs(dtab, 1, t)).sum() for t in range(TV))
+    raw = stats["raw"]
+    assert raw["pos_offered"][0] == ROWS
+    rate = raw["pos_accepted"][0] / raw["pos_offered"][0]
+    se = np.sqrt(alpha * (1 - alpha) / ROWS)
+    assert abs(rate - alpha) < Z * se, (rate, alpha)
+    # the interval is tight enough to tell this from the acceptance of a greedy (argmax) match
+    alpha_wrong = sum(p1[t] * next_probs(tab, 1, t)[np.argmax(next_probs(dtab, 1, t))] for t in range(TV))
+    assert abs(rate - alpha_wrong) > Z * se
+
+
+def test_engine_joint_deterministic_drafter_and_layer_skip():
+    """Sampling verification of a deterministic drafter (PLD, q one-hot) and of layer-skip drafts
+    (the toy's 'skipped' model uses another table) also gives the target's joint distribution."""
+    model, tab, dtab = _toy_setup()
+    joint = _toy_joint(tab, 1.0, 3)
+    ptab = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(dtab)}
+    for i, drafter in enumerate([PromptLookupDrafter(num_tokens=2, max_ngram=1),
+                                 LayerSkipDrafter(skip=(0,), num_tokens=2, sample=True)]):
+        dec = SpeculativeDecoder(drafter, verifier="sampling")
+        toks, stats = _run_toy(dec, model, ptab, 3, seed=51 + i)
+        c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
+        assert pooled_chisquare_p(c3, joint) > ALPHA, type(drafter).__name__
+        assert stats["tau"] > 1.05, (type(drafter).__name__, stats["tau"])
