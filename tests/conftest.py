@@ -1,0 +1,71 @@
+"""Session fixtures: the default model is loaded once, the peer runs once per reference set."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import peer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT_PROMPTS = os.path.join(ROOT, "jaxdec", "data", "prompts", "chat_prompts.jsonl")
+FULL = os.environ.get("JAXDEC_FULL", "0") == "1"  # `make acceptance` runs the full-size variants
+
+
+def read_prompts(path=CHAT_PROMPTS):
+    with open(path) as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    return peer.default_gguf_path()
+
+
+def _load(weights):
+    from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+    from jaxdec.models.llama import LlamaModel
+    r = open_gguf(peer.default_gguf_path())
+    cfg, arch = config_from_gguf(r)
+    return LlamaModel(cfg), load_gguf_params(r, cfg, arch, weights)
+
+
+@pytest.fixture(scope="session")
+def model_f32():
+    """(model, params) of the default model with float32 weights."""
+    return _load("f32")
+
+
+@pytest.fixture(scope="session")
+def model_q():
+    """(model, params) with GGUF block-quantized weights kept as stored."""
+    return _load("q")
+
+
+@pytest.fixture(scope="session")
+def chat_prompt_ids():
+    """Chat prompts rendered and tokenized by the peer tokenizer (independent of jaxdec)."""
+    tok = peer.peer_tokenizer()
+    out = []
+    for q in read_prompts():
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def peer_greedy_refs(chat_prompt_ids):
+    """Peer greedy continuations (48 new tokens) and their step logits for the first 20 chat prompts."""
+    n = 20
+    return [peer.peer_greedy(ids, 48) for ids in chat_prompt_ids[:n]]
+
+
+@pytest.fixture(scope="session")
+def logit_tolerance_report():
+    """Measured max |dlogit| between jaxdec and the peer (filled by test_model_peer, used by near-tie checks)."""
+    return {"max_dlogit": None}

@@ -1,0 +1,20 @@
+"""Self-consistency helpers (jaxdec against itself, e.g. batched vs alone): teacher-forced step logits."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.cache import bucket
+
+
+def step_logits(model, params, prompt, tokens) -> np.ndarray:
+    """Logits that predicted each of `tokens` after `prompt` ([len(tokens), V]), one uncached forward."""
+    ids = list(prompt) + list(tokens)
+    t = bucket(len(ids))
+    arr = np.zeros((1, t), np.int32)
+    arr[0, :len(ids)] = ids
+    at = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)[None]
+    fn = jax.jit(model.__call__)
+    out = fn(params, jnp.asarray(arr), jnp.arange(t)[None], model.init_cache(1, t), logits_at=jnp.asarray(at))
+    return np.asarray(out.logits[0])

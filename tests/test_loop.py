@@ -1,0 +1,149 @@
+"""The driver and the token decoders on the real default model: ragged batches, recompilation,
+debug/streaming mode, stopping rules, sampling rows, bad input."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdec.cache import bucket
+from jaxdec.core import loop
+from jaxdec.core.generate import generate
+from neartie import assert_sequences_match
+from selfref import step_logits
+
+
+@pytest.fixture(scope="module")
+def ragged_prompts(chat_prompt_ids):
+    """8 prompts whose lengths fall in at least two length buckets."""
+    ps = sorted(chat_prompt_ids, key=len)
+    picked = ps[:4] + ps[-4:]
+    long_one = picked[-1] + picked[-1][20:]  # make sure one prompt is past the first bucket
+    picked[-1] = long_one
+    assert len({bucket(len(p)) for p in picked}) >= 2, [len(p) for p in picked]
+    return picked
+
+
+def test_ragged_batch_rows_equal_rows_alone(model_f32, ragged_prompts):
+    model, params = model_f32
+    g = generate(model, params, ragged_prompts, max_new_tokens=24)
+    pairs = []
+    for i, p in enumerate(ragged_prompts):
+        alone = generate(model, params, [p], max_new_tokens=24)
+        ref = alone.tokens[0]
+        pairs.append((f"row {i} (len {len(p)})", g.tokens[i], ref, step_logits(model, params, p, ref)))
+    assert_sequences_match(pairs, max_dlogit=1e-4)
+
+
+def test_same_shapes_do_not_recompile_and_max_new_is_traced(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    prompts = chat_prompt_ids[:2]
+    generate(model, params, prompts, max_new_tokens=8, capacity=16)
+    before = sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:"))
+    generate(model, params, prompts, max_new_tokens=8, capacity=16)
+    generate(model, params, prompts, max_new_tokens=5, capacity=16)  # new max_new: traced, same program
+    generate(model, params, chat_prompt_ids[2:4], max_new_tokens=12, capacity=16)  # new prompts, same bucket
+    after = sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:"))
+    assert after == before, f"recompiled {after - before} times for identical shapes"
+
+
+def test_max_new_tokens_and_finish_reasons(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    g = generate(model, params, chat_prompt_ids[:3], max_new_tokens=5, stop_ids=())
+    assert all(len(t) == 5 for t in g.tokens) and set(g.finish_reason) == {"length"}
+    g2 = generate(model, params, chat_prompt_ids[:3], max_new_tokens=5)
+    for t, t2 in zip(g.tokens, g2.tokens):
+        assert t[:len(t2)] == t2
+
+
+def test_debug_mode_runs_the_same_step_and_streams(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    seen = []
+    g_jit = generate(model, params, chat_prompt_ids[:2], max_new_tokens=10)
+    g_dbg = generate(model, params, chat_prompt_ids[:2], max_new_tokens=10, debug=True,
+                     callback=lambda s: seen.append(np.asarray(s.num_new).copy()))
+    assert g_dbg.tokens == g_jit.tokens
+    assert len(seen) >= 10 and seen[0].tolist() == [1, 1]
+    # the streamed counts grow one token per step until each row is done
+    assert all((b - a <= 1).all() for a, b in zip(seen, seen[1:]))
+
+
+def test_min_new_tokens_suppresses_eos(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    short = generate(model, params, chat_prompt_ids[:1], max_new_tokens=48)
+    assert short.finish_reason[0] == "eos", "pick a prompt that ends early"
+    n = len(short.tokens[0])
+    g = generate(model, params, chat_prompt_ids[:1], max_new_tokens=n + 8, min_new_tokens=n + 4)
+    assert len(g.tokens[0]) >= n + 4
+    assert 2 not in g.tokens[0][:n + 4]
+    assert g.tokens[0][:n - 1] == short.tokens[0][:n - 1]
+
+
+def test_stop_strings_end_rows(model_f32, chat_prompt_ids):
+    from jaxdec.models.tokenizer import Tokenizer
+    import peer
+    model, params = model_f32
+    tok = Tokenizer.from_gguf(peer.default_gguf_path())
+    base = generate(model, params, chat_prompt_ids[:2], max_new_tokens=32, tokenizer=tok)
+    text0 = base.text[0]
+    stop = text0.split()[2]  # a word that appears early in row 0's text
+    g = generate(model, params, chat_prompt_ids[:2], max_new_tokens=32, tokenizer=tok, stop_strings=(stop,))
+    assert g.finish_reason[0] == "stop_string"
+    assert g.text[0].endswith(stop) and stop not in g.text[0][:-len(stop)]
+    assert len(g.tokens[0]) < len(base.tokens[0])
+    assert g.tokens[0] == base.tokens[0][:len(g.tokens[0])]
+
+
+def test_sampling_rows_do_not_depend_on_batch_neighbours(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    sp = dict(temperature=0.9, top_k=50)
+    together = generate(model, params, chat_prompt_ids[:2], method="sample", sampling=sp, n=2, max_new_tokens=8, seed=3)
+    assert len(together.tokens) == 4
+    alone = generate(model, params, chat_prompt_ids[:1], method="sample", sampling=sp, n=2, max_new_tokens=8, seed=3)
+    assert together.tokens[:2] == alone.tokens
+    # the two samples of one prompt differ (n > 1 draws independent rows), and a new seed changes them
+    other = generate(model, params, chat_prompt_ids[:1], method="sample", sampling=sp, n=2, max_new_tokens=8, seed=4)
+    assert together.tokens[0] != together.tokens[1] or together.tokens[0] != other.tokens[0]
+    assert other.tokens != alone.tokens
+
+
+def test_temperature_zero_rows_are_greedy(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    greedy = generate(model, params, chat_prompt_ids[:2], max_new_tokens=8)
+    g = generate(model, params, chat_prompt_ids[:2], method="sample", sampling=dict(temperature=[0.0, 0.0]),
+                 max_new_tokens=8)
+    assert g.tokens == greedy.tokens
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[1, 2, 10**9]]), "outside"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[1] * 9000]), "too long|exceeds"),
+    (dict(cache_size=64, prompts=[[1] * 60], max_new_tokens=16), "too long"),
+    (dict(method="sample", sampling=dict(temperature=-1.0)), "temperature"),
+    (dict(method="sample", sampling=dict(top_p=0.0)), "top_p"),
+    (dict(method="sample", sampling=dict(top_p=1.5)), "top_p"),
+    (dict(method="beamish"), "method"),
+])
+def test_bad_input_is_a_clear_error(model_f32, kwargs, match):
+    model, params = model_f32
+    kw = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    kw.update(kwargs)
+    prompts = kw.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        generate(model, params, prompts, **kw)
+
+
+def test_load_errors(tmp_path):
+    import jaxdec
+    with pytest.raises(FileNotFoundError, match="unknown model"):
+        jaxdec.load(str(tmp_path / "nope.gguf"))
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ValueError, match="not a GGUF"):
+        jaxdec.load(str(bad))
+    with pytest.raises(ValueError, match="weights"):
+        jaxdec.load("smollm2-135m", weights="int3")

@@ -1,0 +1,79 @@
+"""Acceptance: the default model's logits and greedy tokens equal the peer's (transformers on the same GGUF)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peer
+from neartie import assert_sequences_match
+
+PROMPT_TEXTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Explain, in a few sentences, why the sky looks blue during the day but red at sunset.",
+    "Once upon a time, in a small village at the edge of a very large forest, there lived an old "
+    "clockmaker who had spent his whole life building clocks that never told the right time. "
+    "One winter morning a stranger knocked on his door and asked",
+]
+
+
+def _ids(text):
+    return peer.peer_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def _decode_logits_through_cache(model, params, ids, cont):
+    """Prefill `ids`, then feed `cont` one token at a time through the cache; logits of each step."""
+    step = jax.jit(model.__call__)
+    cache = model.init_cache(1, 128)
+    t = len(ids)
+    out = step(params, jnp.asarray([ids]), jnp.arange(t)[None], cache)
+    prompt_logits = np.asarray(out.logits[0])
+    cache = out.cache
+    steps = []
+    for i, tok in enumerate(cont):
+        out = step(params, jnp.asarray([[tok]]), jnp.asarray([[t + i]]), cache)
+        cache = out.cache
+        steps.append(np.asarray(out.logits[0, 0]))
+    return prompt_logits, np.stack(steps)
+
+
+@pytest.mark.parametrize("weights", ["f32", "q"])
+def test_logits_match_peer_prompt_and_cached_decode(weights, model_f32, model_q, logit_tolerance_report):
+    model, params = model_f32 if weights == "f32" else model_q
+    worst = 0.0
+    for text in PROMPT_TEXTS:
+        ids = _ids(text)
+        cont, _ = peer.peer_greedy(ids, 16, eos_id=None)
+        ref = peer.peer_logits(ids + cont[:-1])  # [len(ids)+15, V]
+        ours_prompt, ours_steps = _decode_logits_through_cache(model, params, ids, cont[:-1])
+        ours = np.concatenate([ours_prompt, ours_steps], axis=0)
+        assert ours.shape == ref.shape and len(ours_steps) >= 15
+        # the prompt's last position + 15 decode steps = 16 cached next-token predictions
+        for pos in range(ref.shape[0]):
+            bound = 1e-4 * np.abs(ref[pos]).max()
+            d = np.abs(ours[pos] - ref[pos]).max()
+            worst = max(worst, d)
+            assert d <= bound, f"{weights} {text[:20]!r} position {pos}: max|dlogit| {d:.3g} > {bound:.3g}"
+    prev = logit_tolerance_report["max_dlogit"] or 0.0
+    logit_tolerance_report["max_dlogit"] = max(prev, worst)
+    print(f"{weights}: max |dlogit| vs peer = {worst:.3g}")
+
+
+@pytest.mark.parametrize("weights", ["f32", "q"])
+def test_greedy_equals_peer_on_chat_prompts(weights, model_f32, model_q, chat_prompt_ids, peer_greedy_refs,
+                                            logit_tolerance_report):
+    from jaxdec.core.generate import generate
+    model, params = model_f32 if weights == "f32" else model_q
+    prompts = chat_prompt_ids[:len(peer_greedy_refs)]
+    assert len(prompts) >= 20
+    g = generate(model, params, prompts, max_new_tokens=48, batch_size=len(prompts))
+    max_d = logit_tolerance_report["max_dlogit"] or 1e-3
+    pairs = [(f"{weights} prompt {i}", ours, ref, ref_logits)
+             for i, (ours, (ref, ref_logits)) in enumerate(zip(g.tokens, peer_greedy_refs))]
+    assert_sequences_match(pairs, max_d)
+    for ours, fr in zip(g.tokens, g.finish_reason):
+        assert fr in ("eos", "length")
+        assert (fr == "eos") == (ours[-1] == 2)
