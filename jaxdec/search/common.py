@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxdec.cache.kv import KVCache, bucket
 from jaxdec.core import loop
-from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch, row_keys
+from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch
 
 NEG = -1.0e9  # HF's "impossible" score for beams (kept finite so that sums stay ordered)
 
@@ -95,6 +95,15 @@ def isin(tokens, ids):
     if ids.size == 0:
         return jnp.zeros(tokens.shape, bool)
     return jnp.any(tokens[..., None] == ids, axis=-1)
+
+
+def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
+    """The same keys as `jaxdec.core.generate.row_keys` (row (i, j) = fold_in(fold_in(PRNGKey(seed), i), j)),
+    computed in one vectorised call (thousands of prompts in statistical tests)."""
+    base = jax.random.PRNGKey(seed)
+    per = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
+        jnp.arange(n, dtype=jnp.uint32)))(jnp.arange(n_prompts, dtype=jnp.uint32))
+    return np.asarray(per).reshape(n_prompts * n, -1).astype(np.uint32)
 
 
 def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_new_tokens: int,
