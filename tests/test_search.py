@@ -202,3 +202,46 @@ def test_beam_search_matches_hf_full(nb, model_f32, chat_prompt_ids):
     model, params = model_f32
     res = check_beams_against_hf(model, params, chat_prompt_ids[:12], nb, 32, report=print)
     print(f"beams={nb}: {res}")
+
+
+# ------------------------------------------------------------------ diverse and stochastic beams, real model
+def distinct_n(seqs, n=2):
+    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def test_diverse_beam_search_real_model(model_f32, chat_prompt_ids):
+    """lambda = 0: every group returns plain beam search's beams (num_beams / groups); lambda > 0: the
+    returned beams are more diverse (distinct-2 across a prompt's beams rises)."""
+    from jaxdec.search.beam import beam_search
+    model, params = model_f32
+    prompts = chat_prompt_ids[:4]
+    plain = beam_search(model, params, prompts, num_beams=2, max_new_tokens=16)
+    d0 = beam_search(model, params, prompts, num_beams=4, num_beam_groups=2, diversity_penalty=0.0,
+                     max_new_tokens=16)
+    d1 = beam_search(model, params, prompts, num_beams=4, num_beam_groups=2, diversity_penalty=1.0,
+                     max_new_tokens=16)
+    for i in range(len(prompts)):
+        want = [b["tokens"] for b in plain.extras["beams"][i]]
+        for gi in range(2):
+            got = [b["tokens"] for b in d0.extras["beams"][i] if b["group"] == gi]
+            assert got == want, (i, gi)
+    before = [distinct_n([b["tokens"] for b in bs]) for bs in d0.extras["beams"]]
+    after = [distinct_n([b["tokens"] for b in bs]) for bs in d1.extras["beams"]]
+    print(f"distinct-2 across beams: lambda=0 {np.mean(before):.3f} -> lambda=1 {np.mean(after):.3f}")
+    assert np.mean(after) > np.mean(before) + 0.1
+    assert sum(a > b for a, b in zip(after, before)) >= 3
+
+
+def test_stochastic_beam_real_model(model_f32, chat_prompt_ids):
+    """k distinct samples per prompt, each with its teacher-forced log-probability (jaxdec.score)."""
+    from jaxdec import score
+    from jaxdec.search.stochastic import stochastic_beam_search
+    model, params = model_f32
+    prompts = chat_prompt_ids[:2]
+    g = stochastic_beam_search(model, params, prompts, k=4, max_new_tokens=12, seed=3)
+    for ids, beams in zip(prompts, g.extras["beams"]):
+        assert len(beams) == 4 and len({tuple(b["tokens"]) for b in beams}) == 4
+        lps = score(model, params, [ids] * 4, [b["tokens"] for b in beams])
+        for b, lp in zip(beams, lps):
+            assert abs(b["score"] - float(np.sum(lp))) < 2e-4, (b["score"], float(np.sum(lp)))
