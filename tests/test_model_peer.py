@@ -77,3 +77,16 @@ def test_greedy_equals_peer_on_chat_prompts(weights, model_f32, model_q, chat_pr
     for ours, fr in zip(g.tokens, g.finish_reason):
         assert fr in ("eos", "length")
         assert (fr == "eos") == (ours[-1] == 2)
+
+
+def test_score_equals_peer_log_probs(model_f32):
+    from jaxdec.core.generate import score
+    model, params = model_f32
+    rows = [(_ids(PROMPT_TEXTS[1]), _ids(" It was a sunny day.")), (_ids(PROMPT_TEXTS[2]), _ids("    if n < 2:\n        return n"))]
+    got = score(model, params, [p for p, _ in rows], [c for _, c in rows])
+    for (p, c), lp in zip(rows, got):
+        ref = peer.peer_logits(p + c)
+        ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+        want = np.array([ref[len(p) - 1 + i, t] for i, t in enumerate(c)])
+        assert lp.shape == (len(c),)
+        np.testing.assert_allclose(lp, want, atol=2e-3, rtol=0)

@@ -71,7 +71,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              min_new_tokens: int = 0, sampling=None, n: int = 1, seed: int = 0, stop_ids=None,
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
-             callback=None, progress=None, inputs_fn=None) -> Generation:
+             callback=None, progress=None, inputs_fn=None, mesh=None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -80,6 +80,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     same compiled program). cache_size/capacity: override the bucketed cache and output sizes.
     debug: run the same step functions in a Python loop, calling `callback(state)` after each step.
     inputs_fn(inputs, rows) -> inputs: lets a decoder add its own per-row inputs.
+    mesh: a `jaxdec.sharding.make_mesh` mesh: params and rows are placed with its partition rules and
+    the compiled loop runs SPMD over its devices (batch_size must be a multiple of the data axis).
     """
     from jaxdec.search.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
@@ -119,6 +121,11 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     if max_pos is not None and needed > max_pos:
         raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
     keys = row_keys(seed, len(prompts), n)
+    if mesh is not None:
+        from jaxdec import sharding
+        if bs % mesh.shape[sharding.DATA]:
+            raise ValueError(f"batch_size ({bs}) must be a multiple of the mesh's data axis ({mesh.shape[sharding.DATA]})")
+        params = sharding.shard_params(params, mesh)
 
     all_tokens, finishes, calls, steps = [], [], 0, 0
     t0 = time.perf_counter()
@@ -141,11 +148,15 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
                 lambda a: jnp.asarray(np.concatenate([a, np.repeat(a[:1], bs - real, 0)])), sl)
         if inputs_fn is not None:
             inputs = inputs_fn(inputs, chunk)
+        toks, lens = jnp.asarray(toks), jnp.asarray(lens)
+        if mesh is not None:
+            toks, lens, inputs = sharding.shard_rows((toks, lens, inputs), mesh)
+            inputs["stop_ids"] = jax.device_put(inputs["stop_ids"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         if debug:
-            state = loop.run_debug(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
+            state = loop.run_debug(decoder, model, params, toks, lens, inputs, size,
                                    callback=callback)
         else:
-            state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size)
+            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size)
         nn = np.asarray(state.num_new)
         tk = np.asarray(state.tokens)
         fr = np.asarray(state.finish)
@@ -170,7 +181,11 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         text = [tokenizer.decode(t, skip_special_tokens=True) for t in all_tokens]
         if stop_strings:
             text = [truncate_at_stop(s, stop_strings) if f == "stop_string" else s for s, f in zip(text, finishes)]
-    return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text)
+    extras = {"token_sharding": last_state.tokens.sharding, "cache_sharding": getattr(last_state.cache, "k", None)}
+    if extras["cache_sharding"] is not None:
+        extras["cache_sharding"] = extras["cache_sharding"].sharding
+    return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text,
+                      extras=extras)
 
 
 def _score_jit_impl(model, params, ids, positions, logits_at, targets, cache_size):

@@ -1,0 +1,36 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_sharding.py).
+Prints one JSON line with the tokens of each layout and the shardings that were used."""
+import json
+import sys
+
+import jax
+
+from jaxdec.core.generate import generate
+from jaxdec.sharding import make_mesh, shard_params
+from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+from jaxdec.models.llama import LlamaModel
+
+path, weights, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+prompts = json.loads(sys.argv[4])
+r = open_gguf(path)
+cfg, arch = config_from_gguf(r)
+params = load_gguf_params(r, cfg, arch, weights)
+model = LlamaModel(cfg)
+out = {"devices": len(jax.devices())}
+g1 = generate(model, params, prompts, max_new_tokens=n_new)
+out["single"] = g1.tokens
+for name, (d, m) in {"data8": (8, 1), "data2_model4": (2, 4)}.items():
+    mesh = make_mesh(d, m)
+    g = generate(model, params, prompts, max_new_tokens=n_new, mesh=mesh)
+    sp = shard_params(params, mesh)
+    gate = sp["layers"]["w_gate"]
+    gate_sh = gate.codes.sharding if hasattr(gate, "codes") else gate.sharding
+    emb = sp["embed"]
+    emb_sh = emb.codes.sharding if hasattr(emb, "codes") else emb.sharding
+    out[name] = {"tokens": g.tokens, "token_spec": str(g.extras["token_sharding"].spec),
+                 "token_replicated": g.extras["token_sharding"].is_fully_replicated,
+                 "cache_spec": str(g.extras["cache_sharding"].spec),
+                 "cache_replicated": g.extras["cache_sharding"].is_fully_replicated,
+                 "gate_spec": str(gate_sh.spec), "gate_replicated": gate_sh.is_fully_replicated,
+                 "embed_spec": str(emb_sh.spec)}
+print("RESULT " + json.dumps(out))
