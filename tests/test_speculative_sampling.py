@@ -274,3 +274,25 @@ def test_engine_joint_deterministic_drafter_and_layer_skip():
         c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
         assert pooled_chisquare_p(c3, joint) > ALPHA, type(drafter).__name__
         assert stats["tau"] > 1.05, (type(drafter).__name__, stats["tau"])
+
+
+def test_engine_joint_stand_gumbel_tree():
+    """STAND-style drafts: siblings are a Gumbel-top-k sample without replacement from the n-gram
+    table's stored distribution (top-2 of the target's, renormalized, so q != p), verified by recursive
+    rejection sampling without replacement: the joint of three tokens is the target's. Negative
+    controls: the i.i.d. sibling rule, and no residual resampling."""
+    from jaxdec.speculative.drafters import NGramDrafter
+    model, tab, _ = _toy_setup()
+    joint = _toy_joint(tab, 1.0, 3)
+    params = {"table": jnp.asarray(tab)}
+    drafter = NGramDrafter(TreeSpec.from_widths((2, 1)), k=2, hash_size=64, mode="gumbel")
+    dec = SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="without_replacement")
+    toks, stats = _run_toy(dec, model, params, 3, seed=61)
+    c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
+    assert pooled_chisquare_p(c3, joint) > ALPHA
+    assert stats["tau"] > 1.2 and stats["side_branch_accepts"] > 0
+    for bad in [SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="iid"),
+                SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="without_replacement", residual=False)]:
+        btoks, _ = _run_toy(bad, model, params, 3, seed=62)
+        cb = np.bincount((btoks[:, 0] * TV + btoks[:, 1]) * TV + btoks[:, 2], minlength=TV ** 3)
+        assert pooled_chisquare_p(cb, joint) < ALPHA

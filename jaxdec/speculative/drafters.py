@@ -139,11 +139,16 @@ class TokenRecyclingDrafter:
 
     shared=True: one ``[V, k]`` matrix for the batch (the paper's design; rows see each other's
     updates, which changes τ but never the tokens); False: one per row ``[B, V, k]``. A warm matrix can
-    be passed as ``inputs["recycling_adj"]`` (hot start)."""
+    be passed as ``inputs["recycling_adj"]`` (hot start).
+
+    seed_from_prompt: before the first verify call, give every prompt token whose row is still empty
+    its successor in the prompt as the rank-0 candidate (a cheap warm start; an addition to the
+    paper, which starts from an empty or hot matrix). Verify calls overwrite these rows as usual."""
 
     tree: TreeSpec = dataclasses.field(default_factory=default_recycling_tree)
     k: int = 8
     shared: bool = True
+    seed_from_prompt: bool = True
 
     def __post_init__(self):
         if max(self.tree.ranks) >= self.k:
@@ -164,7 +169,24 @@ class TokenRecyclingDrafter:
         adj = jnp.asarray(adj, jnp.int32)
         if adj.shape != (v, self.k):
             raise ValueError(f"recycling_adj must have shape {(v, self.k)}, got {adj.shape}")
-        if not self.shared:
+        if self.seed_from_prompt:
+            p = prompts.shape[1]
+            # successor pairs of the prompt, then (last prompt token -> first generated token)
+            cur = jnp.concatenate([prompts[:, :-1], jnp.take_along_axis(prompts, (prompt_lens - 1)[:, None], 1)], 1)
+            nxt = jnp.concatenate([prompts[:, 1:], state.last[:, None]], 1).astype(jnp.int32)
+            use = jnp.concatenate([jnp.arange(p - 1)[None] < (prompt_lens - 1)[:, None],
+                                   jnp.ones((b, 1), bool)], 1)
+            use = use & (adj[cur, 0] < 0)
+
+            def seed(a, c, n, u):
+                keep = _dedupe_last(c, u, v)
+                return a.at[jnp.where(keep, c, v), 0].set(n, mode="drop")
+
+            if self.shared:
+                adj = seed(adj, cur.reshape(-1), nxt.reshape(-1), use.reshape(-1))
+            else:
+                adj = jax.vmap(seed, in_axes=(None, 0, 0, 0))(adj, cur, nxt, use)
+        elif not self.shared:
             adj = jnp.broadcast_to(adj, (b, v, self.k))
         return {"adj": adj}
 
@@ -197,9 +219,7 @@ class TokenRecyclingDrafter:
         if self.shared:
             b, t = tok.shape
             ft, fu, ftop = tok.reshape(-1), use.reshape(-1), top.reshape(b * t, self.k)
-            later = jnp.triu(jnp.ones((b * t, b * t), bool), 1)  # later[i, j]: j comes after i
-            dup = jnp.any(later & (ft[:, None] == ft[None, :]) & fu[None, :], axis=1)
-            idx = jnp.where(fu & ~dup, ft, v)
+            idx = jnp.where(_dedupe_last(ft, fu, v), ft, v)
             adj = adj.at[idx].set(ftop, mode="drop")
         else:
             t = tok.shape[1]
@@ -388,3 +408,167 @@ class LayerSkipDrafter:
 
     def update(self, model, params, state, dstate, info):
         return dstate
+
+
+# ----------------------------------------------------------------------------------------------------
+# N-gram tables of the target's own distributions (ADED-style tri-grams, STAND-style stochastic drafts)
+# ----------------------------------------------------------------------------------------------------
+
+def _pair_hash(a, b, size: int):
+    a = a.astype(jnp.uint32)
+    b = b.astype(jnp.uint32)
+    h = (a * jnp.uint32(2654435761)) ^ (b * jnp.uint32(40503) + jnp.uint32(0x9E3779B9))
+    h = h ^ (h >> 15)
+    return (h % jnp.uint32(size)).astype(jnp.int32)
+
+
+def _merge_rows(old_tok, old_p, new_tok, new_p, decay: float, k: int):
+    """Merge stored candidates with a new top-k: score = decay * old + (1 - decay) * new; keep the top k."""
+    have = old_tok >= 0
+    old_p = jnp.where(have, old_p * decay, -1.0)
+    match = (new_tok[..., :, None] == old_tok[..., None, :]) & have[..., None, :]  # [M,kn,ko]
+    old_p = old_p + (1.0 - decay) * jnp.sum(jnp.where(match, new_p[..., :, None], 0.0), axis=-2)
+    fresh = ~jnp.any(match, axis=-1) & (new_tok >= 0)
+    cand_tok = jnp.concatenate([old_tok, new_tok], axis=-1)
+    cand_p = jnp.concatenate([old_p, jnp.where(fresh, (1.0 - decay) * new_p, -1.0)], axis=-1)
+    top_p, pos = jax.lax.top_k(cand_p, k)
+    top_tok = jnp.take_along_axis(cand_tok, pos, axis=-1)
+    return jnp.where(top_p > 0, top_tok, -1), jnp.where(top_p > 0, top_p, 0.0)
+
+
+def _dedupe_last(keys, use, size: int):
+    """use & (no later used entry with the same key in [0, size)): keep only the last update of each key
+    (a deterministic scatter-max of positions, O(M))."""
+    ids = jnp.arange(keys.shape[0], dtype=jnp.int32)
+    last = jnp.full((size,), -1, jnp.int32).at[jnp.where(use, keys, size)].max(ids, mode="drop")
+    return use & (last[jnp.clip(keys, 0, size - 1)] == ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class NGramDrafter:
+    """Draft trees from n-gram tables of the target's own next-token distributions, refreshed after
+    every verify call from the logits at every block node (shared by the batch, like Token Recycling):
+
+    * a tri-gram table keyed by the two previous tokens (hashed into ``hash_size`` buckets, tagged so
+      collisions read as misses), backed off to a bi-gram table ``[V, k]`` keyed by the previous token;
+    * each entry keeps k candidates with scores ``decay * old + (1 - decay) * p_new`` (adaptive update).
+
+    mode="greedy": node of rank r takes the r-th best candidate (ADED-style tri-gram drafts, greedy
+    verification; ADED's MCTS-based tree adjustment is not implemented: the tree is a static template).
+    mode="gumbel": siblings are a Gumbel-top-k sample *without replacement* from the stored distribution,
+    and the drafts carry q, so ``SpeculativeDecoder(..., verifier="sampling",
+    tree_sampling="without_replacement")`` is lossless under sampling (STAND-style)."""
+
+    tree: TreeSpec = dataclasses.field(default_factory=lambda: default_recycling_tree(24, 6))
+    k: int = 8
+    hash_size: int = 1 << 16
+    decay: float = 0.5
+    mode: str = "greedy"
+    use_trigram: bool = True
+
+    def __post_init__(self):
+        if max(self.tree.ranks) >= self.k:
+            raise ValueError(f"tree uses candidate rank {max(self.tree.ranks)} but only k={self.k} are stored")
+        if self.mode not in ("greedy", "gumbel"):
+            raise ValueError("mode must be 'greedy' or 'gumbel'")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError("decay must be in [0, 1)")
+
+    num_nodes = property(lambda self: self.tree.num_nodes)
+    max_depth = property(lambda self: self.tree.max_depth)
+    max_children = property(lambda self: self.tree.max_branching)
+    is_chain = property(lambda self: self.tree.parents == tuple(range(self.tree.num_nodes)))
+    draft_calls_per_step = 0
+
+    def init(self, model, params, prompts, prompt_lens, state, inputs):
+        v, k, h = model.vocab_size, self.k, self.hash_size
+        hist = state.method["hist"]
+        pre = jnp.take_along_axis(hist, (state.method["hist_len"] - 2)[:, None], axis=1)[:, 0]
+        return {"bi_tok": jnp.full((v, k), -1, jnp.int32), "bi_p": jnp.zeros((v, k), jnp.float32),
+                "tri_tok": jnp.full((h, k), -1, jnp.int32), "tri_p": jnp.zeros((h, k), jnp.float32),
+                "tri_tag": jnp.full((h, 2), -1, jnp.int32), "pre": pre.astype(jnp.int32)}
+
+    def _lookup(self, ds, a, b):
+        """Candidates after the pair (a, b): tri-gram if stored, else bi-gram. a, b: [...] int."""
+        bt, bp = ds["bi_tok"][b], ds["bi_p"][b]
+        if not self.use_trigram:
+            return bt, bp
+        hsh = _pair_hash(a, b, self.hash_size)
+        tag = ds["tri_tag"][hsh]
+        hit = (tag[..., 0] == a) & (tag[..., 1] == b)
+        tt, tp = ds["tri_tok"][hsh], ds["tri_p"][hsh]
+        return jnp.where(hit[..., None], tt, bt), jnp.where(hit[..., None], tp, bp)
+
+    def propose(self, model, params, state, keys):
+        ds = state.method["draft"]
+        b = state.batch
+        n = self.tree.num_nodes
+        v = model.vocab_size
+        # extended token array: [pre, root, node_0 .. node_{N-1}]
+        ext = jnp.zeros((b, n + 2), jnp.int32).at[:, 0].set(ds["pre"]).at[:, 1].set(state.last)
+        ok = jnp.zeros((b, n + 2), bool).at[:, :2].set(True)
+        par = np.asarray(self.tree.parents)
+        full_par = np.concatenate([[-1], par])  # block index -> parent block index (root: -1 = pre)
+        qrows = jnp.zeros((b, n, v), jnp.float32) if self.mode == "gumbel" else None
+        if self.mode == "gumbel":
+            noise = jax.vmap(lambda kk: jax.random.gumbel(kk, (n + 1, self.k)))(keys)  # per parent block node
+        for idx, parb, rk in _tree_levels(self.tree):
+            gpar = full_par[parb]  # grandparent block index (-1 = pre)
+            a_tok = ext[:, gpar + 1]
+            p_tok = ext[:, parb + 1]
+            ctok, cp = self._lookup(ds, a_tok, p_tok)  # [B,n_d,k]
+            if self.mode == "gumbel":
+                z = jnp.where(ctok >= 0, jnp.log(jnp.maximum(cp, 1e-30)) + noise[:, parb], -jnp.inf)
+                order = jnp.argsort(-z, axis=-1)
+            else:
+                order = jnp.broadcast_to(jnp.arange(self.k), ctok.shape)
+            pick = jnp.take_along_axis(order, jnp.broadcast_to(jnp.asarray(rk)[None, :, None], (b, len(idx), 1)), -1)
+            tok = jnp.take_along_axis(ctok, pick, axis=-1)[..., 0]
+            good = ok[:, parb + 1] & (tok >= 0)
+            ext = ext.at[:, idx + 2].set(jnp.where(good, tok, 0))
+            ok = ok.at[:, idx + 2].set(good)
+            if self.mode == "gumbel":
+                norm = jnp.sum(jnp.where(ctok >= 0, cp, 0.0), axis=-1, keepdims=True)
+                qv = jnp.where(ctok >= 0, cp, 0.0) / jnp.maximum(norm, 1e-30)
+                dense = jax.vmap(jax.vmap(lambda t, q: jnp.zeros((v,), jnp.float32).at[jnp.maximum(t, 0)].add(
+                    jnp.where(t >= 0, q, 0.0))))(ctok, qv)  # [B,n_d,V]
+                qrows = qrows.at[:, idx].set(dense)
+        parents = self.tree.parents_array(b)
+        return Draft(ext[:, 2:], parents, ok[:, 2:], None, qrows), ds, state.cache
+
+    def update(self, model, params, state, dstate, info):
+        ds = dstate
+        v = ds["bi_tok"].shape[0]
+        b, t = info.block.shape
+        probs = jax.nn.softmax(info.logits.astype(jnp.float32), axis=-1)
+        new_p, new_tok = jax.lax.top_k(probs, self.k)  # [B,T,k]
+        new_tok = new_tok.astype(jnp.int32)
+        use = (info.node_valid & info.live[:, None]).reshape(-1)
+        cur = info.block  # [B,T] the token whose continuation the logits describe
+        full = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.asarray(self.tree.parents_array(b))], axis=1)
+        prev = jnp.take_along_axis(cur, full, axis=1).at[:, 0].set(ds["pre"])  # token before each node
+        cur, prev = cur.reshape(-1), prev.reshape(-1)
+        nt, npb = new_tok.reshape(b * t, self.k), new_p.reshape(b * t, self.k)
+        # bi-gram
+        keep = _dedupe_last(cur, use, v)
+        bt, bp = _merge_rows(ds["bi_tok"][cur], ds["bi_p"][cur], nt, npb, self.decay, self.k)
+        bidx = jnp.where(keep, cur, v)
+        out = {**ds, "bi_tok": ds["bi_tok"].at[bidx].set(bt, mode="drop"),
+               "bi_p": ds["bi_p"].at[bidx].set(bp, mode="drop")}
+        if self.use_trigram:
+            hsh = _pair_hash(prev, cur, self.hash_size)
+            keep3 = _dedupe_last(hsh, use, self.hash_size)
+            tag = ds["tri_tag"][hsh]
+            same = (tag[:, 0] == prev) & (tag[:, 1] == cur)
+            ot = jnp.where(same[:, None], ds["tri_tok"][hsh], -1)
+            tt, tp = _merge_rows(ot, ds["tri_p"][hsh], nt, npb, self.decay, self.k)
+            tidx = jnp.where(keep3, hsh, self.hash_size)
+            out["tri_tok"] = ds["tri_tok"].at[tidx].set(tt, mode="drop")
+            out["tri_p"] = ds["tri_p"].at[tidx].set(tp, mode="drop")
+            out["tri_tag"] = ds["tri_tag"].at[tidx].set(jnp.stack([prev, cur], axis=1), mode="drop")
+        # the token before the new `last`
+        cnt = info.cnt
+        before = jnp.take_along_axis(info.out, jnp.maximum(cnt - 2, 0)[:, None], axis=1)[:, 0]
+        new_pre = jnp.where(cnt >= 2, before, info.block[:, 0])
+        out["pre"] = jnp.where(info.live & (cnt > 0), new_pre, ds["pre"])
+        return out

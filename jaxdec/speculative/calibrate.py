@@ -1,0 +1,107 @@
+"""Hardware-aware draft budgets: measure what a target call over T tokens costs on this device, then
+choose the draft tree that maximizes predicted tokens per unit of time.
+
+    curve = measure_cost_curve(model, params)                 # {T: seconds}, relative costs too
+    cfg = calibrate(model, params, rank_probs=...)             # a JSON-able dict
+    tree = tree_from_config(cfg)                               # TreeSpec for TokenRecyclingDrafter(tree)
+
+Decoding takes the saved config, so runs and tests stay deterministic; only `calibrate` measures.
+The prediction for a tree of N nodes is τ(N) / c(N + 1) where τ is `TreeSpec.expected_accepted` under
+per-rank acceptance probabilities (measured from a run's ``stats["rank_acceptance"]`` or given) and
+c(T) is the measured call cost relative to T = 1 (draft cost is added for drafters that run a model).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.speculative.tree import TreeSpec, ancestor_mask
+
+DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def measure_cost_curve(model, params, sizes: Sequence[int] = DEFAULT_SIZES, batch: int = 1, context: int = 128,
+                       reps: int = 5) -> dict:
+    """Median seconds of one model call over T new tokens (tree mask, cache holding ``context`` tokens)
+    for each T in ``sizes``; returns ``{"seconds": {T: s}, "relative": {T: s / s(1)}, ...}``."""
+    sizes = sorted(set(int(s) for s in sizes) | {1})
+    size = context + max(sizes) + 1
+
+    @jax.jit
+    def call(p, toks, cache, mask):
+        t = toks.shape[1]
+        pos = cache.lengths[:, None] + jnp.arange(t)[None]
+        return model(p, toks, pos, cache, mask=mask).logits
+
+    cache = model.init_cache(batch, size)
+    cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
+    secs = {}
+    for t in sizes:
+        toks = jnp.ones((batch, t), jnp.int32)
+        mask = ancestor_mask(jnp.broadcast_to(jnp.arange(t - 1, dtype=jnp.int32), (batch, t - 1))) if t > 1 else None
+        call(params, toks, cache, mask).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call(params, toks, cache, mask).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        secs[t] = float(np.median(ts))
+    return {"seconds": secs, "relative": {t: secs[t] / secs[1] for t in sizes}, "batch": batch, "context": context,
+            "device": str(jax.devices()[0]), "machine": platform.machine()}
+
+
+def relative_cost(curve: dict, t: int) -> float:
+    """Interpolated relative cost of a call over ``t`` tokens."""
+    rel = {int(k): float(v) for k, v in curve["relative"].items()}
+    xs = sorted(rel)
+    return float(np.interp(t, xs, [rel[x] for x in xs]))
+
+
+def choose_tree(curve: dict, rank_probs: Sequence[float], sizes: Sequence[int] = (2, 4, 6, 8, 12, 16, 24, 32, 48, 63),
+                max_depth: int = 8, draft_cost: float = 0.0) -> tuple:
+    """The tree size whose predicted speedup τ(N) / (c(N+1) + draft_cost) is largest. Returns
+    (TreeSpec, predicted speedup, table of (N, τ, cost, speedup))."""
+    table = []
+    best = None
+    for n in sizes:
+        tree = TreeSpec.from_rank_probs(int(n), rank_probs, max_depth=max_depth)
+        tau = tree.expected_accepted(rank_probs)
+        cost = relative_cost(curve, n + 1) + draft_cost
+        table.append((int(n), tau, cost, tau / cost))
+        if best is None or tau / cost > best[1]:
+            best = (tree, tau / cost)
+    return best[0], best[1], table
+
+
+def calibrate(model, params, rank_probs: Sequence[float], sizes=None, max_depth: int = 8, batch: int = 1,
+              context: int = 128, curve: Optional[dict] = None) -> dict:
+    """Measure the cost curve (unless given) and pick a tree; returns a JSON-able config."""
+    curve = curve or measure_cost_curve(model, params, batch=batch, context=context)
+    tree, speed, table = choose_tree(curve, rank_probs, **({"sizes": sizes} if sizes else {}), max_depth=max_depth)
+    return {"cost_curve": {"relative": {str(k): v for k, v in curve["relative"].items()},
+                           "seconds": {str(k): v for k, v in curve["seconds"].items()},
+                           "batch": curve.get("batch"), "context": curve.get("context"), "device": curve.get("device")},
+            "rank_probs": [float(p) for p in rank_probs],
+            "tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)},
+            "predicted_speedup": float(speed), "candidates": [list(r) for r in table]}
+
+
+def tree_from_config(cfg: dict) -> TreeSpec:
+    t = cfg["tree"] if "tree" in cfg else cfg
+    return TreeSpec(tuple(int(p) for p in t["parents"]), tuple(int(r) for r in t["ranks"]))
+
+
+def save_config(cfg: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def load_config(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

