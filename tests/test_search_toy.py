@@ -214,3 +214,31 @@ def test_hamming_penalty_counts_all_earlier_groups():
     got = [(tuple(b["tokens"]), b["score"]) for b in out.extras["beams"][0]]
     assert [s for s, _ in got] == [s for s, _ in want]
     np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ conditional beam search
+def has_repeat(seq, n):
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("ngram", [2, 3])
+def test_conditional_beam_no_repeat_ngram_equals_hf(ngram):
+    """Beams conditioned on non-degenerate output (no repeated n-gram in prompt + output) equal HF's
+    beam search with `no_repeat_ngram_size`; without the condition this table model does repeat."""
+    from jaxdec.search.beam import beam_search
+    model = jax_model()
+    repeats_without = False
+    for seed, nb in enumerate((2, 3)):
+        params = make_params(300 + seed, scale=2.5, eos_bias=-2.0)
+        g = beam_search(model, to_jax(params), PROMPTS, num_beams=nb, max_new_tokens=10,
+                        no_repeat_ngram_size=ngram, min_new_tokens=1)
+        free = beam_search(model, to_jax(params), PROMPTS, num_beams=nb, max_new_tokens=10)
+        for i, p in enumerate(PROMPTS):
+            ref = hf_beams(params, p, (0,), num_beams=nb, max_new_tokens=10, no_repeat_ngram_size=ngram,
+                           min_new_tokens=1)
+            assert_same_beams(g.extras["beams"][i], ref, f"ngram={ngram} beams={nb} prompt={p}")
+            for b in g.extras["beams"][i]:
+                assert not has_repeat(p + b["tokens"], ngram) and len(b["tokens"]) >= 1
+            repeats_without |= any(has_repeat(p + b["tokens"], ngram) for b in free.extras["beams"][i])
+    assert repeats_without

@@ -22,6 +22,11 @@ group otherwise runs plain beam search with its own finished set and stopping ru
 ``diversity_penalty = 0`` every group returns exactly what beam search with ``beams / G`` beams returns.
 A prompt stops when all its groups are done.
 
+Conditional beam search ("Making the most of your model"): a pluggable ``constraint`` predicate bans
+degenerate continuations inside the search, so every beam is conditioned on the output not being
+degenerate; `NoRepeatNGram` (HF's ``no_repeat_ngram_size``) bans repeated n-grams, ``min_new_tokens=1``
+bans the empty output.
+
 Host entry: `beam_search(model, params, prompts, num_beams=4, ...)` -> `Generation` whose ``tokens`` is
 each prompt's best hypothesis and ``extras["beams"]`` lists every returned hypothesis as
 ``{"tokens", "score"}`` (best first).
@@ -49,6 +54,34 @@ def hamming_penalty(chosen, vocab_size: int, penalty):
     return jnp.reshape(jnp.asarray(penalty, jnp.float32), (-1, 1)) * counts
 
 
+@dataclasses.dataclass(frozen=True)
+class NoRepeatNGram:
+    """Constraint: ban any token that would repeat an n-gram of the prompt + generated text (HF's
+    ``no_repeat_ngram_size``). With it, beam search is conditioned on non-degenerate (repetition-free)
+    output; add ``min_new_tokens=1`` to also exclude the empty output."""
+
+    n: int = 3
+
+    def __call__(self, hist, hlen, vocab_size: int):
+        r, h = hist.shape
+        n = self.n
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        s = jnp.arange(h)
+        if n == 1:
+            hit = s[None, :] < hlen[:, None]
+            last = hist
+        else:
+            win = jnp.take(hist, jnp.clip(s[:, None] + jnp.arange(n)[None, :], 0, h - 1), axis=1)  # [R,H,n]
+            pidx = jnp.clip(hlen[:, None] - (n - 1) + jnp.arange(n - 1)[None, :], 0, h - 1)
+            pattern = jnp.take_along_axis(hist, pidx, axis=1)
+            hit = jnp.all(win[:, :, :n - 1] == pattern[:, None, :], axis=-1)
+            hit = hit & (s[None, :] + n <= hlen[:, None]) & (hlen[:, None] >= n - 1)
+            last = win[:, :, n - 1]
+        banned = jnp.zeros((r, vocab_size), bool)
+        return banned.at[jnp.arange(r)[:, None], last].max(hit)
+
+
 def _normalizer(n, length_penalty: float):
     return jnp.power(n.astype(jnp.float32), jnp.float32(length_penalty))
 
@@ -66,13 +99,17 @@ def early_stopping_code(es) -> int:
 class BeamSearch:
     """Beam search decoder over ``num_beams`` rows per prompt (see the module docstring).
 
-    Static: the number of beams and of groups. Traced per prompt (``inputs["beam"]``, so new values
+    Static: the number of beams and of groups, and ``constraint`` (conditional beam search): a hashable
+    callable ``constraint(history [R, H], history_len [R], vocab_size) -> banned [R, V]`` over each
+    beam's prompt + generated tokens; banned continuations get log-probability -inf (as an HF logits
+    processor would), so no returned hypothesis violates it. Traced per prompt (``inputs["beam"]``, so new values
     do not recompile): ``length_penalty`` [rows] float, ``early_stopping`` [rows] int (0 False, 1 True,
     2 "never"), ``diversity_penalty`` [rows] float (used when num_groups > 1).
     """
 
     num_beams: int = 4
     num_groups: int = 1
+    constraint: Any = None
 
     def __post_init__(self):
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -107,6 +144,11 @@ class BeamSearch:
             "es": inputs["beam"]["early_stopping"][::nb].astype(jnp.int32),
             "div": inputs["beam"]["diversity_penalty"][::nb].astype(jnp.float32),
         }
+        if self.constraint is not None:
+            p = prompts.shape[1]
+            hist = jnp.zeros((b, p + cap), jnp.int32).at[:, :p].set(prompts)
+            method["hist"] = jnp.repeat(hist, nb, axis=0)
+            method["hlen"] = jnp.repeat(prompt_lens.astype(jnp.int32), nb, axis=0)
         state = initial_state(jnp.zeros((b * nb, 1), jnp.int32), cache, inputs, method,
                               {"model_calls": jnp.ones((), jnp.int32)})
         return self._advance(state, logits)
@@ -171,6 +213,8 @@ class BeamSearch:
         v = logits.shape[-1]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         lp = suppress_stops(lp, state)  # HF applies processors to the log-probs
+        if self.constraint is not None:
+            lp = jnp.where(self.constraint(m["hist"], m["hlen"], v), -jnp.inf, lp)
         lp = per_prompt(lp, nb)
         tokens = per_prompt(state.tokens, nb)
         t = per_prompt(state.num_new, nb)[:, 0]
@@ -222,6 +266,13 @@ class BeamSearch:
         live_rows = flat(jnp.broadcast_to(lw, (bsz, nb)))
         tok_rows = jnp.where(at_t & live_rows[:, None], flat(new_tok)[:, None], tok_rows)
         cache = reorder_cache(state.cache, rows, m["start"], cap)
+        if self.constraint is not None:
+            hist = jnp.take(m["hist"], rows, axis=0)
+            hlen = jnp.take(m["hlen"], rows, axis=0)
+            r = jnp.arange(hist.shape[0])
+            at = jnp.minimum(hlen, hist.shape[1] - 1)
+            method["hist"] = hist.at[r, at].set(jnp.where(live_rows, flat(new_tok), hist[r, at]))
+            method["hlen"] = hlen + live_rows.astype(jnp.int32)
         done_rows = flat(jnp.broadcast_to(prompt_done[:, None], (bsz, nb)))
         return state.replace(
             tokens=tok_rows, num_new=state.num_new + live_rows.astype(jnp.int32),
@@ -253,17 +304,24 @@ def _collect(prompts, results, nb: int, num_return: int, stop_ids, group_size: i
 def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: int = 64, min_new_tokens: int = 0,
                 length_penalty: float = 1.0, early_stopping: Any = False,
                 num_return_sequences: Optional[int] = None, num_beam_groups: int = 1,
-                diversity_penalty: float = 0.0, stop_ids=None, batch_size: Optional[int] = None,
+                diversity_penalty: float = 0.0, no_repeat_ngram_size: int = 0, constraint: Any = None,
+                stop_ids=None, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None) -> Generation:
     """Beam search (or diverse beam search with ``num_beam_groups > 1``) over token-id prompts.
 
     Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
+    Conditional beam search: ``no_repeat_ngram_size=n`` (HF's option) or any ``constraint`` predicate
+    (see `BeamSearch`) removes degenerate continuations from the search.
     batch_size counts prompts per compiled batch (each holds batch_size * num_beams rows). Returns a
     `Generation`: ``tokens[i]`` is prompt i's best hypothesis (up to and including EOS), ``extras["beams"]
     [i]`` its ``num_return_sequences`` (default num_beams) hypotheses ``{"tokens", "score",
     "finished", "group"}`` best first (across groups for diverse beam search); ``extras["scores"][i]`` the best score (HF's ``sequences_scores``).
     """
-    dec = BeamSearch(num_beams=int(num_beams), num_groups=int(num_beam_groups))
+    if no_repeat_ngram_size and constraint is not None:
+        raise ValueError("give either no_repeat_ngram_size or constraint, not both")
+    if no_repeat_ngram_size:
+        constraint = NoRepeatNGram(int(no_repeat_ngram_size))
+    dec = BeamSearch(num_beams=int(num_beams), num_groups=int(num_beam_groups), constraint=constraint)
     es = early_stopping_code(early_stopping)
     if not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
