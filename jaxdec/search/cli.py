@@ -1,0 +1,148 @@
+"""CLI methods of the search package, registered with `jaxdec.cli` (imported by its plugin loader).
+
+`jaxdec generate --method beam|diverse-beam|conditional-beam|stochastic-beam|momentum|adadec|best-of-n|
+first-finish|astar ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
+for the multi-sequence methods, ``beams`` lists every returned sequence as ``{"tokens", "score"}``
+(score: the length-normalised beam score for beam methods, the log-probability for stochastic beam
+and A*, the reranker's score for best-of-N).
+"""
+from __future__ import annotations
+
+from jaxdec.cli import BadInput, register_method
+
+_EARLY = {"true": True, "false": False, "never": "never"}
+
+
+def add_search_args(g):
+    s = g.add_argument_group("search methods (beam, diverse-beam, conditional-beam, stochastic-beam, momentum, "
+                             "adadec, best-of-n, first-finish, astar)")
+    s.add_argument("--num-beams", type=int, default=4, help="beams (beam methods) or k (stochastic-beam)")
+    s.add_argument("--num-return-sequences", type=int, default=None)
+    s.add_argument("--length-penalty", type=float, default=1.0)
+    s.add_argument("--early-stopping", default="false", choices=sorted(_EARLY))
+    s.add_argument("--num-beam-groups", type=int, default=2, help="diverse-beam: groups")
+    s.add_argument("--diversity-penalty", type=float, default=0.5, help="diverse-beam: Hamming diversity lambda")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="beam: ban repeated n-grams (conditional-beam defaults to 3)")
+    s.add_argument("--momentum-alpha", type=float, default=0.2, help="momentum: resistance per loop depth")
+    s.add_argument("--momentum-ngram", type=int, default=4)
+    s.add_argument("--momentum-top-k", type=int, default=8)
+    s.add_argument("--adadec-threshold", type=float, default=1.5, help="adadec: entropy threshold (nats)")
+    s.add_argument("--adadec-k", type=int, default=3)
+    s.add_argument("--adadec-lookahead", type=int, default=5)
+    s.add_argument("--astar-max-children", type=int, default=8)
+    s.add_argument("--astar-max-expansions", type=int, default=2000)
+
+
+def _rows(g, loaded, beams=None):
+    per = {k: g.stats.get(k) for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
+    text = g.text if g.text is not None else [loaded.tokenizer.decode(t) for t in g.tokens]
+    out = []
+    for i, (p, t, x, f) in enumerate(zip(g.prompt_ids, g.tokens, text, g.finish_reason)):
+        row = {"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per}
+        if beams is not None:
+            row["beams"] = [{"tokens": b["tokens"], "score": b["score"]} for b in beams[i]]
+        out.append(row)
+    return out, g.stats
+
+
+def _check_positive(args, *names):
+    for n in names:
+        v = getattr(args, n)
+        if v is None or v < 1:
+            raise BadInput(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
+    from jaxdec.search.beam import beam_search
+    _check_positive(args, "num_beams")
+    g = beam_search(loaded.model, loaded.params, ids, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                    min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
+                    early_stopping=_EARLY[args.early_stopping], num_return_sequences=args.num_return_sequences,
+                    num_beam_groups=groups, diversity_penalty=diversity,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size if ngram is None else ngram,
+                    batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded, g.extras["beams"])
+
+
+@register_method("beam", add_search_args)
+def beam_method(args, loaded, ids, progress):
+    return _beam(args, loaded, ids, progress)
+
+
+@register_method("diverse-beam")
+def diverse_beam_method(args, loaded, ids, progress):
+    _check_positive(args, "num_beam_groups")
+    if args.num_beams % args.num_beam_groups:
+        raise BadInput(f"--num-beam-groups ({args.num_beam_groups}) must divide --num-beams ({args.num_beams})")
+    return _beam(args, loaded, ids, progress, groups=args.num_beam_groups, diversity=args.diversity_penalty)
+
+
+@register_method("conditional-beam")
+def conditional_beam_method(args, loaded, ids, progress):
+    return _beam(args, loaded, ids, progress, ngram=args.no_repeat_ngram_size or 3)
+
+
+@register_method("stochastic-beam")
+def stochastic_beam_method(args, loaded, ids, progress):
+    from jaxdec.search.stochastic import stochastic_beam_search
+    _check_positive(args, "num_beams")
+    g = stochastic_beam_search(loaded.model, loaded.params, ids, k=args.num_beams, max_new_tokens=args.max_new_tokens,
+                               min_new_tokens=args.min_new_tokens, temperature=args.temperature, seed=args.seed,
+                               batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded, g.extras["beams"])
+
+
+@register_method("momentum")
+def momentum_method(args, loaded, ids, progress):
+    from jaxdec.search.momentum import momentum_generate
+    _check_positive(args, "momentum_ngram", "momentum_top_k")
+    g = momentum_generate(loaded.model, loaded.params, ids, alpha=args.momentum_alpha, ngram=args.momentum_ngram,
+                          top_k=args.momentum_top_k, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded)
+
+
+@register_method("adadec")
+def adadec_method(args, loaded, ids, progress):
+    from jaxdec.search.adadec import adadec_generate
+    _check_positive(args, "adadec_k")
+    g = adadec_generate(loaded.model, loaded.params, ids, threshold=args.adadec_threshold, k=args.adadec_k,
+                        lookahead=args.adadec_lookahead, max_new_tokens=args.max_new_tokens,
+                        min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded)
+
+
+def _sampling(args):
+    from jaxdec.cli import _sampling_from_args
+    return _sampling_from_args(args)
+
+
+@register_method("best-of-n")
+def best_of_n_method(args, loaded, ids, progress):
+    from jaxdec.search.testtime import best_of_n
+    g = best_of_n(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
+                  max_new_tokens=args.max_new_tokens, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded, g.extras["ranked"])
+
+
+@register_method("first-finish")
+def first_finish_method(args, loaded, ids, progress):
+    from jaxdec.search.testtime import first_finish
+    g = first_finish(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded)
+
+
+@register_method("astar")
+def astar_method(args, loaded, ids, progress):
+    from jaxdec.search.testtime import astar_decode
+    _check_positive(args, "astar_max_children", "astar_max_expansions")
+    try:
+        g = astar_decode(loaded.model, loaded.params, ids, max_new_tokens=args.max_new_tokens,
+                         max_children=args.astar_max_children, max_expansions=args.astar_max_expansions)
+    except RuntimeError as e:
+        raise BadInput(str(e)) from None
+    beams = [[{"tokens": t, "score": s}] for t, s in zip(g.tokens, g.extras["scores"])]
+    g.stats.setdefault("new_tokens", sum(len(t) for t in g.tokens))
+    return _rows(g, loaded, beams)
