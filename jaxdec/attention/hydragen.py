@@ -1,0 +1,169 @@
+"""Hydragen: shared-prefix attention decomposed into one batched prefix part and per-row suffixes.
+
+When the B rows of a batch (beams, best-of-N samples, n>1 sampling) share a prompt, their caches hold
+B copies of the same prefix keys/values. Hydragen keeps ONE copy ``prefix_k/prefix_v [P,KVH,D]`` and
+computes attention in two parts that are merged exactly by log-sum-exp:
+
+* prefix part: the queries of all rows and all block positions are stacked into one matrix per KV head
+  (``[B*T*G, D]``) and multiplied with the single prefix (one matmul instead of B matrix-vector
+  products, and the prefix is read once instead of B times);
+* suffix part: each row's own cache ``suffix_k/suffix_v [B,S,KVH,D]`` (``suffix_lengths[B]`` entries,
+  suffix slot j at position ``prefix_len + j``) plus the block's own keys ``k_new/v_new`` under
+  ``block_mask``, i.e. ordinary decode attention.
+
+Each part returns ``(m, l, o)`` with ``m`` the max score, ``l = sum exp(s - m)`` and
+``o = sum exp(s - m) v`` (unnormalised). The merge is
+``out = (o1 e^{m1-m} + o2 e^{m2-m}) / (l1 e^{m1-m} + l2 e^{m2-m})`` with ``m = max(m1, m2)``, which
+equals softmax attention over the concatenation. `hydragen_attend` therefore equals
+``jaxdec.attention.reference.attend`` on the cache ``prefix[:prefix_len] ++ suffix[b, :suffix_lengths[b]]``
+with lengths ``prefix_len + suffix_lengths``; a query that sees no key outputs zeros.
+
+`split_shared_prefix` builds the Hydragen inputs from an ordinary ragged cache whose rows share their
+first ``prefix_len`` entries (it reads row 0 for the prefix); `merge_partials` is exposed for
+tree-shaped sharing (more than two levels of shared segments merge the same way, pairwise).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.attention.reference import NEG
+
+__all__ = ["hydragen_attend", "prefix_partial", "suffix_partial", "merge_partials",
+           "split_shared_prefix"]
+
+
+def _partial(s, vis, v_of, eq: str):
+    """Masked (m, l, o) of one score block. ``s`` scores, ``vis`` same-shape bool."""
+    s = jnp.where(vis, s, NEG)
+    m = s.max(-1)
+    p = jnp.where(vis, jnp.exp(s - m[..., None]), 0.0)
+    l = p.sum(-1)
+    o = jnp.einsum(eq, p, v_of)
+    return m, l, o
+
+
+def prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None, scale=None):
+    """Prefix part: all rows' queries against one shared prefix.
+
+    ``q [B,T,H,D]``, ``prefix_k/prefix_v [P,KVH,D]``, ``prefix_len`` scalar (first entries valid),
+    ``q_pos [B,T]``. Returns ``m, l [B,T,KVH,G]`` and ``o [B,T,KVH,G,D]``.
+    """
+    b, t, h, d = q.shape
+    p_cap, kvh, _ = prefix_k.shape
+    g = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    # [KVH, B*T*G, D]: the batched query matrix for each KV head (one matmul per head)
+    qm = jnp.moveaxis((q.reshape(b, t, kvh, g, d) * scale), 2, 0).reshape(kvh, b * t * g, d)
+    s = jnp.einsum("knd,pkd->knp", qm, prefix_k)  # [KVH, B*T*G, P]
+    s = s.reshape(kvh, b, t, g, p_cap)
+    kpos = jnp.arange(p_cap)
+    vis = kpos < jnp.asarray(prefix_len)
+    vis = jnp.broadcast_to(vis, (b, t, p_cap))
+    if sliding_window is not None:
+        vis = vis & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
+    vis = jnp.broadcast_to(vis[None, :, :, None, :], s.shape)
+    # unused prefix slots may hold garbage: zero them so 0 * NaN cannot leak
+    pv = jnp.where((kpos < jnp.asarray(prefix_len))[:, None, None], prefix_v, 0.0)
+    s = s.reshape(kvh, b * t * g, p_cap)
+    vis = vis.reshape(kvh, b * t * g, p_cap)
+    m, l, o = _partial(s, vis, pv, "knp,pkd->knd")
+    m = jnp.moveaxis(m.reshape(kvh, b, t, g), 0, 2)
+    l = jnp.moveaxis(l.reshape(kvh, b, t, g), 0, 2)
+    o = jnp.moveaxis(o.reshape(kvh, b, t, g, d), 0, 2)
+    return m, l, o
+
+
+def suffix_partial(q, suffix_k, suffix_v, suffix_lengths, prefix_len, k_new, v_new, block_mask,
+                   q_pos, sliding_window=None, scale=None):
+    """Per-row part: each row's suffix cache plus the block's own keys.
+
+    Suffix slot j of row b sits at position ``prefix_len + j``. Returns ``m, l [B,T,KVH,G]``,
+    ``o [B,T,KVH,G,D]``.
+    """
+    b, t, h, d = q.shape
+    s_cap, kvh = suffix_k.shape[1], suffix_k.shape[2]
+    g = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kvh, g, d) * scale
+    sc = jnp.einsum("btkgd,bskd->btkgs", qg, suffix_k)
+    sn = jnp.einsum("btkgd,bjkd->btkgj", qg, k_new)
+    j = jnp.arange(s_cap)
+    mc = j[None, None, :] < suffix_lengths[:, None, None]  # [B,1,S]
+    mc = jnp.broadcast_to(mc, (b, t, s_cap))
+    mn = block_mask
+    if sliding_window is not None:
+        kpos = jnp.asarray(prefix_len) + j
+        mc = mc & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
+        mn = mn & (q_pos[:, :, None] - q_pos[:, None, :] < sliding_window)
+    sv = jnp.where((j[None, :] < suffix_lengths[:, None])[:, :, None, None], suffix_v, 0.0)
+    s = jnp.concatenate([sc, sn], axis=-1)
+    vis = jnp.concatenate([jnp.broadcast_to(mc[:, :, None, None, :], sc.shape),
+                           jnp.broadcast_to(mn[:, :, None, None, :], sn.shape)], axis=-1)
+    vals = jnp.concatenate([sv, v_new.astype(sv.dtype)], axis=1)  # [B,S+T,KVH,D]
+    return _partial(s, vis, vals, "btkgs,bskd->btkgd")
+
+
+def merge_partials(parts):
+    """Exact log-sum-exp merge of ``[(m, l, o), ...]`` -> normalised output ``[..., D]`` (zeros where
+    no part saw a key)."""
+    m = parts[0][0]
+    for mi, _, _ in parts[1:]:
+        m = jnp.maximum(m, mi)
+    l_tot = 0.0
+    o_tot = 0.0
+    for mi, li, oi in parts:
+        w = jnp.where(li > 0, jnp.exp(mi - m), 0.0)
+        l_tot = l_tot + li * w
+        o_tot = o_tot + oi * w[..., None]
+    ok = l_tot > 0
+    return jnp.where(ok[..., None], o_tot / jnp.where(ok, l_tot, 1.0)[..., None], 0.0)
+
+
+def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffix_lengths,
+                    k_new, v_new, block_mask, q_pos, sliding_window: Optional[int] = None,
+                    scale: Optional[float] = None):
+    """Shared-prefix attention; equals ``attend`` on the concatenated per-row caches.
+
+    ``q [B,T,H,D]``; ``prefix_k/prefix_v [P,KVH,D]`` with ``prefix_len`` (scalar) valid entries shared
+    by every row; ``suffix_k/suffix_v [B,S,KVH,D]`` with ``suffix_lengths [B]``; ``k_new/v_new
+    [B,T,KVH,D]``; ``block_mask [B,T,T]``; ``q_pos [B,T]``. Returns ``[B,T,H,D]``.
+    """
+    b, t, h, d = q.shape
+    if prefix_k.ndim != 3 or prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k/prefix_v must both be [P,KVH,D], got {prefix_k.shape}, "
+                         f"{prefix_v.shape}")
+    if suffix_k.ndim != 4 or suffix_k.shape != suffix_v.shape or suffix_k.shape[0] != b:
+        raise ValueError(f"suffix_k/suffix_v must both be [B,S,KVH,D], got {suffix_k.shape}, "
+                         f"{suffix_v.shape}")
+    kvh = prefix_k.shape[1]
+    if suffix_k.shape[2] != kvh or h % kvh or prefix_k.shape[2] != d:
+        raise ValueError(f"head layout mismatch: q {q.shape}, prefix {prefix_k.shape}, "
+                         f"suffix {suffix_k.shape}")
+    qf = q.astype(jnp.float32)
+    p1 = prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
+                        prefix_len, q_pos, sliding_window, scale)
+    p2 = suffix_partial(qf, suffix_k.astype(jnp.float32), suffix_v.astype(jnp.float32),
+                        suffix_lengths, prefix_len, k_new.astype(jnp.float32),
+                        v_new.astype(jnp.float32), block_mask, q_pos, sliding_window, scale)
+    out = merge_partials([p1, p2])
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def split_shared_prefix(k_cache, v_cache, lengths, prefix_len: int,
+                        suffix_size: Optional[int] = None) -> Tuple[jax.Array, ...]:
+    """Ordinary ragged cache ``[B,S,KVH,D]`` whose rows share their first ``prefix_len`` (static)
+    entries -> ``(prefix_k, prefix_v, suffix_k, suffix_v, suffix_lengths)`` for `hydragen_attend`.
+    The prefix is read from row 0 (callers guarantee the rows agree there)."""
+    s = k_cache.shape[1]
+    suffix_size = s - prefix_len if suffix_size is None else suffix_size
+    if not 0 <= prefix_len <= s:
+        raise ValueError(f"prefix_len {prefix_len} outside the cache (size {s})")
+    sk = jax.lax.dynamic_slice_in_dim(jnp.pad(k_cache, ((0, 0), (0, suffix_size), (0, 0), (0, 0))),
+                                      prefix_len, suffix_size, axis=1)
+    sv = jax.lax.dynamic_slice_in_dim(jnp.pad(v_cache, ((0, 0), (0, suffix_size), (0, 0), (0, 0))),
+                                      prefix_len, suffix_size, axis=1)
+    return (k_cache[0, :prefix_len], v_cache[0, :prefix_len], sk, sv,
+            jnp.maximum(lengths - prefix_len, 0).astype(jnp.int32))
