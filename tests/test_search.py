@@ -200,7 +200,7 @@ def test_beam_search_matches_hf_ci_size(nb, model_f32, chat_prompt_ids):
 @pytest.mark.parametrize("nb", [2, 4, 8])
 def test_beam_search_matches_hf_full(nb, model_f32, chat_prompt_ids):
     model, params = model_f32
-    res = check_beams_against_hf(model, params, chat_prompt_ids[:12], nb, 32, report=print)
+    res = check_beams_against_hf(model, params, chat_prompt_ids[:10], nb, 24, report=print)
     print(f"beams={nb}: {res}")
 
 
