@@ -93,3 +93,144 @@ def test_split_shared_prefix_round_trip():
     out = hydragen_attend(q, pk, pv, p, sk, sv, sl, kn, vn, bm, qpos)
     ref = attend(q, jnp.asarray(k), jnp.asarray(v), lengths, kn, vn, bm, qpos)
     _close(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# compressed caches
+# ------------------------------------------------------------------------------------------------
+from jaxdec.cache.quantized import FP32, GEAR, KIVI  # noqa: E402
+from jaxdec.cache.sparse import (DoubleSparsity, Mustafar, calibrate_channels,  # noqa: E402
+                                 double_sparse_attend)
+
+
+def _kv(seed, b=2, s=100, kvh=3, d=64, outliers=True):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(b, s, kvh, d)).astype(np.float32)
+    v = rng.normal(size=(b, s, kvh, d)).astype(np.float32)
+    if outliers:  # a few heavy channels (as real keys have) and sparse spikes
+        k[..., 5] *= 8.0
+        spikes = rng.random(k.shape) < 0.01
+        k = np.where(spikes, k * 10, k)
+        v = np.where(rng.random(v.shape) < 0.01, v * 10, v)
+    return jnp.asarray(k), jnp.asarray(v), jnp.asarray([s, 70], jnp.int32)
+
+
+def _err(x, xh, lengths):
+    m = (np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None])
+    return float(np.sqrt(((np.asarray(x) - np.asarray(xh)) ** 2)[m].mean()))
+
+
+def test_quantized_error_order_and_window():
+    k, v, ln = _kv(0)
+    e = {}
+    for name, meth in [("int8", KIVI(bits=8)), ("int4", KIVI(bits=4)), ("gear", GEAR(bits=4))]:
+        kh, vh = meth.compress(k, v, ln)
+        assert np.all(np.isfinite(kh)) and np.all(np.isfinite(vh))
+        e[name] = (_err(k, kh, ln), _err(v, vh, ln))
+        # the exact recent window: rows of 100 and 70 tokens quantize 96 and 64 (whole key groups)
+        np.testing.assert_array_equal(np.asarray(kh[0, 96:]), np.asarray(k[0, 96:]))
+        np.testing.assert_array_equal(np.asarray(vh[1, 64:70]), np.asarray(v[1, 64:70]))
+        # slots past lengths are passed through
+        np.testing.assert_array_equal(np.asarray(kh[1, 70:]), np.asarray(k[1, 70:]))
+    assert 0 < e["int8"][0] < e["int4"][0] and 0 < e["int8"][1] < e["int4"][1]
+    assert e["gear"][0] < 0.8 * e["int4"][0] and e["gear"][1] < 0.8 * e["int4"][1]
+    kh, vh = FP32().compress(k, v, ln)
+    np.testing.assert_array_equal(np.asarray(kh), np.asarray(k))
+
+
+def test_gear_each_part_reduces_error():
+    k, v, ln = _kv(1)
+    base = _err(k, KIVI(bits=4).compress(k, v, ln)[0], ln)
+    lr = _err(k, GEAR(bits=4, rank=8, outliers=0).compress(k, v, ln)[0], ln)
+    sp = _err(k, GEAR(bits=4, rank=0, outliers=2).compress(k, v, ln)[0], ln)
+    assert lr < base and sp < base
+
+
+@pytest.mark.parametrize("sparsity,kept", [(0.5, 32), (0.7, 19)])
+def test_mustafar_keeps_exact_fraction(sparsity, kept):
+    k, v, ln = _kv(2, outliers=False)
+    m = Mustafar(sparsity)
+    assert m.kept(64) == kept
+    kh, vh = m.compress(k, v, ln)
+    for x, xh in ((k, kh), (v, vh)):
+        x, xh = np.asarray(x), np.asarray(xh)
+        nz = (xh != 0).sum(-1)  # [B,S,KVH]
+        assert np.all(nz[0] == kept) and np.all(nz[1, :70] == kept)
+        np.testing.assert_array_equal(xh[1, 70:], x[1, 70:])
+        # kept entries are unchanged and are the largest in magnitude
+        keep = xh != 0
+        np.testing.assert_array_equal(xh[keep], x[keep])
+        lo_kept = np.where(keep, np.abs(x), np.inf).min(-1)
+        hi_drop = np.where(keep, -np.inf, np.abs(x)).max(-1)
+        assert np.all(lo_kept[0] >= hi_drop[0])
+
+
+def test_double_sparsity_full_equals_attend_and_sparse_is_close():
+    rng = np.random.default_rng(3)
+    b, t, h, kvh, d, s = 3, 2, 9, 3, 16, 40
+    f = lambda *sh: jnp.asarray(rng.normal(size=sh).astype(np.float32))
+    q, kc, vc, kn, vn = f(b, t, h, d), f(b, s, kvh, d), f(b, s, kvh, d), f(b, t, kvh, d), f(b, t, kvh, d)
+    ln = jnp.asarray([40, 17, 0], jnp.int32)
+    bm = causal_block_mask(b, t)
+    qpos = ln[:, None] + jnp.arange(t)[None]
+    ref = attend(q, kc, vc, ln, kn, vn, bm, qpos)
+    all_ch = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (kvh, d))
+    out = double_sparse_attend(q, kc, vc, ln, kn, vn, bm, qpos, all_ch, token_frac=1.0, min_tokens=1)
+    _close(out, ref)
+    # sparse: only the budgeted tokens are read; with exact channels this is top-k exact attention
+    out = double_sparse_attend(q, kc, vc, ln, kn, vn, bm, qpos, all_ch, token_frac=1 / 8, min_tokens=4)
+    assert np.all(np.isfinite(out))
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() > 1e-4  # it really dropped tokens
+
+
+def test_calibrate_channels_finds_planted_channels():
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(50, 9, 16)).astype(np.float32)
+    k = rng.normal(size=(60, 3, 16)).astype(np.float32)
+    q[:, :, 7] *= 20
+    k[:, 1, 3] *= 30
+    ch = np.asarray(calibrate_channels(jnp.asarray(q), jnp.asarray(k), 2))
+    assert ch.shape == (3, 2) and all(7 in ch[j] for j in range(3)) and 3 in ch[1]
+
+
+def test_bytes_per_token_formulas():
+    kvh, d = 3, 64
+    assert FP32().bytes_per_token(96, kvh, d) == 2 * kvh * d * 4
+    # 96 tokens, residual 32, key groups of 32 -> 64 quantized tokens + 32 exact ones
+    q_len, r_len = 64, 32
+    for bits in (8, 4):
+        codes = 2 * q_len * kvh * d * bits / 8
+        kscale = 2 * (q_len // 32) * kvh * d * 4
+        vscale = 2 * q_len * kvh * (d // 32) * 4
+        window = 2 * r_len * kvh * d * 4
+        assert KIVI(bits=bits).bytes_per_token(96, kvh, d) == pytest.approx(
+            (codes + kscale + vscale + window) / 96)
+    g = GEAR(bits=4, rank=4, outliers=1)
+    extra = 2 * q_len * kvh * 1 * 5 + 2 * kvh * 4 * (q_len + d) * 4
+    assert g.bytes_per_token(96, kvh, d) == pytest.approx(
+        KIVI(bits=4).bytes_per_token(96, kvh, d) + extra / 96)
+    assert Mustafar(0.5).bytes_per_token(96, kvh, d) == 2 * kvh * (d / 8 + 32 * 4)
+    assert Mustafar(0.7).bytes_per_token(96, kvh, d) == 2 * kvh * (d / 8 + 19 * 4)
+    ds = DoubleSparsity()
+    assert ds.bytes_per_token(1024, kvh, d) == kvh * (2 * d + 8) * 4
+    assert ds.bytes_read_per_token(1024, kvh, d) == kvh * 8 * 4 + 2 * kvh * d * 4 * 128 / 1024
+    assert KIVI(bits=4).bytes_per_token(4096, kvh, d) < KIVI(bits=8).bytes_per_token(4096, kvh, d) \
+        < FP32().bytes_per_token(4096, kvh, d)
+
+
+def test_bad_input_errors():
+    k, v, ln = _kv(5, s=64)
+    with pytest.raises(ValueError, match="bits"):
+        KIVI(bits=3)
+    with pytest.raises(ValueError, match="bits"):
+        GEAR(bits=2)
+    with pytest.raises(ValueError, match="does not divide"):
+        KIVI(bits=4, value_group=48).compress(k, v, ln)
+    with pytest.raises(ValueError, match="does not divide"):
+        KIVI(bits=8, value_group=48).bytes_per_token(64, 3, 64)
+    with pytest.raises(ValueError, match="residual"):
+        KIVI(bits=8, key_group=64, residual=32)
+    with pytest.raises(ValueError, match="sparsity"):
+        Mustafar(1.5)
+    with pytest.raises(ValueError, match="r must be"):
+        calibrate_channels(jnp.ones((4, 9, 16)), jnp.ones((4, 3, 16)), 0)
