@@ -21,7 +21,7 @@ from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.cache.kv import KVCache, append
 from jaxdec.models.config import LlamaConfig
 from jaxdec.models.interface import ModelOutput
-from jaxdec.models.quant import embed_lookup, matmul
+from jaxdec.models.quant import embed_lookup, matmul, scan_layer_params
 
 ATTENTION_IMPLS = ("xla", "pallas")
 
@@ -109,15 +109,20 @@ class LlamaModel:
             z = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), h.dtype)
             return h, z, z
 
+        # quantized stacks are read in place by index (a scan slice would copy them every step)
+        layer_xs, pick_layer = scan_layer_params(params["layers"])
+
         def layer(h, xs):
-            p, kc, vc, on_l = xs
+            p, index, kc, vc, on_l = xs
+            p = pick_layer(p, index)
             if layers is None:
                 h2, k, v = block(h, p, kc, vc)
             else:
                 h2, k, v = jax.lax.cond(on_l, block, skip, h, p, kc, vc)
             return h2, (k, v, h2 if return_layer_hidden else None)
 
-        h, (k_new, v_new, per_layer) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v, on))
+        h, (k_new, v_new, per_layer) = jax.lax.scan(layer, x, (layer_xs, jnp.arange(c.num_layers, dtype=jnp.int32),
+                                                                cache.k, cache.v, on))
         cache = append(cache, k_new, v_new)
         h = rms_norm(h, params["final_norm"], c.rms_norm_eps)
         hs = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, :, None], axis=1)

@@ -8,10 +8,34 @@ A `QTensor` is a pytree standing for a `[out, in]` float matrix W stored in bloc
 * Q8_0: ``codes`` int8 ``[out, in/32, 32]``, ``scale`` ``[out, in/32]``, ``offset`` None; ``W = code * scale``.
 
 `dequantize` gives exactly the float32 matrix that `gguf.quants.dequantize` gives (the same float32
-products), so the block-quantized path computes with the same weights as the float32 path.
+products, no fused multiply-add), so the block-quantized path computes with the same weights as the
+float32 path.
+
+Speed. Decoding reads every weight once per token, so at small batch the matmul is bound by how many bytes
+it streams and how cheaply it turns codes into weights. XLA:CPU cannot fuse a dequantization into its
+dot: it writes the float32 matrix out and reads it back, which is slower than reading float32 weights in
+the first place (see ``experiments/results/perf_notes.md``). `matmul` therefore runs a small native
+kernel on CPU: an XLA FFI custom call (C++ source below, compiled once per machine with the system C++
+compiler into ``~/.cache/jaxdec``) that reads the codes as stored, builds each block's weights in
+registers (``code * scale + offset`` with the same two float32 roundings as gguf, via a 16-entry lookup
+table for Q4_1) and multiply-accumulates them against up to 8 activation rows at a time. Its results
+equal ``x @ dequantize(W).T`` up to float32 summation order. Where no compiler, no AVX2 or no CPU backend
+is available, the same function falls back to a pure-XLA path. ``JAXDEC_QMATMUL=native|xla|auto``
+(default auto) forces a path; ``JAXDEC_QMATMUL_THREADS=n`` caps the kernel's threads (0: XLA's pool).
+
+Stacked layer weights (``[L, out, ...]``, run by `lax.scan`) are not sliced by the scan: slicing copies
+each layer's codes every step. `scan_layer_params` hands the layer body a `LayerSlice` (stacked tensor +
+traced layer index) that the kernel reads in place.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
 from typing import Optional
 
 import jax
@@ -20,6 +44,7 @@ import numpy as np
 from flax import struct
 
 BLOCK = 32
+IMPLS = ("auto", "native", "xla")
 
 
 @struct.dataclass
@@ -35,6 +60,25 @@ class QTensor:
         return tuple(self.scale.shape[:-2]) + (out, nb * BLOCK)
 
 
+@struct.dataclass
+class LayerSlice:
+    """Layer ``index`` of a stacked ``[L, out, in]`` QTensor, read in place (no per-layer copy)."""
+
+    w: QTensor
+    index: jax.Array
+
+    @property
+    def shape(self):
+        return self.w.shape[1:]
+
+    @property
+    def kind(self):
+        return self.w.kind
+
+    def materialize(self) -> QTensor:
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.w)
+
+
 def _unpack(codes: jax.Array, kind: str) -> jax.Array:
     if kind == "q4_1":
         lo = codes & 0x0F
@@ -44,7 +88,9 @@ def _unpack(codes: jax.Array, kind: str) -> jax.Array:
 
 
 def dequantize(w) -> jax.Array:
-    """Float32 `[..., out, in]` matrix of a QTensor (identity on plain arrays)."""
+    """Float32 `[..., out, in]` matrix of a QTensor or LayerSlice (identity on plain arrays)."""
+    if isinstance(w, LayerSlice):
+        w = w.materialize()
     if not isinstance(w, QTensor):
         return w
     q = _unpack(w.codes, w.kind).astype(jnp.float32)
@@ -54,9 +100,83 @@ def dequantize(w) -> jax.Array:
     return deq.reshape(w.shape)
 
 
-def matmul(x: jax.Array, w) -> jax.Array:
-    """``x @ W.T`` for ``x [..., in]`` and a float or block-quantized ``W [out, in]``."""
-    return jnp.einsum("...i,oi->...o", x, dequantize(w))
+def scan_layer_params(layers: dict):
+    """Split stacked layer params for `lax.scan`: returns ``(xs, pick)``.
+
+    Scan over ``xs`` (the plain arrays) as usual and call ``pick(xs_slice, i)`` in the body to get layer
+    ``i``'s params; block-quantized weights come back as `LayerSlice`s of the unsliced stacks.
+    """
+    fixed = {k: v for k, v in layers.items() if isinstance(v, QTensor)}
+    xs = {k: v for k, v in layers.items() if not isinstance(v, QTensor)}
+
+    def pick(xs_slice: dict, index) -> dict:
+        p = dict(xs_slice)
+        p.update({k: LayerSlice(v, jnp.asarray(index, jnp.int32)) for k, v in fixed.items()})
+        return p
+
+    return xs, pick
+
+
+# ------------------------------------------------------------------------------------------- matmul
+def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
+    """``x @ W.T`` for ``x [..., in]`` and a float, `QTensor` or `LayerSlice` ``W [out, in]``.
+
+    impl: "auto" (native kernel where available, else XLA), "native" or "xla"; default from the
+    ``JAXDEC_QMATMUL`` environment variable (read at trace time).
+    """
+    if not isinstance(w, (QTensor, LayerSlice)):
+        return jnp.einsum("...i,oi->...o", x, w)
+    impl = impl or os.environ.get("JAXDEC_QMATMUL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"quantized matmul impl must be one of {IMPLS}, got {impl!r}")
+    stacked = w.w if isinstance(w, LayerSlice) else w
+    if stacked.codes.ndim != (4 if isinstance(w, LayerSlice) else 3):
+        raise ValueError(f"matmul needs a 2-D weight (or a LayerSlice of a stack), got shape {w.shape}")
+    if impl != "xla" and x.dtype == jnp.float32:
+        lib = native_kernels(required=(impl == "native"))
+        if lib is not None:
+            return jax.lax.platform_dependent(x, cpu=lambda x_: _matmul_native(x_, w),
+                                              default=lambda x_: _matmul_xla(x_, w))
+    elif impl == "native":
+        raise ValueError(f"the native quantized matmul needs float32 activations, got {x.dtype}")
+    return _matmul_xla(x, w)
+
+
+def _matmul_xla(x: jax.Array, w) -> jax.Array:
+    """Pure-XLA fallback: dequantize (a chunk of) W, then a float32 dot."""
+    if isinstance(w, LayerSlice):
+        w = w.materialize()
+    out = w.shape[-2]
+    chunks = out // 2048 if out % 2048 == 0 else 1
+    if chunks <= 1:
+        return jnp.einsum("...i,oi->...o", x, dequantize(w).astype(x.dtype))
+    # a large matrix (the LM head): dequantize 2048 rows at a time, so no [out, in] float32 copy is made
+    parts = jax.tree.map(lambda a: a.reshape((chunks, out // chunks) + a.shape[1:]), w)
+
+    def one(_, part):
+        return None, jnp.einsum("...i,oi->...o", x, dequantize(part).astype(x.dtype))
+
+    _, ys = jax.lax.scan(one, None, parts)  # [chunks, ..., out/chunks]
+    return jnp.moveaxis(ys, 0, -2).reshape(x.shape[:-1] + (out,))
+
+
+def _threads() -> int:
+    try:
+        return max(0, int(os.environ.get("JAXDEC_QMATMUL_THREADS", "0")))
+    except ValueError:
+        raise ValueError("JAXDEC_QMATMUL_THREADS must be an integer >= 0") from None
+
+
+@jax.custom_jvp
+def _matmul_native(x, w):
+    return native_kernels(required=True).call(x, w)
+
+
+@_matmul_native.defjvp
+def _matmul_native_jvp(primals, tangents):
+    x, w = primals
+    dx, _ = tangents  # the weights are constants (integer codes): no tangent flows into them
+    return _matmul_native(x, w), _matmul_xla(dx, w)
 
 
 def embed_lookup(w, ids: jax.Array) -> jax.Array:
@@ -90,3 +210,415 @@ def from_gguf_bytes(raw: np.ndarray, kind: str, shape: tuple) -> QTensor:
 def stack(ws: list) -> QTensor | jax.Array:
     """Stack per-layer tensors on a new leading axis (plain arrays or QTensors of one kind)."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *ws)
+
+
+# ------------------------------------------------------------------------------ native CPU kernels
+_TARGETS = {"q4_1": "jaxdec_q4_1_matmul", "q8_0": "jaxdec_q8_0_matmul"}
+
+_NATIVE_SOURCE = r"""
+// jaxdec: y[r, o] = sum_i x[r, i] * W[o, i] for GGUF block-quantized W (Q4_1, Q8_0), as XLA FFI handlers.
+// Weights are built per 32-element block in registers with gguf's float32 roundings
+// (Q4_1: code * scale + offset, Q8_0: code * scale; compiled with -ffp-contract=off so these stay
+// a multiply then an add); products are accumulated with FMA, 8 activation rows at a time.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <immintrin.h>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+// ---- AVX-512: 16 lanes; Q4_1 weights by a 16-entry table lookup (k * scale + offset for k = 0..15)
+template <int R, int OT>
+inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const float* scale,
+                     const float* offset, float* y, int64_t N, int64_t o) {
+  const int64_t nb = K / 32;
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 x0[R], x1[R];
+    for (int r = 0; r < R; ++r) {
+      x0[r] = _mm512_loadu_ps(x + r * K + b * 32);
+      x1[r] = _mm512_loadu_ps(x + r * K + b * 32 + 16);
+    }
+    for (int t = 0; t < OT; ++t) {
+      const int64_t ob = (o + t) * nb + b;
+      __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[ob])), _mm512_set1_ps(offset[ob]));
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 16)));
+      __m512 lo = _mm512_permutexvar_ps(v, table);  // the permute reads the low 4 bits of each index
+      __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      for (int r = 0; r < R; ++r) {
+        acc[t][r] = _mm512_fmadd_ps(x0[r], lo, acc[t][r]);
+        acc[t][r] = _mm512_fmadd_ps(x1[r], hi, acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+template <int R, int OT>
+inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float* scale, float* y, int64_t N,
+                     int64_t o) {
+  const int64_t nb = K / 32;
+  __m512 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 x0[R], x1[R];
+    for (int r = 0; r < R; ++r) {
+      x0[r] = _mm512_loadu_ps(x + r * K + b * 32);
+      x1[r] = _mm512_loadu_ps(x + r * K + b * 32 + 16);
+    }
+    for (int t = 0; t < OT; ++t) {
+      const int64_t ob = (o + t) * nb + b;
+      const __m512 sv = _mm512_set1_ps(scale[ob]);
+      const int8_t* c = codes + ob * 32;
+      __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)))), sv);
+      __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))), sv);
+      for (int r = 0; r < R; ++r) {
+        acc[t][r] = _mm512_fmadd_ps(x0[r], w0, acc[t][r]);
+        acc[t][r] = _mm512_fmadd_ps(x1[r], w1, acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+// ---- AVX2: 8 lanes; codes widened and converted, then scaled
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 widen_u8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 widen_i8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+template <int R, int OT>
+inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const float* scale,
+                     const float* offset, float* y, int64_t N, int64_t o) {
+  const int64_t nb = K / 32;
+  const __m128i mask = _mm_set1_epi8(15);
+  __m256 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int t = 0; t < OT; ++t) {
+      const int64_t ob = (o + t) * nb + b;
+      const __m256 sv = _mm256_set1_ps(scale[ob]), mv = _mm256_set1_ps(offset[ob]);
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 16));
+      const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+      __m256 w[4] = {widen_u8(lo), widen_u8(_mm_srli_si128(lo, 8)), widen_u8(hi), widen_u8(_mm_srli_si128(hi, 8))};
+      for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(w[j], sv), mv);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j)
+          acc[t][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + b * 32 + 8 * j), w[j], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = hsum8(acc[t][r]);
+}
+
+template <int R, int OT>
+inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float* scale, float* y, int64_t N,
+                     int64_t o) {
+  const int64_t nb = K / 32;
+  __m256 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int t = 0; t < OT; ++t) {
+      const int64_t ob = (o + t) * nb + b;
+      const __m256 sv = _mm256_set1_ps(scale[ob]);
+      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 32));
+      const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 32 + 16));
+      __m256 w[4] = {widen_i8(q0), widen_i8(_mm_srli_si128(q0, 8)), widen_i8(q1), widen_i8(_mm_srli_si128(q1, 8))};
+      for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(w[j], sv);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j)
+          acc[t][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + b * 32 + 8 * j), w[j], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = hsum8(acc[t][r]);
+}
+constexpr const char* kIsa = "avx2";
+#else
+#error "jaxdec native kernels need AVX2+FMA or AVX-512"
+#endif
+
+// Outputs [o0, o1) for rows [0, R) (R <= 8): several outputs per pass when there are few rows.
+template <int R>
+void rows_q41(const float* x, int64_t K, const uint8_t* c, const float* s, const float* m, float* y, int64_t N,
+              int64_t o0, int64_t o1) {
+  constexpr int OT = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) q41_tile<R, OT>(x, K, c, s, m, y, N, o);
+  for (; o < o1; ++o) q41_tile<R, 1>(x, K, c, s, m, y, N, o);
+}
+
+template <int R>
+void rows_q80(const float* x, int64_t K, const int8_t* c, const float* s, float* y, int64_t N, int64_t o0,
+              int64_t o1) {
+  constexpr int OT = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) q80_tile<R, OT>(x, K, c, s, y, N, o);
+  for (; o < o1; ++o) q80_tile<R, 1>(x, K, c, s, y, N, o);
+}
+
+template <typename F>
+void by_rows(int64_t nr, F f) {
+  switch (nr) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
+// Work sharing on XLA's intra-op pool. Chunks are claimed from an atomic counter by the calling thread
+// and by helper tasks alike, and the caller only waits for chunks already claimed by running threads,
+// so it never depends on a queued task being started (no deadlock when the pool is busy).
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t max_threads, int64_t work, int64_t nchunks, F fn) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (max_threads > 0) threads = std::min(threads, max_threads);
+  if (work < (int64_t(1) << 20)) threads = 1;  // tiny products: not worth waking a thread
+  threads = std::min(threads, nchunks);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < nchunks; ++i) fn(i);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  auto run = [shared, fn, nchunks]() {
+    int64_t i;
+    while ((i = shared->next.fetch_add(1)) < nchunks) {
+      fn(i);
+      shared->done.fetch_add(1);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  while (shared->done.load() < nchunks) std::this_thread::yield();
+}
+
+struct Dims {
+  int64_t R, K, N, nb, layer;
+};
+
+ffi::ErrorOr<Dims> dims_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& scale, int64_t index,
+                           int64_t y_count) {
+  auto xd = x.dimensions();
+  auto sd = scale.dimensions();
+  if (xd.size() < 1 || sd.size() < 2) return ffi::Unexpected(ffi::Error::InvalidArgument("bad ranks"));
+  Dims d;
+  d.K = xd.back();
+  d.N = sd[sd.size() - 2];
+  d.nb = sd[sd.size() - 1];
+  if (d.K != d.nb * 32) return ffi::Unexpected(ffi::Error::InvalidArgument("x and W inner sizes differ"));
+  d.R = d.K ? x.element_count() / d.K : 0;
+  int64_t layers = (d.N * d.nb) ? scale.element_count() / (d.N * d.nb) : 0;
+  if (y_count != d.R * d.N) return ffi::Unexpected(ffi::Error::InvalidArgument("bad output size"));
+  d.layer = std::min<int64_t>(std::max<int64_t>(index, 0), std::max<int64_t>(layers - 1, 0));
+  return d;
+}
+
+constexpr int64_t kChunk = 64;  // output features per work item
+
+ffi::Error Q41Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
+                   ffi::AnyBuffer offset, ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t max_threads) {
+  auto d_or = dims_of(x, scale, index.typed_data()[0], y->element_count());
+  if (d_or.has_error()) return d_or.error();
+  const Dims d = d_or.value();
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const int64_t per_layer = d.N * d.nb;
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.untyped_data()) + d.layer * per_layer * 16;
+  const float* sp = static_cast<const float*>(scale.untyped_data()) + d.layer * per_layer;
+  const float* mp = static_cast<const float*>(offset.untyped_data()) + d.layer * per_layer;
+  float* yp = static_cast<float*>(y->untyped_data());
+  const int64_t nchunks = (d.N + kChunk - 1) / kChunk;
+  parallel_for(pool, max_threads, d.R * d.N * d.K, nchunks, [=](int64_t i) {
+    const int64_t o0 = i * kChunk, o1 = std::min(d.N, o0 + kChunk);
+    for (int64_t r0 = 0; r0 < d.R; r0 += 8) {
+      by_rows(std::min<int64_t>(8, d.R - r0), [&](auto rc) {
+        rows_q41<decltype(rc)::value>(xp + r0 * d.K, d.K, cp, sp, mp, yp + r0 * d.N, d.N, o0, o1);
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Q80Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
+                   ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y, int64_t max_threads) {
+  auto d_or = dims_of(x, scale, index.typed_data()[0], y->element_count());
+  if (d_or.has_error()) return d_or.error();
+  const Dims d = d_or.value();
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const int64_t per_layer = d.N * d.nb;
+  const int8_t* cp = static_cast<const int8_t*>(codes.untyped_data()) + d.layer * per_layer * 32;
+  const float* sp = static_cast<const float*>(scale.untyped_data()) + d.layer * per_layer;
+  float* yp = static_cast<float*>(y->untyped_data());
+  const int64_t nchunks = (d.N + kChunk - 1) / kChunk;
+  parallel_for(pool, max_threads, d.R * d.N * d.K, nchunks, [=](int64_t i) {
+    const int64_t o0 = i * kChunk, o1 = std::min(d.N, o0 + kChunk);
+    for (int64_t r0 = 0; r0 < d.R; r0 += 8) {
+      by_rows(std::min<int64_t>(8, d.R - r0), [&](auto rc) {
+        rows_q80<decltype(rc)::value>(xp + r0 * d.K, d.K, cp, sp, yp + r0 * d.N, d.N, o0, o1);
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ41Matmul, Q41Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ80Matmul, Q80Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("max_threads"));
+
+extern "C" const char* JaxdecKernelIsa() { return kIsa; }
+"""
+
+_BUILD_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("JAXDEC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jaxdec")
+    return os.path.join(base, "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_native(extra_flags: tuple = (), out_dir: Optional[str] = None) -> str:
+    """Compile the kernels into a shared library (cached by source, flags, compiler and CPU); its path."""
+    import jaxlib
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"no C++ compiler ({cxx!r}): {e}") from None
+    flags = _BUILD_FLAGS + tuple(extra_flags) + ("-I", jax.ffi.include_dir())
+    key = hashlib.sha256("\0".join((_NATIVE_SOURCE, " ".join(flags), version, jaxlib.__version__,
+                                    _cpu_flags())).encode()).hexdigest()[:16]
+    out_dir = out_dir or _cache_dir()
+    path = os.path.join(out_dir, f"jaxdec_qmatmul_{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        src = os.path.join(tmp, "qmatmul.cc")
+        with open(src, "w") as f:
+            f.write(_NATIVE_SOURCE)
+        so = os.path.join(tmp, "qmatmul.so")
+        r = subprocess.run([cxx, *flags, src, "-o", so], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling the native kernels failed:\n{r.stderr[-2000:]}")
+        os.replace(so, path)  # atomic: concurrent builders race harmlessly
+    return path
+
+
+class _Native:
+    """A loaded kernel library, registered with XLA under ``jaxdec_{q4_1,q8_0}_matmul{suffix}``."""
+
+    def __init__(self, path: str, suffix: str = ""):
+        import ctypes
+        self.path = path
+        self.lib = ctypes.CDLL(path)
+        self.lib.JaxdecKernelIsa.restype = ctypes.c_char_p
+        self.isa = self.lib.JaxdecKernelIsa().decode()
+        self.targets = {k: v + suffix for k, v in _TARGETS.items()}
+        jax.ffi.register_ffi_target(self.targets["q4_1"], jax.ffi.pycapsule(self.lib.JaxdecQ41Matmul),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(self.targets["q8_0"], jax.ffi.pycapsule(self.lib.JaxdecQ80Matmul),
+                                    platform="cpu")
+
+    def call(self, x: jax.Array, w) -> jax.Array:
+        """The custom call itself (float32 ``x [..., in]``, a 2-D QTensor or a LayerSlice)."""
+        if isinstance(w, LayerSlice):
+            q, index = w.w, jnp.asarray(w.index, jnp.int32)
+        else:
+            q, index = w, jnp.zeros((), jnp.int32)
+        res = jax.ShapeDtypeStruct(x.shape[:-1] + (q.scale.shape[-2],), jnp.float32)
+        attrs = {"max_threads": np.int64(_threads())}
+        call = jax.ffi.ffi_call(self.targets[q.kind], res, vmap_method="sequential")
+        if q.kind == "q4_1":
+            return call(x, q.codes, q.scale.astype(jnp.float32), q.offset.astype(jnp.float32), index, **attrs)
+        return call(x, q.codes, q.scale.astype(jnp.float32), index, **attrs)
+
+
+_NATIVE_STATE: dict = {}
+
+
+def native_kernels(required: bool = False) -> Optional[_Native]:
+    """The registered native kernels, building them on first use; None (with one warning) if impossible."""
+    if "lib" not in _NATIVE_STATE:
+        lib, err = None, None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            err = f"native kernels are x86-64 only (this is {platform.machine()})"
+        elif "cpu" not in {d.platform for d in jax.devices("cpu")}:
+            err = "no CPU backend"
+        else:
+            try:
+                lib = _Native(build_native())
+            except Exception as e:  # noqa: BLE001 - any build/load failure means: use the XLA path
+                err = str(e)
+        _NATIVE_STATE["lib"], _NATIVE_STATE["error"] = lib, err
+        if lib is None and os.environ.get("JAXDEC_QMATMUL", "auto") != "xla":
+            warnings.warn(f"jaxdec: native quantized matmul unavailable, using the slower XLA path ({err})",
+                          RuntimeWarning, stacklevel=3)
+    if required and _NATIVE_STATE["lib"] is None:
+        raise RuntimeError(f"JAXDEC_QMATMUL=native but the native kernels are unavailable: {_NATIVE_STATE['error']}")
+    return _NATIVE_STATE["lib"]

@@ -1,0 +1,279 @@
+"""Greedy decoding throughput: jaxdec (float32 and block-quantized weights) vs Hugging Face `generate`.
+
+Both sides decode the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) greedily from the same chat
+prompts, at batch 1 and batch 8, for a fixed number of new tokens (EOS ignored: jaxdec gets
+``stop_ids=()``, HF gets a generation config without an EOS id, and every output is checked to have
+exactly N new tokens). Following DESIGN.md's benchmark rules:
+
+* the clock runs from token ids in to token ids on the host, prefill included, after warm-up
+  (`generate` returns host lists; HF's output tensor is read back as a list);
+* compile time is reported separately (first call minus the median steady call of the same shape);
+* every configuration is run ``--reps`` (>= 5) times, interleaved (rep 1 of every configuration, then
+  rep 2, ...), and we report the median with the spread (min, max); ratios vs the peer are the median
+  of per-repetition ratios, so both sides of a ratio were measured back to back under the same load;
+* the peer runs in float32 with torch's default threads and its default attention.
+
+Writes ``experiments/results/bench_greedy.json`` and ``.md``.
+
+    python experiments/bench_greedy.py            # 64 new tokens, 7 repetitions
+    python experiments/bench_greedy.py --quick    # 16 new tokens, 5 repetitions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that checks whether a number is prime.",
+    "Explain in two sentences why the sky is blue.",
+    "Give me three tips for learning a new language.",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Summarize the plot of Romeo and Juliet.",
+    "What are the main differences between a list and a tuple in Python? Answer briefly, with an example "
+    "of each and one sentence on when to prefer which.",
+    "Hi!",
+]
+
+
+def machine_facts() -> dict:
+    facts = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        facts["nproc"] = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "L2 cache", "L3 cache"):
+                facts[key.strip().lower().replace(" ", "_")] = val.strip()
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            facts["mem_total"] = f.readline().split(":")[1].strip()
+    except OSError:
+        pass
+    return facts
+
+
+def versions() -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import peer
+    v = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+         "numpy": np.__version__}
+    v.update(peer.versions())
+    return v
+
+
+def git_commit() -> str:
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def chat_prompts(n: int) -> list:
+    """Token ids of the chat prompts, rendered and tokenized by the peer's tokenizer."""
+    from peer import peer_tokenizer
+    tok = peer_tokenizer()
+    out = []
+    for text in PROMPTS[:n]:
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        out.append(tok(rendered, add_special_tokens=False)["input_ids"])
+    return out
+
+
+class JaxdecRunner:
+    def __init__(self, weights: str):
+        from peer import default_gguf_path
+        from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+        from jaxdec.models.llama import LlamaModel
+        r = open_gguf(default_gguf_path())
+        cfg, arch = config_from_gguf(r)
+        self.model = LlamaModel(cfg)
+        self.params = load_gguf_params(r, cfg, arch, weights)
+        self.name = f"jaxdec-{weights}"
+
+    def __call__(self, prompts: list, n_new: int) -> list:
+        from jaxdec.core.generate import generate
+        g = generate(self.model, self.params, prompts, method="greedy", max_new_tokens=n_new,
+                     batch_size=len(prompts), stop_ids=())
+        return g.tokens
+
+
+class PeerRunner:
+    """HF transformers `generate`, greedy, float32, default threads and attention; left-padded batches."""
+
+    def __init__(self):
+        import torch
+        from peer import peer_model, peer_tokenizer
+        self.torch = torch
+        self.model = peer_model()
+        self.pad = peer_tokenizer().pad_token_id
+        if self.pad is None:
+            self.pad = 2
+        self.name = "hf-transformers"
+
+    def __call__(self, prompts: list, n_new: int) -> list:
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=self.pad)
+        return out[:, width:].tolist()
+
+
+def timed(fn, prompts, n_new):
+    t0 = time.perf_counter()
+    toks = fn(prompts, n_new)
+    dt = time.perf_counter() - t0
+    lens = {len(t) for t in toks}
+    if lens != {n_new}:
+        raise RuntimeError(f"{fn.name}: expected exactly {n_new} new tokens per row, got lengths {sorted(lens)}")
+    return dt, toks
+
+
+def run(args) -> dict:
+    import jax
+    print(f"jax devices: {jax.devices()}", flush=True)
+    prompts = chat_prompts(max(args.batches))
+    runners = [PeerRunner(), JaxdecRunner("f32"), JaxdecRunner("q")]
+    configs = [(r, b) for b in args.batches for r in runners]
+    batch_prompts = {b: [prompts[i % len(prompts)] for i in range(b)] for b in args.batches}
+
+    first, times, tokens = {}, {}, {}
+    for r, b in configs:  # warm-up: the first call compiles; a second call checks steady state
+        key = (r.name, b)
+        dt, toks = timed(r, batch_prompts[b], args.new_tokens)
+        first[key] = dt
+        timed(r, batch_prompts[b], args.new_tokens)
+        times[key] = []
+        tokens[key] = toks
+        print(f"warm-up {r.name:16s} batch {b}: first call {dt:.2f} s", flush=True)
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        for r, b in configs:
+            dt, toks = timed(r, batch_prompts[b], args.new_tokens)
+            times[(r.name, b)].append(dt)
+            if toks != tokens[(r.name, b)]:
+                raise RuntimeError(f"{r.name} batch {b}: greedy tokens changed between repetitions")
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+            f"{n}@{b} {b * args.new_tokens / times[(n, b)][-1]:.1f} tok/s" for (n, b) in times), flush=True)
+    load_after = os.getloadavg()
+
+    results = []
+    for (name, b), ts in times.items():
+        tps = np.array([b * args.new_tokens / t for t in ts])
+        peer = np.array([b * args.new_tokens / t for t in times[("hf-transformers", b)]])
+        ratio = tps / peer
+        steady = float(np.median(ts))
+        results.append({
+            "system": name, "batch": b, "new_tokens": args.new_tokens,
+            "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
+            "tokens_per_s_max": float(tps.max()), "seconds": [float(t) for t in ts],
+            "ratio_vs_peer_median": float(np.median(ratio)), "ratio_vs_peer_min": float(ratio.min()),
+            "ratio_vs_peer_max": float(ratio.max()),
+            "first_call_s": first[(name, b)], "compile_s_estimate": max(0.0, first[(name, b)] - steady),
+        })
+    agree = {}
+    for b in args.batches:
+        f, q, hf = tokens[("jaxdec-f32", b)], tokens[("jaxdec-q", b)], tokens[("hf-transformers", b)]
+        agree[str(b)] = {"q_equals_f32_rows": sum(x == y for x, y in zip(q, f)),
+                         "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf)), "rows": b}
+    return {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git_commit": git_commit(), "machine": machine_facts(), "versions": versions(),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batches": args.batches,
+                     "prompt_lengths": [len(p) for p in prompts], "eos": "ignored (fixed N new tokens)",
+                     "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
+        "results": results, "token_agreement": agree,
+    }
+
+
+def write_markdown(rep: dict, path: str) -> None:
+    m, v = rep["machine"], rep["versions"]
+    lines = [
+        "# Greedy decoding throughput: jaxdec vs HF transformers",
+        "",
+        f"Command: `{rep['command']}`  ",
+        f"Commit: `{rep['git_commit']}`  ",
+        f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}, L2 {m.get('l2_cache', '?')}, "
+        f"L3 {m.get('l3_cache', '?')}, {m.get('mem_total', '?')} RAM; {m.get('platform')}  ",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
+        f"Load average (1/5/15 min) before the timed reps: {tuple(round(x, 2) for x in rep['load_average_before'])}, "
+        f"after: {tuple(round(x, 2) for x in rep['load_average_after'])} (other jobs shared the CPU; "
+        "ratios are taken within each repetition).",
+        "",
+        f"{rep['settings']['new_tokens']} new tokens per row (EOS ignored), {rep['settings']['reps']} interleaved "
+        f"repetitions, chat prompts of {rep['settings']['prompt_lengths']} tokens; time from ids in to ids on host, "
+        "prefill included. tok/s = batch x new tokens / seconds; median [min, max]. Ratio = median of "
+        "per-repetition ratios to the peer at the same batch size [min, max].",
+        "",
+        "| system | batch | tok/s median [min, max] | ratio vs peer [min, max] | first call (s) | compile est. (s) |",
+        "| --- | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in sorted(rep["results"], key=lambda r: (r["batch"], r["system"])):
+        lines.append(
+            f"| {r['system']} | {r['batch']} | {r['tokens_per_s_median']:.1f} [{r['tokens_per_s_min']:.1f}, "
+            f"{r['tokens_per_s_max']:.1f}] | {r['ratio_vs_peer_median']:.2f} [{r['ratio_vs_peer_min']:.2f}, "
+            f"{r['ratio_vs_peer_max']:.2f}] | {r['first_call_s']:.1f} | {r['compile_s_estimate']:.1f} |")
+    lines += ["", "Token agreement (greedy, EOS ignored): " + "; ".join(
+        f"batch {b}: q == f32 on {a['q_equals_f32_rows']}/{a['rows']} rows, f32 == peer on "
+        f"{a['f32_equals_peer_rows']}/{a['rows']} rows" for b, a in rep["token_agreement"].items()),
+        "(rows may differ from the peer after a near-tie; the tests check agreement with the shared near-tie "
+        "helper).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run: 16 new tokens, 5 repetitions")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 64, quick 16)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions, >= 5 (default 7, quick 5)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_greedy"),
+                    help="output path without extension (.json and .md are written)")
+    args = ap.parse_args(argv)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    args.reps = args.reps or (5 if args.quick else 7)
+    if args.reps < 5:
+        ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
+    if args.new_tokens < 1 or any(b < 1 for b in args.batches):
+        ap.error("--new-tokens and --batches must be positive")
+    rep = run(args)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(rep, f, indent=2)
+    write_markdown(rep, args.out + ".md")
+    print(open(args.out + ".md").read())
+
+
+if __name__ == "__main__":
+    main()

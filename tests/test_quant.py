@@ -1,0 +1,160 @@
+"""Block-quantized weights: bit-exact dequantization against gguf, and the fast matmuls against
+``x @ dequantize(W).T`` (kernel tolerance of DESIGN.md: rtol 1e-5, atol 1e-6 * max|ref|)."""
+from __future__ import annotations
+
+import functools
+import platform
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peer
+from jaxdec.models import quant
+
+# tensors of the default model, one per shape and kind that the model multiplies with
+TENSORS = ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_v.weight",
+           "blk.3.attn_output.weight", "blk.7.ffn_gate.weight", "blk.12.ffn_up.weight", "blk.21.ffn_down.weight")
+BATCHES = (1, 3, 8)
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors():
+    from gguf import GGUFReader, quants
+    r = GGUFReader(peer.default_gguf_path())
+    by_name = {t.name: t for t in r.tensors}
+    out = {}
+    for name in TENSORS:
+        t = by_name[name]
+        shape = tuple(int(s) for s in reversed(list(t.shape)))
+        ref = quants.dequantize(t.data, t.tensor_type).reshape(shape)  # gguf's own float32 dequantization
+        out[name] = (t.tensor_type.name, quant.from_gguf_bytes(np.asarray(t.data), t.tensor_type.name.lower(), shape),
+                     ref)
+    return out
+
+
+def _can_build_native() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l for l in f if l.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+NATIVE = _can_build_native()
+needs_native = pytest.mark.skipif(not NATIVE, reason="no x86-64 AVX2 CPU with a C++ compiler")
+
+
+def assert_kernel_close(y, ref):
+    y, ref = np.asarray(y), np.asarray(ref)
+    assert y.shape == ref.shape and np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+def test_both_kinds_are_covered(gguf_tensors):
+    assert {k for k, _, _ in gguf_tensors.values()} == {"Q4_1", "Q8_0"}
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_dequantize_is_bit_exact(gguf_tensors, name):
+    _, q, ref = gguf_tensors[name]
+    assert quant.dequantize(q).dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), ref)
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(q)), ref)  # no FMA contraction
+
+
+def test_layer_slice_dequantizes_its_layer(model_q):
+    _, params = model_q
+    stacked = params["layers"]["w_down"]
+    for i in (0, 13, stacked.codes.shape[0] - 1):
+        one = jax.tree.map(lambda a: a[i], stacked)
+        got = jax.jit(quant.dequantize)(quant.LayerSlice(stacked, jnp.int32(i)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.dequantize(one)))
+
+
+def _xs(n_in, batch, seed):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((batch, n_in), np.float32))
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("name", TENSORS)
+def test_matmul_matches_dequantized_product(gguf_tensors, name, impl):
+    _, q, ref_w = gguf_tensors[name]
+    f = jax.jit(functools.partial(quant.matmul, impl=impl))
+    for batch in BATCHES:
+        x = _xs(ref_w.shape[1], batch, seed=batch)
+        assert_kernel_close(f(x, q), np.asarray(x) @ ref_w.T)
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
+def test_matmul_layer_slices_and_shapes(model_q, impl):
+    """Stacked layer weights read in place by a traced index; leading dims, > 8 rows, 1 row of 3-D x."""
+    _, params = model_q
+    f = jax.jit(functools.partial(quant.matmul, impl=impl))
+    for name in ("wq", "wk", "w_gate", "w_down"):
+        stacked = params["layers"][name]
+        n_layers, n_in = stacked.codes.shape[0], stacked.shape[-1]
+        for i in (0, n_layers // 2, n_layers - 1):
+            w = quant.dequantize(jax.tree.map(lambda a: a[i], stacked))
+            for shape in ((1, n_in), (3, n_in), (8, n_in), (11, n_in), (2, 5, n_in), (1, 1, n_in)):
+                x = jnp.asarray(np.random.default_rng(i).standard_normal(shape, np.float32))
+                got = f(x, quant.LayerSlice(stacked, jnp.int32(i)))
+                assert_kernel_close(got, np.asarray(x) @ np.asarray(w).T)
+
+
+@needs_native
+def test_native_path_runs_without_materializing_weights(gguf_tensors):
+    """The custom call is what runs (no path that never runs), and no float32 weight-sized buffer exists."""
+    assert quant.native_kernels(required=True) is not None
+    for name in ("blk.7.ffn_gate.weight", "token_embd.weight"):
+        _, q, ref_w = gguf_tensors[name]
+        x = _xs(ref_w.shape[1], 1, 0)
+        hlo = jax.jit(functools.partial(quant.matmul, impl="native")).lower(x, q).compile().as_text()
+        assert f'custom_call_target="{quant._TARGETS[q.kind]}"' in hlo
+        assert "f32[%d,%d]" % ref_w.shape not in hlo and "f32[%d,%d,32]" % (ref_w.shape[0], ref_w.shape[1] // 32) not in hlo
+        xla_hlo = jax.jit(functools.partial(quant.matmul, impl="xla")).lower(x, q).compile().as_text()
+        assert "custom_call_target" not in xla_hlo
+
+
+@needs_native
+def test_avx2_build_matches(gguf_tensors, tmp_path):
+    """The AVX2 variant of the kernels (for CPUs without AVX-512) gives the same products."""
+    lib = quant._Native(quant.build_native(("-mno-avx512f",), out_dir=str(tmp_path)), suffix="_avx2_test")
+    assert lib.isa == "avx2"
+    f = jax.jit(lib.call)
+    for name in ("blk.0.attn_q.weight", "blk.21.ffn_down.weight", "token_embd.weight"):
+        _, q, ref_w = gguf_tensors[name]
+        for batch in (1, 3, 8, 11):
+            x = _xs(ref_w.shape[1], batch, seed=batch)
+            assert_kernel_close(f(x, q), np.asarray(x) @ ref_w.T)
+
+
+@needs_native
+def test_native_matmul_differentiates_in_x(gguf_tensors):
+    _, q, ref_w = gguf_tensors["blk.3.attn_output.weight"]
+    x = _xs(ref_w.shape[1], 2, 0)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal((2, ref_w.shape[0]), np.float32))
+    g = jax.grad(lambda x: jnp.sum(quant.matmul(x, q, impl="native") * ct))(x)
+    assert_kernel_close(g, np.asarray(ct) @ ref_w)
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
+def test_quantized_greedy_tokens_equal_f32(model_f32, model_q, chat_prompt_ids, impl, monkeypatch):
+    """Greedy decoding with the block-quantized weights gives the float32 weights' tokens."""
+    from jaxdec.core.generate import generate
+    monkeypatch.setenv("JAXDEC_QMATMUL", impl)
+    jax.clear_caches()  # the matmul path is chosen at trace time
+    model, pf = model_f32
+    _, pq = model_q
+    prompts = chat_prompt_ids[:3]
+    n = 24 if impl == "native" else 8
+    want = generate(model, pf, prompts, max_new_tokens=n, stop_ids=()).tokens
+    got = generate(model, pq, prompts, max_new_tokens=n, stop_ids=()).tokens
+    jax.clear_caches()
+    assert got == want
