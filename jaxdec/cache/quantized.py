@@ -19,7 +19,7 @@ module's ``compress`` returns is exactly what the Pallas kernel and its referenc
 GEAR (on the quantized part only; the recent window stays exact): (1) per token and KV head, the
 ``outliers`` largest-magnitude entries are kept exactly as a sparse matrix S; (2) the rest ``X - S``
 is KIVI-quantized; (3) the quantization error ``E = X - S - deq(X - S)`` of each (row, KV head) is
-approximated by its rank-``rank`` truncated SVD L. Attention reads ``deq + S + L``.
+approximated by its rank-``rank`` truncated SVD L (via ``eigh`` of the D x D Gram matrix). Attention reads ``deq + S + L``.
 
 Scales, minimums, window entries, low-rank factors and outlier values are stored in ``scale_bytes``
 bytes each (4: float32, as held here; pass 2 to account an fp16 store); an outlier index costs one
@@ -142,14 +142,18 @@ def _top_outliers(x, n):
 
 
 def _low_rank(e, mask, rank):
-    """Rank-``rank`` truncated SVD of each (row, KV head) matrix ``e[b, :, h, :]`` over masked tokens."""
+    """Rank-``rank`` truncated SVD of each (row, KV head) matrix ``e[b, :, h, :]`` over masked tokens.
+
+    Computed as the projection onto the top-``rank`` right singular vectors, found by ``eigh`` of the
+    small ``[D,D]`` Gram matrix (same result as the SVD's truncation, much cheaper for long S)."""
     if rank == 0:
         return jnp.zeros_like(e)
     em = jnp.where(mask, e, 0.0)
-    m = jnp.transpose(em, (0, 2, 1, 3))  # [B,KVH,S,D]
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    lr = jnp.einsum("bhsr,bhr,bhrd->bhsd", u[..., :rank], s[..., :rank], vt[..., :rank, :])
-    return jnp.where(mask, jnp.transpose(lr, (0, 2, 1, 3)), 0.0)
+    gram = jnp.einsum("bshd,bshe->bhde", em, em)  # [B,KVH,D,D]
+    _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+    top = vecs[..., -rank:]  # [B,KVH,D,r]
+    lr = jnp.einsum("bshd,bhdr,bher->bshe", em, top, top)
+    return jnp.where(mask, lr, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Lossless weight compression (DFloat11-style bfloat16 exponent entropy coding)."""
