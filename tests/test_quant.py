@@ -108,6 +108,20 @@ def test_matmul_layer_slices_and_shapes(model_q, impl):
                 assert_kernel_close(got, np.asarray(x) @ np.asarray(w).T)
 
 
+@pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
+def test_float16_block_scales(gguf_tensors, impl):
+    """GGUF stores block scales as float16; QTensors holding them that way give the same products."""
+    f = jax.jit(functools.partial(quant.matmul, impl=impl))
+    for name in ("blk.7.ffn_gate.weight", "token_embd.weight"):
+        _, q, ref_w = gguf_tensors[name]
+        q16 = q.replace(scale=q.scale.astype(jnp.float16),
+                        offset=None if q.offset is None else q.offset.astype(jnp.float16))
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(q16)), ref_w)
+        for batch in (1, 8):
+            x = _xs(ref_w.shape[1], batch, seed=batch)
+            assert_kernel_close(f(x, q16), np.asarray(x) @ ref_w.T)
+
+
 @needs_native
 def test_native_path_runs_without_materializing_weights(gguf_tensors):
     """The custom call is what runs (no path that never runs), and no float32 weight-sized buffer exists."""

@@ -13,8 +13,8 @@ float32 path.
 
 Speed. Decoding reads every weight once per token, so at small batch the matmul is bound by how many bytes
 it streams and how cheaply it turns codes into weights. XLA:CPU cannot fuse a dequantization into its
-dot: it writes the float32 matrix out and reads it back, which is slower than reading float32 weights in
-the first place (see ``experiments/results/perf_notes.md``). `matmul` therefore runs a small native
+dot: it writes the float32 matrix out and reads it back, so the best pure-XLA form is only about 1.3x
+faster than float32 weights (see ``experiments/results/perf_notes.md``). `matmul` therefore runs a small native
 kernel on CPU: an XLA FFI custom call (C++ source below, compiled once per machine with the system C++
 compiler into ``~/.cache/jaxdec``) that reads the codes as stored, builds each block's weights in
 registers (``code * scale + offset`` with the same two float32 roundings as gguf, via a 16-entry lookup
@@ -94,9 +94,9 @@ def dequantize(w) -> jax.Array:
     if not isinstance(w, QTensor):
         return w
     q = _unpack(w.codes, w.kind).astype(jnp.float32)
-    deq = q * w.scale[..., None]
+    deq = q * w.scale.astype(jnp.float32)[..., None]
     if w.offset is not None:
-        deq = deq + w.offset[..., None]
+        deq = deq + w.offset.astype(jnp.float32)[..., None]
     return deq.reshape(w.shape)
 
 
@@ -142,21 +142,33 @@ def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
     return _matmul_xla(x, w)
 
 
+def _dot_dequantized(x: jax.Array, w: QTensor) -> jax.Array:
+    """``x @ dequantize(w).T`` for a 2-D QTensor, in XLA."""
+    if w.kind != "q4_1":
+        return jnp.einsum("...i,oi->...o", x, dequantize(w).astype(x.dtype))
+    # Q4_1: the low and high nibbles hold elements 0-15 and 16-31 of each block; two dots against the
+    # matching halves of x avoid interleaving the nibbles into one matrix (a concatenate XLA runs slowly)
+    out, nb = w.scale.shape
+    s, m = w.scale.astype(jnp.float32)[..., None], w.offset.astype(jnp.float32)[..., None]
+    lo = ((w.codes & 0x0F).astype(jnp.float32) * s + m).reshape(out, nb * 16).astype(x.dtype)
+    hi = ((w.codes >> 4).astype(jnp.float32) * s + m).reshape(out, nb * 16).astype(x.dtype)
+    xb = x.reshape(x.shape[:-1] + (nb, 2, 16))
+    lead = x.shape[:-1] + (nb * 16,)
+    return (jnp.einsum("...i,oi->...o", xb[..., 0, :].reshape(lead), lo)
+            + jnp.einsum("...i,oi->...o", xb[..., 1, :].reshape(lead), hi))
+
+
 def _matmul_xla(x: jax.Array, w) -> jax.Array:
-    """Pure-XLA fallback: dequantize (a chunk of) W, then a float32 dot."""
+    """Pure-XLA fallback: dequantize (chunks of) W, then float32 dots."""
     if isinstance(w, LayerSlice):
         w = w.materialize()
     out = w.shape[-2]
     chunks = out // 2048 if out % 2048 == 0 else 1
     if chunks <= 1:
-        return jnp.einsum("...i,oi->...o", x, dequantize(w).astype(x.dtype))
-    # a large matrix (the LM head): dequantize 2048 rows at a time, so no [out, in] float32 copy is made
+        return _dot_dequantized(x, w)
+    # a large matrix (the LM head): 2048 rows at a time, so no [out, in] float32 copy is made
     parts = jax.tree.map(lambda a: a.reshape((chunks, out // chunks) + a.shape[1:]), w)
-
-    def one(_, part):
-        return None, jnp.einsum("...i,oi->...o", x, dequantize(part).astype(x.dtype))
-
-    _, ys = jax.lax.scan(one, None, parts)  # [chunks, ..., out/chunks]
+    _, ys = jax.lax.scan(lambda _, part: (None, _dot_dequantized(x, part)), None, parts)
     return jnp.moveaxis(ys, 0, -2).reshape(x.shape[:-1] + (out,))
 
 
@@ -165,6 +177,14 @@ def _threads() -> int:
         return max(0, int(os.environ.get("JAXDEC_QMATMUL_THREADS", "0")))
     except ValueError:
         raise ValueError("JAXDEC_QMATMUL_THREADS must be an integer >= 0") from None
+
+
+def _min_parallel_work() -> int:
+    """Multiply-adds below which a product runs on one thread (``JAXDEC_QMATMUL_MIN_PARALLEL``)."""
+    try:
+        return max(0, int(os.environ.get("JAXDEC_QMATMUL_MIN_PARALLEL", str(1 << 20))))
+    except ValueError:
+        raise ValueError("JAXDEC_QMATMUL_MIN_PARALLEL must be an integer >= 0") from None
 
 
 @jax.custom_jvp
@@ -233,11 +253,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// block scales/offsets are float32 or float16 (GGUF stores float16; the conversion is exact)
+inline float scalar(const float* p, int64_t i) { return p[i]; }
+inline float scalar(const uint16_t* p, int64_t i) { return _cvtsh_ss(p[i]); }
+
 #if defined(__AVX512F__)
 // ---- AVX-512: 16 lanes; Q4_1 weights by a 16-entry table lookup (k * scale + offset for k = 0..15)
-template <int R, int OT>
-inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const float* scale,
-                     const float* offset, float* y, int64_t N, int64_t o) {
+template <int R, int OT, typename S>
+inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const S* scale, const S* offset, float* y,
+                     int64_t N, int64_t o) {
   const int64_t nb = K / 32;
   const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   __m512 acc[OT][R];
@@ -251,7 +275,7 @@ inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const floa
     }
     for (int t = 0; t < OT; ++t) {
       const int64_t ob = (o + t) * nb + b;
-      __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[ob])), _mm512_set1_ps(offset[ob]));
+      __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scalar(scale, ob))), _mm512_set1_ps(scalar(offset, ob)));
       __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 16)));
       __m512 lo = _mm512_permutexvar_ps(v, table);  // the permute reads the low 4 bits of each index
       __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
@@ -265,8 +289,8 @@ inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const floa
     for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
-template <int R, int OT>
-inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float* scale, float* y, int64_t N,
+template <int R, int OT, typename S>
+inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const S* scale, float* y, int64_t N,
                      int64_t o) {
   const int64_t nb = K / 32;
   __m512 acc[OT][R];
@@ -280,7 +304,7 @@ inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float
     }
     for (int t = 0; t < OT; ++t) {
       const int64_t ob = (o + t) * nb + b;
-      const __m512 sv = _mm512_set1_ps(scale[ob]);
+      const __m512 sv = _mm512_set1_ps(scalar(scale, ob));
       const int8_t* c = codes + ob * 32;
       __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)))), sv);
@@ -307,9 +331,9 @@ inline float hsum8(__m256 v) {
 inline __m256 widen_u8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 inline __m256 widen_i8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-template <int R, int OT>
-inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const float* scale,
-                     const float* offset, float* y, int64_t N, int64_t o) {
+template <int R, int OT, typename S>
+inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const S* scale, const S* offset, float* y,
+                     int64_t N, int64_t o) {
   const int64_t nb = K / 32;
   const __m128i mask = _mm_set1_epi8(15);
   __m256 acc[OT][R];
@@ -318,7 +342,7 @@ inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const floa
   for (int64_t b = 0; b < nb; ++b) {
     for (int t = 0; t < OT; ++t) {
       const int64_t ob = (o + t) * nb + b;
-      const __m256 sv = _mm256_set1_ps(scale[ob]), mv = _mm256_set1_ps(offset[ob]);
+      const __m256 sv = _mm256_set1_ps(scalar(scale, ob)), mv = _mm256_set1_ps(scalar(offset, ob));
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 16));
       const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
       __m256 w[4] = {widen_u8(lo), widen_u8(_mm_srli_si128(lo, 8)), widen_u8(hi), widen_u8(_mm_srli_si128(hi, 8))};
@@ -332,8 +356,8 @@ inline void q41_tile(const float* x, int64_t K, const uint8_t* codes, const floa
     for (int r = 0; r < R; ++r) y[r * N + o + t] = hsum8(acc[t][r]);
 }
 
-template <int R, int OT>
-inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float* scale, float* y, int64_t N,
+template <int R, int OT, typename S>
+inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const S* scale, float* y, int64_t N,
                      int64_t o) {
   const int64_t nb = K / 32;
   __m256 acc[OT][R];
@@ -342,7 +366,7 @@ inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const float
   for (int64_t b = 0; b < nb; ++b) {
     for (int t = 0; t < OT; ++t) {
       const int64_t ob = (o + t) * nb + b;
-      const __m256 sv = _mm256_set1_ps(scale[ob]);
+      const __m256 sv = _mm256_set1_ps(scalar(scale, ob));
       const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 32));
       const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ob * 32 + 16));
       __m256 w[4] = {widen_i8(q0), widen_i8(_mm_srli_si128(q0, 8)), widen_i8(q1), widen_i8(_mm_srli_si128(q1, 8))};
@@ -361,22 +385,22 @@ constexpr const char* kIsa = "avx2";
 #endif
 
 // Outputs [o0, o1) for rows [0, R) (R <= 8): several outputs per pass when there are few rows.
-template <int R>
-void rows_q41(const float* x, int64_t K, const uint8_t* c, const float* s, const float* m, float* y, int64_t N,
-              int64_t o0, int64_t o1) {
-  constexpr int OT = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  int64_t o = o0;
-  for (; o + OT <= o1; o += OT) q41_tile<R, OT>(x, K, c, s, m, y, N, o);
-  for (; o < o1; ++o) q41_tile<R, 1>(x, K, c, s, m, y, N, o);
-}
-
-template <int R>
-void rows_q80(const float* x, int64_t K, const int8_t* c, const float* s, float* y, int64_t N, int64_t o0,
+template <int R, typename S>
+void rows_q41(const float* x, int64_t K, const uint8_t* c, const S* s, const S* m, float* y, int64_t N, int64_t o0,
               int64_t o1) {
   constexpr int OT = R == 1 ? 4 : (R == 2 ? 2 : 1);
   int64_t o = o0;
-  for (; o + OT <= o1; o += OT) q80_tile<R, OT>(x, K, c, s, y, N, o);
-  for (; o < o1; ++o) q80_tile<R, 1>(x, K, c, s, y, N, o);
+  for (; o + OT <= o1; o += OT) q41_tile<R, OT, S>(x, K, c, s, m, y, N, o);
+  for (; o < o1; ++o) q41_tile<R, 1, S>(x, K, c, s, m, y, N, o);
+}
+
+template <int R, typename S>
+void rows_q80(const float* x, int64_t K, const int8_t* c, const S* s, float* y, int64_t N, int64_t o0,
+              int64_t o1) {
+  constexpr int OT = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) q80_tile<R, OT, S>(x, K, c, s, y, N, o);
+  for (; o < o1; ++o) q80_tile<R, 1, S>(x, K, c, s, y, N, o);
 }
 
 template <typename F>
@@ -402,10 +426,11 @@ struct Shared {
 };
 
 template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t max_threads, int64_t work, int64_t nchunks, F fn) {
+void parallel_for(ffi::ThreadPool& pool, int64_t max_threads, int64_t min_work, int64_t work, int64_t nchunks,
+                  F fn) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (max_threads > 0) threads = std::min(threads, max_threads);
-  if (work < (int64_t(1) << 20)) threads = 1;  // tiny products: not worth waking a thread
+  if (work < min_work) threads = 1;  // small products: not worth waking a thread
   threads = std::min(threads, nchunks);
   if (threads <= 1) {
     for (int64_t i = 0; i < nchunks; ++i) fn(i);
@@ -450,49 +475,78 @@ ffi::ErrorOr<Dims> dims_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& scale,
 
 constexpr int64_t kChunk = 64;  // output features per work item
 
-ffi::Error Q41Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
-                   ffi::AnyBuffer offset, ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y,
-                   int64_t max_threads) {
-  auto d_or = dims_of(x, scale, index.typed_data()[0], y->element_count());
-  if (d_or.has_error()) return d_or.error();
-  const Dims d = d_or.value();
-  const float* xp = static_cast<const float*>(x.untyped_data());
+template <typename S>
+void q41_run(ffi::ThreadPool& pool, int64_t max_threads, int64_t min_work, const Dims& d, const float* xp, const uint8_t* codes,
+             const S* scale, const S* offset, float* yp) {
   const int64_t per_layer = d.N * d.nb;
-  const uint8_t* cp = static_cast<const uint8_t*>(codes.untyped_data()) + d.layer * per_layer * 16;
-  const float* sp = static_cast<const float*>(scale.untyped_data()) + d.layer * per_layer;
-  const float* mp = static_cast<const float*>(offset.untyped_data()) + d.layer * per_layer;
-  float* yp = static_cast<float*>(y->untyped_data());
+  const uint8_t* cp = codes + d.layer * per_layer * 16;
+  const S* sp = scale + d.layer * per_layer;
+  const S* mp = offset + d.layer * per_layer;
   const int64_t nchunks = (d.N + kChunk - 1) / kChunk;
-  parallel_for(pool, max_threads, d.R * d.N * d.K, nchunks, [=](int64_t i) {
+  parallel_for(pool, max_threads, min_work, d.R * d.N * d.K, nchunks, [=](int64_t i) {
     const int64_t o0 = i * kChunk, o1 = std::min(d.N, o0 + kChunk);
     for (int64_t r0 = 0; r0 < d.R; r0 += 8) {
       by_rows(std::min<int64_t>(8, d.R - r0), [&](auto rc) {
-        rows_q41<decltype(rc)::value>(xp + r0 * d.K, d.K, cp, sp, mp, yp + r0 * d.N, d.N, o0, o1);
+        rows_q41<decltype(rc)::value, S>(xp + r0 * d.K, d.K, cp, sp, mp, yp + r0 * d.N, d.N, o0, o1);
       });
     }
   });
+}
+
+template <typename S>
+void q80_run(ffi::ThreadPool& pool, int64_t max_threads, int64_t min_work, const Dims& d, const float* xp, const int8_t* codes,
+             const S* scale, float* yp) {
+  const int64_t per_layer = d.N * d.nb;
+  const int8_t* cp = codes + d.layer * per_layer * 32;
+  const S* sp = scale + d.layer * per_layer;
+  const int64_t nchunks = (d.N + kChunk - 1) / kChunk;
+  parallel_for(pool, max_threads, min_work, d.R * d.N * d.K, nchunks, [=](int64_t i) {
+    const int64_t o0 = i * kChunk, o1 = std::min(d.N, o0 + kChunk);
+    for (int64_t r0 = 0; r0 < d.R; r0 += 8) {
+      by_rows(std::min<int64_t>(8, d.R - r0), [&](auto rc) {
+        rows_q80<decltype(rc)::value, S>(xp + r0 * d.K, d.K, cp, sp, yp + r0 * d.N, d.N, o0, o1);
+      });
+    }
+  });
+}
+
+ffi::Error Q41Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
+                   ffi::AnyBuffer offset, ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t max_threads, int64_t min_work) {
+  auto d_or = dims_of(x, scale, index.typed_data()[0], y->element_count());
+  if (d_or.has_error()) return d_or.error();
+  if (offset.element_type() != scale.element_type())
+    return ffi::Error::InvalidArgument("scale and offset dtypes differ");
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.untyped_data());
+  float* yp = static_cast<float*>(y->untyped_data());
+  if (scale.element_type() == ffi::DataType::F32) {
+    q41_run(pool, max_threads, min_work, d_or.value(), xp, cp, static_cast<const float*>(scale.untyped_data()),
+            static_cast<const float*>(offset.untyped_data()), yp);
+  } else if (scale.element_type() == ffi::DataType::F16) {
+    q41_run(pool, max_threads, min_work, d_or.value(), xp, cp, static_cast<const uint16_t*>(scale.untyped_data()),
+            static_cast<const uint16_t*>(offset.untyped_data()), yp);
+  } else {
+    return ffi::Error::InvalidArgument("block scales must be float32 or float16");
+  }
   return ffi::Error::Success();
 }
 
 ffi::Error Q80Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
-                   ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y, int64_t max_threads) {
+                   ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y, int64_t max_threads,
+                   int64_t min_work) {
   auto d_or = dims_of(x, scale, index.typed_data()[0], y->element_count());
   if (d_or.has_error()) return d_or.error();
-  const Dims d = d_or.value();
   const float* xp = static_cast<const float*>(x.untyped_data());
-  const int64_t per_layer = d.N * d.nb;
-  const int8_t* cp = static_cast<const int8_t*>(codes.untyped_data()) + d.layer * per_layer * 32;
-  const float* sp = static_cast<const float*>(scale.untyped_data()) + d.layer * per_layer;
+  const int8_t* cp = static_cast<const int8_t*>(codes.untyped_data());
   float* yp = static_cast<float*>(y->untyped_data());
-  const int64_t nchunks = (d.N + kChunk - 1) / kChunk;
-  parallel_for(pool, max_threads, d.R * d.N * d.K, nchunks, [=](int64_t i) {
-    const int64_t o0 = i * kChunk, o1 = std::min(d.N, o0 + kChunk);
-    for (int64_t r0 = 0; r0 < d.R; r0 += 8) {
-      by_rows(std::min<int64_t>(8, d.R - r0), [&](auto rc) {
-        rows_q80<decltype(rc)::value>(xp + r0 * d.K, d.K, cp, sp, yp + r0 * d.N, d.N, o0, o1);
-      });
-    }
-  });
+  if (scale.element_type() == ffi::DataType::F32) {
+    q80_run(pool, max_threads, min_work, d_or.value(), xp, cp, static_cast<const float*>(scale.untyped_data()), yp);
+  } else if (scale.element_type() == ffi::DataType::F16) {
+    q80_run(pool, max_threads, min_work, d_or.value(), xp, cp, static_cast<const uint16_t*>(scale.untyped_data()), yp);
+  } else {
+    return ffi::Error::InvalidArgument("block scales must be float32 or float16");
+  }
   return ffi::Error::Success();
 }
 
@@ -507,7 +561,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ41Matmul, Q41Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::BufferR0<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("max_threads"));
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("min_parallel_work"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ80Matmul, Q80Impl,
                               ffi::Ffi::Bind()
@@ -517,7 +572,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ80Matmul, Q80Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::BufferR0<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("max_threads"));
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("min_parallel_work"));
 
 extern "C" const char* JaxdecKernelIsa() { return kIsa; }
 """
@@ -592,11 +648,12 @@ class _Native:
         else:
             q, index = w, jnp.zeros((), jnp.int32)
         res = jax.ShapeDtypeStruct(x.shape[:-1] + (q.scale.shape[-2],), jnp.float32)
-        attrs = {"max_threads": np.int64(_threads())}
+        attrs = {"max_threads": np.int64(_threads()), "min_parallel_work": np.int64(_min_parallel_work())}
         call = jax.ffi.ffi_call(self.targets[q.kind], res, vmap_method="sequential")
+        sdt = q.scale.dtype if q.scale.dtype in (jnp.float16, jnp.float32) else jnp.float32
         if q.kind == "q4_1":
-            return call(x, q.codes, q.scale.astype(jnp.float32), q.offset.astype(jnp.float32), index, **attrs)
-        return call(x, q.codes, q.scale.astype(jnp.float32), index, **attrs)
+            return call(x, q.codes, q.scale.astype(sdt), q.offset.astype(sdt), index, **attrs)
+        return call(x, q.codes, q.scale.astype(sdt), index, **attrs)
 
 
 _NATIVE_STATE: dict = {}
