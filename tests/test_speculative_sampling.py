@@ -296,3 +296,50 @@ def test_engine_joint_stand_gumbel_tree():
         btoks, _ = _run_toy(bad, model, params, 3, seed=62)
         cb = np.bincount((btoks[:, 0] * TV + btoks[:, 1]) * TV + btoks[:, 2], minlength=TV ** 3)
         assert pooled_chisquare_p(cb, joint) < ALPHA
+
+
+def test_real_model_restricted_vocabulary(model_f32):
+    """p and q from the real model (target) and its layer-truncated copy (draft), restricted to the 8
+    tokens the target likes most after a chat prompt: the verifier's first-token and two-token joint
+    distributions equal the target's, and the no-residual verifier is rejected."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import peer
+    from jaxdec.speculative.drafters import truncated_draft
+    model, params = model_f32
+    dm, dp = truncated_draft(model, params, 20)
+    tok = peer.peer_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+
+    def next_logits(m, p, seqs):
+        t = max(len(s) for s in seqs)
+        arr = np.zeros((len(seqs), t), np.int32)
+        for i, s in enumerate(seqs):
+            arr[i, :len(s)] = s
+        at = jnp.asarray([[len(s) - 1] for s in seqs], jnp.int32)
+        out = m(p, jnp.asarray(arr), jnp.broadcast_to(jnp.arange(t), arr.shape), m.init_cache(len(seqs), t),
+                logits_at=at)
+        return np.asarray(out.logits[:, 0], np.float64)
+
+    first = next_logits(model, params, [ids])[0]
+    vocab = np.argsort(-first)[:V]
+
+    def restrict(lg):
+        z = lg[..., vocab]
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
+
+    seqs = [ids] + [ids + [int(t)] for t in vocab]
+    p_all = restrict(next_logits(model, params, seqs))
+    q_all = restrict(next_logits(dm, dp, seqs))
+    p1, p2, q1, q2 = p_all[0], p_all[1:], q_all[0], q_all[1:]
+    assert np.abs(p1 - q1).sum() > 0.05  # the draft really differs from the target
+    y1, y2 = _chain_two_tokens(p1, p2, q1, q2, seed=71)
+    assert pooled_chisquare_p(np.bincount(y1, minlength=V), p1) > ALPHA
+    joint = p1[:, None] * p2
+    assert pooled_chisquare_p(np.bincount(y1 * V + y2, minlength=V * V), joint) > ALPHA
+    b1, b2 = _chain_two_tokens(p1, p2, q1, q2, seed=72, residual=False)
+    assert pooled_chisquare_p(np.bincount(b1 * V + b2, minlength=V * V), joint) < ALPHA

@@ -257,11 +257,42 @@ def _draw_rows(keys, q):
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logq).astype(jnp.int32)
 
 
-def _chain_draft(toks, qs, sample, b):
-    toks = jnp.stack(toks, axis=1)
-    k = toks.shape[1]
-    q = jnp.stack(qs, axis=1) if sample else None
-    return Draft(toks, TreeSpec.chain(k).parents_array(b), jnp.ones((b, k), bool), None, q)
+def _autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold):
+    """Draft up to ``k`` tokens one call at a time. ``step(carry, x [B]) -> (carry, logits [B,V])`` feeds one
+    token. SpecDec++'s stop rule with the draft's own confidence as the acceptance predictor: a row stops
+    drafting once the predicted probability that some token of its draft is rejected,
+    ``1 - prod_i max q_i``, exceeds ``stop_threshold``; the loop (a `while_loop`) ends when every row has
+    stopped, so the skipped draft calls really are not run. Returns (Draft, carry, calls made)."""
+    b, v = first_logits.shape
+    toks = jnp.zeros((b, k), jnp.int32)
+    valid = jnp.zeros((b, k), bool)
+    qbuf = jnp.zeros((b, k, v), jnp.float32) if sample else jnp.zeros((b, k, 1), jnp.float32)
+    ks = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)
+
+    def body(s):
+        i, logits, carry, toks, valid, qbuf, alive, surv, calls = s
+        am, q = draft_distribution(logits, state, sample)
+        x = _draw_rows(jnp.take(ks, i, axis=1), q) if sample else am
+        toks = toks.at[:, i].set(x)
+        valid = valid.at[:, i].set(alive)
+        if sample:
+            qbuf = qbuf.at[:, i].set(q)
+        if stop_threshold is not None:
+            conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+            surv = surv * conf
+            alive = alive & (1.0 - surv <= stop_threshold)
+        more = (i + 1 < k) & jnp.any(alive)
+        carry, logits = jax.lax.cond(more, lambda c: step(c, x), lambda c: (c, logits), carry)
+        return i + 1, logits, carry, toks, valid, qbuf, alive, surv, calls + more.astype(jnp.int32)
+
+    def cond(s):
+        return (s[0] < k) & jnp.any(s[6])
+
+    init = (jnp.zeros((), jnp.int32), first_logits, carry, toks, valid, qbuf, jnp.ones((b,), bool),
+            jnp.ones((b,), jnp.float32), jnp.zeros((), jnp.int32))
+    _, _, carry, toks, valid, qbuf, _, _, calls = jax.lax.while_loop(cond, body, init)
+    draft = Draft(toks, TreeSpec.chain(k).parents_array(b), valid, None, qbuf if sample else None, calls + 1)
+    return draft, carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,11 +303,13 @@ class DraftModelDrafter:
     greedily (for the greedy verifier); sample=True draws from the draft's distribution under the row's
     sampling parameters and returns q for speculative sampling. The draft cache is kept in step with the
     target: at most two tokens (the last accepted draft token after a full accept, then the bonus) are
-    fed at the start of the next proposal."""
+    fed at the start of the next proposal. stop_threshold: SpecDec++-style adaptive draft length (see
+    `_autoregressive_chain`); None drafts all ``num_tokens``."""
 
     draft_model: object
     num_tokens: int = 4
     sample: bool = False
+    stop_threshold: Optional[float] = None
 
     own_params = True
     max_children = 1
@@ -286,6 +319,8 @@ class DraftModelDrafter:
     def __post_init__(self):
         if self.num_tokens < 1:
             raise ValueError(f"draft length (num_tokens) must be >= 1, got {self.num_tokens}")
+        if self.stop_threshold is not None and not 0.0 <= self.stop_threshold < 1.0:
+            raise ValueError("stop_threshold must be in [0, 1)")
 
     num_nodes = property(lambda self: self.num_tokens)
     max_depth = property(lambda self: self.num_tokens)
@@ -300,41 +335,38 @@ class DraftModelDrafter:
         dcache = self.draft_model.init_cache(b, state.cache.size)
         _, dcache, _ = prefill(self.draft_model, dparams, prompts, prompt_lens, dcache)
         pend = jnp.stack([state.last, jnp.zeros_like(state.last)], axis=1)
-        return {"cache": dcache, "pend": pend, "npend": jnp.ones((b,), jnp.int32), "l0": dcache.lengths}
+        return {"cache": dcache, "pend": pend, "npend": jnp.ones((b,), jnp.int32), "l0": dcache.lengths,
+                "drafted": jnp.full((b,), self.num_tokens, jnp.int32)}
 
     def propose(self, model, dparams, state, keys):
         from jaxdec.cache.kv import rollback
         ds = state.method["draft"]
         dm = self.draft_model
         dc = ds["cache"]
-        b = state.batch
         l0 = dc.lengths
         pos = l0[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
         out = dm(dparams, ds["pend"], pos, dc, logits_at=(ds["npend"] - 1)[:, None])
         dc = rollback(out.cache, l0 + ds["npend"])
-        logits = out.logits[:, 0]
-        toks, qs = [], []
-        ks = jax.vmap(lambda k: jax.random.split(k, self.num_tokens))(keys)
-        for i in range(self.num_tokens):
-            am, q = draft_distribution(logits, state, self.sample)
-            x = _draw_rows(ks[:, i], q) if self.sample else am
-            toks.append(x)
-            qs.append(q)
-            if i < self.num_tokens - 1:
-                out = dm(dparams, x[:, None], dc.lengths[:, None], dc)
-                dc, logits = out.cache, out.logits[:, 0]
-        return _chain_draft(toks, qs, self.sample, b), {**ds, "cache": dc, "l0": l0}, state.cache
+
+        def step(c, x):
+            o = dm(dparams, x[:, None], c.lengths[:, None], c)
+            return o.cache, o.logits[:, 0]
+
+        draft, dc = _autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
+                                          self.stop_threshold)
+        drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
+        return draft, {**ds, "cache": dc, "l0": l0, "drafted": drafted}, state.cache
 
     def update(self, model, dparams, state, dstate, info):
         from jaxdec.cache.kv import rollback
-        k = self.num_tokens
+        m = dstate["drafted"]  # valid drafted tokens this step (all k without a stop rule)
         a = info.n_acc
-        full = a >= k
+        full = a >= m
         bonus = jnp.take_along_axis(info.out, a[:, None], axis=1)[:, 0]
-        last_draft = info.block[:, k]
+        last_draft = jnp.take_along_axis(info.block, m[:, None], axis=1)[:, 0]
         pend = jnp.where(full[:, None], jnp.stack([last_draft, bonus], 1), jnp.stack([bonus, bonus], 1))
         npend = jnp.where(full, 2, 1).astype(jnp.int32)
-        length = jnp.where(full, info.start + k, info.start + 1 + a)
+        length = jnp.where(full, info.start + m, info.start + 1 + a)
         running = info.live & ~state.done
         dc = dstate["cache"]
         dc = rollback(dc, jnp.where(running, length, dstate["l0"]))
@@ -366,6 +398,7 @@ class LayerSkipDrafter:
     skip: tuple = ()
     num_tokens: int = 4
     sample: bool = False
+    stop_threshold: Optional[float] = None
 
     max_children = 1
     is_chain = True
@@ -373,6 +406,8 @@ class LayerSkipDrafter:
     def __post_init__(self):
         if self.num_tokens < 1:
             raise ValueError(f"draft length (num_tokens) must be >= 1, got {self.num_tokens}")
+        if self.stop_threshold is not None and not 0.0 <= self.stop_threshold < 1.0:
+            raise ValueError("stop_threshold must be in [0, 1)")
 
     num_nodes = property(lambda self: self.num_tokens)
     max_depth = property(lambda self: self.num_tokens)
@@ -391,20 +426,17 @@ class LayerSkipDrafter:
     def propose(self, model, params, state, keys):
         from jaxdec.cache.kv import rollback
         ds = state.method["draft"]
-        cache = state.cache
-        l0 = cache.lengths
-        b = state.batch
-        x = state.last
-        toks, qs = [], []
-        ks = jax.vmap(lambda k: jax.random.split(k, self.num_tokens))(keys)
-        for i in range(self.num_tokens):
-            out = model(params, x[:, None], (l0 + i)[:, None], cache, layers=ds["layers"])
-            cache = out.cache
-            am, q = draft_distribution(out.logits[:, 0], state, self.sample)
-            x = _draw_rows(ks[:, i], q) if self.sample else am
-            toks.append(x)
-            qs.append(q)
-        return _chain_draft(toks, qs, self.sample, b), ds, rollback(cache, l0)
+        l0 = state.cache.lengths
+        layers = ds["layers"]
+
+        def step(c, x):
+            o = model(params, x[:, None], c.lengths[:, None], c, layers=layers)
+            return o.cache, o.logits[:, 0]
+
+        cache, first = step(state.cache, state.last)
+        draft, cache = _autoregressive_chain(step, cache, first, state, keys, self.num_tokens, self.sample,
+                                             self.stop_threshold)
+        return draft, ds, rollback(cache, l0)
 
     def update(self, model, params, state, dstate, info):
         return dstate

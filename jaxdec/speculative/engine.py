@@ -270,7 +270,8 @@ class SpeculativeDecoder:
         expanded = jnp.sum(on_path & jnp.take_along_axis(has_child, verdict.path, axis=1) & live[:, None])
         return {**st,
                 "model_calls": st["model_calls"] + 1,
-                "draft_calls": st["draft_calls"] + int(getattr(self.drafter, "draft_calls_per_step", 0)),
+                "draft_calls": st["draft_calls"] + (draft.calls if draft.calls is not None else
+                                                    int(getattr(self.drafter, "draft_calls_per_step", 0))),
                 "row_steps": st["row_steps"] + jnp.sum(live).astype(jnp.int32),
                 "emitted": st["emitted"] + jnp.sum(cnt).astype(jnp.int32),
                 "accepted": st["accepted"] + jnp.sum(n_acc).astype(jnp.int32),

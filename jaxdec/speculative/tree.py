@@ -36,6 +36,7 @@ class Draft:
     valid: jax.Array  # [B,N] bool
     probs: Optional[jax.Array] = None  # [B,N] draft probability of each node token (None: deterministic)
     q: Optional[jax.Array] = None  # [B,N,V] draft distribution each node token was drawn from
+    calls: Optional[jax.Array] = None  # [] draft model calls made (None: the drafter's static count)
 
     @property
     def num_nodes(self) -> int:
