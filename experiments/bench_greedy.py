@@ -17,6 +17,8 @@ Writes ``experiments/results/bench_greedy.json`` and ``.md``.
 
     python experiments/bench_greedy.py            # 64 new tokens, 7 repetitions
     python experiments/bench_greedy.py --quick    # 16 new tokens, 5 repetitions
+    python experiments/bench_greedy.py --step     # ms per decode step for each matmul variant
+                                                  # (experiments/results/bench_greedy_step.*, perf notes)
 """
 from __future__ import annotations
 
@@ -122,19 +124,35 @@ class JaxdecRunner:
 
 
 class PeerRunner:
-    """HF transformers `generate`, greedy, float32, default threads and attention; left-padded batches."""
+    """HF transformers `generate`, greedy, float32, default attention; left-padded batches.
 
-    def __init__(self):
+    threads=None keeps torch's default thread count (the reference of DESIGN.md). threads=1 is a
+    supplementary row: on a shared, oversubscribed CPU, torch's OpenMP threads wait at every op for a
+    descheduled partner and the default configuration slows down far more than the work warrants.
+    """
+
+    def __init__(self, threads=None):
         import torch
         from peer import peer_model, peer_tokenizer
         self.torch = torch
+        self.threads = threads
         self.model = peer_model()
         self.pad = peer_tokenizer().pad_token_id
         if self.pad is None:
             self.pad = 2
-        self.name = "hf-transformers"
+        self.name = "hf-transformers" if threads is None else f"hf-transformers-{threads}thread"
 
     def __call__(self, prompts: list, n_new: int) -> list:
+        torch = self.torch
+        default = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._generate(prompts, n_new)
+        finally:
+            torch.set_num_threads(default)
+
+    def _generate(self, prompts: list, n_new: int) -> list:
         torch = self.torch
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -162,7 +180,8 @@ def run(args) -> dict:
     import jax
     print(f"jax devices: {jax.devices()}", flush=True)
     prompts = chat_prompts(max(args.batches))
-    runners = [PeerRunner(), JaxdecRunner("f32"), JaxdecRunner("q")]
+    runners = [PeerRunner()] + ([PeerRunner(threads=1)] if args.peer_1thread else [])
+    runners += [JaxdecRunner("f32"), JaxdecRunner("q")]
     configs = [(r, b) for b in args.batches for r in runners]
     batch_prompts = {b: [prompts[i % len(prompts)] for i in range(b)] for b in args.batches}
 
@@ -175,6 +194,11 @@ def run(args) -> dict:
         times[key] = []
         tokens[key] = toks
         print(f"warm-up {r.name:16s} batch {b}: first call {dt:.2f} s", flush=True)
+    if args.wait_idle > 0:
+        t0 = time.time()
+        while os.getloadavg()[0] >= args.wait_idle and time.time() - t0 < 1800:
+            time.sleep(10)
+        print(f"load average {os.getloadavg()} after waiting {time.time() - t0:.0f} s", flush=True)
     load_before = os.getloadavg()
     for rep in range(args.reps):
         for r, b in configs:
@@ -192,6 +216,10 @@ def run(args) -> dict:
         peer = np.array([b * args.new_tokens / t for t in times[("hf-transformers", b)]])
         ratio = tps / peer
         steady = float(np.median(ts))
+        extra = {}
+        if ("hf-transformers-1thread", b) in times:
+            peer1 = np.array([b * args.new_tokens / t for t in times[("hf-transformers-1thread", b)]])
+            extra = {"ratio_vs_peer_1thread_median": float(np.median(tps / peer1))}
         results.append({
             "system": name, "batch": b, "new_tokens": args.new_tokens,
             "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
@@ -199,6 +227,7 @@ def run(args) -> dict:
             "ratio_vs_peer_median": float(np.median(ratio)), "ratio_vs_peer_min": float(ratio.min()),
             "ratio_vs_peer_max": float(ratio.max()),
             "first_call_s": first[(name, b)], "compile_s_estimate": max(0.0, first[(name, b)] - steady),
+            **extra,
         })
     agree = {}
     for b in args.batches:
@@ -233,16 +262,22 @@ def write_markdown(rep: dict, path: str) -> None:
         f"{rep['settings']['new_tokens']} new tokens per row (EOS ignored), {rep['settings']['reps']} interleaved "
         f"repetitions, chat prompts of {rep['settings']['prompt_lengths']} tokens; time from ids in to ids on host, "
         "prefill included. tok/s = batch x new tokens / seconds; median [min, max]. Ratio = median of "
-        "per-repetition ratios to the peer at the same batch size [min, max].",
+        "per-repetition ratios to the peer at the same batch size [min, max]. The peer is HF transformers with "
+        "torch's default threads (DESIGN.md); `hf-transformers-1thread` (torch.set_num_threads(1)) is a "
+        "supplementary reference, because on an oversubscribed CPU torch's OpenMP threads wait at every op for "
+        "a descheduled partner and the default peer slows down far more than the work warrants.",
         "",
-        "| system | batch | tok/s median [min, max] | ratio vs peer [min, max] | first call (s) | compile est. (s) |",
-        "| --- | ---: | --- | --- | ---: | ---: |",
+        "| system | batch | tok/s median [min, max] | ratio vs peer [min, max] | ratio vs 1-thread peer "
+        "| first call (s) | compile est. (s) |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for r in sorted(rep["results"], key=lambda r: (r["batch"], r["system"])):
+        r1 = r.get("ratio_vs_peer_1thread_median")
         lines.append(
             f"| {r['system']} | {r['batch']} | {r['tokens_per_s_median']:.1f} [{r['tokens_per_s_min']:.1f}, "
             f"{r['tokens_per_s_max']:.1f}] | {r['ratio_vs_peer_median']:.2f} [{r['ratio_vs_peer_min']:.2f}, "
-            f"{r['ratio_vs_peer_max']:.2f}] | {r['first_call_s']:.1f} | {r['compile_s_estimate']:.1f} |")
+            f"{r['ratio_vs_peer_max']:.2f}] | {'-' if r1 is None else f'{r1:.2f}'} | {r['first_call_s']:.1f} "
+            f"| {r['compile_s_estimate']:.1f} |")
     lines += ["", "Token agreement (greedy, EOS ignored): " + "; ".join(
         f"batch {b}: q == f32 on {a['q_equals_f32_rows']}/{a['rows']} rows, f32 == peer on "
         f"{a['f32_equals_peer_rows']}/{a['rows']} rows" for b, a in rep["token_agreement"].items()),
@@ -252,15 +287,181 @@ def write_markdown(rep: dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
+# ------------------------------------------------------------------ one-decode-step micro-benchmark
+def _seed_matmul(x, w):
+    """The block-quantized matmul this project started from: dequantize the whole matrix, then einsum."""
+    import jax.numpy as jnp
+    from jaxdec.models import quant
+    if isinstance(w, quant.LayerSlice):
+        w = w.materialize()
+    return jnp.einsum("...i,oi->...o", x, quant.dequantize(w))
+
+
+def _stand_in_matmul(x, w):
+    """A near-free stand-in with the right output shape: what the step costs besides the matmuls."""
+    import jax.numpy as jnp
+    return jnp.broadcast_to(x.sum(-1, keepdims=True), x.shape[:-1] + (w.shape[-2],))
+
+
+def _sliced_layers(layers):
+    """The scan slices every stacked weight (the original behaviour: each layer's weights are copied)."""
+    return layers, lambda p, i: p
+
+
+STEP_VARIANTS = {
+    # name: (weights, matmul, layer params, environment, scan unroll, description)
+    "f32": ("f32", "auto", "in_place", {}, 1, "float32 weights, XLA dot"),
+    "q-seed": ("q", "seed", "sliced", {}, 1, "seed: dequantize whole matrix + XLA dot, scan slices layers"),
+    "q-xla": ("q", "xla", "in_place", {}, 1, "pure-XLA fallback: two nibble-half dots, layers by index"),
+    "q-native-sliced": ("q", "native", "sliced", {}, 1, "native kernel, scan slices (copies) layer weights"),
+    "q-native": ("q", "native", "in_place", {}, 1, "native kernel, layer weights read in place (default)"),
+    "q-native-1thread": ("q", "native", "in_place", {"JAXDEC_QMATMUL_THREADS": "1"}, 1,
+                         "native kernel, one thread for every product"),
+    "q-native-2thread-all": ("q", "native", "in_place", {"JAXDEC_QMATMUL_MIN_PARALLEL": "0"}, 1,
+                             "native kernel, two threads even for small products"),
+    "q-native-unroll2": ("q", "native", "in_place", {}, 2, "native kernel, layer scan unrolled x2"),
+    "matmul-free": ("f32", "stand_in", "in_place", {}, 1, "matmuls replaced by a stand-in: the rest of the step"),
+}
+
+
+def _step_fn(model, variant, n_steps):
+    """jit(n_steps greedy decode steps in a while_loop) traced under the variant's matmul settings."""
+    import functools
+    import jax
+    import jax.numpy as jnp
+    from jaxdec.models import llama, quant
+    weights, mm, layers, env, unroll, _ = STEP_VARIANTS[variant]
+    matmul = {"seed": _seed_matmul, "stand_in": _stand_in_matmul}.get(mm) or functools.partial(quant.matmul, impl=mm)
+    split = _sliced_layers if layers == "sliced" else quant.scan_layer_params
+
+    def steps(params, tok, cache):
+        def body(c):
+            i, tok_, cache_ = c
+            out = model(params, tok_, cache_.lengths[:, None], cache_)
+            return i + 1, jnp.argmax(out.logits, -1).astype(jnp.int32), out.cache
+        return jax.lax.while_loop(lambda c: c[0] < n_steps, body, (0, tok, cache))[1:]
+
+    jitted = jax.jit(steps)
+
+    def traced(params, tok, cache):  # patches apply while the first call traces; later calls hit the cache
+        saved = {k: os.environ.get(k) for k in env}
+        patches = {"matmul": matmul, "scan_layer_params": split}
+        old = {k: getattr(llama, k) for k in patches}
+        old_scan = jax.lax.scan
+        os.environ.update(env)
+        for k, v in patches.items():
+            setattr(llama, k, v)
+        if unroll != 1:
+            jax.lax.scan = functools.partial(old_scan, unroll=unroll)
+        try:
+            return jitted(params, tok, cache)
+        finally:
+            jax.lax.scan = old_scan
+            for k, v in old.items():
+                setattr(llama, k, v)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return traced, weights
+
+
+def run_step(args) -> dict:
+    """Milliseconds per decode step (cache holding 40 tokens) for each variant, interleaved."""
+    import jax
+    import jax.numpy as jnp
+    from peer import default_gguf_path
+    from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+    from jaxdec.models.llama import LlamaModel
+    r = open_gguf(default_gguf_path())
+    cfg, arch = config_from_gguf(r)
+    model = LlamaModel(cfg)
+    params = {w: load_gguf_params(r, cfg, arch, w) for w in ("f32", "q")}
+    names = args.variants or list(STEP_VARIANTS)
+    n_steps = args.step_count
+    out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
+           "machine": machine_facts(), "versions": versions(), "steps_per_call": n_steps, "results": []}
+    for b in args.batches:
+        cache = model.init_cache(b, 256).replace(lengths=jnp.full((b,), 40, jnp.int32))
+        tok = jnp.ones((b, 1), jnp.int32)
+        fns = {n: _step_fn(model, n, n_steps) for n in names}
+        first, ms = {}, {n: [] for n in names}
+        for n, (f, w) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params[w], tok, cache))
+            first[n] = time.perf_counter() - t0
+        load_before = os.getloadavg()
+        for _ in range(args.reps):
+            for n, (f, w) in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(params[w], tok, cache))
+                ms[n].append((time.perf_counter() - t0) / n_steps * 1e3)
+        base = np.array(ms["f32"]) if "f32" in ms else None
+        for n in names:
+            v = np.array(ms[n])
+            row = {"variant": n, "batch": b, "description": STEP_VARIANTS[n][5],
+                   "ms_per_step_median": float(np.median(v)),
+                   "ms_min": float(v.min()), "ms_max": float(v.max()), "tokens_per_s": float(b * 1e3 / np.median(v)),
+                   "first_call_s": first[n], "load_average_before": load_before}
+            if base is not None:
+                row["speedup_vs_f32_median"] = float(np.median(base / v))
+            out["results"].append(row)
+            print(f"batch {b} {n:22s} {np.median(v):8.2f} ms/step [{v.min():.2f}, {v.max():.2f}]"
+                  + (f"  x{row['speedup_vs_f32_median']:.2f} vs f32" if base is not None else ""), flush=True)
+    return out
+
+
+def write_step_markdown(rep: dict, path: str) -> None:
+    m = rep["machine"]
+    lines = ["# One decode step of the default model: matmul variants", "",
+             f"Command: `{rep['command']}`  ", f"Commit: `{rep['git_commit']}`  ",
+             f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}; "
+             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), "",
+             f"Each call runs {rep['steps_per_call']} greedy decode steps in a jitted while_loop (cache of 256 "
+             "positions holding 40 tokens); ms per step, median [min, max] over interleaved repetitions; speed-up "
+             "= median of per-repetition f32/variant ratios.", "",
+             "| batch | variant | what | ms/step median [min, max] | tok/s | speed-up vs f32 | load avg |",
+             "| ---: | --- | --- | --- | ---: | ---: | --- |"]
+    for r in rep["results"]:
+        sp = r.get("speedup_vs_f32_median")
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['description']} | {r['ms_per_step_median']:.2f} "
+                     f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}] | {r['tokens_per_s']:.1f} | "
+                     f"{'-' if sp is None else f'{sp:.2f}'} | {r['load_average_before'][0]:.1f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run: 16 new tokens, 5 repetitions")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 64, quick 16)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions, >= 5 (default 7, quick 5)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_greedy"),
-                    help="output path without extension (.json and .md are written)")
+    ap.add_argument("--no-peer-1thread", dest="peer_1thread", action="store_false",
+                    help="skip the supplementary torch.set_num_threads(1) peer row")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="LOAD",
+                    help="before timing, wait (up to 30 min) until the 1-minute load average is below LOAD")
+    ap.add_argument("--out", default=None,
+                    help="output path without extension (.json and .md are written); default "
+                         "experiments/results/bench_greedy (bench_greedy_step with --step)")
+    ap.add_argument("--step", action="store_true",
+                    help="micro-benchmark instead: ms per decode step for each matmul variant (perf notes)")
+    ap.add_argument("--variants", nargs="+", choices=list(STEP_VARIANTS), default=None,
+                    help="--step: variants to time (default all)")
+    ap.add_argument("--step-count", type=int, default=8, help="--step: decode steps per timed call")
     args = ap.parse_args(argv)
+    if args.step:
+        args.reps = args.reps or (5 if args.quick else 9)
+        args.out = args.out or os.path.join(RESULTS, "bench_greedy_step")
+        rep = run_step(args)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(rep, f, indent=2)
+        write_step_markdown(rep, args.out + ".md")
+        print(open(args.out + ".md").read())
+        return
+    args.out = args.out or os.path.join(RESULTS, "bench_greedy")
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.reps = args.reps or (5 if args.quick else 7)
     if args.reps < 5:

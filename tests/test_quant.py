@@ -131,7 +131,8 @@ def test_native_path_runs_without_materializing_weights(gguf_tensors):
         x = _xs(ref_w.shape[1], 1, 0)
         hlo = jax.jit(functools.partial(quant.matmul, impl="native")).lower(x, q).compile().as_text()
         assert f'custom_call_target="{quant._TARGETS[q.kind]}"' in hlo
-        assert "f32[%d,%d]" % ref_w.shape not in hlo and "f32[%d,%d,32]" % (ref_w.shape[0], ref_w.shape[1] // 32) not in hlo
+        out, n_in = ref_w.shape
+        assert f"f32[{out},{n_in}]" not in hlo and f"f32[{out},{n_in // 32},32]" not in hlo
         xla_hlo = jax.jit(functools.partial(quant.matmul, impl="xla")).lower(x, q).compile().as_text()
         assert "custom_call_target" not in xla_hlo
 

@@ -33,7 +33,6 @@ import hashlib
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import warnings
 from typing import Optional
@@ -613,7 +612,16 @@ def build_native(extra_flags: tuple = (), out_dir: Optional[str] = None) -> str:
     path = os.path.join(out_dir, f"jaxdec_qmatmul_{key}.so")
     if os.path.exists(path):
         return path
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise OSError(f"{out_dir} is not writable")
+    except OSError:
+        out_dir = os.path.join(tempfile.gettempdir(), f"jaxdec-kernels-{os.getuid()}")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, os.path.basename(path))
+        if os.path.exists(path):
+            return path
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = os.path.join(tmp, "qmatmul.cc")
         with open(src, "w") as f:
