@@ -438,3 +438,19 @@ def test_cli_speculative(tmp_path):
     assert json.loads(open(ref).read())["tokens"] == rec[0]["tokens"]
     assert main(["generate", "--method", "speculative", "--drafter", "pld", "--draft-tokens", "0", "--quiet",
                  "--prompt", "hi"]) == 2
+
+
+def test_generate_speculative_hot_start_and_merged_stats(toy):
+    """Batch by batch with drafter state carried over (hot start): tokens stay exact, statistics are
+    summed over every batch, and the warm tables raise τ for the n-gram drafter."""
+    from jaxdec.speculative.run import generate_speculative
+    model, params, _, prompts, ref = toy
+    dec = SpeculativeDecoder(NGramDrafter(TreeSpec.from_widths((3, 2, 1)), k=4, hash_size=256))
+    cold = generate_speculative(model, params, prompts, dec, max_new_tokens=40, batch_size=3, hot_start=False)
+    hot = generate_speculative(model, params, prompts, dec, max_new_tokens=40, batch_size=3)
+    for g in (cold, hot):
+        assert g.tokens == ref.tokens and g.finish_reason == ref.finish_reason
+        # every emitted token after the first of each row came from a speculative step
+        assert g.stats["raw"]["emitted"] == sum(len(t) for t in ref.tokens) - len(prompts)
+    assert hot.stats["tau"] > cold.stats["tau"]
+    assert "ngram_tables" in hot.stats["carry"]

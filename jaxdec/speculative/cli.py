@@ -92,33 +92,27 @@ def _handler(args, loaded, prompt_ids, progress):
     """CLI method handler: per-row JSONL records whose ``stats`` carry τ, acceptance per draft position
     and target calls (counted over all batches)."""
     import jaxdec.cli as cli
-    from jaxdec.core.generate import generate
-    from jaxdec.speculative.engine import merge_raw, summarize_stats
+    from jaxdec.speculative.run import generate_speculative
 
     if args.stop:
         raise ValueError("--stop (stop strings) is not supported with --method speculative; use EOS / max tokens")
+    if args.spec_sampling and args.repetition_penalty != 1.0:
+        raise ValueError("--repetition-penalty is not supported by the speculative sampling verifier")
     decoder, params = build(args, loaded.model, loaded.params)
     sampling = cli._sampling_from_args(args) if args.spec_sampling else None
     rows = [p for p in prompt_ids for _ in range(args.n)]
     bs = min(args.batch_size or len(rows), len(rows))
-    out, raw, secs, calls = [], None, 0.0, 0
-    starts = range(0, len(rows), bs)
-    for start in (progress(starts) if progress else starts):
-        chunk = rows[start:start + bs]
-        real = len(chunk)
-        chunk = chunk + [chunk[0]] * (bs - real)  # same batch shape, no recompile
-        g = generate(loaded.model, params, chunk, decoder=decoder, sampling=sampling,
-                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                     seed=args.seed + start, tokenizer=loaded.tokenizer, batch_size=bs)
-        raw = merge_raw(raw, g.stats["raw"])
-        secs += g.stats["seconds"]
-        calls += g.stats["model_calls"]
-        out += [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
-                for p, t, x, f in list(zip(g.prompt_ids, g.tokens, g.text, g.finish_reason))[:real]]
-    summ = summarize_stats(raw)
-    new = sum(len(r["tokens"]) for r in out)
-    stats = {"model_calls": calls, "new_tokens": new, "seconds": secs,
-             "tokens_per_second": new / secs if secs > 0 else float("nan"), "drafter": args.drafter,
+    if sampling is not None:
+        from jaxdec.core.processors import SamplingParams
+        sampling = SamplingParams.create(bs, **sampling)
+    g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
+                             min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
+                             tokenizer=loaded.tokenizer)
+    out = [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
+           for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
+    summ = g.stats
+    stats = {k: summ[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
+    stats = {**stats, "drafter": args.drafter,
              **{k: summ[k] for k in ("tau", "acceptance_per_position", "target_calls", "draft_calls",
                                      "tokens_per_row_step")}}
     for r in out:

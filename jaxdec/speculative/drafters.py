@@ -190,6 +190,10 @@ class TokenRecyclingDrafter:
             adj = jnp.broadcast_to(adj, (b, v, self.k))
         return {"adj": adj}
 
+    def export(self, dstate):
+        """State to carry into the next run (hot start): ``inputs["recycling_adj"]``."""
+        return {"recycling_adj": dstate["adj"]} if self.shared else {}
+
     def propose(self, model, params, state, keys):
         adj = state.method["draft"]["adj"]
         b = state.batch
@@ -516,9 +520,20 @@ class NGramDrafter:
         v, k, h = model.vocab_size, self.k, self.hash_size
         hist = state.method["hist"]
         pre = jnp.take_along_axis(hist, (state.method["hist_len"] - 2)[:, None], axis=1)[:, 0]
-        return {"bi_tok": jnp.full((v, k), -1, jnp.int32), "bi_p": jnp.zeros((v, k), jnp.float32),
-                "tri_tok": jnp.full((h, k), -1, jnp.int32), "tri_p": jnp.zeros((h, k), jnp.float32),
-                "tri_tag": jnp.full((h, 2), -1, jnp.int32), "pre": pre.astype(jnp.int32)}
+        tables = {"bi_tok": jnp.full((v, k), -1, jnp.int32), "bi_p": jnp.zeros((v, k), jnp.float32),
+                  "tri_tok": jnp.full((h, k), -1, jnp.int32), "tri_p": jnp.zeros((h, k), jnp.float32),
+                  "tri_tag": jnp.full((h, 2), -1, jnp.int32)}
+        warm = inputs.get("ngram_tables") if isinstance(inputs, dict) else None
+        if warm is not None:  # hot start from a previous run's `export`
+            for name, a in tables.items():
+                if tuple(warm[name].shape) != a.shape:
+                    raise ValueError(f"ngram_tables[{name!r}] must have shape {a.shape}, got {warm[name].shape}")
+            tables = {name: jnp.asarray(warm[name], a.dtype) for name, a in tables.items()}
+        return {**tables, "pre": pre.astype(jnp.int32)}
+
+    def export(self, dstate):
+        """State to carry into the next run (hot start): ``inputs["ngram_tables"]``."""
+        return {"ngram_tables": {k: v for k, v in dstate.items() if k != "pre"}}
 
     def _lookup(self, ds, a, b):
         """Candidates after the pair (a, b): tri-gram if stored, else bi-gram. a, b: [...] int."""

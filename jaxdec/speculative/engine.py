@@ -105,7 +105,8 @@ class SpeculativeDecoder:
     """drafter: any object with ``num_nodes``, ``max_depth``, ``is_chain``, ``init``, ``propose`` and
     ``update`` (see `jaxdec.speculative.drafters`). verifier: "greedy" (lossless for greedy decoding)
     or "sampling" (speculative sampling with residual resampling: lossless for sampling with the
-    per-row `SamplingParams` in ``inputs["sampling"]``; rows with temperature 0 are greedy).
+    per-row `SamplingParams` in ``inputs["sampling"]``; rows with temperature 0 are greedy; the
+    repetition penalty is not applied by this verifier: leave it at 1).
     tree_sampling: "iid" (siblings drawn independently, SpecInfer rule) or "without_replacement" (RSD).
     residual=False is the lossy negative control (draws the correction from p, not the residual)."""
 
@@ -282,7 +283,11 @@ class SpeculativeDecoder:
                 "expanded": st["expanded"] + expanded.astype(jnp.int32)}
 
     def summarize(self, state) -> dict:
-        return summarize_stats(state.stats)
+        out = summarize_stats(state.stats)
+        export = getattr(self.drafter, "export", None)
+        if export is not None:  # drafter state a later run can start from (hot start), as host arrays
+            out["carry"] = jax.tree.map(np.asarray, export(state.method["draft"]))
+        return out
 
 
 def with_draft_params(target_params, draft_params) -> dict:
