@@ -1,7 +1,7 @@
 """Search decoders. Host entry points (imported lazily, so `import jaxdec.search` stays cheap):
 
 beam_search (beam, diverse beam, conditional beam), stochastic_beam_search, context_aware_generate,
-momentum_generate, adadec_generate, best_of_n, first_finish, rerank, astar_decode, exact_extract.
+momentum_generate, adadec_generate, entropy_adaptive_generate, best_of_n, first_finish, rerank, astar_decode, exact_extract.
 See jaxdec/search/README.md for one example of each.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ _EXPORTS = {
     "adadec_generate": "adadec", "AdaDec": "adadec",
     "best_of_n": "testtime", "first_finish": "testtime", "rerank": "testtime", "astar_decode": "testtime",
     "FirstFinish": "testtime", "exact_extract": "extract", "span_scores": "extract",
+    "entropy_adaptive_generate": "entropy_adaptive", "EntropyAdaptive": "entropy_adaptive",
     "TableModel": "toy", "TokenDecoder": "token",
 }
 

@@ -1,7 +1,7 @@
 """CLI methods of the search package, registered with `jaxdec.cli` (imported by its plugin loader).
 
 `jaxdec generate --method beam|diverse-beam|conditional-beam|stochastic-beam|momentum|adadec|best-of-n|
-first-finish|astar ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
+first-finish|astar|entropy-adaptive ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
 for the multi-sequence methods, ``beams`` lists every returned sequence as ``{"tokens", "score"}``
 (score: the length-normalised beam score for beam methods, the log-probability for stochastic beam
 and A*, the reranker's score for best-of-N).
@@ -15,7 +15,7 @@ _EARLY = {"true": True, "false": False, "never": "never"}
 
 def add_search_args(g):
     s = g.add_argument_group("search methods (beam, diverse-beam, conditional-beam, stochastic-beam, momentum, "
-                             "adadec, best-of-n, first-finish, astar)")
+                             "adadec, entropy-adaptive, best-of-n, first-finish, astar)")
     s.add_argument("--num-beams", type=int, default=4, help="beams (beam methods) or k (stochastic-beam)")
     s.add_argument("--num-return-sequences", type=int, default=None)
     s.add_argument("--length-penalty", type=float, default=1.0)
@@ -30,6 +30,8 @@ def add_search_args(g):
     s.add_argument("--adadec-threshold", type=float, default=1.5, help="adadec: entropy threshold (nats)")
     s.add_argument("--adadec-k", type=int, default=3)
     s.add_argument("--adadec-lookahead", type=int, default=5)
+    s.add_argument("--ead-small-layers", type=int, default=20, help="entropy-adaptive: layers of the small model")
+    s.add_argument("--ead-threshold", type=float, default=2.0, help="entropy-adaptive: rolling-entropy threshold")
     s.add_argument("--astar-max-children", type=int, default=8)
     s.add_argument("--astar-max-expansions", type=int, default=2000)
 
@@ -110,6 +112,18 @@ def adadec_method(args, loaded, ids, progress):
     g = adadec_generate(loaded.model, loaded.params, ids, threshold=args.adadec_threshold, k=args.adadec_k,
                         lookahead=args.adadec_lookahead, max_new_tokens=args.max_new_tokens,
                         min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded)
+
+
+@register_method("entropy-adaptive")
+def entropy_adaptive_method(args, loaded, ids, progress):
+    from jaxdec.search.entropy_adaptive import entropy_adaptive_generate
+    if not 0 <= args.ead_small_layers <= loaded.model.num_layers:
+        raise BadInput(f"--ead-small-layers must be in [0, {loaded.model.num_layers}], got {args.ead_small_layers}")
+    g = entropy_adaptive_generate(loaded.model, loaded.params, ids, small_layers=args.ead_small_layers,
+                                  threshold=args.ead_threshold, max_new_tokens=args.max_new_tokens,
+                                  min_new_tokens=args.min_new_tokens, batch_size=args.batch_size,
+                                  tokenizer=loaded.tokenizer)
     return _rows(g, loaded)
 
 
