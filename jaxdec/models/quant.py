@@ -131,7 +131,8 @@ def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
     stacked = w.w if isinstance(w, LayerSlice) else w
     if stacked.codes.ndim != (4 if isinstance(w, LayerSlice) else 3):
         raise ValueError(f"matmul needs a 2-D weight (or a LayerSlice of a stack), got shape {w.shape}")
-    if impl != "xla" and x.dtype == jnp.float32:
+    on_cpu = jax.default_backend() == "cpu"  # elsewhere the kernel is not even built (unless forced)
+    if impl != "xla" and x.dtype == jnp.float32 and (on_cpu or impl == "native"):
         lib = native_kernels(required=(impl == "native"))
         if lib is not None:
             return jax.lax.platform_dependent(x, cpu=lambda x_: _matmul_native(x_, w),
