@@ -93,9 +93,17 @@ def load_prompts(n_code: int, n_chat: int, groups=("code", "chat"), n_copy: int 
 class Jaxdec:
     """One jaxdec method; runs each prompt as its own batch-1 call and merges the statistics."""
 
-    def __init__(self, name, model, params, decoder=None, predicted_cost=None):
+    def __init__(self, name, model, params, decoder=None, block_cost=1.0, draft_cost=0.0):
         self.name, self.model, self.params, self.decoder = name, model, params, decoder
-        self.predicted_cost = predicted_cost  # relative cost of one step vs one greedy step
+        # relative costs (one greedy step = 1): the verify call over the block, and the draft calls
+        self.block_cost, self.draft_cost = block_cost, draft_cost
+
+    def step_cost(self, stats) -> float:
+        """Predicted cost of an average step: block calls where a draft existed, one-token calls else."""
+        if self.decoder is None:
+            return 1.0
+        frac = stats.get("block_calls", 0) / max(stats.get("row_steps", 1), 1)
+        return frac * self.block_cost + (1.0 - frac) * 1.0 + self.draft_cost
 
     def __call__(self, prompts, n_new):
         from jaxdec import generate
@@ -145,6 +153,8 @@ def build_methods(args, model, params, curve):
     k = args.pld_tokens
     methods.append(Jaxdec(f"pld(k={k})", model, params, SpeculativeDecoder(PromptLookupDrafter(k, 3)),
                           relative_cost(curve, k + 1)))
+    methods.append(Jaxdec("pld(k=4)", model, params, SpeculativeDecoder(PromptLookupDrafter(4, 3)),
+                          relative_cost(curve, 5)))
     methods.append(Jaxdec(f"recycling(N={tree.num_nodes})", model, params,
                           SpeculativeDecoder(TokenRecyclingDrafter(tree)), relative_cost(curve, tree.num_nodes + 1)))
     methods.append(Jaxdec(f"ngram-aded(N={tree.num_nodes})", model, params,
@@ -166,19 +176,19 @@ def build_methods(args, model, params, curve):
     _, skip, ks, rate = swift_best
     frac = (L - len(skip)) / L
     methods.append(Jaxdec(f"swift(skip {len(skip)}/{L},k={ks})", model, params,
-                          SpeculativeDecoder(LayerSkipDrafter(skip, ks)), relative_cost(curve, ks + 1) + ks * frac))
+                          SpeculativeDecoder(LayerSkipDrafter(skip, ks)), relative_cost(curve, ks + 1), ks * frac))
     dl_ = del_choose(scorer, curve, exits=args.del_exits, max_k=4)
     e, kdel = dl_["exit"], dl_["k"]
     methods.append(Jaxdec(f"del(exit {e}/{L},k={kdel})", model, params,
                           SpeculativeDecoder(LayerSkipDrafter(tuple(range(e, L)), kdel)),
-                          relative_cost(curve, kdel + 1) + kdel * e / L))
+                          relative_cost(curve, kdel + 1), kdel * e / L))
     layer_choice = {"swift": {"skip": list(skip), "k": ks, "match_rate": rate},
                     "del": {"exit": e, "k": kdel, "table": dl_["table"]}}
     dl, kd = args.draft_layers, args.draft_tokens
     dm, dp = truncated_draft(model, params, dl)
     methods.append(Jaxdec(f"draft-model({dl}/{L} layers,k={kd})", model, with_draft_params(params, dp),
                           SpeculativeDecoder(DraftModelDrafter(dm, kd)),
-                          relative_cost(curve, kd + 1) + (relative_cost(curve, 2) + (kd - 1)) * dl / L))
+                          relative_cost(curve, kd + 1), (relative_cost(curve, 2) + (kd - 1)) * dl / L))
     if args.methods:
         methods = [m for m in methods if m.name == "jaxdec-greedy" or any(x in m.name for x in args.methods)]
     return methods, {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)}, "predicted": pred,
@@ -231,14 +241,17 @@ def run(args):
             speed = base / ts
             st = stats[m.name]
             tau = st.get("tau")
-            pred = (tau / m.predicted_cost) if (tau is not None and getattr(m, "predicted_cost", None)) else None
+            cost = m.step_cost(st) if isinstance(m, Jaxdec) else None
+            pred = (tau / cost) if (tau is not None and cost) else None
             mismatch = sum(a != b for a, b in zip(outs[m.name], outs["jaxdec-greedy"]))
             rows.append({"method": m.name, "tau": tau, "acceptance_per_position": st.get("acceptance_per_position"),
                          "target_calls": st.get("target_calls"), "draft_calls": st.get("draft_calls"),
                          "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
                          "tokens_per_s_max": float(tps.max()), "speedup_median": float(np.median(speed)),
                          "speedup_min": float(speed.min()), "speedup_max": float(speed.max()),
-                         "predicted_speedup": pred, "step_cost_relative": getattr(m, "predicted_cost", None),
+                         "predicted_speedup": pred, "step_cost_relative": cost,
+                         "block_call_fraction": (st.get("block_calls", 0) / max(st.get("row_steps", 1), 1))
+                         if isinstance(m, Jaxdec) and m.decoder is not None else None,
                          "first_call_s": first[m.name],
                          "compile_s_estimate": max(0.0, first[m.name] - float(np.median(ts))),
                          "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist()})
@@ -265,20 +278,23 @@ def write_markdown(rep, path):
              f"{rep['settings']['new_tokens']} new tokens per prompt, {rep['settings']['reps']} interleaved repetitions; "
              "time from ids in to ids on host, prefill included; speedup = median of per-repetition ratios to "
              "jaxdec greedy in the same run [min, max]. τ = tokens per target call per row (bonus included). "
-             "Predicted = τ / (relative cost of one step from the measured cost curve, draft calls included).", "",
+             "Predicted = τ / (relative cost of an average step from the measured cost curve: block calls on the "
+             "steps that had a draft (blk %), one-token calls on the others, plus the draft calls).", "",
              "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
              + ", ".join(f"T={k}: {v:.2f}" for k, v in rep["cost_curve"]["relative"].items()), ""]
     for group, g in rep["results"].items():
         lines += [f"## {group} prompts (lengths {g['prompt_lengths']})", "",
                   f"Load average before/after: {tuple(round(x, 2) for x in g['load_before'])} / "
                   f"{tuple(round(x, 2) for x in g['load_after'])}", "",
-                  "| method | τ | acceptance per position | tok/s median [min, max] | speedup vs jaxdec greedy | "
+                  "| method | τ | acceptance per position | blk % | tok/s median [min, max] | speedup vs jaxdec greedy | "
                   "predicted | compile (s) | rows ≠ greedy |",
-                  "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+                  "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: |"]
         for r in g["rows"]:
             acc = r["acceptance_per_position"]
             acc_s = "-" if not acc else " ".join("-" if (a != a) else f"{a:.2f}" for a in acc[:8])
-            lines.append(f"| {r['method']} | {_f(r['tau'])} | {acc_s} | {r['tokens_per_s_median']:.1f} "
+            blk = r.get("block_call_fraction")
+            lines.append(f"| {r['method']} | {_f(r['tau'])} | {acc_s} | {_f(None if blk is None else 100 * blk, '{:.0f}')} | "
+                         f"{r['tokens_per_s_median']:.1f} "
                          f"[{r['tokens_per_s_min']:.1f}, {r['tokens_per_s_max']:.1f}] | {r['speedup_median']:.2f} "
                          f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {_f(r['predicted_speedup'])} | "
                          f"{r['compile_s_estimate']:.1f} | {r['rows_differing_from_jaxdec_greedy']} |")

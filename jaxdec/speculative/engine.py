@@ -108,12 +108,16 @@ class SpeculativeDecoder:
     per-row `SamplingParams` in ``inputs["sampling"]``; rows with temperature 0 are greedy; the
     repetition penalty is not applied by this verifier: leave it at 1).
     tree_sampling: "iid" (siblings drawn independently, SpecInfer rule) or "without_replacement" (RSD).
-    residual=False is the lossy negative control (draws the correction from p, not the residual)."""
+    residual=False is the lossy negative control (draws the correction from p, not the residual).
+    skip_empty_drafts: when no running row has a single valid draft node (prompt lookup found nothing,
+    an empty recycling matrix), the step makes a plain one-token call instead of the full block call
+    (`lax.cond`, both compiled once): same tokens, the cost of greedy decoding for that step."""
 
     drafter: Any
     verifier: str = "greedy"
     tree_sampling: str = "iid"
     residual: bool = True
+    skip_empty_drafts: bool = True
 
     def __post_init__(self):
         if self.verifier not in VERIFIERS:
@@ -182,7 +186,7 @@ class SpeculativeDecoder:
                  "pos_accepted": jnp.zeros((depth_slots,), jnp.int32),
                  "side_branch_accepts": jnp.zeros((), jnp.int32),
                  "rank_accepts": jnp.zeros((int(getattr(self.drafter, "max_children", 1)),), jnp.int32),
-                 "expanded": jnp.zeros((), jnp.int32)}
+                 "expanded": jnp.zeros((), jnp.int32), "block_calls": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
         tok = self._first_token(logits, state)
         state = emit(state, tok)
@@ -213,8 +217,24 @@ class SpeculativeDecoder:
         depth = block_depths(parents, max_depth)
         block = jnp.concatenate([state.last[:, None], jnp.where(valid, draft.tokens, 0)], axis=1).astype(jnp.int32)
         pos = start[:, None] + depth
-        out = model(params, block, pos, cache, mask=anc)
-        target, probs = self._processed(out.logits, state, state.num_new, depth)
+        t = block.shape[1]
+
+        def block_call(c):
+            o = model(params, block, pos, c, mask=anc)
+            return o.logits, o.hidden, o.cache
+
+        def single_call(c):  # nothing to verify: one token, logits broadcast over the (invalid) nodes
+            o = model(params, block[:, :1], pos[:, :1], c)
+            return (jnp.broadcast_to(o.logits, (o.logits.shape[0], t) + o.logits.shape[2:]),
+                    jnp.broadcast_to(o.hidden, (o.hidden.shape[0], t) + o.hidden.shape[2:]), o.cache)
+
+        has_draft = jnp.any(valid & live[:, None])
+        if self.skip_empty_drafts:
+            logits, hidden, out_cache = jax.lax.cond(has_draft, block_call, single_call, cache)
+        else:
+            logits, hidden, out_cache = block_call(cache)
+            has_draft = jnp.ones((), bool)
+        target, probs = self._processed(logits, state, state.num_new, depth)
         if self.verifier == "greedy":
             verdict = greedy_verify(block, parents, valid, target, anc, depth, max_depth)
         elif drafter.is_chain:
@@ -226,21 +246,23 @@ class SpeculativeDecoder:
         state2, cnt = emit_block(state, verdict.out, verdict.n_acc + 1)
         keep = jnp.where(live, cnt, 0)
         if drafter.is_chain:
-            new_cache = rollback(out.cache, start + keep)
+            new_cache = rollback(out_cache, start + keep)
         else:
-            new_cache = gather_block(out.cache, start, verdict.path, keep)
+            new_cache = gather_block(out_cache, start, verdict.path, keep)
         m = dict(state2.method)
         m["hist"] = _write_at(m["hist"], m["hist_len"], verdict.out, cnt)
         m["hist_len"] = m["hist_len"] + cnt
         m["draft"] = dstate
         state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
         info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
-                          logits=out.logits, hidden=out.hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
+                          logits=logits, hidden=hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
                           cnt=cnt, live=live, start=start, out=verdict.out)
         m = dict(state2.method)
         m["draft"] = drafter.update(model, dparams, state2, dstate, info)
         state2 = state2.replace(method=m)
-        return state2.replace(stats=self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth))
+        st = self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth)
+        st["block_calls"] = st["block_calls"] + has_draft.astype(jnp.int32)
+        return state2.replace(stats=st)
 
     def _stats(self, st, draft, parents, depth, verdict, live, cnt, max_depth):
         n_acc = jnp.where(live, verdict.n_acc, 0)
@@ -308,6 +330,7 @@ def summarize_stats(st) -> dict:
         "acceptance_per_position": per_pos,
         "accepted_at_least": [float(a / rows) for a in acc],
         "target_calls": int(st["model_calls"]),
+        "block_calls": int(st["block_calls"]),
         "draft_calls": int(st["draft_calls"]),
         "row_steps": int(st["row_steps"]),
         "side_branch_accepts": int(st["side_branch_accepts"]),
