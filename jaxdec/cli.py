@@ -210,4 +210,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the importable module so plugins registering into `jaxdec.cli.METHODS` are seen
+    from jaxdec.cli import main as _main
+    sys.exit(_main())
