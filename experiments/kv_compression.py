@@ -7,7 +7,7 @@ calibrated channels for approximate scores, exact attention on the top 1/8 of th
 For every method the loop keeps the *true* float cache (the keys/values the model produced) and, before
 every model call, hands the model the cache as the method would store it (compressed, then read back by
 attention): ``compress`` of every layer for KIVI/GEAR/Mustafar; Double Sparsity runs its own attention
-over the true cache (`jaxdec.attention.pluggable.forward`). The new block's keys/values are written to
+over the true cache (the model's ``attn_fn``/``attn_extra`` hook). The new block's keys/values are written to
 the true cache. So every attention read of a committed token goes through the compressed cache, and a
 KIVI group is quantized exactly once from the original values (as a streaming KIVI cache would).
 
@@ -45,7 +45,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from jaxdec.attention.pluggable import forward  # noqa: E402
 from jaxdec.cache.kv import KVCache, bucket, rollback  # noqa: E402
 from jaxdec.cache.quantized import FP32, GEAR, KIVI, valid_mask  # noqa: E402
 from jaxdec.cache.sparse import DoubleSparsity, Mustafar, calibrate_channels, double_sparse_attend  # noqa: E402
@@ -76,14 +75,14 @@ def load_model():
 def make_chunk_fn(model, method):
     """jit: (params, true_cache, tokens [B,T], positions [B,T], channels) -> (logits, true_cache)."""
     if isinstance(method, DoubleSparsity):
-        def ds_attn(q, kc, vc, lengths, k, v, bm, qpos, ch, sliding_window=None):
+        def ds_attn(q, kc, vc, lengths, k, v, bm, qpos, ch, sliding_window=None):  # ch: this layer's channels
             return double_sparse_attend(q, kc, vc, lengths, k, v, bm, qpos, ch,
                                         token_frac=method.token_frac, min_tokens=method.min_tokens,
                                         sliding_window=sliding_window)
 
         def run(params, cache, tokens, positions, channels):
-            return forward(model, params, tokens, positions, cache, attn=ds_attn,
-                           layer_extra=channels)
+            out = model(params, tokens, positions, cache, attn_fn=ds_attn, attn_extra=channels)
+            return out.logits, out.cache
         return jax.jit(run)
 
     def run(params, cache, tokens, positions, channels):
@@ -108,7 +107,7 @@ def calibrate(model, params, seqs):
         toks[i, :len(s)] = s
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), toks.shape)
     cache = model.init_cache(len(seqs), t)
-    _, _, (q, k) = jax.jit(lambda p, tk, ps, ca: forward(model, p, tk, ps, ca, collect=True))(
+    q, k = jax.jit(lambda p, tk, ps, ca: model(p, tk, ps, ca, collect_qk=True).qk)(
         params, jnp.asarray(toks), pos, cache)
     valid = np.concatenate([np.arange(t) < len(s) for s in seqs])  # [B*T]
     q = np.asarray(q).reshape(c.num_layers, -1, c.num_heads, c.head_dim)[:, valid]

@@ -237,7 +237,7 @@ def test_bad_input_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# pluggable forward and Hydragen decoding of rows sharing a prompt (tiny random Llama, GQA 6/2)
+# the model's attention hooks and Hydragen decoding of rows sharing a prompt (tiny Llama, GQA 6/2)
 # ------------------------------------------------------------------------------------------------
 def _tiny_model(seed=0):
     from jaxdec.models.config import LlamaConfig
@@ -254,32 +254,65 @@ def _tiny_model(seed=0):
     return LlamaModel(cfg), params
 
 
-def test_pluggable_forward_equals_model():
-    from jaxdec.attention.pluggable import forward
+def test_attn_fn_hook_equals_default_and_scans_extra():
+    """The model's attn_fn/attn_extra hook (what pluggable.forward used to provide): the plain
+    attention through the hook is the default path bit for bit, attn_extra reaches each layer as its
+    own slice, and collect_qk returns the block's post-RoPE keys (the ones written to the cache)."""
+    from jaxdec.attention.reference import attend as ref_attend
     model, params = _tiny_model()
     toks = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 7)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
     cache = model.init_cache(2, 16)
     out = model(params, toks, pos, cache)
-    logits, c2 = forward(model, params, toks, pos, cache)
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(out.logits))
-    np.testing.assert_array_equal(np.asarray(c2.k), np.asarray(out.cache.k))
+
+    def scaled(q, kc, vc, lengths, k, v, bm, qp, extra, sliding_window=None):
+        return ref_attend(q, kc, vc, lengths, k, v, bm, qp, sliding_window=sliding_window) * extra
+
+    def plain(q, kc, vc, lengths, k, v, bm, qp, extra, sliding_window=None):
+        assert extra is None
+        return ref_attend(q, kc, vc, lengths, k, v, bm, qp, sliding_window=sliding_window)
+
+    same = model(params, toks, pos, cache, attn_fn=plain)
+    np.testing.assert_array_equal(np.asarray(same.logits), np.asarray(out.logits))
+    np.testing.assert_array_equal(np.asarray(same.cache.k), np.asarray(out.cache.k))
+    one = model(params, toks, pos, cache, attn_fn=scaled, attn_extra=jnp.ones((2,)), collect_qk=True)
+    _close(one.logits, out.logits)
+    _close(one.cache.k, out.cache.k)
+    q, k = one.qk
+    assert q.shape == (2, 2, 7, 6, 8) and k.shape == (2, 2, 7, 2, 8)
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(one.cache.k[:, :, :7]))
+    # layer 1 scaled by 0.5: layer 0 keys unchanged, layer 1 keys (from a changed residual) differ
+    half = model(params, toks, pos, cache, attn_fn=scaled, attn_extra=jnp.asarray([1.0, 0.5]))
+    np.testing.assert_array_equal(np.asarray(half.cache.k[0]), np.asarray(out.cache.k[0]))
+    assert not np.allclose(np.asarray(half.logits), np.asarray(out.logits))
+    pre = model(params, toks, pos, cache, attn_fn=scaled, attn_extra=jnp.asarray([0.5, 1.0]))
+    assert not np.allclose(np.asarray(pre.cache.k[1]), np.asarray(out.cache.k[1]))
+
+
+def test_attn_fn_with_prefix_cache_is_refused():
+    from jaxdec.cache.kv import with_prefix_buffer
+    model, params = _tiny_model()
+    cache = with_prefix_buffer(model.init_cache(2, 8), 8)
+    with pytest.raises(ValueError, match="attn_fn"):
+        model(params, jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), cache,
+              attn_fn=lambda *a, **k: None)
 
 
 def test_hydragen_sampling_n_rows_same_tokens_as_plain():
-    from jaxdec.attention.shared_prefix import decode_shared, prefill_prefix
-    from jaxdec.cache.kv import KVCache
+    """Model-level: a shared-prefix cache (prompt prefilled once through `prefill`) gives the plain
+    replicated cache's logits at every step, and hence its sampled tokens."""
+    from jaxdec.cache.kv import with_prefix_buffer
+    from jaxdec.core.steps import prefill
     model, params = _tiny_model(2)
     n, steps = 4, 6
     prompt = jnp.asarray(np.random.default_rng(3).integers(0, 97, 11), jnp.int32)
     p = prompt.shape[0]
     key = jax.random.PRNGKey(0)
-    # plain: the prompt replicated in every row's cache
-    cache = model.init_cache(n, p + steps)
-    out = model(params, jnp.broadcast_to(prompt, (n, p)), jnp.broadcast_to(jnp.arange(p), (n, p)), cache)
-    cache, last = out.cache, out.logits[:, -1]
+    prompts = jnp.broadcast_to(prompt, (n, p))
+    lens = jnp.full((n,), p, jnp.int32)
     step = jax.jit(lambda prm, t, c: model(prm, t, c.lengths[:, None], c))
-    dec = jax.jit(lambda prm, t, pre, suf: decode_shared(model, prm, t, pre, suf))
+    # plain: the prompt replicated in every row's cache
+    last, cache, _ = prefill(model, params, prompts, lens, model.init_cache(n, p + steps))
     plain_tok, plain_logits = [], []
     for i in range(steps):
         tok = jax.random.categorical(jax.random.fold_in(key, i), last, axis=-1).astype(jnp.int32)
@@ -288,13 +321,12 @@ def test_hydragen_sampling_n_rows_same_tokens_as_plain():
         o = step(params, tok[:, None], cache)
         cache, last = o.cache, o.logits[:, 0]
     # Hydragen: prefill once, decode the n rows against one shared prefix
-    first, prefix = prefill_prefix(model, params, prompt)
-    suffix = KVCache.create(2, n, steps, 2, 8)
-    last = jnp.broadcast_to(first, (n, first.shape[-1]))
+    last, suffix, _ = prefill(model, params, prompts, lens, with_prefix_buffer(model.init_cache(n, steps), 16))
+    assert suffix.prefix_k.shape == (2, 16, 2, 8) and suffix.k.shape == (2, n, steps, 2, 8)
     for i in range(steps):
         _close(last, plain_logits[i])
         tok = jax.random.categorical(jax.random.fold_in(key, i), last, axis=-1).astype(jnp.int32)
         np.testing.assert_array_equal(np.asarray(tok), np.asarray(plain_tok[i]))
-        logits, suffix = dec(params, tok[:, None], prefix, suffix)
-        last = logits[:, 0]
+        o = step(params, tok[:, None], suffix)
+        suffix, last = o.cache, o.logits[:, 0]
     assert len({tuple(np.asarray(t)) for t in plain_tok}) > 1  # rows really sampled different tokens

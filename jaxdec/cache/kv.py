@@ -4,15 +4,29 @@ Layout: ``k``/``v`` are ``[L, B, S, KVH, D]``; ``lengths[b]`` is how many commit
 holds. Position ``j`` of a row always holds the token at sequence position ``j`` (no left padding), so a
 row's RoPE positions equal its cache indices. Everything here is a pure function with static shapes.
 
+Shared-prefix mode (Hydragen). When every row continues the same prompt, the cache may hold that
+prompt ONCE: ``prefix_k/prefix_v [L, P, KVH, D]`` with ``prefix_len`` (int32 scalar) valid entries.
+``k``/``v`` then hold only each row's *suffix*: slot ``j`` of row ``b`` is the token at position
+``prefix_len + j``. ``lengths`` keeps its meaning (the row's total committed length, prefix included),
+so RoPE positions, `rollback` and every caller that reasons in positions are unchanged; only the write
+offset into ``k``/``v`` becomes ``lengths - prefix_len`` (`KVCache.offsets`). The model attends with
+`jaxdec.attention.hydragen.hydragen_attend` when a prefix is present. The default (``prefix_k=None``)
+is the ordinary cache, unchanged.
+
 * `append` writes a block of T new keys/values at each row's own offset and advances its length
   (rows flagged in ``advance`` only).
 * `rollback` sets lengths back (rejected draft tokens become invisible; nothing needs erasing).
 * `gather_block` compacts an accepted path: entries at ``start + idx[b, i]`` move to ``start + i``.
+* `with_prefix_buffer` turns an (empty) ordinary cache into an empty shared-prefix cache with a prefix
+  buffer of P slots; `set_prefix` fills the prefix; `to_plain` expands a prefix cache back into an
+  ordinary one (tests, debugging).
 
 Writing past the cache is never silent: the drivers check room on the host before a loop starts, and
 `check_room` is available for callers that build their own loops.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +35,92 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, KVH, D]
+    k: jax.Array  # [L, B, S, KVH, D]   (the per-row suffix in shared-prefix mode)
     v: jax.Array  # [L, B, S, KVH, D]
-    lengths: jax.Array  # [B] int32
+    lengths: jax.Array  # [B] int32, total committed length (prefix included)
+    prefix_k: Optional[jax.Array] = None  # [L, P, KVH, D], shared by every row
+    prefix_v: Optional[jax.Array] = None  # [L, P, KVH, D]
+    prefix_len: Optional[jax.Array] = None  # [] int32: valid prefix entries
 
     @property
     def size(self) -> int:
+        """Slots per row in ``k``/``v`` (suffix slots in shared-prefix mode)."""
         return self.k.shape[2]
 
     @property
     def batch(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_k is not None
+
+    @property
+    def prefix_size(self) -> int:
+        return 0 if self.prefix_k is None else self.prefix_k.shape[1]
+
+    @property
+    def offsets(self) -> jax.Array:
+        """Per-row write offset into ``k``/``v``: ``lengths`` (ordinary) or ``lengths - prefix_len``."""
+        if self.prefix_k is None:
+            return self.lengths
+        return self.lengths - self.prefix_len
+
+    def to_slot(self, positions):
+        """Sequence positions -> slots of ``k``/``v``."""
+        if self.prefix_k is None:
+            return positions
+        return positions - self.prefix_len
+
     @classmethod
     def create(cls, num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int,
-               dtype=jnp.float32) -> "KVCache":
+               dtype=jnp.float32, prefix_size: Optional[int] = None) -> "KVCache":
+        """An empty cache; with ``prefix_size`` an empty shared-prefix cache (``size`` suffix slots)."""
         shape = (num_layers, batch, size, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        c = cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        return c if prefix_size is None else with_prefix_buffer(c, prefix_size)
+
+
+def with_prefix_buffer(cache: KVCache, prefix_size: int) -> KVCache:
+    """An ordinary cache -> a shared-prefix cache with an empty prefix buffer of ``prefix_size`` slots
+    (``prefix_len = 0``; ``k``/``v`` become the suffix buffers, lengths unchanged)."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"a shared prefix needs a KVCache, got {type(cache).__name__}")
+    if cache.prefix_k is not None:
+        raise ValueError("cache already has a shared prefix")
+    if not isinstance(prefix_size, int) or prefix_size < 1:
+        raise ValueError(f"prefix_size must be an integer >= 1, got {prefix_size!r}")
+    l, _, _, kvh, d = cache.k.shape
+    z = jnp.zeros((l, prefix_size, kvh, d), cache.k.dtype)
+    return cache.replace(prefix_k=z, prefix_v=z, prefix_len=jnp.zeros((), jnp.int32))
+
+
+def set_prefix(cache: KVCache, prefix_k, prefix_v, prefix_len) -> KVCache:
+    """Install the shared prefix ``[L,P,KVH,D]`` (``prefix_len`` valid entries); every row's suffix is
+    emptied (lengths = prefix_len)."""
+    plen = jnp.asarray(prefix_len, jnp.int32).reshape(())
+    return cache.replace(prefix_k=prefix_k.astype(cache.k.dtype), prefix_v=prefix_v.astype(cache.v.dtype),
+                         prefix_len=plen, lengths=jnp.full_like(cache.lengths, plen))
+
+
+def to_plain(cache: KVCache, size: Optional[int] = None) -> KVCache:
+    """A shared-prefix cache -> the equivalent ordinary cache (prefix copied into every row)."""
+    if cache.prefix_k is None:
+        return cache
+    l, b, s, kvh, d = cache.k.shape
+    size = cache.prefix_size + s if size is None else size
+    plen = cache.prefix_len
+    pos = jnp.arange(size)
+    from_prefix = pos < plen
+    pk = jnp.take(cache.prefix_k, jnp.clip(pos, 0, cache.prefix_size - 1), axis=1)  # [L,size,KVH,D]
+    pv = jnp.take(cache.prefix_v, jnp.clip(pos, 0, cache.prefix_size - 1), axis=1)
+    sl = jnp.clip(pos - plen, 0, s - 1)
+    sk = jnp.take(cache.k, sl, axis=2)  # [L,B,size,KVH,D]
+    sv = jnp.take(cache.v, sl, axis=2)
+    sel = from_prefix[None, None, :, None, None]
+    k = jnp.where(sel, pk[:, None], sk)
+    v = jnp.where(sel, pv[:, None], sv)
+    return KVCache(k, v, cache.lengths)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
@@ -51,38 +134,44 @@ def _write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array
 def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array, advance=None) -> KVCache:
     """Write ``k_new/v_new [L,B,T,KVH,D]`` at each row's length; advance lengths by T (where ``advance``)."""
     t = k_new.shape[2]
-    k = _write_rows(cache.k, k_new, cache.lengths)
-    v = _write_rows(cache.v, v_new, cache.lengths)
+    off = cache.offsets
+    k = _write_rows(cache.k, k_new, off)
+    v = _write_rows(cache.v, v_new, off)
     step = jnp.full_like(cache.lengths, t) if advance is None else jnp.where(advance, t, 0)
-    return KVCache(k, v, cache.lengths + step)
+    return cache.replace(k=k, v=v, lengths=cache.lengths + step)
 
 
 def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:
-    """Set each row's committed length (must not exceed what was written)."""
+    """Set each row's committed length (must not exceed what was written; in shared-prefix mode not
+    below ``prefix_len``)."""
     return cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
 
 def gather_block(cache: KVCache, start: jax.Array, idx: jax.Array, n_keep: jax.Array) -> KVCache:
-    """Compact an accepted path of a block written at ``start``.
+    """Compact an accepted path of a block written at ``start`` (a sequence position per row).
 
     ``idx [B, P]`` are block-relative indices of the accepted nodes in order; after the call the
     entries at ``start + idx[b, i]`` sit at ``start + i`` and the row's length is ``start + n_keep``.
     Indices past ``n_keep`` are ignored (their slots hold whatever they gathered).
     """
-    p = idx.shape[1]
+    s0 = cache.to_slot(jnp.asarray(start, jnp.int32))
 
     def one(b_buf, s, ix):  # b_buf [L,S,KVH,D]
         src = jnp.clip(s + ix, 0, b_buf.shape[1] - 1)
         rows = jnp.take(b_buf, src, axis=1)  # [L,P,KVH,D]
         return jax.lax.dynamic_update_slice(b_buf, rows, (0, s, 0, 0))
 
-    k = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache.k, start, idx)
-    v = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache.v, start, idx)
-    del p
-    return KVCache(k, v, (start + n_keep).astype(jnp.int32))
+    k = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache.k, s0, idx)
+    v = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache.v, s0, idx)
+    return cache.replace(k=k, v=v, lengths=(start + n_keep).astype(jnp.int32))
 
 
-def check_room(cache_size: int, needed: int, what: str = "prompt + max_new_tokens") -> None:
+def check_room(cache_size, needed: int, what: str = "prompt + max_new_tokens") -> None:
+    """Raise unless ``needed`` positions fit. ``cache_size`` is an int (positions) or a concrete
+    `KVCache` (its capacity in positions: ``size``, plus ``prefix_len`` in shared-prefix mode)."""
+    if isinstance(cache_size, KVCache):
+        c = cache_size
+        cache_size = c.size + (0 if c.prefix_k is None else int(c.prefix_len))
     if needed > cache_size:
         raise ValueError(f"cache too small: {what} needs {needed} positions but the cache holds {cache_size}")
 

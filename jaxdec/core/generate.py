@@ -67,11 +67,59 @@ def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
     return arr, lens
 
 
+def one_prompt_per_batch(rows: list, bs: int) -> bool:
+    """Does every compiled batch of ``bs`` consecutive rows hold a single distinct prompt?"""
+    return all(len({tuple(r) for r in rows[s:s + bs]}) == 1 for s in range(0, len(rows), bs))
+
+
+def use_shared_prefix(shared_prefix, model, decoder, one_prompt: bool, rows_per_batch: int,
+                      mesh=None) -> bool:
+    """Decide whether a run uses a shared-prefix (Hydragen) cache.
+
+    ``shared_prefix=None`` (auto) picks it when every batch's rows continue ONE prompt
+    (``one_prompt``), a batch has more than one row, the decoder opts in (``shared_prefix_ok``), the
+    model accepts such a cache (``supports_shared_prefix``) and no mesh is given. ``True`` forces it
+    (a ValueError names what prevents it); ``False`` forces the ordinary cache.
+    """
+    if shared_prefix is None:
+        return bool(one_prompt and rows_per_batch > 1 and getattr(decoder, "shared_prefix_ok", False)
+                    and getattr(model, "supports_shared_prefix", False) and mesh is None)
+    if not isinstance(shared_prefix, (bool, np.bool_)):
+        raise ValueError(f"shared_prefix must be None (auto), True or False, got {shared_prefix!r}")
+    if not shared_prefix:
+        return False
+    why = None
+    if not one_prompt:
+        why = "the rows of a batch do not all share one prompt (give one prompt, or batch_size = n)"
+    elif not getattr(model, "supports_shared_prefix", False):
+        why = f"the model ({type(model).__name__}) does not accept a shared-prefix cache"
+    elif not getattr(decoder, "shared_prefix_ok", False):
+        why = f"the decoder ({type(decoder).__name__}) does not support a shared-prefix cache"
+    elif mesh is not None:
+        why = "a mesh is given (sharded runs use the ordinary cache)"
+    if why:
+        raise ValueError(f"shared_prefix=True but {why}")
+    return True
+
+
+def shared_prefix_sizes(p_bucket: int, cap: int, extra: int, cache_size: Optional[int]) -> tuple:
+    """(prefix slots, suffix slots) of a shared-prefix cache: the prompt bucket, and the new tokens
+    (+ decoder headroom) bucketed by 16; a given ``cache_size`` counts both."""
+    if cache_size is None:
+        return p_bucket, bucket(cap + extra, 16)
+    suffix = cache_size - p_bucket
+    if suffix < cap + extra:
+        raise ValueError(f"cache_size ({cache_size}) too small for a shared-prefix cache: prompt bucket "
+                         f"{p_bucket} + {cap + extra} new-token slots")
+    return p_bucket, suffix
+
+
 def generate(model, params, prompts, *, method: str = "greedy", decoder=None, max_new_tokens: int = 64,
              min_new_tokens: int = 0, sampling=None, n: int = 1, seed: int = 0, stop_ids=None,
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
-             callback=None, progress=None, inputs_fn=None, mesh=None) -> Generation:
+             callback=None, progress=None, inputs_fn=None, mesh=None,
+             shared_prefix: Optional[bool] = None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -82,6 +130,13 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     inputs_fn(inputs, rows) -> inputs: lets a decoder add its own per-row inputs.
     mesh: a `jaxdec.sharding.make_mesh` mesh: params and rows are placed with its partition rules and
     the compiled loop runs SPMD over its devices (batch_size must be a multiple of the data axis).
+    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when every
+    compiled batch holds ONE prompt with several rows (one prompt with n > 1, e.g. n>1 sampling,
+    best-of-N, first-finish), the decoder supports it (greedy/sampling `TokenDecoder`, `FirstFinish`)
+    and no mesh is given: the prompt is prefilled once at batch 1 into a single prefix copy, each row's
+    cache holds only its new tokens, and every layer attends with `hydragen_attend`. Several different
+    prompts in one batch use the ordinary cache (no grouped prefix). ``stats["shared_prefix"]`` says
+    which path ran.
     """
     from jaxdec.search.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
@@ -112,9 +167,14 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
     extra = int(getattr(decoder, "cache_headroom", 0))
-    size = cache_size or bucket(p_bucket + cap + extra)
+    shared = use_shared_prefix(shared_prefix, model, decoder, one_prompt_per_batch(rows, bs), bs, mesh)
+    prefix_size = None
+    if shared:
+        prefix_size, size = shared_prefix_sizes(p_bucket, cap, extra, cache_size)
+    else:
+        size = cache_size or bucket(p_bucket + cap + extra)
     needed = pmax + max_new + extra
-    if needed > size or p_bucket > size:
+    if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
         raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
                          f"({max_new}) needs {needed} positions, cache_size is {size}")
     max_pos = getattr(getattr(model, "config", None), "max_position", None)
@@ -154,9 +214,9 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
             inputs["stop_ids"] = jax.device_put(inputs["stop_ids"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         if debug:
             state = loop.run_debug(decoder, model, params, toks, lens, inputs, size,
-                                   callback=callback)
+                                   callback=callback, prefix_size=prefix_size)
         else:
-            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size)
+            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size)
         nn = np.asarray(state.num_new)
         tk = np.asarray(state.tokens)
         fr = np.asarray(state.finish)
@@ -171,7 +231,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     new = sum(len(t) for t in all_tokens)
     out_stats = {"model_calls": calls, "loop_steps": steps, "new_tokens": new, "seconds": secs,
                  "tokens_per_second": new / secs if secs > 0 else float("nan"),
-                 "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs}
+                 "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs,
+                 "shared_prefix": shared}
     extra_stats = getattr(decoder, "summarize", None)
     if extra_stats is not None:
         out_stats.update(extra_stats(last_state))

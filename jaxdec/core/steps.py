@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdec.cache.kv import rollback
+from jaxdec.cache.kv import KVCache, rollback, set_prefix
 from jaxdec.core.state import DecodeState, STOP_STRING, emit
 
 NEG_INF = -jnp.inf
@@ -15,8 +15,21 @@ def prefill(model, params, prompts, prompt_lens, cache):
 
     The cache holds keys/values for the whole padded block, but each row's length is set to its real
     prompt length, so the padding is invisible and later writes overwrite it.
+
+    Shared-prefix cache (``cache.prefix_k`` set, built by the drivers when every row continues the
+    same prompt): the prompt of row 0 is run ONCE at batch 1 into the prefix buffer, which becomes the
+    prefix of every row (suffixes empty, lengths = the prompt length); logits and hidden are row 0's,
+    broadcast to the B rows. Callers guarantee that all rows hold the same prompt.
     """
     b, p = prompts.shape
+    if isinstance(cache, KVCache) and cache.prefix_k is not None:
+        if p > cache.prefix_size:
+            raise ValueError(f"prompt block ({p}) longer than the shared-prefix buffer ({cache.prefix_size})")
+        one = KVCache(cache.prefix_k[:, None], cache.prefix_v[:, None], jnp.zeros((1,), jnp.int32))
+        logits, one, hidden = prefill(model, params, prompts[:1], prompt_lens[:1], one)
+        cache = set_prefix(cache, one.k[:, 0], one.v[:, 0], one.lengths[0])
+        return (jnp.broadcast_to(logits, (b,) + logits.shape[1:]), cache,
+                jnp.broadcast_to(hidden, (b,) + hidden.shape[1:]))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     last = (prompt_lens - 1)[:, None].astype(jnp.int32)
     out = model(params, prompts, positions, cache, logits_at=last)

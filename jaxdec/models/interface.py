@@ -3,7 +3,7 @@
 A model is a hashable object (a frozen dataclass; it is a static argument of `jit`) with
 
     model(params, tokens[B,T], positions[B,T], cache, mask=None, layers=None, logits_at=None,
-          return_layer_hidden=False) -> ModelOutput(logits, hidden, cache, layer_hidden)
+          return_layer_hidden=False) -> ModelOutput(logits, hidden, cache, layer_hidden, qk)
     model.init_cache(batch, size) -> cache
     model.vocab_size, model.num_layers, model.eos_ids
 
@@ -17,6 +17,16 @@ A model is a hashable object (a frozen dataclass; it is a static argument of `ji
 * ``logits_at [B,K]`` int: compute logits only at these block indices (prefill asks for K = 1).
 * ``hidden [B,T,hidden]``: final-norm hidden states (what draft heads read); ``layer_hidden
   [num_layers+1,B,T,hidden]`` (embedding output then every layer's output) when asked for.
+
+Optional (`LlamaModel` has them; drivers use them only where a model declares them):
+
+* ``attn_fn``/``attn_extra``: a per-layer attention function and its per-layer pytree (leading
+  ``[num_layers]`` axis), for methods whose attention needs per-layer state (Double Sparsity);
+  ``collect_qk=True`` fills ``qk = (q [L,B,T,H,D], k [L,B,T,KVH,D])`` (post-RoPE).
+* ``supports_shared_prefix = True``: the model accepts a shared-prefix `KVCache` (``prefix_k`` set;
+  Hydragen attention), which `generate` and the search drivers build automatically when every row of
+  a batch continues the same prompt.
+
 Params are plain pytrees, so jax.tree utilities, sharding and orbax work on them unchanged.
 """
 from __future__ import annotations
@@ -31,6 +41,7 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array
     cache: Any
     layer_hidden: Optional[jax.Array] = None
+    qk: Optional[tuple] = None  # (q [L,B,T,H,D], k [L,B,T,KVH,D]) with collect_qk=True
 
 
 class DecoderModel(Protocol):

@@ -12,11 +12,12 @@ arrays or block-quantized `QTensor`s (dequantized inside the jitted matmul)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxdec.attention.hydragen import hydragen_attend
 from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.cache.kv import KVCache, append
 from jaxdec.models.config import LlamaConfig
@@ -57,6 +58,8 @@ def _attention_fn(impl):
 class LlamaModel:
     config: LlamaConfig
     attention_impl: str = "xla"
+    # the drivers may hand this model a shared-prefix KVCache (Hydragen; see jaxdec.cache.kv)
+    supports_shared_prefix = True
 
     @property
     def vocab_size(self) -> int:
@@ -79,17 +82,52 @@ class LlamaModel:
         return KVCache.create(c.num_layers, batch, size, c.num_kv_heads, c.head_dim, dtype)
 
     def __call__(self, params, tokens, positions, cache: KVCache, mask=None, layers=None,
-                 logits_at=None, return_layer_hidden: bool = False) -> ModelOutput:
+                 logits_at=None, return_layer_hidden: bool = False, attn_fn: Optional[Callable] = None,
+                 attn_extra=None, collect_qk: bool = False) -> ModelOutput:
+        """One forward pass over a block of T tokens (see `jaxdec.models.interface`).
+
+        Attention per layer, in this order of precedence:
+
+        * ``attn_fn`` (with ``attn_extra``): a per-layer attention function
+          ``attn_fn(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos, extra,
+          sliding_window=...) -> [B,T,H,D]`` (q/k post-RoPE), ``extra`` being that layer's slice of
+          ``attn_extra`` (a pytree with a leading ``[num_layers]`` axis scanned with the layers; None
+          passes None). Methods with per-layer attention state use it (Double Sparsity's channels).
+        * a shared-prefix cache (``cache.prefix_k`` set): Hydragen, `hydragen_attend` with the layer's
+          prefix slice, the rows' suffixes and suffix lengths ``cache.lengths - cache.prefix_len``.
+        * otherwise ``attention_impl`` ("xla" reference or the "pallas" tree-attention kernel).
+
+        ``collect_qk=True`` also returns every layer's post-RoPE queries and keys of the block in
+        ``ModelOutput.qk = (q [L,B,T,H,D], k [L,B,T,KVH,D])`` (zeros for skipped layers).
+        """
         c = self.config
         b, t = tokens.shape
-        attn = _attention_fn(self.attention_impl)
         x = embed_lookup(params["embed"], tokens).astype(jnp.float32)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         block_mask = causal_block_mask(b, t) if mask is None else mask
-        lengths = cache.lengths
         on = jnp.ones((c.num_layers,), bool) if layers is None else jnp.asarray(layers, bool)
+        prefix = isinstance(cache, KVCache) and cache.prefix_k is not None
+        if attn_fn is not None:
+            if prefix:
+                raise ValueError("attn_fn cannot be combined with a shared-prefix cache (cache.prefix_k "
+                                 "is set): the cache's prefix needs the Hydragen attention")
+            attn, extra_xs, lengths = attn_fn, attn_extra, cache.lengths
+        elif prefix:
+            plen = cache.prefix_len
 
-        def block(h, p, kc, vc):
+            def attn(q, kc, vc, suf_len, k, v, bm, q_pos, extra, sliding_window=None):
+                pk, pv = extra
+                return hydragen_attend(q, pk, pv, plen, kc, vc, suf_len, k, v, bm, q_pos,
+                                       sliding_window=sliding_window)
+            extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - plen
+        else:
+            base = _attention_fn(self.attention_impl)
+
+            def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None):
+                return base(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window)
+            extra_xs, lengths = None, cache.lengths
+
+        def block(h, p, kc, vc, extra):
             hn = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
             q = matmul(hn, p["wq"])
             k = matmul(hn, p["wk"])
@@ -99,30 +137,31 @@ class LlamaModel:
             q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
             k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
             v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-            a = attn(q, kc, vc, lengths, k, v, block_mask, positions, sliding_window=c.sliding_window)
+            a = attn(q, kc, vc, lengths, k, v, block_mask, positions, extra, sliding_window=c.sliding_window)
             h = h + matmul(a.reshape(b, t, c.num_heads * c.head_dim), p["wo"])
             hn = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
             h = h + matmul(jax.nn.silu(matmul(hn, p["w_gate"])) * matmul(hn, p["w_up"]), p["w_down"])
-            return h, k, v
+            return h, k, v, (q if collect_qk else None)
 
-        def skip(h, p, kc, vc):
+        def skip(h, p, kc, vc, extra):
             z = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), h.dtype)
-            return h, z, z
+            zq = jnp.zeros((b, t, c.num_heads, c.head_dim), h.dtype) if collect_qk else None
+            return h, z, z, zq
 
         # quantized stacks are read in place by index (a scan slice would copy them every step)
         layer_xs, pick_layer = scan_layer_params(params["layers"])
 
         def layer(h, xs):
-            p, index, kc, vc, on_l = xs
+            p, index, kc, vc, on_l, extra = xs
             p = pick_layer(p, index)
             if layers is None:
-                h2, k, v = block(h, p, kc, vc)
+                h2, k, v, q = block(h, p, kc, vc, extra)
             else:
-                h2, k, v = jax.lax.cond(on_l, block, skip, h, p, kc, vc)
-            return h2, (k, v, h2 if return_layer_hidden else None)
+                h2, k, v, q = jax.lax.cond(on_l, block, skip, h, p, kc, vc, extra)
+            return h2, (k, v, h2 if return_layer_hidden else None, q)
 
-        h, (k_new, v_new, per_layer) = jax.lax.scan(layer, x, (layer_xs, jnp.arange(c.num_layers, dtype=jnp.int32),
-                                                                cache.k, cache.v, on))
+        h, (k_new, v_new, per_layer, q_all) = jax.lax.scan(
+            layer, x, (layer_xs, jnp.arange(c.num_layers, dtype=jnp.int32), cache.k, cache.v, on, extra_xs))
         cache = append(cache, k_new, v_new)
         h = rms_norm(h, params["final_norm"], c.rms_norm_eps)
         hs = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
@@ -131,4 +170,5 @@ class LlamaModel:
         layer_hidden = None
         if return_layer_hidden:
             layer_hidden = jnp.concatenate([x[None], per_layer], axis=0)
-        return ModelOutput(logits, h, cache, layer_hidden)
+        qk = (q_all, k_new) if collect_qk else None
+        return ModelOutput(logits, h, cache, layer_hidden, qk)

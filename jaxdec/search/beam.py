@@ -110,6 +110,7 @@ class BeamSearch:
     num_beams: int = 4
     num_groups: int = 1
     constraint: Any = None
+    shared_prefix_ok = True  # one prompt per batch may use a Hydragen shared-prefix cache
 
     def __post_init__(self):
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -306,7 +307,8 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
                 num_return_sequences: Optional[int] = None, num_beam_groups: int = 1,
                 diversity_penalty: float = 0.0, no_repeat_ngram_size: int = 0, constraint: Any = None,
                 stop_ids=None, batch_size: Optional[int] = None,
-                cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None) -> Generation:
+                cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None,
+                shared_prefix: Optional[bool] = None) -> Generation:
     """Beam search (or diverse beam search with ``num_beam_groups > 1``) over token-id prompts.
 
     Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
@@ -316,6 +318,10 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     `Generation`: ``tokens[i]`` is prompt i's best hypothesis (up to and including EOS), ``extras["beams"]
     [i]`` its ``num_return_sequences`` (default num_beams) hypotheses ``{"tokens", "score",
     "finished", "group"}`` best first (across groups for diverse beam search); ``extras["scores"][i]`` the best score (HF's ``sequences_scores``).
+    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when each
+    compiled batch holds one prompt (a single prompt, or ``batch_size=1``) and num_beams > 1: the
+    prompt is prefilled once, the beams' caches hold only their generated tokens (beam reordering
+    gathers those only) and every layer attends with `hydragen_attend`. ``stats["shared_prefix"]``.
     """
     if no_repeat_ngram_size and constraint is not None:
         raise ValueError("give either no_repeat_ngram_size or constraint, not both")
@@ -342,7 +348,7 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     prompts, results, stats = run_grouped(dec, model, params, prompts, num_beams, max_new_tokens=max_new_tokens,
                                           min_new_tokens=min_new_tokens, stop_ids=stop, batch_size=batch_size,
                                           cache_size=cache_size, debug=debug, callback=callback,
-                                          extra_inputs=extra)
+                                          extra_inputs=extra, shared_prefix=shared_prefix)
     beams, best, finish = _collect(prompts, results, num_beams, nr, stop, dec.group_size)
     new = sum(len(t) for t in best)
     stats.update({"new_tokens": new, "tokens_per_second": new / stats["seconds"] if stats["seconds"] > 0 else

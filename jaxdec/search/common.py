@@ -7,6 +7,12 @@ independent prompts. Hypotheses are reordered by gathering rows (`reorder_cache`
 part of a row's cache (positions ``[start, start + window)``, where ``start`` is the prompt length) is
 moved, because the prompt part is identical across one prompt's rows.
 
+Shared prefix (Hydragen): when the batch holds ONE prompt (``len(prompts) == 1`` or a batch of
+identical prompts) and the decoder opts in (``shared_prefix_ok = True``), `run_grouped` gives the
+decoder a shared-prefix `KVCache`: the prompt is prefilled once into a single prefix copy, each row's
+cache holds only its generated suffix (``bucket(capacity)`` slots), attention is `hydragen_attend`, and
+reordering beams gathers suffix rows only. Batches of several different prompts use the ordinary cache.
+
 `run_grouped` is the host entry shared by these decoders: it pads and batches prompts, builds the
 per-row inputs (R rows per prompt) and runs a decoder through the shared driver (`loop.run_jit`, or
 `loop.run_debug`).
@@ -22,7 +28,7 @@ import numpy as np
 
 from jaxdec.cache.kv import KVCache, bucket
 from jaxdec.core import loop
-from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch
+from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch, shared_prefix_sizes, use_shared_prefix
 
 NEG = -1.0e9  # HF's "impossible" score for beams (kept finite so that sums stay ordered)
 
@@ -34,9 +40,9 @@ def expand_rows(tree, r: int, axis: int = 0):
 
 def expand_cache(cache, r: int):
     """Copy each prompt's cache to its ``r`` hypothesis rows."""
-    if isinstance(cache, KVCache):
-        return KVCache(jnp.repeat(cache.k, r, axis=1), jnp.repeat(cache.v, r, axis=1),
-                       jnp.repeat(cache.lengths, r, axis=0))
+    if isinstance(cache, KVCache):  # a shared prefix stays one copy: only the suffix rows repeat
+        return cache.replace(k=jnp.repeat(cache.k, r, axis=1), v=jnp.repeat(cache.v, r, axis=1),
+                             lengths=jnp.repeat(cache.lengths, r, axis=0))
     if hasattr(cache, "repeat_rows"):
         return cache.repeat_rows(r)
     raise TypeError(f"don't know how to copy rows of a {type(cache).__name__} cache (give it repeat_rows/take_rows)")
@@ -64,11 +70,14 @@ def reorder_cache(cache, idx, start=None, window: Optional[int] = None):
     `dynamic_slice` to end at the cache's last position, which still covers ``[start, S)``.
     """
     if isinstance(cache, KVCache):
+        # shared-prefix cache: k/v hold only the suffixes, so a reorder gathers suffix rows only
         lengths = jnp.take(cache.lengths, idx, axis=0)
         if window is None or window >= cache.size:
-            return KVCache(jnp.take(cache.k, idx, axis=1), jnp.take(cache.v, idx, axis=1), lengths)
-        return KVCache(_window_take(cache.k, idx, start, window), _window_take(cache.v, idx, start, window),
-                       lengths)
+            return cache.replace(k=jnp.take(cache.k, idx, axis=1), v=jnp.take(cache.v, idx, axis=1),
+                                 lengths=lengths)
+        s0 = cache.to_slot(start)
+        return cache.replace(k=_window_take(cache.k, idx, s0, window), v=_window_take(cache.v, idx, s0, window),
+                             lengths=lengths)
     if hasattr(cache, "take_rows"):
         return cache.take_rows(idx, start, window)
     raise TypeError(f"don't know how to reorder rows of a {type(cache).__name__} cache (give it take_rows)")
@@ -109,13 +118,16 @@ def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
 def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_new_tokens: int,
                 min_new_tokens: int = 0, stop_ids=None, seed: int = 0, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
-                callback=None, extra_inputs=None):
+                callback=None, extra_inputs=None, shared_prefix: Optional[bool] = None):
     """Run `decoder` over prompts with ``rows_per_prompt`` rows each; yields nothing, returns
     ``(prompts, [(final_state, n_real_prompts), ...], stats)``.
 
     batch_size counts prompts per compiled batch (each batch has batch_size * rows_per_prompt rows);
     the last batch is padded with inert prompts (max_new = 0) so it reuses the compiled program.
     extra_inputs(inputs, chunk_prompts) -> inputs adds decoder-specific per-row inputs.
+    shared_prefix: None (auto: a shared-prefix Hydragen cache when every batch holds one prompt, i.e.
+    one prompt or batch_size=1, rows_per_prompt > 1 and the decoder opts in), True (force; error if
+    impossible) or False (ordinary cache). ``stats["shared_prefix"]`` says which ran.
     """
     prompts = _check_prompts(prompts, model.vocab_size)
     r = _positive_int("rows_per_prompt", rows_per_prompt)
@@ -129,9 +141,15 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     cap = capacity or bucket(max_new, 16)
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
-    size = cache_size or bucket(p_bucket + cap)
+    shared = use_shared_prefix(shared_prefix, model, decoder, bp == 1 or len({tuple(p) for p in prompts}) == 1,
+                               bp * r)
+    prefix_size = None
+    if shared:
+        prefix_size, size = shared_prefix_sizes(p_bucket, cap, 0, cache_size)
+    else:
+        size = cache_size or bucket(p_bucket + cap)
     needed = pmax + max_new
-    if needed > size or p_bucket > size:
+    if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
         raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
                          f"({max_new}) needs {needed} positions, cache_size is {size}")
     max_pos = getattr(getattr(model, "config", None), "max_position", None)
@@ -158,9 +176,10 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
             inputs = extra_inputs(inputs, chunk)
         if debug:
             state = loop.run_debug(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
-                                   callback=callback)
+                                   callback=callback, prefix_size=prefix_size)
         else:
-            state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size)
+            state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
+                                 prefix_size=prefix_size)
         state = jax.block_until_ready(state)
         results.append((state, real))
         st = state.stats or {}
@@ -168,5 +187,6 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
         steps += int(state.step) + 1
     secs = time.perf_counter() - t0
     stats = {"model_calls": calls, "loop_steps": steps, "seconds": secs, "cache_size": size,
-             "prompt_bucket": p_bucket, "batch_size": bp, "rows_per_prompt": r, "capacity": cap}
+             "prompt_bucket": p_bucket, "batch_size": bp, "rows_per_prompt": r, "capacity": cap,
+             "shared_prefix": shared}
     return prompts, results, stats

@@ -54,6 +54,7 @@ class StochasticBeam:
 
     k: int = 4
     exact: bool = True
+    shared_prefix_ok = True  # one prompt per batch may use a Hydragen shared-prefix cache
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:

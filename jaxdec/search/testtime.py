@@ -83,6 +83,7 @@ class FirstFinish:
 
     n: int = 4
     inner: Any = TokenDecoder(greedy=False)
+    shared_prefix_ok = True  # the inner TokenDecoder's cache handling (Hydragen prefix allowed)
 
     def _group(self, state):
         ended = (state.finish == EOS).reshape(-1, self.n)

@@ -29,6 +29,7 @@ class TokenDecoder:
     repetition_penalty: bool = False
     stop_checker: Any = None
     stop_window: int = 0
+    shared_prefix_ok = True  # rows sharing a prompt may decode against one Hydragen prefix
 
     def pick(self, logits, state):
         logits = suppress_stops(logits, state)
