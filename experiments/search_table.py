@@ -18,11 +18,20 @@ Sections (run all, or pick with --sections):
                 (subprocess, never a process forked from JAX) with a per-problem timeout. This is not a
                 security sandbox: run it only on our own generations.
 
+* ``superposed`` (not in the default --sections; run it by name) Superposed Decoding's k drafts vs beam
+                search (k beams) and k independent nucleus samples (top-p 0.9), fixed N new tokens (EOS
+                ignored): distinct-n across each prompt's k drafts, mean per-token NLL of the drafts
+                under the full model (teacher-forced ``score``), and single-row forwards per returned
+                draft (superposed: one row per prompt per step for all k drafts; beam and sampling: k
+                rows). ``--quick`` is a smoke run (2 prompts, 8 tokens) that prints and writes nothing.
+
 Results are merged into ``experiments/results/search_table.json``; the table is re-rendered to
 ``search_table.md`` and plots to ``search_*.png`` each time.
 
     python experiments/search_table.py --sections bench,dbs,momentum,ffs
     python experiments/search_table.py --sections humaneval --humaneval-problems 40
+    python experiments/search_table.py --sections superposed --superposed-prompts 12 --superposed-tokens 32
+    python experiments/search_table.py --sections superposed --quick
 """
 from __future__ import annotations
 
@@ -268,6 +277,46 @@ json.dump(out, sys.stdout)
 """
 
 
+def section_superposed(model, params, args):
+    """Superposed decoding vs beam k and k samples: diversity, NLL under the full model, calls per draft."""
+    import peer
+    from jaxdec import generate, score
+    from jaxdec.models.tokenizer import Tokenizer
+    from jaxdec.search.beam import beam_search
+    from jaxdec.search.superposed import default_ngram, superposed_generate
+    n_prompts, n, k = (2, 8, 2) if args.quick else (args.superposed_prompts, args.superposed_tokens, args.superposed_k)
+    prompts = chat_ids(n_prompts)
+    tok = Tokenizer.from_gguf(peer.default_gguf_path())
+    runs = {}  # name -> (drafts per prompt, single-row forwards per returned draft)
+    for name, kw in [(f"superposed_k{k}", {}),
+                     (f"superposed_k{k}_ngram0.5", dict(ngram=default_ngram(tok), ngram_alpha=0.5))]:
+        g = superposed_generate(model, params, prompts, num_drafts=k, max_new_tokens=n, stop_ids=(), **kw)
+        runs[name] = ([[b["tokens"] for b in bs] for bs in g.extras["beams"]], g.stats["row_calls_per_draft"])
+    g = beam_search(model, params, prompts, num_beams=k, num_return_sequences=k, max_new_tokens=n, stop_ids=())
+    # every call advances k rows per prompt for k returned beams: calls per draft = calls (one batch)
+    runs[f"beam_k{k}"] = ([[b["tokens"] for b in bs] for bs in g.extras["beams"]], g.stats["model_calls"])
+    g = generate(model, params, prompts, method="sample", n=k, sampling={"temperature": 1.0, "top_p": 0.9},
+                 seed=0, max_new_tokens=n, stop_ids=())
+    samples = [g.tokens[i * k:(i + 1) * k] for i in range(len(prompts))]
+    runs[f"sample_top_p0.9_x{k}"] = (samples, g.stats["model_calls"])
+    out = {}
+    for name, (drafts, calls) in runs.items():
+        flat_p = [p for p, ds in zip(prompts, drafts) for _ in ds]
+        flat_d = [d for ds in drafts for d in ds]
+        lps = score(model, params, flat_p, flat_d)
+        out[name] = {"distinct_1": float(np.mean([distinct_n(ds, 1) for ds in drafts])),
+                     "distinct_2": float(np.mean([distinct_n(ds, 2) for ds in drafts])),
+                     "mean_nll": float(np.mean([-np.mean(lp) for lp in lps])),
+                     "best_draft_nll": float(np.mean([min(-np.mean(lp) for lp in lps[i * k:(i + 1) * k])
+                                                      for i in range(len(prompts))])),
+                     "row_forwards_per_draft": float(calls)}
+        print(f"[superposed] {name}: {out[name]}", flush=True)
+    return {"prompts": len(prompts), "new_tokens": n, "k": k, "results": out,
+            "note": "chat prompts, EOS ignored; NLL = mean per-token negative log-likelihood under the full model "
+                    "(float32), averaged over drafts; distinct-n across each prompt's k drafts; superposed "
+                    "n-gram row uses the tiny default corpus (jaxdec/data texts)"}
+
+
 def truncate_completion(text):
     cut = len(text)
     for s in HE_STOP:
@@ -388,6 +437,15 @@ def render(res):
             lines.append(f"| {k} | {v['passed']}/{v['total']} = {v['pass@1']:.3f} | {v['ci95'][0]:.3f}-"
                          f"{v['ci95'][1]:.3f} | {v['generation_seconds']:.0f} |")
         lines.append("")
+    sp = res.get("superposed")
+    if sp:
+        lines += [f"## Superposed decoding (k = {sp['k']}, {sp['prompts']} prompts, {sp['new_tokens']} new tokens)", "",
+                  "| method | distinct-1 | distinct-2 | mean NLL | best-draft NLL | single-row forwards per draft |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in sp["results"].items():
+            lines.append(f"| {k} | {v['distinct_1']:.3f} | {v['distinct_2']:.3f} | {v['mean_nll']:.3f} | "
+                         f"{v['best_draft_nll']:.3f} | {v['row_forwards_per_draft']:.1f} |")
+        lines += ["", sp["note"], ""]
     with open(OUT_MD, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -438,6 +496,11 @@ def main():
     ap.add_argument("--humaneval-batch", type=int, default=8)
     ap.add_argument("--humaneval-methods", default="")
     ap.add_argument("--adadec-threshold", type=float, default=1.0)
+    ap.add_argument("--superposed-prompts", type=int, default=12)
+    ap.add_argument("--superposed-tokens", type=int, default=32)
+    ap.add_argument("--superposed-k", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run of the superposed section (2 prompts, 8 tokens, k=2): print only, write nothing")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     res = {}
@@ -446,7 +509,7 @@ def main():
             res = json.load(fh)
     model, params = load()
     fns = {"bench": section_bench, "dbs": section_dbs, "momentum": section_momentum, "ffs": section_ffs,
-           "humaneval": section_humaneval}
+           "humaneval": section_humaneval, "superposed": section_superposed}
     for s in args.sections.split(","):
         s = s.strip()
         if not s:
@@ -457,6 +520,9 @@ def main():
         out["command"] = "python experiments/search_table.py " + " ".join(sys.argv[1:])
         out["commit"] = commit()
         out["loadavg_at_end"] = os.getloadavg()
+        if args.quick:
+            print(json.dumps(out, indent=1))
+            continue
         res[s] = out
         import peer
         res["meta"] = {"commit": commit(), "machine": machine(), "versions": peer.versions(),
@@ -465,7 +531,8 @@ def main():
             json.dump(res, fh, indent=1)
         render(res)
         plots(res)
-    print(open(OUT_MD).read())
+    if not args.quick:
+        print(open(OUT_MD).read())
 
 
 if __name__ == "__main__":

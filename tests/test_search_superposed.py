@@ -279,3 +279,31 @@ def test_bad_input_errors(model_f32):
         NGramModel.from_token_ids([[1, 2]], orders=(0,))
     with pytest.raises(ValueError, match="empty"):
         NGramModel.from_token_ids([], orders=(2,))
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(tmp_path, *extra):
+    import json
+    from jaxdec.cli import main
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--prompt", "What is 2+2?", "--chat", "--max-new-tokens", "6", "--quiet",
+               "--out", str(out), "--method", "superposed", *extra])
+    return rc, ([json.loads(line) for line in out.read_text().splitlines()] if rc == 0 else None)
+
+
+def test_cli_superposed(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "2 + 2 = 4. The answer is 4."}\n{"prompt": "What is 2+2? It is 4."}\n')
+    rc, rows = _cli(tmp_path, "--num-drafts", "2", "--ngram-alpha", "0.3", "--ngram-corpus", str(corpus),
+                    "--ngram-orders", "2,3", "--ngram-weights", "0.5,0.5")
+    assert rc == 0 and len(rows) == 1
+    r = rows[0]
+    assert len(r["beams"]) == 2 and r["tokens"] == r["beams"][0]["tokens"]
+    assert len({tuple(b["tokens"]) for b in r["beams"]}) == 2
+    assert r["beams"][0]["score"] >= r["beams"][1]["score"]
+    for bad, msg in [(("--ngram-alpha", "0.3", "--ngram-weights", "0.5,0.2"), "ngram_weights"),
+                     (("--num-drafts", "0"), "num-drafts"),
+                     (("--ngram-corpus", str(tmp_path / "missing.txt")), "no such file")]:
+        rc, _ = _cli(tmp_path, *bad)
+        assert rc == 2
+        assert msg in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Search decoders. Host entry points (imported lazily, so `import jaxdec.search` stays cheap):
 
 beam_search (beam, diverse beam, conditional beam), stochastic_beam_search, context_aware_generate,
-momentum_generate, adadec_generate, entropy_adaptive_generate, best_of_n, first_finish, rerank, astar_decode, exact_extract.
+momentum_generate, adadec_generate, entropy_adaptive_generate, best_of_n, first_finish, rerank, astar_decode, exact_extract,
+superposed_generate.
 See jaxdec/search/README.md for one example of each.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ _EXPORTS = {
     "FirstFinish": "testtime", "exact_extract": "extract", "span_scores": "extract",
     "entropy_adaptive_generate": "entropy_adaptive", "EntropyAdaptive": "entropy_adaptive",
     "TableModel": "toy", "TokenDecoder": "token",
+    "superposed_generate": "superposed", "Superposed": "superposed", "NGramModel": "superposed",
 }
 
 __all__ = sorted(_EXPORTS)

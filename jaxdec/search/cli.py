@@ -1,10 +1,11 @@
 """CLI methods of the search package, registered with `jaxdec.cli` (imported by its plugin loader).
 
 `jaxdec generate --method beam|diverse-beam|conditional-beam|stochastic-beam|momentum|adadec|best-of-n|
-first-finish|astar|entropy-adaptive ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
+first-finish|astar|entropy-adaptive|superposed ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
 for the multi-sequence methods, ``beams`` lists every returned sequence as ``{"tokens", "score"}``
 (score: the length-normalised beam score for beam methods, the log-probability for stochastic beam
-and A*, the reranker's score for best-of-N).
+and A*, the reranker's score for best-of-N, the draft's running (n-gram-interpolated) log-score for
+superposed).
 """
 from __future__ import annotations
 
@@ -160,3 +161,68 @@ def astar_method(args, loaded, ids, progress):
     beams = [[{"tokens": t, "score": s}] for t, s in zip(g.tokens, g.extras["scores"])]
     g.stats.setdefault("new_tokens", sum(len(t) for t in g.tokens))
     return _rows(g, loaded, beams)
+
+
+# ------------------------------------------------------------------ superposed decoding
+def add_superposed_args(g):
+    s = g.add_argument_group("superposed decoding (--method superposed; --temperature applies too)")
+    s.add_argument("--num-drafts", type=int, default=3, help="superposed: k drafts per prompt")
+    s.add_argument("--sp-candidates", type=int, default=None,
+                   help="superposed: top tokens joined to each draft (default k: a k^2 expansion)")
+    s.add_argument("--ngram-alpha", type=float, default=0.0,
+                   help="superposed: n-gram interpolation weight in [0, 1] (0: off)")
+    s.add_argument("--ngram-corpus", default=None,
+                   help="superposed: n-gram corpus, a .txt file or a .jsonl of {\"text\"|\"prompt\": ...} "
+                        "(default: the texts shipped in jaxdec/data)")
+    s.add_argument("--ngram-orders", default="2,3,4", help="superposed: n-gram orders, comma-separated")
+    s.add_argument("--ngram-weights", default=None,
+                   help="superposed: one weight per order, comma-separated, summing to 1 (default uniform)")
+    s.add_argument("--ngram-penalty", type=float, default=200.0,
+                   help="superposed: score given instead of alpha*log p_ng where the n-gram has no support")
+
+
+def _floats(flag, text, conv=float):
+    try:
+        return tuple(conv(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadInput(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _corpus_texts(path):
+    import json
+    import os
+    if not os.path.isfile(path):
+        raise BadInput(f"--ngram-corpus: no such file {path!r}")
+    with open(path, encoding="utf-8") as fh:
+        if not path.endswith(".jsonl"):
+            return [fh.read()]
+        texts = []
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"--ngram-corpus line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("prompt")), str):
+                raise BadInput(f"--ngram-corpus line {n}: expected an object with a \"text\" or \"prompt\" string")
+            texts.append(obj.get("text", obj.get("prompt")))
+        return texts
+
+
+@register_method("superposed", add_superposed_args)
+def superposed_method(args, loaded, ids, progress):
+    from jaxdec.search.superposed import NGramModel, default_corpus_texts, superposed_generate
+    _check_positive(args, "num_drafts")
+    ngram = None
+    weights = None if args.ngram_weights is None else _floats("--ngram-weights", args.ngram_weights)
+    if args.ngram_alpha > 0 or args.ngram_corpus is not None:
+        orders = _floats("--ngram-orders", args.ngram_orders, int)
+        texts = default_corpus_texts() if args.ngram_corpus is None else _corpus_texts(args.ngram_corpus)
+        ngram = NGramModel.from_texts(texts, loaded.tokenizer, orders)
+    g = superposed_generate(loaded.model, loaded.params, ids, num_drafts=args.num_drafts,
+                            num_candidates=args.sp_candidates, temperature=args.temperature, ngram=ngram,
+                            ngram_alpha=args.ngram_alpha, ngram_weights=weights, ngram_penalty=args.ngram_penalty,
+                            max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            batch_size=args.batch_size, tokenizer=loaded.tokenizer)
+    return _rows(g, loaded, g.extras["beams"])
