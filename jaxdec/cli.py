@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from jaxdec.models.registry import WEIGHTS
+
 EXIT_BAD_INPUT = 2
 
 # method name -> handler(args, loaded, prompt_ids) -> list of per-prompt dicts. Other packages
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--weights", default="f32", choices=["f32", "q"])
+    g.add_argument("--weights", default="f32", choices=list(WEIGHTS))
     g.add_argument("--attention", default="xla", choices=["xla", "pallas"])
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout")
     d = sub.add_parser("demo", help="decode a few chat prompts with the default model and print the speed")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--weights", default="q", choices=["f32", "q"])
+    d.add_argument("--weights", default="q", choices=list(WEIGHTS))
     d.add_argument("--max-new-tokens", type=int, default=64)
     for name, (_, add_args) in METHODS.items():
         if add_args is not None:

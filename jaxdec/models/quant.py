@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdec.compress.dfloat11 import DF11Slice, DF11Stack
+
 BLOCK = 32
 IMPLS = ("auto", "native", "xla")
 
@@ -103,14 +105,16 @@ def scan_layer_params(layers: dict):
     """Split stacked layer params for `lax.scan`: returns ``(xs, pick)``.
 
     Scan over ``xs`` (the plain arrays) as usual and call ``pick(xs_slice, i)`` in the body to get layer
-    ``i``'s params; block-quantized weights come back as `LayerSlice`s of the unsliced stacks.
+    ``i``'s params; block-quantized weights come back as `LayerSlice`s of the unsliced stacks and
+    DFloat11-compressed ones as `DF11Slice`s (decoded by `matmul`, right before the product).
     """
-    fixed = {k: v for k, v in layers.items() if isinstance(v, QTensor)}
-    xs = {k: v for k, v in layers.items() if not isinstance(v, QTensor)}
+    fixed = {k: v for k, v in layers.items() if isinstance(v, (QTensor, DF11Stack))}
+    xs = {k: v for k, v in layers.items() if k not in fixed}
 
     def pick(xs_slice: dict, index) -> dict:
         p = dict(xs_slice)
-        p.update({k: LayerSlice(v, jnp.asarray(index, jnp.int32)) for k, v in fixed.items()})
+        i = jnp.asarray(index, jnp.int32)
+        p.update({k: (LayerSlice(v, i) if isinstance(v, QTensor) else DF11Slice(v, i)) for k, v in fixed.items()})
         return p
 
     return xs, pick
@@ -118,11 +122,14 @@ def scan_layer_params(layers: dict):
 
 # ------------------------------------------------------------------------------------------- matmul
 def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
-    """``x @ W.T`` for ``x [..., in]`` and a float, `QTensor` or `LayerSlice` ``W [out, in]``.
+    """``x @ W.T`` for ``x [..., in]`` and a float, `QTensor`, `LayerSlice` or `DF11Slice` ``W [out, in]``
+    (a bfloat16 ``W`` is promoted: float32 products of the bfloat16 values).
 
     impl: "auto" (native kernel where available, else XLA), "native" or "xla"; default from the
     ``JAXDEC_QMATMUL`` environment variable (read at trace time).
     """
+    if isinstance(w, DF11Slice):
+        w = w.materialize()
     if not isinstance(w, (QTensor, LayerSlice)):
         return jnp.einsum("...i,oi->...o", x, w)
     impl = impl or os.environ.get("JAXDEC_QMATMUL", "auto")

