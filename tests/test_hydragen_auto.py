@@ -1,0 +1,238 @@
+"""Hydragen used automatically: rows that share one prompt decode against ONE prefix copy.
+
+* shared-prefix `KVCache` properties: append / rollback / gather_block / beam reorder / row expansion
+  on a prefix cache leave exactly the visible contents that the same operations leave on an ordinary
+  cache holding the prompt in every row (NumPy model of the plain cache, hypothesis, derandomized);
+* on the real default model (float32): the Hydragen path (what auto, `shared_prefix=None`, picks)
+  and the plain path (`shared_prefix=False`) give the same tokens for n>1 sampling with fixed seeds and
+  for beam search with 4 beams; a spy model records at trace time that the cache it was handed really
+  had a shared prefix on the Hydragen path and none on the plain path (so the test cannot pass through
+  the plain path twice);
+* the auto rule and the forced-path errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxdec.cache.kv import KVCache, append, check_room, gather_block, rollback, to_plain
+from jaxdec.core.generate import use_shared_prefix
+from jaxdec.models.llama import LlamaModel
+from jaxdec.search.common import expand_cache, reorder_cache
+
+L, KVH, D = 2, 1, 3
+
+
+# ------------------------------------------------------------------------------------------------
+# cache properties: prefix mode == the plain cache's visible contents
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def prefix_scenario(draw):
+    b = draw(st.integers(1, 4))
+    p_cap = draw(st.integers(1, 8))
+    plen = draw(st.integers(0, p_cap))
+    s = draw(st.integers(6, 12))
+    t = draw(st.integers(1, 4))
+    suf = [draw(st.integers(0, s - t)) for _ in range(b)]
+    seed = draw(st.integers(0, 2**16))
+    return b, p_cap, plen, s, t, suf, seed
+
+
+def _make(b, p_cap, plen, s, suf, seed):
+    """(prefix-mode cache, NumPy plain k, v [L,B,p_cap+s,KVH,D], lengths)."""
+    rng = np.random.default_rng(seed)
+    pk, pv = (rng.normal(size=(L, p_cap, KVH, D)).astype(np.float32) for _ in range(2))
+    sk, sv = (rng.normal(size=(L, b, s, KVH, D)).astype(np.float32) for _ in range(2))
+    lengths = np.array([plen + n for n in suf], np.int32)
+    pk[:, plen:] = np.nan  # prefix slots past prefix_len are garbage and must never show
+    pv[:, plen:] = np.nan
+    cache = KVCache(jnp.asarray(sk), jnp.asarray(sv), jnp.asarray(lengths), jnp.asarray(pk), jnp.asarray(pv),
+                    jnp.asarray(plen, jnp.int32))
+    kk = np.zeros((L, b, p_cap + s, KVH, D), np.float32)
+    vv = np.zeros_like(kk)
+    kk[:, :, :plen] = pk[:, None, :plen]
+    vv[:, :, :plen] = pv[:, None, :plen]
+    kk[:, :, plen:plen + s] = sk
+    vv[:, :, plen:plen + s] = sv
+    return cache, kk, vv, lengths
+
+
+def _visible_equal(cache, kk, vv, lengths):
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    plain = to_plain(cache)
+    pk, pv = np.asarray(plain.k), np.asarray(plain.v)
+    for r, n in enumerate(lengths):
+        np.testing.assert_array_equal(pk[:, r, :n], kk[:, r, :n])
+        np.testing.assert_array_equal(pv[:, r, :n], vv[:, r, :n])
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(prefix_scenario(), st.data())
+def test_prefix_cache_append_rollback_gather_equal_plain(sc, data):
+    b, p_cap, plen, s, t, suf, seed = sc
+    cache, kk, vv, lens = _make(b, p_cap, plen, s, suf, seed)
+    _visible_equal(cache, kk, vv, lens)
+    check_room(KVCache(cache.k, cache.v, cache.lengths, cache.prefix_k, cache.prefix_v, cache.prefix_len),
+               plen + s)
+    with pytest.raises(ValueError, match="cache too small"):
+        check_room(cache, plen + s + 1)
+    # append (some rows advance)
+    rng = np.random.default_rng(seed + 1)
+    kn, vn = (rng.normal(size=(L, b, t, KVH, D)).astype(np.float32) for _ in range(2))
+    adv = np.array(data.draw(st.lists(st.booleans(), min_size=b, max_size=b)))
+    cache = append(cache, jnp.asarray(kn), jnp.asarray(vn), advance=jnp.asarray(adv))
+    for r in range(b):
+        kk[:, r, lens[r]:lens[r] + t] = kn[:, r]
+        vv[:, r, lens[r]:lens[r] + t] = vn[:, r]
+    start = lens.copy()
+    lens = lens + np.where(adv, t, 0)
+    _visible_equal(cache, kk, vv, lens)
+    # gather_block: compact an accepted path of the block just written at `start`
+    idx = np.zeros((b, t), np.int32)
+    keep = np.zeros((b,), np.int32)
+    for r in range(b):
+        n = data.draw(st.integers(0, t))
+        idx[r, :n] = sorted(data.draw(st.lists(st.integers(0, t - 1), min_size=n, max_size=n, unique=True)))
+        keep[r] = n
+    g = gather_block(cache, jnp.asarray(start), jnp.asarray(idx), jnp.asarray(keep))
+    k2, v2 = kk.copy(), vv.copy()
+    for r in range(b):
+        for i in range(keep[r]):
+            k2[:, r, start[r] + i] = kk[:, r, start[r] + idx[r, i]]
+            v2[:, r, start[r] + i] = vv[:, r, start[r] + idx[r, i]]
+    _visible_equal(g, k2, v2, start + keep)
+    assert g.prefix_k is cache.prefix_k  # the prefix is never copied or touched
+    # rollback to anywhere between the prefix and the current length
+    back = np.array([data.draw(st.integers(plen, int(n))) for n in lens], np.int32)
+    _visible_equal(rollback(cache, jnp.asarray(back)), kk, vv, back)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(prefix_scenario(), st.data())
+def test_prefix_cache_beam_reorder_and_expand_equal_plain(sc, data):
+    """reorder_cache with a window starting at the prompt (what beam search does) and expand_cache
+    move suffix rows only, and equal the plain cache's row gather."""
+    b, p_cap, plen, s, t, suf, seed = sc
+    suf = [data.draw(st.integers(0, s)) for _ in range(b)]
+    cache, kk, vv, lens = _make(b, p_cap, plen, s, suf, seed)
+    idx = np.array(data.draw(st.lists(st.integers(0, b - 1), min_size=b, max_size=b)), np.int32)
+    start = jnp.full((b,), plen, jnp.int32)
+    window = data.draw(st.integers(max(suf), s))
+    out = reorder_cache(cache, jnp.asarray(idx), start, window)
+    assert out.k.shape == cache.k.shape and out.prefix_k is cache.prefix_k
+    _visible_equal(out, kk[:, idx], vv[:, idx], lens[idx])
+    r = data.draw(st.integers(1, 3))
+    ex = expand_cache(cache, r)
+    assert ex.k.shape[1] == b * r and ex.prefix_k is cache.prefix_k
+    _visible_equal(ex, np.repeat(kk, r, axis=1), np.repeat(vv, r, axis=1), np.repeat(lens, r))
+
+
+def test_plain_cache_has_no_prefix_fields():
+    c = KVCache.create(2, 3, 8, 1, 4)
+    assert c.prefix_k is None and not c.has_prefix and len(jax.tree.leaves(c)) == 3
+    np.testing.assert_array_equal(np.asarray(c.offsets), np.asarray(c.lengths))
+
+
+# ------------------------------------------------------------------------------------------------
+# the auto rule and forced paths (no model run)
+# ------------------------------------------------------------------------------------------------
+class _Dec:
+    shared_prefix_ok = True
+
+
+class _NoDec:
+    pass
+
+
+def test_auto_rule_and_forced_errors():
+    from jaxdec.search.token import TokenDecoder
+    m = type("M", (), {"supports_shared_prefix": True})()
+    assert use_shared_prefix(None, m, _Dec(), True, 4)
+    assert not use_shared_prefix(None, m, _Dec(), False, 4)  # several prompts in a batch
+    assert not use_shared_prefix(None, m, _Dec(), True, 1)  # one row: nothing to share
+    assert not use_shared_prefix(None, m, _NoDec(), True, 4)  # decoder did not opt in
+    assert not use_shared_prefix(None, object(), _Dec(), True, 4)  # model cannot take a prefix
+    assert not use_shared_prefix(None, m, _Dec(), True, 4, mesh=object())
+    assert not use_shared_prefix(False, m, _Dec(), True, 4)
+    assert use_shared_prefix(True, m, _Dec(), True, 1)
+    with pytest.raises(ValueError, match="shared_prefix=True but the rows"):
+        use_shared_prefix(True, m, _Dec(), False, 4)
+    with pytest.raises(ValueError, match="shared_prefix=True but the decoder"):
+        use_shared_prefix(True, m, _NoDec(), True, 4)
+    with pytest.raises(ValueError, match="shared_prefix must be"):
+        use_shared_prefix("yes", m, _Dec(), True, 4)
+    assert TokenDecoder.shared_prefix_ok and LlamaModel.supports_shared_prefix
+
+
+# ------------------------------------------------------------------------------------------------
+# real default model: Hydragen path == plain path, and the Hydragen path really ran
+# ------------------------------------------------------------------------------------------------
+SEEN: list = []  # (prefix?, T) recorded at trace time by the spy model
+
+
+@dataclasses.dataclass(frozen=True)
+class SpyModel(LlamaModel):
+    def __call__(self, params, tokens, positions, cache, *args, **kw):
+        SEEN.append((cache.prefix_k is not None, tokens.shape[0], tokens.shape[1]))
+        return super().__call__(params, tokens, positions, cache, *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def spy(model_f32):
+    model, params = model_f32
+    return SpyModel(model.config), params
+
+
+def _run_both(fn):
+    """fn(shared_prefix) -> Generation; returns (auto result, plain result, what each traced). Auto
+    must pick Hydragen here (one prompt, several rows)."""
+    SEEN.clear()
+    hyd = fn(None)
+    seen_h = list(SEEN)
+    SEEN.clear()
+    plain = fn(False)
+    seen_p = list(SEEN)
+    return hyd, plain, seen_h, seen_p
+
+
+def _check_paths(seen_h, seen_p, rows):
+    # Hydragen: prefill at batch 1 into a plain batch-1 cache, then decode calls on a prefix cache
+    assert (False, 1, 64) in seen_h and (True, rows, 1) in seen_h, seen_h
+    assert not any(p for p, _, _ in seen_p) and (False, rows, 1) in seen_p, seen_p
+
+
+def test_hydragen_sampling_n4_same_tokens_as_plain(spy, chat_prompt_ids):
+    from jaxdec.core.generate import generate
+    model, params = spy
+    n, new = 4, 20
+    for i, prompt in enumerate(chat_prompt_ids[:2]):
+        run = lambda sp: generate(model, params, [prompt], method="sample", n=n, seed=7 + i, max_new_tokens=new,
+                                  sampling={"temperature": 1.0, "top_k": 50}, shared_prefix=sp)
+        hyd, plain, seen_h, seen_p = _run_both(run)
+        if i == 0:  # traced once; later prompts reuse the compiled programs
+            _check_paths(seen_h, seen_p, n)
+        assert hyd.stats["shared_prefix"] and not plain.stats["shared_prefix"]
+        assert hyd.stats["cache_size"] == 32 and plain.stats["cache_size"] == 128  # suffix slots only
+        assert hyd.tokens == plain.tokens, (i, hyd.tokens, plain.tokens)
+        assert len({tuple(t) for t in hyd.tokens}) > 1  # the rows really sampled different continuations
+
+
+def test_hydragen_beam4_same_tokens_as_plain(spy, chat_prompt_ids):
+    from jaxdec.search.beam import beam_search
+    model, params = spy
+    for i, prompt in enumerate(chat_prompt_ids[:2]):
+        run = lambda sp: beam_search(model, params, [prompt], num_beams=4, max_new_tokens=24, shared_prefix=sp)
+        hyd, plain, seen_h, seen_p = _run_both(run)
+        if i == 0:
+            _check_paths(seen_h, seen_p, 4)
+        assert hyd.stats["shared_prefix"] and not plain.stats["shared_prefix"]
+        hb = [h["tokens"] for h in hyd.extras["beams"][0]]
+        pb = [h["tokens"] for h in plain.extras["beams"][0]]
+        assert hb == pb, (i, hb, pb)  # all 4 returned hypotheses, in order
+        np.testing.assert_allclose([h["score"] for h in hyd.extras["beams"][0]],
+                                   [h["score"] for h in plain.extras["beams"][0]], rtol=1e-5, atol=1e-6)
