@@ -151,6 +151,15 @@ def test_k1_is_greedy_and_score_is_its_logprob(model_f32, chat_prompt_ids):
     assert g.stats["row_calls_per_draft"] <= N_NEW
 
 
+def test_k1_is_greedy_with_quantized_weights(model_q, chat_prompt_ids):
+    """The embedding-input path with a block-quantized (tied) embedding table as the LM head."""
+    from jaxdec import generate
+    model, params = model_q
+    prompts = chat_prompt_ids[:1]
+    g = superposed_generate(model, params, prompts, num_drafts=1, max_new_tokens=8)
+    assert g.tokens == generate(model, params, prompts, max_new_tokens=8).tokens
+
+
 def test_superposed_input_is_weighted_sum_of_embeddings(model_f32, chat_prompt_ids):
     """Our forward on the superposed vector equals the HF peer on inputs_embeds made from its own table."""
     import torch
@@ -167,12 +176,15 @@ def test_superposed_input_is_weighted_sum_of_embeddings(model_f32, chat_prompt_i
     table = np.asarray(params["embed"], np.float32)
     np.testing.assert_allclose(np.asarray(emb)[0], (w_np[:, None] * table[toks[0]]).sum(0), rtol=1e-5, atol=1e-6)
 
-    def ours(e):
+    @jax.jit
+    def _ours(params, e):
         p = len(prompt)
         cache = model.init_cache(1, 64)
         _, cache, _ = prefill(model, params, jnp.asarray([prompt], jnp.int32), jnp.asarray([p], jnp.int32), cache)
-        out = forward_embeds(model, params, e[:, None, :], jnp.asarray([[p]], jnp.int32), cache)
-        return np.asarray(out.logits[0, 0])
+        return forward_embeds(model, params, e[:, None, :], jnp.asarray([[p]], jnp.int32), cache).logits[0, 0]
+
+    def ours(e):
+        return np.asarray(_ours(params, e))
 
     hf = peer.peer_model()
     with torch.no_grad():
@@ -200,8 +212,8 @@ def k3_runs(model_f32, chat_prompt_ids, tok):
     prompts = chat_prompt_ids[:2]
     plain = superposed_generate(model, params, prompts, num_drafts=3, max_new_tokens=N_NEW)
     ng = default_ngram(tok)
-    before = loop.TRACE_COUNTS["run:Superposed"]
     zero = superposed_generate(model, params, prompts, num_drafts=3, max_new_tokens=N_NEW, ngram=ng, ngram_alpha=0.0)
+    before = loop.TRACE_COUNTS["run:Superposed"]
     half = superposed_generate(model, params, prompts, num_drafts=3, max_new_tokens=N_NEW, ngram=ng,
                                ngram_alpha=0.5, temperature=0.8)
     traces = loop.TRACE_COUNTS["run:Superposed"] - before
@@ -219,7 +231,7 @@ def test_drafts_distinct_sorted_and_cheap(k3_runs):
             assert all(len(b["tokens"]) >= 1 for b in beams)
     # one single-row call per step for all k drafts: (steps + 1) / k per draft
     assert plain.stats["row_calls_per_draft"] <= (N_NEW + 1) / 3
-    assert traces == 1, "a new alpha / temperature recompiled the decoder"
+    assert traces == 0, "a new alpha / temperature recompiled the decoder"
 
 
 def test_ngram_weight_zero_changes_nothing_and_nonzero_does(k3_runs):
@@ -301,9 +313,6 @@ def test_cli_superposed(tmp_path, capsys):
     assert len(r["beams"]) == 2 and r["tokens"] == r["beams"][0]["tokens"]
     assert len({tuple(b["tokens"]) for b in r["beams"]}) == 2
     assert r["beams"][0]["score"] >= r["beams"][1]["score"]
-    for bad, msg in [(("--ngram-alpha", "0.3", "--ngram-weights", "0.5,0.2"), "ngram_weights"),
-                     (("--num-drafts", "0"), "num-drafts"),
-                     (("--ngram-corpus", str(tmp_path / "missing.txt")), "no such file")]:
-        rc, _ = _cli(tmp_path, *bad)
-        assert rc == 2
-        assert msg in capsys.readouterr().err
+    rc, _ = _cli(tmp_path, "--ngram-alpha", "0.3", "--ngram-weights", "0.5,0.2")
+    assert rc == 2
+    assert "ngram_weights" in capsys.readouterr().err
