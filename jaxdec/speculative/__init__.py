@@ -22,10 +22,12 @@ Pieces (each a frozen dataclass of static configuration, run by the spine's `lax
   `LayerSkipDrafter` (SWIFT/DEL self-speculation through the target's ``layers`` mask),
   `DraftModelDrafter` (a separate model with its own cache; `truncated_draft` makes one from the target),
   both model drafters with SpecDec++-style confidence stopping (``stop_threshold``).
+* `PearlDecoder` (`pearl`): PEARL's pre-verify / post-verify schedule with a draft model (adaptive draft
+  length), one step of the same loop; phase counts and a two-device parallel-time model in ``stats``.
 * `calibrate`: measured cost curve -> tree size (saveable config); `layer_select`: SWIFT-style skip-set
   search and DEL-style exit choice from teacher-forced match rates.
 * `toy.TrigramModel`: a context-dependent toy LM behind the model interface for exact/statistical tests.
-* `cli`: ``jaxdec generate --method speculative --drafter pld|recycling|aded|stand|swift|del|draft-model``.
+* `cli`: ``jaxdec generate --method speculative --drafter pld|recycling|aded|stand|swift|del|draft-model|pearl``.
 
 Statistics: ``generate`` keeps only the last batch's `summarize`; for runs split into several batches
 sum ``stats["raw"]`` with `merge_raw` and call `summarize_stats` (the CLI does).
@@ -36,8 +38,10 @@ from jaxdec.speculative.engine import (SpeculativeDecoder, emit_block, merge_raw
                                        with_draft_params)
 from jaxdec.speculative.drafters import (DraftModelDrafter, LayerSkipDrafter, NGramDrafter, PromptLookupDrafter,
                                          TokenRecyclingDrafter, default_recycling_tree, ngram_lookup, truncated_draft)
+from jaxdec.speculative.pearl import PearlDecoder, curve_from_calibration
 
 __all__ = ["Draft", "TreeSpec", "ancestor_mask", "block_depths", "Verdict", "greedy_verify", "sampling_verify_chain",
            "sampling_verify_tree", "SpeculativeDecoder", "emit_block", "summarize_stats", "merge_raw",
            "with_draft_params", "PromptLookupDrafter", "TokenRecyclingDrafter", "NGramDrafter", "LayerSkipDrafter",
-           "DraftModelDrafter", "default_recycling_tree", "ngram_lookup", "truncated_draft"]
+           "DraftModelDrafter", "default_recycling_tree", "ngram_lookup", "truncated_draft", "PearlDecoder",
+           "curve_from_calibration"]

@@ -7,14 +7,17 @@ module as a plugin).
 Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
 sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
 
-Drafters: pld | recycling | aded | stand | swift | del | draft-model. ``--spec-config F.json`` loads a
-tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`).
+Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl. ``--spec-config F.json``
+loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`). ``pearl`` runs
+`jaxdec.speculative.pearl.PearlDecoder` (PEARL's pre-verify / post-verify schedule) with a draft model
+(``--draft-layers N``: the target's first N layers, or ``--draft-model``) and a window of
+``--draft-tokens`` (default 4); its ``stats`` add the phase counts and the parallel-time model.
 """
 from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model")
+DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drafter", choices=DRAFTERS, default="pld")
     g.add_argument("--spec-sampling", action="store_true",
                    help="verify by speculative sampling with the sampling flags (default: greedy verification)")
-    g.add_argument("--draft-tokens", type=int, default=None, help="chain length (pld, swift, del, draft-model)")
+    g.add_argument("--draft-tokens", type=int, default=None, help="chain length (pld, swift, del, draft-model); pearl: the window gamma")
     g.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to match")
     g.add_argument("--copy-from", choices=("context", "prompt"), default="context",
                    help="pld: copy from the whole context or from the input only (aggressive decoding)")
@@ -31,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-layers", type=int, nargs="*", default=None, help="swift: layers to skip")
     g.add_argument("--exit-layer", type=int, default=None, help="del: layers >= this are skipped when drafting")
     g.add_argument("--draft-model", default=None,
-                   help="draft-model: a model name/path sharing the tokenizer, or 'truncate:N' (first N layers)")
+                   help="draft-model/pearl: a model name/path sharing the tokenizer, or 'truncate:N' (first N layers)")
+    g.add_argument("--draft-layers", type=int, default=None,
+                   help="draft-model/pearl: the draft is the target's first N layers (same as --draft-model truncate:N)")
 
 
 def build(args, model, params):
@@ -72,8 +77,14 @@ def build(args, model, params):
         if not 1 <= e <= model.num_layers:
             raise ValueError(f"--exit-layer must be in [1, {model.num_layers}]")
         drafter = LayerSkipDrafter(tuple(range(e, model.num_layers)), k or 3, sample=sampling)
-    elif d == "draft-model":
-        spec = args.draft_model or f"truncate:{model.num_layers // 2}"
+    elif d in ("draft-model", "pearl"):
+        layers = getattr(args, "draft_layers", None)
+        if layers is not None and args.draft_model:
+            raise ValueError("give --draft-layers or --draft-model, not both")
+        if layers is not None and not 1 <= layers <= model.num_layers:
+            raise ValueError(f"--draft-layers must be in [1, {model.num_layers}]")
+        default = (model.num_layers * 9) // 10 if d == "pearl" else model.num_layers // 2
+        spec = f"truncate:{layers}" if layers is not None else (args.draft_model or f"truncate:{default}")
         if spec.startswith("truncate:"):
             dm, dp = truncated_draft(model, params, int(spec.split(":", 1)[1]))
         else:
@@ -82,6 +93,9 @@ def build(args, model, params):
             dm, dp = loaded.model, loaded.params
         if dm.vocab_size != model.vocab_size:
             raise ValueError(f"draft model vocabulary ({dm.vocab_size}) differs from the target's ({model.vocab_size})")
+        if d == "pearl":
+            from jaxdec.speculative.pearl import PearlDecoder
+            return PearlDecoder(dm, k or 4, verifier=verifier), with_draft_params(params, dp)
         return SpeculativeDecoder(DraftModelDrafter(dm, k or 3, sample=sampling), verifier), with_draft_params(params, dp)
     else:
         raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
@@ -115,6 +129,10 @@ def _handler(args, loaded, prompt_ids, progress):
     stats = {**stats, "drafter": args.drafter,
              **{k: summ[k] for k in ("tau", "acceptance_per_position", "target_calls", "draft_calls",
                                      "tokens_per_row_step")}}
+    if "pearl" in summ:  # phase counts (pre-verify / post-verify) and the two-device time model
+        stats["pearl"] = summ["pearl"]
+        stats["pre_verify_steps"] = summ["pre_verify_steps"]
+        stats["post_verify_steps"] = summ["post_verify_steps"]
     for r in out:
         r["stats"] = stats
     return out, stats

@@ -324,7 +324,7 @@ def summarize_stats(st) -> dict:
     offered = st["pos_offered"].astype(np.int64)
     acc = st["pos_accepted"].astype(np.int64)
     per_pos = [float(a / o) if o else float("nan") for a, o in zip(acc, offered)]
-    return {
+    out = {
         "tau": float((int(st["accepted"]) + int(st["row_steps"])) / rows),
         "tokens_per_row_step": float(int(st["emitted"]) / rows),
         "acceptance_per_position": per_pos,
@@ -337,6 +337,13 @@ def summarize_stats(st) -> dict:
         "rank_acceptance": [float(a / max(int(st["expanded"]), 1)) for a in st["rank_accepts"]],
         "raw": {k: v.tolist() for k, v in st.items()},
     }
+    if "pearl_tokens" in st:  # PEARL (`jaxdec.speculative.pearl`): τ counts its tokens per target call
+        from jaxdec.speculative.pearl import summarize_pearl
+        out["pearl"] = summarize_pearl(st)
+        out["tau"] = out["pearl"]["tokens_per_target_call"]
+        out["pre_verify_steps"] = out["pearl"]["pre_verify_steps"]
+        out["post_verify_steps"] = out["pearl"]["post_verify_steps"]
+    return out
 
 
 def merge_raw(a: dict | None, b: dict) -> dict:
