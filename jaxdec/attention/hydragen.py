@@ -18,6 +18,12 @@ equals softmax attention over the concatenation. `hydragen_attend` therefore equ
 ``jaxdec.attention.reference.attend`` on the cache ``prefix[:prefix_len] ++ suffix[b, :suffix_lengths[b]]``
 with lengths ``prefix_len + suffix_lengths``; a query that sees no key outputs zeros.
 
+Automatic use: a `jaxdec.cache.kv.KVCache` may carry the prefix (``prefix_k/prefix_v [L,P,KVH,D]``,
+``prefix_len``; ``k/v`` then hold the suffixes). ``LlamaModel.__call__`` attends with `hydragen_attend`
+in every layer when the cache has a prefix (the layer's prefix slice scanned with the layers), and
+`generate` / the search drivers build such a cache whenever every row of a batch continues one prompt
+(``shared_prefix=None`` auto; see `jaxdec.core.generate.use_shared_prefix`).
+
 `split_shared_prefix` builds the Hydragen inputs from an ordinary ragged cache whose rows share their
 first ``prefix_len`` entries (it reads row 0 for the prefix); `merge_partials` is exposed for
 tree-shaped sharing (more than two levels of shared segments merge the same way, pairwise).
