@@ -6,7 +6,8 @@ ignored: jaxdec gets ``stop_ids=()``, HF ``eos_token_id=None``), greedily, with 
 * jaxdec greedy (the baseline of every speedup, measured in the same run);
 * jaxdec speculative: prompt lookup (PLD), Token Recycling (tree chosen by `calibrate` from the
   measured cost curve), ADED-style tri-gram tables, layer-skip self-speculation, a layer-truncated
-  draft model;
+  draft model, and PEARL with the same draft model (its two calls run one after the other on one device;
+  the two-device speedup is modelled from its phase counts and the cost curve and reported beside it);
 * the peer: HF ``generate`` greedy and ``generate(prompt_lookup_num_tokens=...)``.
 
 For each: τ (mean tokens per target call per row, bonus included), acceptance per draft position,
@@ -189,6 +190,13 @@ def build_methods(args, model, params, curve):
     methods.append(Jaxdec(f"draft-model({dl}/{L} layers,k={kd})", model, with_draft_params(params, dp),
                           SpeculativeDecoder(DraftModelDrafter(dm, kd)),
                           relative_cost(curve, kd + 1), (relative_cost(curve, 2) + (kd - 1)) * dl / L))
+    # PEARL: the same draft model, pre-verify / post-verify schedule. On one device its two calls run one
+    # after the other (timed here); the two-device time is modelled from the phase counts and the curve
+    from jaxdec.speculative.pearl import PearlDecoder, curve_from_calibration
+    pg = args.pearl_gamma
+    methods.append(Jaxdec(f"pearl({dl}/{L} layers,γ={pg})", model, with_draft_params(params, dp),
+                          PearlDecoder(dm, pg, draft_cost=dl / L, cost_curve=curve_from_calibration(curve)),
+                          relative_cost(curve, pg), pg * dl / L))
     if args.methods:
         methods = [m for m in methods if m.name == "jaxdec-greedy" or any(x in m.name for x in args.methods)]
     return methods, {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)}, "predicted": pred,
@@ -254,7 +262,8 @@ def run(args):
                          if isinstance(m, Jaxdec) and m.decoder is not None else None,
                          "first_call_s": first[m.name],
                          "compile_s_estimate": max(0.0, first[m.name] - float(np.median(ts))),
-                         "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist()})
+                         "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist(),
+                         "pearl": st.get("pearl")})
         results[group] = {"rows": rows, "prompt_lengths": [len(p) for p in ps], "load_before": load_before,
                           "load_after": os.getloadavg()}
     return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
@@ -298,6 +307,14 @@ def write_markdown(rep, path):
                          f"[{r['tokens_per_s_min']:.1f}, {r['tokens_per_s_max']:.1f}] | {r['speedup_median']:.2f} "
                          f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {_f(r['predicted_speedup'])} | "
                          f"{r['compile_s_estimate']:.1f} | {r['rows_differing_from_jaxdec_greedy']} |")
+        for r in g["rows"]:
+            pa = r.get("pearl")
+            if pa:
+                lines.append(f"{r['method']}: {pa['pre_verify_steps']} pre-verify and {pa['post_verify_steps']} "
+                             f"post-verify steps (pre-verify acceptance {pa['pre_verify_acceptance']:.2f}); "
+                             f"modelled speedup over greedy with draft and target on two devices "
+                             f"{pa['speedup_parallel_model']:.2f} (one device, sequential: "
+                             f"{pa['speedup_sequential_model']:.2f}).")
         lines.append("")
     lines += ["HF rows: τ is not reported by `generate`; their 'rows ≠ greedy' compares the peer's tokens with "
               "jaxdec greedy (different float paths may split at near-ties).", ""]
@@ -346,6 +363,7 @@ def main(argv=None):
     ap.add_argument("--del-exits", type=int, nargs="+", default=[16, 20, 24, 26, 28])
     ap.add_argument("--draft-layers", type=int, default=24)
     ap.add_argument("--draft-tokens", type=int, default=3)
+    ap.add_argument("--pearl-gamma", type=int, default=4, help="PEARL's window (draft tokens per draft phase)")
     ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
     ap.add_argument("--groups", nargs="+", default=["code", "chat", "copy"], choices=["code", "chat", "copy"],
                     help="prompt groups: HumanEval code, chat, copy-heavy chat (edit/repeat an input)")
