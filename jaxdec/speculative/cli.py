@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drafter", choices=DRAFTERS, default="pld")
     g.add_argument("--spec-sampling", action="store_true",
                    help="verify by speculative sampling with the sampling flags (default: greedy verification)")
-    g.add_argument("--draft-tokens", type=int, default=None, help="chain length (pld, swift, del, draft-model); pearl: the window gamma")
+    g.add_argument("--draft-tokens", type=int, default=None,
+                   help="chain length (pld, swift, del, draft-model); pearl: the window gamma")
     g.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to match")
     g.add_argument("--copy-from", choices=("context", "prompt"), default="context",
                    help="pld: copy from the whole context or from the input only (aggressive decoding)")
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", default=None,
                    help="draft-model/pearl: a model name/path sharing the tokenizer, or 'truncate:N' (first N layers)")
     g.add_argument("--draft-layers", type=int, default=None,
-                   help="draft-model/pearl: the draft is the target's first N layers (same as --draft-model truncate:N)")
+                   help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
 
 
 def build(args, model, params):

@@ -260,6 +260,7 @@ class PearlDecoder:
         accepted = (n_acc[:, None] >= d + 1) & live[:, None]
         pre = live & ~post
         i32 = lambda x: jnp.sum(x).astype(jnp.int32)  # noqa: E731
+        col_sum = lambda x: jnp.sum(x, axis=0).astype(jnp.int32)  # noqa: E731
         c_d = self._draft_cost(model)
         t_draft = g * c_d
         t_target = jnp.where(any_post, _curve_cost(self.cost_curve, g), _curve_cost(self.cost_curve, 1))
@@ -269,16 +270,16 @@ class PearlDecoder:
             "row_steps": st["row_steps"] + i32(live),
             "emitted": st["emitted"] + i32(cnt),
             "accepted": st["accepted"] + i32(jnp.where(live, n_acc, 0)),
-            "pos_offered": st["pos_offered"] + jnp.sum(offered, axis=0).astype(jnp.int32),
-            "pos_accepted": st["pos_accepted"] + jnp.sum(accepted, axis=0).astype(jnp.int32),
+            "pos_offered": st["pos_offered"] + col_sum(offered),
+            "pos_accepted": st["pos_accepted"] + col_sum(accepted),
             "block_calls": st["block_calls"] + any_post.astype(jnp.int32),
             "pearl_tokens": st["pearl_tokens"] + i32(jnp.where(live, n_out, 0)),
             "pearl_pre_steps": st["pearl_pre_steps"] + i32(pre),
             "pearl_post_steps": st["pearl_post_steps"] + i32(post),
             "pearl_pre_accepted": st["pearl_pre_accepted"] + i32(pre & (n_acc >= 1)),
             "pearl_post_full": st["pearl_post_full"] + i32(post & full),
-            "pearl_post_offered": st["pearl_post_offered"] + jnp.sum(offered & post[:, None], axis=0).astype(jnp.int32),
-            "pearl_post_accepted": st["pearl_post_accepted"] + jnp.sum(accepted & post[:, None], axis=0).astype(jnp.int32),
+            "pearl_post_offered": st["pearl_post_offered"] + col_sum(offered & post[:, None]),
+            "pearl_post_accepted": st["pearl_post_accepted"] + col_sum(accepted & post[:, None]),
             "pearl_single_steps": st["pearl_single_steps"] + (~any_post).astype(jnp.int32),
             "pearl_loop_steps": st["pearl_loop_steps"] + 1,
             "pearl_time_parallel": st["pearl_time_parallel"] + jnp.maximum(t_draft, t_target),
