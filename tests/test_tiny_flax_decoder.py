@@ -68,13 +68,15 @@ def _params():
     return TinyLM().init(jax.random.PRNGKey(0), z, z, c.k[0], c.v[0], c.lengths, causal_block_mask(1, 4))
 
 
-def _naive_greedy(model, params, prompt, n):
-    """Uncached reference: re-run the whole sequence for every new token."""
+def _naive_greedy(model, params, prompt, n, width=32):
+    """Uncached reference: re-run the whole sequence for every new token. The sequence is padded to a
+    fixed width (one compile); under the causal mask the padding cannot change earlier positions."""
+    fwd = jax.jit(lambda p, toks: model(p, toks, jnp.arange(width)[None], model.init_cache(1, width)).logits)
     seq = list(prompt)
     for _ in range(n):
         t = len(seq)
-        out = model(params, jnp.asarray([seq]), jnp.arange(t)[None], model.init_cache(1, t))
-        nxt = int(jnp.argmax(out.logits[0, -1]))
+        logits = fwd(params, jnp.asarray([seq + [1] * (width - t)]))
+        nxt = int(jnp.argmax(logits[0, t - 1]))
         seq.append(nxt)
         if nxt in model.eos_ids:
             break
