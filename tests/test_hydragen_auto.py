@@ -220,6 +220,14 @@ def test_hydragen_sampling_n4_same_tokens_as_plain(spy, chat_prompt_ids):
         assert hyd.stats["cache_size"] == 32 and plain.stats["cache_size"] == 128  # suffix slots only
         assert hyd.tokens == plain.tokens, (i, hyd.tokens, plain.tokens)
         assert len({tuple(t) for t in hyd.tokens}) > 1  # the rows really sampled different continuations
+    # several prompts with batch_size = n: every compiled batch holds one prompt, so auto uses Hydragen
+    # per batch (same compiled programs as above); it equals the plain cache on the same batches
+    two = chat_prompt_ids[:2]
+    run = lambda sp: generate(model, params, two, method="sample", n=n, seed=11, max_new_tokens=new,
+                              batch_size=n, sampling={"temperature": 1.0, "top_k": 50}, shared_prefix=sp)
+    hyd, plain, _, _ = _run_both(run)
+    assert hyd.stats["shared_prefix"] and not plain.stats["shared_prefix"]
+    assert hyd.tokens == plain.tokens
 
 
 def test_hydragen_beam4_same_tokens_as_plain(spy, chat_prompt_ids):
