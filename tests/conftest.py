@@ -22,6 +22,15 @@ def read_prompts(path=CHAT_PROMPTS):
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _peer_torch_one_thread():
+    """Tests compare results with the peer, never its speed: one torch thread keeps the peer from
+    stalling at every op's thread barrier when the CPU is oversubscribed (seen: 48 tokens taking 30 s
+    instead of 3 s at load 6 on 2 cores). Benchmarks set their own thread counts."""
+    import torch
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def gguf_path():
     return peer.default_gguf_path()
