@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxdec.cache.kv import KVCache, append, check_room, gather_block, rollback, to_plain
-from jaxdec.core.generate import use_shared_prefix
+from jaxdec.core.generate import prefix_groups, use_shared_prefix
 from jaxdec.models.llama import LlamaModel
 from jaxdec.search.common import expand_cache, reorder_cache
 
@@ -33,33 +33,36 @@ L, KVH, D = 2, 1, 3
 # ------------------------------------------------------------------------------------------------
 @st.composite
 def prefix_scenario(draw):
-    b = draw(st.integers(1, 4))
+    g = draw(st.integers(1, 3))  # prefix groups (prompts)
+    b = g * draw(st.integers(1, 3))  # rows, B // G per group
     p_cap = draw(st.integers(1, 8))
-    plen = draw(st.integers(0, p_cap))
+    plen = [draw(st.integers(0, p_cap)) for _ in range(g)]
     s = draw(st.integers(6, 12))
     t = draw(st.integers(1, 4))
     suf = [draw(st.integers(0, s - t)) for _ in range(b)]
     seed = draw(st.integers(0, 2**16))
-    return b, p_cap, plen, s, t, suf, seed
+    return b, g, p_cap, plen, s, t, suf, seed
 
 
-def _make(b, p_cap, plen, s, suf, seed):
-    """(prefix-mode cache, NumPy plain k, v [L,B,p_cap+s,KVH,D], lengths)."""
+def _make(b, g, p_cap, plen, s, suf, seed):
+    """(prefix-mode cache, NumPy plain k, v [L,B,p_cap+s,KVH,D], lengths, per-row prefix lengths)."""
     rng = np.random.default_rng(seed)
-    pk, pv = (rng.normal(size=(L, p_cap, KVH, D)).astype(np.float32) for _ in range(2))
+    pk, pv = (rng.normal(size=(L, g, p_cap, KVH, D)).astype(np.float32) for _ in range(2))
     sk, sv = (rng.normal(size=(L, b, s, KVH, D)).astype(np.float32) for _ in range(2))
-    lengths = np.array([plen + n for n in suf], np.int32)
-    pk[:, plen:] = np.nan  # prefix slots past prefix_len are garbage and must never show
-    pv[:, plen:] = np.nan
+    row_plen = np.repeat(np.array(plen, np.int32), b // g)
+    lengths = (row_plen + np.array(suf, np.int32)).astype(np.int32)
+    for gi in range(g):  # prefix slots past prefix_len are garbage and must never show
+        pk[:, gi, plen[gi]:] = np.nan
+        pv[:, gi, plen[gi]:] = np.nan
     cache = KVCache(jnp.asarray(sk), jnp.asarray(sv), jnp.asarray(lengths), jnp.asarray(pk), jnp.asarray(pv),
                     jnp.asarray(plen, jnp.int32))
     kk = np.zeros((L, b, p_cap + s, KVH, D), np.float32)
     vv = np.zeros_like(kk)
-    kk[:, :, :plen] = pk[:, None, :plen]
-    vv[:, :, :plen] = pv[:, None, :plen]
-    kk[:, :, plen:plen + s] = sk
-    vv[:, :, plen:plen + s] = sv
-    return cache, kk, vv, lengths
+    for r in range(b):
+        pl, gi = row_plen[r], r // (b // g)
+        kk[:, r, :pl], vv[:, r, :pl] = pk[:, gi, :pl], pv[:, gi, :pl]
+        kk[:, r, pl:pl + s], vv[:, r, pl:pl + s] = sk[:, r], sv[:, r]
+    return cache, kk, vv, lengths, row_plen
 
 
 def _visible_equal(cache, kk, vv, lengths):
@@ -74,13 +77,13 @@ def _visible_equal(cache, kk, vv, lengths):
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(prefix_scenario(), st.data())
 def test_prefix_cache_append_rollback_gather_equal_plain(sc, data):
-    b, p_cap, plen, s, t, suf, seed = sc
-    cache, kk, vv, lens = _make(b, p_cap, plen, s, suf, seed)
+    b, g, p_cap, plen, s, t, suf, seed = sc
+    cache, kk, vv, lens, row_plen = _make(b, g, p_cap, plen, s, suf, seed)
     _visible_equal(cache, kk, vv, lens)
-    check_room(KVCache(cache.k, cache.v, cache.lengths, cache.prefix_k, cache.prefix_v, cache.prefix_len),
-               plen + s)
+    np.testing.assert_array_equal(np.asarray(cache.offsets), lens - row_plen)
+    check_room(cache, min(plen) + s)
     with pytest.raises(ValueError, match="cache too small"):
-        check_room(cache, plen + s + 1)
+        check_room(cache, min(plen) + s + 1)
     # append (some rows advance)
     rng = np.random.default_rng(seed + 1)
     kn, vn = (rng.normal(size=(L, b, t, KVH, D)).astype(np.float32) for _ in range(2))
@@ -108,20 +111,21 @@ def test_prefix_cache_append_rollback_gather_equal_plain(sc, data):
     _visible_equal(g, k2, v2, start + keep)
     assert g.prefix_k is cache.prefix_k  # the prefix is never copied or touched
     # rollback to anywhere between the prefix and the current length
-    back = np.array([data.draw(st.integers(plen, int(n))) for n in lens], np.int32)
+    back = np.array([data.draw(st.integers(int(pl), int(n))) for pl, n in zip(row_plen, lens)], np.int32)
     _visible_equal(rollback(cache, jnp.asarray(back)), kk, vv, back)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(prefix_scenario(), st.data())
 def test_prefix_cache_beam_reorder_and_expand_equal_plain(sc, data):
-    """reorder_cache with a window starting at the prompt (what beam search does) and expand_cache
-    move suffix rows only, and equal the plain cache's row gather."""
-    b, p_cap, plen, s, t, suf, seed = sc
+    """reorder_cache with a window starting at the prompt (what beam search does, within a prompt's
+    rows) and expand_cache move suffix rows only, and equal the plain cache's row gather."""
+    b, g, p_cap, plen, s, t, suf, seed = sc
     suf = [data.draw(st.integers(0, s)) for _ in range(b)]
-    cache, kk, vv, lens = _make(b, p_cap, plen, s, suf, seed)
-    idx = np.array(data.draw(st.lists(st.integers(0, b - 1), min_size=b, max_size=b)), np.int32)
-    start = jnp.full((b,), plen, jnp.int32)
+    cache, kk, vv, lens, row_plen = _make(b, g, p_cap, plen, s, suf, seed)
+    per = b // g  # beams are reordered within their prompt's group
+    idx = np.array([(r // per) * per + data.draw(st.integers(0, per - 1)) for r in range(b)], np.int32)
+    start = jnp.asarray(row_plen)
     window = data.draw(st.integers(max(suf), s))
     out = reorder_cache(cache, jnp.asarray(idx), start, window)
     assert out.k.shape == cache.k.shape and out.prefix_k is cache.prefix_k
@@ -152,20 +156,29 @@ class _NoDec:
 def test_auto_rule_and_forced_errors():
     from jaxdec.search.token import TokenDecoder
     m = type("M", (), {"supports_shared_prefix": True})()
-    assert use_shared_prefix(None, m, _Dec(), True, 4)
-    assert not use_shared_prefix(None, m, _Dec(), False, 4)  # several prompts in a batch
-    assert not use_shared_prefix(None, m, _Dec(), True, 1)  # one row: nothing to share
-    assert not use_shared_prefix(None, m, _NoDec(), True, 4)  # decoder did not opt in
-    assert not use_shared_prefix(None, object(), _Dec(), True, 4)  # model cannot take a prefix
-    assert not use_shared_prefix(None, m, _Dec(), True, 4, mesh=object())
-    assert not use_shared_prefix(False, m, _Dec(), True, 4)
-    assert use_shared_prefix(True, m, _Dec(), True, 1)
+    assert use_shared_prefix(None, m, _Dec(), 1, 4)
+    assert use_shared_prefix(None, m, _Dec(), 2, 4)  # two prompts with 4 rows each
+    assert not use_shared_prefix(None, m, _Dec(), 0, 4)  # rows do not group by prompt
+    assert not use_shared_prefix(None, m, _Dec(), 1, 1)  # one row: nothing to share
+    assert not use_shared_prefix(None, m, _NoDec(), 1, 4)  # decoder did not opt in
+    assert not use_shared_prefix(None, object(), _Dec(), 1, 4)  # model cannot take a prefix
+    assert not use_shared_prefix(None, m, _Dec(), 1, 4, mesh=object())
+    assert not use_shared_prefix(False, m, _Dec(), 1, 4)
+    assert use_shared_prefix(True, m, _Dec(), 1, 1)
     with pytest.raises(ValueError, match="shared_prefix=True but the rows"):
-        use_shared_prefix(True, m, _Dec(), False, 4)
+        use_shared_prefix(True, m, _Dec(), 0, 4)
     with pytest.raises(ValueError, match="shared_prefix=True but the decoder"):
-        use_shared_prefix(True, m, _NoDec(), True, 4)
+        use_shared_prefix(True, m, _NoDec(), 1, 4)
     with pytest.raises(ValueError, match="shared_prefix must be"):
-        use_shared_prefix("yes", m, _Dec(), True, 4)
+        use_shared_prefix("yes", m, _Dec(), 1, 4)
+    # grouping of generate's rows (prompt-major, n each) into compiled batches
+    a, b = [1, 2], [3]
+    assert prefix_groups([a] * 4, 4, 4) == 1
+    assert prefix_groups([a] * 4 + [b] * 4, 8, 4) == 2
+    assert prefix_groups([a] * 4 + [b] * 4, 4, 4) == 1  # one prompt per batch
+    assert prefix_groups([a] * 3 + [b] * 3, 6, 3) == 2
+    assert prefix_groups([a] * 3 + [b] * 3, 4, 3) == 0  # batches cut prompts at other boundaries
+    assert prefix_groups([a, b], 2, 1) == 0
     assert TokenDecoder.shared_prefix_ok and LlamaModel.supports_shared_prefix
 
 
@@ -226,7 +239,23 @@ def test_hydragen_sampling_n4_same_tokens_as_plain(spy, chat_prompt_ids):
     run = lambda sp: generate(model, params, two, method="sample", n=n, seed=11, max_new_tokens=new,
                               batch_size=n, sampling={"temperature": 1.0, "top_k": 50}, shared_prefix=sp)
     hyd, plain, _, _ = _run_both(run)
-    assert hyd.stats["shared_prefix"] and not plain.stats["shared_prefix"]
+    assert hyd.stats["shared_prefix"] and hyd.stats["prefix_groups"] == 1 and not plain.stats["shared_prefix"]
+    assert hyd.tokens == plain.tokens
+
+
+def test_hydragen_grouped_two_prompts_in_one_batch(spy, chat_prompt_ids):
+    """Two prompts of different lengths x n=2 rows in ONE batch: two prefix groups (each prompt
+    prefilled once, batch 2), same tokens as the plain cache."""
+    from jaxdec.core.generate import generate
+    model, params = spy
+    two = [chat_prompt_ids[0], chat_prompt_ids[4]]
+    assert len(two[0]) != len(two[1])
+    run = lambda sp: generate(model, params, two, method="sample", n=2, seed=5, max_new_tokens=20,
+                              sampling={"temperature": 1.0, "top_k": 50}, shared_prefix=sp)
+    hyd, plain, seen_h, seen_p = _run_both(run)
+    assert hyd.stats["prefix_groups"] == 2 and not plain.stats["shared_prefix"]
+    assert (False, 2, 64) in seen_h and (True, 4, 1) in seen_h, seen_h
+    assert not any(p for p, _, _ in seen_p), seen_p
     assert hyd.tokens == plain.tokens
 
 

@@ -66,6 +66,37 @@ def test_hydragen_decode_step_sliding_window_and_empty_prefix():
     _close(out, ref)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_hydragen_grouped_prefixes_equal_attend(sliding_window):
+    """G = 3 prefixes of different lengths, 2 rows each: equals attend on each row's own prefix ++ suffix."""
+    rng = np.random.default_rng(11)
+    g, r, t, h, kvh, d, p_cap, s_cap = 3, 2, 2, 9, 3, 16, 12, 7
+    b = g * r
+    f = lambda *sh: jnp.asarray(rng.normal(size=sh).astype(np.float32))
+    q, pk, pv = f(b, t, h, d), f(g, p_cap, kvh, d), f(g, p_cap, kvh, d)
+    plen = jnp.asarray([12, 0, 5], jnp.int32)
+    pk = jnp.where((jnp.arange(p_cap)[None, :] >= plen[:, None])[:, :, None, None], jnp.nan, pk)
+    pv = jnp.where((jnp.arange(p_cap)[None, :] >= plen[:, None])[:, :, None, None], jnp.nan, pv)
+    sk, sv = f(b, s_cap, kvh, d), f(b, s_cap, kvh, d)
+    suf = jnp.asarray(rng.integers(0, s_cap + 1, size=b).astype(np.int32))
+    kn, vn = f(b, t, kvh, d), f(b, t, kvh, d)
+    bm = causal_block_mask(b, t)
+    row_plen = jnp.repeat(plen, r)
+    qpos = (row_plen + suf)[:, None] + jnp.arange(t)[None, :]
+    out = hydragen_attend(q, pk, pv, plen, sk, sv, suf, kn, vn, bm, qpos, sliding_window=sliding_window)
+    kc = np.zeros((b, p_cap + s_cap, kvh, d), np.float32)
+    vc = np.zeros_like(kc)
+    for i in range(b):
+        pl, n = int(row_plen[i]), int(suf[i])
+        kc[i, :pl], vc[i, :pl] = np.asarray(pk[i // r, :pl]), np.asarray(pv[i // r, :pl])
+        kc[i, pl:pl + n], vc[i, pl:pl + n] = np.asarray(sk[i, :n]), np.asarray(sv[i, :n])
+    ref = attend(q, jnp.asarray(kc), jnp.asarray(vc), row_plen + suf, kn, vn, bm, qpos,
+                 sliding_window=sliding_window)
+    _close(out, ref)
+    with pytest.raises(ValueError, match="multiple of the number of prefix groups"):
+        hydragen_attend(q[:5], pk, pv, plen, sk[:5], sv[:5], suf[:5], kn[:5], vn[:5], bm[:5], qpos[:5])
+
+
 def test_hydragen_fully_masked_rows_zero():
     b, t, h, kvh, d = 2, 2, 9, 3, 8
     z = jnp.zeros
@@ -322,7 +353,7 @@ def test_hydragen_sampling_n_rows_same_tokens_as_plain():
         cache, last = o.cache, o.logits[:, 0]
     # Hydragen: prefill once, decode the n rows against one shared prefix
     last, suffix, _ = prefill(model, params, prompts, lens, with_prefix_buffer(model.init_cache(n, steps), 16))
-    assert suffix.prefix_k.shape == (2, 16, 2, 8) and suffix.k.shape == (2, n, steps, 2, 8)
+    assert suffix.prefix_k.shape == (2, 1, 16, 2, 8) and suffix.k.shape == (2, n, steps, 2, 8)
     for i in range(steps):
         _close(last, plain_logits[i])
         tok = jax.random.categorical(jax.random.fold_in(key, i), last, axis=-1).astype(jnp.int32)

@@ -18,8 +18,9 @@ equals softmax attention over the concatenation. `hydragen_attend` therefore equ
 ``jaxdec.attention.reference.attend`` on the cache ``prefix[:prefix_len] ++ suffix[b, :suffix_lengths[b]]``
 with lengths ``prefix_len + suffix_lengths``; a query that sees no key outputs zeros.
 
-Automatic use: a `jaxdec.cache.kv.KVCache` may carry the prefix (``prefix_k/prefix_v [L,P,KVH,D]``,
-``prefix_len``; ``k/v`` then hold the suffixes). ``LlamaModel.__call__`` attends with `hydragen_attend`
+Automatic use: a `jaxdec.cache.kv.KVCache` may carry the prefixes (``prefix_k/prefix_v
+[L,G,P,KVH,D]``, ``prefix_len [G]``: G groups of contiguous rows, G = 1 for one prompt; ``k/v`` then
+hold the suffixes). ``LlamaModel.__call__`` attends with `hydragen_attend`
 in every layer when the cache has a prefix (the layer's prefix slice scanned with the layers), and
 `generate` / the search drivers build such a cache whenever every row of a batch continues one prompt
 (``shared_prefix=None`` auto; see `jaxdec.core.generate.use_shared_prefix`).
@@ -37,8 +38,8 @@ import jax.numpy as jnp
 
 from jaxdec.attention.reference import NEG
 
-__all__ = ["hydragen_attend", "prefix_partial", "suffix_partial", "merge_partials",
-           "split_shared_prefix"]
+__all__ = ["hydragen_attend", "prefix_partial", "grouped_prefix_partial", "suffix_partial",
+           "merge_partials", "split_shared_prefix"]
 
 
 def _partial(s, vis, v_of, eq: str):
@@ -86,7 +87,7 @@ def suffix_partial(q, suffix_k, suffix_v, suffix_lengths, prefix_len, k_new, v_n
                    q_pos, sliding_window=None, scale=None):
     """Per-row part: each row's suffix cache plus the block's own keys.
 
-    Suffix slot j of row b sits at position ``prefix_len + j``. Returns ``m, l [B,T,KVH,G]``,
+    Suffix slot j of row b sits at position ``prefix_len + j`` (``prefix_len`` scalar or ``[B]``). Returns ``m, l [B,T,KVH,G]``,
     ``o [B,T,KVH,G,D]``.
     """
     b, t, h, d = q.shape
@@ -101,8 +102,8 @@ def suffix_partial(q, suffix_k, suffix_v, suffix_lengths, prefix_len, k_new, v_n
     mc = jnp.broadcast_to(mc, (b, t, s_cap))
     mn = block_mask
     if sliding_window is not None:
-        kpos = jnp.asarray(prefix_len) + j
-        mc = mc & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
+        kpos = jnp.reshape(jnp.asarray(prefix_len), (-1, 1, 1)) + j[None, None, :]  # scalar or per row
+        mc = mc & (q_pos[:, :, None] - kpos < sliding_window)
         mn = mn & (q_pos[:, :, None] - q_pos[:, None, :] < sliding_window)
     sv = jnp.where((j[None, :] < suffix_lengths[:, None])[:, :, None, None], suffix_v, 0.0)
     s = jnp.concatenate([sc, sn], axis=-1)
@@ -128,31 +129,58 @@ def merge_partials(parts):
     return jnp.where(ok[..., None], o_tot / jnp.where(ok, l_tot, 1.0)[..., None], 0.0)
 
 
+def grouped_prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None, scale=None):
+    """Prefix part with G prefixes: ``prefix_k/prefix_v [G,P,KVH,D]``, ``prefix_len [G]``; rows come
+    in G contiguous groups of ``B // G`` (group g = rows ``g*B/G .. (g+1)*B/G - 1``), each group's
+    queries batched against its own prefix. Returns what `prefix_partial` returns."""
+    b = q.shape[0]
+    g = prefix_k.shape[0]
+    if b % g:
+        raise ValueError(f"batch ({b}) must be a multiple of the number of prefix groups ({g})")
+    per = lambda x: x.reshape((g, b // g) + x.shape[1:])
+    m, l, o = jax.vmap(lambda qq, pk, pv, pl, qp: prefix_partial(qq, pk, pv, pl, qp, sliding_window, scale))(
+        per(q), prefix_k, prefix_v, jnp.asarray(prefix_len).reshape(g), per(q_pos))
+    unper = lambda x: x.reshape((b,) + x.shape[2:])
+    return unper(m), unper(l), unper(o)
+
+
 def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffix_lengths,
                     k_new, v_new, block_mask, q_pos, sliding_window: Optional[int] = None,
                     scale: Optional[float] = None):
     """Shared-prefix attention; equals ``attend`` on the concatenated per-row caches.
 
     ``q [B,T,H,D]``; ``prefix_k/prefix_v [P,KVH,D]`` with ``prefix_len`` (scalar) valid entries shared
-    by every row; ``suffix_k/suffix_v [B,S,KVH,D]`` with ``suffix_lengths [B]``; ``k_new/v_new
-    [B,T,KVH,D]``; ``block_mask [B,T,T]``; ``q_pos [B,T]``. Returns ``[B,T,H,D]``.
+    by every row, or grouped ``[G,P,KVH,D]`` with ``prefix_len [G]`` (rows in G contiguous groups of
+    B/G, each sharing its group's prefix: several prompts with n rows each); ``suffix_k/suffix_v
+    [B,S,KVH,D]`` with ``suffix_lengths [B]``; ``k_new/v_new [B,T,KVH,D]``; ``block_mask [B,T,T]``;
+    ``q_pos [B,T]``. Returns ``[B,T,H,D]``.
     """
     b, t, h, d = q.shape
-    if prefix_k.ndim != 3 or prefix_k.shape != prefix_v.shape:
-        raise ValueError(f"prefix_k/prefix_v must both be [P,KVH,D], got {prefix_k.shape}, "
+    grouped = prefix_k.ndim == 4
+    if prefix_k.ndim not in (3, 4) or prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k/prefix_v must both be [P,KVH,D] or [G,P,KVH,D], got {prefix_k.shape}, "
                          f"{prefix_v.shape}")
     if suffix_k.ndim != 4 or suffix_k.shape != suffix_v.shape or suffix_k.shape[0] != b:
         raise ValueError(f"suffix_k/suffix_v must both be [B,S,KVH,D], got {suffix_k.shape}, "
                          f"{suffix_v.shape}")
-    kvh = prefix_k.shape[1]
-    if suffix_k.shape[2] != kvh or h % kvh or prefix_k.shape[2] != d:
+    kvh = prefix_k.shape[-2]
+    if suffix_k.shape[2] != kvh or h % kvh or prefix_k.shape[-1] != d:
         raise ValueError(f"head layout mismatch: q {q.shape}, prefix {prefix_k.shape}, "
                          f"suffix {suffix_k.shape}")
     qf = q.astype(jnp.float32)
-    p1 = prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
-                        prefix_len, q_pos, sliding_window, scale)
+    if grouped:
+        g = prefix_k.shape[0]
+        if b % g:
+            raise ValueError(f"batch ({b}) must be a multiple of the number of prefix groups ({g})")
+        p1 = grouped_prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
+                                    prefix_len, q_pos, sliding_window, scale)
+        row_plen = jnp.repeat(jnp.asarray(prefix_len).reshape(g), b // g)
+    else:
+        p1 = prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
+                            prefix_len, q_pos, sliding_window, scale)
+        row_plen = prefix_len
     p2 = suffix_partial(qf, suffix_k.astype(jnp.float32), suffix_v.astype(jnp.float32),
-                        suffix_lengths, prefix_len, k_new.astype(jnp.float32),
+                        suffix_lengths, row_plen, k_new.astype(jnp.float32),
                         v_new.astype(jnp.float32), block_mask, q_pos, sliding_window, scale)
     out = merge_partials([p1, p2])
     return out.reshape(b, t, h, d).astype(q.dtype)

@@ -4,12 +4,15 @@ Layout: ``k``/``v`` are ``[L, B, S, KVH, D]``; ``lengths[b]`` is how many commit
 holds. Position ``j`` of a row always holds the token at sequence position ``j`` (no left padding), so a
 row's RoPE positions equal its cache indices. Everything here is a pure function with static shapes.
 
-Shared-prefix mode (Hydragen). When every row continues the same prompt, the cache may hold that
-prompt ONCE: ``prefix_k/prefix_v [L, P, KVH, D]`` with ``prefix_len`` (int32 scalar) valid entries.
-``k``/``v`` then hold only each row's *suffix*: slot ``j`` of row ``b`` is the token at position
-``prefix_len + j``. ``lengths`` keeps its meaning (the row's total committed length, prefix included),
-so RoPE positions, `rollback` and every caller that reasons in positions are unchanged; only the write
-offset into ``k``/``v`` becomes ``lengths - prefix_len`` (`KVCache.offsets`). The model attends with
+Shared-prefix mode (Hydragen). When rows continue the same prompt, the cache may hold that prompt
+ONCE: ``prefix_k/prefix_v [L, G, P, KVH, D]`` with ``prefix_len [G]`` (int32) valid entries, for G
+groups of contiguous rows (``B // G`` rows each; G = 1 when the whole batch shares one prompt, G =
+prompts when each of several prompts has n rows). ``k``/``v`` then hold only each row's *suffix*: slot
+``j`` of row ``b`` (group ``g = b // (B // G)``) is the token at position ``prefix_len[g] + j``.
+``lengths`` keeps its meaning (the row's total committed length, prefix included), so RoPE positions,
+`rollback` and every caller that reasons in positions are unchanged; only the write offset into
+``k``/``v`` becomes ``lengths - prefix_len[group]`` (`KVCache.offsets`). Row gathers (beam reordering)
+must keep rows inside their group. The model attends with
 `jaxdec.attention.hydragen.hydragen_attend` when a prefix is present. The default (``prefix_k=None``)
 is the ordinary cache, unchanged.
 
@@ -38,9 +41,9 @@ class KVCache:
     k: jax.Array  # [L, B, S, KVH, D]   (the per-row suffix in shared-prefix mode)
     v: jax.Array  # [L, B, S, KVH, D]
     lengths: jax.Array  # [B] int32, total committed length (prefix included)
-    prefix_k: Optional[jax.Array] = None  # [L, P, KVH, D], shared by every row
-    prefix_v: Optional[jax.Array] = None  # [L, P, KVH, D]
-    prefix_len: Optional[jax.Array] = None  # [] int32: valid prefix entries
+    prefix_k: Optional[jax.Array] = None  # [L, G, P, KVH, D], group g shared by its B // G rows
+    prefix_v: Optional[jax.Array] = None  # [L, G, P, KVH, D]
+    prefix_len: Optional[jax.Array] = None  # [G] int32: valid prefix entries per group
 
     @property
     def size(self) -> int:
@@ -57,50 +60,66 @@ class KVCache:
 
     @property
     def prefix_size(self) -> int:
+        return 0 if self.prefix_k is None else self.prefix_k.shape[2]
+
+    @property
+    def prefix_groups(self) -> int:
         return 0 if self.prefix_k is None else self.prefix_k.shape[1]
+
+    @property
+    def row_prefix_len(self) -> jax.Array:
+        """``[B]`` prefix length of each row's group (zeros for an ordinary cache)."""
+        if self.prefix_k is None:
+            return jnp.zeros_like(self.lengths)
+        return jnp.repeat(self.prefix_len, self.batch // self.prefix_groups)
 
     @property
     def offsets(self) -> jax.Array:
         """Per-row write offset into ``k``/``v``: ``lengths`` (ordinary) or ``lengths - prefix_len``."""
         if self.prefix_k is None:
             return self.lengths
-        return self.lengths - self.prefix_len
+        return self.lengths - self.row_prefix_len
 
     def to_slot(self, positions):
-        """Sequence positions -> slots of ``k``/``v``."""
+        """Per-row sequence positions ``[B]`` -> slots of ``k``/``v``."""
         if self.prefix_k is None:
             return positions
-        return positions - self.prefix_len
+        return positions - self.row_prefix_len
 
     @classmethod
     def create(cls, num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int,
-               dtype=jnp.float32, prefix_size: Optional[int] = None) -> "KVCache":
+               dtype=jnp.float32, prefix_size: Optional[int] = None, prefix_groups: int = 1) -> "KVCache":
         """An empty cache; with ``prefix_size`` an empty shared-prefix cache (``size`` suffix slots)."""
         shape = (num_layers, batch, size, num_kv_heads, head_dim)
         c = cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
-        return c if prefix_size is None else with_prefix_buffer(c, prefix_size)
+        return c if prefix_size is None else with_prefix_buffer(c, prefix_size, prefix_groups)
 
 
-def with_prefix_buffer(cache: KVCache, prefix_size: int) -> KVCache:
-    """An ordinary cache -> a shared-prefix cache with an empty prefix buffer of ``prefix_size`` slots
-    (``prefix_len = 0``; ``k``/``v`` become the suffix buffers, lengths unchanged)."""
+def with_prefix_buffer(cache: KVCache, prefix_size: int, groups: int = 1) -> KVCache:
+    """An ordinary cache -> a shared-prefix cache with ``groups`` empty prefix buffers of
+    ``prefix_size`` slots (``prefix_len = 0``; ``k``/``v`` become the suffix buffers; the batch must be
+    a multiple of ``groups``, rows ``g*B/G .. (g+1)*B/G - 1`` forming group g)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"a shared prefix needs a KVCache, got {type(cache).__name__}")
     if cache.prefix_k is not None:
         raise ValueError("cache already has a shared prefix")
     if not isinstance(prefix_size, int) or prefix_size < 1:
         raise ValueError(f"prefix_size must be an integer >= 1, got {prefix_size!r}")
-    l, _, _, kvh, d = cache.k.shape
-    z = jnp.zeros((l, prefix_size, kvh, d), cache.k.dtype)
-    return cache.replace(prefix_k=z, prefix_v=z, prefix_len=jnp.zeros((), jnp.int32))
+    l, b, _, kvh, d = cache.k.shape
+    if not isinstance(groups, int) or groups < 1 or b % groups:
+        raise ValueError(f"groups must be an integer >= 1 dividing the batch ({b}), got {groups!r}")
+    z = jnp.zeros((l, groups, prefix_size, kvh, d), cache.k.dtype)
+    return cache.replace(prefix_k=z, prefix_v=z, prefix_len=jnp.zeros((groups,), jnp.int32))
 
 
 def set_prefix(cache: KVCache, prefix_k, prefix_v, prefix_len) -> KVCache:
-    """Install the shared prefix ``[L,P,KVH,D]`` (``prefix_len`` valid entries); every row's suffix is
-    emptied (lengths = prefix_len)."""
-    plen = jnp.asarray(prefix_len, jnp.int32).reshape(())
-    return cache.replace(prefix_k=prefix_k.astype(cache.k.dtype), prefix_v=prefix_v.astype(cache.v.dtype),
-                         prefix_len=plen, lengths=jnp.full_like(cache.lengths, plen))
+    """Install the prefixes ``[L,G,P,KVH,D]`` (``prefix_len [G]`` valid entries); every row's suffix
+    is emptied (lengths = its group's prefix_len)."""
+    g = prefix_k.shape[1]
+    plen = jnp.asarray(prefix_len, jnp.int32).reshape((g,))
+    c = cache.replace(prefix_k=prefix_k.astype(cache.k.dtype), prefix_v=prefix_v.astype(cache.v.dtype),
+                      prefix_len=plen)
+    return c.replace(lengths=c.row_prefix_len)
 
 
 def to_plain(cache: KVCache, size: Optional[int] = None) -> KVCache:
@@ -109,18 +128,17 @@ def to_plain(cache: KVCache, size: Optional[int] = None) -> KVCache:
         return cache
     l, b, s, kvh, d = cache.k.shape
     size = cache.prefix_size + s if size is None else size
-    plen = cache.prefix_len
-    pos = jnp.arange(size)
-    from_prefix = pos < plen
-    pk = jnp.take(cache.prefix_k, jnp.clip(pos, 0, cache.prefix_size - 1), axis=1)  # [L,size,KVH,D]
-    pv = jnp.take(cache.prefix_v, jnp.clip(pos, 0, cache.prefix_size - 1), axis=1)
-    sl = jnp.clip(pos - plen, 0, s - 1)
-    sk = jnp.take(cache.k, sl, axis=2)  # [L,B,size,KVH,D]
-    sv = jnp.take(cache.v, sl, axis=2)
-    sel = from_prefix[None, None, :, None, None]
-    k = jnp.where(sel, pk[:, None], sk)
-    v = jnp.where(sel, pv[:, None], sv)
-    return KVCache(k, v, cache.lengths)
+    plen = cache.row_prefix_len[:, None]  # [B,1]
+    pos = jnp.arange(size)[None, :]
+    rows = jnp.arange(b) // (b // cache.prefix_groups)
+    pidx = jnp.clip(pos, 0, cache.prefix_size - 1)[0]
+    pk = jnp.take(cache.prefix_k, rows, axis=1)[:, :, pidx]  # [L,B,size,KVH,D]
+    pv = jnp.take(cache.prefix_v, rows, axis=1)[:, :, pidx]
+    sl = jnp.clip(pos - plen, 0, s - 1)  # [B,size]
+    sk = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=1), in_axes=(1, 0), out_axes=1)(cache.k, sl)
+    sv = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=1), in_axes=(1, 0), out_axes=1)(cache.v, sl)
+    sel = (pos < plen)[None, :, :, None, None]
+    return KVCache(jnp.where(sel, pk, sk), jnp.where(sel, pv, sv), cache.lengths)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
@@ -168,10 +186,11 @@ def gather_block(cache: KVCache, start: jax.Array, idx: jax.Array, n_keep: jax.A
 
 def check_room(cache_size, needed: int, what: str = "prompt + max_new_tokens") -> None:
     """Raise unless ``needed`` positions fit. ``cache_size`` is an int (positions) or a concrete
-    `KVCache` (its capacity in positions: ``size``, plus ``prefix_len`` in shared-prefix mode)."""
+    `KVCache` (its capacity in positions: ``size``, plus the shortest group's ``prefix_len`` in
+    shared-prefix mode)."""
     if isinstance(cache_size, KVCache):
         c = cache_size
-        cache_size = c.size + (0 if c.prefix_k is None else int(c.prefix_len))
+        cache_size = c.size + (0 if c.prefix_k is None else int(jnp.min(c.prefix_len)))
     if needed > cache_size:
         raise ValueError(f"cache too small: {what} needs {needed} positions but the cache holds {cache_size}")
 

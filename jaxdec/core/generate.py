@@ -67,30 +67,41 @@ def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
     return arr, lens
 
 
-def one_prompt_per_batch(rows: list, bs: int) -> bool:
-    """Does every compiled batch of ``bs`` consecutive rows hold a single distinct prompt?"""
-    return all(len({tuple(r) for r in rows[s:s + bs]}) == 1 for s in range(0, len(rows), bs))
+def prefix_groups(rows: list, bs: int, n: int) -> int:
+    """How many shared-prefix groups each compiled batch of ``bs`` rows splits into: 1 when every
+    batch holds one prompt, ``bs // n`` when batches are whole prompts of n consecutive rows each, 0
+    when neither (filler rows repeat a batch's first row, as `generate` pads)."""
+    batches = []
+    for s in range(0, len(rows), bs):
+        chunk = rows[s:s + bs]
+        batches.append([tuple(r) for r in chunk + [chunk[0]] * (bs - len(chunk))])
+    if all(len(set(b)) == 1 for b in batches):
+        return 1
+    if n > 1 and bs % n == 0 and all(len(set(b[i:i + n])) == 1 for b in batches for i in range(0, bs, n)):
+        return bs // n
+    return 0
 
 
-def use_shared_prefix(shared_prefix, model, decoder, one_prompt: bool, rows_per_batch: int,
-                      mesh=None) -> bool:
+def use_shared_prefix(shared_prefix, model, decoder, groups: int, rows_per_group: int, mesh=None) -> bool:
     """Decide whether a run uses a shared-prefix (Hydragen) cache.
 
-    ``shared_prefix=None`` (auto) picks it when every batch's rows continue ONE prompt
-    (``one_prompt``), a batch has more than one row, the decoder opts in (``shared_prefix_ok``), the
-    model accepts such a cache (``supports_shared_prefix``) and no mesh is given. ``True`` forces it
-    (a ValueError names what prevents it); ``False`` forces the ordinary cache.
+    ``groups`` is the number of prefix groups per batch (0: the rows cannot be grouped by prompt).
+    ``shared_prefix=None`` (auto) picks Hydragen when the rows group by prompt, a group has more than
+    one row, the decoder opts in (``shared_prefix_ok``), the model accepts such a cache
+    (``supports_shared_prefix``) and no mesh is given. ``True`` forces it (a ValueError names what
+    prevents it); ``False`` forces the ordinary cache.
     """
     if shared_prefix is None:
-        return bool(one_prompt and rows_per_batch > 1 and getattr(decoder, "shared_prefix_ok", False)
+        return bool(groups > 0 and rows_per_group > 1 and getattr(decoder, "shared_prefix_ok", False)
                     and getattr(model, "supports_shared_prefix", False) and mesh is None)
     if not isinstance(shared_prefix, (bool, np.bool_)):
         raise ValueError(f"shared_prefix must be None (auto), True or False, got {shared_prefix!r}")
     if not shared_prefix:
         return False
     why = None
-    if not one_prompt:
-        why = "the rows of a batch do not all share one prompt (give one prompt, or batch_size = n)"
+    if groups <= 0:
+        why = ("the rows of a batch do not group by prompt (give one prompt, or a batch_size that is a "
+               "multiple of n)")
     elif not getattr(model, "supports_shared_prefix", False):
         why = f"the model ({type(model).__name__}) does not accept a shared-prefix cache"
     elif not getattr(decoder, "shared_prefix_ok", False):
@@ -130,13 +141,14 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     inputs_fn(inputs, rows) -> inputs: lets a decoder add its own per-row inputs.
     mesh: a `jaxdec.sharding.make_mesh` mesh: params and rows are placed with its partition rules and
     the compiled loop runs SPMD over its devices (batch_size must be a multiple of the data axis).
-    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when every
-    compiled batch holds ONE prompt with several rows (one prompt with n > 1, e.g. n>1 sampling,
-    best-of-N, first-finish), the decoder supports it (greedy/sampling `TokenDecoder`, `FirstFinish`)
-    and no mesh is given: the prompt is prefilled once at batch 1 into a single prefix copy, each row's
-    cache holds only its new tokens, and every layer attends with `hydragen_attend`. Several different
-    prompts in one batch use the ordinary cache (no grouped prefix). ``stats["shared_prefix"]`` says
-    which path ran.
+    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when rows
+    share prompts (n > 1: n>1 sampling, best-of-N, first-finish) and the compiled batches group by
+    prompt (every batch holds one prompt, or batch_size is a multiple of n, as by default), the
+    decoder supports it (greedy/sampling `TokenDecoder`, `FirstFinish`) and no mesh is given: each
+    prompt of a batch is prefilled once (batch = number of prompts) into one prefix copy per prompt,
+    each row's cache holds only its new tokens, and every layer attends with `hydragen_attend` (each
+    group of n rows batched against its prompt). Batches that mix prompts at other boundaries use the
+    ordinary cache. ``stats["shared_prefix"]`` / ``stats["prefix_groups"]`` say which path ran.
     """
     from jaxdec.search.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
@@ -167,7 +179,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
     extra = int(getattr(decoder, "cache_headroom", 0))
-    shared = use_shared_prefix(shared_prefix, model, decoder, one_prompt_per_batch(rows, bs), bs, mesh)
+    groups = prefix_groups(rows, bs, n)
+    shared = use_shared_prefix(shared_prefix, model, decoder, groups, bs // max(groups, 1), mesh)
     prefix_size = None
     if shared:
         prefix_size, size = shared_prefix_sizes(p_bucket, cap, extra, cache_size)
@@ -214,9 +227,10 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
             inputs["stop_ids"] = jax.device_put(inputs["stop_ids"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         if debug:
             state = loop.run_debug(decoder, model, params, toks, lens, inputs, size,
-                                   callback=callback, prefix_size=prefix_size)
+                                   callback=callback, prefix_size=prefix_size, prefix_groups=max(groups, 1))
         else:
-            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size)
+            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size,
+                                 prefix_groups=max(groups, 1))
         nn = np.asarray(state.num_new)
         tk = np.asarray(state.tokens)
         fr = np.asarray(state.finish)
@@ -232,7 +246,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     out_stats = {"model_calls": calls, "loop_steps": steps, "new_tokens": new, "seconds": secs,
                  "tokens_per_second": new / secs if secs > 0 else float("nan"),
                  "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs,
-                 "shared_prefix": shared}
+                 "shared_prefix": shared, "prefix_groups": groups if shared else 0}
     extra_stats = getattr(decoder, "summarize", None)
     if extra_stats is not None:
         out_stats.update(extra_stats(last_state))

@@ -36,30 +36,33 @@ def _done(decoder, state):
     return default_done(state) if fn is None else fn(state)
 
 
-def make_cache(model, batch: int, cache_size: int, prefix_size=None):
+def make_cache(model, batch: int, cache_size: int, prefix_size=None, prefix_groups: int = 1):
     """``model.init_cache(batch, cache_size)``; with ``prefix_size`` a shared-prefix cache (Hydragen:
-    ``cache_size`` suffix slots per row plus one ``prefix_size``-slot prefix that `prefill` fills)."""
+    ``cache_size`` suffix slots per row plus ``prefix_groups`` prefixes of ``prefix_size`` slots, one
+    per group of ``batch // prefix_groups`` contiguous rows, that `prefill` fills)."""
     cache = model.init_cache(batch, cache_size)
     if prefix_size is None:
         return cache
     from jaxdec.cache.kv import with_prefix_buffer
     count_trace("shared_prefix")
-    return with_prefix_buffer(cache, prefix_size)
+    return with_prefix_buffer(cache, prefix_size, prefix_groups)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size", "prefix_size"))
-def run_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None):
+@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size", "prefix_size", "prefix_groups"))
+def run_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None,
+            prefix_groups: int = 1):
     count_trace(f"run:{type(decoder).__name__}")
-    cache = make_cache(model, prompts.shape[0], cache_size, prefix_size)
+    cache = make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups)
     state = decoder.init(model, params, prompts, prompt_lens, cache, inputs)
     return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size", "prefix_size"))
-def _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None):
+@functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size", "prefix_size", "prefix_groups"))
+def _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None,
+              prefix_groups: int = 1):
     count_trace(f"init:{type(decoder).__name__}")
     return decoder.init(model, params, prompts, prompt_lens,
-                        make_cache(model, prompts.shape[0], cache_size, prefix_size), inputs)
+                        make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "model"))
@@ -69,14 +72,15 @@ def _step_jit(decoder, model, params, state):
 
 
 def run_debug(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, callback=None,
-              trace: bool = True, max_steps: int | None = None, prefix_size=None):
+              trace: bool = True, max_steps: int | None = None, prefix_size=None, prefix_groups: int = 1):
     """Same init/step as `run_jit`, driven from Python; `callback(state)` after init and every step."""
     if trace:
-        state = _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size, prefix_size)
+        state = _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size, prefix_size,
+                          prefix_groups)
         step = functools.partial(_step_jit, decoder, model)
     else:
         state = decoder.init(model, params, prompts, prompt_lens,
-                             make_cache(model, prompts.shape[0], cache_size, prefix_size), inputs)
+                             make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
         step = functools.partial(decoder.step, model)
     if callback is not None:
         callback(state)

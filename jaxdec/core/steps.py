@@ -16,20 +16,23 @@ def prefill(model, params, prompts, prompt_lens, cache):
     The cache holds keys/values for the whole padded block, but each row's length is set to its real
     prompt length, so the padding is invisible and later writes overwrite it.
 
-    Shared-prefix cache (``cache.prefix_k`` set, built by the drivers when every row continues the
-    same prompt): the prompt of row 0 is run ONCE at batch 1 into the prefix buffer, which becomes the
-    prefix of every row (suffixes empty, lengths = the prompt length); logits and hidden are row 0's,
-    broadcast to the B rows. Callers guarantee that all rows hold the same prompt.
+    Shared-prefix cache (``cache.prefix_k`` set, built by the drivers when rows continue the same
+    prompt): the cache has G prefix groups of ``R = B // G`` contiguous rows; the first row's prompt of
+    each group is run ONCE (batch G) into the prefix buffers, which become the groups' prefixes
+    (suffixes empty, lengths = the group's prompt length); logits and hidden are repeated to the R rows
+    of each group. Callers guarantee that the rows of a group hold the same prompt.
     """
     b, p = prompts.shape
     if isinstance(cache, KVCache) and cache.prefix_k is not None:
         if p > cache.prefix_size:
             raise ValueError(f"prompt block ({p}) longer than the shared-prefix buffer ({cache.prefix_size})")
-        one = KVCache(cache.prefix_k[:, None], cache.prefix_v[:, None], jnp.zeros((1,), jnp.int32))
-        logits, one, hidden = prefill(model, params, prompts[:1], prompt_lens[:1], one)
-        cache = set_prefix(cache, one.k[:, 0], one.v[:, 0], one.lengths[0])
-        return (jnp.broadcast_to(logits, (b,) + logits.shape[1:]), cache,
-                jnp.broadcast_to(hidden, (b,) + hidden.shape[1:]))
+        g = cache.prefix_groups
+        r = b // g
+        # the prefix buffers [L,G,P,KVH,D] are exactly a batch-G ordinary cache
+        one = KVCache(cache.prefix_k, cache.prefix_v, jnp.zeros((g,), jnp.int32))
+        logits, one, hidden = prefill(model, params, prompts[::r], prompt_lens[::r], one)
+        cache = set_prefix(cache, one.k, one.v, one.lengths)
+        return jnp.repeat(logits, r, axis=0), cache, jnp.repeat(hidden, r, axis=0)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     last = (prompt_lens - 1)[:, None].astype(jnp.int32)
     out = model(params, prompts, positions, cache, logits_at=last)

@@ -94,7 +94,8 @@ class LlamaModel:
           ``attn_extra`` (a pytree with a leading ``[num_layers]`` axis scanned with the layers; None
           passes None). Methods with per-layer attention state use it (Double Sparsity's channels).
         * a shared-prefix cache (``cache.prefix_k`` set): Hydragen, `hydragen_attend` with the layer's
-          prefix slice, the rows' suffixes and suffix lengths ``cache.lengths - cache.prefix_len``.
+          prefix slice ``[G,P,KVH,D]`` (each group of rows against its own prefix), the rows' suffixes
+          and suffix lengths ``cache.lengths - cache.row_prefix_len``.
         * otherwise ``attention_impl`` ("xla" reference or the "pallas" tree-attention kernel).
 
         ``collect_qk=True`` also returns every layer's post-RoPE queries and keys of the block in
@@ -119,7 +120,7 @@ class LlamaModel:
                 pk, pv = extra
                 return hydragen_attend(q, pk, pv, plen, kc, vc, suf_len, k, v, bm, q_pos,
                                        sliding_window=sliding_window)
-            extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - plen
+            extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - cache.row_prefix_len
         else:
             base = _attention_fn(self.attention_impl)
 

@@ -318,10 +318,10 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     `Generation`: ``tokens[i]`` is prompt i's best hypothesis (up to and including EOS), ``extras["beams"]
     [i]`` its ``num_return_sequences`` (default num_beams) hypotheses ``{"tokens", "score",
     "finished", "group"}`` best first (across groups for diverse beam search); ``extras["scores"][i]`` the best score (HF's ``sequences_scores``).
-    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when each
-    compiled batch holds one prompt (a single prompt, or ``batch_size=1``) and num_beams > 1: the
-    prompt is prefilled once, the beams' caches hold only their generated tokens (beam reordering
-    gathers those only) and every layer attends with `hydragen_attend`. ``stats["shared_prefix"]``.
+    shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention whenever
+    num_beams > 1: each prompt is prefilled once into one prefix copy, the beams' caches hold only
+    their generated tokens (beam reordering gathers those only) and every layer attends with
+    `hydragen_attend` (each prompt's beams batched against its prefix). ``stats["shared_prefix"]``.
     """
     if no_repeat_ngram_size and constraint is not None:
         raise ValueError("give either no_repeat_ngram_size or constraint, not both")

@@ -7,11 +7,11 @@ independent prompts. Hypotheses are reordered by gathering rows (`reorder_cache`
 part of a row's cache (positions ``[start, start + window)``, where ``start`` is the prompt length) is
 moved, because the prompt part is identical across one prompt's rows.
 
-Shared prefix (Hydragen): when the batch holds ONE prompt (``len(prompts) == 1`` or a batch of
-identical prompts) and the decoder opts in (``shared_prefix_ok = True``), `run_grouped` gives the
-decoder a shared-prefix `KVCache`: the prompt is prefilled once into a single prefix copy, each row's
-cache holds only its generated suffix (``bucket(capacity)`` slots), attention is `hydragen_attend`, and
-reordering beams gathers suffix rows only. Batches of several different prompts use the ordinary cache.
+Shared prefix (Hydragen): when the decoder opts in (``shared_prefix_ok = True``) and R > 1,
+`run_grouped` gives the decoder a shared-prefix `KVCache` with one prefix group per prompt of the
+batch: each prompt is prefilled once into a single prefix copy, each row's cache holds only its
+generated suffix (``bucket(capacity)`` slots), attention is `hydragen_attend` (each prompt's R rows
+batched against its prefix), and reordering beams (always within a prompt) gathers suffix rows only.
 
 `run_grouped` is the host entry shared by these decoders: it pads and batches prompts, builds the
 per-row inputs (R rows per prompt) and runs a decoder through the shared driver (`loop.run_jit`, or
@@ -125,9 +125,9 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     batch_size counts prompts per compiled batch (each batch has batch_size * rows_per_prompt rows);
     the last batch is padded with inert prompts (max_new = 0) so it reuses the compiled program.
     extra_inputs(inputs, chunk_prompts) -> inputs adds decoder-specific per-row inputs.
-    shared_prefix: None (auto: a shared-prefix Hydragen cache when every batch holds one prompt, i.e.
-    one prompt or batch_size=1, rows_per_prompt > 1 and the decoder opts in), True (force; error if
-    impossible) or False (ordinary cache). ``stats["shared_prefix"]`` says which ran.
+    shared_prefix: None (auto: a shared-prefix Hydragen cache, one prefix per prompt of the batch, when
+    rows_per_prompt > 1 and the decoder opts in), True (force; error if impossible) or False (ordinary
+    cache). ``stats["shared_prefix"]`` says which ran.
     """
     prompts = _check_prompts(prompts, model.vocab_size)
     r = _positive_int("rows_per_prompt", rows_per_prompt)
@@ -141,8 +141,7 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     cap = capacity or bucket(max_new, 16)
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
-    shared = use_shared_prefix(shared_prefix, model, decoder, bp == 1 or len({tuple(p) for p in prompts}) == 1,
-                               bp * r)
+    shared = use_shared_prefix(shared_prefix, model, decoder, bp, r)  # one prefix group per prompt
     prefix_size = None
     if shared:
         prefix_size, size = shared_prefix_sizes(p_bucket, cap, 0, cache_size)
@@ -176,10 +175,10 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
             inputs = extra_inputs(inputs, chunk)
         if debug:
             state = loop.run_debug(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
-                                   callback=callback, prefix_size=prefix_size)
+                                   callback=callback, prefix_size=prefix_size, prefix_groups=bp)
         else:
             state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
-                                 prefix_size=prefix_size)
+                                 prefix_size=prefix_size, prefix_groups=bp)
         state = jax.block_until_ready(state)
         results.append((state, real))
         st = state.stats or {}
