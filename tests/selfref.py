@@ -1,6 +1,8 @@
 """Self-consistency helpers (jaxdec against itself, e.g. batched vs alone): teacher-forced step logits."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,16 @@ def step_logits(model, params, prompt, tokens) -> np.ndarray:
     arr = np.zeros((1, t), np.int32)
     arr[0, :len(ids)] = ids
     at = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)[None]
-    fn = jax.jit(model.__call__)
-    out = fn(params, jnp.asarray(arr), jnp.arange(t)[None], model.init_cache(1, t), logits_at=jnp.asarray(at))
+    out = _jitted(model)(params, jnp.asarray(arr), jnp.arange(t)[None], model.init_cache(1, t), logits_at=jnp.asarray(at))
     return np.asarray(out.logits[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model):
+    return jax.jit(model.__call__)
+
+
+def teacher_logits(model, params, prompts, conts) -> list:
+    """`step_logits` for each (prompt, continuation) pair: the reference step logits the near-tie
+    helper reads."""
+    return [step_logits(model, params, p, c) for p, c in zip(prompts, conts)]

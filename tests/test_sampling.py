@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -23,6 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 from jaxdec.core import processors as P
 from jaxdec.core import sampling as S
+from stat_checks import pooled_chisquare_p  # noqa: E402
 
 TOL = 1e-5
 ALPHA = 1e-4
@@ -597,25 +597,6 @@ def expected_probs(setting):
                          one("min_p"), one("typical_p"), one("repetition_penalty"))
     assert not amb
     return _softmax64(out[0])
-
-
-def pooled_chisquare_p(observed, probs):
-    """Chi-square p-value; bins with expected count < 5 (zero-probability bins included) are pooled."""
-    n = observed.sum()
-    exp = probs * n
-    small = exp < 5
-    obs_b, exp_b = list(observed[~small]), list(exp[~small])
-    if small.any():
-        o, e = observed[small].sum(), exp[small].sum()
-        if e < 5:  # fold the pool into the smallest regular bin
-            j = int(np.argmin(exp_b))
-            obs_b[j] += o
-            exp_b[j] += e
-        else:
-            obs_b.append(o)
-            exp_b.append(e)
-    assert len(obs_b) >= 3
-    return scipy.stats.chisquare(np.array(obs_b, float), np.array(exp_b, float)).pvalue
 
 
 @pytest.mark.parametrize("name", list(STAT_SETTINGS))

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 import peer  # noqa: E402
+from selfref import teacher_logits  # noqa: E402
 from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
@@ -198,23 +199,9 @@ def real(model_f32, chat_prompt_ids):
         if i < N_CODE:
             prompts.append(code[i])
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=8)
-    logits = _teacher_logits(model, params, prompts, ref.tokens)
+    logits = teacher_logits(model, params, prompts, ref.tokens)
     return {"model": model, "params": params, "prompts": prompts, "ref": ref, "ref_logits": logits,
             "max_dlogit": _block_vs_step_dlogit(model, params, prompts[0])}
-
-
-def _teacher_logits(model, params, prompts, conts):
-    """The greedy reference's step logits (teacher forced), for the near-tie helper."""
-    fwd = jax.jit(lambda p, ids, pos: model(p, ids, pos, model.init_cache(ids.shape[0], ids.shape[1])).logits)
-    out = []
-    for p, c in zip(prompts, conts):
-        full = list(p) + list(c)
-        t = bucket(len(full))
-        ids = np.zeros((1, t), np.int32)
-        ids[0, :len(full)] = full
-        lg = np.asarray(fwd(params, jnp.asarray(ids), jnp.arange(t, dtype=jnp.int32)[None]))[0]
-        out.append(lg[len(p) - 1:len(p) - 1 + len(c)])
-    return out
 
 
 def _block_vs_step_dlogit(model, params, prompt):
@@ -306,7 +293,7 @@ def test_real_tau_where_drafter_helps(real, helpful, name):
     drafter = SilentDrafter() if name == "silent" else REAL_DRAFTERS[name]()
     out = generate(real["model"], real["params"], prompts, decoder=SpeculativeDecoder(drafter),
                    max_new_tokens=MAX_NEW)
-    logits = _teacher_logits(real["model"], real["params"], prompts, ref.tokens)
+    logits = teacher_logits(real["model"], real["params"], prompts, ref.tokens)
     neartie.assert_sequences_match([(f"{name} helpful {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
     if name == "silent":
@@ -338,7 +325,7 @@ def test_real_layer_skip_and_draft_model_exact(real):
     prompts = [real["prompts"][0], real["prompts"][1]]
     n = 24
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=n)
-    logits = _teacher_logits(model, params, prompts, ref.tokens)
+    logits = teacher_logits(model, params, prompts, ref.tokens)
     skip = tuple(range(10, 24))
     out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter(skip, 3)), max_new_tokens=n)
     neartie.assert_sequences_match([(f"layer-skip {i}", o, r, lg) for i, (o, r, lg) in

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 import peer  # noqa: E402
+from selfref import teacher_logits  # noqa: E402
 from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
@@ -35,6 +35,7 @@ from jaxdec.core import loop  # noqa: E402
 from jaxdec.core.processors import SamplingParams  # noqa: E402
 from jaxdec.speculative import PearlDecoder, truncated_draft, with_draft_params  # noqa: E402
 from jaxdec.speculative.toy import BOS_PREV, TrigramModel, next_probs, random_table  # noqa: E402
+from stat_checks import pooled_chisquare_p  # noqa: E402
 
 TOY_V = 12
 EOS = 1
@@ -250,26 +251,6 @@ ROWS = 200_000
 ALPHA = 1e-4
 
 
-def pooled_chisquare_p(observed, probs):
-    """Chi-square p-value; bins whose expected count is < 5 are pooled into one (or into the smallest)."""
-    observed = np.asarray(observed, float).ravel()
-    probs = np.asarray(probs, float).ravel()
-    exp = probs * observed.sum()
-    small = exp < 5
-    obs_b, exp_b = list(observed[~small]), list(exp[~small])
-    if small.any():
-        o, e = observed[small].sum(), exp[small].sum()
-        if e < 5:
-            j = int(np.argmin(exp_b))
-            obs_b[j] += o
-            exp_b[j] += e
-        else:
-            obs_b.append(o)
-            exp_b.append(e)
-    assert len(obs_b) >= 3
-    return scipy.stats.chisquare(np.array(obs_b), np.array(exp_b)).pvalue
-
-
 def _joint(tab, prompt, n, temperature):
     probs = {(): 1.0}
     for _ in range(n):
@@ -338,20 +319,6 @@ def _chat(text):
     return tok(s, add_special_tokens=False)["input_ids"]
 
 
-def _teacher_logits(model, params, prompts, conts):
-    """The greedy reference's step logits (teacher forced), for the near-tie helper."""
-    fwd = jax.jit(lambda p, ids, pos: model(p, ids, pos, model.init_cache(ids.shape[0], ids.shape[1])).logits)
-    out = []
-    for p, c in zip(prompts, conts):
-        full = list(p) + list(c)
-        t = bucket(len(full))
-        ids = np.zeros((1, t), np.int32)
-        ids[0, :len(full)] = full
-        lg = np.asarray(fwd(params, jnp.asarray(ids), jnp.arange(t, dtype=jnp.int32)[None]))[0]
-        out.append(lg[len(p) - 1:len(p) - 1 + len(c)])
-    return out
-
-
 def _block_vs_step_dlogit(model, params, prompt):
     """Measured max |dlogit| between a 4-token block through the cache (a post-verify call) and four
     one-token calls (plain greedy)."""
@@ -398,7 +365,7 @@ def _near_tie_data(real):
     sequence differs from the reference (they matter only there)."""
     if "logits" not in real:
         model, params = real["model"], real["params"]
-        real["logits"] = _teacher_logits(model, params, real["prompts"], real["ref"].tokens)
+        real["logits"] = teacher_logits(model, params, real["prompts"], real["ref"].tokens)
         real["max_dlogit"] = _block_vs_step_dlogit(model, params, real["prompts"][0])
     return real["logits"], real["max_dlogit"]
 

@@ -28,31 +28,10 @@ from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, Pro
 from jaxdec.speculative.engine import with_draft_params
 from jaxdec.speculative.toy import TrigramModel, next_probs, random_table
 from jaxdec.speculative.tree import TreeSpec, ancestor_mask, block_depths
+from stat_checks import pooled_chisquare_p  # noqa: E402
 
 ALPHA = 1e-4
 Z = scipy.stats.norm.isf(ALPHA / 2)
-
-
-def pooled_chisquare_p(observed, probs):
-    """Chi-square p-value; bins with expected count < 5 (zero-probability bins included) are pooled."""
-    observed = np.asarray(observed, float).ravel()
-    probs = np.asarray(probs, float).ravel()
-    n = observed.sum()
-    exp = probs * n
-    small = exp < 5
-    assert observed[probs == 0].sum() == 0 or small.any()
-    obs_b, exp_b = list(observed[~small]), list(exp[~small])
-    if small.any():
-        o, e = observed[small].sum(), exp[small].sum()
-        if e < 5:
-            j = int(np.argmin(exp_b))
-            obs_b[j] += o
-            exp_b[j] += e
-        else:
-            obs_b.append(o)
-            exp_b.append(e)
-    assert len(obs_b) >= 3
-    return scipy.stats.chisquare(np.array(obs_b), np.array(exp_b)).pvalue
 
 
 def _dist(rng, v, sharp):

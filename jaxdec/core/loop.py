@@ -40,7 +40,9 @@ def make_cache(model, batch: int, cache_size: int, prefix_size=None, prefix_grou
     """``model.init_cache(batch, cache_size)``; with ``prefix_size`` a shared-prefix cache (Hydragen:
     ``cache_size`` suffix slots per row plus ``prefix_groups`` prefixes of ``prefix_size`` slots, one
     per group of ``batch // prefix_groups`` contiguous rows, that `prefill` fills)."""
-    cache = model.init_cache(batch, cache_size)
+    # the barrier hides the all-zero initial cache from XLA: otherwise it constant-folds the prefill's
+    # attention over the empty cache (seconds of compile time per shape for a large batch x cache)
+    cache = jax.lax.optimization_barrier(model.init_cache(batch, cache_size))
     if prefix_size is None:
         return cache
     from jaxdec.cache.kv import with_prefix_buffer
