@@ -245,6 +245,12 @@ def _recycling():
 
 
 REAL_DRAFTERS = {"pld": lambda: PromptLookupDrafter(num_tokens=8, max_ngram=3), "recycling": _recycling}
+if FULL:  # the acceptance size also runs the other greedy-verified drafters over every prompt
+    REAL_DRAFTERS.update({
+        "aded": lambda: NGramDrafter(mode="greedy"),
+        "swift": lambda: LayerSkipDrafter(tuple(range(11, 19)), 3),
+        "del": lambda: LayerSkipDrafter(tuple(range(22, 30)), 3),
+    })
 
 
 def test_real_prompts_are_ragged(real):
