@@ -30,3 +30,25 @@ def teacher_logits(model, params, prompts, conts) -> list:
     """`step_logits` for each (prompt, continuation) pair: the reference step logits the near-tie
     helper reads."""
     return [step_logits(model, params, p, c) for p, c in zip(prompts, conts)]
+
+
+def block_vs_step_dlogit(model, params, prompt, t: int) -> float:
+    """Measured max |dlogit| between one t-token block through the cache (as a verify call computes it)
+    and t one-token decode calls (as plain greedy computes it), after ``prompt``."""
+    ids = jnp.asarray([prompt], jnp.int32)
+    n = ids.shape[1]
+    follow = jnp.asarray([[(37 * i + 11) % 2000 + 100 for i in range(t)]], jnp.int32)
+
+    @jax.jit
+    def both(p):
+        cache = model(p, ids, jnp.arange(n)[None], model.init_cache(1, bucket(n + t + 1))).cache
+        blk = model(p, follow, n + jnp.arange(t)[None], cache).logits[0]
+        step, c = [], cache
+        for i in range(t):
+            o = model(p, follow[:, i:i + 1], jnp.full((1, 1), n + i), c)
+            c = o.cache
+            step.append(o.logits[0, 0])
+        return blk, jnp.stack(step)
+
+    a, b = both(params)
+    return float(jnp.max(jnp.abs(a - b)))

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 import peer  # noqa: E402
-from selfref import teacher_logits  # noqa: E402
+from selfref import block_vs_step_dlogit, teacher_logits  # noqa: E402
 from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
@@ -201,32 +201,7 @@ def real(model_f32, chat_prompt_ids):
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=8)
     logits = teacher_logits(model, params, prompts, ref.tokens)
     return {"model": model, "params": params, "prompts": prompts, "ref": ref, "ref_logits": logits,
-            "max_dlogit": _block_vs_step_dlogit(model, params, prompts[0])}
-
-
-def _block_vs_step_dlogit(model, params, prompt):
-    """Measured max |dlogit| between one 16-token block through the cache (as a verify call computes
-    it) and 16 one-token decode calls (as plain greedy computes it)."""
-    ids = jnp.asarray([prompt], jnp.int32)
-    n, t = ids.shape[1], 16
-    follow = jnp.asarray([[(37 * i + 11) % 2000 + 100 for i in range(t)]], jnp.int32)
-    size = bucket(n + t + 1)
-
-    @jax.jit
-    def both(p):
-        cache = model.init_cache(1, size)
-        cache = model(p, ids, jnp.arange(n)[None], cache).cache
-        blk = model(p, follow, n + jnp.arange(t)[None], cache).logits[0]
-        step = []
-        c = cache
-        for i in range(t):
-            o = model(p, follow[:, i:i + 1], jnp.full((1, 1), n + i), c)
-            c = o.cache
-            step.append(o.logits[0, 0])
-        return blk, jnp.stack(step)
-
-    a, b = both(params)
-    return float(jnp.max(jnp.abs(a - b)))
+            "max_dlogit": block_vs_step_dlogit(model, params, prompts[0], 16)}
 
 
 def _check(real, out, idx, label):

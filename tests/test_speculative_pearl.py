@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 import peer  # noqa: E402
-from selfref import teacher_logits  # noqa: E402
+from selfref import block_vs_step_dlogit, teacher_logits  # noqa: E402
 from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
@@ -34,7 +34,7 @@ from jaxdec.cache.kv import bucket  # noqa: E402
 from jaxdec.core import loop  # noqa: E402
 from jaxdec.core.processors import SamplingParams  # noqa: E402
 from jaxdec.speculative import PearlDecoder, truncated_draft, with_draft_params  # noqa: E402
-from jaxdec.speculative.toy import BOS_PREV, TrigramModel, next_probs, random_table  # noqa: E402
+from jaxdec.speculative.toy import BOS_PREV, TrigramModel, exact_joint, random_table  # noqa: E402
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
 TOY_V = 12
@@ -251,22 +251,6 @@ ROWS = 200_000
 ALPHA = 1e-4
 
 
-def _joint(tab, prompt, n, temperature):
-    probs = {(): 1.0}
-    for _ in range(n):
-        nxt = {}
-        for seq, pr in probs.items():
-            full = tuple(prompt) + seq
-            d = next_probs(tab, full[-2], full[-1], temperature)
-            for t in range(TV):
-                nxt[seq + (t,)] = pr * d[t]
-        probs = nxt
-    arr = np.zeros((TV,) * n)
-    for seq, pr in probs.items():
-        arr[seq] = pr
-    return arr
-
-
 def _run_rows(decoder, params, max_new, seed, temperature):
     model = TrigramModel(TV)
     prompt = np.array([[3, 1]], np.int32)
@@ -290,7 +274,7 @@ def test_sampling_joint_is_the_target(temperature):
     tab = random_table(21, TV, 1.2)
     dtab = tab + random_table(22, TV, 1.2)
     params = _params(tab, dtab)
-    joint = _joint(tab, (3, 1), 4, temperature)
+    joint = exact_joint(tab, (3, 1), 4, temperature)
     dec = PearlDecoder(model, 2, verifier="sampling")
     toks, st = _run_rows(dec, params, 4, seed=71, temperature=temperature)
     codes = ((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2]) * TV + toks[:, 3]
@@ -319,28 +303,6 @@ def _chat(text):
     return tok(s, add_special_tokens=False)["input_ids"]
 
 
-def _block_vs_step_dlogit(model, params, prompt):
-    """Measured max |dlogit| between a 4-token block through the cache (a post-verify call) and four
-    one-token calls (plain greedy)."""
-    ids = jnp.asarray([prompt], jnp.int32)
-    n, t = ids.shape[1], 4
-    follow = jnp.asarray([[(37 * i + 11) % 2000 + 100 for i in range(t)]], jnp.int32)
-
-    @jax.jit
-    def both(p):
-        cache = model(p, ids, jnp.arange(n)[None], model.init_cache(1, bucket(n + t + 1))).cache
-        blk = model(p, follow, n + jnp.arange(t)[None], cache).logits[0]
-        step, c = [], cache
-        for i in range(t):
-            o = model(p, follow[:, i:i + 1], jnp.full((1, 1), n + i), c)
-            c = o.cache
-            step.append(o.logits[0, 0])
-        return blk, jnp.stack(step)
-
-    a, b = both(params)
-    return float(jnp.max(jnp.abs(a - b)))
-
-
 @pytest.fixture(scope="module")
 def real(model_f32, chat_prompt_ids):
     model, params = model_f32
@@ -366,7 +328,7 @@ def _near_tie_data(real):
     if "logits" not in real:
         model, params = real["model"], real["params"]
         real["logits"] = teacher_logits(model, params, real["prompts"], real["ref"].tokens)
-        real["max_dlogit"] = _block_vs_step_dlogit(model, params, real["prompts"][0])
+        real["max_dlogit"] = block_vs_step_dlogit(model, params, real["prompts"][0], 4)
     return real["logits"], real["max_dlogit"]
 
 

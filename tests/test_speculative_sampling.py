@@ -26,7 +26,7 @@ from jaxdec.core.processors import SamplingParams
 from jaxdec.speculative import SpeculativeDecoder, sampling_verify_chain, sampling_verify_tree
 from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from jaxdec.speculative.engine import with_draft_params
-from jaxdec.speculative.toy import TrigramModel, next_probs, random_table
+from jaxdec.speculative.toy import TrigramModel, exact_joint, next_probs, random_table
 from jaxdec.speculative.tree import TreeSpec, ancestor_mask, block_depths
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
@@ -184,30 +184,13 @@ def _run_toy(decoder, model, params, max_new, seed, temperature=1.0):
     return np.asarray(state.tokens), decoder.summarize(state)
 
 
-def _toy_joint(tab, temperature, n):
-    """Exact joint of the first n new tokens after the prompt [3, 1]."""
-    probs = {(): 1.0}
-    for _ in range(n):
-        nxt = {}
-        for seq, pr in probs.items():
-            full = (3, 1) + seq
-            d = next_probs(tab, full[-2], full[-1], temperature)
-            for t in range(TV):
-                nxt[seq + (t,)] = pr * d[t]
-        probs = nxt
-    arr = np.zeros((TV,) * n)
-    for seq, pr in probs.items():
-        arr[seq] = pr
-    return arr
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_engine_joint_distribution_draft_model(temperature):
     model, tab, dtab = _toy_setup()
     params = with_draft_params({"table": jnp.asarray(tab)}, {"table": jnp.asarray(dtab)})
     dec = SpeculativeDecoder(DraftModelDrafter(model, num_tokens=2, sample=True), verifier="sampling")
     toks, stats = _run_toy(dec, model, params, 3, seed=31, temperature=temperature)
-    joint = _toy_joint(tab, temperature, 3)
+    joint = exact_joint(tab, (3, 1), 3, temperature)
     # first speculative token (token 2, jointly with the plainly sampled token 1)
     c2 = np.bincount(toks[:, 0] * TV + toks[:, 1], minlength=TV * TV)
     assert pooled_chisquare_p(c2, joint.sum(axis=2)) > ALPHA
@@ -244,7 +227,7 @@ def test_engine_joint_deterministic_drafter_and_layer_skip():
     """Sampling verification of a deterministic drafter (PLD, q one-hot) and of layer-skip drafts
     (the toy's 'skipped' model uses another table) also gives the target's joint distribution."""
     model, tab, dtab = _toy_setup()
-    joint = _toy_joint(tab, 1.0, 3)
+    joint = exact_joint(tab, (3, 1), 3, 1.0)
     ptab = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(dtab)}
     for i, drafter in enumerate([PromptLookupDrafter(num_tokens=2, max_ngram=1),
                                  LayerSkipDrafter(skip=(0,), num_tokens=2, sample=True)]):
@@ -262,7 +245,7 @@ def test_engine_joint_stand_gumbel_tree():
     controls: the i.i.d. sibling rule, and no residual resampling."""
     from jaxdec.speculative.drafters import NGramDrafter
     model, tab, _ = _toy_setup()
-    joint = _toy_joint(tab, 1.0, 3)
+    joint = exact_joint(tab, (3, 1), 3, 1.0)
     params = {"table": jnp.asarray(tab)}
     drafter = NGramDrafter(TreeSpec.from_widths((2, 1)), k=2, hash_size=64, mode="gumbel")
     dec = SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="without_replacement")

@@ -64,3 +64,23 @@ def next_probs(table: np.ndarray, prev: int, tok: int, temperature: float = 1.0)
     z = table[prev, tok].astype(np.float64) / temperature
     z = np.exp(z - z.max())
     return z / z.sum()
+
+
+def exact_joint(table: np.ndarray, prompt, n: int, temperature: float = 1.0) -> np.ndarray:
+    """Exact joint distribution ``[V] * n`` of the first n tokens the trigram table generates after
+    ``prompt`` (at least two tokens), by enumerating every sequence: the reference the sampling tests
+    compare empirical counts with."""
+    v = table.shape[-1]
+    probs = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, pr in probs.items():
+            full = tuple(prompt) + seq
+            d = next_probs(table, full[-2], full[-1], temperature)
+            for t in range(v):
+                nxt[seq + (t,)] = pr * d[t]
+        probs = nxt
+    arr = np.zeros((v,) * n)
+    for seq, pr in probs.items():
+        arr[seq] = pr
+    return arr
