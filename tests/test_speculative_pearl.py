@@ -297,12 +297,6 @@ COUNT = "Count from 1 to 30, separated by commas."  # the draft model should hel
 DAYS = "List the days of the week, one per line."
 
 
-def _chat(text):
-    tok = peer.peer_tokenizer()
-    s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return tok(s, add_special_tokens=False)["input_ids"]
-
-
 @pytest.fixture(scope="module")
 def real(model_f32, chat_prompt_ids):
     model, params = model_f32
@@ -313,7 +307,7 @@ def real(model_f32, chat_prompt_ids):
             {"role": "user", "content": "Say exactly this and nothing else: I like green apples."}]
     again = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False)["input_ids"]
-    prompts = [_chat(COUNT), _chat(DAYS), chat_prompt_ids[0], again]
+    prompts = [peer.peer_chat_ids(COUNT), peer.peer_chat_ids(DAYS), chat_prompt_ids[0], again]
     if FULL:
         prompts += list(chat_prompt_ids[1:8])
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=len(prompts))
