@@ -218,7 +218,7 @@ if FULL:  # the acceptance size also runs the other greedy-verified drafters ove
     REAL_DRAFTERS.update({
         "aded": lambda: NGramDrafter(mode="greedy"),
         "swift": lambda: LayerSkipDrafter(tuple(range(11, 19)), 3),
-        "del": lambda: LayerSkipDrafter(tuple(range(22, 30)), 3),
+        "del": lambda: LayerSkipDrafter(tuple(range(26, 30)), 2),  # exit at layer 26 (spec_bench: tau 1.6-1.7)
     })
 
 
