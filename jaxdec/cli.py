@@ -27,25 +27,34 @@ class BadInput(Exception):
     pass
 
 
-def _read_prompts(args) -> list:
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise BadInput("give exactly one of --prompt TEXT or --prompts-file F.jsonl")
-    if args.prompt is not None:
-        return [args.prompt]
-    if not os.path.isfile(args.prompts_file):
-        raise BadInput(f"--prompts-file: no such file {args.prompts_file!r}")
-    prompts = []
-    with open(args.prompts_file) as f:
+def read_jsonl_strings(path: str, flag: str, keys: tuple, expected: str) -> list:
+    """The string under the first of ``keys`` present in each non-blank JSONL line of ``path``; any
+    problem is one `BadInput` naming ``flag`` (and the line), ``expected`` describing a good line."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{flag}: no such file {path!r}")
+    out = []
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BadInput(f"--prompts-file line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise BadInput(f"--prompts-file line {n}: expected an object {{\"prompt\": \"...\"}}")
-            prompts.append(obj["prompt"])
+                raise BadInput(f"{flag} line {n}: not valid JSON ({e.msg})") from None
+            value = next((obj[k] for k in keys if k in obj), None) if isinstance(obj, dict) else None
+            if not isinstance(value, str):
+                raise BadInput(f"{flag} line {n}: expected {expected}")
+            out.append(value)
+    return out
+
+
+def _read_prompts(args) -> list:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise BadInput("give exactly one of --prompt TEXT or --prompts-file F.jsonl")
+    if args.prompt is not None:
+        return [args.prompt]
+    prompts = read_jsonl_strings(args.prompts_file, "--prompts-file", ("prompt",),
+                                 "an object {\"prompt\": \"...\"}")
     if not prompts:
         raise BadInput(f"--prompts-file {args.prompts_file!r} holds no prompts")
     return prompts

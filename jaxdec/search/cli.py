@@ -9,7 +9,7 @@ superposed).
 """
 from __future__ import annotations
 
-from jaxdec.cli import BadInput, register_method
+from jaxdec.cli import BadInput, read_jsonl_strings, register_method
 
 _EARLY = {"true": True, "false": False, "never": "never"}
 
@@ -189,25 +189,14 @@ def _floats(flag, text, conv=float):
 
 
 def _corpus_texts(path):
-    import json
     import os
+    if path.endswith(".jsonl"):
+        return read_jsonl_strings(path, "--ngram-corpus", ("text", "prompt"),
+                                  "an object with a \"text\" or \"prompt\" string")
     if not os.path.isfile(path):
         raise BadInput(f"--ngram-corpus: no such file {path!r}")
     with open(path, encoding="utf-8") as fh:
-        if not path.endswith(".jsonl"):
-            return [fh.read()]
-        texts = []
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"--ngram-corpus line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("prompt")), str):
-                raise BadInput(f"--ngram-corpus line {n}: expected an object with a \"text\" or \"prompt\" string")
-            texts.append(obj.get("text", obj.get("prompt")))
-        return texts
+        return [fh.read()]
 
 
 @register_method("superposed", add_superposed_args)
