@@ -454,12 +454,7 @@ def main(argv=None):
     if args.step:
         args.reps = args.reps or (5 if args.quick else 9)
         args.out = args.out or os.path.join(RESULTS, "bench_greedy_step")
-        rep = run_step(args)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(rep, f, indent=2)
-        write_step_markdown(rep, args.out + ".md")
-        print(open(args.out + ".md").read())
+        _save(run_step(args), args.out, write_step_markdown)
         return
     args.out = args.out or os.path.join(RESULTS, "bench_greedy")
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
@@ -468,12 +463,16 @@ def main(argv=None):
         ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
     if args.new_tokens < 1 or any(b < 1 for b in args.batches):
         ap.error("--new-tokens and --batches must be positive")
-    rep = run(args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    _save(run(args), args.out, write_markdown)
+
+
+def _save(rep: dict, out: str, write_md) -> None:
+    """``out``.json and ``out``.md (printed)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
         json.dump(rep, f, indent=2)
-    write_markdown(rep, args.out + ".md")
-    print(open(args.out + ".md").read())
+    write_md(rep, out + ".md")
+    print(open(out + ".md").read())
 
 
 if __name__ == "__main__":
