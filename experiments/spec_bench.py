@@ -1,7 +1,8 @@
 """Spec-Bench-style table: speculative decoding drafters vs jaxdec greedy and HF prompt lookup.
 
 For HumanEval prompts and chat prompts, at batch 1, every method decodes a fixed N new tokens (EOS
-ignored: jaxdec gets ``stop_ids=()``, HF ``eos_token_id=None``), greedily, with the same float32 weights:
+ignored: jaxdec gets ``stop_ids=()``, HF ``eos_token_id=None``), greedily, with the same weights for every
+jaxdec row (float32 by default, `--weights q` for the GGUF blocks with the native kernel):
 
 * jaxdec greedy (the baseline of every speedup, measured in the same run);
 * jaxdec speculative: prompt lookup (PLD), Token Recycling (tree chosen by `calibrate` from the
@@ -71,6 +72,10 @@ COPY_TASKS = [
     ("Copy this list exactly, then add one more item in the same style:\n- apples: 3 kg\n- pears: 2 kg\n"
      "- plums: 1 kg\n- grapes: 4 kg"),
 ]
+
+
+WEIGHTS_NOTE = {"f32": "f32 (dequantized Q4_1 GGUF)",
+                "q": "q (the GGUF's Q4_1/Q8_0 blocks, native CPU kernel; float32 activations)"}
 
 
 def load_prompts(n_code: int, n_chat: int, groups=("code", "chat"), n_copy: int = 3):
@@ -213,7 +218,7 @@ def run(args):
     print(f"jax devices: {jax.devices()}", flush=True)
     r = open_gguf(default_gguf_path())
     cfg, arch = config_from_gguf(r)
-    model, params = LlamaModel(cfg), load_gguf_params(r, cfg, arch, "f32")
+    model, params = LlamaModel(cfg), load_gguf_params(r, cfg, arch, args.weights)
     prompts = load_prompts(args.n_code, args.n_chat, args.groups, args.n_copy)
     curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
     print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in curve["relative"].items()}, flush=True)
@@ -269,7 +274,7 @@ def run(args):
     return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
             "machine": machine_facts(), "versions": versions(),
             "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batch": 1,
-                         "eos": "ignored (fixed N new tokens)", "weights": "f32 (dequantized Q4_1 GGUF)",
+                         "eos": "ignored (fixed N new tokens)", "weights": WEIGHTS_NOTE[args.weights],
                          "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
             "cost_curve": curve, "recycling_calibration": calib, "results": results}
 
@@ -286,7 +291,7 @@ def write_markdown(rep, path):
              + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()) + "  ",
              f"{rep['settings']['new_tokens']} new tokens per prompt, {rep['settings']['reps']} interleaved repetitions; "
              "time from ids in to ids on host, prefill included; speedup = median of per-repetition ratios to "
-             "jaxdec greedy in the same run [min, max]. τ = tokens per target call per row (bonus included). "
+             "jaxdec greedy in the same run [min, max]. jaxdec weights: " + rep["settings"]["weights"] + ". τ = tokens per target call per row (bonus included). "
              "Predicted = τ / (relative cost of an average step from the measured cost curve: block calls on the "
              "steps that had a draft (blk %), one-token calls on the others, plus the draft calls).", "",
              "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
@@ -357,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--n-code", type=int, default=None)
     ap.add_argument("--n-chat", type=int, default=None)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--weights", default="f32", choices=sorted(WEIGHTS_NOTE),
+                    help="jaxdec weights for every jaxdec row (baseline included); the HF peer stays float32")
     ap.add_argument("--pld-tokens", type=int, default=8)
     ap.add_argument("--hf-lookup", type=int, default=10)
     ap.add_argument("--swift-skip", type=int, nargs="+", default=[4, 6, 8], help="skip-set sizes SWIFT searches")

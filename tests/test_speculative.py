@@ -277,6 +277,21 @@ def test_real_tau_where_drafter_helps(real, helpful, name):
         assert out.stats["tau"] > 1.3, out.stats
 
 
+def test_real_stand_tau_under_sampling(real, helpful):
+    """STAND on the real model: Gumbel-top-k trees from the n-gram tables, verified by speculative
+    sampling (siblings without replacement), raise τ above 1.3 on the helpful prompts while sampling
+    (temperature 0.7); the same decoder with a silent drafter stays at τ = 1 (negative control)."""
+    prompts, _ = helpful
+    taus = {}
+    for name, drafter in [("stand", NGramDrafter(mode="gumbel")), ("silent", SilentDrafter())]:
+        dec = SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="without_replacement")
+        out = generate(real["model"], real["params"], prompts, decoder=dec, max_new_tokens=MAX_NEW,
+                       sampling={"temperature": 0.7}, seed=3)
+        assert all(len(t) > 0 for t in out.tokens)
+        taus[name] = out.stats["tau"]
+    assert taus["silent"] == 1.0 and taus["stand"] > 1.3, taus
+
+
 def test_real_eos_accepted_mid_draft(real):
     """A second identical request after an answered one: prompt lookup copies the earlier answer
     *including* its <|im_end|> and what followed, so EOS is accepted inside a draft."""

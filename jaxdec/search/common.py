@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec.cache.kv import KVCache, bucket
+from jaxdec.cache.kv import KVCache, bucket, read_rows, write_rows
 from jaxdec.core import loop
 from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch, shared_prefix_sizes, use_shared_prefix
 
@@ -49,16 +49,11 @@ def expand_cache(cache, r: int):
 
 
 def _window_take(buf, idx, start, window: int):
-    """buf [L,B,S,...]: row b's positions [start[b], start[b]+window) <- those of row idx[b]."""
-    def cut(b_buf, s):  # [L,S,...]
-        return jax.lax.dynamic_slice_in_dim(b_buf, s, window, axis=1)
-
-    def put(b_buf, piece, s):
-        return jax.lax.dynamic_update_slice_in_dim(b_buf, piece, s, axis=1)
-
-    win = jax.vmap(cut, in_axes=(1, 0), out_axes=1)(buf, start)
-    win = jnp.take(win, idx, axis=1)
-    return jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)(buf, win, start)
+    """buf [L,B,S,...]: row b's positions [start[b], start[b]+window) <- those of row idx[b] (start
+    clamped so the window fits, as ``dynamic_slice`` would)."""
+    start = jnp.clip(start, 0, buf.shape[2] - window)
+    win = jnp.take(read_rows(buf, start, window), idx, axis=1)
+    return write_rows(buf, win, start)
 
 
 def reorder_cache(cache, idx, start=None, window: Optional[int] = None):
