@@ -82,6 +82,17 @@ def _xs(n_in, batch, seed):
     return jnp.asarray(rng.standard_normal((batch, n_in), np.float32))
 
 
+def _f32_stack(layers, n_out, n_in, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((layers, n_out, n_in), np.float32))
+
+
+def _x(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+F32_ROWS = (1, 2, 3, 8, 11, 16)
+
+
 @pytest.mark.parametrize("impl", ["xla", pytest.param("native", marks=needs_native)])
 @pytest.mark.parametrize("name", TENSORS)
 def test_matmul_matches_dequantized_product(gguf_tensors, name, impl):
@@ -139,7 +150,8 @@ def test_native_path_runs_without_materializing_weights(gguf_tensors):
 
 @needs_native
 def test_avx2_build_matches(gguf_tensors, tmp_path):
-    """The AVX2 variant of the kernels (for CPUs without AVX-512) gives the same products."""
+    """The AVX2 variant of the kernels (for CPUs without AVX-512) gives the same products (quantized and
+    float32 weights)."""
     lib = quant._Native(quant.build_native(("-mno-avx512f",), out_dir=str(tmp_path)), suffix="_avx2_test")
     assert lib.isa == "avx2"
     f = jax.jit(lib.call)
@@ -148,6 +160,11 @@ def test_avx2_build_matches(gguf_tensors, tmp_path):
         for batch in (1, 3, 8, 11):
             x = _xs(ref_w.shape[1], batch, seed=batch)
             assert_kernel_close(f(x, q), np.asarray(x) @ ref_w.T)
+    stack = _f32_stack(2, 37, 40)  # and the float32 kernel (tail of K, N not a multiple of the tile)
+    g = jax.jit(lib.call_f32)
+    for rows in F32_ROWS:
+        x = _x((rows, 40), rows)
+        assert_kernel_close(g(x, stack, jnp.int32(1)), np.asarray(x) @ np.asarray(stack[1]).T)
 
 
 @needs_native
@@ -173,3 +190,92 @@ def test_quantized_greedy_tokens_equal_f32(model_f32, model_q, chat_prompt_ids, 
     got = generate(model, pq, prompts, max_new_tokens=n, stop_ids=()).tokens
     jax.clear_caches()
     assert got == want
+
+
+# ------------------------------------------------------------------- float32 layer stacks, read in place
+@needs_native
+def test_f32_kernel_matches_product():
+    """The float32 kernel, called directly: any row count, K not a multiple of 16 (and of 8), N not a
+    multiple of the outputs per pass, each layer of the stack (and a 2-D matrix as layer 0)."""
+    lib = quant.native_kernels(required=True)
+    stack = _f32_stack(3, 37, 40)
+    f = jax.jit(lib.call_f32)
+    for rows in F32_ROWS:
+        x = _x((rows, 40), rows)
+        outs = []
+        for i in range(3):
+            got = f(x, stack, jnp.int32(i))
+            assert_kernel_close(got, np.asarray(x) @ np.asarray(stack[i]).T)
+            outs.append(np.asarray(got))
+        assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])  # the index selects
+        assert_kernel_close(f(x, stack[1], 0), np.asarray(x) @ np.asarray(stack[1]).T)
+    x = _x((2, 5, 40), 7)  # leading dims are rows
+    assert_kernel_close(f(x, stack, jnp.int32(2)), np.einsum("bti,oi->bto", np.asarray(x), np.asarray(stack[2])))
+    for n_in in (7, 16, 33):  # shorter than one vector, exactly one, one plus a tail
+        s2 = _f32_stack(2, 5, n_in, seed=n_in)
+        for rows in (1, 3):
+            x = _x((rows, n_in), n_in)
+            assert_kernel_close(f(x, s2, jnp.int32(1)), np.asarray(x) @ np.asarray(s2[1]).T)
+
+
+@needs_native
+def test_f32_layer_slice_matmul_runs_the_kernel(monkeypatch):
+    """`matmul` on a float32 LayerSlice: the custom call for up to `f32_native_max_rows()` rows (and no
+    copy of the layer's matrix), XLA's dot of the sliced layer above it and with JAXDEC_QMATMUL=xla."""
+    stack = _f32_stack(3, 37, 40)
+    target = quant._TARGETS["f32"]
+    assert quant.f32_native_max_rows() >= 8
+    f = jax.jit(quant.matmul)
+    for shape in ((1, 40), (3, 40), (2, 4, 40), (quant.f32_native_max_rows(), 40)):
+        x = _x(shape, 1)
+        for i in (0, 2):
+            w = quant.LayerSlice(stack, jnp.int32(i))
+            assert_kernel_close(f(x, w), np.einsum("...i,oi->...o", np.asarray(x), np.asarray(stack[i])))
+            hlo = f.lower(x, w).compile().as_text()
+            assert f'custom_call_target="{target}"' in hlo and "f32[37,40]" not in hlo
+    x = _x((quant.f32_native_max_rows() + 1, 40), 2)  # above the threshold: XLA
+    w = quant.LayerSlice(stack, jnp.int32(1))
+    hlo = f.lower(x, w).compile().as_text()
+    assert "custom_call_target" not in hlo
+    assert_kernel_close(f(x, w), np.asarray(x) @ np.asarray(stack[1]).T)
+    x = _x((2, 40), 3)
+    monkeypatch.setenv("JAXDEC_QMATMUL", "xla")  # read at trace time
+    g = jax.jit(quant.matmul)
+    assert "custom_call_target" not in g.lower(x, w).compile().as_text()
+    assert_kernel_close(g(x, w), np.asarray(x) @ np.asarray(stack[1]).T)
+    monkeypatch.setenv("JAXDEC_QMATMUL", "auto")
+    monkeypatch.setenv("JAXDEC_F32_NATIVE_MAX_ROWS", "1")
+    assert "custom_call_target" not in jax.jit(quant.matmul).lower(x, w).compile().as_text()
+
+
+@needs_native
+def test_f32_layer_slice_gradients():
+    """Gradients in x and in the whole weight stack through the kernel equal the einsum's."""
+    stack = _f32_stack(3, 37, 40)
+    x = _x((2, 3, 40), 4)
+    ct = _x((2, 3, 37), 5)
+
+    def loss(mm):
+        return lambda x, s: jnp.sum(jnp.tanh(mm(x, quant.LayerSlice(s, jnp.int32(1)))) * ct)
+
+    native = lambda x, w: quant.matmul(x, w, impl="native")
+    ref = lambda x, w: jnp.einsum("...i,oi->...o", x, w.materialize())
+    hlo = jax.jit(jax.grad(loss(native), argnums=(0, 1))).lower(x, stack).compile().as_text()
+    assert f'custom_call_target="{quant._TARGETS["f32"]}"' in hlo
+    gx, gs = jax.jit(jax.grad(loss(native), argnums=(0, 1)))(x, stack)
+    rx, rs = jax.grad(loss(ref), argnums=(0, 1))(x, stack)
+    assert_kernel_close(gx, rx)
+    assert_kernel_close(gs, rs)
+    assert not np.asarray(gs[0]).any() and not np.asarray(gs[2]).any()  # only the used layer
+    assert_kernel_close(jax.grad(loss(native))(x, stack), rx)  # x alone
+
+
+def test_scan_layer_params_keeps_float_matrix_stacks(model_f32):
+    """float32 matrix stacks come back as LayerSlices (norms stay scanned); materializing one gives the layer."""
+    _, params = model_f32
+    xs, pick = quant.scan_layer_params(params["layers"])
+    assert "attn_norm" in xs and "w_gate" not in xs and "wq" not in xs
+    p = pick(jax.tree.map(lambda a: a[4], xs), 4)
+    assert isinstance(p["w_gate"], quant.LayerSlice) and p["w_gate"].kind == "f32"
+    assert p["w_gate"].shape == params["layers"]["w_gate"].shape[1:]
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(p["w_down"])), np.asarray(params["layers"]["w_down"][4]))

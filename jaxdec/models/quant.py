@@ -26,9 +26,18 @@ is available, the same function falls back to a pure-XLA path. ``JAXDEC_QMATMUL=
 Stacked layer weights (``[L, out, ...]``, run by `lax.scan`) are not sliced by the scan: slicing copies
 each layer's codes every step. `scan_layer_params` hands the layer body a `LayerSlice` (stacked tensor +
 traced layer index) that the kernel reads in place.
+
+Float32 weights get the same treatment: float32 matrix stacks also reach `matmul` as `LayerSlice`s, and
+products with few activation rows (at most `F32_NATIVE_MAX_ROWS`, static at trace time: decode steps and
+speculative verify blocks) run a native float32 kernel (``jaxdec_f32_matmul``) that reads the layer in
+place, instead of XLA's copy of the layer followed by its dot (which also packs its operands, costly for
+2-16 rows). More rows, ``JAXDEC_QMATMUL=xla``, non-float32 activations or no native library: XLA's
+``einsum`` of the sliced layer, as before. Results equal ``x @ W[l].T`` up to float32 summation order;
+gradients (in x and in the stack) go through XLA (a `jax.custom_jvp`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -63,9 +72,10 @@ class QTensor:
 
 @struct.dataclass
 class LayerSlice:
-    """Layer ``index`` of a stacked ``[L, out, in]`` QTensor, read in place (no per-layer copy)."""
+    """Layer ``index`` of a stacked ``[L, out, in]`` QTensor or float32 array, read in place by the native
+    kernels (no per-layer copy); `materialize` gives the layer itself (a copy, for the XLA paths)."""
 
-    w: QTensor
+    w: QTensor | jax.Array
     index: jax.Array
 
     @property
@@ -74,9 +84,14 @@ class LayerSlice:
 
     @property
     def kind(self):
-        return self.w.kind
+        """The QTensor's kind, or "f32" for a float array stack."""
+        return self.w.kind if isinstance(self.w, QTensor) else "f32"
 
-    def materialize(self) -> QTensor:
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.w, QTensor)
+
+    def materialize(self) -> QTensor | jax.Array:
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.w)
 
 
@@ -89,7 +104,8 @@ def _unpack(codes: jax.Array, kind: str) -> jax.Array:
 
 
 def dequantize(w) -> jax.Array:
-    """Float32 `[..., out, in]` matrix of a QTensor or LayerSlice (identity on plain arrays)."""
+    """Float32 `[..., out, in]` matrix of a QTensor or LayerSlice (identity on plain arrays; a LayerSlice
+    of a float stack gives its layer)."""
     if isinstance(w, LayerSlice):
         w = w.materialize()
     if not isinstance(w, QTensor):
@@ -101,40 +117,70 @@ def dequantize(w) -> jax.Array:
     return deq.reshape(w.shape)
 
 
+def _in_place(v) -> bool:
+    """Stacked layer params that `scan_layer_params` keeps whole: block-quantized and DFloat11 stacks, and
+    float32 matrix stacks ``[L, out, in]`` (the linear weights; norms and biases are ``[L, n]``)."""
+    if isinstance(v, (QTensor, DF11Stack)):
+        return True
+    return isinstance(v, (jax.Array, np.ndarray)) and v.ndim == 3 and v.dtype == np.float32
+
+
 def scan_layer_params(layers: dict):
     """Split stacked layer params for `lax.scan`: returns ``(xs, pick)``.
 
-    Scan over ``xs`` (the plain arrays) as usual and call ``pick(xs_slice, i)`` in the body to get layer
-    ``i``'s params; block-quantized weights come back as `LayerSlice`s of the unsliced stacks and
-    DFloat11-compressed ones as `DF11Slice`s (decoded by `matmul`, right before the product).
+    Scan over ``xs`` (the remaining arrays: norms, biases) as usual and call ``pick(xs_slice, i)`` in the
+    body to get layer ``i``'s params; block-quantized and float32 matrix stacks come back as `LayerSlice`s
+    of the unsliced stacks (read in place by the native kernels; `LayerSlice.materialize` or `dequantize`
+    gives the layer's matrix) and DFloat11-compressed ones as `DF11Slice`s (decoded by `matmul`, right
+    before the product). A scan slice would copy every layer's matrix each step.
     """
-    fixed = {k: v for k, v in layers.items() if isinstance(v, (QTensor, DF11Stack))}
+    fixed = {k: v for k, v in layers.items() if _in_place(v)}
     xs = {k: v for k, v in layers.items() if k not in fixed}
 
     def pick(xs_slice: dict, index) -> dict:
         p = dict(xs_slice)
         i = jnp.asarray(index, jnp.int32)
-        p.update({k: (LayerSlice(v, i) if isinstance(v, QTensor) else DF11Slice(v, i)) for k, v in fixed.items()})
+        p.update({k: (DF11Slice(v, i) if isinstance(v, DF11Stack) else LayerSlice(v, i)) for k, v in fixed.items()})
         return p
 
     return xs, pick
 
 
 # ------------------------------------------------------------------------------------------- matmul
+def _impl(impl: Optional[str]) -> str:
+    impl = impl or os.environ.get("JAXDEC_QMATMUL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"quantized matmul impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def f32_native_max_rows() -> int:
+    """Most activation rows for which a float32 `LayerSlice` product runs the native kernel
+    (``JAXDEC_F32_NATIVE_MAX_ROWS``, default `F32_NATIVE_MAX_ROWS`; 0 turns that path off)."""
+    try:
+        return max(0, int(os.environ.get("JAXDEC_F32_NATIVE_MAX_ROWS", str(F32_NATIVE_MAX_ROWS))))
+    except ValueError:
+        raise ValueError("JAXDEC_F32_NATIVE_MAX_ROWS must be an integer >= 0") from None
+
+
 def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
     """``x @ W.T`` for ``x [..., in]`` and a float, `QTensor`, `LayerSlice` or `DF11Slice` ``W [out, in]``
     (a bfloat16 ``W`` is promoted: float32 products of the bfloat16 values).
 
     impl: "auto" (native kernel where available, else XLA), "native" or "xla"; default from the
     ``JAXDEC_QMATMUL`` environment variable (read at trace time).
+
+    A `LayerSlice` of a float32 stack runs the native float32 kernel (reading the layer in place) when
+    x is float32 with at most `f32_native_max_rows()` rows (static at trace time) on CPU and impl is not
+    "xla"; otherwise, and for float arrays, it is XLA's ``einsum`` of the (sliced) matrix.
     """
     if isinstance(w, DF11Slice):
         w = w.materialize()
+    if isinstance(w, LayerSlice) and not w.quantized:
+        return _matmul_f32_slice(x, w, _impl(impl))
     if not isinstance(w, (QTensor, LayerSlice)):
         return jnp.einsum("...i,oi->...o", x, w)
-    impl = impl or os.environ.get("JAXDEC_QMATMUL", "auto")
-    if impl not in IMPLS:
-        raise ValueError(f"quantized matmul impl must be one of {IMPLS}, got {impl!r}")
+    impl = _impl(impl)
     stacked = w.w if isinstance(w, LayerSlice) else w
     if stacked.codes.ndim != (4 if isinstance(w, LayerSlice) else 3):
         raise ValueError(f"matmul needs a 2-D weight (or a LayerSlice of a stack), got shape {w.shape}")
@@ -147,6 +193,47 @@ def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
     elif impl == "native":
         raise ValueError(f"the native quantized matmul needs float32 activations, got {x.dtype}")
     return _matmul_xla(x, w)
+
+
+def _matmul_f32_slice(x: jax.Array, w: LayerSlice, impl: str) -> jax.Array:
+    stack = w.w
+    if stack.ndim != 3:
+        raise ValueError(f"a float LayerSlice needs a [L, out, in] stack, got shape {stack.shape}")
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    index = jnp.asarray(w.index, jnp.int32)
+    if (impl != "xla" and x.dtype == jnp.float32 and stack.dtype == jnp.float32
+            and rows <= f32_native_max_rows() and (jax.default_backend() == "cpu" or impl == "native")):
+        lib = native_kernels(required=(impl == "native"))
+        if lib is not None:
+            return jax.lax.platform_dependent(x, stack, index, cpu=_f32_native, default=_f32_xla)
+    return _f32_xla(x, stack, index)
+
+
+def _f32_xla(x: jax.Array, stack: jax.Array, index: jax.Array) -> jax.Array:
+    """``x @ stack[index].T`` in XLA (the slice is a copy of the layer's matrix)."""
+    return jnp.einsum("...i,oi->...o", x, jax.lax.dynamic_index_in_dim(stack, index, 0, keepdims=False))
+
+
+@jax.custom_jvp
+def _f32_native(x, stack, index):
+    return native_kernels(required=True).call_f32(x, stack, index)
+
+
+@functools.partial(_f32_native.defjvp, symbolic_zeros=True)
+def _f32_native_jvp(primals, tangents):
+    """d(x @ W[l].T) = dx @ W[l].T + x @ dW[l].T, both in XLA; symbolic-zero tangents are skipped (so a
+    gradient in x alone never builds a zero tangent of the whole weight stack)."""
+    x, stack, index = primals
+    dx, dstack, _ = tangents
+    y = _f32_native(x, stack, index)
+    zero = jax.custom_derivatives.SymbolicZero
+    dy = None
+    if not isinstance(dx, zero):
+        dy = _f32_xla(dx, stack, index)
+    if not isinstance(dstack, zero):
+        t = _f32_xla(x, dstack, index)
+        dy = t if dy is None else dy + t
+    return y, (jnp.zeros_like(y) if dy is None else dy)
 
 
 def _dot_dequantized(x: jax.Array, w: QTensor) -> jax.Array:
@@ -240,10 +327,15 @@ def stack(ws: list) -> QTensor | jax.Array:
 
 
 # ------------------------------------------------------------------------------ native CPU kernels
-_TARGETS = {"q4_1": "jaxdec_q4_1_matmul", "q8_0": "jaxdec_q8_0_matmul"}
+_TARGETS = {"q4_1": "jaxdec_q4_1_matmul", "q8_0": "jaxdec_q8_0_matmul", "f32": "jaxdec_f32_matmul"}
+# float32 LayerSlice products with at most this many activation rows run the native kernel (more rows:
+# XLA's dot, whose operand packing pays off with enough rows; whole-model crossover measured at 64-96
+# rows, see experiments/results/perf_notes.md section 2.4)
+F32_NATIVE_MAX_ROWS = 32
 
 _NATIVE_SOURCE = r"""
-// jaxdec: y[r, o] = sum_i x[r, i] * W[o, i] for GGUF block-quantized W (Q4_1, Q8_0), as XLA FFI handlers.
+// jaxdec: y[r, o] = sum_i x[r, i] * W[o, i] for GGUF block-quantized W (Q4_1, Q8_0) and for float32 W
+// (one layer of a stacked [L, out, in] matrix, read in place), as XLA FFI handlers.
 // Weights are built per 32-element block in registers with gguf's float32 roundings
 // (Q4_1: code * scale + offset, Q8_0: code * scale; compiled with -ffp-contract=off so these stay
 // a multiply then an add); products are accumulated with FMA, 8 activation rows at a time.
@@ -326,6 +418,38 @@ inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const S* sc
   for (int t = 0; t < OT; ++t)
     for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
 }
+// ---- float32 weights: W[o, k] read as stored (a layer of a [L, N, K] stack in place)
+// OT outputs per pass, the weight chunks in registers and each activation row loaded once per chunk;
+// the last K % 16 elements by masked loads (masked-off lanes are neither read nor faulted).
+template <int R> constexpr int f32_outputs() { return R <= 6 ? 4 : 3; }  // OT*R + OT + 1 <= 32 zmm
+
+template <int R, int OT>
+inline void f32_tile(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o) {
+  __m512 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  const float* wr = w + o * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[OT];
+    for (int t = 0; t < OT; ++t) wv[t] = _mm512_loadu_ps(wr + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      for (int t = 0; t < OT; ++t) acc[t][r] = _mm512_fmadd_ps(xv, wv[t], acc[t][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 wv[OT];
+    for (int t = 0; t < OT; ++t) wv[t] = _mm512_maskz_loadu_ps(m, wr + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + k);
+      for (int t = 0; t < OT; ++t) acc[t][r] = _mm512_fmadd_ps(xv, wv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
 constexpr const char* kIsa = "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
 // ---- AVX2: 8 lanes; codes widened and converted, then scaled
@@ -386,6 +510,37 @@ inline void q80_tile(const float* x, int64_t K, const int8_t* codes, const S* sc
   for (int t = 0; t < OT; ++t)
     for (int r = 0; r < R; ++r) y[r * N + o + t] = hsum8(acc[t][r]);
 }
+// ---- float32 weights (see the AVX-512 version); 16 ymm registers, so fewer outputs per pass
+template <int R> constexpr int f32_outputs() { return R <= 2 ? 4 : (R <= 6 ? 2 : 1); }
+
+template <int R, int OT>
+inline void f32_tile(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o) {
+  __m256 acc[OT][R];
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  const float* wr = w + o * K;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[OT];
+    for (int t = 0; t < OT; ++t) wv[t] = _mm256_loadu_ps(wr + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int t = 0; t < OT; ++t) acc[t][r] = _mm256_fmadd_ps(xv, wv[t], acc[t][r]);
+    }
+  }
+  if (k < K) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K - k)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 wv[OT];
+    for (int t = 0; t < OT; ++t) wv[t] = _mm256_maskload_ps(wr + t * K + k, m);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_maskload_ps(x + r * K + k, m);
+      for (int t = 0; t < OT; ++t) acc[t][r] = _mm256_fmadd_ps(xv, wv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < OT; ++t)
+    for (int r = 0; r < R; ++r) y[r * N + o + t] = hsum8(acc[t][r]);
+}
 constexpr const char* kIsa = "avx2";
 #else
 #error "jaxdec native kernels need AVX2+FMA or AVX-512"
@@ -408,6 +563,14 @@ void rows_q80(const float* x, int64_t K, const int8_t* c, const S* s, float* y, 
   int64_t o = o0;
   for (; o + OT <= o1; o += OT) q80_tile<R, OT, S>(x, K, c, s, y, N, o);
   for (; o < o1; ++o) q80_tile<R, 1, S>(x, K, c, s, y, N, o);
+}
+
+template <int R>
+void rows_f32(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o0, int64_t o1) {
+  constexpr int OT = f32_outputs<R>();
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) f32_tile<R, OT>(x, K, w, y, N, o);
+  for (; o < o1; ++o) f32_tile<R, 1>(x, K, w, y, N, o);
 }
 
 template <typename F>
@@ -557,7 +720,52 @@ ffi::Error Q80Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   return ffi::Error::Success();
 }
 
+// float32 W: x [..., K], W [L, N, K] (or [N, K]); layer `index` (clamped) is read in place
+ffi::Error F32Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::BufferR0<ffi::S32> index,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t max_threads, int64_t min_work) {
+  if (x.element_type() != ffi::DataType::F32 || w.element_type() != ffi::DataType::F32 ||
+      y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("the float32 matmul needs float32 x, W and y");
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() < 1 || wd.size() < 2) return ffi::Error::InvalidArgument("bad ranks");
+  const int64_t K = xd.back(), N = wd[wd.size() - 2];
+  if (wd.back() != K) return ffi::Error::InvalidArgument("x and W inner sizes differ");
+  const int64_t R = K ? x.element_count() / K : 0;
+  if (y->element_count() != R * N) return ffi::Error::InvalidArgument("bad output size");
+  float* yp = static_cast<float*>(y->untyped_data());
+  if (K == 0) {
+    std::fill(yp, yp + R * N, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t layers = N ? w.element_count() / (N * K) : 0;
+  const int64_t layer = std::min<int64_t>(std::max<int64_t>(index.typed_data()[0], 0),
+                                          std::max<int64_t>(layers - 1, 0));
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const float* wp = static_cast<const float*>(w.untyped_data()) + layer * N * K;
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+  parallel_for(pool, max_threads, min_work, R * N * K, nchunks, [=](int64_t i) {
+    const int64_t o0 = i * kChunk, o1 = std::min(N, o0 + kChunk);
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+      by_rows(std::min<int64_t>(8, R - r0), [&](auto rc) {
+        rows_f32<decltype(rc)::value>(xp + r0 * K, K, wp, yp + r0 * N, N, o0, o1);
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecF32Matmul, F32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("min_parallel_work"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ41Matmul, Q41Impl,
                               ffi::Ffi::Bind()
@@ -643,7 +851,7 @@ def build_native(extra_flags: tuple = (), out_dir: Optional[str] = None) -> str:
 
 
 class _Native:
-    """A loaded kernel library, registered with XLA under ``jaxdec_{q4_1,q8_0}_matmul{suffix}``."""
+    """A loaded kernel library, registered with XLA under ``jaxdec_{q4_1,q8_0,f32}_matmul{suffix}``."""
 
     def __init__(self, path: str, suffix: str = ""):
         import ctypes
@@ -656,15 +864,32 @@ class _Native:
                                     platform="cpu")
         jax.ffi.register_ffi_target(self.targets["q8_0"], jax.ffi.pycapsule(self.lib.JaxdecQ80Matmul),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(self.targets["f32"], jax.ffi.pycapsule(self.lib.JaxdecF32Matmul),
+                                    platform="cpu")
+
+    @staticmethod
+    def _attrs() -> dict:
+        return {"max_threads": np.int64(_threads()), "min_parallel_work": np.int64(_min_parallel_work())}
+
+    def call_f32(self, x: jax.Array, w: jax.Array, index=0) -> jax.Array:
+        """The float32 custom call: ``x [..., in] @ w[index].T`` for ``w [L, out, in]`` (or ``[out, in]``,
+        index 0); the layer is read in place (an out-of-range index is clamped)."""
+        if w.ndim not in (2, 3) or x.shape[-1] != w.shape[-1]:
+            raise ValueError(f"call_f32 needs x [..., in] and W [L, out, in] or [out, in]; got {x.shape}, {w.shape}")
+        res = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-2],), jnp.float32)
+        call = jax.ffi.ffi_call(self.targets["f32"], res, vmap_method="sequential")
+        return call(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(index, jnp.int32), **self._attrs())
 
     def call(self, x: jax.Array, w) -> jax.Array:
-        """The custom call itself (float32 ``x [..., in]``, a 2-D QTensor or a LayerSlice)."""
+        """The custom call itself (float32 ``x [..., in]``, a 2-D QTensor or a LayerSlice of a QTensor stack)."""
+        if isinstance(w, LayerSlice) and not w.quantized:
+            return self.call_f32(x, w.w, w.index)
         if isinstance(w, LayerSlice):
             q, index = w.w, jnp.asarray(w.index, jnp.int32)
         else:
             q, index = w, jnp.zeros((), jnp.int32)
         res = jax.ShapeDtypeStruct(x.shape[:-1] + (q.scale.shape[-2],), jnp.float32)
-        attrs = {"max_threads": np.int64(_threads()), "min_parallel_work": np.int64(_min_parallel_work())}
+        attrs = self._attrs()
         call = jax.ffi.ffi_call(self.targets[q.kind], res, vmap_method="sequential")
         sdt = q.scale.dtype if q.scale.dtype in (jnp.float16, jnp.float32) else jnp.float32
         if q.kind == "q4_1":
@@ -690,7 +915,7 @@ def native_kernels(required: bool = False) -> Optional[_Native]:
                 err = str(e)
         _NATIVE_STATE["lib"], _NATIVE_STATE["error"] = lib, err
         if lib is None and os.environ.get("JAXDEC_QMATMUL", "auto") != "xla":
-            warnings.warn(f"jaxdec: native quantized matmul unavailable, using the slower XLA path ({err})",
+            warnings.warn(f"jaxdec: native matmul kernels unavailable, using the slower XLA path ({err})",
                           RuntimeWarning, stacklevel=3)
     if required and _NATIVE_STATE["lib"] is None:
         raise RuntimeError(f"JAXDEC_QMATMUL=native but the native kernels are unavailable: {_NATIVE_STATE['error']}")
