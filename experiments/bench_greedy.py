@@ -310,7 +310,10 @@ def _sliced_layers(layers):
 
 STEP_VARIANTS = {
     # name: (weights, matmul, layer params, environment, scan unroll, description)
-    "f32": ("f32", "auto", "in_place", {}, 1, "float32 weights, XLA dot"),
+    "f32": ("f32", "auto", "in_place", {"JAXDEC_F32_NATIVE_MAX_ROWS": "0"}, 1,
+            "float32 weights, XLA dot (the scan copies each layer's weights)"),
+    "f32-native": ("f32", "auto", "in_place", {}, 1,
+                   "float32 weights, native kernel reading layer weights in place (default for <= 32 rows)"),
     "q-seed": ("q", "seed", "sliced", {}, 1, "seed: dequantize whole matrix + XLA dot, scan slices layers"),
     "q-xla": ("q", "xla", "in_place", {}, 1, "pure-XLA fallback: two nibble-half dots, layers by index"),
     "q-native-sliced": ("q", "native", "sliced", {}, 1, "native kernel, scan slices (copies) layer weights"),
