@@ -109,3 +109,20 @@ def test_bucket_and_room():
         assert "cache too small" in str(e)
     else:
         raise AssertionError("check_room accepted an overflow")
+
+
+def test_writes_past_the_end_are_dropped():
+    """A block that runs past a row's last slot writes only the slots that exist: nothing shifts back over
+    committed entries (a clamped dynamic_update_slice would move the whole block left), other rows are
+    untouched; read_rows clamps reads the same way."""
+    from jaxdec.cache.kv import read_rows, write_rows
+    buf = jnp.arange(15, dtype=jnp.float32).reshape(1, 3, 5, 1, 1)  # [L=1, B=3, S=5, KVH=1, D=1]
+    new = -jnp.ones((1, 3, 3, 1, 1), jnp.float32) * jnp.arange(1, 4, dtype=jnp.float32)[None, None, :, None, None]
+    out = np.asarray(write_rows(buf, new, jnp.array([3, 0, 4])))[0, :, :, 0, 0]
+    ref = np.arange(15, dtype=np.float32).reshape(3, 5)
+    ref[0, 3:5] = [-1, -2]  # slots 3, 4; the third value falls off the end
+    ref[1, 0:3] = [-1, -2, -3]
+    ref[2, 4] = -1
+    np.testing.assert_array_equal(out, ref)
+    got = np.asarray(read_rows(buf, jnp.array([3, 0, 4]), 3))[0, :, :, 0, 0]
+    np.testing.assert_array_equal(got, [[3, 4, 4], [5, 6, 7], [14, 14, 14]])
