@@ -348,7 +348,8 @@ def _step_fn(model, variant, n_steps):
 
     def traced(params, tok, cache):  # patches apply while the first call traces; later calls hit the cache
         saved = {k: os.environ.get(k) for k in env}
-        patches = {"matmul": matmul, "scan_layer_params": split}
+        # the model calls quant_matmul(x, w, impl=model.matmul_impl); the variant's matmul replaces it
+        patches = {"quant_matmul": lambda x, w, impl=None: matmul(x, w), "scan_layer_params": split}
         old = {k: getattr(llama, k) for k in patches}
         old_scan = jax.lax.scan
         os.environ.update(env)

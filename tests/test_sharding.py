@@ -30,3 +30,6 @@ def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
     assert not res["data8"]["cache_replicated"] and "data" in res["data8"]["cache_spec"], res["data8"]
     assert not res["data2_model4"]["gate_replicated"] and "model" in res["data2_model4"]["gate_spec"]
     assert "model" in res["data2_model4"]["embed_spec"]
+    # mesh runs trace XLA dots (shardable), never the native custom calls (XLA would all-gather their inputs)
+    for name in ("data8", "data2_model4"):
+        assert res[name]["matmul_impls"] == ["xla"], res[name]

@@ -199,6 +199,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         if bs % mesh.shape[sharding.DATA]:
             raise ValueError(f"batch_size ({bs}) must be a multiple of the mesh's data axis ({mesh.shape[sharding.DATA]})")
         params = sharding.shard_params(params, mesh)
+        if dataclasses.is_dataclass(model) and getattr(model, "matmul_impl", "xla") is None:
+            model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
 
     all_tokens, finishes, calls, steps = [], [], 0, 0
     t0 = time.perf_counter()

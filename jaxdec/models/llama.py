@@ -12,6 +12,7 @@ arrays or block-quantized `QTensor`s (dequantized inside the jitted matmul)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -22,7 +23,8 @@ from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.cache.kv import KVCache, append
 from jaxdec.models.config import LlamaConfig
 from jaxdec.models.interface import ModelOutput
-from jaxdec.models.quant import embed_lookup, matmul, scan_layer_params
+from jaxdec.models.quant import IMPLS, embed_lookup, scan_layer_params
+from jaxdec.models.quant import matmul as quant_matmul
 
 ATTENTION_IMPLS = ("xla", "pallas")
 
@@ -58,8 +60,16 @@ def _attention_fn(impl):
 class LlamaModel:
     config: LlamaConfig
     attention_impl: str = "xla"
+    # weight products: None follows JAXDEC_QMATMUL (native CPU kernels where available); "xla" keeps XLA's
+    # dots, which the SPMD partitioner can shard (the drivers pick it for mesh runs: a custom call has no
+    # sharding rule, so XLA would all-gather its operands)
+    matmul_impl: Optional[str] = None
     # the drivers may hand this model a shared-prefix KVCache (Hydragen; see jaxdec.cache.kv)
     supports_shared_prefix = True
+
+    def __post_init__(self):
+        if self.matmul_impl not in (None,) + IMPLS:
+            raise ValueError(f"matmul_impl must be None or one of {IMPLS}, got {self.matmul_impl!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +113,7 @@ class LlamaModel:
         """
         c = self.config
         b, t = tokens.shape
+        matmul = functools.partial(quant_matmul, impl=self.matmul_impl)
         x = embed_lookup(params["embed"], tokens).astype(jnp.float32)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         block_mask = causal_block_mask(b, t) if mask is None else mask

@@ -8,6 +8,7 @@ import jax
 from jaxdec.core.generate import generate
 from jaxdec.sharding import make_mesh, shard_params
 from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+from jaxdec.models import llama
 from jaxdec.models.llama import LlamaModel
 
 path, weights, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -17,10 +18,21 @@ cfg, arch = config_from_gguf(r)
 params = load_gguf_params(r, cfg, arch, weights)
 model = LlamaModel(cfg)
 out = {"devices": len(jax.devices())}
+impls = []  # the matmul implementation each traced product asked for
+_matmul = llama.quant_matmul
+
+
+def _spy(x, w, impl=None):
+    impls.append(impl)
+    return _matmul(x, w, impl)
+
+
+llama.quant_matmul = _spy
 g1 = generate(model, params, prompts, max_new_tokens=n_new)
 out["single"] = g1.tokens
 for name, (d, m) in {"data8": (8, 1), "data2_model4": (2, 4)}.items():
     mesh = make_mesh(d, m)
+    impls.clear()
     g = generate(model, params, prompts, max_new_tokens=n_new, mesh=mesh)
     sp = shard_params(params, mesh)
     gate = sp["layers"]["w_gate"]
@@ -32,5 +44,5 @@ for name, (d, m) in {"data8": (8, 1), "data2_model4": (2, 4)}.items():
                  "cache_spec": str(g.extras["cache_sharding"].spec),
                  "cache_replicated": g.extras["cache_sharding"].is_fully_replicated,
                  "gate_spec": str(gate_sh.spec), "gate_replicated": gate_sh.is_fully_replicated,
-                 "embed_spec": str(emb_sh.spec)}
+                 "embed_spec": str(emb_sh.spec), "matmul_impls": sorted(set(map(str, impls)))}
 print("RESULT " + json.dumps(out))
