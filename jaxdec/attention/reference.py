@@ -8,6 +8,10 @@ the block's own ``k_new/v_new [B,T,KVH,D]``; ``block_mask [B,T,T]`` bool (query 
 causal for a chain, ancestor-or-self for a tree); ``q_pos [B,T]`` positions of the block's tokens
 (cache key j sits at position j). GQA: query head h reads KV head ``h // (H // KVH)``.
 A query whose every key is masked outputs zeros.
+
+Optional ``cache_mask [B,T,S]`` bool narrows which committed cache entries each query may see (an
+explicit attention mask over cache slots; entries at or past ``lengths`` stay invisible either way).
+Without it (the default) the program is exactly the one without the argument.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def causal_block_mask(batch: int, t: int) -> jax.Array:
 
 
 def attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
-           sliding_window: Optional[int] = None, scale: Optional[float] = None):
+           sliding_window: Optional[int] = None, scale: Optional[float] = None, cache_mask=None):
     b, t, h, d = q.shape
     kvh = k_cache.shape[2]
     g = h // kvh
@@ -37,6 +41,8 @@ def attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
     kpos = jnp.arange(s)[None, None, :]  # [1,1,S]
     mc = kpos < lengths[:, None, None]  # [B,1,S]
     mc = jnp.broadcast_to(mc, (b, t, s))
+    if cache_mask is not None:
+        mc = mc & cache_mask
     mn = block_mask
     if sliding_window is not None:
         mc = mc & (q_pos[:, :, None] - kpos < sliding_window)
