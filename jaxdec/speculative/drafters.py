@@ -380,14 +380,13 @@ class DraftModelDrafter:
 
 def truncated_draft(model, params, num_layers: int):
     """A separate draft model made of the target's first ``num_layers`` layers (same embeddings and head):
-    returns (draft_model, draft_params). Stands in for a trained small model in tests."""
-    cfg = model.config
-    if not 1 <= num_layers <= cfg.num_layers:
-        raise ValueError(f"num_layers must be in [1, {cfg.num_layers}]")
-    dm = dataclasses.replace(model, config=dataclasses.replace(cfg, num_layers=num_layers))
-    dp = dict(params)
-    dp["layers"] = jax.tree.map(lambda a: a[:num_layers], params["layers"])
-    return dm, dp
+    returns (draft_model, draft_params). Stands in for a trained small model in tests. Goes through the
+    model protocol's optional ``truncate`` (see `jaxdec.models.interface`)."""
+    from jaxdec.models.interface import require
+    n = model.num_layers
+    if not isinstance(num_layers, (int, np.integer)) or not 1 <= num_layers <= n:
+        raise ValueError(f"num_layers must be an integer in [1, {n}], got {num_layers!r}")
+    return require(model, "truncate", "truncated_draft")(params, int(num_layers))
 
 
 @dataclasses.dataclass(frozen=True)
