@@ -50,7 +50,8 @@ def toy():
     model = TrigramModel(TOY_V, eos_ids=(1,))
     tab = random_table(1, TOY_V, 3.0)
     tab[:, :, 1] -= 2.0  # EOS ends 5 of the 8 rows, 3 run to max_new
-    dtab = tab + np.random.default_rng(1).standard_normal(tab.shape).astype(np.float32)
+    # a draft table that disagrees with the target's argmax often enough that drafts are also rejected
+    dtab = tab + 3.0 * np.random.default_rng(1).standard_normal(tab.shape).astype(np.float32)
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(2, TOY_V, size=int(rng.integers(1, 90))))) for _ in range(8)]
     params = {"table": jnp.asarray(tab), "table_skip": jnp.asarray(dtab)}
@@ -74,6 +75,16 @@ TOY_DRAFTERS = {
 }
 
 
+def assert_accepts_and_rejects(stats, label=""):
+    """The drafter really drafted: τ > 1 (some draft tokens were accepted) and the reject path ran too
+    (at some depth more tokens were offered than accepted). A drafter that never proposes fails the
+    first part, one that is always right (or a verifier that accepts everything) the second."""
+    raw = stats["raw"]
+    offered, accepted = np.asarray(raw["pos_offered"]), np.asarray(raw["pos_accepted"])
+    assert stats["tau"] > 1.0 and accepted.sum() > 0, (label, "no draft token accepted", stats["tau"])
+    assert (offered > accepted).any(), (label, "no draft token rejected", offered.tolist(), accepted.tolist())
+
+
 @pytest.mark.parametrize("name", list(TOY_DRAFTERS))
 def test_toy_exact_all_drafters(toy, name):
     model, params, dtab, prompts, ref = toy
@@ -81,12 +92,18 @@ def test_toy_exact_all_drafters(toy, name):
     dec = SpeculativeDecoder(drafter)
     p = with_draft_params(params, {"table": jnp.asarray(dtab)}) if name.startswith("draft_model") else params
     assert sum(f == "eos" for f in ref.finish_reason) >= 2 and sum(f == "length" for f in ref.finish_reason) >= 2
+    from jaxdec.speculative.run import generate_speculative
     sizes = (8, 3) if name in ("pld", "recycling_tree") else (3,)
     for bs in sizes:  # one ragged batch; batches of 3 (ragged too) with inert filler rows in the last one
         out = generate(model, p, prompts, decoder=dec, max_new_tokens=40, batch_size=bs)
         assert out.tokens == ref.tokens, (name, bs)
         assert out.finish_reason == ref.finish_reason
-    assert out.stats["tau"] >= 1.0
+    if sizes == (3,):  # `generate` reports the drafter's counters of its last batch only: sum every batch
+        out = generate_speculative(model, p, prompts, dec, max_new_tokens=40, batch_size=3, hot_start=False)
+        assert out.tokens == ref.tokens, name
+    else:
+        out = generate(model, p, prompts, decoder=dec, max_new_tokens=40, batch_size=8)
+    assert_accepts_and_rejects(out.stats, name)
 
 
 def test_toy_eos_mid_draft_and_max_new_clipping():
@@ -141,6 +158,21 @@ class SilentDrafter:
 
     def update(self, model, params, state, dstate, info):
         return dstate
+
+
+def test_toy_acceptance_check_rejects_silent_and_oracle_drafters(toy):
+    """Negative controls of `assert_accepts_and_rejects`: a drafter that never proposes (τ = 1) and one
+    that is never wrong (the 'skipped' toy equals the target: nothing rejected) both fail it."""
+    model, params, _, prompts, ref = toy
+    silent = generate(model, params, prompts, decoder=SpeculativeDecoder(SilentDrafter()), max_new_tokens=40)
+    assert silent.tokens == ref.tokens and silent.stats["tau"] == 1.0
+    with pytest.raises(AssertionError, match="no draft token accepted"):
+        assert_accepts_and_rejects(silent.stats)
+    same = {"table": params["table"], "table_skip": params["table"]}
+    oracle = generate(model, same, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter((0,), 3)), max_new_tokens=40)
+    assert oracle.tokens == ref.tokens and oracle.stats["tau"] > 2.0
+    with pytest.raises(AssertionError, match="no draft token rejected"):
+        assert_accepts_and_rejects(oracle.stats)
 
 
 def test_bad_input():
@@ -233,7 +265,7 @@ def test_real_exact_batch8(real, name):
     dec = SpeculativeDecoder(REAL_DRAFTERS[name]())
     out = generate(real["model"], real["params"], real["prompts"], decoder=dec, max_new_tokens=MAX_NEW, batch_size=8)
     _check(real, out, range(len(real["prompts"])), f"{name} b8")
-    assert out.stats["tau"] > 1.0
+    assert_accepts_and_rejects(out.stats, f"{name} b8")
     if name == "recycling":
         # the tree has branching >= 2 and depth >= 2, and paths through side branches (not the
         # first-child chain) were accepted and compacted: the tokens above stayed exact
@@ -275,6 +307,7 @@ def test_real_tau_where_drafter_helps(real, helpful, name):
         assert out.stats["tau"] == 1.0  # a drafter that never proposes cannot pass the τ bar below
     else:
         assert out.stats["tau"] > 1.3, out.stats
+        assert_accepts_and_rejects(out.stats, name)
 
 
 def test_real_stand_tau_under_sampling(real, helpful):
@@ -289,6 +322,8 @@ def test_real_stand_tau_under_sampling(real, helpful):
                        sampling={"temperature": 0.7}, seed=3)
         assert all(len(t) > 0 for t in out.tokens)
         taus[name] = out.stats["tau"]
+        if name == "stand":
+            assert_accepts_and_rejects(out.stats, name)
     assert taus["silent"] == 1.0 and taus["stand"] > 1.3, taus
 
 
@@ -320,12 +355,14 @@ def test_real_layer_skip_and_draft_model_exact(real):
     out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter(skip, 3)), max_new_tokens=n)
     neartie.assert_sequences_match([(f"layer-skip {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
+    assert_accepts_and_rejects(out.stats, "layer-skip")
     dm, dp = truncated_draft(model, params, 12)
     out = generate(model, with_draft_params(params, dp), prompts, decoder=SpeculativeDecoder(DraftModelDrafter(dm, 3)),
                    max_new_tokens=n)
     neartie.assert_sequences_match([(f"draft-model {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
     assert out.stats["draft_calls"] > 0
+    assert_accepts_and_rejects(out.stats, "draft-model")
 
 
 # ------------------------------------------------------------------------------------------------
