@@ -33,11 +33,9 @@ The first step expands only draft 0 (the others start at -1e9, as beam search do
 begin with the k most likely first tokens; every kept candidate is a distinct (draft, token) pair, so
 drafts stay distinct. With k = 1 and no n-gram the method is greedy decoding token for token.
 
-Model input by embeddings: a model may provide ``model.apply_embeds(params, embeds[B,T,E], positions,
-cache) -> ModelOutput``; otherwise, for models whose params hold the token table in ``params["embed"]``
-(the Llama family here), `forward_embeds` runs the model's own ``__call__`` with a per-call table that
-holds the superposed vectors (token id b of the call = row b's vector) and the real table as the LM
-head, which is exactly the model's forward on those input vectors.
+Model input by embeddings: the model protocol's optional ``model.embed(params, ids)`` gives the
+drafts' token embeddings and the call's ``embeds=[B,T,E]`` input runs the model on the superposed
+vectors (`jaxdec.models.interface`); a model without ``embed`` is refused with a TypeError naming it.
 
 The n-gram model is built on the host (`NGramModel.from_token_ids` / `from_texts`; `default_ngram`
 uses the text files shipped in ``jaxdec/data``) and looked up on device: per order, the (context,
@@ -64,7 +62,7 @@ from jaxdec.cache.kv import rollback
 from jaxdec.core.generate import Generation
 from jaxdec.core.state import EOS, LENGTH
 from jaxdec.core.steps import initial_state, prefill, suppress_stops
-from jaxdec.models.quant import embed_lookup
+from jaxdec.models.interface import require
 from jaxdec.search.common import NEG, isin, run_grouped
 
 VOID = 2.0 * NEG  # score of a candidate that does not exist (below any real or "not yet started" draft)
@@ -75,27 +73,13 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # ---------------------------------------------------------------- model input by embeddings
 def token_embeddings(model, params, tokens):
     """tokens [...] int -> the model's input embeddings [..., E] (float32)."""
-    fn = getattr(model, "embed_tokens", None)
-    if fn is not None:
-        return fn(params, tokens).astype(jnp.float32)
-    return embed_lookup(params["embed"], tokens).astype(jnp.float32)
+    return require(model, "embed", "superposed decoding")(params, tokens).astype(jnp.float32)
 
 
 def forward_embeds(model, params, embeds, positions, cache):
     """The model's forward on input vectors ``embeds [B,T,E]`` instead of token ids."""
-    fn = getattr(model, "apply_embeds", None)
-    if fn is not None:
-        return fn(params, embeds, positions, cache)
-    if not (isinstance(params, dict) and "embed" in params):
-        raise TypeError(f"{type(model).__name__} has no apply_embeds and its params have no 'embed' table: "
-                        "superposed decoding needs one of the two")
-    b, t, e = embeds.shape
-    table = embeds.reshape(b * t, e)
-    sub = dict(params)
-    sub["lm_head"] = params["lm_head"] if "lm_head" in params else params["embed"]  # tied head stays the real table
-    sub["embed"] = table
-    ids = jnp.arange(b * t, dtype=jnp.int32).reshape(b, t)
-    return model(sub, ids, positions, cache)
+    require(model, "embed", "superposed decoding")
+    return model(params, None, positions, cache, embeds=embeds)
 
 
 def superpose(model, params, tokens, weights):
@@ -444,6 +428,7 @@ def superposed_generate(model, params, prompts, *, num_drafts: int = 3, num_cand
     ``num_drafts`` drafts ``{"tokens", "score", "finished"}`` best first, ``extras["scores"][i]`` the
     best score; ``stats["model_calls"]`` counts calls of the (one-row-per-prompt) model.
     """
+    require(model, "embed", "superposed decoding")  # refused by name before any tracing
     if ngram is None and ngram_alpha > 0:
         if tokenizer is None:
             raise ValueError("ngram_alpha > 0 needs an ngram model (ngram=...) or a tokenizer for the default one")
