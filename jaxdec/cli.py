@@ -1,24 +1,55 @@
-"""`jaxdec` command line: `jaxdec generate ...` (JSONL in/out, progress bar, clear errors with exit code 2)."""
+"""`jaxdec` command line: `jaxdec generate ...` (JSONL in/out, progress bar, clear errors with exit code 2).
+
+Bad input is one ``jaxdec: error: ...`` line on stderr and exit code 2, naming the flag and what it
+expects; everything that needs no model (flags, prompts, files, stop strings, the ``--out`` path) is
+checked before the model loads. Every flag's value is validated whatever the method, and a flag the
+chosen method does not use is an error. ``--out OUT`` writes each finished batch to ``OUT.partial`` as
+it completes and renames it to ``OUT`` at the end: an interrupted run leaves a previous ``OUT``
+untouched. Ctrl-C prints one line and exits with code 130.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 
 from jaxdec.models.registry import WEIGHTS
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
-# method name -> handler(args, loaded, prompt_ids) -> list of per-prompt dicts. Other packages
+# method name -> (handler(args, loaded, prompt_ids, progress) -> (rows, stats), add_args). Other packages
 # (speculative, search) register their methods here with `register_method`.
 METHODS: dict = {}
+# method name -> {"uses": flags (argparse dests) the method honours beyond ALWAYS, "check": check(args)
+# run before the model loads when the method is chosen, "chunked": whether --batch-size batches may be
+# decoded (and written to --out) one after the other}
+METHOD_INFO: dict = {}
+# check(args) functions run before the model loads whatever the method: value checks of plugin flags
+VALIDATORS: list = []
+
+# flags every method of `generate` honours
+ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
+                    "attention", "out", "quiet"})
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
+INT64 = 2 ** 63
 
 
-def register_method(name: str, add_args=None):
+def register_method(name: str, add_args=None, *, uses=(), check=None, chunked=False, validate=None):
+    """Register a CLI method. ``uses``: the argparse dests (beyond `ALWAYS`) it honours; a flag it
+    does not use given a non-default value is an error. ``check(args)``: method-specific checks run
+    before the model loads (raise `BadInput`). ``validate(args)``: value checks of the flags that
+    ``add_args`` adds, run whatever the method. ``chunked``: decoding prompts ``--batch-size`` at a time
+    in separate calls gives the same rows (so finished batches can be written as they complete)."""
     def deco(fn):
         METHODS[name] = (fn, add_args)
+        METHOD_INFO[name] = {"uses": frozenset(uses), "check": check, "chunked": chunked}
+        if validate is not None and validate not in VALIDATORS:
+            VALIDATORS.append(validate)
         return fn
     return deco
 
@@ -27,24 +58,87 @@ class BadInput(Exception):
     pass
 
 
-def read_jsonl_strings(path: str, flag: str, keys: tuple, expected: str) -> list:
+class _ArgError(Exception):
+    """An argparse error (unknown flag, bad type, bad choice)."""
+
+    def __init__(self, message, prog):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: no usage block, a pointer to ``--help`` instead."""
+
+    def error(self, message):
+        raise _ArgError(message, self.prog)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_int(args, dest, lo=None, hi=None, allow_none=False):
+    v = getattr(args, dest)
+    if v is None and allow_none:
+        return
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = (f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+        raise BadInput(f"{flag(dest)} must be an integer {rng}, got {v}")
+
+
+def check_float(args, dest, ok, expected, allow_none=False):
+    v = getattr(args, dest)
+    if v is None and allow_none:
+        return
+    if not (math.isfinite(v) and ok(v)):
+        raise BadInput(f"{flag(dest)} must be {expected}, got {v:g}")
+
+
+def check_text(what: str, text: str) -> None:
+    """``text`` must encode as UTF-8 (non-UTF-8 command-line bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        raise BadInput(f"{what}: not valid UTF-8 text (undecodable byte or lone surrogate {bad!r} at "
+                       f"character {e.start})") from None
+
+
+def read_jsonl_strings(path: str, flag_name: str, keys: tuple, expected: str) -> list:
     """The string under the first of ``keys`` present in each non-blank JSONL line of ``path``; any
-    problem is one `BadInput` naming ``flag`` (and the line), ``expected`` describing a good line."""
+    problem is one `BadInput` naming ``flag_name`` (and the line), ``expected`` describing a good line."""
+    if os.path.isdir(path):
+        raise BadInput(f"{flag_name}: {path!r} is a folder, expected a JSONL file")
     if not os.path.isfile(path):
-        raise BadInput(f"{flag}: no such file {path!r}")
+        raise BadInput(f"{flag_name}: no such file {path!r}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{flag} line {n}: not valid JSON ({e.msg})") from None
-            value = next((obj[k] for k in keys if k in obj), None) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                raise BadInput(f"{flag} line {n}: expected {expected}")
-            out.append(value)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BadInput(f"{flag_name}: cannot read {path!r} ({e.strerror})") from None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{flag_name} line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
+                           f"{e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{flag_name} line {n}: not valid JSON ({e.msg})") from None
+        value = next((obj[k] for k in keys if k in obj), None) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            raise BadInput(f"{flag_name} line {n}: expected {expected}")
+        check_text(f"{flag_name} line {n}", value)
+        out.append(value)
     return out
 
 
@@ -52,11 +146,17 @@ def _read_prompts(args) -> list:
     if (args.prompt is None) == (args.prompts_file is None):
         raise BadInput("give exactly one of --prompt TEXT or --prompts-file F.jsonl")
     if args.prompt is not None:
+        check_text("--prompt", args.prompt)
+        if not args.prompt:
+            raise BadInput("--prompt is empty: expected a non-empty prompt text")
         return [args.prompt]
     prompts = read_jsonl_strings(args.prompts_file, "--prompts-file", ("prompt",),
                                  "an object {\"prompt\": \"...\"}")
     if not prompts:
         raise BadInput(f"--prompts-file {args.prompts_file!r} holds no prompts")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise BadInput(f"--prompts-file: prompt {i + 1} is empty: expected a non-empty prompt text")
     return prompts
 
 
@@ -65,20 +165,156 @@ def _sampling_from_args(args) -> dict:
             "typical_p": args.typical_p, "repetition_penalty": args.repetition_penalty}
 
 
+def check_model_path(name: str, flag_name: str = "--model") -> None:
+    """A model name or path that `jaxdec.load` could open: a known name, a GGUF file or a folder."""
+    from jaxdec.models.gguf_loader import is_gguf
+    from jaxdec.models.registry import resolve
+    try:
+        path = resolve(name)
+    except FileNotFoundError as e:
+        raise BadInput(f"{flag_name}: {e}") from None
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise BadInput(f"{flag_name}: folder {path!r} has no config.json (expected a GGUF file or a Hugging "
+                           f"Face model folder)")
+    elif not is_gguf(path):
+        raise BadInput(f"{flag_name}: not a GGUF file (no 'GGUF' magic bytes): {path!r}")
+
+
+def _check_args(args, parser) -> None:
+    """Every check that needs no model: flag values (whatever the method), flags the method ignores,
+    stop strings, the model path."""
+    check_int(args, "max_new_tokens", 1)
+    check_int(args, "min_new_tokens", 0)
+    if args.min_new_tokens > args.max_new_tokens:
+        raise BadInput(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens ({args.max_new_tokens})")
+    check_int(args, "batch_size", 1, allow_none=True)
+    check_int(args, "n", 1)
+    check_int(args, "seed", -INT64, INT64 - 1)
+    check_float(args, "temperature", lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
+    check_int(args, "top_k", 0, 2 ** 31 - 1)
+    check_float(args, "top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+    check_float(args, "min_p", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")
+    check_float(args, "typical_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+    check_float(args, "repetition_penalty", lambda v: v > 0, "a finite number > 0 (1 = off)")
+    for s in args.stop or ():
+        check_text("--stop", s)
+        if s == "":
+            raise BadInput("--stop: a stop string must not be empty")
+    for validate in VALIDATORS:
+        validate(args)
+    info = METHOD_INFO.get(args.method, {"uses": frozenset(), "check": None})
+    ignored = [a for a in parser.generate_parser._actions
+               if a.dest not in ALWAYS and a.dest != "help" and a.dest not in info["uses"]
+               and getattr(args, a.dest, a.default) != a.default]
+    if ignored:
+        a = ignored[0]
+        users = sorted(m for m, i in METHOD_INFO.items() if a.dest in i["uses"])
+        hint = f" (it applies to --method {', '.join(users)})" if users else ""
+        raise BadInput(f"{a.option_strings[-1]} is not used by --method {args.method}{hint}")
+    if info["check"] is not None:
+        info["check"](args)
+    check_model_path(args.model)
+
+
+_API_NAMES = re.compile(r"\b(max_new_tokens|min_new_tokens|batch_size|top_k|top_p|min_p|typical_p|"
+                        r"repetition_penalty|temperature|num_beams|num_return_sequences|length_penalty|"
+                        r"diversity_penalty|num_beam_groups|no_repeat_ngram_size|num_drafts|ngram_alpha|"
+                        r"ngram_weights|ngram_penalty|stop_strings)\b")
+
+
+def _flag_names(message: str) -> str:
+    """An API error message with the API argument names replaced by their CLI flags."""
+    return _API_NAMES.sub(lambda m: "--stop" if m.group(1) == "stop_strings" else flag(m.group(1)), message)
+
+
+# ------------------------------------------------------------------------------------------ --out
+class PartialOut:
+    """``--out OUT``: rows go to ``OUT.partial`` as batches finish; `commit` renames it to ``OUT``.
+    Opened before the model loads, so a bad path costs nothing."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.partial = path + ".partial"
+        self.rows = 0
+        if os.path.isdir(path):
+            raise BadInput(f"--out: {path!r} is a folder, expected a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise BadInput(f"--out: folder {parent!r} does not exist")
+        if os.path.isdir(self.partial):
+            raise BadInput(f"--out: {self.partial!r} (the file written while decoding) is a folder")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise BadInput(f"--out: {path!r} is not writable")
+        try:
+            self.f = open(self.partial, "w", encoding="utf-8")
+        except OSError as e:
+            raise BadInput(f"--out: cannot write {self.partial!r} ({e.strerror})") from None
+
+    def write(self, rows) -> None:
+        for r in rows:
+            self.f.write(json.dumps(r) + "\n")
+        self.f.flush()
+        self.rows += len(rows)
+
+    def commit(self) -> None:
+        self.f.close()
+        os.replace(self.partial, self.path)
+
+    def abandon(self) -> str:
+        """Close after a failure: keep ``OUT.partial`` if it holds rows (returns a note), else remove it."""
+        self.f.close()
+        if self.rows:
+            return f"{self.rows} finished rows are in {self.partial}"
+        try:
+            os.remove(self.partial)
+        except OSError:
+            pass
+        return ""
+
+
+# ------------------------------------------------------------------------------------------ methods
 def _token_method(args, loaded, prompt_ids, progress):
     from jaxdec.core.generate import generate
     sampling = _sampling_from_args(args) if args.method == "sample" else None
+    inputs_fn = None
+    offset, total = getattr(args, "_chunk", (0, len(prompt_ids)))
+    if args.method == "sample" and (offset, total) != (0, len(prompt_ids)):
+        inputs_fn = _global_keys(args, offset, total, len(prompt_ids))
     g = generate(loaded.model, loaded.params, prompt_ids, method=args.method, sampling=sampling,
                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, n=args.n,
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
-                 batch_size=args.batch_size, progress=progress)
+                 batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn)
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     return [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
             for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)], g.stats
 
 
-METHODS["greedy"] = (_token_method, None)
-METHODS["sample"] = (_token_method, None)
+def _global_keys(args, offset: int, total: int, count: int):
+    """inputs_fn giving the rows of prompts ``offset .. offset+count`` (of ``total``) the keys they get
+    in one call over all prompts (row (i, j) = fold_in(fold_in(PRNGKey(seed), i), j)): decoding
+    ``--batch-size`` batches one call at a time samples the same tokens."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxdec.core.generate import row_keys
+    keys = row_keys(args.seed, total, args.n)[offset * args.n:(offset + count) * args.n]
+    rows = len(keys)
+    calls = [0]
+
+    def inputs_fn(inputs, chunk):
+        bs = inputs["keys"].shape[0]
+        start = calls[0] * bs
+        calls[0] += 1
+        real = min(bs, rows - start)
+        kb = np.concatenate([keys[start:start + real], np.repeat(keys[start:start + 1], bs - real, 0)])
+        return {**inputs, "keys": jnp.asarray(kb)}
+
+    return inputs_fn
+
+
+_TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop")
+register_method("greedy", uses=_TOKEN_USES, chunked=True)(_token_method)
+register_method("sample", uses=_TOKEN_USES + ("seed",) + SAMPLING, chunked=True)(_token_method)
 
 
 def _load_plugins():
@@ -94,7 +330,7 @@ def _load_plugins():
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    ap = argparse.ArgumentParser(prog="jaxdec", description="LLM decoding in JAX")
+    ap = ArgumentParser(prog="jaxdec", description="LLM decoding in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from prompts")
     g.add_argument("--model", default="smollm2-135m", help="model name, GGUF file or HF folder")
@@ -116,59 +352,100 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--typical-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--out", help="write one JSON object per output row to this JSONL file")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout")
+    g.add_argument("--out", help="write one JSON object per output row to this JSONL file (OUT.partial while "
+                                 "decoding, renamed at the end)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
     d = sub.add_parser("demo", help="decode a few chat prompts with the default model and print the speed")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--weights", default="q", choices=list(WEIGHTS))
     d.add_argument("--max-new-tokens", type=int, default=64)
+    seen = set()
     for name, (_, add_args) in METHODS.items():
-        if add_args is not None:
+        if add_args is not None and add_args not in seen:
+            seen.add(add_args)
             add_args(g)
+    ap.generate_parser = g
     return ap
 
 
-def _check_args(args):
-    for name in ("max_new_tokens", "n"):
-        if getattr(args, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise BadInput(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.method == "sample":
-        from jaxdec.core.processors import SamplingParams
-        try:
-            SamplingParams.create(1, **_sampling_from_args(args))
-        except ValueError as e:
-            raise BadInput(str(e)) from None
+# ------------------------------------------------------------------------------------------ running
+_LOADED: dict = {}
 
 
-def cmd_generate(args) -> int:
+def load_model(name: str, weights: str, attention: str = "xla", flag_name: str = "--model"):
+    """`jaxdec.load`, cached per process (the last model only), with load errors as `BadInput`."""
     import jaxdec
+    from jaxdec.models.registry import resolve
+    try:
+        path = resolve(name)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, weights, attention)
+        if key not in _LOADED:
+            loaded = jaxdec.load(name, weights=weights, attention_impl=attention)
+            _LOADED.clear()  # keep one model in memory
+            _LOADED[key] = loaded
+        return _LOADED[key]
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{flag_name}: {e}") from None
+
+
+def _merge_stats(all_stats: list) -> dict:
+    if len(all_stats) == 1:
+        return all_stats[0]
+    out = dict(all_stats[-1])
+    for k in ("model_calls", "new_tokens", "seconds"):
+        out[k] = sum(s.get(k) or 0 for s in all_stats)
+    out["tokens_per_second"] = out["new_tokens"] / out["seconds"] if out["seconds"] > 0 else float("nan")
+    return out
+
+
+def cmd_generate(args, parser) -> int:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
-    _check_args(args)
-    t0 = time.perf_counter()
+    _check_args(args, parser)
+    out = PartialOut(args.out) if args.out else None
     try:
-        loaded = jaxdec.load(args.model, weights=args.weights, attention_impl=args.attention)
-    except (FileNotFoundError, ValueError) as e:
-        raise BadInput(f"--model: {e}") from None
-    load_s = time.perf_counter() - t0
-    tok = loaded.tokenizer
-    ids = [tok.chat_ids(p) if args.chat else tok.encode(p) for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise BadInput(f"prompt {i} is empty after tokenization")
-    progress = None if args.quiet else (lambda it: tqdm(it, desc="batches", unit="batch", file=sys.stderr))
-    handler, _ = METHODS[args.method]
-    try:
-        rows, stats = handler(args, loaded, ids, progress)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        t0 = time.perf_counter()
+        loaded = load_model(args.model, args.weights, args.attention)
+        load_s = time.perf_counter() - t0
+        tok = loaded.tokenizer
+        ids = [tok.chat_ids(p) if args.chat else tok.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise BadInput(f"prompt {i + 1} is empty after tokenization")
+        handler, _ = METHODS[args.method]
+        step = len(ids)
+        if args.batch_size is not None and METHOD_INFO[args.method]["chunked"]:
+            step = args.batch_size
+        starts = range(0, len(ids), step)
+        quiet = args.quiet
+        inner = None if quiet else (lambda it: tqdm(it, desc="batches", unit="batch", file=sys.stderr))
+        if len(starts) > 1:
+            starts, inner = (starts if quiet else tqdm(starts, desc="batches", unit="batch", file=sys.stderr)), None
+        rows, all_stats = [], []
+        for s in starts:
+            args._chunk = (s, len(ids))
+            try:
+                r, st = handler(args, loaded, ids[s:s + step], inner)
+            except ValueError as e:
+                raise BadInput(_flag_names(str(e))) from None
+            if out is not None:
+                out.write(r)
+            rows += r
+            all_stats.append(st)
+        stats = _merge_stats(all_stats)
+    except KeyboardInterrupt:
+        note = out.abandon() if out is not None else ""
+        if out is not None and os.path.exists(args.out):
+            note += ("; " if note else "") + f"{args.out} was left untouched"
+        raise _Interrupted(note) from None
+    except BaseException:
+        if out is not None:
+            out.abandon()
+        raise
+    if out is not None:
+        out.commit()
     if not args.quiet:
         for r in rows:
             print(r["text"])
@@ -190,8 +467,10 @@ def cmd_demo(args) -> int:
     """Load the default model, decode a few chat prompts greedily, print the text and the speed."""
     import jaxdec
 
+    check_int(args, "max_new_tokens", 1)
+    check_model_path(args.model)
     t0 = time.perf_counter()
-    loaded = jaxdec.load(args.model, weights=args.weights)
+    loaded = load_model(args.model, args.weights)
     print(f"[demo] loaded {loaded.path} ({args.weights} weights) in {time.perf_counter() - t0:.1f}s")
     ids = [loaded.tokenizer.chat_ids(p) for p in DEMO_PROMPTS]
     kw = dict(max_new_tokens=args.max_new_tokens, tokenizer=loaded.tokenizer, batch_size=1)
@@ -206,17 +485,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+def quiet_native_logs() -> None:
+    """Silence XLA's C++ log lines (e.g. the "slow_operation_alarm ... Constant folding" notice) and
+    absl's Python logging. XLA reads TF_CPP_MIN_LOG_LEVEL at its first log line, so this works as long
+    as nothing has been compiled yet."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ.setdefault("GLOG_minloglevel", "3")
     try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quiet" in argv:
+        quiet_native_logs()
+    try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
         if args.command == "generate":
-            return cmd_generate(args)
+            return cmd_generate(args, ap)
         if args.command == "demo":
             return cmd_demo(args)
+    except _ArgError as e:
+        prog = e.prog
+        if prog == "jaxdec" and argv and argv[0] in ("generate", "demo"):
+            prog = f"jaxdec {argv[0]}"  # unknown flags are reported by the top parser
+        print(f"jaxdec: error: {e} (see '{prog} --help')", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except BadInput as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _Interrupted as e:
+        print(f"jaxdec: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("jaxdec: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 1
 
 

@@ -35,10 +35,20 @@ def _check_prompts(prompts, vocab_size: int) -> list:
         raise ValueError("prompts is empty: give at least one prompt")
     out = []
     for i, p in enumerate(prompts):
-        p = list(np.asarray(p, dtype=np.int64).reshape(-1)) if not isinstance(p, list) else p
+        if isinstance(p, (str, bytes)):
+            raise TypeError(f"prompts[{i}] is a {type(p).__name__}: give token ids (e.g. tokenizer.encode(text))")
+        if not isinstance(p, list):
+            a = np.asarray(p)
+            if a.size and a.dtype.kind not in "iu":  # floats are refused, never floored
+                raise TypeError(f"prompts[{i}] holds {a.dtype} values: token ids must be integers")
+            p = list(a.reshape(-1))
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if any((not isinstance(t, (int, np.integer))) or t < 0 or t >= vocab_size for t in p):
+        bad = next((t for t in p if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer))), None)
+        if bad is not None:
+            raise TypeError(f"prompts[{i}] holds a non-integer token id {bad!r} ({type(bad).__name__}): token ids "
+                            f"must be integers")
+        if any(t < 0 or t >= vocab_size for t in p):
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
         out.append([int(t) for t in p])
     return out
@@ -53,7 +63,11 @@ def _positive_int(name, v, allow_zero=False):
 def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
     """Key of output row (prompt i, sample j) = fold_in(fold_in(PRNGKey(seed), i), j): a row's
     randomness never depends on which other rows share its batch."""
-    base = jax.random.PRNGKey(seed)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+    if not -2 ** 63 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must be a 64-bit signed integer (-2**63 <= seed < 2**63), got {seed}")
+    base = jax.random.PRNGKey(int(seed))
     ks = [jax.random.fold_in(jax.random.fold_in(base, i), j) for i in range(n_prompts) for j in range(n)]
     return np.stack([np.asarray(k) for k in ks]).astype(np.uint32)
 
@@ -154,6 +168,11 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     from jaxdec.core.stopping import StopStringChecker
 
     prompts = _check_prompts(prompts, model.vocab_size)
+    from jaxdec.search.beam import BeamSearch
+    if isinstance(decoder, BeamSearch) and inputs_fn is None:
+        raise ValueError("decoder=BeamSearch(...) needs per-prompt beam inputs that generate() does not build: "
+                         "call jaxdec.search.beam_search(..., num_beams=..., num_return_sequences=...) instead "
+                         "(n does not apply to beam search)")
     max_new = _positive_int("max_new_tokens", max_new_tokens)
     min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
     n = _positive_int("n", n)

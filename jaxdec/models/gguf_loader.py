@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,13 @@ def open_gguf(path: str):
     if not is_gguf(path):
         raise ValueError(f"not a GGUF file (no 'GGUF' magic bytes): {path!r}")
     from gguf import GGUFReader
-    return GGUFReader(path)
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, EOFError, OverflowError, TypeError, struct.error) as e:
+        # gguf's reader walks the header and maps every tensor onto the file: a file cut short fails
+        # with an IndexError in the header or "cannot reshape array of size ..." in the tensor data
+        raise ValueError(f"GGUF file {path!r} is truncated or corrupt ({os.path.getsize(path)} bytes; the "
+                         f"reader failed with {type(e).__name__}: {e})") from None
 
 
 def field(reader, key, default=None):
@@ -39,6 +46,13 @@ def field(reader, key, default=None):
 
 
 def config_from_gguf(reader) -> LlamaConfig:
+    try:
+        return _config_from_gguf(reader)
+    except (TypeError, KeyError, IndexError) as e:  # a required metadata field is missing or malformed
+        raise ValueError(f"GGUF metadata is incomplete or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _config_from_gguf(reader) -> LlamaConfig:
     arch = field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"unsupported GGUF architecture {arch!r}; expected a llama-family model")
@@ -103,7 +117,10 @@ def load_gguf_params(reader, config: LlamaConfig, arch: str, weights: str = "f32
             if required:
                 raise ValueError(f"GGUF file lacks tensor {name!r}")
             return None
-        return _tensor(t, weights)
+        try:
+            return _tensor(t, weights)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"GGUF tensor {name!r} is truncated or corrupt ({type(e).__name__}: {e})") from None
 
     c = config
     qperm = _row_perm(c.num_heads, c.head_dim) if arch == "llama" else None

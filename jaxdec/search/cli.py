@@ -9,7 +9,9 @@ superposed).
 """
 from __future__ import annotations
 
-from jaxdec.cli import BadInput, read_jsonl_strings, register_method
+import math
+
+from jaxdec.cli import SAMPLING, BadInput, check_float, check_int, read_jsonl_strings, register_method
 
 _EARLY = {"true": True, "false": False, "never": "never"}
 
@@ -35,6 +37,36 @@ def add_search_args(g):
     s.add_argument("--ead-threshold", type=float, default=2.0, help="entropy-adaptive: rolling-entropy threshold")
     s.add_argument("--astar-max-children", type=int, default=8)
     s.add_argument("--astar-max-expansions", type=int, default=2000)
+
+
+def validate_search_args(args):
+    """Value checks of the search flags (run before the model loads, whatever the method)."""
+    for dest in ("num_beams", "num_beam_groups", "momentum_ngram", "momentum_top_k", "adadec_k",
+                 "astar_max_children", "astar_max_expansions"):
+        check_int(args, dest, 1)
+    check_int(args, "num_return_sequences", 1, args.num_beams, allow_none=True)
+    check_int(args, "no_repeat_ngram_size", 0)
+    check_int(args, "adadec_lookahead", 0)
+    check_int(args, "ead_small_layers", 0)
+    check_float(args, "length_penalty", lambda v: True, "a finite number")
+    check_float(args, "diversity_penalty", lambda v: v >= 0, "a finite number >= 0")
+    check_float(args, "momentum_alpha", lambda v: v >= 0, "a finite number >= 0")
+    check_float(args, "adadec_threshold", lambda v: True, "a finite number (nats)")
+    check_float(args, "ead_threshold", lambda v: True, "a finite number (nats)")
+
+
+def _check_diverse(args):
+    if args.num_beams % args.num_beam_groups:
+        raise BadInput(f"--num-beam-groups ({args.num_beam_groups}) must divide --num-beams ({args.num_beams})")
+
+
+def _check_temperature_positive(args):
+    if args.temperature <= 0:
+        raise BadInput(f"--temperature must be > 0 with --method {args.method}, got {args.temperature:g}")
+
+
+_LEN = ("min_new_tokens", "batch_size")
+_BEAM = _LEN + ("num_beams", "num_return_sequences", "length_penalty", "early_stopping", "no_repeat_ngram_size")
 
 
 def _rows(g, loaded, beams=None):
@@ -68,25 +100,24 @@ def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
     return _rows(g, loaded, g.extras["beams"])
 
 
-@register_method("beam", add_search_args)
+@register_method("beam", add_search_args, uses=_BEAM, chunked=True, validate=validate_search_args)
 def beam_method(args, loaded, ids, progress):
     return _beam(args, loaded, ids, progress)
 
 
-@register_method("diverse-beam")
+@register_method("diverse-beam", uses=_BEAM + ("num_beam_groups", "diversity_penalty"), check=_check_diverse,
+                 chunked=True)
 def diverse_beam_method(args, loaded, ids, progress):
-    _check_positive(args, "num_beam_groups")
-    if args.num_beams % args.num_beam_groups:
-        raise BadInput(f"--num-beam-groups ({args.num_beam_groups}) must divide --num-beams ({args.num_beams})")
     return _beam(args, loaded, ids, progress, groups=args.num_beam_groups, diversity=args.diversity_penalty)
 
 
-@register_method("conditional-beam")
+@register_method("conditional-beam", uses=_BEAM, chunked=True)
 def conditional_beam_method(args, loaded, ids, progress):
     return _beam(args, loaded, ids, progress, ngram=args.no_repeat_ngram_size or 3)
 
 
-@register_method("stochastic-beam")
+@register_method("stochastic-beam", uses=_LEN + ("num_beams", "temperature", "seed"),
+                 check=_check_temperature_positive)
 def stochastic_beam_method(args, loaded, ids, progress):
     from jaxdec.search.stochastic import stochastic_beam_search
     _check_positive(args, "num_beams")
@@ -96,7 +127,7 @@ def stochastic_beam_method(args, loaded, ids, progress):
     return _rows(g, loaded, g.extras["beams"])
 
 
-@register_method("momentum")
+@register_method("momentum", uses=_LEN + ("momentum_alpha", "momentum_ngram", "momentum_top_k"), chunked=True)
 def momentum_method(args, loaded, ids, progress):
     from jaxdec.search.momentum import momentum_generate
     _check_positive(args, "momentum_ngram", "momentum_top_k")
@@ -106,7 +137,7 @@ def momentum_method(args, loaded, ids, progress):
     return _rows(g, loaded)
 
 
-@register_method("adadec")
+@register_method("adadec", uses=_LEN + ("adadec_threshold", "adadec_k", "adadec_lookahead"), chunked=True)
 def adadec_method(args, loaded, ids, progress):
     from jaxdec.search.adadec import adadec_generate
     _check_positive(args, "adadec_k")
@@ -116,7 +147,7 @@ def adadec_method(args, loaded, ids, progress):
     return _rows(g, loaded)
 
 
-@register_method("entropy-adaptive")
+@register_method("entropy-adaptive", uses=_LEN + ("ead_small_layers", "ead_threshold"), chunked=True)
 def entropy_adaptive_method(args, loaded, ids, progress):
     from jaxdec.search.entropy_adaptive import entropy_adaptive_generate
     if not 0 <= args.ead_small_layers <= loaded.model.num_layers:
@@ -133,15 +164,15 @@ def _sampling(args):
     return _sampling_from_args(args)
 
 
-@register_method("best-of-n")
+@register_method("best-of-n", uses=("n", "seed", "batch_size") + SAMPLING)
 def best_of_n_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import best_of_n
     g = best_of_n(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
-                  max_new_tokens=args.max_new_tokens, tokenizer=loaded.tokenizer)
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
     return _rows(g, loaded, g.extras["ranked"])
 
 
-@register_method("first-finish")
+@register_method("first-finish", uses=("n", "seed", "batch_size") + SAMPLING)
 def first_finish_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import first_finish
     g = first_finish(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
@@ -149,7 +180,7 @@ def first_finish_method(args, loaded, ids, progress):
     return _rows(g, loaded)
 
 
-@register_method("astar")
+@register_method("astar", uses=("astar_max_children", "astar_max_expansions"))
 def astar_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import astar_decode
     _check_positive(args, "astar_max_children", "astar_max_expansions")
@@ -183,9 +214,37 @@ def add_superposed_args(g):
 
 def _floats(flag, text, conv=float):
     try:
-        return tuple(conv(x) for x in text.split(",") if x.strip())
+        out = tuple(conv(x) for x in text.split(",") if x.strip())
     except ValueError:
+        out = None
+    if out is not None and all(math.isfinite(x) for x in out):
+        return out
+    else:
         raise BadInput(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def validate_superposed_args(args):
+    """Value checks of the superposed flags (run before the model loads, whatever the method)."""
+    import os
+    check_int(args, "num_drafts", 1)
+    check_int(args, "sp_candidates", args.num_drafts, allow_none=True)
+    check_float(args, "ngram_alpha", lambda v: 0 <= v <= 1, "in [0, 1] (0: off)")
+    check_float(args, "ngram_penalty", lambda v: v >= 0, "a finite number >= 0")
+    if args.ngram_corpus is not None and not os.path.isfile(args.ngram_corpus):
+        raise BadInput(f"--ngram-corpus: no such file {args.ngram_corpus!r}")
+    orders = _floats("--ngram-orders", args.ngram_orders, int)
+    if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
+        raise BadInput(f"--ngram-orders: expected distinct integers >= 1, comma-separated, got {args.ngram_orders!r}")
+    if args.ngram_weights is not None:
+        w = _floats("--ngram-weights", args.ngram_weights)
+        if len(w) != len(orders) or min(w) < 0 or not math.isclose(sum(w), 1.0, abs_tol=1e-6):
+            raise BadInput(f"--ngram-weights: expected {len(orders)} numbers >= 0 (one per --ngram-orders order) "
+                           f"summing to 1, got {args.ngram_weights!r}")
+
+
+def _check_superposed(args):
+    if args.temperature <= 0:
+        raise BadInput(f"--temperature must be > 0 with --method superposed, got {args.temperature:g}")
 
 
 def _corpus_texts(path):
@@ -199,7 +258,9 @@ def _corpus_texts(path):
         return [fh.read()]
 
 
-@register_method("superposed", add_superposed_args)
+@register_method("superposed", add_superposed_args, validate=validate_superposed_args, check=_check_superposed,
+                 chunked=True, uses=_LEN + ("num_drafts", "sp_candidates", "ngram_alpha", "ngram_corpus", "ngram_orders",
+                                            "ngram_weights", "ngram_penalty", "temperature"))
 def superposed_method(args, loaded, ids, progress):
     from jaxdec.search.superposed import NGramModel, default_corpus_texts, superposed_generate
     _check_positive(args, "num_drafts")

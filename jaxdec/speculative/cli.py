@@ -40,6 +40,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
 
 
+# per drafter, the drafter flags it uses (a flag another drafter uses, given a non-default value, is an error)
+DRAFTER_FLAGS = {
+    "pld": ("draft_tokens", "max_ngram", "copy_from"),
+    "recycling": ("tree_size", "spec_config"), "aded": ("tree_size", "spec_config"),
+    "stand": ("tree_size", "spec_config"),
+    "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
+    "draft-model": ("draft_tokens", "draft_model", "draft_layers"),
+    "pearl": ("draft_tokens", "draft_model", "draft_layers"),
+}
+_DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
+             "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None}
+
+
+def validate_args(args):
+    """Value checks of the speculative flags that need no model (run before it loads, whatever the method);
+    raises `jaxdec.cli.BadInput`."""
+    import os
+    from jaxdec.cli import BadInput, check_int, check_model_path
+    check_int(args, "draft_tokens", 1, allow_none=True)
+    check_int(args, "max_ngram", 1)
+    check_int(args, "tree_size", 1, allow_none=True)
+    check_int(args, "exit_layer", 1, allow_none=True)
+    check_int(args, "draft_layers", 1, allow_none=True)
+    if args.skip_layers is not None and any(x < 0 for x in args.skip_layers):
+        raise BadInput(f"--skip-layers: expected layer indices >= 0, got {args.skip_layers}")
+    if args.spec_config is not None and not os.path.isfile(args.spec_config):
+        raise BadInput(f"--spec-config: no such file {args.spec_config!r}")
+    if args.draft_layers is not None and args.draft_model:
+        raise BadInput("give --draft-layers or --draft-model, not both")
+    dm = args.draft_model
+    if dm is not None:
+        if dm.startswith("truncate:"):
+            n = dm.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise BadInput(f"--draft-model: expected 'truncate:N' with an integer N >= 1, got {dm!r}")
+        else:
+            check_model_path(dm, "--draft-model")
+
+
+def check_args(args):
+    """--method speculative: what the chosen drafter and verifier cannot honour (before the model loads)."""
+    from jaxdec.cli import SAMPLING, BadInput
+    if args.stop:
+        raise BadInput("--stop (stop strings) is not supported with --method speculative; use EOS / max tokens")
+    if args.spec_sampling:
+        if args.repetition_penalty != 1.0:
+            raise BadInput("--repetition-penalty is not supported by the speculative sampling verifier")
+    else:
+        defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                    "repetition_penalty": 1.0, "seed": 0}
+        for dest in (*SAMPLING, "seed"):
+            if getattr(args, dest) != defaults[dest]:
+                raise BadInput(f"--{dest.replace('_', '-')} needs --spec-sampling with --method speculative "
+                               f"(greedy verification uses no sampling parameters)")
+    for dest, default in _DEFAULTS.items():
+        if dest not in DRAFTER_FLAGS[args.drafter] and getattr(args, dest) != default:
+            users = sorted(d for d, f in DRAFTER_FLAGS.items() if dest in f)
+            raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
+                           f"(it applies to --drafter {', '.join(users)})")
+
+
 def build(args, model, params):
     """Returns (SpeculativeDecoder, params to pass to generate). Raises ValueError on bad flags."""
     from jaxdec.speculative import (PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter, TreeSpec)
@@ -142,6 +203,10 @@ def _handler(args, loaded, prompt_ids, progress):
 try:  # register with the spine's CLI when it is importable
     from jaxdec.cli import register_method
 
-    register_method("speculative", add_arguments)(_handler)
+    from jaxdec.cli import SAMPLING
+
+    register_method("speculative", add_arguments, check=check_args, validate=validate_args,
+                    uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed",
+                          *SAMPLING))(_handler)
 except ImportError:  # pragma: no cover
     pass

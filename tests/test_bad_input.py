@@ -1,0 +1,378 @@
+"""Issue 14: bad input is one `jaxdec: error:` line naming the CLI flag and exit code 2 (the API raises
+ValueError/TypeError naming the argument); `--out` never loses or half-writes work; Ctrl-C is one line
+and exit code 130.
+
+CLI cases run in-process (`jaxdec.cli.main([...])`); cases that must fail before the model loads run
+with the model loader replaced by one that fails the test. Only the raw-bytes argv case and the SIGINT
+run use a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+import jaxdec.cli as cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lines(err: str) -> list:
+    return [l for l in err.strip().splitlines() if l.strip()]
+
+
+def check_bad(capsys, argv, needle, *more):
+    """main(argv) returns 2 with exactly one stderr line, a `jaxdec: error:` line holding the needles."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = _lines(err)
+    assert rc == 2, (argv, rc, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("jaxdec: error:"), err[-2000:]
+    assert "Traceback" not in err
+    for n in (needle, *more):
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the CLI tries to load a model: these cases must be rejected before that."""
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(cli, "load_model", boom)
+
+
+def G(*extra):
+    return ["generate", "--prompt", "Hi", *extra]
+
+
+# --------------------------------------------------------------------------- CLI, before the model loads
+PRELOAD_CASES = [
+    # sampling flags are validated whatever the method, and name the flag (not the API argument)
+    (G("--temperature", "-1", "--top-p", "1.5", "--top-k", "-3"), ["--temperature", ">= 0"]),
+    (G("--top-k", "-3"), ["--top-k", "got -3"]),
+    (G("--method", "sample", "--top-p", "1.5"), ["--top-p", "(0, 1]"]),
+    # flags the method cannot honour
+    (G("--method", "beam", "--num-beams", "2", "--n", "2"), ["--n", "--method beam"]),
+    (G("--temperature", "0.7"), ["--temperature", "--method greedy", "sample"]),
+    (G("--method", "beam", "--stop", "x"), ["--stop", "--method beam"]),
+    (G("--method", "astar", "--batch-size", "2"), ["--batch-size", "--method astar"]),
+    (G("--method", "speculative", "--temperature", "0.5"), ["--temperature", "--spec-sampling"]),
+    (G("--method", "speculative", "--drafter", "swift", "--max-ngram", "2"), ["--max-ngram", "--drafter swift"]),
+    (G("--method", "speculative", "--stop", "x"), ["--stop"]),
+    (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
+    # seeds
+    (G("--seed", "99999999999999999999"), ["--seed", "99999999999999999999"]),
+    # prompts and stop strings, before the 6-9 s load
+    (["generate", "--prompt", ""], ["--prompt", "empty"]),
+    (["generate", "--chat", "--prompt", ""], ["--prompt", "empty"]),
+    (G("--stop", ""), ["--stop", "empty"]),
+    (G("--min-new-tokens", "9", "--max-new-tokens", "3"), ["--min-new-tokens", "--max-new-tokens"]),
+    (["generate", "--prompt", "\udcff\udcfe"], ["--prompt", "UTF-8"]),  # what Python makes of non-UTF-8 argv bytes
+    (G("--stop", "\ud800"), ["--stop", "UTF-8"]),
+    # --out is checked before decoding
+    (G("--out", "/no/such/folder/out.jsonl"), ["--out", "does not exist"]),
+    (G("--out", "/"), ["--out", "folder"]),
+    (G("--out", "/proc/version"), ["--out"]),
+    # models
+    (G("--model", "nope.gguf"), ["--model", "nope.gguf"]),
+    (["demo", "--model", "nope.gguf"], ["--model", "nope.gguf"]),
+    (["demo", "--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("argv, needles", PRELOAD_CASES, ids=[" ".join(c[0][1:])[:60] for c in PRELOAD_CASES])
+def test_cli_bad_input_before_model_load(argv, needles, capsys, no_model_load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check_bad(capsys, argv, *needles)
+
+
+def test_argparse_error_is_one_line_pointing_to_help(capsys, no_model_load):
+    line = check_bad(capsys, G("--bogus"), "--bogus", "jaxdec generate --help")
+    assert "usage" not in line
+    check_bad(capsys, G("--top-k", "abc"), "--top-k", "--help")
+    check_bad(capsys, G("--method", "nope"), "--method", "--help")
+    check_bad(capsys, ["demo", "--max-new-tokens", "x"], "--max-new-tokens", "jaxdec demo --help")
+    check_bad(capsys, [], "--help")
+
+
+def _prompts_file(tmp_path, raw: bytes):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(raw)
+    return str(p)
+
+
+def test_prompts_file_encoding_and_content(capsys, no_model_load, tmp_path):
+    f = _prompts_file(tmp_path, b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    check_bad(capsys, ["generate", "--prompts-file", f], "--prompts-file line 2", "UTF-8")
+    f = _prompts_file(tmp_path, b'{"prompt": "ok"}\n{"prompt": "\\ud800 lone"}\n')
+    check_bad(capsys, ["generate", "--prompts-file", f], "--prompts-file line 2", "surrogate")
+    f = _prompts_file(tmp_path, b'{"prompt": ""}\n')
+    check_bad(capsys, ["generate", "--prompts-file", f], "--prompts-file", "empty")
+    check_bad(capsys, ["generate", "--prompts-file", str(tmp_path)], "--prompts-file", "folder")
+
+
+def test_non_utf8_prompt_bytes_subprocess(tmp_path):
+    """Raw non-UTF-8 bytes in argv (the real path, not a str made in-process)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"jaxdec.cli", b"generate", b"--prompt", b"caf\xe9\xff"],
+                          capture_output=True, cwd=tmp_path, env=env, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err[-2000:]
+    lines = _lines(err)
+    assert len(lines) == 1 and lines[0].startswith("jaxdec: error: --prompt") and "UTF-8" in lines[0], err[-2000:]
+
+
+# --------------------------------------------------------------------------- the sweep over every flag
+# dest -> an out-of-range value (argv after "generate"); every `generate` flag must have one, so a new
+# flag cannot skip validation unnoticed
+def _file(tmp, name, text):
+    p = os.path.join(tmp, name)
+    with open(p, "w") as f:
+        f.write(text)
+    return p
+
+
+SWEEP = {
+    "model": lambda t: G("--model", os.path.join(t, "missing.gguf")),
+    "prompt": lambda t: ["generate", "--prompt", ""],
+    "prompts_file": lambda t: ["generate", "--prompts-file", os.path.join(t, "missing.jsonl")],
+    "chat": lambda t: G("--chat=yes"),
+    "method": lambda t: G("--method", "nope"),
+    "max_new_tokens": lambda t: G("--max-new-tokens", "0"),
+    "min_new_tokens": lambda t: G("--min-new-tokens", "-1"),
+    "batch_size": lambda t: G("--batch-size", "0"),
+    "n": lambda t: G("--n", "0"),
+    "seed": lambda t: G("--seed", str(2 ** 64)),
+    "weights": lambda t: G("--weights", "int3"),
+    "attention": lambda t: G("--attention", "nope"),
+    "temperature": lambda t: G("--method", "sample", "--temperature", "-0.5"),
+    "top_k": lambda t: G("--method", "sample", "--top-k", "-1"),
+    "top_p": lambda t: G("--method", "sample", "--top-p", "0"),
+    "min_p": lambda t: G("--method", "sample", "--min-p", "1.5"),
+    "typical_p": lambda t: G("--method", "sample", "--typical-p", "0"),
+    "repetition_penalty": lambda t: G("--method", "sample", "--repetition-penalty", "0"),
+    "stop": lambda t: G("--stop", ""),
+    "out": lambda t: G("--out", os.path.join(t, "no", "such", "out.jsonl")),
+    "quiet": lambda t: G("--quiet=1"),
+    # search
+    "num_beams": lambda t: G("--method", "beam", "--num-beams", "0"),
+    "num_return_sequences": lambda t: G("--method", "beam", "--num-beams", "2", "--num-return-sequences", "3"),
+    "length_penalty": lambda t: G("--method", "beam", "--length-penalty", "nan"),
+    "early_stopping": lambda t: G("--method", "beam", "--early-stopping", "maybe"),
+    "num_beam_groups": lambda t: G("--method", "diverse-beam", "--num-beam-groups", "0"),
+    "diversity_penalty": lambda t: G("--method", "diverse-beam", "--diversity-penalty", "-1"),
+    "no_repeat_ngram_size": lambda t: G("--method", "beam", "--no-repeat-ngram-size", "-1"),
+    "momentum_alpha": lambda t: G("--method", "momentum", "--momentum-alpha", "-1"),
+    "momentum_ngram": lambda t: G("--method", "momentum", "--momentum-ngram", "0"),
+    "momentum_top_k": lambda t: G("--method", "momentum", "--momentum-top-k", "0"),
+    "adadec_threshold": lambda t: G("--method", "adadec", "--adadec-threshold", "nan"),
+    "adadec_k": lambda t: G("--method", "adadec", "--adadec-k", "0"),
+    "adadec_lookahead": lambda t: G("--method", "adadec", "--adadec-lookahead", "-1"),
+    "ead_small_layers": lambda t: G("--method", "entropy-adaptive", "--ead-small-layers", "-1"),
+    "ead_threshold": lambda t: G("--method", "entropy-adaptive", "--ead-threshold", "inf"),
+    "astar_max_children": lambda t: G("--method", "astar", "--astar-max-children", "0"),
+    "astar_max_expansions": lambda t: G("--method", "astar", "--astar-max-expansions", "0"),
+    # superposed
+    "num_drafts": lambda t: G("--method", "superposed", "--num-drafts", "0"),
+    "sp_candidates": lambda t: G("--method", "superposed", "--num-drafts", "3", "--sp-candidates", "2"),
+    "ngram_alpha": lambda t: G("--method", "superposed", "--ngram-alpha", "1.5"),
+    "ngram_corpus": lambda t: G("--method", "superposed", "--ngram-corpus", os.path.join(t, "missing.txt")),
+    "ngram_orders": lambda t: G("--method", "superposed", "--ngram-orders", "2,0"),
+    "ngram_weights": lambda t: G("--method", "superposed", "--ngram-weights", "0.5,0.6,0.2"),
+    "ngram_penalty": lambda t: G("--method", "superposed", "--ngram-penalty", "-1"),
+    # speculative
+    "drafter": lambda t: G("--method", "speculative", "--drafter", "oracle"),
+    "spec_sampling": lambda t: G("--method", "speculative", "--spec-sampling=no"),
+    "draft_tokens": lambda t: G("--method", "speculative", "--draft-tokens", "0"),
+    "max_ngram": lambda t: G("--method", "speculative", "--max-ngram", "0"),
+    "copy_from": lambda t: G("--method", "speculative", "--copy-from", "nowhere"),
+    "tree_size": lambda t: G("--method", "speculative", "--drafter", "recycling", "--tree-size", "0"),
+    "spec_config": lambda t: G("--method", "speculative", "--drafter", "recycling", "--spec-config",
+                               os.path.join(t, "missing.json")),
+    "skip_layers": lambda t: G("--method", "speculative", "--drafter", "swift", "--skip-layers", "3", "-1"),
+    "exit_layer": lambda t: G("--method", "speculative", "--drafter", "del", "--exit-layer", "0"),
+    "draft_model": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-model", "truncate:x"),
+    "draft_layers": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-layers", "0"),
+}
+
+
+def test_every_generate_flag_out_of_range_exits_2(capsys, no_model_load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    actions = [a for a in cli.build_parser().generate_parser._actions if a.dest != "help"]
+    missing = sorted(a.dest for a in actions if a.dest not in SWEEP)
+    assert not missing, f"add an out-of-range value for these new flags to SWEEP: {missing}"
+    for a in actions:
+        argv = SWEEP[a.dest](str(tmp_path))
+        check_bad(capsys, argv, a.option_strings[-1])
+
+
+# --------------------------------------------------------------------------- API
+class _StubModel:
+    vocab_size = 100
+    eos_ids = (0,)
+    num_layers = 2
+
+
+def test_api_token_ids_must_be_integers():
+    from jaxdec.core.generate import generate
+    m = _StubModel()
+    with pytest.raises(TypeError, match=r"prompts\[0\].*float64.*integers"):
+        generate(m, None, [np.array([50.7, 35.2])])
+    with pytest.raises(TypeError, match=r"prompts\[1\].*non-integer token id 3.5"):
+        generate(m, None, [[1, 2], [3.5, 4]])
+    with pytest.raises(TypeError, match=r"prompts\[0\].*str"):
+        generate(m, None, ["hello"])
+    with pytest.raises(TypeError, match=r"prompts\[0\].*bool"):
+        generate(m, None, [[True, 2]])
+    with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
+        generate(m, None, [[1, 200]])
+
+
+def test_api_seed_is_checked_by_name():
+    from jaxdec.core.generate import row_keys
+    with pytest.raises(TypeError, match="seed"):
+        row_keys("abc", 1, 1)
+    with pytest.raises(TypeError, match="seed"):
+        row_keys(1.5, 1, 1)
+    with pytest.raises(ValueError, match="seed"):
+        row_keys(99999999999999999999, 1, 1)
+    assert row_keys(np.int64(3), 1, 1).shape == (1, 2)
+
+
+def test_api_seed_abc_in_generate():
+    from jaxdec.core.generate import generate
+    loaded = cli.load_model("smollm2-135m", "f32")  # the CLI's cached model, shared with the CLI runs below
+    with pytest.raises(TypeError, match="seed"):
+        generate(loaded.model, loaded.params, [[1, 2, 3]], method="sample", seed="abc", max_new_tokens=2)
+
+
+def test_api_beam_decoder_through_generate_names_the_argument():
+    from jaxdec.core.generate import generate
+    from jaxdec.search.beam import BeamSearch
+    with pytest.raises(ValueError, match="decoder=BeamSearch.*beam_search"):
+        generate(_StubModel(), None, [[1, 2]], decoder=BeamSearch(num_beams=4), n=2)
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+def test_api_stop_strings_plain_str_is_one_stop_string():
+    from jaxdec.core.stopping import StopStringChecker, truncate_at_stop
+    c = StopStringChecker(_CharTokenizer(), "answer")
+    assert c.stop_strings == ("answer",)
+    tail = np.array([[ord(x) for x in "a cat"] + [-1], [ord(x) for x in "answer"]])
+    assert c(tail, None).tolist() == [False, True]  # a plain "a" no longer stops the row
+    assert truncate_at_stop("the answer is 4", "answer") == "the answer"
+    with pytest.raises(TypeError, match=r"stop_strings\[1\]"):
+        StopStringChecker(_CharTokenizer(), ["ok", 3])
+    with pytest.raises(ValueError, match=r"stop_strings\[0\].*empty"):
+        StopStringChecker(_CharTokenizer(), [""])
+    with pytest.raises(TypeError, match="stop_strings"):
+        StopStringChecker(_CharTokenizer(), b"answer")
+
+
+# --------------------------------------------------------------------------- files that are not models
+@pytest.fixture(scope="module")
+def truncated_ggufs(tmp_path_factory, gguf_path):
+    d = tmp_path_factory.mktemp("gguf")
+    size = os.path.getsize(gguf_path)
+    out = []
+    with open(gguf_path, "rb") as f:
+        for cut in (64, 5000, 10_000_000, size - 100):
+            f.seek(0)
+            p = d / f"cut{cut}.gguf"
+            p.write_bytes(f.read(cut))
+            out.append(str(p))
+    return out
+
+
+def test_truncated_gguf_api_and_cli(truncated_ggufs, capsys):
+    import jaxdec
+    for p in truncated_ggufs:
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            jaxdec.load(p)
+        check_bad(capsys, G("--model", p), "--model", "truncated or corrupt")
+    check_bad(capsys, ["demo", "--model", truncated_ggufs[-1]], "--model", "truncated or corrupt")
+
+
+# --------------------------------------------------------------------------- runs with the model
+PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def pfile(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in PROMPTS))
+    return str(p)
+
+
+def test_out_written_through_partial_and_batches_match_one_call(pfile, tmp_path, capsys):
+    """--batch-size runs decode (and write) batch by batch; sampled rows equal one API call's rows."""
+    import jaxdec
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    rc = cli.main(["generate", "--prompts-file", pfile, "--method", "sample", "--n", "2", "--batch-size", "2",
+                   "--seed", "5", "--temperature", "0.8", "--max-new-tokens", "5", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert not os.path.exists(str(out) + ".partial")
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(PROMPTS)
+    loaded = cli.load_model("smollm2-135m", "f32")  # the CLI's cached model
+    ids = [loaded.tokenizer.encode(q) for q in PROMPTS]
+    g = jaxdec.generate(loaded.model, loaded.params, ids, method="sample", n=2, seed=5, batch_size=2,
+                        sampling={"temperature": 0.8}, max_new_tokens=5)
+    assert [r["tokens"] for r in rows] == g.tokens
+    # a stop string given on the CLI is one string; an empty prompt after a model load still fails cleanly
+    rc = cli.main(["generate", "--prompt", "Hi", "--max-new-tokens", "3", "--quiet", "--stop", "zzz-never",
+                   "--out", str(out)])
+    assert rc == 0 and len(out.read_text().splitlines()) == 1
+
+
+def test_bad_value_found_after_load_names_the_flag(capsys):
+    check_bad(capsys, G("--method", "entropy-adaptive", "--ead-small-layers", "99"), "--ead-small-layers")
+    check_bad(capsys, G("--method", "speculative", "--drafter", "del", "--exit-layer", "99"), "--exit-layer")
+
+
+def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
+    """Ctrl-C mid-run: one stderr line, exit 130, OUT untouched, finished rows in OUT.partial.
+    (--n 2 sampling with --quiet also checks that no XLA log line reaches stderr.)"""
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": f"Write a long story about the number {i}."}) + "\n"
+                          for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous run\n")
+    partial = tmp_path / "out.jsonl.partial"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--prompts-file", str(pf), "--method",
+                             "sample", "--n", "2", "--batch-size", "2", "--max-new-tokens", "24", "--quiet",
+                             "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and len(partial.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    lines = _lines(err)
+    assert len(lines) == 1 and lines[0].startswith("jaxdec: interrupted"), err[-3000:]
+    assert "out.jsonl.partial" in lines[0]
+    assert out.read_text() == "previous run\n"
+    rows = [json.loads(l) for l in partial.read_text().splitlines()]
+    assert 4 <= len(rows) < 80 and all(r["tokens"] for r in rows)
