@@ -47,6 +47,33 @@ def test_same_shapes_do_not_recompile_and_max_new_is_traced(model_f32, chat_prom
     assert after == before, f"recompiled {after - before} times for identical shapes"
 
 
+def _run_traces():
+    return sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:"))
+
+
+def test_trace_counter_moves_when_a_shape_changes(monkeypatch):
+    """Positive control of the no-recompile check above: the same counter moves when the output bucket
+    changes (a new compiled program), and a frozen counter (count_trace doing nothing) is caught by
+    this very check. A toy model behind the same driver keeps it cheap (its own config, so no other
+    test shares its programs)."""
+    import jax.numpy as jnp
+    from jaxdec.speculative.toy import TrigramModel, random_table
+    model = TrigramModel(7, num_layers=5)
+    params = {"table": jnp.asarray(random_table(0, 7))}
+    prompts = [[2, 3], [4]]
+
+    def moves(**kw):
+        before = _run_traces()
+        generate(model, params, prompts, max_new_tokens=8, **kw)
+        return _run_traces() - before
+
+    assert moves(capacity=16) >= 1  # first use of this shape
+    assert moves(capacity=16) == 0  # same shape: cached
+    assert moves(capacity=32) == 1  # new output bucket: exactly one new trace
+    monkeypatch.setattr(loop, "count_trace", lambda name: None)  # the broken variant: a frozen counter
+    assert moves(capacity=48) == 0  # a real retrace that the frozen counter hides: the check above fails
+
+
 def test_max_new_tokens_and_finish_reasons(model_f32, chat_prompt_ids):
     model, params = model_f32
     g = generate(model, params, chat_prompt_ids[:3], max_new_tokens=5, stop_ids=())

@@ -513,6 +513,10 @@ def test_new_parameter_values_do_not_retrace():
     outs = [step(keys, x, P.SamplingParams.create(B, **kw), seen) for kw in settings_list]
     jax.block_until_ready(outs)
     assert traces[0] == 1
+    # positive control: the counter does move when a shape changes (one more row, one more trace)
+    step(jax.random.split(jax.random.key(1), B + 1), jnp.concatenate([x, x[:1]]), P.SamplingParams.create(B + 1),
+         jnp.concatenate([seen, seen[:1]]))
+    assert traces[0] == 2
     assert np.asarray(outs[1]).tolist() == np.argmax(np.asarray(P.repetition_penalty(x, seen, 1.0)), -1).tolist()
 
 
