@@ -1,5 +1,7 @@
 """A tiny non-Llama decoder written with flax.linen runs through the same loop (the model interface is
-all a decoder needs). It uses learned absolute positions, LayerNorm and GELU: nothing Llama-specific."""
+all a decoder needs). It uses learned absolute positions, LayerNorm and GELU: nothing Llama-specific.
+It implements the required protocol members plus the optional ``embed``/``embeds=`` pair (so superposed
+decoding runs on it) and leaves the other optional members out (`truncated_draft` refuses it by name)."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +35,9 @@ class Block(nn.Module):
 
 class TinyLM(nn.Module):
     @nn.compact
-    def __call__(self, tokens, positions, kc, vc, lengths, mask):
-        x = nn.Embed(V, E)(tokens) + nn.Embed(MAXPOS, E)(positions)
+    def __call__(self, tokens, positions, kc, vc, lengths, mask, embeds=None):
+        table = nn.Embed(V, E, name="tok")
+        x = (table(tokens) if embeds is None else embeds) + nn.Embed(MAXPOS, E)(positions)
         x, k, v = Block()(x, positions, kc, vc, lengths, mask)
         h = nn.LayerNorm()(x)
         return nn.Dense(V)(h), h, k, v
@@ -50,11 +53,15 @@ class TinyFlaxDecoder:
     def init_cache(self, batch, size):
         return KVCache.create(1, batch, size, H, E // H)
 
+    def embed(self, params, ids):
+        return params["params"]["tok"]["embedding"][ids].astype(jnp.float32)
+
     def __call__(self, params, tokens, positions, cache, mask=None, layers=None, logits_at=None,
-                 return_layer_hidden=False):
-        b, t = tokens.shape
+                 return_layer_hidden=False, *, embeds=None):
+        b, t = positions.shape
         mask = causal_block_mask(b, t) if mask is None else mask
-        logits, h, k, v = TinyLM().apply(params, tokens, positions, cache.k[0], cache.v[0], cache.lengths, mask)
+        logits, h, k, v = TinyLM().apply(params, tokens, positions, cache.k[0], cache.v[0], cache.lengths, mask,
+                                         embeds=embeds)
         cache = append(cache, k[None], v[None])
         if logits_at is not None:
             logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
@@ -101,3 +108,17 @@ def test_tiny_flax_decoder_score_equals_uncached_logprobs():
     ref = jax.nn.log_softmax(out.logits[0], -1)
     want = [float(ref[len(prompt) - 1 + i, c]) for i, c in enumerate(cont)]
     np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_flax_decoder_optional_members():
+    """``embed``/``embeds=`` are enough for superposed decoding (k = 1 is greedy); ``truncate`` is absent,
+    and `truncated_draft` says so by name."""
+    import pytest
+    from jaxdec.search.superposed import superposed_generate
+    from jaxdec.speculative import truncated_draft
+    model, params = TinyFlaxDecoder(), _params()
+    prompts = [[3, 5, 7], [11, 2, 30, 4, 9]]
+    g = superposed_generate(model, params, prompts, num_drafts=1, max_new_tokens=6)
+    assert g.tokens == generate(model, params, prompts, max_new_tokens=6).tokens
+    with pytest.raises(TypeError, match="`truncate`"):
+        truncated_draft(model, params, 1)
