@@ -134,6 +134,40 @@ def test_sampling_rows_do_not_depend_on_batch_neighbours(model_f32, chat_prompt_
     assert other.tokens != alone.tokens
 
 
+def _hf_penalized_choice_gaps(prompt, tokens, logits, penalty):
+    """At each step, HF's RepetitionPenaltyLogitsProcessor applied to the teacher-forced logits with the
+    history so far; returns how far below the processed maximum each emitted token sits (0 = argmax)."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    gaps = []
+    for i, tok in enumerate(tokens):
+        ids = torch.tensor([list(prompt) + list(tokens[:i])])
+        x = proc(ids, torch.tensor(logits[i][None], dtype=torch.float32))[0].numpy()
+        gaps.append(float(x.max() - x[tok]))
+    return np.asarray(gaps)
+
+
+def test_repetition_penalty_through_generate_matches_hf_processor(model_f32, chat_prompt_ids):
+    """Greedy rows (temperature 0) with a repetition penalty, through `generate`: every emitted token is
+    the argmax of HF's own RepetitionPenaltyLogitsProcessor over the model's logits given the prompt and
+    the tokens so far (a near tie of < 1e-3 excused). Negative control: plain greedy tokens fail the
+    same check (the penalty changed the output)."""
+    model, params = model_f32
+    prompts, r = chat_prompt_ids[:2], 1.3  # plain greedy shares its program with test_stop_strings_end_rows
+    g = generate(model, params, prompts, method="sample", sampling=dict(temperature=0.0, repetition_penalty=r),
+                 max_new_tokens=32)
+    plain = generate(model, params, prompts, max_new_tokens=32)
+    assert g.tokens != plain.tokens
+    for p, toks in zip(prompts, g.tokens):
+        assert len(toks) >= 16
+        gaps = _hf_penalized_choice_gaps(p, toks, step_logits(model, params, p, toks), r)
+        assert gaps.max() < 1e-3, gaps
+    bad = [_hf_penalized_choice_gaps(p, b, step_logits(model, params, p, b), r).max()
+           for p, b in zip(prompts, plain.tokens)]
+    assert max(bad) > 1e-2, bad
+
+
 def test_temperature_zero_rows_are_greedy(model_f32, chat_prompt_ids):
     model, params = model_f32
     greedy = generate(model, params, chat_prompt_ids[:2], max_new_tokens=8)
