@@ -64,11 +64,19 @@ def _ragged_block(model, params, batch_prompts, t_new, size=32, seed=0):
     return cache, new, pos
 
 
+@pytest.fixture(scope="module")
+def ragged(small_f32, small_q):
+    """weights -> (model, params, cache holding two prompts of lengths 11 and 4, a 3-token block, positions)."""
+    out = {}
+    for w, (model, params) in (("f32", small_f32), ("q", small_q)):
+        out[w] = (model, params) + _ragged_block(model, params, [_ids(), _ids()[:4]], 3)
+    return out
+
+
 # ------------------------------------------------------------------------------------ embeds
 @pytest.mark.parametrize("weights", ["f32", "q"])
-def test_embeds_of_ids_equal_token_path_exactly(weights, small_f32, small_q):
-    model, params = small_f32 if weights == "f32" else small_q
-    cache, new, pos = _ragged_block(model, params, [_ids(), _ids()[:4]], 3)
+def test_embeds_of_ids_equal_token_path_exactly(weights, ragged):
+    model, params, cache, new, pos = ragged[weights]
 
     @jax.jit
     def both(params, cache):
@@ -239,9 +247,8 @@ def test_bad_attention_arguments(small_f32):
 
 
 # ------------------------------------------------------------------------------------ hidden states
-def test_hidden_layers_equal_full_stack_rows(small_f32):
-    model, params = small_f32
-    cache, new, pos = _ragged_block(model, params, [_ids(), _ids()[:4]], 3)
+def test_hidden_layers_equal_full_stack_rows(ragged):
+    model, params, cache, new, pos = ragged["f32"]
 
     @jax.jit
     def run(params, cache):
@@ -275,33 +282,37 @@ def test_hidden_layers_trace_only_the_chosen_layers(model_f32):
 
 
 @pytest.mark.parametrize("weights", ["f32", "q"])
-def test_layer_range_split_equals_full_call(weights, small_f32, small_q):
-    model, params = small_f32 if weights == "f32" else small_q
+def test_layer_range_split_equals_full_call(weights, ragged):
+    """f32: two- and three-way splits and early exit; q (block-quantized stacks read in place at the
+    range's absolute layer indices): the two-way split."""
+    model, params, cache, new, pos = ragged[weights]
     n = model.num_layers
-    cache, new, pos = _ragged_block(model, params, [_ids(), _ids()[:4]], 3)
 
     @jax.jit
     def run(params, cache):
         full = model(params, new, pos, cache)
         a = model(params, new, pos, cache, layer_range=(0, 2))
-        two = model(params, None, pos, a.cache, layer_range=(2, n), hidden_in=a.residual)
+        splits = [model(params, None, pos, a.cache, layer_range=(2, n), hidden_in=a.residual)]
+        if weights == "q":
+            return full, a, splits, None, None
         b1 = model(params, None, pos, a.cache, layer_range=(2, 5), hidden_in=a.residual)
-        three = model(params, None, pos, b1.cache, layer_range=(5, n), hidden_in=b1.residual)
+        splits.append(model(params, None, pos, b1.cache, layer_range=(5, n), hidden_in=b1.residual))
         early = model(params, new, pos, cache, layer_range=(0, 4))
         skip = model(params, new, pos, cache, layers=jnp.arange(n) < 4)
-        return full, a, two, three, early, skip
+        return full, a, splits, early, skip
 
-    full, a, two, three, early, skip = run(params, cache)
+    full, a, splits, early, skip = run(params, cache)
     assert np.asarray(a.cache.lengths).tolist() == np.asarray(cache.lengths).tolist()  # not committed yet
-    for split in (two, three):
+    for split in splits:
         np.testing.assert_allclose(np.asarray(split.logits), np.asarray(full.logits), rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(np.asarray(split.hidden), np.asarray(full.hidden), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(split.cache.k), np.asarray(full.cache.k), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(split.cache.v), np.asarray(full.cache.v), rtol=1e-6, atol=1e-6)
         assert np.asarray(split.cache.lengths).tolist() == np.asarray(full.cache.lengths).tolist()
-    # early exit: layers [0, 4) with the final norm and head = the full call with layers 4.. switched off
-    np.testing.assert_allclose(np.asarray(early.logits), np.asarray(skip.logits), rtol=1e-6, atol=1e-5)
-    assert np.asarray(early.cache.lengths).tolist() == np.asarray(cache.lengths).tolist()
+    if early is not None:
+        # early exit: layers [0, 4) with the final norm and head = the full call with layers 4.. switched off
+        np.testing.assert_allclose(np.asarray(early.logits), np.asarray(skip.logits), rtol=1e-6, atol=1e-5)
+        assert np.asarray(early.cache.lengths).tolist() == np.asarray(cache.lengths).tolist()
     with pytest.raises(ValueError, match="hidden_in"):
         model(params, new, pos, cache, layer_range=(2, n))
     with pytest.raises(ValueError, match="layer_range"):
