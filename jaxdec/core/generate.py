@@ -11,6 +11,8 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core import loop
+from jaxdec.core.logits import check_processors, ensure_accepts
+from jaxdec.core.protocols import check_decoder, check_model, hook
 from jaxdec.core.state import FINISH_NAMES
 
 METHODS = ("greedy", "sample")
@@ -106,8 +108,8 @@ def use_shared_prefix(shared_prefix, model, decoder, groups: int, rows_per_group
     prevents it); ``False`` forces the ordinary cache.
     """
     if shared_prefix is None:
-        return bool(groups > 0 and rows_per_group > 1 and getattr(decoder, "shared_prefix_ok", False)
-                    and getattr(model, "supports_shared_prefix", False) and mesh is None)
+        return bool(groups > 0 and rows_per_group > 1 and hook(decoder, "shared_prefix_ok")
+                    and hook(model, "supports_shared_prefix") and mesh is None)
     if not isinstance(shared_prefix, (bool, np.bool_)):
         raise ValueError(f"shared_prefix must be None (auto), True or False, got {shared_prefix!r}")
     if not shared_prefix:
@@ -116,9 +118,9 @@ def use_shared_prefix(shared_prefix, model, decoder, groups: int, rows_per_group
     if groups <= 0:
         why = ("the rows of a batch do not group by prompt (give one prompt, or a batch_size that is a "
                "multiple of n)")
-    elif not getattr(model, "supports_shared_prefix", False):
+    elif not hook(model, "supports_shared_prefix"):
         why = f"the model ({type(model).__name__}) does not accept a shared-prefix cache"
-    elif not getattr(decoder, "shared_prefix_ok", False):
+    elif not hook(decoder, "shared_prefix_ok"):
         why = f"the decoder ({type(decoder).__name__}) does not support a shared-prefix cache"
     elif mesh is not None:
         why = "a mesh is given (sharded runs use the ordinary cache)"
@@ -144,7 +146,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
              callback=None, progress=None, inputs_fn=None, mesh=None,
-             shared_prefix: Optional[bool] = None) -> Generation:
+             shared_prefix: Optional[bool] = None, processors=None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -163,10 +165,14 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     each row's cache holds only its new tokens, and every layer attends with `hydragen_attend` (each
     group of n rows batched against its prompt). Batches that mix prompts at other boundaries use the
     ordinary cache. ``stats["shared_prefix"]`` / ``stats["prefix_groups"]`` say which path ran.
+    processors: logits processors (`jaxdec.core.logits`: hard masks, penalties, warpers) applied at every
+    step after min_new suppression; with ``decoder=`` they are added to the decoder's own (a decoder
+    without a ``processors`` field refuses them by name).
     """
     from jaxdec.search.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
 
+    check_model(model)
     prompts = _check_prompts(prompts, model.vocab_size)
     from jaxdec.search.beam import BeamSearch
     if isinstance(decoder, BeamSearch) and inputs_fn is None:
@@ -190,14 +196,18 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
             raise ValueError(f"method must be one of {METHODS} (or pass decoder=...), got {method!r}")
         rep = sp is not None and bool(np.any(np.asarray(sp.repetition_penalty) != 1.0))
         decoder = TokenDecoder(greedy=(method == "greedy"), repetition_penalty=rep, stop_checker=checker,
-                               stop_window=checker.window if checker else 0)
+                               stop_window=checker.window if checker else 0,
+                               processors=check_processors(processors, "generate"))
+    else:
+        decoder = ensure_accepts(decoder, processors, "generate")
 
     pmax = max(len(p) for p in rows)
     p_bucket = bucket(pmax)
     cap = capacity or bucket(max_new, 16)
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
-    extra = int(getattr(decoder, "cache_headroom", 0))
+    check_decoder(decoder)
+    extra = int(hook(decoder, "cache_headroom"))
     groups = prefix_groups(rows, bs, n)
     shared = use_shared_prefix(shared_prefix, model, decoder, groups, bs // max(groups, 1), mesh)
     prefix_size = None
@@ -268,7 +278,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
                  "tokens_per_second": new / secs if secs > 0 else float("nan"),
                  "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs,
                  "shared_prefix": shared, "prefix_groups": groups if shared else 0}
-    extra_stats = getattr(decoder, "summarize", None)
+    extra_stats = hook(decoder, "summarize")
     if extra_stats is not None:
         out_stats.update(extra_stats(last_state))
     text = None

@@ -17,7 +17,8 @@ import collections
 import functools
 
 import jax
-import jax.numpy as jnp
+
+from jaxdec.core.protocols import is_done
 
 # how many times each jitted entry point was traced (tests assert "same shapes do not recompile")
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -27,13 +28,8 @@ def count_trace(name: str) -> None:
     TRACE_COUNTS[name] += 1
 
 
-def default_done(state) -> jax.Array:
-    return jnp.all(state.done)
-
-
 def _done(decoder, state):
-    fn = getattr(decoder, "done", None)
-    return default_done(state) if fn is None else fn(state)
+    return is_done(decoder, state)
 
 
 def make_cache(model, batch: int, cache_size: int, prefix_size=None, prefix_groups: int = 1):

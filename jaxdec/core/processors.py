@@ -58,7 +58,7 @@ NEG_INF = float("-inf")
 
 __all__ = [
     "SamplingParams", "process", "repetition_penalty", "temperature", "top_k", "top_p", "min_p",
-    "typical_p", "seen_mask_from_tokens", "update_seen_mask",
+    "typical_p", "warp", "seen_mask_from_tokens", "update_seen_mask",
 ]
 
 
@@ -334,9 +334,16 @@ def process(logits, params: SamplingParams, seen_mask: Optional[jax.Array] = Non
     Warpers no row uses are skipped at run time (``lax.cond``), so e.g. no sort runs without top-k/p.
     """
     x = _f32(logits)
-    b, v = x.shape
     if seen_mask is not None:
         x = repetition_penalty(x, seen_mask, params.repetition_penalty)
+    return warp(x, params)
+
+
+def warp(logits, params: SamplingParams) -> jax.Array:
+    """The warpers of `process` without the repetition penalty: temperature, top-k/top-p, min-p and
+    typical-p on rows with temperature > 0 (greedy rows are returned unchanged)."""
+    x = _f32(logits)
+    b, v = x.shape
     t = jnp.broadcast_to(jnp.asarray(params.temperature, jnp.float32), (b,))
     sampling = t > 0
     k = jnp.where(sampling, jnp.asarray(params.top_k, jnp.int32), 0)

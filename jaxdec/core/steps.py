@@ -5,9 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.cache.kv import KVCache, rollback, set_prefix
+from jaxdec.core.logits import MIN_NEW, step_context
 from jaxdec.core.state import DecodeState, STOP_STRING, emit
-
-NEG_INF = -jnp.inf
 
 
 def prefill(model, params, prompts, prompt_lens, cache):
@@ -51,13 +50,8 @@ def decode_call(model, params, state: DecodeState, layers=None):
 
 
 def suppress_stops(logits, state: DecodeState):
-    """min_new_tokens: stop ids get -inf while a row has fewer than `min_new` new tokens (HF's rule)."""
-    stop_ids = state.stop_ids
-    if stop_ids.size == 0:
-        return logits
-    block = (state.num_new < state.min_new)[:, None]
-    hit = jnp.zeros(logits.shape[-1], bool).at[stop_ids].set(True)[None, :]
-    return jnp.where(block & hit, NEG_INF, logits)
+    """min_new_tokens on one position per row (``logits [B,V]``): `jaxdec.core.logits.MinNewTokens`."""
+    return MIN_NEW(logits[:, None], step_context(state))[:, 0]
 
 
 def initial_state(prompts, cache, inputs, method=None, stats=None) -> DecodeState:

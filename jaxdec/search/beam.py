@@ -39,9 +39,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.core.generate import Generation
-from jaxdec.core.steps import decode_call, initial_state, prefill, suppress_stops
+from jaxdec.core.logits import check_processors, post_commit, run_processors, step_context, with_sampling
+from jaxdec.core.steps import decode_call, initial_state, prefill
 from jaxdec.search.common import (NEG, expand_cache, flat, global_rows, isin, per_prompt, reorder_cache,
                                   run_grouped)
 
@@ -95,6 +97,33 @@ def early_stopping_code(es) -> int:
     raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
 
 
+@struct.dataclass
+class BeamState:
+    """`BeamSearch`'s method state; B prompts of R = num_beams rows, C = output capacity.
+
+    run_scores: [B, R] float32 running beams' summed log-probabilities (-1e9: empty).
+    fin_tokens: [B, R, C] int32, fin_len [B, R], fin_scores [B, R] (length-normalised), fin_flag [B, R]:
+                the finished hypotheses kept so far (per group of R / groups columns).
+    unsat:      [B, groups] bool groups whose running beams can still improve their finished set.
+    start:      [B * R] int32 cache length at the prompt's end (reorders move only what follows).
+    lp, es, div: [B] length penalty, early stopping (0 False, 1 True, 2 "never"), diversity penalty.
+    hist, hlen: [B * R, P + C] int32 prompt + output and its length, for ``constraint`` only.
+    """
+
+    run_scores: jax.Array
+    fin_tokens: jax.Array
+    fin_len: jax.Array
+    fin_scores: jax.Array
+    fin_flag: jax.Array
+    unsat: jax.Array
+    start: jax.Array
+    lp: jax.Array
+    es: jax.Array
+    div: jax.Array
+    hist: Optional[jax.Array] = None
+    hlen: Optional[jax.Array] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamSearch:
     """Beam search decoder over ``num_beams`` rows per prompt (see the module docstring).
@@ -110,6 +139,7 @@ class BeamSearch:
     num_beams: int = 4
     num_groups: int = 1
     constraint: Any = None
+    processors: tuple = ()  # the user's logits processors, applied to the log-probs (HF's beam order)
     shared_prefix_ok = True  # one prompt per batch may use a Hydragen shared-prefix cache
 
     def __post_init__(self):
@@ -133,23 +163,22 @@ class BeamSearch:
         stop = inputs["stop_ids"]
         pad = stop[0] if stop.size else jnp.int32(0)
         first = (jnp.arange(nb) % g) == 0
-        method = {
-            "run_scores": jnp.where(first, 0.0, NEG)[None, :].repeat(b, 0).astype(jnp.float32),
-            "fin_tokens": jnp.full((b, nb, cap), pad, jnp.int32),
-            "fin_len": jnp.zeros((b, nb), jnp.int32),
-            "fin_scores": jnp.full((b, nb), NEG, jnp.float32),
-            "fin_flag": jnp.zeros((b, nb), bool),
-            "unsat": jnp.ones((b, self.num_groups), bool),
-            "start": cache.lengths,
-            "lp": inputs["beam"]["length_penalty"][::nb].astype(jnp.float32),
-            "es": inputs["beam"]["early_stopping"][::nb].astype(jnp.int32),
-            "div": inputs["beam"]["diversity_penalty"][::nb].astype(jnp.float32),
-        }
+        method = BeamState(
+            run_scores=jnp.where(first, 0.0, NEG)[None, :].repeat(b, 0).astype(jnp.float32),
+            fin_tokens=jnp.full((b, nb, cap), pad, jnp.int32),
+            fin_len=jnp.zeros((b, nb), jnp.int32),
+            fin_scores=jnp.full((b, nb), NEG, jnp.float32),
+            fin_flag=jnp.zeros((b, nb), bool),
+            unsat=jnp.ones((b, self.num_groups), bool),
+            start=cache.lengths,
+            lp=inputs["beam"]["length_penalty"][::nb].astype(jnp.float32),
+            es=inputs["beam"]["early_stopping"][::nb].astype(jnp.int32),
+            div=inputs["beam"]["diversity_penalty"][::nb].astype(jnp.float32))
         if self.constraint is not None:
             p = prompts.shape[1]
             hist = jnp.zeros((b, p + cap), jnp.int32).at[:, :p].set(prompts)
-            method["hist"] = jnp.repeat(hist, nb, axis=0)
-            method["hlen"] = jnp.repeat(prompt_lens.astype(jnp.int32), nb, axis=0)
+            method = method.replace(hist=jnp.repeat(hist, nb, axis=0),
+                                    hlen=jnp.repeat(prompt_lens.astype(jnp.int32), nb, axis=0))
         state = initial_state(jnp.zeros((b * nb, 1), jnp.int32), cache, inputs, method,
                               {"model_calls": jnp.ones((), jnp.int32)})
         return self._advance(state, logits)
@@ -213,9 +242,10 @@ class BeamSearch:
         bsz = state.batch // nb
         v = logits.shape[-1]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        lp = suppress_stops(lp, state)  # HF applies processors to the log-probs
+        ctx = step_context(state)
+        lp = run_processors(with_sampling(self.processors, False), lp, ctx)  # HF: processors see log-probs
         if self.constraint is not None:
-            lp = jnp.where(self.constraint(m["hist"], m["hlen"], v), -jnp.inf, lp)
+            lp = jnp.where(self.constraint(m.hist, m.hlen, v), -jnp.inf, lp)
         lp = per_prompt(lp, nb)
         tokens = per_prompt(state.tokens, nb)
         t = per_prompt(state.num_new, nb)[:, 0]
@@ -229,12 +259,12 @@ class BeamSearch:
             sl = slice(gi * g, (gi + 1) * g)
             lpg = lp[:, sl]
             if gi > 0:
-                lpg = lpg - hamming_penalty(jnp.concatenate(toks, axis=1), v, m["div"])[:, None, :]
-            fin = {"scores": m["fin_scores"][:, sl], "tokens": m["fin_tokens"][:, sl], "len": m["fin_len"][:, sl],
-                   "flag": m["fin_flag"][:, sl]}
+                lpg = lpg - hamming_penalty(jnp.concatenate(toks, axis=1), v, m.div)[:, None, :]
+            fin = {"scores": m.fin_scores[:, sl], "tokens": m.fin_tokens[:, sl], "len": m.fin_len[:, sl],
+                   "flag": m.fin_flag[:, sl]}
             (r_src, r_tok, r_sc), fin, u, d = self._group_update(
-                lpg, m["run_scores"][:, sl], tokens[:, sl], fin, m["unsat"][:, gi], t, n, max_new, stop,
-                m["lp"], m["es"])
+                lpg, m.run_scores[:, sl], tokens[:, sl], fin, m.unsat[:, gi], t, n, max_new, stop,
+                m.lp, m.es)
             srcs.append(r_src + gi * g)
             toks.append(r_tok)
             scores.append(r_sc)
@@ -251,13 +281,13 @@ class BeamSearch:
             mask = live.reshape((bsz,) + (1,) * (new.ndim - 1))
             return jnp.where(mask, new, old)
 
-        method = dict(m)
-        method["run_scores"] = keep(jnp.concatenate(scores, axis=1), m["run_scores"])
-        method["fin_scores"] = keep(jnp.concatenate([f["scores"] for f in fins], axis=1), m["fin_scores"])
-        method["fin_tokens"] = keep(jnp.concatenate([f["tokens"] for f in fins], axis=1), m["fin_tokens"])
-        method["fin_len"] = keep(jnp.concatenate([f["len"] for f in fins], axis=1), m["fin_len"])
-        method["fin_flag"] = keep(jnp.concatenate([f["flag"] for f in fins], axis=1), m["fin_flag"])
-        method["unsat"] = keep(jnp.stack(unsats, axis=1), m["unsat"])
+        method = m.replace(
+            run_scores=keep(jnp.concatenate(scores, axis=1), m.run_scores),
+            fin_scores=keep(jnp.concatenate([f["scores"] for f in fins], axis=1), m.fin_scores),
+            fin_tokens=keep(jnp.concatenate([f["tokens"] for f in fins], axis=1), m.fin_tokens),
+            fin_len=keep(jnp.concatenate([f["len"] for f in fins], axis=1), m.fin_len),
+            fin_flag=keep(jnp.concatenate([f["flag"] for f in fins], axis=1), m.fin_flag),
+            unsat=keep(jnp.stack(unsats, axis=1), m.unsat))
         prompt_done = ~live | jnp.all(jnp.stack(dones, axis=1), axis=1)
 
         rows = global_rows(src)
@@ -266,15 +296,16 @@ class BeamSearch:
         at_t = jnp.arange(cap)[None, :] == flat(jnp.broadcast_to(t[:, None], (bsz, nb)))[:, None]
         live_rows = flat(jnp.broadcast_to(lw, (bsz, nb)))
         tok_rows = jnp.where(at_t & live_rows[:, None], flat(new_tok)[:, None], tok_rows)
-        cache = reorder_cache(state.cache, rows, m["start"], cap)
+        cache = reorder_cache(state.cache, rows, m.start, cap)
         if self.constraint is not None:
-            hist = jnp.take(m["hist"], rows, axis=0)
-            hlen = jnp.take(m["hlen"], rows, axis=0)
+            hist = jnp.take(m.hist, rows, axis=0)
+            hlen = jnp.take(m.hlen, rows, axis=0)
             r = jnp.arange(hist.shape[0])
             at = jnp.minimum(hlen, hist.shape[1] - 1)
-            method["hist"] = hist.at[r, at].set(jnp.where(live_rows, flat(new_tok), hist[r, at]))
-            method["hlen"] = hlen + live_rows.astype(jnp.int32)
+            method = method.replace(hist=hist.at[r, at].set(jnp.where(live_rows, flat(new_tok), hist[r, at])),
+                                    hlen=hlen + live_rows.astype(jnp.int32))
         done_rows = flat(jnp.broadcast_to(prompt_done[:, None], (bsz, nb)))
+        post_commit(self.processors, ctx, flat(new_tok)[:, None], live_rows.astype(jnp.int32), rows)
         return state.replace(
             tokens=tok_rows, num_new=state.num_new + live_rows.astype(jnp.int32),
             last=jnp.where(live_rows, flat(new_tok), state.last), cache=cache, done=done_rows,
@@ -290,12 +321,12 @@ def _collect(prompts, results, nb: int, num_return: int, stop_ids, group_size: i
     for state, real in results:
         m = jax.tree.map(np.asarray, state.method)
         for b in range(real):
-            order = np.argsort(-m["fin_scores"][b], kind="stable")[:num_return]
+            order = np.argsort(-m.fin_scores[b], kind="stable")[:num_return]
             hyps = []
             for j in order:
-                ln = int(m["fin_len"][b, j])
-                hyps.append({"tokens": m["fin_tokens"][b, j, :ln].tolist(), "score": float(m["fin_scores"][b, j]),
-                             "finished": bool(m["fin_flag"][b, j]), "group": int(j) // group_size})
+                ln = int(m.fin_len[b, j])
+                hyps.append({"tokens": m.fin_tokens[b, j, :ln].tolist(), "score": float(m.fin_scores[b, j]),
+                             "finished": bool(m.fin_flag[b, j]), "group": int(j) // group_size})
             beams_out.append(hyps)
             best.append(hyps[0]["tokens"])
             finish.append("eos" if hyps[0]["tokens"] and hyps[0]["tokens"][-1] in stop else "length")
@@ -308,7 +339,7 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
                 diversity_penalty: float = 0.0, no_repeat_ngram_size: int = 0, constraint: Any = None,
                 stop_ids=None, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None,
-                shared_prefix: Optional[bool] = None) -> Generation:
+                shared_prefix: Optional[bool] = None, processors=None) -> Generation:
     """Beam search (or diverse beam search with ``num_beam_groups > 1``) over token-id prompts.
 
     Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
@@ -327,7 +358,8 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
         raise ValueError("give either no_repeat_ngram_size or constraint, not both")
     if no_repeat_ngram_size:
         constraint = NoRepeatNGram(int(no_repeat_ngram_size))
-    dec = BeamSearch(num_beams=int(num_beams), num_groups=int(num_beam_groups), constraint=constraint)
+    dec = BeamSearch(num_beams=int(num_beams), num_groups=int(num_beam_groups), constraint=constraint,
+                     processors=check_processors(processors, "beam_search"))
     es = early_stopping_code(early_stopping)
     if not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")

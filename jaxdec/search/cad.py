@@ -21,11 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.core.generate import Generation, generate
+from jaxdec.core.keys import token_keys
 from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill, suppress_stops
-
-
-def row_step_keys(keys, num_new):
-    return jax.vmap(jax.random.fold_in)(keys, num_new)
 
 
 def contrast_logits(with_ctx, without_ctx, alpha):
@@ -60,7 +57,7 @@ class ContextAware:
         comb = contrast_logits(pairs[:, 0], pairs[:, 1], m["alpha"][::2])
         temp = m["temperature"][::2]
         greedy = jnp.argmax(comb, axis=-1)
-        keys = row_step_keys(state.keys[::2], state.num_new[::2])
+        keys = token_keys(state.keys[::2], state.num_new[::2])
         safe_t = jnp.where(temp > 0, temp, 1.0)[:, None]
         sampled = jax.vmap(jax.random.categorical)(keys, comb / safe_t)
         tok = jnp.where(temp > 0, sampled, greedy).astype(jnp.int32)

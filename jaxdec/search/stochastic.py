@@ -27,10 +27,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.core.generate import Generation
+from jaxdec.core.logits import check_processors, post_commit, run_processors, step_context, with_sampling
 from jaxdec.core.state import emit
-from jaxdec.core.steps import decode_call, initial_state, prefill, suppress_stops
+from jaxdec.core.steps import decode_call, initial_state, prefill
 from jaxdec.search.common import expand_cache, flat, global_rows, per_prompt, reorder_cache, run_grouped
 
 NEG_INF = -jnp.inf
@@ -48,12 +50,31 @@ def shift_gumbel(target, z, g):
     return target - jax.nn.relu(v) - jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
+@struct.dataclass
+class SBSState:
+    """`StochasticBeam`'s method state; B prompts of k rows.
+
+    phi:         [B, k] float32 each sample's log-probability (-inf: empty slot).
+    G:           [B, k] float32 its perturbed (Gumbel) log-probability.
+    key:         [B, 2] uint32 each prompt's key (step keys fold in the loop step).
+    temperature: [B * k] float32.
+    start:       [B * k] int32 cache length at the prompt's end.
+    """
+
+    phi: jax.Array
+    G: jax.Array
+    key: jax.Array
+    temperature: jax.Array
+    start: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class StochasticBeam:
     """k rows per prompt; per-row ``inputs["sbs"]["temperature"]`` (traced)."""
 
     k: int = 4
     exact: bool = True
+    processors: tuple = ()  # the user's logits processors, applied to the tempered log-probs
     shared_prefix_ok = True  # one prompt per batch may use a Hydragen shared-prefix cache
 
     def __post_init__(self):
@@ -67,13 +88,12 @@ class StochasticBeam:
         cache = expand_cache(cache, k)
         logits = jnp.repeat(logits, k, axis=0)
         first = jnp.arange(k) == 0
-        method = {
-            "phi": jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
-            "G": jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
-            "key": inputs["keys"][::k],
-            "temperature": inputs["sbs"]["temperature"].astype(jnp.float32),
-            "start": cache.lengths,
-        }
+        method = SBSState(
+            phi=jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
+            G=jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
+            key=inputs["keys"][::k],
+            temperature=inputs["sbs"]["temperature"].astype(jnp.float32),
+            start=cache.lengths)
         state = initial_state(jnp.zeros((b * k, 1), jnp.int32), cache, inputs, method,
                               {"model_calls": jnp.ones((), jnp.int32)})
         return self._advance(state, logits)
@@ -89,16 +109,17 @@ class StochasticBeam:
         m = state.method
         b = state.batch // k
         v = logits.shape[-1]
-        temp = m["temperature"][:, None]
+        temp = m.temperature[:, None]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
-        lp = suppress_stops(lp, state)
+        ctx = step_context(state)
+        lp = run_processors(with_sampling(self.processors, False), lp, ctx)
         lp = per_prompt(lp, k)  # [B,k,V]
-        phi, g = m["phi"], m["G"]
+        phi, g = m.phi, m.G
         alive = phi > NEG_INF
         fin = per_prompt(state.done, k) & alive
         running = alive & ~fin
         phi_c = phi[:, :, None] + lp
-        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, state.step))(m["key"])
+        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, state.step))(m.key)
         gum = jax.vmap(lambda kk: jax.random.gumbel(kk, (k, v), jnp.float32))(keys)
         g_tilde = phi_c + gum
         if self.exact:
@@ -123,15 +144,15 @@ class StochasticBeam:
         live_prompt = ~jnp.all(per_prompt(state.done, k), axis=1)  # finished prompts stay as they are
         src = jnp.where(live_prompt[:, None], src, jnp.arange(k)[None, :])
         rows = global_rows(src)
-        method = dict(m)
-        method["phi"] = jnp.where(live_prompt[:, None], phi_new, phi)
-        method["G"] = jnp.where(live_prompt[:, None], g_new, g)
+        method = m.replace(phi=jnp.where(live_prompt[:, None], phi_new, phi),
+                           G=jnp.where(live_prompt[:, None], g_new, g))
         expand = flat(live_prompt[:, None] & valid & ~is_carry)
         gathered = state.replace(
             tokens=jnp.take(state.tokens, rows, axis=0), num_new=jnp.take(state.num_new, rows, axis=0),
             finish=jnp.take(state.finish, rows, axis=0), last=jnp.take(state.last, rows, axis=0),
-            done=~expand, cache=reorder_cache(state.cache, rows, m["start"], state.capacity), method=method)
+            done=~expand, cache=reorder_cache(state.cache, rows, m.start, state.capacity), method=method)
         # only expanded rows take a token; carried (finished) and empty rows stay done with their reason
+        post_commit(self.processors, ctx, flat(tok)[:, None], expand.astype(jnp.int32), rows)
         out = emit(gathered, flat(tok))
         return out.replace(done=out.done | ~expand)
 
@@ -139,7 +160,7 @@ class StochasticBeam:
 def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens: int = 64,
                            min_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0, stop_ids=None,
                            batch_size: Optional[int] = None, cache_size: Optional[int] = None, exact: bool = True,
-                           tokenizer=None, debug: bool = False, callback=None) -> Generation:
+                           tokenizer=None, debug: bool = False, callback=None, processors=None) -> Generation:
     """k sequences per prompt sampled without replacement (Gumbel-top-k via stochastic beam search).
 
     Returns a `Generation`: ``tokens[i]`` is the first sample (largest perturbed value), and
@@ -149,7 +170,7 @@ def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens
     """
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    dec = StochasticBeam(k=int(k), exact=bool(exact))
+    dec = StochasticBeam(k=int(k), exact=bool(exact), processors=check_processors(processors, "stochastic_beam_search"))
 
     def extra(inputs, chunk):
         inputs["sbs"] = {"temperature": jnp.full((inputs["max_new"].shape[0],), temperature, jnp.float32)}
@@ -164,8 +185,8 @@ def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens
         toks = np.asarray(state.tokens)
         nn = np.asarray(state.num_new)
         fr = np.asarray(state.finish)
-        phi = np.asarray(state.method["phi"])
-        g = np.asarray(state.method["G"])
+        phi = np.asarray(state.method.phi)
+        g = np.asarray(state.method.G)
         for bi in range(real):
             order = np.argsort(-g[bi], kind="stable")
             hyps = []

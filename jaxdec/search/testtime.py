@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core.generate import Generation, _check_prompts, generate, score
+from jaxdec.core.logits import check_processors
 from jaxdec.core.state import EOS
 from jaxdec.core.steps import prefill
 from jaxdec.search.token import TokenDecoder
@@ -59,10 +60,12 @@ def rerank(prompts, candidates, scorer: Callable):
 
 
 def best_of_n(model, params, prompts, *, n: int = 4, sampling=None, seed: int = 0, max_new_tokens: int = 64,
-              scorer: Optional[Callable] = None, batch_size: Optional[int] = None, tokenizer=None) -> Generation:
-    """N samples per prompt, reranked by ``scorer`` (default mean log-probability)."""
+              scorer: Optional[Callable] = None, batch_size: Optional[int] = None, tokenizer=None,
+              processors=None) -> Generation:
+    """N samples per prompt, reranked by ``scorer`` (default mean log-probability); ``processors``: logits
+    processors every sample is drawn with (`jaxdec.core.logits`)."""
     g = generate(model, params, prompts, method="sample", sampling=sampling or {}, n=n, seed=seed,
-                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+                 max_new_tokens=max_new_tokens, batch_size=batch_size, processors=processors)
     prompts = _check_prompts(prompts, model.vocab_size)
     samples = [g.tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
     reasons = [g.finish_reason[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -107,11 +110,13 @@ def shortest_finished(samples, reasons) -> int:
 
 
 def first_finish(model, params, prompts, *, n: int = 4, sampling=None, seed: int = 0, max_new_tokens: int = 64,
-                 batch_size: Optional[int] = None, tokenizer=None) -> Generation:
-    """First Finish Search. batch_size counts prompts (each has n rows)."""
+                 batch_size: Optional[int] = None, tokenizer=None, processors=None) -> Generation:
+    """First Finish Search. batch_size counts prompts (each has n rows); ``processors``: logits processors
+    every sample is drawn with."""
     prompts = _check_prompts(prompts, model.vocab_size)
     bs = n * (len(prompts) if batch_size is None else int(batch_size))
-    g = generate(model, params, prompts, decoder=FirstFinish(n=n), sampling=sampling or {}, n=n, seed=seed,
+    dec = FirstFinish(n=n, inner=TokenDecoder(greedy=False, processors=check_processors(processors, "first_finish")))
+    g = generate(model, params, prompts, decoder=dec, sampling=sampling or {}, n=n, seed=seed,
                  max_new_tokens=max_new_tokens, batch_size=bs)
     best, fin, samples = [], [], []
     for i in range(len(prompts)):

@@ -1,12 +1,12 @@
 """Drafters: static configuration (frozen dataclasses) with three pure functions.
 
     init(model, params, prompts, prompt_lens, state, inputs) -> dstate       (a pytree, kept in
-                                                                               state.method["draft"])
+                                                                               state.method.draft)
     propose(model, params, state, keys) -> (Draft, dstate, cache)
     update(model, params, state, dstate, info: VerifyInfo) -> dstate
 
 and the static attributes ``num_nodes`` (N), ``max_depth``, ``max_children``, ``is_chain`` and
-``draft_calls_per_step``. The engine keeps the row's context in ``state.method["hist"] [B, H]`` (prompt,
+``draft_calls_per_step``. The engine keeps the row's context in ``state.method.hist [B, H]`` (prompt,
 then every emitted token; ``hist_len [B]`` valid entries, the last one is ``state.last``).
 
 Model-free drafters here:
@@ -108,13 +108,13 @@ class PromptLookupDrafter:
 
     def propose(self, model, params, state, keys):
         m = state.method
-        limit = m["prompt_len"] if self.source == "prompt" else None
-        toks, found, _ = ngram_lookup(m["hist"], m["hist_len"], self.num_tokens, self.max_ngram, self.min_ngram,
+        limit = m.prompt_len if self.source == "prompt" else None
+        toks, found, _ = ngram_lookup(m.hist, m.hist_len, self.num_tokens, self.max_ngram, self.min_ngram,
                                       limit)
         b = toks.shape[0]
         parents = TreeSpec.chain(self.num_tokens).parents_array(b)
         valid = jnp.broadcast_to(found[:, None], toks.shape)
-        return Draft(toks, parents, valid), m["draft"], state.cache
+        return Draft(toks, parents, valid), m.draft, state.cache
 
     def update(self, model, params, state, dstate, info):
         return dstate
@@ -195,7 +195,7 @@ class TokenRecyclingDrafter:
         return {"recycling_adj": dstate["adj"]} if self.shared else {}
 
     def propose(self, model, params, state, keys):
-        adj = state.method["draft"]["adj"]
+        adj = state.method.draft["adj"]
         b = state.batch
         n = self.tree.num_nodes
         toks = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(state.last)
@@ -211,7 +211,7 @@ class TokenRecyclingDrafter:
             toks = toks.at[:, idx + 1].set(jnp.where(good, cand, 0))
             ok = ok.at[:, idx + 1].set(good)
         parents = self.tree.parents_array(b)
-        return Draft(toks[:, 1:], parents, ok[:, 1:]), state.method["draft"], state.cache
+        return Draft(toks[:, 1:], parents, ok[:, 1:]), state.method.draft, state.cache
 
     def update(self, model, params, state, dstate, info):
         adj = dstate["adj"]
@@ -247,7 +247,7 @@ def draft_distribution(logits, state, sample: bool):
     if not sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
     from jaxdec.core.processors import process
-    sp = state.method["sampling"]
+    sp = state.method.sampling
     proc = process(logits, sp)
     greedy_row = jnp.asarray(sp.temperature, jnp.float32) <= 0
     am = jnp.argmax(proc, axis=-1)
@@ -344,7 +344,7 @@ class DraftModelDrafter:
 
     def propose(self, model, dparams, state, keys):
         from jaxdec.cache.kv import rollback
-        ds = state.method["draft"]
+        ds = state.method.draft
         dm = self.draft_model
         dc = ds["cache"]
         l0 = dc.lengths
@@ -428,7 +428,7 @@ class LayerSkipDrafter:
 
     def propose(self, model, params, state, keys):
         from jaxdec.cache.kv import rollback
-        ds = state.method["draft"]
+        ds = state.method.draft
         l0 = state.cache.lengths
         layers = ds["layers"]
 
@@ -517,8 +517,8 @@ class NGramDrafter:
 
     def init(self, model, params, prompts, prompt_lens, state, inputs):
         v, k, h = model.vocab_size, self.k, self.hash_size
-        hist = state.method["hist"]
-        pre = jnp.take_along_axis(hist, (state.method["hist_len"] - 2)[:, None], axis=1)[:, 0]
+        hist = state.method.hist
+        pre = jnp.take_along_axis(hist, (state.method.hist_len - 2)[:, None], axis=1)[:, 0]
         tables = {"bi_tok": jnp.full((v, k), -1, jnp.int32), "bi_p": jnp.zeros((v, k), jnp.float32),
                   "tri_tok": jnp.full((h, k), -1, jnp.int32), "tri_p": jnp.zeros((h, k), jnp.float32),
                   "tri_tag": jnp.full((h, 2), -1, jnp.int32)}
@@ -546,7 +546,7 @@ class NGramDrafter:
         return jnp.where(hit[..., None], tt, bt), jnp.where(hit[..., None], tp, bp)
 
     def propose(self, model, params, state, keys):
-        ds = state.method["draft"]
+        ds = state.method.draft
         b = state.batch
         n = self.tree.num_nodes
         v = model.vocab_size

@@ -30,10 +30,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.cache.kv import gather_block, rollback
 from jaxdec.core.state import EOS, LENGTH, DecodeState, emit
-from jaxdec.core.steps import initial_state, prefill, suppress_stops
+from jaxdec.core.keys import stream_keys, token_keys
+from jaxdec.core.protocols import check_drafter, hook
+from jaxdec.core.logits import post_commit, run_processors, step_context, with_sampling
+from jaxdec.core.steps import initial_state, prefill
 from jaxdec.speculative.tree import ancestor_mask, block_depths
 from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain, sampling_verify_tree
 
@@ -79,8 +83,61 @@ def emit_block(state: DecodeState, toks, n):
 
 def step_keys(state: DecodeState, stream: int):
     """Per-row typed keys for this step: depend on the row's key, its progress and a stream id only."""
-    keys = jax.random.wrap_key_data(state.keys.astype(jnp.uint32))
-    return jax.vmap(lambda k, t: jax.random.fold_in(jax.random.fold_in(k, t), stream))(keys, state.num_new)
+    return stream_keys(state.keys, state.num_new, stream)
+
+
+@struct.dataclass
+class SpecState:
+    """`SpeculativeDecoder`'s method state (drafters read it as ``state.method``).
+
+    hist:       [B, P + N + 1] int32 each row's context: prompt then committed output.
+    hist_len:   [B] int32 valid entries of ``hist``.
+    prompt_len: [B] int32.
+    draft:      the drafter's own state (its `init` / `update` return it).
+    sampling:   `SamplingParams` ([B] fields) for the sampling verifier, else None.
+    """
+
+    hist: jax.Array
+    hist_len: jax.Array
+    prompt_len: jax.Array
+    draft: Any = None
+    sampling: Any = None
+
+
+def _chain(verifier: str, processors, state):
+    sampling = verifier == "sampling"
+    return with_sampling(processors, sampling), (state.method.sampling if sampling else None)
+
+
+def first_token(verifier: str, processors, logits, state: DecodeState):
+    """The token after the prompt from the prefill logits ``[B,V]`` (argmax, or a draw under the rows'
+    `SamplingParams` for the sampling verifier) and the `ProcessorContext` its processors saw."""
+    chain, sampling = _chain(verifier, processors, state)
+    ctx = step_context(state, sampling=sampling)
+    x = run_processors(chain, logits, ctx)
+    if verifier == "greedy":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32), ctx
+    from jaxdec.core import sampling as sampling_lib
+    keys = token_keys(state.keys, state.num_new)
+    return sampling_lib.sample_processed(keys, x, jnp.asarray(sampling.temperature) <= 0), ctx
+
+
+def block_targets(verifier: str, processors, logits, state: DecodeState, block, depth, parents):
+    """Process a verify block's logits ``[B,T,V]`` (each node with its depth and parent; ``parents
+    [B,T-1]`` are the draft nodes' block-index parents) -> (argmax ``[B,T]``, probabilities ``[B,T,V]``
+    for the sampling verifier else None, the context)."""
+    chain, sampling = _chain(verifier, processors, state)
+    root = jnp.full((block.shape[0], 1), -1, jnp.int32)
+    ctx = step_context(state, block=block, depth=depth, sampling=sampling,
+                       parents=jnp.concatenate([root, parents.astype(jnp.int32)], axis=1))
+    x = run_processors(chain, logits, ctx)
+    am = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if verifier == "greedy":
+        return am, None, ctx
+    greedy_row = jnp.asarray(sampling.temperature, jnp.float32) <= 0  # [B]
+    probs = jnp.where(greedy_row[:, None, None], jax.nn.one_hot(am, x.shape[-1], dtype=jnp.float32),
+                      jax.nn.softmax(x, axis=-1))
+    return am, probs, ctx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +168,20 @@ class SpeculativeDecoder:
     residual=False is the lossy negative control (draws the correction from p, not the residual).
     skip_empty_drafts: when no running row has a single valid draft node (prompt lookup found nothing,
     an empty recycling matrix), the step makes a plain one-token call instead of the full block call
-    (`lax.cond`, both compiled once): same tokens, the cost of greedy decoding for that step."""
+    (`lax.cond`, both compiled once): same tokens, the cost of greedy decoding for that step.
+    processors: the user's logits processors (`jaxdec.core.logits`); every node of the verify block is
+    processed with its own depth and parent, so greedy verification gives exactly the tokens of greedy
+    decoding with the same processors, and sampling verification samples their processed distribution."""
 
     drafter: Any
     verifier: str = "greedy"
     tree_sampling: str = "iid"
     residual: bool = True
     skip_empty_drafts: bool = True
+    processors: tuple = ()
 
     def __post_init__(self):
+        check_drafter(self.drafter)
         if self.verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
         if int(self.drafter.num_nodes) < 1:
@@ -130,7 +192,7 @@ class SpeculativeDecoder:
     def _split(self, params):
         """(target params, drafter params): drafters with ``own_params`` (a separate draft model) take
         ``params = {"target": ..., "draft": ...}`` (see `with_draft_params`); others share the target's."""
-        if getattr(self.drafter, "own_params", False):
+        if hook(self.drafter, "own_params"):
             if not (isinstance(params, dict) and "target" in params and "draft" in params):
                 raise ValueError("this drafter has its own weights: pass params=with_draft_params(target, draft)")
             return params["target"], params["draft"]
@@ -138,70 +200,38 @@ class SpeculativeDecoder:
 
     @property
     def cache_headroom(self) -> int:
-        return int(self.drafter.num_nodes) + 1 + int(getattr(self.drafter, "extra_headroom", 0))
+        return int(self.drafter.num_nodes) + 1 + int(hook(self.drafter, "extra_headroom"))
 
     # ------------------------------------------------------------------------------------------
-    def _processed(self, logits, state, num_new, depth):
-        """logits [B,T,V] -> (greedy choice [B,T], probabilities [B,T,V] or None)."""
-        b, t, v = logits.shape
-        stop_ids = state.stop_ids
-        if stop_ids.size:
-            block_stop = (num_new[:, None] + depth) < state.min_new[:, None]  # [B,T]
-            hit = jnp.zeros((v,), bool).at[stop_ids].set(True)
-            logits = jnp.where(block_stop[..., None] & hit[None, None], -jnp.inf, logits)
-        if self.verifier == "greedy":
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-        from jaxdec.core.processors import process
-        sp = state.method["sampling"]
-        spt = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), t, axis=0), sp)
-        proc = process(logits.reshape(b * t, v), spt).reshape(b, t, v)
-        greedy_row = jnp.asarray(sp.temperature, jnp.float32) <= 0  # [B]
-        am = jnp.argmax(proc, axis=-1)
-        probs = jnp.where(greedy_row[:, None, None], jax.nn.one_hot(am, v, dtype=jnp.float32),
-                          jax.nn.softmax(proc, axis=-1))
-        return am.astype(jnp.int32), probs
-
-    def _first_token(self, logits, state):
-        logits = suppress_stops(logits, state)
-        if self.verifier == "greedy":
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        from jaxdec.core import sampling as sampling_lib
-        from jaxdec.search.token import row_keys_for_step
-        return sampling_lib.sample(row_keys_for_step(state.keys, state.num_new), logits, state.method["sampling"])
-
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         b, p = prompts.shape
         params, dparams = self._split(params)
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
         depth_slots = int(self.drafter.max_depth)
-        method = {}
+        method = SpecState(hist=jnp.zeros((b, 0), jnp.int32), hist_len=prompt_lens.astype(jnp.int32),
+                           prompt_len=prompt_lens.astype(jnp.int32))
         if self.verifier == "sampling":
             if "sampling" not in inputs:
                 raise ValueError("the sampling verifier needs per-row SamplingParams (generate(..., sampling=...))")
-            method["sampling"] = inputs["sampling"]
+            method = method.replace(sampling=inputs["sampling"])
         stats = {"model_calls": jnp.ones((), jnp.int32), "draft_calls": jnp.zeros((), jnp.int32),
                  "row_steps": jnp.zeros((), jnp.int32), "emitted": jnp.zeros((), jnp.int32),
                  "accepted": jnp.zeros((), jnp.int32),
                  "pos_offered": jnp.zeros((depth_slots,), jnp.int32),
                  "pos_accepted": jnp.zeros((depth_slots,), jnp.int32),
                  "side_branch_accepts": jnp.zeros((), jnp.int32),
-                 "rank_accepts": jnp.zeros((int(getattr(self.drafter, "max_children", 1)),), jnp.int32),
+                 "rank_accepts": jnp.zeros((int(hook(self.drafter, "max_children")),), jnp.int32),
                  "expanded": jnp.zeros((), jnp.int32), "block_calls": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
-        tok = self._first_token(logits, state)
+        tok, ctx = first_token(self.verifier, self.processors, logits, state)
+        post_commit(self.processors, ctx, tok[:, None], (~state.done).astype(jnp.int32))
         state = emit(state, tok)
         cap = state.tokens.shape[1]
         hist = jnp.concatenate([prompts.astype(jnp.int32), jnp.zeros((b, cap + 1), jnp.int32)], axis=1)
         hist = _write_at(hist, prompt_lens, tok[:, None], jnp.ones((b,), jnp.int32))
-        method = dict(state.method)
-        method["hist"] = hist
-        method["hist_len"] = (prompt_lens + 1).astype(jnp.int32)
-        method["prompt_len"] = prompt_lens.astype(jnp.int32)
-        state = state.replace(method=method)
+        state = state.replace(method=state.method.replace(hist=hist, hist_len=(prompt_lens + 1).astype(jnp.int32)))
         dstate = self.drafter.init(model, dparams, prompts, prompt_lens, state, inputs)
-        method = dict(state.method)
-        method["draft"] = dstate
-        return state.replace(method=method)
+        return state.replace(method=state.method.replace(draft=dstate))
 
     def step(self, model, params, state: DecodeState) -> DecodeState:
         drafter = self.drafter
@@ -234,7 +264,7 @@ class SpeculativeDecoder:
         else:
             logits, hidden, out_cache = block_call(cache)
             has_draft = jnp.ones((), bool)
-        target, probs = self._processed(logits, state, state.num_new, depth)
+        target, probs, ctx = block_targets(self.verifier, self.processors, logits, state, block, depth, parents)
         if self.verifier == "greedy":
             verdict = greedy_verify(block, parents, valid, target, anc, depth, max_depth)
         elif drafter.is_chain:
@@ -244,22 +274,19 @@ class SpeculativeDecoder:
                                            max_depth, int(drafter.max_children),
                                            self.tree_sampling == "without_replacement", self.residual)
         state2, cnt = emit_block(state, verdict.out, verdict.n_acc + 1)
+        post_commit(self.processors, ctx, verdict.out, cnt)
         keep = jnp.where(live, cnt, 0)
         if drafter.is_chain:
             new_cache = rollback(out_cache, start + keep)
         else:
             new_cache = gather_block(out_cache, start, verdict.path, keep)
-        m = dict(state2.method)
-        m["hist"] = _write_at(m["hist"], m["hist_len"], verdict.out, cnt)
-        m["hist_len"] = m["hist_len"] + cnt
-        m["draft"] = dstate
+        m = state2.method
+        m = m.replace(hist=_write_at(m.hist, m.hist_len, verdict.out, cnt), hist_len=m.hist_len + cnt, draft=dstate)
         state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
         info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
                           logits=logits, hidden=hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
                           cnt=cnt, live=live, start=start, out=verdict.out)
-        m = dict(state2.method)
-        m["draft"] = drafter.update(model, dparams, state2, dstate, info)
-        state2 = state2.replace(method=m)
+        state2 = state2.replace(method=state2.method.replace(draft=drafter.update(model, dparams, state2, dstate, info)))
         st = self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth)
         st["block_calls"] = st["block_calls"] + has_draft.astype(jnp.int32)
         return state2.replace(stats=st)
@@ -282,7 +309,7 @@ class SpeculativeDecoder:
         on_path = jnp.arange(verdict.path.shape[1])[None] <= verdict.n_acc[:, None]
         side = jnp.any(on_path & ~jnp.take_along_axis(first, verdict.path, axis=1), axis=1) & live
         # sibling rank of each accepted node, and how many path nodes had children to try
-        r_slots = int(getattr(self.drafter, "max_children", 1))
+        r_slots = int(hook(self.drafter, "max_children"))
         rank = jnp.sum(earlier[None] & (parents[:, None, :] == parents[:, :, None]), axis=-1)  # [B,N]
         rank = jnp.concatenate([jnp.zeros_like(rank[:, :1]), rank], axis=1)
         prank = jnp.take_along_axis(rank, verdict.path, axis=1)
@@ -294,7 +321,7 @@ class SpeculativeDecoder:
         return {**st,
                 "model_calls": st["model_calls"] + 1,
                 "draft_calls": st["draft_calls"] + (draft.calls if draft.calls is not None else
-                                                    int(getattr(self.drafter, "draft_calls_per_step", 0))),
+                                                    int(hook(self.drafter, "draft_calls_per_step"))),
                 "row_steps": st["row_steps"] + jnp.sum(live).astype(jnp.int32),
                 "emitted": st["emitted"] + jnp.sum(cnt).astype(jnp.int32),
                 "accepted": st["accepted"] + jnp.sum(n_acc).astype(jnp.int32),
@@ -306,9 +333,9 @@ class SpeculativeDecoder:
 
     def summarize(self, state) -> dict:
         out = summarize_stats(state.stats)
-        export = getattr(self.drafter, "export", None)
+        export = hook(self.drafter, "export")
         if export is not None:  # drafter state a later run can start from (hot start), as host arrays
-            out["carry"] = jax.tree.map(np.asarray, export(state.method["draft"]))
+            out["carry"] = jax.tree.map(np.asarray, export(state.method.draft))
         return out
 
 

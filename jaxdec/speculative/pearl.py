@@ -50,12 +50,14 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.cache.kv import rollback
 from jaxdec.core.state import DecodeState, emit
 from jaxdec.core.steps import initial_state, prefill
 from jaxdec.speculative.drafters import _autoregressive_chain
-from jaxdec.speculative.engine import SpeculativeDecoder, VERIFIERS, emit_block, step_keys, summarize_stats
+from jaxdec.speculative.engine import (VERIFIERS, block_targets, emit_block, first_token, step_keys,
+                                       summarize_stats)
 from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain
 
 FLAT_CURVE = ((1, 1.0),)  # a target call over T tokens costs as much as over one (memory-bound decoding)
@@ -71,6 +73,26 @@ def _curve_cost(curve, t: int) -> float:
 def curve_from_calibration(curve: dict) -> tuple:
     """`calibrate.measure_cost_curve(...)` -> the hashable ``cost_curve`` of `PearlDecoder`."""
     return tuple(sorted((int(k), float(v)) for k, v in curve["relative"].items()))
+
+
+@struct.dataclass
+class PearlState:
+    """`PearlDecoder`'s method state.
+
+    sampling:  `SamplingParams` ([B] fields) for the sampling verifier, else None.
+    dcache:    the draft model's KV cache.
+    pend:      [B, gamma-1] int32 drafts waiting for verification (post-verify rows).
+    pend_q:    [B, gamma-1, V] float32 their draft distributions (sampling verifier only).
+    post:      [B] bool rows in post-verify.
+    phase_log: [B, N] int8 each step's phase per row (1 post, 0 pre, -1 not running).
+    """
+
+    sampling: Any = None
+    dcache: Any = None
+    pend: Optional[jax.Array] = None
+    pend_q: Optional[jax.Array] = None
+    post: Optional[jax.Array] = None
+    phase_log: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +156,11 @@ class PearlDecoder:
         g = int(self.gamma)
         b = prompts.shape[0]
         logits, cache, _ = prefill(model, tparams, prompts, prompt_lens, cache)
-        method = {}
+        sampling = None
         if self.verifier == "sampling":
             if "sampling" not in inputs:
                 raise ValueError("the sampling verifier needs per-row SamplingParams (generate(..., sampling=...))")
-            method["sampling"] = inputs["sampling"]
+            sampling = inputs["sampling"]
         z = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
         f = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
         stats = {"model_calls": jnp.ones((), jnp.int32), "draft_calls": z(), "row_steps": z(), "emitted": z(),
@@ -150,19 +172,17 @@ class PearlDecoder:
                  "pearl_single_steps": z(), "pearl_loop_steps": z(), "pearl_time_parallel": f(),
                  "pearl_time_sequential": f(), "pearl_time_draft": f(), "pearl_time_target": f(),
                  "pearl_time_greedy": f()}
-        state = initial_state(prompts, cache, inputs, method, stats)
-        tok = SpeculativeDecoder._first_token(self, logits, state)
+        state = initial_state(prompts, cache, inputs, PearlState(sampling=sampling), stats)
+        tok, _ = first_token(self.verifier, (), logits, state)
         state = emit(state, tok)
         dcache = dm.init_cache(b, state.cache.size)
         _, dcache, _ = prefill(dm, dparams, prompts, prompt_lens, dcache)
         cap = state.tokens.shape[1]
-        m = dict(state.method)
-        m["dcache"] = dcache  # the prompt; `last` (the first new token) is fed by the first step
-        m["pend"] = z(b, g - 1)
+        # the draft cache holds the prompt; `last` (the first new token) is fed by the first step
+        m = state.method.replace(dcache=dcache, pend=z(b, g - 1), post=jnp.zeros((b,), bool),
+                                 phase_log=jnp.full((b, cap), -1, jnp.int8))
         if self.verifier == "sampling":
-            m["pend_q"] = jnp.zeros((b, g - 1, model.vocab_size), jnp.float32)
-        m["post"] = jnp.zeros((b,), bool)
-        m["phase_log"] = jnp.full((b, cap), -1, jnp.int8)
+            m = m.replace(pend_q=jnp.zeros((b, g - 1, model.vocab_size), jnp.float32))
         st = dict(state.stats)
         st["pearl_time_greedy"] = jnp.maximum(jnp.max(state.num_new) - 1, 0).astype(jnp.float32)
         return state.replace(method=m, stats=st)
@@ -175,11 +195,11 @@ class PearlDecoder:
         m = state.method
         b = state.batch
         live = ~state.done
-        post = m["post"] & live
+        post = m.post & live
         start = state.cache.lengths
 
         # ---- target: [last] (pre-verify) or [last, pending] (post-verify); independent of this step's draft
-        tblock = jnp.concatenate([state.last[:, None], m["pend"]], axis=1).astype(jnp.int32)  # [B,g]
+        tblock = jnp.concatenate([state.last[:, None], m.pend], axis=1).astype(jnp.int32)  # [B,g]
         tpos = start[:, None] + jnp.arange(g, dtype=jnp.int32)[None]
 
         def block_call(c):
@@ -200,9 +220,9 @@ class PearlDecoder:
             any_post = jnp.ones((), bool)
 
         # ---- draft: feed the one token the draft cache lacks, then draft gamma tokens
-        dc0 = m["dcache"]
+        dc0 = m.dcache
         dl0 = dc0.lengths
-        miss = jnp.where(post, m["pend"][:, -1], state.last) if g > 1 else state.last
+        miss = jnp.where(post, m.pend[:, -1], state.last) if g > 1 else state.last
 
         def dstep(c, x):
             o = dm(dparams, x[:, None], c.lengths[:, None], c)
@@ -214,7 +234,7 @@ class PearlDecoder:
 
         # ---- verify the chain [pending .., draft_1] (post) or [draft_1] (pre)
         pad = jnp.zeros((b, g - 1), jnp.int32)
-        nodes = jnp.where(post[:, None], jnp.concatenate([m["pend"], dtok[:, :1]], axis=1),
+        nodes = jnp.where(post[:, None], jnp.concatenate([m.pend, dtok[:, :1]], axis=1),
                           jnp.concatenate([dtok[:, :1], pad], axis=1))
         n_valid = jnp.where(post, g, 1).astype(jnp.int32)
         valid = jnp.arange(g)[None, :] < n_valid[:, None]
@@ -223,14 +243,14 @@ class PearlDecoder:
         # the target never saw the last node: a copy of the previous logits stands in (its verdict token is
         # the 'bonus', which PEARL does not take: it is dropped below)
         full_logits = jnp.concatenate([logits, logits[:, -1:]], axis=1)
-        target, probs = SpeculativeDecoder._processed(self, full_logits, state, state.num_new, depth)
+        parents = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32), (b, g))
+        target, probs, _ = block_targets(self.verifier, (), full_logits, state, block, depth, parents)
         if sample:
             qpad = jnp.zeros((b, g - 1) + draft.q.shape[2:], jnp.float32)
-            q = jnp.where(post[:, None, None], jnp.concatenate([m["pend_q"], draft.q[:, :1]], axis=1),
+            q = jnp.where(post[:, None, None], jnp.concatenate([m.pend_q, draft.q[:, :1]], axis=1),
                           jnp.concatenate([draft.q[:, :1], qpad], axis=1))
             verdict = sampling_verify_chain(step_keys(state, 2), block, valid, probs, q, self.residual)
         else:
-            parents = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32), (b, g))
             anc = jnp.broadcast_to(jnp.tril(jnp.ones((g + 1, g + 1), bool)), (b, g + 1, g + 1))
             verdict = greedy_verify(block, parents, valid, target, anc, depth, g)
         n_acc = verdict.n_acc
@@ -242,15 +262,14 @@ class PearlDecoder:
         keep = jnp.where(live, cnt, 0)
         new_tcache = rollback(tcache, start + keep)
         dlen = jnp.where(~live, dl0, jnp.where(full, dl0 + g, start + 1 + n_acc))
-        mm = dict(state2.method)
-        mm["dcache"] = rollback(dc, dlen)
         stay = live & full
-        mm["pend"] = jnp.where(stay[:, None], dtok[:, 1:], m["pend"])
-        if sample:
-            mm["pend_q"] = jnp.where(stay[:, None, None], draft.q[:, 1:], m["pend_q"])
-        mm["post"] = jnp.where(live, full, m["post"])
         col = jnp.minimum(state.step, state.tokens.shape[1] - 1)
-        mm["phase_log"] = m["phase_log"].at[:, col].set(jnp.where(live, post.astype(jnp.int8), jnp.int8(-1)))
+        mm = state2.method.replace(
+            dcache=rollback(dc, dlen), pend=jnp.where(stay[:, None], dtok[:, 1:], m.pend),
+            post=jnp.where(live, full, m.post),
+            phase_log=m.phase_log.at[:, col].set(jnp.where(live, post.astype(jnp.int8), jnp.int8(-1))))
+        if sample:
+            mm = mm.replace(pend_q=jnp.where(stay[:, None, None], draft.q[:, 1:], m.pend_q))
         state2 = state2.replace(cache=new_tcache, method=mm, step=state.step + 1)
 
         # ---- statistics
@@ -293,7 +312,7 @@ class PearlDecoder:
 
     def summarize(self, state) -> dict:
         out = summarize_stats(state.stats)
-        log = np.asarray(state.method["phase_log"])
+        log = np.asarray(state.method.phase_log)
         out["phase_trace"] = [[int(x) for x in row[row >= 0]] for row in log]
         return out
 

@@ -1,0 +1,143 @@
+"""Named constructors for the speculative methods of the papers, so a researcher writes
+``generate(m.model, m.params, ids, decoder=swift(m.model))`` instead of assembling drafter, tree and
+verifier by hand. The CLI (`jaxdec generate --method speculative --drafter NAME`) builds its decoders
+with these functions, and `PAPERS` lists what each implements (``jaxdec methods`` prints it).
+
+Greedy verification (``sampling=False``) gives exactly the greedy tokens; ``sampling=True`` verifies
+by lossless speculative sampling under the rows' `SamplingParams` (pass ``sampling=`` to `generate`).
+Methods that run a separate draft model return ``(decoder, params)``: pass those params to `generate`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from jaxdec.speculative.drafters import (DEFAULT_RECYCLING_RANK_PROBS, DraftModelDrafter, LayerSkipDrafter,
+                                         NGramDrafter, PromptLookupDrafter, TokenRecyclingDrafter, truncated_draft)
+from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
+from jaxdec.speculative.tree import TreeSpec
+
+# name -> (paper, what the constructor builds)
+PAPERS = {
+    "prompt_lookup": ("Saxena 2023, Prompt Lookup Decoding", "n-gram match in the context, copied as a chain"),
+    "aggressive_decoding": ("Ge et al. 2022, Lossless Acceleration ... by Aggressive Decoding (input copy)",
+                            "n-gram match in the input only"),
+    "token_recycling": ("Luo et al. 2024, Turning Trash into Treasure (Token Recycling)",
+                        "adjacency matrix of past top-k candidates, static draft tree"),
+    "aded": ("Zhang et al. 2024, ADED: adaptive n-gram decoding", "tri-gram table tree, greedy drafts"),
+    "stand": ("Song et al. 2025, STAND: stochastic adaptive n-gram drafting",
+              "n-gram table with Gumbel-top-k trees; under sampling, recursive rejection without replacement"),
+    "swift": ("Xia et al. 2024, SWIFT: on-the-fly self-speculative decoding (layer skip)",
+              "the target with a set of middle layers skipped drafts a chain"),
+    "dynamic_exit": ("DEL: dynamic exit layer for self-speculative decoding",
+                     "the target's first layers (an early exit) draft a chain"),
+    "draft_model": ("Leviathan et al. 2023 / Chen et al. 2023, speculative decoding with a draft model",
+                    "a separate (here: layer-truncated) model drafts a chain"),
+    "specdec_pp": ("Huang et al. 2024, SpecDec++: stop drafting when acceptance looks unlikely",
+                   "draft model chain with a confidence stop threshold"),
+    "pearl": ("Liu et al. 2025, PEARL: parallel speculative decoding with adaptive draft length",
+              "pre-verify / post-verify schedule with a draft model"),
+}
+
+
+def _verifier(sampling: bool) -> str:
+    return "sampling" if sampling else "greedy"
+
+
+def _tree(tree: Optional[TreeSpec], size: Optional[int]) -> Optional[TreeSpec]:
+    if tree is not None and size is not None:
+        raise ValueError("give tree or tree_size, not both")
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"tree_size must be >= 1, got {size}")
+        return TreeSpec.from_rank_probs(size, DEFAULT_RECYCLING_RANK_PROBS, max_depth=6)
+    return tree
+
+
+def prompt_lookup(num_tokens: int = 8, max_ngram: int = 3, sampling: bool = False) -> SpeculativeDecoder:
+    return SpeculativeDecoder(PromptLookupDrafter(num_tokens, max_ngram, 1, source="context"), _verifier(sampling))
+
+
+def aggressive_decoding(num_tokens: int = 8, max_ngram: int = 3, sampling: bool = False) -> SpeculativeDecoder:
+    return SpeculativeDecoder(PromptLookupDrafter(num_tokens, max_ngram, 1, source="prompt"), _verifier(sampling))
+
+
+def token_recycling(tree: Optional[TreeSpec] = None, tree_size: Optional[int] = None,
+                    sampling: bool = False) -> SpeculativeDecoder:
+    t = _tree(tree, tree_size)
+    return SpeculativeDecoder(TokenRecyclingDrafter(t) if t else TokenRecyclingDrafter(), _verifier(sampling))
+
+
+def aded(tree: Optional[TreeSpec] = None, tree_size: Optional[int] = None, sampling: bool = False) -> SpeculativeDecoder:
+    t = _tree(tree, tree_size)
+    return SpeculativeDecoder(NGramDrafter(t) if t else NGramDrafter(), _verifier(sampling))
+
+
+def stand(tree: Optional[TreeSpec] = None, tree_size: Optional[int] = None, sampling: bool = True) -> SpeculativeDecoder:
+    """Under sampling: Gumbel-top-k draft trees verified without replacement (the paper's setting);
+    greedy: the same n-gram tables with greedy drafts."""
+    t = _tree(tree, tree_size)
+    mode = "gumbel" if sampling else "greedy"
+    drafter = NGramDrafter(t, mode=mode) if t else NGramDrafter(mode=mode)
+    if sampling:
+        return SpeculativeDecoder(drafter, "sampling", tree_sampling="without_replacement")
+    return SpeculativeDecoder(drafter, "greedy")
+
+
+def swift(model, skip: Optional[Sequence[int]] = None, num_tokens: int = 3, sampling: bool = False) -> SpeculativeDecoder:
+    """``skip``: the layers the draft pass leaves out (default: the middle ~quarter, 11..18 of 30)."""
+    n = model.num_layers
+    skip = tuple(range(round(n * 11 / 30), round(n * 19 / 30))) if skip is None else tuple(int(i) for i in skip)
+    if any(not 0 <= i < n for i in skip):
+        raise ValueError(f"skip: layer indices must be in [0, {n}), got {skip}")
+    return SpeculativeDecoder(LayerSkipDrafter(skip, num_tokens, sample=sampling), _verifier(sampling))
+
+
+def dynamic_exit(model, exit_layer: Optional[int] = None, num_tokens: int = 3,
+                 sampling: bool = False) -> SpeculativeDecoder:
+    """Drafts with layers ``[0, exit_layer)`` (default three quarters of the stack)."""
+    n = model.num_layers
+    e = (3 * n) // 4 if exit_layer is None else int(exit_layer)
+    if not 1 <= e <= n:
+        raise ValueError(f"exit_layer must be in [1, {n}], got {e}")
+    return SpeculativeDecoder(LayerSkipDrafter(tuple(range(e, n)), num_tokens, sample=sampling), _verifier(sampling))
+
+
+def _draft(model, params, draft_layers, draft):
+    if draft is not None and draft_layers is not None:
+        raise ValueError("give draft_layers or draft=(model, params), not both")
+    if draft is None:
+        if not 1 <= draft_layers <= model.num_layers:
+            raise ValueError(f"draft_layers must be in [1, {model.num_layers}], got {draft_layers}")
+        return truncated_draft(model, params, int(draft_layers))
+    dm, dp = draft
+    if dm.vocab_size != model.vocab_size:
+        raise ValueError(f"draft model vocabulary ({dm.vocab_size}) differs from the target's ({model.vocab_size})")
+    return dm, dp
+
+
+def draft_model(model, params, draft_layers: Optional[int] = None, draft=None, num_tokens: int = 3,
+                sampling: bool = False, stop_threshold: Optional[float] = None):
+    """-> (decoder, params). The draft is ``draft=(model, params)`` or the target's first ``draft_layers``
+    layers (default half)."""
+    if draft is None and draft_layers is None:
+        draft_layers = model.num_layers // 2
+    dm, dp = _draft(model, params, draft_layers, draft)
+    dec = SpeculativeDecoder(DraftModelDrafter(dm, num_tokens, sample=sampling, stop_threshold=stop_threshold),
+                             _verifier(sampling))
+    return dec, with_draft_params(params, dp)
+
+
+def specdec_pp(model, params, draft_layers: Optional[int] = None, draft=None, num_tokens: int = 8,
+               stop_threshold: float = 0.3, sampling: bool = False):
+    """-> (decoder, params): a draft-model chain that stops once the draft's confidence in its next token
+    falls below ``stop_threshold`` (the learned acceptance head of the paper is `train/`'s work)."""
+    return draft_model(model, params, draft_layers, draft, num_tokens, sampling, stop_threshold)
+
+
+def pearl(model, params, draft_layers: Optional[int] = None, draft=None, gamma: int = 4, sampling: bool = False):
+    """-> (PearlDecoder, params); default draft: the target's first 90 % of layers."""
+    from jaxdec.speculative.pearl import PearlDecoder
+    if draft is None and draft_layers is None:
+        draft_layers = (model.num_layers * 9) // 10
+    dm, dp = _draft(model, params, draft_layers, draft)
+    return PearlDecoder(dm, gamma, verifier=_verifier(sampling)), with_draft_params(params, dp)
