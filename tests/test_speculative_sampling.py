@@ -144,18 +144,19 @@ def test_tree_first_token_follows_target(mode):
     anc = ancestor_mask(parents)
     depth = block_depths(parents, tree.max_depth)
 
-    def run(qarg, wor):
+    def run(qarg, wor, residual=True):
         f = jax.jit(lambda k, bl, a, d, pp, qq: sampling_verify_tree(
-            k, bl, parents, jnp.ones((b, 6), bool), pp, qq, a, d, tree.max_depth, tree.max_branching, wor))
+            k, bl, parents, jnp.ones((b, 6), bool), pp, qq, a, d, tree.max_depth, tree.max_branching, wor,
+            residual))
         return np.asarray(f(jax.random.split(ks[2], b), block, anc, depth, pb, qarg).out[:, 0])
 
     wor = mode == "without_replacement"
     out = run(qb, wor)
     assert pooled_chisquare_p(np.bincount(out, minlength=V), p) > ALPHA
-    # negative control: treat distinct (without-replacement) siblings as i.i.d., or i.i.d. as distinct
-    if mode != "deterministic":
-        bad = run(qb, not wor)
-        assert pooled_chisquare_p(np.bincount(bad, minlength=V), p) < ALPHA
+    # negative controls: treat distinct (without-replacement) siblings as i.i.d., or i.i.d. as distinct;
+    # deterministic drafts (q one-hot): no residual resampling after a rejected draft
+    bad = run(qb, not wor) if mode != "deterministic" else run(qb, wor, residual=False)
+    assert pooled_chisquare_p(np.bincount(bad, minlength=V), p) < ALPHA
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,14 +172,14 @@ def _toy_setup():
     return TrigramModel(TV), tab, dtab
 
 
-def _run_toy(decoder, model, params, max_new, seed, temperature=1.0):
+def _run_toy(decoder, model, params, max_new, seed, temperature=1.0, **sampling):
     prompt = np.array([[3, 1]], np.int32)
     prompts = jnp.asarray(np.repeat(prompt, ROWS, 0))
     lens = jnp.full((ROWS,), prompt.shape[1], jnp.int32)
     keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), ROWS)).astype(jnp.uint32)
     inputs = {"max_new": jnp.full((ROWS,), max_new, jnp.int32), "min_new": jnp.zeros((ROWS,), jnp.int32),
               "keys": keys, "stop_ids": jnp.zeros((0,), jnp.int32), "out_buffer": jnp.zeros((ROWS, 4), jnp.int32),
-              "sampling": SamplingParams.create(ROWS, temperature=temperature)}
+              "sampling": SamplingParams.create(ROWS, temperature=temperature, **sampling)}
     size = prompt.shape[1] + 4 + decoder.cache_headroom + 1
     state = loop.run_jit(decoder, model, params, prompts, lens, inputs, size)
     return np.asarray(state.tokens), decoder.summarize(state)
@@ -236,6 +237,66 @@ def test_engine_joint_deterministic_drafter_and_layer_skip():
         c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
         assert pooled_chisquare_p(c3, joint) > ALPHA, type(drafter).__name__
         assert stats["tau"] > 1.05, (type(drafter).__name__, stats["tau"])
+        # negative control: the same drafter without residual resampling is rejected
+        bad = SpeculativeDecoder(drafter, verifier="sampling", residual=False)
+        btoks, _ = _run_toy(bad, model, ptab, 3, seed=53 + i)
+        cb = np.bincount((btoks[:, 0] * TV + btoks[:, 1]) * TV + btoks[:, 2], minlength=TV ** 3)
+        assert pooled_chisquare_p(cb, joint) < ALPHA, type(drafter).__name__
+
+
+def _np_top_k_top_p_joint(table, prompt, n, temperature, top_k, top_p):
+    """Independent NumPy reference (float64): the exact joint of n tokens when each conditional
+    softmax(table[prev, tok] / temperature) keeps its top_k largest entries, then the smallest set of
+    largest ones whose mass reaches top_p (HF's rule: drop the ascending-cumulative mass <= 1 - top_p),
+    renormalized."""
+    v = table.shape[-1]
+
+    def cond(prev, tok):
+        z = table[prev, tok].astype(np.float64) / temperature
+        keep = z >= np.sort(z)[-top_k]
+        z = np.where(keep, z, -np.inf)
+        pr = np.exp(z - z.max())
+        pr /= pr.sum()
+        order = np.argsort(z, kind="stable")
+        cum = np.cumsum(pr[order])
+        assert np.min(np.abs(cum[:-1] - (1 - top_p))) > 1e-4  # no cut within rounding of the threshold
+        drop = cum <= 1 - top_p
+        drop[-1] = False
+        pr[order[drop]] = 0.0
+        return pr / pr.sum()
+
+    joint = np.zeros((v,) * n)
+    for idx in np.ndindex(*joint.shape):
+        seq, pr = list(prompt), 1.0
+        for t in idx:
+            pr *= cond(seq[-2], seq[-1])[t]
+            seq.append(t)
+        joint[idx] = pr
+    return joint
+
+
+def test_engine_joint_top_k_top_p_draft_model():
+    """Top-k and top-p through the speculative engine (the draft model samples from its own unfiltered
+    distribution, the verifier from the target's filtered one): the joint of three tokens equals the
+    NumPy reference's, with both the accept and the reject path taken; without residual resampling
+    (the correction drawn from the filtered target instead of the residual) it is rejected."""
+    model, tab, dtab = _toy_setup()
+    setting = dict(temperature=0.8, top_k=3, top_p=0.8)
+    joint = _np_top_k_top_p_joint(tab, (3, 1), 3, **setting)
+    assert 6 <= (joint > 0).sum() < TV ** 3 // 2
+    params = with_draft_params({"table": jnp.asarray(tab)}, {"table": jnp.asarray(dtab)})
+    for residual, seed in ((True, 81), (False, 82)):
+        dec = SpeculativeDecoder(DraftModelDrafter(model, num_tokens=2, sample=True), verifier="sampling",
+                                 residual=residual)
+        toks, stats = _run_toy(dec, model, params, 3, seed=seed, **setting)
+        c3 = np.bincount((toks[:, 0] * TV + toks[:, 1]) * TV + toks[:, 2], minlength=TV ** 3)
+        if residual:
+            assert c3[(joint == 0).ravel()].sum() == 0  # never a token top-k / top-p removed
+            assert pooled_chisquare_p(c3, joint) > ALPHA
+            raw = stats["raw"]
+            assert stats["tau"] > 1.1 and raw["pos_offered"][0] > raw["pos_accepted"][0] > 0
+        else:
+            assert pooled_chisquare_p(c3, joint) < ALPHA
 
 
 def test_engine_joint_stand_gumbel_tree():
