@@ -10,6 +10,7 @@ untouched. Ctrl-C prints one line and exits with code 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -486,11 +487,9 @@ def cmd_demo(args) -> int:
 
 
 def quiet_native_logs() -> None:
-    """Silence XLA's C++ log lines (e.g. the "slow_operation_alarm ... Constant folding" notice) and
-    absl's Python logging. XLA reads TF_CPP_MIN_LOG_LEVEL at its first log line, so this works as long
-    as nothing has been compiled yet."""
+    """Ask XLA (C++) and absl for no log lines. XLA reads TF_CPP_MIN_LOG_LEVEL when it starts, which
+    is too late once jax is imported, so `native_stderr_silenced` also drops what reaches fd 2."""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    os.environ.setdefault("GLOG_minloglevel", "3")
     try:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.FATAL)
@@ -498,15 +497,48 @@ def quiet_native_logs() -> None:
         pass
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """--quiet: file descriptor 2 goes to /dev/null while the command runs, so native log lines (XLA's
+    "slow_operation_alarm ... Constant folding" notice) are dropped; Python's ``sys.stderr`` keeps
+    the real stderr, so errors and tracebacks still show."""
+    try:
+        sys.stderr.flush()
+        stderr_is_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        stderr_is_fd2 = False
+    saved = os.dup(2)
+    old = sys.stderr
+    if stderr_is_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                               errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if stderr_is_fd2:
+                sys.stderr.close()
+                sys.stderr = old
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--quiet" in argv:
+    quiet = "--quiet" in argv
+    if quiet:
         quiet_native_logs()
     try:
         ap = build_parser()
         args = ap.parse_args(argv)
         if args.command == "generate":
-            return cmd_generate(args, ap)
+            with native_stderr_silenced() if quiet else contextlib.nullcontext():
+                return cmd_generate(args, ap)
         if args.command == "demo":
             return cmd_demo(args)
     except _ArgError as e:

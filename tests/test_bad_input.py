@@ -130,6 +130,18 @@ def test_non_utf8_prompt_bytes_subprocess(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("jaxdec: error: --prompt") and "UTF-8" in lines[0], err[-2000:]
 
 
+def test_quiet_drops_native_log_lines_keeps_python_errors(capfd):
+    """--quiet: XLA's C++ log lines (written straight to fd 2, e.g. "slow_operation_alarm ... Constant
+    folding") are dropped; Python's own stderr lines still arrive."""
+    with cli.native_stderr_silenced():
+        os.write(2, b"E0000 00:00:00 slow_operation_alarm.cc:65] Constant folding an instruction\n")
+        print("jaxdec: error: still shown", file=sys.stderr)
+    os.write(2, b"native after\n")
+    err = capfd.readouterr().err
+    assert "Constant folding" not in err
+    assert "jaxdec: error: still shown" in err and "native after" in err
+
+
 # --------------------------------------------------------------------------- the sweep over every flag
 # dest -> an out-of-range value (argv after "generate"); every `generate` flag must have one, so a new
 # flag cannot skip validation unnoticed
@@ -297,12 +309,14 @@ def truncated_ggufs(tmp_path_factory, gguf_path):
 
 
 def test_truncated_gguf_api_and_cli(truncated_ggufs, capsys):
+    """Cut in the header, in the metadata, in the tensor table and 100 bytes short of the end (the gguf
+    reader parses the whole vocabulary first: ~5 s for the two long files)."""
     import jaxdec
-    for p in truncated_ggufs:
+    for p in truncated_ggufs[:3]:
         with pytest.raises(ValueError, match="truncated or corrupt"):
             jaxdec.load(p)
-        check_bad(capsys, G("--model", p), "--model", "truncated or corrupt")
-    check_bad(capsys, ["demo", "--model", truncated_ggufs[-1]], "--model", "truncated or corrupt")
+    check_bad(capsys, G("--model", truncated_ggufs[3]), "--model", "truncated or corrupt")
+    check_bad(capsys, ["demo", "--model", truncated_ggufs[0]], "--model", "truncated or corrupt")
 
 
 # --------------------------------------------------------------------------- runs with the model
@@ -332,10 +346,6 @@ def test_out_written_through_partial_and_batches_match_one_call(pfile, tmp_path,
     g = jaxdec.generate(loaded.model, loaded.params, ids, method="sample", n=2, seed=5, batch_size=2,
                         sampling={"temperature": 0.8}, max_new_tokens=5)
     assert [r["tokens"] for r in rows] == g.tokens
-    # a stop string given on the CLI is one string; an empty prompt after a model load still fails cleanly
-    rc = cli.main(["generate", "--prompt", "Hi", "--max-new-tokens", "3", "--quiet", "--stop", "zzz-never",
-                   "--out", str(out)])
-    assert rc == 0 and len(out.read_text().splitlines()) == 1
 
 
 def test_bad_value_found_after_load_names_the_flag(capsys):
@@ -354,7 +364,7 @@ def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
     partial = tmp_path / "out.jsonl.partial"
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--prompts-file", str(pf), "--method",
-                             "sample", "--n", "2", "--batch-size", "2", "--max-new-tokens", "24", "--quiet",
+                             "sample", "--n", "2", "--batch-size", "2", "--max-new-tokens", "12", "--quiet",
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

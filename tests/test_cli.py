@@ -1,35 +1,39 @@
-"""The `jaxdec generate` command: JSONL contract, chat template, bad input as one line and exit code 2."""
+"""The `jaxdec generate` command: JSONL contract, chat template, bad input as one line and exit code 2.
+
+In-process (`jaxdec.cli.main`, which caches the loaded model per process); tests/test_bad_input.py runs
+the subprocess cases (raw argv bytes, Ctrl-C)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import types
 
 import pytest
 
 import peer
 
 
-def _run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "jaxdec.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+def _run(args, capsys):
+    from jaxdec.cli import main
+    capsys.readouterr()
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return types.SimpleNamespace(returncode=rc, stdout=cap.out, stderr=cap.err)
 
 
-@pytest.fixture(scope="module")
-def cli_out(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    pf = d / "prompts.jsonl"
+@pytest.fixture
+def cli_out(tmp_path, capsys):
+    pf = tmp_path / "prompts.jsonl"
     pf.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": "Name a colour."}\n')
-    out = d / "out.jsonl"
+    out = tmp_path / "out.jsonl"
     proc = _run(["generate", "--prompts-file", str(pf), "--chat", "--max-new-tokens", "12", "--out", str(out),
-                 "--batch-size", "2", "--quiet"], d)
+                 "--batch-size", "2", "--quiet"], capsys)
     return proc, out
 
 
 def test_cli_generate_writes_jsonl(cli_out):
     proc, out = cli_out
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out.parent / "out.jsonl.partial").exists()
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2
     tok = peer.peer_tokenizer()
@@ -45,22 +49,22 @@ def test_cli_generate_writes_jsonl(cli_out):
 
 @pytest.mark.parametrize("args, needle", [
     (["generate", "--prompt", "hi", "--model", "/no/such/model.gguf"], "--model"),
-    (["generate", "--prompt", "hi", "--method", "sample", "--temperature", "-1"], "temperature"),
-    (["generate", "--prompt", "hi", "--method", "sample", "--top-p", "0"], "top_p"),
+    (["generate", "--prompt", "hi", "--method", "sample", "--temperature", "-1"], "--temperature"),
+    (["generate", "--prompt", "hi", "--method", "sample", "--top-p", "0"], "--top-p"),
     (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size"),
     (["generate", "--prompts-file", "/no/such/file.jsonl"], "--prompts-file"),
     (["generate"], "--prompt"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
-    proc = _run(args, tmp_path)
+def test_cli_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    proc = _run(args, capsys)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     err = [l for l in proc.stderr.strip().splitlines() if l.startswith("jaxdec: error:")]
     assert len(err) == 1 and needle in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_non_gguf_model_file(tmp_path):
+def test_cli_non_gguf_model_file(tmp_path, capsys):
     bad = tmp_path / "m.gguf"
     bad.write_text("hello")
-    proc = _run(["generate", "--prompt", "hi", "--model", str(bad)], tmp_path)
+    proc = _run(["generate", "--prompt", "hi", "--model", str(bad)], capsys)
     assert proc.returncode == 2 and "not a GGUF" in proc.stderr

@@ -238,8 +238,8 @@ def validate_superposed_args(args):
     if args.ngram_weights is not None:
         w = _floats("--ngram-weights", args.ngram_weights)
         if len(w) != len(orders) or min(w) < 0 or not math.isclose(sum(w), 1.0, abs_tol=1e-6):
-            raise BadInput(f"--ngram-weights: expected {len(orders)} numbers >= 0 (one per --ngram-orders order) "
-                           f"summing to 1, got {args.ngram_weights!r}")
+            raise BadInput(f"--ngram-weights: expected {len(orders)} numbers >= 0 (one per --ngram-orders order, "
+                           f"superposed_generate's ngram_weights) summing to 1, got {args.ngram_weights!r}")
 
 
 def _check_superposed(args):
