@@ -33,6 +33,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
 from jaxdec.attention.hydragen import hydragen_attend
 from jaxdec.attention.reference import attend, causal_block_mask
 from pallas_kernels.quantized_kv_attention import (quantize_kv_cache, quantized_kv_attention,
@@ -160,6 +162,7 @@ def main(argv=None):
     if a.quick:
         a.n, a.prefix, a.suffix, a.batch, a.ctx, a.reps = 4, 128, 16, 2, 256, 5
     pallas = a.pallas or jax.default_backend() == "gpu"
+    load = benchlib.LoadMonitor()
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
            "commit": _commit(), "device": _device(),
            "config": {"heads": H, "kv_heads": KVH, "head_dim": D, "n": a.n, "prefix": a.prefix,
@@ -167,6 +170,7 @@ def main(argv=None):
                       "pallas": pallas},
            "hydragen": bench_hydragen(a.n, a.prefix, a.suffix, a.reps),
            "quantized": bench_quantized(a.batch, a.ctx, a.reps, pallas)}
+    out["load"] = load.record()
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as fh:
         json.dump(out, fh, indent=2)
@@ -174,7 +178,7 @@ def main(argv=None):
     lines = [f"# Decode-step attention benchmark", "",
              f"Command: `{out['command']}` (commit {out['commit']}); device: {out['device']['backend']} "
              f"/ {out['device']['device']} ({out['device']['cpu_count']} CPUs visible), jax "
-             f"{out['device']['jax']}.", "",
+             f"{out['device']['jax']}.", load.markdown(),
              f"One layer's attention, {H} query / {KVH} KV heads, head dim {D}, T=1; median of "
              f"{c['reps']} interleaved reps (min-max); first call (compile + run) separately.", "",
              f"## Hydragen: n={c['n']} rows sharing a {c['prefix']}-token prompt, suffixes <= "

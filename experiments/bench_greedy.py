@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -200,6 +203,7 @@ def run(args) -> dict:
             time.sleep(10)
         print(f"load average {os.getloadavg()} after waiting {time.time() - t0:.0f} s", flush=True)
     load_before = os.getloadavg()
+    load = benchlib.LoadMonitor()
     for rep in range(args.reps):
         for r, b in configs:
             dt, toks = timed(r, batch_prompts[b], args.new_tokens)
@@ -237,7 +241,7 @@ def run(args) -> dict:
     return {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "git_commit": git_commit(), "machine": machine_facts(), "versions": versions(),
-        "load_average_before": load_before, "load_average_after": load_after,
+        "load_average_before": load_before, "load_average_after": load_after, "load": load.record(),
         "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batches": args.batches,
                      "prompt_lengths": [len(p) for p in prompts], "eos": "ignored (fixed N new tokens)",
                      "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
@@ -267,6 +271,9 @@ def write_markdown(rep: dict, path: str) -> None:
         "supplementary reference, because on an oversubscribed CPU torch's OpenMP threads wait at every op for "
         "a descheduled partner and the default peer slows down far more than the work warrants.",
         "",
+        benchlib.LoadMonitor.markdown_of(rep.get("load")),
+        *[benchlib.peer_warning(r["seconds"], f"the peer ({r['system']}, batch {r['batch']})")
+          for r in rep["results"] if r["system"].startswith("hf-transformers")],
         "| system | batch | tok/s median [min, max] | ratio vs peer [min, max] | ratio vs 1-thread peer "
         "| first call (s) | compile est. (s) |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: |",
@@ -384,6 +391,7 @@ def run_step(args) -> dict:
     params = {w: load_gguf_params(r, cfg, arch, w) for w in ("f32", "q")}
     names = args.variants or list(STEP_VARIANTS)
     n_steps = args.step_count
+    load = benchlib.LoadMonitor()
     out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
            "machine": machine_facts(), "versions": versions(), "steps_per_call": n_steps, "results": []}
     for b in args.batches:
@@ -413,6 +421,7 @@ def run_step(args) -> dict:
             out["results"].append(row)
             print(f"batch {b} {n:22s} {np.median(v):8.2f} ms/step [{v.min():.2f}, {v.max():.2f}]"
                   + (f"  x{row['speedup_vs_f32_median']:.2f} vs f32" if base is not None else ""), flush=True)
+    out["load"] = load.record()
     return out
 
 
@@ -421,7 +430,8 @@ def write_step_markdown(rep: dict, path: str) -> None:
     lines = ["# One decode step of the default model: matmul variants", "",
              f"Command: `{rep['command']}`  ", f"Commit: `{rep['git_commit']}`  ",
              f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}; "
-             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), "",
+             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()),
+             benchlib.LoadMonitor.markdown_of(rep.get("load")),
              f"Each call runs {rep['steps_per_call']} greedy decode steps in a jitted while_loop (cache of 256 "
              "positions holding 40 tokens); ms per step, median [min, max] over interleaved repetitions; speed-up "
              "= median of per-repetition f32/variant ratios.", "",

@@ -23,6 +23,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
 RESULTS = os.path.join(ROOT, "experiments", "results")
 PROMPTS = [
     "What is the capital of France?",
@@ -111,7 +113,8 @@ def main(argv=None):
     tree = f"/tmp/jaxdec-base-{base[:10]}"
     if not os.path.isdir(tree):
         git("worktree", "add", "--detach", tree, base)
-    load0 = os.getloadavg()
+    load = benchlib.LoadMonitor()
+    load0 = load.before
     t0 = time.time()
     workers = {"base": Worker(tree), "new": Worker(ROOT)}
     configs = [(w, b) for w in a.weights for b in a.batches]
@@ -129,7 +132,7 @@ def main(argv=None):
     finally:
         for wk in workers.values():
             wk.close()
-    load1 = os.getloadavg()
+    load1 = load.finish().after
     import numpy as np
     rows = {}
     for key, tv in times.items():
@@ -138,11 +141,11 @@ def main(argv=None):
                      "max_ratio": float(ratio.max()), "base_s": tv["base"], "new_s": tv["new"],
                      "same_tokens": same_tokens[key]}
     ncpu = os.cpu_count() or 1
-    flagged = max(load0[0], load1[0]) > ncpu
+    flagged = load.overloaded
     out = {"command": "python experiments/bench_versions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "base": base, "new": head + (" + uncommitted changes" if dirty else ""), "new_tokens": new_tokens,
            "reps": reps, "load_before": load0, "load_after": load1, "cores": ncpu,
-           "flagged_load": flagged, "wall_s": time.time() - t0, "results": rows}
+           "flagged_load": flagged, "load": load.record(), "wall_s": time.time() - t0, "results": rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(out, f, indent=1)
@@ -151,6 +154,7 @@ def main(argv=None):
              f"{load0[0]:.2f} before, {load1[0]:.2f} after, {ncpu} cores.", ""]
     if flagged:
         lines += ["**FLAGGED: the load average exceeded the core count; do not quote these ratios.**", ""]
+    lines += [load.markdown().strip(), ""]
     lines += ["| weights / batch | median speed ratio new/base | min | max | same tokens |", "| --- | --- | --- | --- | --- |"]
     for key, r in rows.items():
         lines.append(f"| {key} | {r['median_ratio']:.3f} | {r['min_ratio']:.3f} | {r['max_ratio']:.3f} | "

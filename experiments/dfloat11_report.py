@@ -30,6 +30,9 @@ import numpy as np
 
 import jax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?",
@@ -53,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args(argv)
+    load = benchlib.LoadMonitor()
     n_prompts = args.prompts or (1 if args.quick else 2)
     new_tokens = args.new_tokens or (4 if args.quick else 8)
     reps = args.reps or (1 if args.quick else 2)
@@ -101,7 +105,7 @@ def main(argv=None):
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip(),
            "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                       "loadavg_at_end": os.getloadavg()},
+                       "loadavg_at_end": os.getloadavg()}, "load": load.record(),
            "backend": jax.default_backend(), "encode_seconds": encode_s, "matrices": rows,
            "total": {"bf16_bytes": tot_plain, "df11_bytes": tot_comp, "ratio": tot_comp / tot_plain},
            "decode_ms_per_token_all_layers": decode_ms_token,
@@ -112,7 +116,7 @@ def main(argv=None):
         json.dump(res, f, indent=1)
     lines = ["# DFloat11 on SmolLM2-135M-Instruct (layer matrices, bfloat16 -> DFloat11)", "",
              f"Command: `{res['command']}`; commit `{res['commit']}`; backend {res['backend']}, "
-             f"{res['machine']}", "",
+             f"{res['machine']}", load.markdown(),
              "| matrix | shape | bf16 MB | DF11 MB | ratio | bits/weight | max code len | decode ms / layer |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
 from jaxdec.cache.kv import KVCache, bucket, rollback  # noqa: E402
 from jaxdec.cache.quantized import FP32, GEAR, KIVI, valid_mask  # noqa: E402
 from jaxdec.cache.sparse import DoubleSparsity, Mustafar, calibrate_channels, double_sparse_attend  # noqa: E402
@@ -182,6 +184,7 @@ def main(argv=None):
     max_seq = a.max_seq or (512 if a.full else 192)
 
     t_start = time.time()
+    load = benchlib.LoadMonitor()
     model, params, tok = load_model()
     cfg = model.config
     with open(os.path.join(ROOT, "jaxdec", "data", "prompts", "chat_prompts.jsonl")) as fh:
@@ -239,14 +242,14 @@ def main(argv=None):
            "setup": {"prompts": n_prompts, "new_tokens": n_new, "problems": n_probs,
                      "max_seq": max_seq, "chunk": CHUNK, "mean_len": mean_len,
                      "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)"},
-           "rows": rows, "seconds": round(time.time() - t_start, 1)}
+           "rows": rows, "seconds": round(time.time() - t_start, 1), "load": load.record()}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as fh:
         json.dump(out, fh, indent=2)
     lines = ["# KV cache compression: memory vs quality", "",
              f"Command: `{out['command']}` (commit {out['commit']}), {out['device']['backend']} "
              f"({out['device']['cpu_count']} CPUs), {out['seconds']} s. Model: {out['setup']['model']}.",
-             "",
+             load.markdown(),
              f"Greedy agreement over {n_prompts} chat prompts x {n_new} new tokens; NLL of "
              f"{n_probs} HumanEval canonical solutions (prompt + solution, <= {max_seq} tokens) "
              f"teacher-forced in chunks of {CHUNK} through the compressed cache. Bytes per token are "

@@ -46,6 +46,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -156,7 +159,7 @@ def section_bench(model, params, args):
     first = ours(prompts[0])  # compile + run
     warm = ours(prompts[0])
     theirs(prompts[0])  # warm-up
-    rows = {"jaxdec": [], "hf": [], "ratio": []}
+    rows = {"jaxdec": [], "hf": [], "ratio": [], "hf_seconds": []}
     for rep in range(args.reps):
         for ids in prompts:
             a = ours(ids)
@@ -164,11 +167,12 @@ def section_bench(model, params, args):
             rows["jaxdec"].append(n_new / a)
             rows["hf"].append(n_new / b)
             rows["ratio"].append(b / a)
+            rows["hf_seconds"].append(b)
             print(f"[bench] rep {rep} prompt len {len(ids)}: jaxdec {n_new / a:.1f} tok/s, HF {n_new / b:.1f} tok/s, "
                   f"x{b / a:.2f}", flush=True)
     return {"num_beams": nb, "new_tokens": n_new, "prompts": len(prompts), "reps": args.reps,
             "jaxdec_tok_s": stats_of(rows["jaxdec"]), "hf_tok_s": stats_of(rows["hf"]),
-            "speedup": stats_of(rows["ratio"]), "compile_s": first - warm,
+            "speedup": stats_of(rows["ratio"]), "compile_s": first - warm, "hf_seconds": rows["hf_seconds"],
             "note": "tokens/s counts the returned best sequence's tokens; batch 1 prompt (4 beam rows)"}
 
 
@@ -427,7 +431,9 @@ def render(res):
                   "", f"speedup (per-repetition HF time / jaxdec time): median x{b['speedup']['median']:.2f} "
                   f"(min x{b['speedup']['min']:.2f}, max x{b['speedup']['max']:.2f}); {b['new_tokens']} new tokens, "
                   f"{b['prompts']} prompts x {b['reps']} reps, compile {b['compile_s']:.1f}s (separate). "
-                  f"Goal x3: {'met' if b['speedup']['median'] >= 3 else 'missed'}.", ""]
+                  f"Goal x3: {'met' if b['speedup']['median'] >= 3 else 'missed'}.",
+                  benchlib.LoadMonitor.markdown_of(b.get("load")),
+                  benchlib.peer_warning(b.get("hf_seconds", []), "HF generate (the peer)"), ""]
     d = res.get("dbs")
     if d:
         lines += [f"## Diverse beam search vs beam search ({d['prompts']} chat prompts, {d['new_tokens']} tokens, "
@@ -516,7 +522,7 @@ def main():
     ap.add_argument("--sections", default="bench,dbs,momentum,ffs,humaneval")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bench-tokens", type=int, default=32)
-    ap.add_argument("--bench-prompts", type=int, default=1)
+    ap.add_argument("--bench-prompts", type=int, default=8)  # issue 13: one prompt was too easily disturbed
     ap.add_argument("--dbs-prompts", type=int, default=12)
     ap.add_argument("--dbs-tokens", type=int, default=32)
     ap.add_argument("--momentum-tokens", type=int, default=128)
@@ -555,8 +561,10 @@ def main():
         if not s:
             continue
         t0 = time.perf_counter()
+        load = benchlib.LoadMonitor()
         out = fns[s](model, params, args)
         out["section_seconds"] = time.perf_counter() - t0
+        out["load"] = load.record()
         out["command"] = "python experiments/search_table.py " + " ".join(sys.argv[1:])
         out["commit"] = commit()
         out["loadavg_at_end"] = os.getloadavg()

@@ -33,6 +33,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -236,6 +239,7 @@ def run(args):
             print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name].get('tau', float('nan')):.2f}",
                   flush=True)
         load_before = os.getloadavg()
+        load = benchlib.LoadMonitor()
         for rep in range(args.reps):
             for m in methods:
                 t0 = time.perf_counter()
@@ -270,7 +274,7 @@ def run(args):
                          "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist(),
                          "pearl": st.get("pearl")})
         results[group] = {"rows": rows, "prompt_lengths": [len(p) for p in ps], "load_before": load_before,
-                          "load_after": os.getloadavg()}
+                          "load_after": os.getloadavg(), "load": load.record()}
     return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
             "machine": machine_facts(), "versions": versions(),
             "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batch": 1,
@@ -297,7 +301,10 @@ def write_markdown(rep, path):
              "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
              + ", ".join(f"T={k}: {v:.2f}" for k, v in rep["cost_curve"]["relative"].items()), ""]
     for group, g in rep["results"].items():
-        lines += [f"## {group} prompts (lengths {g['prompt_lengths']})", "",
+        lines += [f"## {group} prompts (lengths {g['prompt_lengths']})",
+                  benchlib.LoadMonitor.markdown_of(g.get("load")),
+                  *[benchlib.peer_warning(r["seconds"], f"the peer ({r['method']})") for r in g["rows"]
+                    if r["method"].startswith("hf-")],
                   f"Load average before/after: {tuple(round(x, 2) for x in g['load_before'])} / "
                   f"{tuple(round(x, 2) for x in g['load_after'])}", "",
                   "| method | τ | acceptance per position | blk % | tok/s median [min, max] | speedup vs jaxdec greedy | "
