@@ -18,83 +18,17 @@ from jaxdec.speculative import PromptLookupDrafter, SpeculativeDecoder, TokenRec
 
 import neartie
 import selfref
+from test_golden import GOLD
 
 NEW = 16
 
 
-@pytest.fixture(scope="module")
-def setup(model_q, chat_prompt_ids):
-    """Two real prompts (one asks for code the drafters can copy), the greedy tokens without processors,
-    and a ban list made of tokens greedy decoding does emit, so banning them must move the output."""
-    model, params = model_q
-    prompts = [chat_prompt_ids[6], chat_prompt_ids[2]]
-    plain = jaxdec.generate(model, params, prompts, max_new_tokens=NEW)
-    seen = []
-    for t in plain.tokens:
-        for tok in t[:6]:
-            if tok not in seen and tok not in model.eos_ids:
-                seen.append(tok)
-    ban = BanTokens(tuple(seen[:4]))
-    return model, params, prompts, plain, ban
-
-
-def _no_banned(tokens, ban):
-    banned = set(ban.ids)
-    return all(not (set(t) & banned) for t in tokens)
-
-
-def test_ban_changes_greedy_and_is_honoured(setup):
-    model, params, prompts, plain, ban = setup
-    g = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, processors=[ban])
-    assert not _no_banned(plain.tokens, ban)  # negative control: the ids were there without the processor
-    assert _no_banned(g.tokens, ban)
-    assert g.tokens != plain.tokens
-
-
-def test_ban_with_sampling_best_of_n_first_finish(setup):
-    model, params, prompts, plain, ban = setup
-    g = jaxdec.generate(model, params, prompts, method="sample", n=3, seed=0, max_new_tokens=NEW,
-                        sampling=dict(temperature=1.0, top_p=0.95), processors=[ban])
-    assert _no_banned(g.tokens, ban)
-    from jaxdec.search import best_of_n, first_finish
-    b = best_of_n(model, params, prompts[:1], n=3, sampling={"temperature": 1.0}, max_new_tokens=NEW,
-                  processors=[ban])
-    assert _no_banned(b.extras["samples"][0], ban)
-    f = first_finish(model, params, prompts[:1], n=3, sampling={"temperature": 1.0}, max_new_tokens=NEW,
-                     processors=[ban])
-    assert _no_banned(f.tokens, ban)
-
-
-def test_ban_with_beam_search(setup):
-    model, params, prompts, plain, ban = setup
-    free = beam_search(model, params, prompts[:1], num_beams=4, max_new_tokens=NEW)
-    g = beam_search(model, params, prompts[:1], num_beams=4, max_new_tokens=NEW, processors=[ban])
-    assert not _no_banned([h["tokens"] for h in free.extras["beams"][0]], ban)
-    assert _no_banned([h["tokens"] for h in g.extras["beams"][0]], ban)
-
-
-@pytest.mark.parametrize("drafter", ["pld", "recycling"])
-def test_speculative_with_processor_equals_greedy_with_it(setup, drafter):
-    model, params, prompts, plain, ban = setup
-    ref = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, processors=[ban])
-    d = PromptLookupDrafter(4) if drafter == "pld" else TokenRecyclingDrafter()
-    g = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, decoder=SpeculativeDecoder(d),
-                        processors=[ban])
-    assert _no_banned(g.tokens, ban)
-    assert g.stats["tau"] > 1.0  # the verify block really carried accepted drafts through the processor
-    if g.tokens != ref.tokens:  # only a near tie between block and step logits may excuse a difference
-        dl = selfref.block_vs_step_dlogit(model, params, prompts[0], 5)
-        logits = selfref.teacher_logits(model, params, prompts, ref.tokens)
-        masked = [np.where(np.isin(np.arange(lg.shape[-1]), ban.ids), -np.inf, lg) for lg in logits]
-        neartie.assert_sequences_match(
-            [(f"row {i}", a, b, m) for i, (a, b, m) in enumerate(zip(g.tokens, ref.tokens, masked))], dl,
-            max_excused_frac=0.5)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Recorder:
-    """A host processor that records every call and every commit (identity-hashed: stateful)."""
+    """A host processor that records every call and every commit (identity-hashed: stateful); with
+    ``ban`` it also bans those ids (on the host, so the ban and the records come from one callback)."""
 
+    ban: tuple = ()
     stage = "mask"
     host = True
     calls: list = dataclasses.field(default_factory=list)
@@ -105,6 +39,9 @@ class Recorder:
         with self.lock:
             self.calls.append({"shape": logits.shape, "num_new": ctx.num_new.copy(), "done": ctx.done.copy(),
                                "depth": ctx.depth.copy()})
+        if self.ban:
+            logits = logits.copy()
+            logits[..., list(self.ban)] = -np.inf
         return logits
 
     def post_commit(self, ctx, tokens, counts, parent_rows):
@@ -113,12 +50,40 @@ class Recorder:
                                  "parents": parent_rows.copy()})
 
 
-def test_host_processor_called_once_per_step_with_every_row(setup):
-    model, params, prompts, plain, _ = setup
+@pytest.fixture(scope="module")
+def setup(model_q):
+    """The golden-output prompts (one asks for code the drafters can copy) and the same calls as the golden
+    cases (so their compiled programs are shared), and a ban list made of tokens greedy decoding does
+    emit, so banning them must move the output."""
+    model, params = model_q
+    prompts = GOLD["inputs"]["prompts"]
+    plain = jaxdec.generate(model, params, prompts, max_new_tokens=NEW)
+    seen = []
+    for t in plain.tokens:
+        for tok in t[:6]:
+            if tok not in seen and tok not in model.eos_ids:
+                seen.append(tok)
+    ban = BanTokens(tuple(seen[:4]))
     rec = Recorder()
-    g = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, processors=[rec])
-    assert g.tokens == plain.tokens  # an identity host processor changes nothing
-    steps = max(len(t) for t in g.tokens)
+    banned = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, processors=[ban, rec])
+    return model, params, prompts, plain, ban, banned, rec
+
+
+def _no_banned(tokens, ban):
+    banned = set(ban.ids)
+    return all(not (set(t) & banned) for t in tokens)
+
+
+def test_ban_changes_greedy_and_is_honoured(setup):
+    model, params, prompts, plain, ban, banned, _ = setup
+    assert not _no_banned(plain.tokens, ban)  # negative control: the ids were there without the processor
+    assert _no_banned(banned.tokens, ban)
+    assert banned.tokens != plain.tokens
+
+
+def test_host_processor_called_once_per_step_with_every_row(setup):
+    model, params, prompts, plain, ban, banned, rec = setup
+    steps = max(len(t) for t in banned.tokens)
     assert len(rec.calls) == steps  # one batched callback per step (the prefill's included), not per row
     for i, c in enumerate(rec.calls):
         assert c["shape"] == (2, 1, model.vocab_size)
@@ -127,28 +92,56 @@ def test_host_processor_called_once_per_step_with_every_row(setup):
     # post-commit: each step's committed token per row, counted for live rows only
     assert len(rec.commits) == steps
     emitted = [[int(c["tokens"][r, 0]) for c in rec.commits if c["counts"][r]] for r in range(2)]
-    assert emitted == [list(t) for t in g.tokens]
+    assert emitted == [list(t) for t in banned.tokens]
     assert all(np.array_equal(c["parents"], np.arange(2)) for c in rec.commits)
 
 
-def test_post_commit_sees_beam_parents_and_spec_counts(setup):
-    model, params, prompts, plain, _ = setup
-    rec = Recorder()
-    g = beam_search(model, params, prompts[:1], num_beams=4, max_new_tokens=8, processors=[rec])
+def test_ban_with_best_of_n_and_first_finish(setup):
+    model, params, prompts, plain, ban, _, _ = setup
+    from jaxdec.search import best_of_n, first_finish
+    b = best_of_n(model, params, prompts[:1], n=3, sampling={"temperature": 1.0}, max_new_tokens=NEW,
+                  processors=[ban])
+    assert _no_banned(b.extras["samples"][0], ban)
+    f = first_finish(model, params, prompts[:1], n=3, sampling={"temperature": 1.0}, max_new_tokens=NEW,
+                     processors=[ban])
+    assert _no_banned(f.tokens, ban)
+
+
+def test_beam_search_ban_and_post_commit_parents(setup):
+    model, params, prompts, plain, ban, _, _ = setup
+    free = beam_search(model, params, prompts, num_beams=4, max_new_tokens=NEW)  # as the golden case
+    rec = Recorder(ban=ban.ids)
+    g = beam_search(model, params, prompts, num_beams=4, max_new_tokens=NEW, processors=[rec])
+    assert not _no_banned([h["tokens"] for row in free.extras["beams"] for h in row], ban)
+    assert _no_banned([h["tokens"] for row in g.extras["beams"] for h in row], ban)
     assert len(rec.commits) >= 2
     # parents are rows of the same prompt's 4 beams, and some step reordered the beams
-    assert all(set(c["parents"].tolist()) <= set(range(4)) for c in rec.commits)
-    assert any(not np.array_equal(c["parents"], np.arange(4)) for c in rec.commits)
-    best = g.extras["beams"][0][0]["tokens"]
-    assert len(best) > 0
-    rec2 = Recorder()
-    s = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, decoder=SpeculativeDecoder(PromptLookupDrafter(4)),
-                        processors=[rec2])
-    emitted = [[int(t) for c in rec2.commits for t in c["tokens"][r, :c["counts"][r]]] for r in range(2)]
-    assert emitted == [list(t) for t in s.tokens]
-    assert any(c["counts"].max() > 1 for c in rec2.commits)  # several tokens committed in one step
-    # the verify-block calls carried depths 0..N for the block's nodes
-    assert any(c["depth"].shape[1] > 1 and c["depth"].max() > 0 for c in rec2.calls)
+    for c in rec.commits:
+        assert set(c["parents"][:4].tolist()) <= set(range(4)) and set(c["parents"][4:].tolist()) <= set(range(4, 8))
+    assert any(not np.array_equal(c["parents"], np.arange(8)) for c in rec.commits)
+
+
+@pytest.mark.parametrize("drafter", ["pld", "recycling"])
+def test_speculative_with_processor_equals_greedy_with_it(setup, drafter):
+    model, params, prompts, plain, ban, ref, _ = setup
+    rec = Recorder()
+    d = PromptLookupDrafter(4) if drafter == "pld" else TokenRecyclingDrafter()
+    procs = [ban, rec] if drafter == "pld" else [ban]
+    g = jaxdec.generate(model, params, prompts, max_new_tokens=NEW, decoder=SpeculativeDecoder(d), processors=procs)
+    assert _no_banned(g.tokens, ban)
+    assert g.stats["tau"] > 1.0  # the verify block really carried accepted drafts through the processor
+    if g.tokens != ref.tokens:  # only a near tie between block and step logits may excuse a difference
+        dl = selfref.block_vs_step_dlogit(model, params, prompts[0], 5)
+        logits = selfref.teacher_logits(model, params, prompts, ref.tokens)
+        masked = [np.where(np.isin(np.arange(lg.shape[-1]), ban.ids), -np.inf, lg) for lg in logits]
+        neartie.assert_sequences_match(
+            [(f"row {i}", a, b, m) for i, (a, b, m) in enumerate(zip(g.tokens, ref.tokens, masked))], dl,
+            max_excused_frac=0.5)
+    if drafter == "pld":  # post-commit saw several tokens per step, and the calls saw the block's depths
+        emitted = [[int(t) for c in rec.commits for t in c["tokens"][r, :c["counts"][r]]] for r in range(2)]
+        assert emitted == [list(t) for t in g.tokens]
+        assert any(c["counts"].max() > 1 for c in rec.commits)
+        assert any(c["depth"].shape[1] > 1 and c["depth"].max() > 0 for c in rec.calls)
 
 
 def test_min_new_processor_counts_block_depth():
@@ -185,7 +178,7 @@ def test_chain_orders_by_stage():
 
 
 def test_bad_processors_are_refused_by_name(setup):
-    model, params, prompts, _, ban = setup
+    model, params, prompts, _, ban, _, _ = setup
     with pytest.raises(TypeError, match="processors\\[0\\].*stage"):
         jaxdec.generate(model, params, prompts, processors=[lambda x, c: x])
     with pytest.raises(ValueError, match="stage must be one of"):
@@ -207,8 +200,7 @@ class _BadStage:
         return logits
 
 
-def test_step_context_of_a_plain_step(setup):
-    model, params, prompts, _, _ = setup
+def test_step_context_of_a_plain_step():
     from jaxdec.core.state import DecodeState
     st = DecodeState(tokens=jnp.zeros((2, 4), jnp.int32), num_new=jnp.array([1, 2]), done=jnp.array([False, True]),
                      finish=jnp.zeros((2,), jnp.int32), last=jnp.array([7, 9]), keys=jnp.zeros((2, 2), jnp.uint32),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 
 import pytest
 
@@ -23,4 +25,9 @@ def test_readme_has_the_tested_examples():
 @pytest.mark.parametrize("name", ["decoder", "processor"])
 def test_readme_example_runs(name):
     code = blocks()[name]
-    exec(compile(code, f"README.md:{name}", "exec"), {"__name__": f"readme_{name}"})
+    mod = types.ModuleType(f"readme_{name}")  # a real module: dataclasses look their class's module up
+    sys.modules[mod.__name__] = mod
+    try:
+        exec(compile(code, f"README.md:{name}", "exec"), mod.__dict__)
+    finally:
+        del sys.modules[mod.__name__]

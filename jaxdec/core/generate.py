@@ -169,16 +169,14 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     step after min_new suppression; with ``decoder=`` they are added to the decoder's own (a decoder
     without a ``processors`` field refuses them by name).
     """
-    from jaxdec.search.token import TokenDecoder
+    from jaxdec.core.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
 
-    check_model(model)
     prompts = _check_prompts(prompts, model.vocab_size)
-    from jaxdec.search.beam import BeamSearch
-    if isinstance(decoder, BeamSearch) and inputs_fn is None:
-        raise ValueError("decoder=BeamSearch(...) needs per-prompt beam inputs that generate() does not build: "
-                         "call jaxdec.search.beam_search(..., num_beams=..., num_return_sequences=...) instead "
-                         "(n does not apply to beam search)")
+    needs = hook(decoder, "required_inputs") if decoder is not None else ()
+    if needs and inputs_fn is None:
+        raise ValueError(f"decoder={type(decoder).__name__}(...) needs per-row inputs {list(needs)} that generate() "
+                         f"does not build: call its entry point instead ({hook(decoder, 'entry_point') or 'see its docs'})")
     max_new = _positive_int("max_new_tokens", max_new_tokens)
     min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
     n = _positive_int("n", n)
@@ -206,6 +204,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     cap = capacity or bucket(max_new, 16)
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
+    check_model(model)
     check_decoder(decoder)
     extra = int(hook(decoder, "cache_headroom"))
     groups = prefix_groups(rows, bs, n)
@@ -219,7 +218,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
         raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
                          f"({max_new}) needs {needed} positions, cache_size is {size}")
-    max_pos = getattr(getattr(model, "config", None), "max_position", None)
+    max_pos = hook(model, "max_position")
     if max_pos is not None and needed > max_pos:
         raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
     keys = row_keys(seed, len(prompts), n)
@@ -240,7 +239,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         chunk = rows[start:start + bs]
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (bs - real)  # inert filler rows keep shapes static
-        toks, lens = pad_batch(chunk, p_bucket, int(getattr(model.config, "pad_id", 0)) if hasattr(model, "config") else 0)
+        toks, lens = pad_batch(chunk, p_bucket, int(hook(model, "pad_id")))
         mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
         kb = np.concatenate([keys[start:start + real], np.repeat(keys[start:start + 1], bs - real, 0)])
         inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),

@@ -52,6 +52,8 @@ DECODER_HOOKS = {
     "shared_prefix_ok": (False, "rows sharing a prompt may decode against one Hydragen prefix"),
     "summarize": (None, "summarize(state) -> dict of host statistics merged into Generation.stats"),
     "processors": ((), "the user's logits processors (a decoder that has this field honours them)"),
+    "required_inputs": ((), "keys of `inputs` the decoder needs beyond the driver's (its entry point adds them)"),
+    "entry_point": (None, "the function that builds those inputs, named in the error generate() raises"),
 }
 DRAFTER_HOOKS = {
     "own_params": (False, "the drafter has its own weights: params = with_draft_params(target, draft)"),
@@ -62,6 +64,8 @@ DRAFTER_HOOKS = {
 }
 MODEL_HOOKS = {
     "supports_shared_prefix": (False, "the model accepts a shared-prefix KVCache (Hydragen)"),
+    "pad_id": (0, "the id right-padded prompts are filled with (never attended: lengths hide it)"),
+    "max_position": (None, "the model's context length (prompt + new tokens beyond it are refused)"),
 }
 _TABLES = (DECODER_HOOKS, DRAFTER_HOOKS, MODEL_HOOKS)
 

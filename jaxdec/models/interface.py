@@ -103,6 +103,9 @@ class DecoderModel(Protocol):
         """Optional: ``(model, params)`` of the first ``num_layers`` layers."""
         ...
 
+    # Optional attributes, read through `jaxdec.core.protocols.hook` with the defaults declared there:
+    # ``pad_id`` (0), ``max_position`` (None: no context limit checked), ``supports_shared_prefix`` (False).
+
 
 def require(model, member: str, purpose: str):
     """``getattr(model, member)``, or a TypeError naming the missing optional member and who needs it."""

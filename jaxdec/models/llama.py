@@ -85,6 +85,14 @@ class LlamaModel:
     def eos_ids(self) -> tuple:
         return tuple(self.config.eos_ids)
 
+    @property
+    def pad_id(self) -> int:
+        return int(self.config.pad_id)
+
+    @property
+    def max_position(self) -> int:
+        return int(self.config.max_position)
+
     def with_attention(self, impl: str) -> "LlamaModel":
         _attention_fn(impl)
         return dataclasses.replace(self, attention_impl=impl)

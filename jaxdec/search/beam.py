@@ -141,6 +141,9 @@ class BeamSearch:
     constraint: Any = None
     processors: tuple = ()  # the user's logits processors, applied to the log-probs (HF's beam order)
     shared_prefix_ok = True  # one prompt per batch may use a Hydragen shared-prefix cache
+    required_inputs = ("beam",)
+    entry_point = ("jaxdec.search.beam_search(..., num_beams=..., num_return_sequences=...); n does not apply "
+                   "to beam search")
 
     def __post_init__(self):
         if not isinstance(self.num_beams, int) or self.num_beams < 1:

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxdec.cache.kv import KVCache, bucket, read_rows, write_rows
 from jaxdec.core import loop
+from jaxdec.core.protocols import hook
 from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch, shared_prefix_sizes, use_shared_prefix
 
 NEG = -1.0e9  # HF's "impossible" score for beams (kept finite so that sums stay ordered)
@@ -146,11 +147,11 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
         raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
                          f"({max_new}) needs {needed} positions, cache_size is {size}")
-    max_pos = getattr(getattr(model, "config", None), "max_position", None)
+    max_pos = hook(model, "max_position")
     if max_pos is not None and needed > max_pos:
         raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
     keys = row_keys(seed, len(prompts), r)
-    pad_id = int(getattr(getattr(model, "config", None), "pad_id", 0))
+    pad_id = int(hook(model, "pad_id"))
 
     results = []
     calls = steps = 0

@@ -261,7 +261,7 @@ def _draw_rows(keys, q):
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logq).astype(jnp.int32)
 
 
-def _autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold):
+def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold):
     """Draft up to ``k`` tokens one call at a time. ``step(carry, x [B]) -> (carry, logits [B,V])`` feeds one
     token. SpecDec++'s stop rule with the draft's own confidence as the acceptance predictor: a row stops
     drafting once the predicted probability that some token of its draft is rejected,
@@ -308,7 +308,7 @@ class DraftModelDrafter:
     sampling parameters and returns q for speculative sampling. The draft cache is kept in step with the
     target: at most two tokens (the last accepted draft token after a full accept, then the bonus) are
     fed at the start of the next proposal. stop_threshold: SpecDec++-style adaptive draft length (see
-    `_autoregressive_chain`); None drafts all ``num_tokens``."""
+    `autoregressive_chain`); None drafts all ``num_tokens``."""
 
     draft_model: object
     num_tokens: int = 4
@@ -356,7 +356,7 @@ class DraftModelDrafter:
             o = dm(dparams, x[:, None], c.lengths[:, None], c)
             return o.cache, o.logits[:, 0]
 
-        draft, dc = _autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
+        draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
                                           self.stop_threshold)
         drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
         return draft, {**ds, "cache": dc, "l0": l0, "drafted": drafted}, state.cache
@@ -437,7 +437,7 @@ class LayerSkipDrafter:
             return o.cache, o.logits[:, 0]
 
         cache, first = step(state.cache, state.last)
-        draft, cache = _autoregressive_chain(step, cache, first, state, keys, self.num_tokens, self.sample,
+        draft, cache = autoregressive_chain(step, cache, first, state, keys, self.num_tokens, self.sample,
                                              self.stop_threshold)
         return draft, ds, rollback(cache, l0)
 

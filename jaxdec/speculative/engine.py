@@ -38,6 +38,7 @@ from jaxdec.core.keys import stream_keys, token_keys
 from jaxdec.core.protocols import check_drafter, hook
 from jaxdec.core.logits import post_commit, run_processors, step_context, with_sampling
 from jaxdec.core.steps import initial_state, prefill
+from jaxdec.speculative.stats import merge_raw, summarize_stats  # noqa: F401 (re-exported)
 from jaxdec.speculative.tree import ancestor_mask, block_depths
 from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain, sampling_verify_tree
 
@@ -342,39 +343,3 @@ class SpeculativeDecoder:
 def with_draft_params(target_params, draft_params) -> dict:
     """The params bundle for drafters with their own weights (`DraftModelDrafter`)."""
     return {"target": target_params, "draft": draft_params}
-
-
-def summarize_stats(st) -> dict:
-    """Host-side statistics from the (summed) raw counters of one or more runs."""
-    st = {k: np.asarray(v) for k, v in st.items()}
-    rows = max(int(st["row_steps"]), 1)
-    offered = st["pos_offered"].astype(np.int64)
-    acc = st["pos_accepted"].astype(np.int64)
-    per_pos = [float(a / o) if o else float("nan") for a, o in zip(acc, offered)]
-    out = {
-        "tau": float((int(st["accepted"]) + int(st["row_steps"])) / rows),
-        "tokens_per_row_step": float(int(st["emitted"]) / rows),
-        "acceptance_per_position": per_pos,
-        "accepted_at_least": [float(a / rows) for a in acc],
-        "target_calls": int(st["model_calls"]),
-        "block_calls": int(st["block_calls"]),
-        "draft_calls": int(st["draft_calls"]),
-        "row_steps": int(st["row_steps"]),
-        "side_branch_accepts": int(st["side_branch_accepts"]),
-        "rank_acceptance": [float(a / max(int(st["expanded"]), 1)) for a in st["rank_accepts"]],
-        "raw": {k: v.tolist() for k, v in st.items()},
-    }
-    if "pearl_tokens" in st:  # PEARL (`jaxdec.speculative.pearl`): τ counts its tokens per target call
-        from jaxdec.speculative.pearl import summarize_pearl
-        out["pearl"] = summarize_pearl(st)
-        out["tau"] = out["pearl"]["tokens_per_target_call"]
-        out["pre_verify_steps"] = out["pearl"]["pre_verify_steps"]
-        out["post_verify_steps"] = out["pearl"]["post_verify_steps"]
-    return out
-
-
-def merge_raw(a: dict | None, b: dict) -> dict:
-    """Sum two `summarize(...)["raw"]` counter dicts (for runs split into several batches)."""
-    if a is None:
-        return {k: np.asarray(v) for k, v in b.items()}
-    return {k: np.asarray(a[k]) + np.asarray(b[k]) for k in b}

@@ -55,9 +55,9 @@ from flax import struct
 from jaxdec.cache.kv import rollback
 from jaxdec.core.state import DecodeState, emit
 from jaxdec.core.steps import initial_state, prefill
-from jaxdec.speculative.drafters import _autoregressive_chain
-from jaxdec.speculative.engine import (VERIFIERS, block_targets, emit_block, first_token, step_keys,
-                                       summarize_stats)
+from jaxdec.speculative.drafters import autoregressive_chain
+from jaxdec.speculative.engine import VERIFIERS, block_targets, emit_block, first_token, step_keys
+from jaxdec.speculative.stats import summarize_stats
 from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain
 
 FLAT_CURVE = ((1, 1.0),)  # a target call over T tokens costs as much as over one (memory-bound decoding)
@@ -229,7 +229,7 @@ class PearlDecoder:
             return o.cache, o.logits[:, 0]
 
         dc, first = dstep(dc0, miss)
-        draft, dc = _autoregressive_chain(dstep, dc, first, state, step_keys(state, 1), g, sample, None)
+        draft, dc = autoregressive_chain(dstep, dc, first, state, step_keys(state, 1), g, sample, None)
         dtok = draft.tokens  # [B,g]
 
         # ---- verify the chain [pending .., draft_1] (post) or [draft_1] (pre)
@@ -315,25 +315,3 @@ class PearlDecoder:
         log = np.asarray(state.method.phase_log)
         out["phase_trace"] = [[int(x) for x in row[row >= 0]] for row in log]
         return out
-
-
-def summarize_pearl(st: dict) -> dict:
-    """PEARL's host-side statistics from the (summed) raw counters (called by `summarize_stats`)."""
-    i = lambda k: int(np.asarray(st[k]))  # noqa: E731
-    x = lambda k: float(np.asarray(st[k]))  # noqa: E731
-    rows = max(i("row_steps"), 1)
-    pre, post = i("pearl_pre_steps"), i("pearl_post_steps")
-    po, pa = np.asarray(st["pearl_post_offered"], np.int64), np.asarray(st["pearl_post_accepted"], np.int64)
-    par, seq, greedy = x("pearl_time_parallel"), x("pearl_time_sequential"), x("pearl_time_greedy")
-    return {
-        "pre_verify_steps": pre, "post_verify_steps": post,
-        "pre_verify_acceptance": float(i("pearl_pre_accepted") / pre) if pre else float("nan"),
-        "post_verify_full_accepts": i("pearl_post_full"),
-        "post_verify_acceptance_per_position": [float(a / o) if o else float("nan") for a, o in zip(pa, po)],
-        "target_block_steps": i("block_calls"), "target_single_steps": i("pearl_single_steps"),
-        "loop_steps": i("pearl_loop_steps"), "tokens_per_target_call": float(i("pearl_tokens") / rows),
-        "time_parallel": par, "time_sequential": seq, "time_greedy": greedy,
-        "time_draft": x("pearl_time_draft"), "time_target": x("pearl_time_target"),
-        "speedup_parallel_model": greedy / par if par > 0 else float("nan"),
-        "speedup_sequential_model": greedy / seq if seq > 0 else float("nan"),
-    }
