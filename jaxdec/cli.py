@@ -405,6 +405,8 @@ def cmd_generate(args, parser) -> int:
 
     prompts = _read_prompts(args)
     _check_args(args, parser)
+    if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
+        raise BadInput("--out is the --prompts-file: writing it would replace the prompts; choose another path")
     out = PartialOut(args.out) if args.out else None
     try:
         t0 = time.perf_counter()

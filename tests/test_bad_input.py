@@ -117,6 +117,9 @@ def test_prompts_file_encoding_and_content(capsys, no_model_load, tmp_path):
     f = _prompts_file(tmp_path, b'{"prompt": ""}\n')
     check_bad(capsys, ["generate", "--prompts-file", f], "--prompts-file", "empty")
     check_bad(capsys, ["generate", "--prompts-file", str(tmp_path)], "--prompts-file", "folder")
+    f = _prompts_file(tmp_path, b'{"prompt": "ok"}\n')
+    check_bad(capsys, ["generate", "--prompts-file", f, "--out", f], "--out", "--prompts-file")
+    assert open(f).read() == '{"prompt": "ok"}\n'
 
 
 def test_non_utf8_prompt_bytes_subprocess(tmp_path):
