@@ -83,6 +83,24 @@ def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
     return arr, lens
 
 
+def batch_inputs(bs: int, max_new: int, min_new: int, keys, stop, cap: int, sampling=None) -> dict:
+    """The driver's per-row inputs for a compiled batch of ``bs`` rows whose first ``len(keys)`` rows are
+    real: ``max_new`` (0 for the inert filler rows, which repeat the first row's key and sampling
+    parameters), ``min_new``, ``keys [bs, 2]``, ``stop_ids``, the output buffer ``[bs, cap]`` and, with
+    ``sampling`` (a `SamplingParams` of the real rows), the rows' sampling parameters."""
+    real = len(keys)
+    mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
+    kb = np.concatenate([keys, np.repeat(keys[:1], bs - real, 0)])
+    inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),
+              "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
+              "out_buffer": jnp.zeros((bs, cap), jnp.int32)}
+    if sampling is not None:
+        inputs["sampling"] = jax.tree.map(
+            lambda a: jnp.asarray(np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], bs - real, 0)])),
+            sampling)
+    return inputs
+
+
 def prefix_groups(rows: list, bs: int, n: int) -> int:
     """How many shared-prefix groups each compiled batch of ``bs`` rows splits into: 1 when every
     batch holds one prompt, ``bs // n`` when batches are whole prompts of n consecutive rows each, 0
@@ -240,15 +258,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (bs - real)  # inert filler rows keep shapes static
         toks, lens = pad_batch(chunk, p_bucket, int(hook(model, "pad_id")))
-        mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
-        kb = np.concatenate([keys[start:start + real], np.repeat(keys[start:start + 1], bs - real, 0)])
-        inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),
-                  "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
-                  "out_buffer": jnp.zeros((bs, cap), jnp.int32)}
-        if sp is not None:
-            sl = jax.tree.map(lambda a: np.asarray(a)[start:start + real], sp)
-            inputs["sampling"] = jax.tree.map(
-                lambda a: jnp.asarray(np.concatenate([a, np.repeat(a[:1], bs - real, 0)])), sl)
+        sl = None if sp is None else jax.tree.map(lambda a: np.asarray(a)[start:start + real], sp)
+        inputs = batch_inputs(bs, max_new, min_new, keys[start:start + real], stop, cap, sl)
         if inputs_fn is not None:
             inputs = inputs_fn(inputs, chunk)
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)

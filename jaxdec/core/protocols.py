@@ -54,6 +54,10 @@ DECODER_HOOKS = {
     "processors": ((), "the user's logits processors (a decoder that has this field honours them)"),
     "required_inputs": ((), "keys of `inputs` the decoder needs beyond the driver's (its entry point adds them)"),
     "entry_point": (None, "the function that builds those inputs, named in the error generate() raises"),
+    "insert": (None, "insert(state, prefix, slots) -> state: new rows into a running batch (default: "
+                     "jaxdec.core.slots.insert_rows, for per-row method state)"),
+    "finalize": (None, "finalize(state) -> (tokens [B,N], lengths [B], finish [B]): the output rows (default: "
+                       "the left-to-right buffer state.tokens[:, :num_new])"),
 }
 DRAFTER_HOOKS = {
     "own_params": (False, "the drafter has its own weights: params = with_draft_params(target, draft)"),

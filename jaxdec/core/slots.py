@@ -1,0 +1,115 @@
+"""Prefill and insert: new requests join a running batch in chosen slots (decode slots, as a serving engine
+keeps them), through the same compiled `init` and `step` the driver runs.
+
+    prefix = prefill(decoder, model, params, prompts, like=state, max_new_tokens=32)  # new rows, own cache
+    state = insert(decoder, state, prefix, slots=[5, 2, 7])                          # rows 5, 2, 7 replaced
+    state = step(decoder, model, params, state)                                      # one decode step
+
+`prefill` is the decoder's `init` on the new rows alone (their cache entries, first logits and first
+token, per-row method state) in a cache of the running batch's size; `insert` writes those rows into the
+running state at ``slots``. `generate` is exactly ``init`` of all rows then ``step`` until done, so an
+inserted row decodes exactly as it would in a batch of its own. A decoder with method state that is not
+per-row (a leaf without a leading batch axis) defines its own ``insert(state, prefix, slots)``; the
+generic one refuses such state by the leaf's path. Shared-prefix (Hydragen) caches are not insertable.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.cache.kv import bucket
+from jaxdec.core import loop
+from jaxdec.core.protocols import check_decoder, hook
+from jaxdec.core.state import DecodeState
+
+
+def insert_rows(state: DecodeState, prefix: DecodeState, slots) -> DecodeState:
+    """Generic insert: every per-row field, cache row and method-state row of ``prefix`` (n rows) replaces
+    row ``slots[i]`` of ``state``; the running state's step counter and stop ids stay, counters add up."""
+    b, n = state.batch, prefix.batch
+    if prefix.capacity != state.capacity:
+        raise ValueError(f"prefix output capacity {prefix.capacity} != the running state's {state.capacity}")
+    c, pc = state.cache, prefix.cache
+    if getattr(c, "prefix_k", None) is not None or getattr(pc, "prefix_k", None) is not None:
+        raise ValueError("insert does not support shared-prefix (Hydragen) caches")
+    if pc.k.shape[2:] != c.k.shape[2:] or pc.k.shape[0] != c.k.shape[0]:
+        raise ValueError(f"prefix cache {pc.k.shape} does not match the running cache {c.k.shape} "
+                         "(prefill with like=state)")
+    slots = jnp.asarray(slots, jnp.int32)
+
+    def put(path, a, p):
+        a, p = jnp.asarray(a), jnp.asarray(p)
+        if a.ndim == 0 or a.shape[0] != b or p.shape[0] != n or a.shape[1:] != p.shape[1:]:
+            raise ValueError(f"method state leaf {jax.tree_util.keystr(path)} (shapes {a.shape} and {p.shape}) "
+                             f"has no leading batch axis: give the decoder its own insert(state, prefix, slots)")
+        return a.at[slots].set(p)
+
+    rows = {f: getattr(state, f).at[slots].set(getattr(prefix, f))
+            for f in ("tokens", "num_new", "done", "finish", "last", "keys", "max_new", "min_new")}
+    cache = c.replace(k=c.k.at[:, slots].set(pc.k), v=c.v.at[:, slots].set(pc.v),
+                      lengths=c.lengths.at[slots].set(pc.lengths))
+    method = jax.tree_util.tree_map_with_path(put, state.method, prefix.method)
+    stats = jax.tree.map(lambda a, p: a + p, state.stats, prefix.stats)
+    return state.replace(cache=cache, method=method, stats=stats, **rows)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",))
+def _insert_jit(decoder, state, prefix, slots):
+    loop.count_trace(f"insert:{type(decoder).__name__}")
+    own = hook(decoder, "insert")
+    return insert_rows(state, prefix, slots) if own is None else own(state, prefix, slots)
+
+
+def prefill(decoder, model, params, prompts: Sequence[Sequence[int]], *, like: Optional[DecodeState] = None,
+            cache_size: Optional[int] = None, capacity: Optional[int] = None, max_new_tokens: int = 64,
+            min_new_tokens: int = 0, keys=None, seed: int = 0, stop_ids=None, sampling=None,
+            prompt_bucket: Optional[int] = None) -> DecodeState:
+    """Run the decoder's ``init`` on the new rows alone. ``like``: the running state whose cache size and
+    output capacity the rows must share (or give ``cache_size`` and ``capacity``). ``keys``: ``uint32
+    [n, 2]`` row keys (default: `generate`'s keys of ``seed`` for these prompts). ``sampling``: a
+    `SamplingParams` of the n rows (sampling decoders). Compiles once per (rows, prompt bucket) shape."""
+    from jaxdec.core.generate import _check_prompts, _positive_int, batch_inputs, pad_batch, row_keys
+    check_decoder(decoder)
+    rows = _check_prompts(prompts, model.vocab_size)
+    max_new = _positive_int("max_new_tokens", max_new_tokens)
+    min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
+    if like is not None:
+        cache_size, capacity = like.cache.size, like.capacity
+    if cache_size is None or capacity is None:
+        raise ValueError("prefill needs like=<running state> or both cache_size and capacity")
+    if max_new > capacity:
+        raise ValueError(f"max_new_tokens ({max_new}) exceeds the output capacity ({capacity})")
+    p = prompt_bucket or bucket(max(len(r) for r in rows))
+    need = max(len(r) for r in rows) + max_new + int(hook(decoder, "cache_headroom"))
+    if p > cache_size or need > cache_size:
+        raise ValueError(f"prompt + max_new_tokens needs {need} cache slots (prompt bucket {p}); the cache has "
+                         f"{cache_size}")
+    keys = row_keys(seed, len(rows), 1) if keys is None else np.asarray(keys, np.uint32)
+    stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    inputs = batch_inputs(len(rows), max_new, min_new, keys, stop, capacity, sampling)
+    toks, lens = pad_batch(rows, p, int(hook(model, "pad_id")))
+    return loop._init_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, cache_size)
+
+
+def insert(decoder, state: DecodeState, prefix: DecodeState, slots) -> DecodeState:
+    """``state`` with ``prefix``'s rows in ``slots`` (distinct row indices of the running batch)."""
+    slots = np.asarray(slots, np.int64).reshape(-1)
+    if len(slots) != prefix.batch:
+        raise ValueError(f"slots has {len(slots)} entries for {prefix.batch} prefix rows")
+    if len(set(slots.tolist())) != len(slots) or slots.min() < 0 or slots.max() >= state.batch:
+        raise ValueError(f"slots must be distinct rows in [0, {state.batch}), got {slots.tolist()}")
+    return _insert_jit(decoder, state, prefix, jnp.asarray(slots, jnp.int32))
+
+
+def step(decoder, model, params, state: DecodeState) -> DecodeState:
+    """One decode step of the running batch (the driver's compiled step)."""
+    return loop._step_jit(decoder, model, params, state)
+
+
+def start(decoder, model, params, prompts, **kw) -> DecodeState:
+    """A running batch from scratch: `prefill` of every row (``cache_size`` and ``capacity`` required)."""
+    return prefill(decoder, model, params, prompts, **kw)

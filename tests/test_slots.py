@@ -1,0 +1,83 @@
+"""Prefill and insert (`jaxdec.core.slots`): new requests join a running batch of 8 rows in chosen slots;
+each inserted row decodes exactly as `generate()` of that request alone, the other rows are unaffected,
+and a second insert of the same shape does not retrace."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec.core import loop, slots
+from jaxdec.core.token import TokenDecoder
+
+NEW = 12
+
+
+def _alone(model, params, ids, **kw):
+    return jaxdec.generate(model, params, [ids], max_new_tokens=NEW, **kw).tokens[0]
+
+
+def _tokens(state):
+    nn, tk = np.asarray(state.num_new), np.asarray(state.tokens)
+    return [tk[r, :nn[r]].tolist() for r in range(tk.shape[0])]
+
+
+def test_insert_into_running_batch(model_q, chat_prompt_ids):
+    model, params = model_q
+    dec = TokenDecoder()
+    first, later, last = chat_prompt_ids[:8], chat_prompt_ids[8:11], chat_prompt_ids[11:14]
+    state = slots.start(dec, model, params, first, cache_size=256, capacity=16, max_new_tokens=NEW)
+    for _ in range(3):
+        state = slots.step(dec, model, params, state)
+    p1 = slots.prefill(dec, model, params, later, like=state, max_new_tokens=NEW)
+    state = slots.insert(dec, state, p1, [5, 2, 7])
+    n_insert = loop.TRACE_COUNTS["insert:TokenDecoder"]
+    for _ in range(2):
+        state = slots.step(dec, model, params, state)
+    p2 = slots.prefill(dec, model, params, last, like=state, max_new_tokens=NEW)
+    state = slots.insert(dec, state, p2, [0, 1, 3])
+    assert loop.TRACE_COUNTS["insert:TokenDecoder"] == n_insert  # the second insert reused the program
+    while not bool(np.all(np.asarray(state.done))):
+        state = slots.step(dec, model, params, state)
+    got = _tokens(state)
+    owner = {5: later[0], 2: later[1], 7: later[2], 0: last[0], 1: last[1], 3: last[2], 4: first[4], 6: first[6]}
+    for row, ids in owner.items():
+        assert got[row] == _alone(model, params, ids), f"row {row}"
+    # negative control: the rows really were replaced (an untouched row 5 would hold the first prompt's tokens)
+    assert got[5] != _alone(model, params, first[5])
+
+
+def test_insert_sampling_rows_keep_their_keys(model_q, chat_prompt_ids):
+    """Sampling: an inserted row draws with its own key, so it equals generate() of its prompt with that key."""
+    model, params = model_q
+    from jaxdec.core.generate import row_keys
+    from jaxdec.core.processors import SamplingParams
+    dec = TokenDecoder(greedy=False)
+    sp = lambda n: SamplingParams.create(n, temperature=0.9, top_k=40)  # noqa: E731
+    state = slots.start(dec, model, params, chat_prompt_ids[:4], cache_size=256, capacity=16,
+                        max_new_tokens=NEW, sampling=sp(4), seed=1)
+    state = slots.step(dec, model, params, state)
+    ids = chat_prompt_ids[9]
+    keys = row_keys(5, 1, 1)
+    state = slots.insert(dec, state, slots.prefill(dec, model, params, [ids], like=state, max_new_tokens=NEW,
+                                                   keys=keys, sampling=sp(1)), [2])
+    while not bool(np.all(np.asarray(state.done))):
+        state = slots.step(dec, model, params, state)
+    ref = jaxdec.generate(model, params, [ids], method="sample", seed=5, max_new_tokens=NEW,
+                          sampling=dict(temperature=0.9, top_k=40)).tokens[0]
+    assert _tokens(state)[2] == ref
+
+
+def test_insert_refuses_bad_slots_and_mismatched_prefix(model_q, chat_prompt_ids):
+    model, params = model_q
+    dec = TokenDecoder()
+    state = slots.start(dec, model, params, chat_prompt_ids[:2], cache_size=256, capacity=16, max_new_tokens=4)
+    p = slots.prefill(dec, model, params, chat_prompt_ids[2:3], like=state, max_new_tokens=4)
+    with pytest.raises(ValueError, match="distinct rows"):
+        slots.insert(dec, state, slots.prefill(dec, model, params, chat_prompt_ids[2:4], like=state,
+                                               max_new_tokens=4), [1, 1])
+    with pytest.raises(ValueError, match="1 prefix rows"):
+        slots.insert(dec, state, p, [0, 1])
+    other = slots.prefill(dec, model, params, chat_prompt_ids[2:3], cache_size=320, capacity=16, max_new_tokens=4)
+    with pytest.raises(ValueError, match="does not match the running cache"):
+        slots.insert(dec, state, other, [0])
