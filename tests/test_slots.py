@@ -81,3 +81,53 @@ def test_insert_refuses_bad_slots_and_mismatched_prefix(model_q, chat_prompt_ids
     other = slots.prefill(dec, model, params, chat_prompt_ids[2:3], cache_size=320, capacity=16, max_new_tokens=4)
     with pytest.raises(ValueError, match="does not match the running cache"):
         slots.insert(dec, state, other, [0])
+
+
+def test_cache_free_decoder_with_finalize_runs_through_the_driver(model_q):
+    """A decoder that needs no KV cache (``needs_cache = False``) and writes its output canvas out of order
+    (right to left, as a diffusion sampler may) returns its rows through ``finalize``."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import struct
+
+    from jaxdec.core.state import LENGTH
+    from jaxdec.core.steps import initial_state
+
+    @struct.dataclass
+    class Canvas:
+        canvas: object  # [B, N] int32
+        filled: object  # [B] int32 positions written so far
+        source: object  # [B, P] int32 the prompts
+        lens: object  # [B] int32
+
+    @dataclasses.dataclass(frozen=True)
+    class ReverseFill:  # toy: output j is the prompt's (len-1-j)-th token, written from the right
+        needs_cache = False
+
+        def init(self, model, params, prompts, prompt_lens, cache, inputs):
+            assert cache is None
+            b, n = inputs["out_buffer"].shape
+            m = Canvas(jnp.full((b, n), -1, jnp.int32), jnp.zeros((b,), jnp.int32), prompts, prompt_lens)
+            return initial_state(prompts, cache, inputs, m, {"model_calls": jnp.zeros((), jnp.int32)})
+
+        def step(self, model, params, state):
+            m = state.method
+            j = state.max_new - 1 - m.filled  # next position, right to left
+            tok = jnp.take_along_axis(m.source, (m.lens - 1 - j)[:, None], axis=1)[:, 0]
+            live = m.filled < state.max_new
+            canvas = m.canvas.at[jnp.arange(state.batch), jnp.maximum(j, 0)].set(
+                jnp.where(live, tok, m.canvas[jnp.arange(state.batch), jnp.maximum(j, 0)]))
+            return state.replace(method=m.replace(canvas=canvas, filled=m.filled + live), step=state.step + 1)
+
+        def done(self, state):
+            return jnp.all(state.method.filled >= state.max_new)
+
+        def finalize(self, state):
+            return state.method.canvas, state.max_new, jnp.full_like(state.max_new, LENGTH)
+
+    model, params = model_q
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    g = jaxdec.generate(model, params, prompts, decoder=ReverseFill(), max_new_tokens=3)
+    assert g.tokens == [[9, 8, 7], [13, 12, 11]]
+    assert g.finish_reason == ["length", "length"] and g.stats["model_calls"] == 0

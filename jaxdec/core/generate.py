@@ -248,6 +248,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         if dataclasses.is_dataclass(model) and getattr(model, "matmul_impl", "xla") is None:
             model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
 
+    finalize = hook(decoder, "finalize")
     all_tokens, finishes, calls, steps = [], [], 0, 0
     t0 = time.perf_counter()
     batches = range(0, len(rows), bs)
@@ -272,9 +273,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         else:
             state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size,
                                  prefix_groups=max(groups, 1))
-        nn = np.asarray(state.num_new)
-        tk = np.asarray(state.tokens)
-        fr = np.asarray(state.finish)
+        tk, nn, fr = (state.tokens, state.num_new, state.finish) if finalize is None else finalize(state)
+        tk, nn, fr = np.asarray(tk), np.asarray(nn), np.asarray(fr)
         for r in range(real):
             all_tokens.append(tk[r, :nn[r]].tolist())
             finishes.append(FINISH_NAMES[int(fr[r])])

@@ -18,7 +18,7 @@ import functools
 
 import jax
 
-from jaxdec.core.protocols import is_done
+from jaxdec.core.protocols import hook, is_done
 
 # how many times each jitted entry point was traced (tests assert "same shapes do not recompile")
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -46,11 +46,19 @@ def make_cache(model, batch: int, cache_size: int, prefix_size=None, prefix_grou
     return with_prefix_buffer(cache, prefix_size, prefix_groups)
 
 
+def _cache_for(decoder, model, batch, cache_size, prefix_size, prefix_groups):
+    """The model's cache, or None for a decoder that declares ``needs_cache = False`` (it keeps whatever
+    context it needs in its own state, e.g. a diffusion canvas)."""
+    if not hook(decoder, "needs_cache"):
+        return None
+    return make_cache(model, batch, cache_size, prefix_size, prefix_groups)
+
+
 @functools.partial(jax.jit, static_argnames=("decoder", "model", "cache_size", "prefix_size", "prefix_groups"))
 def run_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None,
             prefix_groups: int = 1):
     count_trace(f"run:{type(decoder).__name__}")
-    cache = make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups)
+    cache = _cache_for(decoder, model, prompts.shape[0], cache_size, prefix_size, prefix_groups)
     state = decoder.init(model, params, prompts, prompt_lens, cache, inputs)
     return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
 
@@ -60,7 +68,7 @@ def _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: 
               prefix_groups: int = 1):
     count_trace(f"init:{type(decoder).__name__}")
     return decoder.init(model, params, prompts, prompt_lens,
-                        make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
+                        _cache_for(decoder, model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "model"))
@@ -78,7 +86,7 @@ def run_debug(decoder, model, params, prompts, prompt_lens, inputs, cache_size: 
         step = functools.partial(_step_jit, decoder, model)
     else:
         state = decoder.init(model, params, prompts, prompt_lens,
-                             make_cache(model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
+                             _cache_for(decoder, model, prompts.shape[0], cache_size, prefix_size, prefix_groups), inputs)
         step = functools.partial(decoder.step, model)
     if callback is not None:
         callback(state)

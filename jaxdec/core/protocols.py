@@ -56,6 +56,7 @@ DECODER_HOOKS = {
     "entry_point": (None, "the function that builds those inputs, named in the error generate() raises"),
     "insert": (None, "insert(state, prefix, slots) -> state: new rows into a running batch (default: "
                      "jaxdec.core.slots.insert_rows, for per-row method state)"),
+    "needs_cache": (True, "False: the driver passes cache=None to init (the decoder keeps its own context)"),
     "finalize": (None, "finalize(state) -> (tokens [B,N], lengths [B], finish [B]): the output rows (default: "
                        "the left-to-right buffer state.tokens[:, :num_new])"),
 }
