@@ -24,13 +24,16 @@ def top2_margin(logits_row) -> float:
 
 def compare(ours, ref, ref_step_logits, max_dlogit: float, label: str = ""):
     """Compare one sequence. Returns (ok, excused, message). `ref_step_logits[i]` are the reference's
-    logits that chose `ref[i]`."""
+    logits that chose `ref[i]` (read only at a divergence, so a lazy sequence works); `max_dlogit` is a
+    float or a callable returning it (called only at a divergence)."""
     i = first_divergence(list(ours), list(ref))
     if i is None:
         return True, False, ""
     if i >= len(ref) or i >= len(ref_step_logits):
         return False, False, f"{label}: lengths differ at {i} (ours {len(ours)}, ref {len(ref)})"
     margin = top2_margin(ref_step_logits[i])
+    if callable(max_dlogit):  # measured lazily: only a divergence needs it
+        max_dlogit = max_dlogit()
     bound = max(1e-3, 10.0 * max_dlogit)
     msg = f"{label}: first divergence at step {i} (ours {ours[i]} vs ref {ref[i]}), ref top-2 margin {margin:.3g}, bound {bound:.3g}"
     return margin < bound, margin < bound, msg

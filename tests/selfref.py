@@ -52,3 +52,36 @@ def block_vs_step_dlogit(model, params, prompt, t: int) -> float:
 
     a, b = both(params)
     return float(jnp.max(jnp.abs(a - b)))
+
+
+class LazyStepLogits:
+    """`step_logits(model, params, prompt, tokens)` computed on first use: the near-tie helper reads a
+    sequence's reference logits only where the compared tokens differ, so most are never needed."""
+
+    def __init__(self, model, params, prompt, tokens):
+        self._args = (model, params, list(prompt), list(tokens))
+        self._value = None
+
+    def __len__(self):
+        return len(self._args[3])
+
+    def __getitem__(self, i):
+        if self._value is None:
+            self._value = step_logits(*self._args)
+        return self._value[i]
+
+
+def lazy_teacher_logits(model, params, prompts, conts) -> list:
+    """`teacher_logits`, each sequence's logits computed only if the near-tie helper asks for them."""
+    return [LazyStepLogits(model, params, p, c) for p, c in zip(prompts, conts)]
+
+
+def lazy_block_vs_step_dlogit(model, params, prompt, t: int):
+    """`block_vs_step_dlogit` as a memoized callable (the near-tie helper calls it only at a divergence)."""
+    memo = []
+
+    def get() -> float:
+        if not memo:
+            memo.append(block_vs_step_dlogit(model, params, prompt, t))
+        return memo[0]
+    return get

@@ -360,4 +360,5 @@ def test_hydragen_sampling_n_rows_same_tokens_as_plain():
         np.testing.assert_array_equal(np.asarray(tok), np.asarray(plain_tok[i]))
         o = step(params, tok[:, None], suffix)
         suffix, last = o.cache, o.logits[:, 0]
-    assert len({tuple(np.asarray(t)) for t in plain_tok}) > 1  # rows really sampled different tokens
+    rows = np.stack([np.asarray(t) for t in plain_tok], axis=1)  # [n, steps]: one sampled sequence per row
+    assert len({tuple(r) for r in rows}) > 1  # rows really sampled different sequences

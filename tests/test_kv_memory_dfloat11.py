@@ -45,10 +45,13 @@ def test_rejects_non_bf16():
 # ------------------------------------------------------------------ DFloat11 inside the default model
 @pytest.fixture(scope="module")
 def df11_models(model_f32):
-    from jaxdec.compress.dfloat11 import bf16_params, compress_params
+    """(model, bfloat16 params, DFloat11 params), the DFloat11 ones from the public `jaxdec.load(weights="df11")`."""
+    import jaxdec
+    from jaxdec.compress.dfloat11 import bf16_params
     model, params = model_f32
-    bf16 = bf16_params(params)
-    return model, bf16, compress_params(bf16)
+    loaded = jaxdec.load(weights="df11")
+    assert loaded.model == model
+    return model, bf16_params(params), loaded.params
 
 
 def test_model_layers_decode_bit_identical(df11_models):
@@ -92,9 +95,9 @@ def test_df11_model_tokens_equal_bf16(df11_models, chat_prompt_ids):
     from jaxdec import generate
     model, bf16, df11 = df11_models
     prompts = chat_prompt_ids[:2]
-    a = generate(model, bf16, prompts, max_new_tokens=5)
-    b = generate(model, df11, prompts, max_new_tokens=5)
-    assert a.tokens == b.tokens and all(len(t) > 0 for t in a.tokens)
+    a = generate(model, bf16, prompts, max_new_tokens=16, stop_ids=())
+    b = generate(model, df11, prompts, max_new_tokens=16, stop_ids=())
+    assert a.tokens == b.tokens and all(len(t) == 16 for t in a.tokens)
 
 
 def test_load_rejects_unknown_weights():

@@ -10,7 +10,7 @@ from jaxdec.cache import bucket
 from jaxdec.core import loop
 from jaxdec.core.generate import generate
 from neartie import assert_sequences_match
-from selfref import step_logits
+from selfref import LazyStepLogits, step_logits
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_ragged_batch_rows_equal_rows_alone(model_f32, ragged_prompts):
     for i, p in enumerate(ragged_prompts):
         alone = generate(model, params, [p], max_new_tokens=24)
         ref = alone.tokens[0]
-        pairs.append((f"row {i} (len {len(p)})", g.tokens[i], ref, step_logits(model, params, p, ref)))
+        pairs.append((f"row {i} (len {len(p)})", g.tokens[i], ref, LazyStepLogits(model, params, p, ref)))
     assert_sequences_match(pairs, max_dlogit=1e-4)
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 import peer  # noqa: E402
-from selfref import block_vs_step_dlogit, teacher_logits  # noqa: E402
+from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits  # noqa: E402
 from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
@@ -225,9 +225,9 @@ def real(model_f32, chat_prompt_ids):
         if i < N_CODE:
             prompts.append(code[i])
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=8)
-    logits = teacher_logits(model, params, prompts, ref.tokens)
+    logits = lazy_teacher_logits(model, params, prompts, ref.tokens)  # computed only where tokens differ
     return {"model": model, "params": params, "prompts": prompts, "ref": ref, "ref_logits": logits,
-            "max_dlogit": block_vs_step_dlogit(model, params, prompts[0], 16)}
+            "max_dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
 
 
 def _check(real, out, idx, label):
@@ -300,7 +300,7 @@ def test_real_tau_where_drafter_helps(real, helpful, name):
     drafter = SilentDrafter() if name == "silent" else REAL_DRAFTERS[name]()
     out = generate(real["model"], real["params"], prompts, decoder=SpeculativeDecoder(drafter),
                    max_new_tokens=MAX_NEW)
-    logits = teacher_logits(real["model"], real["params"], prompts, ref.tokens)
+    logits = lazy_teacher_logits(real["model"], real["params"], prompts, ref.tokens)
     neartie.assert_sequences_match([(f"{name} helpful {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
     if name == "silent":
@@ -350,7 +350,7 @@ def test_real_layer_skip_and_draft_model_exact(real):
     prompts = [real["prompts"][0], real["prompts"][1]]
     n = 24
     ref = generate(model, params, prompts, method="greedy", max_new_tokens=n)
-    logits = teacher_logits(model, params, prompts, ref.tokens)
+    logits = lazy_teacher_logits(model, params, prompts, ref.tokens)
     skip = tuple(range(10, 24))
     out = generate(model, params, prompts, decoder=SpeculativeDecoder(LayerSkipDrafter(skip, 3)), max_new_tokens=n)
     neartie.assert_sequences_match([(f"layer-skip {i}", o, r, lg) for i, (o, r, lg) in
