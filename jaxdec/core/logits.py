@@ -69,6 +69,8 @@ class ProcessorContext:
     stop_ids: [n] int32 ids that end a row.
     sampling: the rows' `SamplingParams` (sampling decoders only), else None.
     seen:     [B, V] bool tokens seen by each row (repetition penalty), else None.
+    method:   the decoder's own per-row parameters that its built-in processors read (CAD's alpha ...),
+              else None. Host processors do not receive it.
     """
 
     tokens: jax.Array
@@ -81,13 +83,15 @@ class ProcessorContext:
     stop_ids: jax.Array
     sampling: Any = None
     seen: Any = None
+    method: Any = None
 
     @property
     def batch(self) -> int:
         return self.tokens.shape[0]
 
 
-def step_context(state, block=None, depth=None, parents=None, sampling=None, seen=None) -> ProcessorContext:
+def step_context(state, block=None, depth=None, parents=None, sampling=None, seen=None,
+                 method=None) -> ProcessorContext:
     """The context of a decode state; without ``depth`` a one-position block (a plain step)."""
     b = state.tokens.shape[0]
     if depth is None:
@@ -96,7 +100,7 @@ def step_context(state, block=None, depth=None, parents=None, sampling=None, see
         block = state.last[:, None]
     return ProcessorContext(tokens=state.tokens, num_new=state.num_new, depth=depth, parents=parents,
                             block=block, done=state.done, min_new=state.min_new, stop_ids=state.stop_ids,
-                            sampling=sampling, seen=seen)
+                            sampling=sampling, seen=seen, method=method)
 
 
 def check_processors(processors, who: str) -> tuple:
@@ -128,10 +132,13 @@ def check_processors(processors, who: str) -> tuple:
     return tuple(out)
 
 
+HOST_SKIP = ("sampling", "seen", "method")  # pytrees host processors do not receive
+
+
 def _host_call(procs: Sequence, logits, ctx: ProcessorContext):
     """All host processors of one stage in one ordered callback (batched over rows)."""
     arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-              if f.name not in ("sampling", "seen")}
+              if f.name not in HOST_SKIP}
 
     def run(x, arrs):
         c = ProcessorContext(**{k: np.asarray(v) for k, v in arrs.items()})
@@ -168,7 +175,7 @@ def post_commit(processors: Sequence, ctx: ProcessorContext, tokens, counts, par
         return
     b = tokens.shape[0]
     parent_rows = jnp.arange(b, dtype=jnp.int32) if parent_rows is None else parent_rows
-    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in ("sampling", "seen")}
+    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in HOST_SKIP}
 
     def run(arrs, tok, cnt, par):
         c = ProcessorContext(**{k: np.asarray(v) for k, v in arrs.items()})
