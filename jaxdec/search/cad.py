@@ -9,6 +9,10 @@ At every step both rows are run and the next token is chosen from
 in lock step. ``alpha = 0`` is plain decoding of the with-context prompt. alpha and temperature are
 traced per-row inputs (new values do not recompile).
 
+The contrast is a logits processor of the "penalty" stage (`ContextContrast`), so the chain runs min_new
+suppression and the user's masks on each row first, then the user's penalties, then the contrast, then
+the user's warpers (which see the contrasted logits on both rows of a pair).
+
 Host entry: `context_aware_generate(model, params, with_context, without_context, alpha=0.5, ...)`.
 """
 from __future__ import annotations
@@ -19,27 +23,64 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.core.generate import Generation, generate
 from jaxdec.core.keys import token_keys
-from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill, suppress_stops
+from jaxdec.core.logits import check_processors, run_processors, step_context, with_sampling
+from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill
 
 
 def contrast_logits(with_ctx, without_ctx, alpha):
-    """(1 + alpha) * with_ctx - alpha * without_ctx, alpha [B] or scalar."""
-    a = jnp.reshape(jnp.asarray(alpha, jnp.float32), (-1, 1))
+    """(1 + alpha) * with_ctx - alpha * without_ctx; alpha [B] (one per row of ``with_ctx [B, ...]``) or
+    scalar."""
+    a = jnp.reshape(jnp.asarray(alpha, jnp.float32), (-1,) + (1,) * (jnp.ndim(with_ctx) - 1))
     return (1.0 + a) * with_ctx - a * without_ctx
+
+
+@struct.dataclass
+class CADState:
+    """`ContextAware`'s method state; B = 2 * pairs rows (row 2i with context, 2i+1 without).
+
+    alpha:       [B] float32 contrast strength (both rows of a pair hold the pair's value).
+    temperature: [B] float32 sampling temperature (<= 0: greedy).
+    """
+
+    alpha: jax.Array
+    temperature: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextContrast:
+    """CAD's contrast as a "penalty" processor: each (with-context, without-context) row pair of
+    ``logits [B,T,V]`` becomes ``(1 + a) * with - a * without`` (``a = ctx.method.alpha[::2]``), written
+    to both rows of the pair. Needs `CADState` in ``ctx.method``."""
+
+    stage = "penalty"
+    host = False
+
+    def __call__(self, logits, ctx):
+        b2, t, v = logits.shape
+        pairs = logits.reshape(b2 // 2, 2, t, v)
+        comb = contrast_logits(pairs[:, 0], pairs[:, 1], ctx.method.alpha[::2])
+        return jnp.repeat(comb, 2, axis=0)
+
+
+CONTRAST = ContextContrast()
 
 
 @dataclasses.dataclass(frozen=True)
 class ContextAware:
     """Rows come in (with-context, without-context) pairs; ``inputs["cad"]`` holds per-row ``alpha``
-    and ``temperature`` (temperature <= 0 means greedy)."""
+    and ``temperature`` (temperature <= 0 means greedy). processors: the user's logits processors,
+    run in stage order with min_new suppression and the contrast (`ContextContrast`, "penalty")."""
+
+    processors: tuple = ()
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
-        method = {"alpha": inputs["cad"]["alpha"].astype(jnp.float32),
-                  "temperature": inputs["cad"]["temperature"].astype(jnp.float32)}
+        method = CADState(alpha=inputs["cad"]["alpha"].astype(jnp.float32),
+                          temperature=inputs["cad"]["temperature"].astype(jnp.float32))
         state = initial_state(prompts, cache, inputs, method, {"model_calls": jnp.ones((), jnp.int32)})
         return self._emit(state, logits)
 
@@ -50,12 +91,10 @@ class ContextAware:
         return self._emit(state, logits)
 
     def _emit(self, state, logits):
-        b2, v = logits.shape
-        logits = suppress_stops(logits.astype(jnp.float32), state)
-        pairs = logits.reshape(b2 // 2, 2, v)
-        m = state.method
-        comb = contrast_logits(pairs[:, 0], pairs[:, 1], m["alpha"][::2])
-        temp = m["temperature"][::2]
+        chain = with_sampling(self.processors, False) + (CONTRAST,)
+        x = run_processors(chain, logits.astype(jnp.float32), step_context(state, method=state.method))
+        comb = x[::2]
+        temp = state.method.temperature[::2]
         greedy = jnp.argmax(comb, axis=-1)
         keys = token_keys(state.keys[::2], state.num_new[::2])
         safe_t = jnp.where(temp > 0, temp, 1.0)[:, None]
@@ -67,9 +106,11 @@ class ContextAware:
 def context_aware_generate(model, params, with_context: Sequence, without_context: Sequence, *,
                            alpha: float = 0.5, temperature: float = 0.0, max_new_tokens: int = 64,
                            min_new_tokens: int = 0, seed: int = 0, stop_ids=None, batch_size: Optional[int] = None,
-                           tokenizer=None, debug: bool = False, callback=None) -> Generation:
+                           tokenizer=None, debug: bool = False, callback=None, processors=None) -> Generation:
     """CAD over prompt pairs. batch_size counts pairs. Returns one output per pair (the tokens shared by
-    both rows); ``stats`` as `generate`'s."""
+    both rows); ``stats`` as `generate`'s. processors: logits processors (`jaxdec.core.logits`); they see
+    both rows of every pair, the warpers after the contrast."""
+    processors = check_processors(processors, "context_aware_generate")
     if len(with_context) != len(without_context):
         raise ValueError(f"{len(with_context)} prompts with context but {len(without_context)} without")
     if not np.isfinite(alpha):
@@ -85,7 +126,7 @@ def context_aware_generate(model, params, with_context: Sequence, without_contex
                          "temperature": jnp.full((n,), temperature, jnp.float32)}
         return inputs
 
-    g = generate(model, params, rows, decoder=ContextAware(), max_new_tokens=max_new_tokens,
+    g = generate(model, params, rows, decoder=ContextAware(processors=processors), max_new_tokens=max_new_tokens,
                  min_new_tokens=min_new_tokens, seed=seed, stop_ids=stop_ids, batch_size=bs, tokenizer=tokenizer,
                  debug=debug, callback=callback, inputs_fn=extra)
     return Generation(prompt_ids=g.prompt_ids[::2], tokens=g.tokens[::2], finish_reason=g.finish_reason[::2],
