@@ -21,9 +21,11 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.core.generate import Generation, generate
-from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill, suppress_stops
+from jaxdec.core.logits import check_processors, run_processors, step_context, with_sampling
+from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill
 
 
 def linear_resistance(depth, alpha):
@@ -48,15 +50,40 @@ def revisits(hist, hlen, start, cand, n: int):
     return jnp.any(hit[:, None, :] & (win[:, None, :, n - 1] == cand[:, :, None]), axis=-1)
 
 
+@struct.dataclass
+class MomentumState:
+    """`Momentum`'s method state; B rows, P prompt width, C output capacity.
+
+    alpha:    [B] float32 resistance strength.
+    hist:     [B, P + C] int32 each row's prompt then its output (the graph's text).
+    hlen:     [B] int32 valid entries of ``hist``.
+    plen:     [B] int32 prompt length.
+    depth:    [B] int32 consecutive revisiting steps so far (the current loop's depth).
+    revisits: [B] int32 tokens that revisited a node.
+    """
+
+    alpha: jax.Array
+    hist: jax.Array
+    hlen: jax.Array
+    plen: jax.Array
+    depth: jax.Array
+    revisits: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class Momentum:
     """top_k candidates, n-gram nodes of size `ngram`; include_prompt: the prompt's n-grams are part of
-    the graph. ``inputs["momentum"]["alpha"]`` per row (traced)."""
+    the graph. ``inputs["momentum"]["alpha"]`` per row (traced).
+
+    processors: the user's logits processors, run after min_new suppression in stage order on the raw
+    logits. The momentum penalty is not a processor: it acts on the probabilities of the top-k
+    candidates (after the chain's softmax), so it stays inside the decoder."""
 
     top_k: int = 8
     ngram: int = 2
     include_prompt: bool = False
     resistance: Callable = linear_resistance
+    processors: tuple = ()
 
     def __post_init__(self):
         if self.top_k < 1 or self.ngram < 1:
@@ -67,9 +94,9 @@ class Momentum:
         b, p = prompts.shape
         cap = inputs["out_buffer"].shape[1]
         hist = jnp.zeros((b, p + cap), jnp.int32).at[:, :p].set(prompts)
-        method = {"alpha": inputs["momentum"]["alpha"].astype(jnp.float32), "hist": hist,
-                  "hlen": prompt_lens.astype(jnp.int32), "plen": prompt_lens.astype(jnp.int32),
-                  "depth": jnp.zeros((b,), jnp.int32), "revisits": jnp.zeros((b,), jnp.int32)}
+        method = MomentumState(alpha=inputs["momentum"]["alpha"].astype(jnp.float32), hist=hist,
+                               hlen=prompt_lens.astype(jnp.int32), plen=prompt_lens.astype(jnp.int32),
+                               depth=jnp.zeros((b,), jnp.int32), revisits=jnp.zeros((b,), jnp.int32))
         state = initial_state(prompts, cache, inputs, method, {"model_calls": jnp.ones((), jnp.int32)})
         return self._emit(state, logits)
 
@@ -81,39 +108,44 @@ class Momentum:
 
     def _emit(self, state, logits):
         m = state.method
-        probs = jax.nn.softmax(suppress_stops(logits.astype(jnp.float32), state), axis=-1)
+        x = run_processors(with_sampling(self.processors, False), logits.astype(jnp.float32), step_context(state))
+        probs = jax.nn.softmax(x, axis=-1)
         p_top, cand = jax.lax.top_k(probs, self.top_k)
-        start = jnp.zeros_like(m["plen"]) if self.include_prompt else m["plen"]
+        start = jnp.zeros_like(m.plen) if self.include_prompt else m.plen
         # with the prompt excluded, a node needs its whole n-gram inside the generated text
-        vis = revisits(m["hist"], m["hlen"], start, cand, self.ngram)
+        vis = revisits(m.hist, m.hlen, start, cand, self.ngram)
         if not self.include_prompt:
-            vis = vis & (m["hlen"] - m["plen"] >= self.ngram - 1)[:, None]
-        pen = self.resistance(m["depth"] + 1, m["alpha"])[:, None]
+            vis = vis & (m.hlen - m.plen >= self.ngram - 1)[:, None]
+        pen = self.resistance(m.depth + 1, m.alpha)[:, None]
         score = p_top - jnp.where(vis, pen, 0.0)
         j = jnp.argmax(score, axis=-1)
         tok = jnp.take_along_axis(cand, j[:, None], axis=1)[:, 0].astype(jnp.int32)
         chose_visit = jnp.take_along_axis(vis, j[:, None], axis=1)[:, 0]
         live = ~state.done
         b = jnp.arange(state.batch)
-        hist = m["hist"].at[b, jnp.minimum(m["hlen"], m["hist"].shape[1] - 1)].set(
-            jnp.where(live, tok, m["hist"][b, jnp.minimum(m["hlen"], m["hist"].shape[1] - 1)]))
-        method = {**m, "hist": hist, "hlen": m["hlen"] + live.astype(jnp.int32),
-                  "depth": jnp.where(live, jnp.where(chose_visit, m["depth"] + 1, 0), m["depth"]),
-                  "revisits": m["revisits"] + (live & chose_visit).astype(jnp.int32)}
+        hist = m.hist.at[b, jnp.minimum(m.hlen, m.hist.shape[1] - 1)].set(
+            jnp.where(live, tok, m.hist[b, jnp.minimum(m.hlen, m.hist.shape[1] - 1)]))
+        method = m.replace(hist=hist, hlen=m.hlen + live.astype(jnp.int32),
+                           depth=jnp.where(live, jnp.where(chose_visit, m.depth + 1, 0), m.depth),
+                           revisits=m.revisits + (live & chose_visit).astype(jnp.int32))
         return emit_tokens(state.replace(method=method), tok)
 
     def summarize(self, state):
-        return {"momentum_revisits": int(np.asarray(state.method["revisits"]).sum())}
+        return {"momentum_revisits": int(np.asarray(state.method.revisits).sum())}
 
 
 def momentum_generate(model, params, prompts, *, alpha: float = 0.1, ngram: int = 2, top_k: int = 8,
                       include_prompt: bool = False, resistance: Callable = linear_resistance,
                       max_new_tokens: int = 64, min_new_tokens: int = 0, stop_ids=None,
                       batch_size: Optional[int] = None, tokenizer=None, debug: bool = False,
-                      callback=None) -> Generation:
+                      callback=None, processors=None) -> Generation:
+    """processors: logits processors (`jaxdec.core.logits`) applied to the raw logits before the
+    softmax that the momentum penalty reads."""
+    processors = check_processors(processors, "momentum_generate")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha (resistance) must be finite and >= 0, got {alpha!r}")
-    dec = Momentum(top_k=int(top_k), ngram=int(ngram), include_prompt=bool(include_prompt), resistance=resistance)
+    dec = Momentum(top_k=int(top_k), ngram=int(ngram), include_prompt=bool(include_prompt), resistance=resistance,
+                   processors=processors)
 
     def extra(inputs, chunk):
         inputs["momentum"] = {"alpha": jnp.full((inputs["max_new"].shape[0],), alpha, jnp.float32)}
