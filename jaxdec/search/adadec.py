@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.core.generate import Generation, generate
 from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill, suppress_stops
@@ -58,6 +59,18 @@ def lookahead_scores(model, params, cache, cand, cand_lp, stop_ids, steps: int, 
     return score.reshape(b, k)
 
 
+@struct.dataclass
+class AdaDecState:
+    """`AdaDec`'s method state; B rows.
+
+    threshold: [B] float32 entropy (nats) above which a step re-ranks by lookahead.
+    triggers:  [B] int32 steps that re-ranked.
+    """
+
+    threshold: jax.Array
+    triggers: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaDec:
     k: int = 3
@@ -74,8 +87,8 @@ class AdaDec:
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
-        method = {"threshold": inputs["adadec"]["threshold"].astype(jnp.float32),
-                  "triggers": jnp.zeros((prompts.shape[0],), jnp.int32)}
+        method = AdaDecState(threshold=inputs["adadec"]["threshold"].astype(jnp.float32),
+                             triggers=jnp.zeros((prompts.shape[0],), jnp.int32))
         stats = {"model_calls": jnp.ones((), jnp.int32), "lookahead_calls": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
         return self._emit(model, params, state, logits)
@@ -89,7 +102,7 @@ class AdaDec:
     def _emit(self, model, params, state, logits):
         lp = jax.nn.log_softmax(suppress_stops(logits.astype(jnp.float32), state), axis=-1)
         greedy = jnp.argmax(lp, axis=-1).astype(jnp.int32)
-        trig = (entropy(lp) > state.method["threshold"]) & ~state.done
+        trig = (entropy(lp) > state.method.threshold) & ~state.done
 
         def rerank(_):
             cand_lp, cand = jax.lax.top_k(lp, self.k)
@@ -100,12 +113,12 @@ class AdaDec:
 
         tok = jax.lax.cond(jnp.any(trig), rerank, lambda _: greedy, None)
         any_t = jnp.any(trig).astype(jnp.int32)
-        method = {**state.method, "triggers": state.method["triggers"] + trig.astype(jnp.int32)}
+        method = state.method.replace(triggers=state.method.triggers + trig.astype(jnp.int32))
         stats = {**state.stats, "lookahead_calls": state.stats["lookahead_calls"] + any_t * self.lookahead}
         return emit_tokens(state.replace(method=method, stats=stats), tok)
 
     def summarize(self, state):
-        return {"adadec_triggers": int(np.asarray(state.method["triggers"]).sum()),
+        return {"adadec_triggers": int(np.asarray(state.method.triggers).sum()),
                 "lookahead_calls": int(np.asarray(state.stats["lookahead_calls"]))}
 
 

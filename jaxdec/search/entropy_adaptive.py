@@ -29,6 +29,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.cache.kv import rollback
 from jaxdec.core.generate import Generation, generate
@@ -38,6 +39,29 @@ from jaxdec.core.steps import emit_tokens, initial_state, prefill, suppress_stop
 def entropy_of(logits):
     lp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.sum(jnp.where(lp > -jnp.inf, jnp.exp(lp) * lp, 0.0), axis=-1)
+
+
+@struct.dataclass
+class EADState:
+    """`EntropyAdaptive`'s method state; B rows, P prompt width, C output capacity, W = window.
+
+    threshold:  [B] float32 rolling mean entropy above which the next step takes the large model.
+    hist:       [B, P + C + sync + 1] int32 each row's prompt then its output (large steps re-run the
+                pending tail from it).
+    hlen:       [B] int32 valid entries of ``hist``.
+    pending:    [B] int32 positions written by small steps since the last large step.
+    ents:       [B, W] float32 the last W steps' entropies, newest last.
+    n_ent:      [B] int32 valid entries of ``ents`` (at most W).
+    large_next: [B] bool the row asks for the large model next.
+    """
+
+    threshold: jax.Array
+    hist: jax.Array
+    hlen: jax.Array
+    pending: jax.Array
+    ents: jax.Array
+    n_ent: jax.Array
+    large_next: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +87,11 @@ class EntropyAdaptive:
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)  # the prompt: large model
         b, p = prompts.shape
         cap = inputs["out_buffer"].shape[1]
-        method = {"threshold": inputs["ead"]["threshold"].astype(jnp.float32),
-                  "hist": jnp.zeros((b, p + cap + self.sync + 1), jnp.int32).at[:, :p].set(prompts),
-                  "hlen": prompt_lens.astype(jnp.int32), "pending": jnp.zeros((b,), jnp.int32),
-                  "ents": jnp.zeros((b, self.window), jnp.float32), "n_ent": jnp.zeros((b,), jnp.int32),
-                  "large_next": jnp.zeros((b,), bool)}
+        method = EADState(threshold=inputs["ead"]["threshold"].astype(jnp.float32),
+                          hist=jnp.zeros((b, p + cap + self.sync + 1), jnp.int32).at[:, :p].set(prompts),
+                          hlen=prompt_lens.astype(jnp.int32), pending=jnp.zeros((b,), jnp.int32),
+                          ents=jnp.zeros((b, self.window), jnp.float32), n_ent=jnp.zeros((b,), jnp.int32),
+                          large_next=jnp.zeros((b,), bool))
         stats = {"model_calls": jnp.ones((), jnp.int32), "large_steps": jnp.zeros((), jnp.int32),
                  "small_steps": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
@@ -79,23 +103,23 @@ class EntropyAdaptive:
         cache = state.cache
         length = cache.lengths
         w = self.sync + 1
-        large = jnp.any(live & (m["large_next"] | (m["pending"] >= self.sync)))
+        large = jnp.any(live & (m.large_next | (m.pending >= self.sync)))
 
         def large_step(_):
-            start = length - m["pending"]
+            start = length - m.pending
             idx = start[:, None] + jnp.arange(w)[None, :]
-            block = jnp.take_along_axis(m["hist"], jnp.clip(idx, 0, m["hist"].shape[1] - 1), axis=1)
+            block = jnp.take_along_axis(m.hist, jnp.clip(idx, 0, m.hist.shape[1] - 1), axis=1)
             out = model(params, block, idx.astype(jnp.int32), rollback(cache, start),
-                        logits_at=m["pending"][:, None])
-            return out.logits[:, 0], rollback(out.cache, length + 1), jnp.zeros_like(m["pending"])
+                        logits_at=m.pending[:, None])
+            return out.logits[:, 0], rollback(out.cache, length + 1), jnp.zeros_like(m.pending)
 
         def small_step(_):
             out = model(params, state.last[:, None], length[:, None], cache, layers=self.small_mask(model))
-            return out.logits[:, 0], out.cache, m["pending"] + 1
+            return out.logits[:, 0], out.cache, m.pending + 1
 
         logits, new_cache, pending = jax.lax.cond(large, large_step, small_step, None)
         new_cache = rollback(new_cache, jnp.where(live, new_cache.lengths, length))
-        method = {**m, "pending": jnp.where(live, pending, m["pending"])}
+        method = m.replace(pending=jnp.where(live, pending, m.pending))
         st = state.stats
         stats = {**st, "model_calls": st["model_calls"] + 1,
                  "large_steps": st["large_steps"] + large.astype(jnp.int32),
@@ -109,14 +133,14 @@ class EntropyAdaptive:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         live = ~state.done
         ent = entropy_of(logits)
-        ents = jnp.where(live[:, None], jnp.concatenate([m["ents"][:, 1:], ent[:, None]], axis=1), m["ents"])
-        n_ent = jnp.minimum(m["n_ent"] + live.astype(jnp.int32), self.window)
+        ents = jnp.where(live[:, None], jnp.concatenate([m.ents[:, 1:], ent[:, None]], axis=1), m.ents)
+        n_ent = jnp.minimum(m.n_ent + live.astype(jnp.int32), self.window)
         valid = jnp.arange(self.window)[None, :] >= (self.window - n_ent)[:, None]
         mean = jnp.sum(jnp.where(valid, ents, 0.0), axis=1) / jnp.maximum(n_ent, 1)
         b = jnp.arange(state.batch)
-        hist = m["hist"].at[b, m["hlen"]].set(jnp.where(live, tok, m["hist"][b, m["hlen"]]))
-        method = {**m, "ents": ents, "n_ent": n_ent, "large_next": mean > m["threshold"], "hist": hist,
-                  "hlen": m["hlen"] + live.astype(jnp.int32)}
+        hist = m.hist.at[b, m.hlen].set(jnp.where(live, tok, m.hist[b, m.hlen]))
+        method = m.replace(ents=ents, n_ent=n_ent, large_next=mean > m.threshold, hist=hist,
+                           hlen=m.hlen + live.astype(jnp.int32))
         return emit_tokens(state.replace(method=method), tok)
 
     def summarize(self, state):
