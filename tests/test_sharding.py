@@ -13,23 +13,29 @@ import peer
 HERE = os.path.dirname(__file__)
 
 
-@pytest.mark.parametrize("weights", ["f32"])
+MESHES = {"f32": ("data8", "data2_model4"), "q": ("data2_model4",)}  # q: the model-axis split of QTensor codes
+
+
+@pytest.mark.parametrize("weights", ["f32", "q"])
 def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
     prompts = chat_prompt_ids[:8]
+    meshes = MESHES[weights]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "sharding_check.py"), peer.default_gguf_path(),
-                           weights, "12", json.dumps(prompts)], env=env, capture_output=True, text=True, timeout=1200)
+                           weights, "12", json.dumps(prompts), ",".join(meshes)], env=env, capture_output=True,
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     assert res["devices"] == 8
-    for name in ("data8", "data2_model4"):
+    for name in meshes:
         assert res[name]["tokens"] == res["single"], f"{name} tokens differ from one device"
-    # the fast paths really ran sharded
-    # the KV cache (the per-row state that dominates memory) is split over the data axis
-    assert not res["data8"]["cache_replicated"] and "data" in res["data8"]["cache_spec"], res["data8"]
-    assert not res["data2_model4"]["gate_replicated"] and "model" in res["data2_model4"]["gate_spec"]
-    assert "model" in res["data2_model4"]["embed_spec"]
-    # mesh runs trace XLA dots (shardable), never the native custom calls (XLA would all-gather their inputs)
-    for name in ("data8", "data2_model4"):
+        # the KV cache (the per-row state that dominates memory) is split over the data axis; specs are read
+        # from the arrays `generate` itself placed and returned. (Its output token buffer comes back fully
+        # replicated today, `token_spec` P(): small, but not what a data mesh promises; see issue 13's report.)
+        assert not res[name]["cache_replicated"] and "data" in res[name]["cache_spec"], res[name]
+        # mesh runs trace XLA dots (shardable), never the native custom calls (XLA would all-gather their inputs)
         assert res[name]["matmul_impls"] == ["xla"], res[name]
+    if "data2_model4" in meshes:  # weights split over the model axis (q: the block codes themselves)
+        r = res["data2_model4"]
+        assert not r["gate_replicated"] and "model" in r["gate_spec"] and "model" in r["embed_spec"], r

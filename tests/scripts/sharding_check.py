@@ -6,13 +6,16 @@ import sys
 import jax
 
 from jaxdec.core.generate import generate
-from jaxdec.sharding import make_mesh, shard_params
+from jaxdec.sharding import make_mesh
 from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
 from jaxdec.models import llama
 from jaxdec.models.llama import LlamaModel
 
+from jaxdec import sharding  # noqa: E402
+
 path, weights, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prompts = json.loads(sys.argv[4])
+meshes = sys.argv[5].split(",") if len(sys.argv) > 5 else ["data8", "data2_model4"]
 r = open_gguf(path)
 cfg, arch = config_from_gguf(r)
 params = load_gguf_params(r, cfg, arch, weights)
@@ -28,13 +31,28 @@ def _spy(x, w, impl=None):
 
 
 llama.quant_matmul = _spy
+used = []  # the params `generate` itself placed on the mesh (not a separate shard_params call)
+_shard_params = sharding.shard_params
+
+
+def _shard_spy(p, mesh):
+    placed = _shard_params(p, mesh)
+    used.append(placed)
+    return placed
+
+
+sharding.shard_params = _shard_spy
 g1 = generate(model, params, prompts, max_new_tokens=n_new)
 out["single"] = g1.tokens
 for name, (d, m) in {"data8": (8, 1), "data2_model4": (2, 4)}.items():
+    if name not in meshes:
+        continue
     mesh = make_mesh(d, m)
     impls.clear()
+    used.clear()
     g = generate(model, params, prompts, max_new_tokens=n_new, mesh=mesh)
-    sp = shard_params(params, mesh)
+    assert len(used) == 1, f"generate placed its params {len(used)} times"
+    sp = used[0]
     gate = sp["layers"]["w_gate"]
     gate_sh = gate.codes.sharding if hasattr(gate, "codes") else gate.sharding
     emb = sp["embed"]
