@@ -509,7 +509,11 @@ def native_stderr_silenced():
         stderr_is_fd2 = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):
         stderr_is_fd2 = False
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to silence
+        yield
+        return
     old = sys.stderr
     if stderr_is_fd2:
         sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
