@@ -52,11 +52,12 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.cache.kv import rollback
 from jaxdec.core.generate import Generation
@@ -256,6 +257,35 @@ def default_ngram(tokenizer, orders: Sequence[int] = (2, 3, 4)) -> NGramModel:
 
 
 # ---------------------------------------------------------------- the decoder
+@struct.dataclass
+class SuperposedState:
+    """`Superposed`'s method state; B rows (one per prompt), k = num_drafts, C output capacity,
+    c = max(orders) - 1 n-gram context tokens.
+
+    drafts:      [B, k, C] int32 each draft's tokens (valid up to ``dlen``).
+    dlen:        [B, k] int32 draft lengths.
+    scores:      [B, k] float32 running log-scores (-1e9: an empty slot).
+    fin:         [B, k] bool drafts that emitted a stop id.
+    ctx:         [B, k, c] int32 each draft's last c tokens (prompt included; -1 before the start).
+    weights:     [B, k] float32 superposition weights (finished drafts 0).
+    temperature: [B] float32; alpha: [B] float32 n-gram interpolation weight.
+    lambdas:     [n_orders] float32 per-order n-gram weights; penalty: [] float32 the no-support penalty.
+    tables:      the n-gram tables, one dict per order (`NGramModel.tables`), () without n-gram.
+    """
+
+    drafts: jax.Array
+    dlen: jax.Array
+    scores: jax.Array
+    fin: jax.Array
+    ctx: jax.Array
+    weights: jax.Array
+    temperature: jax.Array
+    alpha: jax.Array
+    lambdas: jax.Array
+    penalty: jax.Array
+    tables: Any = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Superposed:
     """Superposed decoding over one row per prompt.
@@ -288,19 +318,19 @@ class Superposed:
         c = self.context
         idx = prompt_lens[:, None].astype(jnp.int32) - c + jnp.arange(c)[None, :]
         ctx = jnp.where(idx >= 0, jnp.take_along_axis(prompts, jnp.clip(idx, 0, p - 1), axis=1), -1)
-        return {
-            "drafts": jnp.zeros((b, k, cap), jnp.int32),
-            "dlen": jnp.zeros((b, k), jnp.int32),
-            "scores": jnp.where(jnp.arange(k) == 0, 0.0, NEG)[None, :].repeat(b, 0).astype(jnp.float32),
-            "fin": jnp.zeros((b, k), bool),
-            "ctx": jnp.broadcast_to(ctx[:, None, :], (b, k, c)).astype(jnp.int32),
-            "weights": jnp.zeros((b, k), jnp.float32),
-            "temperature": sp["temperature"].astype(jnp.float32),
-            "alpha": sp["alpha"].astype(jnp.float32),
-            "lambdas": sp["lambdas"].astype(jnp.float32),
-            "penalty": jnp.asarray(sp["penalty"], jnp.float32),
-            "tables": sp["tables"],
-        }
+        return SuperposedState(
+            drafts=jnp.zeros((b, k, cap), jnp.int32),
+            dlen=jnp.zeros((b, k), jnp.int32),
+            scores=jnp.where(jnp.arange(k) == 0, 0.0, NEG)[None, :].repeat(b, 0).astype(jnp.float32),
+            fin=jnp.zeros((b, k), bool),
+            ctx=jnp.broadcast_to(ctx[:, None, :], (b, k, c)).astype(jnp.int32),
+            weights=jnp.zeros((b, k), jnp.float32),
+            temperature=sp["temperature"].astype(jnp.float32),
+            alpha=sp["alpha"].astype(jnp.float32),
+            lambdas=sp["lambdas"].astype(jnp.float32),
+            penalty=jnp.asarray(sp["penalty"], jnp.float32),
+            tables=sp["tables"],
+        )
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
@@ -310,8 +340,8 @@ class Superposed:
 
     def step(self, model, params, state):
         m = state.method
-        last = jnp.take_along_axis(m["drafts"], jnp.maximum(m["dlen"] - 1, 0)[:, :, None], axis=2)[:, :, 0]
-        emb = superpose(model, params, last, m["weights"])
+        last = jnp.take_along_axis(m.drafts, jnp.maximum(m.dlen - 1, 0)[:, :, None], axis=2)[:, :, 0]
+        emb = superpose(model, params, last, m.weights)
         cache = state.cache
         old = cache.lengths
         out = forward_embeds(model, params, emb[:, None, :], old[:, None], cache)
@@ -325,25 +355,25 @@ class Superposed:
         m = state.method
         k = self.num_drafts
         lg = suppress_stops(logits.astype(jnp.float32), state)
-        logp = jax.nn.log_softmax(lg / m["temperature"][:, None], axis=-1)
+        logp = jax.nn.log_softmax(lg / m.temperature[:, None], axis=-1)
         lp, cand = jax.lax.top_k(logp, self.num_candidates)
         inc = jnp.broadcast_to(lp[:, None, :], (lp.shape[0], k, lp.shape[1]))
         if self.orders:
-            png = ngram_probs(m["tables"], self.orders, m["lambdas"], m["ctx"], cand)
-            a = m["alpha"][:, None, None]
-            ng = jnp.where(png > 0, a * jnp.log(jnp.maximum(png, 1e-30)), -m["penalty"])
+            png = ngram_probs(m.tables, self.orders, m.lambdas, m.ctx, cand)
+            a = m.alpha[:, None, None]
+            ng = jnp.where(png > 0, a * jnp.log(jnp.maximum(png, 1e-30)), -m.penalty)
             inc = jnp.where(a > 0, (1.0 - a) * inc + ng, inc)
         return inc, cand
 
     def _advance(self, state, logits):
         m = state.method
         inc, cand = self._increments(state, logits)
-        scores, src, j = expand_and_prune(m["scores"], m["fin"], inc, self.num_drafts)
+        scores, src, j = expand_and_prune(m.scores, m.fin, inc, self.num_drafts)
         tok = jnp.take_along_axis(cand, j, axis=1)
-        was_fin = jnp.take_along_axis(m["fin"], src, axis=1)
-        drafts = jnp.take_along_axis(m["drafts"], src[:, :, None], axis=1)
-        dlen = jnp.take_along_axis(m["dlen"], src, axis=1)
-        ctx = jnp.take_along_axis(m["ctx"], src[:, :, None], axis=1)
+        was_fin = jnp.take_along_axis(m.fin, src, axis=1)
+        drafts = jnp.take_along_axis(m.drafts, src[:, :, None], axis=1)
+        dlen = jnp.take_along_axis(m.dlen, src, axis=1)
+        ctx = jnp.take_along_axis(m.ctx, src[:, :, None], axis=1)
         grow = ~was_fin
         cap = drafts.shape[-1]
         at = jnp.arange(cap)[None, None, :] == jnp.minimum(dlen, cap - 1)[:, :, None]
@@ -359,10 +389,10 @@ class Superposed:
         def keep(new, old):
             return jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
-        method = {**m, "drafts": keep(drafts, m["drafts"]), "dlen": keep(dlen, m["dlen"]),
-                  "scores": keep(scores, m["scores"]), "fin": keep(fin, m["fin"]), "ctx": keep(ctx, m["ctx"])}
-        method["weights"] = draft_weights(method["scores"], method["fin"])
-        all_fin = jnp.all(method["fin"], axis=1)
+        method = m.replace(drafts=keep(drafts, m.drafts), dlen=keep(dlen, m.dlen), scores=keep(scores, m.scores),
+                           fin=keep(fin, m.fin), ctx=keep(ctx, m.ctx))
+        method = method.replace(weights=draft_weights(method.scores, method.fin))
+        all_fin = jnp.all(method.fin, axis=1)
         ended = live & (all_fin | (num_new >= state.max_new))
         finish = jnp.where(ended, jnp.where(all_fin, EOS, LENGTH), state.finish).astype(jnp.int32)
         return state.replace(num_new=num_new, done=state.done | ended, finish=finish, method=method)
@@ -452,7 +482,7 @@ def superposed_generate(model, params, prompts, *, num_drafts: int = 3, num_cand
     row_calls = 0  # single-row forwards spent on real prompts: one row per prompt per call
     for state, real in results:
         row_calls += int(state.stats["model_calls"]) * real
-        md = jax.tree.map(np.asarray, {x: state.method[x] for x in ("drafts", "dlen", "scores", "fin")})
+        md = jax.tree.map(np.asarray, {x: getattr(state.method, x) for x in ("drafts", "dlen", "scores", "fin")})
         for b in range(real):
             order = np.argsort(-md["scores"][b], kind="stable")
             hyps = [{"tokens": md["drafts"][b, i, :int(md["dlen"][b, i])].tolist(),
