@@ -1,12 +1,12 @@
 """End to end on the default model: greedy with the Pallas tree-attention kernel (interpret mode on CPU)
-gives the XLA path's tokens, on a ragged batch of chat prompts (>= 20 prompts with JAXDEC_FULL=1)."""
+gives the XLA path's tokens, on a ragged batch of chat prompts (>= 20 prompts in the `slow` acceptance tier)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from conftest import FULL
 from neartie import assert_sequences_match
 
 
@@ -20,11 +20,11 @@ def _teacher_forced_logits(model, params, prompt, cont):
     return np.asarray(logits[len(prompt) - 1: len(ids) - 1])
 
 
-def test_default_model_pallas_greedy_equals_xla(model_f32, chat_prompt_ids):
+@pytest.mark.parametrize("n_prompts,new", [(8, 12), pytest.param(20, 32, marks=pytest.mark.slow)])  # CI / acceptance
+def test_default_model_pallas_greedy_equals_xla(model_f32, chat_prompt_ids, n_prompts, new):
     from jaxdec import generate
     model, params = model_f32
     pallas = model.with_attention("pallas")
-    n_prompts, new = (20, 32) if FULL else (8, 12)
     prompts = chat_prompt_ids[:n_prompts]
     assert len({len(p) for p in prompts}) > 1  # ragged
     jaxpr = str(jax.make_jaxpr(lambda p, t, q, c: pallas(p, t, q, c).logits)(
