@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.cache.kv import bucket
-from jaxdec.core import loop
+from jaxdec.core import driver
 from jaxdec.core.logits import check_processors, ensure_accepts
-from jaxdec.core.protocols import check_decoder, check_model, hook
+from jaxdec.core.driver import (_check_prompts, _positive_int, batch_inputs, pad_batch, prefix_groups,  # noqa: F401
+                                row_keys, shared_prefix_sizes, use_shared_prefix)
+from jaxdec.core.protocols import hook
 from jaxdec.core.state import FINISH_NAMES
 
 METHODS = ("greedy", "sample")
@@ -28,135 +29,6 @@ class Generation:
     stats: dict
     text: Optional[list] = None
     extras: dict = dataclasses.field(default_factory=dict)
-
-
-def _check_prompts(prompts, vocab_size: int) -> list:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError("prompts must be a list of token-id lists")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)):
-            raise TypeError(f"prompts[{i}] is a {type(p).__name__}: give token ids (e.g. tokenizer.encode(text))")
-        if not isinstance(p, list):
-            a = np.asarray(p)
-            if a.size and a.dtype.kind not in "iu":  # floats are refused, never floored
-                raise TypeError(f"prompts[{i}] holds {a.dtype} values: token ids must be integers")
-            p = list(a.reshape(-1))
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        bad = next((t for t in p if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer))), None)
-        if bad is not None:
-            raise TypeError(f"prompts[{i}] holds a non-integer token id {bad!r} ({type(bad).__name__}): token ids "
-                            f"must be integers")
-        if any(t < 0 or t >= vocab_size for t in p):
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
-        out.append([int(t) for t in p])
-    return out
-
-
-def _positive_int(name, v, allow_zero=False):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
-    return int(v)
-
-
-def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
-    """Key of output row (prompt i, sample j) = fold_in(fold_in(PRNGKey(seed), i), j): a row's
-    randomness never depends on which other rows share its batch."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
-    if not -2 ** 63 <= int(seed) < 2 ** 63:
-        raise ValueError(f"seed must be a 64-bit signed integer (-2**63 <= seed < 2**63), got {seed}")
-    base = jax.random.PRNGKey(int(seed))
-    ks = [jax.random.fold_in(jax.random.fold_in(base, i), j) for i in range(n_prompts) for j in range(n)]
-    return np.stack([np.asarray(k) for k in ks]).astype(np.uint32)
-
-
-def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
-    arr = np.full((len(rows), length), pad_id, np.int32)
-    lens = np.zeros((len(rows),), np.int32)
-    for r, p in enumerate(rows):
-        arr[r, :len(p)] = p
-        lens[r] = len(p)
-    return arr, lens
-
-
-def batch_inputs(bs: int, max_new: int, min_new: int, keys, stop, cap: int, sampling=None) -> dict:
-    """The driver's per-row inputs for a compiled batch of ``bs`` rows whose first ``len(keys)`` rows are
-    real: ``max_new`` (0 for the inert filler rows, which repeat the first row's key and sampling
-    parameters), ``min_new``, ``keys [bs, 2]``, ``stop_ids``, the output buffer ``[bs, cap]`` and, with
-    ``sampling`` (a `SamplingParams` of the real rows), the rows' sampling parameters."""
-    real = len(keys)
-    mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
-    kb = np.concatenate([keys, np.repeat(keys[:1], bs - real, 0)])
-    inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),
-              "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
-              "out_buffer": jnp.zeros((bs, cap), jnp.int32)}
-    if sampling is not None:
-        inputs["sampling"] = jax.tree.map(
-            lambda a: jnp.asarray(np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], bs - real, 0)])),
-            sampling)
-    return inputs
-
-
-def prefix_groups(rows: list, bs: int, n: int) -> int:
-    """How many shared-prefix groups each compiled batch of ``bs`` rows splits into: 1 when every
-    batch holds one prompt, ``bs // n`` when batches are whole prompts of n consecutive rows each, 0
-    when neither (filler rows repeat a batch's first row, as `generate` pads)."""
-    batches = []
-    for s in range(0, len(rows), bs):
-        chunk = rows[s:s + bs]
-        batches.append([tuple(r) for r in chunk + [chunk[0]] * (bs - len(chunk))])
-    if all(len(set(b)) == 1 for b in batches):
-        return 1
-    if n > 1 and bs % n == 0 and all(len(set(b[i:i + n])) == 1 for b in batches for i in range(0, bs, n)):
-        return bs // n
-    return 0
-
-
-def use_shared_prefix(shared_prefix, model, decoder, groups: int, rows_per_group: int, mesh=None) -> bool:
-    """Decide whether a run uses a shared-prefix (Hydragen) cache.
-
-    ``groups`` is the number of prefix groups per batch (0: the rows cannot be grouped by prompt).
-    ``shared_prefix=None`` (auto) picks Hydragen when the rows group by prompt, a group has more than
-    one row, the decoder opts in (``shared_prefix_ok``), the model accepts such a cache
-    (``supports_shared_prefix``) and no mesh is given. ``True`` forces it (a ValueError names what
-    prevents it); ``False`` forces the ordinary cache.
-    """
-    if shared_prefix is None:
-        return bool(groups > 0 and rows_per_group > 1 and hook(decoder, "shared_prefix_ok")
-                    and hook(model, "supports_shared_prefix") and mesh is None)
-    if not isinstance(shared_prefix, (bool, np.bool_)):
-        raise ValueError(f"shared_prefix must be None (auto), True or False, got {shared_prefix!r}")
-    if not shared_prefix:
-        return False
-    why = None
-    if groups <= 0:
-        why = ("the rows of a batch do not group by prompt (give one prompt, or a batch_size that is a "
-               "multiple of n)")
-    elif not hook(model, "supports_shared_prefix"):
-        why = f"the model ({type(model).__name__}) does not accept a shared-prefix cache"
-    elif not hook(decoder, "shared_prefix_ok"):
-        why = f"the decoder ({type(decoder).__name__}) does not support a shared-prefix cache"
-    elif mesh is not None:
-        why = "a mesh is given (sharded runs use the ordinary cache)"
-    if why:
-        raise ValueError(f"shared_prefix=True but {why}")
-    return True
-
-
-def shared_prefix_sizes(p_bucket: int, cap: int, extra: int, cache_size: Optional[int]) -> tuple:
-    """(prefix slots, suffix slots) of a shared-prefix cache: the prompt bucket, and the new tokens
-    (+ decoder headroom) bucketed by 16; a given ``cache_size`` counts both."""
-    if cache_size is None:
-        return p_bucket, bucket(cap + extra, 16)
-    suffix = cache_size - p_bucket
-    if suffix < cap + extra:
-        raise ValueError(f"cache_size ({cache_size}) too small for a shared-prefix cache: prompt bucket "
-                         f"{p_bucket} + {cap + extra} new-token slots")
-    return p_bucket, suffix
 
 
 def generate(model, params, prompts, *, method: str = "greedy", decoder=None, max_new_tokens: int = 64,
@@ -195,13 +67,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     if needs and inputs_fn is None:
         raise ValueError(f"decoder={type(decoder).__name__}(...) needs per-row inputs {list(needs)} that generate() "
                          f"does not build: call its entry point instead ({hook(decoder, 'entry_point') or 'see its docs'})")
-    max_new = _positive_int("max_new_tokens", max_new_tokens)
-    min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
     n = _positive_int("n", n)
     rows = [p for p in prompts for _ in range(n)]
-    bs = len(rows) if batch_size is None else _positive_int("batch_size", batch_size)
-    bs = min(bs, len(rows))
-    stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
     checker = StopStringChecker(tokenizer, stop_strings) if stop_strings else None
     sp = None
     if method == "sample" or sampling is not None:
@@ -217,77 +84,25 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     else:
         decoder = ensure_accepts(decoder, processors, "generate")
 
-    pmax = max(len(p) for p in rows)
-    p_bucket = bucket(pmax)
-    cap = capacity or bucket(max_new, 16)
-    if cap < max_new:
-        raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
-    check_model(model)
-    check_decoder(decoder)
-    extra = int(hook(decoder, "cache_headroom"))
-    groups = prefix_groups(rows, bs, n)
-    shared = use_shared_prefix(shared_prefix, model, decoder, groups, bs // max(groups, 1), mesh)
-    prefix_size = None
-    if shared:
-        prefix_size, size = shared_prefix_sizes(p_bucket, cap, extra, cache_size)
-    else:
-        size = cache_size or bucket(p_bucket + cap + extra)
-    needed = pmax + max_new + extra
-    if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
-        raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
-                         f"({max_new}) needs {needed} positions, cache_size is {size}")
-    max_pos = hook(model, "max_position")
-    if max_pos is not None and needed > max_pos:
-        raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
-    keys = row_keys(seed, len(prompts), n)
-    if mesh is not None:
-        from jaxdec import sharding
-        if bs % mesh.shape[sharding.DATA]:
-            raise ValueError(f"batch_size ({bs}) must be a multiple of the mesh's data axis ({mesh.shape[sharding.DATA]})")
-        params = sharding.shard_params(params, mesh)
-        if dataclasses.is_dataclass(model) and getattr(model, "matmul_impl", "xla") is None:
-            model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
-
+    run = driver.run(decoder, model, params, rows, samples_per_prompt=n, max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
+                     cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,
+                     progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix)
     finalize = hook(decoder, "finalize")
-    all_tokens, finishes, calls, steps = [], [], 0, 0
-    t0 = time.perf_counter()
-    batches = range(0, len(rows), bs)
-    if progress is not None:
-        batches = progress(batches)
-    for start in batches:
-        chunk = rows[start:start + bs]
-        real = len(chunk)
-        chunk = chunk + [chunk[0]] * (bs - real)  # inert filler rows keep shapes static
-        toks, lens = pad_batch(chunk, p_bucket, int(hook(model, "pad_id")))
-        sl = None if sp is None else jax.tree.map(lambda a: np.asarray(a)[start:start + real], sp)
-        inputs = batch_inputs(bs, max_new, min_new, keys[start:start + real], stop, cap, sl)
-        if inputs_fn is not None:
-            inputs = inputs_fn(inputs, chunk)
-        toks, lens = jnp.asarray(toks), jnp.asarray(lens)
-        if mesh is not None:
-            toks, lens, inputs = sharding.shard_rows((toks, lens, inputs), mesh)
-            inputs["stop_ids"] = jax.device_put(inputs["stop_ids"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        if debug:
-            state = loop.run_debug(decoder, model, params, toks, lens, inputs, size,
-                                   callback=callback, prefix_size=prefix_size, prefix_groups=max(groups, 1))
-        else:
-            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size,
-                                 prefix_groups=max(groups, 1))
+    all_tokens, finishes = [], []
+    for state, real in run.results:
         tk, nn, fr = (state.tokens, state.num_new, state.finish) if finalize is None else finalize(state)
         tk, nn, fr = np.asarray(tk), np.asarray(nn), np.asarray(fr)
         for r in range(real):
             all_tokens.append(tk[r, :nn[r]].tolist())
             finishes.append(FINISH_NAMES[int(fr[r])])
-        stats = state.stats or {}
-        calls += int(stats.get("model_calls", 0))
-        steps += int(state.step) + 1
-        last_state = state
-    secs = time.perf_counter() - t0
+    last_state = run.results[-1][0]
+    secs = run.seconds
     new = sum(len(t) for t in all_tokens)
-    out_stats = {"model_calls": calls, "loop_steps": steps, "new_tokens": new, "seconds": secs,
+    out_stats = {"model_calls": run.model_calls, "loop_steps": run.loop_steps, "new_tokens": new, "seconds": secs,
                  "tokens_per_second": new / secs if secs > 0 else float("nan"),
-                 "cache_size": size, "prompt_bucket": p_bucket, "batch_size": bs,
-                 "shared_prefix": shared, "prefix_groups": groups if shared else 0}
+                 "cache_size": run.cache_size, "prompt_bucket": run.prompt_bucket, "batch_size": run.batch_size,
+                 "shared_prefix": run.shared_prefix, "prefix_groups": run.prefix_groups}
     extra_stats = hook(decoder, "summarize")
     if extra_stats is not None:
         out_stats.update(extra_stats(last_state))

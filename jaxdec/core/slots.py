@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core import loop
+from jaxdec.core.driver import _check_prompts, _positive_int, batch_inputs, pad_batch, row_keys
 from jaxdec.core.protocols import check_decoder, hook
 from jaxdec.core.state import DecodeState
 
@@ -72,7 +73,6 @@ def prefill(decoder, model, params, prompts: Sequence[Sequence[int]], *, like: O
     output capacity the rows must share (or give ``cache_size`` and ``capacity``). ``keys``: ``uint32
     [n, 2]`` row keys (default: `generate`'s keys of ``seed`` for these prompts). ``sampling``: a
     `SamplingParams` of the n rows (sampling decoders). Compiles once per (rows, prompt bucket) shape."""
-    from jaxdec.core.generate import _check_prompts, _positive_int, batch_inputs, pad_batch, row_keys
     check_decoder(decoder)
     rows = _check_prompts(prompts, model.vocab_size)
     max_new = _positive_int("max_new_tokens", max_new_tokens)

@@ -19,17 +19,13 @@ per-row inputs (R rows per prompt) and runs a decoder through the shared driver 
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdec.cache.kv import KVCache, bucket, read_rows, write_rows
-from jaxdec.core import loop
-from jaxdec.core.protocols import hook
-from jaxdec.core.generate import _check_prompts, _positive_int, pad_batch, shared_prefix_sizes, use_shared_prefix
+from jaxdec.cache.kv import KVCache, read_rows, write_rows
+from jaxdec.core import driver
 
 NEG = -1.0e9  # HF's "impossible" score for beams (kept finite so that sums stay ordered)
 
@@ -102,15 +98,6 @@ def isin(tokens, ids):
     return jnp.any(tokens[..., None] == ids, axis=-1)
 
 
-def row_keys(seed: int, n_prompts: int, n: int) -> np.ndarray:
-    """The same keys as `jaxdec.core.generate.row_keys` (row (i, j) = fold_in(fold_in(PRNGKey(seed), i), j)),
-    computed in one vectorised call (thousands of prompts in statistical tests)."""
-    base = jax.random.PRNGKey(seed)
-    per = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
-        jnp.arange(n, dtype=jnp.uint32)))(jnp.arange(n_prompts, dtype=jnp.uint32))
-    return np.asarray(per).reshape(n_prompts * n, -1).astype(np.uint32)
-
-
 def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_new_tokens: int,
                 min_new_tokens: int = 0, stop_ids=None, seed: int = 0, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
@@ -125,63 +112,12 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     rows_per_prompt > 1 and the decoder opts in), True (force; error if impossible) or False (ordinary
     cache). ``stats["shared_prefix"]`` says which ran.
     """
-    prompts = _check_prompts(prompts, model.vocab_size)
-    r = _positive_int("rows_per_prompt", rows_per_prompt)
-    max_new = _positive_int("max_new_tokens", max_new_tokens)
-    min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
-    bp = len(prompts) if batch_size is None else _positive_int("batch_size", batch_size)
-    bp = min(bp, len(prompts))
-    stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    pmax = max(len(p) for p in prompts)
-    p_bucket = bucket(pmax)
-    cap = capacity or bucket(max_new, 16)
-    if cap < max_new:
-        raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
-    shared = use_shared_prefix(shared_prefix, model, decoder, bp, r)  # one prefix group per prompt
-    prefix_size = None
-    if shared:
-        prefix_size, size = shared_prefix_sizes(p_bucket, cap, 0, cache_size)
-    else:
-        size = cache_size or bucket(p_bucket + cap)
-    needed = pmax + max_new
-    if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
-        raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "
-                         f"({max_new}) needs {needed} positions, cache_size is {size}")
-    max_pos = hook(model, "max_position")
-    if max_pos is not None and needed > max_pos:
-        raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context ({max_pos})")
-    keys = row_keys(seed, len(prompts), r)
-    pad_id = int(hook(model, "pad_id"))
-
-    results = []
-    calls = steps = 0
-    t0 = time.perf_counter()
-    for start in range(0, len(prompts), bp):
-        chunk = prompts[start:start + bp]
-        real = len(chunk)
-        chunk = chunk + [chunk[0]] * (bp - real)
-        toks, lens = pad_batch(chunk, p_bucket, pad_id)
-        mx = np.repeat(np.array([max_new] * real + [0] * (bp - real), np.int32), r)
-        kb = keys[start * r:(start + real) * r]
-        kb = np.concatenate([kb, np.repeat(kb[:1], (bp - real) * r, 0)])
-        inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bp * r,), min_new, jnp.int32),
-                  "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
-                  "out_buffer": jnp.zeros((bp * r, cap), jnp.int32)}
-        if extra_inputs is not None:
-            inputs = extra_inputs(inputs, chunk)
-        if debug:
-            state = loop.run_debug(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
-                                   callback=callback, prefix_size=prefix_size, prefix_groups=bp)
-        else:
-            state = loop.run_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, size,
-                                 prefix_size=prefix_size, prefix_groups=bp)
-        state = jax.block_until_ready(state)
-        results.append((state, real))
-        st = state.stats or {}
-        calls += int(st.get("model_calls", 0))
-        steps += int(state.step) + 1
-    secs = time.perf_counter() - t0
-    stats = {"model_calls": calls, "loop_steps": steps, "seconds": secs, "cache_size": size,
-             "prompt_bucket": p_bucket, "batch_size": bp, "rows_per_prompt": r, "capacity": cap,
-             "shared_prefix": shared}
+    run = driver.run(decoder, model, params, prompts, expand=rows_per_prompt, max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
+                     cache_size=cache_size, capacity=capacity, debug=debug, callback=callback,
+                     inputs_fn=extra_inputs, shared_prefix=shared_prefix)
+    stats = {"model_calls": run.model_calls, "loop_steps": run.loop_steps, "seconds": run.seconds,
+             "cache_size": run.cache_size, "prompt_bucket": run.prompt_bucket, "batch_size": run.batch_size,
+             "rows_per_prompt": int(rows_per_prompt), "capacity": run.capacity, "shared_prefix": run.shared_prefix}
+    prompts, results = run.units, run.results
     return prompts, results, stats
