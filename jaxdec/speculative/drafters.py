@@ -1,7 +1,7 @@
 """Drafters: static configuration (frozen dataclasses) with three pure functions.
 
-    init(model, params, prompts, prompt_lens, state, inputs) -> dstate       (a pytree, kept in
-                                                                               state.method.draft)
+    init(model, params, prompts, prompt_lens, state, inputs) -> dstate       (a flax.struct dataclass,
+                                                                               kept in state.method.draft)
     propose(model, params, state, keys) -> (Draft, dstate, cache)
     update(model, params, state, dstate, info: VerifyInfo) -> dstate
 
@@ -20,11 +20,12 @@ Model-free drafters here:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdec.speculative.tree import Draft, TreeSpec
 
@@ -78,6 +79,11 @@ def ngram_lookup(hist, hist_len, num_tokens: int, max_ngram: int, min_ngram: int
     return toks.astype(jnp.int32), found, used_n
 
 
+@struct.dataclass
+class PromptLookupState:
+    """`PromptLookupDrafter`'s state: none (it reads the context from ``state.method.hist``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptLookupDrafter:
     """Chain of ``num_tokens`` copied from the most recent earlier occurrence of the last n-gram.
@@ -104,7 +110,7 @@ class PromptLookupDrafter:
     draft_calls_per_step = 0
 
     def init(self, model, params, prompts, prompt_lens, state, inputs):
-        return {}
+        return PromptLookupState()
 
     def propose(self, model, params, state, keys):
         m = state.method
@@ -129,6 +135,16 @@ DEFAULT_RECYCLING_RANK_PROBS = (0.45, 0.17, 0.09, 0.06, 0.04, 0.03, 0.025, 0.02)
 
 def default_recycling_tree(n: int = 24, max_depth: int = 8) -> TreeSpec:
     return TreeSpec.from_rank_probs(n, DEFAULT_RECYCLING_RANK_PROBS, max_depth=max_depth)
+
+
+@struct.dataclass
+class RecyclingState:
+    """`TokenRecyclingDrafter`'s state.
+
+    adj: [V, k] int32 (shared) or [B, V, k] (per row) the target's top-k tokens after each token, -1 unknown.
+    """
+
+    adj: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,14 +204,14 @@ class TokenRecyclingDrafter:
                 adj = jax.vmap(seed, in_axes=(None, 0, 0, 0))(adj, cur, nxt, use)
         elif not self.shared:
             adj = jnp.broadcast_to(adj, (b, v, self.k))
-        return {"adj": adj}
+        return RecyclingState(adj=adj)
 
     def export(self, dstate):
         """State to carry into the next run (hot start): ``inputs["recycling_adj"]``."""
-        return {"recycling_adj": dstate["adj"]} if self.shared else {}
+        return {"recycling_adj": dstate.adj} if self.shared else {}
 
     def propose(self, model, params, state, keys):
-        adj = state.method.draft["adj"]
+        adj = state.method.draft.adj
         b = state.batch
         n = self.tree.num_nodes
         toks = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(state.last)
@@ -214,7 +230,7 @@ class TokenRecyclingDrafter:
         return Draft(toks[:, 1:], parents, ok[:, 1:]), state.method.draft, state.cache
 
     def update(self, model, params, state, dstate, info):
-        adj = dstate["adj"]
+        adj = dstate.adj
         v = adj.shape[-2]
         _, top = jax.lax.top_k(info.logits, self.k)  # [B,T,k]
         top = top.astype(jnp.int32)
@@ -234,7 +250,7 @@ class TokenRecyclingDrafter:
                 return a.at[jnp.where(u & ~dup, tk, v)].set(tp, mode="drop")
 
             adj = jax.vmap(one)(adj, tok, use, top)
-        return {**dstate, "adj": adj}
+        return dstate.replace(adj=adj)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +315,24 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
     return draft, carry
 
 
+@struct.dataclass
+class DraftModelState:
+    """`DraftModelDrafter`'s state; B rows.
+
+    cache:   the draft model's KV cache (``[B, ...]``), holding the context up to ``l0``.
+    pend:    [B, 2] int32 tokens to feed before the next proposal (the first ``npend`` are valid).
+    npend:   [B] int32 1 or 2.
+    l0:      [B] int32 draft cache length at the start of the last proposal.
+    drafted: [B] int32 valid draft tokens of the last proposal.
+    """
+
+    cache: Any
+    pend: jax.Array
+    npend: jax.Array
+    l0: jax.Array
+    drafted: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftModelDrafter:
     """A separate draft model (same vocabulary) with its own KV cache drafts a chain of ``num_tokens``.
@@ -339,18 +373,18 @@ class DraftModelDrafter:
         dcache = self.draft_model.init_cache(b, state.cache.size)
         _, dcache, _ = prefill(self.draft_model, dparams, prompts, prompt_lens, dcache)
         pend = jnp.stack([state.last, jnp.zeros_like(state.last)], axis=1)
-        return {"cache": dcache, "pend": pend, "npend": jnp.ones((b,), jnp.int32), "l0": dcache.lengths,
-                "drafted": jnp.full((b,), self.num_tokens, jnp.int32)}
+        return DraftModelState(cache=dcache, pend=pend, npend=jnp.ones((b,), jnp.int32), l0=dcache.lengths,
+                               drafted=jnp.full((b,), self.num_tokens, jnp.int32))
 
     def propose(self, model, dparams, state, keys):
         from jaxdec.cache.kv import rollback
         ds = state.method.draft
         dm = self.draft_model
-        dc = ds["cache"]
+        dc = ds.cache
         l0 = dc.lengths
         pos = l0[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
-        out = dm(dparams, ds["pend"], pos, dc, logits_at=(ds["npend"] - 1)[:, None])
-        dc = rollback(out.cache, l0 + ds["npend"])
+        out = dm(dparams, ds.pend, pos, dc, logits_at=(ds.npend - 1)[:, None])
+        dc = rollback(out.cache, l0 + ds.npend)
 
         def step(c, x):
             o = dm(dparams, x[:, None], c.lengths[:, None], c)
@@ -359,11 +393,11 @@ class DraftModelDrafter:
         draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
                                           self.stop_threshold)
         drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
-        return draft, {**ds, "cache": dc, "l0": l0, "drafted": drafted}, state.cache
+        return draft, ds.replace(cache=dc, l0=l0, drafted=drafted), state.cache
 
     def update(self, model, dparams, state, dstate, info):
         from jaxdec.cache.kv import rollback
-        m = dstate["drafted"]  # valid drafted tokens this step (all k without a stop rule)
+        m = dstate.drafted  # valid drafted tokens this step (all k without a stop rule)
         a = info.n_acc
         full = a >= m
         bonus = jnp.take_along_axis(info.out, a[:, None], axis=1)[:, 0]
@@ -372,10 +406,10 @@ class DraftModelDrafter:
         npend = jnp.where(full, 2, 1).astype(jnp.int32)
         length = jnp.where(full, info.start + m, info.start + 1 + a)
         running = info.live & ~state.done
-        dc = dstate["cache"]
-        dc = rollback(dc, jnp.where(running, length, dstate["l0"]))
-        return {**dstate, "cache": dc, "pend": jnp.where(running[:, None], pend, dstate["pend"]),
-                "npend": jnp.where(running, npend, dstate["npend"])}
+        dc = dstate.cache
+        dc = rollback(dc, jnp.where(running, length, dstate.l0))
+        return dstate.replace(cache=dc, pend=jnp.where(running[:, None], pend, dstate.pend),
+                              npend=jnp.where(running, npend, dstate.npend))
 
 
 def truncated_draft(model, params, num_layers: int):
@@ -387,6 +421,16 @@ def truncated_draft(model, params, num_layers: int):
     if not isinstance(num_layers, (int, np.integer)) or not 1 <= num_layers <= n:
         raise ValueError(f"num_layers must be an integer in [1, {n}], got {num_layers!r}")
     return require(model, "truncate", "truncated_draft")(params, int(num_layers))
+
+
+@struct.dataclass
+class LayerSkipState:
+    """`LayerSkipDrafter`'s state.
+
+    layers: [L] bool the layers the draft runs (False: switched off).
+    """
+
+    layers: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,13 +468,13 @@ class LayerSkipDrafter:
         layers[list(self.skip)] = False
         lay = inputs.get("skip_layers") if isinstance(inputs, dict) else None
         lay = jnp.asarray(layers) if lay is None else ~jnp.asarray(lay, bool)
-        return {"layers": lay}
+        return LayerSkipState(layers=lay)
 
     def propose(self, model, params, state, keys):
         from jaxdec.cache.kv import rollback
         ds = state.method.draft
         l0 = state.cache.lengths
-        layers = ds["layers"]
+        layers = ds.layers
 
         def step(c, x):
             o = model(params, x[:, None], c.lengths[:, None], c, layers=layers)
@@ -477,6 +521,27 @@ def _dedupe_last(keys, use, size: int):
     ids = jnp.arange(keys.shape[0], dtype=jnp.int32)
     last = jnp.full((size,), -1, jnp.int32).at[jnp.where(use, keys, size)].max(ids, mode="drop")
     return use & (last[jnp.clip(keys, 0, size - 1)] == ids)
+
+
+NGRAM_TABLES = ("bi_tok", "bi_p", "tri_tok", "tri_p", "tri_tag")  # what `NGramDrafter.export` carries
+
+
+@struct.dataclass
+class NGramState:
+    """`NGramDrafter`'s state (tables shared by the batch); H = hash_size.
+
+    bi_tok:  [V, k] int32 candidates after each token (-1: none), bi_p [V, k] float32 their scores.
+    tri_tok: [H, k] int32 candidates after each hashed token pair, tri_p [H, k] float32 their scores.
+    tri_tag: [H, 2] int32 the pair stored in each bucket (-1: empty), so collisions read as misses.
+    pre:     [B] int32 the token before each row's last token.
+    """
+
+    bi_tok: jax.Array
+    bi_p: jax.Array
+    tri_tok: jax.Array
+    tri_p: jax.Array
+    tri_tag: jax.Array
+    pre: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,21 +593,21 @@ class NGramDrafter:
                 if tuple(warm[name].shape) != a.shape:
                     raise ValueError(f"ngram_tables[{name!r}] must have shape {a.shape}, got {warm[name].shape}")
             tables = {name: jnp.asarray(warm[name], a.dtype) for name, a in tables.items()}
-        return {**tables, "pre": pre.astype(jnp.int32)}
+        return NGramState(**tables, pre=pre.astype(jnp.int32))
 
     def export(self, dstate):
         """State to carry into the next run (hot start): ``inputs["ngram_tables"]``."""
-        return {"ngram_tables": {k: v for k, v in dstate.items() if k != "pre"}}
+        return {"ngram_tables": {name: getattr(dstate, name) for name in NGRAM_TABLES}}
 
     def _lookup(self, ds, a, b):
         """Candidates after the pair (a, b): tri-gram if stored, else bi-gram. a, b: [...] int."""
-        bt, bp = ds["bi_tok"][b], ds["bi_p"][b]
+        bt, bp = ds.bi_tok[b], ds.bi_p[b]
         if not self.use_trigram:
             return bt, bp
         hsh = _pair_hash(a, b, self.hash_size)
-        tag = ds["tri_tag"][hsh]
+        tag = ds.tri_tag[hsh]
         hit = (tag[..., 0] == a) & (tag[..., 1] == b)
-        tt, tp = ds["tri_tok"][hsh], ds["tri_p"][hsh]
+        tt, tp = ds.tri_tok[hsh], ds.tri_p[hsh]
         return jnp.where(hit[..., None], tt, bt), jnp.where(hit[..., None], tp, bp)
 
     def propose(self, model, params, state, keys):
@@ -551,7 +616,7 @@ class NGramDrafter:
         n = self.tree.num_nodes
         v = model.vocab_size
         # extended token array: [pre, root, node_0 .. node_{N-1}]
-        ext = jnp.zeros((b, n + 2), jnp.int32).at[:, 0].set(ds["pre"]).at[:, 1].set(state.last)
+        ext = jnp.zeros((b, n + 2), jnp.int32).at[:, 0].set(ds.pre).at[:, 1].set(state.last)
         ok = jnp.zeros((b, n + 2), bool).at[:, :2].set(True)
         par = np.asarray(self.tree.parents)
         full_par = np.concatenate([[-1], par])  # block index -> parent block index (root: -1 = pre)
@@ -584,7 +649,7 @@ class NGramDrafter:
 
     def update(self, model, params, state, dstate, info):
         ds = dstate
-        v = ds["bi_tok"].shape[0]
+        v = ds.bi_tok.shape[0]
         b, t = info.block.shape
         probs = jax.nn.softmax(info.logits.astype(jnp.float32), axis=-1)
         new_p, new_tok = jax.lax.top_k(probs, self.k)  # [B,T,k]
@@ -592,29 +657,27 @@ class NGramDrafter:
         use = (info.node_valid & info.live[:, None]).reshape(-1)
         cur = info.block  # [B,T] the token whose continuation the logits describe
         full = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.asarray(self.tree.parents_array(b))], axis=1)
-        prev = jnp.take_along_axis(cur, full, axis=1).at[:, 0].set(ds["pre"])  # token before each node
+        prev = jnp.take_along_axis(cur, full, axis=1).at[:, 0].set(ds.pre)  # token before each node
         cur, prev = cur.reshape(-1), prev.reshape(-1)
         nt, npb = new_tok.reshape(b * t, self.k), new_p.reshape(b * t, self.k)
         # bi-gram
         keep = _dedupe_last(cur, use, v)
-        bt, bp = _merge_rows(ds["bi_tok"][cur], ds["bi_p"][cur], nt, npb, self.decay, self.k)
+        bt, bp = _merge_rows(ds.bi_tok[cur], ds.bi_p[cur], nt, npb, self.decay, self.k)
         bidx = jnp.where(keep, cur, v)
-        out = {**ds, "bi_tok": ds["bi_tok"].at[bidx].set(bt, mode="drop"),
-               "bi_p": ds["bi_p"].at[bidx].set(bp, mode="drop")}
+        out = ds.replace(bi_tok=ds.bi_tok.at[bidx].set(bt, mode="drop"), bi_p=ds.bi_p.at[bidx].set(bp, mode="drop"))
         if self.use_trigram:
             hsh = _pair_hash(prev, cur, self.hash_size)
             keep3 = _dedupe_last(hsh, use, self.hash_size)
-            tag = ds["tri_tag"][hsh]
+            tag = ds.tri_tag[hsh]
             same = (tag[:, 0] == prev) & (tag[:, 1] == cur)
-            ot = jnp.where(same[:, None], ds["tri_tok"][hsh], -1)
-            tt, tp = _merge_rows(ot, ds["tri_p"][hsh], nt, npb, self.decay, self.k)
+            ot = jnp.where(same[:, None], ds.tri_tok[hsh], -1)
+            tt, tp = _merge_rows(ot, ds.tri_p[hsh], nt, npb, self.decay, self.k)
             tidx = jnp.where(keep3, hsh, self.hash_size)
-            out["tri_tok"] = ds["tri_tok"].at[tidx].set(tt, mode="drop")
-            out["tri_p"] = ds["tri_p"].at[tidx].set(tp, mode="drop")
-            out["tri_tag"] = ds["tri_tag"].at[tidx].set(jnp.stack([prev, cur], axis=1), mode="drop")
+            out = out.replace(tri_tok=ds.tri_tok.at[tidx].set(tt, mode="drop"),
+                              tri_p=ds.tri_p.at[tidx].set(tp, mode="drop"),
+                              tri_tag=ds.tri_tag.at[tidx].set(jnp.stack([prev, cur], axis=1), mode="drop"))
         # the token before the new `last`
         cnt = info.cnt
         before = jnp.take_along_axis(info.out, jnp.maximum(cnt - 2, 0)[:, None], axis=1)[:, 0]
         new_pre = jnp.where(cnt >= 2, before, info.block[:, 0])
-        out["pre"] = jnp.where(info.live & (cnt > 0), new_pre, ds["pre"])
-        return out
+        return out.replace(pre=jnp.where(info.live & (cnt > 0), new_pre, ds.pre))
