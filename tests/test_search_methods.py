@@ -33,12 +33,14 @@ TOY_PROMPTS = [[1, 2, 3], [4], [5, 6], [2, 2, 1, 3]]
 
 
 # ------------------------------------------------------------------ CAD
-def np_cad(model, params, ctx, plain, alpha, max_new):
+def np_cad(model, params, ctx, plain, alpha, max_new, ban=(), min_new=0):
     out = []
     for _ in range(max_new):
         a = model.next_logprobs(params, list(ctx) + out)
         b = model.next_logprobs(params, list(plain) + out)
-        t = int(np.argmax((1 + alpha) * a - alpha * b))
+        c = (1 + alpha) * a - alpha * b
+        c[list(ban) + ([EOS] if len(out) < min_new else [])] = -np.inf
+        t = int(np.argmax(c))
         out.append(t)
         if t == EOS:
             break
@@ -60,6 +62,23 @@ def test_cad_toy_matches_reference_and_alpha_zero_is_greedy(toy):
     g2 = context_aware_generate(model, params, ctx, plain, alpha=2.0, max_new_tokens=10)
     g0 = context_aware_generate(model, params, ctx, plain, alpha=0.0, max_new_tokens=10)
     assert g2.tokens != g0.tokens
+
+
+def test_cad_honours_processors_and_min_new(toy):
+    """A user's mask and min_new suppression reach CAD's choice: banned ids (-inf on both rows of a pair)
+    are never emitted, and no row stops before min_new tokens; tokens equal the masked reference."""
+    from jaxdec.core.logits import BanTokens
+    from jaxdec.search.cad import context_aware_generate
+    model, params = toy
+    ctx = [[3, 1, 2, 3], [5, 4], [6, 6, 5, 6], [1, 2, 2, 1, 3]]
+    plain = [[3], [4], [6], [3]]
+    base = context_aware_generate(model, params, ctx, plain, alpha=0.5, max_new_tokens=10)
+    assert any(2 in row for row in base.tokens) and any(len(row) < 6 for row in base.tokens)
+    g = context_aware_generate(model, params, ctx, plain, alpha=0.5, max_new_tokens=10, min_new_tokens=6,
+                               processors=[BanTokens((2,))])
+    for i in range(len(ctx)):
+        assert 2 not in g.tokens[i] and (len(g.tokens[i]) >= 6 or g.tokens[i][-1] != EOS), g.tokens[i]
+        assert g.tokens[i] == np_cad(model, params, ctx[i], plain[i], 0.5, 10, ban=(2,), min_new=6), i
 
 
 # ------------------------------------------------------------------ momentum decoding

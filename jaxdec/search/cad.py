@@ -27,7 +27,7 @@ from flax import struct
 
 from jaxdec.core.generate import Generation, generate
 from jaxdec.core.keys import token_keys
-from jaxdec.core.logits import check_processors, run_processors, step_context, with_sampling
+from jaxdec.core.logits import BANNED, check_processors, run_processors, step_context, with_sampling
 from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill
 
 
@@ -54,7 +54,8 @@ class CADState:
 class ContextContrast:
     """CAD's contrast as a "penalty" processor: each (with-context, without-context) row pair of
     ``logits [B,T,V]`` becomes ``(1 + a) * with - a * without`` (``a = ctx.method.alpha[::2]``), written
-    to both rows of the pair. Needs `CADState` in ``ctx.method``."""
+    to both rows of the pair; a token at -inf on either row (min_new suppression, a user's mask) stays
+    at -inf (the arithmetic would give NaN, which argmax picks). Needs `CADState` in ``ctx.method``."""
 
     stage = "penalty"
     host = False
@@ -63,7 +64,9 @@ class ContextContrast:
         b2, t, v = logits.shape
         pairs = logits.reshape(b2 // 2, 2, t, v)
         comb = contrast_logits(pairs[:, 0], pairs[:, 1], ctx.method.alpha[::2])
-        return jnp.repeat(comb, 2, axis=0)
+        # a token banned on either row (min_new, a user's mask) stays banned: -inf arithmetic gives NaN
+        banned = (pairs[:, 0] == BANNED) | (pairs[:, 1] == BANNED)
+        return jnp.repeat(jnp.where(banned, BANNED, comb), 2, axis=0)
 
 
 CONTRAST = ContextContrast()
