@@ -102,66 +102,47 @@ def check_args(args):
 
 
 def build(args, model, params):
-    """Returns (SpeculativeDecoder, params to pass to generate). Raises ValueError on bad flags."""
-    from jaxdec.speculative import (PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter, TreeSpec)
+    """Returns (decoder, params to pass to generate), built with the named constructors of
+    `jaxdec.speculative.methods`. Raises ValueError on bad flags."""
+    from jaxdec.speculative import methods as M
     from jaxdec.speculative.calibrate import load_config, tree_from_config
-    from jaxdec.speculative.drafters import (DEFAULT_RECYCLING_RANK_PROBS, DraftModelDrafter, LayerSkipDrafter,
-                                             NGramDrafter, truncated_draft)
-    from jaxdec.speculative.engine import with_draft_params
 
     sampling = bool(getattr(args, "spec_sampling", False))
-    verifier = "sampling" if sampling else "greedy"
     k = args.draft_tokens
     if k is not None and k < 1:
         raise ValueError("--draft-tokens must be >= 1")
-    tree = None
-    if args.spec_config:
-        tree = tree_from_config(load_config(args.spec_config))
-    elif args.tree_size is not None:
-        if args.tree_size < 1:
-            raise ValueError("--tree-size must be >= 1")
-        tree = TreeSpec.from_rank_probs(args.tree_size, DEFAULT_RECYCLING_RANK_PROBS, max_depth=6)
+    tree = tree_from_config(load_config(args.spec_config)) if args.spec_config else None
+    size = args.tree_size if tree is None else None
     d = args.drafter
     if d == "pld":
-        drafter = PromptLookupDrafter(k or 8, args.max_ngram, 1, source=args.copy_from)
-    elif d == "recycling":
-        drafter = TokenRecyclingDrafter(tree) if tree else TokenRecyclingDrafter()
-    elif d in ("aded", "stand"):
-        mode = "gumbel" if (d == "stand" and sampling) else "greedy"
-        drafter = NGramDrafter(tree, mode=mode) if tree else NGramDrafter(mode=mode)
-        if d == "stand" and sampling:
-            return SpeculativeDecoder(drafter, verifier, tree_sampling="without_replacement"), params
-    elif d == "swift":
-        skip = tuple(args.skip_layers) if args.skip_layers else tuple(range(11, 19))
-        drafter = LayerSkipDrafter(skip, k or 3, sample=sampling)
-    elif d == "del":
-        e = args.exit_layer if args.exit_layer is not None else (3 * model.num_layers) // 4
-        if not 1 <= e <= model.num_layers:
-            raise ValueError(f"--exit-layer must be in [1, {model.num_layers}]")
-        drafter = LayerSkipDrafter(tuple(range(e, model.num_layers)), k or 3, sample=sampling)
-    elif d in ("draft-model", "pearl"):
+        make = M.aggressive_decoding if args.copy_from == "prompt" else M.prompt_lookup
+        return make(k or 8, args.max_ngram, sampling=sampling), params
+    if d == "recycling":
+        return M.token_recycling(tree, size, sampling=sampling), params
+    if d == "aded":
+        return M.aded(tree, size, sampling=sampling), params
+    if d == "stand":
+        return M.stand(tree, size, sampling=sampling), params
+    if d == "swift":
+        return M.swift(model, args.skip_layers or None, k or 3, sampling=sampling), params
+    if d == "del":
+        return M.dynamic_exit(model, args.exit_layer, k or 3, sampling=sampling), params
+    if d in ("draft-model", "pearl"):
         layers = getattr(args, "draft_layers", None)
         if layers is not None and args.draft_model:
             raise ValueError("give --draft-layers or --draft-model, not both")
-        if layers is not None and not 1 <= layers <= model.num_layers:
-            raise ValueError(f"--draft-layers must be in [1, {model.num_layers}]")
-        default = (model.num_layers * 9) // 10 if d == "pearl" else model.num_layers // 2
-        spec = f"truncate:{layers}" if layers is not None else (args.draft_model or f"truncate:{default}")
-        if spec.startswith("truncate:"):
-            dm, dp = truncated_draft(model, params, int(spec.split(":", 1)[1]))
-        else:
+        spec = args.draft_model
+        draft = None
+        if spec is not None and spec.startswith("truncate:"):
+            layers = int(spec.split(":", 1)[1])
+        elif spec is not None:
             from jaxdec.models.registry import load
             loaded = load(spec)
-            dm, dp = loaded.model, loaded.params
-        if dm.vocab_size != model.vocab_size:
-            raise ValueError(f"draft model vocabulary ({dm.vocab_size}) differs from the target's ({model.vocab_size})")
+            draft = (loaded.model, loaded.params)
         if d == "pearl":
-            from jaxdec.speculative.pearl import PearlDecoder
-            return PearlDecoder(dm, k or 4, verifier=verifier), with_draft_params(params, dp)
-        return SpeculativeDecoder(DraftModelDrafter(dm, k or 3, sample=sampling), verifier), with_draft_params(params, dp)
-    else:
-        raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
-    return SpeculativeDecoder(drafter, verifier), params
+            return M.pearl(model, params, layers, draft, gamma=k or 4, sampling=sampling)
+        return M.draft_model(model, params, layers, draft, num_tokens=k or 3, sampling=sampling)
+    raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
 
 
 def _handler(args, loaded, prompt_ids, progress):
