@@ -32,6 +32,13 @@ METHODS: dict = {}
 METHOD_INFO: dict = {}
 # check(args) functions run before the model loads whatever the method: value checks of plugin flags
 VALIDATORS: list = []
+# method (or "speculative --drafter NAME") -> (paper, what it does): `jaxdec methods` lists them
+PAPERS: dict = {}
+
+
+def register_papers(entries: dict) -> None:
+    """Each family names the papers its CLI methods implement (shown by ``jaxdec methods``)."""
+    PAPERS.update(entries)
 
 # flags every method of `generate` honours
 ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
@@ -316,6 +323,21 @@ def _global_keys(args, offset: int, total: int, count: int):
 _TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop")
 register_method("greedy", uses=_TOKEN_USES, chunked=True)(_token_method)
 register_method("sample", uses=_TOKEN_USES + ("seed",) + SAMPLING, chunked=True)(_token_method)
+register_papers({"greedy": ("-", "argmax at every step"),
+                 "sample": ("HF processors; Holtzman et al. 2020 (top-p), Nguyen et al. 2024 (min-p), Meister et al. "
+                            "2023 (typical)", "temperature / top-k / top-p / min-p / typical sampling, repetition penalty")})
+
+
+def cmd_methods(args) -> int:
+    """Every registered method (and speculative drafter) with its paper and the flags it honours."""
+    for name in sorted(METHODS):
+        paper, what = PAPERS.get(name, ("?", "?"))
+        flags = sorted(f"--{d.replace('_', '-')}" for d in METHOD_INFO[name]["uses"])
+        print(f"{name}\n    {what}\n    paper: {paper}\n    flags: {' '.join(flags) or '-'}")
+        for key in sorted(k for k in PAPERS if k.startswith(name + " --")):
+            paper, what = PAPERS[key]
+            print(f"  {key}\n      {what}\n      paper: {paper}")
+    return 0
 
 
 def _load_plugins():
@@ -356,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="write one JSON object per output row to this JSONL file (OUT.partial while "
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
+    sub.add_parser("methods", help="list every decoding method and drafter with its paper and main flags")
     d = sub.add_parser("demo", help="decode a few chat prompts with the default model and print the speed")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--weights", default="q", choices=list(WEIGHTS))
@@ -547,6 +570,8 @@ def main(argv=None) -> int:
                 return cmd_generate(args, ap)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "methods":
+            return cmd_methods(args)
     except _ArgError as e:
         prog = e.prog
         if prog == "jaxdec" and argv and argv[0] in ("generate", "demo"):

@@ -105,3 +105,17 @@ def test_method_states_are_typed():
     for cls in (TokenState, SpecState, PearlState, BeamState, SBSState):
         assert dataclasses.is_dataclass(cls) and hasattr(cls, "replace"), cls
         assert cls.__doc__ and "[B" in cls.__doc__, f"{cls.__name__} documents no shapes"
+
+
+def test_cli_methods_lists_every_method_and_drafter_with_its_paper(capsys):
+    from jaxdec import cli
+    from jaxdec.speculative.cli import DRAFTERS
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    cli.build_parser()  # plugins registered
+    for name in cli.METHODS:
+        assert f"\n{name}\n" in "\n" + out, name
+        assert name in cli.PAPERS, f"method {name} names no paper"
+    for d in DRAFTERS:
+        assert f"speculative --drafter {d}\n" in out, d
+    assert "paper: ?" not in out

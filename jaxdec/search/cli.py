@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from jaxdec.cli import SAMPLING, BadInput, check_float, check_int, read_jsonl_strings, register_method
+from jaxdec.cli import (SAMPLING, BadInput, check_float, check_int, read_jsonl_strings, register_method,
+                        register_papers)
 
 _EARLY = {"true": True, "false": False, "never": "never"}
 
@@ -276,3 +277,20 @@ def superposed_method(args, loaded, ids, progress):
                             max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             batch_size=args.batch_size, tokenizer=loaded.tokenizer)
     return _rows(g, loaded, g.extras["beams"])
+
+
+register_papers({
+    "beam": ("HF generate(num_beams) semantics", "beam search with length penalty and early stopping"),
+    "diverse-beam": ("Vijayakumar et al. 2018, Diverse Beam Search", "beam groups with a Hamming diversity penalty"),
+    "conditional-beam": ("conditional (non-degenerate) beam search; HF no_repeat_ngram_size",
+                         "beams that never repeat an n-gram"),
+    "stochastic-beam": ("Kool et al. 2019, Stochastic Beams and Where to Find Them",
+                        "k samples without replacement (Gumbel-top-k)"),
+    "momentum": ("Lan et al. 2022, Momentum Decoding", "penalises revisiting n-gram nodes of the output graph"),
+    "adadec": ("AdaDec: entropy-triggered lookahead reranking", "top-k rerank by lookahead when entropy is high"),
+    "entropy-adaptive": ("Entropy-adaptive decoding (EAD)", "a small model (first layers) unless entropy is high"),
+    "best-of-n": ("best-of-N with a reranking hook", "N samples, the scorer's best"),
+    "first-finish": ("First Finish Search", "N samples, the first to end"),
+    "astar": ("A*-decoding with a heuristic", "best-first search over continuations"),
+    "superposed": ("Shen et al. 2024, Superposed Decoding", "k drafts from one superposed model call per step"),
+})

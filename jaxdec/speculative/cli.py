@@ -181,13 +181,19 @@ def _handler(args, loaded, prompt_ids, progress):
     return out, stats
 
 
-try:  # register with the spine's CLI when it is importable
-    from jaxdec.cli import register_method
+# --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
+DRAFTER_METHODS = {"pld": "prompt_lookup", "recycling": "token_recycling", "aded": "aded", "stand": "stand",
+                   "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model", "pearl": "pearl"}
 
-    from jaxdec.cli import SAMPLING
+try:  # register with the spine's CLI when it is importable
+    from jaxdec.cli import SAMPLING, register_method, register_papers
+    from jaxdec.speculative.methods import PAPERS as _PAPERS
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
                     uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed",
                           *SAMPLING))(_handler)
+    register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
+                                     "draft -> one tree-masked target call -> verify; lossless")})
+    register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
 except ImportError:  # pragma: no cover
     pass
