@@ -19,10 +19,10 @@ def blocks() -> dict:
 
 
 def test_readme_has_the_tested_examples():
-    assert {"decoder", "processor"} <= set(blocks())
+    assert {"decoder", "processor", "slots"} <= set(blocks())
 
 
-@pytest.mark.parametrize("name", ["decoder", "processor"])
+@pytest.mark.parametrize("name", ["decoder", "processor", "slots"])
 def test_readme_example_runs(name):
     code = blocks()[name]
     mod = types.ModuleType(f"readme_{name}")  # a real module: dataclasses look their class's module up
