@@ -26,16 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
 RESULTS = os.path.join(ROOT, "experiments", "results")
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that checks whether a number is prime.",
-    "Explain in two sentences why the sky is blue.",
-    "Give me three tips for learning a new language.",
-    "Translate 'good morning, how are you?' into Spanish.",
-    "Summarize the plot of Romeo and Juliet.",
-    "What are the main differences between a list and a tuple in Python?",
-    "Hi!",
-]
+from bench_greedy import PROMPTS  # noqa: E402 (the same eight chat prompts as the greedy benchmark)
 
 
 # ------------------------------------------------------------------------------------------------ worker
