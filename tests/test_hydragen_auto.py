@@ -273,3 +273,40 @@ def test_hydragen_beam4_same_tokens_as_plain(spy, chat_prompt_ids):
         assert hb == pb, (i, hb, pb)  # all 4 returned hypotheses, in order
         np.testing.assert_allclose([h["score"] for h in hyd.extras["beams"][0]],
                                    [h["score"] for h in plain.extras["beams"][0]], rtol=1e-5, atol=1e-6)
+
+
+def test_hydragen_best_of_n_first_finish_stochastic_beam_same_as_plain(spy, chat_prompt_ids, monkeypatch):
+    """The other decoders that share a prompt over several rows take the Hydragen path on the real model
+    (``stats["shared_prefix"]``) and give the plain cache's results (the plain run forces the auto rule
+    to say no, so both runs go through the same public call)."""
+    import importlib
+    rule_homes = [m for m in (importlib.import_module(n) for n in ("jaxdec.core.driver", "jaxdec.core.generate",
+                                                                  "jaxdec.search.common"))
+                  if hasattr(m, "use_shared_prefix")]
+    from jaxdec.search.stochastic import stochastic_beam_search
+    from jaxdec.search.testtime import best_of_n, first_finish
+    model, params = spy
+    prompt = chat_prompt_ids[0]
+    samp = {"temperature": 1.0, "top_k": 50}  # best-of-N shares its compiled programs with the n=4 test above
+    runs = {
+        "best_of_n": lambda: best_of_n(model, params, [prompt], n=4, sampling=samp, seed=7, max_new_tokens=20),
+        "first_finish": lambda: first_finish(model, params, [prompt], n=4, sampling=samp, seed=7, max_new_tokens=20),
+        "stochastic_beam": lambda: stochastic_beam_search(model, params, [prompt], k=4, max_new_tokens=20, seed=7),
+    }
+    for name, run in runs.items():
+        SEEN.clear()
+        hyd = run()
+        used_prefix = any(p for p, _, _ in SEEN)
+        with monkeypatch.context() as mp:
+            for mod in rule_homes:
+                mp.setattr(mod, "use_shared_prefix", lambda sp, *a, _o=mod.use_shared_prefix, **k: _o(False, *a, **k))
+            SEEN.clear()
+            plain = run()
+            assert not any(p for p, _, _ in SEEN), name
+        assert hyd.stats.get("shared_prefix") and not plain.stats.get("shared_prefix"), (name, hyd.stats)
+        assert used_prefix or name == "best_of_n", name  # traced on a prefix cache (best-of-N: traced above)
+        assert hyd.tokens == plain.tokens, name
+        for key in ("ranked", "beams"):
+            if key in hyd.extras:
+                assert [[h["tokens"] for h in r] if isinstance(r, list) else r for r in hyd.extras[key]] == \
+                    [[h["tokens"] for h in r] if isinstance(r, list) else r for r in plain.extras[key]], (name, key)
