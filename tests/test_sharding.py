@@ -16,7 +16,8 @@ HERE = os.path.dirname(__file__)
 MESHES = {"f32": ("data8", "data2_model4"), "q": ("data2_model4",)}  # q: the model-axis split of QTensor codes
 
 
-@pytest.mark.parametrize("weights", ["f32", "q"])
+# q weights (QTensor codes split over the model axis) cost a second 8-device subprocess (~3 min here): acceptance tier
+@pytest.mark.parametrize("weights", ["f32", pytest.param("q", marks=pytest.mark.slow)])
 def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
     prompts = chat_prompt_ids[:8]
     meshes = MESHES[weights]
