@@ -228,7 +228,8 @@ def _check_args(args, parser) -> None:
 _API_NAMES = re.compile(r"\b(max_new_tokens|min_new_tokens|batch_size|top_k|top_p|min_p|typical_p|"
                         r"repetition_penalty|temperature|num_beams|num_return_sequences|length_penalty|"
                         r"diversity_penalty|num_beam_groups|no_repeat_ngram_size|num_drafts|ngram_alpha|"
-                        r"ngram_weights|ngram_penalty|stop_strings)\b")
+                        r"ngram_weights|ngram_penalty|exit_layer|draft_layers|skip_layers|tree_size|"
+                        r"stop_strings)\b")
 
 
 def _flag_names(message: str) -> str:

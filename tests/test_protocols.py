@@ -78,8 +78,8 @@ def test_named_constructors_build_the_papers_configurations():
     assert M.token_recycling(tree_size=12).drafter.num_nodes == 12
     with pytest.raises(ValueError, match="exit_layer must be in"):
         M.dynamic_exit(model, 31)
-    with pytest.raises(ValueError, match="skip: layer indices"):
-        M.swift(model, skip=(40,))
+    with pytest.raises(ValueError, match="skip_layers: layer indices"):
+        M.swift(model, skip_layers=(40,))
     assert set(M.PAPERS) >= {"prompt_lookup", "token_recycling", "aded", "stand", "swift", "dynamic_exit",
                              "draft_model", "specdec_pp", "pearl"}
 

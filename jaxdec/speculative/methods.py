@@ -83,12 +83,14 @@ def stand(tree: Optional[TreeSpec] = None, tree_size: Optional[int] = None, samp
     return SpeculativeDecoder(drafter, "greedy")
 
 
-def swift(model, skip: Optional[Sequence[int]] = None, num_tokens: int = 3, sampling: bool = False) -> SpeculativeDecoder:
-    """``skip``: the layers the draft pass leaves out (default: the middle ~quarter, 11..18 of 30)."""
+def swift(model, skip_layers: Optional[Sequence[int]] = None, num_tokens: int = 3,
+          sampling: bool = False) -> SpeculativeDecoder:
+    """``skip_layers``: the layers the draft pass leaves out (default: the middle ~quarter, 11..18 of 30)."""
     n = model.num_layers
-    skip = tuple(range(round(n * 11 / 30), round(n * 19 / 30))) if skip is None else tuple(int(i) for i in skip)
+    skip = (tuple(range(round(n * 11 / 30), round(n * 19 / 30))) if skip_layers is None
+            else tuple(int(i) for i in skip_layers))
     if any(not 0 <= i < n for i in skip):
-        raise ValueError(f"skip: layer indices must be in [0, {n}), got {skip}")
+        raise ValueError(f"skip_layers: layer indices must be in [0, {n}), got {list(skip)}")
     return SpeculativeDecoder(LayerSkipDrafter(skip, num_tokens, sample=sampling), _verifier(sampling))
 
 
