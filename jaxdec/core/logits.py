@@ -135,20 +135,27 @@ def check_processors(processors, who: str) -> tuple:
 HOST_SKIP = ("sampling", "seen", "method")  # pytrees host processors do not receive
 
 
+def _host_arrays(ctx: ProcessorContext) -> dict:
+    """The context's arrays that travel to the host."""
+    return {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in HOST_SKIP}
+
+
+def _host_context(arrs: dict) -> ProcessorContext:
+    return ProcessorContext(**{k: np.asarray(v) for k, v in arrs.items()})
+
+
 def _host_call(procs: Sequence, logits, ctx: ProcessorContext):
     """All host processors of one stage in one ordered callback (batched over rows)."""
-    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-              if f.name not in HOST_SKIP}
 
     def run(x, arrs):
-        c = ProcessorContext(**{k: np.asarray(v) for k, v in arrs.items()})
+        c = _host_context(arrs)
         x = np.asarray(x)
         for p in procs:
             x = np.asarray(p(x, c), np.float32)
         return x
 
-    return io_callback(run, jax.ShapeDtypeStruct(logits.shape, jnp.float32), logits.astype(jnp.float32), arrays,
-                       ordered=True)
+    return io_callback(run, jax.ShapeDtypeStruct(logits.shape, jnp.float32), logits.astype(jnp.float32),
+                       _host_arrays(ctx), ordered=True)
 
 
 def run_processors(processors: Sequence, logits, ctx: ProcessorContext):
@@ -175,14 +182,13 @@ def post_commit(processors: Sequence, ctx: ProcessorContext, tokens, counts, par
         return
     b = tokens.shape[0]
     parent_rows = jnp.arange(b, dtype=jnp.int32) if parent_rows is None else parent_rows
-    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in HOST_SKIP}
 
     def run(arrs, tok, cnt, par):
-        c = ProcessorContext(**{k: np.asarray(v) for k, v in arrs.items()})
+        c = _host_context(arrs)
         for p in hooks:
             p.post_commit(c, np.asarray(tok), np.asarray(cnt), np.asarray(par))
 
-    io_callback(run, None, arrays, tokens.astype(jnp.int32), counts.astype(jnp.int32),
+    io_callback(run, None, _host_arrays(ctx), tokens.astype(jnp.int32), counts.astype(jnp.int32),
                 parent_rows.astype(jnp.int32), ordered=True)
 
 
