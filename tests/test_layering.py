@@ -71,7 +71,6 @@ def cycles(graph: dict) -> list:
             if len(comp) > 1:
                 out.append(sorted(comp))
 
-    sys.setrecursionlimit(10000)
     for v in graph:
         if v not in index:
             visit(v)
