@@ -126,11 +126,15 @@ def build(args, model, params):
     if d == "swift":
         return M.swift(model, args.skip_layers or None, k or 3, sampling=sampling), params
     if d == "del":
+        if args.exit_layer is not None and not 1 <= args.exit_layer <= model.num_layers:
+            raise ValueError(f"--exit-layer must be in [1, {model.num_layers}]")
         return M.dynamic_exit(model, args.exit_layer, k or 3, sampling=sampling), params
     if d in ("draft-model", "pearl"):
         layers = getattr(args, "draft_layers", None)
         if layers is not None and args.draft_model:
             raise ValueError("give --draft-layers or --draft-model, not both")
+        if layers is not None and not 1 <= layers <= model.num_layers:
+            raise ValueError(f"--draft-layers must be in [1, {model.num_layers}]")
         spec = args.draft_model
         draft = None
         if spec is not None and spec.startswith("truncate:"):
