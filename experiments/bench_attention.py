@@ -12,19 +12,18 @@
 
 Timing: jitted functions, warm-up call (compile time reported separately), then ``--reps`` interleaved
 repetitions of every variant (each timed call ends in ``block_until_ready``); median and min/max.
-Writes ``experiments/results/bench_attention.{json,md}`` with the device and the command.
+Runs through experiments/runner.py: two cells (``hydragen``, ``quantized``), each resumable; writes
+``experiments/results/bench_attention.{json,md}`` with the config, commit, machine and load average.
 
     python experiments/bench_attention.py            # full sizes (CPU: ~1 min)
-    python experiments/bench_attention.py --quick    # tiny sizes (smoke test)
+    python experiments/bench_attention.py --smoke    # tiny sizes, written to a temp dir (smoke test)
+    python experiments/bench_attention.py --ctx 8192 --fresh   # another size (--fresh replaces the results)
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,14 +33,29 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 from jaxdec.attention.hydragen import hydragen_attend
 from jaxdec.attention.reference import attend, causal_block_mask
 from pallas_kernels.quantized_kv_attention import (quantize_kv_cache, quantized_kv_attention,
                                                    reference_quantized_attention)
 
 H, KVH, D = 9, 3, 64
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n: int = dataclasses.field(default=16, metadata={"help": "Hydragen: rows sharing the prompt"})
+    prefix: int = dataclasses.field(default=1024, metadata={"help": "Hydragen: shared prompt tokens"})
+    suffix: int = dataclasses.field(default=64, metadata={"help": "Hydragen: max per-row suffix tokens"})
+    batch: int = dataclasses.field(default=4, metadata={"help": "quantized cache: batch"})
+    ctx: int = dataclasses.field(default=4096, metadata={"help": "quantized cache: cached tokens"})
+    reps: int = dataclasses.field(default=7, metadata={"help": "interleaved timed repetitions"})
+    pallas: bool = dataclasses.field(default=False, metadata={"help": "also time the Pallas kernels (on by "
+                                                                      "default on a GPU)"})
+
+
+SMOKE = Config(n=4, prefix=128, suffix=16, batch=2, ctx=256, reps=5)
+DEPENDS = {"hydragen": ["n", "prefix", "suffix", "reps"], "quantized": ["batch", "ctx", "reps", "pallas"]}
 
 
 def _timeit(fns: dict, args: dict, reps: int):
@@ -132,74 +146,42 @@ def bench_quantized(batch, ctx, reps, pallas, seed=1):
     return res
 
 
-def _device():
-    d = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device": str(getattr(d, "device_kind", d)),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__}
-
-
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return None
+def markdown(rec):
+    hy, qz, c = runner.result(rec, "hydragen"), runner.result(rec, "quantized"), rec["config"]
+    lines = [f"One layer's attention, {H} query / {KVH} KV heads, head dim {D}, T=1; median of "
+             f"{c['reps']} interleaved reps (min-max); first call (compile + run) separately.", ""]
+    if hy:
+        lines += [f"## Hydragen: n={c['n']} rows sharing a {c['prefix']}-token prompt, suffixes <= "
+                  f"{c['suffix']} tokens", "",
+                  "| variant | median ms | min-max ms | first call s | KV bytes read |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for k in ("plain", "hydragen"):
+            r = hy[k]
+            lines.append(f"| {k} | {r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
+                         f"{r['first_call_s']:.2f} | {hy['kv_bytes'][k]:,} |")
+        lines += ["", f"Speedup {hy['speedup']:.2f}x; max |plain - hydragen| = {hy['max_abs_diff']:.2e}.", ""]
+    if qz:
+        lines += [f"## Quantized vs fp32 cache: batch {c['batch']}, {c['ctx']} cached tokens", "",
+                  "| variant | median ms | min-max ms | first call s | cache bytes | max abs diff vs fp32 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for k, r in qz.items():
+            lines.append(f"| {k} | {r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
+                         f"{r['first_call_s']:.2f} | {r['cache_bytes']:,} | "
+                         f"{r['max_abs_diff_vs_fp32']:.2e} |")
+    return lines
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--prefix", type=int, default=1024)
-    ap.add_argument("--suffix", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--pallas", action="store_true", help="also time the Pallas kernels (GPU)")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_attention"))
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.n, a.prefix, a.suffix, a.batch, a.ctx, a.reps = 4, 128, 16, 2, 256, 5
-    pallas = a.pallas or jax.default_backend() == "gpu"
-    load = benchlib.LoadMonitor()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-           "commit": _commit(), "device": _device(),
-           "config": {"heads": H, "kv_heads": KVH, "head_dim": D, "n": a.n, "prefix": a.prefix,
-                      "suffix": a.suffix, "batch": a.batch, "ctx": a.ctx, "reps": a.reps,
-                      "pallas": pallas},
-           "hydragen": bench_hydragen(a.n, a.prefix, a.suffix, a.reps),
-           "quantized": bench_quantized(a.batch, a.ctx, a.reps, pallas)}
-    out["load"] = load.record()
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as fh:
-        json.dump(out, fh, indent=2)
-    hy, qz, c = out["hydragen"], out["quantized"], out["config"]
-    lines = [f"# Decode-step attention benchmark", "",
-             f"Command: `{out['command']}` (commit {out['commit']}); device: {out['device']['backend']} "
-             f"/ {out['device']['device']} ({out['device']['cpu_count']} CPUs visible), jax "
-             f"{out['device']['jax']}.", load.markdown(),
-             f"One layer's attention, {H} query / {KVH} KV heads, head dim {D}, T=1; median of "
-             f"{c['reps']} interleaved reps (min-max); first call (compile + run) separately.", "",
-             f"## Hydragen: n={c['n']} rows sharing a {c['prefix']}-token prompt, suffixes <= "
-             f"{c['suffix']} tokens", "",
-             "| variant | median ms | min-max ms | first call s | KV bytes read |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for k in ("plain", "hydragen"):
-        r = hy[k]
-        lines.append(f"| {k} | {r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
-                     f"{r['first_call_s']:.2f} | {hy['kv_bytes'][k]:,} |")
-    lines += ["", f"Speedup {hy['speedup']:.2f}x; max |plain - hydragen| = {hy['max_abs_diff']:.2e}.",
-              "", f"## Quantized vs fp32 cache: batch {c['batch']}, {c['ctx']} cached tokens", "",
-              "| variant | median ms | min-max ms | first call s | cache bytes | max abs diff vs fp32 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for k, r in qz.items():
-        lines.append(f"| {k} | {r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
-                     f"{r['first_call_s']:.2f} | {r['cache_bytes']:,} | "
-                     f"{r['max_abs_diff_vs_fp32']:.2e} |")
-    with open(a.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
+    cfg = dataclasses.replace(cfg, pallas=cfg.pallas or jax.default_backend() == "gpu")
+    cells = {"hydragen": lambda: bench_hydragen(cfg.n, cfg.prefix, cfg.suffix, cfg.reps),
+             "quantized": lambda: bench_quantized(cfg.batch, cfg.ctx, cfg.reps, cfg.pallas)}
+    d = jax.devices()[0]
+    rec = runner.run_experiment("bench_attention", cfg, list(cells), lambda c: cells[c](), opts=opts,
+                                title="Decode-step attention benchmark", markdown=markdown,
+                                depends=DEPENDS.get, info={"heads": H, "kv_heads": KVH, "head_dim": D,
+                                                           "device": str(getattr(d, "device_kind", d))})
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":

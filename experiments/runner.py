@@ -1,0 +1,399 @@
+"""The one convention every script in experiments/ follows: an experiment is a function over a config
+dataclass, measured cell by cell; results/NAME.{json,md} (and plots) carry the config, the git commit, the
+machine, the load average and the time; a rerun resumes where the last one stopped.
+
+    import runner
+
+    @dataclass(frozen=True)
+    class Config:
+        new_tokens: int = field(default=64, metadata={"help": "new tokens per row"})   # --new-tokens 64
+        batches: tuple[int, ...] = (1, 8)                                              # --batches 1 8
+        methods: tuple[str, ...] = runner.select(())  # only chooses which cells run: not part of their identity
+
+    SMOKE = Config(new_tokens=4, batches=(1,))         # --smoke: tiny run, written to a temp dir, marked SMOKE
+
+    def main(argv=None):
+        cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)  # + --out-dir, --fresh
+        def measure(cell):                              # one cell -> a JSON-able dict
+            b = int(cell[1:])
+            return {"tok_s": ...}
+        runner.run_experiment("bench_x", cfg, [f"b{b}" for b in cfg.batches], measure, opts=opts,
+                              title="...", markdown=lambda rec: ["| ... |"], plot=None)
+
+What `run_experiment` does:
+* before each cell, it looks in NAME.partial.json (or a finished NAME.json) for that cell measured with the
+  same config and, if present, reuses it instead of calling `fn` again (so an interrupted run resumes, and a
+  script whose cells run in separate invocations, e.g. `--sections a` then `--sections b`, accumulates);
+* after each cell it rewrites NAME.partial.json atomically (temporary file + os.replace): a crash inside a
+  cell, or while writing, leaves the previous partial file intact;
+* a stored cell measured under another config is refused with a message naming the changed fields (unless
+  `--fresh`, which discards every stored cell); `depends(cell)` may narrow the fields one cell depends on;
+* at the end it writes NAME.json and NAME.md atomically (header: command, commit with a dirty flag, machine,
+  versions, start/end time, load average before/after with benchlib's LOADED-machine warning, per-cell
+  facts) and the plots (`plot(record, prefix)`, skipped without matplotlib), then removes the partial file.
+  Each cell also keeps its own commit, time and load average, since cells of one file may come from
+  several runs.
+* `fn` may return a dict; a cell whose timing is interleaved across systems is one cell (a batch size, a
+  prompt group), never one system, so the per-repetition ratios keep their meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # scripts run as `python experiments/x.py` import jaxdec from this checkout
+    sys.path.insert(1, ROOT)
+RESULTS = os.path.join(ROOT, "experiments", "results")
+FORMAT = "jaxdec-experiment/1"
+
+
+class ConfigChanged(SystemExit):
+    """Stored cells were measured under another config (or by a script before the runner): refuse."""
+
+
+def select(default, help: str = ""):  # noqa: A002 - mirrors argparse
+    """A config field that only chooses which cells run (sections, methods): excluded from the identity
+    that decides whether a stored cell may be reused."""
+    return dataclasses.field(default=default, metadata={"select": True, "help": help})
+
+
+# ------------------------------------------------------------------------------------------------ facts
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_info(root: str = ROOT) -> dict:
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return {"commit": c, "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def _version(dist: str):
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """CPU model, cores, RAM, platform and the versions that decide speed (no heavy import)."""
+    m = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+         "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    m["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        m["cores_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        m["ram_gib"] = round(kb / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    m["versions"] = {d: v for d in ("jax", "jaxlib", "numpy", "flax", "torch", "transformers")
+                     if (v := _version(d)) is not None}
+    if "jax" in sys.modules:  # the backend only when the script already imported jax
+        try:
+            m["jax_backend"] = sys.modules["jax"].default_backend()
+        except Exception:  # noqa: BLE001 - no backend: leave it out
+            pass
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ files
+def atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` so that readers (and a crash) see either the old file or the new one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _plain(x):
+    """JSON round trip: tuples become lists, numpy scalars numbers; what a stored config compares to."""
+    return json.loads(_json(x))
+
+
+def config_dict(config) -> dict:
+    return _plain(dataclasses.asdict(config))
+
+
+def identity_fields(config) -> list:
+    return [f.name for f in dataclasses.fields(config) if not f.metadata.get("select")]
+
+
+# ------------------------------------------------------------------------------------------------ run
+def _stored(paths) -> tuple:
+    """(record, path) of the first readable file among `paths`, else (None, None)."""
+    for p in paths:
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f), p
+    return None, None
+
+
+def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, fresh: bool = False,
+                   opts=None, title: str | None = None, markdown=None, plot=None, depends=None, info=None,
+                   command: str | None = None, quiet: bool = False) -> dict:
+    """Run `fn(cell)` for every cell not already stored with the same config; write NAME.{json,md}.
+
+    cells: cell keys (strings, in table order). fn(cell) -> JSON-able dict. markdown(record) -> lines for the
+    body of NAME.md (default: a table of the cells' scalar results). plot(record, prefix): writes prefix*.png.
+    depends(cell) -> config field names that cell's numbers depend on (default: every non-`select` field).
+    info: a dict (or a function returning one, called at the end) stored as record["info"].
+    opts: the namespace of `parse_args` (its out_dir, fresh and smoke win over the keyword arguments).
+    """
+    smoke = False
+    if opts is not None:
+        results_dir = opts.out_dir or results_dir
+        fresh = fresh or opts.fresh
+        smoke = bool(getattr(opts, "smoke", False))
+    cells = [str(c) for c in cells]
+    if len(set(cells)) != len(cells):
+        raise ValueError(f"{name}: duplicate cell keys {cells}")
+    final = os.path.join(results_dir, name + ".json")
+    partial = os.path.join(results_dir, name + ".partial.json")
+    cfg = config_dict(config)
+    ident = identity_fields(config)
+    deps = (lambda c: ident) if depends is None else depends
+    command = command or " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+                                   if sys.argv and sys.argv[0] else "?"] + sys.argv[1:])
+
+    old, old_path = (None, None) if fresh else _stored([partial, final])
+    stored = {}
+    if old is not None:
+        if old.get("format") != FORMAT:
+            raise ConfigChanged(
+                f"{old_path} was not written by experiments/runner.py (an older script's results); pass --fresh "
+                f"to replace it, or --out-dir DIR to write elsewhere")
+        changed = []
+        for key, c in old.get("cells", {}).items():
+            want = {f: cfg.get(f) for f in deps(key)}
+            have = {f: c.get("config", {}).get(f) for f in want}
+            if have != want:
+                diff = ", ".join(f"{f}: {have[f]!r} -> {want[f]!r}" for f in want if have[f] != want[f])
+                changed.append(f"cell {key!r} ({diff})")
+        if changed:
+            raise ConfigChanged(
+                f"{old_path} holds cells measured under another config: " + "; ".join(changed) +
+                ". Pass --fresh to discard the stored cells, or --out-dir DIR to keep them.")
+        stored = dict(old["cells"])
+    run = {"command": command, "git": git_info(), "started": now(), "cells_computed": []}
+    runs = (old or {}).get("runs", []) + [run]
+    load = benchlib.LoadMonitor()
+    record = {"format": FORMAT, "experiment": name, "title": title or name, "smoke": smoke, "config": cfg,
+              "identity_fields": ident, "command": command, "git": run["git"], "machine": machine_info(),
+              "started": (old or {}).get("started", run["started"]), "cells": stored, "runs": runs,
+              "complete": False}
+    if old is not None and not quiet:
+        done = [c for c in cells if c in stored]
+        print(f"[{name}] resuming from {old_path}: {len(done)}/{len(cells)} cells already measured "
+              f"({', '.join(done) or 'none'}); --fresh to re-measure", flush=True)
+
+    for cell in cells:
+        if cell in stored:
+            continue
+        cell_load = benchlib.LoadMonitor()
+        t0, started = time.time(), now()
+        if not quiet:
+            print(f"[{name}] cell {cell} ...", flush=True)
+        result = fn(cell)
+        stored[cell] = {"result": _plain(result), "config": {f: cfg.get(f) for f in deps(cell)},
+                        "git": run["git"], "started": started, "seconds": round(time.time() - t0, 2),
+                        "load": cell_load.record()}
+        run["cells_computed"].append(cell)
+        record["load"] = load.record()
+        load.after = None  # measured again at the next cell and at the end
+        atomic_write(partial, _json(record))
+
+    run["finished"] = now()
+    run["load"] = load.record()
+    record.update(load=run["load"], finished=run["finished"], complete=all(c in stored for c in cells),
+                  loaded=bool(run["load"]["overloaded"] or any(c.get("load", {}).get("overloaded")
+                                                              for c in stored.values())))
+    record["cells_order"] = cells + [c for c in stored if c not in cells]
+    if info is not None:
+        record["info"] = _plain(info() if callable(info) else info)
+    atomic_write(final, _json(record))
+    atomic_write(os.path.join(results_dir, name + ".md"), render_markdown(record, markdown))
+    if os.path.exists(partial):
+        os.unlink(partial)
+    if plot is not None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+        except ImportError:
+            print(f"[{name}] matplotlib not installed: no plot", flush=True)
+        else:
+            plot(record, os.path.join(results_dir, name))
+    if not quiet:
+        print(f"[{name}] wrote {final} and {name}.md", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def result(record: dict, cell: str):
+    """The stored result of one cell (None if absent)."""
+    c = record["cells"].get(cell)
+    return None if c is None else c["result"]
+
+
+def _load_line(rec: dict) -> str:
+    return benchlib.LoadMonitor.markdown_of(rec).strip()
+
+
+def header_lines(record: dict) -> list:
+    m, g = record["machine"], record["git"]
+    commits = sorted({c["git"]["commit"][:10] + ("+dirty" if c["git"].get("dirty") else "")
+                      for c in record["cells"].values()})
+    lines = [f"# {record['title']}", ""]
+    if record.get("smoke"):
+        lines += ["**SMOKE RUN: a reduced config that only checks the script runs; not a result.**", ""]
+    if record.get("loaded"):
+        lines += ["**WARNING: LOADED MACHINE during this experiment (see the load lines below); its timings are "
+                  "not trustworthy.**", ""]
+    lines += [f"Command: `{record['command']}`  ",
+              f"Commit: `{g['commit']}`{' (uncommitted changes)' if g.get('dirty') else ''}"
+              + (f"; cells from commits {', '.join(commits)}" if len(commits) > 1 else "") + "  ",
+              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib', '?')} GiB RAM, {m.get('platform')}"
+              + (f", jax backend {m['jax_backend']}" if m.get("jax_backend") else "") + "  ",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + "  ",
+              f"Time: {record['started']} to {record.get('finished', '?')} (UTC), {len(record['runs'])} run(s)  ",
+              "Config: " + ", ".join(f"{k}={v}" for k, v in record["config"].items()), "",
+              _load_line(record.get("load")), ""]
+    return lines
+
+
+def cells_table(record: dict) -> list:
+    """Per-cell facts: when, how long, which commit, the load average around it."""
+    lines = ["| cell | finished run | seconds | commit | load 1-min before / after | flag |", "| --- | --- | ---: | --- | --- | --- |"]
+    for key in record.get("cells_order", record["cells"]):
+        c = record["cells"].get(key)
+        if c is None:
+            lines.append(f"| {key} | (not measured) | | | | |")
+            continue
+        ld = c.get("load") or {}
+        lines.append(f"| {key} | {c['started']} | {c['seconds']:.1f} | {c['git']['commit'][:10]}"
+                     f"{'+dirty' if c['git'].get('dirty') else ''} | {ld.get('loadavg_before', ['?'])[0]} / "
+                     f"{ld.get('loadavg_after', ['?'])[0]} | {'LOADED' if ld.get('overloaded') else ''} |")
+    return lines
+
+
+def results_table(record: dict) -> list:
+    """Default body: one row per cell, one column per scalar result."""
+    cols = []
+    for c in record["cells"].values():
+        for k, v in c["result"].items():
+            if isinstance(v, (int, float, str, bool)) and k not in cols:
+                cols.append(k)
+    lines = ["| cell | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for key in record.get("cells_order", record["cells"]):
+        r = result(record, key)
+        if r is None:
+            continue
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        lines.append(f"| {key} | " + " | ".join(fmt(r[k]) if k in r else "" for k in cols) + " |")
+    return lines
+
+
+def render_markdown(record: dict, body=None) -> str:
+    lines = header_lines(record)
+    lines += list(body(record)) if body is not None else results_table(record)
+    lines += ["", "## Cells", "", *cells_table(record)]
+    if not record.get("complete"):
+        lines += ["", "**INCOMPLETE: some cells were not measured.**"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the dataclass `cls`: --field-name (bool: --x / --no-x; tuple/list: nargs='+')."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) in (tuple, list):
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            ap.add_argument(flag, nargs="*", type=_unwrap_optional(args[0]) if args else str, **kw)
+        else:
+            ap.add_argument(flag, type=tp, **kw)
+
+
+def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, extra=None):
+    """(config, opts): the config dataclass from flags over its defaults (or over `smoke` with --smoke);
+    opts.out_dir, opts.fresh, opts.smoke and whatever `extra(ap)` added. --smoke without --out-dir writes
+    to a temporary directory, so a smoke run never replaces results/."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(ap, cls)
+    ap.add_argument("--out-dir", default=None, help=f"results directory (default {os.path.relpath(RESULTS, ROOT)})")
+    ap.add_argument("--fresh", action="store_true", help="discard stored cells (a partial run or another config)")
+    if smoke is not None:
+        ap.add_argument("--smoke", action="store_true",
+                        help="tiny config that only checks the script runs; writes to a temp dir unless --out-dir")
+    if extra is not None:
+        extra(ap)
+    opts = ap.parse_args(argv)
+    base = smoke if (smoke is not None and opts.smoke) else cls()
+    given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(cls) if getattr(opts, f.name) is not None}
+    hints = typing.get_type_hints(cls)
+    for k, v in given.items():
+        if typing.get_origin(_unwrap_optional(hints[k])) is tuple:
+            given[k] = tuple(v)
+    config = dataclasses.replace(base, **given)
+    opts.smoke = bool(getattr(opts, "smoke", False))
+    if opts.smoke and not opts.out_dir:
+        opts.out_dir = os.path.join(tempfile.gettempdir(), "jaxdec-smoke")
+    opts.parser = ap
+    return config, opts

@@ -1,0 +1,207 @@
+"""experiments/runner.py: the experiment convention (config dataclass -> results/NAME.{json,md}, resumable).
+
+No model here: the cells are plain functions that count their calls. One smoke run of a converted script
+(bench_attention.py at tiny sizes) runs in a subprocess."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import benchlib  # noqa: E402
+import runner  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    n: int = 3
+    scale: float = 1.0
+    names: tuple[str, ...] = ("a", "b")
+    verbose: bool = False
+    only: tuple[str, ...] = runner.select(())
+
+
+class Counter:
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, cell):
+        self.calls.append(cell)
+        if cell == self.fail_at:
+            raise RuntimeError(f"crash in cell {cell}")
+        return {"value": len(cell) * 1.5, "cell": cell}
+
+
+def run(tmp_path, fn, cfg=Cfg(), cells=("x", "yy", "zzz"), **kw):
+    return runner.run_experiment("exp", cfg, list(cells), fn, results_dir=str(tmp_path), quiet=True, **kw)
+
+
+def test_writes_json_and_md_with_commit_machine_load_and_config(tmp_path):
+    rec = run(tmp_path, Counter())
+    data = json.loads((tmp_path / "exp.json").read_text())
+    assert data == json.loads(json.dumps(rec))
+    assert not (tmp_path / "exp.partial.json").exists()
+    assert data["complete"] and data["config"] == {"n": 3, "scale": 1.0, "names": ["a", "b"], "verbose": False,
+                                                   "only": []}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert data["git"]["commit"] == head and isinstance(data["git"]["dirty"], bool)
+    m = data["machine"]
+    assert m["cores"] == os.cpu_count() and m["cpu"] and m["ram_gib"] > 0 and "jax" in m["versions"]
+    assert "jaxlib" in m["versions"] and m["platform"]
+    for load in [data["load"]] + [c["load"] for c in data["cells"].values()]:
+        assert len(load["loadavg_before"]) == 3 and len(load["loadavg_after"]) == 3
+        assert isinstance(load["overloaded"], bool)
+    assert data["started"] <= data["finished"]
+    assert data["cells"]["yy"]["result"] == {"value": 3.0, "cell": "yy"}
+    md = (tmp_path / "exp.md").read_text()
+    assert head in md and m["cpu"] in md and "load average (1/5/15 min) before" in md
+    assert "| yy | 3 | yy |" in md
+
+
+def test_loaded_machine_is_flagged_in_json_and_md(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchlib.os, "getloadavg", lambda: (99.0, 50.0, 20.0))
+    run(tmp_path, Counter())
+    data = json.loads((tmp_path / "exp.json").read_text())
+    assert data["loaded"] and data["load"]["overloaded"]
+    assert all(c["load"]["overloaded"] for c in data["cells"].values())
+    md = (tmp_path / "exp.md").read_text()
+    assert "WARNING: LOADED MACHINE" in md and md.count("LOADED") >= 4  # header, load line, one per cell
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    crash = Counter(fail_at="zzz")
+    with pytest.raises(RuntimeError, match="crash in cell zzz"):
+        run(tmp_path, crash)
+    assert crash.calls == ["x", "yy", "zzz"]
+    assert not (tmp_path / "exp.json").exists()
+    part = json.loads((tmp_path / "exp.partial.json").read_text())
+    assert sorted(part["cells"]) == ["x", "yy"] and not part["complete"]
+    again = Counter()
+    rec = run(tmp_path, again)
+    assert again.calls == ["zzz"]  # x and yy were not recomputed
+    assert rec["complete"] and sorted(rec["cells"]) == ["x", "yy", "zzz"] and len(rec["runs"]) == 2
+    assert rec["runs"][0]["cells_computed"] == ["x", "yy"] and rec["runs"][1]["cells_computed"] == ["zzz"]
+    assert not (tmp_path / "exp.partial.json").exists()
+    third = Counter()  # a finished file is resumed too: nothing left to do
+    run(tmp_path, third)
+    assert third.calls == []
+    fresh = Counter()
+    run(tmp_path, fresh, fresh=True)
+    assert fresh.calls == ["x", "yy", "zzz"]
+
+
+def test_new_cells_accumulate_and_select_fields_do_not_invalidate(tmp_path):
+    run(tmp_path, Counter(), cells=["x"], cfg=Cfg(only=("x",)))
+    c = Counter()
+    rec = run(tmp_path, c, cells=["yy"], cfg=Cfg(only=("yy",)))
+    assert c.calls == ["yy"] and sorted(rec["cells"]) == ["x", "yy"]
+    assert rec["config"]["only"] == ["yy"]
+
+
+def test_config_change_is_refused_with_the_changed_field(tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, Counter(fail_at="yy"))
+    c = Counter()
+    with pytest.raises(runner.ConfigChanged, match=r"cell 'x' \(n: 3 -> 4\).*--fresh"):
+        run(tmp_path, c, cfg=Cfg(n=4))
+    assert c.calls == []
+    with pytest.raises(runner.ConfigChanged, match=r"names: \['a', 'b'\] -> \['a'\]"):
+        run(tmp_path, c, cfg=Cfg(names=("a",)))
+    rec = run(tmp_path, c, cfg=Cfg(n=4), fresh=True)
+    assert c.calls == ["x", "yy", "zzz"] and rec["config"]["n"] == 4 and len(rec["runs"]) == 1
+
+
+def test_depends_narrows_what_invalidates_a_cell(tmp_path):
+    deps = lambda cell: ["n"] if cell == "x" else ["n", "scale"]  # noqa: E731
+    run(tmp_path, Counter(), depends=deps)
+    with pytest.raises(runner.ConfigChanged, match=r"cell 'yy' \(scale") as e:
+        run(tmp_path, Counter(), cfg=Cfg(scale=2.0), depends=deps)
+    assert "'x'" not in str(e.value)
+    c = Counter()
+    rec = run(tmp_path, c, cfg=Cfg(verbose=True), depends=deps)  # a field no cell depends on
+    assert c.calls == [] and rec["cells"]["x"]["config"] == {"n": 3}
+
+
+def test_results_of_an_older_script_are_not_overwritten(tmp_path):
+    (tmp_path / "exp.json").write_text(json.dumps({"command": "old script", "results": []}))
+    c = Counter()
+    with pytest.raises(runner.ConfigChanged, match="not written by experiments/runner.py"):
+        run(tmp_path, c)
+    assert c.calls == [] and json.loads((tmp_path / "exp.json").read_text())["command"] == "old script"
+    run(tmp_path, c, fresh=True)
+    assert json.loads((tmp_path / "exp.json").read_text())["format"] == runner.FORMAT
+
+
+def test_crash_while_writing_leaves_the_previous_partial_intact(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, Counter(fail_at="yy"))
+    before = (tmp_path / "exp.partial.json").read_text()
+    real_dumps = json.dumps
+
+    def half_written(obj, *a, **k):  # fails while serialising the record of the next finished cell
+        if isinstance(obj, dict) and "yy" in obj.get("cells", {}):
+            raise OSError("disk full")
+        return real_dumps(obj, *a, **k)
+
+    monkeypatch.setattr(runner.json, "dumps", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, Counter())
+    assert (tmp_path / "exp.partial.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(runner.json, "dumps", real_dumps)
+    c = Counter()
+    run(tmp_path, c)
+    assert c.calls == ["yy", "zzz"]
+
+
+def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    p = tmp_path / "f.json"
+    runner.atomic_write(str(p), "old")
+
+    def boom(fd):
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(runner.os, "fsync", boom)
+    with pytest.raises(OSError):
+        runner.atomic_write(str(p), "new")
+    assert p.read_text() == "old" and [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_cli_from_the_dataclass(tmp_path):
+    cfg, opts = runner.parse_args(Cfg, ["--n", "5", "--names", "p", "q", "--verbose", "--out-dir", str(tmp_path)])
+    assert cfg == Cfg(n=5, names=("p", "q"), verbose=True) and opts.out_dir == str(tmp_path) and not opts.fresh
+    cfg, opts = runner.parse_args(Cfg, ["--smoke", "--scale", "0.5", "--fresh"], smoke=Cfg(n=1))
+    assert cfg == Cfg(n=1, scale=0.5) and opts.fresh and opts.smoke
+    assert opts.out_dir and os.path.abspath(opts.out_dir) != os.path.abspath(runner.RESULTS)
+    with pytest.raises(SystemExit):
+        runner.parse_args(Cfg, ["--n", "x"])
+
+
+def test_custom_markdown_body_and_plot_hook(tmp_path):
+    seen = []
+    run(tmp_path, Counter(), markdown=lambda rec: ["custom body", f"{runner.result(rec, 'x')['value']}"],
+        plot=lambda rec, prefix: seen.append(prefix), title="My title")
+    md = (tmp_path / "exp.md").read_text()
+    assert md.startswith("# My title") and "custom body\n1.5" in md and "## Cells" in md
+    assert seen == [str(tmp_path / "exp")]
+
+
+def test_smoke_run_of_a_converted_script(tmp_path):
+    """bench_attention.py --smoke in a fresh interpreter: resumable JSON + md in --out-dir, marked SMOKE."""
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_attention.py"), "--smoke",
+           "--out-dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_attention.json").read_text())
+    assert data["complete"] and data["smoke"] and set(data["cells"]) == {"hydragen", "quantized"}
+    assert data["cells"]["hydragen"]["result"]["max_abs_diff"] < 1e-4
+    md = (tmp_path / "bench_attention.md").read_text()
+    assert "SMOKE RUN" in md and data["git"]["commit"] in md
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # resumed: nothing to measure
+    assert r.returncode == 0 and "2/2 cells already measured" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
