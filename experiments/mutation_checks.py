@@ -3,16 +3,20 @@
 Each case runs one test in a fresh pytest process with one mutation applied (by
 `experiments/mutation_plugin.py`, or by environment variables) and records whether it failed. A case
 "passes" this script when the mutated test FAILS (or, for the opt-out case, is skipped). ``--controls``
-also runs every test unmutated (it must pass). Writes experiments/results/mutation_checks.log.
+also runs every test unmutated (it must pass).
 
-    python experiments/mutation_checks.py [--controls] [--only NAME ...]
+Runs through experiments/runner.py: one cell per case (``control/NAME`` for a control), so an interrupted
+run resumes; a rerun after a code change needs ``--fresh`` (the cells do not know the code changed).
+Writes experiments/results/mutation_checks.{json,md} and the plain-text log
+experiments/results/mutation_checks.log (exit status 1 when some case did not behave).
+
+    python experiments/mutation_checks.py [--controls] [--only NAME ...] [--fresh]
+    python experiments/mutation_checks.py --smoke     # one case (frozen_counter), written to a temp dir
 """
 from __future__ import annotations
 
-import argparse
-import datetime
+import dataclasses
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 
 # name: (test node id, extra environment, what the broken variant is, expected outcome)
 CASES = {
@@ -68,42 +72,87 @@ def run_case(node, env_extra):
     return outcome, time.time() - t0, out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--controls", action="store_true", help="also run each test unmutated (must pass)")
-    ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "mutation_checks.log"))
-    args = ap.parse_args()
-    names = args.only or list(CASES)
-    load = benchlib.LoadMonitor()
-    lines = [f"# mutation checks: broken variants must fail their checks",
-             f"command: python experiments/mutation_checks.py {' '.join(sys.argv[1:])}".rstrip(),
-             f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"commit: {benchlib.git_commit()}", f"machine: {platform.machine()} {os.cpu_count()} cores", ""]
-    all_ok = True
-    for name in names:
-        node, env_extra, what, expected = CASES[name]
-        if args.controls and name != "missing_kernel_opt_out":
-            outcome, secs, _ = run_case(node, {})
-            ok = outcome == "pass"
-            all_ok &= ok
-            lines.append(f"[{'OK' if ok else 'BAD'}] control {name}: {node} unmutated -> {outcome} ({secs:.0f} s)")
-        outcome, secs, out = run_case(node, env_extra)
-        ok = outcome == expected
-        all_ok &= ok
-        env_s = " ".join(f"{k}={v}" for k, v in env_extra.items())
-        lines.append(f"[{'OK' if ok else 'BAD'}] {name}: {what}")
-        lines.append(f"    {env_s} python -m pytest {node} -p mutation_plugin -> {outcome} (expected {expected}, "
-                     f"{secs:.0f} s)")
-        key = [l for l in out if l.startswith("E  ") or "SKIPPED" in l or "Error" in l][:4] + out[-1:]
-        lines += ["    | " + l[:200] for l in key]
-        print("\n".join(lines[-(len(key) + 2):]), flush=True)
-    lines += ["", load.summary_line(), f"RESULT: {'every broken variant was caught' if all_ok else 'SOME CASE DID NOT BEHAVE'}"]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+@dataclasses.dataclass(frozen=True)
+class Config:
+    controls: bool = runner.select(False, "also run each test unmutated (it must pass)")
+    only: tuple[str, ...] = runner.select((), "only these cases (default all): " + ", ".join(CASES))
+
+
+SMOKE = Config(only=("frozen_counter",))
+
+
+def measure(cell):
+    control = cell.startswith("control/")
+    name = cell.split("/", 1)[1] if control else cell
+    node, env_extra, what, expected = CASES[name]
+    if control:
+        expected = "pass"
+    outcome, secs, out = run_case(node, {} if control else env_extra)
+    key = [l for l in out if l.startswith("E  ") or "SKIPPED" in l or "Error" in l][:4] + out[-1:]
+    return {"case": name, "control": control, "node": node, "env": {} if control else env_extra, "what": what,
+            "expected": expected, "outcome": outcome, "ok": outcome == expected, "seconds": round(secs, 1),
+            "key_lines": [l[:200] for l in key]}
+
+
+def log_lines(rec) -> list:
+    """The plain-text log (experiments/results/mutation_checks.log) from the stored cells."""
+    lines = ["# mutation checks: broken variants must fail their checks", f"command: {rec['command']}",
+             f"date: {rec.get('finished')}", f"commit: {rec['git']['commit']}"
+             + (" (uncommitted changes)" if rec["git"].get("dirty") else ""),
+             f"machine: {rec['machine'].get('cpu')} {rec['machine'].get('cores')} cores", ""]
+    for key in rec["cells_order"]:
+        r = runner.result(rec, key)
+        if r is None:
+            continue
+        if r["control"]:
+            lines.append(f"[{'OK' if r['ok'] else 'BAD'}] control {r['case']}: {r['node']} unmutated -> {r['outcome']} "
+                         f"({r['seconds']:.0f} s)")
+            continue
+        env_s = " ".join(f"{k}={v}" for k, v in r["env"].items())
+        lines.append(f"[{'OK' if r['ok'] else 'BAD'}] {r['case']}: {r['what']}")
+        lines.append(f"    {env_s} python -m pytest {r['node']} -p mutation_plugin -> {r['outcome']} (expected "
+                     f"{r['expected']}, {r['seconds']:.0f} s)")
+        lines += ["    | " + l for l in r["key_lines"]]
+    ok = all(c["result"]["ok"] for c in rec["cells"].values())
+    lines += ["", runner.benchlib.LoadMonitor.markdown_of(rec.get("load")).strip().strip("*"),
+              f"RESULT: {'every broken variant was caught' if ok else 'SOME CASE DID NOT BEHAVE'}"]
+    return lines
+
+
+def markdown(rec):
+    lines = ["| case | what | mutated test | expected | outcome | ok |", "| --- | --- | --- | --- | --- | --- |"]
+    for key in rec["cells_order"]:
+        r = runner.result(rec, key)
+        if r is not None:
+            lines.append(f"| {key} | {'unmutated' if r['control'] else r['what']} | `{r['node']}` | {r['expected']} | "
+                         f"{r['outcome']} | {'OK' if r['ok'] else 'BAD'} |")
+    return lines + ["", "Log: mutation_checks.log"]
+
+
+def main(argv=None):
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
+    unknown = [n for n in cfg.only if n not in CASES]
+    if unknown:
+        opts.parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    cells = []
+    for name in cfg.only or CASES:
+        if cfg.controls and name != "missing_kernel_opt_out":
+            cells.append(f"control/{name}")
+        cells.append(name)
+
+    def one(cell):
+        r = measure(cell)
+        print(f"[{'OK' if r['ok'] else 'BAD'}] {cell}: {r['outcome']} (expected {r['expected']}, {r['seconds']:.0f} s)",
+              flush=True)
+        return r
+
+    rec = runner.run_experiment("mutation_checks", cfg, cells, one, opts=opts, markdown=markdown,
+                                title="Mutation checks: broken variants must fail their checks",
+                                depends=lambda c: [])
+    lines = log_lines(rec)
+    runner.atomic_write(os.path.join(opts.out_dir or runner.RESULTS, "mutation_checks.log"), "\n".join(lines) + "\n")
     print("\n".join(lines[-2:]))
-    return 0 if all_ok else 1
+    return 0 if all(runner.result(rec, c)["ok"] for c in cells) else 1
 
 
 if __name__ == "__main__":

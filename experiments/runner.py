@@ -173,7 +173,7 @@ def _stored(paths) -> tuple:
 
 def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, fresh: bool = False,
                    opts=None, title: str | None = None, markdown=None, plot=None, depends=None, info=None,
-                   command: str | None = None, quiet: bool = False) -> dict:
+                   command: str | None = None, identity: dict | None = None, quiet: bool = False) -> dict:
     """Run `fn(cell)` for every cell not already stored with the same config; write NAME.{json,md}.
 
     cells: cell keys (strings, in table order). fn(cell) -> JSON-able dict. markdown(record) -> lines for the
@@ -181,6 +181,8 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     depends(cell) -> config field names that cell's numbers depend on (default: every non-`select` field).
     info: a dict (or a function returning one, called at the end) stored as record["info"].
     opts: the namespace of `parse_args` (its out_dir, fresh and smoke win over the keyword arguments).
+    identity: facts outside the config that the cells' numbers depend on (e.g. resolved commits); they are
+    stored with the config and compared like its fields.
     """
     smoke = False
     if opts is not None:
@@ -192,8 +194,8 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
         raise ValueError(f"{name}: duplicate cell keys {cells}")
     final = os.path.join(results_dir, name + ".json")
     partial = os.path.join(results_dir, name + ".partial.json")
-    cfg = config_dict(config)
-    ident = identity_fields(config)
+    cfg = {**config_dict(config), **_plain(identity or {})}
+    ident = identity_fields(config) + list(identity or {})
     deps = (lambda c: ident) if depends is None else depends
     command = command or " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
                                    if sys.argv and sys.argv[0] else "?"] + sys.argv[1:])

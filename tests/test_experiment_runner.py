@@ -205,3 +205,12 @@ def test_smoke_run_of_a_converted_script(tmp_path):
     assert "SMOKE RUN" in md and data["git"]["commit"] in md
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # resumed: nothing to measure
     assert r.returncode == 0 and "2/2 cells already measured" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_identity_facts_outside_the_config_invalidate_like_fields(tmp_path):
+    run(tmp_path, Counter(), identity={"base": "abc"})
+    with pytest.raises(runner.ConfigChanged, match=r"base: 'abc' -> 'def'"):
+        run(tmp_path, Counter(), identity={"base": "def"})
+    c = Counter()
+    run(tmp_path, c, identity={"base": "abc"})
+    assert c.calls == []
