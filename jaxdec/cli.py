@@ -237,6 +237,93 @@ def _flag_names(message: str) -> str:
     return _API_NAMES.sub(lambda m: "--stop" if m.group(1) == "stop_strings" else flag(m.group(1)), message)
 
 
+# ------------------------------------------------------------------------------------------ --stream
+class StreamPrinter:
+    """``--stream``: the ``callback(state)`` that `generate(debug=True)` calls after ``init`` and after
+    every ``step`` of the very jitted init/step the compiled loop runs (`jaxdec.core.loop.run_debug`).
+    Each call reads row 0's committed tokens (``tokens[0, :num_new[0]]``: one token per step for token
+    decoders, several for speculative ones), detokenizes the new ones incrementally (no half UTF-8
+    character, special tokens skipped as in the final text) and prints the new text at once, flushed.
+    With stop strings the text stops after the first one, as the final text does. `finish` prints what
+    the final text adds (the detokenizer's held-back tail), so stdout holds exactly the final text."""
+
+    def __init__(self, tokenizer, stop_strings=(), out=None):
+        self.detok = tokenizer.stream(skip_special_tokens=True)
+        self.stops = tuple(stop_strings)
+        self.out = out
+        self.ids: list = []
+        self.printed = ""
+        self.t0 = time.perf_counter()
+        self.first_seconds = None  # time from the decode call to the first printed text (compile included)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        out = self.out or sys.stdout
+        out.write(text)
+        out.flush()
+        self.printed += text
+        if self.first_seconds is None:
+            self.first_seconds = time.perf_counter() - self.t0
+
+    def __call__(self, state) -> None:
+        import numpy as np
+        n = int(np.asarray(state.num_new[0]))  # a host read: waits for this step to finish
+        if n < len(self.ids):
+            raise RuntimeError(f"--stream: the decoder un-committed tokens ({len(self.ids)} -> {n})")
+        if n == len(self.ids):
+            return
+        new = np.asarray(state.tokens[0, len(self.ids):n]).tolist()
+        self.ids += new
+        self.detok.push_many(new)
+        text = self.detok.text  # everything decoded so far (the final text extends it)
+        if self.stops:
+            from jaxdec.core.stopping import truncate_at_stop
+            text = truncate_at_stop(text, self.stops)
+        if text.startswith(self.printed):
+            self._write(text[len(self.printed):])
+
+    def finish(self, final_text: str) -> bool:
+        """Print the rest of ``final_text`` (the row's text as `generate` returns it) and a newline;
+        False (and the whole text again, after a note on stderr) if the streamed text was not its prefix."""
+        out = self.out or sys.stdout
+        ok = final_text.startswith(self.printed)
+        if ok:
+            self._write(final_text[len(self.printed):])
+        else:
+            print("\njaxdec: warning: the streamed text differs from the final text; the final text follows",
+                  file=sys.stderr)
+            out.write(final_text)
+        out.write("\n")
+        out.flush()
+        return ok
+
+
+def stream_kwargs(args) -> dict:
+    """The `generate` keywords a CLI handler passes for ``--stream`` (none without it): the same jitted
+    init/step driven from Python with the `StreamPrinter` as callback."""
+    printer = getattr(args, "_stream", None)
+    return {} if printer is None else {"debug": True, "callback": printer}
+
+
+def _check_stream(args, prompts) -> None:
+    """--stream prints one row as it is decoded: one prompt, one sample, text on stdout."""
+    if not args.stream:
+        return
+    if len(prompts) != 1:
+        raise BadInput(f"--stream prints one prompt's text as it is decoded: give one prompt, got {len(prompts)} "
+                       f"(from --prompts-file)")
+    if args.n != 1:
+        raise BadInput(f"--stream prints one row as it is decoded: --n must be 1 with --stream, got {args.n}")
+    if args.batch_size is not None:
+        raise BadInput("--stream decodes one prompt alone: --batch-size is not used with --stream")
+    if args.quiet:
+        raise BadInput("--stream prints text on stdout and --quiet prints none: give one of them")
+
+
 # ------------------------------------------------------------------------------------------ --out
 class PartialOut:
     """``--out OUT``: rows go to ``OUT.partial`` as batches finish; `commit` renames it to ``OUT``.
@@ -293,7 +380,7 @@ def _token_method(args, loaded, prompt_ids, progress):
     g = generate(loaded.model, loaded.params, prompt_ids, method=args.method, sampling=sampling,
                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, n=args.n,
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
-                 batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn)
+                 batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn, **stream_kwargs(args))
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     return [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
             for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)], g.stats
@@ -321,7 +408,7 @@ def _global_keys(args, offset: int, total: int, count: int):
     return inputs_fn
 
 
-_TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop")
+_TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop", "stream")
 register_method("greedy", uses=_TOKEN_USES, chunked=True)(_token_method)
 register_method("sample", uses=_TOKEN_USES + ("seed",) + SAMPLING, chunked=True)(_token_method)
 register_papers({"greedy": ("-", "argmax at every step"),
@@ -379,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="write one JSON object per output row to this JSONL file (OUT.partial while "
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
+    g.add_argument("--stream", action="store_true",
+                   help="print the text as it is decoded (one prompt, --n 1; the same jitted init/step driven from "
+                        "Python); the time to the first printed text goes to the stats line on stderr")
     sub.add_parser("methods", help="list every decoding method and drafter with its paper and main flags")
     d = sub.add_parser("demo", help="decode a few chat prompts with the default model and print the speed")
     d.add_argument("--model", default="smollm2-135m")
@@ -429,6 +519,7 @@ def cmd_generate(args, parser) -> int:
 
     prompts = _read_prompts(args)
     _check_args(args, parser)
+    _check_stream(args, prompts)
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
         raise BadInput("--out is the --prompts-file: writing it would replace the prompts; choose another path")
     out = PartialOut(args.out) if args.out else None
@@ -446,17 +537,25 @@ def cmd_generate(args, parser) -> int:
         if args.batch_size is not None and METHOD_INFO[args.method]["chunked"]:
             step = args.batch_size
         starts = range(0, len(ids), step)
-        quiet = args.quiet
+        quiet = args.quiet or args.stream  # --stream: no progress bar between the streamed lines
+        printer = args._stream = StreamPrinter(tok, args.stop or ()) if args.stream else None
         inner = None if quiet else (lambda it: tqdm(it, desc="batches", unit="batch", file=sys.stderr))
         if len(starts) > 1:
             starts, inner = (starts if quiet else tqdm(starts, desc="batches", unit="batch", file=sys.stderr)), None
         rows, all_stats = [], []
         for s in starts:
             args._chunk = (s, len(ids))
+            if printer is not None:
+                printer.start()
             try:
                 r, st = handler(args, loaded, ids[s:s + step], inner)
             except ValueError as e:
                 raise BadInput(_flag_names(str(e))) from None
+            if printer is not None:
+                printer.finish(r[0]["text"])
+                first = {"first_text_seconds": printer.first_seconds}
+                r = [{**row, "stats": {**row["stats"], **first}} for row in r]
+                st = {**st, **first}
             if out is not None:
                 out.write(r)
             rows += r
@@ -475,11 +574,15 @@ def cmd_generate(args, parser) -> int:
         out.commit()
     if not args.quiet:
         for r in rows:
-            print(r["text"])
+            if not args.stream:  # streamed rows are on stdout already
+                print(r["text"])
             print("-" * 60)
+        first = stats.get("first_text_seconds")
+        first = "" if not args.stream else (f"; first text after {first:.2f}s (compile included)" if first is not None
+                                            else "; no text was printed")
         print(f"[jaxdec] model load {load_s:.1f}s; {stats.get('new_tokens')} new tokens in {stats.get('seconds', 0):.2f}s "
-              f"(compile included) = {stats.get('tokens_per_second', 0):.1f} tok/s; model calls {stats.get('model_calls')}",
-              file=sys.stderr)
+              f"(compile included) = {stats.get('tokens_per_second', 0):.1f} tok/s; model calls {stats.get('model_calls')}"
+              f"{first}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 
 import peer
@@ -68,3 +69,81 @@ def test_cli_non_gguf_model_file(tmp_path, capsys):
     bad.write_text("hello")
     proc = _run(["generate", "--prompt", "hi", "--model", str(bad)], capsys)
     assert proc.returncode == 2 and "not a GGUF" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ --stream
+STREAM_ARGS = ["generate", "--prompt", "Repeat exactly: one two three four five six seven eight", "--chat",
+               "--max-new-tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(tmp_path_factory):
+    """The non-streamed greedy row of the --stream prompt (the compiled loop, no callback)."""
+    from jaxdec.cli import main
+    out = tmp_path_factory.mktemp("plain") / "plain.jsonl"
+    assert main(STREAM_ARGS + ["--out", str(out), "--quiet"]) == 0
+    (row,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert row["text"] and len(row["tokens"]) >= 6
+    return row
+
+
+def _streamed(args, capsys, monkeypatch):
+    """Run `main(args)` recording each piece `--stream` printed and how many tokens were committed then."""
+    import jaxdec.cli as cli
+    pieces = []
+    orig = cli.StreamPrinter._write
+
+    def spy(self, text):
+        if text:
+            pieces.append((len(self.ids), text))
+        orig(self, text)
+
+    monkeypatch.setattr(cli.StreamPrinter, "_write", spy)
+    return _run(args, capsys), pieces
+
+
+@pytest.mark.parametrize("method", [["--method", "greedy"], ["--method", "speculative", "--drafter", "pld"]],
+                         ids=["greedy", "speculative-pld"])
+def test_cli_stream_prints_pieces_equal_to_the_final_text(method, plain_greedy, tmp_path, capsys, monkeypatch):
+    """--stream prints the text piece by piece while decoding (the same jitted init/step driven from
+    Python), one piece per step that committed new text; stdout is exactly the non-streamed greedy
+    run's text (then the separator line; greedy-verified speculative decoding gives the greedy
+    tokens); the stats line reports the time to the first printed text. The prompt asks for a copy,
+    so prompt lookup's steps commit several tokens at once."""
+    want = plain_greedy
+    proc, pieces = _streamed(STREAM_ARGS + method + ["--stream", "--out", str(tmp_path / "s.jsonl")], capsys,
+                             monkeypatch)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == want["text"] + "\n" + "-" * 60 + "\n"
+    assert "".join(p for _, p in pieces) == want["text"]
+    (rec,) = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert rec["tokens"] == want["tokens"] and rec["text"] == want["text"]
+    # printed while decoding: pieces after at least 3 different steps, not all at the end
+    assert len({n for n, _ in pieces}) >= 3, pieces
+    assert rec["stats"]["first_text_seconds"] > 0 and "first text after" in proc.stderr
+    if "speculative" in method:
+        commits = np.diff([0] + sorted({n for n, _ in pieces}))
+        assert rec["stats"]["tau"] > 1 and commits.max() > 1, (pieces, rec["stats"]["tau"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--n", "2", "--method", "sample"], "--n"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--quiet"], "--quiet"),
+    (["--method", "beam"], "--stream"),
+])
+def test_cli_stream_refuses_more_than_one_row(extra, needle, capsys, monkeypatch, tmp_path):
+    import jaxdec.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(cli, "load_model", boom)
+    proc = _run(["generate", "--prompt", "hi", "--stream", *extra], capsys)
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    two = _run(["generate", "--prompts-file", str(pf), "--stream"], capsys)
+    for p, n in ((proc, needle), (two, "--stream")):
+        err = [l for l in p.stderr.strip().splitlines() if l.strip()]
+        assert p.returncode == 2 and len(err) == 1 and err[0].startswith("jaxdec: error:") and n in err[0], p.stderr
+    assert "2" in two.stderr and "one prompt" in two.stderr

@@ -168,7 +168,7 @@ def _handler(args, loaded, prompt_ids, progress):
         sampling = SamplingParams.create(bs, **sampling)
     g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
-                             tokenizer=loaded.tokenizer)
+                             tokenizer=loaded.tokenizer, **cli.stream_kwargs(args))
     out = [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
     summ = g.stats
@@ -194,7 +194,7 @@ try:  # register with the spine's CLI when it is importable
     from jaxdec.speculative.methods import PAPERS as _PAPERS
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
-                    uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed",
+                    uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed", "stream",
                           *SAMPLING))(_handler)
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})
