@@ -8,14 +8,17 @@ which goes first, repetition after repetition. The result is the median of per-r
 check that both versions produced the same tokens.
 
     python experiments/bench_versions.py --base 9435ce2              # f32 and q, batch 1 and 8, 64 tokens
-    python experiments/bench_versions.py --base HEAD~3 --quick
+    python experiments/bench_versions.py --base HEAD~3 --new-tokens 32 --reps 5
+    python experiments/bench_versions.py --base HEAD~1 --smoke       # f32, batch 1, 4 tokens, to a temp dir
 
-Writes ``experiments/results/bench_versions.{json,md}`` with the command, both commits and the load average
-before and after (a run whose load exceeded the core count is flagged in the results).
+Runs through experiments/runner.py: one cell per (weights, batch), each interleaving base and new within
+its repetitions; both resolved commits are part of the cells' identity (a new commit or base is refused
+unless --fresh). Writes ``experiments/results/bench_versions.{json,md}`` with the command, both commits and
+the load average before and after (a run whose load exceeded the core count is flagged in the results).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,8 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
-RESULTS = os.path.join(ROOT, "experiments", "results")
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 from bench_greedy import PROMPTS  # noqa: E402 (the same eight chat prompts as the greedy benchmark)
 
 
@@ -77,82 +79,82 @@ def git(*args) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    base: str = dataclasses.field(default="", metadata={"help": "base commit (required; a worktree is made "
+                                                                "under /tmp)"})
+    weights: tuple[str, ...] = dataclasses.field(default=("f32", "q"), metadata={"choices": ["f32", "q"]})
+    batches: tuple[int, ...] = (1, 8)
+    new_tokens: int = 64
+    reps: int = dataclasses.field(default=7, metadata={"help": ">= 5 interleaved repetitions"})
+
+
+SMOKE = Config(weights=("f32",), batches=(1,), new_tokens=4, reps=5)
+
+
+def markdown(rec):
+    c = idt = rec["config"]
+    lines = [f"jaxdec {idt['new'][:10]} vs base {idt['base'][:10]}: greedy speed, interleaved (base and new "
+             f"alternate which goes first) in each cell; {c['new_tokens']} new tokens, {c['reps']} repetitions. "
+             "Ratio = base seconds / new seconds per repetition (> 1: the checkout is faster).", "",
+             "| weights / batch | median speed ratio new/base | min | max | same tokens |",
+             "| --- | --- | --- | --- | --- |"]
+    for key in rec["cells_order"]:
+        r = runner.result(rec, key)
+        if r is not None:
+            lines.append(f"| {key} | {r['median_ratio']:.3f} | {r['min_ratio']:.3f} | {r['max_ratio']:.3f} | "
+                         f"{r['same_tokens']} |")
+    if rec.get("loaded"):
+        lines += ["", "**FLAGGED: the load average exceeded the core count; do not quote these ratios.**"]
+    return lines
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default=None, help="base commit (a worktree is made under /tmp)")
-    ap.add_argument("--weights", nargs="+", default=["f32", "q"], choices=["f32", "q"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 5 repetitions")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_versions"))
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.worker:
-        return worker(a.worker)
-    if not a.base:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2])
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
+    ap = opts.parser
+    if not cfg.base:
         ap.error("--base REV is required")
-    new_tokens = a.new_tokens or (32 if a.quick else 64)
-    reps = a.reps or (5 if a.quick else 7)
-    if reps < 5:
+    if cfg.reps < 5 and not opts.smoke:
         ap.error("--reps must be >= 5")
-    if any(b < 1 or b > len(PROMPTS) for b in a.batches):
+    if any(b < 1 or b > len(PROMPTS) for b in cfg.batches):
         ap.error(f"--batches must be in [1, {len(PROMPTS)}]")
-    base = git("rev-parse", a.base)
+    base = git("rev-parse", cfg.base)
     head = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    new = head + (" + uncommitted changes" if dirty else "")
     tree = f"/tmp/jaxdec-base-{base[:10]}"
     if not os.path.isdir(tree):
         git("worktree", "add", "--detach", tree, base)
-    load = benchlib.LoadMonitor()
-    load0 = load.before
-    t0 = time.time()
-    workers = {"base": Worker(tree), "new": Worker(ROOT)}
-    configs = [(w, b) for w in a.weights for b in a.batches]
-    times = {f"{w}/b{b}": {"base": [], "new": []} for w, b in configs}
-    same_tokens = {}
+    workers = {}
+
+    def measure(cell):
+        w, b = cell.split("/b")
+        b = int(b)
+        if not workers:  # started once, on the first cell that needs them
+            workers.update(base=Worker(tree), new=Worker(runner.ROOT))
+        outs = {k: wk.run(weights=w, batch=b, new=cfg.new_tokens) for k, wk in workers.items()}  # warm-up
+        times = {"base": [], "new": []}
+        for r in range(cfg.reps):
+            order = ("base", "new") if r % 2 == 0 else ("new", "base")
+            for k in order:
+                times[k].append(workers[k].run(weights=w, batch=b, new=cfg.new_tokens)["seconds"])
+        import numpy as np
+        ratio = np.asarray(times["base"]) / np.asarray(times["new"])  # speed of new relative to base
+        return {"median_ratio": float(np.median(ratio)), "min_ratio": float(ratio.min()),
+                "max_ratio": float(ratio.max()), "base_s": times["base"], "new_s": times["new"],
+                "same_tokens": outs["base"]["tokens"] == outs["new"]["tokens"]}
+
+    cells = [f"{w}/b{b}" for w in cfg.weights for b in cfg.batches]
     try:
-        for w, b in configs:  # warm-up: compile both versions' programs for every shape
-            outs = {k: wk.run(weights=w, batch=b, new=new_tokens) for k, wk in workers.items()}
-            same_tokens[f"{w}/b{b}"] = outs["base"]["tokens"] == outs["new"]["tokens"]
-        for r in range(reps):
-            for w, b in configs:
-                order = ("base", "new") if r % 2 == 0 else ("new", "base")
-                for k in order:
-                    times[f"{w}/b{b}"][k].append(workers[k].run(weights=w, batch=b, new=new_tokens)["seconds"])
+        rec = runner.run_experiment("bench_versions", cfg, cells, measure, opts=opts, markdown=markdown,
+                                    identity={"base": base, "new": new},
+                                    title=f"jaxdec {new[:10]} vs base {base[:10]}: greedy speed, interleaved")
     finally:
         for wk in workers.values():
             wk.close()
-    load1 = load.finish().after
-    import numpy as np
-    rows = {}
-    for key, tv in times.items():
-        ratio = np.asarray(tv["base"]) / np.asarray(tv["new"])  # speed of new relative to base
-        rows[key] = {"median_ratio": float(np.median(ratio)), "min_ratio": float(ratio.min()),
-                     "max_ratio": float(ratio.max()), "base_s": tv["base"], "new_s": tv["new"],
-                     "same_tokens": same_tokens[key]}
-    ncpu = os.cpu_count() or 1
-    flagged = load.overloaded
-    out = {"command": "python experiments/bench_versions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "base": base, "new": head + (" + uncommitted changes" if dirty else ""), "new_tokens": new_tokens,
-           "reps": reps, "load_before": load0, "load_after": load1, "cores": ncpu,
-           "flagged_load": flagged, "load": load.record(), "wall_s": time.time() - t0, "results": rows}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(out, f, indent=1)
-    lines = [f"# jaxdec {out['new'][:10]} vs base {base[:10]}: greedy speed, interleaved in one run", "",
-             f"Command: `{out['command']}`; {new_tokens} new tokens, {reps} repetitions; load average "
-             f"{load0[0]:.2f} before, {load1[0]:.2f} after, {ncpu} cores.", ""]
-    if flagged:
-        lines += ["**FLAGGED: the load average exceeded the core count; do not quote these ratios.**", ""]
-    lines += [load.markdown().strip(), ""]
-    lines += ["| weights / batch | median speed ratio new/base | min | max | same tokens |", "| --- | --- | --- | --- | --- |"]
-    for key, r in rows.items():
-        lines.append(f"| {key} | {r['median_ratio']:.3f} | {r['min_ratio']:.3f} | {r['max_ratio']:.3f} | "
-                     f"{r['same_tokens']} |")
-    with open(a.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ What `run_experiment` does:
   cell, or while writing, leaves the previous partial file intact;
 * a stored cell measured under another config is refused with a message naming the changed fields (unless
   `--fresh`, which discards every stored cell); `depends(cell)` may narrow the fields one cell depends on;
+  a NAME.json written before this runner existed is not resumed, and is replaced only when the run completes;
 * at the end it writes NAME.json and NAME.md atomically (header: command, commit with a dirty flag, machine,
   versions, start/end time, load average before/after with benchlib's LOADED-machine warning, per-cell
   facts) and the plots (`plot(record, prefix)`, skipped without matplotlib), then removes the partial file.
@@ -173,7 +174,8 @@ def _stored(paths) -> tuple:
 
 def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, fresh: bool = False,
                    opts=None, title: str | None = None, markdown=None, plot=None, depends=None, info=None,
-                   command: str | None = None, identity: dict | None = None, quiet: bool = False) -> dict:
+                   command: str | None = None, identity: dict | None = None, pass_record: bool = False,
+                   quiet: bool = False) -> dict:
     """Run `fn(cell)` for every cell not already stored with the same config; write NAME.{json,md}.
 
     cells: cell keys (strings, in table order). fn(cell) -> JSON-able dict. markdown(record) -> lines for the
@@ -183,6 +185,7 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     opts: the namespace of `parse_args` (its out_dir, fresh and smoke win over the keyword arguments).
     identity: facts outside the config that the cells' numbers depend on (e.g. resolved commits); they are
     stored with the config and compared like its fields.
+    pass_record: call fn(cell, record) so a cell can read cells stored before it (runner.result(record, key)).
     """
     smoke = False
     if opts is not None:
@@ -201,12 +204,14 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
                                    if sys.argv and sys.argv[0] else "?"] + sys.argv[1:])
 
     old, old_path = (None, None) if fresh else _stored([partial, final])
+    if old is not None and old.get("format") != FORMAT:
+        # results of a script before the runner: nothing to resume; replaced only when this run completes
+        if not quiet:
+            print(f"[{name}] {old_path} predates experiments/runner.py: not resumed; it is replaced when this run "
+                  "completes", flush=True)
+        old, old_path = None, None
     stored = {}
     if old is not None:
-        if old.get("format") != FORMAT:
-            raise ConfigChanged(
-                f"{old_path} was not written by experiments/runner.py (an older script's results); pass --fresh "
-                f"to replace it, or --out-dir DIR to write elsewhere")
         changed = []
         for key, c in old.get("cells", {}).items():
             want = {f: cfg.get(f) for f in deps(key)}
@@ -238,7 +243,7 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
         t0, started = time.time(), now()
         if not quiet:
             print(f"[{name}] cell {cell} ...", flush=True)
-        result = fn(cell)
+        result = fn(cell, record) if pass_record else fn(cell)
         stored[cell] = {"result": _plain(result), "config": {f: cfg.get(f) for f in deps(cell)},
                         "git": run["git"], "started": started, "seconds": round(time.time() - t0, 2),
                         "load": cell_load.record()}
@@ -373,10 +378,11 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
             ap.add_argument(flag, type=tp, **kw)
 
 
-def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, extra=None):
-    """(config, opts): the config dataclass from flags over its defaults (or over `smoke` with --smoke);
-    opts.out_dir, opts.fresh, opts.smoke and whatever `extra(ap)` added. --smoke without --out-dir writes
-    to a temporary directory, so a smoke run never replaces results/."""
+def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, presets=None, extra=None):
+    """(config, opts): the config dataclass from flags over its defaults (or over `smoke` with --smoke, or over
+    presets[NAME] with --NAME, e.g. presets={"quick": Config(...)}); opts.out_dir, opts.fresh, opts.smoke and
+    whatever `extra(ap)` added. --smoke without --out-dir writes to a temporary directory, so a smoke run never
+    replaces results/."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, cls)
     ap.add_argument("--out-dir", default=None, help=f"results directory (default {os.path.relpath(RESULTS, ROOT)})")
@@ -384,10 +390,22 @@ def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, ex
     if smoke is not None:
         ap.add_argument("--smoke", action="store_true",
                         help="tiny config that only checks the script runs; writes to a temp dir unless --out-dir")
+    presets = dict(presets or {})
+    for name, preset in presets.items():
+        ap.add_argument("--" + name, dest="preset_" + name, action="store_true",
+                        help="preset: " + ", ".join(f"{f.name}={getattr(preset, f.name)}"
+                                                    for f in dataclasses.fields(cls)
+                                                    if getattr(preset, f.name) != getattr(cls(), f.name)))
     if extra is not None:
         extra(ap)
     opts = ap.parse_args(argv)
-    base = smoke if (smoke is not None and opts.smoke) else cls()
+    chosen = [n for n in presets if getattr(opts, "preset_" + n)]
+    if smoke is not None and opts.smoke:
+        chosen.append("smoke")
+    if len(chosen) > 1:
+        ap.error(f"choose one preset of {', '.join('--' + n for n in chosen)}")
+    base = smoke if chosen == ["smoke"] else presets[chosen[0]] if chosen else cls()
+    opts.preset = chosen[0] if chosen else None
     given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(cls) if getattr(opts, f.name) is not None}
     hints = typing.get_type_hints(cls)
     for k, v in given.items():

@@ -128,13 +128,15 @@ def test_depends_narrows_what_invalidates_a_cell(tmp_path):
     assert c.calls == [] and rec["cells"]["x"]["config"] == {"n": 3}
 
 
-def test_results_of_an_older_script_are_not_overwritten(tmp_path):
+def test_results_of_an_older_script_are_replaced_only_by_a_complete_run(tmp_path):
     (tmp_path / "exp.json").write_text(json.dumps({"command": "old script", "results": []}))
-    c = Counter()
-    with pytest.raises(runner.ConfigChanged, match="not written by experiments/runner.py"):
+    c = Counter(fail_at="yy")
+    with pytest.raises(RuntimeError):
         run(tmp_path, c)
-    assert c.calls == [] and json.loads((tmp_path / "exp.json").read_text())["command"] == "old script"
-    run(tmp_path, c, fresh=True)
+    assert c.calls == ["x", "yy"] and json.loads((tmp_path / "exp.json").read_text())["command"] == "old script"
+    c = Counter()
+    run(tmp_path, c)  # resumes from the partial file, not from the old script's results
+    assert c.calls == ["yy", "zzz"]
     assert json.loads((tmp_path / "exp.json").read_text())["format"] == runner.FORMAT
 
 
@@ -214,3 +216,18 @@ def test_identity_facts_outside_the_config_invalidate_like_fields(tmp_path):
     c = Counter()
     run(tmp_path, c, identity={"base": "abc"})
     assert c.calls == []
+
+
+def test_presets_and_pass_record(tmp_path):
+    cfg, opts = runner.parse_args(Cfg, ["--quick", "--n", "9"], presets={"quick": Cfg(n=2, scale=0.1)})
+    assert cfg == Cfg(n=9, scale=0.1) and opts.preset == "quick" and opts.out_dir is None
+    with pytest.raises(SystemExit):
+        runner.parse_args(Cfg, ["--quick", "--smoke"], smoke=Cfg(n=1), presets={"quick": Cfg(n=2)})
+    seen = []
+
+    def fn(cell, rec):
+        seen.append(sorted(rec["cells"]))
+        return {"v": 1}
+
+    run(tmp_path, fn, pass_record=True)
+    assert seen == [[], ["x"], ["x", "yy"]]
