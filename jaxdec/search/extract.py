@@ -11,6 +11,15 @@ the end token; cumulative sums then score all O(n * max_span) spans at once:
 
 `exact_extract` returns the argmax span (and the ``top`` best). Starts are processed in chunks of
 ``rows_per_call`` to bound memory.
+
+Exact-Extract is not a decoder: it is a **host-level search** over a fixed candidate set, not a
+token-by-token loop. There is nothing to ``step``: one prefill of the prompt and one teacher-forced block
+call per chunk of starts score every span, and the argmax is taken on the host. Its model computations are
+jitted functions built on the pieces the decoders use: the driver's prompt check, the one
+`jaxdec.core.steps.prefill` every decoder's ``init`` calls (`_prompt`), `jaxdec.search.common.expand_cache`
+(the prompt's KV copied to one row per start, as the multi-hypothesis decoders do) and the model's forward
+(`_span_tables`). It does not go through `jaxdec.core.driver.run`, so `debug=`/streaming and the driver's
+batching do not apply to it.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.cache.kv import bucket
-from jaxdec.core.generate import _check_prompts
+from jaxdec.core.driver import _check_prompts
 from jaxdec.core.steps import prefill
 from jaxdec.search.common import expand_cache
 

@@ -14,6 +14,16 @@
   the first *complete* sequence popped (ending in a stop id, or max_new_tokens long) is returned. With a
   zero (or any admissible) heuristic and all children expanded it is the exact most probable complete
   sequence. The prompt's KV is computed once; each expansion runs the node's tokens on top of it.
+
+`best_of_n` and `first_finish` are decoders run by the shared driver (`jaxdec.core.driver.run`, init/step
+in the compiled loop). `astar_decode` is not a decoder: it is a **host-level search**. Its frontier is a
+Python priority queue whose size and order depend on the scores (one node expanded per model call, any
+prefix length), which is no fixed-shape per-row step; so the queue lives on the host, and every model
+computation is a jitted function built on the pieces the decoders use: the driver's prompt check, the
+one `jaxdec.core.steps.prefill` every decoder's ``init`` calls (`_prompt_state`, once per prompt) and the
+model's forward over a node's tokens on top of that prompt cache (`_extend`, compiled once per length
+bucket). It has no ``init``/``step``, so `debug=`/streaming, batching and the driver's statistics do not
+apply to it.
 """
 from __future__ import annotations
 
@@ -28,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.cache.kv import bucket
-from jaxdec.core.generate import Generation, _check_prompts, generate, score
+from jaxdec.core.driver import _check_prompts
+from jaxdec.core.generate import Generation, generate, score
 from jaxdec.core.logits import check_processors
 from jaxdec.core.state import EOS
 from jaxdec.core.steps import prefill
