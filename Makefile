@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@# the native CPU kernels, compiled now so that the first `jaxdec generate` does not (exit 2: this
+	@# machine cannot build them, and jaxdec uses its pure-XLA path)
+	$(PY) -m jaxdec.kernels build || [ $$? -eq 2 ]
 
 demo: $(STAMP)
 	$(PY) -m jaxdec.cli demo

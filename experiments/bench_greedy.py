@@ -298,7 +298,7 @@ def write_markdown(rep: dict, path: str) -> None:
 def _seed_matmul(x, w):
     """The block-quantized matmul this project started from: dequantize the whole matrix, then einsum."""
     import jax.numpy as jnp
-    from jaxdec.models import quant
+    from jaxdec import quant
     if isinstance(w, quant.LayerSlice):
         w = w.materialize()
     return jnp.einsum("...i,oi->...o", x, quant.dequantize(w))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdec.models.quant import QTensor
+from jaxdec.quant import QTensor
 
 DATA, MODEL = "data", "model"
 

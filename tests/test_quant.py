@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import peer
-from jaxdec.models import quant
+from jaxdec import quant
 
 # tensors of the default model, one per shape and kind that the model multiplies with
 TENSORS = ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_v.weight",
@@ -61,7 +61,7 @@ def require_native():
     """The native kernels, or a failure naming the reason (a skip only with JAXDEC_ALLOW_NO_NATIVE=1)."""
     lib = quant.native_kernels()
     if lib is None:
-        why = (f"native CPU kernels unavailable ({quant._NATIVE_STATE.get('error')}; this machine "
+        why = (f"native CPU kernels unavailable ({quant.native._NATIVE_STATE.get('error')}; this machine "
                f"{'should build them' if NATIVE else 'has no C++ compiler or no x86-64 AVX2/FMA CPU'})")
         if ALLOW_NO_NATIVE:
             pytest.skip(why + ", JAXDEC_ALLOW_NO_NATIVE=1")
@@ -174,7 +174,7 @@ def test_native_path_runs_without_materializing_weights(gguf_tensors):
         _, q, ref_w = gguf_tensors[name]
         x = _xs(ref_w.shape[1], 1, 0)
         hlo = jax.jit(functools.partial(quant.matmul, impl="native")).lower(x, q).compile().as_text()
-        assert f'custom_call_target="{quant._TARGETS[q.kind]}"' in hlo
+        assert f'custom_call_target="{quant.native._TARGETS[q.kind]}"' in hlo
         out, n_in = ref_w.shape
         assert f"f32[{out},{n_in}]" not in hlo and f"f32[{out},{n_in // 32},32]" not in hlo
         xla_hlo = jax.jit(functools.partial(quant.matmul, impl="xla")).lower(x, q).compile().as_text()
@@ -185,7 +185,7 @@ def test_native_path_runs_without_materializing_weights(gguf_tensors):
 def test_avx2_build_matches(gguf_tensors, tmp_path):
     """The AVX2 variant of the kernels (for CPUs without AVX-512) gives the same products (quantized and
     float32 weights)."""
-    lib = quant._Native(quant.build_native(("-mno-avx512f",), out_dir=str(tmp_path)), suffix="_avx2_test")
+    lib = quant.native._Native(quant.build_native(("-mno-avx512f",), out_dir=str(tmp_path)), suffix="_avx2_test")
     assert lib.isa == "avx2"
     f = jax.jit(lib.call)
     for name in ("blk.0.attn_q.weight", "blk.21.ffn_down.weight", "token_embd.weight"):
@@ -244,10 +244,10 @@ def test_model_decode_step_runs_the_native_kernels(model_f32, model_q):
     _, pq = model_q
     hq = _decode_step_hlo(model, pq)
     for kind in ("q4_1", "q8_0"):
-        assert f'custom_call_target="{quant._TARGETS[kind]}"' in hq, kind
-    assert f'custom_call_target="{quant._TARGETS["f32"]}"' in _decode_step_hlo(model, pf)
+        assert f'custom_call_target="{quant.native._TARGETS[kind]}"' in hq, kind
+    assert f'custom_call_target="{quant.native._TARGETS["f32"]}"' in _decode_step_hlo(model, pf)
     forced = _decode_step_hlo(dataclasses.replace(model, matmul_impl="xla"), pq)
-    assert not any(f'custom_call_target="{t}"' in forced for t in quant._TARGETS.values())
+    assert not any(f'custom_call_target="{t}"' in forced for t in quant.native._TARGETS.values())
 
 
 # ------------------------------------------------------------------- float32 layer stacks, read in place
@@ -281,7 +281,7 @@ def test_f32_layer_slice_matmul_runs_the_kernel(monkeypatch):
     """`matmul` on a float32 LayerSlice: the custom call for up to `f32_native_max_rows()` rows (and no
     copy of the layer's matrix), XLA's dot of the sliced layer above it and with JAXDEC_QMATMUL=xla."""
     stack = _f32_stack(3, 37, 40)
-    target = quant._TARGETS["f32"]
+    target = quant.native._TARGETS["f32"]
     assert quant.f32_native_max_rows() >= 8
     f = jax.jit(quant.matmul)
     for shape in ((1, 40), (3, 40), (2, 4, 40), (quant.f32_native_max_rows(), 40)):
@@ -319,7 +319,7 @@ def test_f32_layer_slice_gradients():
     native = lambda x, w: quant.matmul(x, w, impl="native")
     ref = lambda x, w: jnp.einsum("...i,oi->...o", x, w.materialize())
     hlo = jax.jit(jax.grad(loss(native), argnums=(0, 1))).lower(x, stack).compile().as_text()
-    assert f'custom_call_target="{quant._TARGETS["f32"]}"' in hlo
+    assert f'custom_call_target="{quant.native._TARGETS["f32"]}"' in hlo
     gx, gs = jax.jit(jax.grad(loss(native), argnums=(0, 1)))(x, stack)
     rx, rs = jax.grad(loss(ref), argnums=(0, 1))(x, stack)
     assert_kernel_close(gx, rx)

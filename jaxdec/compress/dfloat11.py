@@ -185,7 +185,7 @@ def decode(t: DF11Tensor):
 class DF11Stack:
     """A stacked ``[L, out, in]`` bfloat16 weight kept compressed (one Huffman code for all layers).
 
-    Only these bytes live in memory; `matmul` (``jaxdec.models.quant``) decodes layer ``i`` inside the
+    Only these bytes live in memory; `matmul` (``jaxdec.quant``) decodes layer ``i`` inside the
     layer scan right before its product (`decode_layer`), so at most one layer's matrix is ever
     materialised. Arrays: ``sign_mantissa`` uint8 ``[L, out*in]``, ``stream`` uint8 ``[L, bytes]``
     (each layer's code stream, zero-padded to the longest), ``block_offsets`` int32 ``[L, nb]``,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.models.config import LlamaConfig
-from jaxdec.models.quant import QTensor, from_gguf_bytes, stack
+from jaxdec.quant import QTensor, from_gguf_bytes, stack
 
 GGUF_MAGIC = b"GGUF"
 _KEPT_QUANT = {"Q4_1": "q4_1", "Q8_0": "q8_0"}

@@ -25,8 +25,8 @@ from jaxdec.cache.kv import KVCache, append
 from jaxdec.compress.dfloat11 import DF11Stack
 from jaxdec.models.config import LlamaConfig
 from jaxdec.models.interface import ModelOutput
-from jaxdec.models.quant import IMPLS, embed_lookup, scan_layer_params
-from jaxdec.models.quant import matmul as quant_matmul
+from jaxdec.quant import IMPLS, embed_lookup, scan_layer_params
+from jaxdec.quant import matmul as quant_matmul
 
 ATTENTION_IMPLS = ("xla", "pallas")
 
