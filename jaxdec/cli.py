@@ -5,7 +5,9 @@ expects; everything that needs no model (flags, prompts, files, stop strings, th
 checked before the model loads. Every flag's value is validated whatever the method, and a flag the
 chosen method does not use is an error. ``--out OUT`` writes each finished batch to ``OUT.partial`` as
 it completes and renames it to ``OUT`` at the end: an interrupted run leaves a previous ``OUT``
-untouched. Ctrl-C prints one line and exits with code 130.
+untouched. Ctrl-C prints one line and exits with code 130. ``--stream`` (one prompt, ``--n 1``; greedy,
+sample, speculative) prints the text as it is decoded: the handler passes `stream_kwargs(args)` to
+`generate`, which drives the same jitted init/step from Python with a `StreamPrinter` as callback.
 """
 from __future__ import annotations
 
@@ -380,7 +382,8 @@ def _token_method(args, loaded, prompt_ids, progress):
     g = generate(loaded.model, loaded.params, prompt_ids, method=args.method, sampling=sampling,
                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, n=args.n,
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
-                 batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn, **stream_kwargs(args))
+                 batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn,
+                 **stream_kwargs(args))
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     return [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
             for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)], g.stats
