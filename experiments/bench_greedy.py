@@ -295,7 +295,8 @@ def _step_fn(model, variant, n_steps):
     import functools
     import jax
     import jax.numpy as jnp
-    from jaxdec.models import llama, quant
+    from jaxdec import quant
+    from jaxdec.models import llama
     weights, mm, layers, env, unroll, _ = STEP_VARIANTS[variant]
     matmul = {"seed": _seed_matmul, "stand_in": _stand_in_matmul}.get(mm) or functools.partial(quant.matmul, impl=mm)
     split = _sliced_layers if layers == "sliced" else quant.scan_layer_params
