@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import peer
-from conftest import FULL
 
 NEG32 = np.float32(-1.0e9)
 

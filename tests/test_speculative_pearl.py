@@ -8,7 +8,8 @@ max_new stop rows exactly; the parallel-time model adds up from the phase counts
 joint of four tokens is the target's (chi-square, α = 1e-4) and a verifier without residual
 resampling is rejected. Bad input raises errors naming the argument.
 
-Real default model (reduced size; ``JAXDEC_FULL=1`` runs more prompts and tokens): tokens equal plain
+Real default model, in two tiers (the "ci" size, and the "full" size marked ``slow``, selected by
+``-m slow`` / `make acceptance`: more prompts and tokens): tokens equal plain
 greedy for a ragged batch (>= 2 length buckets) and at batch 1 (near-tie helper, excuses reported),
 both phases run, and τ > 1.3 on a prompt where a deep (28 of 30 layers) draft model should help.
 """
@@ -27,7 +28,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import neartie  # noqa: E402
 import peer  # noqa: E402
 from selfref import block_vs_step_dlogit, teacher_logits  # noqa: E402
-from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
 from jaxdec.cache.kv import bucket  # noqa: E402
@@ -291,14 +291,17 @@ def test_sampling_joint_is_the_target(temperature):
 # ------------------------------------------------------------------------------------------------
 # Real default model
 # ------------------------------------------------------------------------------------------------
-MAX_NEW = 64 if FULL else 24
+# tier -> (new tokens, how many more chat prompts join the ragged batch); the full size is an explicitly
+# `slow` parametrization of every real-model test, so CI and `make acceptance` select tiers by marker
+TIERS = {"ci": (24, 0), "full": (64, 7)}
 DRAFT_LAYERS = 28
 COUNT = "Count from 1 to 30, separated by commas."  # the draft model should help here
 DAYS = "List the days of the week, one per line."
 
 
-@pytest.fixture(scope="module")
-def real(model_f32, chat_prompt_ids):
+@pytest.fixture(scope="module", params=["ci", pytest.param("full", marks=pytest.mark.slow)])
+def real(request, model_f32, chat_prompt_ids):
+    max_new, more = TIERS[request.param]
     model, params = model_f32
     tok = peer.peer_tokenizer()
     # a second request after an answered one (70 tokens: the batch spans two length buckets; it ends on EOS)
@@ -308,12 +311,11 @@ def real(model_f32, chat_prompt_ids):
     again = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False)["input_ids"]
     prompts = [peer.peer_chat_ids(COUNT), peer.peer_chat_ids(DAYS), chat_prompt_ids[0], again]
-    if FULL:
-        prompts += list(chat_prompt_ids[1:8])
-    ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    prompts += list(chat_prompt_ids[1:1 + more])
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=max_new, batch_size=len(prompts))
     dm, dp = truncated_draft(model, params, DRAFT_LAYERS)
     return {"model": model, "params": params, "pparams": with_draft_params(params, dp), "dec": PearlDecoder(dm, 4),
-            "prompts": prompts, "ref": ref}
+            "prompts": prompts, "ref": ref, "max_new": max_new}
 
 
 def _near_tie_data(real):
@@ -341,7 +343,7 @@ def _check(real, out, idx, label):
 def test_real_exact_ragged_batch(real):
     prompts = real["prompts"]
     assert len({bucket(len(p)) for p in prompts}) >= 2  # the batch is ragged across length buckets
-    out = generate(real["model"], real["pparams"], prompts, decoder=real["dec"], max_new_tokens=MAX_NEW,
+    out = generate(real["model"], real["pparams"], prompts, decoder=real["dec"], max_new_tokens=real["max_new"],
                    batch_size=len(prompts))
     _check(real, out, range(len(prompts)), "pearl ragged")
     assert out.stats["pre_verify_steps"] > 0 and out.stats["post_verify_steps"] > 0
@@ -355,7 +357,7 @@ def test_real_batch1_exact_and_tau_where_the_draft_helps(real):
     taus = []
     for i in (0, 1):
         out = generate(real["model"], real["pparams"], [real["prompts"][i]], decoder=real["dec"],
-                       max_new_tokens=MAX_NEW)
+                       max_new_tokens=real["max_new"])
         _check(real, out, [i], "pearl b1")
         taus.append(out.stats["tau"])
         assert out.stats["pre_verify_steps"] > 0 and out.stats["post_verify_steps"] > 0, out.stats["pearl"]
@@ -372,7 +374,7 @@ def test_cli_pearl(real, tmp_path):
     from jaxdec.cli import main
     out = str(tmp_path / "o.jsonl")
     args = ["generate", "--method", "speculative", "--drafter", "pearl", "--draft-layers", str(DRAFT_LAYERS),
-            "--draft-tokens", "4", "--chat", "--quiet", "--prompt", COUNT, "--max-new-tokens", str(MAX_NEW),
+            "--draft-tokens", "4", "--chat", "--quiet", "--prompt", COUNT, "--max-new-tokens", str(real["max_new"]),
             "--out", out]
     assert main(args) == 0
     rec = [json.loads(x) for x in open(out)]
