@@ -144,19 +144,17 @@ def test_crash_while_writing_leaves_the_previous_partial_intact(tmp_path, monkey
     with pytest.raises(RuntimeError):
         run(tmp_path, Counter(fail_at="yy"))
     before = (tmp_path / "exp.partial.json").read_text()
-    real_dumps = json.dumps
 
-    def half_written(obj, *a, **k):  # fails while serialising the record of the next finished cell
-        if isinstance(obj, dict) and "yy" in obj.get("cells", {}):
-            raise OSError("disk full")
-        return real_dumps(obj, *a, **k)
+    def disk_full(fd):  # the write of the next finished cell fails before it reaches the disk
+        raise OSError("disk full")
 
-    monkeypatch.setattr(runner.json, "dumps", half_written)
+    monkeypatch.setattr(runner.os, "fsync", disk_full)
+    c = Counter()
     with pytest.raises(OSError, match="disk full"):
-        run(tmp_path, Counter())
-    assert (tmp_path / "exp.partial.json").read_text() == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    monkeypatch.setattr(runner.json, "dumps", real_dumps)
+        run(tmp_path, c)
+    assert c.calls == ["yy"] and (tmp_path / "exp.partial.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.partial.json"]  # no temporary file left behind
+    monkeypatch.undo()
     c = Counter()
     run(tmp_path, c)
     assert c.calls == ["yy", "zzz"]
