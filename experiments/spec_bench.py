@@ -18,15 +18,18 @@ from τ and the measured cost curve (τ / c(T), plus the draft calls' cost for m
 gap between prediction and measurement is visible. Every speculative output is checked against the
 greedy tokens (the count of mismatching rows is reported; the tests check exactness).
 
+Runs through experiments/runner.py: one cell per prompt group (every method interleaved within it), so an
+interrupted run resumes and ``--groups copy`` later adds the copy group to the same file (what ``--merge``
+did). The cost curve and the layer-skip choices are measured once per run and stored with each group.
 Writes ``experiments/results/spec_bench.{json,md,png}``.
 
-    python experiments/spec_bench.py             # 4 code + 4 chat prompts, 64 new tokens, 5 reps
+    python experiments/spec_bench.py             # 4 code + 4 chat + 3 copy prompts, 64 new tokens, 5 reps
     python experiments/spec_bench.py --quick     # 2 + 2 prompts, 32 new tokens, 5 reps
+    python experiments/spec_bench.py --smoke     # 1 chat prompt, 4 tokens, PLD only, no peer, to a temp dir
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -35,12 +38,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402  (load average before/after, flags a loaded machine or a slowed peer)
+import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-RESULTS = os.path.join(ROOT, "experiments", "results")
 CODE_TASKS = ["HumanEval/2", "HumanEval/11", "HumanEval/13", "HumanEval/15", "HumanEval/23", "HumanEval/28",
               "HumanEval/34", "HumanEval/53"]
 CHAT = ["Write a Python function that checks whether a number is prime.",
@@ -211,98 +214,107 @@ def build_methods(args, model, params, curve):
                      "candidates": table, "layer_skip": layer_choice}
 
 
-def run(args):
-    import jax
-    from bench_greedy import git_commit, machine_facts, versions
-    from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
-    from jaxdec.models.llama import LlamaModel
-    from jaxdec.speculative.calibrate import measure_cost_curve
-    from peer import default_gguf_path
-    print(f"jax devices: {jax.devices()}", flush=True)
-    r = open_gguf(default_gguf_path())
-    cfg, arch = config_from_gguf(r)
-    model, params = LlamaModel(cfg), load_gguf_params(r, cfg, arch, args.weights)
-    prompts = load_prompts(args.n_code, args.n_chat, args.groups, args.n_copy)
-    curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
-    print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in curve["relative"].items()}, flush=True)
-    methods, calib = build_methods(args, model, params, curve)
-    if not args.no_hf:
-        methods += [HF("hf-greedy"), HF(f"hf-prompt-lookup({args.hf_lookup})", lookup=args.hf_lookup)]
+class Setup:
+    """Model, prompts, cost curve and methods: made once per run, when the first group cell needs them."""
 
-    results = {}
-    for group, ps in prompts.items():
-        first, times, outs, stats = {}, {m.name: [] for m in methods}, {}, {}
-        for m in methods:  # warm-up (compiles every prompt bucket), then a steady call
-            t0 = time.perf_counter()
-            outs[m.name], stats[m.name] = m(ps, args.new_tokens)
-            first[m.name] = time.perf_counter() - t0
-            print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name].get('tau', float('nan')):.2f}",
+    def __init__(self, cfg):
+        self.cfg, self.methods = cfg, None
+
+    def get(self):
+        if self.methods is None:
+            import jax
+            from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
+            from jaxdec.models.llama import LlamaModel
+            from jaxdec.speculative.calibrate import measure_cost_curve
+            from peer import default_gguf_path
+            cfg = self.cfg
+            print(f"jax devices: {jax.devices()}", flush=True)
+            r = open_gguf(default_gguf_path())
+            mcfg, arch = config_from_gguf(r)
+            model, params = LlamaModel(mcfg), load_gguf_params(r, mcfg, arch, cfg.weights)
+            self.prompts = load_prompts(cfg.n_code, cfg.n_chat, cfg.groups, cfg.n_copy)
+            self.curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
+            print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in self.curve["relative"].items()},
                   flush=True)
-        load_before = os.getloadavg()
-        load = benchlib.LoadMonitor()
-        for rep in range(args.reps):
-            for m in methods:
-                t0 = time.perf_counter()
-                toks, _ = m(ps, args.new_tokens)
-                times[m.name].append(time.perf_counter() - t0)
-                if toks != outs[m.name]:
-                    raise RuntimeError(f"{m.name}: tokens changed between repetitions")
-            print(f"[{group}] rep {rep + 1}: " + ", ".join(
-                f"{n} {len(ps) * args.new_tokens / t[-1]:.1f}" for n, t in times.items()), flush=True)
-        n_tok = len(ps) * args.new_tokens
-        base = np.array(times["jaxdec-greedy"])
-        rows = []
+            methods, self.calib = build_methods(cfg, model, params, self.curve)
+            if not cfg.no_hf:
+                methods += [HF("hf-greedy"), HF(f"hf-prompt-lookup({cfg.hf_lookup})", lookup=cfg.hf_lookup)]
+            self.methods = methods
+        return self
+
+
+def measure_group(setup, cfg, group):
+    """One cell: every method on one prompt group, warmed up, then cfg.reps repetitions interleaved."""
+    st = setup.get()
+    methods, ps = st.methods, st.prompts[group]
+    first, times, outs, stats = {}, {m.name: [] for m in methods}, {}, {}
+    for m in methods:  # warm-up (compiles every prompt bucket), then a steady call
+        t0 = time.perf_counter()
+        outs[m.name], stats[m.name] = m(ps, cfg.new_tokens)
+        first[m.name] = time.perf_counter() - t0
+        print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name].get('tau', float('nan')):.2f}",
+              flush=True)
+    load_before = os.getloadavg()
+    for rep in range(cfg.reps):
         for m in methods:
-            ts = np.array(times[m.name])
-            tps = n_tok / ts
-            speed = base / ts
-            st = stats[m.name]
-            tau = st.get("tau")
-            cost = m.step_cost(st) if isinstance(m, Jaxdec) else None
-            pred = (tau / cost) if (tau is not None and cost) else None
-            mismatch = sum(a != b for a, b in zip(outs[m.name], outs["jaxdec-greedy"]))
-            rows.append({"method": m.name, "tau": tau, "acceptance_per_position": st.get("acceptance_per_position"),
-                         "target_calls": st.get("target_calls"), "draft_calls": st.get("draft_calls"),
-                         "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
-                         "tokens_per_s_max": float(tps.max()), "speedup_median": float(np.median(speed)),
-                         "speedup_min": float(speed.min()), "speedup_max": float(speed.max()),
-                         "predicted_speedup": pred, "step_cost_relative": cost,
-                         "block_call_fraction": (st.get("block_calls", 0) / max(st.get("row_steps", 1), 1))
-                         if isinstance(m, Jaxdec) and m.decoder is not None else None,
-                         "first_call_s": first[m.name],
-                         "compile_s_estimate": max(0.0, first[m.name] - float(np.median(ts))),
-                         "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist(),
-                         "pearl": st.get("pearl")})
-        results[group] = {"rows": rows, "prompt_lengths": [len(p) for p in ps], "load_before": load_before,
-                          "load_after": os.getloadavg(), "load": load.record()}
-    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
-            "machine": machine_facts(), "versions": versions(),
-            "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "batch": 1,
-                         "eos": "ignored (fixed N new tokens)", "weights": WEIGHTS_NOTE[args.weights],
-                         "timing": "ids in -> ids on host, prefill included, after warm-up; interleaved reps"},
-            "cost_curve": curve, "recycling_calibration": calib, "results": results}
+            t0 = time.perf_counter()
+            toks, _ = m(ps, cfg.new_tokens)
+            times[m.name].append(time.perf_counter() - t0)
+            if toks != outs[m.name]:
+                raise RuntimeError(f"{m.name}: tokens changed between repetitions")
+        print(f"[{group}] rep {rep + 1}: " + ", ".join(
+            f"{n} {len(ps) * cfg.new_tokens / t[-1]:.1f}" for n, t in times.items()), flush=True)
+    n_tok = len(ps) * cfg.new_tokens
+    base = np.array(times["jaxdec-greedy"])
+    rows = []
+    for m in methods:
+        ts = np.array(times[m.name])
+        tps = n_tok / ts
+        speed = base / ts
+        st_ = stats[m.name]
+        tau = st_.get("tau")
+        cost = m.step_cost(st_) if isinstance(m, Jaxdec) else None
+        pred = (tau / cost) if (tau is not None and cost) else None
+        mismatch = sum(a != b for a, b in zip(outs[m.name], outs["jaxdec-greedy"]))
+        rows.append({"method": m.name, "tau": tau, "acceptance_per_position": st_.get("acceptance_per_position"),
+                     "target_calls": st_.get("target_calls"), "draft_calls": st_.get("draft_calls"),
+                     "tokens_per_s_median": float(np.median(tps)), "tokens_per_s_min": float(tps.min()),
+                     "tokens_per_s_max": float(tps.max()), "speedup_median": float(np.median(speed)),
+                     "speedup_min": float(speed.min()), "speedup_max": float(speed.max()),
+                     "predicted_speedup": pred, "step_cost_relative": cost,
+                     "block_call_fraction": (st_.get("block_calls", 0) / max(st_.get("row_steps", 1), 1))
+                     if isinstance(m, Jaxdec) and m.decoder is not None else None,
+                     "first_call_s": first[m.name],
+                     "compile_s_estimate": max(0.0, first[m.name] - float(np.median(ts))),
+                     "rows_differing_from_jaxdec_greedy": int(mismatch), "seconds": ts.tolist(),
+                     "pearl": st_.get("pearl")})
+    return {"rows": rows, "prompt_lengths": [len(p) for p in ps], "load_before": load_before,
+            "load_after": os.getloadavg(), "cost_curve": st.curve, "recycling_calibration": st.calib}
 
 
 def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
-def write_markdown(rep, path):
-    m = rep["machine"]
-    lines = ["# Speculative decoding: Spec-Bench-style table (batch 1, greedy, fixed N new tokens)", "",
-             f"Command: `{rep['command']}`  ", f"Commit: `{rep['git_commit']}`  ",
-             f"Machine: {m.get('model_name', '?')}, nproc={m.get('nproc')}; "
-             + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()) + "  ",
-             f"{rep['settings']['new_tokens']} new tokens per prompt, {rep['settings']['reps']} interleaved repetitions; "
+def markdown(rec):
+    rep = {"results": {k: r for k in rec["cells_order"] if (r := runner.result(rec, k))}}
+    if not rep["results"]:
+        return ["(no group measured)"]
+    c = rec["config"]
+    curves = [g["cost_curve"] for g in rep["results"].values()]
+    rep["cost_curve"] = curves[0]
+    lines = [f"{c['new_tokens']} new tokens per prompt, {c['reps']} interleaved repetitions; "
              "time from ids in to ids on host, prefill included; speedup = median of per-repetition ratios to "
-             "jaxdec greedy in the same run [min, max]. jaxdec weights: " + rep["settings"]["weights"] + ". τ = tokens per target call per row (bonus included). "
+             "jaxdec greedy in the same run [min, max]. jaxdec weights: " + WEIGHTS_NOTE[c["weights"]] + ". τ = tokens per target call per row (bonus included). "
              "Predicted = τ / (relative cost of an average step from the measured cost curve: block calls on the "
              "steps that had a draft (blk %), one-token calls on the others, plus the draft calls).", "",
              "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
-             + ", ".join(f"T={k}: {v:.2f}" for k, v in rep["cost_curve"]["relative"].items()), ""]
+             + ", ".join(f"T={k}: {v:.2f}" for k, v in rep["cost_curve"]["relative"].items())
+             + ("" if all(cv == curves[0] for cv in curves) else " (first group's run; the groups were measured "
+                "in different runs, each with its own curve in the JSON)"), ""]
     for group, g in rep["results"].items():
         lines += [f"## {group} prompts (lengths {g['prompt_lengths']})",
-                  benchlib.LoadMonitor.markdown_of(g.get("load")),
+                  benchlib.LoadMonitor.markdown_of(rec["cells"][group].get("load")),
                   *[benchlib.peer_warning(r["seconds"], f"the peer ({r['method']})") for r in g["rows"]
                     if r["method"].startswith("hf-")],
                   f"Load average before/after: {tuple(round(x, 2) for x in g['load_before'])} / "
@@ -330,17 +342,15 @@ def write_markdown(rep, path):
         lines.append("")
     lines += ["HF rows: τ is not reported by `generate`; their 'rows ≠ greedy' compares the peer's tokens with "
               "jaxdec greedy (different float paths may split at near-ties).", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return lines
 
 
-def plot(rep, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def plot(rec, prefix):
+    import matplotlib.pyplot as plt
+    rep = {"results": {k: r for k in rec["cells_order"] if (r := runner.result(rec, k))}}
+    if not rep["results"]:
         return
+    path = prefix + ".png"
     groups = list(rep["results"])
     names = [r["method"] for r in rep["results"][groups[0]]["rows"]]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -360,52 +370,61 @@ def plot(rep, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    new_tokens: int = 64
+    n_code: int = dataclasses.field(default=4, metadata={"help": "HumanEval code prompts"})
+    n_chat: int = dataclasses.field(default=4, metadata={"help": "chat prompts"})
+    n_copy: int = dataclasses.field(default=3, metadata={"help": "copy-heavy chat prompts"})
+    reps: int = dataclasses.field(default=5, metadata={"help": ">= 5 interleaved repetitions"})
+    weights: str = dataclasses.field(default="f32", metadata={
+        "choices": sorted(WEIGHTS_NOTE), "help": "jaxdec weights for every jaxdec row (baseline included); the HF "
+                                                 "peer stays float32"})
+    pld_tokens: int = 8
+    hf_lookup: int = 10
+    swift_skip: tuple[int, ...] = dataclasses.field(default=(4, 6, 8), metadata={"help": "skip-set sizes SWIFT "
+                                                                                          "searches"})
+    del_exits: tuple[int, ...] = (16, 20, 24, 26, 28)
+    draft_layers: int = 24
+    draft_tokens: int = 3
+    pearl_gamma: int = dataclasses.field(default=4, metadata={"help": "PEARL's window (draft tokens per draft "
+                                                                      "phase)"})
+    methods: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "only methods whose name contains one of these (jaxdec-greedy always runs)"})
+    no_hf: bool = dataclasses.field(default=False, metadata={"help": "skip the HF peer rows"})
+    groups: tuple[str, ...] = runner.select(("code", "chat", "copy"), "prompt groups (cells): HumanEval code, chat, "
+                                                                      "copy-heavy chat (edit/repeat an input)")
+
+
+QUICK = Config(new_tokens=32, n_code=2, n_chat=2)
+SMOKE = Config(new_tokens=4, n_code=1, n_chat=1, n_copy=1, groups=("chat",), methods=("pld",), no_hf=True,
+               swift_skip=(4,), del_exits=(26,))
+GROUP_SIZE = {"code": "n_code", "chat": "n_chat", "copy": "n_copy"}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, 32 new tokens")
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--n-code", type=int, default=None)
-    ap.add_argument("--n-chat", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--weights", default="f32", choices=sorted(WEIGHTS_NOTE),
-                    help="jaxdec weights for every jaxdec row (baseline included); the HF peer stays float32")
-    ap.add_argument("--pld-tokens", type=int, default=8)
-    ap.add_argument("--hf-lookup", type=int, default=10)
-    ap.add_argument("--swift-skip", type=int, nargs="+", default=[4, 6, 8], help="skip-set sizes SWIFT searches")
-    ap.add_argument("--del-exits", type=int, nargs="+", default=[16, 20, 24, 26, 28])
-    ap.add_argument("--draft-layers", type=int, default=24)
-    ap.add_argument("--draft-tokens", type=int, default=3)
-    ap.add_argument("--pearl-gamma", type=int, default=4, help="PEARL's window (draft tokens per draft phase)")
-    ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
-    ap.add_argument("--groups", nargs="+", default=["code", "chat", "copy"], choices=["code", "chat", "copy"],
-                    help="prompt groups: HumanEval code, chat, copy-heavy chat (edit/repeat an input)")
-    ap.add_argument("--n-copy", type=int, default=3)
-    ap.add_argument("--merge", action="store_true",
-                    help="add these groups to an existing --out JSON (same commit and settings) instead of replacing it")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF peer rows")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "spec_bench"))
-    args = ap.parse_args(argv)
-    args.new_tokens = args.new_tokens or (32 if args.quick else 64)
-    args.n_code = args.n_code or (2 if args.quick else 4)
-    args.n_chat = args.n_chat or (2 if args.quick else 4)
-    if args.reps < 5:
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE, presets={"quick": QUICK})
+    ap = opts.parser
+    if cfg.reps < 5:
         ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
-    rep = run(args)
-    if args.merge and os.path.exists(args.out + ".json"):
-        with open(args.out + ".json") as f:
-            old = json.load(f)
-        old_results = old.get("results", {})
-        old_results.update(rep["results"])
-        rep["results"] = old_results
-        rep["merged_from"] = old.get("command")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rep, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    write_markdown(rep, args.out + ".md")
-    plot(rep, args.out + ".png")
-    print(open(args.out + ".md").read())
+    bad = [g for g in cfg.groups if g not in GROUP_SIZE]
+    if bad:
+        ap.error(f"unknown --groups {bad}; known: {', '.join(GROUP_SIZE)}")
+    from bench_greedy import versions
+    setup = Setup(cfg)
+    ident = runner.identity_fields(cfg)
+
+    def depends(group):  # a group's numbers do not depend on the other groups' prompt counts
+        return [f for f in ident if f not in GROUP_SIZE.values() or f == GROUP_SIZE[group]]
+
+    rec = runner.run_experiment("spec_bench", cfg, list(cfg.groups), lambda g: measure_group(setup, cfg, g),
+                                opts=opts, markdown=markdown, plot=plot, depends=depends, info=versions,
+                                title="Speculative decoding: Spec-Bench-style table (batch 1, greedy, fixed N new "
+                                      "tokens)")
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":
