@@ -57,7 +57,7 @@ def test_trace_counter_moves_when_a_shape_changes(monkeypatch):
     this very check. A toy model behind the same driver keeps it cheap (its own config, so no other
     test shares its programs)."""
     import jax.numpy as jnp
-    from jaxdec.speculative.toy import TrigramModel, random_table
+    from jaxdec.testing.toy_speculative import TrigramModel, random_table
     model = TrigramModel(7, num_layers=5)
     params = {"table": jnp.asarray(random_table(0, 7))}
     prompts = [[2, 3], [4]]

@@ -347,7 +347,7 @@ def test_truncate_keeps_dfloat11_decode_tables():
 
 def test_protocol_members_refused_by_name():
     from jaxdec.search.superposed import superposed_generate
-    from jaxdec.search.toy import TableModel
+    from jaxdec.testing.toy_search import TableModel
     from jaxdec.speculative.drafters import truncated_draft
     m = TableModel(vocab_size=5)
     with pytest.raises(TypeError, match="`truncate`"):

@@ -670,7 +670,7 @@ def test_generate_sampling_joint_matches_numpy_reference():
     carried through the loop, top-k, top-p, repetition penalty): the joint of three tokens equals the
     NumPy reference's. Negative controls, same counts or same test: the reference without the
     repetition penalty, without top-p, or at temperature 0.99 is rejected."""
-    from jaxdec.speculative.toy import TrigramModel, random_table
+    from jaxdec.testing.toy_speculative import TrigramModel, random_table
     table = random_table(8, GEN_V, 1.2)
     joint, amb = ref_generate_joint(table, GEN_PROMPT, 3, GEN_SETTING)
     assert not amb and abs(joint.sum() - 1) < 1e-9

@@ -11,7 +11,7 @@ EOS = 0
 
 @pytest.fixture(scope="module")
 def toy():
-    from jaxdec.search.toy import TableModel
+    from jaxdec.testing.toy_search import TableModel
     model = TableModel(vocab_size=V, eos_ids=(EOS,))
     params = model.init_params(5, scale=1.2)
     params = {**params, "A": params["A"].at[:, EOS].add(-1.0)}

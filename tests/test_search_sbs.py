@@ -24,7 +24,7 @@ PROMPT = [1, 2]
 
 @pytest.fixture(scope="module")
 def toy():
-    from jaxdec.search.toy import TableModel
+    from jaxdec.testing.toy_search import TableModel
     model = TableModel(vocab_size=3, eos_ids=(0,))
     return model, model.init_params(3, scale=0.8, prev_scale=0.6)
 

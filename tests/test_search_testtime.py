@@ -10,7 +10,7 @@ EOS = 0
 
 @pytest.fixture(scope="module")
 def toy():
-    from jaxdec.search.toy import TableModel
+    from jaxdec.testing.toy_search import TableModel
     model = TableModel(vocab_size=4, eos_ids=(EOS,))
     return model, model.init_params(21, scale=1.0)
 

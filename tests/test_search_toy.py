@@ -75,7 +75,7 @@ def hf_beams(params, prompt, eos_ids, **kw):
 
 
 def jax_model():
-    from jaxdec.search.toy import TableModel
+    from jaxdec.testing.toy_search import TableModel
     return TableModel(vocab_size=V, max_position=MAX_POS, eos_ids=(0,))
 
 

@@ -35,7 +35,7 @@ from jaxdec.speculative import (PromptLookupDrafter, SpeculativeDecoder, TokenRe
 from jaxdec.speculative.drafters import (DraftModelDrafter, LayerSkipDrafter, NGramDrafter,  # noqa: E402
                                          truncated_draft)
 from jaxdec.speculative.engine import with_draft_params  # noqa: E402
-from jaxdec.speculative.toy import TrigramModel, random_table  # noqa: E402
+from jaxdec.testing.toy_speculative import TrigramModel, random_table  # noqa: E402
 from jaxdec.speculative.tree import Draft  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from jaxdec.cache.kv import bucket  # noqa: E402
 from jaxdec.core import loop  # noqa: E402
 from jaxdec.core.processors import SamplingParams  # noqa: E402
 from jaxdec.speculative import PearlDecoder, truncated_draft, with_draft_params  # noqa: E402
-from jaxdec.speculative.toy import BOS_PREV, TrigramModel, exact_joint, random_table  # noqa: E402
+from jaxdec.testing.toy_speculative import BOS_PREV, TrigramModel, exact_joint, random_table  # noqa: E402
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
 TOY_V = 12

@@ -26,7 +26,7 @@ from jaxdec.core.processors import SamplingParams
 from jaxdec.speculative import SpeculativeDecoder, sampling_verify_chain, sampling_verify_tree
 from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from jaxdec.speculative.engine import with_draft_params
-from jaxdec.speculative.toy import TrigramModel, exact_joint, next_probs, random_table
+from jaxdec.testing.toy_speculative import TrigramModel, exact_joint, next_probs, random_table
 from jaxdec.speculative.tree import TreeSpec, ancestor_mask, block_depths
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
