@@ -284,6 +284,7 @@ def plot(rec, prefix):
     ax.set_ylabel("HumanEval solution NLL (nats/token)")
     ax.set_title("KV compression on SmolLM2-135M")
     fig.tight_layout()
+    runner.stamp(fig, rec)
     fig.savefig(prefix + ".png", dpi=120)
     plt.close(fig)
 

@@ -280,6 +280,22 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     return record
 
 
+def cell_commits(record: dict) -> list:
+    """The commits (10 hex digits, +dirty) the stored cells were measured at."""
+    return sorted({c["git"]["commit"][:10] + ("+dirty" if c["git"].get("dirty") else "")
+                   for c in record["cells"].values()})
+
+
+def stamp(fig, record: dict) -> None:
+    """A footer on a matplotlib figure: experiment, commit, machine, load flag and time, so a plot copied out
+    of results/ still says where its numbers came from."""
+    m = record["machine"]
+    text = (f"{record['experiment']}{' (SMOKE)' if record.get('smoke') else ''} | measured at "
+            f"{', '.join(cell_commits(record)) or '?'} | {m.get('cpu')}, {m.get('cores')} cores | "
+            f"{record.get('finished', record['started'])}{' | LOADED MACHINE' if record.get('loaded') else ''}")
+    fig.text(0.005, 0.005, text, fontsize=5, color="grey", ha="left", va="bottom")
+
+
 # ------------------------------------------------------------------------------------------------ markdown
 def result(record: dict, cell: str):
     """The stored result of one cell (None if absent)."""
@@ -293,8 +309,7 @@ def _load_line(rec: dict) -> str:
 
 def header_lines(record: dict) -> list:
     m, g = record["machine"], record["git"]
-    commits = sorted({c["git"]["commit"][:10] + ("+dirty" if c["git"].get("dirty") else "")
-                      for c in record["cells"].values()})
+    commits = cell_commits(record)
     lines = [f"# {record['title']}", ""]
     if record.get("smoke"):
         lines += ["**SMOKE RUN: a reduced config that only checks the script runs; not a result.**", ""]

@@ -496,6 +496,7 @@ def plots(rec, prefix):
         ax.set_ylabel("distinct-2 across beams")
         ax.legend(fontsize=7)
         fig.tight_layout()
+        runner.stamp(fig, rec)
         fig.savefig(os.path.join(out_dir, "search_dbs.png"), dpi=120)
         plt.close(fig)
     h = res.get("humaneval")
@@ -508,6 +509,7 @@ def plots(rec, prefix):
         ax.bar(names, p, yerr=err, capsize=4)
         ax.set_ylabel("HumanEval pass@1 (95% CI)")
         fig.tight_layout()
+        runner.stamp(fig, rec)
         fig.savefig(os.path.join(out_dir, "search_humaneval.png"), dpi=120)
         plt.close(fig)
 

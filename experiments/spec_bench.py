@@ -369,6 +369,7 @@ def plot(rec, prefix):
     ax.set_ylabel("speedup over jaxdec greedy (— predicted)")
     ax.legend()
     fig.tight_layout()
+    runner.stamp(fig, rec)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -238,3 +238,22 @@ def test_a_failing_plot_keeps_the_results(tmp_path, capsys):
     run(tmp_path, Counter(), plot=bad_plot)
     assert json.loads((tmp_path / "exp.json").read_text())["complete"] and (tmp_path / "exp.md").exists()
     assert "plot failed: ValueError" in capsys.readouterr().out
+
+
+def test_plots_carry_the_commit(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    texts = []
+
+    def plot(rec, prefix):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2])
+        runner.stamp(fig, rec)
+        texts.extend(t.get_text() for t in fig.texts)
+        fig.savefig(prefix + ".png")
+        plt.close(fig)
+
+    rec = run(tmp_path, Counter(), plot=plot)
+    assert (tmp_path / "exp.png").stat().st_size > 0
+    assert len(texts) == 1 and rec["git"]["commit"][:10] in texts[0] and rec["machine"]["cpu"] in texts[0]
