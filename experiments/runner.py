@@ -245,8 +245,8 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
             print(f"[{name}] cell {cell} ...", flush=True)
         result = fn(cell, record) if pass_record else fn(cell)
         stored[cell] = {"result": _plain(result), "config": {f: cfg.get(f) for f in deps(cell)},
-                        "git": run["git"], "command": command, "started": started, "seconds": round(time.time() - t0, 2),
-                        "load": cell_load.record()}
+                        "git": run["git"], "command": command, "started": started,
+                        "seconds": round(time.time() - t0, 2), "load": cell_load.record()}
         run["cells_computed"].append(cell)
         record["load"] = load.record()
         load.after = None  # measured again at the next cell and at the end
@@ -255,8 +255,8 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     run["finished"] = now()
     run["load"] = load.record()
     record.update(load=run["load"], finished=run["finished"], complete=all(c in stored for c in cells),
-                  loaded=bool(run["load"]["overloaded"] or any(c.get("load", {}).get("overloaded")
-                                                              for c in stored.values())))
+                  loaded=bool((run["cells_computed"] and run["load"]["overloaded"])
+                              or any(c.get("load", {}).get("overloaded") for c in stored.values())))
     record["cells_order"] = cells + [c for c in stored if c not in cells]
     if info is not None:
         record["info"] = _plain(info() if callable(info) else info)
@@ -334,7 +334,8 @@ def header_lines(record: dict) -> list:
 
 def cells_table(record: dict) -> list:
     """Per-cell facts: when, how long, which commit, the load average around it."""
-    lines = ["| cell | finished run | seconds | commit | load 1-min before / after | flag |", "| --- | --- | ---: | --- | --- | --- |"]
+    lines = ["| cell | started (UTC) | seconds | commit | load 1-min before / after | flag |",
+             "| --- | --- | ---: | --- | --- | --- |"]
     for key in record.get("cells_order", record["cells"]):
         c = record["cells"].get(key)
         if c is None:

@@ -305,7 +305,8 @@ def markdown(rec):
     rep["cost_curve"] = curves[0]
     lines = [f"{c['new_tokens']} new tokens per prompt, {c['reps']} interleaved repetitions; "
              "time from ids in to ids on host, prefill included; speedup = median of per-repetition ratios to "
-             "jaxdec greedy in the same run [min, max]. jaxdec weights: " + WEIGHTS_NOTE[c["weights"]] + ". τ = tokens per target call per row (bonus included). "
+             "jaxdec greedy in the same run [min, max]. jaxdec weights: " + WEIGHTS_NOTE[c["weights"]]
+             + ". τ = tokens per target call per row (bonus included). "
              "Predicted = τ / (relative cost of an average step from the measured cost curve: block calls on the "
              "steps that had a draft (blk %), one-token calls on the others, plus the draft calls).", "",
              "Cost curve of one target call over T tokens, relative to T=1 (batch 1, 128 cached tokens): "
