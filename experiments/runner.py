@@ -11,14 +11,19 @@ machine, the load average and the time; a rerun resumes where the last one stopp
         methods: tuple[str, ...] = runner.select(())  # only chooses which cells run: not part of their identity
 
     SMOKE = Config(new_tokens=4, batches=(1,))         # --smoke: tiny run, written to a temp dir, marked SMOKE
+    QUICK = Config(new_tokens=16)                      # presets={"quick": QUICK} adds --quick
 
     def main(argv=None):
-        cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)  # + --out-dir, --fresh
-        def measure(cell):                              # one cell -> a JSON-able dict
+        cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE, presets={"quick": QUICK})
+        def measure(cell):                              # one cell -> a JSON-able dict; + --out-dir, --fresh
             b = int(cell[1:])
             return {"tok_s": ...}
+        def body(rec):                                  # the md's tables; header facts are added by the runner
+            return [f"| {k} | {runner.result(rec, k)['tok_s']:.1f} |" for k in rec["cells_order"]]
+        def plot(rec, prefix):                          # optional; runner.stamp(fig, rec) adds commit/machine
+            ...
         runner.run_experiment("bench_x", cfg, [f"b{b}" for b in cfg.batches], measure, opts=opts,
-                              title="...", markdown=lambda rec: ["| ... |"], plot=None)
+                              title="...", markdown=body, plot=plot)
 
 What `run_experiment` does:
 * before each cell, it looks in NAME.partial.json (or a finished NAME.json) for that cell measured with the
