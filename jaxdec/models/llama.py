@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec.attention.blockwise import blockwise_attend
 from jaxdec.attention.hydragen import hydragen_attend
 from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.cache.kv import KVCache, append
@@ -28,7 +29,10 @@ from jaxdec.models.interface import ModelOutput
 from jaxdec.quant import IMPLS, embed_lookup, scan_layer_params
 from jaxdec.quant import matmul as quant_matmul
 
-ATTENTION_IMPLS = ("xla", "pallas")
+# "xla": blockwise attention whose cost follows the committed lengths (jaxdec.attention.blockwise);
+# "reference": the reference `attend` (reads every cache slot; differentiable; the tests' oracle);
+# "pallas": the tree-attention kernel
+ATTENTION_IMPLS = ("xla", "reference", "pallas")
 
 
 def rms_norm(x, w, eps):
@@ -51,6 +55,8 @@ def apply_rope(x, cos, sin):
 
 def _attention_fn(impl):
     if impl == "xla":
+        return blockwise_attend
+    if impl == "reference":
         return attend
     if impl == "pallas":
         from pallas_kernels.tree_attention import tree_attention
@@ -150,7 +156,7 @@ class LlamaModel:
         ``attention``: "causal" (default; ``mask [B,T,T]`` may replace the causal block pattern),
         "bidirectional" (every block token sees the whole block: masked-diffusion models), or a bool array
         ``[B,T,S+T]`` (S = ``cache.size``): which cache slots (first S columns; only committed ones count)
-        and block tokens (last T) each query may see. An array needs the "xla" attention and an ordinary
+        and block tokens (last T) each query may see. An array needs the "xla" (or "reference") attention and an ordinary
         cache. The model's sliding window still applies.
 
         ``hidden_layers`` (static tuple of ints in ``[a, b]``): ``layer_hidden [k,B,T,E]`` holds the
@@ -167,7 +173,9 @@ class LlamaModel:
         * a shared-prefix cache (``cache.prefix_k`` set): Hydragen, `hydragen_attend` with the layer's
           prefix slice ``[G,P,KVH,D]`` (each group of rows against its own prefix), the rows' suffixes
           and suffix lengths ``cache.lengths - cache.row_prefix_len``.
-        * otherwise ``attention_impl`` ("xla" reference or the "pallas" tree-attention kernel).
+        * otherwise ``attention_impl``: "xla" (`blockwise_attend`: reads only the committed chunks of the
+          layer's cache, straight from the stacked cache), "reference" (`attend`, every slot) or "pallas"
+          (the tree-attention kernel).
 
         ``collect_qk=True`` also returns every layer's post-RoPE queries and keys of the block in
         ``ModelOutput.qk = (q [L,B,T,H,D], k [L,B,T,KVH,D])`` (zeros for skipped layers; the range's
@@ -208,7 +216,7 @@ class LlamaModel:
         else:
             if mask is not None:
                 raise ValueError("an explicit attention array already holds the block mask: pass mask=None")
-            if attn_fn is not None or prefix or self.attention_impl != "xla":
+            if attn_fn is not None or prefix or self.attention_impl not in ("xla", "reference"):
                 raise ValueError("an explicit attention array needs attention_impl='xla', no attn_fn and an "
                                  "ordinary (not shared-prefix) cache")
             full = jnp.asarray(attention, bool)
@@ -218,6 +226,9 @@ class LlamaModel:
                                  f"got {full.shape}")
             cache_mask, block_mask = full[:, :, :s], full[:, :, s:]
         on = jnp.ones((c.num_layers,), bool) if layers is None else jnp.asarray(layers, bool)
+        # stacked: the attention reads the layer's keys/values from the whole [L,...] cache by layer index
+        # (blockwise attention: only the committed chunks are read, no per-layer copy of the cache)
+        stacked = False
         if attn_fn is not None:
             if prefix:
                 raise ValueError("attn_fn cannot be combined with a shared-prefix cache (cache.prefix_k "
@@ -231,11 +242,16 @@ class LlamaModel:
                 return hydragen_attend(q, pk, pv, plen, kc, vc, suf_len, k, v, bm, q_pos,
                                        sliding_window=sliding_window)
             extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - cache.row_prefix_len
-        elif cache_mask is not None:
+        elif cache_mask is not None and self.attention_impl == "reference":
             def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None):
                 return attend(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window,
                               cache_mask=cache_mask)
             extra_xs, lengths = None, cache.lengths
+        elif self.attention_impl == "xla":
+            def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None, layer=None):
+                return blockwise_attend(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window,
+                                        cache_mask=cache_mask, layer=layer)
+            extra_xs, lengths, stacked = None, cache.lengths, True
         else:
             base = _attention_fn(self.attention_impl)
 
@@ -243,7 +259,7 @@ class LlamaModel:
                 return base(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window)
             extra_xs, lengths = None, cache.lengths
 
-        def block(h, p, kc, vc, extra):
+        def block(h, p, kc, vc, extra, li):
             hn = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
             q = matmul(hn, p["wq"])
             k = matmul(hn, p["wk"])
@@ -253,24 +269,28 @@ class LlamaModel:
             q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
             k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
             v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-            a = attn(q, kc, vc, lengths, k, v, block_mask, positions, extra, sliding_window=c.sliding_window)
+            if stacked:
+                a = attn(q, cache.k, cache.v, lengths, k, v, block_mask, positions, extra,
+                         sliding_window=c.sliding_window, layer=li)
+            else:
+                a = attn(q, kc, vc, lengths, k, v, block_mask, positions, extra, sliding_window=c.sliding_window)
             h = h + matmul(a.reshape(b, t, c.num_heads * c.head_dim), p["wo"])
             hn = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
             h = h + matmul(jax.nn.silu(matmul(hn, p["w_gate"])) * matmul(hn, p["w_up"]), p["w_down"])
             return h, k, v, (q if collect_qk else None)
 
-        def skip(h, p, kc, vc, extra):
+        def skip(h, p, kc, vc, extra, li):
             z = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), h.dtype)
             zq = jnp.zeros((b, t, c.num_heads, c.head_dim), h.dtype) if collect_qk else None
             return h, z, z, zq
 
         # quantized stacks are read in place by index (a scan slice would copy them every step)
         layer_xs, pick_layer = scan_layer_params(params["layers"])
-        kc_xs, vc_xs = cache.k, cache.v
+        kc_xs, vc_xs = (None, None) if stacked else (cache.k, cache.v)
         if partial:
             part = lambda a: a[lo:hi]
             layer_xs = jax.tree.map(part, layer_xs)
-            kc_xs, vc_xs, on = part(kc_xs), part(vc_xs), part(on)
+            kc_xs, vc_xs, on = jax.tree.map(part, kc_xs), jax.tree.map(part, vc_xs), part(on)
             extra_xs = None if extra_xs is None else jax.tree.map(part, extra_xs)
 
         # hidden_layers: a [k,B,T,E] buffer in the scan carry, slot j written when its layer's output passes
@@ -296,9 +316,9 @@ class LlamaModel:
             h = carry if picks is None else carry[0]
             p = pick_layer(p, index)
             if layers is None:
-                h2, k, v, q = block(h, p, kc, vc, extra)
+                h2, k, v, q = block(h, p, kc, vc, extra, index)
             else:
-                h2, k, v, q = jax.lax.cond(on_l, block, skip, h, p, kc, vc, extra)
+                h2, k, v, q = jax.lax.cond(on_l, block, skip, h, p, kc, vc, extra, index)
             if picks is None:
                 out = h2
             else:
