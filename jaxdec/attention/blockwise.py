@@ -38,9 +38,12 @@ __all__ = ["blockwise_attend", "KEY_CHUNK"]
 
 def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
                      sliding_window: Optional[int] = None, scale: Optional[float] = None, cache_mask=None,
-                     key_chunk: int = KEY_CHUNK):
+                     key_chunk: int = KEY_CHUNK, layer=None):
+    """See the module docstring. ``layer`` (a traced int): ``k_cache/v_cache`` are a model's whole
+    stacked cache ``[L,B,S,KVH,D]`` and layer ``layer`` is read, chunk by chunk, straight from the stack
+    (no per-layer copy of the cache enters the loop)."""
     b, t, h, d = q.shape
-    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    s, kvh = k_cache.shape[-3], k_cache.shape[-2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
     f32 = jnp.float32
@@ -65,12 +68,18 @@ def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_p
         n = jnp.minimum((jnp.max(lengths) + c - 1) // c, n_max)
         ar = jnp.arange(c, dtype=jnp.int32)
 
+        def read(buf, start):
+            if layer is None:
+                return jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1).astype(f32)  # [B,C,KVH,D]
+            z = jnp.zeros((), jnp.int32)
+            return jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z),
+                                         (1, b, c, kvh, d))[0].astype(f32)
+
         def body(i, carry):
             m, l, o = carry
             lo = i * c
             start = jnp.minimum(lo, s - c)  # the last chunk may overlap the one before: skip the overlap
-            kc = jax.lax.dynamic_slice_in_dim(k_cache, start, c, axis=1).astype(f32)  # [B,C,KVH,D]
-            vc = jax.lax.dynamic_slice_in_dim(v_cache, start, c, axis=1).astype(f32)
+            kc, vc = read(k_cache, start), read(v_cache, start)  # [B,C,KVH,D]
             kpos = start + ar  # [C]
             slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
             vis = jnp.broadcast_to(slot_ok[:, None, :], (b, t, c))
@@ -89,7 +98,10 @@ def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_p
             o = o * alpha[..., None] + jnp.einsum("btkgc,bckd->btkgd", p, vc)
             return m_new, l, o
 
-        m, l, o = jax.lax.fori_loop(0, n, body, (m, l, o))
+        if n_max == 1:  # the whole cache is one chunk: no loop (a short decode costs what it did)
+            m, l, o = body(jnp.zeros((), jnp.int32), (m, l, o))
+        else:
+            m, l, o = jax.lax.fori_loop(0, n, body, (m, l, o))
 
     ok = (l > 0)[..., None]
     out = jnp.where(ok, o / jnp.where(ok, l[..., None], 1.0), 0.0)
