@@ -6,7 +6,8 @@ Each case runs one test in a fresh pytest process with one mutation applied (by
 also runs every test unmutated (it must pass).
 
 Runs through experiments/runner.py: one cell per case (``control/NAME`` for a control), so an interrupted
-run resumes; a rerun after a code change needs ``--fresh`` (the cells do not know the code changed).
+run resumes; ``--only CASE ...`` always re-records those cases and keeps the others; a full rerun after a
+code change needs ``--fresh`` (the cells do not know the code changed).
 Writes experiments/results/mutation_checks.{json,md} and the plain-text log
 experiments/results/mutation_checks.log (exit status 1 when some case did not behave).
 
@@ -148,7 +149,7 @@ def main(argv=None):
 
     rec = runner.run_experiment("mutation_checks", cfg, cells, one, opts=opts, markdown=markdown,
                                 title="Mutation checks: broken variants must fail their checks",
-                                depends=lambda c: [])
+                                depends=lambda c: [], redo=cells if cfg.only else ())
     lines = log_lines(rec)
     runner.atomic_write(os.path.join(opts.out_dir or runner.RESULTS, "mutation_checks.log"), "\n".join(lines) + "\n")
     print("\n".join(lines[-2:]))

@@ -33,7 +33,8 @@ What `run_experiment` does:
   cell, or while writing, leaves the previous partial file intact;
 * a stored cell measured under another config is refused with a message naming the changed fields (unless
   `--fresh`, which discards every stored cell); `depends(cell)` may narrow the fields one cell depends on;
-  a NAME.json written before this runner existed is not resumed, and is replaced only when the run completes;
+  `--redo CELL ...` re-measures chosen cells and keeps the rest; a NAME.json written before this runner
+  existed is not resumed, and is replaced only when the run completes;
 * at the end it writes NAME.json and NAME.md atomically (header: command, commit with a dirty flag, machine,
   versions, start/end time, load average before/after with benchlib's LOADED-machine warning, per-cell
   facts) and the plots (`plot(record, prefix)`, skipped without matplotlib), then removes the partial file.
@@ -180,7 +181,7 @@ def _stored(paths) -> tuple:
 def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, fresh: bool = False,
                    opts=None, title: str | None = None, markdown=None, plot=None, depends=None, info=None,
                    command: str | None = None, identity: dict | None = None, pass_record: bool = False,
-                   quiet: bool = False) -> dict:
+                   redo=(), quiet: bool = False) -> dict:
     """Run `fn(cell)` for every cell not already stored with the same config; write NAME.{json,md}.
 
     cells: cell keys (strings, in table order). fn(cell) -> JSON-able dict. markdown(record) -> lines for the
@@ -191,13 +192,18 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     identity: facts outside the config that the cells' numbers depend on (e.g. resolved commits); they are
     stored with the config and compared like its fields.
     pass_record: call fn(cell, record) so a cell can read cells stored before it (runner.result(record, key)).
+    redo: cells to measure again even if stored (the others are kept); `--redo CELL ...` on the command line.
     """
     smoke = False
     if opts is not None:
         results_dir = opts.out_dir or results_dir
         fresh = fresh or opts.fresh
         smoke = bool(getattr(opts, "smoke", False))
+        redo = tuple(redo) + tuple(getattr(opts, "redo", None) or ())
     cells = [str(c) for c in cells]
+    unknown = [c for c in redo if c not in cells]
+    if unknown:
+        raise ValueError(f"{name}: --redo names cells this run does not have: {unknown}; cells: {cells}")
     if len(set(cells)) != len(cells):
         raise ValueError(f"{name}: duplicate cell keys {cells}")
     final = os.path.join(results_dir, name + ".json")
@@ -219,6 +225,8 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
     if old is not None:
         changed = []
         for key, c in old.get("cells", {}).items():
+            if key in redo:
+                continue
             want = {f: cfg.get(f) for f in deps(key)}
             have = {f: c.get("config", {}).get(f) for f in want}
             if have != want:
@@ -228,7 +236,7 @@ def run_experiment(name: str, config, cells, fn, *, results_dir: str = RESULTS, 
             raise ConfigChanged(
                 f"{old_path} holds cells measured under another config: " + "; ".join(changed) +
                 ". Pass --fresh to discard the stored cells, or --out-dir DIR to keep them.")
-        stored = dict(old["cells"])
+        stored = {k: c for k, c in old["cells"].items() if k not in redo}
     run = {"command": command, "git": git_info(), "started": now(), "cells_computed": []}
     runs = (old or {}).get("runs", []) + [run]
     load = benchlib.LoadMonitor()
@@ -415,6 +423,8 @@ def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, pr
     add_config_arguments(ap, cls)
     ap.add_argument("--out-dir", default=None, help=f"results directory (default {os.path.relpath(RESULTS, ROOT)})")
     ap.add_argument("--fresh", action="store_true", help="discard stored cells (a partial run or another config)")
+    ap.add_argument("--redo", nargs="+", default=None, metavar="CELL",
+                    help="measure these cells again even if stored (the other stored cells are kept)")
     if smoke is not None:
         ap.add_argument("--smoke", action="store_true",
                         help="tiny config that only checks the script runs; writes to a temp dir unless --out-dir")

@@ -257,3 +257,25 @@ def test_plots_carry_the_commit(tmp_path):
     rec = run(tmp_path, Counter(), plot=plot)
     assert (tmp_path / "exp.png").stat().st_size > 0
     assert len(texts) == 1 and rec["git"]["commit"][:10] in texts[0] and rec["machine"]["cpu"] in texts[0]
+
+
+def test_redo_remeasures_chosen_cells_and_keeps_the_others(tmp_path):
+    run(tmp_path, Counter())
+    first = json.loads((tmp_path / "exp.json").read_text())["cells"]
+    calls = []
+
+    def again(cell):
+        calls.append(cell)
+        return {"value": -1.0}
+
+    rec = run(tmp_path, again, redo=["yy"])
+    assert calls == ["yy"] and rec["cells"]["x"] == first["x"] and rec["cells"]["yy"]["result"] == {"value": -1.0}
+    c = Counter()  # a stale cell that is being redone does not block the run
+    with pytest.raises(runner.ConfigChanged):
+        run(tmp_path, c, cfg=Cfg(n=5), depends=lambda cell: ["n"] if cell == "yy" else [])
+    rec = run(tmp_path, c, cfg=Cfg(n=5), depends=lambda cell: ["n"] if cell == "yy" else [], redo=["yy"])
+    assert c.calls == ["yy"] and rec["cells"]["yy"]["config"] == {"n": 5}
+    with pytest.raises(ValueError, match="does not have"):
+        run(tmp_path, c, redo=["nope"])
+    _, opts = runner.parse_args(Cfg, ["--redo", "x", "zzz"])
+    assert opts.redo == ["x", "zzz"]
