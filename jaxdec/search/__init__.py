@@ -3,6 +3,9 @@
 beam_search (beam, diverse beam, conditional beam), stochastic_beam_search, context_aware_generate,
 momentum_generate, adadec_generate, entropy_adaptive_generate, best_of_n, first_finish, rerank, astar_decode, exact_extract,
 superposed_generate.
+The decoding entry points run init/step decoders through the shared driver, except `astar_decode` and
+`exact_extract`: host-level searches (the search stays on the host and calls jitted model pieces; no
+init/step). `rerank` only scores given candidates.
 See jaxdec/search/README.md for one example of each.
 """
 from __future__ import annotations
