@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-NEG = -1e30  # same finite "minus infinity" as the reference
 
 __all__ = [
     "tree_attention",
@@ -116,7 +115,10 @@ def softmax_step(m, l, s, visible):
     ``p @ v``. Masked scores never enter ``m`` and their probabilities are exactly 0, as in the
     reference, so a row with no visible key keeps ``l == 0``.
     """
-    s = jnp.where(visible, s, NEG)
+    # imported here, not at module level: importing any jaxdec module runs jaxdec/__init__, whose imports
+    # reach cache/quantized.py and back into pallas_kernels (an import loop; tests/test_layering.py)
+    from jaxdec.masks import ATTENTION_MASK_VALUE
+    s = jnp.where(visible, s, ATTENTION_MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     corr = jnp.exp(m - m_new)
     p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
@@ -140,7 +142,8 @@ def online_update(carry, s, visible, v):
 
 
 def init_state(rows: int, d: int):
-    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows, 1), NEG, jnp.float32),
+    from jaxdec.masks import ATTENTION_MASK_VALUE  # here, not at import (see softmax_step)
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows, 1), ATTENTION_MASK_VALUE, jnp.float32),
             jnp.zeros((rows, 1), jnp.float32))
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-NEG = -1e30
+from jaxdec.masks import ATTENTION_MASK_VALUE as NEG  # finite: a fully masked row stays finite
 
 
 def causal_block_mask(batch: int, t: int) -> jax.Array:

@@ -44,7 +44,7 @@ from jax.experimental import io_callback
 
 STAGES = ("mask", "penalty", "warp")
 # token bans may use -inf (a banned token must have probability exactly 0); attention masks cannot
-BANNED = -jnp.inf
+from jaxdec.masks import BANNED_LOGIT as BANNED  # noqa: E402
 
 
 @runtime_checkable

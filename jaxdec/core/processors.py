@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-NEG_INF = float("-inf")
+from jaxdec.masks import BANNED_LOGIT as NEG_INF  # filtered tokens (-inf)
 
 __all__ = [
     "SamplingParams", "process", "repetition_penalty", "temperature", "top_k", "top_p", "min_p",

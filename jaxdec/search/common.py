@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxdec.cache.kv import KVCache, read_rows, write_rows
 from jaxdec.core import driver
 
-NEG = -1.0e9  # HF's "impossible" score for beams (kept finite so that sums stay ordered)
+from jaxdec.masks import EMPTY_BEAM_SCORE as NEG  # HF's finite empty-beam score (sums stay ordered)
 
 
 def expand_rows(tree, r: int, axis: int = 0):

@@ -35,7 +35,7 @@ from jaxdec.core.state import emit
 from jaxdec.core.steps import decode_call, initial_state, prefill
 from jaxdec.search.common import expand_cache, flat, global_rows, per_prompt, reorder_cache, run_grouped
 
-NEG_INF = -jnp.inf
+from jaxdec.masks import IMPOSSIBLE_LOGPROB as NEG_INF  # dead hypotheses (-inf)
 
 
 def log1mexp(x):
