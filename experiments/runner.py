@@ -417,8 +417,8 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
 def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, presets=None, extra=None):
     """(config, opts): the config dataclass from flags over its defaults (or over `smoke` with --smoke, or over
     presets[NAME] with --NAME, e.g. presets={"quick": Config(...)}); opts.out_dir, opts.fresh, opts.smoke and
-    whatever `extra(ap)` added. --smoke without --out-dir writes to a temporary directory, so a smoke run never
-    replaces results/."""
+    whatever `extra(ap)` added. --smoke without --out-dir writes (afresh) to a temporary directory, so a smoke
+    run never replaces results/."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, cls)
     ap.add_argument("--out-dir", default=None, help=f"results directory (default {os.path.relpath(RESULTS, ROOT)})")
@@ -451,7 +451,7 @@ def parse_args(cls, argv=None, *, description: str | None = None, smoke=None, pr
             given[k] = tuple(v)
     config = dataclasses.replace(base, **given)
     opts.smoke = bool(getattr(opts, "smoke", False))
-    if opts.smoke and not opts.out_dir:
-        opts.out_dir = os.path.join(tempfile.gettempdir(), "jaxdec-smoke")
+    if opts.smoke and not opts.out_dir:  # a smoke run checks that the script runs: always measured afresh
+        opts.out_dir, opts.fresh = os.path.join(tempfile.gettempdir(), "jaxdec-smoke"), True
     opts.parser = ap
     return config, opts

@@ -176,7 +176,7 @@ def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch)
 def test_cli_from_the_dataclass(tmp_path):
     cfg, opts = runner.parse_args(Cfg, ["--n", "5", "--names", "p", "q", "--verbose", "--out-dir", str(tmp_path)])
     assert cfg == Cfg(n=5, names=("p", "q"), verbose=True) and opts.out_dir == str(tmp_path) and not opts.fresh
-    cfg, opts = runner.parse_args(Cfg, ["--smoke", "--scale", "0.5", "--fresh"], smoke=Cfg(n=1))
+    cfg, opts = runner.parse_args(Cfg, ["--smoke", "--scale", "0.5"], smoke=Cfg(n=1))
     assert cfg == Cfg(n=1, scale=0.5) and opts.fresh and opts.smoke
     assert opts.out_dir and os.path.abspath(opts.out_dir) != os.path.abspath(runner.RESULTS)
     with pytest.raises(SystemExit):
