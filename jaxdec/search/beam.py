@@ -44,6 +44,7 @@ from flax import struct
 from jaxdec.core.generate import Generation
 from jaxdec.core.logits import check_processors, post_commit, run_processors, step_context, with_sampling
 from jaxdec.core.steps import decode_call, initial_state, prefill
+from jaxdec.masks import BANNED_LOGIT
 from jaxdec.search.common import (NEG, expand_cache, flat, global_rows, isin, per_prompt, reorder_cache,
                                   run_grouped)
 
@@ -248,7 +249,7 @@ class BeamSearch:
         ctx = step_context(state)
         lp = run_processors(with_sampling(self.processors, False), lp, ctx)  # HF: processors see log-probs
         if self.constraint is not None:
-            lp = jnp.where(self.constraint(m.hist, m.hlen, v), -jnp.inf, lp)
+            lp = jnp.where(self.constraint(m.hist, m.hlen, v), BANNED_LOGIT, lp)
         lp = per_prompt(lp, nb)
         tokens = per_prompt(state.tokens, nb)
         t = per_prompt(state.num_new, nb)[:, 0]
