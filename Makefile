@@ -23,7 +23,7 @@ test: $(STAMP)
 	bash .ci/pytest.sh
 
 acceptance: $(STAMP)
-	JAXDEC_FULL=1 bash .ci/pytest.sh -m "slow or not slow" --junitxml=experiments/results/acceptance-junit.xml
+	bash .ci/pytest.sh -m "slow or not slow" --junitxml=experiments/results/acceptance-junit.xml
 
 bench: $(STAMP)
 	$(PY) experiments/bench_greedy.py

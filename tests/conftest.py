@@ -13,7 +13,6 @@ import peer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_PROMPTS = os.path.join(ROOT, "jaxdec", "data", "prompts", "chat_prompts.jsonl")
-FULL = os.environ.get("JAXDEC_FULL", "0") == "1"  # `make acceptance` runs the full-size variants
 
 
 def read_prompts(path=CHAT_PROMPTS):
