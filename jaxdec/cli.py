@@ -44,7 +44,7 @@ def register_papers(entries: dict) -> None:
 
 # flags every method of `generate` honours
 ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
-                    "attention", "out", "quiet"})
+                    "attention", "out", "quiet", "prefill_chunk"})
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
 INT64 = 2 ** 63
 
@@ -199,6 +199,7 @@ def _check_args(args, parser) -> None:
     if args.min_new_tokens > args.max_new_tokens:
         raise BadInput(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens ({args.max_new_tokens})")
     check_int(args, "batch_size", 1, allow_none=True)
+    check_int(args, "prefill_chunk", 0)
     check_int(args, "n", 1)
     check_int(args, "seed", -INT64, INT64 - 1)
     check_float(args, "temperature", lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
@@ -459,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--weights", default="f32", choices=list(WEIGHTS))
     g.add_argument("--attention", default="xla", choices=["xla", "pallas"])
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill chunk (0: the whole prompt in one call)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -529,6 +532,8 @@ def cmd_generate(args, parser) -> int:
     try:
         t0 = time.perf_counter()
         loaded = load_model(args.model, args.weights, args.attention)
+        from jaxdec.core.steps import with_prefill_chunk
+        loaded = loaded._replace(model=with_prefill_chunk(loaded.model, args.prefill_chunk or None))
         load_s = time.perf_counter() - t0
         tok = loaded.tokenizer
         ids = [tok.chat_ids(p) if args.chat else tok.encode(p) for p in prompts]

@@ -100,7 +100,7 @@ def test_blockwise_equals_reference_with_nan_past_lengths(case_i):
 def test_blockwise_random_ragged():
     """Random ragged lengths in [0, S] (S not a multiple of the key chunk), GQA, trees, windows."""
     rng = np.random.default_rng(123)
-    for i in range(6):
+    for i in range(4):
         b, t, s = int(rng.integers(1, 5)), int(rng.integers(1, 7)), int(rng.integers(1, 70))
         kvh = int(rng.choice([1, 2, 3]))
         h = kvh * int(rng.choice([1, 2, 3]))
@@ -146,3 +146,135 @@ def _all_eqns(jaxpr):
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
                     yield from _all_eqns(inner if hasattr(inner, "eqns") else inner.jaxpr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunked prefill on the default model
+
+def stdlib_prompt_ids(tokenizer, n_tokens: int, module: str = "json.decoder") -> list:
+    """``n_tokens`` token ids of a standard-library module's source (text that ships with Python)."""
+    import importlib
+    import inspect
+    src = inspect.getsource(importlib.import_module(module))
+    ids = tokenizer.encode(src)
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return ids[:n_tokens]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf_path):
+    from jaxdec.models.gguf_loader import open_gguf
+    from jaxdec.models.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(open_gguf(gguf_path))
+
+
+def _greedy(model, params, prompts, chunk, new=8):
+    import jaxdec
+    g = jaxdec.generate(model, params, prompts, max_new_tokens=new, prefill_chunk=chunk, stop_ids=())
+    return g.tokens
+
+
+def _ragged(tokenizer, lens):
+    mods = ["json.decoder", "textwrap", "fractions", "shlex"]
+    return [stdlib_prompt_ids(tokenizer, n, mods[i % len(mods)]) for i, n in enumerate(lens)]
+
+
+def test_chunked_prefill_same_tokens_batch1(model_f32, tokenizer):
+    model, params = model_f32
+    p = _ragged(tokenizer, [600])
+    assert _greedy(model, params, p, 64) == _greedy(model, params, p, None)
+
+
+def test_chunked_prefill_same_tokens_ragged4(model_f32, tokenizer):
+    """Rows whose last prompt token falls in different chunks (and one shorter than a chunk). CI size:
+    C=128 on prompts of up to 300 tokens; C=512 on 1-2k-token prompts is in the slow tier."""
+    model, params = model_f32
+    p = _ragged(tokenizer, [300, 100, 220, 260])
+    assert _greedy(model, params, p, 128) == _greedy(model, params, p, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [64, 512])
+@pytest.mark.parametrize("lens", [[1500], [2048, 999, 1616, 1200]])
+def test_chunked_prefill_same_tokens_full(model_f32, tokenizer, chunk, lens):
+    model, params = model_f32
+    p = _ragged(tokenizer, lens)
+    assert _greedy(model, params, p, chunk, new=16) == _greedy(model, params, p, None, new=16)
+
+
+def test_chunked_prefill_has_no_prompt_by_cache_scores(model_f32):
+    """The traced prefill of a 2048-token block into a 4096-slot cache with C=512 holds no tensor that
+    spans both the prompt block (T) and the cache (S): the largest score block is [C, key chunk]."""
+    from jaxdec.core.steps import prefill
+    model, params = model_f32
+    t, s = 2048, 4096
+    toks = jnp.zeros((1, t), jnp.int32)
+    lens = jnp.full((1,), t, jnp.int32)
+    m512 = model.with_prefill_chunk(512)
+    jaxpr = jax.make_jaxpr(lambda p, x, n: prefill(m512, p, x, n, m512.init_cache(1, s)))(params, toks, lens)
+    shapes = [tuple(v.aval.shape) for eq in _all_eqns(jaxpr.jaxpr) for v in eq.outvars if hasattr(v.aval, "shape")]
+    assert any(512 in sh for sh in shapes)
+    cache_shape = m512.init_cache(1, s).k.shape
+    bad = [sh for sh in shapes if t in sh and s in sh]
+    assert not bad, f"[T,S]-sized tensors in the chunked prefill: {bad[:3]}"
+    big = [sh for sh in shapes if np.prod(sh) >= t * s and sh != cache_shape and model.vocab_size not in sh]
+    assert not big, f"tensors of >= T*S elements besides the cache and the vocabulary: {big[:3]}"
+    # control: the one-shot prefill with the reference attention does build [T,S]-sized scores
+    one = model.with_attention("reference").with_prefill_chunk(None)
+    jaxpr1 = jax.make_jaxpr(lambda p, x, n: prefill(one, p, x, n, one.init_cache(1, s)))(params, toks, lens)
+    shapes1 = [tuple(v.aval.shape) for eq in _all_eqns(jaxpr1.jaxpr) for v in eq.outvars if hasattr(v.aval, "shape")]
+    assert any(t in sh and s in sh for sh in shapes1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole context through the CLI
+
+CONTEXT = 8192
+
+
+def _text_of_n_tokens(tokenizer, n: int) -> str:
+    """Standard-library source text that the tokenizer encodes to exactly ``n`` tokens."""
+    ids = stdlib_prompt_ids(tokenizer, n + 64, "argparse")
+    for k in range(n, n + 64):
+        text = tokenizer.decode(ids[:k])
+        if len(tokenizer.encode(text)) == n:
+            return text
+    raise AssertionError(f"no prefix of the source encodes to {n} tokens")
+
+
+def test_cli_one_past_the_context_is_a_clear_error(tokenizer, tmp_path, capsys):
+    from jaxdec.cli import main
+    new = 8
+    pf = tmp_path / "p.jsonl"
+    import json
+    pf.write_text(json.dumps({"prompt": _text_of_n_tokens(tokenizer, CONTEXT - new + 1)}) + "\n")
+    capsys.readouterr()
+    rc = main(["generate", "--prompts-file", str(pf), "--max-new-tokens", str(new), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert f"exceeds the model's context ({CONTEXT})" in err and str(CONTEXT + 1) in err
+
+
+@pytest.mark.slow
+def test_cli_full_context_prompt_within_rss_budget(tokenizer, tmp_path):
+    """A prompt filling the model's whole context (8184 prompt + 8 new tokens = 8192 positions) decodes
+    greedily with float32 weights in a fresh process whose peak RSS stays within 2.5 GB."""
+    import json
+    import os
+    import subprocess
+    import sys
+    new = 8
+    pf, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    pf.write_text(json.dumps({"prompt": _text_of_n_tokens(tokenizer, CONTEXT - new)}) + "\n")
+    code = ("import resource, sys; from jaxdec.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, "generate", "--prompts-file", str(pf), "--weights", "f32",
+                           "--max-new-tokens", str(new), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss_gb = int(proc.stderr.split("MAXRSS_KB")[-1].split()[0]) / 2 ** 20
+    row = json.loads(out.read_text().splitlines()[0])
+    assert len(row["prompt_ids"]) == CONTEXT - new and len(row["tokens"]) >= 1
+    assert rss_gb <= 2.5, f"peak RSS {rss_gb:.2f} GB"

@@ -220,3 +220,14 @@ def bucket(n: int, multiple: int = 64) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def need_size(n: int, chunk=None, multiple: int = 64) -> int:
+    """Slots for ``n`` positions when attention follows the committed lengths (empty slots cost nothing):
+    up to 512 as `bucket` (multiples of ``multiple``); above, a multiple of the prefill ``chunk`` (at
+    least ``multiple``), not the next power of two. ``chunk=None`` (a model without chunked prefill)
+    keeps `bucket`."""
+    if chunk is None or n <= 512:
+        return bucket(n, multiple)
+    step = max(int(chunk), multiple)
+    return -(-n // step) * step

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec.cache.kv import bucket
+from jaxdec.cache.kv import bucket, need_size
 from jaxdec.core import loop
 from jaxdec.core.protocols import check_decoder, check_model, hook
 
@@ -196,7 +196,9 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
     check_model(model)
     check_decoder(decoder)
     pmax = max(len(p) for p in units)
-    p_bucket = bucket(pmax)
+    # sized by need: above 512 positions, multiples of the model's prefill chunk (None: powers of two)
+    chunk = getattr(model, "prefill_chunk", None)
+    p_bucket = need_size(pmax, chunk)
     cap = capacity or bucket(max_new, 16)
     if cap < max_new:
         raise ValueError(f"capacity ({cap}) is smaller than max_new_tokens ({max_new})")
@@ -211,7 +213,7 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
     if shared:
         prefix_size, size = shared_prefix_sizes(p_bucket, cap, extra, cache_size)
     else:
-        size = cache_size or bucket(p_bucket + cap + extra)
+        size = cache_size or need_size(p_bucket + cap + extra, chunk)
     needed = pmax + max_new + extra
     if needed > size + (prefix_size or 0) or p_bucket > size + (prefix_size or 0):
         raise ValueError(f"prompt too long for the cache: longest prompt ({pmax} tokens) + max_new_tokens "

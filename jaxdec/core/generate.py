@@ -14,6 +14,7 @@ from jaxdec.core.logits import check_processors, ensure_accepts
 from jaxdec.core.driver import (_check_prompts, _positive_int, batch_inputs, pad_batch, prefix_groups,  # noqa: F401
                                 row_keys, shared_prefix_sizes, use_shared_prefix)
 from jaxdec.core.protocols import hook
+from jaxdec.core.steps import with_prefill_chunk
 from jaxdec.core.state import FINISH_NAMES
 
 METHODS = ("greedy", "sample")
@@ -35,7 +36,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              min_new_tokens: int = 0, sampling=None, n: int = 1, seed: int = 0, stop_ids=None,
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
-             callback=None, progress=None, inputs_fn=None, mesh=None,
+             callback=None, progress=None, inputs_fn=None, mesh=None, prefill_chunk: Optional[int] = 512,
              shared_prefix: Optional[bool] = None, processors=None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
@@ -47,6 +48,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     inputs_fn(inputs, rows) -> inputs: lets a decoder add its own per-row inputs.
     mesh: a `jaxdec.sharding.make_mesh` mesh: params and rows are placed with its partition rules and
     the compiled loop runs SPMD over its devices (batch_size must be a multiple of the data axis).
+    prefill_chunk: prompts longer than this enter in chunks of this many tokens through one compiled
+    chunk program (`jaxdec.core.steps.prefill`); None prefills the whole prompt block in one call.
     shared_prefix: None (auto), True or False. Auto uses Hydragen shared-prefix attention when rows
     share prompts (n > 1: n>1 sampling, best-of-N, first-finish) and the compiled batches group by
     prompt (every batch holds one prompt, or batch_size is a multiple of n, as by default), the
@@ -84,6 +87,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     else:
         decoder = ensure_accepts(decoder, processors, "generate")
 
+    model = with_prefill_chunk(model, prefill_chunk)
     run = driver.run(decoder, model, params, rows, samples_per_prompt=n, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
                      cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,

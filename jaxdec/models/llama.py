@@ -72,12 +72,18 @@ class LlamaModel:
     # dots, which the SPMD partitioner can shard (the drivers pick it for mesh runs: a custom call has no
     # sharding rule, so XLA would all-gather its operands)
     matmul_impl: Optional[str] = None
+    # prompt tokens per prefill chunk (`jaxdec.core.steps.prefill`: one compiled chunk program, peak
+    # memory O(chunk x cache)); None runs the whole prompt block in one call
+    prefill_chunk: Optional[int] = 512
     # the drivers may hand this model a shared-prefix KVCache (Hydragen; see jaxdec.cache.kv)
     supports_shared_prefix = True
 
     def __post_init__(self):
         if self.matmul_impl not in (None,) + IMPLS:
             raise ValueError(f"matmul_impl must be None or one of {IMPLS}, got {self.matmul_impl!r}")
+        c = self.prefill_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {c!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -102,6 +108,10 @@ class LlamaModel:
     def with_attention(self, impl: str) -> "LlamaModel":
         _attention_fn(impl)
         return dataclasses.replace(self, attention_impl=impl)
+
+    def with_prefill_chunk(self, chunk: Optional[int]) -> "LlamaModel":
+        """This model with prompts prefilled in chunks of ``chunk`` tokens (None: one call)."""
+        return dataclasses.replace(self, prefill_chunk=None if chunk is None else int(chunk))
 
     def init_cache(self, batch: int, size: int, dtype=jnp.float32) -> KVCache:
         c = self.config
