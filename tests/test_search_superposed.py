@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxdec.core.steps import initial_state
 from jaxdec.search.superposed import (NGramModel, Superposed, default_ngram, draft_weights, expand_and_prune,
                                       forward_embeds, lookup, superpose, superposed_generate, superposed_inputs)
+from jaxdec.core.state import DecodeInputs
 
 N_NEW = 16
 
@@ -95,11 +96,11 @@ def test_decoder_steps_equal_brute_force(use_ngram):
         ngram = NGramModel.from_token_ids(corpus, orders=(2, 3))
         lambdas, alpha, orders = (0.3, 0.7), 0.4, ngram.orders
     dec = Superposed(num_drafts=k, num_candidates=m, orders=orders)
-    inputs = {"out_buffer": jnp.zeros((b, cap), jnp.int32), "max_new": jnp.full((b,), cap, jnp.int32),
-              "min_new": jnp.zeros((b,), jnp.int32), "keys": jnp.zeros((b, 2), jnp.uint32),
-              "stop_ids": jnp.asarray(stop, jnp.int32),
-              "superposed": superposed_inputs(b, 0.7, alpha, lambdas if use_ngram else None, 3.0,
-                                              ngram.tables() if use_ngram else ())}
+    inputs = DecodeInputs(out_buffer=jnp.zeros((b, cap), jnp.int32), max_new=jnp.full((b,), cap, jnp.int32),
+                          min_new=jnp.zeros((b,), jnp.int32), keys=jnp.zeros((b, 2), jnp.uint32),
+                          stop_ids=jnp.asarray(stop, jnp.int32),
+                          method=superposed_inputs(b, 0.7, alpha, lambdas if use_ngram else None, 3.0,
+                                                   ngram.tables() if use_ngram else ()))
     method = dec.initial_method(jnp.asarray(prompts), jnp.asarray(plens), inputs)
     state = initial_state(jnp.asarray(prompts), None, inputs, method, {"model_calls": jnp.zeros((), jnp.int32)})
     ref = [[((), 0.0, False)] for _ in range(b)]

@@ -31,10 +31,10 @@ def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
     assert res["devices"] == 8
     for name in meshes:
         assert res[name]["tokens"] == res["single"], f"{name} tokens differ from one device"
-        # the KV cache (the per-row state that dominates memory) is split over the data axis; specs are read
-        # from the arrays `generate` itself placed and returned. (Its output token buffer comes back fully
-        # replicated today, `token_spec` P(): small, but not what a data mesh promises; see issue 13's report.)
+        # the KV cache (the per-row state that dominates memory) and the output token buffer are split over
+        # the data axis; specs are read from the arrays `generate` itself placed and returned
         assert not res[name]["cache_replicated"] and "data" in res[name]["cache_spec"], res[name]
+        assert not res[name]["token_replicated"] and "data" in res[name]["token_spec"], res[name]
         # mesh runs trace XLA dots (shardable), never the native custom calls (XLA would all-gather their inputs)
         assert res[name]["matmul_impls"] == ["xla"], res[name]
     if "data2_model4" in meshes:  # weights split over the model axis (q: the block codes themselves)

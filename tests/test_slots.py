@@ -107,7 +107,7 @@ def test_cache_free_decoder_with_finalize_runs_through_the_driver(model_q):
 
         def init(self, model, params, prompts, prompt_lens, cache, inputs):
             assert cache is None
-            b, n = inputs["out_buffer"].shape
+            b, n = inputs.out_buffer.shape
             m = Canvas(jnp.full((b, n), -1, jnp.int32), jnp.zeros((b,), jnp.int32), prompts, prompt_lens)
             return initial_state(prompts, cache, inputs, m, {"model_calls": jnp.zeros((), jnp.int32)})
 

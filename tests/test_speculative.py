@@ -100,7 +100,7 @@ def test_toy_exact_all_drafters(toy, name):
         out = generate(model, p, prompts, decoder=dec, max_new_tokens=40, batch_size=bs)
         assert out.tokens == ref.tokens, (name, bs)
         assert out.finish_reason == ref.finish_reason
-    if sizes == (3,):  # `generate` reports the drafter's counters of its last batch only: sum every batch
+    if sizes == (3,):  # the counters are summed over every batch (three here)
         out = generate_speculative(model, p, prompts, dec, max_new_tokens=40, batch_size=3, hot_start=False)
         assert out.tokens == ref.tokens, name
     else:
@@ -514,6 +514,17 @@ def test_generate_speculative_hot_start_and_merged_stats(toy):
         assert g.stats["raw"]["emitted"] == sum(len(t) for t in ref.tokens) - len(prompts)
     assert hot.stats["tau"] > cold.stats["tau"]
     assert "ngram_tables" in hot.stats["carry"]
+    # generate itself (no hot start) reports the counters of all three batches, not the last one's
+    plain = generate(model, params, prompts, decoder=dec, max_new_tokens=40, batch_size=3)
+    assert plain.stats["raw"] == cold.stats["raw"] and plain.stats["tau"] == cold.stats["tau"]
+    last = generate(model, params, prompts[6:], decoder=dec, max_new_tokens=40, batch_size=3)
+    assert plain.stats["raw"]["emitted"] > last.stats["raw"]["emitted"]
+    # the carry of one run starts another (a dict, as stats["carry"] holds it); unknown names are refused
+    warm = generate_speculative(model, params, prompts, dec, max_new_tokens=40, batch_size=3, hot_start=False,
+                                carry=hot.stats["carry"])
+    assert warm.tokens == ref.tokens and warm.stats["tau"] > cold.stats["tau"]
+    with pytest.raises(ValueError, match="unknown entries"):
+        generate_speculative(model, params, prompts, dec, max_new_tokens=40, batch_size=3, carry={"tables": 1})
 
 
 # ------------------------------------------------------------------------------------------------

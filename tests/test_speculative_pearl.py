@@ -35,6 +35,7 @@ from jaxdec.core import loop  # noqa: E402
 from jaxdec.core.processors import SamplingParams  # noqa: E402
 from jaxdec.speculative import PearlDecoder, truncated_draft, with_draft_params  # noqa: E402
 from jaxdec.testing.toy_speculative import BOS_PREV, TrigramModel, exact_joint, random_table  # noqa: E402
+from jaxdec.core.state import DecodeInputs
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
 TOY_V = 12
@@ -257,10 +258,10 @@ def _run_rows(decoder, params, max_new, seed, temperature):
     prompts = jnp.asarray(np.repeat(prompt, ROWS, 0))
     lens = jnp.full((ROWS,), 2, jnp.int32)
     keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), ROWS)).astype(jnp.uint32)
-    inputs = {"max_new": jnp.full((ROWS,), max_new, jnp.int32), "min_new": jnp.zeros((ROWS,), jnp.int32),
-              "keys": keys, "stop_ids": jnp.zeros((0,), jnp.int32),
-              "out_buffer": jnp.zeros((ROWS, max_new), jnp.int32),
-              "sampling": SamplingParams.create(ROWS, temperature=temperature)}
+    inputs = DecodeInputs(max_new=jnp.full((ROWS,), max_new, jnp.int32), min_new=jnp.zeros((ROWS,), jnp.int32),
+                          keys=keys, stop_ids=jnp.zeros((0,), jnp.int32),
+                          out_buffer=jnp.zeros((ROWS, max_new), jnp.int32),
+                          sampling=SamplingParams.create(ROWS, temperature=temperature))
     size = 2 + max_new + decoder.cache_headroom + 1
     state = loop.run_jit(decoder, model, params, prompts, lens, inputs, size)
     return np.asarray(state.tokens), decoder.summarize(state)

@@ -28,6 +28,7 @@ from jaxdec.speculative.drafters import DraftModelDrafter, LayerSkipDrafter, Pro
 from jaxdec.speculative.engine import with_draft_params
 from jaxdec.testing.toy_speculative import TrigramModel, exact_joint, next_probs, random_table
 from jaxdec.speculative.tree import TreeSpec, ancestor_mask, block_depths
+from jaxdec.core.state import DecodeInputs
 from stat_checks import pooled_chisquare_p  # noqa: E402
 
 ALPHA = 1e-4
@@ -177,9 +178,9 @@ def _run_toy(decoder, model, params, max_new, seed, temperature=1.0, **sampling)
     prompts = jnp.asarray(np.repeat(prompt, ROWS, 0))
     lens = jnp.full((ROWS,), prompt.shape[1], jnp.int32)
     keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), ROWS)).astype(jnp.uint32)
-    inputs = {"max_new": jnp.full((ROWS,), max_new, jnp.int32), "min_new": jnp.zeros((ROWS,), jnp.int32),
-              "keys": keys, "stop_ids": jnp.zeros((0,), jnp.int32), "out_buffer": jnp.zeros((ROWS, 4), jnp.int32),
-              "sampling": SamplingParams.create(ROWS, temperature=temperature, **sampling)}
+    inputs = DecodeInputs(max_new=jnp.full((ROWS,), max_new, jnp.int32), min_new=jnp.zeros((ROWS,), jnp.int32),
+                          keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((ROWS, 4), jnp.int32),
+                          sampling=SamplingParams.create(ROWS, temperature=temperature, **sampling))
     size = prompt.shape[1] + 4 + decoder.cache_headroom + 1
     state = loop.run_jit(decoder, model, params, prompts, lens, inputs, size)
     return np.asarray(state.tokens), decoder.summarize(state)

@@ -50,9 +50,14 @@ DECODER_HOOKS = {
     "done": (None, "done(state) -> bool[]: stop the loop (default: every row done)"),
     "cache_headroom": (0, "cache slots needed beyond prompt + max_new_tokens (verify blocks, drafts)"),
     "shared_prefix_ok": (False, "rows sharing a prompt may decode against one Hydragen prefix"),
-    "summarize": (None, "summarize(state) -> dict of host statistics merged into Generation.stats"),
+    "summarize": (None, "summarize(state) -> dict of host statistics merged into Generation.stats (for a run of "
+                        "several batches, `state` is the last batch's with `stats` summed over all batches)"),
+    "carry": (None, "carry(state) -> what the next batch starts from (`inputs.carry`; hot start across batches, "
+                    "generate(hot_start=True)), or None"),
     "processors": ((), "the user's logits processors (a decoder that has this field honours them)"),
-    "required_inputs": ((), "keys of `inputs` the decoder needs beyond the driver's (its entry point adds them)"),
+    "carry_type": (None, "the type of `inputs.carry` (its `create(x)` converts what a user passes as carry=)"),
+    "required_inputs": ((), "names of the per-row inputs (`inputs.method`) the decoder needs beyond the driver's "
+                            "(its entry point adds them through inputs_fn)"),
     "entry_point": (None, "the function that builds those inputs, named in the error generate() raises"),
     "insert": (None, "insert(state, prefix, slots) -> state: new rows into a running batch (default: "
                      "jaxdec.core.slots.insert_rows, for per-row method state)"),

@@ -54,6 +54,40 @@ class DecodeState:
         return self.tokens.shape[1]
 
 
+@struct.dataclass
+class DecodeInputs:
+    """The driver's per-row inputs of one compiled batch of B rows, traced (new values never recompile).
+
+    max_new:    [B] int32 per-row max_new_tokens (0: an inert filler row that emits nothing).
+    min_new:    [B] int32 per-row min_new_tokens.
+    keys:       [B, 2] uint32 per-row PRNG keys (`jaxdec.core.driver.row_keys`).
+    stop_ids:   [n] int32 ids that end a row.
+    out_buffer: [B, N] int32 zeros: the output buffer (N = static capacity; decoders read its shape).
+    sampling:   a `SamplingParams` with one entry per row, or None (greedy decoders).
+    method:     the decoder's own per-row inputs, a flax.struct of its module (`BeamInputs`, `CADInputs`,
+                ...), set by its entry point through ``inputs_fn``; None for decoders without any.
+    carry:      state carried from a previous batch or run (hot start; speculative drafters read a
+                `DrafterCarry`), or None.
+    """
+
+    max_new: jax.Array
+    min_new: jax.Array
+    keys: jax.Array
+    stop_ids: jax.Array
+    out_buffer: jax.Array
+    sampling: Any = None
+    method: Any = None
+    carry: Any = None
+
+    @property
+    def batch(self) -> int:
+        return self.max_new.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.out_buffer.shape[1]
+
+
 def emit(state: DecodeState, new_tokens: jax.Array) -> DecodeState:
     """Append one token per row (rows already done are untouched) and update done/finish.
 

@@ -32,7 +32,7 @@ class TokenState:
 
 @dataclasses.dataclass(frozen=True)
 class TokenDecoder:
-    """greedy=True: argmax. Otherwise sample with per-row `SamplingParams` from `inputs["sampling"]`.
+    """greedy=True: argmax. Otherwise sample with per-row `SamplingParams` from `inputs.sampling`.
 
     repetition_penalty: track the tokens each row has seen (prompt and output) for HF's repetition
     penalty (static switch because the `[B, V]` mask costs memory). stop_checker/stop_window: host
@@ -75,7 +75,7 @@ class TokenDecoder:
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
-        method = TokenState(sampling=None if self.greedy else inputs["sampling"])
+        method = TokenState(sampling=None if self.greedy else inputs.sampling)
         if self.repetition_penalty:
             b, p = prompts.shape
             valid = jnp.arange(p)[None, :] < prompt_lens[:, None]

@@ -8,7 +8,7 @@ candidate is emitted. The lookahead runs on a copy of the KV cache (k rows per r
 away, so only the chosen token enters the real cache. It runs under `lax.cond` only on steps where
 some row triggers. An infinite threshold never triggers: AdaDec is then exactly greedy.
 
-threshold is a traced per-row input (``inputs["adadec"]["threshold"]``); k, L and the score are static.
+threshold is a traced per-row input (``inputs.method.threshold``); k, L and the score are static.
 Host entry: `adadec_generate(model, params, prompts, threshold=..., k=3, lookahead=5, ...)`.
 """
 from __future__ import annotations
@@ -60,6 +60,13 @@ def lookahead_scores(model, params, cache, cand, cand_lp, stop_ids, steps: int, 
 
 
 @struct.dataclass
+class AdaDecInputs:
+    """Per-row inputs (traced): ``threshold [B]`` float32 entropy above which a step looks ahead."""
+
+    threshold: jax.Array
+
+
+@struct.dataclass
 class AdaDecState:
     """`AdaDec`'s method state; B rows.
 
@@ -87,7 +94,7 @@ class AdaDec:
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
-        method = AdaDecState(threshold=inputs["adadec"]["threshold"].astype(jnp.float32),
+        method = AdaDecState(threshold=inputs.method.threshold.astype(jnp.float32),
                              triggers=jnp.zeros((prompts.shape[0],), jnp.int32))
         stats = {"model_calls": jnp.ones((), jnp.int32), "lookahead_calls": jnp.zeros((), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
@@ -132,8 +139,7 @@ def adadec_generate(model, params, prompts, *, threshold: float = 1.5, k: int = 
     dec = AdaDec(k=int(k), lookahead=int(lookahead), score=score)
 
     def extra(inputs, chunk):
-        inputs["adadec"] = {"threshold": jnp.full((inputs["max_new"].shape[0],), threshold, jnp.float32)}
-        return inputs
+        return inputs.replace(method=AdaDecInputs(threshold=jnp.full((inputs.batch,), threshold, jnp.float32)))
 
     return generate(model, params, prompts, decoder=dec, max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, batch_size=batch_size, tokenizer=tokenizer,

@@ -99,6 +99,17 @@ def early_stopping_code(es) -> int:
 
 
 @struct.dataclass
+class BeamInputs:
+    """Per-row inputs (traced; one value per prompt, repeated over its beams):
+    ``length_penalty [B]`` float32, ``early_stopping [B]`` int32 (HF's True / False / "never" as 1 / 0 / 2),
+    ``diversity_penalty [B]`` float32."""
+
+    length_penalty: jax.Array
+    early_stopping: jax.Array
+    diversity_penalty: jax.Array
+
+
+@struct.dataclass
 class BeamState:
     """`BeamSearch`'s method state; B prompts of R = num_beams rows, C = output capacity.
 
@@ -132,7 +143,7 @@ class BeamSearch:
     Static: the number of beams and of groups, and ``constraint`` (conditional beam search): a hashable
     callable ``constraint(history [R, H], history_len [R], vocab_size) -> banned [R, V]`` over each
     beam's prompt + generated tokens; banned continuations get log-probability -inf (as an HF logits
-    processor would), so no returned hypothesis violates it. Traced per prompt (``inputs["beam"]``, so new values
+    processor would), so no returned hypothesis violates it. Traced per prompt (``inputs.method``, a `BeamInputs`, so new values
     do not recompile): ``length_penalty`` [rows] float, ``early_stopping`` [rows] int (0 False, 1 True,
     2 "never"), ``diversity_penalty`` [rows] float (used when num_groups > 1).
     """
@@ -163,8 +174,8 @@ class BeamSearch:
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
         cache = expand_cache(cache, nb)  # the prompt was computed once; its KV is copied to the beams
         logits = jnp.repeat(logits, nb, axis=0)
-        cap = inputs["out_buffer"].shape[1]
-        stop = inputs["stop_ids"]
+        cap = inputs.out_buffer.shape[1]
+        stop = inputs.stop_ids
         pad = stop[0] if stop.size else jnp.int32(0)
         first = (jnp.arange(nb) % g) == 0
         method = BeamState(
@@ -175,9 +186,9 @@ class BeamSearch:
             fin_flag=jnp.zeros((b, nb), bool),
             unsat=jnp.ones((b, self.num_groups), bool),
             start=cache.lengths,
-            lp=inputs["beam"]["length_penalty"][::nb].astype(jnp.float32),
-            es=inputs["beam"]["early_stopping"][::nb].astype(jnp.int32),
-            div=inputs["beam"]["diversity_penalty"][::nb].astype(jnp.float32))
+            lp=inputs.method.length_penalty[::nb].astype(jnp.float32),
+            es=inputs.method.early_stopping[::nb].astype(jnp.int32),
+            div=inputs.method.diversity_penalty[::nb].astype(jnp.float32))
         if self.constraint is not None:
             p = prompts.shape[1]
             hist = jnp.zeros((b, p + cap), jnp.int32).at[:, :p].set(prompts)
@@ -371,11 +382,10 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
         raise ValueError(f"diversity_penalty must be finite and >= 0, got {diversity_penalty!r}")
 
     def extra(inputs, chunk):
-        rows = inputs["max_new"].shape[0]
-        inputs["beam"] = {"length_penalty": jnp.full((rows,), length_penalty, jnp.float32),
-                          "early_stopping": jnp.full((rows,), es, jnp.int32),
-                          "diversity_penalty": jnp.full((rows,), diversity_penalty, jnp.float32)}
-        return inputs
+        rows = inputs.batch
+        return inputs.replace(method=BeamInputs(length_penalty=jnp.full((rows,), length_penalty, jnp.float32),
+                                                early_stopping=jnp.full((rows,), es, jnp.int32),
+                                                diversity_penalty=jnp.full((rows,), diversity_penalty, jnp.float32)))
 
     nr = num_beams if num_return_sequences is None else int(num_return_sequences)
     if not 1 <= nr <= num_beams:

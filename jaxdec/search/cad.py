@@ -39,6 +39,14 @@ def contrast_logits(with_ctx, without_ctx, alpha):
 
 
 @struct.dataclass
+class CADInputs:
+    """Per-row inputs (traced): ``alpha [B]`` float32 contrast weight, ``temperature [B]`` float32."""
+
+    alpha: jax.Array
+    temperature: jax.Array
+
+
+@struct.dataclass
 class CADState:
     """`ContextAware`'s method state; B = 2 * pairs rows (row 2i with context, 2i+1 without).
 
@@ -74,7 +82,7 @@ CONTRAST = ContextContrast()
 
 @dataclasses.dataclass(frozen=True)
 class ContextAware:
-    """Rows come in (with-context, without-context) pairs; ``inputs["cad"]`` holds per-row ``alpha``
+    """Rows come in (with-context, without-context) pairs; ``inputs.method`` (a `CADInputs`) holds per-row ``alpha``
     and ``temperature`` (temperature <= 0 means greedy). processors: the user's logits processors,
     run in stage order with min_new suppression and the contrast (`ContextContrast`, "penalty")."""
 
@@ -82,8 +90,8 @@ class ContextAware:
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
-        method = CADState(alpha=inputs["cad"]["alpha"].astype(jnp.float32),
-                          temperature=inputs["cad"]["temperature"].astype(jnp.float32))
+        method = CADState(alpha=inputs.method.alpha.astype(jnp.float32),
+                          temperature=inputs.method.temperature.astype(jnp.float32))
         state = initial_state(prompts, cache, inputs, method, {"model_calls": jnp.ones((), jnp.int32)})
         return self._emit(state, logits)
 
@@ -124,10 +132,9 @@ def context_aware_generate(model, params, with_context: Sequence, without_contex
     bs = None if batch_size is None else 2 * int(batch_size)
 
     def extra(inputs, chunk):
-        n = inputs["max_new"].shape[0]
-        inputs["cad"] = {"alpha": jnp.full((n,), alpha, jnp.float32),
-                         "temperature": jnp.full((n,), temperature, jnp.float32)}
-        return inputs
+        n = inputs.batch
+        return inputs.replace(method=CADInputs(alpha=jnp.full((n,), alpha, jnp.float32),
+                                               temperature=jnp.full((n,), temperature, jnp.float32)))
 
     g = generate(model, params, rows, decoder=ContextAware(processors=processors), max_new_tokens=max_new_tokens,
                  min_new_tokens=min_new_tokens, seed=seed, stop_ids=stop_ids, batch_size=bs, tokenizer=tokenizer,

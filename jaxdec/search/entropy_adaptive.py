@@ -42,6 +42,13 @@ def entropy_of(logits):
 
 
 @struct.dataclass
+class EADInputs:
+    """Per-row inputs (traced): ``threshold [B]`` float32 entropy above which the large model runs."""
+
+    threshold: jax.Array
+
+
+@struct.dataclass
 class EADState:
     """`EntropyAdaptive`'s method state; B rows, P prompt width, C output capacity, W = window.
 
@@ -86,8 +93,8 @@ class EntropyAdaptive:
             raise ValueError(f"small_layers ({self.small_layers}) exceeds the model's {model.num_layers} layers")
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)  # the prompt: large model
         b, p = prompts.shape
-        cap = inputs["out_buffer"].shape[1]
-        method = EADState(threshold=inputs["ead"]["threshold"].astype(jnp.float32),
+        cap = inputs.out_buffer.shape[1]
+        method = EADState(threshold=inputs.method.threshold.astype(jnp.float32),
                           hist=jnp.zeros((b, p + cap + self.sync + 1), jnp.int32).at[:, :p].set(prompts),
                           hlen=prompt_lens.astype(jnp.int32), pending=jnp.zeros((b,), jnp.int32),
                           ents=jnp.zeros((b, self.window), jnp.float32), n_ent=jnp.zeros((b,), jnp.int32),
@@ -160,8 +167,7 @@ def entropy_adaptive_generate(model, params, prompts, *, small_layers: int, thre
     dec = EntropyAdaptive(small_layers=int(small_layers), window=int(window), sync=int(sync))
 
     def extra(inputs, chunk):
-        inputs["ead"] = {"threshold": jnp.full((inputs["max_new"].shape[0],), threshold, jnp.float32)}
-        return inputs
+        return inputs.replace(method=EADInputs(threshold=jnp.full((inputs.batch,), threshold, jnp.float32)))
 
     return generate(model, params, prompts, decoder=dec, max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, batch_size=batch_size, tokenizer=tokenizer,

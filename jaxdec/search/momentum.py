@@ -26,6 +26,7 @@ from flax import struct
 from jaxdec.core.generate import Generation, generate
 from jaxdec.core.logits import check_processors, run_processors, step_context, with_sampling
 from jaxdec.core.steps import decode_call, emit_tokens, initial_state, prefill
+from jaxdec.masks import BANNED_LOGIT
 
 
 def linear_resistance(depth, alpha):
@@ -51,6 +52,13 @@ def revisits(hist, hlen, start, cand, n: int):
 
 
 @struct.dataclass
+class MomentumInputs:
+    """Per-row inputs (traced): ``alpha [B]`` float32 strength of the revisit penalty."""
+
+    alpha: jax.Array
+
+
+@struct.dataclass
 class MomentumState:
     """`Momentum`'s method state; B rows, P prompt width, C output capacity.
 
@@ -71,13 +79,49 @@ class MomentumState:
 
 
 @dataclasses.dataclass(frozen=True)
+class MomentumPenalty:
+    """The momentum penalty as a logits processor: it reads the softmax of the scores the processors
+    before it produced, keeps the ``top_k`` most probable tokens, scores each ``p(v) - R(depth + 1)`` where
+    choosing v revisits an n-gram node (``p(v)`` elsewhere), and gives every other token -inf; the
+    decoder takes the argmax. ``ctx.method`` is the row's `MomentumState` (text so far, loop depth, alpha).
+    Placed last in the chain (after the warpers: it needs the final distribution)."""
+
+    top_k: int = 8
+    ngram: int = 2
+    include_prompt: bool = False
+    resistance: Callable = linear_resistance
+    stage = "warp"
+    host = False
+
+    def visits(self, m, cand):
+        """[B, k] bool: appending ``cand [B, k]`` revisits a node of the row's graph."""
+        start = jnp.zeros_like(m.plen) if self.include_prompt else m.plen
+        vis = revisits(m.hist, m.hlen, start, cand, self.ngram)
+        if not self.include_prompt:  # with the prompt excluded, a node needs its whole n-gram generated
+            vis = vis & (m.hlen - m.plen >= self.ngram - 1)[:, None]
+        return vis
+
+    def __call__(self, logits, ctx):
+        if logits.shape[1] != 1:
+            raise ValueError(f"MomentumPenalty scores one position per row (a token-by-token step), got a block "
+                             f"of {logits.shape[1]}")
+        m = ctx.method
+        x = logits[:, 0]
+        p_top, cand = jax.lax.top_k(jax.nn.softmax(x, axis=-1), self.top_k)
+        pen = self.resistance(m.depth + 1, m.alpha)[:, None]
+        score = p_top - jnp.where(self.visits(m, cand), pen, 0.0)
+        out = jnp.full_like(x, BANNED_LOGIT).at[jnp.arange(x.shape[0])[:, None], cand].set(score.astype(x.dtype))
+        return out[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
 class Momentum:
     """top_k candidates, n-gram nodes of size `ngram`; include_prompt: the prompt's n-grams are part of
-    the graph. ``inputs["momentum"]["alpha"]`` per row (traced).
+    the graph. ``inputs.method.alpha`` per row (traced).
 
     processors: the user's logits processors, run after min_new suppression in stage order on the raw
-    logits. The momentum penalty is not a processor: it acts on the probabilities of the top-k
-    candidates (after the chain's softmax), so it stays inside the decoder."""
+    logits; `MomentumPenalty` comes last in the same chain (it reads the final distribution) and the
+    decoder takes the argmax of what it returns."""
 
     top_k: int = 8
     ngram: int = 2
@@ -92,9 +136,9 @@ class Momentum:
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
         logits, cache, _ = prefill(model, params, prompts, prompt_lens, cache)
         b, p = prompts.shape
-        cap = inputs["out_buffer"].shape[1]
+        cap = inputs.out_buffer.shape[1]
         hist = jnp.zeros((b, p + cap), jnp.int32).at[:, :p].set(prompts)
-        method = MomentumState(alpha=inputs["momentum"]["alpha"].astype(jnp.float32), hist=hist,
+        method = MomentumState(alpha=inputs.method.alpha.astype(jnp.float32), hist=hist,
                                hlen=prompt_lens.astype(jnp.int32), plen=prompt_lens.astype(jnp.int32),
                                depth=jnp.zeros((b,), jnp.int32), revisits=jnp.zeros((b,), jnp.int32))
         state = initial_state(prompts, cache, inputs, method, {"model_calls": jnp.ones((), jnp.int32)})
@@ -106,21 +150,16 @@ class Momentum:
                               stats={**state.stats, "model_calls": state.stats["model_calls"] + 1})
         return self._emit(state, logits)
 
+    @property
+    def penalty(self) -> MomentumPenalty:
+        return MomentumPenalty(self.top_k, self.ngram, self.include_prompt, self.resistance)
+
     def _emit(self, state, logits):
         m = state.method
-        x = run_processors(with_sampling(self.processors, False), logits.astype(jnp.float32), step_context(state))
-        probs = jax.nn.softmax(x, axis=-1)
-        p_top, cand = jax.lax.top_k(probs, self.top_k)
-        start = jnp.zeros_like(m.plen) if self.include_prompt else m.plen
-        # with the prompt excluded, a node needs its whole n-gram inside the generated text
-        vis = revisits(m.hist, m.hlen, start, cand, self.ngram)
-        if not self.include_prompt:
-            vis = vis & (m.hlen - m.plen >= self.ngram - 1)[:, None]
-        pen = self.resistance(m.depth + 1, m.alpha)[:, None]
-        score = p_top - jnp.where(vis, pen, 0.0)
-        j = jnp.argmax(score, axis=-1)
-        tok = jnp.take_along_axis(cand, j[:, None], axis=1)[:, 0].astype(jnp.int32)
-        chose_visit = jnp.take_along_axis(vis, j[:, None], axis=1)[:, 0]
+        chain = with_sampling(self.processors, False) + (self.penalty,)
+        x = run_processors(chain, logits.astype(jnp.float32), step_context(state, method=m))
+        tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        chose_visit = self.penalty.visits(m, tok[:, None])[:, 0]
         live = ~state.done
         b = jnp.arange(state.batch)
         hist = m.hist.at[b, jnp.minimum(m.hlen, m.hist.shape[1] - 1)].set(
@@ -148,8 +187,7 @@ def momentum_generate(model, params, prompts, *, alpha: float = 0.1, ngram: int 
                    processors=processors)
 
     def extra(inputs, chunk):
-        inputs["momentum"] = {"alpha": jnp.full((inputs["max_new"].shape[0],), alpha, jnp.float32)}
-        return inputs
+        return inputs.replace(method=MomentumInputs(alpha=jnp.full((inputs.batch,), alpha, jnp.float32)))
 
     return generate(model, params, prompts, decoder=dec, max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, batch_size=batch_size, tokenizer=tokenizer,

@@ -51,6 +51,13 @@ def shift_gumbel(target, z, g):
 
 
 @struct.dataclass
+class SBSInputs:
+    """Per-row inputs (traced): ``temperature [B]`` float32 of the Gumbel perturbation."""
+
+    temperature: jax.Array
+
+
+@struct.dataclass
 class SBSState:
     """`StochasticBeam`'s method state; B prompts of k rows.
 
@@ -70,7 +77,7 @@ class SBSState:
 
 @dataclasses.dataclass(frozen=True)
 class StochasticBeam:
-    """k rows per prompt; per-row ``inputs["sbs"]["temperature"]`` (traced)."""
+    """k rows per prompt; per-row ``inputs.method.temperature`` (an `SBSInputs`, traced)."""
 
     k: int = 4
     exact: bool = True
@@ -91,8 +98,8 @@ class StochasticBeam:
         method = SBSState(
             phi=jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
             G=jnp.where(first, 0.0, NEG_INF)[None].repeat(b, 0).astype(jnp.float32),
-            key=inputs["keys"][::k],
-            temperature=inputs["sbs"]["temperature"].astype(jnp.float32),
+            key=inputs.keys[::k],
+            temperature=inputs.method.temperature.astype(jnp.float32),
             start=cache.lengths)
         state = initial_state(jnp.zeros((b * k, 1), jnp.int32), cache, inputs, method,
                               {"model_calls": jnp.ones((), jnp.int32)})
@@ -173,8 +180,7 @@ def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens
     dec = StochasticBeam(k=int(k), exact=bool(exact), processors=check_processors(processors, "stochastic_beam_search"))
 
     def extra(inputs, chunk):
-        inputs["sbs"] = {"temperature": jnp.full((inputs["max_new"].shape[0],), temperature, jnp.float32)}
-        return inputs
+        return inputs.replace(method=SBSInputs(temperature=jnp.full((inputs.batch,), temperature, jnp.float32)))
 
     prompts, results, stats = run_grouped(dec, model, params, prompts, k, max_new_tokens=max_new_tokens,
                                           min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed,

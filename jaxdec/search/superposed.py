@@ -258,6 +258,19 @@ def default_ngram(tokenizer, orders: Sequence[int] = (2, 3, 4)) -> NGramModel:
 
 # ---------------------------------------------------------------- the decoder
 @struct.dataclass
+class SuperposedInputs:
+    """Per-row inputs (traced; `superposed_inputs` builds them): temperature [B] float32, alpha [B] float32
+    n-gram interpolation weight, lambdas [n_orders] float32 per-order weights, penalty [] float32 the
+    no-support penalty, tables the n-gram tables (one dict per order, () without n-gram)."""
+
+    temperature: jax.Array
+    alpha: jax.Array
+    lambdas: jax.Array
+    penalty: jax.Array
+    tables: Any = ()
+
+
+@struct.dataclass
 class SuperposedState:
     """`Superposed`'s method state; B rows (one per prompt), k = num_drafts, C output capacity,
     c = max(orders) - 1 n-gram context tokens.
@@ -291,7 +304,7 @@ class Superposed:
     """Superposed decoding over one row per prompt.
 
     Static: ``num_drafts`` (k), ``num_candidates`` (m >= k top tokens joined to each draft), ``orders``
-    (n-gram orders; empty: no n-gram). Traced (``inputs["superposed"]``): temperature [rows], alpha
+    (n-gram orders; empty: no n-gram). Traced (``inputs.method``, a `SuperposedInputs`): temperature [rows], alpha
     [rows], lambdas [n_orders], penalty [], tables (the n-gram tables)."""
 
     num_drafts: int = 3
@@ -313,8 +326,8 @@ class Superposed:
         """The decoder's state before the first selection: draft 0 empty with score 0, the others at -1e9."""
         k = self.num_drafts
         b, p = prompts.shape
-        cap = inputs["out_buffer"].shape[1]
-        sp = inputs["superposed"]
+        cap = inputs.out_buffer.shape[1]
+        sp = inputs.method
         c = self.context
         idx = prompt_lens[:, None].astype(jnp.int32) - c + jnp.arange(c)[None, :]
         ctx = jnp.where(idx >= 0, jnp.take_along_axis(prompts, jnp.clip(idx, 0, p - 1), axis=1), -1)
@@ -325,11 +338,11 @@ class Superposed:
             fin=jnp.zeros((b, k), bool),
             ctx=jnp.broadcast_to(ctx[:, None, :], (b, k, c)).astype(jnp.int32),
             weights=jnp.zeros((b, k), jnp.float32),
-            temperature=sp["temperature"].astype(jnp.float32),
-            alpha=sp["alpha"].astype(jnp.float32),
-            lambdas=sp["lambdas"].astype(jnp.float32),
-            penalty=jnp.asarray(sp["penalty"], jnp.float32),
-            tables=sp["tables"],
+            temperature=sp.temperature.astype(jnp.float32),
+            alpha=sp.alpha.astype(jnp.float32),
+            lambdas=sp.lambdas.astype(jnp.float32),
+            penalty=jnp.asarray(sp.penalty, jnp.float32),
+            tables=sp.tables,
         )
 
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
@@ -432,11 +445,12 @@ def _check_args(num_drafts, num_candidates, temperature, ngram, ngram_alpha, ngr
 
 
 def superposed_inputs(rows: int, temperature: float = 1.0, alpha: float = 0.0, lambdas=None,
-                      penalty: float = 200.0, tables=()) -> dict:
-    """The decoder's traced settings (``inputs["superposed"]``) for ``rows`` rows."""
-    return {"temperature": jnp.full((rows,), temperature, jnp.float32), "alpha": jnp.full((rows,), alpha, jnp.float32),
-            "lambdas": jnp.asarray(np.zeros(0) if lambdas is None else lambdas, jnp.float32),
-            "penalty": jnp.asarray(penalty, jnp.float32), "tables": tables}
+                      penalty: float = 200.0, tables=()) -> "SuperposedInputs":
+    """The decoder's traced settings (``inputs.method``) for ``rows`` rows."""
+    return SuperposedInputs(temperature=jnp.full((rows,), temperature, jnp.float32),
+                            alpha=jnp.full((rows,), alpha, jnp.float32),
+                            lambdas=jnp.asarray(np.zeros(0) if lambdas is None else lambdas, jnp.float32),
+                            penalty=jnp.asarray(penalty, jnp.float32), tables=tables)
 
 
 def superposed_generate(model, params, prompts, *, num_drafts: int = 3, num_candidates: Optional[int] = None,
@@ -469,9 +483,8 @@ def superposed_generate(model, params, prompts, *, num_drafts: int = 3, num_cand
     tables = () if ngram is None else ngram.tables()
 
     def extra(inputs, chunk):
-        inputs["superposed"] = superposed_inputs(inputs["max_new"].shape[0], temperature, ngram_alpha, lam,
-                                                 ngram_penalty, tables)
-        return inputs
+        return inputs.replace(method=superposed_inputs(inputs.batch, temperature, ngram_alpha, lam, ngram_penalty,
+                                                       tables))
 
     stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
     prompts, results, stats = run_grouped(dec, model, params, prompts, 1, max_new_tokens=max_new_tokens,

@@ -165,7 +165,7 @@ def _handler(args, loaded, prompt_ids, progress):
     bs = min(args.batch_size or len(rows), len(rows))
     if sampling is not None:
         from jaxdec.core.processors import SamplingParams
-        sampling = SamplingParams.create(bs, **sampling)
+        sampling = SamplingParams.create(len(rows), **sampling)
     g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
                              tokenizer=loaded.tokenizer, **cli.stream_kwargs(args))

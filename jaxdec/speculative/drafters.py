@@ -30,6 +30,41 @@ from flax import struct
 from jaxdec.speculative.tree import Draft, TreeSpec
 
 
+@struct.dataclass
+class DrafterCarry:
+    """Drafter state carried into a run from an earlier batch or run (hot start), ``inputs.carry``.
+    Each field is None unless given; a drafter's `export` names the fields it fills.
+
+    recycling_adj: [V, k] int32 Token Recycling's shared adjacency matrix.
+    ngram_tables:  dict of the ADED/STAND n-gram tables (`NGRAM_TABLES`).
+    skip_layers:   [L] bool layers a layer-skip drafter skips (overrides its static ``skip`` without
+                   recompiling).
+    """
+
+    recycling_adj: Any = None
+    ngram_tables: Any = None
+    skip_layers: Any = None
+
+    @classmethod
+    def create(cls, carry) -> "DrafterCarry":
+        """From a dict (e.g. a previous result's ``stats["carry"]``); an unknown name is a clear error."""
+        if carry is None or isinstance(carry, cls):
+            return carry
+        if not isinstance(carry, dict):
+            raise TypeError(f"carry must be a dict or a DrafterCarry, got {type(carry).__name__}")
+        unknown = set(carry) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"carry has unknown entries {sorted(unknown)}: expected some of "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**carry)
+
+
+def carried(inputs, name: str):
+    """Field ``name`` of ``inputs.carry`` (a `DrafterCarry`), or None."""
+    carry = getattr(inputs, "carry", None)
+    return None if carry is None else getattr(carry, name)
+
+
 def _tree_levels(tree: TreeSpec):
     """Static per-depth index arrays: (node indices (0-based), parent block indices, ranks)."""
     depths = np.asarray(tree.depths[1:])
@@ -155,7 +190,7 @@ class TokenRecyclingDrafter:
 
     shared=True: one ``[V, k]`` matrix for the batch (the paper's design; rows see each other's
     updates, which changes τ but never the tokens); False: one per row ``[B, V, k]``. A warm matrix can
-    be passed as ``inputs["recycling_adj"]`` (hot start).
+    be passed as ``inputs.carry.recycling_adj`` (a `DrafterCarry`; hot start).
 
     seed_from_prompt: before the first verify call, give every prompt token whose row is still empty
     its successor in the prompt as the rank-0 candidate (a cheap warm start; an addition to the
@@ -179,7 +214,7 @@ class TokenRecyclingDrafter:
     def init(self, model, params, prompts, prompt_lens, state, inputs):
         v = model.vocab_size
         b = prompts.shape[0]
-        adj = inputs.get("recycling_adj") if isinstance(inputs, dict) else None
+        adj = carried(inputs, "recycling_adj")
         if adj is None:
             adj = jnp.full((v, self.k), -1, jnp.int32)
         adj = jnp.asarray(adj, jnp.int32)
@@ -207,7 +242,7 @@ class TokenRecyclingDrafter:
         return RecyclingState(adj=adj)
 
     def export(self, dstate):
-        """State to carry into the next run (hot start): ``inputs["recycling_adj"]``."""
+        """State to carry into the next run (hot start): `DrafterCarry.recycling_adj`."""
         return {"recycling_adj": dstate.adj} if self.shared else {}
 
     def propose(self, model, params, state, keys):
@@ -439,7 +474,7 @@ class LayerSkipDrafter:
     through the target's own cache (the verify call then overwrites those positions).
 
     skip: layers switched off (static default). The layer mask lives in the drafter state as a traced
-    ``[L]`` array (``inputs["skip_layers"]`` overrides it per run without recompiling), so adaptive
+    ``[L]`` array (``inputs.carry.skip_layers``, a `DrafterCarry` field, overrides it per run without recompiling), so adaptive
     schemes (SWIFT's search, DEL's exit choice) change it between runs or steps for free."""
 
     skip: tuple = ()
@@ -466,7 +501,7 @@ class LayerSkipDrafter:
             raise ValueError(f"skip layers must be in [0, {n})")
         layers = np.ones((n,), bool)
         layers[list(self.skip)] = False
-        lay = inputs.get("skip_layers") if isinstance(inputs, dict) else None
+        lay = carried(inputs, "skip_layers")
         lay = jnp.asarray(layers) if lay is None else ~jnp.asarray(lay, bool)
         return LayerSkipState(layers=lay)
 
@@ -587,7 +622,7 @@ class NGramDrafter:
         tables = {"bi_tok": jnp.full((v, k), -1, jnp.int32), "bi_p": jnp.zeros((v, k), jnp.float32),
                   "tri_tok": jnp.full((h, k), -1, jnp.int32), "tri_p": jnp.zeros((h, k), jnp.float32),
                   "tri_tag": jnp.full((h, 2), -1, jnp.int32)}
-        warm = inputs.get("ngram_tables") if isinstance(inputs, dict) else None
+        warm = carried(inputs, "ngram_tables")
         if warm is not None:  # hot start from a previous run's `export`
             for name, a in tables.items():
                 if tuple(warm[name].shape) != a.shape:
@@ -596,7 +631,7 @@ class NGramDrafter:
         return NGramState(**tables, pre=pre.astype(jnp.int32))
 
     def export(self, dstate):
-        """State to carry into the next run (hot start): ``inputs["ngram_tables"]``."""
+        """State to carry into the next run (hot start): `DrafterCarry.ngram_tables`."""
         return {"ngram_tables": {name: getattr(dstate, name) for name in NGRAM_TABLES}}
 
     def _lookup(self, ds, a, b):

@@ -38,6 +38,7 @@ from jaxdec.core.keys import stream_keys, token_keys
 from jaxdec.core.protocols import check_drafter, hook
 from jaxdec.core.logits import post_commit, run_processors, step_context, with_sampling
 from jaxdec.core.steps import initial_state, prefill
+from jaxdec.speculative.drafters import DrafterCarry
 from jaxdec.speculative.stats import merge_raw, summarize_stats  # noqa: F401 (re-exported)
 from jaxdec.speculative.tree import ancestor_mask, block_depths
 from jaxdec.speculative.verify import greedy_verify, sampling_verify_chain, sampling_verify_tree
@@ -163,7 +164,7 @@ class SpeculativeDecoder:
     """drafter: any object with ``num_nodes``, ``max_depth``, ``is_chain``, ``init``, ``propose`` and
     ``update`` (see `jaxdec.speculative.drafters`). verifier: "greedy" (lossless for greedy decoding)
     or "sampling" (speculative sampling with residual resampling: lossless for sampling with the
-    per-row `SamplingParams` in ``inputs["sampling"]``; rows with temperature 0 are greedy; the
+    per-row `SamplingParams` in ``inputs.sampling``; rows with temperature 0 are greedy; the
     repetition penalty is not applied by this verifier: leave it at 1).
     tree_sampling: "iid" (siblings drawn independently, SpecInfer rule) or "without_replacement" (RSD).
     residual=False is the lossy negative control (draws the correction from p, not the residual).
@@ -212,9 +213,9 @@ class SpeculativeDecoder:
         method = SpecState(hist=jnp.zeros((b, 0), jnp.int32), hist_len=prompt_lens.astype(jnp.int32),
                            prompt_len=prompt_lens.astype(jnp.int32))
         if self.verifier == "sampling":
-            if "sampling" not in inputs:
+            if inputs.sampling is None:
                 raise ValueError("the sampling verifier needs per-row SamplingParams (generate(..., sampling=...))")
-            method = method.replace(sampling=inputs["sampling"])
+            method = method.replace(sampling=inputs.sampling)
         stats = {"model_calls": jnp.ones((), jnp.int32), "draft_calls": jnp.zeros((), jnp.int32),
                  "row_steps": jnp.zeros((), jnp.int32), "emitted": jnp.zeros((), jnp.int32),
                  "accepted": jnp.zeros((), jnp.int32),
@@ -331,6 +332,14 @@ class SpeculativeDecoder:
                 "side_branch_accepts": st["side_branch_accepts"] + jnp.sum(side).astype(jnp.int32),
                 "rank_accepts": st["rank_accepts"] + rank_acc.astype(jnp.int32),
                 "expanded": st["expanded"] + expanded.astype(jnp.int32)}
+
+    carry_type = DrafterCarry
+
+    def carry(self, state):
+        """The drafter's exported state as the next batch's `DrafterCarry` (None if it exports nothing)."""
+        export = hook(self.drafter, "export")
+        out = export(state.method.draft) if export is not None else None
+        return DrafterCarry.create(out) if out else None
 
     def summarize(self, state) -> dict:
         out = summarize_stats(state.stats)

@@ -11,7 +11,7 @@ of k drafts gives an expected τ = (1 - a^(k+1)) / (1 - a) under independent acc
 * `del_choose`: the exit layer E (layers >= E switched off) and draft length k that maximize the
   predicted speedup τ(a_E, k) / (c(k+1) + k·E/L) with the measured cost curve (DEL chooses exit layer
   and draft length from running per-layer acceptance; here from the same teacher-forced estimates).
-The chosen mask feeds `LayerSkipDrafter(skip=...)` (or ``inputs["skip_layers"]`` without recompiling).
+The chosen mask feeds `LayerSkipDrafter(skip=...)` (or `DrafterCarry.skip_layers` without recompiling).
 """
 from __future__ import annotations
 

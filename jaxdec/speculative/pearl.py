@@ -158,9 +158,9 @@ class PearlDecoder:
         logits, cache, _ = prefill(model, tparams, prompts, prompt_lens, cache)
         sampling = None
         if self.verifier == "sampling":
-            if "sampling" not in inputs:
+            if inputs.sampling is None:
                 raise ValueError("the sampling verifier needs per-row SamplingParams (generate(..., sampling=...))")
-            sampling = inputs["sampling"]
+            sampling = inputs.sampling
         z = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
         f = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
         stats = {"model_calls": jnp.ones((), jnp.int32), "draft_calls": z(), "row_steps": z(), "emitted": z(),
