@@ -296,6 +296,45 @@ def test_top_p_matches_reference(x, p):
     assert_same_logits(_top_p(x, jnp.asarray(p, jnp.float32)), ref)
 
 
+_candidates = jax.jit(P._top_k_top_p, static_argnums=3)
+
+
+@HYP
+@given(data=st.data())
+def test_candidate_top_k_top_p_matches_reference(data):
+    """top-k then top-p from the ``c`` largest logits (`lax.top_k`, the full sort only through a cond),
+    against the NumPy reference, with c from 1 to beyond V: rows take the fast path, the fallback, or mix
+    them in one batch; many ties (GRID values) put the cut inside tie groups."""
+    x = data.draw(logits_st())
+    v = x.shape[1]
+    k = data.draw(rows(st.integers(0, v + 2)))
+    p = data.draw(top_ps)
+    c = data.draw(st.sampled_from([1, 2, 3, 4, 8, 16, 64]))
+    ref, _ = ref_top_k(x, k)
+    ref, amb = ref_top_p(ref, p)
+    assume(not amb)
+    event(f"candidates < V: {c < v}")
+    event(f"top-p split a tie group: {split_ties(x, np.isfinite(ref))}")
+    assert_same_logits(_candidates(x, jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32), c), ref)
+
+
+def test_candidate_path_and_its_fallback_both_run():
+    """The fast path really decides when the candidates suffice, and the full sort when they do not: with
+    the full sort replaced by a marker, the first case is unchanged and the second returns the marker."""
+    x = jnp.asarray([[4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    marker = lambda z, k, p: jnp.full_like(z, 7.0)  # noqa: E731
+    k0, p_easy, p_hard = jnp.zeros((1,), jnp.int32), jnp.asarray([0.5]), jnp.asarray([0.999])
+    easy = P._top_k_top_p(x, k0, p_easy, 2)  # the top token alone holds > 0.5 of the mass
+    with mock.patch.object(P, "_top_k_top_p_sorted", marker):
+        np.testing.assert_array_equal(P._top_k_top_p(x, k0, p_easy, 2), easy)
+        assert np.isfinite(np.asarray(easy)).sum() == 1
+        # p = 0.999 needs tokens outside the two candidates: the full sort (here the marker) decides
+        assert np.all(np.asarray(P._top_k_top_p(x, k0, p_hard, 2)) == 7.0)
+        assert np.all(np.asarray(P._top_k_top_p(x, jnp.asarray([3]), jnp.ones((1,)), 2)) == 7.0)  # k > c
+    hard = P._top_k_top_p(x, k0, p_hard, 2)
+    np.testing.assert_array_equal(hard, P._top_k_top_p_sorted(x, k0, p_hard))
+
+
 @HYP
 @given(x=logits_st(), m=min_ps)
 def test_min_p_matches_reference(x, m):
