@@ -402,12 +402,12 @@ def _global_keys(args, offset: int, total: int, count: int):
     calls = [0]
 
     def inputs_fn(inputs, chunk):
-        bs = inputs["keys"].shape[0]
+        bs = inputs.keys.shape[0]
         start = calls[0] * bs
         calls[0] += 1
         real = min(bs, rows - start)
         kb = np.concatenate([keys[start:start + real], np.repeat(keys[start:start + 1], bs - real, 0)])
-        return {**inputs, "keys": jnp.asarray(kb)}
+        return inputs.replace(keys=jnp.asarray(kb))
 
     return inputs_fn
 

@@ -23,6 +23,7 @@ import numpy as np
 from jaxdec.cache.kv import bucket, need_size
 from jaxdec.core import loop
 from jaxdec.core.protocols import check_decoder, check_model, hook
+from jaxdec.core.state import DecodeInputs
 
 
 def _check_prompts(prompts, vocab_size: int) -> list:
@@ -79,22 +80,22 @@ def pad_batch(rows: list, length: int, pad_id: int) -> tuple:
     return arr, lens
 
 
-def batch_inputs(bs: int, max_new: int, min_new: int, keys, stop, cap: int, sampling=None) -> dict:
-    """The driver's per-row inputs for a compiled batch of ``bs`` rows whose first ``len(keys)`` rows are
+def batch_inputs(bs: int, max_new: int, min_new: int, keys, stop, cap: int, sampling=None) -> DecodeInputs:
+    """The driver's `DecodeInputs` for a compiled batch of ``bs`` rows whose first ``len(keys)`` rows are
     real: ``max_new`` (0 for the inert filler rows, which repeat the first row's key and sampling
     parameters), ``min_new``, ``keys [bs, 2]``, ``stop_ids``, the output buffer ``[bs, cap]`` and, with
     ``sampling`` (a `SamplingParams` of the real rows), the rows' sampling parameters."""
     real = len(keys)
     mx = np.array([max_new] * real + [0] * (bs - real), np.int32)
     kb = np.concatenate([keys, np.repeat(keys[:1], bs - real, 0)])
-    inputs = {"max_new": jnp.asarray(mx), "min_new": jnp.full((bs,), min_new, jnp.int32),
-              "keys": jnp.asarray(kb), "stop_ids": jnp.asarray(np.array(stop, np.int32)),
-              "out_buffer": jnp.zeros((bs, cap), jnp.int32)}
+    sp = None
     if sampling is not None:
-        inputs["sampling"] = jax.tree.map(
+        sp = jax.tree.map(
             lambda a: jnp.asarray(np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], bs - real, 0)])),
             sampling)
-    return inputs
+    return DecodeInputs(max_new=jnp.asarray(mx), min_new=jnp.full((bs,), min_new, jnp.int32), keys=jnp.asarray(kb),
+                        stop_ids=jnp.asarray(np.array(stop, np.int32)), out_buffer=jnp.zeros((bs, cap), jnp.int32),
+                        sampling=sp)
 
 
 def prefix_groups(rows: list, bs: int, n: int) -> int:
@@ -176,14 +177,17 @@ class Run:
 def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: int = 1, max_new_tokens: int,
         min_new_tokens: int = 0, stop_ids=None, seed: int = 0, batch_size: Optional[int] = None,
         cache_size: Optional[int] = None, capacity: Optional[int] = None, sampling=None, debug: bool = False,
-        callback=None, progress=None, inputs_fn=None, mesh=None, shared_prefix: Optional[bool] = None) -> Run:
+        callback=None, progress=None, inputs_fn=None, mesh=None, shared_prefix: Optional[bool] = None,
+        carry=None, hot_start: bool = False) -> Run:
     """Decode ``units`` (token-id prompts, validated here) with ``decoder``.
 
     expand: state rows per unit (the decoder expands a prompt into that many hypotheses).
     samples_per_prompt: consecutive units that repeat one prompt (`generate`'s n): keys are those of
     (prompt, sample) and shared-prefix groups follow them.
     sampling: a `SamplingParams` with one entry per state row (sliced per batch into ``inputs["sampling"]``).
-    inputs_fn(inputs, chunk_units) -> inputs: the decoder's own per-row inputs.
+    inputs_fn(inputs, chunk_units) -> inputs: the decoder's own per-row inputs (``inputs.replace(method=...)``).
+    carry: ``inputs.carry`` of the first batch (e.g. a `DrafterCarry`). hot_start: each later batch starts
+    from the decoder's ``carry(state)`` of the batch before (Token Recycling's matrix, n-gram tables).
     """
     units = _check_prompts(units, model.vocab_size)
     r = _positive_int("rows_per_prompt", expand)
@@ -247,11 +251,16 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
         inputs = batch_inputs(ub * r, max_new, min_new, keys[start * r:(start + real) * r], stop, cap, sl)
         if inputs_fn is not None:
             inputs = inputs_fn(inputs, chunk)
+            if not isinstance(inputs, DecodeInputs):
+                raise TypeError(f"inputs_fn must return a DecodeInputs (e.g. inputs.replace(method=...)), got "
+                                f"{type(inputs).__name__}")
+        if carry is not None:
+            inputs = inputs.replace(carry=carry)
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)
         if mesh is not None:
             toks, lens, inputs = sharding.shard_rows((toks, lens, inputs), mesh)
-            inputs["stop_ids"] = jax.device_put(inputs["stop_ids"],
-                                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            inputs = inputs.replace(stop_ids=jax.device_put(
+                inputs.stop_ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
         if debug:
             state = loop.run_debug(decoder, model, params, toks, lens, inputs, size, callback=callback,
                                    prefix_size=prefix_size, prefix_groups=max(groups, 1))
@@ -260,6 +269,8 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
                                  prefix_groups=max(groups, 1))
         state = jax.block_until_ready(state)
         results.append((state, real))
+        if hot_start and hook(decoder, "carry") is not None:
+            carry = decoder.carry(state) or carry
         st = state.stats or {}
         calls += int(st.get("model_calls", 0))
         steps += int(state.step) + 1

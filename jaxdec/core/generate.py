@@ -37,7 +37,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
              callback=None, progress=None, inputs_fn=None, mesh=None, prefill_chunk: Optional[int] = 512,
-             shared_prefix: Optional[bool] = None, processors=None) -> Generation:
+             shared_prefix: Optional[bool] = None, processors=None, carry=None, hot_start: bool = False) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -61,6 +61,10 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     processors: logits processors (`jaxdec.core.logits`: hard masks, penalties, warpers) applied at every
     step after min_new suppression; with ``decoder=`` they are added to the decoder's own (a decoder
     without a ``processors`` field refuses them by name).
+    carry: what the first batch starts from (``inputs.carry``; a speculative decoder takes a `DrafterCarry` or
+    the dict of a previous result's ``stats["carry"]``). hot_start: every later batch starts from the
+    decoder's ``carry(state)`` of the batch before (the Token Recycling paper runs its matrix across queries;
+    tokens never change, only τ). Statistics are summed over all batches.
     """
     from jaxdec.core.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
@@ -91,7 +95,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     run = driver.run(decoder, model, params, rows, samples_per_prompt=n, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
                      cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,
-                     progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix)
+                     progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix,
+                     carry=_carry_input(decoder, carry), hot_start=hot_start)
     finalize = hook(decoder, "finalize")
     all_tokens, finishes = [], []
     for state, real in run.results:
@@ -109,7 +114,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
                  "shared_prefix": run.shared_prefix, "prefix_groups": run.prefix_groups}
     extra_stats = hook(decoder, "summarize")
     if extra_stats is not None:
-        out_stats.update(extra_stats(last_state))
+        out_stats.update(extra_stats(_summed_stats(run.results)))
     text = None
     if tokenizer is not None:
         from jaxdec.core.stopping import truncate_at_stop
@@ -121,6 +126,24 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         extras["cache_sharding"] = extras["cache_sharding"].sharding
     return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text,
                       extras=extras)
+
+
+def _carry_input(decoder, carry):
+    """``carry`` as the decoder takes it (its ``carry_type.create``, e.g. `DrafterCarry` from a dict)."""
+    if carry is None:
+        return None
+    make = getattr(hook(decoder, "carry_type"), "create", None)
+    return make(carry) if make is not None else carry
+
+
+def _summed_stats(results):
+    """The last batch's final state with ``stats`` summed over every batch (filler rows count in no
+    statistic), which a decoder's ``summarize`` turns into host statistics."""
+    last = results[-1][0]
+    if len(results) == 1 or last.stats is None:
+        return last
+    summed = jax.tree.map(lambda *xs: sum(np.asarray(x) for x in xs), *[s.stats for s, _ in results])
+    return last.replace(stats=summed)
 
 
 def _score_jit_impl(model, params, ids, positions, logits_at, targets, cache_size):

@@ -125,11 +125,13 @@ def suppress_stops(logits, state: DecodeState):
 
 def initial_state(prompts, cache, inputs, method=None, stats=None) -> DecodeState:
     b = prompts.shape[0]
+    # the output buffer is the driver's zero-filled `out_buffer` itself (not a fresh constant), so it keeps
+    # the placement the driver gave it: split over the data axis of a mesh, like every per-row input
     return DecodeState(
-        tokens=jnp.zeros_like(inputs["out_buffer"]), num_new=jnp.zeros((b,), jnp.int32),
-        done=inputs["max_new"] <= 0, finish=jnp.where(inputs["max_new"] <= 0, 2, 0).astype(jnp.int32),
-        last=jnp.zeros((b,), jnp.int32), keys=inputs["keys"], cache=cache,
-        max_new=inputs["max_new"], min_new=inputs["min_new"], stop_ids=inputs["stop_ids"], step=jnp.zeros((), jnp.int32),
+        tokens=inputs.out_buffer, num_new=jnp.zeros((b,), jnp.int32),
+        done=inputs.max_new <= 0, finish=jnp.where(inputs.max_new <= 0, 2, 0).astype(jnp.int32),
+        last=jnp.zeros((b,), jnp.int32), keys=inputs.keys, cache=cache,
+        max_new=inputs.max_new, min_new=inputs.min_new, stop_ids=inputs.stop_ids, step=jnp.zeros((), jnp.int32),
         method=method, stats=stats)
 
 
