@@ -40,7 +40,7 @@ class Config:
     new_tokens: int = field(default=32, metadata={"help": "new tokens per row (min = max)"})
     reps: int = field(default=3, metadata={"help": "interleaved repetitions per variant"})
     weights: str = field(default="f32", metadata={"help": "f32 or q"})
-    settings: tuple = runner.select(tuple(SETTINGS))
+    settings: tuple[str, ...] = runner.select(tuple(SETTINGS))
 
 
 SMOKE = Config(n=2, prompts=2, new_tokens=4, reps=1, settings=("greedy", "top_p0.95"))
