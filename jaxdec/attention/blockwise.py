@@ -21,6 +21,12 @@ How it differs from `attend`:
 
 The loop has a traced bound, so the function is forward-only (no reverse-mode derivative); code that
 differentiates through attention uses ``attend`` (the model's ``attention_impl="reference"``).
+
+Where it is used: `LlamaModel`'s default "xla" attention (prefill chunks, decode steps, every verify
+block and tree mask, explicit attention arrays via ``cache_mask``). Not yet: a shared-prefix (Hydragen)
+cache keeps `jaxdec.attention.hydragen.hydragen_attend`, which reads its whole prefix and suffix buffers
+(its suffix part could become a call of this function), and the Pallas tree-attention kernel still reads
+every cache slot.
 """
 from __future__ import annotations
 
