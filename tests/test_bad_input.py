@@ -173,6 +173,7 @@ SWEEP = {
     "top_p": lambda t: G("--method", "sample", "--top-p", "0"),
     "min_p": lambda t: G("--method", "sample", "--min-p", "1.5"),
     "typical_p": lambda t: G("--method", "sample", "--typical-p", "0"),
+    "prefill_chunk": lambda t: G("--prefill-chunk", "-1"),
     "repetition_penalty": lambda t: G("--method", "sample", "--repetition-penalty", "0"),
     "stop": lambda t: G("--stop", ""),
     "out": lambda t: G("--out", os.path.join(t, "no", "such", "out.jsonl")),

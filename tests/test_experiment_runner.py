@@ -282,8 +282,8 @@ def test_redo_remeasures_chosen_cells_and_keeps_the_others(tmp_path):
 
 
 NOT_EXPERIMENTS = {"benchlib.py": "helper", "runner.py": "the helper itself", "mutation_plugin.py": "pytest plugin",
-                   "bench_long_context.py": "being written by another engineer as of 2026-12-03; adopt the runner, "
-                                            "then remove this entry"}
+                   "bench_long_context.py": "not yet on the runner: it runs every (system, size) in a process of its "
+                                            "own and writes its json/md with benchlib's load record itself"}
 
 
 def _scripts():
