@@ -29,8 +29,8 @@ Pieces (each a frozen dataclass of static configuration, run by the spine's `lax
 * `toy.TrigramModel`: a context-dependent toy LM behind the model interface for exact/statistical tests.
 * `cli`: ``jaxdec generate --method speculative --drafter pld|recycling|aded|stand|swift|del|draft-model|pearl``.
 
-Statistics: ``generate`` keeps only the last batch's `summarize`; for runs split into several batches
-sum ``stats["raw"]`` with `merge_raw` and call `summarize_stats` (the CLI does).
+Statistics: ``generate`` sums the counters of every batch before `summarize`; to combine separate
+``generate`` calls, sum their ``stats["raw"]`` with `merge_raw` and call `summarize_stats`.
 """
 from jaxdec.speculative.tree import Draft, TreeSpec, ancestor_mask, block_depths
 from jaxdec.speculative.verify import Verdict, greedy_verify, sampling_verify_chain, sampling_verify_tree
