@@ -281,9 +281,7 @@ def test_redo_remeasures_chosen_cells_and_keeps_the_others(tmp_path):
     assert opts.redo == ["x", "zzz"]
 
 
-NOT_EXPERIMENTS = {"benchlib.py": "helper", "runner.py": "the helper itself", "mutation_plugin.py": "pytest plugin",
-                   "bench_long_context.py": "not yet on the runner: it runs every (system, size) in a process of its "
-                                            "own and writes its json/md with benchlib's load record itself"}
+NOT_EXPERIMENTS = {"benchlib.py": "helper", "runner.py": "the helper itself", "mutation_plugin.py": "pytest plugin"}
 
 
 def _scripts():
@@ -302,7 +300,7 @@ def test_every_experiment_script_follows_the_convention():
 
 @pytest.mark.parametrize("script", ["bench_attention", "bench_greedy", "bench_versions", "dfloat11_report",
                                     "kv_compression", "mutation_checks", "search_table", "spec_bench",
-                                    "decode_step_cost"])
+                                    "decode_step_cost", "bench_long_context"])
 def test_cli_help_of_each_converted_script(script, capsys):
     import importlib
     mod = importlib.import_module(script)
