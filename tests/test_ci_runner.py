@@ -1,0 +1,69 @@
+"""The CI runner (.ci/parallel_pytest.py): groups balance, every group's result counts, and a group that
+collects no tests or fails makes the whole run fail (pytest's exit code 5 is never a silent pass)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, ".ci", "parallel_pytest.py")
+
+sys.path.insert(0, os.path.join(ROOT, ".ci"))
+import parallel_pytest as pp  # noqa: E402
+
+
+def test_pack_balances_and_keeps_every_file():
+    secs = {"a": 100.0, "b": 60.0, "c": 50.0, "d": 40.0, "e": 10.0}
+    plan = pp.pack(list(secs), secs, 2)
+    assert sorted(f for _, fs in plan for f in fs) == sorted(secs)
+    assert plan == [(140.0, ["a", "d"]), (120.0, ["b", "c", "e"])]  # longest first, each to the lighter bin
+    assert max(e for e, _ in plan) <= 4 / 3 * sum(secs.values()) / 2  # the longest-first bound
+    # more groups than files: one file per group, none empty
+    assert all(fs for _, fs in pp.pack(["x", "y"], {}, 6))
+
+
+def run_runner(tmp_path, files, jobs="2"):
+    env = dict(os.environ, JAXDEC_CI_JOBS=jobs, JAXDEC_CI_GROUPS="2")
+    return subprocess.run([sys.executable, RUNNER, *files], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+
+
+def write(tmp_path, name, body):
+    p = tmp_path / name
+    p.write_text(body)
+    return str(p)
+
+
+def test_counts_every_group_and_fails_on_a_failing_test(tmp_path):
+    ok = write(tmp_path, "test_ok.py", "def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    bad = write(tmp_path, "test_bad.py", "import pytest\n\ndef test_c():\n    assert 1 == 2\n\n"
+                                          "@pytest.mark.skip(reason='x')\ndef test_d():\n    pass\n")
+    r = run_runner(tmp_path, [ok, bad])
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == "ci: 2 passed, 1 failed, 1 skipped", r.stdout + r.stderr
+    assert r.returncode == 1
+
+
+def test_all_green_exits_zero(tmp_path):
+    ok = write(tmp_path, "test_ok.py", "def test_a():\n    pass\n")
+    ok2 = write(tmp_path, "test_ok2.py", "def test_b():\n    pass\n")
+    r = run_runner(tmp_path, [ok, ok2], jobs="1")
+    assert r.stdout.strip().splitlines()[-1] == "ci: 2 passed, 0 failed, 0 skipped", r.stdout + r.stderr
+    assert r.returncode == 0
+
+
+def test_a_group_without_tests_fails(tmp_path):
+    ok = write(tmp_path, "test_ok.py", "def test_a():\n    pass\n")
+    empty = write(tmp_path, "test_empty.py", "X = 1\n")
+    r = run_runner(tmp_path, [ok, empty])
+    assert r.returncode == 1
+    assert "collected no tests" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_jobs_setting_is_refused(tmp_path, value):
+    r = run_runner(tmp_path, ["x"], jobs=value)
+    assert r.returncode != 0 and "JAXDEC_CI_JOBS must be a positive integer" in r.stderr
