@@ -218,6 +218,7 @@ SWEEP = {
     "exit_layer": lambda t: G("--method", "speculative", "--drafter", "del", "--exit-layer", "0"),
     "draft_model": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-model", "truncate:x"),
     "draft_layers": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-layers", "0"),
+    "heads": lambda t: G("--method", "speculative", "--drafter", "medusa", "--heads", os.path.join(t, "missing.st")),
 }
 
 

@@ -178,3 +178,26 @@ def test_production_packages_do_not_import_test_helpers():
     users = {m for m, deps in graph.items() if not m.startswith("jaxdec.testing")
              and any(d.startswith("jaxdec.testing") for d in deps)}
     assert not users, users
+
+
+def test_jaxdec_never_imports_train():
+    """train/ (training scripts) imports jaxdec; jaxdec and pallas_kernels never import train, anywhere in a
+    file (function bodies included)."""
+    def imports_of(path):
+        out = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                out |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                out.add(node.module.split(".")[0])
+        return out
+    users = []
+    for pkg in PACKAGES:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+            users += [os.path.join(dirpath, f) for f in files if f.endswith(".py")
+                      and "train" in imports_of(os.path.join(dirpath, f))]
+    assert not users, users
+    train_dir = os.path.join(ROOT, "train")
+    assert "jaxdec" in imports_of(os.path.join(train_dir, "medusa.py"))  # the direction that is allowed
+    planted = os.path.join(ROOT, "tests", "data", "train_layering_planted.py")
+    assert "train" in imports_of(planted)  # the check sees such an import

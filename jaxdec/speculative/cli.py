@@ -7,17 +7,19 @@ module as a plugin).
 Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
 sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
 
-Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl. ``--spec-config F.json``
+Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl | medusa. ``--spec-config F.json``
 loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`). ``pearl`` runs
 `jaxdec.speculative.pearl.PearlDecoder` (PEARL's pre-verify / post-verify schedule) with a draft model
 (``--draft-layers N``: the target's first N layers, or ``--draft-model``) and a window of
 ``--draft-tokens`` (default 4); its ``stats`` add the phase counts and the parallel-time model.
+``medusa`` drafts with trained Medusa-1 heads: the heads shipped for the model, or ``--heads PATH`` (a
+file written by ``python -m train.medusa``; refused when trained for another target).
 """
 from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl")
+DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="draft-model/pearl: a model name/path sharing the tokenizer, or 'truncate:N' (first N layers)")
     g.add_argument("--draft-layers", type=int, default=None,
                    help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
+    g.add_argument("--heads", default=None,
+                   help="medusa: a heads file from python -m train.medusa (default: the heads shipped for the model)")
 
 
 # per drafter, the drafter flags it uses (a flag another drafter uses, given a non-default value, is an error)
@@ -48,9 +52,11 @@ DRAFTER_FLAGS = {
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
     "draft-model": ("draft_tokens", "draft_model", "draft_layers"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
+    "medusa": ("heads",),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
-             "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None}
+             "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None,
+             "heads": None}
 
 
 def validate_args(args):
@@ -69,6 +75,12 @@ def validate_args(args):
         raise BadInput(f"--spec-config: no such file {args.spec_config!r}")
     if args.draft_layers is not None and args.draft_model:
         raise BadInput("give --draft-layers or --draft-model, not both")
+    if args.heads is not None:
+        if os.path.isdir(args.heads):
+            raise BadInput(f"--heads: {args.heads!r} is a folder, expected a heads file (.safetensors) written by "
+                           f"python -m train.medusa")
+        if not os.path.isfile(args.heads):
+            raise BadInput(f"--heads: no such file {args.heads!r}")
     dm = args.draft_model
     if dm is not None:
         if dm.startswith("truncate:"):
@@ -99,11 +111,42 @@ def check_args(args):
             users = sorted(d for d, f in DRAFTER_FLAGS.items() if dest in f)
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
+    if args.drafter == "medusa":
+        if args.spec_sampling:
+            raise BadInput("--drafter medusa: --spec-sampling is not implemented yet (greedy verification only)")
+        if args.heads is None and _shipped(args) is None:
+            raise BadInput(f"--drafter medusa: no Medusa heads are shipped for --model {args.model!r}; pass --heads "
+                           f"PATH (a file written by python -m train.medusa)")
+        _check_heads(args, args.heads or _shipped(args))
 
 
-def build(args, model, params):
+def _check_heads(args, path):
+    """A heads file that cannot be read, or was trained for another target than --model: BadInput
+    before the model loads (the fingerprint reads the model file, not its weights)."""
+    from jaxdec.cli import BadInput
+    from jaxdec.models.registry import resolve
+    from jaxdec.speculative.heads.artefact import read_heads, target_fingerprint
+    try:
+        _, meta = read_heads(path, args.drafter)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--heads: {e}") from None
+    fp = target_fingerprint(resolve(args.model))
+    if meta.get("fingerprint") != fp:
+        raise BadInput(f"--heads: {path!r} was trained for another target model or vocabulary "
+                       f"({meta.get('target') or 'unnamed'}, fingerprint {str(meta.get('fingerprint'))[:19]}...), "
+                       f"not --model {args.model!r} (fingerprint {fp[:19]}...)")
+
+
+def _shipped(args):
+    """The heads file shipped for ``--model`` (a known name), or None."""
+    from jaxdec.speculative.heads import shipped_heads
+    return shipped_heads(args.drafter, args.model)
+
+
+def build(args, model, params, model_path=None):
     """Returns (decoder, params to pass to generate), built with the named constructors of
-    `jaxdec.speculative.methods`. Raises ValueError on bad flags."""
+    `jaxdec.speculative.methods`. Raises ValueError on bad flags. ``model_path``: the target's file
+    (trained heads are checked against its fingerprint)."""
     from jaxdec.speculative import methods as M
     from jaxdec.speculative.calibrate import load_config, tree_from_config
 
@@ -146,6 +189,15 @@ def build(args, model, params):
         if d == "pearl":
             return M.pearl(model, params, layers, draft, gamma=k or 4, sampling=sampling)
         return M.draft_model(model, params, layers, draft, num_tokens=k or 3, sampling=sampling)
+    if d == "medusa":
+        heads = args.heads or _shipped(args)
+        if heads is None:
+            raise ValueError(f"--drafter medusa: no Medusa heads are shipped for --model {args.model!r}; pass --heads "
+                             f"PATH")
+        try:
+            return M.medusa(model, params, heads, target=model_path, sampling=sampling)
+        except ValueError as e:
+            raise ValueError(f"--heads: {e}") from None
     raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
 
 
@@ -159,7 +211,7 @@ def _handler(args, loaded, prompt_ids, progress):
         raise ValueError("--stop (stop strings) is not supported with --method speculative; use EOS / max tokens")
     if args.spec_sampling and args.repetition_penalty != 1.0:
         raise ValueError("--repetition-penalty is not supported by the speculative sampling verifier")
-    decoder, params = build(args, loaded.model, loaded.params)
+    decoder, params = build(args, loaded.model, loaded.params, loaded.path)
     sampling = cli._sampling_from_args(args) if args.spec_sampling else None
     rows = [p for p in prompt_ids for _ in range(args.n)]
     bs = min(args.batch_size or len(rows), len(rows))
@@ -187,7 +239,8 @@ def _handler(args, loaded, prompt_ids, progress):
 
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
 DRAFTER_METHODS = {"pld": "prompt_lookup", "recycling": "token_recycling", "aded": "aded", "stand": "stand",
-                   "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model", "pearl": "pearl"}
+                   "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model", "pearl": "pearl",
+                   "medusa": "medusa"}
 
 try:  # register with the spine's CLI when it is importable
     from jaxdec.cli import SAMPLING, register_method, register_papers

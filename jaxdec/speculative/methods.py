@@ -36,6 +36,8 @@ PAPERS = {
                    "draft model chain with a confidence stop threshold"),
     "pearl": ("Liu et al. 2025, PEARL: parallel speculative decoding with adaptive draft length",
               "pre-verify / post-verify schedule with a draft model"),
+    "medusa": ("Cai et al. 2024, Medusa: multiple decoding heads (Medusa-1: frozen target, trained heads)",
+               "K trained heads on the target's last hidden state draft a chain or Cartesian tree"),
 }
 
 
@@ -143,3 +145,35 @@ def pearl(model, params, draft_layers: Optional[int] = None, draft=None, gamma: 
         draft_layers = (model.num_layers * 9) // 10
     dm, dp = _draft(model, params, draft_layers, draft)
     return PearlDecoder(dm, gamma, verifier=_verifier(sampling)), with_draft_params(params, dp)
+
+
+def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, sampling: bool = False):
+    """-> (decoder, params). Medusa-1 heads drafting for the target.
+
+    heads: a heads file written by ``train/medusa.py`` (checked against the target, refused with
+    `jaxdec.speculative.heads.artefact.HeadsMismatch` when trained for another one), or an in-memory
+    ``(MedusaConfig, head params)`` pair (no check). target: the target's model file or folder (what
+    `jaxdec.load` opened: ``m.path``), or a fingerprint string; None: the model has no file and its
+    params are fingerprinted (`params_fingerprint`). tree: a `TreeSpec` (depth <= heads; default the
+    tree stored with the heads, else the chain of all heads)."""
+    import os
+    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.medusa import MedusaConfig, MedusaDrafter, load_medusa, tree_from_meta
+    if sampling:
+        raise NotImplementedError("medusa: sampling verification is not implemented yet (greedy verification only)")
+    if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], MedusaConfig):
+        config, hp = heads
+        stored_tree = None
+    elif isinstance(heads, (str, os.PathLike)):
+        if target is None:
+            fp = params_fingerprint(params, model.vocab_size)
+        elif isinstance(target, str) and target.startswith("sha256:"):
+            fp = target
+        else:
+            fp = target_fingerprint(str(target))
+        config, hp, meta = load_medusa(heads, fp)
+        stored_tree = tree_from_meta(meta)
+    else:
+        raise TypeError(f"heads must be a heads file path or a (MedusaConfig, params) pair, got {type(heads).__name__}")
+    drafter = MedusaDrafter(config, tree if tree is not None else stored_tree)
+    return SpeculativeDecoder(drafter, "greedy"), with_draft_params(params, {"heads": hp, "target": params})

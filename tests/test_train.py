@@ -1,0 +1,340 @@
+"""Issue 15 (train/ I): the training harness, the self-distillation corpus and Medusa-1 heads, at tiny size.
+
+The toy target is `jaxdec.testing.toy_speculative.TrigramModel` with a table whose greedy next token is
+``perm[token]`` (noise elsewhere) and params ``{"table", "embed": I}``: its hidden state is the one-hot
+of the current token and its LM head is the identity, so a Medusa head can learn ``perm^(k+2)`` while
+an untrained head repeats the current token. Each check has a control that would fail it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec.speculative import methods as M
+from jaxdec.speculative.heads.artefact import HeadsMismatch, read_heads, save_heads
+from jaxdec.speculative.heads.medusa import MedusaConfig, init_params
+from jaxdec.testing.toy_speculative import TrigramModel
+from train.harness import ArrayData, ConfigError, TrainConfig, _manager, fit, restore_checkpoint, tree_hash
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 16
+FP = "sha256:" + "ab" * 32  # the toy target's fingerprint
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The toy target, its self-distillation corpus (through train.data) and a 20-step Medusa run."""
+    from train.data import generate_corpus, load_corpus
+    from train.medusa import MedusaTrainConfig, train_medusa
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(V)
+    table = (rng.normal(size=(V, V, V)) * 0.3).astype(np.float32)
+    table[:, np.arange(V), perm] += 4.0
+    model = TrigramModel(V)
+    params = {"table": jnp.asarray(table), "embed": jnp.eye(V, dtype=jnp.float32)}
+    prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 6)))] for _ in range(40)]
+    d = tmp_path_factory.mktemp("train")
+    data = str(d / "data")
+    part = generate_corpus(model, params, prompts[:32], [f"p{i}" for i in range(32)], data, FP, "toy",
+                           max_new_tokens=MAX_NEW, batch_size=8, shard_size=16, stop_after_shards=1)
+    incomplete_error = None
+    try:
+        load_corpus(data)
+    except ValueError as e:
+        incomplete_error = str(e)
+    first_shard_mtime = os.path.getmtime(os.path.join(data, "shard-00000.npz"))
+    man = generate_corpus(model, params, prompts[:32], [f"p{i}" for i in range(32)], data, FP, "toy",
+                          max_new_tokens=MAX_NEW, batch_size=8, shard_size=16)
+    corpus = load_corpus(data)
+    cfg = MedusaTrainConfig(out=str(d / "run"), steps=20, batch_size=8, lr=0.3, warmup=2, positions=16, seq_len=32,
+                            eval_every=10, save_every=10, log_every=1, progress=False, num_heads=3)
+    res, heads = train_medusa(cfg, model, params, corpus["seqs"], corpus["prompt_lens"], FP, target_name="toy",
+                              command="pytest", log=lambda *a: None)
+    return dict(model=model, params=params, prompts=prompts, data=data, part=part, man=man, corpus=corpus,
+                incomplete_error=incomplete_error, first_shard_mtime=first_shard_mtime, cfg=cfg, res=res,
+                heads=heads, mcfg=MedusaConfig(hidden=V, num_heads=3), dir=d)
+
+
+# --------------------------------------------------------------------------- self-distillation data
+def test_corpus_shards_manifest_and_resume(toy):
+    assert not toy["part"]["complete"] and len(toy["part"]["shards"]) == 1
+    assert "incomplete" in toy["incomplete_error"]
+    man = toy["man"]
+    assert man["complete"] and [s["index"] for s in man["shards"]] == [0, 1] and man["fingerprint"] == FP
+    # the resumed run did not rewrite the finished shard
+    assert os.path.getmtime(os.path.join(toy["data"], "shard-00000.npz")) == toy["first_shard_mtime"]
+    c = toy["corpus"]
+    greedy = jaxdec.generate(toy["model"], toy["params"], toy["prompts"][:32], max_new_tokens=MAX_NEW)
+    assert [list(s) for s in c["seqs"]] == [p + t for p, t in zip(toy["prompts"][:32], greedy.tokens)]
+    assert c["prompt_lens"] == [len(p) for p in toy["prompts"][:32]]
+    assert c["tokens"] == man["tokens"] == sum(len(s) for s in c["seqs"])
+
+
+def test_corpus_other_settings_and_corrupt_shard_refused(toy, tmp_path):
+    from train.data import generate_corpus, load_corpus
+    with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
+        generate_corpus(toy["model"], toy["params"], toy["prompts"][:32], [f"p{i}" for i in range(32)], toy["data"],
+                        FP, "toy", max_new_tokens=MAX_NEW + 1, shard_size=16)
+    bad = tmp_path / "bad"
+    shutil.copytree(toy["data"], bad)
+    (bad / "shard-00001.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="shard-00001.npz.*corrupt"):
+        load_corpus(str(bad))
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        load_corpus(str(tmp_path / "nothing"))
+
+
+def test_prompt_sources_keep_humaneval_100_to_163_held_out():
+    from train.data import build_prompts
+    recs = build_prompts(("chat", "written", "humaneval", "stdlib"), stdlib_max=50)
+    he = [r["id"] for r in recs if r["id"].startswith("humaneval/")]
+    assert he == [f"humaneval/{i}" for i in range(100)]
+    srcs = {r["id"].split("/")[0] for r in recs}
+    assert srcs == {"chat", "written", "humaneval", "stdlib"}
+    assert len([r for r in recs if r["id"].startswith("stdlib/")]) == 50
+    assert len({r["id"] for r in recs}) == len(recs)
+
+
+# --------------------------------------------------------------------------- Medusa heads
+def test_loss_falls_over_20_steps(toy):
+    recs = toy["res"].records
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert len(train) == 20 and [r["step"] for r in ev] == [10, 20]
+    assert train[-1] < 0.25 * train[0], train
+    assert ev[-1]["loss"] < 0.25 * train[0]
+    assert ev[-1]["acc0"] > 0.9  # head 0 (token t+2) learnt on held-out sequences
+    assert os.path.isfile(os.path.join(toy["cfg"].out, "loss.png"))
+    assert json.load(open(os.path.join(toy["cfg"].out, "summary.json")))["step"] == 20
+
+
+def test_trained_head_raises_tau_and_stays_lossless(toy):
+    model, params, test = toy["model"], toy["params"], toy["prompts"][32:]
+    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW)
+    taus = {}
+    for name, hp in (("untrained", init_params(toy["mcfg"])), ("trained", toy["res"].params)):
+        dec, pp = M.medusa(model, params, (toy["mcfg"], hp))
+        out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+        assert out.tokens == greedy.tokens, name  # lossless
+        taus[name] = out.stats["tau"]
+    assert taus["untrained"] < 1.5  # the control: an untrained head repeats the current token
+    assert taus["trained"] > taus["untrained"] + 1.5, taus
+
+
+def test_checkpoint_restores_bit_identical(toy):
+    cfg, res = toy["cfg"], toy["res"]
+    mngr = _manager(cfg.out, cfg)
+    assert mngr.all_steps() == [10, 20]
+    final, meta = restore_checkpoint(mngr, res.state)
+    assert tree_hash(final) == tree_hash(res.state)
+    assert meta["step"] == 20 and meta["data_position"] == 160 and meta["fingerprint"] == FP
+    earlier, _ = restore_checkpoint(mngr, res.state, 10)  # control: the hash tells checkpoints apart
+    assert tree_hash(earlier.params) != tree_hash(res.state.params)
+
+
+def test_heads_file_metadata_other_target_and_corrupt(toy, tmp_path):
+    model, params, path = toy["model"], toy["params"], toy["heads"]
+    hp, meta = read_heads(path, "medusa")
+    for k in ("fingerprint", "command", "data_tokens", "data_examples", "commit", "wall_s", "config", "steps"):
+        assert k in meta, k
+    assert meta["fingerprint"] == FP and meta["config"] == {"hidden": V, "num_heads": 3, "num_layers": 1}
+    assert tree_hash(hp) == tree_hash(jax.device_get(toy["res"].params))
+    test = toy["prompts"][32:]  # the same shapes as above: the compiled programs are reused
+    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW)
+    dec, pp = M.medusa(model, params, path, target=FP)
+    out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+    assert out.tokens == greedy.tokens and out.stats["tau"] > 3.0
+    with pytest.raises(HeadsMismatch, match="another target"):
+        M.medusa(model, params, path, target="sha256:" + "cd" * 32)
+    with pytest.raises(HeadsMismatch, match="another target"):  # no target given: the params' fingerprint
+        M.medusa(model, params, path)
+    blob = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        M.medusa(model, params, str(cut), target=FP)
+    with pytest.raises(ValueError, match="is a folder"):
+        M.medusa(model, params, str(tmp_path), target=FP)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        M.medusa(model, params, str(tmp_path / "none.safetensors"), target=FP)
+    other = save_heads(str(tmp_path / "eagle.safetensors"), "eagle", {"w": np.zeros(2)}, {}, FP)
+    with pytest.raises(ValueError, match="holds 'eagle' heads, expected 'medusa'"):
+        M.medusa(model, params, other, target=FP)
+
+
+def test_resume_refuses_another_config_or_target(toy, tmp_path):
+    from train.medusa import train_medusa
+    run = tmp_path / "run"
+    shutil.copytree(toy["cfg"].out, run)
+    import dataclasses
+    c = toy["corpus"]
+    cfg = dataclasses.replace(toy["cfg"], out=str(run), lr=0.1)
+    with pytest.raises(ConfigError, match="--lr was 0.3"):
+        train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    cfg = dataclasses.replace(toy["cfg"], out=str(run))
+    with pytest.raises(ConfigError, match="trained for target"):
+        train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], "sha256:other",
+                     log=lambda *a: None)
+
+
+# --------------------------------------------------------------------------- harness: exact resume
+def _regression():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    data = ArrayData({"x": x, "y": x @ rng.normal(size=(6,)).astype(np.float32)})
+
+    def loss_fn(p, frozen, b, key):  # the step key matters: noisy targets
+        y = b["y"] + 0.1 * jax.random.normal(key, b["y"].shape)
+        return jnp.mean((b["x"] @ p["w"] - y) ** 2), {}
+
+    return data, loss_fn
+
+
+class _Shifted(ArrayData):
+    """A resume bug as a control: the data position restarts at 0."""
+
+    offset = 0
+
+    def batch(self, step, batch, seed):
+        return super().batch(step - self.offset, batch, seed)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    data, loss_fn = _regression()
+    quiet = dict(log=lambda *a: None)
+    cfg = lambda out, **kw: TrainConfig(out=str(tmp_path / out), steps=12, batch_size=8, lr=0.05, save_every=5,  # noqa
+                                        eval_every=100, progress=False, **kw)
+    p0 = {"w": jnp.zeros((6,), jnp.float32)}
+    a = fit(cfg("a"), p0, loss_fn, data, **quiet)
+    b1 = fit(cfg("b"), p0, loss_fn, data, stop_after=7, **quiet)  # interrupted after step 7, checkpoint at 5
+    assert int(b1.state.step) == 7
+    b = fit(cfg("b"), p0, loss_fn, data, **quiet)
+    assert b.resumed_from == 5
+    assert tree_hash(b.params) == tree_hash(a.params)
+    assert tree_hash(b.state.opt_state) == tree_hash(a.state.opt_state)
+    # controls: another seed, or a resume that loses the data position, ends elsewhere
+    assert tree_hash(fit(cfg("c", seed=1), p0, loss_fn, data, **quiet).params) != tree_hash(a.params)
+    fit(cfg("d"), p0, loss_fn, data, stop_after=5, **quiet)
+    shifted = _Shifted(data.arrays)
+    shifted.offset = 5
+    assert tree_hash(fit(cfg("d"), p0, loss_fn, shifted, **quiet).params) != tree_hash(a.params)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    data, loss_fn = _regression()
+    cfg = TrainConfig(out=str(tmp_path / "r"), steps=5, batch_size=8, save_every=5, eval_every=100, progress=False)
+    p0 = {"w": jnp.zeros((6,), jnp.float32)}
+    fit(cfg, p0, loss_fn, data, log=lambda *a: None)
+    state_dir = tmp_path / "r" / "checkpoints" / "5" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\0garbage")
+    with pytest.raises(ValueError, match="checkpoints/5.*corrupt"):
+        fit(TrainConfig(**{**cfg.__dict__, "steps": 5}), p0, loss_fn, data, log=lambda *a: None)
+
+
+def test_config_flags_override_and_bad_values_exit_2(capsys):
+    from train.harness import config_from_args
+    from train.medusa import MedusaTrainConfig
+    c = config_from_args(MedusaTrainConfig, ["--steps", "7", "--lr", "0.01", "--no-progress", "--num-heads", "2"])
+    assert (c.steps, c.lr, c.progress, c.num_heads) == (7, 0.01, False, 2)
+    with pytest.raises(dataclasses_frozen_error()):
+        c.steps = 3
+    for argv, needle in ((["--steps", "0"], "--steps must be an integer >= 1"), (["--lr", "nan"], "--lr must be"),
+                         (["--decay", "2"], "--decay must be in (0, 1]"), (["--weights", "int3"], "--weights")):
+        with pytest.raises(SystemExit) as e:
+            config_from_args(MedusaTrainConfig, argv)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+# --------------------------------------------------------------------------- data parallel
+_DP = r"""
+import sys, json, jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from train.harness import ArrayData, TrainConfig, fit, make_train_step, data_mesh
+rng = np.random.default_rng(1)
+x = rng.normal(size=(64, 6)).astype(np.float32)
+data = ArrayData({"x": x, "y": x @ rng.normal(size=(6,)).astype(np.float32)})
+def loss_fn(p, fr, b, key):
+    return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {}
+out = {}
+for n in (1, 8):
+    r = fit(TrainConfig(out=sys.argv[2] + f"/d{n}", steps=6, batch_size=8, lr=0.05, save_every=100, eval_every=100,
+                        log_every=1, progress=False, devices=n), {"w": jnp.zeros((6,))}, loss_fn, data, log=lambda *a: None)
+    out[n] = [q["loss"] for q in r.records if q["kind"] == "train"]
+mesh = data_mesh(8)
+from jax.sharding import NamedSharding, PartitionSpec as P
+b = jax.device_put({"x": x[:8]}, NamedSharding(mesh, P("data")))
+print(json.dumps({"one": out[1], "eight": out[8], "devices": len(jax.devices()),
+                  "shards": len(b["x"].sharding.device_set), "spec": str(b["x"].sharding.spec)}))
+"""
+
+
+def test_data_parallel_over_8_devices_matches_1(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _DP, ROOT, str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 8 and got["shards"] == 8 and "data" in got["spec"]
+    assert len(got["one"]) == len(got["eight"]) == 6
+    np.testing.assert_allclose(got["eight"], got["one"], rtol=1e-5)
+    assert len(set(got["one"])) == 6  # the params moved: each step's loss differs
+
+
+# --------------------------------------------------------------------------- CLI
+@pytest.fixture
+def cli_no_load(monkeypatch):
+    import jaxdec.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad --heads was reported")
+    monkeypatch.setattr(cli, "load_model", boom)
+    return cli
+
+
+def _cli_error(cli, capsys, argv):
+    rc = cli.main(["generate", "--prompt", "Hi", "--method", "speculative", *argv])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("jaxdec: error:"), (rc, err)
+    return err[0]
+
+
+def test_cli_medusa_heads_errors_before_the_model_loads(toy, cli_no_load, capsys, tmp_path, monkeypatch):
+    import jaxdec.speculative.heads as heads_pkg
+    cli = cli_no_load
+    monkeypatch.setattr(heads_pkg, "ARTEFACT_DIR", str(tmp_path / "none"))  # as if nothing were shipped
+    assert "no Medusa heads are shipped for --model 'smollm2-135m'; pass --heads" in \
+        _cli_error(cli, capsys, ["--drafter", "medusa"])
+    assert "another target model or vocabulary" in \
+        _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", toy["heads"]])  # trained for the toy
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert "--heads" in (e := _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", str(bad)])) and "corrupt" in e
+    assert "--heads is not used by --drafter pld" in _cli_error(cli, capsys, ["--drafter", "pld", "--heads", str(bad)])
+    # control: a heads file made for the default model's fingerprint passes these checks (the model
+    # loader is reached, which this fixture turns into an AssertionError)
+    from jaxdec.models.registry import resolve
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    ok = save_heads(str(tmp_path / "ok.safetensors"), "medusa", {"w": np.zeros((1, 1, 576, 576), np.float32),
+                                                                 "b": np.zeros((1, 1, 576), np.float32)},
+                    {"hidden": 576, "num_heads": 1, "num_layers": 1}, target_fingerprint(resolve("smollm2-135m")))
+    with pytest.raises(AssertionError, match="model was loaded"):
+        cli.main(["generate", "--prompt", "Hi", "--method", "speculative", "--drafter", "medusa", "--heads", ok])

@@ -1,0 +1,182 @@
+"""Train Medusa-1 heads on the self-distillation corpus: ``python -m train.medusa [--flags]``.
+
+The target is frozen; its final-norm hidden states are recomputed inside the jitted train step (one
+forward of the batch, no gradient), and head k (0-based) at anchor position t learns the target's own
+greedy token at t + 2 + k (cross-entropy, head weights ``decay**k``). Anchors are the positions from
+the last prompt token on (where drafting happens at inference), ``positions`` of them drawn per row
+each step (the step key), so the LM-head logits stay ``[K, B, positions, V]``.
+
+Writes ``<out>/heads.safetensors`` (`jaxdec.speculative.heads.artefact` format: target fingerprint,
+command, data size, commit, wall time) besides the harness's checkpoints and logs; ``--export PATH``
+also copies it there (``make heads`` exports into the package).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaTrainConfig(TrainConfig):
+    out: str = "train/work/runs/medusa"
+    data: str = "train/work/selfdistill"  # a `python -m train.data` folder
+    model: str = "smollm2-135m"
+    weights: str = "q"  # the target's weights for the hidden states (the fingerprint is the same for all)
+    num_heads: int = 4
+    num_layers: int = 1
+    positions: int = 32  # anchor positions drawn per row and step
+    decay: float = 0.8  # loss weight of head k: decay ** k
+    seq_len: int = 256  # sequences are cut / padded to this many tokens
+    eval_fraction: float = 0.05  # sequences held out for evaluation
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    export: str = ""  # also write the heads file here
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_heads", "num_layers", "positions", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.weights not in ("f32", "q", "bf16", "df11"):
+            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# data and loss
+# --------------------------------------------------------------------------------------------------
+
+def sequences_to_arrays(seqs, prompt_lens, seq_len: int, pad_id: int = 0) -> dict:
+    """Token sequences (prompt then the target's continuation) -> ``tokens [N,T]``, ``length [N]``,
+    ``prompt_len [N]`` (cut to ``seq_len``)."""
+    n = len(seqs)
+    toks = np.full((n, seq_len), pad_id, np.int32)
+    length = np.zeros((n,), np.int32)
+    for i, s in enumerate(seqs):
+        s = np.asarray(s, np.int32)[:seq_len]
+        toks[i, :len(s)] = s
+        length[i] = len(s)
+    return {"tokens": toks, "length": length, "prompt_len": np.minimum(np.asarray(prompt_lens, np.int32), length)}
+
+
+def make_loss(model, config, positions: int, decay: float):
+    """``loss_fn(head_params, target_params, batch, key) -> (loss, aux)`` for `train.harness.fit`."""
+    from jaxdec.speculative.heads.medusa import head_logits
+    k_heads = config.num_heads
+    weights = jnp.asarray([decay ** k for k in range(k_heads)], jnp.float32)
+
+    def loss_fn(hp, tp, batch, key):
+        tokens, length, plen = batch["tokens"], batch["length"], batch["prompt_len"]
+        b, t = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        hid = jax.lax.stop_gradient(model(tp, tokens, pos, model.init_cache(b, t)).hidden)  # [B,T,E]
+        ar = jnp.arange(t)[None]
+        ok = (ar >= plen[:, None] - 1) & (ar + 2 < length[:, None])  # anchors with a first label
+        p = min(positions, t)
+        score = jnp.where(ok, jax.random.uniform(key, (b, t)), -1.0)
+        sc, idx = jax.lax.top_k(score, p)  # [B,P]
+        sel = sc >= 0
+        hs = jnp.take_along_axis(hid, idx[:, :, None], axis=1)  # [B,P,E]
+        logits = head_logits(config, hp, model, tp, hs)  # [K,B,P,V]
+        lab_pos = idx[None] + 2 + jnp.arange(k_heads)[:, None, None]  # [K,B,P]
+        lab = jnp.take_along_axis(jnp.broadcast_to(tokens[None], (k_heads, b, t)), jnp.clip(lab_pos, 0, t - 1), axis=2)
+        m = (sel[None] & (lab_pos < length[None, :, None])).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        ll = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
+        ce = jnp.sum((lse - ll) * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)  # [K]
+        acc = jnp.sum((jnp.argmax(logits, -1) == lab) * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
+        loss = jnp.sum(weights * ce) / jnp.sum(weights)
+        aux = {f"acc{k}": acc[k] for k in range(k_heads)}
+        return loss, aux
+
+    return loss_fn
+
+
+def split_heldout(n: int, fraction: float, seed: int = 1234):
+    """Deterministic (train indices, held-out indices) of n sequences (at least one of each)."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = min(max(1, int(round(n * fraction))), n - 1)
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "jaxdec"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train_medusa(cfg: MedusaTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
+                 target_name: str = "", command: str = "", stop_after=None, log=print):
+    """Train heads on ``seqs``; writes ``<out>/heads.safetensors``; returns (FitResult, heads path)."""
+    from jaxdec.speculative.heads.artefact import save_heads
+    from jaxdec.speculative.heads.medusa import KIND, MedusaConfig, init_params
+    if len(seqs) < 2:
+        raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
+    e = int(model(target_params, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                  model.init_cache(1, 1)).hidden.shape[-1])
+    mcfg = MedusaConfig(hidden=e, num_heads=cfg.num_heads, num_layers=cfg.num_layers)
+    arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
+    tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
+    train = ArrayData({k: v[tr] for k, v in arrays.items()})
+    held = ArrayData({k: v[ho] for k, v in arrays.items()})
+    gen_tokens = int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr]))
+    meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": mcfg.to_dict()}
+    loss_fn = make_loss(model, mcfg, cfg.positions, cfg.decay)
+    res = fit(cfg, init_params(mcfg, cfg.seed), loss_fn, train, frozen=target_params, eval_data=held, meta=meta,
+              tokens_per_example=None, stop_after=stop_after, log=log)
+    path = os.path.join(cfg.out, "heads.safetensors")
+    if int(res.state.step) == cfg.steps:
+        save_heads(path, KIND, jax.device_get(res.params), mcfg.to_dict(), fingerprint, target=target_name,
+                   command=command, data_examples=int(len(tr)), data_tokens=int(np.sum(arrays["length"][tr])),
+                   data_generated_tokens=gen_tokens, steps=cfg.steps, commit=git_commit(), wall_s=round(res.wall_s, 1),
+                   final_eval=next((r for r in reversed(res.records) if r["kind"] == "eval"), None))
+        log(f"heads: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+    return res, path
+
+
+def main(argv=None):
+    cfg = config_from_args(MedusaTrainConfig, argv, prog="python -m train.medusa", description=__doc__)
+    import jaxdec
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    from train.data import load_corpus
+    t0 = time.time()
+    m = jaxdec.load(cfg.model, weights=cfg.weights)
+    fp = target_fingerprint(m.path)
+    corpus = load_corpus(cfg.data)
+    if corpus["fingerprint"] != fp:
+        raise SystemExit(f"train.medusa: error: --data {cfg.data!r} was generated by another target "
+                         f"({corpus['target']!r}); regenerate it with python -m train.data --model {cfg.model}")
+    print(f"target {cfg.model} ({os.path.basename(m.path)}) loaded in {time.time() - t0:.1f} s; corpus "
+          f"{len(corpus['seqs'])} sequences, {corpus['tokens']:,} tokens")
+    command = "python -m train.medusa " + " ".join(sys.argv[1:] if argv is None else argv)
+    res, path = train_medusa(cfg, m.model, m.params, corpus["seqs"], corpus["prompt_lens"], fp,
+                             target_name=cfg.model, command=command)
+    if cfg.export and os.path.isfile(path):
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.export)), exist_ok=True)
+        shutil.copyfile(path, cfg.export)
+        print(f"exported {cfg.export}")
+
+
+if __name__ == "__main__":
+    main()
