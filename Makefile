@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 STAMP := .install-stamp
 
-.PHONY: install demo test acceptance bench
+.PHONY: install demo test acceptance bench heads
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
@@ -27,3 +27,11 @@ acceptance: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_greedy.py
+
+# the shipped trained heads (issue 15): the self-distillation corpus, then each head set; both steps
+# resume after an interruption (train/work/ keeps the corpus shards and the orbax checkpoints)
+HEADS_DIR := jaxdec/speculative/heads/artefacts
+heads: $(STAMP)
+	$(PY) -m train.data --out train/work/selfdistill
+	$(PY) -m train.medusa --data train/work/selfdistill --out train/work/runs/medusa \
+		--export $(HEADS_DIR)/medusa-smollm2-135m.safetensors
