@@ -29,7 +29,10 @@ normaliser ``l``, unnormalised accumulator ``acc``, all float32) and
    (row-expanded) block mask, with the sliding window already folded into that mask;
 2. loops (``lax.fori_loop`` with a dynamic trip count) over cache blocks of ``block_k`` keys,
    visiting only blocks that can hold a visible key: ``[lo // block_k, cdiv(min(len, S), block_k))``
-   where ``lo`` is the first key position inside every query's sliding window. The cache is
+   where ``lo`` is the first key position inside every query's sliding window. This is the lengths
+   rule every attention path follows (`jaxdec.attention.blockwise`: the loop bound comes from the
+   committed lengths, never from the buffer); the kernel applies it per batch row, and the test hook
+   ``_count_blocks`` reports the blocks each program visited. The cache is
    never padded or copied when ``S >= block_k``: the last block is read at start ``S - block_k``
    and the keys it shares with the previous block are masked out. Values of masked slots are
    zeroed with ``where`` before the ``p @ v`` product, so NaN/garbage in unused slots cannot leak.
@@ -211,8 +214,11 @@ def rows_to_heads(o, b, t, kvh, g, d):
 # ----------------------------------------------------------------------------------------------
 
 def _tree_kernel(bounds_ref, qpos_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, *rest,
-                 scale, block_k, block_t, n_t_chunks, seq_len, window, blocks_per_split, n_poison):
+                 scale, block_k, block_t, n_t_chunks, seq_len, window, blocks_per_split, n_poison,
+                 count_blocks=False):
     out_refs = rest[n_poison:]
+    if count_blocks:  # test hook: the number of cache blocks this program's loop visited
+        out_refs, count_ref = out_refs[:-1], out_refs[-1]
     split = pl.program_id(3)
     q = q_ref[...].astype(jnp.float32) * scale  # [br, D]
     carry = init_state(q.shape[0], q.shape[1])
@@ -230,6 +236,8 @@ def _tree_kernel(bounds_ref, qpos_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, ma
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
     def body(i, carry):
+        if count_blocks:
+            carry, visited = carry
         start = i * block_k
         ks = jnp.minimum(start, seq_len - block_k)  # last block overlaps the previous one
         kpos = ks + cols
@@ -241,9 +249,14 @@ def _tree_kernel(bounds_ref, qpos_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, ma
         vis = ok[None, :]
         if window is not None:
             vis = vis & (qpos - kpos[None, :] < window)
-        return online_update(carry, s, vis, v)
+        new = online_update(carry, s, vis, v)
+        return (new, visited + 1) if count_blocks else new
 
-    acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, carry)
+    if count_blocks:
+        (acc, m, l), visited = lax.fori_loop(first, jnp.maximum(first, last), body, (carry, jnp.zeros((), jnp.int32)))
+        count_ref[...] = jnp.full(count_ref.shape, visited, jnp.int32)
+    else:
+        acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, carry)
     if len(out_refs) == 1:
         o_ref, = out_refs
         o_ref[...] = finalize(acc, l).astype(o_ref.dtype)
@@ -278,10 +291,11 @@ def _check_inputs(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "scale", "block_k", "block_r",
-                                             "block_t", "num_splits", "interpret", "poison"))
+                                             "block_t", "num_splits", "interpret", "poison",
+                                             "count_blocks"))
 def _tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos, *,
                     sliding_window, scale, block_k, block_r, block_t, num_splits, interpret,
-                    poison):
+                    poison, count_blocks=False):
     b, t, h, d = q.shape
     s = k_cache.shape[1]
     kvh = k_cache.shape[2]
@@ -329,14 +343,20 @@ def _tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_po
             aliases[len(args)] = n
             args.append(jnp.full(shp.shape, jnp.nan, shp.dtype))
             in_specs.append(spec)
+    if count_blocks:
+        out_shape = out_shape + [jax.ShapeDtypeStruct((b, kvh, rp // br, splits, 1), jnp.int32)]
+        out_specs = out_specs + [pl.BlockSpec((None, None, None, None, 1), lambda i, j, r, c: (i, j, r, c, 0))]
     kernel = functools.partial(
         _tree_kernel, scale=float(scale), block_k=bk, block_t=bt, n_t_chunks=tp // bt,
         seq_len=seq_len, window=sliding_window, blocks_per_split=bps,
-        n_poison=len(aliases))
+        n_poison=len(aliases), count_blocks=count_blocks)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         input_output_aliases=aliases, interpret=interpret, name="tree_attention",
     )(*args)
+    counts = None
+    if count_blocks:
+        outs, counts = outs[:-1], outs[-1][..., 0].sum(axis=3)  # [B,KVH,row blocks]: blocks over all splits
     if splits == 1:
         o = outs[0]
     else:  # merge the splits' partial softmax states
@@ -344,20 +364,24 @@ def _tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_po
         m_all = jnp.max(m, axis=2, keepdims=True)
         w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)
         o = finalize(jnp.sum(w * acc, axis=2), jnp.sum(w * l, axis=2)).astype(q.dtype)
-    return rows_to_heads(o, b, t, kvh, g, d)
+    out = rows_to_heads(o, b, t, kvh, g, d)
+    return (out, counts) if count_blocks else out
 
 
 def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
                    sliding_window: Optional[int] = None, scale: Optional[float] = None, *,
                    block_k: int = 128, block_r: int = 64, block_t: int = 64,
                    num_splits: int = 1, interpret: Optional[bool] = None,
-                   _poison_output: bool = False):
+                   _poison_output: bool = False, _count_blocks: bool = False):
     """Attention of a block of T tokens over a ragged cache plus the block (Pallas kernel).
 
     Same arguments and result as ``jaxdec.attention.reference.attend`` (see the module docstring
     for shapes). Keyword-only tuning: ``block_k`` cache keys per inner step, ``block_r`` query rows
     (T*G flattened) per program, ``block_t`` block keys per step (all powers of two >= 16 for GPU),
     ``num_splits`` split-K factor over the cache, ``interpret`` (default: True on a CPU backend).
+    ``_count_blocks`` (test hook): also return ``[B,KVH,row blocks]`` int32, the number of cache blocks
+    each program's loop visited (summed over splits): the lengths rule says ``cdiv(length, block_k)``
+    minus the blocks before every query's window, whatever the cache size.
     """
     q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
     k_new, v_new = jnp.asarray(k_new), jnp.asarray(v_new)
@@ -379,7 +403,7 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos
                            sliding_window=sliding_window, scale=scale, block_k=int(block_k),
                            block_r=int(block_r), block_t=int(block_t),
                            num_splits=int(num_splits), interpret=interpret,
-                           poison=bool(_poison_output))
+                           poison=bool(_poison_output), count_blocks=bool(_count_blocks))
 
 
 # ----------------------------------------------------------------------------------------------

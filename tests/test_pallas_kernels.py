@@ -139,6 +139,29 @@ def test_nan_in_unused_cache_slots_does_not_leak():
     assert_close(out_dirty, attend(**clean, sliding_window=7))
 
 
+def test_cache_blocks_visited_follow_lengths_not_buffer():
+    """The lengths rule (as in jaxdec.attention.blockwise): each program's cache loop visits
+    cdiv(length, block_k) blocks (minus those before every query's window), the same count for a
+    256-slot and a 1024-slot cache; the output still equals the jnp reference (`attend`)."""
+    lengths = [0, 17, 64, 100]
+    counts = {}
+    for s in (256, 1024):
+        case = make_case(3, b=4, t=3, h=6, kvh=2, d=16, s=s, lengths=lengths, nan_unused=True)
+        out, cnt = tree_attention(**case, block_k=16, _count_blocks=True)
+        ref = attend(**make_case(3, b=4, t=3, h=6, kvh=2, d=16, s=s, lengths=lengths))
+        assert_close(out, ref)
+        counts[s] = np.asarray(cnt)
+        assert counts[s].shape == (4, 2, 1)
+        np.testing.assert_array_equal(counts[s][:, :, 0], np.array([[0, 0], [2, 2], [4, 4], [7, 7]]))
+    np.testing.assert_array_equal(counts[256], counts[1024])
+    # sliding window: blocks wholly before every query's window are not visited (row 3: positions
+    # 100 sees keys 81..99, blocks 5 and 6 of 16 keys; without the window it visits 7); split-K sums them
+    case = make_case(4, b=4, t=1, h=6, kvh=2, d=16, s=256, lengths=lengths, tree=False)
+    out, cnt = tree_attention(**case, block_k=16, sliding_window=20, num_splits=4, _count_blocks=True)
+    assert_close(out, attend(**case, sliding_window=20))
+    np.testing.assert_array_equal(np.asarray(cnt)[:, 0, 0], [0, 2, 2, 2])  # row 2: keys 45..63, blocks 2-3
+
+
 def test_pallas_call_in_traced_program():
     case = make_case(0, b=1, t=2, h=4, kvh=2, d=32, s=16, lengths=[4])
     jaxpr = str(jax.make_jaxpr(lambda *a: tree_attention(*a, block_k=16))(*case.values()))
