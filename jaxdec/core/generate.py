@@ -1,6 +1,7 @@
 """Host-side entry points: `generate` (any decoder through the shared driver) and `score`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -30,6 +31,7 @@ class Generation:
     stats: dict
     text: Optional[list] = None
     extras: dict = dataclasses.field(default_factory=dict)
+    constraint_ok: Optional[list] = None  # per row with constraint=: the grammar engine accepts the output
 
 
 def generate(model, params, prompts, *, method: str = "greedy", decoder=None, max_new_tokens: int = 64,
@@ -37,7 +39,8 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              stop_strings: Sequence[str] = (), tokenizer=None, batch_size: Optional[int] = None,
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
              callback=None, progress=None, inputs_fn=None, mesh=None, prefill_chunk: Optional[int] = 512,
-             shared_prefix: Optional[bool] = None, processors=None, carry=None, hot_start: bool = False) -> Generation:
+             shared_prefix: Optional[bool] = None, processors=None, carry=None, hot_start: bool = False,
+             constraint=None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -65,6 +68,9 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     the dict of a previous result's ``stats["carry"]``). hot_start: every later batch starts from the
     decoder's ``carry(state)`` of the batch before (the Token Recycling paper runs its matrix across queries;
     tokens never change, only τ). Statistics are summed over all batches.
+    constraint: a `jaxdec.constrained` constraint (json_schema, regex, lark, choices) for every row, or a
+    list with one per prompt (None: that prompt unconstrained); needs ``tokenizer=``. Greedy, sampling and
+    `SpeculativeDecoder` with a chain drafter honour it (others refuse by name); ``constraint_ok`` per row.
     """
     from jaxdec.core.token import TokenDecoder
     from jaxdec.core.stopping import StopStringChecker
@@ -90,13 +96,21 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
                                processors=check_processors(processors, "generate"))
     else:
         decoder = ensure_accepts(decoder, processors, "generate")
+    cons = None
+    if constraint is not None:
+        from jaxdec.constrained.api import prepare
+        cons = prepare(decoder, constraint, n_prompts=len(prompts), samples=n, expand=1, tokenizer=tokenizer,
+                       model=model, inputs_fn=inputs_fn, who="generate")
+    if cons is not None:
+        decoder, inputs_fn = cons.decoder, cons.inputs_fn
 
     model = with_prefill_chunk(model, prefill_chunk)
-    run = driver.run(decoder, model, params, rows, samples_per_prompt=n, max_new_tokens=max_new_tokens,
-                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
-                     cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,
-                     progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix,
-                     carry=_carry_input(decoder, carry), hot_start=hot_start)
+    with (cons.running() if cons is not None else contextlib.nullcontext()):
+        run = driver.run(decoder, model, params, rows, samples_per_prompt=n, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
+                         cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,
+                         progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix,
+                         carry=_carry_input(decoder, carry), hot_start=hot_start)
     finalize = hook(decoder, "finalize")
     all_tokens, finishes = [], []
     for state, real in run.results:
@@ -124,8 +138,13 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     extras = {"token_sharding": last_state.tokens.sharding, "cache_sharding": getattr(last_state.cache, "k", None)}
     if extras["cache_sharding"] is not None:
         extras["cache_sharding"] = extras["cache_sharding"].sharding
+    ok = None
+    if cons is not None:
+        ok = cons.ok(all_tokens, [i // n for i in range(len(all_tokens))])
+        out_stats["constraint_mask_calls"] = len(cons.session.mask_seconds)
+        extras["constraint_session"] = cons.session
     return Generation(prompt_ids=rows, tokens=all_tokens, finish_reason=finishes, stats=out_stats, text=text,
-                      extras=extras)
+                      extras=extras, constraint_ok=ok)
 
 
 def _carry_input(decoder, carry):

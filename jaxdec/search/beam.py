@@ -33,6 +33,7 @@ each prompt's best hypothesis and ``extras["beams"]`` lists every returned hypot
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -359,7 +360,10 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
 
     Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
     Conditional beam search: ``no_repeat_ngram_size=n`` (HF's option) or any ``constraint`` predicate
-    (see `BeamSearch`) removes degenerate continuations from the search.
+    (see `BeamSearch`) removes degenerate continuations from the search. A grammar constraint
+    (`jaxdec.constrained`: json_schema, regex, lark, choices; one, or a list with one per prompt) masks
+    every beam with its own matcher, forked when beams are reordered (needs ``tokenizer=``);
+    ``constraint_ok`` per prompt, and per hypothesis in ``extras["beams"]``.
     batch_size counts prompts per compiled batch (each holds batch_size * num_beams rows). Returns a
     `Generation`: ``tokens[i]`` is prompt i's best hypothesis (up to and including EOS), ``extras["beams"]
     [i]`` its ``num_return_sequences`` (default num_beams) hypotheses ``{"tokens", "score",
@@ -369,6 +373,9 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     their generated tokens (beam reordering gathers those only) and every layer attends with
     `hydragen_attend` (each prompt's beams batched against its prefix). ``stats["shared_prefix"]``.
     """
+    grammar = None
+    if _is_grammar(constraint):  # a jaxdec.constrained constraint (or one per prompt): the grammar mask
+        grammar, constraint = constraint, None
     if no_repeat_ngram_size and constraint is not None:
         raise ValueError("give either no_repeat_ngram_size or constraint, not both")
     if no_repeat_ngram_size:
@@ -391,14 +398,41 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     if not 1 <= nr <= num_beams:
         raise ValueError(f"num_return_sequences must be in [1, num_beams], got {num_return_sequences!r}")
     stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    prompts, results, stats = run_grouped(dec, model, params, prompts, num_beams, max_new_tokens=max_new_tokens,
-                                          min_new_tokens=min_new_tokens, stop_ids=stop, batch_size=batch_size,
-                                          cache_size=cache_size, debug=debug, callback=callback,
-                                          extra_inputs=extra, shared_prefix=shared_prefix)
+    cons = None
+    if grammar is not None:
+        from jaxdec.constrained.api import prepare
+        from jaxdec.core.driver import _check_prompts
+        n_prompts = len(_check_prompts(prompts, model.vocab_size))
+        cons = prepare(dec, grammar, n_prompts=n_prompts, samples=1, expand=int(num_beams), tokenizer=tokenizer,
+                       model=model, inputs_fn=extra, who="beam_search")
+    if cons is not None:
+        dec, extra = cons.decoder, cons.inputs_fn
+    with (cons.running() if cons is not None else contextlib.nullcontext()):
+        prompts, results, stats = run_grouped(dec, model, params, prompts, num_beams, max_new_tokens=max_new_tokens,
+                                              min_new_tokens=min_new_tokens, stop_ids=stop, batch_size=batch_size,
+                                              cache_size=cache_size, debug=debug, callback=callback,
+                                              extra_inputs=extra, shared_prefix=shared_prefix)
     beams, best, finish = _collect(prompts, results, num_beams, nr, stop, dec.group_size)
     new = sum(len(t) for t in best)
     stats.update({"new_tokens": new, "tokens_per_second": new / stats["seconds"] if stats["seconds"] > 0 else
                   float("nan"), "num_beams": num_beams})
     text = [tokenizer.decode(t) for t in best] if tokenizer is not None else None
+    ok = None
+    if cons is not None:
+        ok = cons.ok(best, range(len(best)))
+        for i, hyps in enumerate(beams):
+            for h, hok in zip(hyps, cons.ok([h["tokens"] for h in hyps], [i] * len(hyps))):
+                h["constraint_ok"] = hok
     return Generation(prompt_ids=prompts, tokens=best, finish_reason=finish, stats=stats, text=text,
-                      extras={"beams": beams, "scores": [b[0]["score"] for b in beams]})
+                      extras={"beams": beams, "scores": [b[0]["score"] for b in beams]}, constraint_ok=ok)
+
+
+def _is_grammar(constraint) -> bool:
+    """A `jaxdec.constrained` constraint, its dict form, or a list of them (None entries allowed)."""
+    if constraint is None:
+        return False
+    from jaxdec.constrained.constraint import Constraint
+    if isinstance(constraint, (Constraint, dict)):
+        return True
+    return isinstance(constraint, (list, tuple)) and all(c is None or isinstance(c, (Constraint, dict))
+                                                         for c in constraint)

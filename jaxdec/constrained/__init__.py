@@ -1,0 +1,12 @@
+"""Constrained decoding: JSON-schema, regex, Lark and choice constraints as a token mask inside the compiled
+loop (`ConstraintMask`, the first processor of the chain, filled on the host through one ordered callback
+per step for all rows), with two engines behind one interface (llguidance, outlines-core).
+
+    from jaxdec.constrained import json_schema, regex, lark, choices
+    g = jaxdec.generate(m.model, m.params, ids, tokenizer=m.tokenizer, constraint=json_schema(schema))
+    g.constraint_ok       # per row: the engine accepts the output
+"""
+from jaxdec.constrained.constraint import Constraint, as_constraint, choices, json_schema, lark, regex  # noqa: F401
+from jaxdec.constrained.engines import (ConstraintError, Engine, LLGuidanceEngine, Matcher,  # noqa: F401
+                                        OutlinesEngine, get_engine)
+from jaxdec.constrained.processor import ConstraintMask, Session  # noqa: F401

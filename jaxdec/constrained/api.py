@@ -1,0 +1,125 @@
+"""Glue between `generate` / `beam_search` and the constraint session: validate ``constraint=``, compile
+it per row, add `ConstraintMask` to a decoder that can honour it (or refuse the decoder by name), wrap
+the driver's per-batch ``inputs_fn`` so the session knows which rows each batch holds, and report
+``constraint_ok`` per output row."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional, Sequence
+
+from jaxdec.constrained.constraint import Constraint, as_constraint
+from jaxdec.constrained.engines import ConstraintError, get_engine
+from jaxdec.constrained.processor import ConstraintMask, Session, activate
+
+SUPPORTED = "greedy and sampling (generate), beam_search, and SpeculativeDecoder with a chain drafter"
+
+
+def per_prompt(constraint, n_prompts: int, who: str = "constraint") -> list:
+    """``constraint`` (one for all rows, or a list with one entry per prompt, None = unconstrained) as a
+    list of `Constraint | None`, one per prompt."""
+    if isinstance(constraint, (list, tuple)):
+        if len(constraint) != n_prompts:
+            raise ValueError(f"{who}: a list of constraints needs one entry per prompt ({n_prompts}), got "
+                             f"{len(constraint)}")
+        return [None if c is None else as_constraint(c, f"{who}[{i}]") for i, c in enumerate(constraint)]
+    c = as_constraint(constraint, who)
+    return [c] * n_prompts
+
+
+def compile_rows(cons: list, tokenizer, model) -> list:
+    """[(engine, compiled) | None] per prompt; engines and grammars are cached per tokenizer."""
+    if tokenizer is None:
+        raise ValueError("constraint= needs tokenizer= (the grammar engines work on the tokenizer's vocabulary)")
+    eos = tuple(getattr(model, "eos_ids", ()) or ())
+    out, seen = [], {}
+    for c in cons:
+        if c is None:
+            out.append(None)
+            continue
+        key = (c.engine, c.key())
+        if key not in seen:
+            eng = get_engine(c.engine, tokenizer, int(model.vocab_size), eos[0] if eos else None)
+            seen[key] = (eng, eng.compile(c))
+        out.append(seen[key])
+    return out
+
+
+def check_decoder(decoder, who: str) -> None:
+    """Refuse decoders that cannot honour a constraint, naming them."""
+    from jaxdec.core.token import TokenDecoder
+    name = type(decoder).__name__
+    try:
+        from jaxdec.speculative.engine import SpeculativeDecoder
+    except ImportError:  # pragma: no cover
+        SpeculativeDecoder = ()
+    try:
+        from jaxdec.search.beam import BeamSearch
+    except ImportError:  # pragma: no cover
+        BeamSearch = ()
+    if isinstance(decoder, SpeculativeDecoder):
+        d = decoder.drafter
+        if not d.is_chain:
+            raise ValueError(f"{who}: constraint= with SpeculativeDecoder needs a chain drafter; the drafter "
+                             f"{type(d).__name__} drafts a tree (use prompt_lookup / a chain drafter, or drop "
+                             "constraint=)")
+        return
+    if isinstance(decoder, (TokenDecoder, BeamSearch)):
+        return
+    raise ValueError(f"{who}: the decoder {name} cannot honour constraint= (supported: {SUPPORTED})")
+
+
+@dataclasses.dataclass
+class Constrained:
+    """A prepared constrained run: the decoder with the mask added, the wrapped ``inputs_fn`` and the
+    session (mask timings: ``session.mask_seconds``)."""
+
+    decoder: object
+    inputs_fn: object
+    session: Session
+    prompts: list  # per prompt (engine, compiled) | None
+
+    @contextlib.contextmanager
+    def running(self):
+        with activate(self.session):
+            yield self.session
+
+    def ok(self, rows_tokens: Sequence[Sequence[int]], prompt_of_row: Sequence[int]) -> list:
+        """``constraint_ok`` per output row: the engine consumes every token (EOS included) and is in an
+        accepting state at the end; None for unconstrained rows."""
+        out = []
+        for toks, p in zip(rows_tokens, prompt_of_row):
+            u = self.prompts[p]
+            if u is None:
+                out.append(None)
+                continue
+            m = u[0].matcher(u[1])
+            good = all(m.consume(int(t)) for t in toks)
+            out.append(bool(good and m.accepting()))
+        return out
+
+
+def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, tokenizer, model,
+            inputs_fn=None, who: str = "generate", mask: bool = True) -> Optional[Constrained]:
+    """None without a constraint; else the decoder (with `ConstraintMask` added first among the user's
+    processors) and a session for units = prompts x samples (each unit ``expand`` state rows)."""
+    if constraint is None:
+        return None
+    check_decoder(decoder, who)
+    cons = per_prompt(constraint, n_prompts)
+    if all(c is None for c in cons):
+        return None
+    compiled = compile_rows(cons, tokenizer, model)
+    units = [u for u in compiled for _ in range(samples)]
+    session = Session(units, expand=expand, enabled=mask)
+    decoder = dataclasses.replace(decoder, processors=(ConstraintMask(int(model.vocab_size)),)
+                                  + tuple(decoder.processors))
+
+    def fn(inputs, chunk):
+        session.begin_batch(int(inputs.batch))
+        return inputs if inputs_fn is None else inputs_fn(inputs, chunk)
+
+    return Constrained(decoder=decoder, inputs_fn=fn, session=session, prompts=compiled)
+
+
+__all__ = ["Constraint", "ConstraintError", "prepare", "per_prompt", "check_decoder"]

@@ -1,0 +1,182 @@
+"""The constraint mask as a logits processor, and the host session that keeps one matcher per row.
+
+`ConstraintMask` sits in the "mask" stage (before every penalty and warper, so truncation can never leave
+a row without an allowed token). Each step it asks the host, through ONE ordered ``io_callback``, for an
+int32 bitmask ``[B, T, ceil(V/32)]`` of all rows and block positions (T > 1: the positions of a
+speculative chain draft, masked with the draft tokens consumed in turn and rolled back), and unpacks it
+on device. Its ``post_commit`` hook advances each row's matcher by the committed tokens, forking matchers
+on a beam reorder (``parent_rows``). Rows without a constraint get an all-ones mask.
+
+The processor object is static configuration that compares equal across runs (only the vocabulary size),
+so constrained runs share one compiled program; the matchers live in the active `Session`, set by
+`generate` / `beam_search` for the duration of a run. If a matcher is ever out of step with its row's
+committed tokens (``ctx.num_new``), it is rebuilt from the row's buffer, so the mask always follows the
+tokens actually committed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxdec.constrained.engines import words
+from jaxdec.core.logits import BANNED
+
+# the active session: callbacks run on XLA's threads, so this is process-wide (one constrained run at a time)
+_ACTIVE: list = [None]
+
+
+def _active() -> "Session":
+    s = _ACTIVE[0]
+    if s is None:
+        raise RuntimeError("ConstraintMask ran outside a constrained run: pass constraint= to generate() or "
+                           "beam_search() instead of adding the processor yourself")
+    return s
+
+
+class Session:
+    """Matchers of the rows of the running batch.
+
+    units: per unit (prompt row of the driver) ``(engine, compiled)`` or None (unconstrained).
+    expand: state rows per unit (beam search: num_beams).
+    """
+
+    def __init__(self, units: Sequence, expand: int = 1, enabled: bool = True):
+        self.units = list(units)
+        self.expand = int(expand)
+        self.enabled = enabled  # False: masks are all ones (negative control), matchers still advance
+        self.next_unit = 0
+        self.rows: list = []
+        self.matchers: list = []
+        self.consumed: np.ndarray = np.zeros((0,), np.int64)
+        self.mask_seconds: list = []  # host time of each mask callback
+        self.resyncs = 0
+
+    # --- batches -----------------------------------------------------------------------------------
+    def begin_batch(self, batch_rows: int) -> None:
+        start = self.next_unit
+        n_units = batch_rows // self.expand
+        self.rows = [self.units[start + r // self.expand] if start + r // self.expand < len(self.units) else None
+                     for r in range(batch_rows)]
+        self.next_unit = start + n_units
+        self.matchers = [None if u is None else u[0].matcher(u[1]) for u in self.rows]
+        self.consumed = np.zeros((batch_rows,), np.int64)
+
+    def _sync(self, b: int, tokens: np.ndarray, num_new: int) -> None:
+        if self.consumed[b] == num_new:
+            return
+        eng, comp = self.rows[b]
+        m = eng.matcher(comp)
+        for t in tokens[b, :num_new]:
+            if not m.consume(int(t)):
+                break
+        self.matchers[b] = m
+        self.consumed[b] = num_new
+        self.resyncs += 1
+
+    # --- the two callbacks -------------------------------------------------------------------------
+    def masks(self, w: int, tokens, num_new, parents, block, done) -> np.ndarray:
+        t0 = time.perf_counter()
+        b_, t_ = block.shape
+        out = np.full((b_ * t_, w), -1, np.int32)
+        if self.enabled:
+            by_engine: dict = {}
+            for b in range(min(b_, len(self.matchers))):
+                m = self.matchers[b]
+                if m is None or done[b]:
+                    continue
+                self._sync(b, tokens, int(num_new[b]))
+                m = self.matchers[b]
+                if t_ == 1:
+                    by_engine.setdefault(self.rows[b][0], ([], []))[0].append((m, b))
+                else:
+                    # a chain block: position t continues block[1:t+1]; the refusal of tree drafters is
+                    # up front (`check_decoder`), this keeps only the chain prefix that is one
+                    chain = parents[b] == np.arange(t_) - 1
+                    k = int(np.argmin(chain)) if not chain.all() else t_
+                    by_engine.setdefault(self.rows[b][0], ([], []))[1].append((m, b * t_, block[b, 1:k]))
+            for eng, (single, drafts) in by_engine.items():
+                eng.fill_batch(single, out)
+                eng.fill_batch_draft(drafts, out)
+        self.mask_seconds.append(time.perf_counter() - t0)
+        return out.reshape(b_, t_, w)
+
+    def commit(self, tokens, counts, parent_rows) -> None:
+        n = len(self.matchers)
+        if n == 0:
+            return
+        par = np.asarray(parent_rows)[:n]
+        if not np.array_equal(par, np.arange(n)):
+            used: set = set()
+            new, cons = [], np.zeros_like(self.consumed)
+            for b in range(n):
+                p = int(par[b])
+                m = self.matchers[p]
+                if m is not None and p in used:
+                    m = m.copy()
+                used.add(p)
+                new.append(m)
+                cons[b] = self.consumed[p]
+            # rows given their parent's original object must not share it with a later copy source
+            self.matchers, self.consumed = new, cons
+        for b in range(n):
+            c = int(counts[b])
+            m = self.matchers[b]
+            if c <= 0 or m is None:
+                continue
+            for t in tokens[b, :c]:
+                if not m.consume(int(t)):
+                    break
+            self.consumed[b] += c
+
+
+@contextlib.contextmanager
+def activate(session: Session):
+    prev = _ACTIVE[0]
+    _ACTIVE[0] = session
+    try:
+        yield session
+    finally:
+        _ACTIVE[0] = prev
+
+
+def _mask_host(w, tokens, num_new, parents, block, done):
+    return _active().masks(int(w), np.asarray(tokens), np.asarray(num_new), np.asarray(parents),
+                           np.asarray(block), np.asarray(done))
+
+
+def unpack_bits(bits, v: int):
+    """int32 bitmask ``[..., W]`` -> bool ``[..., v]`` (bit ``i % 32`` of word ``i // 32``)."""
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    allowed = jnp.right_shift(bits[..., None], shifts) & 1
+    return allowed.reshape(bits.shape[:-1] + (bits.shape[-1] * 32,))[..., :v].astype(bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintMask:
+    """The grammar mask of every constrained row (see the module docstring). Added by
+    ``generate(constraint=...)`` / ``beam_search(constraint=...)``; not a user processor."""
+
+    vocab_size: int
+    stage = "mask"
+    host = False
+
+    def __call__(self, logits, ctx):
+        b, t, v = logits.shape
+        w = words(v)
+
+        def cb(tokens, num_new, parents, block, done):
+            return _mask_host(w, tokens, num_new, parents, block, done)
+
+        bits = io_callback(cb, jax.ShapeDtypeStruct((b, t, w), jnp.int32), ctx.tokens, ctx.num_new, ctx.parents,
+                           ctx.block, ctx.done, ordered=True)
+        return jnp.where(unpack_bits(bits, v), logits, BANNED)
+
+    def post_commit(self, ctx, tokens, counts, parent_rows):
+        _active().commit(np.asarray(tokens), np.asarray(counts), np.asarray(parent_rows))
