@@ -12,7 +12,7 @@ takes the next group. Files that share an expensive session fixture (the peer's 
 group when that balances: the packer is greedy by duration only, which keeps it simple and predictable.
 
 Environment: JAXDEC_CI_JOBS (processes at once; default: the number of cores, at most 2 and at least 1),
-JAXDEC_CI_GROUPS (number of groups; default 6).
+JAXDEC_CI_GROUPS (number of groups; default 8).
 Exit status: 0 when every group passed; 1 when any test failed or errored, when any group crashed or
 collected no tests (pytest's exit code 5 is a failure here, never a silent pass).
 """
@@ -89,7 +89,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     jobs = positive_int_env("JAXDEC_CI_JOBS", max(1, min(2, os.cpu_count() or 1)))
-    groups = positive_int_env("JAXDEC_CI_GROUPS", 6)
+    groups = positive_int_env("JAXDEC_CI_GROUPS", 8)
     os.chdir(ROOT)
     files = sorted(args.files or glob.glob("tests/test_*.py"))
     if not files:
