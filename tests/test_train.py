@@ -338,3 +338,29 @@ def test_cli_medusa_heads_errors_before_the_model_loads(toy, cli_no_load, capsys
                     {"hidden": 576, "num_heads": 1, "num_layers": 1}, target_fingerprint(resolve("smollm2-135m")))
     with pytest.raises(AssertionError, match="model was loaded"):
         cli.main(["generate", "--prompt", "Hi", "--method", "speculative", "--drafter", "medusa", "--heads", ok])
+
+
+def _tiny_gguf(path, name="tiny", tokens=("a", "b", "c"), value=1.0):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_token_list(list(tokens))
+    w.add_tensor("token_embd.weight", np.full((3, 4), value, np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.arange(16, dtype=np.float32).reshape(4, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_target_fingerprint_covers_tensor_data_and_vocabulary_only(tmp_path, monkeypatch):
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = target_fingerprint(_tiny_gguf(tmp_path / "a.gguf"))
+    assert base.startswith("sha256:") and len(base) == 71
+    assert target_fingerprint(_tiny_gguf(tmp_path / "b.gguf", name="renamed")) == base  # other metadata: same
+    assert target_fingerprint(_tiny_gguf(tmp_path / "c.gguf", value=1.5)) != base  # tensor data
+    assert target_fingerprint(_tiny_gguf(tmp_path / "d.gguf", tokens=("a", "b", "d"))) != base  # vocabulary
+    assert target_fingerprint(str(tmp_path / "a.gguf")) == base  # cached (in memory and on disk)
+    assert os.path.isfile(tmp_path / "cache" / "jaxdec" / "fingerprints.json")
