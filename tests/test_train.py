@@ -129,6 +129,15 @@ def test_trained_head_raises_tau_and_stays_lossless(toy):
         taus[name] = out.stats["tau"]
     assert taus["untrained"] < 1.5  # the control: an untrained head repeats the current token
     assert taus["trained"] > taus["untrained"] + 1.5, taus
+    # a Cartesian tree (2 candidates of head 0, each continued by heads 1 and 2): lossless too
+    from jaxdec.speculative.tree import TreeSpec
+    tree = TreeSpec.from_widths((2, 1, 1))
+    dec, pp = M.medusa(model, params, (toy["mcfg"], toy["res"].params), tree=tree)
+    assert dec.drafter.num_nodes == 6 and not dec.drafter.is_chain
+    out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+    assert out.tokens == greedy.tokens and out.stats["tau"] > taus["untrained"] + 1.5
+    with pytest.raises(ValueError, match="exceeds the 3 heads"):
+        M.medusa(model, params, (toy["mcfg"], toy["res"].params), tree=TreeSpec.chain(4))
 
 
 def test_checkpoint_restores_bit_identical(toy):
@@ -364,3 +373,25 @@ def test_target_fingerprint_covers_tensor_data_and_vocabulary_only(tmp_path, mon
     assert target_fingerprint(_tiny_gguf(tmp_path / "d.gguf", tokens=("a", "b", "d"))) != base  # vocabulary
     assert target_fingerprint(str(tmp_path / "a.gguf")) == base  # cached (in memory and on disk)
     assert os.path.isfile(tmp_path / "cache" / "jaxdec" / "fingerprints.json")
+
+
+def test_stored_hidden_states_train_the_same_heads(toy, tmp_path):
+    """--hidden stored (one forward up front, float16) gives the same run as recomputing in the step (the
+    toy's one-hot hidden states are exact in float16)."""
+    import dataclasses
+    from train.medusa import train_medusa
+    c = toy["corpus"]
+    cfg = dataclasses.replace(toy["cfg"], out=str(tmp_path / "stored"), hidden="stored")
+    res, _ = train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    assert tree_hash(res.params) == tree_hash(toy["res"].params)
+    assert [r["loss"] for r in res.records] == [r["loss"] for r in toy["res"].records]
+    # control: the step really reads the stored states (zeros there train other heads)
+    import train.medusa as tm
+    real = tm.store_hidden
+    tm.store_hidden = lambda *a, **k: np.zeros_like(real(*a, **k))
+    try:
+        cfg = dataclasses.replace(cfg, out=str(tmp_path / "zeros"))
+        res0, _ = train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    finally:
+        tm.store_hidden = real
+    assert tree_hash(res0.params) != tree_hash(toy["res"].params)
