@@ -335,6 +335,23 @@ def test_candidate_path_and_its_fallback_both_run():
     np.testing.assert_array_equal(hard, P._top_k_top_p_sorted(x, k0, p_hard))
 
 
+def test_candidate_tiers_run_in_turn():
+    """Default tiers: the smaller candidate set decides when it can, the larger one when only it can, the
+    full sort otherwise; every case equals the full sort's result."""
+    x = jnp.asarray([[5.0, 4.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    k0 = jnp.zeros((1,), jnp.int32)
+    ps = {2: 0.6, 4: 0.9, 8: 0.9999}  # the tier each needs (mass of the top 1 / 3 tokens: 0.633 / 0.951)
+    marker = lambda z, k, p: jnp.full_like(z, 7.0)  # noqa: E731
+    with mock.patch.object(P, "CANDIDATE_TIERS", (2, 4)):
+        for need, p in ps.items():
+            p = jnp.asarray([p], jnp.float32)
+            np.testing.assert_array_equal(P._top_k_top_p(x, k0, p), P._top_k_top_p_sorted(x, k0, p))
+            with mock.patch.object(P, "_top_k_top_p_sorted", marker):
+                assert np.all(np.asarray(P._top_k_top_p(x, k0, p)) == 7.0) == (need > 4), need
+            small, ok2 = P._top_k_top_p_candidates(x, k0, p, 2)
+            assert bool(ok2[0]) == (need <= 2), need
+
+
 @HYP
 @given(x=logits_st(), m=min_ps)
 def test_min_p_matches_reference(x, m):
@@ -586,6 +603,51 @@ def test_raw_uint32_keys_equal_typed_keys():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((BATCH, 40)), jnp.float32)
     sp = P.SamplingParams.create(BATCH, temperature=[1.0, 0.0, 2.0], top_p=0.9)
     np.testing.assert_array_equal(_sample(keys, x, sp), _sample(jax.random.key_data(keys), x, sp))
+
+
+def test_gumbel_at_equals_jax_gumbel_bit_for_bit():
+    """`gumbel_at` computes JAX's own Gumbel noise at chosen indices only: equal bits, any index."""
+    V = 5000
+    idx = jnp.asarray(np.random.default_rng(3).choice(V, 300, replace=False), jnp.int32)
+    for seed in range(5):
+        key = jax.random.fold_in(jax.random.key(seed), 7)
+        full = np.asarray(jax.random.gumbel(key, (V,), jnp.float32))
+        np.testing.assert_array_equal(np.asarray(jax.jit(S.gumbel_at)(key, idx)), full[np.asarray(idx)])
+    assert S.gumbel_reproducible(jax.random.split(jax.random.key(0), 2))
+    assert not S.gumbel_reproducible(jax.random.split(jax.random.key(0, impl="rbg"), 2))
+
+
+_sample_processed = jax.jit(S.sample_processed)
+_full_categorical = jax.jit(lambda keys, x: jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32))
+
+
+def test_kept_token_draw_gives_the_full_draws_tokens():
+    """When every sampling row keeps few tokens the draw looks only at them; its tokens equal
+    `jax.random.categorical` over the whole row, key for key, in each tier (<= 128, <= 1024 kept) and
+    past them (full draw), with ties among the kept logits and greedy rows mixed in. With the kept-token
+    draw replaced by a marker, the first two cases return the marker: that path really decides them."""
+    B, V = 16, 4096
+    rng = np.random.default_rng(11)
+    greedy = jnp.asarray(np.arange(B) % 5 == 4)
+    cases = []
+    for kept in (1, 50, 128, 700, 1024, 2000):
+        x = np.round(rng.standard_normal((B, V)) * 2, 1).astype(np.float32)  # rounded: many ties
+        thr = np.sort(x, axis=1)[:, -kept][:, None]
+        x = np.where(x >= thr, x, -np.inf).astype(np.float32)
+        x[:, :] = np.where((np.isfinite(x).cumsum(1) > kept) & np.isfinite(x), -np.inf, x)  # exactly `kept`
+        x[greedy] = rng.standard_normal((int(greedy.sum()), V)).astype(np.float32)  # greedy rows keep all
+        cases.append((kept, jnp.asarray(x)))
+    for kept, x in cases:
+        for seed in range(20):
+            keys = jax.random.split(jax.random.key(1000 * kept + seed), B)
+            want = np.where(np.asarray(greedy), np.argmax(np.asarray(x), -1), np.asarray(_full_categorical(keys, x)))
+            np.testing.assert_array_equal(np.asarray(_sample_processed(keys, x, greedy)), want, err_msg=f"kept {kept}")
+    marker = lambda keys, x, kc: jnp.full((x.shape[0],), -7, jnp.int32)  # noqa: E731
+    with mock.patch.object(S, "_draw_among", marker):
+        keys = jax.random.split(jax.random.key(0), B)
+        for kept, x in cases:
+            got = np.asarray(S.sample_processed(keys, x, greedy))[~np.asarray(greedy)]
+            assert np.all(got == -7) == (kept <= S.DRAW_CANDIDATES[-1]), kept
 
 
 def test_logprob_helpers():

@@ -5,6 +5,13 @@
 * otherwise: ``jax.random.categorical`` (Gumbel-max) on the processed logits with **that row's own
   key**, vmapped over rows, so a row's draw never depends on its batch neighbours.
 
+When every sampling row keeps at most DRAW_CANDIDATES[-1] tokens (top-k / top-p / min-p leave a few dozen),
+the Gumbel noise is computed only at the kept tokens (``gumbel_at``: JAX's own threefry counter, bits and
+float conversion at those indices) instead of at all V: **the same tokens** as ``jax.random.categorical``
+over the whole row, bit for bit (tested), at a tenth of its cost at V = 49152. Rows that keep more take the
+full draw (a ``lax.cond``), and so does everything when JAX's key implementation or Gumbel mode is not the
+one this reproduces (threefry2x32, partitionable, low-range Gumbel; checked at trace time).
+
 Keys are typed PRNG keys ``[B]`` or raw ``uint32[B, 2]`` (threefry) key data.
 """
 from __future__ import annotations
@@ -43,9 +50,51 @@ def row_keys(key, row_ids, step) -> jax.Array:
     return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s))(row_ids, step)
 
 
+# Kept-set sizes (powers of two) for which the draw looks only at the kept tokens; tried in order.
+DRAW_CANDIDATES = (128, 1024)
+
+
+def gumbel_reproducible(keys) -> bool:
+    """Whether ``gumbel_at`` reproduces ``jax.random.gumbel`` for these keys (checked at trace time)."""
+    try:
+        impl = str(jax.random.key_impl(keys))
+    except Exception:  # noqa: BLE001 - an unknown key type: take the full draw
+        return False
+    return (bool(jax.config.jax_threefry_partitionable) and not bool(jax.config.jax_high_dynamic_range_gumbel)
+            and "threefry2x32" in impl)
+
+
+def gumbel_at(key, idx) -> jax.Array:
+    """float32 ``jax.random.gumbel(key, (V,))[idx]`` for one typed threefry key and int indices ``idx``
+    (any V > max(idx)), computed at ``idx`` only: with partitionable threefry the bits of element i are
+    ``threefry2x32(key, (0, i))`` folded by xor, then JAX's uniform in ``[tiny, 1)`` and ``-log(-log u)``
+    (jax/_src/random: ``_threefry_random_bits_partitionable``, ``_uniform``, ``_gumbel`` mode "low")."""
+    from jax.extend.random import threefry2x32_p
+    kd = jax.random.key_data(key)
+    b1, b2 = threefry2x32_p.bind(kd[0], kd[1], jnp.zeros(idx.shape, jnp.uint32), idx.astype(jnp.uint32))
+    bits = b1 ^ b2
+    fb = lax.shift_right_logical(bits, jnp.uint32(32 - 23)) | jnp.uint32(0x3F800000)
+    floats = lax.bitcast_convert_type(fb, jnp.float32) - jnp.float32(1.0)
+    tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
+    u = lax.max(tiny, floats * (jnp.float32(1.0) - tiny) + tiny)
+    return -jnp.log(-jnp.log(u))
+
+
+def _draw_among(keys, x, kc: int):
+    """``categorical`` per row when each row's finite entries are among its ``kc`` largest: the Gumbel
+    noise at those only; ties of the perturbed values go to the lowest index, as ``argmax`` does."""
+    vals, idx = lax.top_k(x, kc)
+
+    def one(key, v, i):
+        s = v + gumbel_at(key, i)
+        return jnp.min(jnp.where(s == jnp.max(s), i, x.shape[-1]))
+
+    return jax.vmap(one)(keys, vals, idx).astype(jnp.int32)
+
+
 def sample_processed(keys, processed, greedy) -> jax.Array:
     """Draw from already processed logits ``[B, V]``: argmax where ``greedy [B]``, else categorical
-    with the row's key. Returns int32 ``[B]``."""
+    with the row's key (the same tokens whichever of the full or kept-token draws runs). Returns int32 ``[B]``."""
     keys = as_row_keys(keys)
     processed = jnp.asarray(processed, jnp.float32)
     greedy = jnp.asarray(greedy, bool)
@@ -54,7 +103,15 @@ def sample_processed(keys, processed, greedy) -> jax.Array:
     def draw(x):
         return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
 
-    drawn = lax.cond(jnp.all(greedy), lambda x: argmax, draw, processed)
+    tiers = [c for c in DRAW_CANDIDATES if c < processed.shape[-1]] if gumbel_reproducible(keys) else []
+    kept = jnp.max(jnp.where(greedy, 0, jnp.sum(processed > -jnp.inf, axis=-1))) if tiers else None
+
+    def drawn_from(i, x):
+        if i == len(tiers):
+            return draw(x)
+        return lax.cond(kept <= tiers[i], lambda y: _draw_among(keys, y, tiers[i]), lambda y: drawn_from(i + 1, y), x)
+
+    drawn = lax.cond(jnp.all(greedy), lambda x: argmax, lambda x: drawn_from(0, x), processed)
     return jnp.where(greedy, argmax, drawn)
 
 
