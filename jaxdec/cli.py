@@ -44,7 +44,9 @@ def register_papers(entries: dict) -> None:
 
 # flags every method of `generate` honours
 ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
-                    "attention", "out", "quiet", "prefill_chunk"})
+                    "attention", "out", "quiet", "prefill_chunk",
+                    # constraints: checked by jaxdec.constrained.cli (methods that cannot honour them refuse)
+                    "json_schema", "regex", "grammar", "choices", "constraint_engine"})
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
 INT64 = 2 ** 63
 
@@ -225,6 +227,8 @@ def _check_args(args, parser) -> None:
         raise BadInput(f"{a.option_strings[-1]} is not used by --method {args.method}{hint}")
     if info["check"] is not None:
         info["check"](args)
+    from jaxdec.constrained.cli import read_constraints
+    args._constraints = read_constraints(args, getattr(args, "_n_prompts", 1))
     check_model_path(args.model)
 
 
@@ -384,10 +388,28 @@ def _token_method(args, loaded, prompt_ids, progress):
                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, n=args.n,
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
                  batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn,
-                 **stream_kwargs(args))
+                 constraint=chunk_constraints(args, len(prompt_ids)), **stream_kwargs(args))
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
-    return [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
-            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)], g.stats
+    rows = [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
+            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
+    return with_constraint_ok(rows, g), g.stats
+
+
+def chunk_constraints(args, count: int):
+    """The per-prompt constraints (``--json-schema`` ... or prompts-file fields) of the prompts this call
+    decodes (``args._chunk``), or None."""
+    cons = getattr(args, "_constraints", None)
+    if cons is None:
+        return None
+    offset = getattr(args, "_chunk", (0, count))[0]
+    return cons[offset:offset + count]
+
+
+def with_constraint_ok(rows: list, g) -> list:
+    """Output rows with ``"constraint_ok"`` added when the run was constrained."""
+    if g.constraint_ok is None:
+        return rows
+    return [{**r, "constraint_ok": ok} for r, ok in zip(rows, g.constraint_ok)]
 
 
 def _global_keys(args, offset: int, total: int, count: int):
@@ -472,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="write one JSON object per output row to this JSONL file (OUT.partial while "
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
+    from jaxdec.constrained.cli import add_arguments as add_constraint_arguments
+    add_constraint_arguments(g)
     g.add_argument("--stream", action="store_true",
                    help="print the text as it is decoded (one prompt, --n 1; the same jitted init/step driven from "
                         "Python); the time to the first printed text goes to the stats line on stderr")
@@ -524,6 +548,7 @@ def cmd_generate(args, parser) -> int:
     from tqdm import tqdm
 
     prompts = _read_prompts(args)
+    args._n_prompts = len(prompts)
     _check_args(args, parser)
     _check_stream(args, prompts)
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):

@@ -68,6 +68,13 @@ PRELOAD_CASES = [
     (G("--method", "speculative", "--drafter", "swift", "--max-ngram", "2"), ["--max-ngram", "--drafter swift"]),
     (G("--method", "speculative", "--stop", "x"), ["--stop"]),
     (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
+    # constraints
+    (G("--regex", "[0-9]+", "--method", "momentum"), ["--regex", "--method momentum", "cannot honour"]),
+    (G("--regex", "[0-9]+", "--method", "speculative"), ["--regex", "--method speculative", "cannot honour"]),
+    (G("--regex", "a", "--choices", "x,y"), ["at most one of", "--regex", "--choices"]),
+    (G("--regex", "(a|b"), ["--regex", "invalid regex", "unclosed group"]),
+    (G("--choices", "red,,blue"), ["--choices", "non-empty"]),
+    (G("--constraint-engine", "outlines"), ["--constraint-engine", "no constraint"]),
     # seeds
     (G("--seed", "99999999999999999999"), ["--seed", "99999999999999999999"]),
     # prompts and stop strings, before the 6-9 s load
@@ -219,6 +226,12 @@ SWEEP = {
     "draft_model": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-model", "truncate:x"),
     "draft_layers": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-layers", "0"),
     "heads": lambda t: G("--method", "speculative", "--drafter", "medusa", "--heads", os.path.join(t, "missing.st")),
+    # constrained decoding
+    "json_schema": lambda t: G("--json-schema", os.path.join(t, "missing.json")),
+    "regex": lambda t: G("--regex", "a(b"),
+    "grammar": lambda t: G("--grammar", os.path.join(t, "missing.lark")),
+    "choices": lambda t: G("--choices", ","),
+    "constraint_engine": lambda t: G("--regex", "a", "--constraint-engine", "xgrammar"),
 }
 
 
@@ -392,3 +405,24 @@ def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
     assert out.read_text() == "previous run\n"
     rows = [json.loads(l) for l in partial.read_text().splitlines()]
     assert 4 <= len(rows) < 80 and all(r["tokens"] for r in rows)
+
+
+def test_constraint_files_and_prompt_fields(capsys, no_model_load, tmp_path):
+    """Constraint files and per-row prompts-file fields are checked before the model loads."""
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "objekt"}')
+    check_bad(capsys, G("--json-schema", str(schema)), "--json-schema", "invalid JSON schema", "objekt")
+    schema.write_text("{not json")
+    check_bad(capsys, G("--json-schema", str(schema)), "--json-schema", "not valid JSON")
+    gram = tmp_path / "g.lark"
+    gram.write_text("start: a\na: b\n")
+    check_bad(capsys, G("--grammar", str(gram)), "--grammar", "invalid Lark grammar", "unknown name")
+    check_bad(capsys, G("--grammar", str(gram), "--constraint-engine", "outlines"), "--grammar", "llguidance")
+    p = _prompts_file(tmp_path, b'{"prompt": "a", "regex": "[0-9]"}\n{"prompt": "b", "regex": "(x"}\n')
+    check_bad(capsys, ["generate", "--prompts-file", p], "--prompts-file line 2 (regex)", "invalid regex")
+    p = _prompts_file(tmp_path, b'{"prompt": "a", "regex": "[0-9]", "choices": ["x"]}\n')
+    check_bad(capsys, ["generate", "--prompts-file", p], "--prompts-file line 1", "at most one of")
+    p = _prompts_file(tmp_path, b'{"prompt": "a", "json_schema": {"type": 3}}\n')
+    check_bad(capsys, ["generate", "--prompts-file", p], "--prompts-file line 1 (json_schema)", "invalid JSON schema")
+    p = _prompts_file(tmp_path, b'{"prompt": "a", "choices": []}\n')
+    check_bad(capsys, ["generate", "--prompts-file", p], "--prompts-file line 1 (choices)", "non-empty")

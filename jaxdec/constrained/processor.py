@@ -57,6 +57,7 @@ class Session:
         self.consumed: np.ndarray = np.zeros((0,), np.int64)
         self.mask_seconds: list = []  # host time of each mask callback
         self.resyncs = 0
+        self.forced_tokens = 0  # tokens offered by ForcedTokensDrafter
 
     # --- batches -----------------------------------------------------------------------------------
     def begin_batch(self, batch_rows: int) -> None:
@@ -106,6 +107,20 @@ class Session:
                 eng.fill_batch_draft(drafts, out)
         self.mask_seconds.append(time.perf_counter() - t0)
         return out.reshape(b_, t_, w)
+
+    def forced(self, tokens, num_new, done, n: int) -> np.ndarray:
+        """[B, 1 + n]: per row the number of grammar-forced next tokens (at most n), then the tokens."""
+        b_ = tokens.shape[0]
+        out = np.zeros((b_, n + 1), np.int32)
+        for b in range(min(b_, len(self.matchers))):
+            if self.matchers[b] is None or done[b]:
+                continue
+            self._sync(b, tokens, int(num_new[b]))
+            ff = [int(t) for t in self.matchers[b].forced()][:n]
+            out[b, 0] = len(ff)
+            out[b, 1:1 + len(ff)] = ff
+            self.forced_tokens += len(ff)
+        return out
 
     def commit(self, tokens, counts, parent_rows) -> None:
         n = len(self.matchers)

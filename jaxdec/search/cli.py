@@ -97,8 +97,18 @@ def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
                     early_stopping=_EARLY[args.early_stopping], num_return_sequences=args.num_return_sequences,
                     num_beam_groups=groups, diversity_penalty=diversity,
                     no_repeat_ngram_size=args.no_repeat_ngram_size if ngram is None else ngram,
-                    batch_size=args.batch_size, tokenizer=loaded.tokenizer)
-    return _rows(g, loaded, g.extras["beams"])
+                    batch_size=args.batch_size, tokenizer=loaded.tokenizer, **_beam_constraint(args, ids))
+    rows, stats = _rows(g, loaded, g.extras["beams"])
+    from jaxdec.cli import with_constraint_ok
+    return with_constraint_ok(rows, g), stats
+
+
+def _beam_constraint(args, ids) -> dict:
+    """``constraint=`` for plain beam search when the CLI was given one (other beam variants refuse it in
+    `jaxdec.constrained.cli`)."""
+    from jaxdec.cli import chunk_constraints
+    cons = chunk_constraints(args, len(ids))
+    return {} if cons is None else {"constraint": cons}
 
 
 @register_method("beam", add_search_args, uses=_BEAM, chunked=True, validate=validate_search_args)

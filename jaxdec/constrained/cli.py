@@ -1,0 +1,159 @@
+"""CLI side of constrained decoding: ``--json-schema FILE``, ``--regex RE``, ``--grammar FILE.lark``,
+``--choices a,b,c`` (all rows), ``--constraint-engine``, and per-row ``json_schema | regex | grammar |
+choices`` fields in ``--prompts-file`` lines. Every check that needs no tokenizer runs before the model
+loads (file reading, JSON, the schema against its meta-schema, regex/grammar syntax through llguidance's
+tokenizer-free validation); errors name the flag or the prompts-file line."""
+from __future__ import annotations
+
+import json
+import os
+
+FLAGS = ("json_schema", "regex", "grammar", "choices")
+DESTS = FLAGS + ("constraint_engine",)
+METHODS = ("greedy", "sample", "beam")  # the CLI methods that pass a constraint on
+ROW_FIELDS = ("json_schema", "regex", "grammar", "choices")
+
+
+def add_arguments(g) -> None:
+    g.add_argument("--json-schema", metavar="FILE", help="constrain every row to JSON valid under this schema file")
+    g.add_argument("--regex", metavar="RE", help="constrain every row to strings matching RE")
+    g.add_argument("--grammar", metavar="FILE.lark", help="constrain every row to this Lark grammar")
+    g.add_argument("--choices", metavar="A,B,C", help="constrain every row to one of these comma-separated strings")
+    g.add_argument("--constraint-engine", default="llguidance", choices=["llguidance", "outlines"],
+                   help="grammar engine (outlines: regular languages only)")
+
+
+def _bad(msg):
+    from jaxdec.cli import BadInput
+    return BadInput(msg)
+
+
+def _read_file(path: str, flag: str) -> str:
+    if os.path.isdir(path):
+        raise _bad(f"{flag}: {path!r} is a folder, expected a file")
+    if not os.path.isfile(path):
+        raise _bad(f"{flag}: no such file {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _bad(f"{flag}: cannot read {path!r} as UTF-8 text ({e})") from None
+
+
+def _syntax_check(c, flag: str) -> None:
+    """Regex / Lark / schema errors that llguidance finds without a tokenizer."""
+    from jaxdec.constrained.engines import ConstraintError, LLGuidanceEngine, one_line
+    if c.engine != "llguidance":
+        return
+    from llguidance import LLMatcher
+    try:
+        g = LLGuidanceEngine.grammar(c)
+    except ConstraintError as e:
+        raise _bad(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    err = LLMatcher.validate_grammar(g)
+    if err:
+        what = {"json_schema": "JSON schema", "regex": "regex", "lark": "Lark grammar", "choices": "choices"}[c.kind]
+        raise _bad(f"{flag}: invalid {what}: {one_line(err)}")
+
+
+def _make(kind: str, value, engine: str, flag: str, base: str = "."):
+    from jaxdec.constrained import constraint as C
+    from jaxdec.constrained.engines import ConstraintError
+    try:
+        if kind == "json_schema":
+            if isinstance(value, str) and not value.lstrip().startswith("{"):
+                value = _read_file(os.path.join(base, value), flag)
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise _bad(f"{flag}: the schema file is not valid JSON ({e})") from None
+            c = C.json_schema(value, engine=engine)
+        elif kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise _bad(f"{flag}: expected a non-empty regex string, got {value!r}")
+            c = C.regex(value, engine=engine)
+        elif kind == "grammar":
+            if not isinstance(value, str) or not value.strip():
+                raise _bad(f"{flag}: expected Lark grammar text or a .lark file path, got {value!r}")
+            if value.endswith(".lark") and "\n" not in value:
+                value = _read_file(os.path.join(base, value), flag)
+            c = C.lark(value, engine=engine)
+        else:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",")]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise _bad(f"{flag}: expected non-empty choice strings (a,b,c or a JSON list), got {value!r}")
+            c = C.choices(value, engine=engine)
+    except ConstraintError as e:
+        raise _bad(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    _syntax_check(c, flag)
+    return c.named(flag)
+
+
+def read_constraints(args, n_prompts: int):
+    """None (no constraint anywhere) or a list with one `Constraint | None` per prompt."""
+    given = [f for f in FLAGS if getattr(args, f, None) is not None]
+    engine = getattr(args, "constraint_engine", "llguidance")
+    if len(given) > 1:
+        raise _bad(f"give at most one of --json-schema, --regex, --grammar, --choices (got "
+                   f"{', '.join('--' + f.replace('_', '-') for f in given)})")
+    if engine == "outlines" and getattr(args, "grammar", None) is not None:
+        raise _bad("--grammar: Lark grammars need --constraint-engine llguidance (outlines handles regular "
+                   "languages only)")
+    shared = None
+    if given:
+        f = given[0]
+        flag = "--" + f.replace("_", "-")
+        value = getattr(args, f)
+        if f == "json_schema":
+            text = _read_file(value, flag)
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise _bad(f"{flag}: {value!r} is not valid JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise _bad(f"{flag}: a JSON schema must be a JSON object, got {type(value).__name__}")
+        elif f == "grammar":
+            value = _read_file(value, flag)
+        shared = _make(f, value, engine, flag)
+    per_row = _row_fields(args, n_prompts, engine)
+    if shared is None and per_row is None:
+        if engine != "llguidance":
+            raise _bad("--constraint-engine is set but no constraint is given (--json-schema, --regex, --grammar, "
+                       "--choices or per-row fields in --prompts-file)")
+        return None
+    if getattr(args, "method", "greedy") not in METHODS:
+        what = "--" + given[0].replace("_", "-") if given else "per-row constraint fields in --prompts-file"
+        raise _bad(f"{what}: --method {args.method} cannot honour a constraint (constrained decoding supports "
+                   f"--method {', '.join(METHODS)})")
+    if per_row is None:
+        return [shared] * n_prompts
+    return [r if r is not None else shared for r in per_row]
+
+
+def _row_fields(args, n_prompts: int, engine: str):
+    path = getattr(args, "prompts_file", None)
+    if not path or not os.path.isfile(path):
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    out, any_ = [], False
+    with open(path, "rb") as f:
+        lines = [ln for ln in f.read().split(b"\n")]
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        obj = json.loads(line.decode("utf-8"))  # read_jsonl_strings checked the file already
+        fields = [k for k in ROW_FIELDS if k in obj]
+        if len(fields) > 1:
+            raise _bad(f"--prompts-file line {n}: give at most one of {', '.join(ROW_FIELDS)}, got {', '.join(fields)}")
+        if not fields:
+            out.append(None)
+            continue
+        any_ = True
+        k = fields[0]
+        out.append(_make(k, obj[k], obj.get("engine", engine), f"--prompts-file line {n} ({k})", base))
+    if not any_:
+        return None
+    if len(out) != n_prompts:  # pragma: no cover - the prompts were read from the same lines
+        raise _bad(f"--prompts-file: {len(out)} lines with prompts, {n_prompts} prompts")
+    return out
