@@ -343,13 +343,17 @@ def test_candidate_tiers_run_in_turn():
     ps = {2: 0.6, 4: 0.9, 8: 0.9999}  # the tier each needs (mass of the top 1 / 3 tokens: 0.633 / 0.951)
     marker = lambda z, k, p: jnp.full_like(z, 7.0)  # noqa: E731
     with mock.patch.object(P, "CANDIDATE_TIERS", (2, 4)):
+        tiered = jax.jit(lambda x, k, p: P._top_k_top_p(x, k, p))  # own lambdas: jit caches by function
+        ref = jax.jit(lambda x, k, p: P._top_k_top_p_sorted(x, k, p))
+        ok2 = jax.jit(lambda x, k, p: P._top_k_top_p_candidates(x, k, p, 2)[1])
+        with mock.patch.object(P, "_top_k_top_p_sorted", marker):
+            marked = jax.jit(lambda x, k, p: P._top_k_top_p(x, k, p))  # traced (inside the patch) at its first call below
+            got = {need: np.asarray(marked(x, k0, jnp.asarray([p], jnp.float32))) for need, p in ps.items()}
         for need, p in ps.items():
             p = jnp.asarray([p], jnp.float32)
-            np.testing.assert_array_equal(P._top_k_top_p(x, k0, p), P._top_k_top_p_sorted(x, k0, p))
-            with mock.patch.object(P, "_top_k_top_p_sorted", marker):
-                assert np.all(np.asarray(P._top_k_top_p(x, k0, p)) == 7.0) == (need > 4), need
-            small, ok2 = P._top_k_top_p_candidates(x, k0, p, 2)
-            assert bool(ok2[0]) == (need <= 2), need
+            np.testing.assert_array_equal(tiered(x, k0, p), ref(x, k0, p))
+            assert np.all(got[need] == 7.0) == (need > 4), need
+            assert bool(ok2(x, k0, p)[0]) == (need <= 2), need
 
 
 @HYP
@@ -638,15 +642,16 @@ def test_kept_token_draw_gives_the_full_draws_tokens():
         x[greedy] = rng.standard_normal((int(greedy.sum()), V)).astype(np.float32)  # greedy rows keep all
         cases.append((kept, jnp.asarray(x)))
     for kept, x in cases:
-        for seed in range(20):
+        for seed in range(10):
             keys = jax.random.split(jax.random.key(1000 * kept + seed), B)
             want = np.where(np.asarray(greedy), np.argmax(np.asarray(x), -1), np.asarray(_full_categorical(keys, x)))
             np.testing.assert_array_equal(np.asarray(_sample_processed(keys, x, greedy)), want, err_msg=f"kept {kept}")
     marker = lambda keys, x, kc: jnp.full((x.shape[0],), -7, jnp.int32)  # noqa: E731
     with mock.patch.object(S, "_draw_among", marker):
+        marked = jax.jit(lambda k, x, g: S.sample_processed(k, x, g))  # traced inside the patch
         keys = jax.random.split(jax.random.key(0), B)
         for kept, x in cases:
-            got = np.asarray(S.sample_processed(keys, x, greedy))[~np.asarray(greedy)]
+            got = np.asarray(marked(keys, x, greedy))[~np.asarray(greedy)]
             assert np.all(got == -7) == (kept <= S.DRAW_CANDIDATES[-1]), kept
 
 
