@@ -156,7 +156,7 @@ def test_heads_file_metadata_other_target_and_corrupt(toy, tmp_path):
     hp, meta = read_heads(path, "medusa")
     for k in ("fingerprint", "command", "data_tokens", "data_examples", "commit", "wall_s", "config", "steps"):
         assert k in meta, k
-    assert meta["fingerprint"] == FP and meta["config"] == {"hidden": V, "num_heads": 3, "num_layers": 1}
+    assert meta["fingerprint"] == FP and meta["config"] == {"hidden": V, "num_heads": 3, "num_layers": 1, "draft_vocab": 0}
     assert tree_hash(hp) == tree_hash(jax.device_get(toy["res"].params))
     test = toy["prompts"][32:]  # the same shapes as above: the compiled programs are reused
     greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW)
@@ -395,3 +395,35 @@ def test_stored_hidden_states_train_the_same_heads(toy, tmp_path):
     finally:
         tm.store_hidden = real
     assert tree_hash(res0.params) != tree_hash(toy["res"].params)
+
+
+def test_reduced_draft_vocabulary(toy, tmp_path):
+    """--draft-vocab 8: the heads score the corpus' 8 most generated tokens only (d2t in the heads file);
+    still lossless, and better than untrained heads."""
+    import dataclasses
+    from train.medusa import build_draft_vocab, train_medusa
+    c = toy["corpus"]
+    cfg = dataclasses.replace(toy["cfg"], out=str(tmp_path / "dv"), draft_vocab=8)
+    res, path = train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    counts = np.bincount(np.concatenate([np.asarray(s[p:]) for s, p in zip(c["seqs"], c["prompt_lens"])]),
+                         minlength=V)
+    d2t = res.d2t
+    assert d2t.shape == (8,) and list(d2t) == sorted(d2t)
+    assert counts[d2t].min() >= np.sort(counts)[::-1][7]  # the 8 most frequent generated tokens
+    ev = [r for r in res.records if r["kind"] == "eval"][-1]
+    assert 0 < ev["in_vocab"] <= 1 and ev["loss"] < 0.25 * res.records[0]["loss"]
+    hp, meta = read_heads(path, "medusa")
+    assert meta["config"]["draft_vocab"] == 8 and list(hp["d2t"]) == list(d2t)
+    test = toy["prompts"][32:]
+    greedy = jaxdec.generate(toy["model"], toy["params"], test, max_new_tokens=MAX_NEW)
+    dec, pp = M.medusa(toy["model"], toy["params"], path, target=FP)
+    assert pp["draft"]["head_w"].shape == (8, V)  # the draft step reads 8 LM-head rows, not 16
+    out = jaxdec.generate(toy["model"], pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+    assert out.tokens == greedy.tokens and out.stats["tau"] > 2.0
+    mc = MedusaConfig(hidden=V, num_heads=3, draft_vocab=8)
+    with pytest.raises(ValueError, match="d2t must be 8 token ids"):
+        M.medusa(toy["model"], toy["params"], (mc, res.params, np.arange(7)))
+    with pytest.raises(ValueError, match="needs a d2t map"):
+        M.medusa(toy["model"], toy["params"], (mc, res.params))
+    with pytest.raises(ConfigError, match="--draft-vocab must be in"):
+        build_draft_vocab(c["seqs"], c["prompt_lens"], V, V + 1)

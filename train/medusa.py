@@ -48,6 +48,7 @@ class MedusaTrainConfig(TrainConfig):
     batch_size: int = 8
     lr: float = 1e-3
     export: str = ""  # also write the heads file here
+    draft_vocab: int = 0  # > 0: heads score only the corpus' most frequent generated tokens (d2t map); 0: all
     hidden: str = "recompute"  # "recompute": the frozen target runs inside each train step; "stored": once, up front
 
     def validate(self) -> None:
@@ -60,6 +61,8 @@ class MedusaTrainConfig(TrainConfig):
             raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
+            raise ConfigError(f"--draft-vocab must be an integer >= 0 (0: the full vocabulary), got {self.draft_vocab!r}")
         if self.hidden not in ("recompute", "stored"):
             raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
         if self.weights not in ("f32", "q", "bf16", "df11"):
@@ -83,11 +86,28 @@ def sequences_to_arrays(seqs, prompt_lens, seq_len: int, pad_id: int = 0) -> dic
     return {"tokens": toks, "length": length, "prompt_len": np.minimum(np.asarray(prompt_lens, np.int32), length)}
 
 
-def make_loss(model, config, positions: int, decay: float):
-    """``loss_fn(head_params, target_params, batch, key) -> (loss, aux)`` for `train.harness.fit`."""
-    from jaxdec.speculative.heads.medusa import head_logits
+def build_draft_vocab(seqs, prompt_lens, vocab_size: int, n: int) -> np.ndarray:
+    """d2t ``[n]`` int32: the n target tokens the target generates most often in the corpus (ties by
+    id), sorted (EAGLE-3's reduced draft vocabulary)."""
+    if not 1 <= n <= vocab_size:
+        raise ConfigError(f"--draft-vocab must be in [1, {vocab_size}] (0: the full vocabulary), got {n}")
+    counts = np.zeros(vocab_size, np.int64)
+    for s, p in zip(seqs, prompt_lens):
+        np.add.at(counts, np.asarray(s[p:], np.int64), 1)
+    order = np.argsort(-counts, kind="stable")
+    return np.sort(order[:n]).astype(np.int32)
+
+
+def make_loss(model, config, positions: int, decay: float, d2t=None):
+    """``loss_fn(head_params, target_params, batch, key) -> (loss, aux)`` for `train.harness.fit`.
+    With ``d2t`` the heads score only those tokens; labels outside them are left out of the loss
+    (``aux["in_vocab"]``: the share of labels inside)."""
+    from jaxdec.speculative.heads.medusa import draft_head, head_logits
     k_heads = config.num_heads
     weights = jnp.asarray([decay ** k for k in range(k_heads)], jnp.float32)
+    if d2t is not None:
+        t2d_np = np.full((model.vocab_size,), -1, np.int32)
+        t2d_np[np.asarray(d2t)] = np.arange(len(d2t), dtype=np.int32)
 
     def loss_fn(hp, tp, batch, key):
         tokens, length, plen = batch["tokens"], batch["length"], batch["prompt_len"]
@@ -104,16 +124,26 @@ def make_loss(model, config, positions: int, decay: float):
         sc, idx = jax.lax.top_k(score, p)  # [B,P]
         sel = sc >= 0
         hs = jnp.take_along_axis(hid, idx[:, :, None], axis=1)  # [B,P,E]
-        logits = head_logits(config, hp, model, tp, hs)  # [K,B,P,V]
+        head_w = None if d2t is None else draft_head(model, tp, d2t)
+        logits = head_logits(config, hp, model, tp, hs, head_w)  # [K,B,P,V or Vd]
         lab_pos = idx[None] + 2 + jnp.arange(k_heads)[:, None, None]  # [K,B,P]
         lab = jnp.take_along_axis(jnp.broadcast_to(tokens[None], (k_heads, b, t)), jnp.clip(lab_pos, 0, t - 1), axis=2)
         m = (sel[None] & (lab_pos < length[None, :, None])).astype(jnp.float32)
+        in_vocab = jnp.ones_like(m)
+        if d2t is not None:
+            lab = jnp.asarray(t2d_np)[lab]
+            in_vocab = (lab >= 0).astype(jnp.float32)
+            lab = jnp.maximum(lab, 0)
+        n_all = jnp.maximum(jnp.sum(m), 1.0)
+        m = m * in_vocab
         lse = jax.nn.logsumexp(logits, axis=-1)
         ll = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
         ce = jnp.sum((lse - ll) * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)  # [K]
         acc = jnp.sum((jnp.argmax(logits, -1) == lab) * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
         loss = jnp.sum(weights * ce) / jnp.sum(weights)
         aux = {f"acc{k}": acc[k] for k in range(k_heads)}
+        if d2t is not None:
+            aux["in_vocab"] = jnp.sum(m) / n_all
         return loss, aux
 
     return loss_fn
@@ -162,7 +192,7 @@ def train_medusa(cfg: MedusaTrainConfig, model, target_params, seqs, prompt_lens
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
     e = int(model(target_params, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
                   model.init_cache(1, 1)).hidden.shape[-1])
-    mcfg = MedusaConfig(hidden=e, num_heads=cfg.num_heads, num_layers=cfg.num_layers)
+    mcfg = MedusaConfig(hidden=e, num_heads=cfg.num_heads, num_layers=cfg.num_layers, draft_vocab=cfg.draft_vocab)
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     if cfg.hidden == "stored":
         arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log)
@@ -171,16 +201,25 @@ def train_medusa(cfg: MedusaTrainConfig, model, target_params, seqs, prompt_lens
     held = ArrayData({k: v[ho] for k, v in arrays.items()})
     gen_tokens = int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr]))
     meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": mcfg.to_dict()}
-    loss_fn = make_loss(model, mcfg, cfg.positions, cfg.decay)
+    d2t = None
+    if cfg.draft_vocab:
+        d2t = build_draft_vocab([seqs[i] for i in tr], [prompt_lens[i] for i in tr], model.vocab_size,
+                                cfg.draft_vocab)
+        meta["d2t_sha256"] = __import__("hashlib").sha256(d2t.tobytes()).hexdigest()
+    loss_fn = make_loss(model, mcfg, cfg.positions, cfg.decay, d2t)
     res = fit(cfg, init_params(mcfg, cfg.seed), loss_fn, train, frozen=target_params, eval_data=held, meta=meta,
               tokens_per_example=None, stop_after=stop_after, log=log)
     path = os.path.join(cfg.out, "heads.safetensors")
     if int(res.state.step) == cfg.steps:
-        save_heads(path, KIND, jax.device_get(res.params), mcfg.to_dict(), fingerprint, target=target_name,
+        tensors = dict(jax.device_get(res.params))
+        if d2t is not None:
+            tensors["d2t"] = d2t
+        save_heads(path, KIND, tensors, mcfg.to_dict(), fingerprint, target=target_name,
                    command=command, data_examples=int(len(tr)), data_tokens=int(np.sum(arrays["length"][tr])),
                    data_generated_tokens=gen_tokens, steps=cfg.steps, commit=git_commit(), wall_s=round(res.wall_s, 1),
                    final_eval=next((r for r in reversed(res.records) if r["kind"] == "eval"), None))
         log(f"heads: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+    res.d2t = d2t
     return res, path
 
 

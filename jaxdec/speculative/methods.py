@@ -152,17 +152,22 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
 
     heads: a heads file written by ``train/medusa.py`` (checked against the target, refused with
     `jaxdec.speculative.heads.artefact.HeadsMismatch` when trained for another one), or an in-memory
-    ``(MedusaConfig, head params)`` pair (no check). target: the target's model file or folder (what
+    ``(MedusaConfig, head params)`` pair, or ``(MedusaConfig, head params, d2t)`` with a reduced draft
+    vocabulary (no check). target: the target's model file or folder (what
     `jaxdec.load` opened: ``m.path``), or a fingerprint string; None: the model has no file and its
     params are fingerprinted (`params_fingerprint`). tree: a `TreeSpec` (depth <= heads; default the
     tree stored with the heads, else the chain of all heads)."""
     import os
     from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
-    from jaxdec.speculative.heads.medusa import MedusaConfig, MedusaDrafter, load_medusa, tree_from_meta
+    import numpy as np
+    from jaxdec.speculative.heads.medusa import (MedusaConfig, MedusaDrafter, draft_head, load_medusa,
+                                                 tree_from_meta)
     if sampling:
         raise NotImplementedError("medusa: sampling verification is not implemented yet (greedy verification only)")
-    if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], MedusaConfig):
-        config, hp = heads
+    d2t = None
+    if isinstance(heads, tuple) and len(heads) in (2, 3) and isinstance(heads[0], MedusaConfig):
+        config, hp = heads[:2]
+        d2t = heads[2] if len(heads) == 3 else None
         stored_tree = None
     elif isinstance(heads, (str, os.PathLike)):
         if target is None:
@@ -171,9 +176,19 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
             fp = target
         else:
             fp = target_fingerprint(str(target))
-        config, hp, meta = load_medusa(heads, fp)
+        config, hp, meta, d2t = load_medusa(heads, fp)
         stored_tree = tree_from_meta(meta)
     else:
         raise TypeError(f"heads must be a heads file path or a (MedusaConfig, params) pair, got {type(heads).__name__}")
     drafter = MedusaDrafter(config, tree if tree is not None else stored_tree)
-    return SpeculativeDecoder(drafter, "greedy"), with_draft_params(params, {"heads": hp, "target": params})
+    dparams = {"heads": hp, "target": params}
+    if (d2t is None) != (config.draft_vocab == 0):
+        raise ValueError(f"medusa: draft_vocab={config.draft_vocab} needs a d2t map of that many token ids "
+                         f"(and none for the full vocabulary)")
+    if d2t is not None:
+        d2t = np.asarray(d2t)
+        if d2t.shape != (config.draft_vocab,) or d2t.min() < 0 or d2t.max() >= model.vocab_size:
+            raise ValueError(f"medusa: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
+        dparams["d2t"] = d2t.astype(np.int32)
+        dparams["head_w"] = draft_head(model, params, d2t)
+    return SpeculativeDecoder(drafter, "greedy"), with_draft_params(params, dparams)

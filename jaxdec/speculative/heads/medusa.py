@@ -13,7 +13,9 @@ four heads on SmolLM2-135M, and lets one matmul read the LM head once for all K 
   heads on it and fills a static tree: node i at depth d with sibling rank r takes the r-th best token
   of head d - 1 (Medusa's Cartesian-product trees; the default tree is the chain of each head's top-1).
   Params: ``with_draft_params(target_params, {"heads": head params, "target": target_params})``
-  (`jaxdec.speculative.methods.medusa` builds it). Greedy verification only (lossless).
+  (`jaxdec.speculative.methods.medusa` builds it; with a reduced draft vocabulary it adds ``"d2t"`` and
+  ``"head_w"``, the LM-head rows of those tokens, so a draft step reads Vd rows, not all V). Greedy
+  verification only (lossless).
 * `load_medusa`: a heads file (`jaxdec.speculative.heads.artefact`) checked against the target.
 """
 from __future__ import annotations
@@ -37,12 +39,16 @@ class MedusaConfig:
     hidden: int  # the target's hidden size E
     num_heads: int = 4
     num_layers: int = 1  # residual blocks per head
+    draft_vocab: int = 0  # > 0: the heads score only these many target tokens (``d2t``); 0: the whole vocabulary
 
     def __post_init__(self):
         for name in ("hidden", "num_heads", "num_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"MedusaConfig.{name} must be an integer >= 1, got {v!r}")
+        v = self.draft_vocab
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"MedusaConfig.draft_vocab must be an integer >= 0 (0: full vocabulary), got {v!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,11 +93,26 @@ def lm_head(model, target_params):
     return target_params["lm_head"] if "lm_head" in target_params else target_params["embed"]
 
 
-def head_logits(config: MedusaConfig, head_params, model, target_params, hidden):
-    """``hidden [..., E]`` (final-norm) -> logits ``[K, ..., V]`` of the K heads (one LM-head matmul)."""
+def draft_head(model, target_params, d2t=None):
+    """The weight the heads' logits use: the target's LM head, or only its rows ``d2t [Vd]`` (a reduced
+    draft vocabulary, EAGLE-3's d2t map; a `QTensor` head stays quantized, only the rows are gathered)."""
+    w = lm_head(model, target_params)
+    if d2t is None:
+        return w
+    from jaxdec.quant import QTensor
+    ids = jnp.asarray(d2t, jnp.int32)
+    if isinstance(w, QTensor):
+        return QTensor(jnp.take(w.codes, ids, axis=0), jnp.take(w.scale, ids, axis=0),
+                       None if w.offset is None else jnp.take(w.offset, ids, axis=0), w.kind)
+    return jnp.take(w, ids, axis=0)
+
+
+def head_logits(config: MedusaConfig, head_params, model, target_params, hidden, head_w=None):
+    """``hidden [..., E]`` (final-norm) -> logits ``[K, ..., V]`` of the K heads (one matmul with the
+    LM head, or with ``head_w`` = `draft_head` rows: ``[K, ..., Vd]`` over the draft vocabulary)."""
     from jaxdec.quant import matmul
     x = MedusaHeads(config).apply({"params": head_params}, hidden)
-    return matmul(x, lm_head(model, target_params))
+    return matmul(x, lm_head(model, target_params) if head_w is None else head_w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,9 +183,11 @@ class MedusaDrafter:
         hp, tp = self._split(dparams)
         ds = state.method.draft
         spec = self.spec
-        logits = head_logits(self.config, hp, model, tp, ds.hidden)  # [K,B,V]
+        logits = head_logits(self.config, hp, model, tp, ds.hidden, dparams.get("head_w"))  # [K,B,V or Vd]
         r = max(spec.ranks) + 1
         top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [K,B,r]
+        if self.config.draft_vocab:
+            top = jnp.asarray(dparams["d2t"], jnp.int32)[top]  # draft ids -> target ids
         depth = np.asarray(spec.depths[1:]) - 1  # head of each node
         toks = top[depth, :, np.asarray(spec.ranks)].T  # [B,N]
         b = toks.shape[0]
@@ -183,10 +206,11 @@ class MedusaDrafter:
 # --------------------------------------------------------------------------------------------------
 
 def load_medusa(path: str, fingerprint: Optional[str]):
-    """(MedusaConfig, head params as jax arrays, metadata) from a heads file, refused with
+    """(MedusaConfig, head params as jax arrays, metadata, d2t or None) from a heads file, refused with
     `HeadsMismatch` when it was trained for another target (``fingerprint=None`` skips the check)."""
     from jaxdec.speculative.heads.artefact import load_heads
     params, meta = load_heads(path, KIND, fingerprint)
+    d2t = params.pop("d2t", None)
     try:
         config = MedusaConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as e:
@@ -196,7 +220,10 @@ def load_medusa(path: str, fingerprint: Optional[str]):
     got = {k: tuple(np.shape(v)) for k, v in params.items()}
     if got != want:
         raise ValueError(f"heads file {str(path)!r}: tensors {got} do not match its config {want} (corrupt file)")
-    return config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, meta
+    if (d2t is None) != (config.draft_vocab == 0) or (d2t is not None and np.shape(d2t) != (config.draft_vocab,)):
+        raise ValueError(f"heads file {str(path)!r}: its d2t map {None if d2t is None else np.shape(d2t)} does not "
+                         f"match draft_vocab={config.draft_vocab} (corrupt file)")
+    return config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, meta, d2t
 
 
 def tree_from_meta(meta: dict) -> Optional[TreeSpec]:
