@@ -427,3 +427,31 @@ def test_reduced_draft_vocabulary(toy, tmp_path):
         M.medusa(toy["model"], toy["params"], (mc, res.params))
     with pytest.raises(ConfigError, match="--draft-vocab must be in"):
         build_draft_vocab(c["seqs"], c["prompt_lens"], V, V + 1)
+
+
+# --------------------------------------------------------------------------- EAGLE-style head (first slice)
+def test_eagle_head_trains_raises_tau_and_stays_lossless(toy, tmp_path):
+    from jaxdec.speculative.heads.eagle import init_params as eagle_init
+    from train.eagle import EagleTrainConfig, layer_config, train_eagle
+    c = toy["corpus"]
+    cfg = EagleTrainConfig(out=str(tmp_path / "eagle"), steps=20, batch_size=8, lr=0.05, warmup=2, seq_len=32,
+                           eval_every=10, save_every=10, log_every=1, progress=False, draft_vocab=12, num_tokens=3)
+    res, path = train_eagle(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    train = [r["loss"] for r in res.records if r["kind"] == "train"]
+    assert train[-1] < 0.5 * train[0], train
+    hp, meta = read_heads(path, "eagle")
+    assert meta["config"]["draft_vocab"] == 12 and hp["d2t"].shape == (12,) and meta["fingerprint"] == FP
+    test = toy["prompts"][32:]
+    greedy = jaxdec.generate(toy["model"], toy["params"], test, max_new_tokens=MAX_NEW)
+    ec = layer_config(toy["model"], V, cfg)
+    taus = {}
+    for name, heads in (("untrained", (ec, eagle_init(ec), res.d2t)), ("trained", path)):
+        dec, pp = M.eagle(toy["model"], toy["params"], heads, target=FP)
+        out = jaxdec.generate(toy["model"], pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+        assert out.tokens == greedy.tokens, name  # lossless
+        taus[name] = out.stats["tau"]
+    assert taus["untrained"] < 1.5 and taus["trained"] > taus["untrained"] + 1.0, taus
+    with pytest.raises(HeadsMismatch):
+        M.eagle(toy["model"], toy["params"], path, target="sha256:" + "cd" * 32)
+    with pytest.raises(ValueError, match="holds 'eagle' heads, expected 'medusa'"):
+        M.medusa(toy["model"], toy["params"], path, target=FP)

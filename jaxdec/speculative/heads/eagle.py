@@ -1,0 +1,211 @@
+"""An EAGLE-style feature-level autoregressive draft head (Li et al. 2024, EAGLE-1/2/3), first slice.
+
+One decoder layer (a 1-layer `LlamaModel` with its own KV cache) runs over the target's features:
+the input at position t is ``fc([f_t ; embed(x_{t+1})])`` where ``f_t`` is the target's final-norm
+hidden state at t and ``embed`` the target's own (shared, frozen) token embedding; the layer's output
+``o_t`` scores ``x_{t+2}`` through the target's LM head restricted to a reduced draft vocabulary
+(EAGLE-3's d2t map: ``draft_vocab`` rows, shared and frozen) and is fed back as the feature of the
+next draft position. Drafts are chains of ``num_tokens``; greedy verification (lossless).
+
+Not yet here (issue 15, item 3): fusing a low, middle and high target layer (the verify call's
+`VerifyInfo` carries only the final hidden state; the fusion needs it to carry ``hidden_layers``), the
+EAGLE-2 dynamic draft tree, and the training-time test's EAGLE-3 attention masks (train/eagle.py's
+``--ttt-steps`` feeds the head its own features over the whole sequence, an approximation).
+
+Params: ``{"fc": [E, 2E], "final_norm": [E], "layers": the 1-layer stack}``; the drafter's params are
+``{"heads": those, "target": target params, "d2t": [Vd], "head_w": LM-head rows}``
+(`jaxdec.speculative.methods.eagle` builds them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxdec.speculative.tree import Draft, TreeSpec
+
+KIND = "eagle"
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleConfig:
+    hidden: int  # the target's E
+    draft_vocab: int  # rows of the shared LM head the draft scores (d2t)
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate: int = 1536
+    rope_theta: float = 100000.0
+    max_position: int = 8192
+    num_tokens: int = 4  # chain length drafted per step
+
+    def __post_init__(self):
+        for name in ("hidden", "draft_vocab", "num_heads", "num_kv_heads", "head_dim", "intermediate",
+                     "max_position", "num_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"EagleConfig.{name} must be an integer >= 1, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EagleConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names or not {"hidden", "draft_vocab"} <= set(d):
+            raise ValueError(f"eagle config must be a dict with keys among {sorted(names)}, got {d!r}")
+        return cls(**d)
+
+    def layer_model(self, attention: str = "xla"):
+        """The draft layer as a 1-layer `LlamaModel` (vocabulary = the draft vocabulary); training uses
+        ``attention="reference"`` (differentiable)."""
+        from jaxdec.models.config import LlamaConfig
+        from jaxdec.models.llama import LlamaModel
+        return LlamaModel(LlamaConfig(vocab_size=self.draft_vocab, hidden_size=self.hidden,
+                                      intermediate_size=self.intermediate, num_layers=1, num_heads=self.num_heads,
+                                      num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                      rope_theta=self.rope_theta, tie_embeddings=False,
+                                      max_position=self.max_position), prefill_chunk=None).with_attention(attention)
+
+
+def init_params(config: EagleConfig, seed: int = 0) -> dict:
+    """Random draft-layer weights (scaled like a fresh transformer layer) and an ``fc`` that starts as
+    ``f_t + embed(x_{t+1})``."""
+    e, h, kv, d, f = config.hidden, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate
+    ks = jax.random.split(jax.random.key(seed), 7)
+    n = lambda k, *s: jax.random.normal(k, (1,) + s, jnp.float32) * (1.0 / np.sqrt(s[-1]))  # noqa: E731
+    fc = jnp.concatenate([jnp.eye(e), jnp.eye(e)], axis=1)
+    return {"fc": fc, "final_norm": jnp.ones((e,), jnp.float32),
+            "layers": {"attn_norm": jnp.ones((1, e), jnp.float32), "wq": n(ks[0], h * d, e), "wk": n(ks[1], kv * d, e),
+                       "wv": n(ks[2], kv * d, e), "wo": n(ks[3], e, h * d) * 0.1, "mlp_norm": jnp.ones((1, e), jnp.float32),
+                       "w_gate": n(ks[4], f, e), "w_up": n(ks[5], f, e), "w_down": n(ks[6], e, f) * 0.1}}
+
+
+def target_embed(model, target_params, ids):
+    """The target's input embeddings of ``ids`` (``model.embed``, else the ``embed`` table)."""
+    fn = getattr(model, "embed", None)
+    if fn is not None:
+        return fn(target_params, ids)
+    from jaxdec.quant import embed_lookup
+    return embed_lookup(target_params["embed"], ids).astype(jnp.float32)
+
+
+def draft_inputs(hp, model, target_params, feats, next_ids):
+    """``fc([f ; embed(x_next)])``: ``feats [..., E]``, ``next_ids [...]`` -> ``[..., E]``."""
+    x = jnp.concatenate([feats.astype(jnp.float32), target_embed(model, target_params, next_ids)], axis=-1)
+    return jnp.einsum("...i,oi->...o", x, hp["fc"])
+
+
+def layer_params(hp, head_w):
+    return {"final_norm": hp["final_norm"], "layers": hp["layers"], "lm_head": head_w}
+
+
+# --------------------------------------------------------------------------------------------------
+# drafter
+# --------------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class EagleState:
+    """cache: the draft layer's KV cache (committed positions: one per target position but the last).
+    pend_f [B,P,E], pend_x [B,P], npend [B]: (target feature, next token) pairs not yet in ``cache``
+    (P = max depth + 1), the first ``npend`` valid."""
+
+    cache: object
+    pend_f: jax.Array
+    pend_x: jax.Array
+    npend: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleDrafter:
+    config: EagleConfig
+
+    own_params = True
+    max_children = 1
+    is_chain = True
+    extra_headroom = 0
+
+    num_nodes = property(lambda self: self.config.num_tokens)
+    max_depth = property(lambda self: self.config.num_tokens)
+    draft_calls_per_step = property(lambda self: self.config.num_tokens)
+
+    @staticmethod
+    def _split(dparams):
+        if not (isinstance(dparams, dict) and {"heads", "target", "d2t", "head_w"} <= set(dparams)):
+            raise ValueError("EagleDrafter needs params=with_draft_params(target, {'heads', 'target', 'd2t', "
+                             "'head_w'}) (jaxdec.speculative.methods.eagle builds them)")
+        return dparams["heads"], dparams["target"], dparams["head_w"], dparams["d2t"]
+
+    def init(self, model, dparams, prompts, prompt_lens, state, inputs):
+        from jaxdec.cache.kv import rollback
+        hp, tp, head_w, _ = self._split(dparams)
+        b, p = prompts.shape
+        c = self.config
+        # target features of every prompt position (a second prefill; the engine's is not shared yet)
+        pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        feats = model(tp, prompts, pos, model.init_cache(b, p)).hidden  # [B,P,E]
+        nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros((b, 1), prompts.dtype)], axis=1).astype(jnp.int32)
+        lm = c.layer_model()
+        dcache = lm.init_cache(b, state.cache.size)
+        out = lm(layer_params(hp, head_w), None, pos, dcache, embeds=draft_inputs(hp, model, tp, feats, nxt))
+        dcache = rollback(out.cache, prompt_lens - 1)  # positions 0 .. plen-2 committed
+        slots = c.num_tokens + 1
+        last_f = jnp.take_along_axis(feats, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,E]
+        pend_f = jnp.zeros((b, slots, c.hidden), jnp.float32).at[:, :1].set(last_f)
+        pend_x = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(state.last)
+        return EagleState(cache=dcache, pend_f=pend_f, pend_x=pend_x, npend=jnp.ones((b,), jnp.int32))
+
+    def propose(self, model, dparams, state, keys):
+        from jaxdec.cache.kv import rollback
+        hp, tp, head_w, d2t = self._split(dparams)
+        ds = state.method.draft
+        c = self.config
+        lm = c.layer_model()
+        lp = layer_params(hp, head_w)
+        l0 = ds.cache.lengths
+        slots = ds.pend_x.shape[1]
+        pos = l0[:, None] + jnp.arange(slots, dtype=jnp.int32)[None]
+        out = lm(lp, None, pos, ds.cache, embeds=draft_inputs(hp, model, tp, ds.pend_f, ds.pend_x),
+                 logits_at=(ds.npend - 1)[:, None])
+        committed = l0 + ds.npend
+        cache = rollback(out.cache, committed)
+        o = jnp.take_along_axis(out.hidden, (ds.npend - 1)[:, None, None], axis=1)[:, 0]  # [B,E]
+        tok = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+        d2t = jnp.asarray(d2t, jnp.int32)
+        toks = [d2t[tok]]
+        for _ in range(c.num_tokens - 1):
+            step = lm(lp, None, cache.lengths[:, None], cache,
+                      embeds=draft_inputs(hp, model, tp, o[:, None], toks[-1][:, None]))
+            cache = step.cache
+            o = step.hidden[:, 0]
+            toks.append(d2t[jnp.argmax(step.logits[:, 0], axis=-1).astype(jnp.int32)])
+        toks = jnp.stack(toks, axis=1)
+        b = toks.shape[0]
+        draft = Draft(toks, TreeSpec.chain(c.num_tokens).parents_array(b), jnp.ones(toks.shape, bool))
+        return draft, ds.replace(cache=rollback(cache, committed)), state.cache
+
+    def update(self, model, dparams, state, dstate, info):
+        # the accepted path's target features, each with the token that followed it
+        feats = jnp.take_along_axis(info.hidden, info.path[:, :, None], axis=1).astype(jnp.float32)  # [B,D+1,E]
+        run = info.live & (info.cnt > 0)
+        return dstate.replace(pend_f=jnp.where(run[:, None, None], feats, dstate.pend_f),
+                              pend_x=jnp.where(run[:, None], info.out.astype(jnp.int32), dstate.pend_x),
+                              npend=jnp.where(run, info.cnt, dstate.npend))
+
+
+def load_eagle(path: str, fingerprint: Optional[str]):
+    """(EagleConfig, head params, metadata, d2t) from a heads file checked against the target."""
+    from jaxdec.speculative.heads.artefact import load_heads
+    params, meta = load_heads(path, KIND, fingerprint)
+    d2t = params.pop("d2t", None)
+    try:
+        config = EagleConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"heads file {str(path)!r}: bad eagle config in its metadata ({e})") from None
+    if d2t is None or np.shape(d2t) != (config.draft_vocab,):
+        raise ValueError(f"heads file {str(path)!r}: its d2t map does not match draft_vocab={config.draft_vocab}")
+    return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta, d2t

@@ -1,0 +1,178 @@
+"""Train the EAGLE-style head (`jaxdec.speculative.heads.eagle`, first slice): ``python -m train.eagle``.
+
+Teacher forcing over whole sequences: the draft layer reads ``fc([f_t ; embed(x_{t+1})])`` for every
+position t (``f`` = the frozen target's final-norm hidden states, recomputed in the step or stored)
+and learns the target's greedy token ``x_{t+2}`` through the shared LM-head rows of the reduced draft
+vocabulary (labels outside it are left out; ``in_vocab`` logs their share). Training-time test
+(``--ttt-steps S``, EAGLE-3): pass s + 1 feeds the layer its own outputs of pass s as the features
+(``f_{t+1} <- o_t``), as drafting at depth s + 1 does; pass s's loss is weighted ``decay**s``. (EAGLE-3
+masks each pass's attention to the target features of earlier positions; this slice does not yet.)
+
+Writes ``<out>/heads.safetensors`` (kind "eagle", with d2t) like train/medusa.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
+from train.medusa import build_draft_vocab, git_commit, sequences_to_arrays, split_heldout, store_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleTrainConfig(TrainConfig):
+    out: str = "train/work/runs/eagle"
+    data: str = "train/work/selfdistill"
+    model: str = "smollm2-135m"
+    weights: str = "q"
+    draft_vocab: int = 8192
+    num_tokens: int = 4  # chain length stored with the head (what the drafter drafts)
+    ttt_steps: int = 2
+    decay: float = 0.8
+    seq_len: int = 256
+    eval_fraction: float = 0.05
+    hidden: str = "recompute"
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 3e-4
+    export: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("draft_vocab", "num_tokens", "ttt_steps", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.seq_len < 3:
+            raise ConfigError(f"--seq-len must be >= 3, got {self.seq_len}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.hidden not in ("recompute", "stored"):
+            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
+        if self.weights not in ("f32", "q", "bf16", "df11"):
+            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
+
+
+def make_loss(model, config, d2t, ttt_steps: int, decay: float):
+    from jaxdec.speculative.heads.eagle import draft_inputs, layer_params
+    from jaxdec.speculative.heads.medusa import draft_head
+    lm = config.layer_model("reference")
+    t2d_np = np.full((model.vocab_size,), -1, np.int32)
+    t2d_np[np.asarray(d2t)] = np.arange(len(d2t), dtype=np.int32)
+
+    def loss_fn(hp, tp, batch, key):
+        tokens, length, plen = batch["tokens"], batch["length"], batch["prompt_len"]
+        b, t = tokens.shape
+        if "hidden" in batch:
+            hid = batch["hidden"].astype(jnp.float32)
+        else:
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            hid = jax.lax.stop_gradient(model(tp, tokens, pos, model.init_cache(b, t)).hidden)
+        head_w = draft_head(model, tp, d2t)
+        lp = layer_params(hp, head_w)
+        n = t - 2  # positions t = 0 .. T-3 have a label x_{t+2}
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        nxt = tokens[:, 1:n + 1]
+        lab_pos = jnp.arange(n)[None] + 2
+        m = ((lab_pos < length[:, None]) & (lab_pos >= plen[:, None])).astype(jnp.float32)
+        lab = jnp.asarray(t2d_np)[tokens[:, 2:]]
+        n_all = jnp.maximum(jnp.sum(m), 1.0)
+        m = m * (lab >= 0)
+        lab = jnp.maximum(lab, 0)
+        feat = hid[:, :n]
+        total, wsum, aux = 0.0, 0.0, {}
+        for s in range(ttt_steps):
+            out = lm(lp, None, pos, lm.init_cache(b, n), embeds=draft_inputs(hp, model, tp, feat, nxt))
+            lse = jax.nn.logsumexp(out.logits, axis=-1)
+            ll = jnp.take_along_axis(out.logits, lab[..., None], axis=-1)[..., 0]
+            ce = jnp.sum((lse - ll) * m) / jnp.maximum(jnp.sum(m), 1.0)
+            aux[f"acc{s}"] = jnp.sum((jnp.argmax(out.logits, -1) == lab) * m) / jnp.maximum(jnp.sum(m), 1.0)
+            total = total + decay ** s * ce
+            wsum += decay ** s
+            feat = jnp.concatenate([hid[:, :1], out.hidden[:, :-1]], axis=1)  # f_{t+1} <- o_t
+        aux["in_vocab"] = jnp.sum(m) / n_all
+        return total / wsum, aux
+
+    return loss_fn
+
+
+def layer_config(model, e: int, cfg: EagleTrainConfig):
+    """The draft layer's sizes: the target's (a `LlamaModel`), else small ones for a toy target."""
+    from jaxdec.speculative.heads.eagle import EagleConfig
+    c = getattr(model, "config", None)
+    if c is not None and hasattr(c, "num_heads"):
+        return EagleConfig(hidden=e, draft_vocab=cfg.draft_vocab, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                           head_dim=c.head_dim, intermediate=c.intermediate_size, rope_theta=float(c.rope_theta),
+                           max_position=int(c.max_position), num_tokens=cfg.num_tokens)
+    heads = 2 if e % 2 == 0 else 1
+    return EagleConfig(hidden=e, draft_vocab=cfg.draft_vocab, num_heads=heads, num_kv_heads=1, head_dim=e // heads,
+                       intermediate=2 * e, rope_theta=10000.0, max_position=4096, num_tokens=cfg.num_tokens)
+
+
+def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
+                target_name: str = "", command: str = "", stop_after=None, log=print):
+    from jaxdec.speculative.heads.artefact import save_heads
+    from jaxdec.speculative.heads.eagle import KIND, init_params
+    if len(seqs) < 2:
+        raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
+    e = int(model(target_params, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                  model.init_cache(1, 1)).hidden.shape[-1])
+    ecfg = layer_config(model, e, cfg)
+    arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
+    if cfg.hidden == "stored":
+        arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log)
+    tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
+    d2t = build_draft_vocab([seqs[i] for i in tr], [prompt_lens[i] for i in tr], model.vocab_size,
+                            min(cfg.draft_vocab, model.vocab_size))
+    if len(d2t) != ecfg.draft_vocab:
+        raise ConfigError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary ({model.vocab_size})")
+    train = ArrayData({k: v[tr] for k, v in arrays.items()})
+    held = ArrayData({k: v[ho] for k, v in arrays.items()})
+    meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": ecfg.to_dict()}
+    res = fit(cfg, init_params(ecfg, cfg.seed), make_loss(model, ecfg, d2t, cfg.ttt_steps, cfg.decay), train,
+              frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
+    path = os.path.join(cfg.out, "heads.safetensors")
+    if int(res.state.step) == cfg.steps:
+        tensors = {**jax.device_get(res.params), "d2t": d2t}
+        save_heads(path, KIND, tensors, ecfg.to_dict(), fingerprint, target=target_name, command=command,
+                   data_examples=int(len(tr)), data_tokens=int(np.sum(arrays["length"][tr])), steps=cfg.steps,
+                   commit=git_commit(), wall_s=round(res.wall_s, 1),
+                   final_eval=next((r for r in reversed(res.records) if r["kind"] == "eval"), None))
+        log(f"heads: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+    res.d2t = d2t
+    return res, path
+
+
+def main(argv=None):
+    cfg = config_from_args(EagleTrainConfig, argv, prog="python -m train.eagle", description=__doc__)
+    import shutil
+    import jaxdec
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    from train.data import load_corpus
+    t0 = time.time()
+    m = jaxdec.load(cfg.model, weights=cfg.weights)
+    fp = target_fingerprint(m.path)
+    corpus = load_corpus(cfg.data)
+    if corpus["fingerprint"] != fp:
+        raise SystemExit(f"train.eagle: error: --data {cfg.data!r} was generated by another target "
+                         f"({corpus['target']!r}); regenerate it with python -m train.data --model {cfg.model}")
+    print(f"target loaded in {time.time() - t0:.1f} s; corpus {len(corpus['seqs'])} sequences, "
+          f"{corpus['tokens']:,} tokens")
+    command = "python -m train.eagle " + " ".join(sys.argv[1:] if argv is None else argv)
+    res, path = train_eagle(cfg, m.model, m.params, corpus["seqs"], corpus["prompt_lens"], fp, cfg.model, command)
+    if cfg.export and os.path.isfile(path):
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.export)), exist_ok=True)
+        shutil.copyfile(path, cfg.export)
+        print(f"exported {cfg.export}")
+
+
+if __name__ == "__main__":
+    main()
