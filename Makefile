@@ -35,3 +35,5 @@ heads: $(STAMP)
 	$(PY) -m train.data --out train/work/selfdistill
 	$(PY) -m train.medusa --data train/work/selfdistill --out train/work/runs/medusa \
 		--export $(HEADS_DIR)/medusa-smollm2-135m.safetensors
+	$(PY) -m train.eagle --data train/work/selfdistill --out train/work/runs/eagle \
+		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors

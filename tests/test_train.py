@@ -332,8 +332,12 @@ def test_cli_medusa_heads_errors_before_the_model_loads(toy, cli_no_load, capsys
     monkeypatch.setattr(heads_pkg, "ARTEFACT_DIR", str(tmp_path / "none"))  # as if nothing were shipped
     assert "no Medusa heads are shipped for --model 'smollm2-135m'; pass --heads" in \
         _cli_error(cli, capsys, ["--drafter", "medusa"])
+    assert "no Eagle heads are shipped for --model 'smollm2-135m'; pass --heads" in \
+        _cli_error(cli, capsys, ["--drafter", "eagle"])
     assert "another target model or vocabulary" in \
         _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", toy["heads"]])  # trained for the toy
+    assert "holds 'medusa' heads, expected 'eagle'" in \
+        _cli_error(cli, capsys, ["--drafter", "eagle", "--heads", toy["heads"]])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     assert "--heads" in (e := _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", str(bad)])) and "corrupt" in e

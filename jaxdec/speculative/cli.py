@@ -7,19 +7,20 @@ module as a plugin).
 Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
 sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
 
-Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl | medusa. ``--spec-config F.json``
+Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl | medusa | eagle. ``--spec-config F.json``
 loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`). ``pearl`` runs
 `jaxdec.speculative.pearl.PearlDecoder` (PEARL's pre-verify / post-verify schedule) with a draft model
 (``--draft-layers N``: the target's first N layers, or ``--draft-model``) and a window of
 ``--draft-tokens`` (default 4); its ``stats`` add the phase counts and the parallel-time model.
-``medusa`` drafts with trained Medusa-1 heads: the heads shipped for the model, or ``--heads PATH`` (a
-file written by ``python -m train.medusa``; refused when trained for another target).
+``medusa`` drafts with trained Medusa-1 heads, ``eagle`` with the EAGLE-style head: the heads shipped for
+the model, or ``--heads PATH`` (a file written by ``python -m train.medusa`` / ``train.eagle``; refused
+when trained for another target).
 """
 from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa")
+DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=None,
                    help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
     g.add_argument("--heads", default=None,
-                   help="medusa: a heads file from python -m train.medusa (default: the heads shipped for the model)")
+                   help="medusa/eagle: a heads file from python -m train.medusa / train.eagle (default: the heads "
+                        "shipped for the model)")
 
 
 # per drafter, the drafter flags it uses (a flag another drafter uses, given a non-default value, is an error)
@@ -52,7 +54,7 @@ DRAFTER_FLAGS = {
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
     "draft-model": ("draft_tokens", "draft_model", "draft_layers"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
-    "medusa": ("heads",),
+    "medusa": ("heads",), "eagle": ("heads",),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
              "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None,
@@ -111,12 +113,13 @@ def check_args(args):
             users = sorted(d for d, f in DRAFTER_FLAGS.items() if dest in f)
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
-    if args.drafter == "medusa":
+    if args.drafter in ("medusa", "eagle"):
+        d = args.drafter
         if args.spec_sampling:
-            raise BadInput("--drafter medusa: --spec-sampling is not implemented yet (greedy verification only)")
+            raise BadInput(f"--drafter {d}: --spec-sampling is not implemented yet (greedy verification only)")
         if args.heads is None and _shipped(args) is None:
-            raise BadInput(f"--drafter medusa: no Medusa heads are shipped for --model {args.model!r}; pass --heads "
-                           f"PATH (a file written by python -m train.medusa)")
+            raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
+                           f"--heads PATH (a file written by python -m train.{d})")
         _check_heads(args, args.heads or _shipped(args))
 
 
@@ -189,13 +192,13 @@ def build(args, model, params, model_path=None):
         if d == "pearl":
             return M.pearl(model, params, layers, draft, gamma=k or 4, sampling=sampling)
         return M.draft_model(model, params, layers, draft, num_tokens=k or 3, sampling=sampling)
-    if d == "medusa":
+    if d in ("medusa", "eagle"):
         heads = args.heads or _shipped(args)
         if heads is None:
-            raise ValueError(f"--drafter medusa: no Medusa heads are shipped for --model {args.model!r}; pass --heads "
-                             f"PATH")
+            raise ValueError(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
+                             f"--heads PATH")
         try:
-            return M.medusa(model, params, heads, target=model_path, sampling=sampling)
+            return getattr(M, d)(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
             raise ValueError(f"--heads: {e}") from None
     raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
@@ -240,7 +243,7 @@ def _handler(args, loaded, prompt_ids, progress):
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
 DRAFTER_METHODS = {"pld": "prompt_lookup", "recycling": "token_recycling", "aded": "aded", "stand": "stand",
                    "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model", "pearl": "pearl",
-                   "medusa": "medusa"}
+                   "medusa": "medusa", "eagle": "eagle"}
 
 try:  # register with the spine's CLI when it is importable
     from jaxdec.cli import SAMPLING, register_method, register_papers
