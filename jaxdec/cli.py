@@ -228,7 +228,10 @@ def _check_args(args, parser) -> None:
     if info["check"] is not None:
         info["check"](args)
     from jaxdec.constrained.cli import read_constraints
-    args._constraints = read_constraints(args, getattr(args, "_n_prompts", 1))
+    try:
+        args._constraints = read_constraints(args, getattr(args, "_n_prompts", 1))
+    except ValueError as e:  # jaxdec.constrained.ConstraintError: the message names the flag or the line
+        raise BadInput(str(e)) from None
     check_model_path(args.model)
 
 

@@ -371,7 +371,8 @@ def test_negative_control_mask_off_gives_invalid_outputs(lm, json_greedy, monkey
     from jaxdec.constrained import api
     model, params, tok = lm
     rows, _ = json_greedy
-    monkeypatch.setattr(api, "prepare", functools.partial(api.prepare, mask=False))
+    from jaxdec.core import generate as core_generate
+    monkeypatch.setattr(core_generate, "CONSTRAINTS", [functools.partial(api.prepare, mask=False)])
     g = jaxdec.generate(model, params, chat(tok, rows), max_new_tokens=MAX_NEW, tokenizer=tok,
                         constraint=[json_schema(r["schema"]) for r in rows])
     assert not all(g.constraint_ok)
@@ -402,7 +403,7 @@ def test_cli_constraints_per_row_and_for_all(tmp_path, capsys):
     jsonschema.validate(json.loads(rows[0]["text"]), schema)
     assert rows[3]["text"] in ("red", "yellow", "blue")
     out2 = tmp_path / "out2.jsonl"
-    rc = cli.main(["generate", "--prompts-file", str(pf), "--chat", "--weights", "q", "--max-new-tokens", "16",
+    rc = cli.main(["generate", "--prompts-file", str(pf), "--chat", "--weights", "q", "--max-new-tokens", "8",
                    "--quiet", "--regex", "[0-9]{2}", "--method", "beam", "--num-beams", "2", "--out", str(out2)])
     assert rc == 0, capsys.readouterr().err[-2000:]
     rows2 = [json.loads(x) for x in out2.read_text().splitlines()]
@@ -416,12 +417,12 @@ def test_cli_constraints_per_row_and_for_all(tmp_path, capsys):
 def test_forced_tokens_drafter_saves_calls_and_keeps_greedy(lm, json_greedy):
     """Grammar-forced tokens (compute_ff_tokens) as the draft: fewer model calls, constrained greedy tokens."""
     from jaxdec.constrained.forced import ForcedTokensDrafter
-    from jaxdec.speculative import SpeculativeDecoder
+    from jaxdec.speculative import PromptLookupDrafter, SpeculativeDecoder
     model, params, tok = lm
     rows, g = json_greedy
     cons = [json_schema(r["schema"]) for r in rows]
     s = jaxdec.generate(model, params, chat(tok, rows), max_new_tokens=MAX_NEW, tokenizer=tok, constraint=cons,
-                        decoder=SpeculativeDecoder(ForcedTokensDrafter()))
+                        decoder=SpeculativeDecoder(ForcedTokensDrafter(PromptLookupDrafter(8))))
     assert_constrained_greedy(lm, chat(tok, rows), cons, rows, s, g, "forced")
     assert s.extras["constraint_session"].forced_tokens > 0
     print(f"forced tokens: model calls {s.stats['model_calls']} vs greedy {g.stats['model_calls']}, "

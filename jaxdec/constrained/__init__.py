@@ -10,3 +10,4 @@ from jaxdec.constrained.constraint import Constraint, as_constraint, choices, js
 from jaxdec.constrained.engines import (ConstraintError, Engine, LLGuidanceEngine, Matcher,  # noqa: F401
                                         OutlinesEngine, get_engine)
 from jaxdec.constrained.processor import ConstraintMask, Session  # noqa: F401
+from jaxdec.constrained import api as _api  # noqa: F401,E402  (registers generate(constraint=))

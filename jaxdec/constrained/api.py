@@ -45,28 +45,22 @@ def compile_rows(cons: list, tokenizer, model) -> list:
     return out
 
 
+# decoders that honour a constraint (named, not imported: jaxdec.constrained imports no method family)
+HONOURING = {"jaxdec.core.token.TokenDecoder", "jaxdec.search.beam.BeamSearch",
+             "jaxdec.speculative.engine.SpeculativeDecoder"}
+
+
 def check_decoder(decoder, who: str) -> None:
     """Refuse decoders that cannot honour a constraint, naming them."""
-    from jaxdec.core.token import TokenDecoder
-    name = type(decoder).__name__
-    try:
-        from jaxdec.speculative.engine import SpeculativeDecoder
-    except ImportError:  # pragma: no cover
-        SpeculativeDecoder = ()
-    try:
-        from jaxdec.search.beam import BeamSearch
-    except ImportError:  # pragma: no cover
-        BeamSearch = ()
-    if isinstance(decoder, SpeculativeDecoder):
-        d = decoder.drafter
-        if not d.is_chain:
-            raise ValueError(f"{who}: constraint= with SpeculativeDecoder needs a chain drafter; the drafter "
-                             f"{type(d).__name__} drafts a tree (use prompt_lookup / a chain drafter, or drop "
-                             "constraint=)")
-        return
-    if isinstance(decoder, (TokenDecoder, BeamSearch)):
-        return
-    raise ValueError(f"{who}: the decoder {name} cannot honour constraint= (supported: {SUPPORTED})")
+    cls = type(decoder)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name not in HONOURING:
+        raise ValueError(f"{who}: the decoder {cls.__name__} cannot honour constraint= (supported: {SUPPORTED})")
+    d = getattr(decoder, "drafter", None)
+    if d is not None and not getattr(d, "is_chain", False):
+        raise ValueError(f"{who}: constraint= with {cls.__name__} needs a chain drafter; the drafter "
+                         f"{type(d).__name__} drafts a tree (use prompt_lookup / a chain drafter, or drop "
+                         "constraint=)")
 
 
 @dataclasses.dataclass
@@ -121,5 +115,13 @@ def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, t
 
     return Constrained(decoder=decoder, inputs_fn=fn, session=session, prompts=compiled)
 
+
+def _register():
+    from jaxdec.core import generate as core_generate
+    if prepare not in core_generate.CONSTRAINTS:
+        core_generate.CONSTRAINTS[:] = [prepare]
+
+
+_register()
 
 __all__ = ["Constraint", "ConstraintError", "prepare", "per_prompt", "check_decoder"]

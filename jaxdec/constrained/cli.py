@@ -24,8 +24,10 @@ def add_arguments(g) -> None:
 
 
 def _bad(msg):
-    from jaxdec.cli import BadInput
-    return BadInput(msg)
+    """A ConstraintError (a ValueError) carrying the CLI message; `jaxdec.cli` turns it into its one
+    ``jaxdec: error:`` line (this module does not import jaxdec.cli)."""
+    from jaxdec.constrained.engines import ConstraintError
+    return ConstraintError(msg)
 
 
 def _read_file(path: str, flag: str) -> str:

@@ -4,8 +4,8 @@ each; rows with nothing forced take the inner chain drafter's draft (prompt look
 
 Use it through speculative decoding with a constraint::
 
-    from jaxdec.speculative import SpeculativeDecoder
-    dec = SpeculativeDecoder(ForcedTokensDrafter())
+    from jaxdec.speculative import SpeculativeDecoder, PromptLookupDrafter
+    dec = SpeculativeDecoder(ForcedTokensDrafter(PromptLookupDrafter(8)))
     g = jaxdec.generate(m.model, m.params, ids, decoder=dec, tokenizer=m.tokenizer, constraint=json_schema(s))
 
 Verification is the engine's own (greedy: the output equals constrained greedy): a forced token that is a
@@ -25,16 +25,11 @@ from jax.experimental import io_callback
 from jaxdec.constrained.processor import _active
 
 
-def _default_inner():
-    from jaxdec.speculative.drafters import PromptLookupDrafter
-    return PromptLookupDrafter(8)
-
-
 @dataclasses.dataclass(frozen=True)
 class ForcedTokensDrafter:
     """A chain drafter: forced grammar tokens first, else ``inner``'s chain draft (same length)."""
 
-    inner: Any = dataclasses.field(default_factory=_default_inner)
+    inner: Any  # a chain drafter, e.g. PromptLookupDrafter(8) (jaxdec.constrained imports no method family)
 
     def __post_init__(self):
         if not getattr(self.inner, "is_chain", False):

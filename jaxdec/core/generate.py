@@ -19,6 +19,9 @@ from jaxdec.core.steps import with_prefill_chunk
 from jaxdec.core.state import FINISH_NAMES
 
 METHODS = ("greedy", "sample")
+# constrained decoding registers its `prepare` here on import (jaxdec.constrained depends on core, never the
+# reverse): prepare(decoder, constraint, ...) -> None or a prepared run (decoder, inputs_fn, session, ok())
+CONSTRAINTS: list = []
 
 
 @dataclasses.dataclass
@@ -98,9 +101,11 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
         decoder = ensure_accepts(decoder, processors, "generate")
     cons = None
     if constraint is not None:
-        from jaxdec.constrained.api import prepare
-        cons = prepare(decoder, constraint, n_prompts=len(prompts), samples=n, expand=1, tokenizer=tokenizer,
-                       model=model, inputs_fn=inputs_fn, who="generate")
+        if not CONSTRAINTS:
+            raise ValueError("constraint=: build constraints with jaxdec.constrained (json_schema, regex, lark, "
+                             "choices); importing jaxdec.constrained enables constraint=")
+        cons = CONSTRAINTS[0](decoder, constraint, n_prompts=len(prompts), samples=n, expand=1, tokenizer=tokenizer,
+                              model=model, inputs_fn=inputs_fn, who="generate")
     if cons is not None:
         decoder, inputs_fn = cons.decoder, cons.inputs_fn
 
