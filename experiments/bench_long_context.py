@@ -4,7 +4,8 @@ same run; llama.cpp (``llama-cpp-python`` on the same GGUF) is an optional row, 
 when it is not installed.
 
 Prompts of 512, 1k, 2k, 4k and 8k tokens are standard-library Python source (text that ships with
-Python), cut to exactly N tokens of the model's tokenizer. Each (system, weights, N) is one cell of
+Python), cut to exactly N tokens of the model's tokenizer (the 8k prompt is 8192 minus the new tokens, so
+that prompt and new tokens fill the model's context). Each (system, weights, N) is one cell of
 experiments/runner.py and runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own
 (the systems are not interleaved within a process for that reason; the load average of every cell is
 recorded, and a loaded cell is flagged):
@@ -201,7 +202,11 @@ def _row(system, weights, n, new, pt, gt, pre_first, gen_first) -> dict:
             "peak_rss_gb": rss_gb(), "reps": len(pt), "prefill_s_all": pt, "generate_s_all": gt}
 
 
+CONTEXT = 8192  # the default model's context: prompt + new tokens must fit
+
+
 def run_one(system: str, n: int, new: int, reps: int) -> None:
+    n = min(n, CONTEXT - new)  # the "8k" prompt fills the context with its new tokens (8176 + 16)
     if system == "hf":
         row = one_hf(n, new, reps)
     elif system == "llamacpp":
