@@ -115,7 +115,7 @@ def check_args(args):
                            f"(it applies to --drafter {', '.join(users)})")
     if args.drafter in ("medusa", "eagle"):
         d = args.drafter
-        if args.spec_sampling:
+        if args.spec_sampling and d == "eagle":
             raise BadInput(f"--drafter {d}: --spec-sampling is not implemented yet (greedy verification only)")
         if args.heads is None and _shipped(args) is None:
             raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "

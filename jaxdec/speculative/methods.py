@@ -158,14 +158,13 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
     vocabulary (no check). target: the target's model file or folder (what
     `jaxdec.load` opened: ``m.path``), or a fingerprint string; None: the model has no file and its
     params are fingerprinted (`params_fingerprint`). tree: a `TreeSpec` (depth <= heads; default the
-    tree stored with the heads, else the chain of all heads)."""
+    tree stored with the heads, else the chain of all heads). sampling: each head's token drawn from its
+    distribution and verified by speculative sampling (a chain; lossless for sampling)."""
     import os
     from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
     import numpy as np
     from jaxdec.speculative.heads.medusa import (MedusaConfig, MedusaDrafter, draft_head, load_medusa,
                                                  tree_from_meta)
-    if sampling:
-        raise NotImplementedError("medusa: sampling verification is not implemented yet (greedy verification only)")
     d2t = None
     if isinstance(heads, tuple) and len(heads) in (2, 3) and isinstance(heads[0], MedusaConfig):
         config, hp = heads[:2]
@@ -182,7 +181,9 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
         stored_tree = tree_from_meta(meta)
     else:
         raise TypeError(f"heads must be a heads file path or a (MedusaConfig, params) pair, got {type(heads).__name__}")
-    drafter = MedusaDrafter(config, tree if tree is not None else stored_tree)
+    if sampling and tree is None:
+        stored_tree = None  # sampling drafts a chain (each head's token drawn from its q)
+    drafter = MedusaDrafter(config, tree if tree is not None else stored_tree, sample=sampling)
     dparams = {"heads": hp, "target": params}
     if (d2t is None) != (config.draft_vocab == 0):
         raise ValueError(f"medusa: draft_vocab={config.draft_vocab} needs a d2t map of that many token ids "
@@ -193,7 +194,7 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
             raise ValueError(f"medusa: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
         dparams["d2t"] = d2t.astype(np.int32)
         dparams["head_w"] = draft_head(model, params, d2t)
-    return SpeculativeDecoder(drafter, "greedy"), with_draft_params(params, dparams)
+    return SpeculativeDecoder(drafter, _verifier(sampling)), with_draft_params(params, dparams)
 
 
 def eagle(model, params, heads, target=None, sampling: bool = False):

@@ -15,7 +15,9 @@ four heads on SmolLM2-135M, and lets one matmul read the LM head once for all K 
   Params: ``with_draft_params(target_params, {"heads": head params, "target": target_params})``
   (`jaxdec.speculative.methods.medusa` builds it; with a reduced draft vocabulary it adds ``"d2t"`` and
   ``"head_w"``, the LM-head rows of those tokens, so a draft step reads Vd rows, not all V). Greedy
-  verification only (lossless).
+  verification (lossless for greedy decoding), or ``sample=True`` with a chain: each head's token is
+  drawn from its distribution under the rows' sampling parameters and the drafts carry those ``q``,
+  so the sampling verifier is lossless for sampling.
 * `load_medusa`: a heads file (`jaxdec.speculative.heads.artefact`) checked against the target.
 """
 from __future__ import annotations
@@ -138,6 +140,7 @@ class MedusaDrafter:
 
     config: MedusaConfig
     tree: Optional[TreeSpec] = None
+    sample: bool = False  # draw the chain's tokens (sampling verification) instead of top-ranked ones
 
     own_params = True
     draft_calls_per_step = 0  # the heads are not model calls (their cost shows in wall time)
@@ -147,6 +150,8 @@ class MedusaDrafter:
             raise TypeError(f"MedusaDrafter.config must be a MedusaConfig, got {type(self.config).__name__}")
         if self.tree is not None:
             _check_tree(self.tree, self.config.num_heads)
+        if self.sample and not self.is_chain:
+            raise ValueError("MedusaDrafter: sample=True drafts a chain only (tree=None or a chain)")
 
     @property
     def spec(self) -> TreeSpec:
@@ -184,6 +189,8 @@ class MedusaDrafter:
         ds = state.method.draft
         spec = self.spec
         logits = head_logits(self.config, hp, model, tp, ds.hidden, dparams.get("head_w"))  # [K,B,V or Vd]
+        if self.sample:
+            return self._sampled(model, dparams, state, keys, logits), ds, state.cache
         r = max(spec.ranks) + 1
         top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [K,B,r]
         if self.config.draft_vocab:
@@ -193,6 +200,22 @@ class MedusaDrafter:
         b = toks.shape[0]
         valid = jnp.ones(toks.shape, bool)
         return Draft(toks, spec.parents_array(b), valid), ds, state.cache
+
+    def _sampled(self, model, dparams, state, keys, logits):
+        """Chain of the K heads' tokens, each drawn from its head's processed distribution ``q``."""
+        from jaxdec.speculative.drafters import _draw_rows, draft_distribution
+        k, b = logits.shape[:2]
+        if self.config.draft_vocab:  # scores over the draft vocabulary -> the full vocabulary (others -inf)
+            full = jnp.full((k, b, model.vocab_size), -jnp.inf, jnp.float32)
+            logits = full.at[:, :, jnp.asarray(dparams["d2t"], jnp.int32)].set(logits.astype(jnp.float32))
+        ks = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)  # [B,K] keys
+        toks, qs = [], []
+        for i in range(k):
+            _, q = draft_distribution(logits[i], state, True)
+            toks.append(_draw_rows(ks[:, i], q))
+            qs.append(q)
+        toks = jnp.stack(toks, axis=1)
+        return Draft(toks, self.spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1))
 
     def update(self, model, dparams, state, dstate, info):
         node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)  # [B,1] block index of the last accepted
