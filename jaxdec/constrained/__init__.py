@@ -9,5 +9,5 @@ per step for all rows), with two engines behind one interface (llguidance, outli
 from jaxdec.constrained.constraint import Constraint, as_constraint, choices, json_schema, lark, regex  # noqa: F401
 from jaxdec.constrained.engines import (ConstraintError, Engine, LLGuidanceEngine, Matcher,  # noqa: F401
                                         OutlinesEngine, get_engine)
-from jaxdec.constrained.processor import ConstraintMask, Session  # noqa: F401
+from jaxdec.constrained.processor import ConstraintMask, ForkingConstraintMask, Session  # noqa: F401
 from jaxdec.constrained import api as _api  # noqa: F401,E402  (registers generate(constraint=))

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from jaxdec.constrained.constraint import Constraint, as_constraint
 from jaxdec.constrained.engines import ConstraintError, get_engine
-from jaxdec.constrained.processor import ConstraintMask, Session, activate
+from jaxdec.constrained.processor import ConstraintMask, ForkingConstraintMask, Session, activate
 
 SUPPORTED = "greedy and sampling (generate), beam_search, and SpeculativeDecoder with a chain drafter"
 
@@ -106,7 +106,8 @@ def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, t
     compiled = compile_rows(cons, tokenizer, model)
     units = [u for u in compiled for _ in range(samples)]
     session = Session(units, expand=expand, enabled=mask)
-    decoder = dataclasses.replace(decoder, processors=(ConstraintMask(int(model.vocab_size)),)
+    mask_cls = ForkingConstraintMask if expand > 1 else ConstraintMask  # beams reorder rows: fork in post_commit
+    decoder = dataclasses.replace(decoder, processors=(mask_cls(int(model.vocab_size)),)
                                   + tuple(decoder.processors))
 
     def fn(inputs, chunk):

@@ -4,8 +4,10 @@
 a row without an allowed token). Each step it asks the host, through ONE ordered ``io_callback``, for an
 int32 bitmask ``[B, T, ceil(V/32)]`` of all rows and block positions (T > 1: the positions of a
 speculative chain draft, masked with the draft tokens consumed in turn and rolled back), and unpacks it
-on device. Its ``post_commit`` hook advances each row's matcher by the committed tokens, forking matchers
-on a beam reorder (``parent_rows``). Rows without a constraint get an all-ones mask.
+on device. Before filling, the callback advances each row's matcher by the tokens committed since the last
+step (rows of token and speculative decoders only grow); for beam search `ForkingConstraintMask` adds a
+``post_commit`` hook that forks matchers on a beam reorder (``parent_rows``) and advances them. Rows
+without a constraint get an all-ones mask.
 
 The processor object is static configuration that compares equal across runs (only the vocabulary size),
 so constrained runs share one compiled program; the matchers live in the active `Session`, set by
@@ -70,16 +72,22 @@ class Session:
         self.consumed = np.zeros((batch_rows,), np.int64)
 
     def _sync(self, b: int, tokens: np.ndarray, num_new: int) -> None:
-        if self.consumed[b] == num_new:
+        """Bring row b's matcher to the row's ``num_new`` committed tokens: advance it by the tokens
+        committed since (rows only grow, except after a beam reorder, which `commit` handles), or rebuild
+        it from the row's buffer when it is ahead."""
+        have = int(self.consumed[b])
+        if have == num_new:
             return
-        eng, comp = self.rows[b]
-        m = eng.matcher(comp)
-        for t in tokens[b, :num_new]:
+        m = self.matchers[b]
+        if have > num_new or m is None:
+            eng, comp = self.rows[b]
+            m, have = eng.matcher(comp), 0
+            self.resyncs += 1
+        for t in tokens[b, have:num_new]:
             if not m.consume(int(t)):
                 break
         self.matchers[b] = m
         self.consumed[b] = num_new
-        self.resyncs += 1
 
     # --- the two callbacks -------------------------------------------------------------------------
     def masks(self, w: int, tokens, num_new, parents, block, done) -> np.ndarray:
@@ -176,7 +184,11 @@ def unpack_bits(bits, v: int):
 @dataclasses.dataclass(frozen=True)
 class ConstraintMask:
     """The grammar mask of every constrained row (see the module docstring). Added by
-    ``generate(constraint=...)`` / ``beam_search(constraint=...)``; not a user processor."""
+    ``generate(constraint=...)`` / ``beam_search(constraint=...)``; not a user processor.
+
+    Rows that only grow (token and speculative decoders) need no post-commit callback: each mask callback
+    first advances a row's matcher by the tokens committed since the last one (``ctx.tokens``), so a step
+    costs one host round trip. `ForkingConstraintMask` adds the post-commit hook for beam search."""
 
     vocab_size: int
     stage = "mask"
@@ -192,6 +204,12 @@ class ConstraintMask:
         bits = io_callback(cb, jax.ShapeDtypeStruct((b, t, w), jnp.int32), ctx.tokens, ctx.num_new, ctx.parents,
                            ctx.block, ctx.done, ordered=True)
         return jnp.where(unpack_bits(bits, v), logits, BANNED)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForkingConstraintMask(ConstraintMask):
+    """`ConstraintMask` with the post-commit hook: matchers follow beam reorders (``parent_rows``), each
+    surviving beam forking its parent's matcher."""
 
     def post_commit(self, ctx, tokens, counts, parent_rows):
         _active().commit(np.asarray(tokens), np.asarray(counts), np.asarray(parent_rows))
