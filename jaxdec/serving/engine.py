@@ -1,0 +1,317 @@
+"""A serving engine over fixed decode slots (prefill / insert / step, as `jaxdec.core.slots` defines them).
+
+    eng = Engine(model, params, slots=4, cache_size=512, capacity=64)
+    a = eng.submit(prompt_ids, max_new_tokens=32)                       # greedy
+    b = eng.submit(other_ids, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3, stop_ids=[13])
+    results = eng.run_until_done()                                      # {request id: Result}
+
+The engine keeps ``slots`` rows of one `DecodeState` on the device. Each `step`:
+1. admits waiting requests into free slots: `slots.prefill` of the request alone (one row, in a cache the
+   size of the running batch's; one compiled program per prompt bucket) and an insert into the slot (one
+   compiled program, the running KV cache donated);
+2. runs one compiled decode step over all slots (one program; the KV cache donated);
+3. reads the new tokens of each busy slot on the host, applies the request's own stop ids and frees
+   the slots whose requests finished.
+
+Every row decodes exactly as `jaxdec.generate` of its request alone (same keys: a request's ``seed``
+gives generate's keys of ``seed`` for one prompt). Sampling parameters are per row and traced
+(temperature 0 = greedy for that row), so new settings never recompile. Per-request ``stop_ids`` are
+checked on the host after each step and add to the model's EOS ids, which end every row on the device.
+`step` is meant for one thread; `submit` and `cancel` may be called from any thread.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.cache.kv import bucket
+from jaxdec.core import loop, slots as slots_lib
+from jaxdec.core.driver import _check_prompts, row_keys
+from jaxdec.core.processors import SamplingParams
+from jaxdec.core.protocols import hook
+from jaxdec.core.state import EOS, LENGTH, STOP_STRING
+from jaxdec.core.steps import with_prefill_chunk
+from jaxdec.core.token import TokenDecoder
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (names the field and what was expected)."""
+
+
+@dataclasses.dataclass
+class Request:
+    id: str
+    prompt: list
+    max_new_tokens: int
+    min_new_tokens: int
+    stop_ids: tuple
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    on_tokens: Optional[Callable] = None  # on_tokens(request_id, new_token_ids, finish_reason or None)
+    submitted: float = 0.0
+    # filled while it runs
+    tokens: list = dataclasses.field(default_factory=list)
+    finish_reason: Optional[str] = None
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished request: ``tokens`` are the new tokens, the stop token included (as `generate` returns
+    them); ``finish_reason`` is "eos" (a model EOS id), "stop" (one of the request's ``stop_ids``),
+    "length" (``max_new_tokens``) or "cancelled"."""
+
+    id: str
+    prompt_ids: list
+    tokens: list
+    finish_reason: str
+    ttft: Optional[float]  # seconds from submit to the first token on the host
+    seconds: float  # submit to finish
+
+
+_FINISH = {EOS: "eos", LENGTH: "length", STOP_STRING: "stop"}
+
+
+def _int_field(name, v, lo, hi=None):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise RequestError(f"{name} must be an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def _float_field(name, v, ok, what):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) or not ok(float(v)):
+        raise RequestError(f"{name} must be a number {what}, got {v!r}")
+    return float(v)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "model"), donate_argnames=("cache",))
+def _step(decoder, model, params, cache, rest):
+    """One decode step over every slot; the KV cache is donated (only the cache: DESIGN's pitfall)."""
+    loop.count_trace(f"engine_step:{type(decoder).__name__}")
+    state = decoder.step(model, params, rest.replace(cache=cache))
+    return state, (state.tokens, state.num_new, state.done, state.finish)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",), donate_argnames=("cache",))
+def _insert(decoder, cache, rest, prefix, slot):
+    loop.count_trace(f"engine_insert:{type(decoder).__name__}")
+    state = rest.replace(cache=cache)
+    own = hook(decoder, "insert")
+    state = slots_lib.insert_rows(state, prefix, slot) if own is None else own(state, prefix, slot)
+    return state
+
+
+class Engine:
+    """Fixed decode slots over one model. ``slots``: rows decoded together; ``cache_size``: KV positions
+    per slot (prompt + new tokens of one request must fit); ``capacity``: the largest ``max_new_tokens``
+    a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate`."""
+
+    def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
+                 prefill_chunk: Optional[int] = 512):
+        self.slots = _int_field("slots", slots, 1)
+        self.cache_size = _int_field("cache_size", cache_size, 2)
+        self.capacity = _int_field("capacity", capacity, 1)
+        if self.capacity >= self.cache_size:
+            raise ValueError(f"capacity ({capacity}) must be smaller than cache_size ({cache_size})")
+        max_pos = hook(model, "max_position")
+        if max_pos is not None and self.cache_size > max_pos:
+            raise ValueError(f"cache_size ({cache_size}) exceeds the model's context ({max_pos})")
+        self.model = with_prefill_chunk(model, prefill_chunk)
+        self.params = params
+        self.decoder = TokenDecoder(greedy=False)  # per-row SamplingParams; temperature 0 rows are greedy
+        self.eos_ids = tuple(int(t) for t in model.eos_ids)
+        pad = int(hook(model, "pad_id"))
+        state = slots_lib.start(self.decoder, self.model, params, [[pad]] * self.slots, cache_size=self.cache_size,
+                                capacity=self.capacity, max_new_tokens=1, sampling=self._sampling([0.0] * self.slots))
+        self._state = state.replace(done=jnp.ones_like(state.done))  # every slot starts free
+        self._slot_req: list = [None] * self.slots  # request in each slot
+        self._seen = [0] * self.slots  # tokens of that slot already read on the host
+        self._waiting: collections.deque = collections.deque()
+        self._requests: dict = {}  # id -> Request (running or waiting)
+        self._results: dict = {}  # id -> Result
+        self._cancel: set = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # ---------------------------------------------------------------- requests
+    def check(self, prompt_ids, max_new_tokens: int = 16, min_new_tokens: int = 0) -> list:
+        """Validate a prompt against the slot size; returns the prompt as a list of ints (RequestError if
+        it cannot run)."""
+        try:
+            prompt = _check_prompts([prompt_ids], self.model.vocab_size)[0]
+        except (TypeError, ValueError) as e:
+            raise RequestError(str(e).replace("prompts[0]", "prompt").replace("prompt 0", "prompt")) from None
+        max_new = _int_field("max_new_tokens", max_new_tokens, 1)
+        _int_field("min_new_tokens", min_new_tokens, 0, max_new)
+        if max_new > self.capacity:
+            raise RequestError(f"max_new_tokens ({max_new}) exceeds the engine's capacity ({self.capacity})")
+        need = len(prompt) + max_new + int(hook(self.decoder, "cache_headroom"))
+        if bucket(len(prompt)) > self.cache_size or need > self.cache_size:
+            raise RequestError(f"request too long for a slot: prompt ({len(prompt)} tokens) + max_new_tokens "
+                               f"({max_new}) needs {need} positions, a slot holds {self.cache_size}")
+        return prompt
+
+    def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 16, min_new_tokens: int = 0,
+               stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, seed: int = 0, request_id: Optional[str] = None,
+               on_tokens: Optional[Callable] = None) -> str:
+        """Queue a request; returns its id. ``on_tokens(id, new_tokens, finish_reason_or_None)`` is called from
+        the stepping thread as tokens arrive (``finish_reason`` set on the last call)."""
+        prompt = self.check(prompt_ids, max_new_tokens, min_new_tokens)
+        if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
+            raise RequestError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
+        stops = tuple(_int_field("stop_ids[]", t, 0, self.model.vocab_size - 1) for t in stop_ids)
+        temperature = _float_field("temperature", temperature, lambda v: 0 <= v < float("inf"), ">= 0 (0 = greedy)")
+        top_k = _int_field("top_k", top_k, 0)
+        top_p = _float_field("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        min_p = _float_field("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
+            raise RequestError(f"seed must be a 64-bit integer, got {seed!r}")
+        with self._lock:
+            rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+            if rid in self._requests or rid in self._results:
+                raise RequestError(f"request_id {rid!r} is already in use")
+            req = Request(rid, prompt, int(max_new_tokens), int(min_new_tokens), stops, temperature, top_k, top_p,
+                          min_p, int(seed), on_tokens, time.perf_counter())
+            self._requests[rid] = req
+            self._waiting.append(req)
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (waiting or running); its slot is freed at the next `step`."""
+        with self._lock:
+            if request_id in self._requests:
+                self._cancel.add(request_id)
+
+    def result(self, request_id: str) -> Optional[Result]:
+        return self._results.get(request_id)
+
+    def pop_result(self, request_id: str) -> Optional[Result]:
+        return self._results.pop(request_id, None)
+
+    @property
+    def busy(self) -> bool:
+        """Requests waiting or running."""
+        return bool(self._requests)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(r is None for r in self._slot_req)
+
+    # ---------------------------------------------------------------- stepping
+    def _sampling(self, temps, reqs=None):
+        n = len(temps)
+        if reqs is None:
+            return SamplingParams.create(n, temperature=temps)
+        return SamplingParams.create(n, temperature=temps, top_k=[r.top_k for r in reqs],
+                                     top_p=[r.top_p for r in reqs], min_p=[r.min_p for r in reqs])
+
+    def _finish(self, slot, req, reason):
+        now = time.perf_counter()
+        req.finish_reason, req.finished_time = reason, now
+        with self._lock:
+            self._requests.pop(req.id, None)
+            self._cancel.discard(req.id)
+            self._results[req.id] = Result(req.id, req.prompt, list(req.tokens), reason,
+                                           None if req.first_token_time is None else req.first_token_time - req.submitted,
+                                           now - req.submitted)
+        if slot is not None:
+            self._slot_req[slot] = None
+
+    def _admit(self):
+        for slot in range(self.slots):
+            if self._slot_req[slot] is not None:
+                continue
+            with self._lock:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+                cancelled = req.id in self._cancel
+            if cancelled:
+                self._notify(req, [], "cancelled")
+                self._finish(None, req, "cancelled")
+                continue
+            prefix = slots_lib.prefill(self.decoder, self.model, self.params, [req.prompt], like=self._state,
+                                       max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens,
+                                       keys=row_keys(req.seed, 1, 1), stop_ids=self.eos_ids,
+                                       sampling=self._sampling([req.temperature], [req]))
+            st = self._state
+            self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
+                                  jnp.asarray([slot], jnp.int32))
+            self._slot_req[slot] = req
+            self._seen[slot] = 0
+
+    def _notify(self, req, toks, reason):
+        if req.on_tokens is not None:
+            req.on_tokens(req.id, toks, reason)
+
+    def step(self) -> int:
+        """Admit waiting requests, run one decode step over the slots, deliver new tokens; returns the number of
+        requests still waiting or running."""
+        with self._lock:
+            cancel = set(self._cancel)
+        for slot, req in enumerate(self._slot_req):
+            if req is not None and req.id in cancel:
+                self._notify(req, [], "cancelled")
+                self._finish(slot, req, "cancelled")
+        self._admit()
+        if all(r is None for r in self._slot_req):
+            return len(self._requests)
+        st = self._state
+        # rows whose device row is still live need a step; rows admitted already done (EOS or max_new at the
+        # first token) only need reading
+        done_dev = np.asarray(st.done)
+        if any(r is not None and not done_dev[s] for s, r in enumerate(self._slot_req)):
+            self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
+            self.steps += 1
+        else:
+            small = (st.tokens, st.num_new, st.done, st.finish)
+        tokens, num_new, done, finish = jax.device_get(small)
+        now = time.perf_counter()
+        for slot, req in enumerate(self._slot_req):
+            if req is None:
+                continue
+            new = tokens[slot, self._seen[slot]:num_new[slot]].tolist()
+            self._seen[slot] = int(num_new[slot])
+            reason = None
+            for i, t in enumerate(new):
+                if t in req.stop_ids and t not in self.eos_ids:
+                    new, reason = new[:i + 1], "stop"
+                    break
+            if reason is None and done[slot]:
+                reason = _FINISH.get(int(finish[slot]), "length")
+            if new and req.first_token_time is None:
+                req.first_token_time = now
+            req.tokens.extend(new)
+            if new or reason:
+                self._notify(req, new, reason)
+            if reason is not None:
+                self._finish(slot, req, reason)
+        return len(self._requests)
+
+    def run_until_done(self, max_steps: Optional[int] = None) -> dict:
+        """Step until no request waits or runs; returns {request id: Result} of the finished requests (and
+        forgets them)."""
+        n = 0
+        while self.busy:
+            self.step()
+            n += 1
+            if max_steps is not None and n >= max_steps:
+                break
+        out, self._results = self._results, {}
+        return out
