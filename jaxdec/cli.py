@@ -512,7 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
         if add_args is not None and add_args not in seen:
             seen.add(add_args)
             add_args(g)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) "
+                                     "over the decode-slot engine")
+    s.add_argument("--host", default="127.0.0.1", help="loopback address to bind (127.0.0.1, ::1, localhost)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default="smollm2-135m", help="model name, GGUF file or HF folder")
+    s.add_argument("--weights", default="q", choices=list(WEIGHTS))
+    s.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: --model)")
+    s.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
+    s.add_argument("--cache-size", type=int, default=1024, help="KV positions per slot (prompt + new tokens)")
+    s.add_argument("--max-tokens-limit", type=int, default=256, help="the largest max_tokens a request may ask for")
     ap.generate_parser = g
+    ap.serve_parser = s
     return ap
 
 
@@ -651,6 +662,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Load the model, start the engine and serve the OpenAI-compatible API until Ctrl-C."""
+    from jaxdec.serving import server
+    if not server.is_loopback(args.host):
+        raise BadInput(f"--host must be a loopback address (127.0.0.1, ::1, localhost), got {args.host!r}")
+    check_int(args, "port", 1, 65535)
+    check_int(args, "slots", 1, 1024)
+    check_int(args, "cache_size", 2)
+    check_int(args, "max_tokens_limit", 1)
+    if args.max_tokens_limit >= args.cache_size:
+        raise BadInput(f"--max-tokens-limit ({args.max_tokens_limit}) must be smaller than --cache-size "
+                       f"({args.cache_size})")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise BadInput("--served-model-name is empty")
+    check_model_path(args.model)
+    loaded = load_model(args.model, args.weights)
+    max_pos = getattr(loaded.model, "max_position", None)
+    if max_pos is not None and args.cache_size > max_pos:
+        raise BadInput(f"--cache-size ({args.cache_size}) exceeds the model's context ({max_pos})")
+    from jaxdec.serving.engine import Engine
+    engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size,
+                    capacity=args.max_tokens_limit, keep_results=False)
+    app = server.create_app(engine, loaded.tokenizer, args.served_model_name or args.model)
+    print(f"[serve] {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
+          f"({args.slots} slots, {args.cache_size} positions each)", file=sys.stderr, flush=True)
+    server.serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def quiet_native_logs() -> None:
     """Ask XLA (C++) and absl for no log lines. XLA reads TF_CPP_MIN_LOG_LEVEL when it starts, which
     is too late once jax is imported, so `native_stderr_silenced` also drops what reaches fd 2."""
@@ -712,9 +752,11 @@ def main(argv=None) -> int:
             return cmd_demo(args)
         if args.command == "methods":
             return cmd_methods(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except _ArgError as e:
         prog = e.prog
-        if prog == "jaxdec" and argv and argv[0] in ("generate", "demo"):
+        if prog == "jaxdec" and argv and argv[0] in ("generate", "demo", "serve"):
             prog = f"jaxdec {argv[0]}"  # unknown flags are reported by the top parser
         print(f"jaxdec: error: {e} (see '{prog} --help')", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -245,6 +245,33 @@ def test_every_generate_flag_out_of_range_exits_2(capsys, no_model_load, tmp_pat
         check_bad(capsys, argv, a.option_strings[-1])
 
 
+# `jaxdec serve`: every flag has an out-of-range value, reported before the model loads
+def S(*extra):
+    return ["serve", *extra]
+
+
+SERVE_SWEEP = {
+    "host": lambda t: S("--host", "0.0.0.0"),
+    "port": lambda t: S("--port", "70000"),
+    "model": lambda t: S("--model", os.path.join(t, "missing.gguf")),
+    "weights": lambda t: S("--weights", "int3"),
+    "served_model_name": lambda t: S("--served-model-name", " "),
+    "slots": lambda t: S("--slots", "0"),
+    "cache_size": lambda t: S("--cache-size", "1"),
+    "max_tokens_limit": lambda t: S("--max-tokens-limit", "0"),
+}
+
+
+def test_every_serve_flag_out_of_range_exits_2(capsys, no_model_load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    actions = [a for a in cli.build_parser().serve_parser._actions if a.dest != "help"]
+    missing = sorted(a.dest for a in actions if a.dest not in SERVE_SWEEP)
+    assert not missing, f"add an out-of-range value for these new flags to SERVE_SWEEP: {missing}"
+    for a in actions:
+        check_bad(capsys, SERVE_SWEEP[a.dest](str(tmp_path)), a.option_strings[-1])
+    check_bad(capsys, S("--max-tokens-limit", "512", "--cache-size", "256"), "--max-tokens-limit", "--cache-size")
+
+
 # --------------------------------------------------------------------------- API
 class _StubModel:
     vocab_size = 100

@@ -120,3 +120,181 @@ def test_engine_cancel_frees_the_slot(engine, chat_prompt_ids):
     assert engine.result(a).finish_reason == "cancelled" and engine.free_slots == engine.slots - 1
     out = engine.run_until_done()
     assert out[b].finish_reason in ("eos", "length") and not engine.busy
+
+
+# --------------------------------------------------------------------------- the OpenAI-compatible server
+NAME = "smollm2-test"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import peer
+    from jaxdec.models.tokenizer import Tokenizer
+    return Tokenizer.load(peer.default_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def server(model_q, tokenizer):
+    """The app on uvicorn in a thread, on a socket bound to a free loopback port; always stopped."""
+    import socket
+    import threading
+    import time
+
+    from jaxdec.serving import server as srv
+    model, params = model_q
+    eng = Engine(model, params, slots=4, cache_size=CACHE, capacity=CAP, keep_results=False)  # same programs
+    app = srv.create_app(eng, tokenizer, NAME)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = srv.make_server(app, "127.0.0.1", port)
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    try:
+        t0 = time.monotonic()
+        while not uv.started:
+            assert th.is_alive() and time.monotonic() - t0 < 60, "server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", eng, app
+    finally:
+        uv.should_exit = True
+        th.join(60)
+        sock.close()
+        assert not th.is_alive(), "server thread still running"
+        assert not app.state.runner.thread.is_alive(), "engine thread still running"
+
+
+def _post(url, path, body):
+    """(status, parsed JSON) of a POST with the standard library (bytes bodies are sent as they are)."""
+    import http.client
+    import json
+    import urllib.parse
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", path, data, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def _client(url):
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_openai_client_completes_and_streams_greedy_as_generate(server, model_q, tokenizer, chat_prompt_ids):
+    url, eng, _ = server
+    model, params = model_q
+    client = _client(url)
+    import conftest
+    question = conftest.read_prompts()[5]
+    ids = tokenizer.chat_ids(question)
+    ref = _alone(model, params, ids, 12, len(ids))
+    ref_text = tokenizer.decode(ref, skip_special_tokens=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    assert tokenizer.encode(text) == ids
+
+    c = client.completions.create(model=NAME, prompt=text, max_tokens=12, temperature=0)
+    assert c.choices[0].text == ref_text
+    assert c.usage.prompt_tokens == len(ids) and c.usage.completion_tokens == len(ref)
+    assert c.usage.total_tokens == len(ids) + len(ref)
+    assert c.choices[0].finish_reason == ("stop" if ref[-1] in model.eos_ids else "length")
+
+    chunks = list(client.completions.create(model=NAME, prompt=text, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ref_text
+    assert len([ch for ch in chunks if ch.choices and ch.choices[0].text]) >= 2  # really streamed
+    assert chunks[-1].usage.completion_tokens == len(ref)
+
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                          max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == ref_text and chat.usage.prompt_tokens == len(ids)
+    parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0, stream=True)]
+    assert "".join(parts) == ref_text
+
+    # stop strings end the text before the stop string
+    stop = ref_text[len(ref_text) // 2:len(ref_text) // 2 + 3]
+    if stop.strip():
+        s = client.completions.create(model=NAME, prompt=text, max_tokens=12, temperature=0, stop=[stop])
+        assert s.choices[0].text == ref_text[:ref_text.index(stop)] and s.choices[0].finish_reason == "stop"
+
+    # echo + logprobs (what loglikelihood clients send): the prompt's teacher-forced log-probabilities
+    e = client.completions.create(model=NAME, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = e.choices[0].logprobs.token_logprobs
+    assert e.choices[0].text == text and len(lp) == len(ids) and lp[0] is None
+    want = jaxdec.score(model, params, [ids[:10]], [ids[10:]])[0]
+    np.testing.assert_allclose(lp[10:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_clients_and_disconnect_free_slots(server, chat_prompt_ids):
+    import concurrent.futures
+    import time
+
+    url, eng, _ = server
+    client = _client(url)
+    prompts = [chat_prompt_ids[i] for i in range(12, 20)]
+
+    def one(i):
+        return client.completions.create(model=NAME, prompt=prompts[i], max_tokens=3 + i % 4, temperature=0,
+                                         stream=bool(i % 2))
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(one, range(8)))
+    for i, o in enumerate(outs):
+        if i % 2:
+            o = list(o)
+            assert o[-1].choices[0].finish_reason in ("stop", "length")
+        else:
+            assert o.choices[0].finish_reason in ("stop", "length") and 1 <= o.usage.completion_tokens <= 3 + i % 4
+    # a client that disconnects mid-stream: its request is cancelled and the slot freed
+    import http.client
+    import json
+    import urllib.parse
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": chat_prompt_ids[3], "max_tokens": CAP,
+                                                         "temperature": 0, "stream": True}),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    t0 = time.monotonic()
+    while eng.busy or eng.free_slots != eng.slots:
+        assert time.monotonic() - t0 < 30, "the disconnected request still holds its slot"
+        time.sleep(0.1)
+
+
+def test_malformed_requests_get_4xx_json(server, chat_prompt_ids):
+    url, eng, _ = server
+    p = chat_prompt_ids[0]
+    good = {"model": NAME, "prompt": p, "max_tokens": 2, "temperature": 0}
+    cases = [
+        (b"{not json", 400, None),
+        ({"prompt": p}, 400, "model"),
+        ({**good, "model": "gpt-9"}, 404, "model"),
+        ({**good, "max_tokens": -1}, 400, "max_tokens"),
+        ({**good, "max_tokens": CAP + 1}, 400, "max_tokens"),
+        ({**good, "prompt": p * 8}, 400, "prompt"),
+        ({**good, "prompt": ""}, 400, "prompt"),
+        ({**good, "prompt": [1, "a"]}, 400, "prompt"),
+        ({**good, "temperature": "hot"}, 400, "temperature"),
+        ({**good, "n": 2}, 400, "n"),
+        ({**good, "stop": [1]}, 400, "stop"),
+        ({**good, "stream": "yes"}, 400, "stream"),
+    ]
+    for body, status, param in cases:
+        code, out = _post(url, "/v1/completions", body)
+        assert code == status, (body if isinstance(body, bytes) else {k: body[k] for k in body if k != "prompt"}, out)
+        err = out["error"]
+        assert err["message"] and err["type"] and err["param"] == param, out
+    code, out = _post(url, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot"}]})
+    assert code == 400 and out["error"]["param"] == "messages"
+    code, out = _post(url, "/v1/nope", good)
+    assert code == 404 and "error" in out
+    assert _post(url, "/v1/completions", good)[0] == 200  # still serving
+    assert not eng.busy

@@ -121,7 +121,7 @@ class Engine:
     a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate`."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
-                 prefill_chunk: Optional[int] = 512):
+                 prefill_chunk: Optional[int] = 512, keep_results: bool = True):
         self.slots = _int_field("slots", slots, 1)
         self.cache_size = _int_field("cache_size", cache_size, 2)
         self.capacity = _int_field("capacity", capacity, 1)
@@ -134,10 +134,7 @@ class Engine:
         self.params = params
         self.decoder = TokenDecoder(greedy=False)  # per-row SamplingParams; temperature 0 rows are greedy
         self.eos_ids = tuple(int(t) for t in model.eos_ids)
-        pad = int(hook(model, "pad_id"))
-        state = slots_lib.start(self.decoder, self.model, params, [[pad]] * self.slots, cache_size=self.cache_size,
-                                capacity=self.capacity, max_new_tokens=1, sampling=self._sampling([0.0] * self.slots))
-        self._state = state.replace(done=jnp.ones_like(state.done))  # every slot starts free
+        self._state = self._empty_state()
         self._slot_req: list = [None] * self.slots  # request in each slot
         self._seen = [0] * self.slots  # tokens of that slot already read on the host
         self._waiting: collections.deque = collections.deque()
@@ -147,6 +144,14 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.steps = 0
+        self.keep_results = keep_results  # False: finished requests are only reported through on_tokens
+
+    def _empty_state(self):
+        pad = int(hook(self.model, "pad_id"))
+        state = slots_lib.start(self.decoder, self.model, self.params, [[pad]] * self.slots,
+                                cache_size=self.cache_size, capacity=self.capacity, max_new_tokens=1,
+                                sampling=self._sampling([0.0] * self.slots))
+        return state.replace(done=jnp.ones_like(state.done))  # every slot starts free
 
     # ---------------------------------------------------------------- requests
     def check(self, prompt_ids, max_new_tokens: int = 16, min_new_tokens: int = 0) -> list:
@@ -227,9 +232,10 @@ class Engine:
         with self._lock:
             self._requests.pop(req.id, None)
             self._cancel.discard(req.id)
-            self._results[req.id] = Result(req.id, req.prompt, list(req.tokens), reason,
-                                           None if req.first_token_time is None else req.first_token_time - req.submitted,
-                                           now - req.submitted)
+            if self.keep_results:
+                    self._results[req.id] = Result(
+                    req.id, req.prompt, list(req.tokens), reason,
+                    None if req.first_token_time is None else req.first_token_time - req.submitted, now - req.submitted)
         if slot is not None:
             self._slot_req[slot] = None
 
@@ -303,6 +309,21 @@ class Engine:
             if reason is not None:
                 self._finish(slot, req, reason)
         return len(self._requests)
+
+    def fail_all(self, reason: str = "error") -> None:
+        """End every waiting and running request with ``reason`` (after a failed step); the slots are freed
+        and the device state is rebuilt (a failed step may have consumed the donated cache)."""
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            self._notify(req, [], reason)
+            self._finish(None, req, reason)
+        for slot, req in enumerate(self._slot_req):
+            if req is not None:
+                self._notify(req, [], reason)
+                self._finish(slot, req, reason)
+        self._state = self._empty_state()
 
     def run_until_done(self, max_steps: Optional[int] = None) -> dict:
         """Step until no request waits or runs; returns {request id: Result} of the finished requests (and
