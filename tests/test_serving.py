@@ -231,25 +231,31 @@ def test_openai_client_completes_and_streams_greedy_as_generate(server, model_q,
     np.testing.assert_allclose(lp[10:], want, rtol=1e-4, atol=1e-4)
 
 
-def test_concurrent_clients_and_disconnect_free_slots(server, chat_prompt_ids):
+def test_32_concurrent_clients_and_disconnect_free_slots(server, chat_prompt_ids):
     import concurrent.futures
     import time
 
     url, eng, _ = server
     client = _client(url)
-    prompts = [chat_prompt_ids[i] for i in range(12, 20)]
+    prompts = [chat_prompt_ids[i] for i in range(12, 28)]
 
-    def one(i):
-        return client.completions.create(model=NAME, prompt=prompts[i], max_tokens=3 + i % 4, temperature=0,
-                                         stream=bool(i % 2))
-    with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        outs = list(ex.map(one, range(8)))
-    for i, o in enumerate(outs):
+    def one(i):  # 32 concurrent clients: each of 16 prompts asked twice, once streamed and once not
+        p, n = prompts[i // 2], 3 + (i // 2) % 4
         if i % 2:
-            o = list(o)
-            assert o[-1].choices[0].finish_reason in ("stop", "length")
-        else:
-            assert o.choices[0].finish_reason in ("stop", "length") and 1 <= o.usage.completion_tokens <= 3 + i % 4
+            chunks = list(client.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}))
+            return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage, \
+                [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        o = client.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0)
+        return o.choices[0].text, o.usage, o.choices[0].finish_reason
+    with concurrent.futures.ThreadPoolExecutor(32) as ex:
+        outs = list(ex.map(one, range(32)))
+    for i in range(0, 32, 2):  # no request lost or crossed: both copies of a prompt give the same answer
+        (a, ua, fa), (b, ub, fb) = outs[i], outs[i + 1]
+        assert (a, fa) == (b, fb) and ua.completion_tokens == ub.completion_tokens, (i, outs[i], outs[i + 1])
+        assert fa in ("stop", "length") and 1 <= ua.completion_tokens <= 3 + (i // 2) % 4
+        assert ua.prompt_tokens == len(prompts[i // 2])
+    assert len({o[0] for o in outs}) > 8  # the answers differ between prompts
     # a client that disconnects mid-stream: its request is cancelled and the slot freed
     import http.client
     import json
