@@ -304,3 +304,27 @@ def test_malformed_requests_get_4xx_json(server, chat_prompt_ids):
     assert code == 404 and "error" in out
     assert _post(url, "/v1/completions", good)[0] == 200  # still serving
     assert not eng.busy
+
+
+# --------------------------------------------------------------------------- trace replay
+def test_poisson_trace_and_replay(engine, chat_prompt_ids, tmp_path):
+    from jaxdec.serving import trace as tr
+    big = tr.poisson_trace(4000, rate=20.0, prompt_lens=[8, 40], output_lens=[2, 5], seed=1)
+    gaps = np.diff([r["arrival"] for r in big])
+    assert big[0]["arrival"] == 0 and abs(gaps.mean() - 0.05) < 0.005 and abs(gaps.std() - 0.05) < 0.005
+    assert {r["prompt_len"] for r in big} == {8, 40} and {r["output_len"] for r in big} == {2, 5}
+    t = tr.poisson_trace(8, rate=50.0, prompt_lens=[8, 40], output_lens=[2, 5, 9], seed=2)
+    path = str(tmp_path / "t.jsonl")
+    tr.save_trace(t, path)
+    assert tr.load_trace(path) == t
+    out = tr.replay(engine, t, prompt_source=chat_prompt_ids[30] + chat_prompt_ids[31])
+    assert out["requests"] == 8 and not engine.busy and not engine._results
+    for r in out["records"]:
+        assert 1 <= r["tokens"] <= r["output_len"] and r["ttft"] >= 0
+    assert out["tokens_per_second"] > 0 and out["ttft"]["p50"] <= out["ttft"]["p99"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"arrival": 0, "prompt_len": 4, "output_len": 2}\n{"arrival": 1, "prompt_len": 0, "output_len": 2}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'prompt_len' must be an integer >= 1"):
+        tr.load_trace(str(bad))
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        tr.poisson_trace(3, rate=0, prompt_lens=[4], output_lens=[4])

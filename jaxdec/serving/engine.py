@@ -121,7 +121,7 @@ class Engine:
     a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate`."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
-                 prefill_chunk: Optional[int] = 512, keep_results: bool = True):
+                 prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False):
         self.slots = _int_field("slots", slots, 1)
         self.cache_size = _int_field("cache_size", cache_size, 2)
         self.capacity = _int_field("capacity", capacity, 1)
@@ -133,7 +133,8 @@ class Engine:
         self.model = with_prefill_chunk(model, prefill_chunk)
         self.params = params
         self.decoder = TokenDecoder(greedy=False)  # per-row SamplingParams; temperature 0 rows are greedy
-        self.eos_ids = tuple(int(t) for t in model.eos_ids)
+        # ignore_eos (benchmarks: every request decodes exactly max_new_tokens): no stop id on the device
+        self.eos_ids = () if ignore_eos else tuple(int(t) for t in model.eos_ids)
         self._state = self._empty_state()
         self._slot_req: list = [None] * self.slots  # request in each slot
         self._seen = [0] * self.slots  # tokens of that slot already read on the host
@@ -150,6 +151,7 @@ class Engine:
         pad = int(hook(self.model, "pad_id"))
         state = slots_lib.start(self.decoder, self.model, self.params, [[pad]] * self.slots,
                                 cache_size=self.cache_size, capacity=self.capacity, max_new_tokens=1,
+                                stop_ids=self.eos_ids,
                                 sampling=self._sampling([0.0] * self.slots))
         return state.replace(done=jnp.ones_like(state.done))  # every slot starts free
 

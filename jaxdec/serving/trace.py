@@ -1,0 +1,121 @@
+"""Request traces for the engine: a Poisson generator, JSONL files, and a replay that reports throughput and
+TTFT / TPOT percentiles.
+
+A trace is a list of ``{"arrival": seconds from the start, "prompt_len": tokens, "output_len": tokens}``.
+`replay` submits each request at its arrival time (the engine is stepped on the calling thread; arrivals
+are admitted between steps), decodes exactly ``output_len`` tokens per request (an ``ignore_eos`` engine)
+and measures, per request, TTFT (arrival to the first token on the host) and TPOT (the mean time between
+its later tokens).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def poisson_trace(n: int, rate: float, prompt_lens: Sequence[int], output_lens: Sequence[int],
+                  seed: int = 0) -> list:
+    """``n`` requests with exponential inter-arrival times of mean ``1 / rate`` seconds (``rate`` requests per
+    second; ``inf``: all at time 0); prompt and output lengths drawn uniformly from the given choices."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 requests per second, got {rate!r}")
+    for name, lens in (("prompt_lens", prompt_lens), ("output_lens", output_lens)):
+        if not len(lens) or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1 for x in lens):
+            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {list(lens)!r}")
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(n) if np.isinf(rate) else rng.exponential(1.0 / rate, n)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [{"arrival": float(a), "prompt_len": int(rng.choice(prompt_lens)), "output_len": int(rng.choice(output_lens))}
+            for a in arrivals]
+
+
+def load_trace(path: str) -> list:
+    """A JSONL trace file (one request object per line); raises ValueError naming the line and field."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            for k, lo in (("arrival", 0), ("prompt_len", 1), ("output_len", 1)):
+                v = r.get(k) if isinstance(r, dict) else None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (k != "arrival" and v != int(v)):
+                    raise ValueError(f"{path}:{i}: '{k}' must be {'a number >= 0' if k == 'arrival' else 'an integer >= 1'}"
+                                     f", got {v!r}")
+            out.append({"arrival": float(r["arrival"]), "prompt_len": int(r["prompt_len"]),
+                        "output_len": int(r["output_len"])})
+    if not out:
+        raise ValueError(f"{path}: the trace is empty")
+    return out
+
+
+def save_trace(trace: list, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in trace:
+            f.write(json.dumps(r) + "\n")
+
+
+def _pct(xs) -> dict:
+    if not len(xs):
+        return {"p50": None, "p90": None, "p99": None}
+    a = np.asarray(xs, np.float64)
+    return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
+
+
+def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, vocab_lo: int = 3) -> dict:
+    """Replay ``trace`` on ``engine`` (build it with ``ignore_eos=True`` for exact output lengths). Prompts are
+    the first ``prompt_len`` ids of ``prompt_source`` (default: ids ``vocab_lo, vocab_lo + 1, ...``).
+    Returns throughput (output tokens per second of wall time), TTFT and TPOT percentiles, and per-request
+    records ``{id, arrival, prompt_len, output_len, tokens, ttft, tpot}``."""
+    order = sorted(range(len(trace)), key=lambda i: trace[i]["arrival"])
+    src = list(prompt_source) if prompt_source is not None else None
+    times: dict = {}  # id -> host times at which tokens arrived (one entry per token)
+    meta: dict = {}
+
+    def on_tokens(rid, toks, reason):
+        now = time.perf_counter()
+        times[rid].extend([now] * len(toks))
+
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(order) or engine.busy:
+        now = time.perf_counter() - t0
+        while nxt < len(order) and trace[order[nxt]]["arrival"] <= now:
+            r = trace[order[nxt]]
+            n = r["prompt_len"]
+            ids = src[:n] if src is not None else [vocab_lo + (j % 1000) for j in range(n)]
+            if len(ids) < n:
+                raise ValueError(f"prompt_source has {len(src)} ids; the trace asks for {n}")
+            rid = engine.submit(ids, max_new_tokens=r["output_len"], on_tokens=on_tokens)
+            times[rid] = []
+            meta[rid] = (order[nxt], t0 + r["arrival"])
+            nxt += 1
+        if engine.busy:
+            engine.step()
+        elif nxt < len(order):
+            time.sleep(max(0.0, min(0.05, trace[order[nxt]]["arrival"] - (time.perf_counter() - t0))))
+    wall = time.perf_counter() - t0
+    for rid in times:
+        engine.pop_result(rid)
+    recs, ttft, tpot = [], [], []
+    for rid, ts in times.items():
+        i, arr = meta[rid]
+        a = ttft_i = ts[0] - arr if ts else None
+        b = (ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1 else None
+        if a is not None:
+            ttft.append(ttft_i)
+        if b is not None:
+            tpot.append(b)
+        recs.append({"id": rid, **trace[i], "tokens": len(ts), "ttft": a, "tpot": b})
+    total = sum(r["tokens"] for r in recs)
+    return {"requests": len(recs), "output_tokens": total, "seconds": wall,
+            "tokens_per_second": total / wall if wall > 0 else float("nan"), "ttft": _pct(ttft), "tpot": _pct(tpot),
+            "slots": engine.slots, "steps": engine.steps, "records": recs}
