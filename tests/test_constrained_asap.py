@@ -121,9 +121,13 @@ def test_late_samples_pass_chisquare_and_no_update_is_rejected():
     keys = sorted(target)
     probs = np.array([target[k] for k in keys])
     pvals = {}
-    for name, kw in (("asap", {}), ("asap_no_update", {"update": False})):
-        warm = asap_sample(model, parity_dfa(), 3000, L, seed=11, **kw)
-        late = asap_sample(None, None, 10000, None, seed=12, sampler=warm.sampler)
+    for name, kw in (("asap", {}), ("asap_no_update", {"update": False}), ("asap_renormalized_update", None)):
+        if kw is None:  # second control: the update uses the mask-renormalized child probabilities
+            sampler = RenormalizedUpdate(model, parity_dfa(), L, EOS)
+            sampler.sample(3000, np.random.default_rng(11))
+        else:
+            sampler = asap_sample(model, parity_dfa(), 3000, L, seed=11, **kw).sampler
+        late = asap_sample(None, None, 10000, None, seed=12, sampler=sampler)
         counts = np.zeros(len(keys))
         idx = {k: i for i, k in enumerate(keys)}
         for s in late.samples:
@@ -132,6 +136,19 @@ def test_late_samples_pass_chisquare_and_no_update_is_rejected():
     print("\nchi-square p (10k late samples after 3000 warm-up):", pvals)
     assert pvals["asap"] > ALPHA, pvals
     assert pvals["asap_no_update"] < ALPHA, pvals
+    assert pvals["asap_renormalized_update"] < ALPHA, pvals
+
+
+class RenormalizedUpdate(ASApSampler):
+    """A plausible bug: the EFG update sums the children's estimates under the probabilities renormalized
+    over the allowed tokens, forgetting the mass the mask removes (this is GCD with restarts)."""
+
+    def _update(self, path):
+        for node, i in reversed(path):
+            t = int(node.ids[i])
+            if t != self.eos:
+                ch = node.children[t]
+                node.c[i] = float((ch.p / ch.p.sum()) @ ch.c) if ch.p.sum() > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
