@@ -522,8 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
     s.add_argument("--cache-size", type=int, default=1024, help="KV positions per slot (prompt + new tokens)")
     s.add_argument("--max-tokens-limit", type=int, default=256, help="the largest max_tokens a request may ask for")
+    b = sub.add_parser("serve-bench", help="replay a request trace on the decode-slot engine: throughput, TTFT and "
+                                           "TPOT percentiles (a Poisson trace unless --trace is given)")
+    b.add_argument("--trace", help='JSONL trace: one {"arrival": s, "prompt_len": n, "output_len": n} per line')
+    b.add_argument("--requests", type=int, default=64, help="Poisson trace: number of requests")
+    b.add_argument("--rate", type=float, default=4.0, help="Poisson trace: requests per second")
+    b.add_argument("--prompt-lens", default="32,128", help="Poisson trace: prompt lengths to draw from (comma list)")
+    b.add_argument("--output-lens", default="16,64", help="Poisson trace: output lengths to draw from (comma list)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--weights", default="q", choices=list(WEIGHTS))
+    b.add_argument("--slots", type=int, default=8)
+    b.add_argument("--cache-size", type=int, default=512)
+    b.add_argument("--out", help="write the report (with per-request records) to this JSON file")
     ap.generate_parser = g
     ap.serve_parser = s
+    ap.serve_bench_parser = b
     return ap
 
 
@@ -691,6 +705,63 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _int_list(args, dest):
+    raw = getattr(args, dest)
+    try:
+        vals = [int(x) for x in raw.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise BadInput(f"{flag(dest)} must be a comma-separated list of integers >= 1, got {raw!r}")
+    return vals
+
+
+def cmd_serve_bench(args) -> int:
+    """Replay a trace on an `ignore_eos` engine (exact output lengths) and print the report as JSON."""
+    import json as _json
+
+    from jaxdec.serving import trace as tr
+    check_int(args, "slots", 1, 1024)
+    check_int(args, "cache_size", 2)
+    check_int(args, "requests", 1)
+    check_float(args, "rate", lambda v: v > 0, "> 0 requests per second")
+    if isinstance(args.seed, int) and not -2 ** 63 <= args.seed < 2 ** 63:
+        raise BadInput(f"--seed must be a 64-bit signed integer, got {args.seed}")
+    if args.trace is not None:
+        try:
+            trace = tr.load_trace(args.trace)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--trace: {e}") from None
+    else:
+        trace = tr.poisson_trace(args.requests, args.rate, _int_list(args, "prompt_lens"),
+                                 _int_list(args, "output_lens"), seed=args.seed)
+    longest = max(r["prompt_len"] + r["output_len"] for r in trace)
+    if longest >= args.cache_size:
+        raise BadInput(f"--cache-size ({args.cache_size}) too small: the trace's longest request needs {longest} "
+                       f"positions (prompt_len + output_len)")
+    if args.out:
+        d = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise BadInput(f"--out: cannot write to {d}")
+    check_model_path(args.model)
+    loaded = load_model(args.model, args.weights)
+    from jaxdec.serving.engine import Engine
+    cap = max(r["output_len"] for r in trace)
+    engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size, capacity=cap,
+                    ignore_eos=True)
+    src = [3 + (j % 1000) for j in range(longest)]
+    warm = tr.poisson_trace(min(args.slots, len(trace)), float("inf"), sorted({r["prompt_len"] for r in trace}),
+                            [2], seed=0)
+    tr.replay(engine, warm, prompt_source=src)  # compile outside the clock
+    report = tr.replay(engine, trace, prompt_source=src)
+    summary = {k: v for k, v in report.items() if k != "records"}
+    print(_json.dumps(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            _json.dump(report, f, indent=1)
+    return 0
+
+
 def quiet_native_logs() -> None:
     """Ask XLA (C++) and absl for no log lines. XLA reads TF_CPP_MIN_LOG_LEVEL when it starts, which
     is too late once jax is imported, so `native_stderr_silenced` also drops what reaches fd 2."""
@@ -754,9 +825,11 @@ def main(argv=None) -> int:
             return cmd_methods(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "serve-bench":
+            return cmd_serve_bench(args)
     except _ArgError as e:
         prog = e.prog
-        if prog == "jaxdec" and argv and argv[0] in ("generate", "demo", "serve"):
+        if prog == "jaxdec" and argv and argv[0] in ("generate", "demo", "serve", "serve-bench"):
             prog = f"jaxdec {argv[0]}"  # unknown flags are reported by the top parser
         print(f"jaxdec: error: {e} (see '{prog} --help')", file=sys.stderr)
         return EXIT_BAD_INPUT

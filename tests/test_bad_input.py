@@ -262,6 +262,30 @@ SERVE_SWEEP = {
 }
 
 
+SERVE_BENCH_SWEEP = {
+    "trace": lambda t: ["serve-bench", "--trace", os.path.join(t, "missing.jsonl")],
+    "requests": lambda t: ["serve-bench", "--requests", "0"],
+    "rate": lambda t: ["serve-bench", "--rate", "0"],
+    "prompt_lens": lambda t: ["serve-bench", "--prompt-lens", "8,x"],
+    "output_lens": lambda t: ["serve-bench", "--output-lens", "0"],
+    "seed": lambda t: ["serve-bench", "--seed", str(2 ** 64)],
+    "model": lambda t: ["serve-bench", "--model", os.path.join(t, "missing.gguf")],
+    "weights": lambda t: ["serve-bench", "--weights", "int3"],
+    "slots": lambda t: ["serve-bench", "--slots", "0"],
+    "cache_size": lambda t: ["serve-bench", "--cache-size", "64"],
+    "out": lambda t: ["serve-bench", "--out", os.path.join(t, "no", "such", "out.json")],
+}
+
+
+def test_every_serve_bench_flag_out_of_range_exits_2(capsys, no_model_load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    actions = [a for a in cli.build_parser().serve_bench_parser._actions if a.dest != "help"]
+    missing = sorted(a.dest for a in actions if a.dest not in SERVE_BENCH_SWEEP)
+    assert not missing, f"add an out-of-range value for these new flags to SERVE_BENCH_SWEEP: {missing}"
+    for a in actions:
+        check_bad(capsys, SERVE_BENCH_SWEEP[a.dest](str(tmp_path)), a.option_strings[-1])
+
+
 def test_every_serve_flag_out_of_range_exits_2(capsys, no_model_load, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     actions = [a for a in cli.build_parser().serve_parser._actions if a.dest != "help"]
