@@ -68,11 +68,15 @@ def plant_nan(case):
     return {**case, "k_cache": kc, "v_cache": vc}
 
 
-def run_both(case, sliding_window=None, key_chunk=16):
+def run_both(case, sliding_window=None, key_chunk=16, layout=None):
     args = {k: (None if v is None else jnp.asarray(v)) for k, v in case.items()}
     ref = attend(**args, sliding_window=sliding_window)
-    bw = jax.jit(lambda a: blockwise_attend(**a, sliding_window=sliding_window, key_chunk=key_chunk))(args)
+    bw = jax.jit(lambda a: blockwise_attend(**a, sliding_window=sliding_window, key_chunk=key_chunk,
+                                            layout=layout))(args)
     return bw, ref
+
+
+LAYOUTS = ["token", "head"]  # the cache loop's two layouts (jaxdec.attention.blockwise.CACHE_LAYOUT)
 
 
 CASES = [
@@ -86,13 +90,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case_i", range(len(CASES)))
-def test_blockwise_equals_reference_with_nan_past_lengths(case_i):
+def test_blockwise_equals_reference_with_nan_past_lengths(case_i, layout):
     b, t, h, kvh, s, lengths, tree, window, cm, kc = CASES[case_i]
     case = make_case(case_i, b=b, t=t, h=h, kvh=kvh, d=16, s=s, lengths=lengths, tree=tree, cache_mask=cm)
-    bw, ref = run_both(case, window, kc)
+    bw, ref = run_both(case, window, kc, layout)
     assert_close(bw, ref)
-    bw_nan, _ = run_both(plant_nan(case), window, kc)
+    bw_nan, _ = run_both(plant_nan(case), window, kc, layout)
     assert np.isfinite(np.asarray(bw_nan)).all(), "NaN past a row's length reached the output"
     assert_close(bw_nan, ref)
 
@@ -108,8 +113,10 @@ def test_blockwise_random_ragged():
         lengths[0] = s if i % 2 else 0
         window = None if i % 3 else int(rng.integers(1, 20))
         case = make_case(1000 + i, b=b, t=t, h=h, kvh=kvh, d=8, s=s, lengths=lengths, tree=bool(i % 2))
-        bw, ref = run_both(plant_nan(case), window, key_chunk=int(rng.choice([8, 16, 64])))
-        assert_close(bw, ref)
+        kc = int(rng.choice([8, 16, 64]))
+        for layout in LAYOUTS:
+            bw, ref = run_both(plant_nan(case), window, key_chunk=kc, layout=layout)
+            assert_close(bw, ref)
 
 
 def test_blockwise_fully_masked_rows_are_zero():
@@ -135,6 +142,107 @@ def test_blockwise_trip_count_follows_lengths():
     # NaN everywhere past 256 slots: only the committed chunk is read
     bw, ref = run_both(plant_nan(case), key_chunk=512)
     assert_close(bw, ref)
+
+
+def test_blockwise_window_skips_chunks_before_every_window():
+    """With a sliding window the loop starts at the first chunk inside some query's window: NaN planted in
+    committed slots that no query's window reaches (keys and values) never reaches the output, and the
+    result still equals the reference."""
+    case = make_case(11, b=2, t=2, h=6, kvh=2, d=16, s=128, lengths=[120, 100])
+    case["q_pos"] = case["lengths"][:, None] + np.arange(2)[None, :]
+    window = 20  # row 0 sees positions >= 101, row 1 >= 81: slots < 80 are in no window
+    ref = attend(**{k: (None if v is None else jnp.asarray(v)) for k, v in case.items()}, sliding_window=window)
+    kc, vc = case["k_cache"].copy(), case["v_cache"].copy()
+    kc[:, :64], vc[:, :64] = np.nan, np.nan  # chunks 0-3 of 16 slots lie before every window
+    for layout in LAYOUTS:
+        bw, _ = run_both({**case, "k_cache": kc, "v_cache": vc}, window, key_chunk=16, layout=layout)
+        assert_close(bw, ref)
+    # control: without skipping, those NaN keys would be read (their scores are NaN before masking)
+    from jaxdec.attention.blockwise import chunk_range
+    first, end = chunk_range(jnp.asarray(case["lengths"]), 128, 16, jnp.asarray(case["q_pos"]), window)
+    assert (int(first), int(end)) == (5, 8)
+    assert tuple(int(x) for x in chunk_range(jnp.asarray(case["lengths"]), 128, 16)) == (0, 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared-prefix (Hydragen) caches follow the same lengths rule
+
+def _hydra_case(seed, *, b, t, h, kvh, d, p_cap, plen, s, suf, groups=None, tree=False):
+    """Hydragen inputs with NaN planted past the prefix length and past every suffix length, and the
+    equivalent ordinary cache (prefix ++ suffix per row, finite) for the reference `attend`."""
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    g = 1 if groups is None else groups
+    pk, pv = f(g, p_cap, kvh, d), f(g, p_cap, kvh, d)
+    plen = np.asarray(plen if groups is not None else [plen], np.int32).reshape(g)
+    sk, sv = f(b, s, kvh, d), f(b, s, kvh, d)
+    suf = np.asarray(suf, np.int32)
+    q, kn, vn = f(b, t, h, d), f(b, t, kvh, d), f(b, t, kvh, d)
+    row_plen = np.repeat(plen, b // g)
+    if tree:
+        mask, dep = tree_mask(rng, b, t)
+    else:
+        mask, dep = np.asarray(causal_block_mask(b, t)), np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    q_pos = (row_plen + suf)[:, None] + dep
+    full = p_cap + s
+    kc, vc = np.zeros((b, full, kvh, d), np.float32), np.zeros((b, full, kvh, d), np.float32)
+    for r in range(b):
+        n0, n1 = row_plen[r], suf[r]
+        kc[r, :n0], vc[r, :n0] = pk[r // (b // g), :n0], pv[r // (b // g), :n0]
+        kc[r, n0:n0 + n1], vc[r, n0:n0 + n1] = sk[r, :n1], sv[r, :n1]
+    for gi in range(g):
+        pk[gi, plen[gi]:], pv[gi, plen[gi]:] = np.nan, np.nan
+    for r in range(b):
+        sk[r, suf[r]:], sv[r, suf[r]:] = np.nan, np.nan
+    if groups is None:
+        pk, pv, plen_arg = pk[0], pv[0], int(plen[0])
+    else:
+        plen_arg = plen
+    hyd = dict(q=q, prefix_k=pk, prefix_v=pv, prefix_len=plen_arg, suffix_k=sk, suffix_v=sv, suffix_lengths=suf,
+               k_new=kn, v_new=vn, block_mask=mask, q_pos=q_pos)
+    ref = dict(q=q, k_cache=kc, v_cache=vc, lengths=row_plen + suf, k_new=kn, v_new=vn, block_mask=mask, q_pos=q_pos)
+    return hyd, ref
+
+
+HYDRA_CASES = [
+    # (b, t, h, kvh, p_cap, plen, s, suf, groups, tree, window)
+    (4, 1, 9, 3, 40, 23, 40, [0, 7, 40, 33], None, False, None),  # decode: empty / full suffix, GQA
+    (3, 5, 6, 2, 64, 64, 24, [3, 0, 24], None, True, None),  # tree blocks, full prefix
+    (4, 3, 6, 3, 48, [0, 37], 40, [5, 17, 0, 40], 2, False, 11),  # grouped (one empty prefix), window
+    (2, 4, 4, 4, 80, 70, 32, [31, 2], None, True, 9),  # tree + window, MHA: prefix chunks skipped
+    (2, 1, 9, 3, 16, 0, 16, [0, 0], None, False, None),  # nothing visible anywhere: zeros
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case_i", range(len(HYDRA_CASES)))
+def test_hydragen_equals_reference_with_nan_past_lengths(case_i, layout, monkeypatch):
+    from jaxdec.attention import blockwise
+    from jaxdec.attention.hydragen import hydragen_attend
+    monkeypatch.setattr(blockwise, "CACHE_LAYOUT", layout)  # the suffix loop's layout
+    b, t, h, kvh, p_cap, plen, s, suf, groups, tree, window = HYDRA_CASES[case_i]
+    hyd, ref_args = _hydra_case(case_i, b=b, t=t, h=h, kvh=kvh, d=16, p_cap=p_cap, plen=plen, s=s, suf=suf,
+                                groups=groups, tree=tree)
+    empty = groups is None and plen == 0 and not any(suf)
+    if empty:  # no key at all (no prefix, no suffix, block keys masked): zeros
+        hyd["block_mask"] = ref_args["block_mask"] = np.zeros_like(hyd["block_mask"])
+    ref = attend(**{k: jnp.asarray(v) for k, v in ref_args.items()}, sliding_window=window)
+    out = jax.jit(lambda a: hydragen_attend(**a, sliding_window=window))({k: jnp.asarray(v) for k, v in hyd.items()})
+    if empty:
+        assert np.all(np.asarray(out) == 0.0)
+    assert_close(out, ref)
+
+
+def test_hydragen_reads_up_to_the_prefix_length_only():
+    """The prefix loop's trip count follows prefix_len (traced), not the prefix buffer: a while loop in the
+    traced program, and no score tensor spans the whole 4096-slot prefix."""
+    from jaxdec.attention.hydragen import hydragen_attend
+    hyd, _ = _hydra_case(5, b=2, t=1, h=9, kvh=3, d=64, p_cap=4096, plen=300, s=1024, suf=[3, 9])
+    args = {k: jnp.asarray(v) for k, v in hyd.items()}
+    jaxpr = jax.make_jaxpr(lambda a: hydragen_attend(**a))(args)
+    assert str(jaxpr).count("while[") >= 2  # prefix and suffix loops
+    shapes = [tuple(v.aval.shape) for eq in _all_eqns(jaxpr.jaxpr) for v in eq.outvars]
+    assert not any(4096 in sh and sh[0] != 4096 for sh in shapes), "a tensor spans the whole prefix buffer"
 
 
 def _all_eqns(jaxpr):

@@ -22,11 +22,18 @@ How it differs from `attend`:
 The loop has a traced bound, so the function is forward-only (no reverse-mode derivative); code that
 differentiates through attention uses ``attend`` (the model's ``attention_impl="reference"``).
 
-Where it is used: `LlamaModel`'s default "xla" attention (prefill chunks, decode steps, every verify
-block and tree mask, explicit attention arrays via ``cache_mask``). Not yet: a shared-prefix (Hydragen)
-cache keeps `jaxdec.attention.hydragen.hydragen_attend`, which reads its whole prefix and suffix buffers
-(its suffix part could become a call of this function), and the Pallas tree-attention kernel still reads
-every cache slot.
+With a sliding window the loop also starts late: chunks that lie wholly before every query's window
+are skipped (the same rule as the Pallas tree-attention kernel's ``window_lo``).
+
+The pieces are exposed for the other attention paths: `block_partial` (the block's own keys),
+`cache_partial` (fold the committed chunks of a ragged cache into an online-softmax state; slot j of
+row b may sit at position ``kpos_offset[b] + j``) and `finish`. Where they are used: `LlamaModel`'s
+default "xla" attention (prefill chunks, decode steps, every verify block and tree mask, explicit
+attention arrays via ``cache_mask``) and the shared-prefix (Hydragen) attention
+`jaxdec.attention.hydragen.hydragen_attend` (its per-row suffixes through `cache_partial`, its shared
+prefix through the same chunk loop bounded by the prefix length). The Pallas tree-attention kernel
+follows the same rule in its own loop (``pallas_kernels/tree_attention.py``: cache blocks visited are
+``[window_lo // block_k, cdiv(length, block_k))`` per row).
 """
 from __future__ import annotations
 
@@ -38,25 +45,21 @@ import jax.numpy as jnp
 from jaxdec.attention.reference import NEG
 
 KEY_CHUNK = 512  # cache slots read per loop trip
+# layout of the cache loop's scores and state: "token" ([B,T,KVH,G,C], the landed default) or "head"
+# ([B,KVH,T*G,C]: the dot's natural order, no transpose per chunk; measured 2.2-3x faster for a 512-token
+# prefill chunk over 3584 cached keys, experiments/results/long_attention_levers_t512.md). Both are tested
+# against the reference; "head" becomes the default once the golden outputs have been rerun with it.
+CACHE_LAYOUT = "token"
+LAYOUTS = ("token", "head")
 
-__all__ = ["blockwise_attend", "KEY_CHUNK"]
+__all__ = ["blockwise_attend", "block_partial", "cache_partial", "finish", "chunk_range", "KEY_CHUNK"]
 
 
-def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
-                     sliding_window: Optional[int] = None, scale: Optional[float] = None, cache_mask=None,
-                     key_chunk: int = KEY_CHUNK, layer=None):
-    """See the module docstring. ``layer`` (a traced int): ``k_cache/v_cache`` are a model's whole
-    stacked cache ``[L,B,S,KVH,D]`` and layer ``layer`` is read, chunk by chunk, straight from the stack
-    (no per-layer copy of the cache enters the loop)."""
-    b, t, h, d = q.shape
-    s, kvh = k_cache.shape[-3], k_cache.shape[-2]
-    g = h // kvh
-    scale = d ** -0.5 if scale is None else scale
+def block_partial(qg, k_new, v_new, block_mask, q_pos, sliding_window=None):
+    """Online-softmax state ``(m, l, o)`` of the block's own keys: ``qg [B,T,KVH,G,D]`` (float32, already
+    scaled), ``k_new/v_new [B,T,KVH,D]``, ``block_mask [B,T,T]``. Returns ``m, l [B,T,KVH,G]``, ``o
+    [B,T,KVH,G,D]``; a query that sees no block key has ``l == 0``."""
     f32 = jnp.float32
-    qg = q.astype(f32).reshape(b, t, kvh, g, d) * scale
-    lengths = jnp.asarray(lengths, jnp.int32)
-
-    # the block's own keys: the initial (m, l, o)
     sn = jnp.einsum("btkgd,bjkd->btkgj", qg, k_new.astype(f32))  # [B,T,KVH,G,T]
     mn = block_mask
     if sliding_window is not None:
@@ -65,50 +68,165 @@ def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_p
     sn = jnp.where(visn, sn, NEG)
     m = sn.max(-1)  # [B,T,KVH,G]
     pn = jnp.where(visn, jnp.exp(sn - m[..., None]), 0.0)
-    l = pn.sum(-1)
-    o = jnp.einsum("btkgj,bjkd->btkgd", pn, v_new.astype(f32))
+    return m, pn.sum(-1), jnp.einsum("btkgj,bjkd->btkgd", pn, v_new.astype(f32))
 
-    if s > 0:
-        c = min(int(key_chunk), s)
-        n_max = -(-s // c)
-        n = jnp.minimum((jnp.max(lengths) + c - 1) // c, n_max)
-        ar = jnp.arange(c, dtype=jnp.int32)
 
-        def read(buf, start):
-            if layer is None:
-                return jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1).astype(f32)  # [B,C,KVH,D]
-            z = jnp.zeros((), jnp.int32)
-            return jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z),
-                                         (1, b, c, kvh, d))[0].astype(f32)
+def chunk_range(lengths, size: int, c: int, q_pos=None, sliding_window=None, kpos_offset=0):
+    """(first, end) chunk indices of the loop over a buffer of ``size`` slots read ``c`` at a time: ``end =
+    ceil(max(lengths) / c)`` (the longest committed row), ``first`` = the first chunk holding a slot inside
+    the sliding window of at least one query (0 without a window). Both traced int32 scalars."""
+    n_max = -(-size // c)
+    end = jnp.minimum((jnp.max(lengths) + c - 1) // c, n_max).astype(jnp.int32)
+    if sliding_window is None or q_pos is None:
+        return jnp.zeros((), jnp.int32), end
+    off = jnp.broadcast_to(jnp.asarray(kpos_offset, jnp.int32).reshape(-1), (q_pos.shape[0],))
+    lo = jnp.min(q_pos.astype(jnp.int32).min(axis=1) - off) - int(sliding_window) + 1  # first visible slot
+    return (jnp.maximum(lo, 0) // c).astype(jnp.int32), end
 
-        def body(i, carry):
-            m, l, o = carry
-            lo = i * c
-            start = jnp.minimum(lo, s - c)  # the last chunk may overlap the one before: skip the overlap
-            kc, vc = read(k_cache, start), read(v_cache, start)  # [B,C,KVH,D]
-            kpos = start + ar  # [C]
-            slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
-            vis = jnp.broadcast_to(slot_ok[:, None, :], (b, t, c))
-            if cache_mask is not None:
-                vis = vis & jax.lax.dynamic_slice_in_dim(cache_mask, start, c, axis=2)
-            if sliding_window is not None:
-                vis = vis & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
-            vis5 = vis[:, :, None, None, :]
-            sc = jnp.einsum("btkgd,bckd->btkgc", qg, kc)
-            sc = jnp.where(vis5, sc, NEG)
-            m_new = jnp.maximum(m, sc.max(-1))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.where(vis5, jnp.exp(sc - m_new[..., None]), 0.0)
-            vc = jnp.where(slot_ok[:, :, None, None], vc, 0.0)  # select: 0 * NaN would be NaN
-            l = l * alpha + p.sum(-1)
-            o = o * alpha[..., None] + jnp.einsum("btkgc,bckd->btkgd", p, vc)
-            return m_new, l, o
 
-        if n_max == 1:  # the whole cache is one chunk: no loop (a short decode costs what it did)
-            m, l, o = body(jnp.zeros((), jnp.int32), (m, l, o))
+def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0, sliding_window=None,
+                  cache_mask=None, key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None):
+    """Fold the committed entries of a ragged cache ``k_cache/v_cache [B,S,KVH,D]`` (or a stacked
+    ``[L,B,S,KVH,D]`` read at ``layer``) into the online-softmax state ``carry = (m, l, o)`` of queries
+    ``qg [B,T,KVH,G,D]`` (float32, scaled). Row b holds ``lengths[b]`` entries; slot j sits at position
+    ``kpos_offset + j`` (scalar or ``[B]``; used by the sliding window only). Chunks of ``key_chunk``
+    slots are read by a loop over `chunk_range` (trip count from the lengths, not the buffer);
+    ``cache_mask [B,T,S]`` optionally narrows the visible slots. Slots past a row's length never reach
+    the state (scores and values are selected, never multiplied by 0). ``layout``: see `CACHE_LAYOUT`
+    (None: that default)."""
+    b, t, kvh, g, d = qg.shape
+    s = k_cache.shape[-3]
+    if s == 0:
+        return carry
+    layout = CACHE_LAYOUT if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "head":
+        return _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset, sliding_window,
+                                   cache_mask, key_chunk, layer)
+    f32 = jnp.float32
+    lengths = jnp.asarray(lengths, jnp.int32)
+    c = min(int(key_chunk), s)
+    n_max = -(-s // c)
+    ar = jnp.arange(c, dtype=jnp.int32)
+    off = None
+    if sliding_window is not None:
+        off = jnp.asarray(kpos_offset, jnp.int32)
+        off = off.reshape(-1, 1, 1) if off.ndim else off
+
+    def read(buf, start):
+        if layer is None:
+            return jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1).astype(f32)  # [B,C,KVH,D]
+        z = jnp.zeros((), jnp.int32)
+        return jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z),
+                                     (1, b, c, kvh, d))[0].astype(f32)
+
+    def body(i, carry):
+        m, l, o = carry
+        lo = i * c
+        start = jnp.minimum(lo, s - c)  # the last chunk may overlap the one before: skip the overlap
+        kc, vc = read(k_cache, start), read(v_cache, start)  # [B,C,KVH,D]
+        kpos = start + ar  # [C] slot index
+        slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
+        vis = jnp.broadcast_to(slot_ok[:, None, :], (b, t, c))
+        if cache_mask is not None:
+            vis = vis & jax.lax.dynamic_slice_in_dim(cache_mask, start, c, axis=2)
+        if sliding_window is not None:
+            vis = vis & (q_pos[:, :, None] - (off + kpos[None, None, :]) < sliding_window)
+        vis5 = vis[:, :, None, None, :]
+        sc = jnp.einsum("btkgd,bckd->btkgc", qg, kc)
+        sc = jnp.where(vis5, sc, NEG)
+        m_new = jnp.maximum(m, sc.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(vis5, jnp.exp(sc - m_new[..., None]), 0.0)
+        vc = jnp.where(slot_ok[:, :, None, None], vc, 0.0)  # select: 0 * NaN would be NaN
+        l = l * alpha + p.sum(-1)
+        o = o * alpha[..., None] + jnp.einsum("btkgc,bckd->btkgd", p, vc)
+        return m_new, l, o
+
+    if n_max == 1:  # the whole cache is one chunk: no loop (a short decode costs what it did)
+        return body(jnp.zeros((), jnp.int32), carry)
+    first, end = chunk_range(lengths, s, c, q_pos, sliding_window, kpos_offset)
+    return jax.lax.fori_loop(first, jnp.maximum(first, end), body, carry)
+
+
+def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset, sliding_window, cache_mask,
+                        key_chunk, layer):
+    """`cache_partial` in head-major layout: queries ``[B,KVH,T*G,D]``, each chunk's keys/values swapped to
+    ``[B,KVH,C,D]``, scores and state in the dot's natural order (row n = t*G + g)."""
+    b, t, kvh, g, d = qg.shape
+    s = k_cache.shape[-3]
+    n_rows = t * g
+    f32 = jnp.float32
+    lengths = jnp.asarray(lengths, jnp.int32)
+    c = min(int(key_chunk), s)
+    n_max = -(-s // c)
+    ar = jnp.arange(c, dtype=jnp.int32)
+    to_head = lambda x: jnp.moveaxis(x, 2, 1).reshape((b, kvh, n_rows) + x.shape[4:])  # noqa: E731
+    qh = to_head(qg)
+    state = tuple(to_head(x) for x in carry)
+    qpos_rows = None
+    if sliding_window is not None:
+        off = jnp.asarray(kpos_offset, jnp.int32)
+        off = off.reshape(-1, 1, 1) if off.ndim else off
+        qpos_rows = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)[:, None, :, None] - off[..., None]  # [B,1,N,1]
+
+    def read(buf, start):
+        if layer is None:
+            x = jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1)
         else:
-            m, l, o = jax.lax.fori_loop(0, n, body, (m, l, o))
+            z = jnp.zeros((), jnp.int32)
+            x = jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z), (1, b, c, kvh, d))[0]
+        return x.astype(f32)  # [B,C,KVH,D]
 
+    def body(i, st):
+        m, l, o = st
+        lo = i * c
+        start = jnp.minimum(lo, s - c)
+        kc, vc = read(k_cache, start), read(v_cache, start)
+        kpos = start + ar
+        slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
+        vis = slot_ok[:, None, None, :]  # [B,1,1,C]
+        if cache_mask is not None:
+            cm = jax.lax.dynamic_slice_in_dim(cache_mask, start, c, axis=2)  # [B,T,C]
+            vis = vis & jnp.repeat(cm, g, axis=1)[:, None]  # [B,1,N,C]
+        if sliding_window is not None:
+            vis = vis & (qpos_rows - kpos[None, None, None, :] < sliding_window)
+        sc = jnp.einsum("bknd,bkcd->bknc", qh, jnp.swapaxes(kc, 1, 2))
+        sc = jnp.where(vis, sc, NEG)
+        m_new = jnp.maximum(m, sc.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
+        vc = jnp.swapaxes(jnp.where(slot_ok[:, :, None, None], vc, 0.0), 1, 2)  # select: 0 * NaN would be NaN
+        return m_new, l * alpha + p.sum(-1), o * alpha[..., None] + jnp.einsum("bknc,bkcd->bknd", p, vc)
+
+    if n_max == 1:
+        state = body(jnp.zeros((), jnp.int32), state)
+    else:
+        first, end = chunk_range(lengths, s, c, q_pos, sliding_window, kpos_offset)
+        state = jax.lax.fori_loop(first, jnp.maximum(first, end), body, state)
+    back = lambda x: jnp.moveaxis(x.reshape((b, kvh, t, g) + x.shape[3:]), 1, 2)  # noqa: E731
+    return tuple(back(x) for x in state)
+
+
+def finish(m, l, o):
+    """Normalise an online-softmax state; a query that saw no key (``l == 0``) outputs zeros."""
     ok = (l > 0)[..., None]
-    out = jnp.where(ok, o / jnp.where(ok, l[..., None], 1.0), 0.0)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return jnp.where(ok, o / jnp.where(ok, l[..., None], 1.0), 0.0)
+
+
+def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
+                     sliding_window: Optional[int] = None, scale: Optional[float] = None, cache_mask=None,
+                     key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None):
+    """See the module docstring. ``layer`` (a traced int): ``k_cache/v_cache`` are a model's whole
+    stacked cache ``[L,B,S,KVH,D]`` and layer ``layer`` is read, chunk by chunk, straight from the stack
+    (no per-layer copy of the cache enters the loop). ``layout``: the cache loop's layout (`CACHE_LAYOUT`)."""
+    b, t, h, d = q.shape
+    kvh = k_cache.shape[-2]
+    g = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.astype(jnp.float32).reshape(b, t, kvh, g, d) * scale
+    carry = block_partial(qg, k_new, v_new, block_mask, q_pos, sliding_window)
+    carry = cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, sliding_window=sliding_window,
+                          cache_mask=cache_mask, key_chunk=key_chunk, layer=layer, layout=layout)
+    return finish(*carry).reshape(b, t, h, d).astype(q.dtype)

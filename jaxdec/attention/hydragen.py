@@ -9,7 +9,10 @@ computes attention in two parts that are merged exactly by log-sum-exp:
   products, and the prefix is read once instead of B times);
 * suffix part: each row's own cache ``suffix_k/suffix_v [B,S,KVH,D]`` (``suffix_lengths[B]`` entries,
   suffix slot j at position ``prefix_len + j``) plus the block's own keys ``k_new/v_new`` under
-  ``block_mask``, i.e. ordinary decode attention.
+  ``block_mask``, i.e. ordinary decode attention (`jaxdec.attention.blockwise.cache_partial`).
+
+Both parts read their buffers in key chunks up to the committed lengths only (``prefix_len``, the longest
+suffix), as every attention path does (`jaxdec.attention.blockwise`).
 
 Each part returns ``(m, l, o)`` with ``m`` the max score, ``l = sum exp(s - m)`` and
 ``o = sum exp(s - m) v`` (unnormalised). The merge is
@@ -36,6 +39,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from jaxdec.attention.blockwise import KEY_CHUNK, block_partial, cache_partial, chunk_range
 from jaxdec.attention.reference import NEG
 
 __all__ = ["hydragen_attend", "prefix_partial", "grouped_prefix_partial", "suffix_partial",
@@ -52,31 +56,57 @@ def _partial(s, vis, v_of, eq: str):
     return m, l, o
 
 
-def prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None, scale=None):
+def prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None, scale=None,
+                   key_chunk: int = KEY_CHUNK):
     """Prefix part: all rows' queries against one shared prefix.
 
     ``q [B,T,H,D]``, ``prefix_k/prefix_v [P,KVH,D]``, ``prefix_len`` scalar (first entries valid),
     ``q_pos [B,T]``. Returns ``m, l [B,T,KVH,G]`` and ``o [B,T,KVH,G,D]``.
+
+    The prefix is read in chunks of ``key_chunk`` slots by a loop whose trip count is
+    ``ceil(prefix_len / key_chunk)`` (the lengths rule of `jaxdec.attention.blockwise`; with a sliding
+    window, chunks before every query's window are skipped); each chunk is multiplied once with the
+    stacked query matrix of all rows. Slots past ``prefix_len`` never reach the result.
     """
     b, t, h, d = q.shape
     p_cap, kvh, _ = prefix_k.shape
     g = h // kvh
+    n = b * t * g
     scale = d ** -0.5 if scale is None else scale
-    # [KVH, B*T*G, D]: the batched query matrix for each KV head (one matmul per head)
-    qm = jnp.moveaxis((q.reshape(b, t, kvh, g, d) * scale), 2, 0).reshape(kvh, b * t * g, d)
-    s = jnp.einsum("knd,pkd->knp", qm, prefix_k)  # [KVH, B*T*G, P]
-    s = s.reshape(kvh, b, t, g, p_cap)
-    kpos = jnp.arange(p_cap)
-    vis = kpos < jnp.asarray(prefix_len)
-    vis = jnp.broadcast_to(vis, (b, t, p_cap))
-    if sliding_window is not None:
-        vis = vis & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
-    vis = jnp.broadcast_to(vis[None, :, :, None, :], s.shape)
-    # unused prefix slots may hold garbage: zero them so 0 * NaN cannot leak
-    pv = jnp.where((kpos < jnp.asarray(prefix_len))[:, None, None], prefix_v, 0.0)
-    s = s.reshape(kvh, b * t * g, p_cap)
-    vis = vis.reshape(kvh, b * t * g, p_cap)
-    m, l, o = _partial(s, vis, pv, "knp,pkd->knd")
+    f32 = jnp.float32
+    # [KVH, B*T*G, D]: the batched query matrix for each KV head (one matmul per head and chunk)
+    qm = jnp.moveaxis((q.astype(f32).reshape(b, t, kvh, g, d) * scale), 2, 0).reshape(kvh, n, d)
+    qpos_n = jnp.broadcast_to(q_pos.astype(jnp.int32)[:, :, None], (b, t, g)).reshape(n)  # [N]
+    plen = jnp.asarray(prefix_len, jnp.int32).reshape(())
+    carry = (jnp.full((kvh, n), NEG, f32), jnp.zeros((kvh, n), f32), jnp.zeros((kvh, n, d), f32))
+    if p_cap > 0:
+        c = min(int(key_chunk), p_cap)
+        ar = jnp.arange(c, dtype=jnp.int32)
+
+        def body(i, carry):
+            m, l, o = carry
+            lo = i * c
+            start = jnp.minimum(lo, p_cap - c)  # the last chunk may overlap the one before
+            kc = jax.lax.dynamic_slice_in_dim(prefix_k, start, c, axis=0).astype(f32)  # [C,KVH,D]
+            vc = jax.lax.dynamic_slice_in_dim(prefix_v, start, c, axis=0).astype(f32)
+            kpos = start + ar
+            ok = (kpos >= lo) & (kpos < plen)  # [C]
+            vis = jnp.broadcast_to(ok[None, :], (n, c))
+            if sliding_window is not None:
+                vis = vis & (qpos_n[:, None] - kpos[None, :] < sliding_window)
+            sc = jnp.where(vis[None], jnp.einsum("knd,ckd->knc", qm, kc), NEG)  # [KVH,N,C]
+            m_new = jnp.maximum(m, sc.max(-1))
+            alpha = jnp.exp(m - m_new)
+            pr = jnp.where(vis[None], jnp.exp(sc - m_new[..., None]), 0.0)
+            vc = jnp.where(ok[:, None, None], vc, 0.0)  # select: 0 * NaN would be NaN
+            return m_new, l * alpha + pr.sum(-1), o * alpha[..., None] + jnp.einsum("knc,ckd->knd", pr, vc)
+
+        if p_cap <= c:
+            carry = body(jnp.zeros((), jnp.int32), carry)
+        else:
+            first, end = chunk_range(plen.reshape(1), p_cap, c, q_pos, sliding_window)
+            carry = jax.lax.fori_loop(first, jnp.maximum(first, end), body, carry)
+    m, l, o = carry
     m = jnp.moveaxis(m.reshape(kvh, b, t, g), 0, 2)
     l = jnp.moveaxis(l.reshape(kvh, b, t, g), 0, 2)
     o = jnp.moveaxis(o.reshape(kvh, b, t, g, d), 0, 2)
@@ -84,33 +114,22 @@ def prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None
 
 
 def suffix_partial(q, suffix_k, suffix_v, suffix_lengths, prefix_len, k_new, v_new, block_mask,
-                   q_pos, sliding_window=None, scale=None):
+                   q_pos, sliding_window=None, scale=None, key_chunk: int = KEY_CHUNK, layer=None):
     """Per-row part: each row's suffix cache plus the block's own keys.
 
     Suffix slot j of row b sits at position ``prefix_len + j`` (``prefix_len`` scalar or ``[B]``). Returns ``m, l [B,T,KVH,G]``,
-    ``o [B,T,KVH,G,D]``.
+    ``o [B,T,KVH,G,D]``. The suffix is read through `jaxdec.attention.blockwise.cache_partial` (chunks up
+    to the longest suffix only); ``layer``: ``suffix_k/suffix_v`` are a stacked ``[L,B,S,KVH,D]`` cache
+    read at that layer.
     """
     b, t, h, d = q.shape
-    s_cap, kvh = suffix_k.shape[1], suffix_k.shape[2]
+    kvh = suffix_k.shape[-2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, kvh, g, d) * scale
-    sc = jnp.einsum("btkgd,bskd->btkgs", qg, suffix_k)
-    sn = jnp.einsum("btkgd,bjkd->btkgj", qg, k_new)
-    j = jnp.arange(s_cap)
-    mc = j[None, None, :] < suffix_lengths[:, None, None]  # [B,1,S]
-    mc = jnp.broadcast_to(mc, (b, t, s_cap))
-    mn = block_mask
-    if sliding_window is not None:
-        kpos = jnp.reshape(jnp.asarray(prefix_len), (-1, 1, 1)) + j[None, None, :]  # scalar or per row
-        mc = mc & (q_pos[:, :, None] - kpos < sliding_window)
-        mn = mn & (q_pos[:, :, None] - q_pos[:, None, :] < sliding_window)
-    sv = jnp.where((j[None, :] < suffix_lengths[:, None])[:, :, None, None], suffix_v, 0.0)
-    s = jnp.concatenate([sc, sn], axis=-1)
-    vis = jnp.concatenate([jnp.broadcast_to(mc[:, :, None, None, :], sc.shape),
-                           jnp.broadcast_to(mn[:, :, None, None, :], sn.shape)], axis=-1)
-    vals = jnp.concatenate([sv, v_new.astype(sv.dtype)], axis=1)  # [B,S+T,KVH,D]
-    return _partial(s, vis, vals, "btkgs,bskd->btkgd")
+    qg = q.astype(jnp.float32).reshape(b, t, kvh, g, d) * scale
+    carry = block_partial(qg, k_new, v_new, block_mask, q_pos, sliding_window)
+    return cache_partial(qg, suffix_k, suffix_v, suffix_lengths, carry, q_pos, kpos_offset=prefix_len,
+                         sliding_window=sliding_window, key_chunk=key_chunk, layer=layer)
 
 
 def merge_partials(parts):
@@ -146,25 +165,30 @@ def grouped_prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_win
 
 def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffix_lengths,
                     k_new, v_new, block_mask, q_pos, sliding_window: Optional[int] = None,
-                    scale: Optional[float] = None):
+                    scale: Optional[float] = None, layer=None):
     """Shared-prefix attention; equals ``attend`` on the concatenated per-row caches.
 
     ``q [B,T,H,D]``; ``prefix_k/prefix_v [P,KVH,D]`` with ``prefix_len`` (scalar) valid entries shared
     by every row, or grouped ``[G,P,KVH,D]`` with ``prefix_len [G]`` (rows in G contiguous groups of
     B/G, each sharing its group's prefix: several prompts with n rows each); ``suffix_k/suffix_v
     [B,S,KVH,D]`` with ``suffix_lengths [B]``; ``k_new/v_new [B,T,KVH,D]``; ``block_mask [B,T,T]``;
-    ``q_pos [B,T]``. Returns ``[B,T,H,D]``.
+    ``q_pos [B,T]``. Returns ``[B,T,H,D]``. ``layer`` (traced int): the suffixes are a model's stacked
+    ``[L,B,S,KVH,D]`` cache, read at that layer chunk by chunk (no per-layer copy).
+
+    Both parts follow the committed lengths (`jaxdec.attention.blockwise`): the prefix is read up to
+    ``max(prefix_len)``, the suffixes up to the longest suffix, in chunks.
     """
     b, t, h, d = q.shape
     grouped = prefix_k.ndim == 4
     if prefix_k.ndim not in (3, 4) or prefix_k.shape != prefix_v.shape:
         raise ValueError(f"prefix_k/prefix_v must both be [P,KVH,D] or [G,P,KVH,D], got {prefix_k.shape}, "
                          f"{prefix_v.shape}")
-    if suffix_k.ndim != 4 or suffix_k.shape != suffix_v.shape or suffix_k.shape[0] != b:
+    sfx_shape = suffix_k.shape if layer is None else suffix_k.shape[1:]
+    if len(sfx_shape) != 4 or suffix_k.shape != suffix_v.shape or sfx_shape[0] != b:
         raise ValueError(f"suffix_k/suffix_v must both be [B,S,KVH,D], got {suffix_k.shape}, "
                          f"{suffix_v.shape}")
     kvh = prefix_k.shape[-2]
-    if suffix_k.shape[2] != kvh or h % kvh or prefix_k.shape[-1] != d:
+    if sfx_shape[2] != kvh or h % kvh or prefix_k.shape[-1] != d:
         raise ValueError(f"head layout mismatch: q {q.shape}, prefix {prefix_k.shape}, "
                          f"suffix {suffix_k.shape}")
     qf = q.astype(jnp.float32)
@@ -172,16 +196,13 @@ def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffi
         g = prefix_k.shape[0]
         if b % g:
             raise ValueError(f"batch ({b}) must be a multiple of the number of prefix groups ({g})")
-        p1 = grouped_prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
-                                    prefix_len, q_pos, sliding_window, scale)
+        p1 = grouped_prefix_partial(qf, prefix_k, prefix_v, prefix_len, q_pos, sliding_window, scale)
         row_plen = jnp.repeat(jnp.asarray(prefix_len).reshape(g), b // g)
     else:
-        p1 = prefix_partial(qf, prefix_k.astype(jnp.float32), prefix_v.astype(jnp.float32),
-                            prefix_len, q_pos, sliding_window, scale)
+        p1 = prefix_partial(qf, prefix_k, prefix_v, prefix_len, q_pos, sliding_window, scale)
         row_plen = prefix_len
-    p2 = suffix_partial(qf, suffix_k.astype(jnp.float32), suffix_v.astype(jnp.float32),
-                        suffix_lengths, row_plen, k_new.astype(jnp.float32),
-                        v_new.astype(jnp.float32), block_mask, q_pos, sliding_window, scale)
+    p2 = suffix_partial(qf, suffix_k, suffix_v, suffix_lengths, row_plen, k_new, v_new, block_mask, q_pos,
+                        sliding_window, scale, layer=layer)
     out = merge_partials([p1, p2])
     return out.reshape(b, t, h, d).astype(q.dtype)
 

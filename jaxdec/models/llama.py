@@ -182,7 +182,8 @@ class LlamaModel:
           passes None). Methods with per-layer attention state use it (Double Sparsity's channels).
         * a shared-prefix cache (``cache.prefix_k`` set): Hydragen, `hydragen_attend` with the layer's
           prefix slice ``[G,P,KVH,D]`` (each group of rows against its own prefix), the rows' suffixes
-          and suffix lengths ``cache.lengths - cache.row_prefix_len``.
+          (read chunk by chunk from the stacked cache) and suffix lengths ``cache.lengths -
+          cache.row_prefix_len``.
         * otherwise ``attention_impl``: "xla" (`blockwise_attend`: reads only the committed chunks of the
           layer's cache, straight from the stacked cache), "reference" (`attend`, every slot) or "pallas"
           (the tree-attention kernel).
@@ -247,11 +248,13 @@ class LlamaModel:
         elif prefix:
             plen = cache.prefix_len
 
-            def attn(q, kc, vc, suf_len, k, v, bm, q_pos, extra, sliding_window=None):
+            def attn(q, kc, vc, suf_len, k, v, bm, q_pos, extra, sliding_window=None, layer=None):
                 pk, pv = extra
                 return hydragen_attend(q, pk, pv, plen, kc, vc, suf_len, k, v, bm, q_pos,
-                                       sliding_window=sliding_window)
+                                       sliding_window=sliding_window, layer=layer)
+            # the suffixes are read chunk by chunk from the stacked cache, like the "xla" path
             extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - cache.row_prefix_len
+            stacked = True
         elif cache_mask is not None and self.attention_impl == "reference":
             def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None):
                 return attend(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window,
