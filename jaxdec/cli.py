@@ -391,7 +391,8 @@ def _token_method(args, loaded, prompt_ids, progress):
                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, n=args.n,
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
                  batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn,
-                 constraint=chunk_constraints(args, len(prompt_ids)), **stream_kwargs(args))
+                 constraint=chunk_constraints(args, len(prompt_ids)),
+                 longest_prompt=getattr(args, "_longest", None), **stream_kwargs(args))
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     rows = [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
             for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
@@ -597,6 +598,8 @@ def cmd_generate(args, parser) -> int:
         step = len(ids)
         if args.batch_size is not None and METHOD_INFO[args.method]["chunked"]:
             step = args.batch_size
+            # one prompt bucket and cache for the whole file: every batch reuses one compiled program
+            args._longest = max(len(p) for p in ids)
         starts = range(0, len(ids), step)
         quiet = args.quiet or args.stream  # --stream: no progress bar between the streamed lines
         printer = args._stream = StreamPrinter(tok, args.stop or ()) if args.stream else None

@@ -386,3 +386,114 @@ def test_cli_full_context_prompt_within_rss_budget(tokenizer, tmp_path):
     row = json.loads(out.read_text().splitlines()[0])
     assert len(row["prompt_ids"]) == CONTEXT - new and len(row["tokens"]) >= 1
     assert rss_gb <= 2.5, f"peak RSS {rss_gb:.2f} GB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# one compiled program for every batch of a prompt list; batches sorted by length
+
+def _toy():
+    from jaxdec.testing.toy_speculative import TrigramModel, random_table
+    model = TrigramModel(11, num_layers=3)  # its own config: no other test shares its programs
+    return model, {"table": jnp.asarray(random_table(5, 11))}
+
+
+def _toy_prompts():
+    rng = np.random.default_rng(0)
+    lens = [3, 100, 5, 90, 4, 110, 2]  # buckets of 64 and 128 slots
+    return [[int(x) for x in rng.integers(0, 11, size=n)] for n in lens]
+
+
+def _run_tokens(run):
+    """Each unit's new tokens, in the order of run.units (through Run.positions)."""
+    out = []
+    for bi, row in run.positions():
+        st = run.results[bi][0]
+        out.append(np.asarray(st.tokens)[row, :int(np.asarray(st.num_new)[row])].tolist())
+    return out
+
+
+def _traces():
+    from jaxdec.core import loop
+    return sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:"))
+
+
+def test_driver_sorts_batches_by_length_keeping_output_order():
+    """batch_size 2 over prompts of 2-110 tokens: the driver runs them longest first (lower batch cost),
+    maps every unit back to its input position, and the tokens equal the unsorted run's; all batches of
+    a run share one compiled program (one trace for a fresh shape, not one per batch)."""
+    from jaxdec.core import driver
+    from jaxdec.core.token import TokenDecoder
+    model, params = _toy()
+    prompts = _toy_prompts()
+    kw = dict(max_new_tokens=6, batch_size=2, stop_ids=(), capacity=48)
+    before = _traces()
+    plain = driver.run(TokenDecoder(), model, params, prompts, **kw)
+    assert _traces() - before == 1  # positive control of the count: a fresh shape traces once...
+    assert plain.order == list(range(len(prompts)))
+    before = _traces()
+    srt = driver.run(TokenDecoder(), model, params, prompts, sort_by_length=True, **kw)
+    assert _traces() - before == 0  # ...and 4 batches of sorted rows reuse that program
+    assert srt.order != plain.order and [len(srt.units[u]) for u in srt.order] == sorted(
+        (len(p) for p in prompts), reverse=True)
+    assert driver.batch_cost([len(srt.units[u]) for u in srt.order], 2) < driver.batch_cost(
+        [len(p) for p in prompts], 2)
+    assert _run_tokens(srt) == _run_tokens(plain)
+    assert srt.units == plain.units  # units stay in input order
+    # the identity when sorting cannot help (one batch), or when per-batch inputs follow the input order
+    assert driver.length_order(prompts, len(prompts), 1) == list(range(len(prompts)))
+    one = driver.run(TokenDecoder(), model, params, prompts, sort_by_length=True, inputs_fn=lambda i, c: i, **kw)
+    assert one.order == list(range(len(prompts)))
+
+
+def test_longest_prompt_gives_every_call_one_program():
+    """A prompt list split over several calls (the CLI's --batch-size batches) sized by the whole list's
+    longest prompt reuses one compiled program; the control without it compiles a second one."""
+    from jaxdec.core import driver
+    from jaxdec.core.token import TokenDecoder
+    model, params = _toy()
+    prompts = _toy_prompts()
+    longest = max(len(p) for p in prompts)
+    kw = dict(max_new_tokens=6, batch_size=2, stop_ids=(), capacity=64)
+    first = driver.run(TokenDecoder(), model, params, prompts[1:3], longest_prompt=longest, **kw)
+    before = _traces()
+    second = driver.run(TokenDecoder(), model, params, prompts[4:5] + prompts[0:1], longest_prompt=longest, **kw)
+    assert _traces() - before == 0
+    assert (second.cache_size, second.prompt_bucket) == (first.cache_size, first.prompt_bucket)
+    plain = driver.run(TokenDecoder(), model, params, prompts[4:5] + prompts[0:1], **kw)
+    assert _traces() - before == 1 and plain.prompt_bucket < first.prompt_bucket  # control: a smaller bucket
+    assert _run_tokens(plain) == _run_tokens(second)
+
+
+def test_generate_batches_by_length_and_keeps_input_order():
+    """`generate` with batch_size 2 over ragged prompts: the driver batched them by length (Run order is
+    not the identity), and every output row equals the one-batch run of the same prompts (no sorting
+    possible there), in the input order."""
+    import jaxdec
+    model, params = _toy()
+    prompts = _toy_prompts()
+    kw = dict(max_new_tokens=6, stop_ids=(), capacity=48)
+    one = jaxdec.generate(model, params, prompts, **kw)
+    two = jaxdec.generate(model, params, prompts, batch_size=2, **kw)
+    assert two.prompt_ids == prompts and two.tokens == one.tokens and two.finish_reason == one.finish_reason
+    from jaxdec.core import driver
+    assert driver.length_order(prompts, 2, 1) != list(range(len(prompts)))  # the sorted path ran
+
+
+def test_cli_batches_of_a_prompts_file_share_one_program(tokenizer, tmp_path, capsys):
+    """`jaxdec generate --prompts-file F --batch-size 1` with prompts in different length buckets sizes one
+    prompt bucket and cache for the whole file: at most one new trace for three batches (a first use of
+    the shape), and the rows come out in the file's order."""
+    import json
+    from jaxdec.cli import main
+    from jaxdec.core import loop
+    texts = [_text_of_n_tokens(tokenizer, n) for n in (20, 150, 70)]  # buckets of 64, 192 and 128 slots
+    pf, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    before = sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:"))
+    rc = main(["generate", "--prompts-file", str(pf), "--batch-size", "1", "--max-new-tokens", "2", "--quiet",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    traces = sum(v for k, v in loop.TRACE_COUNTS.items() if k.startswith("run:")) - before
+    assert traces <= 1, f"{traces} traces for three batches of one prompts file"
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [len(r["prompt_ids"]) for r in rows] == [len(tokenizer.encode(t)) for t in texts]

@@ -172,13 +172,46 @@ class Run:
     model_calls: int
     loop_steps: int
     seconds: float
+    # order[i]: the unit (index into ``units``) that is the i-th row of the batches in ``results``, in
+    # batch order (identity unless `run` sorted the units by length); see `positions`
+    order: Optional[list] = None
+
+    def positions(self) -> list:
+        """(batch index into ``results``, row in that batch) of every unit, in the order of ``units``."""
+        order = list(range(len(self.units))) if self.order is None else self.order
+        pos = [None] * len(order)
+        for i, u in enumerate(order):
+            pos[u] = (i // self.batch_size, i % self.batch_size)
+        return pos
+
+
+def batch_cost(lengths: list, ub: int) -> int:
+    """Work proxy of batches of ``ub`` consecutive rows: the sum of each batch's longest prompt (the
+    chunked prefill's trip count and the blockwise attention's both follow a batch's longest row)."""
+    return sum(max(lengths[s:s + ub]) for s in range(0, len(lengths), ub))
+
+
+def length_order(units: list, ub: int, n: int) -> list:
+    """Unit order that batches prompts of similar length together (longest first; the n units of a prompt
+    stay together, so shared-prefix groups are kept), or the identity when that does not lower
+    `batch_cost`."""
+    ident = list(range(len(units)))
+    if ub >= len(units):
+        return ident
+    prompts = sorted(range(len(units) // n), key=lambda i: -len(units[i * n]))  # stable: ties keep their order
+    cand = [i * n + j for i in prompts for j in range(n)]
+    lens = [len(u) for u in units]
+    if batch_cost([lens[u] for u in cand], ub) < batch_cost(lens, ub):
+        return cand
+    return ident
 
 
 def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: int = 1, max_new_tokens: int,
         min_new_tokens: int = 0, stop_ids=None, seed: int = 0, batch_size: Optional[int] = None,
         cache_size: Optional[int] = None, capacity: Optional[int] = None, sampling=None, debug: bool = False,
         callback=None, progress=None, inputs_fn=None, mesh=None, shared_prefix: Optional[bool] = None,
-        carry=None, hot_start: bool = False) -> Run:
+        carry=None, hot_start: bool = False, longest_prompt: Optional[int] = None,
+        sort_by_length: bool = False) -> Run:
     """Decode ``units`` (token-id prompts, validated here) with ``decoder``.
 
     expand: state rows per unit (the decoder expands a prompt into that many hypotheses).
@@ -188,6 +221,13 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
     inputs_fn(inputs, chunk_units) -> inputs: the decoder's own per-row inputs (``inputs.replace(method=...)``).
     carry: ``inputs.carry`` of the first batch (e.g. a `DrafterCarry`). hot_start: each later batch starts
     from the decoder's ``carry(state)`` of the batch before (Token Recycling's matrix, n-gram tables).
+    longest_prompt: size the prompt bucket and the cache as if the longest prompt had (at least) this many
+    tokens: a caller that splits one prompt list over several calls (the CLI's ``--batch-size`` batches)
+    passes the whole list's longest, so every call reuses one compiled program.
+    sort_by_length: with several batches, run the units longest first when that lowers `batch_cost` (rows
+    of similar length share a batch; a prompt's n samples stay together); ``Run.order`` records the
+    order and ``Run.positions()`` maps each unit back to its batch row, so callers keep the input order.
+    Not with ``inputs_fn``, ``carry`` or ``hot_start`` (their per-batch inputs follow the input order).
     """
     units = _check_prompts(units, model.vocab_size)
     r = _positive_int("rows_per_prompt", expand)
@@ -200,6 +240,8 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
     check_model(model)
     check_decoder(decoder)
     pmax = max(len(p) for p in units)
+    if longest_prompt is not None:
+        pmax = max(pmax, _positive_int("longest_prompt", longest_prompt))
     # sized by need: above 512 positions, multiples of the model's prefill chunk (None: powers of two)
     chunk = getattr(model, "prefill_chunk", None)
     p_bucket = need_size(pmax, chunk)
@@ -236,13 +278,24 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
             model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
 
     pad_id = int(hook(model, "pad_id"))
+    order = list(range(len(units)))
+    if sort_by_length and inputs_fn is None and carry is None and not hot_start:
+        order = length_order(units, ub, n)
+    batched = units
+    if order != list(range(len(units))):
+        batched = [units[u] for u in order]
+        rows_of = np.asarray([u * r + j for u in order for j in range(r)])
+        keys = keys[rows_of]
+        if sampling is not None:
+            sampling = jax.tree.map(lambda a: np.asarray(a)[rows_of] if np.ndim(a) and np.shape(a)[0] == len(rows_of)
+                                    else a, sampling)
     results, calls, steps = [], 0, 0
     t0 = time.perf_counter()
     starts = range(0, len(units), ub)
     if progress is not None:
         starts = progress(starts)
     for start in starts:
-        chunk = units[start:start + ub]
+        chunk = batched[start:start + ub]
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (ub - real)  # inert filler units keep shapes static
         toks, lens = pad_batch(chunk, p_bucket, pad_id)
@@ -276,4 +329,4 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
         steps += int(state.step) + 1
     return Run(units=units, results=results, cache_size=size, prompt_bucket=p_bucket, capacity=cap, batch_size=ub,
                shared_prefix=shared, prefix_groups=groups if shared else 0, model_calls=calls, loop_steps=steps,
-               seconds=time.perf_counter() - t0)
+               seconds=time.perf_counter() - t0, order=order)

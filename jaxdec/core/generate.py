@@ -43,7 +43,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
              cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
              callback=None, progress=None, inputs_fn=None, mesh=None, prefill_chunk: Optional[int] = 512,
              shared_prefix: Optional[bool] = None, processors=None, carry=None, hot_start: bool = False,
-             constraint=None) -> Generation:
+             constraint=None, longest_prompt: Optional[int] = None) -> Generation:
     """Decode every prompt (token-id lists) with `method` ("greedy" | "sample") or an explicit decoder.
 
     sampling: a `SamplingParams` (per output row) or a dict of its fields (scalars or per-row lists).
@@ -71,6 +71,10 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     the dict of a previous result's ``stats["carry"]``). hot_start: every later batch starts from the
     decoder's ``carry(state)`` of the batch before (the Token Recycling paper runs its matrix across queries;
     tokens never change, only τ). Statistics are summed over all batches.
+    With several batches the driver runs prompts of similar length together (longest first, when that
+    lowers the work; not with per-row ``inputs_fn``, ``carry`` or ``hot_start``); outputs keep the input
+    order. longest_prompt: size the prompt bucket and cache for a prompt of this many tokens (a caller
+    that splits one prompt list over several calls passes the list's longest: one compiled program).
     constraint: a `jaxdec.constrained` constraint (json_schema, regex, lark, choices) for every row, or a
     list with one per prompt (None: that prompt unconstrained); needs ``tokenizer=``. Greedy, sampling and
     `SpeculativeDecoder` with a chain drafter honour it (others refuse by name); ``constraint_ok`` per row.
@@ -115,15 +119,18 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
                          min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
                          cache_size=cache_size, capacity=capacity, sampling=sp, debug=debug, callback=callback,
                          progress=progress, inputs_fn=inputs_fn, mesh=mesh, shared_prefix=shared_prefix,
-                         carry=_carry_input(decoder, carry), hot_start=hot_start)
+                         carry=_carry_input(decoder, carry), hot_start=hot_start, longest_prompt=longest_prompt,
+                         sort_by_length=True)
     finalize = hook(decoder, "finalize")
     all_tokens, finishes = [], []
+    per_batch = []
     for state, real in run.results:
         tk, nn, fr = (state.tokens, state.num_new, state.finish) if finalize is None else finalize(state)
-        tk, nn, fr = np.asarray(tk), np.asarray(nn), np.asarray(fr)
-        for r in range(real):
-            all_tokens.append(tk[r, :nn[r]].tolist())
-            finishes.append(FINISH_NAMES[int(fr[r])])
+        per_batch.append((np.asarray(tk), np.asarray(nn), np.asarray(fr)))
+    for bi, r in run.positions():  # input order (the driver may have batched the rows by length)
+        tk, nn, fr = per_batch[bi]
+        all_tokens.append(tk[r, :nn[r]].tolist())
+        finishes.append(FINISH_NAMES[int(fr[r])])
     last_state = run.results[-1][0]
     secs = run.seconds
     new = sum(len(t) for t in all_tokens)
