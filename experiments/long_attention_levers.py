@@ -18,6 +18,7 @@ Outputs are checked against ``cur`` (rtol 1e-4). Median and min over ``--reps`` 
 
     python experiments/long_attention_levers.py --t 1 --reps 15
     python experiments/long_attention_levers.py --t 512 --reps 3 --key-chunks 512 1024
+    python experiments/long_attention_levers.py --smoke      # one small cell, a check that it runs
 """
 from __future__ import annotations
 
