@@ -12,7 +12,8 @@ takes the next group. Files that share an expensive session fixture (the peer's 
 group when that balances: the packer is greedy by duration only, which keeps it simple and predictable.
 
 Environment: JAXDEC_CI_JOBS (processes at once; default: the number of cores, at most 2 and at least 1),
-JAXDEC_CI_GROUPS (number of groups; default 8).
+JAXDEC_CI_GROUPS (number of groups; default 8), JAXDEC_CI_WRITE_DURATIONS=1 (the same as
+--write-durations, for runs started through `make test`).
 Exit status: 0 when every group passed; 1 when any test failed or errored, when any group crashed or
 collected no tests (pytest's exit code 5 is a failure here, never a silent pass).
 """
@@ -142,7 +143,7 @@ def main(argv=None):
     failed = tot["failures"] + tot["errors"]
     passed = tot["tests"] - failed - tot["skipped"]
     print(f"ci: wall {(time.time() - t_start) / 60:.1f} min, {jobs} processes at a time, {len(plan)} groups")
-    if args.write_durations:
+    if args.write_durations or os.environ.get("JAXDEC_CI_WRITE_DURATIONS") == "1":
         measured = per_file_seconds(xmls)
         with open(DURATIONS, "w") as f:
             json.dump({"note": "seconds per test file from one CI run's junit times (.ci/parallel_pytest.py "
