@@ -270,7 +270,8 @@ def markdown(rec: dict) -> list:
     if cfg.get("note"):
         lines += [cfg["note"], ""]
     lines += ["| system | weights | prompt tokens | prefill tok/s | decode tok/s | first prefill s | compile s | "
-              "peak RSS GB | reps | load 1-min before / after |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "peak RSS GB | reps | load 1-min before / after |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for k in rec["cells_order"]:
         r = runner.result(rec, k)
         if not r or "skipped" in r:
