@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,11 +141,12 @@ def main(argv=None):
                 status = 1
     xmls = sorted(glob.glob(os.path.join(out, "group*.xml")))
     tot = totals(xmls)
+    measured = per_file_seconds(xmls)
+    shutil.rmtree(out, ignore_errors=True)
     failed = tot["failures"] + tot["errors"]
     passed = tot["tests"] - failed - tot["skipped"]
     print(f"ci: wall {(time.time() - t_start) / 60:.1f} min, {jobs} processes at a time, {len(plan)} groups")
     if args.write_durations or os.environ.get("JAXDEC_CI_WRITE_DURATIONS") == "1":
-        measured = per_file_seconds(xmls)
         with open(DURATIONS, "w") as f:
             json.dump({"note": "seconds per test file from one CI run's junit times (.ci/parallel_pytest.py "
                                "--write-durations); used only to balance the groups",

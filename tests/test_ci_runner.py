@@ -26,7 +26,9 @@ def test_pack_balances_and_keeps_every_file():
 
 
 def run_runner(tmp_path, files, jobs="2"):
-    env = dict(os.environ, JAXDEC_CI_JOBS=jobs, JAXDEC_CI_GROUPS="2")
+    scratch = tmp_path / "scratch"  # the runner's own temporary folder goes here (and must be removed)
+    scratch.mkdir(exist_ok=True)
+    env = dict(os.environ, JAXDEC_CI_JOBS=jobs, JAXDEC_CI_GROUPS="2", TMPDIR=str(scratch))
     return subprocess.run([sys.executable, RUNNER, *files], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
 
@@ -53,6 +55,7 @@ def test_all_green_exits_zero(tmp_path):
     r = run_runner(tmp_path, [ok, ok2], jobs="1")
     assert r.stdout.strip().splitlines()[-1] == "ci: 2 passed, 0 failed, 0 skipped", r.stdout + r.stderr
     assert r.returncode == 0
+    assert not [p.name for p in (tmp_path / "scratch").iterdir() if p.name.startswith("jaxdec-ci-")]
 
 
 def test_a_group_without_tests_fails(tmp_path):
