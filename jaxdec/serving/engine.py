@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core import loop, slots as slots_lib
-from jaxdec.core.driver import _check_prompts, row_keys
+from jaxdec.core.driver import _check_prompts
 from jaxdec.core.processors import SamplingParams
 from jaxdec.core.protocols import hook
 from jaxdec.core.state import EOS, LENGTH, STOP_STRING
@@ -256,7 +256,7 @@ class Engine:
                 continue
             prefix = slots_lib.prefill(self.decoder, self.model, self.params, [req.prompt], like=self._state,
                                        max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens,
-                                       keys=row_keys(req.seed, 1, 1), stop_ids=self.eos_ids,
+                                       seed=req.seed, stop_ids=self.eos_ids,
                                        sampling=self._sampling([req.temperature], [req]))
             st = self._state
             self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
