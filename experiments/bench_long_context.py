@@ -91,26 +91,13 @@ def one_jaxdec(weights: str, n: int, new: int, reps: int) -> dict:
     size = -(-size // 512) * 512
 
     @jax.jit
-    def pre(p, toks, lens):
+    def prefill_jit(p, toks, lens):
         return prefill(model, p, toks, lens, model.init_cache(1, size))[0]
 
     toks, lens = jnp.asarray([ids], jnp.int32), jnp.asarray([n], jnp.int32)
-    t0 = time.perf_counter()
-    jax.block_until_ready(pre(params, toks, lens))
-    pre_first = time.perf_counter() - t0
-    gen = lambda: jaxdec.generate(model, params, [ids], max_new_tokens=new, stop_ids=())  # noqa: E731
-    t0 = time.perf_counter()
-    g = gen()
-    gen_first = time.perf_counter() - t0
-    assert len(g.tokens[0]) == new
-    pt, gt = [], []
-    for _ in range(reps):  # interleaved
-        t0 = time.perf_counter()
-        jax.block_until_ready(pre(params, toks, lens))
-        pt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        gen()
-        gt.append(time.perf_counter() - t0)
+    pt, gt, pre_first, gen_first = _timed(
+        lambda: jax.block_until_ready(prefill_jit(params, toks, lens)),
+        lambda: jaxdec.generate(model, params, [ids], max_new_tokens=new, stop_ids=()).tokens[0], new, reps)
     return _row("jaxdec", weights, n, new, pt, gt, pre_first, gen_first)
 
 
@@ -133,20 +120,7 @@ def one_hf(n: int, new: int, reps: int) -> dict:
             out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, generation_config=cfg)
         return out[0, n:].tolist()
 
-    t0 = time.perf_counter()
-    pre()
-    pre_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    assert len(gen()) == new
-    gen_first = time.perf_counter() - t0
-    pt, gt = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        pre()
-        pt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        gen()
-        gt.append(time.perf_counter() - t0)
+    pt, gt, pre_first, gen_first = _timed(pre, gen, new, reps)
     row = _row("hf", "f32", n, new, pt, gt, pre_first, gen_first)
     row["versions"] = versions()
     return row
@@ -173,6 +147,15 @@ def one_llamacpp(n: int, new: int, reps: int) -> dict:
             llm.eval([t])
         return out
 
+    pt, gt, pre_first, gen_first = _timed(pre, gen, new, reps)
+    row = _row("llamacpp", "gguf", n, new, pt, gt, pre_first, gen_first)
+    row["versions"] = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
+    return row
+
+
+def _timed(pre, gen, new: int, reps: int):
+    """-> (prefill seconds, generate seconds, first prefill, first generate): one first call of each (compile
+    included; generate must return ``new`` tokens), then ``reps`` interleaved repetitions."""
     t0 = time.perf_counter()
     pre()
     pre_first = time.perf_counter() - t0
@@ -187,9 +170,7 @@ def one_llamacpp(n: int, new: int, reps: int) -> dict:
         t0 = time.perf_counter()
         gen()
         gt.append(time.perf_counter() - t0)
-    row = _row("llamacpp", "gguf", n, new, pt, gt, pre_first, gen_first)
-    row["versions"] = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
-    return row
+    return pt, gt, pre_first, gen_first
 
 
 def _row(system, weights, n, new, pt, gt, pre_first, gen_first) -> dict:
