@@ -1,12 +1,19 @@
 """Meshes and partition rules: jaxdec runs on JAX's own SPMD (jit + NamedSharding), no custom scheduler.
 
-Two axes: ``data`` splits batch rows; ``model`` splits the MLP's hidden dimension and the vocabulary
-(the default model's 9 query / 3 KV heads do not divide 2, 4 or 8 devices, so heads stay whole).
-`generate(..., mesh=mesh)` places params and per-row inputs with these rules and lets XLA's sharding
-propagation partition the compiled loop. Multi-host: call `jax.distributed.initialize()` first; the
-same mesh code then spans every process's devices.
+Two axes: ``data`` splits batch rows; ``model`` splits the MLP's hidden dimension and the vocabulary,
+and the attention heads where both head counts divide it (the default model's 9 query / 3 KV heads do
+not divide 2, 4 or 8 devices, so its heads stay whole). `generate(..., mesh=mesh)` places params and
+per-row inputs with these rules and lets XLA's sharding propagation partition the compiled loop.
+
+Multi-host: `initialize_distributed` (``jax.distributed.initialize``) first, in every process; the
+same `make_mesh` then spans every process's devices (the data axis across processes first), every
+process runs the same `generate` call on the same prompts, and results reach the host through
+`to_host` (``process_allgather`` for arrays split over other processes' devices).
 """
 from __future__ import annotations
+
+import os
+import re
 
 import jax
 import numpy as np
@@ -15,56 +22,97 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdec.quant import QTensor
 
 DATA, MODEL = "data", "model"
+_MESH_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_mesh(text: str, flag: str = "--mesh") -> tuple:
+    """``"DATAxMODEL"`` (e.g. ``"2x4"``) -> ``(2, 4)``; a ValueError names ``flag`` otherwise."""
+    m = _MESH_RE.match(str(text))
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"{flag} expects DATAxMODEL with two integers >= 1 (e.g. 2x4), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _size(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {v!r}")
+    return int(v)
 
 
 def make_mesh(data: int = None, model: int = 1, devices=None) -> Mesh:
-    """A ``(data, model)`` mesh; ``data`` defaults to all devices / model."""
+    """A ``(data, model)`` mesh over ``devices`` (default: every device of every process, ordered by
+    process then id, so the data axis runs across processes and the model axis within one).
+
+    ``data`` defaults to all devices / model. A mesh smaller than the devices uses the first
+    ``data * model`` of them; a larger one is an error naming the sizes and the visible devices."""
     devices = list(jax.devices() if devices is None else devices)
-    if model < 1 or len(devices) % model:
-        raise ValueError(f"model axis size {model} must divide the {len(devices)} devices")
-    data = len(devices) // model if data is None else data
-    if data * model != len(devices):
-        raise ValueError(f"mesh {data}x{model} does not match {len(devices)} devices")
-    return Mesh(np.array(devices).reshape(data, model), (DATA, MODEL))
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    model = _size("model", model)
+    if data is None:
+        if len(devices) % model:
+            raise ValueError(f"make_mesh: model ({model}) must divide the {len(devices)} devices when data is not given")
+        data = len(devices) // model
+    data = _size("data", data)
+    if data * model > len(devices):
+        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)"
+                if devices and devices[0].platform == "cpu" else "")
+        raise ValueError(f"make_mesh: mesh {data}x{model} (data x model) needs {data * model} devices, but only "
+                         f"{len(devices)} are visible{hint}")
+    return Mesh(np.array(devices[:data * model]).reshape(data, model), (DATA, MODEL))
 
 
-def _spec_for(name: str, leaf_name: str, shape: tuple, model_size: int) -> P:
-    """PartitionSpec of one param leaf (layer weights carry a leading [L] axis)."""
-    axis = None
-    if name in ("embed", "lm_head"):
-        axis = 0  # vocabulary rows
-    elif name in ("w_gate", "w_up"):
-        axis = 1  # [L, F, ...]: FFN output features
-    elif name == "w_down":
-        axis = 2  # [L, E, F] (or F/32 blocks for quantized codes/scales): FFN input features
-    if axis is None or len(shape) <= axis or shape[axis] % model_size:
+def _heads(model) -> tuple:
+    """(query heads, KV heads) of a Llama-family model (``model.config``), or None."""
+    cfg = getattr(model, "config", None)
+    h, kv = getattr(cfg, "num_heads", None), getattr(cfg, "num_kv_heads", None)
+    return None if h is None or kv is None else (int(h), int(kv))
+
+
+# param name -> the axis the model axis splits (layer weights carry a leading [L] axis; see
+# jaxdec/models/llama.py). Quantized QTensor codes/scales keep the same axes (the inner one in blocks).
+_VOCAB = {"embed": 0, "lm_head": 0}  # vocabulary rows
+_MLP = {"w_gate": 1, "w_up": 1, "w_down": 2}  # [L, F, E] output features; [L, E, F] input features
+_HEAD = {"wq": 1, "wk": 1, "wv": 1, "bq": 1, "bk": 1, "bv": 1, "wo": 2}  # [L, H*D, E]; wo [L, E, H*D]
+
+
+def _spec_for(name: str, shape: tuple, model_size: int, split_heads: bool) -> P:
+    """PartitionSpec of one param leaf."""
+    axis = _VOCAB.get(name, _MLP.get(name))
+    if axis is None and split_heads:
+        axis = _HEAD.get(name)
+    if axis is None or model_size == 1 or len(shape) <= axis or shape[axis] % model_size:
         return P()
     spec = [None] * len(shape)
     spec[axis] = MODEL
     return P(*spec)
 
 
-def param_shardings(params, mesh: Mesh):
-    """NamedShardings for a Llama params pytree (see jaxdec/models/llama.py for the layout)."""
+def heads_split(model, mesh: Mesh) -> bool:
+    """Whether the model axis splits attention heads: both head counts divide it (whole heads, and
+    whole GQA groups, on every device)."""
+    hk = _heads(model)
     m = mesh.shape[MODEL]
+    return m > 1 and hk is not None and hk[0] % m == 0 and hk[1] % m == 0
+
+
+def param_shardings(params, mesh: Mesh, model=None):
+    """NamedShardings for a Llama params pytree. ``model`` (its ``config`` head counts) enables the
+    attention-head split when both head counts divide the model axis."""
+    m = mesh.shape[MODEL]
+    heads = heads_split(model, mesh)
 
     def for_weight(name, w):
         if isinstance(w, QTensor):
-            return QTensor(*(None if x is None else NamedSharding(mesh, _spec_for(name, f, x.shape, m))
-                             for f, x in (("codes", w.codes), ("scale", w.scale), ("offset", w.offset))), kind=w.kind)
-        return NamedSharding(mesh, _spec_for(name, "", w.shape, m))
+            return QTensor(*(None if x is None else NamedSharding(mesh, _spec_for(name, x.shape, m, heads))
+                             for x in (w.codes, w.scale, w.offset)), kind=w.kind)
+        return NamedSharding(mesh, _spec_for(name, np.shape(w), m, heads))
 
-    out = {}
-    for k, v in params.items():
-        if k == "layers":
-            out[k] = {n: for_weight(n, w) for n, w in v.items()}
-        else:
-            out[k] = for_weight(k, v)
-    return out
+    return {k: ({n: for_weight(n, w) for n, w in v.items()} if k == "layers" else for_weight(k, v))
+            for k, v in params.items()}
 
 
-def shard_params(params, mesh: Mesh):
-    return jax.device_put(params, param_shardings(params, mesh))
+def shard_params(params, mesh: Mesh, model=None):
+    return jax.device_put(params, param_shardings(params, mesh, model))
 
 
 def shard_rows(tree, mesh: Mesh):
@@ -75,3 +123,36 @@ def shard_rows(tree, mesh: Mesh):
             return jax.device_put(x, NamedSharding(mesh, P()))
         return jax.device_put(x, NamedSharding(mesh, P(DATA)))
     return jax.tree.map(put, tree)
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of ``x`` on this host: arrays split over other processes' devices are gathered with
+    ``process_allgather`` (every process must call it: a collective), everything else is `np.asarray`."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def initialize_distributed(coordinator_address: str = None, num_processes: int = None, process_id: int = None,
+                           timeout_s: int = 300) -> bool:
+    """``jax.distributed.initialize`` from arguments or the environment (``JAXDEC_COORDINATOR``,
+    ``JAXDEC_NUM_PROCESSES``, ``JAXDEC_PROCESS_ID``); nothing to do (False) when neither names a
+    coordinator. On CPU the cross-process collectives are gloo's (JAX's default there)."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAXDEC_COORDINATOR")
+    if not coordinator_address:
+        return False
+    num_processes = num_processes if num_processes is not None else env.get("JAXDEC_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else env.get("JAXDEC_PROCESS_ID")
+    for name, v in (("num_processes", num_processes), ("process_id", process_id)):
+        if v is None or not str(v).lstrip("-").isdigit():
+            raise ValueError(f"initialize_distributed: {name} must be an integer (argument or JAXDEC_"
+                             f"{name.upper()}), got {v!r}")
+    num_processes, process_id = int(num_processes), int(process_id)
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"initialize_distributed: need num_processes >= 1 and 0 <= process_id < num_processes, "
+                         f"got {num_processes} and {process_id}")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=int(timeout_s))
+    return True

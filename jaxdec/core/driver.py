@@ -273,7 +273,7 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
         if ub * r % mesh.shape[sharding.DATA]:
             raise ValueError(f"batch_size ({ub * r}) must be a multiple of the mesh's data axis "
                              f"({mesh.shape[sharding.DATA]})")
-        params = sharding.shard_params(params, mesh)
+        params = sharding.shard_params(params, mesh, model)
         if dataclasses.is_dataclass(model) and getattr(model, "matmul_impl", "xla") is None:
             model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
 

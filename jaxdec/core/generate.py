@@ -17,6 +17,7 @@ from jaxdec.core.driver import (_check_prompts, _positive_int, batch_inputs, pad
 from jaxdec.core.protocols import hook
 from jaxdec.core.steps import with_prefill_chunk
 from jaxdec.core.state import FINISH_NAMES
+from jaxdec.sharding import to_host
 
 METHODS = ("greedy", "sample")
 # constrained decoding registers its `prepare` here on import (jaxdec.constrained depends on core, never the
@@ -126,7 +127,7 @@ def generate(model, params, prompts, *, method: str = "greedy", decoder=None, ma
     per_batch = []
     for state, real in run.results:
         tk, nn, fr = (state.tokens, state.num_new, state.finish) if finalize is None else finalize(state)
-        per_batch.append((np.asarray(tk), np.asarray(nn), np.asarray(fr)))
+        per_batch.append(tuple(to_host(a) for a in (tk, nn, fr)))  # process_allgather across hosts
     for bi, r in run.positions():  # input order (the driver may have batched the rows by length)
         tk, nn, fr = per_batch[bi]
         all_tokens.append(tk[r, :nn[r]].tolist())

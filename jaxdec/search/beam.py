@@ -355,7 +355,7 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
                 diversity_penalty: float = 0.0, no_repeat_ngram_size: int = 0, constraint: Any = None,
                 stop_ids=None, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, tokenizer=None, debug: bool = False, callback=None,
-                shared_prefix: Optional[bool] = None, processors=None) -> Generation:
+                shared_prefix: Optional[bool] = None, processors=None, mesh=None) -> Generation:
     """Beam search (or diverse beam search with ``num_beam_groups > 1``) over token-id prompts.
 
     Matches HF ``generate(num_beams=..., do_sample=False, length_penalty=..., early_stopping=...)``.
@@ -372,6 +372,8 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
     num_beams > 1: each prompt is prefilled once into one prefix copy, the beams' caches hold only
     their generated tokens (beam reordering gathers those only) and every layer attends with
     `hydragen_attend` (each prompt's beams batched against its prefix). ``stats["shared_prefix"]``.
+    mesh: a `jaxdec.sharding.make_mesh` mesh: SPMD over its devices (batch_size * num_beams rows must
+    divide by its data axis; the shared-prefix cache is not used on a mesh).
     """
     grammar = None
     if _is_grammar(constraint):  # a jaxdec.constrained constraint (or one per prompt): the grammar mask
@@ -411,7 +413,7 @@ def beam_search(model, params, prompts, *, num_beams: int = 4, max_new_tokens: i
         prompts, results, stats = run_grouped(dec, model, params, prompts, num_beams, max_new_tokens=max_new_tokens,
                                               min_new_tokens=min_new_tokens, stop_ids=stop, batch_size=batch_size,
                                               cache_size=cache_size, debug=debug, callback=callback,
-                                              extra_inputs=extra, shared_prefix=shared_prefix)
+                                              extra_inputs=extra, shared_prefix=shared_prefix, mesh=mesh)
     beams, best, finish = _collect(prompts, results, num_beams, nr, stop, dec.group_size)
     new = sum(len(t) for t in best)
     stats.update({"new_tokens": new, "tokens_per_second": new / stats["seconds"] if stats["seconds"] > 0 else

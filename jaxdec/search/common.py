@@ -101,7 +101,7 @@ def isin(tokens, ids):
 def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_new_tokens: int,
                 min_new_tokens: int = 0, stop_ids=None, seed: int = 0, batch_size: Optional[int] = None,
                 cache_size: Optional[int] = None, capacity: Optional[int] = None, debug: bool = False,
-                callback=None, extra_inputs=None, shared_prefix: Optional[bool] = None):
+                callback=None, extra_inputs=None, shared_prefix: Optional[bool] = None, mesh=None):
     """Run `decoder` over prompts with ``rows_per_prompt`` rows each; yields nothing, returns
     ``(prompts, [(final_state, n_real_prompts), ...], stats)``.
 
@@ -111,11 +111,12 @@ def run_grouped(decoder, model, params, prompts, rows_per_prompt: int, *, max_ne
     shared_prefix: None (auto: a shared-prefix Hydragen cache, one prefix per prompt of the batch, when
     rows_per_prompt > 1 and the decoder opts in), True (force; error if impossible) or False (ordinary
     cache). ``stats["shared_prefix"]`` says which ran.
+    mesh: a `jaxdec.sharding.make_mesh` mesh (rows split over its data axis; see `generate`).
     """
     run = driver.run(decoder, model, params, prompts, expand=rows_per_prompt, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
                      cache_size=cache_size, capacity=capacity, debug=debug, callback=callback,
-                     inputs_fn=extra_inputs, shared_prefix=shared_prefix)
+                     inputs_fn=extra_inputs, shared_prefix=shared_prefix, mesh=mesh)
     stats = {"model_calls": run.model_calls, "loop_steps": run.loop_steps, "seconds": run.seconds,
              "cache_size": run.cache_size, "prompt_bucket": run.prompt_bucket, "batch_size": run.batch_size,
              "rows_per_prompt": int(rows_per_prompt), "capacity": run.capacity, "shared_prefix": run.shared_prefix}
