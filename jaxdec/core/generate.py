@@ -182,17 +182,19 @@ def _score_jit_impl(model, params, ids, positions, logits_at, targets, cache_siz
     cache = model.init_cache(ids.shape[0], cache_size)
     out = model(params, ids, positions, cache, logits_at=logits_at)
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
+    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0], jnp.argmax(logp, -1), jnp.max(logp, -1)
 
 
 _score_jit = jax.jit(_score_jit_impl, static_argnames=("model", "cache_size"))
 
 
-def score(model, params, prompt_ids, continuation_ids) -> list:
+def score(model, params, prompt_ids, continuation_ids, top: bool = False) -> list:
     """Teacher-forced log-probabilities of each continuation token given its prompt.
 
     prompt_ids, continuation_ids: lists (one per row) of token-id lists. Returns a list of float32
-    arrays, one per row, `logp[i] = log p(cont[i] | prompt + cont[:i])`.
+    arrays, one per row, `logp[i] = log p(cont[i] | prompt + cont[:i])`. top=True: each row is a triple
+    (logp, top_ids, top_logp) with the most likely token at each of those positions and its log-probability
+    (lm-eval's ``is_greedy``, OpenAI ``top_logprobs``), from the same forward.
     """
     prompts = _check_prompts(prompt_ids, model.vocab_size)
     conts = _check_prompts(continuation_ids, model.vocab_size)
@@ -209,6 +211,8 @@ def score(model, params, prompt_ids, continuation_ids) -> list:
         logits_at[r, :len(c)] = np.arange(len(p) - 1, len(p) - 1 + len(c))
         targets[r, :len(c)] = c
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    lp = np.asarray(_score_jit(model, params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(logits_at),
-                               jnp.asarray(targets), t))
+    lp, best, best_lp = jax.device_get(_score_jit(model, params, jnp.asarray(ids), jnp.asarray(positions),
+                                                  jnp.asarray(logits_at), jnp.asarray(targets), t))
+    if top:
+        return [(lp[r, :len(c)], best[r, :len(c)], best_lp[r, :len(c)]) for r, c in enumerate(conts)]
     return [lp[r, :len(c)] for r, c in enumerate(conts)]
