@@ -1,0 +1,14 @@
+"""Masked-diffusion LM decoding (issue 19).
+
+* `jaxdec.diffusion.tasks`: ParallelBench-style tasks (waiting-line list edits, 4x4 Latin squares and
+  sudoku), their word-level vocabulary and text format, a seeded generator with a fixed held-out split,
+  and graders.
+* `jaxdec.diffusion.samplers`: the parallel-decoding schedules (LLaDA, Dream, Fast-dLLM threshold and
+  factor, FreeDave, LocalLeap, CreditDecoding, AdaBlock, CCD, secondary remasking), each one jitted
+  ``while_loop`` over (canvas, mask, step, method state) driven by any ``logits_fn(aux, canvas)``.
+* `jaxdec.diffusion.model`: small task models (jaxdec's Llama model, tiny config, bidirectional or causal)
+  saved as Hugging Face style folders that `jaxdec.load` opens.
+* `jaxdec.diffusion.cli`: ``jaxdec generate --method diffusion --sampler NAME``.
+
+Training: ``python -m train.masked_diffusion`` (``--objective diffusion|ar``).
+"""
