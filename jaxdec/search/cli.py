@@ -1,7 +1,7 @@
 """CLI methods of the search package, registered with `jaxdec.cli` (imported by its plugin loader).
 
 `jaxdec generate --method beam|diverse-beam|conditional-beam|stochastic-beam|momentum|adadec|best-of-n|
-first-finish|astar|entropy-adaptive|superposed ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
+first-finish|astar|entropy-adaptive|superposed|pgtd ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
 for the multi-sequence methods, ``beams`` lists every returned sequence as ``{"tokens", "score"}``
 (score: the length-normalised beam score for beam methods, the log-probability for stochastic beam
 and A*, the reranker's score for best-of-N, the draft's running (n-gram-interpolated) log-score for
@@ -289,6 +289,40 @@ def superposed_method(args, loaded, ids, progress):
     return _rows(g, loaded, g.extras["beams"])
 
 
+# ------------------------------------------------------------------ PG-TD
+def add_pgtd_args(g):
+    s = g.add_argument_group("PG-TD (--method pgtd): tree search over tokens scored on each prompt's doctest "
+                             "examples (raw code-completion prompts: the program is prompt + completion)")
+    s.add_argument("--pgtd-rollouts", type=int, default=16, help="pgtd: rollouts (greedy completions) per prompt")
+    s.add_argument("--pgtd-top-k", type=int, default=3, help="pgtd: children per expanded node")
+    s.add_argument("--pgtd-timeout", type=float, default=5.0, help="pgtd: seconds per program run")
+
+
+def validate_pgtd_args(args):
+    """Value checks of the PG-TD flags (run before the model loads, whatever the method)."""
+    check_int(args, "pgtd_rollouts", 1)
+    check_int(args, "pgtd_top_k", 1)
+    check_float(args, "pgtd_timeout", lambda v: v > 0, "a number of seconds > 0")
+
+
+@register_method("pgtd", add_pgtd_args, validate=validate_pgtd_args,
+                 uses=("pgtd_rollouts", "pgtd_top_k", "pgtd_timeout"))
+def pgtd_method(args, loaded, ids, progress):
+    from jaxdec.search.pgtd import HUMANEVAL_STOP, doctest_reward, pgtd_search
+    tok = loaded.tokenizer
+    rewards = []
+    for i, p in enumerate(ids):
+        try:
+            rewards.append(doctest_reward(tok.decode(p), tok.decode, args.pgtd_timeout))
+        except ValueError as e:
+            raise BadInput(f"--method pgtd, prompt {i}: {e}") from None
+    g = pgtd_search(loaded.model, loaded.params, ids, rewards, rollouts=args.pgtd_rollouts, top_k=args.pgtd_top_k,
+                    max_new_tokens=args.max_new_tokens,
+                    generate_kw={"stop_strings": HUMANEVAL_STOP, "tokenizer": tok})  # rollouts end with the body
+    g.stats["public_test_rewards"] = g.extras["rewards"]
+    return _rows(g, loaded)
+
+
 register_papers({
     "beam": ("HF generate(num_beams) semantics", "beam search with length penalty and early stopping"),
     "diverse-beam": ("Vijayakumar et al. 2018, Diverse Beam Search", "beam groups with a Hamming diversity penalty"),
@@ -303,4 +337,6 @@ register_papers({
     "first-finish": ("First Finish Search", "N samples, the first to end"),
     "astar": ("A*-decoding with a heuristic", "best-first search over continuations"),
     "superposed": ("Shen et al. 2024, Superposed Decoding", "k drafts from one superposed model call per step"),
+    "pgtd": ("Zhang et al. 2023, Planning with Large Language Models for Code Generation (PG-TD)",
+             "MCTS over top-k tokens, greedy rollouts scored on public tests, tree and sequence caches"),
 })
