@@ -7,7 +7,8 @@ module as a plugin).
 Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
 sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
 
-Drafters: pld | recycling | aded | stand | swift | del | draft-model | pearl | medusa | eagle. ``--spec-config F.json``
+Drafters: pld | iad | recycling | aded | stand | swift | del | draft-model | pearl | medusa | eagle.
+``iad`` is input-guided aggressive decoding (`jaxdec.speculative.aggressive`). ``--spec-config F.json``
 loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`). ``pearl`` runs
 `jaxdec.speculative.pearl.PearlDecoder` (PEARL's pre-verify / post-verify schedule) with a draft model
 (``--draft-layers N``: the target's first N layers, or ``--draft-model``) and a window of
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle")
+DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-sampling", action="store_true",
                    help="verify by speculative sampling with the sampling flags (default: greedy verification)")
     g.add_argument("--draft-tokens", type=int, default=None,
-                   help="chain length (pld, swift, del, draft-model); pearl: the window gamma")
-    g.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to match")
+                   help="chain length (pld, iad, swift, del, draft-model); pearl: the window gamma")
+    g.add_argument("--max-ngram", type=int, default=3,
+                   help="pld: longest n-gram to match; iad: longest generated suffix re-aligned with the input")
     g.add_argument("--copy-from", choices=("context", "prompt"), default="context",
                    help="pld: copy from the whole context or from the input only (aggressive decoding)")
     g.add_argument("--tree-size", type=int, default=None, help="recycling/aded/stand: draft tree nodes")
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # per drafter, the drafter flags it uses (a flag another drafter uses, given a non-default value, is an error)
 DRAFTER_FLAGS = {
     "pld": ("draft_tokens", "max_ngram", "copy_from"),
+    "iad": ("draft_tokens", "max_ngram"),
     "recycling": ("tree_size", "spec_config"), "aded": ("tree_size", "spec_config"),
     "stand": ("tree_size", "spec_config"),
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
@@ -163,6 +166,8 @@ def build(args, model, params, model_path=None):
     if d == "pld":
         make = M.aggressive_decoding if args.copy_from == "prompt" else M.prompt_lookup
         return make(k or 8, args.max_ngram, sampling=sampling), params
+    if d == "iad":
+        return M.input_guided(k or 16, args.max_ngram, sampling=sampling), params
     if d == "recycling":
         return M.token_recycling(tree, size, sampling=sampling), params
     if d == "aded":
@@ -217,13 +222,17 @@ def _handler(args, loaded, prompt_ids, progress):
     decoder, params = build(args, loaded.model, loaded.params, loaded.path)
     sampling = cli._sampling_from_args(args) if args.spec_sampling else None
     rows = [p for p in prompt_ids for _ in range(args.n)]
+    cons = cli.chunk_constraints(args, len(prompt_ids))  # --json-schema ... / prompts-file fields, per prompt
+    if cons is not None:
+        from jaxdec.constrained.cli import speculative_decoder
+        cons, decoder = [c for c in cons for _ in range(args.n)], speculative_decoder(args, decoder)
     bs = min(args.batch_size or len(rows), len(rows))
     if sampling is not None:
         from jaxdec.core.processors import SamplingParams
         sampling = SamplingParams.create(len(rows), **sampling)
     g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
-                             tokenizer=loaded.tokenizer, **cli.stream_kwargs(args))
+                             tokenizer=loaded.tokenizer, constraint=cons, **cli.stream_kwargs(args))
     out = [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
     summ = g.stats
@@ -237,13 +246,13 @@ def _handler(args, loaded, prompt_ids, progress):
         stats["post_verify_steps"] = summ["post_verify_steps"]
     for r in out:
         r["stats"] = stats
-    return out, stats
+    return cli.with_constraint_ok(out, g), stats
 
 
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
-DRAFTER_METHODS = {"pld": "prompt_lookup", "recycling": "token_recycling", "aded": "aded", "stand": "stand",
-                   "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model", "pearl": "pearl",
-                   "medusa": "medusa", "eagle": "eagle"}
+DRAFTER_METHODS = {"pld": "prompt_lookup", "iad": "input_guided", "recycling": "token_recycling", "aded": "aded",
+                   "stand": "stand", "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model",
+                   "pearl": "pearl", "medusa": "medusa", "eagle": "eagle"}
 
 try:  # register with the spine's CLI when it is importable
     from jaxdec.cli import SAMPLING, register_method, register_papers
@@ -251,7 +260,7 @@ try:  # register with the spine's CLI when it is importable
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
                     uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed", "stream",
-                          *SAMPLING))(_handler)
+                          "forced_tokens", *SAMPLING))(_handler)
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})

@@ -21,6 +21,8 @@ PAPERS = {
     "prompt_lookup": ("Saxena 2023, Prompt Lookup Decoding", "n-gram match in the context, copied as a chain"),
     "aggressive_decoding": ("Ge et al. 2022, Lossless Acceleration ... by Aggressive Decoding (input copy)",
                             "n-gram match in the input only"),
+    "input_guided": ("Ge et al. 2022, Lossless Acceleration ... by Aggressive Decoding (input-guided, IAD)",
+                     "the input copied from an aligned pointer, re-aligned after each mismatch"),
     "token_recycling": ("Luo et al. 2024, Turning Trash into Treasure (Token Recycling)",
                         "adjacency matrix of past top-k candidates, static draft tree"),
     "aded": ("Zhang et al. 2024, ADED: adaptive n-gram decoding", "tri-gram table tree, greedy drafts"),
@@ -63,6 +65,13 @@ def prompt_lookup(num_tokens: int = 8, max_ngram: int = 3, sampling: bool = Fals
 
 def aggressive_decoding(num_tokens: int = 8, max_ngram: int = 3, sampling: bool = False) -> SpeculativeDecoder:
     return SpeculativeDecoder(PromptLookupDrafter(num_tokens, max_ngram, 1, source="prompt"), _verifier(sampling))
+
+
+def input_guided(num_tokens: int = 16, max_ngram: int = 3, sampling: bool = False) -> SpeculativeDecoder:
+    """Input-guided aggressive decoding (`jaxdec.speculative.aggressive`): for prompts that ask to correct
+    or reformat a given text, the draft is the input copied from the point of divergence."""
+    from jaxdec.speculative.aggressive import InputGuidedDrafter
+    return SpeculativeDecoder(InputGuidedDrafter(num_tokens, max_ngram), _verifier(sampling))
 
 
 def token_recycling(tree: Optional[TreeSpec] = None, tree_size: Optional[int] = None,
