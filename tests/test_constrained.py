@@ -185,8 +185,7 @@ def test_bad_constraints_give_clear_errors(tokenizer):
 
 
 def test_bad_constraint_arguments_in_generate(lm):
-    from jaxdec.speculative import SpeculativeDecoder
-    from jaxdec.speculative.methods import token_recycling
+    from jaxdec.speculative.methods import pearl
     model, params, tok = lm
     ids = [tok.chat_ids("Hi")]
     with pytest.raises(ValueError, match=r"constraint= needs tokenizer="):
@@ -195,10 +194,9 @@ def test_bad_constraint_arguments_in_generate(lm):
         jaxdec.generate(model, params, ids, max_new_tokens=4, tokenizer=tok, constraint=[regex("a"), None])
     with pytest.raises(TypeError, match=r"constraint\[0\]: expected a jaxdec.constrained.Constraint"):
         jaxdec.generate(model, params, ids, max_new_tokens=4, tokenizer=tok, constraint=[42])
-    with pytest.raises(ValueError, match=r"the drafter TokenRecyclingDrafter drafts a tree"):
-        jaxdec.generate(model, params, ids, max_new_tokens=4, tokenizer=tok, decoder=token_recycling(),
-                        constraint=regex("a"))
-    assert isinstance(token_recycling(), SpeculativeDecoder)
+    dec, dparams = pearl(model, params, 2)  # PEARL's own pre/post-verify loop has no constraint mask
+    with pytest.raises(ValueError, match=r"generate: the decoder PearlDecoder cannot honour constraint="):
+        jaxdec.generate(model, dparams, ids, max_new_tokens=4, tokenizer=tok, decoder=dec, constraint=regex("a"))
 
     import dataclasses
 

@@ -1,6 +1,6 @@
 """Constrained decoding, full size (slow tier, `make acceptance`): every committed JSON schema with
-greedy, sampling (T = 0.7), beam search 4 and PLD speculative decoding at 256 new tokens; every regex
-with both engines; every Lark grammar. Rows that end by EOS must parse and validate; rows cut by
+greedy, sampling (T = 0.7), beam search 4 and speculative decoding (PLD, and token recycling's draft tree)
+at 256 new tokens; every regex with both engines; every Lark grammar. Rows that end by EOS must parse and validate; rows cut by
 max_new_tokens are counted and reported (goal <= 5 %)."""
 from __future__ import annotations
 
@@ -64,22 +64,30 @@ def test_full_json_beam4(lm):
     assert _report("beam 4", b, SCHEMAS) <= 0.05
 
 
-def test_full_json_pld_equals_greedy(lm, greedy_all):
-    from jaxdec.speculative.methods import prompt_lookup
+def _assert_equals_greedy(lm, greedy_all, s, label):
     model, params, tok = lm
     prompts = chat(tok, SCHEMAS)
     cons = [json_schema(r["schema"]) for r in SCHEMAS]
-    s = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW, tokenizer=tok, batch_size=BATCH,
-                        constraint=cons, decoder=prompt_lookup(4))
     eng = get_engine("llguidance", tok, model.vocab_size, 2)
     base = lazy_teacher_logits(model, params, prompts, greedy_all.tokens)
-    pairs = [(f"pld {r['name']}", s.tokens[i], greedy_all.tokens[i],
+    pairs = [(f"{label} {r['name']}", s.tokens[i], greedy_all.tokens[i],
               MaskedStepLogits(base[i], greedy_all.tokens[i], eng, eng.compile(cons[i])))
              for i, r in enumerate(SCHEMAS)]
     neartie.assert_sequences_match(pairs, lazy_block_vs_step_dlogit(model, params, prompts[0], 16))
-    assert _report("pld speculative", s, SCHEMAS) <= 0.05
-    print(f"[constrained full] pld tau {s.stats.get('tau')}, model calls {s.stats['model_calls']} vs greedy "
+    assert _report(label, s, SCHEMAS) <= 0.05
+    print(f"[constrained full] {label} tau {s.stats.get('tau')}, model calls {s.stats['model_calls']} vs greedy "
           f"{greedy_all.stats['model_calls']}")
+
+
+@pytest.mark.parametrize("drafter", ["pld", "recycling"])
+def test_full_json_speculative_equals_greedy(lm, greedy_all, drafter):
+    """A chain drafter (prompt lookup) and a tree drafter (token recycling, per-node masks)."""
+    from jaxdec.speculative.methods import prompt_lookup, token_recycling
+    model, params, tok = lm
+    dec = prompt_lookup(4) if drafter == "pld" else token_recycling()
+    s = jaxdec.generate(model, params, chat(tok, SCHEMAS), max_new_tokens=MAX_NEW, tokenizer=tok, batch_size=BATCH,
+                        constraint=[json_schema(r["schema"]) for r in SCHEMAS], decoder=dec)
+    _assert_equals_greedy(lm, greedy_all, s, f"{drafter} speculative")
 
 
 def test_full_regex_both_engines(lm):

@@ -12,7 +12,8 @@ from jaxdec.constrained.constraint import Constraint, as_constraint
 from jaxdec.constrained.engines import ConstraintError, get_engine
 from jaxdec.constrained.processor import ConstraintMask, ForkingConstraintMask, Session, activate
 
-SUPPORTED = "greedy and sampling (generate), beam_search, and SpeculativeDecoder with a chain drafter"
+SUPPORTED = ("greedy and sampling (generate, best_of_n), beam_search, stochastic_beam_search, "
+             "context_aware_generate, momentum_generate, and SpeculativeDecoder (chain or tree drafters)")
 
 
 def per_prompt(constraint, n_prompts: int, who: str = "constraint") -> list:
@@ -45,22 +46,21 @@ def compile_rows(cons: list, tokenizer, model) -> list:
     return out
 
 
-# decoders that honour a constraint (named, not imported: jaxdec.constrained imports no method family)
+# decoders that honour a constraint (named, not imported: jaxdec.constrained imports no method family). Their
+# step runs the processor chain on every row's logits (the mask first) and commits tokens that rows grow by;
+# the beam-like ones (rows reordered within a prompt) call post_commit with the parent rows.
 HONOURING = {"jaxdec.core.token.TokenDecoder", "jaxdec.search.beam.BeamSearch",
-             "jaxdec.speculative.engine.SpeculativeDecoder"}
+             "jaxdec.speculative.engine.SpeculativeDecoder", "jaxdec.search.stochastic.StochasticBeam",
+             "jaxdec.search.cad.ContextAware", "jaxdec.search.momentum.Momentum"}
 
 
 def check_decoder(decoder, who: str) -> None:
-    """Refuse decoders that cannot honour a constraint, naming them."""
+    """Refuse decoders that cannot honour a constraint, naming them. Speculative decoding takes chain and
+    tree drafters alike (each draft node is masked by the matcher state along its path)."""
     cls = type(decoder)
     name = f"{cls.__module__}.{cls.__qualname__}"
     if name not in HONOURING:
         raise ValueError(f"{who}: the decoder {cls.__name__} cannot honour constraint= (supported: {SUPPORTED})")
-    d = getattr(decoder, "drafter", None)
-    if d is not None and not getattr(d, "is_chain", False):
-        raise ValueError(f"{who}: constraint= with {cls.__name__} needs a chain drafter; the drafter "
-                         f"{type(d).__name__} drafts a tree (use prompt_lookup / a chain drafter, or drop "
-                         "constraint=)")
 
 
 @dataclasses.dataclass
@@ -77,6 +77,12 @@ class Constrained:
     def running(self):
         with activate(self.session):
             yield self.session
+
+    def mark(self, hypotheses: Sequence[list]) -> None:
+        """Add ``"constraint_ok"`` to each hypothesis dict (``{"tokens": ...}``) of each prompt."""
+        for i, hyps in enumerate(hypotheses):
+            for h, hok in zip(hyps, self.ok([h["tokens"] for h in hyps], [i] * len(hyps))):
+                h["constraint_ok"] = hok
 
     def ok(self, rows_tokens: Sequence[Sequence[int]], prompt_of_row: Sequence[int]) -> list:
         """``constraint_ok`` per output row: the engine consumes every token (EOS included) and is in an
@@ -96,7 +102,8 @@ class Constrained:
 def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, tokenizer, model,
             inputs_fn=None, who: str = "generate", mask: bool = True) -> Optional[Constrained]:
     """None without a constraint; else the decoder (with `ConstraintMask` added first among the user's
-    processors) and a session for units = prompts x samples (each unit ``expand`` state rows)."""
+    processors) and a session for units = prompts x samples (each unit ``expand`` state rows, whose
+    matchers fork when the decoder reorders them: beam-like decoders, ``expand > 1``)."""
     if constraint is None:
         return None
     check_decoder(decoder, who)
@@ -117,6 +124,22 @@ def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, t
     return Constrained(decoder=decoder, inputs_fn=fn, session=session, prompts=compiled)
 
 
+def grouped(decoder, constraint, prompts, rows_per_prompt: int, *, tokenizer, model, inputs_fn=None,
+            who: str) -> Optional[Constrained]:
+    """`prepare` for a decoder run by ``jaxdec.search.common.run_grouped`` (each prompt owns
+    ``rows_per_prompt`` rows that it reorders: beam and stochastic beam search)."""
+    if constraint is None:
+        return None
+    from jaxdec.core.driver import _check_prompts
+    return prepare(decoder, constraint, n_prompts=len(_check_prompts(prompts, model.vocab_size)), samples=1,
+                   expand=int(rows_per_prompt), tokenizer=tokenizer, model=model, inputs_fn=inputs_fn, who=who)
+
+
+def running(cons: Optional[Constrained]):
+    """The run's context (the active session), or a null context without a constraint."""
+    return cons.running() if cons is not None else contextlib.nullcontext()
+
+
 def _register():
     from jaxdec.core import generate as core_generate
     if prepare not in core_generate.CONSTRAINTS:
@@ -125,4 +148,4 @@ def _register():
 
 _register()
 
-__all__ = ["Constraint", "ConstraintError", "prepare", "per_prompt", "check_decoder"]
+__all__ = ["Constraint", "ConstraintError", "prepare", "grouped", "running", "per_prompt", "check_decoder"]

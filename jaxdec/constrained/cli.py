@@ -1,6 +1,7 @@
 """CLI side of constrained decoding: ``--json-schema FILE``, ``--regex RE``, ``--grammar FILE.lark``,
-``--choices a,b,c`` (all rows), ``--constraint-engine``, and per-row ``json_schema | regex | grammar |
-choices`` fields in ``--prompts-file`` lines. Every check that needs no tokenizer runs before the model
+``--choices a,b,c`` (all rows), ``--constraint-engine``, ``--forced-tokens`` (speculative: the tokens the
+grammar forces are drafted first), and per-row ``json_schema | regex | grammar | choices`` fields in
+``--prompts-file`` lines. Every check that needs no tokenizer runs before the model
 loads (file reading, JSON, the schema against its meta-schema, regex/grammar syntax through llguidance's
 tokenizer-free validation); errors name the flag or the prompts-file line."""
 from __future__ import annotations
@@ -9,8 +10,11 @@ import json
 import os
 
 FLAGS = ("json_schema", "regex", "grammar", "choices")
-DESTS = FLAGS + ("constraint_engine",)
-METHODS = ("greedy", "sample", "beam")  # the CLI methods that pass a constraint on
+DESTS = FLAGS + ("constraint_engine", "forced_tokens")
+METHODS = ("greedy", "sample", "beam", "speculative")  # the CLI methods that pass a constraint on
+# --method speculative drafters whose decoder has no constraint mask (PEARL runs its own pre/post-verify loop)
+UNCONSTRAINED_DRAFTERS = ("pearl",)
+CHAIN_DRAFTERS = ("pld", "swift", "del", "draft-model")  # --forced-tokens wraps these (ForcedTokensDrafter)
 ROW_FIELDS = ("json_schema", "regex", "grammar", "choices")
 
 
@@ -21,6 +25,9 @@ def add_arguments(g) -> None:
     g.add_argument("--choices", metavar="A,B,C", help="constrain every row to one of these comma-separated strings")
     g.add_argument("--constraint-engine", default="llguidance", choices=["llguidance", "outlines"],
                    help="grammar engine (outlines: regular languages only)")
+    g.add_argument("--forced-tokens", action="store_true",
+                   help="--method speculative with a constraint: draft the tokens the grammar forces (one verify "
+                        "call for them) before the drafter's own draft (chain drafters)")
 
 
 def _bad(msg):
@@ -120,17 +127,36 @@ def read_constraints(args, n_prompts: int):
         shared = _make(f, value, engine, flag)
     per_row = _row_fields(args, n_prompts, engine)
     if shared is None and per_row is None:
-        if engine != "llguidance":
-            raise _bad("--constraint-engine is set but no constraint is given (--json-schema, --regex, --grammar, "
-                       "--choices or per-row fields in --prompts-file)")
+        for dest, default, flag in (("constraint_engine", "llguidance", "--constraint-engine"),
+                                    ("forced_tokens", False, "--forced-tokens")):
+            if getattr(args, dest, default) != default:
+                raise _bad(f"{flag} is set but no constraint is given (--json-schema, --regex, --grammar, "
+                           "--choices or per-row fields in --prompts-file)")
         return None
-    if getattr(args, "method", "greedy") not in METHODS:
-        what = "--" + given[0].replace("_", "-") if given else "per-row constraint fields in --prompts-file"
-        raise _bad(f"{what}: --method {args.method} cannot honour a constraint (constrained decoding supports "
+    what = "--" + given[0].replace("_", "-") if given else "per-row constraint fields in --prompts-file"
+    method = getattr(args, "method", "greedy")
+    if method not in METHODS:
+        raise _bad(f"{what}: --method {method} cannot honour a constraint (constrained decoding supports "
                    f"--method {', '.join(METHODS)})")
+    drafter = getattr(args, "drafter", None)
+    if method == "speculative" and drafter in UNCONSTRAINED_DRAFTERS:
+        raise _bad(f"{what}: --drafter {drafter} cannot honour a constraint (its decoder has no constraint mask); "
+                   "use another --drafter (e.g. pld, or recycling: every SpeculativeDecoder drafter, chain or tree)")
+    if getattr(args, "forced_tokens", False) and (method != "speculative" or drafter not in CHAIN_DRAFTERS):
+        raise _bad(f"--forced-tokens needs --method speculative with a chain drafter ({', '.join(CHAIN_DRAFTERS)}), "
+                   f"got --method {method}" + (f" --drafter {drafter}" if method == "speculative" else ""))
     if per_row is None:
         return [shared] * n_prompts
     return [r if r is not None else shared for r in per_row]
+
+
+def speculative_decoder(args, decoder):
+    """``--forced-tokens``: the speculative decoder with its chain drafter behind `ForcedTokensDrafter`."""
+    if not getattr(args, "forced_tokens", False):
+        return decoder
+    import dataclasses
+    from jaxdec.constrained.forced import ForcedTokensDrafter
+    return dataclasses.replace(decoder, drafter=ForcedTokensDrafter(decoder.drafter))
 
 
 def _row_fields(args, n_prompts: int, engine: str):

@@ -59,6 +59,11 @@ class Matcher:
     def consume(self, token: int) -> bool:
         raise NotImplementedError
 
+    def try_consume(self, token: int) -> bool:
+        """Consume ``token`` only if the grammar allows it now (a refused token leaves the matcher as it was,
+        not in error: drafts are probed with this)."""
+        raise NotImplementedError
+
     def rollback(self, n: int) -> None:
         raise NotImplementedError
 
@@ -88,11 +93,44 @@ class Matcher:
         self.fill(out[0])
         done = 0
         for i, t in enumerate(draft):
-            if self.error() or self.stopped() or not self.consume(int(t)):
+            if self.stopped() or not self.try_consume(int(t)):
                 break
             done += 1
             self.fill(out[i + 1])
         self.rollback(done)
+
+    def fill_tree(self, block: Sequence[int], parents: Sequence[int], out: np.ndarray) -> None:
+        """Per-node masks of a draft tree: ``block [T]`` (``block[0]`` the last committed token, already
+        consumed), ``parents [T]`` each node's block parent (``parents[0] = -1``); ``out[t]`` gets the mask
+        after the tokens on the path root -> t (``out[0]``: now). Nodes are visited depth first, so the
+        matcher consumes and rolls back along shared prefixes; a node whose path holds a token the grammar
+        refuses keeps its row of ``out`` (its token can never be accepted). The matcher ends where it
+        started."""
+        t_ = len(block)
+        self.fill(out[0])
+
+        def path(j):  # block indices root -> j (root excluded), None for a malformed parent chain
+            walk = []
+            while 0 < j < t_ and len(walk) < t_:
+                walk.append(j)
+                j = int(parents[j])
+            return tuple(walk[::-1]) if j == 0 else None
+
+        nodes = [(path(j), j) for j in range(1, t_)]
+        cur: list = []  # block indices consumed along the current path
+        for p, j in sorted(n for n in nodes if n[0] is not None):
+            k = 0
+            while k < min(len(cur), len(p)) and cur[k] == p[k]:
+                k += 1
+            self.rollback(len(cur) - k)
+            del cur[k:]
+            for i in p[k:]:
+                if self.stopped() or not self.try_consume(int(block[i])):
+                    break
+                cur.append(i)
+            if len(cur) == len(p):
+                self.fill(out[j])
+        self.rollback(len(cur))
 
 
 class Engine:
@@ -131,6 +169,11 @@ class Engine:
         for m, r, d in items:
             m.fill_draft(d, out[r:r + len(d) + 1])
 
+    def fill_batch_tree(self, items: list, out: np.ndarray) -> None:
+        """``items``: [(matcher, row, block [T], parents [T])] -> node masks at ``out[row + t]``."""
+        for m, r, blk, par in items:
+            m.fill_tree(blk, par, out[r:r + len(blk)])
+
     def check_language(self, compiled, who: str) -> None:
         """Raise when the language has no string at all (no first token and not accepting)."""
         m = self.matcher(compiled)
@@ -161,6 +204,9 @@ class _LLMatcher(Matcher):
 
     def consume(self, token):
         return bool(self.m.consume_token(int(token)))
+
+    def try_consume(self, token):
+        return self.m.try_consume_tokens([int(token)]) == 1
 
     def rollback(self, n):
         if n:
@@ -300,6 +346,14 @@ class _OCMatcher(Matcher):
         nxt = self.c.index.get_next_state(top, token)
         self.stack.append("error" if nxt is None else nxt)
         return nxt is not None
+
+    def try_consume(self, token):
+        top, token = self.stack[-1], int(token)
+        if isinstance(top, str):
+            return False
+        if token == self.c.eos:
+            return bool(self.c.index.is_final_state(top)) and self.consume(token)
+        return self.c.index.get_next_state(top, token) is not None and self.consume(token)
 
     def rollback(self, n):
         if n:

@@ -63,7 +63,12 @@ class ForcedTokensDrafter:
         use = count > 0
         tokens = jnp.where(use[:, None], toks, d.tokens).astype(jnp.int32)
         valid = jnp.where(use[:, None], jnp.arange(n)[None, :] < count[:, None], d.valid)
-        return dataclasses.replace(d, tokens=tokens, valid=valid, probs=None, q=None), dstate, cache
+        # a sampling inner drafter keeps its distributions on its own rows; forced tokens are deterministic
+        probs = None if d.probs is None else jnp.where(use[:, None], 1.0, d.probs)
+        q = None
+        if d.q is not None:
+            q = jnp.where(use[:, None, None], jax.nn.one_hot(tokens, d.q.shape[-1], dtype=d.q.dtype), d.q)
+        return dataclasses.replace(d, tokens=tokens, valid=valid, probs=probs, q=q), dstate, cache
 
     def update(self, model, params, state, dstate, info):
         return self.inner.update(model, params, state, dstate, info)

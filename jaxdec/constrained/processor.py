@@ -2,10 +2,11 @@
 
 `ConstraintMask` sits in the "mask" stage (before every penalty and warper, so truncation can never leave
 a row without an allowed token). Each step it asks the host, through ONE ordered ``io_callback``, for an
-int32 bitmask ``[B, T, ceil(V/32)]`` of all rows and block positions (T > 1: the positions of a
-speculative chain draft, masked with the draft tokens consumed in turn and rolled back), and unpacks it
-on device. Before filling, the callback advances each row's matcher by the tokens committed since the last
-step (rows of token and speculative decoders only grow); for beam search `ForkingConstraintMask` adds a
+int32 bitmask ``[B, T, ceil(V/32)]`` of all rows and block positions (T > 1: the nodes of a speculative
+draft; a chain is masked with its tokens consumed in turn, a tree node by node along each node's path,
+depth first, and the matcher rolled back), and unpacks it on device. Before filling, the callback
+advances each row's matcher by the tokens committed since the last step (rows of token and speculative
+decoders only grow); for beam search and stochastic beam search `ForkingConstraintMask` adds a
 ``post_commit`` hook that forks matchers on a beam reorder (``parent_rows``) and advances them. Rows
 without a constraint get an all-ones mask.
 
@@ -60,6 +61,7 @@ class Session:
         self.mask_seconds: list = []  # host time of each mask callback
         self.resyncs = 0
         self.forced_tokens = 0  # tokens offered by ForcedTokensDrafter
+        self.tree_masks = 0  # row blocks masked node by node (draft trees)
 
     # --- batches -----------------------------------------------------------------------------------
     def begin_batch(self, batch_rows: int) -> None:
@@ -96,23 +98,25 @@ class Session:
         out = np.full((b_ * t_, w), -1, np.int32)
         if self.enabled:
             by_engine: dict = {}
+            chain = np.arange(t_) - 1
             for b in range(min(b_, len(self.matchers))):
                 m = self.matchers[b]
                 if m is None or done[b]:
                     continue
                 self._sync(b, tokens, int(num_new[b]))
                 m = self.matchers[b]
+                work = by_engine.setdefault(self.rows[b][0], ([], [], []))
                 if t_ == 1:
-                    by_engine.setdefault(self.rows[b][0], ([], []))[0].append((m, b))
-                else:
-                    # a chain block: position t continues block[1:t+1]; the refusal of tree drafters is
-                    # up front (`check_decoder`), this keeps only the chain prefix that is one
-                    chain = parents[b] == np.arange(t_) - 1
-                    k = int(np.argmin(chain)) if not chain.all() else t_
-                    by_engine.setdefault(self.rows[b][0], ([], []))[1].append((m, b * t_, block[b, 1:k]))
-            for eng, (single, drafts) in by_engine.items():
+                    work[0].append((m, b))
+                elif np.array_equal(parents[b], chain):  # a chain draft: block[1:] in turn
+                    work[1].append((m, b * t_, block[b, 1:]))
+                else:  # a draft tree: each node masked by the matcher state along its path
+                    work[2].append((m, b * t_, block[b], parents[b]))
+                    self.tree_masks += 1
+            for eng, (single, drafts, trees) in by_engine.items():
                 eng.fill_batch(single, out)
                 eng.fill_batch_draft(drafts, out)
+                eng.fill_batch_tree(trees, out)
         self.mask_seconds.append(time.perf_counter() - t0)
         return out.reshape(b_, t_, w)
 

@@ -117,10 +117,13 @@ class ContextAware:
 def context_aware_generate(model, params, with_context: Sequence, without_context: Sequence, *,
                            alpha: float = 0.5, temperature: float = 0.0, max_new_tokens: int = 64,
                            min_new_tokens: int = 0, seed: int = 0, stop_ids=None, batch_size: Optional[int] = None,
-                           tokenizer=None, debug: bool = False, callback=None, processors=None) -> Generation:
+                           tokenizer=None, debug: bool = False, callback=None, processors=None,
+                           constraint=None) -> Generation:
     """CAD over prompt pairs. batch_size counts pairs. Returns one output per pair (the tokens shared by
     both rows); ``stats`` as `generate`'s. processors: logits processors (`jaxdec.core.logits`); they see
-    both rows of every pair, the warpers after the contrast."""
+    both rows of every pair, the warpers after the contrast. constraint: a `jaxdec.constrained`
+    constraint (or one per pair; needs ``tokenizer=``) masks the with-context row, and the contrast keeps
+    what either row bans; ``constraint_ok`` per pair."""
     processors = check_processors(processors, "context_aware_generate")
     if len(with_context) != len(without_context):
         raise ValueError(f"{len(with_context)} prompts with context but {len(without_context)} without")
@@ -138,7 +141,19 @@ def context_aware_generate(model, params, with_context: Sequence, without_contex
 
     g = generate(model, params, rows, decoder=ContextAware(processors=processors), max_new_tokens=max_new_tokens,
                  min_new_tokens=min_new_tokens, seed=seed, stop_ids=stop_ids, batch_size=bs, tokenizer=tokenizer,
-                 debug=debug, callback=callback, inputs_fn=extra)
+                 debug=debug, callback=callback, inputs_fn=extra, constraint=_pair_rows(constraint, len(with_context)))
     return Generation(prompt_ids=g.prompt_ids[::2], tokens=g.tokens[::2], finish_reason=g.finish_reason[::2],
                       stats=g.stats, text=None if g.text is None else g.text[::2],
-                      extras={"prompt_ids_without_context": g.prompt_ids[1::2]})
+                      extras={"prompt_ids_without_context": g.prompt_ids[1::2]},
+                      constraint_ok=None if g.constraint_ok is None else g.constraint_ok[::2])
+
+
+def _pair_rows(constraint, pairs: int):
+    """A constraint for every pair (or a list, one per pair) as generate's per-row list: the with-context
+    row holds it, the without-context row none (one matcher per pair)."""
+    if constraint is None:
+        return None
+    per = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * pairs
+    if len(per) != pairs:
+        raise ValueError(f"constraint: a list of constraints needs one entry per prompt pair ({pairs}), got {len(per)}")
+    return [c for x in per for c in (x, None)]

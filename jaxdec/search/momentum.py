@@ -110,6 +110,7 @@ class MomentumPenalty:
         p_top, cand = jax.lax.top_k(jax.nn.softmax(x, axis=-1), self.top_k)
         pen = self.resistance(m.depth + 1, m.alpha)[:, None]
         score = p_top - jnp.where(self.visits(m, cand), pen, 0.0)
+        score = jnp.where(p_top > 0, score, BANNED_LOGIT)  # a banned candidate (fewer than top_k allowed) stays banned
         out = jnp.full_like(x, BANNED_LOGIT).at[jnp.arange(x.shape[0])[:, None], cand].set(score.astype(x.dtype))
         return out[:, None]
 
@@ -177,9 +178,10 @@ def momentum_generate(model, params, prompts, *, alpha: float = 0.1, ngram: int 
                       include_prompt: bool = False, resistance: Callable = linear_resistance,
                       max_new_tokens: int = 64, min_new_tokens: int = 0, stop_ids=None,
                       batch_size: Optional[int] = None, tokenizer=None, debug: bool = False,
-                      callback=None, processors=None) -> Generation:
+                      callback=None, processors=None, constraint=None) -> Generation:
     """processors: logits processors (`jaxdec.core.logits`) applied to the raw logits before the
-    softmax that the momentum penalty reads."""
+    softmax that the momentum penalty reads. constraint: a `jaxdec.constrained` constraint (or one per
+    prompt; needs ``tokenizer=``), the first of those processors; ``constraint_ok`` per row."""
     processors = check_processors(processors, "momentum_generate")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha (resistance) must be finite and >= 0, got {alpha!r}")
@@ -191,4 +193,4 @@ def momentum_generate(model, params, prompts, *, alpha: float = 0.1, ngram: int 
 
     return generate(model, params, prompts, decoder=dec, max_new_tokens=max_new_tokens,
                     min_new_tokens=min_new_tokens, stop_ids=stop_ids, batch_size=batch_size, tokenizer=tokenizer,
-                    debug=debug, callback=callback, inputs_fn=extra)
+                    debug=debug, callback=callback, inputs_fn=extra, constraint=constraint)

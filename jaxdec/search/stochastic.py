@@ -167,8 +167,13 @@ class StochasticBeam:
 def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens: int = 64,
                            min_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0, stop_ids=None,
                            batch_size: Optional[int] = None, cache_size: Optional[int] = None, exact: bool = True,
-                           tokenizer=None, debug: bool = False, callback=None, processors=None) -> Generation:
+                           tokenizer=None, debug: bool = False, callback=None, processors=None,
+                           constraint=None) -> Generation:
     """k sequences per prompt sampled without replacement (Gumbel-top-k via stochastic beam search).
+    constraint: a `jaxdec.constrained` constraint (or one per prompt; needs ``tokenizer=``): every row is
+    masked by its own matcher, forked when rows are reordered, so the k samples are drawn without
+    replacement from the model's sequences that the grammar accepts; ``constraint_ok`` per prompt and per
+    sample.
 
     Returns a `Generation`: ``tokens[i]`` is the first sample (largest perturbed value), and
     ``extras["beams"][i]`` all k samples in sampling order as ``{"tokens", "score", "gumbel"}`` where
@@ -182,10 +187,16 @@ def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens
     def extra(inputs, chunk):
         return inputs.replace(method=SBSInputs(temperature=jnp.full((inputs.batch,), temperature, jnp.float32)))
 
-    prompts, results, stats = run_grouped(dec, model, params, prompts, k, max_new_tokens=max_new_tokens,
-                                          min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed,
-                                          batch_size=batch_size, cache_size=cache_size, debug=debug,
-                                          callback=callback, extra_inputs=extra)
+    from jaxdec.constrained.api import grouped, running  # a constraint's mask and matchers (None without)
+    cons = grouped(dec, constraint, prompts, k, tokenizer=tokenizer, model=model, inputs_fn=extra,
+                   who="stochastic_beam_search")
+    if cons is not None:
+        dec, extra = cons.decoder, cons.inputs_fn
+    with running(cons):
+        prompts, results, stats = run_grouped(dec, model, params, prompts, k, max_new_tokens=max_new_tokens,
+                                              min_new_tokens=min_new_tokens, stop_ids=stop_ids, seed=seed,
+                                              batch_size=batch_size, cache_size=cache_size, debug=debug,
+                                              callback=callback, extra_inputs=extra)
     beams, best, finish = [], [], []
     for state, real in results:
         toks = np.asarray(state.tokens)
@@ -209,5 +220,9 @@ def stochastic_beam_search(model, params, prompts, *, k: int = 4, max_new_tokens
     stats.update({"new_tokens": new, "tokens_per_second": new / stats["seconds"] if stats["seconds"] > 0 else
                   float("nan"), "k": k})
     text = [tokenizer.decode(t) for t in best] if tokenizer is not None else None
+    ok = None
+    if cons is not None:
+        ok = cons.ok(best, range(len(best)))
+        cons.mark(beams)
     return Generation(prompt_ids=prompts, tokens=best, finish_reason=finish, stats=stats, text=text,
-                      extras={"beams": beams})
+                      extras={"beams": beams}, constraint_ok=ok)

@@ -72,11 +72,14 @@ def rerank(prompts, candidates, scorer: Callable):
 
 def best_of_n(model, params, prompts, *, n: int = 4, sampling=None, seed: int = 0, max_new_tokens: int = 64,
               scorer: Optional[Callable] = None, batch_size: Optional[int] = None, tokenizer=None,
-              processors=None) -> Generation:
+              processors=None, constraint=None) -> Generation:
     """N samples per prompt, reranked by ``scorer`` (default mean log-probability); ``processors``: logits
-    processors every sample is drawn with (`jaxdec.core.logits`)."""
+    processors every sample is drawn with (`jaxdec.core.logits`). constraint: a `jaxdec.constrained`
+    constraint (or one per prompt; needs ``tokenizer=``) every sample is drawn under; ``constraint_ok``
+    per prompt (the chosen sample) and ``extras["samples_ok"]``."""
     g = generate(model, params, prompts, method="sample", sampling=sampling or {}, n=n, seed=seed,
-                 max_new_tokens=max_new_tokens, batch_size=batch_size, processors=processors)
+                 max_new_tokens=max_new_tokens, batch_size=batch_size, processors=processors,
+                 tokenizer=tokenizer if constraint is not None else None, constraint=constraint)
     prompts = _check_prompts(prompts, model.vocab_size)
     samples = [g.tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
     reasons = [g.finish_reason[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -85,8 +88,13 @@ def best_of_n(model, params, prompts, *, n: int = 4, sampling=None, seed: int = 
     for i, b in enumerate(best):
         fin.append(reasons[i][samples[i].index(b)])
     text = [tokenizer.decode(t) for t in best] if tokenizer is not None else None
+    extras = {"samples": samples, "finish_reasons": reasons, "ranked": ranked}
+    ok = None
+    if g.constraint_ok is not None:
+        extras["samples_ok"] = [g.constraint_ok[i * n:(i + 1) * n] for i in range(len(prompts))]
+        ok = [extras["samples_ok"][i][samples[i].index(b)] for i, b in enumerate(best)]
     return Generation(prompt_ids=prompts, tokens=best, finish_reason=fin, stats=g.stats, text=text,
-                      extras={"samples": samples, "finish_reasons": reasons, "ranked": ranked})
+                      extras=extras, constraint_ok=ok)
 
 
 # ------------------------------------------------------------------ first-finish search
