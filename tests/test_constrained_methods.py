@@ -2,11 +2,12 @@
 
 * constrained speculative decoding from the CLI (`--method speculative --drafter pld --forced-tokens` with
   a schema file per prompts-file row) equals constrained greedy (DESIGN's near-tie rule);
-* tree drafters (token recycling) with per-node masks equal constrained greedy; the node masks equal
-  masks computed path by path (no model);
+* tree drafters (token recycling, through the CLI) with per-node masks equal constrained greedy; the node
+  masks equal masks computed path by path (no model);
 * stochastic beam search, best-of-N, CAD and momentum under a constraint: outputs satisfy it; CAD's
   tokens are the argmax of the masked contrast recomputed from teacher-forced logits, and momentum with
-  no resistance (alpha = 0) equals constrained greedy;
+  no resistance (alpha = 0) equals constrained greedy (CI keeps momentum and the CLI's tree drafter; CAD,
+  stochastic beam, best-of-N and the CLI's PLD + forced tokens run in the slow tier, each its own compile);
 * flags that cannot honour a constraint give clear errors before the model loads.
 """
 from __future__ import annotations
@@ -93,26 +94,23 @@ def test_tree_node_masks_follow_each_path(tokenizer, engine):
 # speculative decoding: tree drafter (API) and the CLI
 # ------------------------------------------------------------------------------------------------
 
-def test_tree_drafter_equals_constrained_greedy(lm, json_ref):
-    from jaxdec.speculative.methods import token_recycling
-    model, params, tok = lm
-    rows, cons, g = json_ref
-    prompts = chat(tok, rows)
-    s = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW, tokenizer=tok, constraint=cons,
-                        decoder=token_recycling())
-    assert s.extras["constraint_session"].tree_masks > 0  # the node-by-node path ran
-    assert s.stats["tau"] > 1.0, s.stats["tau"]  # drafts were accepted
-    assert_constrained_greedy(lm, prompts, cons, rows, s, g, "recycling")
-    check_json_rows(s, rows, "recycling")
-
-
-def test_cli_speculative_constrained_equals_constrained_greedy(lm, json_ref, tmp_path, capsys):
-    """`jaxdec generate --method speculative --drafter pld --forced-tokens` with a schema file per
-    prompts-file row gives constrained greedy's rows (`generate`, same batch), with constraint_ok, in
-    fewer model calls."""
+@pytest.mark.parametrize("drafter", [
+    ["--drafter", "recycling", "--tree-size", "12"],  # a draft tree: per-node masks
+    pytest.param(["--drafter", "pld", "--draft-tokens", "6", "--forced-tokens"], marks=pytest.mark.slow),
+], ids=["recycling_tree", "pld_forced"])
+def test_cli_speculative_constrained_equals_constrained_greedy(lm, json_ref, drafter, tmp_path, capsys,
+                                                               monkeypatch):
+    """`jaxdec generate --method speculative --drafter ...` with a schema file per prompts-file row gives
+    constrained greedy's rows (`generate`, same batch), with constraint_ok, in fewer model calls. With token
+    recycling every node of its draft tree is masked along its path (the tree path is counted)."""
     from jaxdec import cli
+    from jaxdec.constrained.engines import LLGuidanceEngine
     model, params, tok = lm
     rows, cons, g = json_ref
+    trees = []
+    fill_tree = LLGuidanceEngine.fill_batch_tree
+    monkeypatch.setattr(LLGuidanceEngine, "fill_batch_tree",
+                        lambda self, items, out: (trees.append(len(items)), fill_tree(self, items, out)))
     lines = []
     for r in rows:
         (tmp_path / f"{r['name']}.json").write_text(json.dumps(r["schema"]))
@@ -121,19 +119,34 @@ def test_cli_speculative_constrained_equals_constrained_greedy(lm, json_ref, tmp
     pf.write_text("".join(json.dumps(x) + "\n" for x in lines))
     path = tmp_path / "out.jsonl"
     rc = cli.main(["generate", "--prompts-file", str(pf), "--chat", "--weights", "q", "--max-new-tokens", str(MAX_NEW),
-                   "--quiet", "--method", "speculative", "--drafter", "pld", "--draft-tokens", "6", "--forced-tokens",
-                   "--out", str(path)])
+                   "--quiet", "--method", "speculative", *drafter, "--out", str(path)])
     assert rc == 0, capsys.readouterr().err[-2000:]
     out = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["constraint_ok"] for r in out] == g.constraint_ok
     spec = types.SimpleNamespace(tokens=[r["tokens"] for r in out], text=[r["text"] for r in out],
                                  finish_reason=[r["finish_reason"] for r in out],
                                  constraint_ok=[r["constraint_ok"] for r in out])
-    assert_constrained_greedy(lm, chat(tok, rows), cons, rows, spec, g, "cli pld+forced")
-    check_json_rows(spec, rows, "cli pld+forced")
-    calls = out[0]["stats"]["model_calls"]
-    print(f"CLI: speculative {calls} model calls (tau {out[0]['stats']['tau']:.2f}) vs greedy {g.stats['model_calls']}")
-    assert calls < g.stats["model_calls"]
+    label = f"cli {' '.join(drafter)}"
+    assert_constrained_greedy(lm, chat(tok, rows), cons, rows, spec, g, label)
+    check_json_rows(spec, rows, label)
+    st = out[0]["stats"]
+    print(f"{label}: {st['model_calls']} model calls (tau {st['tau']:.2f}) vs greedy {g.stats['model_calls']}; "
+          f"{sum(trees)} row-steps masked as trees")
+    assert st["tau"] > 1.0 and st["model_calls"] < g.stats["model_calls"]
+    assert (sum(trees) > 0) == (drafter[1] == "recycling")
+
+
+def test_forced_tokens_flag_wraps_the_chain_drafter():
+    import argparse
+    from jaxdec.constrained.cli import speculative_decoder
+    from jaxdec.constrained.forced import ForcedTokensDrafter
+    from jaxdec.speculative.methods import prompt_lookup, token_recycling
+    dec = prompt_lookup(6)
+    wrapped = speculative_decoder(argparse.Namespace(forced_tokens=True), dec)
+    assert isinstance(wrapped.drafter, ForcedTokensDrafter) and wrapped.drafter.inner == dec.drafter
+    assert speculative_decoder(argparse.Namespace(forced_tokens=False), dec) is dec
+    with pytest.raises(ValueError, match=r"ForcedTokensDrafter: inner must be a chain drafter, TokenRecyclingDrafter"):
+        speculative_decoder(argparse.Namespace(forced_tokens=True), token_recycling())
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -171,6 +184,7 @@ def test_momentum_constrained(lm, json_ref):
     assert all(ok for ok, f in zip(m1.constraint_ok, m1.finish_reason) if f == "eos")
 
 
+@pytest.mark.slow  # its own compiled program: the CI budget keeps momentum; `make acceptance` runs this
 def test_cad_constrained_is_the_masked_contrast_argmax(lm):
     """Each CAD token (greedy, alpha 0.5) is the argmax, among the tokens the grammar allows after the
     output so far, of (1 + a) * with - a * without over teacher-forced logits (near ties excused)."""
@@ -202,6 +216,7 @@ def test_cad_constrained_is_the_masked_contrast_argmax(lm):
     assert m.accepting()
 
 
+@pytest.mark.slow  # its own compiled program: the CI budget keeps momentum; `make acceptance` runs this
 def test_stochastic_beam_constrained(lm):
     """k samples without replacement, all inside the grammar; each score is the model's log-probability of
     the sequence (the mask removes sequences, it does not renormalize)."""
@@ -222,6 +237,7 @@ def test_stochastic_beam_constrained(lm):
     np.testing.assert_allclose([h["score"] for h in hyps], ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # its own compiled program: the CI budget keeps momentum; `make acceptance` runs this
 def test_best_of_n_constrained(lm):
     from jaxdec.search import best_of_n
     model, params, tok = lm

@@ -14,7 +14,7 @@ DESTS = FLAGS + ("constraint_engine", "forced_tokens")
 METHODS = ("greedy", "sample", "beam", "speculative")  # the CLI methods that pass a constraint on
 # --method speculative drafters whose decoder has no constraint mask (PEARL runs its own pre/post-verify loop)
 UNCONSTRAINED_DRAFTERS = ("pearl",)
-CHAIN_DRAFTERS = ("pld", "swift", "del", "draft-model")  # --forced-tokens wraps these (ForcedTokensDrafter)
+CHAIN_DRAFTERS = ("pld", "iad", "swift", "del", "draft-model")  # --forced-tokens wraps these (ForcedTokensDrafter)
 ROW_FIELDS = ("json_schema", "regex", "grammar", "choices")
 
 
