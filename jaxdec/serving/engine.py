@@ -312,6 +312,26 @@ class Engine:
                 self._finish(slot, req, reason)
         return len(self._requests)
 
+    def score(self, prompts, continuations) -> list:
+        """`jaxdec.score(..., top=True)` with this engine's model: per pair ``(logp, top_ids, top_logp)``
+        (callable from any thread while the engine steps; only the params are shared)."""
+        from jaxdec.core.generate import score
+        return score(self.model, self.params, prompts, continuations, top=True)
+
+    def time_steps(self, n: int) -> list:
+        """Benchmarks: run ``n`` decode steps over the slots as they are (no admission, no host reads) and
+        return each step's seconds (dispatch to ready). The tokens stay on the device; the next `step`
+        delivers them, so the requests in the slots stay consistent."""
+        out = []
+        for _ in range(_int_field("n", n, 1)):
+            st = self._state
+            t0 = time.perf_counter()
+            self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
+            jax.block_until_ready(small)
+            out.append(time.perf_counter() - t0)
+            self.steps += 1
+        return out
+
     def fail_all(self, reason: str = "error") -> None:
         """End every waiting and running request with ``reason`` (after a failed step); the slots are freed
         and the device state is rebuilt (a failed step may have consumed the donated cache)."""

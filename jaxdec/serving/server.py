@@ -12,13 +12,17 @@ error ``{"error": {"message", "type", "param", "code"}}``; only loopback hosts a
 Supported request fields: ``model``, ``prompt`` (a string or a list of token ids; one prompt) /
 ``messages``, ``max_tokens`` (``max_completion_tokens`` for chat), ``temperature`` (default 1),
 ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop`` (strings, checked on the decoded text), ``stop_token_ids``,
-``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``echo`` and ``logprobs`` (completions:
-teacher-forced log-probabilities from `jaxdec.score`). ``usage.completion_tokens`` counts every generated
-token, an EOS included.
+``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``echo`` and ``logprobs`` 0 or 1 (completions:
+teacher-forced log-probabilities from `Engine.score`, the same as `jaxdec.score`; with 1, ``top_logprobs`` holds
+the most likely token at each position). ``usage.completion_tokens`` counts every generated token, an EOS
+included. vLLM's ``/tokenizer_info``, ``/tokenize`` and ``/detokenize`` expose the served tokenizer (lm-eval's
+``local-completions`` model tokenizes through them instead of downloading a tokenizer).
+`serve_in_thread` runs an app on a free loopback port inside the calling process (tests, benchmarks).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import threading
@@ -184,14 +188,20 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
     async def _starlette_error(request, exc):
         return JSONResponse(HTTPError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    async def _json(request: Request) -> dict:
+    async def _body(request: Request) -> dict:
         try:
             body = await request.json()
         except Exception:  # noqa: BLE001
             raise HTTPError(400, "the request body must be a JSON object") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    async def _json(request: Request, model_required: bool = True) -> dict:
+        body = await _body(request)
         m = body.get("model")
+        if m is None and not model_required:
+            return body
         if not isinstance(m, str):
             raise HTTPError(400, "'model' is required: a string naming the served model", "model")
         if m != model_name:
@@ -296,23 +306,29 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
     def _usage(n_prompt, n_new):
         return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
-    def _logprobs(prompt_ids, new_ids, echo):
-        """OpenAI completions `logprobs` from teacher forcing (`jaxdec.score`); the first prompt token has None."""
-        from jaxdec.core.generate import score
-        ids = (prompt_ids if echo else []) + new_ids
-        lps: list = []
-        if echo:
-            lps.append(None)
-            if len(prompt_ids) > 1:
-                lps += [float(x) for x in score(engine.model, engine.params, [prompt_ids[:1]], [prompt_ids[1:]])[0]]
-        if new_ids:
-            lps += [float(x) for x in score(engine.model, engine.params, [prompt_ids], [new_ids])[0]]
-        toks = [tokenizer.decode([t]) for t in ids]
+    def _logprobs(prompt_ids, new_ids, echo, top, greedy_next=False):
+        """OpenAI completions `logprobs` from teacher forcing (`Engine.score`, one forward): each token's
+        log-probability and (``top`` >= 1) the most likely token there with its own; the first prompt token has
+        None. greedy_next: the one new token is the greedy choice after the prompt, read from the same forward
+        (``new_ids`` is ignored). Returns (logprobs, new_ids)."""
+        scored = prompt_ids + ([0] if greedy_next else new_ids)  # 0: the new token's place, filled below
+        start = 1 if echo else len(prompt_ids)  # score from the second prompt token, or from the new tokens
+        lps: list = [None] if echo else []
+        tops: list = [None] if echo else []
+        if len(scored) > start:
+            lp, best, best_lp = engine.score([scored[:start]], [scored[start:]])[0]
+            lp = [float(x) for x in lp]
+            if greedy_next:
+                new_ids, lp[-1] = [int(best[-1])], float(best_lp[-1])
+            lps += lp
+            tops += [{tokenizer.decode([int(b)]): float(v)} for b, v in zip(best, best_lp)]
+        toks = [tokenizer.decode([t]) for t in (prompt_ids if echo else []) + new_ids]
         offsets, pos = [], 0
         for t in toks:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+        return ({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops if top else None, "text_offset": offsets},
+                new_ids)
 
     async def _handle(request: Request, chat: bool):
         body = await _json(request)
@@ -321,20 +337,24 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
         stream = _field(body, "stream", bool, False, None, "true or false")
         opts = _field(body, "stream_options", dict, {}, None, "an object")
         include_usage = bool(opts.get("include_usage", False))
-        echo = logprobs = False
+        echo = logprobs = top = False
         if not chat:
             echo = _field(body, "echo", bool, False, None, "true or false")
             lp = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
             if lp not in (None, 0, 1):
                 raise HTTPError(400, "'logprobs' > 1 (top alternatives) is not supported; give 0 or 1", "logprobs")
-            logprobs = lp is not None
+            logprobs, top = lp is not None, lp == 1
             if (echo or logprobs) and stream:
                 raise HTTPError(400, "'echo' and 'logprobs' are not supported with stream=true", "stream")
         elif body.get("logprobs"):
             raise HTTPError(400, "'logprobs' is not supported on /v1/chat/completions", "logprobs")
         ids = _chat_ids(body) if chat else _prompt_ids(body)
         created = int(time.time())
-        if kw["max_new_tokens"] == 0:
+        # what loglikelihood clients send (lm-eval: echo, logprobs, one greedy token): the prompt's log-probabilities
+        # and the greedy next token come from one forward, without a decode slot
+        scoring = (echo and logprobs and not stream and not stops and kw["max_new_tokens"] == 1
+                   and kw["temperature"] == 0)
+        if kw["max_new_tokens"] == 0 or scoring:
             if not echo or stream:
                 raise HTTPError(400, "'max_tokens' must be an integer >= 1 (0 only with echo and no stream)",
                                 "max_tokens")
@@ -342,12 +362,15 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
                 ids = engine.check(ids, 1)
             except RequestError as e:
                 raise HTTPError(400, str(e).replace("max_new_tokens", "max_tokens"), "prompt") from None
-            lp = None
+            lp, new = None, []
             if logprobs:
-                lp = await asyncio.get_running_loop().run_in_executor(None, _logprobs, ids, [], True)
-            choice = {"index": 0, "text": tokenizer.decode(ids), "logprobs": lp, "finish_reason": "length"}
+                lp, new = await asyncio.get_running_loop().run_in_executor(None, _logprobs, ids, [], True, top,
+                                                                           scoring)
+            reason = "stop" if new and new[0] in set(engine.eos_ids) | set(kw["stop_ids"]) else "length"
+            choice = {"index": 0, "text": tokenizer.decode(ids) + tokenizer.decode(new, skip_special_tokens=True),
+                      "logprobs": lp, "finish_reason": reason}
             return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": created,
-                    "model": model_name, "choices": [choice], "usage": _usage(len(ids), 0)}
+                    "model": model_name, "choices": [choice], "usage": _usage(len(ids), len(new))}
         job = _Job(asyncio.get_running_loop())
         rid = _submit(ids, kw, job)
         text = _Text(tokenizer, stops)
@@ -395,7 +418,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
         else:
             lp = None
             if logprobs:
-                lp = await asyncio.get_running_loop().run_in_executor(None, _logprobs, ids, new_ids, echo)
+                lp, _ = await asyncio.get_running_loop().run_in_executor(None, _logprobs, ids, new_ids, echo, top)
             if echo:
                 out_text = tokenizer.decode(ids) + out_text
             choice = {"index": 0, "text": out_text, "logprobs": lp, "finish_reason": reason}
@@ -414,6 +437,34 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "jaxdec"}]}
 
+    # vLLM's tokenizer endpoints: lm-eval's `local-completions` finds them and tokenizes through the server
+    # (its "remote" tokenizer backend), so it needs no Hugging Face tokenizer download
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        pad = tokenizer.pad_id
+        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": None if pad is None else tokenizer.id_to_token(pad),
+                "chat_template": tokenizer.chat_template, "model_max_length": engine.cache_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json(request, model_required=False)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise HTTPError(400, "'prompt' must be a string", "prompt")
+        add = _field(body, "add_special_tokens", bool, True, None, "true or false")
+        ids = tokenizer.encode(text, add_special_tokens=add)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.cache_size}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json(request, model_required=False)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                and 0 <= t < engine.model.vocab_size for t in ids):
+            raise HTTPError(400, f"'tokens' must be a list of token ids in [0, {engine.model.vocab_size})", "tokens")
+        return {"prompt": tokenizer.decode(ids)}
+
     @app.get("/health")
     async def health():
         return {"status": "ok" if runner.error is None else "degraded", "busy": engine.busy}
@@ -427,6 +478,36 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warn
         raise ValueError(f"host must be a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
     import uvicorn
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
+                    log_level: str = "warning"):
+    """Serve ``app`` from a background thread on a socket bound to ``(host, port)`` (port 0: a free one);
+    yields the base URL (``http://host:port``) once the server accepts requests, and stops the server and the
+    app's engine thread on exit (tests, benchmarks, in-process clients such as lm-eval)."""
+    import socket
+    uv = make_server(app, host, port, log_level)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="jaxdec-http", daemon=True)
+    th.start()
+    try:
+        t0 = time.monotonic()
+        while not uv.started:
+            if not th.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"the server did not start within {timeout:.0f} s")
+            time.sleep(0.05)
+        bound = sock.getsockname()[1]
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    finally:
+        uv.should_exit = True
+        th.join(timeout)
+        sock.close()
+        runner = getattr(app.state, "runner", None)
+        if th.is_alive() or (runner is not None and runner.thread.is_alive()):
+            raise RuntimeError("the server or its engine thread did not stop")
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
