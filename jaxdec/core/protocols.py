@@ -71,6 +71,8 @@ DRAFTER_HOOKS = {
     "extra_headroom": (0, "cache slots the drafter needs beyond the verify block"),
     "export": (None, "export(drafter state) -> pytree a later run can start from (hot start)"),
     "draft_calls_per_step": (0, "draft model calls per step when a Draft does not count them"),
+    "target_logits": (None, "target_logits(logits [B,T,V], draft, drafter state) -> the logits the verifier reads "
+                            "(a drafter that redefines the target distribution: lossy, named so)"),
 }
 MODEL_HOOKS = {
     "supports_shared_prefix": (False, "the model accepts a shared-prefix KVCache (Hydragen)"),

@@ -266,6 +266,9 @@ class SpeculativeDecoder:
         else:
             logits, hidden, out_cache = block_call(cache)
             has_draft = jnp.ones((), bool)
+        adjust = hook(drafter, "target_logits")
+        if adjust is not None:  # the drafter redefines the target (RAPID's retrieval-augmented target: lossy)
+            logits = adjust(logits, draft, dstate)
         target, probs, ctx = block_targets(self.verifier, self.processors, logits, state, block, depth, parents)
         if self.verifier == "greedy":
             verdict = greedy_verify(block, parents, valid, target, anc, depth, max_depth)
