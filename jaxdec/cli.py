@@ -461,7 +461,7 @@ def cmd_methods(args) -> int:
 def _load_plugins():
     """Import the packages that register extra CLI methods (missing ones are simply absent)."""
     import importlib
-    for mod in ("jaxdec.speculative.cli", "jaxdec.search.cli"):
+    for mod in ("jaxdec.speculative.cli", "jaxdec.search.cli", "jaxdec.diffusion.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

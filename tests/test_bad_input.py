@@ -232,6 +232,14 @@ SWEEP = {
     "grammar": lambda t: G("--grammar", os.path.join(t, "missing.lark")),
     "choices": lambda t: G("--choices", ","),
     "constraint_engine": lambda t: G("--regex", "a", "--constraint-engine", "xgrammar"),
+    # diffusion
+    "sampler": lambda t: G("--method", "diffusion", "--sampler", "nope"),
+    "steps": lambda t: G("--method", "diffusion", "--steps", "0"),
+    "block_length": lambda t: G("--method", "diffusion", "--block-length", "0"),
+    "threshold": lambda t: G("--method", "diffusion", "--threshold", "1.5"),
+    "factor": lambda t: G("--method", "diffusion", "--factor", "0"),
+    "freedave_drafts": lambda t: G("--method", "diffusion", "--freedave-drafts", "0"),
+    "dllm_cache": lambda t: G("--method", "diffusion", "--dllm-cache", "triple"),
 }
 
 

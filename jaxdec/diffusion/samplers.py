@@ -40,6 +40,12 @@ Schedules (``SamplerConfig.name``):
   committed at an earlier step whose probability under the current logits fell below
   ``remask_threshold`` goes back to [MASK] (once per position, so the loop ends).
 
+Caches (``cache``, Fast-dLLM; fixed blocks only): ``"prefix"``: when a row enters a new block one full
+call also returns every position's keys/values (``logits_fn.full``); the block's later steps recompute only
+each row's current block (``logits_fn.block``), attending to the cached keys/values of the positions
+before it; ``"dual"``: also to the cached keys/values after the block. Approximate (the cache is as of the
+block's first step); stats add ``full_calls`` and ``block_calls``.
+
 ``sample(...)`` returns ``(tokens [B, max G] numpy, stats)``; stats: ``model_calls`` (per row),
 ``batch_calls``, ``committed_per_call`` (per row, one count per call), ``tokens_per_call``,
 ``commit_step [B, max G]`` (the call at which each position was last committed) and, for FreeDave,
@@ -65,6 +71,7 @@ SAMPLERS = FIXED[:-1] + ("fast-dllm-threshold", "fast-dllm-factor", "freedave", 
 _ORDER = {"one-per-step": "prob", "llada-low-confidence": "prob", "llada-random": "random",
           "dream-maskgit-plus": "prob", "dream-topk-margin": "margin", "dream-entropy": "entropy", "remask": "prob"}
 NEG = -1e30
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ class SamplerConfig:
     mask_id: int = 1
     pad_id: int = 0
     verify: bool = True  # freedave: False accepts every draft unchecked (a deliberately broken verifier)
+    cache: str = "none"  # Fast-dLLM's "prefix" or "dual" cache (needs block_length and a logits_fn with .full/.block)
 
     def validate(self, gen_lens=()) -> None:
         """Raise ValueError naming the setting of a bad value (``gen_lens``: each row's window)."""
@@ -112,6 +120,11 @@ class SamplerConfig:
             v = getattr(self, n)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{n} must be None or an integer >= 1, got {v!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if self.cache != "none" and (self.block_length is None or self.name in ("freedave", "adablock")):
+            raise ValueError(f"cache={self.cache!r} needs fixed blocks: a block_length, and a sampler other than "
+                             f"freedave and adablock (got {self.name}, block_length={self.block_length})")
         if self.name == "adablock" and self.block_length is None:
             raise ValueError("sampler adablock needs block_length (the longest block)")
         for i, g in enumerate(gen_lens):
@@ -134,6 +147,9 @@ class DiffusionState:
     bstep: jax.Array  # [B] int32 steps taken in the current block
     key: jax.Array
     extra: object  # per-method state
+    kv: object = None  # cache != "none": the keys/values of the last full call
+    last: object = None  # cache != "none": [B,T,V] logits of the last call (block rows refreshed)
+    full_calls: object = None  # cache != "none": [] int32 full calls made
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -294,17 +310,48 @@ def _run(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key):
     sblk = _steps_per_block(cfg, glen)
     canvas = jnp.where(gen, cfg.mask_id, canvas).astype(jnp.int32)
     v = jax.eval_shape(lambda a, c: logits_fn(a, c), aux, canvas).shape[-1]
+    cached = cfg.cache != "none"
+    big = jnp.iinfo(jnp.int32).max
+    kv0 = last0 = nfull0 = None
+    if cached:
+        shapes = jax.eval_shape(logits_fn.full, aux, canvas)
+        kv0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[1])
+        last0, nfull0 = jnp.zeros((b, t, v), jnp.float32), jnp.zeros((), jnp.int32)
     st = DiffusionState(canvas=canvas, masked=gen, step=jnp.zeros((), jnp.int32), calls=jnp.zeros((b,), jnp.int32),
                         commits=jnp.zeros((b, s_max), jnp.int32), commit_step=jnp.full((b, t), -1, jnp.int32),
                         cur_blk=jnp.full((b,), -1 if cfg.name != "adablock" else 0, jnp.int32),
-                        bstep=jnp.zeros((b,), jnp.int32), key=key, extra=_init_extra(cfg, b, t, v))
+                        bstep=jnp.zeros((b,), jnp.int32), key=key, extra=_init_extra(cfg, b, t, v),
+                        kv=kv0, last=last0, full_calls=nfull0)
+
+    def model_call(st):
+        """Logits of this step: one plain call, or (caches) a full call when a row enters a new block and
+        otherwise the rows' current blocks only, against the cached keys/values."""
+        if not cached:
+            return logits_fn(aux, st.canvas), {}
+        bl = cfg.block_length
+        active = jnp.any(st.masked, axis=1)
+        cur = jnp.min(jnp.where(st.masked, blk, big), axis=1)
+        need = jnp.any(active & (cur != st.cur_blk))
+        start = jnp.clip(plen + jnp.where(active, cur, 0) * bl, 0, t - bl)
+
+        def full(_):
+            lg, kv = logits_fn.full(aux, st.canvas)
+            return lg.astype(jnp.float32), kv
+
+        def part(_):
+            lb = logits_fn.block(aux, st.canvas, st.kv, start, bl, cfg.cache == "dual").astype(jnp.float32)
+            idx = start[:, None] + jnp.arange(bl)[None]
+            return st.last.at[jnp.arange(b)[:, None], idx].set(lb), st.kv
+
+        lg, kv = jax.lax.cond(need, full, part, None)
+        return lg, {"kv": kv, "last": lg, "full_calls": st.full_calls + need.astype(jnp.int32)}
 
     def cond(st):
         return jnp.any(st.masked) & (st.step < s_max)
 
     def body(st):
         active = jnp.any(st.masked, axis=1)
-        logits = logits_fn(aux, st.canvas)
+        logits, upd = model_call(st)
         commit, x0, remask, cur_blk, bstep, extra = _select(cfg, st, logits, gen, pos, blk, sblk,
                                                            jax.random.fold_in(st.key, st.step))
         commit = commit & st.masked
@@ -315,7 +362,7 @@ def _run(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key):
         return st.replace(canvas=canvas, masked=masked, step=st.step + 1, calls=st.calls + active,
                           commits=jax.lax.dynamic_update_slice(st.commits, n[:, None], (0, st.step)),
                           commit_step=jnp.where(commit, st.step, jnp.where(remask, -1, st.commit_step)),
-                          cur_blk=cur_blk, bstep=bstep + 1, extra=extra)
+                          cur_blk=cur_blk, bstep=bstep + 1, extra=extra, **upd)
 
     return jax.lax.while_loop(cond, body, st)
 
@@ -395,9 +442,28 @@ def dtok_canvas(dtok, order, t):
 
 
 # ---------------------------------------------------------------------------------------- host entry
-@functools.lru_cache(maxsize=64)
 def compiled(cfg: SamplerConfig, logits_fn: Callable):
-    """The jitted ``(aux, canvas, plen, glen, key) -> final state`` of ``cfg`` with ``logits_fn``."""
+    """The jitted ``(aux, canvas, plen, glen, key) -> final state`` of ``cfg`` with ``logits_fn``
+    (settings a schedule does not read are reset first, so equal programs compile once)."""
+    base = SamplerConfig(mask_id=cfg.mask_id, pad_id=cfg.pad_id)
+    used = {"name", "steps", "block_length", "mask_id", "pad_id", "cache", *_READS.get(cfg.name, ())}
+    if cfg.name == "dream-maskgit-plus":  # the same rule as llada-low-confidence
+        cfg = dataclasses.replace(cfg, name="llada-low-confidence")
+    norm = dataclasses.replace(cfg, **{f.name: getattr(base, f.name) for f in dataclasses.fields(cfg)
+                                       if f.name not in used})
+    return _compiled(norm, logits_fn)
+
+
+# the settings each schedule reads besides name/steps/block_length/ids/cache
+_READS = {"fast-dllm-threshold": ("threshold",), "fast-dllm-factor": ("factor",), "freedave": ("drafts", "verify"),
+          "localleap": ("threshold", "relaxed_threshold", "radius"),
+          "credit": ("threshold", "credit_decay", "credit_weight"),
+          "adablock": ("threshold", "delimiters", "delimiter_threshold"), "ccd": ("threshold", "ccd_window"),
+          "remask": ("remask_threshold",)}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(cfg: SamplerConfig, logits_fn: Callable):
     run = _run_freedave if cfg.name == "freedave" else _run
     return jax.jit(functools.partial(run, cfg, logits_fn))
 
@@ -426,6 +492,10 @@ def sample(logits_fn: Callable, aux, prompts, gen_len, cfg: SamplerConfig, *, se
         raise ValueError("prompts must hold at least one prompt")
     canvas, plen, glen = make_canvas(prompts, gen_len, cfg.pad_id, length)
     cfg.validate([int(g) for g in glen])
+    if cfg.cache != "none" and not (callable(getattr(logits_fn, "full", None))
+                                    and callable(getattr(logits_fn, "block", None))):
+        raise ValueError(f"cache={cfg.cache!r} needs a logits_fn with .full and .block (e.g. "
+                         f"jaxdec.diffusion.model.logits_fn(model)), got {logits_fn!r}")
     st = compiled(cfg, logits_fn)(aux, jnp.asarray(canvas), jnp.asarray(plen), jnp.asarray(glen),
                                   jax.random.key(seed))
     final = np.asarray(st.canvas)
@@ -449,4 +519,7 @@ def sample(logits_fn: Callable, aux, prompts, gen_len, cfg: SamplerConfig, *, se
              "commit_step": csteps}
     if cfg.name == "freedave":
         stats["forward_rows"] = 1 + (int(np.asarray(st.step)) - 1) * cfg.drafts
+    if cfg.cache != "none":
+        stats["full_calls"] = int(np.asarray(st.full_calls))
+        stats["block_calls"] = stats["batch_calls"] - stats["full_calls"]
     return toks, stats

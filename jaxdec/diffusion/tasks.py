@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Optional
-
 import numpy as np
 
 PAD, MASK, EOS, UNK = "[PAD]", "[MASK]", "[EOS]", "[UNK]"
@@ -348,7 +346,3 @@ def mixture(tasks, per_task: int, split: str = "train", seed: int = 0) -> list:
     per = [generate(t, per_task, split, seed) for t in tasks]
     return [ex for group in zip(*per) for ex in group]
 
-
-def chance_accuracy(task: Optional[str] = None) -> float:
-    """Per-token chance level of the answer's name tokens (uniform over first or last names)."""
-    return 1.0 / len(FIRST)
