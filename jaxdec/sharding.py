@@ -111,17 +111,29 @@ def param_shardings(params, mesh: Mesh, model=None):
             for k, v in params.items()}
 
 
+def place(x, s: NamedSharding):
+    """``x`` (the same full value in every process) as a global array with sharding ``s``. One process:
+    `jax.device_put`. Several: each process builds only the shards of its own devices from its host
+    copy (`jax.make_array_from_callback`), so no process ships or compares the whole array."""
+    if (jax.process_count() == 1 or s.is_fully_addressable
+            or (isinstance(x, jax.Array) and not x.is_fully_addressable)):
+        return jax.device_put(x, s)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+
 def shard_params(params, mesh: Mesh, model=None):
-    return jax.device_put(params, param_shardings(params, mesh, model))
+    return jax.tree.map(place, params, param_shardings(params, mesh, model))
 
 
 def shard_rows(tree, mesh: Mesh):
-    """Put per-row arrays (leading batch axis) on the mesh's data axis; scalars/unbatched stay replicated."""
+    """Put per-row arrays (leading batch axis) on the mesh's data axis; scalars/unbatched stay replicated.
+    With several processes each one feeds the rows of its own devices (`place`)."""
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0 or x.shape[0] % mesh.shape[DATA]:
-            return jax.device_put(x, NamedSharding(mesh, P()))
-        return jax.device_put(x, NamedSharding(mesh, P(DATA)))
+            return place(x, NamedSharding(mesh, P()))
+        return place(x, NamedSharding(mesh, P(DATA)))
     return jax.tree.map(put, tree)
 
 
