@@ -135,34 +135,14 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def server(model_q, tokenizer):
-    """The app on uvicorn in a thread, on a socket bound to a free loopback port; always stopped."""
-    import socket
-    import threading
-    import time
-
+    """The app on uvicorn in a thread, on a free loopback port; always stopped (with its engine thread)."""
     from jaxdec.serving import server as srv
     model, params = model_q
     eng = Engine(model, params, slots=4, cache_size=CACHE, capacity=CAP, keep_results=False)  # same programs
     app = srv.create_app(eng, tokenizer, NAME)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = srv.make_server(app, "127.0.0.1", port)
-    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    try:
-        t0 = time.monotonic()
-        while not uv.started:
-            assert th.is_alive() and time.monotonic() - t0 < 60, "server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}", eng, app
-    finally:
-        uv.should_exit = True
-        th.join(60)
-        sock.close()
-        assert not th.is_alive(), "server thread still running"
-        assert not app.state.runner.thread.is_alive(), "engine thread still running"
+    with srv.serve_in_thread(app) as url:
+        yield url, eng, app
+    assert not app.state.runner.thread.is_alive(), "engine thread still running"
 
 
 def _post(url, path, body):
@@ -328,3 +308,36 @@ def test_poisson_trace_and_replay(engine, chat_prompt_ids, tmp_path):
         tr.load_trace(str(bad))
     with pytest.raises(ValueError, match="rate must be > 0"):
         tr.poisson_trace(3, rate=0, prompt_lens=[4], output_lens=[4])
+
+
+def test_trace_of_64_requests_each_equal_to_decoding_it_alone(engine, model_q, chat_prompt_ids):
+    """A Poisson trace of 64 requests with mixed prompt lengths (two prompt buckets) and output lengths, replayed
+    on the 4-slot engine with EOS on: each request's tokens equal greedy decoding of that request alone (DESIGN's
+    near-tie rule, asserted per request). References: `generate` of 16 requests at a time through one compiled
+    program (its rows decode independently), each row cut to its request's output length (a greedy run that
+    stops after n tokens is the first n tokens of a longer one)."""
+    from jaxdec.serving import trace as tr
+    model, params = model_q
+    t = tr.poisson_trace(64, rate=400.0, prompt_lens=[6, 21, 45, 70, 110], output_lens=[2, 5, 9, 16], seed=3)
+    n = len(chat_prompt_ids)  # 64 distinct prompts: user turns (past the shared system turn) of 8 chat prompts
+    pool = [sum((chat_prompt_ids[(i + 5 * k) % n][23 + (i // n if k == 0 else 0):] for k in range(8)), [])
+            for i in range(64)]
+    prompts = tr.trace_prompts(t, prompts=pool)
+    assert len({bucket(len(p)) for p in prompts}) == 2 and len({r["output_len"] for r in t}) == 4
+    assert len({tuple(p) for p in prompts}) == 64 and t[-1]["arrival"] > 0
+    steps0 = engine.steps
+    out = tr.replay(engine, t, prompts=pool, keep_tokens=True)
+    assert out["requests"] == 64 and not engine.busy and not engine._results
+    longest = max(len(p) for p in prompts)
+    refs = []
+    for s in range(0, 64, 16):
+        g = jaxdec.generate(model, params, prompts[s:s + 16], max_new_tokens=CAP, cache_size=CACHE, capacity=CAP,
+                            longest_prompt=longest, batch_size=16)
+        refs += [toks[:r["output_len"]] for toks, r in zip(g.tokens, t[s:s + 16])]
+    pairs = [(f"request {i} (prompt {len(p)}, new {r['output_len']})", rec["token_ids"], ref,
+              LazyStepLogits(model, params, p, ref))
+             for i, (p, r, rec, ref) in enumerate(zip(prompts, t, out["records"], refs))]
+    assert_sequences_match(pairs, max_dlogit=1e-4)
+    assert all(rec["tokens"] == len(rec["token_ids"]) <= rec["output_len"] for rec in out["records"])
+    # the slots really ran requests side by side: fewer steps than tokens
+    assert engine.steps - steps0 < sum(len(r["token_ids"]) for r in out["records"]) * 0.5

@@ -1,11 +1,11 @@
 """Request traces for the engine: a Poisson generator, JSONL files, and a replay that reports throughput and
-TTFT / TPOT percentiles.
+TTFT / TPOT / ITL percentiles.
 
 A trace is a list of ``{"arrival": seconds from the start, "prompt_len": tokens, "output_len": tokens}``.
 `replay` submits each request at its arrival time (the engine is stepped on the calling thread; arrivals
 are admitted between steps), decodes exactly ``output_len`` tokens per request (an ``ignore_eos`` engine)
 and measures, per request, TTFT (arrival to the first token on the host) and TPOT (the mean time between
-its later tokens).
+its later tokens), and over all requests ITL (each gap between two consecutive tokens of a request).
 """
 from __future__ import annotations
 
@@ -70,32 +70,49 @@ def _pct(xs) -> dict:
     return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
 
 
-def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, vocab_lo: int = 3) -> dict:
-    """Replay ``trace`` on ``engine`` (build it with ``ignore_eos=True`` for exact output lengths). Prompts are
-    the first ``prompt_len`` ids of ``prompt_source`` (default: ids ``vocab_lo, vocab_lo + 1, ...``).
-    Returns throughput (output tokens per second of wall time), TTFT and TPOT percentiles, and per-request
-    records ``{id, arrival, prompt_len, output_len, tokens, ttft, tpot}``."""
+def trace_prompts(trace: list, prompt_source: Optional[Sequence[int]] = None, prompts: Optional[list] = None,
+                  vocab_lo: int = 3) -> list:
+    """The prompt of each trace request: ``prompts[i][:prompt_len]`` (one token list per request), else the first
+    ``prompt_len`` ids of ``prompt_source``, else ids ``vocab_lo, vocab_lo + 1, ...``."""
+    if prompts is not None and len(prompts) != len(trace):
+        raise ValueError(f"prompts has {len(prompts)} entries; the trace has {len(trace)} requests")
+    out = []
+    for i, r in enumerate(trace):
+        n = r["prompt_len"]
+        src = prompts[i] if prompts is not None else prompt_source
+        ids = list(src[:n]) if src is not None else [vocab_lo + (j % 1000) for j in range(n)]
+        if len(ids) < n:
+            raise ValueError(f"request {i} asks for a {n}-token prompt; its prompt source has {len(src)} ids")
+        out.append(ids)
+    return out
+
+
+def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, vocab_lo: int = 3,
+           prompts: Optional[list] = None, keep_tokens: bool = False) -> dict:
+    """Replay ``trace`` on ``engine`` (build it with ``ignore_eos=True`` for exact output lengths). Prompts as
+    `trace_prompts` makes them. Returns throughput (output tokens per second of wall time), TTFT, TPOT and ITL
+    (every gap between two tokens of one request) percentiles, and per-request records ``{id, arrival,
+    prompt_len, output_len, tokens, ttft, tpot}`` in trace order (``keep_tokens``: with ``token_ids``, the
+    request's new tokens)."""
     order = sorted(range(len(trace)), key=lambda i: trace[i]["arrival"])
-    src = list(prompt_source) if prompt_source is not None else None
+    ids_of = trace_prompts(trace, prompt_source, prompts, vocab_lo)
     times: dict = {}  # id -> host times at which tokens arrived (one entry per token)
+    toks_of: dict = {}
     meta: dict = {}
 
     def on_tokens(rid, toks, reason):
         now = time.perf_counter()
         times[rid].extend([now] * len(toks))
+        toks_of[rid].extend(toks)
 
-    t0 = time.perf_counter()
+    t0, steps0 = time.perf_counter(), engine.steps
     nxt = 0
     while nxt < len(order) or engine.busy:
         now = time.perf_counter() - t0
         while nxt < len(order) and trace[order[nxt]]["arrival"] <= now:
             r = trace[order[nxt]]
-            n = r["prompt_len"]
-            ids = src[:n] if src is not None else [vocab_lo + (j % 1000) for j in range(n)]
-            if len(ids) < n:
-                raise ValueError(f"prompt_source has {len(src)} ids; the trace asks for {n}")
-            rid = engine.submit(ids, max_new_tokens=r["output_len"], on_tokens=on_tokens)
-            times[rid] = []
+            rid = engine.submit(ids_of[order[nxt]], max_new_tokens=r["output_len"], on_tokens=on_tokens)
+            times[rid], toks_of[rid] = [], []
             meta[rid] = (order[nxt], t0 + r["arrival"])
             nxt += 1
         if engine.busy:
@@ -105,17 +122,21 @@ def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, v
     wall = time.perf_counter() - t0
     for rid in times:
         engine.pop_result(rid)
-    recs, ttft, tpot = [], [], []
+    recs, ttft, tpot, itl = [], [], [], []
     for rid, ts in times.items():
         i, arr = meta[rid]
+        itl += np.diff(ts).tolist()
         a = ttft_i = ts[0] - arr if ts else None
         b = (ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1 else None
         if a is not None:
             ttft.append(ttft_i)
         if b is not None:
             tpot.append(b)
-        recs.append({"id": rid, **trace[i], "tokens": len(ts), "ttft": a, "tpot": b})
+        recs.append({"id": rid, **trace[i], "tokens": len(ts), "ttft": a, "tpot": b,
+                     **({"token_ids": toks_of[rid]} if keep_tokens else {})})
+    recs.sort(key=lambda rec: meta[rec["id"]][0])
     total = sum(r["tokens"] for r in recs)
     return {"requests": len(recs), "output_tokens": total, "seconds": wall,
             "tokens_per_second": total / wall if wall > 0 else float("nan"), "ttft": _pct(ttft), "tpot": _pct(tpot),
-            "slots": engine.slots, "steps": engine.steps, "records": recs}
+            "itl": _pct(itl),
+            "slots": engine.slots, "steps": engine.steps - steps0, "records": recs}
