@@ -214,6 +214,7 @@ def _check_args(args, parser) -> None:
         check_text("--stop", s)
         if s == "":
             raise BadInput("--stop: a stop string must not be empty")
+    mesh_shape = _mesh_value(args)
     for validate in VALIDATORS:
         validate(args)
     info = METHOD_INFO.get(args.method, {"uses": frozenset(), "check": None})
@@ -227,12 +228,47 @@ def _check_args(args, parser) -> None:
         raise BadInput(f"{a.option_strings[-1]} is not used by --method {args.method}{hint}")
     if info["check"] is not None:
         info["check"](args)
+    args._mesh = None if mesh_shape is None else _build_mesh(args, *mesh_shape)
     from jaxdec.constrained.cli import read_constraints
     try:
         args._constraints = read_constraints(args, getattr(args, "_n_prompts", 1))
     except ValueError as e:  # jaxdec.constrained.ConstraintError: the message names the flag or the line
         raise BadInput(str(e)) from None
     check_model_path(args.model)
+
+
+def _mesh_value(args):
+    """``--mesh DATAxMODEL`` parsed (None without it); a malformed value is bad input whatever the method."""
+    if getattr(args, "mesh", None) is None:
+        return None
+    from jaxdec.sharding import parse_mesh
+    try:
+        return parse_mesh(args.mesh)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def _build_mesh(args, data: int, model: int):
+    """The ``--mesh`` mesh over the visible devices, after checking that there are enough of them and
+    that its data axis divides the rows of every compiled batch (before the model loads)."""
+    prompts, n, bs = getattr(args, "_n_prompts", 1), args.n, args.batch_size
+    calls = [prompts] if bs is None else [min(bs, prompts - s) for s in range(0, prompts, bs)]
+    for size in calls:
+        rows = size * n if bs is None else min(bs, size * n)
+        if rows % data:
+            why = (f"--batch-size {bs}" if rows == bs else
+                   f"{'the last batch: ' if bs is not None else ''}{size} prompt{'s' * (size != 1)} x --n {n}")
+            raise BadInput(f"--mesh {args.mesh}: the data axis ({data}) must divide the rows of every compiled batch, "
+                           f"got {rows} rows ({why}); choose --batch-size as a multiple of {data} that divides the "
+                           f"rows, or a mesh whose data axis divides them")
+    import jax
+    from jaxdec.sharding import make_mesh
+    have = jax.devices()
+    if data * model > len(have):
+        hint = " (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)" if have[0].platform == "cpu" else ""
+        raise BadInput(f"--mesh {args.mesh} needs {data * model} devices (data x model), but only {len(have)} "
+                       f"{have[0].platform} device{'s are' if len(have) != 1 else ' is'} visible{hint}")
+    return make_mesh(data, model)
 
 
 _API_NAMES = re.compile(r"\b(max_new_tokens|min_new_tokens|batch_size|top_k|top_p|min_p|typical_p|"
@@ -392,7 +428,8 @@ def _token_method(args, loaded, prompt_ids, progress):
                  seed=args.seed, stop_strings=tuple(args.stop or ()), tokenizer=loaded.tokenizer,
                  batch_size=args.batch_size, progress=progress, inputs_fn=inputs_fn,
                  constraint=chunk_constraints(args, len(prompt_ids)),
-                 longest_prompt=getattr(args, "_longest", None), **stream_kwargs(args))
+                 longest_prompt=getattr(args, "_longest", None), mesh=getattr(args, "_mesh", None),
+                 **stream_kwargs(args))
     per_row = {k: g.stats[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     rows = [{"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per_row}
             for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
@@ -438,7 +475,7 @@ def _global_keys(args, offset: int, total: int, count: int):
     return inputs_fn
 
 
-_TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop", "stream")
+_TOKEN_USES = ("min_new_tokens", "batch_size", "n", "stop", "stream", "mesh")
 register_method("greedy", uses=_TOKEN_USES, chunked=True)(_token_method)
 register_method("sample", uses=_TOKEN_USES + ("seed",) + SAMPLING, chunked=True)(_token_method)
 register_papers({"greedy": ("-", "argmax at every step"),
@@ -498,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="write one JSON object per output row to this JSONL file (OUT.partial while "
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
+    g.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4: decode SPMD over a data x model mesh of the visible devices "
+                                  "(jaxdec.sharding; greedy and sample; the data axis must divide each batch's rows)")
     from jaxdec.constrained.cli import add_arguments as add_constraint_arguments
     add_constraint_arguments(g)
     g.add_argument("--stream", action="store_true",

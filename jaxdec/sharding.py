@@ -50,7 +50,8 @@ def make_mesh(data: int = None, model: int = 1, devices=None) -> Mesh:
     model = _size("model", model)
     if data is None:
         if len(devices) % model:
-            raise ValueError(f"make_mesh: model ({model}) must divide the {len(devices)} devices when data is not given")
+            raise ValueError(f"make_mesh: model ({model}) must divide the {len(devices)} devices when data is not "
+                             f"given")
         data = len(devices) // model
     data = _size("data", data)
     if data * model > len(devices):

@@ -186,6 +186,7 @@ SWEEP = {
     "out": lambda t: G("--out", os.path.join(t, "no", "such", "out.jsonl")),
     "quiet": lambda t: G("--quiet=1"),
     "stream": lambda t: G("--stream=1"),
+    "mesh": lambda t: G("--mesh", "2by4"),
     # search
     "num_beams": lambda t: G("--method", "beam", "--num-beams", "0"),
     "num_return_sequences": lambda t: G("--method", "beam", "--num-beams", "2", "--num-return-sequences", "3"),

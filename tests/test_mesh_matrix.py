@@ -68,7 +68,8 @@ def check_placement(res, method, head_split: bool):
         r = res[method]["meshes"][name]
         p = r["params"]
         if m > 1:
-            for w in ("w_gate", "embed") + (("wq", "wo") if head_split else ()) + (("lm_head",) if "lm_head" in p else ()):
+            split = ("w_gate", "embed") + (("wq", "wo") if head_split else ()) + (("lm_head",) if "lm_head" in p else ())
+            for w in split:
                 assert "model" in p[w]["spec"] and not p[w]["replicated"], (name, w, p[w])
             if not head_split:  # heads that do not divide the model axis stay whole
                 assert p["wq"]["replicated"], (name, p["wq"])

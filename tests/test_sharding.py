@@ -1,4 +1,6 @@
-"""8 simulated CPU devices: a data mesh and a 2x4 data x model mesh give the same tokens as one device."""
+"""8 simulated CPU devices: a data mesh and a 2x4 data x model mesh give the default model's tokens of one
+device (the CI default-model check of issue 20's mesh matrix; the whole matrix is tests/test_mesh_matrix.py),
+and `jaxdec generate --mesh 2x4` gives them too. Bad --mesh values are reported before the model loads."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,8 @@ import sys
 import pytest
 
 import peer
+from conftest import read_prompts
+from jaxdec import cli, sharding
 
 HERE = os.path.dirname(__file__)
 
@@ -18,13 +22,16 @@ MESHES = {"f32": ("data8", "data2_model4"), "q": ("data2_model4",)}  # q: the mo
 
 # q weights (QTensor codes split over the model axis) cost a second 8-device subprocess (~3 min here): acceptance tier
 @pytest.mark.parametrize("weights", ["f32", pytest.param("q", marks=pytest.mark.slow)])
-def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
+def test_meshes_give_single_device_tokens(weights, chat_prompt_ids, tmp_path):
     prompts = chat_prompt_ids[:8]
     meshes = MESHES[weights]
+    texts = tmp_path / "prompts.jsonl"  # the same prompts as text, for `jaxdec generate --chat --mesh 2x4`
+    texts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in read_prompts()[:8]))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "sharding_check.py"), peer.default_gguf_path(),
-                           weights, "12", json.dumps(prompts), ",".join(meshes)], env=env, capture_output=True,
-                          text=True, timeout=1200)
+                           weights, "12", json.dumps(prompts), ",".join(meshes)]
+                          + ([str(texts)] if weights == "f32" else []),
+                          env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
@@ -40,3 +47,67 @@ def test_meshes_give_single_device_tokens(weights, chat_prompt_ids):
     if "data2_model4" in meshes:  # weights split over the model axis (q: the block codes themselves)
         r = res["data2_model4"]
         assert not r["gate_replicated"] and "model" in r["gate_spec"] and "model" in r["embed_spec"], r
+        assert r["wq_replicated"], r  # 9 query / 3 KV heads do not divide the model axis (4): heads stay whole
+    if weights == "f32":  # the CLI flag, on the same prompts (tokenized by jaxdec from the chat text)
+        c = res["cli"]
+        assert c["rc"] == 0 and c["prompt_ids"] == prompts, c
+        assert c["tokens"] == res["single"], "jaxdec generate --mesh 2x4 tokens differ from one device"
+
+
+def _bad(capsys, argv, *needles):
+    """`jaxdec generate` exits 2 with one error line naming the flag, before any model loads."""
+    rc = cli.main(["generate", "--prompt", "Hi"] + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("jaxdec: error:"), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+
+
+@pytest.mark.parametrize("value", ["2by4", "2x", "0x4", "2x4x1", "1.5x2", ""])
+def test_cli_mesh_malformed(value, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the error"))
+    _bad(capsys, ["--mesh", value], "--mesh", "DATAxMODEL", repr(value))
+
+
+def test_cli_mesh_checks_devices_batch_and_method(capsys, monkeypatch):
+    import jax
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the error"))
+    n = len(jax.devices())
+    _bad(capsys, ["--mesh", f"1x{n + 1}"], f"--mesh 1x{n + 1} needs {n + 1} devices", f"only {n}")
+    _bad(capsys, ["--mesh", "2x1"], "--mesh 2x1", "data axis (2)", "1 prompt x --n 1")
+    _bad(capsys, ["--mesh", "2x1", "--n", "4", "--batch-size", "3"], "data axis (2)", "--batch-size 3")
+    _bad(capsys, ["--method", "beam", "--mesh", "1x1"], "--mesh is not used by --method beam", "greedy")
+
+
+def test_make_mesh_errors_and_subsets():
+    import jax
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=rf"mesh 1x{n + 1} .*needs {n + 1} devices.*only {n}"):
+        sharding.make_mesh(1, n + 1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="model must be an integer >= 1"):
+            sharding.make_mesh(1, bad)
+    m = sharding.make_mesh(1, 1)  # a mesh smaller than the devices takes the first ones
+    assert dict(m.shape) == {"data": 1, "model": 1}
+    assert sharding.parse_mesh(" 2X4 ") == (2, 4)
+
+
+def test_initialize_distributed_reads_env_and_names_bad_values(monkeypatch):
+    for k in ("JAXDEC_COORDINATOR", "JAXDEC_NUM_PROCESSES", "JAXDEC_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **k: pytest.fail(f"initialize called: {k}"))
+    assert sharding.initialize_distributed() is False  # no coordinator anywhere: single process, nothing to do
+    monkeypatch.setenv("JAXDEC_COORDINATOR", "localhost:1234")
+    with pytest.raises(ValueError, match="num_processes must be an integer .*JAXDEC_NUM_PROCESSES.*None"):
+        sharding.initialize_distributed()
+    monkeypatch.setenv("JAXDEC_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXDEC_PROCESS_ID", "two")
+    with pytest.raises(ValueError, match="process_id must be an integer .*'two'"):
+        sharding.initialize_distributed()
+    with pytest.raises(ValueError, match="0 <= process_id < num_processes, got 2 and 2"):
+        sharding.initialize_distributed(process_id=2)
+    seen = {}
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **k: seen.update(k))
+    assert sharding.initialize_distributed(process_id=1, timeout_s=9) is True
+    assert seen == {"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 1,
+                    "initialization_timeout": 9}

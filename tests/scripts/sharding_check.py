@@ -1,5 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_sharding.py).
-Prints one JSON line with the tokens of each layout and the shardings that were used."""
+Prints one JSON line with the tokens of each layout and the shardings that were used.
+
+argv: GGUF WEIGHTS N_NEW PROMPT_IDS_JSON [MESHES [CLI_PROMPTS_JSONL]]. With CLI_PROMPTS_JSONL (the same
+prompts as text), it also runs `jaxdec generate --chat --mesh 2x4` in this process and reports its rows."""
 import json
 import sys
 
@@ -35,8 +38,8 @@ used = []  # the params `generate` itself placed on the mesh (not a separate sha
 _shard_params = sharding.shard_params
 
 
-def _shard_spy(p, mesh):
-    placed = _shard_params(p, mesh)
+def _shard_spy(p, mesh, model=None):
+    placed = _shard_params(p, mesh, model)
     used.append(placed)
     return placed
 
@@ -63,4 +66,17 @@ for name, (d, m) in {"data8": (8, 1), "data2_model4": (2, 4)}.items():
                  "cache_replicated": g.extras["cache_sharding"].is_fully_replicated,
                  "gate_spec": str(gate_sh.spec), "gate_replicated": gate_sh.is_fully_replicated,
                  "embed_spec": str(emb_sh.spec), "matmul_impls": sorted(set(map(str, impls)))}
+    wq = sp["layers"]["wq"]
+    out[name]["wq_replicated"] = (wq.codes if hasattr(wq, "codes") else wq).sharding.is_fully_replicated
+if len(sys.argv) > 6:  # the CLI flag: `jaxdec generate --mesh 2x4` on the same prompts (as chat text)
+    import os
+    import tempfile
+
+    from jaxdec import cli
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = os.path.join(tmp, "out.jsonl")
+        rc = cli.main(["generate", "--prompts-file", sys.argv[6], "--chat", "--weights", weights, "--max-new-tokens",
+                       str(n_new), "--mesh", "2x4", "--out", dest, "--quiet"])
+        rows = [json.loads(line) for line in open(dest)] if rc == 0 else []
+    out["cli"] = {"rc": rc, "prompt_ids": [r["prompt_ids"] for r in rows], "tokens": [r["tokens"] for r in rows]}
 print("RESULT " + json.dumps(out))
