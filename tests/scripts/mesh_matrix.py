@@ -118,7 +118,8 @@ def main():
     ap.add_argument("--weights", default="f32")
     ap.add_argument("--prompts", help="JSON list of token-id prompts (default model)")
     ap.add_argument("--meshes", default="1x8,2x4,4x2,8x1")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma list; METHOD@AxB+CxD runs that method on those meshes only (default: --meshes)")
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--errors", action="store_true")
     args = ap.parse_args()
@@ -133,7 +134,8 @@ def main():
 
     sharding.shard_params = spy
     res = {"devices": len(jax.devices()), "meshes": args.meshes.split(","), "seconds": {}}
-    for method in args.methods.split(","):
+    for item in args.methods.split(","):
+        method, _, only = item.partition("@")
         t0 = time.perf_counter()
         g1 = decode(method, model, params, prompts, args.new, None)
         entry = {"single": g1.tokens, "meshes": {}}
@@ -141,7 +143,7 @@ def main():
             entry["single_beams"] = [[h["tokens"] for h in hyps] for hyps in g1.extras["beams"]]
         if method == "speculative":
             entry["single_tau"] = g1.stats["tau"]
-        for name in res["meshes"]:
+        for name in (only.split("+") if only else res["meshes"]):
             mesh = sharding.make_mesh(*sharding.parse_mesh(name))
             placed.clear()
             g = decode(method, model, params, prompts, args.new, mesh)
