@@ -314,11 +314,11 @@ def test_trace_of_64_requests_each_equal_to_decoding_it_alone(engine, model_q, c
     """A Poisson trace of 64 requests with mixed prompt lengths (two prompt buckets) and output lengths, replayed
     on the 4-slot engine with EOS on: each request's tokens equal greedy decoding of that request alone (DESIGN's
     near-tie rule, asserted per request). References: `generate` of 16 requests at a time through one compiled
-    program (its rows decode independently), each row cut to its request's output length (a greedy run that
-    stops after n tokens is the first n tokens of a longer one)."""
+    program (its rows decode independently) to the group's longest output, each row cut to its request's length
+    (a greedy run that stops after n tokens is the first n tokens of a longer one)."""
     from jaxdec.serving import trace as tr
     model, params = model_q
-    t = tr.poisson_trace(64, rate=400.0, prompt_lens=[6, 21, 45, 70, 110], output_lens=[2, 5, 9, 16], seed=3)
+    t = tr.poisson_trace(64, rate=400.0, prompt_lens=[6, 21, 45, 70, 110], output_lens=[1, 3, 6, 10], seed=3)
     n = len(chat_prompt_ids)  # 64 distinct prompts: user turns (past the shared system turn) of 8 chat prompts
     pool = [sum((chat_prompt_ids[(i + 5 * k) % n][23 + (i // n if k == 0 else 0):] for k in range(8)), [])
             for i in range(64)]
@@ -331,8 +331,8 @@ def test_trace_of_64_requests_each_equal_to_decoding_it_alone(engine, model_q, c
     longest = max(len(p) for p in prompts)
     refs = []
     for s in range(0, 64, 16):
-        g = jaxdec.generate(model, params, prompts[s:s + 16], max_new_tokens=CAP, cache_size=CACHE, capacity=CAP,
-                            longest_prompt=longest, batch_size=16)
+        g = jaxdec.generate(model, params, prompts[s:s + 16], max_new_tokens=max(r["output_len"] for r in t[s:s + 16]),
+                            cache_size=CACHE, capacity=CAP, longest_prompt=longest, batch_size=16)  # max_new: traced
         refs += [toks[:r["output_len"]] for toks, r in zip(g.tokens, t[s:s + 16])]
     pairs = [(f"request {i} (prompt {len(p)}, new {r['output_len']})", rec["token_ids"], ref,
               LazyStepLogits(model, params, p, ref))
