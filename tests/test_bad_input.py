@@ -233,6 +233,11 @@ SWEEP = {
     "grammar": lambda t: G("--grammar", os.path.join(t, "missing.lark")),
     "choices": lambda t: G("--choices", ","),
     "constraint_engine": lambda t: G("--regex", "a", "--constraint-engine", "xgrammar"),
+    "forced_tokens": lambda t: G("--regex", "a", "--forced-tokens"),  # greedy: no chain drafter to wrap
+    # PG-TD
+    "pgtd_rollouts": lambda t: G("--method", "pgtd", "--pgtd-rollouts", "0"),
+    "pgtd_top_k": lambda t: G("--method", "pgtd", "--pgtd-top-k", "0"),
+    "pgtd_timeout": lambda t: G("--method", "pgtd", "--pgtd-timeout", "0"),
     # diffusion
     "sampler": lambda t: G("--method", "diffusion", "--sampler", "nope"),
     "steps": lambda t: G("--method", "diffusion", "--steps", "0"),
