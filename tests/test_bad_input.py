@@ -437,14 +437,19 @@ def test_bad_value_found_after_load_names_the_flag(capsys):
     check_bad(capsys, G("--method", "speculative", "--drafter", "del", "--exit-layer", "99"), "--exit-layer")
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default. A test runner started in the background by a
+    non-interactive shell inherits SIGINT ignored (POSIX), and Python then installs no KeyboardInterrupt
+    handler: the CLI would never see the signal (it ran to the end, or past the timeout, that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
     """Ctrl-C mid-run: one stderr line, exit 130, OUT untouched, finished rows in OUT.partial.
     (--n 2 sampling with --quiet also checks that no XLA log line reaches stderr.)"""
     pf = tmp_path / "p.jsonl"
-    # enough work that the run is still going when the signal lands, even on an idle machine (40 prompts
-    # once finished between the 4th row and the signal)
     pf.write_text("".join(json.dumps({"prompt": f"Write a long story about the number {i}."}) + "\n"
-                          for i in range(400)))
+                          for i in range(40)))
     out = tmp_path / "out.jsonl"
     out.write_text("previous run\n")
     partial = tmp_path / "out.jsonl.partial"
@@ -452,7 +457,7 @@ def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--prompts-file", str(pf), "--method",
                              "sample", "--n", "2", "--batch-size", "2", "--max-new-tokens", "12", "--quiet",
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
@@ -471,7 +476,7 @@ def test_sigint_keeps_previous_out_and_finished_rows(tmp_path):
     assert "out.jsonl.partial" in lines[0]
     assert out.read_text() == "previous run\n"
     rows = [json.loads(l) for l in partial.read_text().splitlines()]
-    assert 4 <= len(rows) < 800 and all(r["tokens"] for r in rows)
+    assert 4 <= len(rows) < 80 and all(r["tokens"] for r in rows)
 
 
 def test_constraint_files_and_prompt_fields(capsys, no_model_load, tmp_path):
