@@ -14,6 +14,10 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "jaxdec"
 WHILE_LOOP_OK = {
     ("core/loop.py", "run_jit"): "the decode loop",
     ("speculative/drafters.py", "autoregressive_chain"): "a draft chain inside one step (not a decode loop)",
+    # masked-diffusion samplers fill a fixed canvas in place (no token appended, no KV cache growing); they take
+    # any logits_fn and run outside the driver for now (issue 19: move them onto the driver's loop as Decoders)
+    ("diffusion/samplers.py", "_run"): "the masked-diffusion canvas loop",
+    ("diffusion/samplers.py", "_run_freedave"): "FreeDave's canvas loop (drafts and verification per round)",
 }
 # the driver's prompt helpers: who may call them, with the reason
 BATCHING = {"pad_batch", "row_keys", "batch_inputs", "prefix_groups"}
