@@ -69,7 +69,7 @@ PRELOAD_CASES = [
     (G("--method", "speculative", "--stop", "x"), ["--stop"]),
     (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
     # constraints
-    (G("--regex", "[0-9]+", "--method", "momentum"), ["--regex", "--method momentum", "cannot honour"]),
+    (G("--regex", "[0-9]+", "--method", "adadec"), ["--regex", "--method adadec", "cannot honour"]),
     (G("--regex", "[0-9]+", "--method", "speculative", "--drafter", "pearl"), ["--regex", "--drafter pearl", "cannot honour"]),
     (G("--regex", "a", "--choices", "x,y"), ["at most one of", "--regex", "--choices"]),
     (G("--regex", "(a|b"), ["--regex", "invalid regex", "unclosed group"]),

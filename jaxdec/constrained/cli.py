@@ -11,7 +11,8 @@ import os
 
 FLAGS = ("json_schema", "regex", "grammar", "choices")
 DESTS = FLAGS + ("constraint_engine", "forced_tokens")
-METHODS = ("greedy", "sample", "beam", "speculative")  # the CLI methods that pass a constraint on
+# the CLI methods that pass a constraint on (jaxdec.cli's token methods and jaxdec.search.cli's)
+METHODS = ("greedy", "sample", "beam", "speculative", "stochastic-beam", "momentum", "best-of-n")
 # --method speculative drafters whose decoder has no constraint mask (PEARL runs its own pre/post-verify loop)
 UNCONSTRAINED_DRAFTERS = ("pearl",)
 CHAIN_DRAFTERS = ("pld", "iad", "swift", "del", "draft-model")  # --forced-tokens wraps these (ForcedTokensDrafter)

@@ -77,9 +77,18 @@ def _rows(g, loaded, beams=None):
     for i, (p, t, x, f) in enumerate(zip(g.prompt_ids, g.tokens, text, g.finish_reason)):
         row = {"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per}
         if beams is not None:
-            row["beams"] = [{"tokens": b["tokens"], "score": b["score"]} for b in beams[i]]
+            row["beams"] = [{"tokens": b["tokens"], "score": b["score"],
+                             **({"constraint_ok": b["constraint_ok"]} if "constraint_ok" in b else {})}
+                            for b in beams[i]]
         out.append(row)
     return out, g.stats
+
+
+def _constrained_rows(g, loaded, beams=None):
+    """`_rows` with ``"constraint_ok"`` per row when the run was constrained."""
+    from jaxdec.cli import with_constraint_ok
+    rows, stats = _rows(g, loaded, beams)
+    return with_constraint_ok(rows, g), stats
 
 
 def _check_positive(args, *names):
@@ -97,15 +106,13 @@ def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
                     early_stopping=_EARLY[args.early_stopping], num_return_sequences=args.num_return_sequences,
                     num_beam_groups=groups, diversity_penalty=diversity,
                     no_repeat_ngram_size=args.no_repeat_ngram_size if ngram is None else ngram,
-                    batch_size=args.batch_size, tokenizer=loaded.tokenizer, **_beam_constraint(args, ids))
-    rows, stats = _rows(g, loaded, g.extras["beams"])
-    from jaxdec.cli import with_constraint_ok
-    return with_constraint_ok(rows, g), stats
+                    batch_size=args.batch_size, tokenizer=loaded.tokenizer, **_constraint_kwargs(args, ids))
+    return _constrained_rows(g, loaded, g.extras["beams"])
 
 
-def _beam_constraint(args, ids) -> dict:
-    """``constraint=`` for plain beam search when the CLI was given one (other beam variants refuse it in
-    `jaxdec.constrained.cli`)."""
+def _constraint_kwargs(args, ids) -> dict:
+    """``constraint=`` for the methods that honour one (beam, stochastic-beam, momentum, best-of-n) when the
+    CLI was given one; the other methods refuse it in `jaxdec.constrained.cli` before the model loads."""
     from jaxdec.cli import chunk_constraints
     cons = chunk_constraints(args, len(ids))
     return {} if cons is None else {"constraint": cons}
@@ -134,8 +141,8 @@ def stochastic_beam_method(args, loaded, ids, progress):
     _check_positive(args, "num_beams")
     g = stochastic_beam_search(loaded.model, loaded.params, ids, k=args.num_beams, max_new_tokens=args.max_new_tokens,
                                min_new_tokens=args.min_new_tokens, temperature=args.temperature, seed=args.seed,
-                               batch_size=args.batch_size, tokenizer=loaded.tokenizer)
-    return _rows(g, loaded, g.extras["beams"])
+                               batch_size=args.batch_size, tokenizer=loaded.tokenizer, **_constraint_kwargs(args, ids))
+    return _constrained_rows(g, loaded, g.extras["beams"])
 
 
 @register_method("momentum", uses=_LEN + ("momentum_alpha", "momentum_ngram", "momentum_top_k"), chunked=True)
@@ -144,8 +151,9 @@ def momentum_method(args, loaded, ids, progress):
     _check_positive(args, "momentum_ngram", "momentum_top_k")
     g = momentum_generate(loaded.model, loaded.params, ids, alpha=args.momentum_alpha, ngram=args.momentum_ngram,
                           top_k=args.momentum_top_k, max_new_tokens=args.max_new_tokens,
-                          min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
-    return _rows(g, loaded)
+                          min_new_tokens=args.min_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer,
+                          **_constraint_kwargs(args, ids))
+    return _constrained_rows(g, loaded)
 
 
 @register_method("adadec", uses=_LEN + ("adadec_threshold", "adadec_k", "adadec_lookahead"), chunked=True)
@@ -179,8 +187,13 @@ def _sampling(args):
 def best_of_n_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import best_of_n
     g = best_of_n(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
-                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
-    return _rows(g, loaded, g.extras["ranked"])
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer,
+                  **_constraint_kwargs(args, ids))
+    ranked = g.extras["ranked"]
+    if "samples_ok" in g.extras:  # each ranked sample with its own acceptance (equal tokens, equal acceptance)
+        ranked = [[{**r, "constraint_ok": ok[s.index(r["tokens"])]} for r in rk]
+                  for rk, s, ok in zip(ranked, g.extras["samples"], g.extras["samples_ok"])]
+    return _constrained_rows(g, loaded, ranked)
 
 
 @register_method("first-finish", uses=("n", "seed", "batch_size") + SAMPLING)
