@@ -344,3 +344,112 @@ def test_sampler_bad_input():
     with pytest.raises(ValueError, match="adablock needs block_length"):
         sample(fixed_fn, tab, [PROMPT], 8, SamplerConfig("adablock"))
 
+
+
+# ------------------------------------------------------------------------------------------ Learn2PD
+def handmade_filter(weights, bias, gain=50.0):
+    """A Learn2PD filter whose logit is ~``gain * (w . features + bias)`` where that is > 0 and ~-0.1
+    elsewhere (hidden unit 0 carries it through the two GELUs; the other units are zero)."""
+    from jaxdec.diffusion import learn2pd as L
+    p = jax.tree.map(jnp.zeros_like, L.init_filter(4))
+    k0 = p["params"]["Dense_0"]["kernel"].at[:, 0].set(gain * jnp.asarray(weights, jnp.float32))
+    p["params"]["Dense_0"]["kernel"] = k0
+    p["params"]["Dense_0"]["bias"] = p["params"]["Dense_0"]["bias"].at[0].set(gain * bias)
+    p["params"]["Dense_1"]["kernel"] = p["params"]["Dense_1"]["kernel"].at[0, 0].set(1.0)
+    p["params"]["Dense_2"]["kernel"] = p["params"]["Dense_2"]["kernel"].at[0, 0].set(10.0)
+    p["params"]["Dense_2"]["bias"] = p["params"]["Dense_2"]["bias"].at[0].set(-0.1)
+    return p
+
+
+P0_ABOVE_08 = ([1.0] + [0.0] * 8, -0.8)  # feature 0 is the top-1 probability
+
+
+def test_learn2pd_commits_what_the_filter_accepts():
+    filt = handmade_filter(*P0_ABOVE_08)
+    kw = dict(threshold=0.5, eot=False)
+    cfg = SamplerConfig("learn2pd", mask_id=1, pad_id=0, **kw)
+    toks, st = sample(fixed_fn, rows_table(list(zip(TOK8, C8))), [PROMPT], 8, cfg, length=16, filter_params=filt)
+    # call 0: the filter accepts p > 0.8 (0.85, 0.97, 0.92); then the top one per call: 0.70, 0.60, 0.41, 0.40, 0.30
+    assert list(st["commit_step"][0]) == [1, 5, 4, 0, 0, 3, 0, 2] and list(toks[0]) == TOK8
+    assert st["committed_per_call"][0] == [3, 1, 1, 1, 1, 1]
+    # a filter that rejects everything is one-per-step (the top one is always committed)
+    never = handmade_filter([0.0] * 9, -1.0)
+    _, st2 = sample(fixed_fn, rows_table(list(zip(TOK8, C8))), [PROMPT], 8, cfg, length=16, filter_params=never)
+    assert list(st2["commit_step"][0]) == order_of("one-per-step")[0]
+    # the filter reads the features, not the raw threshold: "the left neighbour is decided" (feature 6)
+    left = handmade_filter([0.0] * 6 + [1.0, 0.0, 0.0], -0.5)
+    _, st3 = sample(fixed_fn, rows_table(list(zip(TOK8, C8))), [PROMPT], 8, cfg, length=16, filter_params=left)
+    # call 0: position 0 (after the prompt) and the top one (4); call 1: 1 and 5 (their left neighbours are
+    # decided) and the top one (6: 0.92); call 2: 2, 7 (left decided) and the top one (3)
+    assert list(st3["commit_step"][0]) == [0, 1, 2, 2, 0, 1, 1, 2]
+
+
+def test_learn2pd_end_of_text_prediction_stops_filling_after_eos():
+    eos = 5
+    spec = [(2, 0.70), (3, 0.30), (4, 0.40), (2, 0.85), (eos, 0.97), (4, 0.41), (2, 0.92), (3, 0.60)]
+    filt = handmade_filter(*P0_ABOVE_08)
+    cfg = SamplerConfig("learn2pd", mask_id=1, pad_id=0, threshold=0.5, eos_id=eos)
+    toks, st = sample(fixed_fn, rows_table(spec), [PROMPT], 8, cfg, length=16, filter_params=filt)
+    # call 0: 3, 4 ([EOS]), 6 pass the filter; EoTP fills the masked 5 and 7 with [EOS] in the same call;
+    # then 0 (0.70), 2 (0.40), 1 (0.30)
+    assert list(st["commit_step"][0]) == [1, 3, 2, 0, 0, 0, 0, 0]
+    assert list(toks[0]) == [2, 3, 4, 2, eos, eos, 2, eos] and st["committed_per_call"][0] == [5, 1, 1, 1]
+    off = SamplerConfig("learn2pd", mask_id=1, pad_id=0, threshold=0.5, eot=False)
+    _, st_off = sample(fixed_fn, rows_table(spec), [PROMPT], 8, off, length=16, filter_params=filt)
+    assert st_off["committed_per_call"][0] == [3, 1, 1, 1, 1, 1]  # without it, 5 and 7 cost a call each
+    with pytest.raises(ValueError, match="needs eos_id"):
+        sample(fixed_fn, rows_table(spec), [PROMPT], 8, SamplerConfig("learn2pd", threshold=0.5),
+               filter_params=filt)
+    with pytest.raises(ValueError, match="filter_params .* are needed by sampler learn2pd and only by it"):
+        sample(fixed_fn, rows_table(spec), [PROMPT], 8, cfg)
+    with pytest.raises(ValueError, match="filter_params .* are needed by sampler learn2pd and only by it"):
+        sample(fixed_fn, rows_table(spec), [PROMPT], 8, SamplerConfig("one-per-step"), filter_params=filt)
+
+
+def test_learn2pd_filter_file_round_trip(tmp_path):
+    from jaxdec.diffusion import learn2pd as L
+    filt = handmade_filter(*P0_ABOVE_08)
+    path = L.save_filter(str(tmp_path / "f.safetensors"), filt, {"note": "test"})
+    back = L.load_filter(path)
+    assert jax.tree.structure(back) == jax.tree.structure(filt)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(filt)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="no Learn2PD filter"):
+        L.load_filter(str(tmp_path / "missing.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ temperature
+def test_temperature_sampling_matches_the_tempered_softmax():
+    from tests.stat_checks import pooled_chisquare_p
+    q = np.array([0.5, 0.3, 0.15, 0.05])  # over tokens 2..5, at each of the 8 window positions
+    temp, rows = 0.7, 12500  # 8 positions x 12500 rows = 100k draws, one call (all committed at once)
+    cfg = SamplerConfig("llada-low-confidence", mask_id=1, pad_id=0, steps=1, temperature=temp)
+    toks, st = sample(fixed_fn, rows_table([q] * 8), [PROMPT] * rows, 8, cfg, seed=3, length=16)
+    assert st["batch_calls"] == 1
+    counts = np.bincount(toks.ravel() - 2, minlength=4)
+
+    def tempered(t):
+        w = q ** (1.0 / t)
+        return w / w.sum()
+
+    assert pooled_chisquare_p(counts, tempered(temp)) > 1e-4, counts
+    # negative controls: temperature x 1.1, and the unscaled softmax
+    assert pooled_chisquare_p(counts, tempered(temp * 1.1)) < 1e-4, counts
+    assert pooled_chisquare_p(counts, q) < 1e-4, counts
+    # rows are not copies of each other (a key per row), and another seed gives other tokens
+    assert len({tuple(r) for r in toks[:50]}) > 40
+    again = sample(fixed_fn, rows_table([q] * 8), [PROMPT] * 8, 8, cfg, seed=4, length=16)[0]
+    assert not np.array_equal(again, toks[:8])
+
+
+def test_temperature_zero_is_greedy_and_tiny_temperature_agrees():
+    spec = list(zip(TOK8, C8))
+    # temperature 0 is the default: the greedy program itself (the tests above and test_golden pin it)
+    assert SamplerConfig("fast-dllm-threshold", temperature=0.0) == SamplerConfig("fast-dllm-threshold")
+    base = order_of("fast-dllm-threshold", spec, threshold=0.8)
+    assert order_of("fast-dllm-threshold", spec, threshold=0.8, temperature=1e-3)[:2] == base[:2]  # argmax wins
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            sample(fixed_fn, rows_table(spec), [PROMPT], 8, SamplerConfig("one-per-step", temperature=bad))
+    with pytest.raises(ValueError, match="temperature must be 0 for sampler freedave"):
+        sample(fixed_fn, rows_table(spec), [PROMPT], 8, SamplerConfig("freedave", temperature=0.5))

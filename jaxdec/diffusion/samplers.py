@@ -36,6 +36,10 @@ Schedules (``SamplerConfig.name``):
 * ``ccd`` (coherent contextual decoding): a position is committed when its argmax has stayed the same
   for the last ``ccd_window`` steps and the geometric mean of its probability over them is
   ``>= threshold``; the top one always (the budget adapts to how many predictions agree).
+* ``learn2pd`` (Learn2PD, `jaxdec.diffusion.learn2pd`): a learned filter's probability that the current
+  prediction is already final, ``>= threshold``, commits (the top one always); ``filter_params`` are passed
+  to `sample`; with ``eot`` (End-of-Text Prediction, needs ``eos_id``) a row's masked positions after its
+  first committed [EOS] become [EOS] in the same call.
 * ``remask`` (secondary remasking, Discrete Diffusion VLA): the low-confidence schedule, and a token
   committed at an earlier step whose probability under the current logits fell below
   ``remask_threshold`` goes back to [MASK] (once per position, so the loop ends).
@@ -49,8 +53,11 @@ block's first step); stats add ``full_calls`` and ``block_calls``.
 ``sample(...)`` returns ``(tokens [B, max G] numpy, stats)``; stats: ``model_calls`` (per row),
 ``batch_calls``, ``committed_per_call`` (per row, one count per call), ``tokens_per_call``,
 ``commit_step [B, max G]`` (the call at which each position was last committed) and, for FreeDave,
-``forward_rows`` (rows scored: drafts x calls). Greedy only (no temperature): ties go to the lowest
-position and the lowest token id.
+``forward_rows`` (rows scored: drafts x calls). ``temperature`` 0 (default) is greedy: ties go to the lowest
+position and the lowest token id. ``temperature > 0`` samples every position's x0 from
+``softmax(logits / temperature)`` (Gumbel-max, a key per row and call: ``fold_in(fold_in(key(seed),
+call), row)``); the confidence used for ordering and thresholds stays the unscaled probability of the
+sampled token (LLaDA's convention). FreeDave is greedy-exact and refuses a temperature.
 """
 from __future__ import annotations
 
@@ -64,10 +71,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdec.diffusion import learn2pd as L2
+
 FIXED = ("one-per-step", "llada-low-confidence", "llada-random", "dream-maskgit-plus", "dream-topk-margin",
          "dream-entropy", "remask")
 SAMPLERS = FIXED[:-1] + ("fast-dllm-threshold", "fast-dllm-factor", "freedave", "localleap", "credit",
-                         "adablock", "ccd", "remask")
+                         "adablock", "ccd", "remask", "learn2pd")
 _ORDER = {"one-per-step": "prob", "llada-low-confidence": "prob", "llada-random": "random",
           "dream-maskgit-plus": "prob", "dream-topk-margin": "margin", "dream-entropy": "entropy", "remask": "prob"}
 NEG = -1e30
@@ -96,6 +105,9 @@ class SamplerConfig:
     pad_id: int = 0
     verify: bool = True  # freedave: False accepts every draft unchecked (a deliberately broken verifier)
     cache: str = "none"  # Fast-dLLM's "prefix" or "dual" cache (needs block_length and a logits_fn with .full/.block)
+    temperature: float = 0.0  # 0: greedy; > 0: x0 sampled from softmax(logits / temperature) per position
+    eot: bool = True  # learn2pd: End-of-Text Prediction
+    eos_id: Optional[int] = None  # learn2pd with eot: the [EOS] id
 
     def validate(self, gen_lens=()) -> None:
         """Raise ValueError naming the setting of a bad value (``gen_lens``: each row's window)."""
@@ -125,6 +137,14 @@ class SamplerConfig:
         if self.cache != "none" and (self.block_length is None or self.name in ("freedave", "adablock")):
             raise ValueError(f"cache={self.cache!r} needs fixed blocks: a block_length, and a sampler other than "
                              f"freedave and adablock (got {self.name}, block_length={self.block_length})")
+        t = self.temperature
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+        if self.name == "freedave" and t > 0:
+            raise ValueError(f"temperature must be 0 for sampler freedave (it reproduces greedy one-per-step "
+                             f"exactly), got {t!r}")
+        if self.name == "learn2pd" and self.eot and self.eos_id is None:
+            raise ValueError("sampler learn2pd with eot=True needs eos_id (the [EOS] token id)")
         if self.name == "adablock" and self.block_length is None:
             raise ValueError("sampler adablock needs block_length (the longest block)")
         for i, g in enumerate(gen_lens):
@@ -200,6 +220,15 @@ def pick_one(cfg, logits, masked, blk):
     return pos, jnp.take_along_axis(x0, pos[:, None], axis=1)[:, 0]
 
 
+def sample_x0(cfg, logp, key):
+    """``temperature > 0``: x0 ``[B,T]`` drawn from ``softmax(logp / temperature)`` at every position
+    (Gumbel-max; row r's noise from ``fold_in(key, r)``) and its unscaled probability."""
+    b = logp.shape[0]
+    g = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(key, r), logp.shape[1:]))(jnp.arange(b))
+    x0 = jnp.argmax(logp / cfg.temperature + g, axis=-1).astype(jnp.int32)
+    return x0, jnp.exp(jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0])
+
+
 def _order_score(order, logp, p0, key):
     if order == "prob":
         return p0
@@ -245,6 +274,8 @@ def _select(cfg, st, logits, gen, pos, blk, sblk, key):
         upd = jax.nn.one_hot(raw_x0, extra.shape[-1], dtype=jnp.float32) * raw_p0[..., None]
         extra = jnp.where(masked[..., None], cfg.credit_decay * extra + upd, 0.0)
     logp, x0, p0 = predict(cfg, logits)
+    if cfg.temperature > 0:
+        x0, p0 = sample_x0(cfg, logp, key)
     big = jnp.iinfo(jnp.int32).max
     if name == "adablock":
         end = st.cur_blk  # exclusive end of the current block (0 before the first)
@@ -297,12 +328,19 @@ def _select(cfg, st, logits, gen, pos, blk, sblk, key):
         agree = (stable >= w) & (jnp.exp(jnp.mean(hist, axis=-1)) >= cfg.threshold)
         commit = in_block & agree | top1
         extra = (x0, stable, hist)
+    elif name == "learn2pd":  # extra: the filter's params (carried unchanged)
+        ready = jax.nn.sigmoid(L2.apply_filter(extra, L2.features(logp, x0, p0, masked, gen, cfg.eos_id)))
+        commit = in_block & (ready >= cfg.threshold) | top1
+        if cfg.eot:  # End-of-Text Prediction: nothing after a committed [EOS] is left to decode
+            fill = L2.eot_fill(masked & ~commit, gen, jnp.where(commit, x0, st.canvas), cfg.eos_id)
+            commit = commit | fill
+            x0 = jnp.where(fill, cfg.eos_id, x0)
     else:  # pragma: no cover
         raise ValueError(name)
     return commit, x0, remask, cur_blk, bstep, extra
 
 
-def _run(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key):
+def _run(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key, filt=None):
     b, t = canvas.shape
     s_max = 2 * t + 2
     pos, gen, rel = _layout(plen, glen, t)
@@ -320,7 +358,8 @@ def _run(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key):
     st = DiffusionState(canvas=canvas, masked=gen, step=jnp.zeros((), jnp.int32), calls=jnp.zeros((b,), jnp.int32),
                         commits=jnp.zeros((b, s_max), jnp.int32), commit_step=jnp.full((b, t), -1, jnp.int32),
                         cur_blk=jnp.full((b,), -1 if cfg.name != "adablock" else 0, jnp.int32),
-                        bstep=jnp.zeros((b,), jnp.int32), key=key, extra=_init_extra(cfg, b, t, v),
+                        bstep=jnp.zeros((b,), jnp.int32), key=key,
+                        extra=filt if cfg.name == "learn2pd" else _init_extra(cfg, b, t, v),
                         kv=kv0, last=last0, full_calls=nfull0)
 
     def model_call(st):
@@ -379,7 +418,7 @@ class FreeDaveState:
     commit_step: jax.Array
 
 
-def _run_freedave(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key):
+def _run_freedave(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, glen, key, filt=None):
     b, t = canvas.shape
     k = cfg.drafts
     s_max = t + 2
@@ -431,7 +470,7 @@ def _run_freedave(cfg: SamplerConfig, logits_fn: Callable, aux, canvas, plen, gl
                           commits=jax.lax.dynamic_update_slice(st.commits, n[:, None], (0, st.step)),
                           commit_step=jnp.where(newly, st.step, st.commit_step))
 
-    del key  # greedy: no randomness
+    del key, filt  # greedy: no randomness, no filter
     return jax.lax.while_loop(cond, body, st)
 
 
@@ -446,7 +485,7 @@ def compiled(cfg: SamplerConfig, logits_fn: Callable):
     """The jitted ``(aux, canvas, plen, glen, key) -> final state`` of ``cfg`` with ``logits_fn``
     (settings a schedule does not read are reset first, so equal programs compile once)."""
     base = SamplerConfig(mask_id=cfg.mask_id, pad_id=cfg.pad_id)
-    used = {"name", "steps", "block_length", "mask_id", "pad_id", "cache", *_READS.get(cfg.name, ())}
+    used = {"name", "steps", "block_length", "mask_id", "pad_id", "cache", "temperature", *_READS.get(cfg.name, ())}
     if cfg.name == "dream-maskgit-plus":  # the same rule as llada-low-confidence
         cfg = dataclasses.replace(cfg, name="llada-low-confidence")
     norm = dataclasses.replace(cfg, **{f.name: getattr(base, f.name) for f in dataclasses.fields(cfg)
@@ -459,7 +498,7 @@ _READS = {"fast-dllm-threshold": ("threshold",), "fast-dllm-factor": ("factor",)
           "localleap": ("threshold", "relaxed_threshold", "radius"),
           "credit": ("threshold", "credit_decay", "credit_weight"),
           "adablock": ("threshold", "delimiters", "delimiter_threshold"), "ccd": ("threshold", "ccd_window"),
-          "remask": ("remask_threshold",)}
+          "remask": ("remask_threshold",), "learn2pd": ("threshold", "eot", "eos_id")}
 
 
 @functools.lru_cache(maxsize=64)
@@ -485,11 +524,16 @@ def make_canvas(prompts, gen_lens, pad_id: int, length: Optional[int] = None):
 
 
 def sample(logits_fn: Callable, aux, prompts, gen_len, cfg: SamplerConfig, *, seed: int = 0,
-           length: Optional[int] = None):
+           length: Optional[int] = None, filter_params=None):
     """Run sampler ``cfg`` on ``prompts`` (lists of ids) with generation windows ``gen_len`` (an int or
-    one per row). Returns ``(tokens [B, max G] int32 numpy (the windows; [PAD] past a row's G), stats)``."""
+    one per row). ``filter_params``: the Learn2PD filter (sampler ``learn2pd`` only). Returns
+    ``(tokens [B, max G] int32 numpy (the windows; [PAD] past a row's G), stats)``."""
     if not len(prompts):
         raise ValueError("prompts must hold at least one prompt")
+    if (cfg.name == "learn2pd") != (filter_params is not None):
+        raise ValueError("filter_params (a Learn2PD filter: jaxdec.diffusion.learn2pd.load_filter, trained by "
+                         "python -m train.learn2pd_filter) are needed by sampler learn2pd and only by it; got "
+                         f"sampler {cfg.name!r} with filter_params {'set' if filter_params is not None else 'None'}")
     canvas, plen, glen = make_canvas(prompts, gen_len, cfg.pad_id, length)
     cfg.validate([int(g) for g in glen])
     if cfg.cache != "none" and not (callable(getattr(logits_fn, "full", None))
@@ -497,7 +541,7 @@ def sample(logits_fn: Callable, aux, prompts, gen_len, cfg: SamplerConfig, *, se
         raise ValueError(f"cache={cfg.cache!r} needs a logits_fn with .full and .block (e.g. "
                          f"jaxdec.diffusion.model.logits_fn(model)), got {logits_fn!r}")
     st = compiled(cfg, logits_fn)(aux, jnp.asarray(canvas), jnp.asarray(plen), jnp.asarray(glen),
-                                  jax.random.key(seed))
+                                  jax.random.key(seed), filter_params)
     final = np.asarray(st.canvas)
     cstep = np.asarray(st.commit_step)
     calls = np.asarray(st.calls)

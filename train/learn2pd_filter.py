@@ -1,0 +1,131 @@
+"""Train the Learn2PD filter of a masked-diffusion task model: ``python -m train.learn2pd_filter --model DIR``.
+
+Labels come from the "extremely greedy" replay (`jaxdec.diffusion.learn2pd.replay_labels`): the model
+decodes ``--per-task`` training prompts per task one token per step; ``--states`` canvases per prompt
+along that trajectory are scored again, and each masked position is labelled ready iff its current
+argmax already equals the token one-per-step decoding finally put there. The filter (a flax MLP over
+per-position confidence features, ``--hidden`` units) is fitted with binary cross-entropy on the shared
+harness (`train.harness.fit`: AdamW, orbax checkpoints in ``--out``, resumable: start the same command
+again). The replayed examples are cached in ``<out>/replay.npz``. At the end ``<out>/filter.safetensors``
+(+ ``.json``) is the filter (`jaxdec.diffusion.learn2pd.load_filter`); ``--export PATH`` also writes it there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdec.diffusion import learn2pd as L
+from jaxdec.diffusion import tasks as T
+from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig(TrainConfig):
+    out: str = "train/work/runs/learn2pd"
+    model: str = "train/work/runs/diffusion/model"  # the masked-diffusion task model folder
+    tasks: str = "all"  # "all" or a comma list of jaxdec.diffusion.tasks.TASKS
+    per_task: int = 200  # training prompts per task replayed
+    heldout_per_task: int = 16  # held-out prompts per task replayed (evaluation)
+    states: int = 6  # replayed canvases per prompt
+    data_seed: int = 0
+    hidden: int = 32
+    steps: int = 2000
+    batch_size: int = 512
+    lr: float = 3e-3
+    warmup: int = 50
+    eval_every: int = 250
+    save_every: int = 250
+    export: str = ""  # also write the filter here (.safetensors)
+
+    def task_list(self) -> tuple:
+        names = T.TASKS if self.tasks == "all" else tuple(s.strip() for s in self.tasks.split(",") if s.strip())
+        if not names or any(n not in T.TASKS for n in names):
+            raise ConfigError(f"--tasks must be 'all' or a comma list of {', '.join(T.TASKS)}, got {self.tasks!r}")
+        return names
+
+    def validate(self) -> None:
+        super().validate()
+        self.task_list()
+        for n in ("per_task", "heldout_per_task", "states", "hidden"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{n.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        from jaxdec.diffusion.model import objective_of
+        if objective_of(self.model) != "masked_diffusion":
+            raise ConfigError(f"--model {self.model!r} must be a masked-diffusion task model folder (written by "
+                              f"python -m train.masked_diffusion), got objective {objective_of(self.model)!r}")
+
+
+def bce_loss(params, frozen, batch, key):
+    """``(mean binary cross-entropy, {"acc", "ready"})`` of the filter on replayed features/labels."""
+    z = L.apply_filter(params, batch["features"])
+    y = batch["label"]
+    loss = jnp.mean(optax.sigmoid_binary_cross_entropy(z, y))
+    return loss, {"acc": jnp.mean((z > 0) == (y > 0.5)), "ready": jnp.mean(y)}
+
+
+def replay(cfg: FilterConfig, log=print):
+    """(train, held-out) ArrayData of replayed features and labels (cached in ``<out>/replay.npz``)."""
+    from jaxdec.diffusion.model import load, logits_fn
+    path = os.path.join(cfg.out, "replay.npz")
+    if os.path.isfile(path):
+        z = np.load(path)
+        if str(z["fingerprint"]) == fingerprint(cfg):
+            return (ArrayData({"features": z["tr_f"], "label": z["tr_y"]}),
+                    ArrayData({"features": z["ho_f"], "label": z["ho_y"]}))
+    model, params, _ = load(cfg.model)
+    fn = logits_fn(model)
+    names = cfg.task_list()
+    out = []
+    for split, n in (("train", cfg.per_task), ("heldout", cfg.heldout_per_task)):
+        ex = T.mixture(names, n, "train", seed=cfg.data_seed) if split == "train" else \
+            [e for name in names for e in T.heldout(name, n)]
+        d = L.replay_labels(fn, params, [T.encode(e.prompt) for e in ex], T.GEN_LEN, T.MASK_ID, T.PAD_ID,
+                            T.EOS_ID, states=cfg.states, seed=cfg.data_seed)
+        log(f"replay {split}: {len(ex)} prompts, {len(d['label'])} positions, {d['label'].mean():.3f} ready")
+        out.append(d)
+    os.makedirs(cfg.out, exist_ok=True)
+    np.savez(path, fingerprint=fingerprint(cfg), tr_f=out[0]["features"], tr_y=out[0]["label"],
+             ho_f=out[1]["features"], ho_y=out[1]["label"])
+    return ArrayData(out[0]), ArrayData(out[1])
+
+
+def fingerprint(cfg: FilterConfig) -> str:
+    st = os.stat(os.path.join(cfg.model, "model.safetensors"))
+    return (f"learn2pd:{os.path.abspath(cfg.model)}:{st.st_size}:{int(st.st_mtime)}:{','.join(cfg.task_list())}:"
+            f"{cfg.per_task}:{cfg.heldout_per_task}:{cfg.states}:{cfg.data_seed}:{cfg.hidden}:f{L.NFEAT}")
+
+
+def train(cfg: FilterConfig, stop_after=None, log=print, command: str = ""):
+    """Train (or resume) the filter in ``cfg.out``; returns ``(FitResult, filter path or None)`` (the path
+    once the run reached ``cfg.steps``)."""
+    cfg.validate()
+    tr, ho = replay(cfg, log=log)
+    res = fit(cfg, L.init_filter(cfg.hidden, cfg.seed), bce_loss, tr, eval_data=ho,
+              meta={"fingerprint": fingerprint(cfg)}, stop_after=stop_after, log=log)
+    if int(res.state.step) != cfg.steps:
+        return res, None
+    final = next((r for r in reversed(res.records) if r["kind"] == "eval"), None)
+    meta = {"model": cfg.model, "steps": cfg.steps, "tasks": list(cfg.task_list()), "per_task": cfg.per_task,
+            "states": cfg.states, "positions": len(tr), "final_eval": final, "command": command}
+    path = L.save_filter(os.path.join(cfg.out, "filter.safetensors"), res.params, meta)
+    log(f"filter: {path}")
+    if cfg.export:
+        L.save_filter(cfg.export, res.params, meta)
+        log(f"exported {cfg.export}")
+    return res, path
+
+
+def main(argv=None):
+    prog = "python -m train.learn2pd_filter"
+    cfg = config_from_args(FilterConfig, argv, prog=prog, description=__doc__)
+    return train(cfg, command=f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
