@@ -45,6 +45,8 @@ def register_papers(entries: dict) -> None:
 # flags every method of `generate` honours
 ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
                     "attention", "out", "quiet", "prefill_chunk",
+                    # multi-process runs: checked by _multihost_value (they need --mesh, which methods refuse by name)
+                    "coordinator", "num_processes", "process_id",
                     # constraints: checked by jaxdec.constrained.cli (methods that cannot honour them refuse)
                     "json_schema", "regex", "grammar", "choices", "constraint_engine"})
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
@@ -215,6 +217,7 @@ def _check_args(args, parser) -> None:
         if s == "":
             raise BadInput("--stop: a stop string must not be empty")
     mesh_shape = _mesh_value(args)
+    multihost = _multihost_value(args, mesh_shape)
     for validate in VALIDATORS:
         validate(args)
     info = METHOD_INFO.get(args.method, {"uses": frozenset(), "check": None})
@@ -228,6 +231,9 @@ def _check_args(args, parser) -> None:
         raise BadInput(f"{a.option_strings[-1]} is not used by --method {args.method}{hint}")
     if info["check"] is not None:
         info["check"](args)
+    if multihost is not None:  # before anything asks jax for its devices: the mesh spans every process's
+        from jaxdec.sharding import initialize_distributed
+        initialize_distributed(*multihost)
     args._mesh = None if mesh_shape is None else _build_mesh(args, *mesh_shape)
     from jaxdec.constrained.cli import read_constraints
     try:
@@ -248,11 +254,54 @@ def _mesh_value(args):
         raise BadInput(str(e)) from None
 
 
+_HOST_PORT = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:(\d{1,5})$")
+
+
+def _multihost_value(args, mesh_shape):
+    """``--coordinator HOST:PORT --num-processes N --process-id I`` (each falls back to JAXDEC_COORDINATOR,
+    JAXDEC_NUM_PROCESSES, JAXDEC_PROCESS_ID): the checked ``(address, N, I)`` for
+    `jaxdec.sharding.initialize_distributed`, or None for a single-process run. Multi-host runs need
+    ``--mesh`` (one global mesh over every process's devices) and cannot ``--stream``."""
+    env = os.environ
+    coord = args.coordinator if args.coordinator is not None else env.get("JAXDEC_COORDINATOR") or None
+    if coord is None:
+        for dest in ("num_processes", "process_id"):
+            if getattr(args, dest) is not None:
+                raise BadInput(f"{flag(dest)} needs --coordinator HOST:PORT (or JAXDEC_COORDINATOR)")
+        return None
+    m = _HOST_PORT.match(coord)
+    if m is None or not 0 < int(m.group(1)) < 65536:
+        raise BadInput(f"--coordinator expects HOST:PORT (e.g. localhost:12355) with a port in 1..65535, got {coord!r}")
+    vals = []
+    for dest in ("num_processes", "process_id"):
+        v = getattr(args, dest)
+        if v is None:
+            v = env.get(f"JAXDEC_{dest.upper()}")
+            if v is None or not v.isdigit():
+                raise BadInput(f"{flag(dest)} is needed with --coordinator (an integer; or JAXDEC_{dest.upper()}), got "
+                               f"{v!r}")
+            v = int(v)
+        vals.append(v)
+    n, i = vals
+    if n < 1:
+        raise BadInput(f"--num-processes must be an integer >= 1, got {n}")
+    if not 0 <= i < n:
+        raise BadInput(f"--process-id must be in [0, --num-processes) = [0, {n}), got {i}")
+    if mesh_shape is None:
+        raise BadInput("--coordinator (a multi-process run) needs --mesh DATAxMODEL: one global mesh over every "
+                       "process's devices")
+    if args.stream:
+        raise BadInput("--stream is not supported in a multi-process run (--coordinator): process 0 writes the rows")
+    return coord, n, i
+
+
 def _build_mesh(args, data: int, model: int):
     """The ``--mesh`` mesh over the visible devices, after checking that there are enough of them and
     that its data axis divides the rows of every compiled batch (before the model loads)."""
     prompts, n, bs = getattr(args, "_n_prompts", 1), args.n, args.batch_size
     calls = [prompts] if bs is None else [min(bs, prompts - s) for s in range(0, prompts, bs)]
+    if not METHOD_INFO[args.method]["chunked"]:  # one call over every row; each batch padded to --batch-size
+        calls = [prompts]
     for size in calls:
         rows = size * n if bs is None else min(bs, size * n)
         if rows % data:
@@ -375,7 +424,8 @@ class PartialOut:
     """``--out OUT``: rows go to ``OUT.partial`` as batches finish; `commit` renames it to ``OUT``.
     Opened before the model loads, so a bad path costs nothing."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, write: bool = True):
+        """``write=False``: only the path checks (the processes of a multi-process run other than 0)."""
         self.path = path
         self.partial = path + ".partial"
         self.rows = 0
@@ -388,6 +438,8 @@ class PartialOut:
             raise BadInput(f"--out: {self.partial!r} (the file written while decoding) is a folder")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise BadInput(f"--out: {path!r} is not writable")
+        if not write:
+            return
         try:
             self.f = open(self.partial, "w", encoding="utf-8")
         except OSError as e:
@@ -536,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
     g.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4: decode SPMD over a data x model mesh of the visible devices "
-                                  "(jaxdec.sharding; greedy and sample; the data axis must divide each batch's rows)")
+                                  "(jaxdec.sharding; greedy, sample, speculative with drafters that keep the "
+                                  "target's params; the data axis must divide each batch's rows)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0: run as one of --num-processes processes "
+                                         "(jax.distributed; needs --mesh over every process's devices; process 0 "
+                                         "prints and writes --out); default JAXDEC_COORDINATOR")
+    g.add_argument("--num-processes", type=int, default=None, help="processes of a --coordinator run "
+                                                                      "(default JAXDEC_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index in a --coordinator run, "
+                                                                  "0..N-1 (default JAXDEC_PROCESS_ID)")
     from jaxdec.constrained.cli import add_arguments as add_constraint_arguments
     add_constraint_arguments(g)
     g.add_argument("--stream", action="store_true",
@@ -612,6 +672,11 @@ def _merge_stats(all_stats: list) -> dict:
     return out
 
 
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
 def cmd_generate(args, parser) -> int:
     from tqdm import tqdm
 
@@ -621,7 +686,13 @@ def cmd_generate(args, parser) -> int:
     _check_stream(args, prompts)
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
         raise BadInput("--out is the --prompts-file: writing it would replace the prompts; choose another path")
-    out = PartialOut(args.out) if args.out else None
+    # a multi-process run (--coordinator): every process decodes its rows of the global batch and receives
+    # every row (jaxdec.sharding.to_host: process_allgather); process 0 alone prints and writes --out
+    lead = args._mesh is None or _process_index() == 0
+    if not lead:
+        args.quiet = True
+    out = PartialOut(args.out, write=lead) if args.out else None
+    out = out if lead else None
     try:
         t0 = time.perf_counter()
         loaded = load_model(args.model, args.weights, args.attention)

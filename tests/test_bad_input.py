@@ -187,6 +187,9 @@ SWEEP = {
     "quiet": lambda t: G("--quiet=1"),
     "stream": lambda t: G("--stream=1"),
     "mesh": lambda t: G("--mesh", "2by4"),
+    "coordinator": lambda t: G("--coordinator", "nohost", "--mesh", "1x1"),
+    "num_processes": lambda t: G("--coordinator", "localhost:1", "--num-processes", "0", "--process-id", "0"),
+    "process_id": lambda t: G("--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"),
     # search
     "num_beams": lambda t: G("--method", "beam", "--num-beams", "0"),
     "num_return_sequences": lambda t: G("--method", "beam", "--num-beams", "2", "--num-return-sequences", "3"),

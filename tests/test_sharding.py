@@ -78,6 +78,30 @@ def test_cli_mesh_checks_devices_batch_and_method(capsys, monkeypatch):
     _bad(capsys, ["--mesh", "2x1"], "--mesh 2x1", "data axis (2)", "1 prompt x --n 1")
     _bad(capsys, ["--mesh", "2x1", "--n", "4", "--batch-size", "3"], "data axis (2)", "--batch-size 3")
     _bad(capsys, ["--method", "beam", "--mesh", "1x1"], "--mesh is not used by --method beam", "greedy")
+    for d in ("pearl", "draft-model", "medusa", "eagle"):  # their draft params are outside the partition rules
+        _bad(capsys, ["--method", "speculative", "--drafter", d, "--mesh", "1x1"],
+             f"--mesh is not supported by --drafter {d}", "pld")
+    # a speculative call decodes every row in one call (batches padded to --batch-size): 1 prompt x 3 samples
+    _bad(capsys, ["--method", "speculative", "--mesh", "2x1", "--n", "3"], "data axis (2)", "1 prompt x --n 3")
+
+
+def test_cli_multihost_flags_checked_before_anything_starts(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the error"))
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **k: pytest.fail(f"initialize called: {k}"))
+    for k in ("JAXDEC_COORDINATOR", "JAXDEC_NUM_PROCESSES", "JAXDEC_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    mh = ["--coordinator", "localhost:1234", "--num-processes", "2"]
+    _bad(capsys, ["--coordinator", "nohost", "--mesh", "1x1"], "--coordinator expects HOST:PORT", "'nohost'")
+    _bad(capsys, ["--coordinator", "localhost:70000", "--mesh", "1x1"], "--coordinator", "1..65535")
+    _bad(capsys, ["--process-id", "0"], "--process-id needs --coordinator")
+    _bad(capsys, mh + ["--mesh", "1x1"], "--process-id is needed with --coordinator", "JAXDEC_PROCESS_ID")
+    _bad(capsys, mh + ["--process-id", "2", "--mesh", "1x1"], "--process-id must be in [0, --num-processes)", "got 2")
+    _bad(capsys, ["--coordinator", "localhost:1234", "--num-processes", "0", "--process-id", "0", "--mesh", "1x1"],
+         "--num-processes must be an integer >= 1")
+    _bad(capsys, mh + ["--process-id", "1"], "--coordinator (a multi-process run) needs --mesh")
+    _bad(capsys, mh + ["--process-id", "1", "--mesh", "1x1", "--stream"], "--stream is not supported", "multi-process")
+    monkeypatch.setenv("JAXDEC_COORDINATOR", "localhost:1234")  # the environment counts as the flags
+    _bad(capsys, ["--mesh", "1x1"], "--num-processes is needed with --coordinator", "JAXDEC_NUM_PROCESSES")
 
 
 def test_make_mesh_errors_and_subsets():
@@ -112,3 +136,37 @@ def test_initialize_distributed_reads_env_and_names_bad_values(monkeypatch):
     assert sharding.initialize_distributed(process_id=1, timeout_s=9) is True
     assert seen == {"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 1,
                     "initialization_timeout": 9}
+
+
+def tiny_cli_setup(tmp_path):
+    """The tiny Llama (16 / 8 heads: both split on a model axis of 4) as an HF folder, and its 8 prompts."""
+    sys.path.insert(0, os.path.join(HERE, "scripts"))
+    from tiny_llama import tiny_prompt_texts, write_hf_folder
+    folder = write_hf_folder(str(tmp_path / "tiny"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny_prompt_texts(8)))
+    return folder, str(prompts)
+
+
+def test_cli_speculative_mesh_gives_single_device_tokens(tmp_path):
+    """`jaxdec generate --method speculative --drafter pld --mesh 2x4` on 8 CPU devices writes the rows of the
+    same command on one device, and prompt lookup accepted drafts on both (τ > 1: a working speculative
+    path, not greedy in disguise). Every drafter of MESH_DRAFTERS gave one device's tokens at 2x4 when
+    checked by hand (session 8); CI runs pld."""
+    from test_mesh_matrix import FAST_COMPILE  # the mesh matrix's compile flags (same for both runs)
+    folder, prompts = tiny_cli_setup(tmp_path)
+    base = ["generate", "--model", folder, "--prompts-file", prompts, "--max-new-tokens", "16", "--quiet",
+            "--method", "speculative", "--drafter", "pld", "--draft-tokens", "4"]
+    runs = [base + ["--out", str(tmp_path / "one.jsonl")], base + ["--mesh", "2x4", "--out", str(tmp_path / "mesh.jsonl")]]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "cli_runs.py"), json.dumps(runs)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, mesh = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert one["rc"] == 0 and mesh["rc"] == 0, (one["rc"], mesh["rc"], proc.stderr[-3000:])
+    assert len(one["rows"]) == len(mesh["rows"]) == 8
+    assert [r["tokens"] for r in mesh["rows"]] == [r["tokens"] for r in one["rows"]], "--mesh 2x4 tokens differ"
+    assert [r["prompt_ids"] for r in mesh["rows"]] == [r["prompt_ids"] for r in one["rows"]]
+    assert max(len(r["tokens"]) for r in one["rows"]) == 16
+    assert one["rows"][0]["stats"]["tau"] > 1.0 and mesh["rows"][0]["stats"]["tau"] > 1.0

@@ -116,6 +116,7 @@ def check_args(args):
             users = sorted(d for d, f in DRAFTER_FLAGS.items() if dest in f)
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
+    _check_mesh(args)
     if args.drafter in ("medusa", "eagle"):
         d = args.drafter
         if args.spec_sampling and d == "eagle":
@@ -124,6 +125,18 @@ def check_args(args):
             raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
                            f"--heads PATH (a file written by python -m train.{d})")
         _check_heads(args, args.heads or _shipped(args))
+
+
+# drafters whose decoder runs on the target's own params (the tree `jaxdec.sharding` places): --mesh works;
+# the others carry a second model or trained heads in their params, which the partition rules do not cover
+MESH_DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del")
+
+
+def _check_mesh(args):
+    from jaxdec.cli import BadInput
+    if getattr(args, "mesh", None) is not None and args.drafter not in MESH_DRAFTERS:
+        raise BadInput(f"--mesh is not supported by --drafter {args.drafter} (its draft model or heads are params "
+                       f"jaxdec.sharding does not place); --mesh works with --drafter {', '.join(MESH_DRAFTERS)}")
 
 
 def _check_heads(args, path):
@@ -232,7 +245,8 @@ def _handler(args, loaded, prompt_ids, progress):
         sampling = SamplingParams.create(len(rows), **sampling)
     g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
-                             tokenizer=loaded.tokenizer, constraint=cons, **cli.stream_kwargs(args))
+                             tokenizer=loaded.tokenizer, constraint=cons, mesh=getattr(args, "_mesh", None),
+                             **cli.stream_kwargs(args))
     out = [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
     summ = g.stats
@@ -260,7 +274,7 @@ try:  # register with the spine's CLI when it is importable
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
                     uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed", "stream",
-                          "forced_tokens", *SAMPLING))(_handler)
+                          "forced_tokens", "mesh", *SAMPLING))(_handler)
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})

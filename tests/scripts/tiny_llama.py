@@ -49,3 +49,61 @@ def tiny_prompts(count: int = 8, seed: int = 1) -> list:
         n = 5 + (i * 5) % 8
         out.append((pat * 4)[:n])
     return out
+
+
+def _byte_chars() -> list:
+    """The 256 printable characters a byte-level BPE writes for the bytes 0..255 (GPT-2's table: printable
+    Latin-1 bytes stand for themselves, the rest take the code points from 256 on, in byte order)."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def write_hf_folder(path: str, seed: int = 0) -> str:
+    """The tiny Llama as a Hugging Face folder `jaxdec.load` (and so `jaxdec generate --model PATH`) opens:
+    config.json, model.safetensors and a byte-level tokenizer.json whose id b is the byte b (id 0, the
+    byte NUL, is the stop token; ASCII prompts never contain it)."""
+    import json
+    import os
+
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    _, params = tiny_llama(seed)
+    os.makedirs(path, exist_ok=True)
+    lay = {k: np.asarray(v) for k, v in params["layers"].items()}
+    names = {"attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
+             "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    tensors = {"model.embed_tokens.weight": np.asarray(params["embed"]), "lm_head.weight": np.asarray(params["lm_head"]),
+               "model.norm.weight": np.asarray(params["final_norm"])}
+    for i in range(L):
+        tensors.update({f"model.layers.{i}.{hf}.weight": np.ascontiguousarray(lay[ours][i]) for ours, hf in names.items()})
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    cfg = {"model_type": "llama", "hidden_size": E, "intermediate_size": F, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KVH, "head_dim": D, "vocab_size": V,
+           "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 0, "bos_token_id": None,
+           "max_position_embeddings": 512, "hidden_act": "silu", "rms_norm_eps": 1e-6}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    chars = _byte_chars()
+    tok = Tokenizer(models.BPE({c: b for b, c in enumerate(chars)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": chars[0]}, f)
+    return path
+
+
+def tiny_prompt_texts(count: int = 8, seed: int = 1) -> list:
+    """``count`` ASCII prompts repeating a short pattern (prompt lookup finds n-grams to copy)."""
+    rng = np.random.default_rng(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [("".join(rng.choice(list(letters), 3)) * 4)[:5 + (i * 5) % 8] for i in range(count)]
