@@ -14,8 +14,6 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_constrained import lm, tokenizer  # noqa: E402,F401
-
 from jaxdec.constrained import choices, regex  # noqa: E402
 
 COLOURS = ["red", "yellow", "blue"]
@@ -23,26 +21,28 @@ PHONE = "[0-9]{3}-[0-9]{4}"
 
 
 def _cli(tmp_path, capsys, *argv):
+    """The CLI's output rows, and the (model, params, tokenizer) it loaded: the library reference runs on
+    the same model object, so it reuses the CLI's compiled program instead of compiling its own."""
     from jaxdec import cli
     out = tmp_path / "out.jsonl"
     rc = cli.main(["generate", "--chat", "--weights", "q", "--quiet", "--out", str(out), *argv])
     assert rc == 0, capsys.readouterr().err[-2000:]
-    return [json.loads(x) for x in out.read_text().splitlines()]
+    (loaded,) = cli._LOADED.values()
+    return [json.loads(x) for x in out.read_text().splitlines()], (loaded.model, loaded.params, loaded.tokenizer)
 
 
 def _text(tok, t):
     return tok.decode(t, skip_special_tokens=True)
 
 
-def test_cli_stochastic_beam_choices(lm, tmp_path, capsys):
+def test_cli_stochastic_beam_choices(tmp_path, capsys):
     """k = 3 samples without replacement under `--choices`: three distinct token sequences, each spelling
     one of the choices (two may spell the same word in different tokens), each with its own constraint_ok;
     the row equals `stochastic_beam_search`'s."""
     from jaxdec.search import stochastic_beam_search
-    model, params, tok = lm
     q = "Pick a primary colour."
-    rows = _cli(tmp_path, capsys, "--prompt", q, "--method", "stochastic-beam", "--num-beams", "3", "--seed", "1",
-                "--max-new-tokens", "6", "--choices", ",".join(COLOURS))
+    rows, (model, params, tok) = _cli(tmp_path, capsys, "--prompt", q, "--method", "stochastic-beam", "--num-beams",
+                                      "3", "--seed", "1", "--max-new-tokens", "6", "--choices", ",".join(COLOURS))
     assert len(rows) == 1
     row = rows[0]
     assert row["constraint_ok"] is True and row["finish_reason"] == "eos"
@@ -58,14 +58,13 @@ def test_cli_stochastic_beam_choices(lm, tmp_path, capsys):
                                                                 abs=1e-4)
 
 
-def test_cli_best_of_n_regex(lm, tmp_path, capsys):
+def test_cli_best_of_n_regex(tmp_path, capsys):
     """n = 3 samples at temperature 1 under `--regex`: the chosen row and every ranked sample fullmatch
     the regex; the ranking equals `best_of_n`'s (default scorer: mean log-probability)."""
     from jaxdec.search import best_of_n
-    model, params, tok = lm
     q = "Invent a phone number."
-    rows = _cli(tmp_path, capsys, "--prompt", q, "--method", "best-of-n", "--n", "3", "--seed", "2",
-                "--temperature", "1.0", "--max-new-tokens", "12", "--regex", PHONE)
+    rows, (model, params, tok) = _cli(tmp_path, capsys, "--prompt", q, "--method", "best-of-n", "--n", "3", "--seed",
+                                      "2", "--temperature", "1.0", "--max-new-tokens", "12", "--regex", PHONE)
     row = rows[0]
     assert row["constraint_ok"] is True and re.fullmatch(PHONE, _text(tok, row["tokens"])), row["text"]
     assert len(row["beams"]) == 3
@@ -78,19 +77,18 @@ def test_cli_best_of_n_regex(lm, tmp_path, capsys):
     assert [b["tokens"] for b in row["beams"]] == [r["tokens"] for r in g.extras["ranked"][0]]
 
 
-def test_cli_momentum_per_row_fields(lm, tmp_path, capsys):
+def test_cli_momentum_per_row_fields(tmp_path, capsys):
     """Per-row `regex` / `choices` fields in --prompts-file (a free row between them) with momentum
     decoding: constrained rows satisfy their own constraint, the free row carries constraint_ok too, and the
     rows equal `momentum_generate` with the same constraint list."""
     from jaxdec.search import momentum_generate
-    model, params, tok = lm
     lines = [{"prompt": "Invent a phone number.", "regex": PHONE},
              {"prompt": "Say hello."},
              {"prompt": "Pick a primary colour.", "choices": COLOURS}]
     pf = tmp_path / "p.jsonl"
     pf.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    rows = _cli(tmp_path, capsys, "--prompts-file", str(pf), "--method", "momentum", "--momentum-alpha", "0.5",
-                "--max-new-tokens", "10")
+    rows, (model, params, tok) = _cli(tmp_path, capsys, "--prompts-file", str(pf), "--method", "momentum",
+                                      "--momentum-alpha", "0.5", "--max-new-tokens", "10")
     assert len(rows) == 3 and all("constraint_ok" in r for r in rows)
     assert rows[0]["constraint_ok"] and re.fullmatch(PHONE, _text(tok, rows[0]["tokens"])), rows[0]["text"]
     assert rows[2]["constraint_ok"] and _text(tok, rows[2]["tokens"]) in COLOURS, rows[2]["text"]
