@@ -6,9 +6,11 @@
     results = eng.run_until_done()                                      # {request id: Result}
 
 The engine keeps ``slots`` rows of one `DecodeState` on the device. Each `step`:
-1. admits waiting requests into free slots: `slots.prefill` of the request alone (one row, in a cache the
-   size of the running batch's; one compiled program per prompt bucket) and an insert into the slot (one
-   compiled program, the running KV cache donated);
+1. admits waiting requests into free slots, batched: the requests taken for the free slots (in arrival order,
+   within ``prefill_budget`` padded prompt tokens per step when set) are prefilled together, one `init` per
+   prompt bucket over a power-of-two row count (filler rows emit nothing; compiled programs: at most
+   log2(slots) + 1 row counts per prompt bucket), in a cache the size of the running batch's, and inserted
+   at once (one compiled insert per row count, the running KV cache donated);
 2. runs one compiled decode step over all slots (one program; the KV cache donated);
 3. reads the new tokens of each busy slot on the host, applies the request's own stop ids and frees
    the slots whose requests finished.
@@ -35,7 +37,7 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core import loop, slots as slots_lib
-from jaxdec.core.driver import _check_prompts
+from jaxdec.core.driver import _check_prompts, batch_inputs, pad_batch, row_keys
 from jaxdec.core.processors import SamplingParams
 from jaxdec.core.protocols import hook
 from jaxdec.core.state import EOS, LENGTH, STOP_STRING
@@ -121,8 +123,11 @@ class Engine:
     a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate`."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
-                 prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False):
+                 prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False,
+                 prefill_budget: Optional[int] = None):
         self.slots = _int_field("slots", slots, 1)
+        # padded prompt tokens prefilled between two decode steps (None: every free slot is filled at once)
+        self.prefill_budget = None if prefill_budget is None else _int_field("prefill_budget", prefill_budget, 1)
         self.cache_size = _int_field("cache_size", cache_size, 2)
         self.capacity = _int_field("capacity", capacity, 1)
         if self.capacity >= self.cache_size:
@@ -148,7 +153,7 @@ class Engine:
         self.keep_results = keep_results  # False: finished requests are only reported through on_tokens
 
     def _empty_state(self):
-        pad = int(hook(self.model, "pad_id"))
+        pad = self._pad = int(hook(self.model, "pad_id"))
         state = slots_lib.start(self.decoder, self.model, self.params, [[pad]] * self.slots,
                                 cache_size=self.cache_size, capacity=self.capacity, max_new_tokens=1,
                                 stop_ids=self.eos_ids,
@@ -241,28 +246,68 @@ class Engine:
         if slot is not None:
             self._slot_req[slot] = None
 
-    def _admit(self):
-        for slot in range(self.slots):
-            if self._slot_req[slot] is not None:
-                continue
+    def _row_bucket(self, n: int) -> int:
+        """Rows of one admission prefill: the next power of two, at most ``slots`` (so an engine compiles at
+        most log2(slots) + 1 row counts per prompt bucket)."""
+        return min(1 << (n - 1).bit_length(), self.slots)
+
+    def _take(self, free: int) -> list:
+        """Waiting requests for ``free`` slots, in arrival order, within the prefill budget (padded prompt
+        tokens; the first request is always taken). Cancelled ones are finished here."""
+        take, spent = [], {}
+        while len(take) < free:
             with self._lock:
                 if not self._waiting:
-                    return
-                req = self._waiting.popleft()
+                    break
+                req = self._waiting[0]
                 cancelled = req.id in self._cancel
+                if not cancelled and take and self.prefill_budget is not None:
+                    b = bucket(len(req.prompt))
+                    rows = {**spent, b: spent.get(b, 0) + 1}
+                    if sum(self._row_bucket(n) * k for k, n in rows.items()) > self.prefill_budget:
+                        break
+                self._waiting.popleft()
             if cancelled:
                 self._notify(req, [], "cancelled")
                 self._finish(None, req, "cancelled")
                 continue
-            prefix = slots_lib.prefill(self.decoder, self.model, self.params, [req.prompt], like=self._state,
-                                       max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens,
-                                       seed=req.seed, stop_ids=self.eos_ids,
-                                       sampling=self._sampling([req.temperature], [req]))
+            take.append(req)
+            b = bucket(len(req.prompt))
+            spent[b] = spent.get(b, 0) + 1
+        return take
+
+    def _admit(self):
+        """Batched admission: the waiting requests that fit the free slots (and the prefill budget) are
+        prefilled together, one compiled `init` per prompt bucket with a power-of-two row count (filler rows
+        repeat the group's first row, emit nothing and are dropped by the insert), then inserted at once."""
+        free = [s for s in range(self.slots) if self._slot_req[s] is None]
+        if not free:
+            return
+        take = self._take(len(free))
+        groups: dict = {}
+        for req in take:
+            groups.setdefault(bucket(len(req.prompt)), []).append(req)
+        for p, group in groups.items():
+            n, nb = len(group), self._row_bucket(len(group))
+            fill = [group[0]] * (nb - n)
+            rows = group + fill
+            keys = np.concatenate([row_keys(r.seed, 1, 1) for r in group])
+            inputs = batch_inputs(nb, 1, 0, keys, self.eos_ids, self.capacity,
+                                  self._sampling([r.temperature for r in group], group))
+            inputs = inputs.replace(
+                max_new=jnp.asarray([r.max_new_tokens for r in group] + [0] * (nb - n), jnp.int32),
+                min_new=jnp.asarray([r.min_new_tokens for r in rows], jnp.int32))
+            toks, lens = pad_batch([r.prompt for r in rows], p, self._pad)
+            prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
+                                    inputs, self.cache_size)
+            where = free[:n] + [self.slots] * (nb - n)  # filler rows: out of range, dropped by the scatter
+            free = free[n:]
             st = self._state
             self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
-                                  jnp.asarray([slot], jnp.int32))
-            self._slot_req[slot] = req
-            self._seen[slot] = 0
+                                  jnp.asarray(where, jnp.int32))
+            for slot, req in zip(where, group):
+                self._slot_req[slot] = req
+                self._seen[slot] = 0
 
     def _notify(self, req, toks, reason):
         if req.on_tokens is not None:
