@@ -176,12 +176,39 @@ def test_bad_constraints_give_clear_errors(tokenizer):
         eng.compile(lark("start: a\na: b\n"))
     with pytest.raises(ConstraintError, match=r"accepts no string"):
         eng.compile(regex("[^\\x00-\\U0010FFFF]"))
+    with pytest.raises(ConstraintError, match=r"grammar: the grammar accepts no string"):  # an empty terminal
+        eng.compile(lark("start: /[^\\x00-\\U0010FFFF]/\n"))
     with pytest.raises(ConstraintError, match=r"choices: give at least one"):
         choices([])
     with pytest.raises(ConstraintError, match=r"Lark grammars need engine='llguidance'"):
         lark("start: \"a\"", engine="outlines")
     with pytest.raises(ConstraintError, match=r"engine must be one of"):
         regex("a", engine="xgrammar")
+
+
+def test_tokenizer_the_engine_cannot_use(lm):
+    """A tokenizer an engine cannot use: the error names `tokenizer` and the engine, from `get_engine` and
+    from `generate(constraint=)` (before anything compiles)."""
+    model, params, tok = lm
+
+    class NoBackend:  # no Hugging Face `tokenizers` backend, not byte-level
+        vocab_size, eos_id = 49152, 2
+
+    class BadJSON(NoBackend):  # a backend whose tokenizer JSON llguidance cannot read
+        class backend:
+            @staticmethod
+            def to_str():
+                return '{"model": {"type": "nothing"}}'
+
+    with pytest.raises(ConstraintError, match=r"^tokenizer: engine llguidance needs a tokenizer with a Hugging Face"):
+        get_engine("llguidance", NoBackend(), 49152, 2)
+    with pytest.raises(ConstraintError, match=r"^tokenizer: engine llguidance cannot use this tokenizer \(BadJSON\)"):
+        get_engine("llguidance", BadJSON(), 49152, 2)
+    with pytest.raises(ConstraintError, match=r"^tokenizer: engine outlines needs a byte-level BPE tokenizer"):
+        get_engine("outlines", NoBackend(), 49152, 2)
+    with pytest.raises(ConstraintError, match=r"^tokenizer: engine outlines needs"):
+        jaxdec.generate(model, params, [tok.chat_ids("Hi")], max_new_tokens=4, tokenizer=NoBackend(),
+                        constraint=regex("a", engine="outlines"))
 
 
 def test_bad_constraint_arguments_in_generate(lm):

@@ -96,3 +96,20 @@ def test_cli_momentum_per_row_fields(tmp_path, capsys):
                           tokenizer=tok, constraint=[regex(PHONE), None, choices(COLOURS)])
     assert [r["tokens"] for r in rows] == g.tokens
     assert [r["constraint_ok"] for r in rows] == g.constraint_ok
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--regex", "[^\\x00-\\U0010FFFF]", "(--regex): the grammar accepts no string"),
+    ("--grammar", "start: /[^\\x00-\\U0010FFFF]/\n", "(--grammar): the grammar accepts no string"),
+])
+def test_cli_grammar_that_accepts_nothing(flag, value, needle, tmp_path, capsys):
+    """A regex or Lark grammar whose language is empty passes the syntax checks; compiling it against the
+    tokenizer (after the model loads) gives one error line naming the flag, exit status 2."""
+    from jaxdec import cli
+    if flag == "--grammar":
+        (tmp_path / "g.lark").write_text(value)
+        value = str(tmp_path / "g.lark")
+    rc = cli.main(["generate", "--prompt", "hi", "--weights", "q", "--max-new-tokens", "4", "--quiet",
+                   "--method", "momentum", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -236,12 +236,13 @@ class LLGuidanceEngine(Engine):
         import llguidance
         backend = getattr(tokenizer, "backend", None)
         if backend is None or not hasattr(backend, "to_str"):
-            raise ConstraintError(f"llguidance: the tokenizer ({type(tokenizer).__name__}) has no Hugging Face "
-                                  "`tokenizers` backend to export as tokenizer JSON")
+            raise ConstraintError(f"tokenizer: engine llguidance needs a tokenizer with a Hugging Face `tokenizers` "
+                                  f"backend (exported as tokenizer JSON), got {type(tokenizer).__name__} without one")
         try:
             self.lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=self.eos)
         except Exception as e:  # noqa: BLE001 - the engine's own message says why
-            raise ConstraintError(f"llguidance cannot use this tokenizer: {e}") from None
+            raise ConstraintError(f"tokenizer: engine llguidance cannot use this tokenizer "
+                                  f"({type(tokenizer).__name__}): {one_line(str(e))}") from None
         self.executor = llguidance.LLExecutor(threads)
 
     @staticmethod
@@ -385,8 +386,8 @@ class OutlinesEngine(Engine):
         import outlines_core
         self.oc = outlines_core
         if not (hasattr(tokenizer, "id_bytes") and getattr(tokenizer, "is_byte_level", False)):
-            raise ConstraintError(f"outlines: the tokenizer ({type(tokenizer).__name__}) is not a byte-level BPE "
-                                  "tokenizer with id_bytes(); use engine='llguidance'")
+            raise ConstraintError(f"tokenizer: engine outlines needs a byte-level BPE tokenizer with id_bytes(), got "
+                                  f"{type(tokenizer).__name__}; use engine='llguidance'")
         try:
             self.vocab = _OC_VOCABS[tokenizer]
         except (KeyError, TypeError):
