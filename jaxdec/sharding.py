@@ -169,3 +169,23 @@ def initialize_distributed(coordinator_address: str = None, num_processes: int =
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=int(timeout_s))
     return True
+
+
+def shard_map_attention(fn, mesh: Mesh, split_heads: bool):
+    """``fn`` (an attention kernel with `jaxdec.attention.reference.attend`'s signature, e.g. the Pallas
+    `tree_attention`) run per device under `jax.shard_map`: batch rows over the data axis and, when
+    ``split_heads`` (both head counts divide the model axis: whole GQA groups per device), the query and KV
+    heads over the model axis; otherwise every device of the model axis computes its rows' attention whole.
+    A Pallas call is a custom call with no sharding rule: left to the partitioner, XLA would gather its
+    operands onto every device; under shard_map each device runs the kernel on its own shard."""
+    h = MODEL if split_heads else None
+    heads = P(DATA, None, h, None)  # q, caches, new keys/values and the output: [B, T or S, heads, D]
+    rows = P(DATA)  # lengths [B], block_mask [B,T,T], q_pos [B,T]
+
+    def wrapped(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos, sliding_window=None, **kw):
+        body = lambda *a: fn(*a, sliding_window=sliding_window, **kw)  # noqa: E731 (static kwargs closed over)
+        return jax.shard_map(body, mesh=mesh, in_specs=(heads, heads, heads, rows, heads, heads, rows, rows),
+                             out_specs=heads, check_vma=False)(q, k_cache, v_cache, lengths, k_new, v_new,
+                                                               block_mask, q_pos)
+
+    return wrapped

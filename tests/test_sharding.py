@@ -170,3 +170,22 @@ def test_cli_speculative_mesh_gives_single_device_tokens(tmp_path):
     assert [r["prompt_ids"] for r in mesh["rows"]] == [r["prompt_ids"] for r in one["rows"]]
     assert max(len(r["tokens"]) for r in one["rows"]) == 16
     assert one["rows"][0]["stats"]["tau"] > 1.0 and mesh["rows"][0]["stats"]["tau"] > 1.0
+
+
+def test_pallas_attention_runs_per_device_under_shard_map():
+    """attention_impl="pallas" on a 2x4 mesh (8 CPU devices, the kernel in interpret mode): the driver hands
+    the model its mesh, the kernel is wrapped by `sharding.shard_map_attention` (heads split: 16 / 8 divide 4)
+    and the traced forward holds a shard_map (the single-device one none); tokens equal one device's, which
+    equal the XLA attention's."""
+    from test_mesh_matrix import FAST_COMPILE
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "pallas_mesh.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert res["devices"] == 8 and res["single_wraps"] == 0 and res["mesh_wraps"] >= 1, res
+    assert res["wraps"][0] == {"mesh": {"data": 2, "model": 4}, "split_heads": True, "fn": "tree_attention"}, res
+    assert res["jaxpr_shard_maps"] >= 1 and res["jaxpr_shard_maps_single"] == 0, res
+    assert res["mesh"] == res["single"], "pallas attention on a 2x4 mesh: tokens differ from one device"
+    assert res["single"] == res["xla"] and max(len(t) for t in res["single"]) == 12

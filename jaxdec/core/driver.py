@@ -276,6 +276,8 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
         params = sharding.shard_params(params, mesh, model)
         if dataclasses.is_dataclass(model) and getattr(model, "matmul_impl", "xla") is None:
             model = dataclasses.replace(model, matmul_impl="xla")  # shardable dots, not custom calls
+        if getattr(model, "attention_impl", None) == "pallas" and hasattr(model, "attention_mesh"):
+            model = dataclasses.replace(model, attention_mesh=mesh)  # the kernel per device under shard_map
 
     pad_id = int(hook(model, "pad_id"))
     order = list(range(len(units)))

@@ -75,6 +75,9 @@ class LlamaModel:
     # prompt tokens per prefill chunk (`jaxdec.core.steps.prefill`: one compiled chunk program, peak
     # memory O(chunk x cache)); None runs the whole prompt block in one call
     prefill_chunk: Optional[int] = 512
+    # a mesh run with attention_impl "pallas": the drivers set the mesh here and the kernel runs per device
+    # under shard_map (`jaxdec.sharding.shard_map_attention`; a custom call has no sharding rule)
+    attention_mesh: Optional[object] = None
     # the drivers may hand this model a shared-prefix KVCache (Hydragen; see jaxdec.cache.kv)
     supports_shared_prefix = True
 
@@ -267,6 +270,10 @@ class LlamaModel:
             extra_xs, lengths, stacked = None, cache.lengths, True
         else:
             base = _attention_fn(self.attention_impl)
+            if self.attention_mesh is not None:
+                from jaxdec import sharding
+                base = sharding.shard_map_attention(base, self.attention_mesh,
+                                                    sharding.heads_split(self, self.attention_mesh))
 
             def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None):
                 return base(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window)
