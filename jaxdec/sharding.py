@@ -8,7 +8,12 @@ per-row inputs with these rules and lets XLA's sharding propagation partition th
 Multi-host: `initialize_distributed` (``jax.distributed.initialize``) first, in every process; the
 same `make_mesh` then spans every process's devices (the data axis across processes first), every
 process runs the same `generate` call on the same prompts, and results reach the host through
-`to_host` (``process_allgather`` for arrays split over other processes' devices).
+`to_host` (``process_allgather`` for arrays split over other processes' devices). From the command line:
+``jaxdec generate --mesh 2x4 --coordinator HOST:PORT --num-processes N --process-id I`` in every process
+(or the JAXDEC_* variables below); process 0 alone prints and writes ``--out``.
+
+Pallas attention (``attention_impl="pallas"``) on a mesh runs per device under `jax.shard_map`
+(`shard_map_attention`; the drivers hand the model its mesh): a custom call has no sharding rule.
 """
 from __future__ import annotations
 
