@@ -1,0 +1,1 @@
+"""Input-adaptive layer skipping (lossy). `first`: FiRST per-layer routers decided at prefill."""
