@@ -550,7 +550,7 @@ def cmd_methods(args) -> int:
 def _load_plugins():
     """Import the packages that register extra CLI methods (missing ones are simply absent)."""
     import importlib
-    for mod in ("jaxdec.speculative.cli", "jaxdec.search.cli", "jaxdec.diffusion.cli"):
+    for mod in ("jaxdec.speculative.cli", "jaxdec.search.cli", "jaxdec.diffusion.cli", "jaxdec.layerskip.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
