@@ -249,6 +249,9 @@ SWEEP = {
     "factor": lambda t: G("--method", "diffusion", "--factor", "0"),
     "freedave_drafts": lambda t: G("--method", "diffusion", "--freedave-drafts", "0"),
     "dllm_cache": lambda t: G("--method", "diffusion", "--dllm-cache", "triple"),
+    # FiRST
+    "first_routers": lambda t: G("--method", "first", "--first-routers", os.path.join(t, "missing.npz")),
+    "first_threshold": lambda t: G("--method", "first", "--first-routers", "x", "--first-threshold", "1.5"),
 }
 
 
