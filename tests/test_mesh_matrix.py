@@ -36,6 +36,10 @@ SLOW_PLAN = {"sample": ("4x2", "8x1"), "beam": ("4x2", "8x1")}
 # compile time dominates (20 programs): LLVM at -O0 and no HLO constant folding. Every comparison is
 # between programs compiled with the same flags, and the SPMD partitioning under test is unchanged
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_disable_hlo_passes=constant_folding"
+# the 8 simulated devices are threads that meet at every collective; XLA aborts the process when one has not
+# arrived within 40 s (seen on a loaded 2-core machine: "Termination timeout for `collective permute`"), so the
+# 8-device subprocesses wait longer
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900"
 
 
 def plan_arg(plan):
@@ -43,7 +47,7 @@ def plan_arg(plan):
 
 
 def run_matrix(args, timeout, fast_compile=True):
-    flags = "--xla_force_host_platform_device_count=8" + (" " + FAST_COMPILE if fast_compile else "")
+    flags = "--xla_force_host_platform_device_count=8 " + PATIENT_COLLECTIVES + (" " + FAST_COMPILE if fast_compile else "")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "mesh_matrix.py"), "--meshes",

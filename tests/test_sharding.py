@@ -153,12 +153,12 @@ def test_cli_speculative_mesh_gives_single_device_tokens(tmp_path):
     same command on one device, and prompt lookup accepted drafts on both (τ > 1: a working speculative
     path, not greedy in disguise). Every drafter of MESH_DRAFTERS gave one device's tokens at 2x4 when
     checked by hand (session 8); CI runs pld."""
-    from test_mesh_matrix import FAST_COMPILE  # the mesh matrix's compile flags (same for both runs)
+    from test_mesh_matrix import FAST_COMPILE, PATIENT_COLLECTIVES  # the mesh matrix's compile flags (same for both runs)
     folder, prompts = tiny_cli_setup(tmp_path)
     base = ["generate", "--model", folder, "--prompts-file", prompts, "--max-new-tokens", "16", "--quiet",
             "--method", "speculative", "--drafter", "pld", "--draft-tokens", "4"]
     runs = [base + ["--out", str(tmp_path / "one.jsonl")], base + ["--mesh", "2x4", "--out", str(tmp_path / "mesh.jsonl")]]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=8", PATIENT_COLLECTIVES, FAST_COMPILE]), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "cli_runs.py"), json.dumps(runs)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -177,8 +177,8 @@ def test_pallas_attention_runs_per_device_under_shard_map():
     the model its mesh, the kernel is wrapped by `sharding.shard_map_attention` (heads split: 16 / 8 divide 4)
     and the traced forward holds a shard_map (the single-device one none); tokens equal one device's, which
     equal the XLA attention's."""
-    from test_mesh_matrix import FAST_COMPILE
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
+    from test_mesh_matrix import FAST_COMPILE, PATIENT_COLLECTIVES
+    env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=8", PATIENT_COLLECTIVES, FAST_COMPILE]), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "pallas_mesh.py")], env=env,
                           capture_output=True, text=True, timeout=600)
