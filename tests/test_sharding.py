@@ -28,7 +28,9 @@ def test_meshes_give_single_device_tokens(weights, chat_prompt_ids, tmp_path):
     meshes = MESHES[weights]
     texts = tmp_path / "prompts.jsonl"  # the same prompts as text, for `jaxdec generate --chat --mesh 2x4`
     texts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in read_prompts()[:8]))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    from test_mesh_matrix import PATIENT_COLLECTIVES
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + PATIENT_COLLECTIVES,
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "sharding_check.py"), peer.default_gguf_path(),
                            weights, "12", json.dumps(prompts), ",".join(meshes)]
                           + ([str(texts)] if weights == "f32" else []),
