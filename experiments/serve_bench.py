@@ -63,6 +63,8 @@ class Config:
     seed: int = field(default=0, metadata={"help": "trace seed"})
     tpot_requests: int = field(default=32, metadata={"help": "requests of the tpot cell (all at time 0)"})
     step_reps: int = field(default=20, metadata={"help": "decode steps timed alone in the tpot cell"})
+    prefill_budget: int = field(default=0, metadata={"help": "engine prefill_budget: padded prompt tokens "
+                                                            "prefilled between two steps (0: fill every free slot)"})
     sections: tuple[str, ...] = runner.select(SECTIONS, help=f"cells to run, of {SECTIONS}")
 
 
@@ -72,7 +74,7 @@ QUICK = Config(requests=16, output_lens=(8, 32), reps=2, tpot_requests=24)
 
 
 def _depends(cell: str) -> list:
-    common = ["prompt_lens", "output_lens", "slots", "weights", "seed"]
+    common = ["prompt_lens", "output_lens", "slots", "weights", "seed", "prefill_budget"]
     if cell == "trace":
         return common + ["requests", "rate", "reps"]
     return common + ["tpot_requests", "step_reps"]
@@ -123,7 +125,8 @@ def sizes(cfg) -> tuple:
 def make_engine(m, cfg):
     from jaxdec.serving import Engine
     cache, cap, _ = sizes(cfg)
-    return Engine(m.model, m.params, slots=cfg.slots, cache_size=cache, capacity=cap, ignore_eos=True)
+    return Engine(m.model, m.params, slots=cfg.slots, cache_size=cache, capacity=cap, ignore_eos=True,
+                  prefill_budget=cfg.prefill_budget or None)
 
 
 def _wait_for(arrival: float, t0: float) -> None:
@@ -190,6 +193,7 @@ def warm_trace(cfg) -> list:
 def warm_engine(eng, cfg, sys_) -> float:
     warm = warm_trace(cfg)
     t = time.perf_counter()
+    eng.warmup(cfg.prompt_lens)  # every admission shape (row count x prompt bucket)
     engine_run(eng, warm, sys_.requests(warm))
     return time.perf_counter() - t
 

@@ -63,6 +63,7 @@ class Request:
     seed: int
     on_tokens: Optional[Callable] = None  # on_tokens(request_id, new_token_ids, finish_reason or None)
     submitted: float = 0.0
+    constraint: Optional[tuple] = None  # (grammar engine, compiled constraint) of jaxdec.constrained
     # filled while it runs
     tokens: list = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None
@@ -82,6 +83,7 @@ class Result:
     finish_reason: str
     ttft: Optional[float]  # seconds from submit to the first token on the host
     seconds: float  # submit to finish
+    constraint_ok: Optional[bool] = None  # with a constraint: the grammar accepts the tokens (as generate's)
 
 
 _FINISH = {EOS: "eos", LENGTH: "length", STOP_STRING: "stop"}
@@ -124,7 +126,7 @@ class Engine:
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
                  prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False,
-                 prefill_budget: Optional[int] = None):
+                 prefill_budget: Optional[int] = None, tokenizer=None):
         self.slots = _int_field("slots", slots, 1)
         # padded prompt tokens prefilled between two decode steps (None: every free slot is filled at once)
         self.prefill_budget = None if prefill_budget is None else _int_field("prefill_budget", prefill_budget, 1)
@@ -138,6 +140,8 @@ class Engine:
         self.model = with_prefill_chunk(model, prefill_chunk)
         self.params = params
         self.decoder = TokenDecoder(greedy=False)  # per-row SamplingParams; temperature 0 rows are greedy
+        self.tokenizer = tokenizer  # needed for constraints (the grammar engines work on its vocabulary)
+        self._cdecoder = self._csession = None  # the decoder with the constraint mask, and its slot matchers
         # ignore_eos (benchmarks: every request decodes exactly max_new_tokens): no stop id on the device
         self.eos_ids = () if ignore_eos else tuple(int(t) for t in model.eos_ids)
         self._state = self._empty_state()
@@ -181,10 +185,13 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 16, min_new_tokens: int = 0,
                stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0, seed: int = 0, request_id: Optional[str] = None,
-               on_tokens: Optional[Callable] = None) -> str:
+               on_tokens: Optional[Callable] = None, constraint=None) -> str:
         """Queue a request; returns its id. ``on_tokens(id, new_tokens, finish_reason_or_None)`` is called from
-        the stepping thread as tokens arrive (``finish_reason`` set on the last call)."""
+        the stepping thread as tokens arrive (``finish_reason`` set on the last call). ``constraint``: a
+        `jaxdec.constrained` constraint (json_schema, regex, lark, choices, or its dict form) for this request
+        (the engine needs ``tokenizer=``); its tokens equal ``generate(..., constraint=...)`` of it alone."""
         prompt = self.check(prompt_ids, max_new_tokens, min_new_tokens)
+        unit = None if constraint is None else self._compile_constraint(constraint)
         if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
             raise RequestError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
         stops = tuple(_int_field("stop_ids[]", t, 0, self.model.vocab_size - 1) for t in stop_ids)
@@ -199,10 +206,32 @@ class Engine:
             if rid in self._requests or rid in self._results:
                 raise RequestError(f"request_id {rid!r} is already in use")
             req = Request(rid, prompt, int(max_new_tokens), int(min_new_tokens), stops, temperature, top_k, top_p,
-                          min_p, int(seed), on_tokens, time.perf_counter())
+                          min_p, int(seed), on_tokens, time.perf_counter(), unit)
             self._requests[rid] = req
             self._waiting.append(req)
         return rid
+
+    def _compile_constraint(self, constraint) -> tuple:
+        from jaxdec.constrained import api
+        if self.tokenizer is None:
+            raise RequestError("constraint: this engine has no tokenizer (Engine(..., tokenizer=...) enables "
+                               "constraints)")
+        try:
+            return api.compile_rows([api.as_constraint(constraint)], self.tokenizer, self.model)[0]
+        except (TypeError, ValueError) as e:  # ConstraintError is a ValueError
+            msg = str(e)
+            raise RequestError(msg if msg.startswith("constraint") else f"constraint: {msg}") from None
+
+    def _constrained(self):
+        """The decoder with the constraint mask first (compiled on the first constrained request) and the
+        session holding one matcher per slot."""
+        if self._cdecoder is None:
+            from jaxdec.constrained.processor import ConstraintMask, Session
+            self._cdecoder = dataclasses.replace(self.decoder, processors=(ConstraintMask(int(self.model.vocab_size)),)
+                                                 + tuple(self.decoder.processors))
+            self._csession = Session([None] * self.slots)
+            self._csession.begin_batch(self.slots)
+        return self._cdecoder, self._csession
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (waiting or running); its slot is freed at the next `step`."""
@@ -236,15 +265,28 @@ class Engine:
     def _finish(self, slot, req, reason):
         now = time.perf_counter()
         req.finish_reason, req.finished_time = reason, now
+        ok = None
+        if req.constraint is not None and reason != "cancelled":
+            m = req.constraint[0].matcher(req.constraint[1])
+            ok = bool(all(m.consume(int(t)) for t in req.tokens) and m.accepting())
         with self._lock:
             self._requests.pop(req.id, None)
             self._cancel.discard(req.id)
             if self.keep_results:
-                    self._results[req.id] = Result(
+                self._results[req.id] = Result(
                     req.id, req.prompt, list(req.tokens), reason,
-                    None if req.first_token_time is None else req.first_token_time - req.submitted, now - req.submitted)
+                    None if req.first_token_time is None else req.first_token_time - req.submitted, now - req.submitted,
+                    ok)
         if slot is not None:
             self._slot_req[slot] = None
+            self._set_matcher(slot, None)
+
+    def _set_matcher(self, slot, unit):
+        if self._csession is not None:
+            sess = self._csession
+            sess.rows[slot] = unit
+            sess.matchers[slot] = None if unit is None else unit[0].matcher(unit[1])
+            sess.consumed[slot] = 0  # the first mask callback advances it over the row's committed tokens
 
     def _row_bucket(self, n: int) -> int:
         """Rows of one admission prefill: the next power of two, at most ``slots`` (so an engine compiles at
@@ -286,8 +328,8 @@ class Engine:
         take = self._take(len(free))
         groups: dict = {}
         for req in take:
-            groups.setdefault(bucket(len(req.prompt)), []).append(req)
-        for p, group in groups.items():
+            groups.setdefault((bucket(len(req.prompt)), req.constraint is not None), []).append(req)
+        for (p, constrained), group in groups.items():
             n, nb = len(group), self._row_bucket(len(group))
             fill = [group[0]] * (nb - n)
             rows = group + fill
@@ -298,8 +340,18 @@ class Engine:
                 max_new=jnp.asarray([r.max_new_tokens for r in group] + [0] * (nb - n), jnp.int32),
                 min_new=jnp.asarray([r.min_new_tokens for r in rows], jnp.int32))
             toks, lens = pad_batch([r.prompt for r in rows], p, self._pad)
-            prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
-                                    inputs, self.cache_size)
+            if constrained:  # the first token is masked too: a session over these rows for the prefill
+                from jaxdec.constrained.processor import Session, activate
+                decoder = self._constrained()[0]
+                sess = Session([r.constraint for r in group] + [None] * (nb - n))
+                sess.begin_batch(nb)
+                with activate(sess):
+                    prefix = loop._init_jit(decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
+                                            inputs, self.cache_size)
+                    jax.block_until_ready(prefix.tokens)
+            else:
+                prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks),
+                                        jnp.asarray(lens), inputs, self.cache_size)
             where = free[:n] + [self.slots] * (nb - n)  # filler rows: out of range, dropped by the scatter
             free = free[n:]
             st = self._state
@@ -308,6 +360,29 @@ class Engine:
             for slot, req in zip(where, group):
                 self._slot_req[slot] = req
                 self._seen[slot] = 0
+                if constrained:
+                    self._set_matcher(slot, req.constraint)
+
+    def warmup(self, prompt_lengths: Sequence[int]) -> int:
+        """Compile every admission shape for these prompt lengths' buckets (each power-of-two row count's
+        prefill and insert), so that no request waits on an admission compile; the slots are untouched
+        (the warm-up rows are all fillers, dropped by the insert). Returns the number of shapes."""
+        buckets = sorted({bucket(_int_field("prompt_lengths[]", n, 1)) for n in prompt_lengths})
+        if any(b > self.cache_size - 1 for b in buckets):
+            raise RequestError(f"prompt_lengths: a bucket of {buckets} does not fit a slot of {self.cache_size}")
+        counts = sorted({self._row_bucket(n) for n in range(1, self.slots + 1)})
+        keys = row_keys(0, 1, 1)
+        for p in buckets:
+            for nb in counts:
+                inputs = batch_inputs(nb, 1, 0, keys, self.eos_ids, self.capacity, self._sampling([0.0]))
+                toks, lens = pad_batch([[self._pad]] * nb, p, self._pad)
+                prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks),
+                                        jnp.asarray(lens), inputs, self.cache_size)
+                st = self._state
+                self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
+                                      jnp.full((nb,), self.slots, jnp.int32))
+        jax.block_until_ready(self._state.done)
+        return len(buckets) * len(counts)
 
     def _notify(self, req, toks, reason):
         if req.on_tokens is not None:
@@ -329,8 +404,18 @@ class Engine:
         # rows whose device row is still live need a step; rows admitted already done (EOS or max_new at the
         # first token) only need reading
         done_dev = np.asarray(st.done)
-        if any(r is not None and not done_dev[s] for s, r in enumerate(self._slot_req)):
-            self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
+        live = [r is not None and not done_dev[s] for s, r in enumerate(self._slot_req)]
+        if any(live):
+            if any(lv and r.constraint is not None for lv, r in zip(live, self._slot_req)):
+                # the masked step (one host callback fills every constrained slot's mask); the session must stay
+                # active until the step has run
+                from jaxdec.constrained.processor import activate
+                decoder, sess = self._constrained()
+                with activate(sess):
+                    self._state, small = _step(decoder, self.model, self.params, st.cache, st.replace(cache=None))
+                    small = jax.device_get(small)
+            else:
+                self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
             self.steps += 1
         else:
             small = (st.tokens, st.num_new, st.done, st.finish)
@@ -391,6 +476,8 @@ class Engine:
                 self._notify(req, [], reason)
                 self._finish(slot, req, reason)
         self._state = self._empty_state()
+        if self._csession is not None:
+            self._csession.begin_batch(self.slots)
 
     def run_until_done(self, max_steps: Optional[int] = None) -> dict:
         """Step until no request waits or runs; returns {request id: Result} of the finished requests (and

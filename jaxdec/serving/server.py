@@ -17,6 +17,10 @@ teacher-forced log-probabilities from `Engine.score`, the same as `jaxdec.score`
 the most likely token at each position). ``usage.completion_tokens`` counts every generated token, an EOS
 included. vLLM's ``/tokenizer_info``, ``/tokenize`` and ``/detokenize`` expose the served tokenizer (lm-eval's
 ``local-completions`` model tokenizes through them instead of downloading a tokenizer).
+Constraints (`jaxdec.constrained`, per request, both endpoints): OpenAI's ``response_format``
+(``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, or ``{"type": "json_object"}``
+for any JSON object), or the extension fields ``regex`` (a pattern the whole output matches) and ``choices``
+(a list of strings, the output is one of them); at most one per request.
 `serve_in_thread` runs an app on a free loopback port inside the calling process (tests, benchmarks).
 """
 from __future__ import annotations
@@ -106,6 +110,36 @@ def _field(body: dict, name: str, kinds, default=None, check=None, what: str = "
     return v
 
 
+def _constraint(body: dict):
+    """The request's constraint in `jaxdec.constrained.as_constraint`'s dict form, or None."""
+    found = []
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise HTTPError(400, "'response_format' must be an object with type 'text', 'json_object' or "
+                                 "'json_schema'", "response_format")
+        if rf["type"] == "json_object":
+            found.append(("response_format", {"json_schema": {"type": "object"}}))
+        elif rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise HTTPError(400, "'response_format.json_schema.schema' must be a JSON schema object",
+                                "response_format")
+            found.append(("response_format", {"json_schema": js["schema"]}))
+    if body.get("regex") is not None:
+        if not isinstance(body["regex"], str) or not body["regex"]:
+            raise HTTPError(400, "'regex' must be a non-empty string (a pattern the whole output matches)", "regex")
+        found.append(("regex", {"regex": body["regex"]}))
+    if body.get("choices") is not None:
+        c = body["choices"]
+        if not isinstance(c, list) or not c or not all(isinstance(x, str) and x for x in c):
+            raise HTTPError(400, "'choices' must be a non-empty list of non-empty strings", "choices")
+        found.append(("choices", {"choices": c}))
+    if len(found) > 1:
+        raise HTTPError(400, f"give at most one constraint per request, got {[f for f, _ in found]}", found[1][0])
+    return found[0] if found else None
+
+
 def _stops(body: dict) -> list:
     s = body.get("stop")
     if s is None:
@@ -164,6 +198,8 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
     from contextlib import asynccontextmanager
 
     runner = runner or EngineThread(engine)
+    if engine.tokenizer is None:
+        engine.tokenizer = tokenizer  # constraints compile on the served tokenizer
 
     @asynccontextmanager
     async def lifespan(app):
@@ -260,13 +296,15 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
             out.append({"role": m["role"], "content": m["content"]})
         return tokenizer.encode(tokenizer.apply_chat_template(out, add_generation_prompt=True))
 
-    def _submit(ids, kw, job):
+    def _submit(ids, kw, job, cons=None):
         try:
-            rid = engine.submit(ids, on_tokens=job.on_tokens, **kw)
+            rid = engine.submit(ids, on_tokens=job.on_tokens, constraint=None if cons is None else cons[1], **kw)
         except RequestError as e:
             msg = str(e)
             param = next((f for f in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop_ids")
                           if msg.startswith(f)), "prompt")
+            if cons is not None and msg.startswith("constraint"):
+                param = cons[0]
             param = {"max_new_tokens": "max_tokens", "stop_ids": "stop_token_ids"}.get(param, param)
             msg = msg.replace("max_new_tokens", "max_tokens").replace("stop_ids", "stop_token_ids")
             raise HTTPError(400, msg, param, "context_length_exceeded" if "too long" in msg else None) from None
@@ -334,6 +372,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
         body = await _json(request)
         kw = _sampling(body, chat)
         stops = _stops(body)
+        cons = _constraint(body)
         stream = _field(body, "stream", bool, False, None, "true or false")
         opts = _field(body, "stream_options", dict, {}, None, "an object")
         include_usage = bool(opts.get("include_usage", False))
@@ -353,7 +392,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
         # what loglikelihood clients send (lm-eval: echo, logprobs, one greedy token): the prompt's log-probabilities
         # and the greedy next token come from one forward, without a decode slot
         scoring = (echo and logprobs and not stream and not stops and kw["max_new_tokens"] == 1
-                   and kw["temperature"] == 0)
+                   and kw["temperature"] == 0 and cons is None)
         if kw["max_new_tokens"] == 0 or scoring:
             if not echo or stream:
                 raise HTTPError(400, "'max_tokens' must be an integer >= 1 (0 only with echo and no stream)",
@@ -372,7 +411,7 @@ def create_app(engine: Engine, tokenizer, model_name: str = "jaxdec", runner: Op
             return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": created,
                     "model": model_name, "choices": [choice], "usage": _usage(len(ids), len(new))}
         job = _Job(asyncio.get_running_loop())
-        rid = _submit(ids, kw, job)
+        rid = _submit(ids, kw, job, cons)
         text = _Text(tokenizer, stops)
         oid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
