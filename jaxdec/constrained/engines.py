@@ -297,21 +297,45 @@ class LLGuidanceEngine(Engine):
 
 _OC_VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# outlines-core 0.2.14 builds its Index over regex-automata's DFA, whose match flag is delayed by one byte: a
+# token whose walk ends in a live, non-accepting state is dropped when the text just before its last byte
+# matched (the state carries the earlier match), e.g. "0" from the start of (00|11)*. We compile
+# ``(R)SENTINEL`` instead: no real text before a token's last byte can match it (every match ends with the
+# sentinel, which no real token can write: tokens holding its lead byte 0xF4 are left out of the
+# vocabulary, i.e. the characters U+100000..U+10FFFF), so every live transition is kept; a fake token
+# writes the sentinel, and a state accepts R when that token leads to an accepting state.
+SENTINEL = "\U0010FFFF"
+_SENTINEL_LEAD = SENTINEL.encode("utf-8")[:1]
+
 
 class _OCCompiled:
-    """An outlines-core Index with a mask cache per DFA state."""
+    """An outlines-core Index of ``(R)SENTINEL`` with a mask cache and an acceptance cache per DFA state."""
 
-    def __init__(self, index, vocab_size, eos):
-        self.index, self.vocab_size, self.eos = index, vocab_size, eos
+    def __init__(self, index, vocab_size, eos, sentinel: int):
+        self.index, self.vocab_size, self.eos, self.sentinel = index, vocab_size, eos, sentinel
         self.masks: dict = {}
+        self.finals: dict = {}
         self.initial = index.get_initial_state()
+
+    def is_final(self, state) -> bool:
+        """Whether the text so far is in R (the sentinel leads to an accepting state of (R)SENTINEL)."""
+        f = self.finals.get(state)
+        if f is None:
+            nxt = self.index.get_next_state(state, self.sentinel)
+            f = self.finals[state] = nxt is not None and bool(self.index.is_final_state(nxt))
+        return f
+
+    def allowed(self, state) -> np.ndarray:
+        """The real tokens allowed after ``state`` (EOS when R accepts the text so far)."""
+        ids = np.asarray(self.index.get_allowed_tokens(state) or [], np.int64)
+        ids = ids[(ids < self.vocab_size) & (ids != self.sentinel)]
+        return np.append(ids, self.eos) if self.is_final(state) else ids
 
     def mask(self, state) -> np.ndarray:
         m = self.masks.get(state)
         if m is None:
-            ids = np.asarray(self.index.get_allowed_tokens(state) or [], np.int64)
             bits = np.zeros((words(self.vocab_size) * 32,), np.uint8)
-            bits[ids[ids < self.vocab_size]] = 1
+            bits[self.allowed(state)] = 1
             m = np.packbits(bits, bitorder="little").view(np.int32)
             self.masks[state] = m
         return m
@@ -334,6 +358,12 @@ class _OCMatcher(Matcher):
         else:
             out[...] = self.c.mask(top)
 
+    def _next(self, top, token):
+        """The state after ``token`` (None: refused); never the sentinel."""
+        if token == self.c.sentinel:
+            return None
+        return self.c.index.get_next_state(top, token)
+
     def consume(self, token):
         top = self.stack[-1]
         token = int(token)
@@ -341,10 +371,10 @@ class _OCMatcher(Matcher):
             self.stack.append("error")
             return False
         if token == self.c.eos:
-            ok = bool(self.c.index.is_final_state(top))
+            ok = self.c.is_final(top)
             self.stack.append("eos" if ok else "error")
             return ok
-        nxt = self.c.index.get_next_state(top, token)
+        nxt = self._next(top, token)
         self.stack.append("error" if nxt is None else nxt)
         return nxt is not None
 
@@ -353,8 +383,8 @@ class _OCMatcher(Matcher):
         if isinstance(top, str):
             return False
         if token == self.c.eos:
-            return bool(self.c.index.is_final_state(top)) and self.consume(token)
-        return self.c.index.get_next_state(top, token) is not None and self.consume(token)
+            return self.c.is_final(top) and self.consume(token)
+        return self._next(top, token) is not None and self.consume(token)
 
     def rollback(self, n):
         if n:
@@ -365,13 +395,13 @@ class _OCMatcher(Matcher):
 
     def accepting(self):
         top = self.stack[-1]
-        return top == "eos" or (not isinstance(top, str) and bool(self.c.index.is_final_state(top)))
+        return top == "eos" or (not isinstance(top, str) and self.c.is_final(top))
 
     def stopped(self):
         top = self.stack[-1]
         if isinstance(top, str):
             return True
-        ids = self.c.index.get_allowed_tokens(top) or []
+        ids = self.c.allowed(top)
         return len(ids) == 1 and int(ids[0]) == self.c.eos
 
     def error(self):
@@ -388,18 +418,22 @@ class OutlinesEngine(Engine):
         if not (hasattr(tokenizer, "id_bytes") and getattr(tokenizer, "is_byte_level", False)):
             raise ConstraintError(f"tokenizer: engine outlines needs a byte-level BPE tokenizer with id_bytes(), got "
                                   f"{type(tokenizer).__name__}; use engine='llguidance'")
+        n = min(self.vocab_size, tokenizer.vocab_size)
+        self.sentinel = max(self.vocab_size, tokenizer.vocab_size)  # a fake id: never in a mask
         try:
-            self.vocab = _OC_VOCABS[tokenizer]
+            self.vocab = _OC_VOCABS[tokenizer][n, self.eos]
         except (KeyError, TypeError):
             special = set(getattr(tokenizer, "special_ids", ()) or ())
             table: dict = {}
-            for i in range(min(self.vocab_size, tokenizer.vocab_size)):
-                if i in special or i == self.eos:
+            for i in range(n):
+                b = tokenizer.id_bytes(i)
+                if i in special or i == self.eos or _SENTINEL_LEAD in b:
                     continue
-                table.setdefault(tokenizer.id_bytes(i), []).append(i)
+                table.setdefault(b, []).append(i)
+            table[SENTINEL.encode("utf-8")] = [self.sentinel]
             self.vocab = outlines_core.Vocabulary(self.eos, table)
             try:
-                _OC_VOCABS[tokenizer] = self.vocab
+                _OC_VOCABS.setdefault(tokenizer, {})[n, self.eos] = self.vocab
             except TypeError:
                 pass
 
@@ -421,10 +455,10 @@ class OutlinesEngine(Engine):
     def _compile(self, constraint):
         rx = self.regex(constraint)
         try:
-            index = self.oc.Index(rx, self.vocab)
+            index = self.oc.Index("(" + rx + ")" + SENTINEL, self.vocab)
         except Exception as e:  # noqa: BLE001
             raise ConstraintError(f"{constraint.who}: invalid regex for outlines: {one_line(str(e))}") from None
-        c = _OCCompiled(index, self.vocab_size, self.eos)
+        c = _OCCompiled(index, self.vocab_size, self.eos, self.sentinel)
         self.check_language(c, constraint.who)
         return c
 
