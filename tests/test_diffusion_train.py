@@ -118,7 +118,7 @@ def test_parallel_schedules_on_the_tiny_model(trained):
 
 @pytest.mark.slow
 def test_every_sampler_end_to_end_on_the_tiny_model(trained):
-    _every_sampler(trained, SAMPLERS)
+    _every_sampler(trained, [n for n in SAMPLERS if n != "learn2pd"])  # learn2pd: test_learn2pd_* below
 
 
 def test_fast_dllm_prefix_and_dual_cache_calls():
@@ -226,3 +226,47 @@ def test_cli_diffusion_jsonl_and_bad_input(trained, ar_trained, tmp_path, capsys
     # the reverse: a masked-diffusion model given to an autoregressive method
     rc, _ = _cli(tmp_path, "--model", folder, "--method", "greedy")
     assert rc == 2 and "is a masked-diffusion model: decode it with --method diffusion" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ Learn2PD
+F_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def filter_trained(trained, tmp_path_factory):
+    from train.learn2pd_filter import FilterConfig, train
+    cfg = FilterConfig(out=str(tmp_path_factory.mktemp("learn2pd") / "run"), model=trained["folder"], tasks="copy",
+                       per_task=32, heldout_per_task=8, states=4, replay_batch=16, hidden=16, steps=F_STEPS, batch_size=256, lr=1e-2,
+                       warmup=5, eval_every=F_STEPS, save_every=F_STEPS // 2, log_every=5, progress=False)
+    res_a, path_a = train(cfg, stop_after=F_STEPS // 2, log=lambda *a: None)  # "interrupted"
+    res, path = train(cfg, log=lambda *a: None)  # resumed (the replay comes from <out>/replay.npz)
+    return dict(cfg=cfg, res_a=res_a, path_a=path_a, res=res, path=path)
+
+
+def test_learn2pd_filter_trains_resumes_and_round_trips(filter_trained):
+    from jaxdec.diffusion import learn2pd as L
+    f = filter_trained
+    assert f["path_a"] is None and f["res"].resumed_from == F_STEPS // 2 and int(f["res"].state.step) == F_STEPS
+    tr = [r["loss"] for r in f["res"].records if r["kind"] == "train"]
+    assert np.mean(tr[-5:]) < 0.8 * tr[0], tr
+    ev = [r for r in f["res"].records if r["kind"] == "eval"][-1]
+    assert ev["acc"] > max(ev["ready"], 1 - ev["ready"]) - 0.02, ev  # at least the majority class
+    back = L.load_filter(f["path"])
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(f["res"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_learn2pd_end_to_end_fewer_calls_same_answers(trained, filter_trained):
+    from jaxdec.diffusion import learn2pd as L
+    m, ex, prompts, fn = _heldout_copy(trained)
+    filt = L.load_filter(filter_trained["path"])
+    base, bst = sample(fn, m.params, prompts, T.GEN_LEN, SamplerConfig("one-per-step"))
+    cfg = SamplerConfig("learn2pd", threshold=0.97, eos_id=T.EOS_ID)
+    toks, st = sample(fn, m.params, prompts, T.GEN_LEN, cfg, filter_params=filt)
+    # the tiny model is weak (~30 % of names right), so any parallel commit can change a wrong answer; measured
+    # here (filter threshold 0.97): 14/16 answers identical at 3.2x fewer calls (fast-dllm-threshold 0.97: the
+    # same 14/16 at 2.4x fewer); a filter threshold of 0.9 went to 10/16 with this small replay
+    same = [T.decode(a) == T.decode(b) for a, b in zip(toks, base)]
+    assert np.mean(same) >= 0.8, same
+    assert sum(st["model_calls"]) < 0.5 * sum(bst["model_calls"]), (st["model_calls"], bst["model_calls"])
+    assert _name_accuracy(toks, ex) >= _name_accuracy(base, ex) - 0.02

@@ -32,6 +32,7 @@ class FilterConfig(TrainConfig):
     per_task: int = 200  # training prompts per task replayed
     heldout_per_task: int = 16  # held-out prompts per task replayed (evaluation)
     states: int = 6  # replayed canvases per prompt
+    replay_batch: int = 64  # prompts decoded at once in the replay
     data_seed: int = 0
     hidden: int = 32
     steps: int = 2000
@@ -51,7 +52,7 @@ class FilterConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         self.task_list()
-        for n in ("per_task", "heldout_per_task", "states", "hidden"):
+        for n in ("per_task", "heldout_per_task", "states", "replay_batch", "hidden"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -86,7 +87,7 @@ def replay(cfg: FilterConfig, log=print):
         ex = T.mixture(names, n, "train", seed=cfg.data_seed) if split == "train" else \
             [e for name in names for e in T.heldout(name, n)]
         d = L.replay_labels(fn, params, [T.encode(e.prompt) for e in ex], T.GEN_LEN, T.MASK_ID, T.PAD_ID,
-                            T.EOS_ID, states=cfg.states, seed=cfg.data_seed)
+                            T.EOS_ID, states=cfg.states, batch=cfg.replay_batch, seed=cfg.data_seed)
         log(f"replay {split}: {len(ex)} prompts, {len(d['label'])} positions, {d['label'].mean():.3f} ready")
         out.append(d)
     os.makedirs(cfg.out, exist_ok=True)

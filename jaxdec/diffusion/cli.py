@@ -24,7 +24,8 @@ _FLAGS = ("sampler", "steps", "block_length", "threshold", "factor", "freedave_d
 
 def add_diffusion_args(g):
     s = g.add_argument_group("diffusion (masked-diffusion task models: --method diffusion)")
-    s.add_argument("--sampler", default="one-per-step", choices=SAMPLERS, help="decoding schedule")
+    s.add_argument("--sampler", default="one-per-step", choices=[n for n in SAMPLERS if n != "learn2pd"],
+                   help="decoding schedule (learn2pd, which needs a trained filter, is library-only for now)")
     s.add_argument("--steps", type=int, default=None, help="fixed-count schedules: steps per row (default: one "
                                                           "token per step)")
     s.add_argument("--block-length", type=int, default=None,
