@@ -150,21 +150,56 @@ def _reference(model, params, prompt, skip, n):
     return toks, step_logits
 
 
-def test_forced_skip_equals_layer_by_layer_reference_and_is_fixed(model_f32, chat_prompt_ids):
+@functools.lru_cache(maxsize=None)
+def _block_fn(model):
+    @jax.jit
+    def block(params, prompt, cont, keep):
+        """Full prefill, then the continuation as ONE cached block through the kept layers (teacher forced):
+        the logits that chose each continuation token."""
+        p, n = prompt.shape[1], cont.shape[1]
+        out = model(params, prompt, jnp.arange(p)[None], model.init_cache(1, p + n))
+        blk = model(params, cont, p + jnp.arange(n)[None], out.cache, layers=keep)
+        return jnp.concatenate([out.logits[:, -1:], blk.logits[:, :-1]], axis=1)[0]
+    return block
+
+
+def test_forced_skip_is_fixed_and_matches_the_block_forward(model_f32, chat_prompt_ids):
+    """A forced skip set: every decode step of every batch runs the same mask (decided once), the text
+    differs from greedy (lossy, so the check can see a skip), and each token is the argmax of a
+    teacher-forced forward of the whole continuation as one block with the same mask (another path:
+    block attention over the cache, not the token loop)."""
     model, params = model_f32
     prompts = _prompts(chat_prompt_ids)
-    n = 16
+    n = 12
     routers = forced_routers(model.num_layers, model.config.hidden_size, SKIP)
     seen = []
     got = first_generate(model, params, prompts, routers, max_new_tokens=n, stop_ids=[], batch_size=1, debug=True,
                          callback=lambda st: seen.append(np.asarray(st.method.keep)))
-    assert got.stats["layers_skipped"] == list(SKIP)
-    # decided once at prefill: every step of both batches ran the same mask
+    assert got.stats["layers_skipped"] == list(SKIP) and got.stats["batches"] == 2
     want = np.ones(model.num_layers, bool)
     want[list(SKIP)] = False
     assert len(seen) >= 2 * (n - 1) and all(np.array_equal(k, want) for k in seen)
-    plain = generate(model, params, prompts, max_new_tokens=n, stop_ids=[])
-    assert got.tokens != plain.tokens  # lossy: skipping 4 layers changes the text (the test can see a skip)
+    plain = generate(model, params, prompts, max_new_tokens=n, stop_ids=[], batch_size=2)
+    assert got.tokens != plain.tokens
+    block = _block_fn(model)
+    pairs = []
+    for i, (pr, toks) in enumerate(zip(prompts, got.tokens)):
+        lg = np.asarray(block(params, jnp.asarray([pr]), jnp.asarray([toks]), jnp.asarray(want)))
+        pairs.append((f"prompt {i}", toks, lg.argmax(-1).tolist(), lg))
+    assert_sequences_match(pairs, max_dlogit=1e-4, max_excused_frac=0.5)
+    # a wrong mask is caught: the same check against the all-layers block fails somewhere
+    lg = np.asarray(block(params, jnp.asarray([prompts[0]]), jnp.asarray([got.tokens[0]]),
+                          jnp.ones(model.num_layers, bool)))
+    assert lg.argmax(-1).tolist() != got.tokens[0]
+
+
+@pytest.mark.slow
+def test_forced_skip_equals_layer_by_layer_reference(model_f32, chat_prompt_ids):
+    model, params = model_f32
+    prompts = _prompts(chat_prompt_ids)
+    n = 16
+    routers = forced_routers(model.num_layers, model.config.hidden_size, SKIP)
+    got = first_generate(model, params, prompts, routers, max_new_tokens=n, stop_ids=[], batch_size=1)
     pairs = []
     for i, pr in enumerate(prompts):
         toks, lg = _reference(model, params, pr, SKIP, n)
