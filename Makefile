@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 STAMP := .install-stamp
 
-.PHONY: install demo test acceptance bench heads
+.PHONY: install demo test acceptance bench heads diffusion-models
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
@@ -37,3 +37,13 @@ heads: $(STAMP)
 		--export $(HEADS_DIR)/medusa-smollm2-135m.safetensors
 	$(PY) -m train.eagle --data train/work/selfdistill --out train/work/runs/eagle \
 		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors
+
+# the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then
+# the Learn2PD filter of the diffusion model; each step resumes after an interruption (orbax checkpoints under
+# $(DIFFUSION_RUNS)); DIFFUSION_ARGS / FILTER_ARGS pass extra flags (e.g. --steps for a smoke run)
+DIFFUSION_RUNS := train/work/runs
+diffusion-models: $(STAMP)
+	$(PY) -m train.masked_diffusion --objective diffusion --out $(DIFFUSION_RUNS)/diffusion $(DIFFUSION_ARGS)
+	$(PY) -m train.masked_diffusion --objective ar --out $(DIFFUSION_RUNS)/diffusion-ar $(DIFFUSION_ARGS)
+	$(PY) -m train.learn2pd_filter --model $(DIFFUSION_RUNS)/diffusion/model --out $(DIFFUSION_RUNS)/learn2pd \
+		$(FILTER_ARGS)
