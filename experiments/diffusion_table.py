@@ -2,14 +2,15 @@
 against one-token-per-step decoding and against the same-size autoregressive model.
 
 Needs the two task models of ``python -m train.masked_diffusion`` (``--objective diffusion`` and
-``--objective ar``; see that script). Each cell is one (task, schedule) over the task's fixed held-out set
-(`jaxdec.diffusion.tasks.heldout`): accuracy with the task's grader, mean model calls per row, tokens per
-call, wall seconds of the decode after a warm-up call (compile time reported separately). ``ar`` rows
-decode the autoregressive model greedily through ``jaxdec.generate`` (one call per token, KV cache).
+``--objective ar``; see that script) and, for the ``learn2pd`` schedule, the filter of ``python -m
+train.learn2pd_filter`` (``make diffusion-models`` trains all three). Each cell is one (task, schedule) over the
+task's fixed held-out set (`jaxdec.diffusion.tasks.heldout`): accuracy with the task's grader, mean model calls
+per row, tokens per call, wall seconds of the decode after a warm-up call (compile time reported separately).
+``ar`` rows decode the autoregressive model greedily through ``jaxdec.generate`` (one call per token, KV cache).
 
     python experiments/diffusion_table.py --diffusion-model train/work/runs/diffusion/model \\
         --ar-model train/work/runs/diffusion-ar/model --n 64
-    python experiments/diffusion_table.py --smoke     # trains two toy models for a few steps, 2 tasks, temp dir
+    python experiments/diffusion_table.py --smoke     # trains two toy models and a filter for a few steps, temp dir
 
 Writes ``experiments/results/diffusion.{json,md}`` and ``diffusion_calls_vs_accuracy.png``.
 """
@@ -44,6 +45,7 @@ SCHEDULES = {
     "adablock": dict(name="adablock"),
     "ccd": dict(name="ccd", ccd_window=2),
     "remask": dict(name="remask", steps=12, remask_threshold=0.1),
+    "learn2pd": dict(name="learn2pd", eos_id=T.EOS_ID),  # the filter of --learn2pd-filter at --threshold
 }
 
 
@@ -51,6 +53,7 @@ SCHEDULES = {
 class Config:
     diffusion_model: str = "train/work/runs/diffusion/model"
     ar_model: str = "train/work/runs/diffusion-ar/model"
+    learn2pd_filter: str = "train/work/runs/learn2pd/filter.safetensors"  # python -m train.learn2pd_filter
     n: int = 64  # held-out examples per task
     block_length: int = 8
     threshold: float = 0.9
@@ -58,7 +61,8 @@ class Config:
     schedules: tuple[str, ...] = runner.select(tuple(SCHEDULES) + ("ar",), "schedules to run (ar: the autoregressive model)")
 
 
-SMOKE = Config(n=2, tasks=("copy", "reverse"), schedules=("one-per-step", "fast-dllm-threshold", "freedave", "ar"))
+SMOKE = Config(n=2, tasks=("copy", "reverse"), schedules=("one-per-step", "fast-dllm-threshold", "freedave", "learn2pd",
+                                                                       "ar"))
 
 
 def _smoke_models() -> tuple:
@@ -70,6 +74,11 @@ def _smoke_models() -> tuple:
                                     heldout_per_task=2, steps=4, batch_size=8, warmup=1, eval_every=4, save_every=4,
                                     log_every=2, progress=False, hidden=32, layers=1, heads=2, ffn=64)
         out.append(train(cfg, log=lambda *a: None)[1])
+    from train.learn2pd_filter import FilterConfig, train as train_filter
+    fcfg = FilterConfig(out=os.path.join(d, "learn2pd"), model=out[0], tasks="copy,reverse", per_task=4,
+                        heldout_per_task=2, states=2, replay_batch=8, steps=4, batch_size=32, warmup=1, eval_every=4,
+                        save_every=4, eval_batches=1, progress=False)
+    out.append(train_filter(fcfg, log=lambda *a: None)[1])
     return tuple(out)
 
 
@@ -79,13 +88,17 @@ def main(argv=None):
     from jaxdec.diffusion.model import logits_fn
     from jaxdec.diffusion.samplers import SamplerConfig, sample
     if opts.smoke:
-        dm, am = _smoke_models()
-        cfg = dataclasses.replace(cfg, diffusion_model=dm, ar_model=am)
+        dm, am, fl = _smoke_models()
+        cfg = dataclasses.replace(cfg, diffusion_model=dm, ar_model=am, learn2pd_filter=fl)
     for path in (cfg.diffusion_model, cfg.ar_model):
         if not os.path.isdir(path):
             raise SystemExit(f"diffusion_table: no task model at {path!r} (train it with python -m "
                              f"train.masked_diffusion; see the docstring)")
     loaded = {"diffusion": jaxdec.load(cfg.diffusion_model), "ar": jaxdec.load(cfg.ar_model)}
+    filt = None
+    if "learn2pd" in cfg.schedules:
+        from jaxdec.diffusion.learn2pd import load_filter
+        filt = load_filter(cfg.learn2pd_filter)  # a clear error naming the path when it is missing
 
     def measure(cell):
         task, sched = cell.split("/")
@@ -106,7 +119,8 @@ def main(argv=None):
                 scfg = dataclasses.replace(scfg, block_length=None)
 
             def run():
-                toks, st = sample(logits_fn(m.model), m.params, prompts, T.GEN_LEN, scfg)
+                toks, st = sample(logits_fn(m.model), m.params, prompts, T.GEN_LEN, scfg,
+                                  filter_params=filt if scfg.name == "learn2pd" else None)
                 return toks.tolist(), st["model_calls"]
         t0 = time.perf_counter()
         run()

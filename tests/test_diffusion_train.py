@@ -236,8 +236,8 @@ F_STEPS = 300
 def filter_trained(trained, tmp_path_factory):
     from train.learn2pd_filter import FilterConfig, train
     cfg = FilterConfig(out=str(tmp_path_factory.mktemp("learn2pd") / "run"), model=trained["folder"], tasks="copy",
-                       per_task=32, heldout_per_task=8, states=4, replay_batch=16, hidden=16, steps=F_STEPS, batch_size=256, lr=1e-2,
-                       warmup=5, eval_every=F_STEPS, save_every=F_STEPS // 2, log_every=5, progress=False)
+                       per_task=32, heldout_per_task=8, states=4, replay_batch=16, hidden=16, steps=F_STEPS,
+                       batch_size=256, lr=1e-2, warmup=5, eval_every=F_STEPS, save_every=F_STEPS // 2, log_every=5, progress=False)
     res_a, path_a = train(cfg, stop_after=F_STEPS // 2, log=lambda *a: None)  # "interrupted"
     res, path = train(cfg, log=lambda *a: None)  # resumed (the replay comes from <out>/replay.npz)
     return dict(cfg=cfg, res_a=res_a, path_a=path_a, res=res, path=path)

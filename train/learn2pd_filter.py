@@ -97,9 +97,11 @@ def replay(cfg: FilterConfig, log=print):
 
 
 def fingerprint(cfg: FilterConfig) -> str:
-    st = os.stat(os.path.join(cfg.model, "model.safetensors"))
-    return (f"learn2pd:{os.path.abspath(cfg.model)}:{st.st_size}:{int(st.st_mtime)}:{','.join(cfg.task_list())}:"
-            f"{cfg.per_task}:{cfg.heldout_per_task}:{cfg.states}:{cfg.data_seed}:{cfg.hidden}:f{L.NFEAT}")
+    import hashlib
+    with open(os.path.join(cfg.model, "model.safetensors"), "rb") as f:  # the weights, not the file's date
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return (f"learn2pd:{digest}:{','.join(cfg.task_list())}:{cfg.per_task}:{cfg.heldout_per_task}:{cfg.states}:"
+            f"{cfg.data_seed}:{cfg.hidden}:f{L.NFEAT}")
 
 
 def train(cfg: FilterConfig, stop_after=None, log=print, command: str = ""):
