@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import zlib
 
 import numpy as np
@@ -282,3 +283,39 @@ def test_real_model_yes_no():
           f"samples {dict((t, texts.count(t)) for t in sorted(set(texts)))}")
     assert abs(sum(dist.values()) - 1) < 1e-6
     assert kl(target, dist) < kl(target, gcd)
+
+
+def test_grammar_aligned_generate_on_the_real_model(model_q):
+    """`grammar_aligned_generate` through the compiled model (CI size): two prompts (one text) with their
+    own constraints, rows prompt-major; every row is in its grammar and ends with EOS; each row's log_p is the
+    model's log-probability of its tokens (EOS included) recomputed from teacher-forced logits; warm-up
+    samples grow the trie without being returned; bad arguments name themselves."""
+    import jax
+    from tests.selfref import step_logits
+    from tests import peer
+    from jaxdec.constrained import choices, grammar_aligned_generate
+    from jaxdec.models.tokenizer import Tokenizer
+    model, params = model_q
+    tok = Tokenizer.from_gguf(peer.default_gguf_path())
+    q = tok.chat_ids("Is the sky blue? Answer yes or no, or with a number.")
+    prompts = [q, list(q)]  # one prompt length: one compiled forward
+    cons = [choices(["yes", "no"]), regex("[1-9][0-9]")]
+    g = grammar_aligned_generate(model, params, prompts, cons, n=3, max_new_tokens=3, tokenizer=tok, seed=0,
+                                 warmup=2)
+    assert len(g.tokens) == 6 and g.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert g.constraint_ok == [True] * 6 and g.finish_reason == ["eos"] * 6
+    eos = model.eos_ids[0]
+    for i, (p, t, text) in enumerate(zip(g.prompt_ids, g.tokens, g.text)):
+        assert t[-1] == eos and eos not in t[:-1], t
+        assert text in ("yes", "no") if i < 3 else re.fullmatch("[1-9][0-9]", text), (i, text)
+        lp = np.asarray(jax.nn.log_softmax(step_logits(model, params, p, t), axis=-1))
+        ref = float(lp[np.arange(len(t)), t].sum())
+        assert abs(g.extras["log_p"][i] - ref) < 2e-2, (i, g.extras["log_p"][i], ref)
+        assert g.extras["log_q"][i] <= 1e-9
+    assert all(s.samples_drawn - s.dead_ends == 5 for s in g.extras["samplers"])  # 2 warm-up + 3 returned per prompt
+    with pytest.raises(ValueError, match=r"constraint: a list of constraints needs one entry per prompt \(2\)"):
+        grammar_aligned_generate(model, params, prompts, cons[:1], tokenizer=tok)
+    with pytest.raises(TypeError, match=r"constraint\[0\]: expected a jaxdec.constrained Constraint"):
+        grammar_aligned_generate(model, params, prompts[:1], "yes|no", tokenizer=tok)
+    with pytest.raises(ValueError, match=r"tokenizer: grammar_aligned_generate needs the tokenizer"):
+        grammar_aligned_generate(model, params, prompts, cons)

@@ -480,18 +480,15 @@ def asap_sample(model_fn: Callable, constraint_or_matcher, n_samples: int, max_l
     return ASApResult(samples, logq, sampler, sampler.dead_ends - before, logp)
 
 
-def score_fn(model, params, prompt_ids: Sequence[int], max_len: int):
-    """A ``model_fn`` for `asap_sample` over a jaxdec decoder model: ``prefix -> log_softmax(logits)`` of the
-    token after ``prompt_ids + prefix``. One jitted forward over a fixed buffer of ``len(prompt_ids) + max_len``
-    tokens (right-padded; the causal mask keeps padding out of the position read, ``logits_at``), so every
-    prefix length shares one compilation. Results are cached per prefix on the trie, so each prefix is scored once.
-    """
+def _score_step(model, size: int):
+    """The jitted ``(params, tokens [1, size], last) -> log-probs`` of `score_fn`, one per (model, size), so
+    prompts of one length share a compilation."""
     import jax
     import jax.numpy as jnp
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids: give at least one token (a BOS or a chat prompt)")
-    size = len(prompt) + int(max_len)
+    key = (id(model), size)
+    hit = _STEPS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
 
     @jax.jit
     def step(params, toks, last):
@@ -500,6 +497,26 @@ def score_fn(model, params, prompt_ids: Sequence[int], max_len: int):
         out = model(params, toks, pos, cache, logits_at=jnp.reshape(last, (1, 1)))
         return jax.nn.log_softmax(out.logits[0, 0].astype(jnp.float32))
 
+    _STEPS[key] = (model, step)
+    return step
+
+
+_STEPS: dict = {}
+
+
+def score_fn(model, params, prompt_ids: Sequence[int], max_len: int):
+    """A ``model_fn`` for `asap_sample` over a jaxdec decoder model: ``prefix -> log_softmax(logits)`` of the
+    token after ``prompt_ids + prefix``. One jitted forward over a fixed buffer of ``len(prompt_ids) + max_len``
+    tokens (right-padded; the causal mask keeps padding out of the position read, ``logits_at``), so every
+    prefix length shares one compilation. Results are cached per prefix on the trie, so each prefix is scored once.
+    """
+    import jax.numpy as jnp
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids: give at least one token (a BOS or a chat prompt)")
+    size = len(prompt) + int(max_len)
+    step = _score_step(model, size)
+
     def fn(prefix):
         ids = prompt + [int(t) for t in prefix]
         buf = np.zeros((1, size), np.int32)
@@ -507,3 +524,61 @@ def score_fn(model, params, prompt_ids: Sequence[int], max_len: int):
         return np.asarray(step(params, jnp.asarray(buf), jnp.int32(len(ids) - 1)))
 
     return fn
+
+
+def grammar_aligned_generate(model, params, prompts, constraint, *, n: int = 4, max_new_tokens: int = 16,
+                             tokenizer=None, seed: int = 0, warmup: int = 0, mode: str = "asap"):
+    """Grammar-aligned sampling (ASAp) on a jaxdec model, returned as a `Generation`: for each prompt (token-id
+    lists), ``warmup`` samples refine the trie's expected-future-grammaticality estimates (not returned),
+    then ``n`` samples follow, each a string of the grammar of at most ``max_new_tokens`` tokens. Rows are
+    prompt-major (``n`` per prompt); ``tokens`` end with EOS, ``finish_reason`` is "eos", ``constraint_ok``
+    True. constraint: one `Constraint` for all prompts or one per prompt (needs ``tokenizer``). The model is
+    scored by `score_fn` (one compiled forward per prompt length, one call per new trie node, no KV reuse).
+    extras: ``log_q`` (each row's proposal log-probability when drawn), ``log_p`` (its model
+    log-probability, EOS included: importance weights exp(log_p - log_q)), ``samplers`` (per prompt, to
+    continue with `asap_sample(..., sampler=)`), ``dead_ends``. ``mode="gcd"``: plain masked sampling."""
+    from jaxdec.constrained.constraint import Constraint
+    from jaxdec.core.generate import Generation
+    import time
+    if tokenizer is None:
+        raise ValueError("tokenizer: grammar_aligned_generate needs the tokenizer to compile the constraint for")
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of token-id lists")
+    cons = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * len(prompts)
+    if len(cons) != len(prompts):
+        raise ValueError(f"constraint: a list of constraints needs one entry per prompt ({len(prompts)}), "
+                         f"got {len(cons)}")
+    for i, c in enumerate(cons):
+        if not isinstance(c, Constraint):
+            raise TypeError(f"constraint[{i}]: expected a jaxdec.constrained Constraint, got {type(c).__name__}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"warmup: expected a non-negative int, got {warmup!r}")
+    eos_ids = tuple(getattr(model, "eos_ids", ()) or ())
+    eos = eos_ids[0] if eos_ids else None
+    rng = _rng(seed, None)
+    t0 = time.perf_counter()
+    tokens, logq, logp, samplers, dead = [], [], [], [], 0
+    for p, c in zip(prompts, cons):
+        fn = score_fn(model, params, p, max_new_tokens)
+        sampler = None
+        if warmup:
+            r = asap_sample(fn, c, int(warmup), max_new_tokens, seed=rng, tokenizer=tokenizer,
+                            vocab_size=int(model.vocab_size), eos=eos, mode=mode)
+            sampler, dead = r.sampler, dead + r.dead_ends
+        r = asap_sample(fn, c, n, max_new_tokens, seed=rng, tokenizer=tokenizer, vocab_size=int(model.vocab_size),
+                        eos=eos, mode=mode, sampler=sampler)
+        dead += r.dead_ends
+        samplers.append(r.sampler)
+        tokens += [list(x) + [r.sampler.eos] for x in r.samples]
+        logq += list(r.log_q)
+        logp += list(r.log_p)
+    seconds = time.perf_counter() - t0
+    rows = len(tokens)
+    new = sum(len(t) for t in tokens)
+    stats = {"seconds": seconds, "new_tokens": new, "tokens_per_second": new / seconds if seconds > 0 else float("nan"),
+             "model_calls": sum(sm.model_calls for sm in samplers)}
+    return Generation(prompt_ids=[list(p) for p in prompts for _ in range(n)], tokens=tokens,
+                      finish_reason=["eos"] * rows, stats=stats,
+                      text=[tokenizer.decode(t[:-1]) for t in tokens], constraint_ok=[True] * rows,
+                      extras={"log_q": np.asarray(logq), "log_p": np.asarray(logp), "samplers": samplers,
+                              "dead_ends": dead})
