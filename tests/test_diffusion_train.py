@@ -180,6 +180,13 @@ def test_autoregressive_model_same_script(ar_trained):
     assert DM.objective_of(ar_trained["folder"]) == "autoregressive"
     m = jaxdec.load(ar_trained["folder"])  # an ordinary causal LlamaModel: every autoregressive decoder runs it
     assert m.model.eos_ids == (T.EOS_ID,) and m.model.num_layers == TINY["layers"]
+    # the library refuses the wrong kind by name (the CLI's refusals: test_cli_diffusion_jsonl_and_bad_input)
+    with pytest.raises(ValueError, match="holds a task model trained 'autoregressive', require='masked_diffusion'"):
+        DM.load(ar_trained["folder"], require="masked_diffusion")
+    assert DM.load(ar_trained["folder"], require="autoregressive")[2] == "autoregressive"
+    from train.learn2pd_filter import FilterConfig
+    with pytest.raises(ValueError, match="--model .* must be a masked-diffusion task model folder"):
+        FilterConfig(model=ar_trained["folder"]).validate()
 
 
 def _cli(tmp_path, *extra, prompt="copy : Ada Lovelace , Alan Turing , Grace Hopper =>"):

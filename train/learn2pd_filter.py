@@ -79,7 +79,7 @@ def replay(cfg: FilterConfig, log=print):
         if str(z["fingerprint"]) == fingerprint(cfg):
             return (ArrayData({"features": z["tr_f"], "label": z["tr_y"]}),
                     ArrayData({"features": z["ho_f"], "label": z["ho_y"]}))
-    model, params, _ = load(cfg.model)
+    model, params, _ = load(cfg.model, require="masked_diffusion")
     fn = logits_fn(model)
     names = cfg.task_list()
     out = []

@@ -190,11 +190,18 @@ def objective_of(path: str) -> Optional[str]:
         return None
 
 
-def load(folder: str):
-    """``(model, params, objective)`` of a saved task model (through `jaxdec.load`)."""
+def load(folder: str, require: Optional[str] = None):
+    """``(model, params, objective)`` of a saved task model (through `jaxdec.load`). ``require``
+    ("masked_diffusion" for the samplers, "autoregressive" for jaxdec's decoders) refuses the other kind."""
     import jaxdec
     obj = objective_of(folder)
     if obj not in OBJECTIVES:
         raise ValueError(f"{folder!r} is not a jaxdec task model (config.json lacks jaxdec_objective)")
+    if require is not None and require not in OBJECTIVES:
+        raise ValueError(f"require must be None or one of {OBJECTIVES}, got {require!r}")
+    if require is not None and obj != require:
+        use = ("jaxdec.diffusion.samplers.sample" if obj == "masked_diffusion"
+               else "jaxdec's autoregressive decoders (jaxdec.generate)")
+        raise ValueError(f"folder {folder!r} holds a task model trained {obj!r}, require={require!r}: decode it with {use}")
     m = jaxdec.load(folder)
     return m.model, m.params, obj
