@@ -1,10 +1,10 @@
 """FiRST (#21 item 5, `jaxdec.layerskip.first`): routers trained on a tiny config (loss falls, checkpoint
-round trip), and on the default model: all-keep routers give plain greedy, a forced skip set gives the
-layer-by-layer reference, the skip set is decided once and stays fixed."""
+round trip), and on the default model: all-keep routers give plain greedy token for token, a forced
+skip set matches a teacher-forced block forward with its mask (CI) and a layer-by-layer reference (slow),
+and the skip set is decided once and stays fixed at every step."""
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,27 +16,13 @@ from jaxdec.layerskip.first import (features, first_generate, forced_routers, ga
                                     load_routers)
 from neartie import assert_sequences_match
 
-V, E, F, L, H, KVH, D = 64, 32, 64, 4, 4, 2, 8
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from jaxdec.models.config import LlamaConfig
-    from jaxdec.models.llama import LlamaModel
-    cfg = LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=F, num_layers=L, num_heads=H, num_kv_heads=KVH,
-                      head_dim=D, eos_ids=(0,), max_position=256)
-    rng = np.random.default_rng(0)
-    n = lambda *s, sc=0.3: jnp.asarray(rng.normal(0, sc, s), jnp.float32)
-    params = {"embed": n(V, E, sc=1.0), "final_norm": jnp.ones((E,)),
-              "layers": {"attn_norm": jnp.ones((L, E)), "wq": n(L, H * D, E), "wk": n(L, KVH * D, E),
-                         "wv": n(L, KVH * D, E), "wo": n(L, E, H * D), "mlp_norm": jnp.ones((L, E)),
-                         "w_gate": n(L, F, E), "w_up": n(L, F, E), "w_down": n(L, E, F)}}
-    return LlamaModel(cfg), params
+# the tiny random Llama of the EAD tests (4 layers), shared rather than rebuilt
+from test_search_ead import L, V, tiny  # noqa: E402,F401,F811
 
 
 def test_gated_forward_matches_the_layer_mask(tiny):
-    """The training forward (gates scale each layer's residual update, layer by layer through
-    ``layer_range``) equals the model's own ``layers=`` forward at gates 1 and at a 0/1 skip pattern."""
+    """The training forward (gates scale each layer's residual update; a scan of the model cut to one
+    layer) equals the model's own ``layers=`` forward at gates 1 and at a 0/1 skip pattern."""
     model, params = tiny
     ids = jnp.asarray(np.random.default_rng(1).integers(1, V, (2, 12)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
