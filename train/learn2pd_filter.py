@@ -22,6 +22,7 @@ import optax
 from jaxdec.diffusion import learn2pd as L
 from jaxdec.diffusion import tasks as T
 from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
+from train.masked_diffusion import parse_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +45,7 @@ class FilterConfig(TrainConfig):
     export: str = ""  # also write the filter here (.safetensors)
 
     def task_list(self) -> tuple:
-        names = T.TASKS if self.tasks == "all" else tuple(s.strip() for s in self.tasks.split(",") if s.strip())
-        if not names or any(n not in T.TASKS for n in names):
-            raise ConfigError(f"--tasks must be 'all' or a comma list of {', '.join(T.TASKS)}, got {self.tasks!r}")
-        return names
+        return parse_tasks(self.tasks)
 
     def validate(self) -> None:
         super().validate()

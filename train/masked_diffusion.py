@@ -55,11 +55,7 @@ class MaskedDiffusionConfig(TrainConfig):
     export: str = ""  # also copy the model folder here
 
     def task_list(self) -> tuple:
-        names = T.TASKS if self.tasks == "all" else tuple(s.strip() for s in self.tasks.split(",") if s.strip())
-        bad = [n for n in names if n not in T.TASKS]
-        if bad or not names:
-            raise ConfigError(f"--tasks must be 'all' or a comma list of {', '.join(T.TASKS)}, got {self.tasks!r}")
-        return names
+        return parse_tasks(self.tasks)
 
     def model_config(self) -> DM.TaskModelConfig:
         return DM.TaskModelConfig(hidden=self.hidden, layers=self.layers, heads=self.heads, ffn=self.ffn,
@@ -78,6 +74,14 @@ class MaskedDiffusionConfig(TrainConfig):
             raise ConfigError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})")
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"--eps must be in (0, 1), got {self.eps}")
+
+
+def parse_tasks(tasks: str) -> tuple:
+    """The task names of a ``--tasks`` value ("all" or a comma list), or `ConfigError` naming the flag."""
+    names = T.TASKS if tasks == "all" else tuple(s.strip() for s in tasks.split(",") if s.strip())
+    if not names or any(n not in T.TASKS for n in names):
+        raise ConfigError(f"--tasks must be 'all' or a comma list of {', '.join(T.TASKS)}, got {tasks!r}")
+    return names
 
 
 def make_loss(model, objective: str, eps: float = 1e-3):
