@@ -2,7 +2,8 @@
 stochastic-beam | momentum | best-of-n` with `--choices` / `--regex` (all rows) or per-row prompts-file
 fields, on the real default model at small sizes. Every output satisfies its constraint (choices
 membership, regex fullmatch), rows carry `constraint_ok`, and each CLI run equals the library call with
-the same arguments (same model, same prompts, same seed)."""
+the same arguments (same model, same prompts, same seed). CI runs stochastic-beam, momentum and the
+empty-language errors; best-of-n (its own compiled program) runs in the slow tier."""
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ def test_cli_stochastic_beam_choices(tmp_path, capsys):
                                                                 abs=1e-4)
 
 
+@pytest.mark.slow  # its own compiled program (n samples): CI keeps stochastic-beam and momentum; `make acceptance`
 def test_cli_best_of_n_regex(tmp_path, capsys):
     """n = 3 samples at temperature 1 under `--regex`: the chosen row and every ranked sample fullmatch
     the regex; the ranking equals `best_of_n`'s (default scorer: mean log-probability)."""
