@@ -193,7 +193,6 @@ def warm_trace(cfg) -> list:
 def warm_engine(eng, cfg, sys_) -> float:
     warm = warm_trace(cfg)
     t = time.perf_counter()
-    eng.warmup(cfg.prompt_lens)  # every admission shape (row count x prompt bucket)
     engine_run(eng, warm, sys_.requests(warm))
     return time.perf_counter() - t
 

@@ -8,7 +8,7 @@
 The engine keeps ``slots`` rows of one `DecodeState` on the device. Each `step`:
 1. admits waiting requests into free slots, batched: the requests taken for the free slots (in arrival order,
    within ``prefill_budget`` padded prompt tokens per step when set) are prefilled together, one `init` per
-   prompt bucket over a power-of-two row count (filler rows emit nothing; compiled programs: at most
+   prompt bucket and power-of-two part of their count (no filler rows; compiled programs: at most
    log2(slots) + 1 row counts per prompt bucket), in a cache the size of the running batch's, and inserted
    at once (one compiled insert per row count, the running KV cache donated);
 2. runs one compiled decode step over all slots (one program; the KV cache donated);
@@ -288,10 +288,11 @@ class Engine:
             sess.matchers[slot] = None if unit is None else unit[0].matcher(unit[1])
             sess.consumed[slot] = 0  # the first mask callback advances it over the row's committed tokens
 
-    def _row_bucket(self, n: int) -> int:
-        """Rows of one admission prefill: the next power of two, at most ``slots`` (so an engine compiles at
-        most log2(slots) + 1 row counts per prompt bucket)."""
-        return min(1 << (n - 1).bit_length(), self.slots)
+    @staticmethod
+    def _row_counts(n: int) -> list:
+        """``n`` rows as prefills of power-of-two row counts, largest first (the bits of n: 7 -> 4, 2, 1), so an
+        engine compiles at most log2(slots) + 1 row counts per prompt bucket and never prefills a filler row."""
+        return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
     def _take(self, free: int) -> list:
         """Waiting requests for ``free`` slots, in arrival order, within the prefill budget (padded prompt
@@ -306,7 +307,7 @@ class Engine:
                 if not cancelled and take and self.prefill_budget is not None:
                     b = bucket(len(req.prompt))
                     rows = {**spent, b: spent.get(b, 0) + 1}
-                    if sum(self._row_bucket(n) * k for k, n in rows.items()) > self.prefill_budget:
+                    if sum(n * k for k, n in rows.items()) > self.prefill_budget:
                         break
                 self._waiting.popleft()
             if cancelled:
@@ -320,8 +321,8 @@ class Engine:
 
     def _admit(self):
         """Batched admission: the waiting requests that fit the free slots (and the prefill budget) are
-        prefilled together, one compiled `init` per prompt bucket with a power-of-two row count (filler rows
-        repeat the group's first row, emit nothing and are dropped by the insert), then inserted at once."""
+        prefilled together: per prompt bucket, one compiled `init` per power-of-two part of their count
+        (`_row_counts`), each part inserted at once."""
         free = [s for s in range(self.slots) if self._slot_req[s] is None]
         if not free:
             return
@@ -329,39 +330,39 @@ class Engine:
         groups: dict = {}
         for req in take:
             groups.setdefault((bucket(len(req.prompt)), req.constraint is not None), []).append(req)
-        for (p, constrained), group in groups.items():
-            n, nb = len(group), self._row_bucket(len(group))
-            fill = [group[0]] * (nb - n)
-            rows = group + fill
-            keys = np.concatenate([row_keys(r.seed, 1, 1) for r in group])
-            inputs = batch_inputs(nb, 1, 0, keys, self.eos_ids, self.capacity,
-                                  self._sampling([r.temperature for r in group], group))
-            inputs = inputs.replace(
-                max_new=jnp.asarray([r.max_new_tokens for r in group] + [0] * (nb - n), jnp.int32),
-                min_new=jnp.asarray([r.min_new_tokens for r in rows], jnp.int32))
-            toks, lens = pad_batch([r.prompt for r in rows], p, self._pad)
-            if constrained:  # the first token is masked too: a session over these rows for the prefill
-                from jaxdec.constrained.processor import Session, activate
-                decoder = self._constrained()[0]
-                sess = Session([r.constraint for r in group] + [None] * (nb - n))
-                sess.begin_batch(nb)
-                with activate(sess):
-                    prefix = loop._init_jit(decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
-                                            inputs, self.cache_size)
-                    jax.block_until_ready(prefix.tokens)
-            else:
-                prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks),
-                                        jnp.asarray(lens), inputs, self.cache_size)
-            where = free[:n] + [self.slots] * (nb - n)  # filler rows: out of range, dropped by the scatter
-            free = free[n:]
-            st = self._state
-            self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
-                                  jnp.asarray(where, jnp.int32))
-            for slot, req in zip(where, group):
-                self._slot_req[slot] = req
-                self._seen[slot] = 0
-                if constrained:
-                    self._set_matcher(slot, req.constraint)
+        for (p, constrained), same in groups.items():
+            for n in self._row_counts(len(same)):
+                group, same = same[:n], same[n:]
+                where, free = free[:n], free[n:]
+                self._prefill_insert(p, constrained, group, where)
+
+    def _prefill_insert(self, p: int, constrained: bool, group: list, where: list) -> None:
+        n = len(group)
+        keys = np.concatenate([row_keys(r.seed, 1, 1) for r in group])
+        inputs = batch_inputs(n, 1, 0, keys, self.eos_ids, self.capacity,
+                              self._sampling([r.temperature for r in group], group))
+        inputs = inputs.replace(max_new=jnp.asarray([r.max_new_tokens for r in group], jnp.int32),
+                                min_new=jnp.asarray([r.min_new_tokens for r in group], jnp.int32))
+        toks, lens = pad_batch([r.prompt for r in group], p, self._pad)
+        if constrained:  # the first token is masked too: a session over these rows for the prefill
+            from jaxdec.constrained.processor import Session, activate
+            decoder = self._constrained()[0]
+            sess = Session([r.constraint for r in group])
+            sess.begin_batch(n)
+            with activate(sess):
+                prefix = loop._init_jit(decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
+                                        inputs, self.cache_size)
+                jax.block_until_ready(prefix.tokens)
+        else:
+            prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
+                                    inputs, self.cache_size)
+        st = self._state
+        self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix, jnp.asarray(where, jnp.int32))
+        for slot, req in zip(where, group):
+            self._slot_req[slot] = req
+            self._seen[slot] = 0
+            if constrained:
+                self._set_matcher(slot, req.constraint)
 
     def warmup(self, prompt_lengths: Sequence[int]) -> int:
         """Compile every admission shape for these prompt lengths' buckets (each power-of-two row count's
@@ -370,7 +371,7 @@ class Engine:
         buckets = sorted({bucket(_int_field("prompt_lengths[]", n, 1)) for n in prompt_lengths})
         if any(b > self.cache_size - 1 for b in buckets):
             raise RequestError(f"prompt_lengths: a bucket of {buckets} does not fit a slot of {self.cache_size}")
-        counts = sorted({self._row_bucket(n) for n in range(1, self.slots + 1)})
+        counts = [1 << b for b in range(self.slots.bit_length())]  # every part `_row_counts` can give
         keys = row_keys(0, 1, 1)
         for p in buckets:
             for nb in counts:

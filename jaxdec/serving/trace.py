@@ -88,12 +88,13 @@ def trace_prompts(trace: list, prompt_source: Optional[Sequence[int]] = None, pr
 
 
 def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, vocab_lo: int = 3,
-           prompts: Optional[list] = None, keep_tokens: bool = False) -> dict:
+           prompts: Optional[list] = None, keep_tokens: bool = False, warmup: bool = True) -> dict:
     """Replay ``trace`` on ``engine`` (build it with ``ignore_eos=True`` for exact output lengths). Prompts as
     `trace_prompts` makes them. Returns throughput (output tokens per second of wall time), TTFT, TPOT and ITL
     (every gap between two tokens of one request) percentiles, and per-request records ``{id, arrival,
     prompt_len, output_len, tokens, ttft, tpot}`` in trace order (``keep_tokens``: with ``token_ids``, the
-    request's new tokens)."""
+    request's new tokens). ``warmup``: first compile every admission shape of the trace's prompt buckets
+    (`Engine.warmup`), outside the clock."""
     order = sorted(range(len(trace)), key=lambda i: trace[i]["arrival"])
     ids_of = trace_prompts(trace, prompt_source, prompts, vocab_lo)
     times: dict = {}  # id -> host times at which tokens arrived (one entry per token)
@@ -105,6 +106,8 @@ def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, v
         times[rid].extend([now] * len(toks))
         toks_of[rid].extend(toks)
 
+    if warmup and trace:
+        engine.warmup([len(p) for p in ids_of])
     t0, steps0 = time.perf_counter(), engine.steps
     nxt = 0
     while nxt < len(order) or engine.busy:
