@@ -10,7 +10,9 @@ weights, batch 1 (the per-prompt decision), a fixed N new tokens (EOS ignored).
 Per cell: layers skipped (mean over prompts, and the skip sets); agreement with full-model greedy as
 (a) teacher-forced: the FiRST model's argmax on the full model's greedy continuation equals it, (b) free
 running: positions where FiRST's own greedy output equals full greedy, (c) the mean matching prefix; NLL
-(nats/token) of the full model's greedy continuation under the FiRST model (full model: its own NLL);
+(nats/token) of the full model's greedy continuation under the FiRST model (full model: its own NLL); a
+control with as many layers skipped, drawn at random from layers 1 .. L-2 (3 draws per prompt: teacher-
+forced agreement and NLL);
 tokens/s of FiRST and of jaxdec greedy in the same run (one untimed warm-up each, --reps interleaved
 repetitions, median [min, max] of per-repetition ratios). Writes experiments/results/first_table.{json,md}.
 
@@ -130,6 +132,16 @@ def measure_cell(cfg, cell):
         nll_full.append(float(-np.mean(np.asarray(lp0))))
         probs.append(np.asarray(keep_prob(rs.params, features(model, params, np.asarray([p]), np.asarray([len(p)]))))[0]
                      .round(3).tolist())
+    # control: as many layers, drawn at random from layers 1 .. L-2 (3 draws per prompt), same scorer
+    rng = np.random.default_rng(0)
+    rnd_agree, rnd_nll = [], []
+    for p, c, sk in zip(prompts, full, skip_sets):
+        for _ in range(3):
+            keep = np.ones(model.num_layers, bool)
+            keep[rng.choice(np.arange(1, model.num_layers - 1), len(sk), replace=False)] = False
+            lp, am = score(params, jnp.asarray([p]), jnp.asarray([c]), jnp.asarray(keep))
+            rnd_agree.append(float(np.mean(np.asarray(am)[0] == np.asarray(c))))
+            rnd_nll.append(float(-np.mean(np.asarray(lp))))
     match = [float(np.mean(np.asarray(a) == np.asarray(b))) for a, b in zip(full, fst)]
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in zip(full, fst)]
     out = {"threshold": thr, "prompts": len(prompts), "new_tokens": n, "num_layers": model.num_layers,
@@ -137,6 +149,7 @@ def measure_cell(cfg, cell):
            "agree_teacher_forced": float(np.mean(tf_agree)), "agree_free_running": float(np.mean(match)),
            "matching_prefix_mean": float(np.mean(prefix)), "nll": float(np.mean(nll)),
            "nll_full": float(np.mean(nll_full)), "keep_prob": probs,
+           "random_agree_teacher_forced": float(np.mean(rnd_agree)), "random_nll": float(np.mean(rnd_nll)),
            "speedup": ratio(res, "first", "greedy"), "timing": strip_tokens(res)}
     print(f"[{cell}] skipped {out['layers_skipped_mean']:.2f} layers, agree tf {out['agree_teacher_forced']:.3f} "
           f"free {out['agree_free_running']:.3f}, nll {out['nll']:.3f} (full {out['nll_full']:.3f}), "
@@ -148,14 +161,16 @@ def markdown(rec):
     lines = ["FiRST is LOSSY: agreement < 1 means other text than greedy. Speed is measured on a loaded shared "
              "machine (see the load average above): a ratio from the same repetitions, not an absolute claim.", "",
              "| threshold | layers skipped (mean of L) | agreement teacher-forced | agreement free-running | "
-             "matching prefix | NLL of greedy text (full) | greedy tok/s | FiRST tok/s | speed vs greedy |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "matching prefix | NLL of greedy text (full) | random same-count: agreement tf / NLL | greedy tok/s | "
+             "FiRST tok/s | speed vs greedy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell in rec["cells_order"]:
         r = runner.result(rec, cell)
         sp = r["speedup"]
         row = [r["threshold"], f"{r['layers_skipped_mean']:.2f} of {r['num_layers']}",
                f"{r['agree_teacher_forced']:.3f}", f"{r['agree_free_running']:.3f}",
                f"{r['matching_prefix_mean']:.1f} / {r['new_tokens']}", f"{r['nll']:.3f} ({r['nll_full']:.3f})",
+               f"{r['random_agree_teacher_forced']:.3f} / {r['random_nll']:.3f}",
                *(f"{r['timing'][k]['tok_s']:.1f}" for k in ("greedy", "first")),
                f"{sp['median']:.2f}x [{sp['min']:.2f}, {sp['max']:.2f}]"]
         lines.append("| " + " | ".join(map(str, row)) + " |")
