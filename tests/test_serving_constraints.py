@@ -19,17 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from neartie import assert_sequences_match  # noqa: E402
 from selfref import LazyStepLogits  # noqa: E402
 
-CACHE, CAP = 256, 16  # as tests/test_serving.py: the same compiled step
-NAME = "smollm2-test"
+from test_serving import CACHE, CAP, NAME, tokenizer  # noqa: E402,F401  (the same compiled step; the fixture)
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
           "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import peer
-    from jaxdec.models.tokenizer import Tokenizer
-    return Tokenizer.load(peer.default_gguf_path())
 
 
 @pytest.fixture(scope="module")
