@@ -249,6 +249,9 @@ SWEEP = {
     "factor": lambda t: G("--method", "diffusion", "--factor", "0"),
     "freedave_drafts": lambda t: G("--method", "diffusion", "--freedave-drafts", "0"),
     "dllm_cache": lambda t: G("--method", "diffusion", "--dllm-cache", "triple"),
+    "learn2pd_filter": lambda t: G("--method", "diffusion", "--sampler", "learn2pd", "--learn2pd-filter",
+                                   os.path.join(t, "missing.safetensors")),
+    "diffusion_temperature": lambda t: G("--method", "diffusion", "--diffusion-temperature", "-1"),
     # FiRST
     "first_routers": lambda t: G("--method", "first", "--first-routers", os.path.join(t, "missing.npz")),
     "first_threshold": lambda t: G("--method", "first", "--first-routers", "x", "--first-threshold", "1.5"),

@@ -277,3 +277,45 @@ def test_learn2pd_end_to_end_fewer_calls_same_answers(trained, filter_trained):
     assert np.mean(same) >= 0.8, same
     assert sum(st["model_calls"]) < 0.5 * sum(bst["model_calls"]), (st["model_calls"], bst["model_calls"])
     assert _name_accuracy(toks, ex) >= _name_accuracy(base, ex) - 0.02
+
+
+def test_cli_learn2pd_filter_and_diffusion_temperature(trained, filter_trained, tmp_path, capsys):
+    from jaxdec.diffusion import learn2pd as L
+    base = ["--model", trained["folder"], "--method", "diffusion", "--max-new-tokens", "24"]
+    filt = filter_trained["path"]
+    rc, rows = _cli(tmp_path, *base, "--sampler", "learn2pd", "--learn2pd-filter", filt, "--threshold", "0.97")
+    assert rc == 0 and len(rows) == 1
+    st = rows[0]["stats"]
+    assert st["sampler"] == "learn2pd" and st["model_calls"] == len(st["committed_per_call"])
+    assert sum(st["committed_per_call"]) == 24 and rows[0]["finish_reason"] in ("eos", "length")
+    rc, one = _cli(tmp_path, *base)
+    assert rc == 0 and one[0]["stats"]["model_calls"] == 24
+    assert st["model_calls"] < 24, st  # the filter (and End-of-Text Prediction) commit several per call
+    # temperature: 0 is the default (greedy) program; a seeded run repeats; some seed leaves the greedy answer
+    # (deterministic: the seeds are fixed, so this holds or fails the same way every run)
+    rc, t0 = _cli(tmp_path, *base, "--diffusion-temperature", "0")
+    assert rc == 0 and t0[0]["tokens"] == one[0]["tokens"]
+    hot = ["--sampler", "fast-dllm-threshold", "--threshold", "0.8", "--diffusion-temperature", "2"]
+    runs = {s: _cli(tmp_path, *base, *hot, "--seed", str(s))[1][0]["tokens"] for s in (1, 2)}
+    assert _cli(tmp_path, *base, *hot, "--seed", "1")[1][0]["tokens"] == runs[1]
+    rc, cold = _cli(tmp_path, *base, "--sampler", "fast-dllm-threshold", "--threshold", "0.8")
+    assert any(r != cold[0]["tokens"] for r in runs.values()), runs
+    # bad input, each naming the flag
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    other = L.save_filter(str(tmp_path / "wide.safetensors"),
+                          L.Learn2PDFilter(8).init(jax.random.key(0), jnp.zeros((1, L.NFEAT + 2))))
+    for extra, msg in [(("--sampler", "learn2pd"), "--sampler learn2pd needs --learn2pd-filter"),
+                       (("--sampler", "learn2pd", "--learn2pd-filter", str(tmp_path / "none.safetensors")),
+                        "--learn2pd-filter"),
+                       (("--sampler", "learn2pd", "--learn2pd-filter", str(junk)), "--learn2pd-filter"),
+                       (("--sampler", "learn2pd", "--learn2pd-filter", other), f"with {L.NFEAT} features"),
+                       (("--learn2pd-filter", filt), "--learn2pd-filter is used only by --sampler learn2pd"),
+                       (("--sampler", "freedave", "--diffusion-temperature", "0.5"),
+                        "--diffusion-temperature 0.5 is refused by --sampler freedave"),
+                       (("--diffusion-temperature", "-1"), "--diffusion-temperature must be a finite number >= 0")]:
+        rc, _ = _cli(tmp_path, *base, *extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.startswith("jaxdec: error:"), (extra, err)
+    rc, _ = _cli(tmp_path, "--method", "greedy", "--learn2pd-filter", filt)
+    assert rc == 2 and "--learn2pd-filter is not used by --method greedy" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``jaxdec generate --method diffusion``: masked-diffusion task models through the spine's CLI.
 
 ``jaxdec generate --model <task model folder> --method diffusion --sampler <name> [--steps N]
-[--block-length B] [--threshold T] --max-new-tokens G --prompt "copy : Ada Lovelace , Alan Turing =>"``
+[--block-length B] [--threshold T] [--learn2pd-filter PATH] [--diffusion-temperature T --seed S]
+--max-new-tokens G --prompt "copy : Ada Lovelace , Alan Turing =>"``
 decodes a generation window of G positions (``--max-new-tokens``) with one of
 `jaxdec.diffusion.samplers.SAMPLERS`. JSONL rows are the spine's (``prompt_ids``, ``tokens`` up to and
 including the first [EOS], ``text``, ``finish_reason`` "eos" or "length", ``stats``); ``stats`` adds
@@ -9,8 +10,11 @@ the row's ``model_calls``, ``committed_per_call`` and ``tokens_per_call`` and th
 
 Refused before the model loads: a model that is not a masked-diffusion task model (an autoregressive
 LM such as the default SmolLM2, or the autoregressive task model), ``--block-length`` not dividing the
-window, ``--threshold`` outside (0, 1]; and the reverse: a masked-diffusion model given to any other
-method.
+window, ``--threshold`` outside (0, 1], ``--sampler learn2pd`` without a readable filter of the
+right feature count (or ``--learn2pd-filter`` with another sampler), ``--diffusion-temperature`` < 0 or
+> 0 with freedave (greedy-exact). ``--diffusion-temperature`` (default 0, greedy) is diffusion's own flag:
+the shared ``--temperature`` defaults to 1.0 for ``--method sample``. And the reverse: a masked-diffusion
+model given to any other method.
 """
 from __future__ import annotations
 
@@ -19,13 +23,14 @@ import time
 from jaxdec.cli import BadInput, check_float, check_int, register_method, register_papers
 from jaxdec.diffusion.samplers import CACHES, SAMPLERS
 
-_FLAGS = ("sampler", "steps", "block_length", "threshold", "factor", "freedave_drafts", "dllm_cache")
+_FLAGS = ("sampler", "steps", "block_length", "threshold", "factor", "freedave_drafts", "dllm_cache",
+          "learn2pd_filter", "diffusion_temperature")
 
 
 def add_diffusion_args(g):
     s = g.add_argument_group("diffusion (masked-diffusion task models: --method diffusion)")
-    s.add_argument("--sampler", default="one-per-step", choices=[n for n in SAMPLERS if n != "learn2pd"],
-                   help="decoding schedule (learn2pd, which needs a trained filter, is library-only for now)")
+    s.add_argument("--sampler", default="one-per-step", choices=list(SAMPLERS),
+                   help="decoding schedule (learn2pd needs --learn2pd-filter)")
     s.add_argument("--steps", type=int, default=None, help="fixed-count schedules: steps per row (default: one "
                                                           "token per step)")
     s.add_argument("--block-length", type=int, default=None,
@@ -37,6 +42,12 @@ def add_diffusion_args(g):
     s.add_argument("--freedave-drafts", type=int, default=4, help="freedave: drafts per call")
     s.add_argument("--dllm-cache", default="none", choices=CACHES,
                    help="Fast-dLLM's prefix or dual key/value cache (needs --block-length)")
+    s.add_argument("--learn2pd-filter", default=None, metavar="PATH",
+                   help="--sampler learn2pd: the filter (.safetensors) written by python -m train.learn2pd_filter; "
+                        "--threshold is the filter's ready probability")
+    s.add_argument("--diffusion-temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: every position's prediction sampled from softmax(logits / T), "
+                        "seeded by --seed (freedave refuses it: it is greedy-exact)")
 
 
 def _model_objective(name: str):
@@ -56,11 +67,34 @@ def validate_diffusion_args(args):
     check_int(args, "freedave_drafts", 1)
     check_float(args, "threshold", lambda v: 0 < v <= 1, "in (0, 1]")
     check_float(args, "factor", lambda v: v > 0, "a finite number > 0")
+    check_float(args, "diffusion_temperature", lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
+    if args.command == "generate" and args.method == "diffusion":
+        if args.sampler == "freedave" and args.diffusion_temperature > 0:
+            raise BadInput(f"--diffusion-temperature {args.diffusion_temperature} is refused by --sampler freedave "
+                           f"(it reproduces greedy one-per-step decoding exactly): leave it at 0")
+        if args.sampler == "learn2pd" and args.learn2pd_filter is None:
+            raise BadInput("--sampler learn2pd needs --learn2pd-filter PATH (a filter written by python -m "
+                           "train.learn2pd_filter)")
+        if args.learn2pd_filter is not None and args.sampler != "learn2pd":
+            raise BadInput(f"--learn2pd-filter is used only by --sampler learn2pd (got --sampler {args.sampler})")
+        if args.learn2pd_filter is not None:
+            args._learn2pd_params = _load_filter(args.learn2pd_filter)
     if args.command == "generate" and args.method != "diffusion":
         path, obj = _model_objective(args.model)
         if obj == "masked_diffusion":
             raise BadInput(f"--model {args.model!r} is a masked-diffusion model: decode it with --method diffusion "
                            f"(--method {args.method} needs an autoregressive model)")
+
+
+def _load_filter(path: str):
+    from jaxdec.diffusion.learn2pd import load_filter
+    try:
+        return load_filter(path)
+    except FileNotFoundError:
+        raise BadInput(f"--learn2pd-filter {path!r}: no such file (expected a Learn2PD filter .safetensors "
+                       f"written by python -m train.learn2pd_filter)") from None
+    except Exception as e:  # ValueError (not a filter), OSError, safetensors' own error on a bad header
+        raise BadInput(f"--learn2pd-filter {path!r} is not a readable Learn2PD filter: {e}") from None
 
 
 def _check(args):
@@ -89,7 +123,8 @@ def sampler_config(args, model):
         mask_id = int(json.load(f).get("mask_token_id", T.MASK_ID))
     return SamplerConfig(args.sampler, steps=args.steps, block_length=args.block_length, threshold=args.threshold,
                          factor=args.factor, drafts=args.freedave_drafts, delimiters=T.DELIMITER_IDS, mask_id=mask_id,
-                         pad_id=model.pad_id, cache=args.dllm_cache)
+                         pad_id=model.pad_id, cache=args.dllm_cache,
+                         temperature=args.diffusion_temperature, eos_id=T.EOS_ID)
 
 
 @register_method("diffusion", add_diffusion_args, uses=_FLAGS + ("seed", "batch_size"), check=_check, chunked=True,
@@ -116,7 +151,8 @@ def diffusion_method(args, loaded, ids, progress):
     args._model_path = loaded.path
     cfg = sampler_config(args, loaded.model)
     t0 = time.perf_counter()
-    toks, st = sample(logits_fn(loaded.model), loaded.params, ids, g, cfg, seed=args.seed)
+    filt = getattr(args, "_learn2pd_params", None) if cfg.name == "learn2pd" else None
+    toks, st = sample(logits_fn(loaded.model), loaded.params, ids, g, cfg, seed=args.seed, filter_params=filt)
     secs = time.perf_counter() - t0
     eos = set(loaded.model.eos_ids)
     rows, new = [], 0
