@@ -311,7 +311,8 @@ def markdown(rec) -> list:
         host = r["host_step_s"]
         lines += ["## TPOT with the slots full", "",
                   f"{r['requests']} requests at time 0 on {cfg['slots']} slots ({r['output_tokens']} output tokens, "
-                  f"{r['steps']} steps, {r['seconds']:.1f} s): new requests are prefilled between decode steps.", "",
+                  f"{r['steps']} steps, {r['seconds']:.1f} s): new requests are prefilled between decode steps (batched "
+                  f"admission; prefill budget per step: {cfg.get('prefill_budget') or 'none'} padded tokens).", "",
                   "| measure | p50 | p90 | p99 |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {label} | " + " | ".join(_ms(r[k], q) for q in ("p50", "p90", "p99")) + " |"
                   for label, k in (("TPOT per request (ms)", "tpot"), ("ITL, every gap (ms)", "itl"),

@@ -369,7 +369,7 @@ class Engine:
         prefill and insert), so that no request waits on an admission compile; the slots are untouched
         (the warm-up rows are all fillers, dropped by the insert). Returns the number of shapes."""
         buckets = sorted({bucket(_int_field("prompt_lengths[]", n, 1)) for n in prompt_lengths})
-        if any(b > self.cache_size - 1 for b in buckets):
+        if any(b > self.cache_size for b in buckets):
             raise RequestError(f"prompt_lengths: a bucket of {buckets} does not fit a slot of {self.cache_size}")
         counts = [1 << b for b in range(self.slots.bit_length())]  # every part `_row_counts` can give
         keys = row_keys(0, 1, 1)
