@@ -127,3 +127,24 @@ def test_openai_client_constraints_equal_generate(server, model_q, tokenizer):
         err = json.loads(e.value.response.text)["error"]
         assert err["param"] == param, (extra, err)
     assert not eng.busy
+
+
+def test_prefill_budget_bounds_admission_per_step(engine, model_q, chat_prompt_ids):
+    """With ``prefill_budget`` = one prompt bucket, one waiting request is admitted per step (the first always
+    is); the tokens equal those of the engine that admits every waiting request at once."""
+    from jaxdec.cache import bucket
+    model, params = model_q
+    ps = chat_prompt_ids[13:16]
+    assert len({bucket(len(p)) for p in ps}) == 1
+    capped = Engine(model, params, slots=4, cache_size=CACHE, capacity=CAP, prefill_budget=bucket(len(ps[0])))
+    ids = [capped.submit(p, max_new_tokens=5) for p in ps]
+    capped.step()
+    assert capped.free_slots == 3  # negative control below: the uncapped engine fills three slots at once
+    got = capped.run_until_done()
+    ref_ids = [engine.submit(p, max_new_tokens=5) for p in ps]
+    engine.step()
+    assert engine.free_slots == 1
+    ref = engine.run_until_done()
+    assert [got[i].tokens for i in ids] == [ref[i].tokens for i in ref_ids]
+    with pytest.raises(ValueError, match="prefill_budget must be an integer >= 1"):
+        Engine(model, params, slots=4, cache_size=CACHE, capacity=CAP, prefill_budget=0)
