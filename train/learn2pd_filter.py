@@ -1,6 +1,6 @@
 """Train the Learn2PD filter of a masked-diffusion task model: ``python -m train.learn2pd_filter --model DIR``.
 
-Labels come from the "extremely greedy" replay (`jaxdec.diffusion.learn2pd.replay_labels`): the model
+Labels come from the "extremely greedy" replay (`replay_labels` below): the model
 decodes ``--per-task`` training prompts per task one token per step; ``--states`` canvases per prompt
 along that trajectory are scored again, and each masked position is labelled ready iff its current
 argmax already equals the token one-per-step decoding finally put there. The filter (a flax MLP over
@@ -15,14 +15,56 @@ import dataclasses
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxdec.diffusion import learn2pd as L
 from jaxdec.diffusion import tasks as T
+from jaxdec.diffusion.samplers import SamplerConfig, make_canvas, predict, sample
 from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
 from train.masked_diffusion import parse_tasks
+
+
+def replay_labels(logits_fn, aux, prompts, gen_len, mask_id: int, pad_id: int, eos_id, *, states: int = 6,
+                  batch: int = 64, seed: int = 0):
+    """The "extremely greedy" replay: one-per-step decoding of ``prompts``, then ``states`` canvases per
+    row along that trajectory (the positions committed before call k filled in, k spread evenly), each
+    scored by one model call. Returns ``{"features": [N, NFEAT], "label": [N]}`` over the masked window
+    positions of every replayed canvas (label 1: the current argmax equals the final token)."""
+    cfg = SamplerConfig("one-per-step", mask_id=mask_id, pad_id=pad_id)
+    rng = np.random.default_rng(seed)
+    feats, labels = [], []
+
+    @jax.jit
+    def score(aux, canvas, masked, gen, final):
+        logp, x0, p0 = predict(cfg, logits_fn(aux, canvas))
+        return L.features(logp, x0, p0, masked, gen, eos_id), x0 == final
+
+    for i in range(0, len(prompts), batch):
+        ps = prompts[i:i + batch]
+        toks, st = sample(logits_fn, aux, ps, gen_len, cfg)
+        canvas0, plen, glen = make_canvas(ps, gen_len, pad_id)
+        t = canvas0.shape[1]
+        pos = np.arange(t)[None]
+        gen = (pos >= plen[:, None]) & (pos < (plen + glen)[:, None])
+        final = canvas0.copy()
+        cstep = np.full((len(ps), t), -1, np.int64)
+        for r in range(len(ps)):
+            final[r, plen[r]:plen[r] + glen[r]] = toks[r, :glen[r]]
+            cstep[r, plen[r]:plen[r] + glen[r]] = st["commit_step"][r, :glen[r]]
+        for s in range(states):
+            # call index k per row: evenly spread over the trajectory, jittered
+            k = np.minimum(((s + rng.uniform(size=(len(ps), 1))) / states * glen[:, None]).astype(np.int64),
+                           glen[:, None] - 1)
+            masked = gen & (cstep >= k)
+            canvas = np.where(gen, np.where(masked, mask_id, final), canvas0)
+            f, lab = score(aux, jnp.asarray(canvas), jnp.asarray(masked), jnp.asarray(gen), jnp.asarray(final))
+            sel = masked
+            feats.append(np.asarray(f)[sel])
+            labels.append(np.asarray(lab)[sel])
+    return {"features": np.concatenate(feats).astype(np.float32), "label": np.concatenate(labels).astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +126,7 @@ def replay(cfg: FilterConfig, log=print):
     for split, n in (("train", cfg.per_task), ("heldout", cfg.heldout_per_task)):
         ex = T.mixture(names, n, "train", seed=cfg.data_seed) if split == "train" else \
             [e for name in names for e in T.heldout(name, n)]
-        d = L.replay_labels(fn, params, [T.encode(e.prompt) for e in ex], T.GEN_LEN, T.MASK_ID, T.PAD_ID,
+        d = replay_labels(fn, params, [T.encode(e.prompt) for e in ex], T.GEN_LEN, T.MASK_ID, T.PAD_ID,
                             T.EOS_ID, states=cfg.states, batch=cfg.replay_batch, seed=cfg.data_seed)
         log(f"replay {split}: {len(ex)} prompts, {len(d['label'])} positions, {d['label'].mean():.3f} ready")
         out.append(d)

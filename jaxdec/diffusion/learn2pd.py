@@ -6,7 +6,7 @@ whether the model's current prediction there is already the final answer, plus E
   position in the window, fraction of the window still masked, whether the left / right neighbour is
   decided (prompt or committed), whether the prediction is [EOS].
 * `Learn2PDFilter`: a flax MLP over those features -> one logit per position (sigmoid: "ready").
-* Labels (`replay_labels`, the "extremely greedy" replay): decode with one token per step; at a replayed
+* Labels (`train.learn2pd_filter.replay_labels`, the "extremely greedy" replay): decode with one token per step; at a replayed
   state a masked position is ready iff its current argmax equals the token one-per-step decoding
   finally put there. ``train/learn2pd_filter.py`` trains the filter on them.
 * The sampler (``SamplerConfig("learn2pd", threshold=...)`` with ``sample(..., filter_params=...)``)
@@ -90,48 +90,6 @@ def eot_fill(masked, gen, canvas_after, eos_id):
     hit = gen & ~masked & (canvas_after == eos_id)
     first = jnp.min(jnp.where(hit, pos, big), axis=1)
     return masked & gen & (pos > first[:, None])
-
-
-# ------------------------------------------------------------------------------------------ replay
-def replay_labels(logits_fn, aux, prompts, gen_len, mask_id: int, pad_id: int, eos_id, *, states: int = 6,
-                  batch: int = 64, seed: int = 0):
-    """The "extremely greedy" replay: one-per-step decoding of ``prompts``, then ``states`` canvases per
-    row along that trajectory (the positions committed before call k filled in, k spread evenly), each
-    scored by one model call. Returns ``{"features": [N, NFEAT], "label": [N]}`` over the masked window
-    positions of every replayed canvas (label 1: the current argmax equals the final token)."""
-    from jaxdec.diffusion.samplers import SamplerConfig, make_canvas, predict, sample
-    cfg = SamplerConfig("one-per-step", mask_id=mask_id, pad_id=pad_id)
-    rng = np.random.default_rng(seed)
-    feats, labels = [], []
-
-    @jax.jit
-    def score(aux, canvas, masked, gen, final):
-        logp, x0, p0 = predict(cfg, logits_fn(aux, canvas))
-        return features(logp, x0, p0, masked, gen, eos_id), x0 == final
-
-    for i in range(0, len(prompts), batch):
-        ps = prompts[i:i + batch]
-        toks, st = sample(logits_fn, aux, ps, gen_len, cfg)
-        canvas0, plen, glen = make_canvas(ps, gen_len, pad_id)
-        t = canvas0.shape[1]
-        pos = np.arange(t)[None]
-        gen = (pos >= plen[:, None]) & (pos < (plen + glen)[:, None])
-        final = canvas0.copy()
-        cstep = np.full((len(ps), t), -1, np.int64)
-        for r in range(len(ps)):
-            final[r, plen[r]:plen[r] + glen[r]] = toks[r, :glen[r]]
-            cstep[r, plen[r]:plen[r] + glen[r]] = st["commit_step"][r, :glen[r]]
-        for s in range(states):
-            # call index k per row: evenly spread over the trajectory, jittered
-            k = np.minimum(((s + rng.uniform(size=(len(ps), 1))) / states * glen[:, None]).astype(np.int64),
-                           glen[:, None] - 1)
-            masked = gen & (cstep >= k)
-            canvas = np.where(gen, np.where(masked, mask_id, final), canvas0)
-            f, lab = score(aux, jnp.asarray(canvas), jnp.asarray(masked), jnp.asarray(gen), jnp.asarray(final))
-            sel = masked
-            feats.append(np.asarray(f)[sel])
-            labels.append(np.asarray(lab)[sel])
-    return {"features": np.concatenate(feats).astype(np.float32), "label": np.concatenate(labels).astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------------ files
