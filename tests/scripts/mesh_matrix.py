@@ -161,6 +161,7 @@ def main():
                 r["near_tie"] = near_tie_data(model, params, prompts, g1.tokens, g.tokens, mesh)
                 sharding.shard_params = spy
             entry["meshes"][name] = r
+            print(f"mesh_matrix: {method} {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         res[method] = entry
         res["seconds"][method] = round(time.perf_counter() - t0, 1)
     if args.errors:
