@@ -103,6 +103,7 @@ def test_cli_momentum_per_row_fields(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, needle", [
     ("--regex", "[^\\x00-\\U0010FFFF]", "(--regex): the grammar accepts no string"),
     ("--grammar", "start: /[^\\x00-\\U0010FFFF]/\n", "(--grammar): the grammar accepts no string"),
+    ("--grammar", 'start: a\na: "x" a\n', "(--grammar): the grammar accepts no string (rules a, start never finish"),
 ])
 def test_cli_grammar_that_accepts_nothing(flag, value, needle, tmp_path, capsys):
     """A regex or Lark grammar whose language is empty passes the syntax checks; compiling it against the

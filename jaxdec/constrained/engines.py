@@ -273,6 +273,12 @@ class LLGuidanceEngine(Engine):
                     "choices": "choices"}[constraint.kind]
             raise ConstraintError(f"{constraint.who}: invalid {what}: {one_line(err)}")
         self.check_language(g, constraint.who)
+        if constraint.kind == "lark":
+            from jaxdec.constrained.lark_check import unproductive_start
+            stuck = unproductive_start(constraint.text)
+            if stuck:
+                raise ConstraintError(f"{constraint.who}: the grammar accepts no string (rules {', '.join(stuck)} "
+                                      "never finish: each of their derivations needs another copy of one of them)")
         return g
 
     def matcher(self, compiled):
