@@ -100,7 +100,7 @@ def train_routers(cfg: FirstTrainConfig, model, params, seqs, prompt_lens, finge
               meta={"fingerprint": fingerprint, "kind": "first-routers"}, stop_after=stop_after, log=log)
     path = None
     if int(res.state.step) == cfg.steps:
-        final = next((r for r in reversed(res.records) if r["kind"] == "eval"), None)
+        final = res.final_eval
         path = save_routers(os.path.join(cfg.out, "routers.npz"), res.params,
                             {"config": dataclasses.asdict(cfg), "fingerprint": fingerprint, "final_eval": final,
                              "train_examples": int(len(tr))})

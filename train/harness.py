@@ -328,6 +328,15 @@ class FitResult:
     wall_s: float
     out: str
 
+    @property
+    def final_eval(self) -> Optional[dict]:
+        """The last eval record of the run (None when it never evaluated)."""
+        return last_eval(self.records)
+
+
+def last_eval(records: list) -> Optional[dict]:
+    return next((r for r in reversed(records) if r["kind"] == "eval"), None)
+
 
 def fit(cfg: TrainConfig, init_params, loss_fn: Callable, train: ArrayData, *, frozen=None,
         eval_data: Optional[ArrayData] = None, eval_fn: Optional[Callable] = None, meta: Optional[dict] = None,
@@ -449,7 +458,7 @@ def fit(cfg: TrainConfig, init_params, loss_fn: Callable, train: ArrayData, *, f
     wall = meta.get("wall_s_before", 0.0) + time.time() - t_start
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump({**ckpt_meta(int(state.step)), "wall_s": wall, "resumed_from": resumed,
-                   "final": next((r for r in reversed(records) if r["kind"] == "eval"), None)}, f, indent=1)
+                   "final": last_eval(records)}, f, indent=1)
     return FitResult(state.params, state, records, resumed, wall, cfg.out)
 
 

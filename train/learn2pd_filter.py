@@ -153,7 +153,7 @@ def train(cfg: FilterConfig, stop_after=None, log=print, command: str = ""):
               meta={"fingerprint": fingerprint(cfg)}, stop_after=stop_after, log=log)
     if int(res.state.step) != cfg.steps:
         return res, None
-    final = next((r for r in reversed(res.records) if r["kind"] == "eval"), None)
+    final = res.final_eval
     meta = {"model": cfg.model, "steps": cfg.steps, "tasks": list(cfg.task_list()), "per_task": cfg.per_task,
             "states": cfg.states, "positions": len(tr), "final_eval": final, "command": command}
     path = L.save_filter(os.path.join(cfg.out, "filter.safetensors"), res.params, meta)

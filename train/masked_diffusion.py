@@ -144,7 +144,7 @@ def train(cfg: MaskedDiffusionConfig, stop_after=None, log=print, command: str =
               stop_after=stop_after, log=log)
     if int(res.state.step) != cfg.steps:
         return res, None
-    final = next((r for r in reversed(res.records) if r["kind"] == "eval"), None)
+    final = res.final_eval
     meta = {"steps": cfg.steps, "tasks": list(cfg.task_list()), "per_task": cfg.per_task, "wall_s": round(res.wall_s, 1),
             "final_eval": final, "command": command, "fingerprint": fingerprint(cfg)}
     folder = DM.save(os.path.join(cfg.out, "model"), mcfg, res.params, OBJECTIVE_NAMES[cfg.objective], meta)

@@ -228,7 +228,7 @@ def save_finished_heads(res, cfg, kind, tensors, config: dict, fingerprint: str,
         save_heads(path, kind, tensors, config, fingerprint, target=target_name, command=command,
                    data_examples=data_examples, data_tokens=data_tokens, steps=cfg.steps, commit=git_commit(),
                    wall_s=round(res.wall_s, 1),
-                   final_eval=next((r for r in reversed(res.records) if r["kind"] == "eval"), None), **extra)
+                   final_eval=res.final_eval, **extra)
         log(f"heads: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return path
 
