@@ -66,33 +66,44 @@ def _insert_jit(decoder, state, prefix, slots):
 
 
 def prefill(decoder, model, params, prompts: Sequence[Sequence[int]], *, like: Optional[DecodeState] = None,
-            cache_size: Optional[int] = None, capacity: Optional[int] = None, max_new_tokens: int = 64,
-            min_new_tokens: int = 0, keys=None, seed: int = 0, stop_ids=None, sampling=None,
+            cache_size: Optional[int] = None, capacity: Optional[int] = None, max_new_tokens=64,
+            min_new_tokens=0, keys=None, seed: int = 0, stop_ids=None, sampling=None,
             prompt_bucket: Optional[int] = None) -> DecodeState:
     """Run the decoder's ``init`` on the new rows alone. ``like``: the running state whose cache size and
-    output capacity the rows must share (or give ``cache_size`` and ``capacity``). ``keys``: ``uint32
-    [n, 2]`` row keys (default: `generate`'s keys of ``seed`` for these prompts). ``sampling``: a
-    `SamplingParams` of the n rows (sampling decoders). Compiles once per (rows, prompt bucket) shape."""
+    output capacity the rows must share (or give ``cache_size`` and ``capacity``). ``max_new_tokens`` /
+    ``min_new_tokens``: one value for every row or a list of one per row. ``keys``: ``uint32 [n, 2]`` row
+    keys (default: `generate`'s keys of ``seed`` for these prompts). ``sampling``: a `SamplingParams` of
+    the n rows (sampling decoders). Compiles once per (rows, prompt bucket) shape."""
     check_decoder(decoder)
     rows = _check_prompts(prompts, model.vocab_size)
-    max_new = _positive_int("max_new_tokens", max_new_tokens)
-    min_new = _positive_int("min_new_tokens", min_new_tokens, allow_zero=True)
+    max_new = _per_row("max_new_tokens", max_new_tokens, len(rows), allow_zero=False)
+    min_new = _per_row("min_new_tokens", min_new_tokens, len(rows), allow_zero=True)
     if like is not None:
         cache_size, capacity = like.cache.size, like.capacity
     if cache_size is None or capacity is None:
         raise ValueError("prefill needs like=<running state> or both cache_size and capacity")
-    if max_new > capacity:
-        raise ValueError(f"max_new_tokens ({max_new}) exceeds the output capacity ({capacity})")
+    if max(max_new) > capacity:
+        raise ValueError(f"max_new_tokens ({max(max_new)}) exceeds the output capacity ({capacity})")
     p = prompt_bucket or bucket(max(len(r) for r in rows))
-    need = max(len(r) for r in rows) + max_new + int(hook(decoder, "cache_headroom"))
+    need = max(len(r) + m for r, m in zip(rows, max_new)) + int(hook(decoder, "cache_headroom"))
     if p > cache_size or need > cache_size:
         raise ValueError(f"prompt + max_new_tokens needs {need} cache slots (prompt bucket {p}); the cache has "
                          f"{cache_size}")
     keys = row_keys(seed, len(rows), 1) if keys is None else np.asarray(keys, np.uint32)
     stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    inputs = batch_inputs(len(rows), max_new, min_new, keys, stop, capacity, sampling)
+    inputs = batch_inputs(len(rows), 1, 0, keys, stop, capacity, sampling)
+    inputs = inputs.replace(max_new=jnp.asarray(max_new, jnp.int32), min_new=jnp.asarray(min_new, jnp.int32))
     toks, lens = pad_batch(rows, p, int(hook(model, "pad_id")))
     return loop._init_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, cache_size)
+
+
+def _per_row(name: str, value, n: int, *, allow_zero: bool) -> list:
+    """One checked int per row from an int or a list of ``n`` ints."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected one value per prompt ({n}), got {len(value)}")
+        return [_positive_int(f"{name}[]", v, allow_zero=allow_zero) for v in value]
+    return [_positive_int(name, value, allow_zero=allow_zero)] * n
 
 
 def insert(decoder, state: DecodeState, prefix: DecodeState, slots) -> DecodeState:

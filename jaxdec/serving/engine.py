@@ -337,25 +337,23 @@ class Engine:
                 self._prefill_insert(p, constrained, group, where)
 
     def _prefill_insert(self, p: int, constrained: bool, group: list, where: list) -> None:
-        n = len(group)
-        keys = np.concatenate([row_keys(r.seed, 1, 1) for r in group])
-        inputs = batch_inputs(n, 1, 0, keys, self.eos_ids, self.capacity,
-                              self._sampling([r.temperature for r in group], group))
-        inputs = inputs.replace(max_new=jnp.asarray([r.max_new_tokens for r in group], jnp.int32),
-                                min_new=jnp.asarray([r.min_new_tokens for r in group], jnp.int32))
-        toks, lens = pad_batch([r.prompt for r in group], p, self._pad)
+        def prefill(decoder):
+            return slots_lib.prefill(decoder, self.model, self.params, [r.prompt for r in group], like=self._state,
+                                     max_new_tokens=[r.max_new_tokens for r in group],
+                                     min_new_tokens=[r.min_new_tokens for r in group],
+                                     keys=np.concatenate([row_keys(r.seed, 1, 1) for r in group]),
+                                     stop_ids=self.eos_ids, prompt_bucket=p,
+                                     sampling=self._sampling([r.temperature for r in group], group))
+
         if constrained:  # the first token is masked too: a session over these rows for the prefill
             from jaxdec.constrained.processor import Session, activate
-            decoder = self._constrained()[0]
             sess = Session([r.constraint for r in group])
-            sess.begin_batch(n)
+            sess.begin_batch(len(group))
             with activate(sess):
-                prefix = loop._init_jit(decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
-                                        inputs, self.cache_size)
+                prefix = prefill(self._constrained()[0])
                 jax.block_until_ready(prefix.tokens)
         else:
-            prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks), jnp.asarray(lens),
-                                    inputs, self.cache_size)
+            prefix = prefill(self.decoder)
         st = self._state
         self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix, jnp.asarray(where, jnp.int32))
         for slot, req in zip(where, group):
