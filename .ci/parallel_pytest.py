@@ -11,9 +11,18 @@ measured durations (tests/data/ci_durations.json, per file, written by this scri
 takes the next group. Files that share an expensive session fixture (the peer's runs) go to the same
 group when that balances: the packer is greedy by duration only, which keeps it simple and predictable.
 
+Why a shared compilation cache: the groups are separate processes, so a program that several groups
+compile (the default model's decode step at a common shape, say) was compiled once per group. The runner
+points JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) at a fresh folder of this run,
+shared by its groups and the CLI subprocesses their tests start, and removes it at the end: every test
+still traces and runs its program; only XLA's compile of an identical program is reused. Eviction is on
+(a size bound), which makes JAX take a file lock around each read and write, so two groups never read a
+half-written entry. A JAX_COMPILATION_CACHE_DIR already set is left alone (and not removed).
+
 Environment: JAXDEC_CI_JOBS (processes at once; default: the number of cores, at most 2 and at least 1),
-JAXDEC_CI_GROUPS (number of groups; default 8), JAXDEC_CI_WRITE_DURATIONS=1 (the same as
---write-durations, for runs started through `make test`).
+JAXDEC_CI_GROUPS (number of groups; default 6), JAXDEC_CI_WRITE_DURATIONS=1 (the same as
+--write-durations, for runs started through `make test`), JAXDEC_CI_COMPILE_CACHE=0 (no shared
+compilation cache).
 Exit status: 0 when every group passed; 1 when any test failed or errored, when any group crashed or
 collected no tests (pytest's exit code 5 is a failure here, never a silent pass).
 """
@@ -82,6 +91,22 @@ def totals(xml_paths):
     return tot
 
 
+CACHE_MAX_BYTES = 16 << 30  # a bound only so that JAX locks the cache's files (a whole run writes ~1-2 GB)
+
+
+def group_env(environ, out: str) -> dict:
+    """The groups' environment: `environ` plus a compilation cache folder under `out` (see the module
+    docstring), unless the caller set one or turned it off with JAXDEC_CI_COMPILE_CACHE=0."""
+    env = dict(environ)
+    setting = env.get("JAXDEC_CI_COMPILE_CACHE", "1")
+    if setting not in ("0", "1"):
+        sys.exit(f"ci: JAXDEC_CI_COMPILE_CACHE must be 0 or 1, got {setting!r}")
+    if setting == "1" and not env.get("JAX_COMPILATION_CACHE_DIR"):
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(out, "xla-cache")
+        env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_MAX_BYTES))
+    return env
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write-durations", action="store_true",
@@ -91,7 +116,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     jobs = positive_int_env("JAXDEC_CI_JOBS", max(1, min(2, os.cpu_count() or 1)))
-    groups = positive_int_env("JAXDEC_CI_GROUPS", 8)
+    groups = positive_int_env("JAXDEC_CI_GROUPS", 6)
     os.chdir(ROOT)
     files = sorted(args.files or glob.glob("tests/test_*.py"))
     if not files:
@@ -111,6 +136,10 @@ def main(argv=None):
         return 0
 
     out = tempfile.mkdtemp(prefix="jaxdec-ci-")
+    env = group_env(os.environ, out)
+    if env.get("JAX_COMPILATION_CACHE_DIR") != os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        print(f"ci: groups share a compilation cache in {env['JAX_COMPILATION_CACHE_DIR']} (removed at the end)",
+              flush=True)
     pending = list(enumerate(plan))
     running = {}
     status = 0
@@ -121,7 +150,7 @@ def main(argv=None):
             log = open(os.path.join(out, f"group{i}.log"), "w")
             cmd = [sys.executable, "-m", "pytest", *fs, "-q", "-p", "no:cacheprovider",
                    f"--junitxml={out}/group{i}.xml"]
-            running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
         time.sleep(1.0)
         for i in [i for i, (p, _, _) in running.items() if p.poll() is not None]:
             p, log, t0 = running.pop(i)

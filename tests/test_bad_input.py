@@ -412,6 +412,35 @@ def test_truncated_gguf_api_and_cli(truncated_ggufs, capsys):
     check_bad(capsys, ["demo", "--model", truncated_ggufs[0]], "--model", "truncated or corrupt")
 
 
+def _tiny_gguf(path, value):
+    from gguf import GGUFWriter
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("test.value", value)
+    w.add_tensor("t", np.arange(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_reader_reused_only_for_an_unchanged_file(tmp_path):
+    """open_gguf keeps the parsed reader of an unchanged file (one parse for f32 + q + tokenizer), but a
+    file rewritten in place (new content, or cut short) is parsed again: never a stale reader."""
+    from jaxdec.models.gguf_loader import field, open_gguf
+    p = tmp_path / "tiny.gguf"
+    _tiny_gguf(p, 1)
+    r1 = open_gguf(str(p))
+    assert open_gguf(str(p)) is r1 and field(r1, "test.value") == 1
+    _tiny_gguf(p, 22)
+    os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 1_000_000))  # a new mtime even on coarse clocks
+    r2 = open_gguf(str(p))
+    assert r2 is not r1 and field(r2, "test.value") == 22
+    data = p.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        open_gguf(str(p))
+
+
 # --------------------------------------------------------------------------- runs with the model
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 

@@ -70,3 +70,52 @@ def test_a_group_without_tests_fails(tmp_path):
 def test_bad_jobs_setting_is_refused(tmp_path, value):
     r = run_runner(tmp_path, ["x"], jobs=value)
     assert r.returncode != 0 and "JAXDEC_CI_JOBS must be a positive integer" in r.stderr
+
+
+PROBE = '''import os
+import jax
+import jax.numpy as jnp
+
+def test_probe():
+    hits = []
+    jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
+    jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(11.0)).block_until_ready()
+    hit = "/jax/compilation_cache/cache_hits" in hits
+    with open(os.path.join(OUT, os.path.basename(__file__) + ".txt"), "w") as f:
+        f.write(f"{hit} {os.environ.get('JAX_COMPILATION_CACHE_DIR', '')}")
+'''
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_groups_share_a_compilation_cache(tmp_path, cache):
+    """With the cache on, the second group reads the program the first group compiled, from a folder
+    inside the run's temporary folder that is gone afterwards; with JAXDEC_CI_COMPILE_CACHE=0 nothing
+    is shared (the negative control)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    files = [write(tmp_path, f"test_probe{i}.py", f"OUT = {str(out)!r}\n" + PROBE) for i in (1, 2)]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAXDEC_CI_JOBS="1", JAXDEC_CI_GROUPS="2", TMPDIR=str(scratch), JAXDEC_CI_COMPILE_CACHE=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, RUNNER, *files], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = [(out / f"test_probe{i}.py.txt").read_text().split(" ", 1) for i in (1, 2)]
+    hits = sorted(h == "True" for h, _ in seen)
+    dirs = {d for _, d in seen}
+    if cache == "1":
+        assert hits == [False, True], seen  # one group compiled it, the other read it
+        (d,) = dirs
+        assert d.startswith(str(scratch)), d
+        assert not os.path.exists(d)  # removed with the run's folder
+    else:
+        assert hits == [False, False] and dirs == {""}, seen
+
+
+def test_bad_compile_cache_setting_is_refused(tmp_path):
+    env = dict(os.environ, JAXDEC_CI_COMPILE_CACHE="yes")
+    r = subprocess.run([sys.executable, RUNNER, write(tmp_path, "test_ok.py", "def test_a():\n    pass\n")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode != 0 and "JAXDEC_CI_COMPILE_CACHE must be 0 or 1" in r.stderr

@@ -22,11 +22,33 @@ def is_gguf(path: str) -> bool:
         return False
 
 
+_READERS: dict = {}  # (real path, size, mtime_ns) -> GGUFReader, the last few files opened
+_READERS_KEPT = 2
+
+
 def open_gguf(path: str):
+    """A `gguf.GGUFReader` over `path` (read-only memory map), checked first for existence and the magic bytes.
+
+    Building the reader parses every metadata field in Python (the 49152-entry vocabulary takes ~4 s on
+    this CPU), so the reader of an unchanged file is kept and handed out again: loading the f32 and q
+    weights and the tokenizer of one file parses it once. The key includes size and modification time,
+    so a file rewritten in place is parsed anew."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path!r}")
     if not is_gguf(path):
         raise ValueError(f"not a GGUF file (no 'GGUF' magic bytes): {path!r}")
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    reader = _READERS.get(key)
+    if reader is None:
+        reader = _parse_gguf(path)
+        while len(_READERS) >= _READERS_KEPT:
+            _READERS.pop(next(iter(_READERS)))
+        _READERS[key] = reader
+    return reader
+
+
+def _parse_gguf(path: str):
     from gguf import GGUFReader
     try:
         return GGUFReader(path)
