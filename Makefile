@@ -28,14 +28,18 @@ acceptance: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_greedy.py
 
-# the shipped trained heads (issue 15): the self-distillation corpus, then each head set; both steps
-# resume after an interruption (train/work/ keeps the corpus shards and the orbax checkpoints)
+# the shipped trained heads (issue 15): the self-distillation corpus, then each head set; every step
+# resumes after an interruption (train/work/ keeps the corpus shards, the stored hidden states and the
+# orbax checkpoints). HEADS_ARGS passes extra flags to both trainings (e.g. --steps 20 for a smoke run).
 HEADS_DIR := jaxdec/speculative/heads/artefacts
+HEADS_DATA := train/work/selfdistill
 heads: $(STAMP)
-	$(PY) -m train.data --out train/work/selfdistill
-	$(PY) -m train.medusa --data train/work/selfdistill --out train/work/runs/medusa \
+	$(PY) -m train.data --out $(HEADS_DATA) --batch-size 32
+	$(PY) -m train.medusa --data $(HEADS_DATA) --out train/work/runs/medusa --hidden stored \
+		--hidden-cache train/work/hidden --draft-vocab 8192 --calibrate-tree --steps 1200 --lr 1e-3 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/medusa-smollm2-135m.safetensors
-	$(PY) -m train.eagle --data train/work/selfdistill --out train/work/runs/eagle \
+	$(PY) -m train.eagle --data $(HEADS_DATA) --out train/work/runs/eagle --hidden stored \
+		--hidden-cache train/work/hidden --steps 1200 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors
 
 # the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then

@@ -504,3 +504,51 @@ def test_medusa_sampling_verification_follows_the_target_distribution():
     with pytest.raises(ValueError, match="chain only"):
         MedusaDrafter(mc, tree=__import__("jaxdec.speculative.tree", fromlist=["TreeSpec"]).TreeSpec.from_widths((2, 1)),
                       sample=True)
+
+
+# --------------------------------------------------------------------------- Medusa tree calibration
+def test_tree_from_paths_is_the_best_prefix_closed_tree():
+    """Exhaustive check on small cases: for every size n, `tree_from_paths` finds a tree (prefix-closed
+    set of rank paths) whose measured τ is the best over all prefix-closed sets of n nodes, and its
+    reported τ is what a direct count over the positions gives."""
+    import itertools
+    from jaxdec.speculative.calibrate import tree_from_paths
+    rng = np.random.default_rng(5)
+    nodes = [(a,) for a in range(3)] + [(a, b) for a in range(3) for b in range(3)]
+    for trial in range(3):
+        paths = rng.choice(3, size=(60, 2), p=[0.6, 0.25, 0.15])
+        paths[rng.random((60, 2)) < 0.25] = 8  # misses
+        def tau_of(chosen):
+            return 1.0 + np.mean([sum(tuple(row[:len(p)]) == p for p in chosen) for row in paths.tolist()])
+        for n in (1, 2, 3, 5):
+            tree, tau = tree_from_paths(paths, n)
+            got, rec = set(), {0: ()}
+            for i, (par, r) in enumerate(zip(tree.parents, tree.ranks)):
+                rec[i + 1] = rec[par] + (r,)
+                got.add(rec[i + 1])
+            assert abs(tau - tau_of(got)) < 1e-9
+            best = max(tau_of(s) for s in itertools.combinations(nodes, n)
+                       if all(len(p) == 1 or p[:1] in s for p in s))
+            assert abs(tau - best) < 1e-9, (trial, n, tau, best)
+    with pytest.raises(ValueError, match="non-empty"):
+        tree_from_paths(np.zeros((0, 2), int), 3)
+
+
+def test_calibrated_tree_is_stored_with_the_heads_and_used(toy, tmp_path):
+    import dataclasses
+    from jaxdec.speculative.heads.medusa import tree_from_meta
+    from train.medusa import train_medusa
+    c = toy["corpus"]
+    cfg = dataclasses.replace(toy["cfg"], out=str(tmp_path / "cal"), calibrate_tree=True)
+    _, path = train_medusa(cfg, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    _, meta = read_heads(path, "medusa")
+    tree = tree_from_meta(meta)
+    cal = meta["calibration"]
+    assert tree is not None and tree.max_depth <= 3 and cal["positions"] > 0 and cal["predicted_speedup"] > 0
+    assert [r[1] for r in cal["candidates"]] and cal["cost_curve"]["1"] == 1.0
+    dec, pp = M.medusa(toy["model"], toy["params"], path, target=FP)
+    assert dec.drafter.tree == tree  # the stored tree is the default
+    test = toy["prompts"][32:]
+    greedy = jaxdec.generate(toy["model"], toy["params"], test, max_new_tokens=MAX_NEW)
+    out = jaxdec.generate(toy["model"], pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+    assert out.tokens == greedy.tokens and out.stats["tau"] > 1.5

@@ -36,6 +36,7 @@ class EagleTrainConfig(TrainConfig):
     seq_len: int = 256
     eval_fraction: float = 0.05
     hidden: str = "recompute"
+    hidden_cache: str = ""  # with --hidden stored: a folder keeping the states for the next run ("" : none)
     steps: int = 2000
     batch_size: int = 8
     lr: float = 3e-4
@@ -125,7 +126,8 @@ def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, 
     ecfg = layer_config(model, e, cfg)
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     if cfg.hidden == "stored":
-        arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log)
+        arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log,
+                                        cfg.hidden_cache, f"{fingerprint}|{cfg.weights}")
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     d2t = build_draft_vocab([seqs[i] for i in tr], [prompt_lens[i] for i in tr], model.vocab_size,
                             min(cfg.draft_vocab, model.vocab_size))

@@ -50,6 +50,8 @@ class MedusaTrainConfig(TrainConfig):
     export: str = ""  # also write the heads file here
     draft_vocab: int = 0  # > 0: heads score only the corpus' most frequent generated tokens (d2t map); 0: all
     hidden: str = "recompute"  # "recompute": the frozen target runs inside each train step; "stored": once, up front
+    hidden_cache: str = ""  # with --hidden stored: a folder keeping the states for the next run ("" : none)
+    calibrate_tree: bool = False  # after training: choose the draft tree on the measured cost curve (make heads)
 
     def validate(self) -> None:
         super().validate()
@@ -149,9 +151,23 @@ def make_loss(model, config, positions: int, decay: float, d2t=None):
     return loss_fn
 
 
-def store_hidden(model, target_params, tokens, batch_size: int, log=print) -> np.ndarray:
-    """The target's final-norm hidden states ``[N,T,E]`` float16 of every sequence (one forward each)."""
+def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache_dir: str = "",
+                 key: str = "") -> np.ndarray:
+    """The target's final-norm hidden states ``[N,T,E]`` float16 of every sequence (one forward each).
+
+    cache_dir: a folder keeping them as ``hidden-<hash>.npy`` (hash of ``key``, e.g. the target's
+    fingerprint and weight kind, and of the tokens), so the Medusa and EAGLE runs of one corpus compute
+    them once; "" keeps nothing."""
+    import hashlib
     n, t = tokens.shape
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(f"{key}|{tokens.shape}|".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
+        path = os.path.join(cache_dir, f"hidden-{h.hexdigest()[:20]}.npy")
+        if os.path.isfile(path):
+            hid = np.load(path)
+            log(f"stored hidden states: {hid.shape} float16 read from {path}")
+            return hid
     fwd = jax.jit(lambda tp, x: model(tp, x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape),
                                       model.init_cache(x.shape[0], t)).hidden.astype(jnp.float16))
     t0 = time.time()
@@ -161,8 +177,17 @@ def store_hidden(model, target_params, tokens, batch_size: int, log=print) -> np
         pad = batch_size - len(x)
         h = np.asarray(fwd(target_params, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x))
         out.append(h[:len(x)])
+        if lo == 0 or (lo // batch_size) % 10 == 9:
+            done = lo + len(x)
+            log(f"hidden states: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA "
+                f"{(time.time() - t0) / done * (n - done):.0f} s")
     hid = np.concatenate(out)
     log(f"stored hidden states: {hid.shape} float16, {hid.nbytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s")
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, hid)
+        os.replace(tmp, path)
     return hid
 
 
@@ -194,7 +219,8 @@ def train_medusa(cfg: MedusaTrainConfig, model, target_params, seqs, prompt_lens
     mcfg = MedusaConfig(hidden=e, num_heads=cfg.num_heads, num_layers=cfg.num_layers, draft_vocab=cfg.draft_vocab)
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     if cfg.hidden == "stored":
-        arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log)
+        arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log,
+                                        cfg.hidden_cache, f"{fingerprint}|{cfg.weights}")
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     train = ArrayData({k: v[tr] for k, v in arrays.items()})
     held = ArrayData({k: v[ho] for k, v in arrays.items()})
@@ -211,11 +237,83 @@ def train_medusa(cfg: MedusaTrainConfig, model, target_params, seqs, prompt_lens
     tensors = dict(jax.device_get(res.params))
     if d2t is not None:
         tensors["d2t"] = d2t
+    extra = {}
+    if cfg.calibrate_tree and int(res.state.step) == cfg.steps:
+        paths = label_rank_paths(model, mcfg, res.params, target_params, {k: v[ho] for k, v in arrays.items()}, d2t)
+        extra = calibrate_tree(model, mcfg, res.params, target_params, paths, d2t, log)
     path = save_finished_heads(res, cfg, KIND, tensors, mcfg.to_dict(), fingerprint, target_name, command,
                                int(len(tr)), int(np.sum(arrays["length"][tr])), log,
-                               data_generated_tokens=gen_tokens)
+                               data_generated_tokens=gen_tokens, **extra)
     res.d2t = d2t
     return res, path
+
+
+MAX_RANK = 8  # candidates per head a calibrated tree may use
+
+
+def label_rank_paths(model, mcfg, head_params, target_params, arrays, d2t=None) -> np.ndarray:
+    """``[A, K]``: at every anchor t (from the last prompt token on) of the given sequences, the rank of
+    the target's token x_{t+2+k} among head k's logits (`MAX_RANK`: not in the first MAX_RANK, outside
+    the draft vocabulary or past the sequence's end); `jaxdec.speculative.calibrate.tree_from_paths`
+    turns them into a tree."""
+    from jaxdec.speculative.heads.medusa import draft_head, head_logits
+    head_w = None if d2t is None else draft_head(model, target_params, d2t)
+    t2d = None
+    if d2t is not None:
+        t2d = np.full((model.vocab_size,), -1, np.int64)
+        t2d[np.asarray(d2t)] = np.arange(len(d2t))
+    k_heads = mcfg.num_heads
+
+    from_hidden = jax.jit(lambda hp, tp, hw, h: head_logits(mcfg, hp, model, tp, h, hw))
+
+    @jax.jit
+    def recompute(hp, tp, hw, tokens):  # [1,T] -> [K,T,V]
+        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        hid = model(tp, tokens, pos, model.init_cache(1, tokens.shape[1])).hidden[0]
+        return head_logits(mcfg, hp, model, tp, hid, hw)
+
+    out = []
+    for i in range(len(arrays["tokens"])):
+        toks, n, plen = arrays["tokens"][i], int(arrays["length"][i]), int(arrays["prompt_len"][i])
+        args = (head_params, target_params, head_w)
+        lg = np.asarray(from_hidden(*args, jnp.asarray(arrays["hidden"][i], jnp.float32)) if "hidden" in arrays
+                        else recompute(*args, jnp.asarray(toks[None])))  # [K,T,V]
+        for t in range(max(plen - 1, 0), n - 2):
+            row = []
+            for k in range(k_heads):
+                j = t + 2 + k
+                lab = int(toks[j]) if j < n else -1
+                if lab >= 0 and t2d is not None:
+                    lab = int(t2d[lab])
+                row.append(MAX_RANK if lab < 0 else min(MAX_RANK, int(np.sum(lg[k, t] > lg[k, t, lab]))))
+            out.append(row)
+    return np.asarray(out, np.int32).reshape(-1, k_heads)
+
+
+def calibrate_tree(model, mcfg, head_params, target_params, paths, d2t=None, log=print) -> dict:
+    """The Medusa tree for this machine: the target's cost curve (batch 1) and the heads' own cost are
+    measured, and `choose_tree_from_paths` keeps the size with the best predicted speedup on the
+    held-out rank paths. -> ``{"tree": ..., "calibration": ...}`` for the heads file's metadata."""
+    from jaxdec.speculative.calibrate import choose_tree_from_paths, measure_cost_curve
+    from jaxdec.speculative.heads.medusa import draft_head, head_logits
+    curve = measure_cost_curve(model, target_params, batch=1, context=128, reps=5)
+    head_w = None if d2t is None else draft_head(model, target_params, d2t)
+    f = jax.jit(lambda hp, tp, hw, h: head_logits(mcfg, hp, model, tp, h, hw))
+    args = (head_params, target_params, head_w, jnp.zeros((1, mcfg.hidden), jnp.float32))
+    jax.block_until_ready(f(*args))
+    secs = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        secs.append(time.perf_counter() - t0)
+    draft_cost = float(np.min(secs)) / curve["seconds"][1]
+    tree, speed, table = choose_tree_from_paths(curve, paths, draft_cost=draft_cost, max_rank=MAX_RANK)
+    log(f"tree: {tree.num_nodes} nodes, depth {tree.max_depth}, predicted speedup {speed:.2f} (draft cost "
+        f"{draft_cost:.3f} of a target call; {len(paths)} held-out positions)")
+    return {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)},
+            "calibration": {"predicted_speedup": speed, "draft_cost": draft_cost, "positions": int(len(paths)),
+                            "cost_curve": {str(k): v for k, v in curve["relative"].items()},
+                            "candidates": [list(r) for r in table]}}
 
 
 def save_finished_heads(res, cfg, kind, tensors, config: dict, fingerprint: str, target_name: str, command: str,

@@ -114,3 +114,60 @@ def save_config(cfg: dict, path: str) -> None:
 def load_config(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def tree_from_paths(paths, n: int, max_rank: int = 8) -> tuple:
+    """The draft tree of at most ``n`` nodes that accepts the most, measured on examples.
+
+    paths: int ``[A, D]``, for each of A held-out positions the sibling rank at depth d (0-based) of
+    the token the target went on to produce (Medusa: the rank of the true token x_{t+2+d} among head
+    d's candidates; a value < 0 or >= ``max_rank`` is a miss). A node (a rank path
+    r_0..r_d) is accepted at a position iff the position's path starts with it, so a tree's τ there is
+    1 + the number of its nodes on that path, and the best tree of n nodes is the n most frequent
+    path prefixes (prefix-closed: a prefix is at least as frequent as any extension; ties go to the
+    shallower, then lower-ranked node). Returns (TreeSpec or None when no prefix was ever right,
+    predicted τ on these positions)."""
+    paths = np.asarray(paths)
+    if paths.ndim != 2 or paths.shape[0] == 0 or paths.shape[1] == 0:
+        raise ValueError(f"paths must be a non-empty [positions, depth] array, got shape {paths.shape}")
+    if n < 1:
+        raise ValueError(f"tree size must be >= 1, got {n}")
+    counts: dict = {}
+    for row in paths.tolist():
+        pre = ()
+        for r in row:
+            if not 0 <= r < max_rank:
+                break
+            pre = pre + (int(r),)
+            counts[pre] = counts.get(pre, 0) + 1
+    chosen = sorted(counts, key=lambda p: (-counts[p], len(p), p))[:n]
+    if not chosen:
+        return None, 1.0
+    chosen.sort(key=lambda p: (len(p), -counts[p], p))  # parents before children
+    index = {(): 0}
+    parents, ranks = [], []
+    for i, p in enumerate(chosen):
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+        index[p] = i + 1
+    tau = 1.0 + sum(counts[p] for p in chosen) / paths.shape[0]
+    return TreeSpec(tuple(parents), tuple(ranks)), float(tau)
+
+
+def choose_tree_from_paths(curve: dict, paths, sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                           draft_cost: float = 0.0, max_rank: int = 8) -> tuple:
+    """`tree_from_paths` for each size, keeping the one with the largest predicted speedup
+    τ(N) / (c(N + 1) + draft_cost) on the measured cost curve. Returns (TreeSpec, predicted speedup,
+    table of (N, nodes, τ, cost, speedup))."""
+    best, table = None, []
+    for n in sizes:
+        tree, tau = tree_from_paths(paths, int(n), max_rank)
+        if tree is None:
+            continue
+        cost = relative_cost(curve, tree.num_nodes + 1) + draft_cost
+        table.append((int(n), tree.num_nodes, tau, cost, tau / cost))
+        if best is None or tau / cost > best[1]:
+            best = (tree, tau / cost)
+    if best is None:
+        raise ValueError("choose_tree_from_paths: no draft position was ever right (every path misses at depth 0)")
+    return best[0], best[1], table
