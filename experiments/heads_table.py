@@ -195,7 +195,7 @@ def markdown(rec):
             ev = h.get("final_eval") or {}
             ev_s = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if isinstance(v, (int, float)) and k != "step")
             lines.append(f"| {name} | {h['file']} | {h['size_mib']} | {h.get('data_tokens')} "
-                         f"({h.get('data_generated_tokens')}) | {h.get('steps')} | "
+                         f"({_f(h.get('data_generated_tokens'), '{}')}) | {h.get('steps')} | "
                          f"{_f(None if h.get('wall_s') is None else h['wall_s'] / 60, '{:.1f}')} | {ev_s} | "
                          f"{str(h.get('commit'))[:12]} |")
         lines.append("")

@@ -140,7 +140,7 @@ def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, 
               frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
     path = save_finished_heads(res, cfg, KIND, {**jax.device_get(res.params), "d2t": d2t}, ecfg.to_dict(),
                                fingerprint, target_name, command, int(len(tr)), int(np.sum(arrays["length"][tr])),
-                               log)
+                               log, data_generated_tokens=int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr])))
     res.d2t = d2t
     return res, path
 
