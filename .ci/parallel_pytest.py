@@ -91,7 +91,7 @@ def totals(xml_paths):
     return tot
 
 
-CACHE_MAX_BYTES = 16 << 30  # a bound only so that JAX locks the cache's files (a whole run writes ~1-2 GB)
+CACHE_MAX_BYTES = 16 << 30  # a bound only so that JAX locks the cache's files (a whole run writes tens of MB)
 
 
 def group_env(environ, out: str) -> dict:
