@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import runner  # noqa: E402
+from spec_bench import Jaxdec as Method  # noqa: E402  (one method = one batch-1 call per prompt, stats merged)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(ROOT, "jaxdec", "data", "prompts", "heads_heldout.jsonl")
@@ -64,27 +65,6 @@ def heldout_prompts(tokenizer, n_code: int, n_chat: int, n_copy: int) -> dict:
     chat = [ids(r) for r in rows if r["group"] == "chat"][:n_chat]
     copy = [ids(r) for r in rows if r["group"] == "copy"][:n_copy]
     return {"code": code, "chat": chat, "copy": copy}
-
-
-class Method:
-    """One row: greedy (decoder None) or a speculative decoder, one batch-1 call per prompt."""
-
-    def __init__(self, name, model, params, decoder=None, heads=None):
-        self.name, self.model, self.params, self.decoder, self.heads = name, model, params, decoder, heads
-
-    def __call__(self, prompts, n_new):
-        from jaxdec import generate
-        from jaxdec.speculative import merge_raw, summarize_stats
-        toks, raw, calls = [], None, 0
-        for p in prompts:
-            kw = {} if self.decoder is None else {"decoder": self.decoder}
-            g = generate(self.model, self.params, [p], max_new_tokens=n_new, stop_ids=(), **kw)
-            if self.decoder is not None:
-                raw = merge_raw(raw, g.stats["raw"])
-            toks.append(list(g.tokens[0]))
-            calls += g.stats["model_calls"]
-        stats = summarize_stats(raw) if raw is not None else {"tau": 1.0, "target_calls": calls}
-        return toks, stats
 
 
 def heads_facts(path: str) -> dict:
@@ -117,13 +97,13 @@ class Setup:
                 print(f"no {kind} heads shipped and none given: row skipped", flush=True)
                 continue
             dec, params = getattr(methods, kind)(m.model, m.params, path, target=m.path)
-            rows.append(Method(kind, m.model, params, dec, path))
+            rows.append(Method(kind, m.model, params, dec))
             self.heads[kind] = heads_facts(path)
         for path in cfg.eagle_curve:
             facts = heads_facts(path)
             name = f"eagle@{facts['data_tokens'] / 1000:.0f}k"
             dec, params = methods.eagle(m.model, m.params, path, target=m.path)
-            rows.append(Method(name, m.model, params, dec, path))
+            rows.append(Method(name, m.model, params, dec))
             self.heads[name] = facts
         if not cfg.no_model_free:
             rows.append(Method("pld", m.model, m.params, SpeculativeDecoder(PromptLookupDrafter(num_tokens=8))))

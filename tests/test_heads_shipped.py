@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import neartie  # noqa: E402
 from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits  # noqa: E402
-from test_speculative import heldout_prompt_ids  # noqa: E402
+from test_speculative import assert_accepts_and_rejects, heldout_prompt_ids  # noqa: E402
 
 import jaxdec  # noqa: E402
 from jaxdec.cache.kv import bucket  # noqa: E402
@@ -35,12 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(ROOT, "jaxdec", "data", "prompts", "heads_heldout.jsonl")
 KINDS = ("medusa", "eagle")
 MAX_NEW = 32
-
-
-def assert_accepts_and_rejects(stats, label):
-    raw = stats["raw"]
-    offered, accepted = sum(raw["pos_offered"]), sum(raw["pos_accepted"])
-    assert accepted > 0 and offered > accepted, f"{label}: offered {offered}, accepted {accepted}"
 
 
 @pytest.fixture(scope="module")
