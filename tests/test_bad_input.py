@@ -230,6 +230,10 @@ SWEEP = {
     "draft_model": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-model", "truncate:x"),
     "draft_layers": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-layers", "0"),
     "heads": lambda t: G("--method", "speculative", "--drafter", "medusa", "--heads", os.path.join(t, "missing.st")),
+    "rapid_chunks": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunks", "0"),
+    "rapid_chunk_chars": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunk-chars", "0"),
+    "rapid_augment": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-augment", "-1"),
+    "rapid_alpha": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-alpha", "2"),
     # constrained decoding
     "json_schema": lambda t: G("--json-schema", os.path.join(t, "missing.json")),
     "regex": lambda t: G("--regex", "a(b"),

@@ -16,12 +16,19 @@ loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`)
 ``medusa`` drafts with trained Medusa-1 heads, ``eagle`` with the EAGLE-style head: the heads shipped for
 the model, or ``--heads PATH`` (a file written by ``python -m train.medusa`` / ``train.eagle``; refused
 when trained for another target).
+``rapid`` is RAPID (`jaxdec.speculative.rapid`): each prompt is a long text whose last paragraph (after
+its last blank line) is the question; the draft is the same model reading the ``--rapid-chunks`` chunks
+(``--rapid-chunk-chars`` characters, cut at line ends) of the text before it that BM25 ranks best for the
+question, then the question; the target verifies with the whole prompt (exactly the greedy tokens, or
+the target distribution with ``--spec-sampling``). ``--rapid-augment BETA`` verifies against RAPID's
+retrieval-augmented target instead (LOSSY: not the greedy tokens; greedy verification only), with
+``--rapid-alpha``. The shipped long prompts: jaxdec/data/prompts/rapid_heldout.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle")
+DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle", "rapid")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", default=None,
                    help="medusa/eagle: a heads file from python -m train.medusa / train.eagle (default: the heads "
                         "shipped for the model)")
+    g.add_argument("--rapid-chunks", type=int, default=4,
+                   help="rapid: chunks of the prompt (before its question paragraph) the draft reads, best by BM25")
+    g.add_argument("--rapid-chunk-chars", type=int, default=800, help="rapid: characters per chunk (cut at line ends)")
+    g.add_argument("--rapid-augment", type=float, default=None,
+                   help="rapid: beta of RAPID's retrieval-augmented target (LOSSY; default: exact greedy verification)")
+    g.add_argument("--rapid-alpha", type=float, default=0.1,
+                   help="rapid: with --rapid-augment, draft tokens with q >= alpha * max q are augmented")
 
 
 # per drafter, the drafter flags it uses (a flag another drafter uses, given a non-default value, is an error)
@@ -58,10 +72,11 @@ DRAFTER_FLAGS = {
     "draft-model": ("draft_tokens", "draft_model", "draft_layers"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
     "medusa": ("heads",), "eagle": ("heads",),
+    "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
              "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None,
-             "heads": None}
+             "heads": None, "rapid_chunks": 4, "rapid_chunk_chars": 800, "rapid_augment": None, "rapid_alpha": 0.1}
 
 
 def validate_args(args):
@@ -74,6 +89,12 @@ def validate_args(args):
     check_int(args, "tree_size", 1, allow_none=True)
     check_int(args, "exit_layer", 1, allow_none=True)
     check_int(args, "draft_layers", 1, allow_none=True)
+    check_int(args, "rapid_chunks", 1)
+    check_int(args, "rapid_chunk_chars", 1)
+    from jaxdec.cli import check_float
+    check_float(args, "rapid_augment", lambda v: v >= 0, "a finite number >= 0",
+                allow_none=True)
+    check_float(args, "rapid_alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
     if args.skip_layers is not None and any(x < 0 for x in args.skip_layers):
         raise BadInput(f"--skip-layers: expected layer indices >= 0, got {args.skip_layers}")
     if args.spec_config is not None and not os.path.isfile(args.spec_config):
@@ -125,6 +146,16 @@ def check_args(args):
             raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
                            f"--heads PATH (a file written by python -m train.{d})")
         _check_heads(args, args.heads or _shipped(args))
+    if args.drafter == "rapid":
+        if args.rapid_augment is not None and args.spec_sampling:
+            raise BadInput("--rapid-augment (the retrieval-augmented target) works with greedy verification only: "
+                           "drop --spec-sampling")
+        if args.rapid_alpha != 0.1 and args.rapid_augment is None:
+            raise BadInput("--rapid-alpha is used only with --rapid-augment")
+        for dest in ("json_schema", "regex", "grammar", "choices"):
+            if getattr(args, dest, None) is not None:
+                raise BadInput(f"--{dest.replace('_', '-')}: --drafter rapid cannot honour constraints (its draft "
+                               f"model runs on its own retrieved prompt)")
 
 
 # drafters whose decoder runs on the target's own params (the tree `jaxdec.sharding` places): --mesh works;
@@ -219,6 +250,9 @@ def build(args, model, params, model_path=None):
             return getattr(M, d)(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
             raise ValueError(f"--heads: {e}") from None
+    if d == "rapid":
+        raise ValueError("--drafter rapid drafts from each prompt's retrieved chunks: run it with jaxdec generate "
+                         "(or jaxdec.speculative.rapid.rapid_generate), not through build()")
     raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
 
 
@@ -232,28 +266,32 @@ def _handler(args, loaded, prompt_ids, progress):
         raise ValueError("--stop (stop strings) is not supported with --method speculative; use EOS / max tokens")
     if args.spec_sampling and args.repetition_penalty != 1.0:
         raise ValueError("--repetition-penalty is not supported by the speculative sampling verifier")
-    decoder, params = build(args, loaded.model, loaded.params, loaded.path)
     sampling = cli._sampling_from_args(args) if args.spec_sampling else None
     rows = [p for p in prompt_ids for _ in range(args.n)]
-    cons = cli.chunk_constraints(args, len(prompt_ids))  # --json-schema ... / prompts-file fields, per prompt
-    if cons is not None:
-        from jaxdec.constrained.cli import speculative_decoder
-        cons, decoder = [c for c in cons for _ in range(args.n)], speculative_decoder(args, decoder)
     bs = min(args.batch_size or len(rows), len(rows))
     if sampling is not None:
         from jaxdec.core.processors import SamplingParams
         sampling = SamplingParams.create(len(rows), **sampling)
-    g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
-                             min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed, sampling=sampling,
-                             tokenizer=loaded.tokenizer, constraint=cons, mesh=getattr(args, "_mesh", None),
-                             **cli.stream_kwargs(args))
+    cons = cli.chunk_constraints(args, len(prompt_ids))  # --json-schema ... / prompts-file fields, per prompt
+    extra = {}
+    if args.drafter == "rapid":
+        g, extra = _rapid(args, loaded, prompt_ids, rows, bs, sampling, cons)
+    else:
+        decoder, params = build(args, loaded.model, loaded.params, loaded.path)
+        if cons is not None:
+            from jaxdec.constrained.cli import speculative_decoder
+            cons, decoder = [c for c in cons for _ in range(args.n)], speculative_decoder(args, decoder)
+        g = generate_speculative(loaded.model, params, rows, decoder, max_new_tokens=args.max_new_tokens,
+                                 min_new_tokens=args.min_new_tokens, batch_size=bs, seed=args.seed,
+                                 sampling=sampling, tokenizer=loaded.tokenizer, constraint=cons,
+                                 mesh=getattr(args, "_mesh", None), **cli.stream_kwargs(args))
     out = [dict(prompt_ids=p, tokens=t, text=x, finish_reason=f)
            for p, t, x, f in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason)]
     summ = g.stats
     stats = {k: summ[k] for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second")}
     stats = {**stats, "drafter": args.drafter,
              **{k: summ[k] for k in ("tau", "acceptance_per_position", "target_calls", "draft_calls",
-                                     "tokens_per_row_step")}}
+                                     "tokens_per_row_step")}, **extra}
     if "pearl" in summ:  # phase counts (pre-verify / post-verify) and the two-device time model
         stats["pearl"] = summ["pearl"]
         stats["pre_verify_steps"] = summ["pre_verify_steps"]
@@ -263,10 +301,41 @@ def _handler(args, loaded, prompt_ids, progress):
     return cli.with_constraint_ok(out, g), stats
 
 
+def _rapid(args, loaded, prompt_ids, rows, bs, sampling, cons):
+    """--drafter rapid: each prompt text's draft version (`jaxdec.speculative.rapid.draft_text`: BM25's
+    best chunks of the text before the question paragraph, then the question), tokenized as the prompt
+    was (``--chat`` or not), decoded by `rapid_generate`. Returns (Generation, extra stats)."""
+    import jaxdec.cli as cli
+    from jaxdec.speculative.rapid import draft_text, rapid_generate
+    if cons is not None:
+        raise ValueError("--drafter rapid cannot honour constraints (its draft model reads its own retrieved prompt)")
+    offset = getattr(args, "_chunk", (0, len(prompt_ids)))[0]
+    texts = cli._read_prompts(args)[offset:offset + len(prompt_ids)]
+    tok = loaded.tokenizer
+    drafts = []
+    for i, text in enumerate(texts):
+        try:
+            d = draft_text(text, args.rapid_chunks, args.rapid_chunk_chars)
+        except ValueError as e:
+            raise ValueError(f"--drafter rapid, prompt {offset + i + 1}: {e}") from None
+        drafts.append(tok.chat_ids(d) if args.chat else tok.encode(d))
+    g = rapid_generate(loaded.model, loaded.params, rows, [d for d in drafts for _ in range(args.n)],
+                       num_tokens=args.draft_tokens or 6, max_new_tokens=args.max_new_tokens,
+                       min_new_tokens=args.min_new_tokens, batch_size=bs, sampling=sampling, seed=args.seed,
+                       augment=args.rapid_augment, alpha=args.rapid_alpha, tokenizer=tok, **cli.stream_kwargs(args))
+    extra = {"draft_prompt_tokens": [len(d) for d in drafts], "rapid_chunks": args.rapid_chunks,
+             "rapid_chunk_chars": args.rapid_chunk_chars, "rapid_augment": args.rapid_augment,
+             "lossless": args.rapid_augment is None}
+    return g, extra
+
+
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
 DRAFTER_METHODS = {"pld": "prompt_lookup", "iad": "input_guided", "recycling": "token_recycling", "aded": "aded",
                    "stand": "stand", "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model",
                    "pearl": "pearl", "medusa": "medusa", "eagle": "eagle"}
+RAPID_PAPER = ("Chen et al. 2025, Long-Context Inference with Retrieval-Augmented Speculative Decoding (RAPID)",
+               "the same model drafts over BM25-retrieved chunks of the long prompt; the target verifies with it "
+               "all (exact; --rapid-augment: the retrieval-augmented target, lossy)")
 
 try:  # register with the spine's CLI when it is importable
     from jaxdec.cli import SAMPLING, register_method, register_papers
@@ -278,5 +347,6 @@ try:  # register with the spine's CLI when it is importable
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
+    register_papers({"speculative --drafter rapid": RAPID_PAPER})
 except ImportError:  # pragma: no cover
     pass

@@ -118,6 +118,40 @@ def retrieve_context(document: str, query: str, k: int = 4, chunk_chars: int = 8
     return sep.join(chunks[i].rstrip("\n") for i in top)
 
 
+def split_question(text: str):
+    """(body, question) of a long prompt given as one text (the CLI's form): the question is the last
+    paragraph (after the last blank line), the body everything before it. A text without a blank line,
+    or with nothing before or after it, is a ValueError."""
+    t = text.rstrip()
+    i = t.rfind("\n\n")
+    if i < 0 or not t[:i].strip() or not t[i:].strip():
+        raise ValueError("RAPID needs a long prompt whose last paragraph (after its last blank line) is the "
+                         "question: nothing to retrieve from, or no question, in this prompt")
+    return t[:i], t[i:].lstrip("\n")
+
+
+def draft_text(text: str, k: int = 4, chunk_chars: int = 800, sep: str = "\n...\n") -> str:
+    """The draft's version of a long prompt text (`split_question`): the ``k`` chunks of the body that
+    BM25 ranks best for the question, in document order, then the question paragraph unchanged."""
+    body, question = split_question(text)
+    return retrieve_context(body, question, k, chunk_chars, sep) + "\n\n" + question
+
+
+HELDOUT = "rapid_heldout.jsonl"
+
+
+def heldout_prompts(split: Optional[str] = "heldout") -> list:
+    """The shipped long prompts (jaxdec/data/prompts/rapid_heldout.jsonl): rows with ``prompt`` (the whole
+    user turn: a standard-library source, then a question paragraph), ``question``, ``module``,
+    ``split`` ("heldout" 2k-6k tokens; "ci": two ~1k-token prompts for quick tests); ``split=None``: all."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "prompts", HELDOUT)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
 def rapid_prompts(documents: Sequence[str], questions: Sequence[str], encode: Callable[[str], list], *,
                   template: str = DEFAULT_TEMPLATE, k: int = 4, chunk_chars: int = 800):
     """-> (prompt ids, draft prompt ids), one pair per (document, question): the target reads
