@@ -20,7 +20,7 @@ import re
 import sys
 import time
 
-from jaxdec.models.registry import WEIGHTS
+from jaxdec.models.registry import ACTIVATIONS, WEIGHTS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -44,7 +44,7 @@ def register_papers(entries: dict) -> None:
 
 # flags every method of `generate` honours
 ALWAYS = frozenset({"command", "model", "prompt", "prompts_file", "chat", "method", "max_new_tokens", "weights",
-                    "attention", "out", "quiet", "prefill_chunk",
+                    "activations", "attention", "out", "quiet", "prefill_chunk",
                     # multi-process runs: checked by _multihost_value (they need --mesh, which methods refuse by name)
                     "coordinator", "num_processes", "process_id",
                     # constraints: checked by jaxdec.constrained.cli (methods that cannot honour them refuse)
@@ -200,6 +200,9 @@ def _check_args(args, parser) -> None:
     stop strings, the model path."""
     check_int(args, "max_new_tokens", 1)
     check_int(args, "min_new_tokens", 0)
+    if args.activations == "q8" and args.weights != "q":
+        raise BadInput(f"--activations q8 needs --weights q (int8 activations run against block-quantized "
+                       f"weights), got --weights {args.weights}")
     if args.min_new_tokens > args.max_new_tokens:
         raise BadInput(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens ({args.max_new_tokens})")
     check_int(args, "batch_size", 1, allow_none=True)
@@ -574,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--weights", default="f32", choices=list(WEIGHTS))
+    g.add_argument("--activations", default="f32", choices=list(ACTIVATIONS),
+                   help="q8: int8 activations in every weight product (LOSSY, needs --weights q; faster verify "
+                        "blocks and batches; tokens can differ from the exact paths)")
     g.add_argument("--attention", default="xla", choices=["xla", "pallas"])
     g.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens per prefill chunk (0: the whole prompt in one call)")
@@ -645,16 +651,16 @@ def build_parser() -> argparse.ArgumentParser:
 _LOADED: dict = {}
 
 
-def load_model(name: str, weights: str, attention: str = "xla", flag_name: str = "--model"):
+def load_model(name: str, weights: str, attention: str = "xla", flag_name: str = "--model", activations: str = "f32"):
     """`jaxdec.load`, cached per process (the last model only), with load errors as `BadInput`."""
     import jaxdec
     from jaxdec.models.registry import resolve
     try:
         path = resolve(name)
         st = os.stat(path)
-        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, weights, attention)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, weights, attention, activations)
         if key not in _LOADED:
-            loaded = jaxdec.load(name, weights=weights, attention_impl=attention)
+            loaded = jaxdec.load(name, weights=weights, attention_impl=attention, activations=activations)
             _LOADED.clear()  # keep one model in memory
             _LOADED[key] = loaded
         return _LOADED[key]
@@ -695,7 +701,7 @@ def cmd_generate(args, parser) -> int:
     out = out if lead else None
     try:
         t0 = time.perf_counter()
-        loaded = load_model(args.model, args.weights, args.attention)
+        loaded = load_model(args.model, args.weights, args.attention, activations=args.activations)
         from jaxdec.core.steps import with_prefill_chunk
         loaded = loaded._replace(model=with_prefill_chunk(loaded.model, args.prefill_chunk or None))
         load_s = time.perf_counter() - t0

@@ -68,6 +68,8 @@ PRELOAD_CASES = [
     (G("--method", "speculative", "--drafter", "swift", "--max-ngram", "2"), ["--max-ngram", "--drafter swift"]),
     (G("--method", "speculative", "--stop", "x"), ["--stop"]),
     (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
+    # int8 activations run against block-quantized weights only
+    (G("--activations", "q8"), ["--activations q8", "--weights q", "got --weights f32"]),
     # constraints
     (G("--regex", "[0-9]+", "--method", "adadec"), ["--regex", "--method adadec", "cannot honour"]),
     (G("--regex", "[0-9]+", "--method", "speculative", "--drafter", "pearl"), ["--regex", "--drafter pearl", "cannot honour"]),
@@ -174,6 +176,7 @@ SWEEP = {
     "n": lambda t: G("--n", "0"),
     "seed": lambda t: G("--seed", str(2 ** 64)),
     "weights": lambda t: G("--weights", "int3"),
+    "activations": lambda t: G("--activations", "int4"),
     "attention": lambda t: G("--attention", "nope"),
     "temperature": lambda t: G("--method", "sample", "--temperature", "-0.5"),
     "top_k": lambda t: G("--method", "sample", "--top-k", "-1"),

@@ -24,7 +24,7 @@ from jaxdec import quant
 # tensors of the default model, one per shape and kind that the model multiplies with
 TENSORS = ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_v.weight",
            "blk.3.attn_output.weight", "blk.7.ffn_gate.weight", "blk.12.ffn_up.weight", "blk.21.ffn_down.weight")
-BATCHES = (1, 3, 8)
+BATCHES = (1, 2, 3, 5, 8, 16, 32)  # activation rows: decode steps, verify blocks, batches
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def _x(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
-F32_ROWS = (1, 2, 3, 8, 11, 16)
+F32_ROWS = (1, 2, 3, 5, 8, 11, 16, 32)
 
 
 @pytest.mark.parametrize("impl", ["xla", "native"])

@@ -30,7 +30,8 @@ SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
 MAIN_SOURCE = "qmatmul.cc"  # the translation unit compiled (it includes any headers beside it)
 BUILD_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 # the entry points a usable library exports (checked after dlopen)
-SYMBOLS = ("JaxdecQ41Matmul", "JaxdecQ80Matmul", "JaxdecF32Matmul", "JaxdecKernelIsa")
+SYMBOLS = ("JaxdecQ41Matmul", "JaxdecQ80Matmul", "JaxdecF32Matmul", "JaxdecQ8aMatmul", "JaxdecKernelIsa",
+           "JaxdecKernelHasQ8a")
 PREFIX = "jaxdec_qmatmul_"
 
 

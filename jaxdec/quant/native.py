@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.kernels import build as kernel_build
-from jaxdec.quant.formats import LayerSlice
+from jaxdec.quant.formats import LayerSlice, PackedQ8
 
-_TARGETS = {"q4_1": "jaxdec_q4_1_matmul", "q8_0": "jaxdec_q8_0_matmul", "f32": "jaxdec_f32_matmul"}
+_TARGETS = {"q4_1": "jaxdec_q4_1_matmul", "q8_0": "jaxdec_q8_0_matmul", "f32": "jaxdec_f32_matmul",
+            "q8a": "jaxdec_q8a_matmul"}
 
 
 def _threads() -> int:
@@ -54,6 +55,9 @@ class _Native:
                                     platform="cpu")
         jax.ffi.register_ffi_target(self.targets["f32"], jax.ffi.pycapsule(self.lib.JaxdecF32Matmul),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(self.targets["q8a"], jax.ffi.pycapsule(self.lib.JaxdecQ8aMatmul),
+                                    platform="cpu")
+        self.has_q8a = bool(self.lib.JaxdecKernelHasQ8a())  # the int8-activation kernel needs AVX512-VNNI
 
     @staticmethod
     def _attrs() -> dict:
@@ -67,6 +71,21 @@ class _Native:
         res = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-2],), jnp.float32)
         call = jax.ffi.ffi_call(self.targets["f32"], res, vmap_method="sequential")
         return call(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(index, jnp.int32), **self._attrs())
+
+    def call_q8a(self, x: jax.Array, w) -> jax.Array:
+        """The int8-activation custom call (lossy): float32 ``x [..., in]`` against a 2-D `PackedQ8` or a
+        LayerSlice of a PackedQ8 stack; x is quantized per 32-element block inside the kernel."""
+        if isinstance(w, LayerSlice):
+            p, index = w.w, jnp.asarray(w.index, jnp.int32)
+        else:
+            p, index = w, jnp.zeros((), jnp.int32)
+        if not isinstance(p, PackedQ8) or x.shape[-1] != p.shape[-1]:
+            raise ValueError(f"call_q8a needs x [..., in] and a PackedQ8 [out, in]; got {x.shape}, {type(p).__name__}")
+        res = jax.ShapeDtypeStruct(x.shape[:-1] + (p.out,), jnp.float32)
+        call = jax.ffi.ffi_call(self.targets["q8a"], res, vmap_method="sequential")
+        offset = p.offset if p.offset is not None else p.scale  # Q8_0 has none; the kernel ignores it
+        return call(x.astype(jnp.float32), p.codes, p.scale, offset, index, q41=np.int64(p.kind == "q4_1"),
+                    **self._attrs())
 
     def call(self, x: jax.Array, w) -> jax.Array:
         """The custom call itself (float32 ``x [..., in]``, a 2-D QTensor or a LayerSlice of a QTensor stack)."""

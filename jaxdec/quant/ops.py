@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.compress.dfloat11 import DF11Slice
-from jaxdec.quant.formats import LayerSlice, QTensor, dequantize
+from jaxdec.quant.formats import LayerSlice, PackedQ8, QTensor, dequantize, quantize_activations, unpack_q8
 from jaxdec.quant.native import native_kernels
 
 IMPLS = ("auto", "native", "xla")
@@ -51,6 +51,8 @@ def matmul(x: jax.Array, w, impl: Optional[str] = None) -> jax.Array:
     """
     if isinstance(w, DF11Slice):
         w = w.materialize()
+    if isinstance(w, PackedQ8) or (isinstance(w, LayerSlice) and isinstance(w.w, PackedQ8)):
+        return _matmul_q8a(x, w, _impl(impl))
     if isinstance(w, LayerSlice) and not w.quantized:
         return _matmul_f32_slice(x, w, _impl(impl))
     if not isinstance(w, (QTensor, LayerSlice)):
@@ -109,6 +111,43 @@ def _f32_native_jvp(primals, tangents):
         t = _f32_xla(x, dstack, index)
         dy = t if dy is None else dy + t
     return y, (jnp.zeros_like(y) if dy is None else dy)
+
+
+def _matmul_q8a(x: jax.Array, w, impl: str) -> jax.Array:
+    """Int8 activations against repacked weights (lossy): the native VNNI kernel on CPU, else
+    `q8a_reference` (the same quantization of x, float32 products)."""
+    if impl != "xla" and x.dtype == jnp.float32 and (jax.default_backend() == "cpu" or impl == "native"):
+        lib = native_kernels(required=(impl == "native"))
+        if lib is not None and lib.has_q8a:
+            return jax.lax.platform_dependent(x, cpu=lambda x_: _q8a_native(x_, w),
+                                              default=lambda x_: q8a_reference(x_, w))
+        if impl == "native":
+            raise RuntimeError("JAXDEC_QMATMUL=native but this CPU has no AVX512-VNNI for int8 activations")
+    return q8a_reference(x, w)
+
+
+def q8a_reference(x: jax.Array, w) -> jax.Array:
+    """What the int8-activation kernel computes, in XLA: x quantized per 32-element block (as the kernel
+    does, `quantize_activations`), dequantized, times the exact weights."""
+    if isinstance(w, LayerSlice):
+        w = w.materialize()
+    q, d = quantize_activations(x)
+    xq = (q.astype(jnp.float32) * d[..., None]).reshape(x.shape)
+    return _matmul_xla(xq, unpack_q8(w))
+
+
+@jax.custom_jvp
+def _q8a_native(x, w):
+    return native_kernels(required=True).call_q8a(x, w)
+
+
+@_q8a_native.defjvp
+def _q8a_native_jvp(primals, tangents):
+    """Straight-through: the tangent in x is that of the exact product (quantization has zero derivative
+    almost everywhere, which would stop every gradient)."""
+    x, w = primals
+    dx, _ = tangents
+    return _q8a_native(x, w), _matmul_xla(dx, unpack_q8(w.materialize() if isinstance(w, LayerSlice) else w))
 
 
 def _dot_dequantized(x: jax.Array, w: QTensor) -> jax.Array:

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 #include <immintrin.h>
 #include "xla/ffi/api/ffi.h"
 
@@ -115,6 +116,96 @@ inline void f32_tile(const float* x, int64_t K, const float* w, float* y, int64_
     for (int r = 0; r < R; ++r) y[r * N + o + t] = _mm512_reduce_add_ps(acc[t][r]);
 }
 constexpr const char* kIsa = "avx512";
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define JAXDEC_HAS_Q8A 1
+// ---- int8 activations (lossy, opt-in: activations="q8"): x is quantized per 32-element block to int8
+// (dx = max|x| / 127, q = round-to-nearest-even(x / dx), as llama.cpp's Q8 activations), and the weights
+// are repacked at load time so that one 64-byte load holds 4 consecutive codes of 16 output features:
+// chunk c of block b for output group g is [16 outputs][4 bytes]. One vpdpbusd then does 64 products
+// (u8 codes x s8 activations, exact int32 sums); each block's sums are scaled once per output lane:
+//   Q4_1 (codes 0..15, byte i of a lane = code k | code k+4 << 4 for k = 8c + i):
+//        y += dx * scale * sum(q * code) + (dx * sum(q)) * offset
+//   Q8_0 (stored as code + 128, so unsigned): y += dx * scale * (sum(q * (code + 128)) - 128 * sum(q))
+struct Q8Rows {  // quantized activation rows
+  const int32_t* q;    // int8 quads as int32, [R, K / 4]
+  const float* dx;     // [R, nb]
+  const float* dsum;   // dx * sum(q) per block [R, nb]
+  const int32_t* sum;  // sum(q) per block [R, nb]
+  int64_t k4, nb;
+};
+
+template <int R, int OG, bool Q41>
+inline void q8a_tile(const Q8Rows& a, const uint8_t* codes, const float* scale, const float* offset, float* y,
+                     int64_t N, int64_t g0) {
+  constexpr int C = Q41 ? 4 : 8;  // 64-byte chunks per block and group
+  const int64_t nb = a.nb;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 accf[OG][R];
+  for (int j = 0; j < OG; ++j)
+    for (int r = 0; r < R; ++r) accf[j][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acci[OG][R];
+    for (int j = 0; j < OG; ++j)
+      for (int r = 0; r < R; ++r)
+        acci[j][r] = Q41 ? _mm512_setzero_si512() : _mm512_set1_epi32(-128 * a.sum[r * nb + b]);
+    for (int c = 0; c < C; ++c) {
+      for (int j = 0; j < OG; ++j) {
+        const __m512i v = _mm512_loadu_si512(codes + (((g0 + j) * nb + b) * C + c) * 64);
+        if constexpr (Q41) {
+          const __m512i lo = _mm512_and_si512(v, low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          for (int r = 0; r < R; ++r) {
+            const int32_t* q = a.q + r * a.k4 + b * 8 + 2 * c;
+            acci[j][r] = _mm512_dpbusd_epi32(acci[j][r], lo, _mm512_set1_epi32(q[0]));
+            acci[j][r] = _mm512_dpbusd_epi32(acci[j][r], hi, _mm512_set1_epi32(q[1]));
+          }
+        } else {
+          for (int r = 0; r < R; ++r)
+            acci[j][r] = _mm512_dpbusd_epi32(acci[j][r], v, _mm512_set1_epi32(a.q[r * a.k4 + b * 8 + c]));
+        }
+      }
+    }
+    for (int j = 0; j < OG; ++j) {
+      const int64_t sb = ((g0 + j) * nb + b) * 16;
+      const __m512 sv = _mm512_loadu_ps(scale + sb);
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_mul_ps(sv, _mm512_set1_ps(a.dx[r * nb + b]));
+        accf[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[j][r]), f, accf[j][r]);
+        if constexpr (Q41)
+          accf[j][r] = _mm512_fmadd_ps(_mm512_loadu_ps(offset + sb), _mm512_set1_ps(a.dsum[r * nb + b]), accf[j][r]);
+      }
+    }
+  }
+  for (int j = 0; j < OG; ++j) {
+    const int64_t o = (g0 + j) * 16;
+    if (o >= N) break;
+    const __mmask16 m = o + 16 <= N ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - o)) - 1u);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * N + o, m, accf[j][r]);
+  }
+}
+
+// x rows -> int8 blocks (round to nearest even: the default MXCSR mode, as numpy/jnp.round)
+void quantize_rows(const float* x, int64_t R, int64_t K, int8_t* q, float* dx, float* dsum, int32_t* sum) {
+  const int64_t nb = K / 32;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * K + b * 32;
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * K + b * 32), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * K + b * 32 + 16), _mm512_cvtepi32_epi8(q1));
+      const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      dx[r * nb + b] = d;
+      sum[r * nb + b] = s;
+      dsum[r * nb + b] = d * static_cast<float>(s);
+    }
+}
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 // ---- AVX2: 8 lanes; codes widened and converted, then scaled
 inline float hsum8(__m256 v) {
@@ -419,7 +510,82 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi
   return ffi::Error::Success();
 }
 
+// int8-activation product against repacked weights: x [..., K]; codes [L?, G, nb, C, 64] uint8; scale and
+// offset [L?, G, nb, 16] float32 (offset ignored for Q8_0); layer `index` (clamped) read in place; y [..., N]
+ffi::Error Q8aImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
+                   ffi::AnyBuffer offset, ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t q41, int64_t max_threads, int64_t min_work) {
+#if defined(JAXDEC_HAS_Q8A)
+  if (x.element_type() != ffi::DataType::F32 || scale.element_type() != ffi::DataType::F32 ||
+      offset.element_type() != ffi::DataType::F32 || codes.element_type() != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument("q8 activations: x, scale, offset float32 and codes uint8 expected");
+  auto xd = x.dimensions();
+  auto sd = scale.dimensions();
+  if (xd.size() < 1 || sd.size() < 3 || sd.back() != 16) return ffi::Error::InvalidArgument("bad ranks");
+  const int64_t K = xd.back(), G = sd[sd.size() - 3], nb = sd[sd.size() - 2];
+  if (K != nb * 32) return ffi::Error::InvalidArgument("x and W inner sizes differ");
+  const int64_t R = K ? x.element_count() / K : 0;
+  const int64_t N = R ? y->element_count() / R : 0;
+  if (N > G * 16 || (R && y->element_count() != R * N)) return ffi::Error::InvalidArgument("bad output size");
+  const int64_t C = q41 ? 4 : 8;
+  const int64_t per_layer = G * nb * 16;
+  const int64_t layers = per_layer ? scale.element_count() / per_layer : 0;
+  if (codes.element_count() != layers * G * nb * C * 64) return ffi::Error::InvalidArgument("bad codes size");
+  float* yp = static_cast<float*>(y->untyped_data());
+  if (R == 0 || N == 0) return ffi::Error::Success();
+  const int64_t layer = std::min<int64_t>(std::max<int64_t>(index.typed_data()[0], 0),
+                                          std::max<int64_t>(layers - 1, 0));
+  std::vector<int32_t> qbuf(R * K / 4), sums(R * nb);
+  std::vector<float> dx(R * nb), dsum(R * nb);
+  quantize_rows(static_cast<const float*>(x.untyped_data()), R, K, reinterpret_cast<int8_t*>(qbuf.data()),
+                dx.data(), dsum.data(), sums.data());
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.untyped_data()) + layer * G * nb * C * 64;
+  const float* sp = static_cast<const float*>(scale.untyped_data()) + layer * per_layer;
+  const float* mp = static_cast<const float*>(offset.untyped_data()) + (q41 ? layer * per_layer : 0);
+  constexpr int64_t kGroups = 4;  // 64 output features per work item
+  const int64_t nchunks = (G + kGroups - 1) / kGroups;
+  const int32_t* qp = qbuf.data();
+  const float *dxp = dx.data(), *dsp = dsum.data();
+  const int32_t* sump = sums.data();
+  parallel_for(pool, max_threads, min_work, R * N * K / 4, nchunks, [=](int64_t i) {
+    const int64_t g0 = i * kGroups, g1 = std::min(G, g0 + kGroups);
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+      const Q8Rows a{qp + r0 * (K / 4), dxp + r0 * nb, dsp + r0 * nb, sump + r0 * nb, K / 4, nb};
+      float* yr = yp + r0 * N;
+      by_rows(std::min<int64_t>(8, R - r0), [&](auto rc) {
+        constexpr int RR = decltype(rc)::value;
+        constexpr int OG = RR <= 2 ? 4 : (RR <= 4 ? 2 : 1);
+        int64_t g = g0;
+        if (q41) {
+          for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, true>(a, cp, sp, mp, yr, N, g);
+          for (; g < g1; ++g) q8a_tile<RR, 1, true>(a, cp, sp, mp, yr, N, g);
+        } else {
+          for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, false>(a, cp, sp, mp, yr, N, g);
+          for (; g < g1; ++g) q8a_tile<RR, 1, false>(a, cp, sp, mp, yr, N, g);
+        }
+      });
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("q8 activations need AVX512-VNNI, which this build lacks");
+#endif
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ8aMatmul, Q8aImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("q41")
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("min_parallel_work"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecF32Matmul, F32Impl,
                               ffi::Ffi::Bind()
@@ -455,3 +621,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdecQ80Matmul, Q80Impl,
                                   .Attr<int64_t>("min_parallel_work"));
 
 extern "C" const char* JaxdecKernelIsa() { return kIsa; }
+
+// 1 when this build has the int8-activation kernel (AVX512-VNNI), else 0
+extern "C" int JaxdecKernelHasQ8a() {
+#if defined(JAXDEC_HAS_Q8A)
+  return 1;
+#else
+  return 0;
+#endif
+}
