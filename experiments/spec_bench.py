@@ -81,7 +81,9 @@ COPY_TASKS = [
 
 
 WEIGHTS_NOTE = {"f32": "f32 (dequantized Q4_1 GGUF)",
-                "q": "q (the GGUF's Q4_1/Q8_0 blocks, native CPU kernel; float32 activations)"}
+                "q": "q (the GGUF's Q4_1/Q8_0 blocks, native CPU kernel; float32 activations)",
+                "q8": "q8 (the GGUF's blocks with int8 activations, AVX512-VNNI kernel: LOSSY against the exact "
+                      "model; every speculative row is still checked against q8 greedy)"}
 
 
 def load_prompts(n_code: int, n_chat: int, groups=("code", "chat"), n_copy: int = 3):
@@ -231,7 +233,11 @@ class Setup:
             print(f"jax devices: {jax.devices()}", flush=True)
             r = open_gguf(default_gguf_path())
             mcfg, arch = config_from_gguf(r)
-            model, params = LlamaModel(mcfg), load_gguf_params(r, mcfg, arch, cfg.weights)
+            model = LlamaModel(mcfg)
+            params = load_gguf_params(r, mcfg, arch, "q" if cfg.weights == "q8" else cfg.weights)
+            if cfg.weights == "q8":
+                from jaxdec.quant import pack_params_q8
+                params = pack_params_q8(params)
             self.prompts = load_prompts(cfg.n_code, cfg.n_chat, cfg.groups, cfg.n_copy)
             self.curve = measure_cost_curve(model, params, batch=1, context=128, reps=5)
             print("cost curve (relative to T=1):", {k: round(v, 2) for k, v in self.curve["relative"].items()},
