@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from typing import Callable, Optional, Sequence
@@ -49,16 +50,53 @@ from jaxdec.cache.kv import bucket
 # ----------------------------------------------------------------------------------------------------
 
 def public_tests(prompt_text: str) -> list:
-    """The doctest examples (``>>>`` lines and their expected output) of a prompt, as
-    ``[(source, want), ...]``. No example: ValueError (PG-TD has nothing to score programs with)."""
+    """The docstring examples of a prompt as doctest ``[(source, want), ...]``: the ``>>>`` examples with
+    their expected output, then the written-out ones (`example_tests`: ``f(3) == 4``, ``f(3) => 4`` ...).
+    No example: ValueError (PG-TD has nothing to score programs with)."""
     import doctest
     examples = doctest.DocTestParser().get_examples(prompt_text)
     tests = [(e.source, _without_docstring_end(e.want)) for e in examples]
     tests = [(src, want) for src, want in tests if want.strip()]
+    seen = {src for src, _ in tests}
+    tests += [t for t in example_tests(prompt_text) if t[0] not in seen]
     if not tests:
         raise ValueError("PG-TD needs public tests: the prompt has no doctest examples (a '>>> call' line followed "
                          "by its expected output); pass reward= to score programs another way")
     return tests
+
+
+_EXAMPLE = re.compile(r"^\s*(?:>>>\s*)?(?:for\s+)?(?P<call>[A-Za-z_]\w*\(.*\))\s*"
+                      r"(?:==>|=>|==|->|→|➞|=)\s*(?P<value>.+?)\s*$")
+
+
+def example_tests(prompt_text: str) -> list:
+    """Examples written out in the prompt's text (as most HumanEval problems from 100 on give them):
+    lines ``name(args) == value`` (or ``=``, ``=>``, ``==>``, ``->``, an arrow; a leading ``>>>`` or ``for``
+    allowed) where ``name`` is a function the prompt defines and the arguments and the value are Python
+    literals. Each becomes the doctest ``[("(call) == (value)", "True\n")]``; anything else is skipped."""
+    import ast
+    names = set(re.findall(r"^\s*def\s+([A-Za-z_]\w*)\s*\(", prompt_text, re.M))
+    out, seen = [], set()
+    for line in prompt_text.splitlines():
+        m = _EXAMPLE.match(line)
+        if not m:
+            continue
+        call, value = m.group("call"), m.group("value").rstrip(".,;")
+        try:
+            node = ast.parse(call, mode="eval").body
+            ast.literal_eval(value)
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+                    and not node.keywords):
+                continue
+            for a in node.args:
+                ast.literal_eval(a)
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            continue
+        src = f"({call}) == ({value})\n"
+        if src not in seen:
+            seen.add(src)
+            out.append((src, "True\n"))
+    return out
 
 
 def _without_docstring_end(want: str) -> str:
@@ -288,13 +326,19 @@ class PGTD:
             n.done = self._terminal(n.prefix) or (n.children is not None and all(ch.done for ch in n.children))
         return r
 
-    def run(self, rollouts: int, stop_at: Optional[float] = 1.0):
+    def run(self, rollouts: int, stop_at: Optional[float] = 1.0, max_decoder_calls: Optional[int] = None):
         """Up to ``rollouts`` iterations; stops early once a rollout scores ``stop_at`` or the tree is
-        exhausted. Returns (best sequence, its reward)."""
+        exhausted, or (``max_decoder_calls``) before an iteration once the compiled greedy decoder has run
+        that many times (rollouts the sequence cache answers are free). Returns (best sequence, its reward)."""
         if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < 1:
             raise ValueError(f"rollouts must be an integer >= 1, got {rollouts!r}")
+        if max_decoder_calls is not None and (isinstance(max_decoder_calls, bool) or
+                                              not isinstance(max_decoder_calls, int) or max_decoder_calls < 1):
+            raise ValueError(f"max_decoder_calls must be an integer >= 1, got {max_decoder_calls!r}")
         for _ in range(rollouts):
             if self.root.done:
+                break
+            if max_decoder_calls is not None and self.stats["decoder_calls"] >= max_decoder_calls:
                 break
             r = self.iterate()
             if stop_at is not None and r >= stop_at:
