@@ -50,6 +50,10 @@ PROMPTS = [
     "What are the main differences between a list and a tuple in Python? Answer briefly, with an example "
     "of each and one sentence on when to prefer which.",
     "Hi!",
+    "Name four planets of the solar system.",
+    "How do I reverse a string in Python?",
+    "Write a haiku about autumn rain.",
+    "What does HTTP status code 404 mean?",
 ]
 
 
@@ -78,13 +82,17 @@ def chat_prompts(n: int) -> list:
 
 class JaxdecRunner:
     def __init__(self, weights: str):
+        """weights: "f32", "q", or "q8" (the q blocks with int8 activations: lossy, opt-in)."""
         from peer import default_gguf_path
         from jaxdec.models.gguf_loader import config_from_gguf, load_gguf_params, open_gguf
         from jaxdec.models.llama import LlamaModel
         r = open_gguf(default_gguf_path())
         cfg, arch = config_from_gguf(r)
         self.model = LlamaModel(cfg)
-        self.params = load_gguf_params(r, cfg, arch, weights)
+        self.params = load_gguf_params(r, cfg, arch, "q" if weights == "q8" else weights)
+        if weights == "q8":
+            from jaxdec.quant import pack_params_q8
+            self.params = pack_params_q8(self.params)
         self.name = f"jaxdec-{weights}"
 
     def __call__(self, prompts: list, n_new: int) -> list:
@@ -92,6 +100,32 @@ class JaxdecRunner:
         g = generate(self.model, self.params, prompts, method="greedy", max_new_tokens=n_new,
                      batch_size=len(prompts), stop_ids=())
         return g.tokens
+
+
+class LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on the same GGUF, its own kernels (int8 activations against the 4-bit
+    blocks), default threads; driven by its own eval/sample loop, greedy (top_k=1), logits for the last position
+    only (its normal setting). One sequence at a time: a batch of b prompts is b sequential generations."""
+
+    def __init__(self):
+        import llama_cpp
+        from peer import default_gguf_path
+        self.llm = llama_cpp.Llama(model_path=default_gguf_path(), n_ctx=512, n_batch=512, verbose=False)
+        self.version = getattr(llama_cpp, "__version__", "?")
+        self.name = "llama.cpp"
+
+    def __call__(self, prompts: list, n_new: int) -> list:
+        outs = []
+        for ids in prompts:
+            self.llm.reset()
+            self.llm.eval(ids)
+            out = []
+            for _ in range(n_new):
+                t = int(self.llm.sample(top_k=1, temp=0.0))
+                out.append(t)
+                self.llm.eval([t])
+            outs.append(out)
+        return outs
 
 
 class PeerRunner:
@@ -157,17 +191,36 @@ class Systems:
         if self.runners is None:
             import jax
             print(f"jax devices: {jax.devices()}", flush=True)
-            self.prompts = chat_prompts(max(self.cfg.batches))
+            self.prompts = chat_prompts(max(max(self.cfg.batches), self.cfg.b1_prompts))
             runners = [PeerRunner()] + ([PeerRunner(threads=1)] if self.cfg.peer_1thread else [])
-            self.runners = runners + [JaxdecRunner("f32"), JaxdecRunner("q")]
+            if self.cfg.llamacpp:
+                try:
+                    runners.append(LlamaCppRunner())
+                except ImportError:
+                    print("llama.cpp row skipped: llama-cpp-python is not installed (see the README)", flush=True)
+            self.runners = runners + [JaxdecRunner(w) for w in self.cfg.jaxdec_weights]
         return self
 
 
+class OneByOne:
+    """A system run at batch 1 over several prompts, one after another (the batch-1 cell's unit of work)."""
+
+    def __init__(self, r):
+        self.r, self.name = r, r.name
+
+    def __call__(self, prompts: list, n_new: int) -> list:
+        return [row for p in prompts for row in self.r([p], n_new)]
+
+
 def measure_batch(systems, cfg, b: int) -> dict:
-    """One cell: every system at batch b, warmed up, then cfg.reps repetitions interleaved across systems."""
+    """One cell: every system at batch b, warmed up, then cfg.reps repetitions interleaved across systems.
+    At batch 1 each timed call decodes the first ``--b1-prompts`` prompts one after another."""
     st = systems.get()
     runners, n_new = st.runners, cfg.new_tokens
     prompts = [st.prompts[i % len(st.prompts)] for i in range(b)]
+    if b == 1 and cfg.b1_prompts > 1:
+        prompts = st.prompts[:cfg.b1_prompts]
+        runners = [OneByOne(r) for r in runners]
     first, times, tokens = {}, {}, {}
     for r in runners:  # warm-up: the first call compiles; a second call checks steady state
         dt, toks = timed(r, prompts, n_new)
@@ -189,17 +242,18 @@ def measure_batch(systems, cfg, b: int) -> dict:
             if toks != tokens[r.name]:
                 raise RuntimeError(f"{r.name} batch {b}: greedy tokens changed between repetitions")
         print(f"batch {b} rep {rep + 1}/{cfg.reps}: " + ", ".join(
-            f"{n} {b * n_new / t[-1]:.1f} tok/s" for n, t in times.items()), flush=True)
+            f"{n} {len(prompts) * n_new / t[-1]:.1f} tok/s" for n, t in times.items()), flush=True)
     load_after = os.getloadavg()
     rows = []
-    peer = np.array([b * n_new / t for t in times["hf-transformers"]])
+    total = len(prompts) * n_new  # new tokens per timed call
+    peer = np.array([total / t for t in times["hf-transformers"]])
     for name, ts in times.items():
-        tps = np.array([b * n_new / t for t in ts])
+        tps = np.array([total / t for t in ts])
         ratio = tps / peer
         steady = float(np.median(ts))
         extra = {}
         if "hf-transformers-1thread" in times:
-            peer1 = np.array([b * n_new / t for t in times["hf-transformers-1thread"]])
+            peer1 = np.array([total / t for t in times["hf-transformers-1thread"]])
             extra = {"ratio_vs_peer_1thread_median": float(np.median(tps / peer1))}
         rows.append({
             "system": name, "batch": b, "new_tokens": n_new,
@@ -208,9 +262,12 @@ def measure_batch(systems, cfg, b: int) -> dict:
             "ratio_vs_peer_median": float(np.median(ratio)), "ratio_vs_peer_min": float(ratio.min()),
             "ratio_vs_peer_max": float(ratio.max()),
             "first_call_s": first[name], "compile_s_estimate": max(0.0, first[name] - steady), **extra})
-    f, q, hf = tokens["jaxdec-f32"], tokens["jaxdec-q"], tokens["hf-transformers"]
-    agree = {"q_equals_f32_rows": sum(x == y for x, y in zip(q, f)),
-             "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf)), "rows": b}
+    hf = tokens["hf-transformers"]
+    f = tokens.get("jaxdec-f32", hf)
+    agree = {"batch": b, "rows": len(f), "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf))}
+    for other in ("jaxdec-q", "jaxdec-q8", "llama.cpp"):  # agreement with f32 greedy (q8, llama.cpp: lossy)
+        if other in tokens:
+            agree[f"{other.split('-')[-1]}_equals_f32_rows"] = sum(x == y for x, y in zip(tokens[other], f))
     return {"results": rows, "token_agreement": agree, "prompt_lengths": [len(p) for p in prompts],
             "load_average_before": load_before, "load_average_after": load_after}
 
@@ -223,7 +280,8 @@ def markdown(rec: dict) -> list:
     lines = [
         f"{c['new_tokens']} new tokens per row (EOS ignored), {c['reps']} interleaved repetitions per batch size (one "
         f"cell each), chat prompts of {lens} tokens; time from ids in to ids on host, "
-        "prefill included. tok/s = batch x new tokens / seconds; median [min, max]. Ratio = median of "
+        "prefill included; at batch 1 each timed call decodes " + str(c.get("b1_prompts", 1)) + " prompts one "
+        "after another. tok/s = new tokens / seconds; median [min, max]. Ratio = median of "
         "per-repetition ratios to the peer at the same batch size [min, max]. The peer is HF transformers with "
         "torch's default threads (DESIGN.md); `hf-transformers-1thread` (torch.set_num_threads(1)) is a "
         "supplementary reference, because on an oversubscribed CPU torch's OpenMP threads wait at every op for "
@@ -243,8 +301,10 @@ def markdown(rec: dict) -> list:
             f"{r['ratio_vs_peer_max']:.2f}] | {'-' if r1 is None else f'{r1:.2f}'} | {r['first_call_s']:.1f} "
             f"| {r['compile_s_estimate']:.1f} |")
     lines += ["", "Token agreement (greedy, EOS ignored): " + "; ".join(
-        f"batch {a['rows']}: q == f32 on {a['q_equals_f32_rows']}/{a['rows']} rows, f32 == peer on "
-        f"{a['f32_equals_peer_rows']}/{a['rows']} rows" for a in (cell["token_agreement"] for cell in cells)),
+        f"batch {a.get('batch', a['rows'])}: " + ", ".join(f"{k.split('_')[0]} == f32 on {v}/{a['rows']} rows" for k, v in a.items()
+                                          if k.endswith("_equals_f32_rows"))
+        + f", f32 == peer on {a['f32_equals_peer_rows']}/{a['rows']} rows"
+        for a in (cell["token_agreement"] for cell in cells)),
         "(rows may differ from the peer after a near-tie; the tests check agreement with the shared near-tie "
         "helper).", ""]
     return lines
@@ -411,6 +471,12 @@ class Config:
     new_tokens: int = dataclasses.field(default=64, metadata={"help": "new tokens per row"})
     reps: int = dataclasses.field(default=0, metadata={"help": "timed repetitions, >= 5 (default 7; --step 9)"})
     batches: tuple[int, ...] = (1, 8)
+    b1_prompts: int = dataclasses.field(default=12, metadata={
+        "help": "prompts the batch-1 cell decodes one after another per timed call (at most 12)"})
+    jaxdec_weights: tuple[str, ...] = dataclasses.field(default=("f32", "q"), metadata={
+        "help": "jaxdec rows: f32, q, q8 (int8 activations, lossy)"})
+    llamacpp: bool = dataclasses.field(default=True, metadata={
+        "help": "the llama.cpp row (skipped with a message when llama-cpp-python is not installed)"})
     peer_1thread: bool = dataclasses.field(default=True, metadata={
         "help": "the supplementary torch.set_num_threads(1) peer row (--no-peer-1thread skips it)"})
     wait_idle: float = runner.select(0.0, "before timing, wait (up to 30 min) until the 1-minute load average "
@@ -423,7 +489,7 @@ class Config:
 
 
 QUICK = Config(new_tokens=16, reps=5)
-SMOKE = Config(new_tokens=2, reps=5, batches=(1,), peer_1thread=False)
+SMOKE = Config(new_tokens=2, reps=5, batches=(1,), peer_1thread=False, llamacpp=False, b1_prompts=2)
 
 
 def main(argv=None):
@@ -434,6 +500,8 @@ def main(argv=None):
         ap.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
     if cfg.new_tokens < 1 or any(b < 1 for b in cfg.batches):
         ap.error("--new-tokens and --batches must be positive")
+    if not 1 <= cfg.b1_prompts <= len(PROMPTS):
+        ap.error(f"--b1-prompts must be in 1..{len(PROMPTS)}")
     bad = [v for v in cfg.variants if v not in STEP_VARIANTS]
     if bad:
         ap.error(f"unknown --variants {bad}; known: {', '.join(STEP_VARIANTS)}")
@@ -447,7 +515,8 @@ def main(argv=None):
         print("\n".join(step_markdown(rec)))
         return
     systems = Systems(cfg)
-    deps = lambda c: ["new_tokens", "reps", "peer_1thread", "batches"]  # noqa: E731 (prompts depend on max batch)
+    deps = lambda c: ["new_tokens", "reps", "peer_1thread", "batches", "jaxdec_weights", "llamacpp",  # noqa: E731
+                      "b1_prompts"]
     rec = runner.run_experiment("bench_greedy", cfg, cells, lambda c: measure_batch(systems, cfg, int(c[1:])),
                                 opts=opts, markdown=markdown, depends=deps, info=versions,
                                 title="Greedy decoding throughput: jaxdec vs HF transformers")
