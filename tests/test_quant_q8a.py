@@ -68,7 +68,9 @@ def test_pack_roundtrip_and_layout(tensors):
     """pack_q8 then unpack_q8 gives the QTensor back bit for bit (real tensors, both kinds, a stack, and
     an output count that is not a multiple of 16)."""
     for name, w in tensors.items():
-        back = quant.unpack_q8(quant.pack_q8(w))
+        p = quant.pack_q8(w)
+        assert p.scale.dtype == jnp.float16  # GGUF's own float16 scales: stored as such (exact)
+        back = quant.unpack_q8(p)
         for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(back)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     w = tensors["blk.0.attn_k.weight"]
@@ -80,11 +82,19 @@ def test_pack_roundtrip_and_layout(tensors):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _float32_scales(w):
+    """The same tensor with block scales that float16 cannot hold (so the packed form keeps float32)."""
+    return w.replace(scale=w.scale * np.float32(1 + 2 ** -20))
+
+
+@pytest.mark.parametrize("name", NAMES + ("blk.0.attn_q.weight:f32scales",))
 def test_kernel_at_every_block_size(tensors, name):
     lib = q8a_lib()
-    w = tensors[name]
+    w = tensors[name.split(":")[0]]
+    if name.endswith(":f32scales"):
+        w = _float32_scales(w)
     p = quant.pack_q8(w)
+    assert p.scale.dtype == (jnp.float32 if name.endswith(":f32scales") else jnp.float16)
     wd = np.asarray(quant.dequantize(w), np.float64)
     f = jax.jit(lib.call_q8a)
     rng = np.random.default_rng(0)

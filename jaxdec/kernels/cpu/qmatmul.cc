@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #include <immintrin.h>
 #include "xla/ffi/api/ffi.h"
@@ -135,8 +136,14 @@ struct Q8Rows {  // quantized activation rows
   int64_t k4, nb;
 };
 
-template <int R, int OG, bool Q41>
-inline void q8a_tile(const Q8Rows& a, const uint8_t* codes, const float* scale, const float* offset, float* y,
+// 16 block scales (or offsets) of one output group: float32, or float16 as GGUF stores them (exact widening)
+inline __m512 lanes16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 lanes16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int R, int OG, bool Q41, typename S>
+inline void q8a_tile(const Q8Rows& a, const uint8_t* codes, const S* scale, const S* offset, float* y,
                      int64_t N, int64_t g0) {
   constexpr int C = Q41 ? 4 : 8;  // 64-byte chunks per block and group
   const int64_t nb = a.nb;
@@ -168,12 +175,12 @@ inline void q8a_tile(const Q8Rows& a, const uint8_t* codes, const float* scale, 
     }
     for (int j = 0; j < OG; ++j) {
       const int64_t sb = ((g0 + j) * nb + b) * 16;
-      const __m512 sv = _mm512_loadu_ps(scale + sb);
+      const __m512 sv = lanes16(scale + sb);
       for (int r = 0; r < R; ++r) {
         const __m512 f = _mm512_mul_ps(sv, _mm512_set1_ps(a.dx[r * nb + b]));
         accf[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[j][r]), f, accf[j][r]);
         if constexpr (Q41)
-          accf[j][r] = _mm512_fmadd_ps(_mm512_loadu_ps(offset + sb), _mm512_set1_ps(a.dsum[r * nb + b]), accf[j][r]);
+          accf[j][r] = _mm512_fmadd_ps(lanes16(offset + sb), _mm512_set1_ps(a.dsum[r * nb + b]), accf[j][r]);
       }
     }
   }
@@ -516,9 +523,11 @@ ffi::Error Q8aImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
                    ffi::AnyBuffer offset, ffi::BufferR0<ffi::S32> index, ffi::Result<ffi::AnyBuffer> y,
                    int64_t q41, int64_t max_threads, int64_t min_work) {
 #if defined(JAXDEC_HAS_Q8A)
-  if (x.element_type() != ffi::DataType::F32 || scale.element_type() != ffi::DataType::F32 ||
-      offset.element_type() != ffi::DataType::F32 || codes.element_type() != ffi::DataType::U8)
-    return ffi::Error::InvalidArgument("q8 activations: x, scale, offset float32 and codes uint8 expected");
+  const bool f16 = scale.element_type() == ffi::DataType::F16;
+  if (x.element_type() != ffi::DataType::F32 || codes.element_type() != ffi::DataType::U8 ||
+      (!f16 && scale.element_type() != ffi::DataType::F32) || offset.element_type() != scale.element_type())
+    return ffi::Error::InvalidArgument("q8 activations: x float32, codes uint8, scale and offset both float32 or "
+                                       "both float16 expected");
   auto xd = x.dimensions();
   auto sd = scale.dimensions();
   if (xd.size() < 1 || sd.size() < 3 || sd.back() != 16) return ffi::Error::InvalidArgument("bad ranks");
@@ -540,32 +549,39 @@ ffi::Error Q8aImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   quantize_rows(static_cast<const float*>(x.untyped_data()), R, K, reinterpret_cast<int8_t*>(qbuf.data()),
                 dx.data(), dsum.data(), sums.data());
   const uint8_t* cp = static_cast<const uint8_t*>(codes.untyped_data()) + layer * G * nb * C * 64;
-  const float* sp = static_cast<const float*>(scale.untyped_data()) + layer * per_layer;
-  const float* mp = static_cast<const float*>(offset.untyped_data()) + (q41 ? layer * per_layer : 0);
-  constexpr int64_t kGroups = 4;  // 64 output features per work item
-  const int64_t nchunks = (G + kGroups - 1) / kGroups;
   const int32_t* qp = qbuf.data();
   const float *dxp = dx.data(), *dsp = dsum.data();
   const int32_t* sump = sums.data();
-  parallel_for(pool, max_threads, min_work, R * N * K / 4, nchunks, [=](int64_t i) {
-    const int64_t g0 = i * kGroups, g1 = std::min(G, g0 + kGroups);
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {
-      const Q8Rows a{qp + r0 * (K / 4), dxp + r0 * nb, dsp + r0 * nb, sump + r0 * nb, K / 4, nb};
-      float* yr = yp + r0 * N;
-      by_rows(std::min<int64_t>(8, R - r0), [&](auto rc) {
-        constexpr int RR = decltype(rc)::value;
-        constexpr int OG = RR <= 2 ? 4 : (RR <= 4 ? 2 : 1);
-        int64_t g = g0;
-        if (q41) {
-          for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, true>(a, cp, sp, mp, yr, N, g);
-          for (; g < g1; ++g) q8a_tile<RR, 1, true>(a, cp, sp, mp, yr, N, g);
-        } else {
-          for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, false>(a, cp, sp, mp, yr, N, g);
-          for (; g < g1; ++g) q8a_tile<RR, 1, false>(a, cp, sp, mp, yr, N, g);
-        }
-      });
-    }
-  });
+  auto run = [&](auto* sp0, auto* mp0) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp0)>>;
+    const S* sp = sp0 + layer * per_layer;
+    const S* mp = mp0 + (q41 ? layer * per_layer : 0);
+    constexpr int64_t kGroups = 4;  // 64 output features per work item
+    const int64_t nchunks = (G + kGroups - 1) / kGroups;
+    parallel_for(pool, max_threads, min_work, R * N * K / 4, nchunks, [=](int64_t i) {
+      const int64_t g0 = i * kGroups, g1 = std::min(G, g0 + kGroups);
+      for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const Q8Rows a{qp + r0 * (K / 4), dxp + r0 * nb, dsp + r0 * nb, sump + r0 * nb, K / 4, nb};
+        float* yr = yp + r0 * N;
+        by_rows(std::min<int64_t>(8, R - r0), [&](auto rc) {
+          constexpr int RR = decltype(rc)::value;
+          constexpr int OG = RR <= 2 ? 4 : (RR <= 4 ? 2 : 1);
+          int64_t g = g0;
+          if (q41) {
+            for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, true, S>(a, cp, sp, mp, yr, N, g);
+            for (; g < g1; ++g) q8a_tile<RR, 1, true, S>(a, cp, sp, mp, yr, N, g);
+          } else {
+            for (; g + OG <= g1; g += OG) q8a_tile<RR, OG, false, S>(a, cp, sp, mp, yr, N, g);
+            for (; g < g1; ++g) q8a_tile<RR, 1, false, S>(a, cp, sp, mp, yr, N, g);
+          }
+        });
+      }
+    });
+  };
+  if (scale.element_type() == ffi::DataType::F32)
+    run(static_cast<const float*>(scale.untyped_data()), static_cast<const float*>(offset.untyped_data()));
+  else
+    run(static_cast<const uint16_t*>(scale.untyped_data()), static_cast<const uint16_t*>(offset.untyped_data()));
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("q8 activations need AVX512-VNNI, which this build lacks");
