@@ -222,7 +222,7 @@ def markdown(rec):
             pub = "-" if x["public_pass_rate"] is None else f"{x['public_pass_rate']:.3f}"
             lines.append(f"| {m} | {x['passed']}/{x['total']} = {x['pass@1']:.3f} | {x['ci95'][0]:.3f}-{x['ci95'][1]:.3f} "
                          f"| {pub} | {x['model_calls_per_problem']:.1f} | {x['seconds']:.0f} |")
-        lines += ["", f"Prompt format: {r['format']}. Problems without doctest examples (greedy's answer kept): "
+        lines += ["", f"Prompt format: {r['format']}. Problems without public tests (no >>> or written-out examples; greedy's answer kept): "
                       f"{', '.join(r['no_public_tests']) or 'none'}. Answers that differ from greedy's: "
                       f"{r['differing_answers']}. Model calls: greedy one decoder run per problem; PG-TD decoder runs "
                       f"(compiled greedy rollouts) + teacher-forced forwards, so the budgets are not equal."]
