@@ -4,7 +4,7 @@ weights variant, and the same for a base commit checked out with `git worktree`,
 
 Variants (cells): ``f32`` (float32 weights, native float32 kernel up to 32 rows), ``q`` (GGUF Q4_1/Q8_0 blocks,
 exact native kernel), ``q8`` (the same blocks with int8 activations: LOSSY, opt-in, AVX512-VNNI), ``q-2threads``
-(q with every product on XLA's thread pool: the thread policy re-measured). Each variant runs in its own
+(q with every product on XLA's thread pool: the thread policy re-measured), ``q8-2threads``. Each variant runs in its own
 process, ``--rounds`` times in alternation with the others (so load drifts hit every variant alike); the
 minimum per T over rounds is kept (the least disturbed by other processes), the median too.
 ``--base COMMIT`` adds ``base-<variant>`` cells for the variants that commit has (its own code, its own
@@ -34,6 +34,7 @@ VARIANTS = {  # name -> (jaxdec.load kwargs, extra environment)
     "q": ({"weights": "q"}, {}),
     "q8": ({"weights": "q", "activations": "q8"}, {}),
     "q-2threads": ({"weights": "q"}, {"JAXDEC_QMATMUL_MIN_PARALLEL": "0"}),
+    "q8-2threads": ({"weights": "q", "activations": "q8"}, {"JAXDEC_QMATMUL_MIN_PARALLEL": "0"}),
 }
 
 # run in a fresh process with the tree under test first on sys.path (a base commit's worktree or this one)
@@ -51,7 +52,7 @@ print("RESULT " + json.dumps({"seconds": c["seconds"], "seconds_median": c["seco
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    variants: tuple[str, ...] = dataclasses.field(default=("f32", "q", "q8", "q-2threads"), metadata={
+    variants: tuple[str, ...] = dataclasses.field(default=("f32", "q", "q8", "q-2threads", "q8-2threads"), metadata={
         "help": f"weights variants: {', '.join(VARIANTS)}"})
     sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
     reps: int = 7
