@@ -48,7 +48,10 @@ def load(name_or_path: str = DEFAULT_MODEL, weights: str = "f32", attention_impl
     product quantizes its input rows to int8 per 32-element block (as llama.cpp does) and runs integer
     dot products (AVX512-VNNI) against weights repacked at load time; several times cheaper per extra
     row (speculative verify blocks, batches), but the logits are no longer those of the model, so greedy
-    tokens can differ from the exact paths. The embedding lookup stays exact.
+    tokens can differ from the exact paths. Nor is it bit-stable across block shapes: a speculative verify
+    block's activations differ from a 1-token step's by float noise, which the int8 rounding can turn into
+    whole grid steps, so speculative decoding over q8 matches q8 greedy only up to near ties. The
+    embedding lookup stays exact.
     """
     from jaxdec.models.llama import LlamaModel
     from jaxdec.models.tokenizer import Tokenizer
