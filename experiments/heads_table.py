@@ -87,7 +87,8 @@ class Setup:
         from jaxdec.speculative import PromptLookupDrafter, SpeculativeDecoder, TokenRecyclingDrafter, methods
         from jaxdec.speculative.heads import shipped_heads
         cfg = self.cfg
-        m = jaxdec.load(weights=cfg.weights)
+        m = (jaxdec.load(weights="q", activations="q8") if cfg.weights == "q8"  # int8 activations: lossy
+             else jaxdec.load(weights=cfg.weights))
         self.prompts = heldout_prompts(m.tokenizer, cfg.n_code, cfg.n_chat, cfg.n_copy)
         rows = [Method("jaxdec-greedy", m.model, m.params)]
         self.heads = {}
@@ -235,7 +236,8 @@ class Config:
     n_chat: int = dataclasses.field(default=8, metadata={"help": "held-out chat prompts"})
     n_copy: int = dataclasses.field(default=4, metadata={"help": "held-out copy-heavy prompts"})
     reps: int = dataclasses.field(default=5, metadata={"help": ">= 5 interleaved repetitions"})
-    weights: str = dataclasses.field(default="q", metadata={"choices": ["f32", "q"], "help": "weights of every row"})
+    weights: str = dataclasses.field(default="q", metadata={"choices": ["f32", "q", "q8"], "help": (
+        "weights of every row (q8: the q blocks with int8 activations, lossy; rows compared with q8 greedy)")})
     medusa: str = dataclasses.field(default="", metadata={"help": "Medusa heads file (default: the shipped one)"})
     eagle: str = dataclasses.field(default="", metadata={"help": "EAGLE heads file (default: the shipped one)"})
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
