@@ -244,6 +244,8 @@ SWEEP = {
     "choices": lambda t: G("--choices", ","),
     "constraint_engine": lambda t: G("--regex", "a", "--constraint-engine", "xgrammar"),
     "forced_tokens": lambda t: G("--regex", "a", "--forced-tokens"),  # greedy: no chain drafter to wrap
+    "asap_samples": lambda t: G("--method", "asap", "--regex", "a", "--asap-samples", "0"),
+    "asap_warmup": lambda t: G("--method", "asap", "--regex", "a", "--asap-warmup", "-1"),
     # PG-TD
     "pgtd_rollouts": lambda t: G("--method", "pgtd", "--pgtd-rollouts", "0"),
     "pgtd_top_k": lambda t: G("--method", "pgtd", "--pgtd-top-k", "0"),

@@ -319,3 +319,48 @@ def test_grammar_aligned_generate_on_the_real_model(model_q):
         grammar_aligned_generate(model, params, prompts[:1], "yes|no", tokenizer=tok)
     with pytest.raises(ValueError, match=r"tokenizer: grammar_aligned_generate needs the tokenizer"):
         grammar_aligned_generate(model, params, prompts, cons)
+
+
+def test_kv_reuse_same_samples_fewer_tokens(model_q):
+    """KV reuse (`kv_score_fn`: the prompt prefilled once, each new trie node runs only the tokens after the
+    prefix its cache holds, rolled back on a branch) gives the log-probs of the full-buffer `score_fn` at every
+    prefix of an order that goes deeper, branches and comes back; a scorer whose cache does not hold the prefix
+    it believes (a missing rollback) is caught (negative control). Through `grammar_aligned_generate` the same
+    seed gives the same samples, the same model calls and far fewer model tokens; the full scorer's counter is
+    exactly calls x (prompt + buffer) (the counter counts: the comparison can fail)."""
+    from tests import peer
+    from jaxdec.constrained import grammar_aligned_generate
+    from jaxdec.constrained.asap import kv_score_fn, score_fn
+    from jaxdec.models.tokenizer import Tokenizer
+    model, params = model_q
+    tok = Tokenizer.from_gguf(peer.default_gguf_path())
+    q = tok.chat_ids("Invent a phone number.")
+    full, kv = score_fn(model, params, q, 6), kv_score_fn(model, params, q, 6)
+    order = [(), (33,), (33, 34), (33, 34, 35, 29), (33, 36), (37, 38, 39, 40, 41, 42), (33,), (33, 34, 35)]
+    for pre in order:
+        ref = full(pre)
+        np.testing.assert_allclose(kv(pre), ref, rtol=0, atol=1e-4 * np.abs(ref).max(), err_msg=str(pre))
+    stale = kv_score_fn(model, params, q, 6)
+    stale((33, 34))
+    stale.path = (33, 36)  # the cache holds (33, 34): the next call runs only its last token on top of it
+    ref = full((33, 36, 35))
+    assert np.abs(stale((33, 36, 35)) - ref).max() > 1e-2 * np.abs(ref).max()
+
+    rx = regex("[0-9]{3}-[0-9]{2}")
+    a = grammar_aligned_generate(model, params, [q], rx, n=4, max_new_tokens=8, tokenizer=tok, seed=3, warmup=2,
+                                 kv_reuse=False)
+    b = grammar_aligned_generate(model, params, [q], rx, n=4, max_new_tokens=8, tokenizer=tok, seed=3, warmup=2)
+    assert b.stats["kv_reuse"] and not a.stats["kv_reuse"]
+    assert b.tokens == a.tokens and b.constraint_ok == [True] * 4, (a.text, b.text)
+    assert all(re.fullmatch("[0-9]{3}-[0-9]{2}", t) for t in b.text), b.text
+    np.testing.assert_allclose(b.extras["log_q"], a.extras["log_q"], atol=1e-3)
+    np.testing.assert_allclose(b.extras["log_p"], a.extras["log_p"], atol=1e-3)
+    assert b.stats["model_calls"] == a.stats["model_calls"] > 8
+    assert a.stats["model_tokens"] == a.stats["model_calls"] * (len(q) + 8)
+    print(f"\nASAp model tokens: {a.stats['model_tokens']} without KV reuse, {b.stats['model_tokens']} with "
+          f"({a.stats['model_calls']} trie nodes)")
+    assert b.stats["model_tokens"] * 4 < a.stats["model_tokens"]
+    c = grammar_aligned_generate(model, params, [q], rx, n=4, max_new_tokens=8, tokenizer=tok, seed=4, warmup=2)
+    assert c.tokens != b.tokens  # another seed, other samples: equal samples above are not a constant
+    with pytest.raises(TypeError, match="kv_reuse: expected a bool"):
+        grammar_aligned_generate(model, params, [q], rx, tokenizer=tok, kv_reuse="yes")

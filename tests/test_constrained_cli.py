@@ -1,9 +1,12 @@
 """Constrained decoding from the CLI for the search methods (issue #18): `jaxdec generate --method
-stochastic-beam | momentum | best-of-n` with `--choices` / `--regex` (all rows) or per-row prompts-file
-fields, on the real default model at small sizes. Every output satisfies its constraint (choices
-membership, regex fullmatch), rows carry `constraint_ok`, and each CLI run equals the library call with
-the same arguments (same model, same prompts, same seed). CI runs stochastic-beam, momentum and the
-empty-language errors; best-of-n (its own compiled program) runs in the slow tier."""
+stochastic-beam | momentum | best-of-n | diverse-beam | conditional-beam | first-finish` with `--choices` /
+`--regex` (all rows) or per-row prompts-file fields, on the real default model at small sizes. Every output
+satisfies its constraint (choices membership, regex fullmatch), rows carry `constraint_ok`, and each CLI run
+equals the library call with the same arguments (same model, same prompts, same seed); for diverse beam and
+first-finish the same run without the constraint gives text the regex refuses (negative control). The search
+methods that cannot honour a constraint refuse it, saying why. CI runs stochastic-beam, momentum,
+diverse-beam, first-finish and the errors; best-of-n and conditional-beam (their own compiled programs) run
+in the slow tier."""
 from __future__ import annotations
 
 import json
@@ -116,3 +119,70 @@ def test_cli_grammar_that_accepts_nothing(flag, value, needle, tmp_path, capsys)
                    "--method", "momentum", flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("diverse-beam", ["--num-beams", "4", "--num-beam-groups", "2", "--diversity-penalty", "1.0"]),
+    # its own compiled programs: CI keeps diverse-beam (the same grammar mask in beam_search); `make acceptance`
+    pytest.param("conditional-beam", ["--num-beams", "3", "--no-repeat-ngram-size", "2"], marks=pytest.mark.slow),
+])
+def test_cli_diverse_and_conditional_beam_regex(method, extra, tmp_path, capsys):
+    """Diverse and conditional beam search take `--regex` (beam_search's grammar mask, forked per beam on
+    reorder): the chosen row and every returned beam fullmatch the regex with the real llguidance engine,
+    and the rows equal `beam_search` with the same arguments. Negative control: the same run without the
+    constraint gives text the regex refuses."""
+    from jaxdec.search import beam_search
+    q = "Invent a phone number."
+    argv = ["--prompt", q, "--method", method, "--max-new-tokens", "10", *extra]
+    rows, (model, params, tok) = _cli(tmp_path, capsys, *argv, "--regex", PHONE)
+    row = rows[0]
+    assert row["constraint_ok"] is True and re.fullmatch(PHONE, _text(tok, row["tokens"])), row["text"]
+    for b in row["beams"]:
+        assert b["constraint_ok"] and re.fullmatch(PHONE, _text(tok, b["tokens"])), _text(tok, b["tokens"])
+    groups = int(extra[extra.index("--num-beam-groups") + 1]) if "--num-beam-groups" in extra else 1
+    g = beam_search(model, params, [tok.chat_ids(q)], num_beams=int(extra[1]), max_new_tokens=10,
+                    num_beam_groups=groups, diversity_penalty=1.0 if groups > 1 else 0.0,
+                    no_repeat_ngram_size=2 if method == "conditional-beam" else 0, tokenizer=tok,
+                    constraint=regex(PHONE))
+    assert row["tokens"] == g.tokens[0] and [b["tokens"] for b in row["beams"]] == [h["tokens"] for h in
+                                                                                    g.extras["beams"][0]]
+    free, _ = _cli(tmp_path, capsys, *argv)
+    assert "constraint_ok" not in free[0]
+    assert not any(re.fullmatch(PHONE, _text(tok, b["tokens"])) for b in free[0]["beams"]), free[0]["text"]
+
+
+def test_cli_first_finish_regex(tmp_path, capsys):
+    """First Finish Search takes `--regex` (the mask on its inner sampling decoder): the answer and every
+    partial sample are prefixes of strings of the regex, the answer ended by EOS and fullmatches it, and it is
+    the shortest EOS-ended sample of constrained sampling with the same seed and n (first-finish's samples are
+    prefixes of best-of-N's). Negative control: without the constraint the answer is not a phone number."""
+    import jaxdec
+    from jaxdec.search.testtime import shortest_finished
+    q = "Invent a phone number."
+    argv = ["--prompt", q, "--method", "first-finish", "--n", "3", "--seed", "2", "--temperature", "1.0",
+            "--max-new-tokens", "12"]
+    rows, (model, params, tok) = _cli(tmp_path, capsys, *argv, "--regex", PHONE)
+    row = rows[0]
+    assert row["finish_reason"] == "eos" and row["constraint_ok"] is True
+    assert re.fullmatch(PHONE, _text(tok, row["tokens"])), row["text"]
+    g = jaxdec.generate(model, params, [tok.chat_ids(q)], method="sample", sampling=dict(temperature=1.0), n=3,
+                        seed=2, max_new_tokens=12, tokenizer=tok, constraint=regex(PHONE))
+    assert all(re.fullmatch(PHONE, _text(tok, t)) for t, f in zip(g.tokens, g.finish_reason) if f == "eos"), g.text
+    assert row["tokens"] == g.tokens[shortest_finished(g.tokens, g.finish_reason)]
+    free, _ = _cli(tmp_path, capsys, *argv)
+    assert "constraint_ok" not in free[0] and not re.fullmatch(PHONE, _text(tok, free[0]["tokens"])), free[0]["text"]
+
+
+@pytest.mark.parametrize("method, why", [
+    ("adadec", "lookahead rollouts"), ("entropy-adaptive", "argmax of their own logits"), ("astar", "host-level"),
+    ("superposed", "superposed model call"), ("pgtd", "doctests"),
+])
+def test_cli_methods_that_refuse_a_constraint_say_why(method, why, capsys):
+    """The search methods that cannot honour a constraint refuse it before the model loads, naming the flag,
+    the method and the reason."""
+    from jaxdec import cli
+    rc = cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "4", "--method", method, "--regex", "[0-9]+"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("jaxdec: error: --regex: --method " + method), err
+    assert "cannot honour a constraint" in lines[0] and why in lines[0], lines[0]

@@ -253,8 +253,14 @@ def test_best_of_n_constrained(lm):
 
 
 def test_methods_without_a_mask_refuse_by_name(lm):
-    from jaxdec.search.testtime import FirstFinish  # wraps a token decoder; its rows stop as a group: not registered
+    """Decoders with no logits-processor chain refuse constraint= by name, alone or inside FirstFinish (which
+    honours one around a token decoder: the mask goes to its inner decoder)."""
+    from jaxdec.search.entropy_adaptive import EntropyAdaptive
+    from jaxdec.search.testtime import FirstFinish
     model, params, tok = lm
-    with pytest.raises(ValueError, match=r"the decoder FirstFinish cannot honour constraint="):
-        jaxdec.generate(model, params, [tok.chat_ids("Hi")], decoder=FirstFinish(n=1), max_new_tokens=4,
-                        tokenizer=tok, constraint=regex("a"))
+    with pytest.raises(ValueError, match=r"the decoder EntropyAdaptive cannot honour constraint="):
+        jaxdec.generate(model, params, [tok.chat_ids("Hi")], decoder=EntropyAdaptive(small_layers=2),
+                        max_new_tokens=4, tokenizer=tok, constraint=regex("a"))
+    with pytest.raises(ValueError, match=r"the decoder FirstFinish wraps EntropyAdaptive, which cannot honour"):
+        jaxdec.generate(model, params, [tok.chat_ids("Hi")], decoder=FirstFinish(n=1, inner=EntropyAdaptive()),
+                        max_new_tokens=4, tokenizer=tok, constraint=regex("a"))

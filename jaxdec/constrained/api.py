@@ -12,8 +12,9 @@ from jaxdec.constrained.constraint import Constraint, as_constraint
 from jaxdec.constrained.engines import ConstraintError, get_engine
 from jaxdec.constrained.processor import ConstraintMask, ForkingConstraintMask, Session, activate
 
-SUPPORTED = ("greedy and sampling (generate, best_of_n), beam_search, stochastic_beam_search, "
-             "context_aware_generate, momentum_generate, and SpeculativeDecoder (chain or tree drafters)")
+SUPPORTED = ("greedy and sampling (generate, best_of_n), beam_search (diverse and conditional too), "
+             "stochastic_beam_search, context_aware_generate, momentum_generate, FirstFinish over a token decoder, "
+             "and SpeculativeDecoder (chain or tree drafters)")
 
 
 def per_prompt(constraint, n_prompts: int, who: str = "constraint") -> list:
@@ -54,13 +55,28 @@ HONOURING = {"jaxdec.core.token.TokenDecoder", "jaxdec.search.beam.BeamSearch",
              "jaxdec.search.cad.ContextAware", "jaxdec.search.momentum.Momentum"}
 
 
+# decoders that wrap an honouring decoder (field ``inner``) and run its step unchanged apart from marking rows
+# done (First Finish Search stops a prompt's group when one row ends): the mask goes to the inner decoder
+WRAPPERS = {"jaxdec.search.testtime.FirstFinish"}
+
+
+def _qualname(decoder) -> str:
+    cls = type(decoder)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def check_decoder(decoder, who: str) -> None:
     """Refuse decoders that cannot honour a constraint, naming them. Speculative decoding takes chain and
     tree drafters alike (each draft node is masked by the matcher state along its path)."""
-    cls = type(decoder)
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    if name not in HONOURING:
-        raise ValueError(f"{who}: the decoder {cls.__name__} cannot honour constraint= (supported: {SUPPORTED})")
+    if _qualname(decoder) in WRAPPERS:
+        inner = decoder.inner
+        if _qualname(inner) not in HONOURING:
+            raise ValueError(f"{who}: the decoder {type(decoder).__name__} wraps {type(inner).__name__}, which cannot "
+                             f"honour constraint= (supported: {SUPPORTED})")
+        return
+    if _qualname(decoder) not in HONOURING:
+        raise ValueError(f"{who}: the decoder {type(decoder).__name__} cannot honour constraint= (supported: "
+                         f"{SUPPORTED})")
 
 
 @dataclasses.dataclass
@@ -114,8 +130,13 @@ def prepare(decoder, constraint, *, n_prompts: int, samples: int, expand: int, t
     units = [u for u in compiled for _ in range(samples)]
     session = Session(units, expand=expand, enabled=mask)
     mask_cls = ForkingConstraintMask if expand > 1 else ConstraintMask  # beams reorder rows: fork in post_commit
+    wrapper = None
+    if _qualname(decoder) in WRAPPERS:
+        wrapper, decoder = decoder, decoder.inner
     decoder = dataclasses.replace(decoder, processors=(mask_cls(int(model.vocab_size)),)
                                   + tuple(decoder.processors))
+    if wrapper is not None:
+        decoder = dataclasses.replace(wrapper, inner=decoder)
 
     def fn(inputs, chunk):
         session.begin_batch(int(inputs.batch))

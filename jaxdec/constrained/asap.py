@@ -29,14 +29,19 @@ can be importance-weighted.
 
 ``model_fn(prefix: tuple[int, ...]) -> [V]`` next-token log-probabilities (logits are normalized with a
 log-softmax) for the tokens after ``prefix``: a toy categorical in tests, or a jitted one-step score
-function of a real model (`score_fn`). The grammar is a `Constraint` (compiled by the llguidance or outlines
+function of a real model (`kv_score_fn`: the prompt prefilled once, each call runs only the tokens after
+the prefix its KV cache holds; `score_fn`: the whole prompt + buffer per call). The grammar is a `Constraint` (compiled by the llguidance or outlines
 engine for ``tokenizer``) or any `jaxdec.constrained.engines.Matcher` in its start state (`DFAMatcher` is a
 pure-Python one for tiny vocabularies). Everything runs on the host, one sample at a time; the model is
 called once per new trie node.
+
+CLI: ``jaxdec generate --method asap --regex RE --asap-samples N [--asap-warmup W]`` (registered in
+`jaxdec.search.cli`; any constraint flag or per-row prompts-file field) runs `grammar_aligned_generate`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -504,36 +509,151 @@ def _score_step(model, size: int):
 _STEPS: dict = {}
 
 
+def _check_prompt(prompt_ids, max_len) -> list:
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids: give at least one token (a BOS or a chat prompt)")
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
+        raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+    return prompt
+
+
+class _FullScore:
+    """`score_fn`'s model_fn: every call runs the whole right-padded buffer from an empty cache.
+    ``calls``: forwards run; ``tokens_processed``: positions fed to the model (``size`` per call)."""
+
+    def __init__(self, model, params, prompt, max_len):
+        self.model, self.params, self.prompt, self.max_len = model, params, prompt, int(max_len)
+        self.size = len(prompt) + self.max_len
+        self.step = _score_step(model, self.size)
+        self.calls = 0
+        self.tokens_processed = 0
+
+    def __call__(self, prefix):
+        import jax.numpy as jnp
+        ids = self.prompt + [int(t) for t in prefix]
+        if len(ids) > self.size:
+            raise ValueError(f"prefix: {len(prefix)} tokens, more than max_len={self.max_len}")
+        buf = np.zeros((1, self.size), np.int32)
+        buf[0, :len(ids)] = ids
+        self.calls += 1
+        self.tokens_processed += self.size
+        return np.asarray(self.step(self.params, jnp.asarray(buf), jnp.int32(len(ids) - 1)))
+
+
 def score_fn(model, params, prompt_ids: Sequence[int], max_len: int):
     """A ``model_fn`` for `asap_sample` over a jaxdec decoder model: ``prefix -> log_softmax(logits)`` of the
     token after ``prompt_ids + prefix``. One jitted forward over a fixed buffer of ``len(prompt_ids) + max_len``
     tokens (right-padded; the causal mask keeps padding out of the position read, ``logits_at``), so every
-    prefix length shares one compilation. Results are cached per prefix on the trie, so each prefix is scored once.
-    """
+    prefix length shares one compilation. Results are cached per prefix on the trie, so each prefix is scored
+    once; but each call runs the prompt again (no KV reuse: `kv_score_fn` is the one that reuses it).
+    The returned callable counts ``calls`` and ``tokens_processed``."""
+    return _FullScore(model, params, _check_prompt(prompt_ids, max_len), max_len)
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _kv_fns():
+    """(prefill, extend) jitted once per process (the model is a static argument)."""
+    import jax
     import jax.numpy as jnp
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids: give at least one token (a BOS or a chat prompt)")
-    size = len(prompt) + int(max_len)
-    step = _score_step(model, size)
+    from jaxdec.cache.kv import rollback
+    from jaxdec.core.steps import prefill
 
-    def fn(prefix):
-        ids = prompt + [int(t) for t in prefix]
-        buf = np.zeros((1, size), np.int32)
-        buf[0, :len(ids)] = ids
-        return np.asarray(step(params, jnp.asarray(buf), jnp.int32(len(ids) - 1)))
+    @functools.partial(jax.jit, static_argnames=("model", "size"))
+    def kv_prefill(model, params, ids, length, size):
+        cache = model.init_cache(1, size)
+        logits, cache, _ = prefill(model, params, ids, length, cache)
+        return jax.nn.log_softmax(logits[0].astype(jnp.float32)), cache
 
-    return fn
+    @functools.partial(jax.jit, static_argnames=("model",))
+    def kv_extend(model, params, cache, block, start, m):
+        """Roll the cache back to ``start`` positions, run ``block [1, T]`` (its first ``m`` tokens real) on
+        top and return log p(. | ... block[:m]) and the cache holding ``start + m`` positions."""
+        cache = rollback(cache, jnp.reshape(start, (1,)))
+        pos = start + jnp.arange(block.shape[1], dtype=jnp.int32)[None]
+        out = model(params, block, pos, cache, logits_at=jnp.reshape(m - 1, (1, 1)))
+        return (jax.nn.log_softmax(out.logits[0, 0].astype(jnp.float32)),
+                rollback(out.cache, jnp.reshape(start + m, (1,))))
+
+    return kv_prefill, kv_extend
+
+
+class KVScore:
+    """`kv_score_fn`'s model_fn: the prompt is prefilled ONCE into a KV cache; the cache then follows the
+    last scored prefix. A call for ``prefix`` rolls the cache back to the longest prefix it shares with the
+    last one (``jaxdec.cache.kv.rollback``: only the committed length moves; later writes overwrite the
+    rest) and runs only the tokens after it, in a block padded to a power of two (one compilation per
+    block width). ASAp's samples walk the trie depth-first, so a new node right below the last one costs
+    one token instead of the whole prompt + buffer. ``calls``: model calls (the prefill included);
+    ``tokens_processed``: positions fed to the model (padded prompt block + padded extension blocks)."""
+
+    def __init__(self, model, params, prompt, max_len):
+        import jax.numpy as jnp
+        from jaxdec.cache.kv import bucket
+        self.model, self.params, self.prompt, self.max_len = model, params, prompt, int(max_len)
+        n = len(prompt)
+        # the rolled-back start (< n + max_len) plus a padded block (< 2 x its real tokens) stay inside
+        self.size = bucket(n + 2 * self.max_len)
+        width = bucket(n)
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :n] = prompt
+        kv_prefill, self._extend = _kv_fns()
+        root, self.cache = kv_prefill(model, params, jnp.asarray(ids), jnp.asarray([n], jnp.int32), self.size)
+        self.root = np.asarray(root)
+        self.path: tuple = ()  # the prefix (after the prompt) whose keys/values the cache holds
+        self.calls = 1
+        self.tokens_processed = width
+
+    def __call__(self, prefix):
+        import jax.numpy as jnp
+        p = tuple(int(t) for t in prefix)
+        if len(p) > self.max_len:
+            raise ValueError(f"prefix: {len(p)} tokens, more than max_len={self.max_len}")
+        if not p:
+            return self.root
+        keep = 0
+        for a, b in zip(self.path, p[:-1]):  # at least the last token runs: its logits are the answer
+            if a != b:
+                break
+            keep += 1
+        m = len(p) - keep
+        width = _pow2(m)
+        blk = np.zeros((1, width), np.int32)
+        blk[0, :m] = p[keep:]
+        lp, self.cache = self._extend(self.model, self.params, self.cache, jnp.asarray(blk),
+                                      jnp.int32(len(self.prompt) + keep), jnp.int32(m))
+        self.path = p
+        self.calls += 1
+        self.tokens_processed += width
+        return np.asarray(lp)
+
+
+def kv_score_fn(model, params, prompt_ids: Sequence[int], max_len: int) -> KVScore:
+    """`score_fn` with KV reuse (`KVScore`): same log-probs, the prompt runs once per sampler instead of once
+    per trie node."""
+    return KVScore(model, params, _check_prompt(prompt_ids, max_len), max_len)
 
 
 def grammar_aligned_generate(model, params, prompts, constraint, *, n: int = 4, max_new_tokens: int = 16,
-                             tokenizer=None, seed: int = 0, warmup: int = 0, mode: str = "asap"):
+                             tokenizer=None, seed: int = 0, warmup: int = 0, mode: str = "asap",
+                             kv_reuse: bool = True):
     """Grammar-aligned sampling (ASAp) on a jaxdec model, returned as a `Generation`: for each prompt (token-id
     lists), ``warmup`` samples refine the trie's expected-future-grammaticality estimates (not returned),
     then ``n`` samples follow, each a string of the grammar of at most ``max_new_tokens`` tokens. Rows are
     prompt-major (``n`` per prompt); ``tokens`` end with EOS, ``finish_reason`` is "eos", ``constraint_ok``
     True. constraint: one `Constraint` for all prompts or one per prompt (needs ``tokenizer``). The model is
-    scored by `score_fn` (one compiled forward per prompt length, one call per new trie node, no KV reuse).
+    scored by `kv_score_fn` (``kv_reuse=True``: each prompt prefilled once, each new trie node runs only the
+    tokens after the prefix the cache holds) or by `score_fn` (``kv_reuse=False``: one forward over prompt +
+    buffer per new trie node); both give the same log-probs, so the same samples for a seed.
+    stats: ``model_calls`` (new trie nodes, the prefill not counted), ``model_tokens`` (positions fed to
+    the model, padding included).
     extras: ``log_q`` (each row's proposal log-probability when drawn), ``log_p`` (its model
     log-probability, EOS included: importance weights exp(log_p - log_q)), ``samplers`` (per prompt, to
     continue with `asap_sample(..., sampler=)`), ``dead_ends``. ``mode="gcd"``: plain masked sampling."""
@@ -553,13 +673,16 @@ def grammar_aligned_generate(model, params, prompts, constraint, *, n: int = 4, 
             raise TypeError(f"constraint[{i}]: expected a jaxdec.constrained Constraint, got {type(c).__name__}")
     if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
         raise ValueError(f"warmup: expected a non-negative int, got {warmup!r}")
+    if not isinstance(kv_reuse, bool):
+        raise TypeError(f"kv_reuse: expected a bool, got {type(kv_reuse).__name__}")
+    make_fn = kv_score_fn if kv_reuse else score_fn
     eos_ids = tuple(getattr(model, "eos_ids", ()) or ())
     eos = eos_ids[0] if eos_ids else None
     rng = _rng(seed, None)
     t0 = time.perf_counter()
-    tokens, logq, logp, samplers, dead = [], [], [], [], 0
+    tokens, logq, logp, samplers, dead, fed = [], [], [], [], 0, 0
     for p, c in zip(prompts, cons):
-        fn = score_fn(model, params, p, max_new_tokens)
+        fn = make_fn(model, params, p, max_new_tokens)
         sampler = None
         if warmup:
             r = asap_sample(fn, c, int(warmup), max_new_tokens, seed=rng, tokenizer=tokenizer,
@@ -572,11 +695,13 @@ def grammar_aligned_generate(model, params, prompts, constraint, *, n: int = 4, 
         tokens += [list(x) + [r.sampler.eos] for x in r.samples]
         logq += list(r.log_q)
         logp += list(r.log_p)
+        fed += fn.tokens_processed
     seconds = time.perf_counter() - t0
     rows = len(tokens)
     new = sum(len(t) for t in tokens)
     stats = {"seconds": seconds, "new_tokens": new, "tokens_per_second": new / seconds if seconds > 0 else float("nan"),
-             "model_calls": sum(sm.model_calls for sm in samplers)}
+             "model_calls": sum(sm.model_calls for sm in samplers), "model_tokens": fed,
+             "kv_reuse": kv_reuse}
     return Generation(prompt_ids=[list(p) for p in prompts for _ in range(n)], tokens=tokens,
                       finish_reason=["eos"] * rows, stats=stats,
                       text=[tokenizer.decode(t[:-1]) for t in tokens], constraint_ok=[True] * rows,

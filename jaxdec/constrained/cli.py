@@ -12,7 +12,25 @@ import os
 FLAGS = ("json_schema", "regex", "grammar", "choices")
 DESTS = FLAGS + ("constraint_engine", "forced_tokens")
 # the CLI methods that pass a constraint on (jaxdec.cli's token methods and jaxdec.search.cli's)
-METHODS = ("greedy", "sample", "beam", "speculative", "stochastic-beam", "momentum", "best-of-n")
+METHODS = ("greedy", "sample", "beam", "diverse-beam", "conditional-beam", "speculative", "stochastic-beam",
+           "momentum", "best-of-n", "first-finish", "asap")
+# why the other CLI methods refuse a constraint (named in their error)
+REFUSED = {
+    "adadec": "its lookahead rollouts and rerank run outside the logits-processor chain, so no mask reaches them",
+    "entropy-adaptive": "its small and large steps take the argmax of their own logits with no logits-processor "
+                        "chain, so no mask reaches them",
+    "astar": "it is a host-level best-first search whose children are ranked by its own step cost, outside the "
+             "mask seam",
+    "superposed": "its k drafts come from one superposed model call and an n-gram rerank with no per-draft "
+                  "grammar state",
+    "pgtd": "its programs are scored by running the prompt's doctests; tree expansions and greedy rollouts run "
+            "outside the mask seam",
+    "diffusion": "masked-diffusion sampling fills positions in any order, so a left-to-right grammar mask does "
+                 "not apply",
+}
+# the CLI methods that sample the model conditioned on the constraint and need one on every row
+NEEDS_CONSTRAINT = ("asap",)
+CONSTRAINT_FLAGS = "--json-schema, --regex, --grammar or --choices, or per-row fields in --prompts-file"
 # --method speculative drafters whose decoder has no constraint mask (PEARL runs its own pre/post-verify loop)
 UNCONSTRAINED_DRAFTERS = ("pearl",)
 CHAIN_DRAFTERS = ("pld", "iad", "swift", "del", "draft-model")  # --forced-tokens wraps these (ForcedTokensDrafter)
@@ -127,6 +145,16 @@ def read_constraints(args, n_prompts: int):
             value = _read_file(value, flag)
         shared = _make(f, value, engine, flag)
     per_row = _row_fields(args, n_prompts, engine)
+    method = getattr(args, "method", "greedy")
+    if method in NEEDS_CONSTRAINT and shared is None:
+        if per_row is None:
+            raise _bad(f"--method {method} needs a constraint ({CONSTRAINT_FLAGS}): it samples the model "
+                       "conditioned on a grammar")
+        missing = [i for i, r in enumerate(per_row) if r is None]
+        if missing:
+            raise _bad(f"--prompts-file line {_line_of(args, missing[0])}: --method {method} needs a constraint on "
+                       "every row (a json_schema, regex, grammar or choices field, or one of --json-schema, --regex, "
+                       "--grammar, --choices for the rows without one)")
     if shared is None and per_row is None:
         for dest, default, flag in (("constraint_engine", "llguidance", "--constraint-engine"),
                                     ("forced_tokens", False, "--forced-tokens")):
@@ -135,10 +163,10 @@ def read_constraints(args, n_prompts: int):
                            "--choices or per-row fields in --prompts-file)")
         return None
     what = "--" + given[0].replace("_", "-") if given else "per-row constraint fields in --prompts-file"
-    method = getattr(args, "method", "greedy")
     if method not in METHODS:
-        raise _bad(f"{what}: --method {method} cannot honour a constraint (constrained decoding supports "
-                   f"--method {', '.join(METHODS)})")
+        why = f" ({REFUSED[method]})" if method in REFUSED else ""
+        raise _bad(f"{what}: --method {method} cannot honour a constraint{why}; constrained decoding supports "
+                   f"--method {', '.join(METHODS)}")
     drafter = getattr(args, "drafter", None)
     if method == "speculative" and drafter in UNCONSTRAINED_DRAFTERS:
         raise _bad(f"{what}: --drafter {drafter} cannot honour a constraint (its decoder has no constraint mask); "
@@ -158,6 +186,19 @@ def speculative_decoder(args, decoder):
     import dataclasses
     from jaxdec.constrained.forced import ForcedTokensDrafter
     return dataclasses.replace(decoder, drafter=ForcedTokensDrafter(decoder.drafter))
+
+
+def _line_of(args, prompt_index: int) -> int:
+    """The --prompts-file line number (1-based, blank lines counted) of the prompt at ``prompt_index``."""
+    with open(args.prompts_file, "rb") as f:
+        lines = f.read().split(b"\n")
+    seen = -1
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            seen += 1
+            if seen == prompt_index:
+                return n
+    return prompt_index + 1  # pragma: no cover - the index comes from the same lines
 
 
 def _row_fields(args, n_prompts: int, engine: str):

@@ -1,7 +1,7 @@
 """CLI methods of the search package, registered with `jaxdec.cli` (imported by its plugin loader).
 
 `jaxdec generate --method beam|diverse-beam|conditional-beam|stochastic-beam|momentum|adadec|best-of-n|
-first-finish|astar|entropy-adaptive|superposed|pgtd ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
+first-finish|astar|entropy-adaptive|superposed|pgtd|asap ...` writes the spine's JSONL rows; ``tokens`` is the best (or chosen) sequence and,
 for the multi-sequence methods, ``beams`` lists every returned sequence as ``{"tokens", "score"}``
 (score: the length-normalised beam score for beam methods, the log-probability for stochastic beam
 and A*, the reranker's score for best-of-N, the draft's running (n-gram-interpolated) log-score for
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from jaxdec.cli import (SAMPLING, BadInput, check_float, check_int, read_jsonl_strings, register_method,
-                        register_papers)
+from jaxdec.cli import (SAMPLING, BadInput, check_float, check_int, chunk_constraints, read_jsonl_strings,
+                        register_method, register_papers)
 
 _EARLY = {"true": True, "false": False, "never": "never"}
 
@@ -111,9 +111,9 @@ def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
 
 
 def _constraint_kwargs(args, ids) -> dict:
-    """``constraint=`` for the methods that honour one (beam, stochastic-beam, momentum, best-of-n) when the
-    CLI was given one; the other methods refuse it in `jaxdec.constrained.cli` before the model loads."""
-    from jaxdec.cli import chunk_constraints
+    """``constraint=`` for the methods that honour one (beam, diverse-beam, conditional-beam, stochastic-beam,
+    momentum, best-of-n, first-finish) when the CLI was given one; the other methods refuse it in
+    `jaxdec.constrained.cli` before the model loads, saying why."""
     cons = chunk_constraints(args, len(ids))
     return {} if cons is None else {"constraint": cons}
 
@@ -199,9 +199,38 @@ def best_of_n_method(args, loaded, ids, progress):
 @register_method("first-finish", uses=("n", "seed", "batch_size") + SAMPLING)
 def first_finish_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import first_finish
+    cons = _constraint_kwargs(args, ids)
+    if cons:
+        return _constrained_rows(_first_finish_constrained(args, loaded, ids, cons["constraint"]), loaded)
     g = first_finish(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
     return _rows(g, loaded)
+
+
+def _first_finish_constrained(args, loaded, ids, constraint):
+    """First Finish Search under a constraint: `first_finish`'s decoder (`FirstFinish` over a sampling
+    `TokenDecoder`, the same rows and keys) run by `generate(constraint=)`, which masks the inner token decoder
+    (`jaxdec.constrained.api.WRAPPERS`); a group stops when one of its samples ends by EOS, which the grammar
+    allows only where it accepts. The answer is the shortest sample that ended, as in `first_finish`."""
+    from jaxdec.core.generate import Generation, generate
+    from jaxdec.search.testtime import FirstFinish, shortest_finished
+    from jaxdec.search.token import TokenDecoder
+    n = args.n
+    bs = n * (len(ids) if args.batch_size is None else int(args.batch_size))
+    g = generate(loaded.model, loaded.params, ids, decoder=FirstFinish(n=n, inner=TokenDecoder(greedy=False)),
+                 sampling=_sampling(args), n=n, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=bs,
+                 tokenizer=loaded.tokenizer, constraint=constraint)
+    best, fin, ok, samples = [], [], [], []
+    for i in range(len(ids)):
+        toks, rs = g.tokens[i * n:(i + 1) * n], g.finish_reason[i * n:(i + 1) * n]
+        j = shortest_finished(toks, rs)
+        best.append(toks[j])
+        fin.append(rs[j])
+        ok.append(g.constraint_ok[i * n + j])
+        samples.append(toks)
+    return Generation(prompt_ids=[list(p) for p in ids], tokens=best, finish_reason=fin, stats=g.stats,
+                      text=[loaded.tokenizer.decode(t) for t in best], extras={"partial_samples": samples},
+                      constraint_ok=ok)
 
 
 @register_method("astar", uses=("astar_max_children", "astar_max_expansions"))
@@ -336,7 +365,82 @@ def pgtd_method(args, loaded, ids, progress):
     return _rows(g, loaded)
 
 
+# ------------------------------------------------------------------ grammar-aligned sampling (ASAp)
+# `jaxdec generate --method asap --regex RE --asap-samples N [--asap-warmup W]`: `grammar_aligned_generate`
+# (jaxdec.constrained.asap) from the CLI. It is registered here, with the search methods, because a CLI module
+# imports jaxdec.cli, and jaxdec.cli imports jaxdec.constrained (its constraint flags): a jaxdec.constrained
+# module importing jaxdec.cli would make the two families import each other. The constraint comes from the
+# usual flags or per-row prompts-file fields; `jaxdec.constrained.cli` refuses --method asap without one on
+# every row. Each prompt gets --asap-samples rows (prompt-major), drawn in sequence from one trie whose
+# expected-future-grammaticality estimates improve with each sample; --asap-warmup samples are drawn first and
+# not returned. A row holds at most --max-new-tokens tokens, its EOS included (the grammar's strings have at
+# most --max-new-tokens - 1 tokens), so the JSONL contract holds; rows add "constraint_ok" (true) and
+# "asap": {"log_q", "log_p"} (proposal and model log-probability of the row, EOS included: exp(log_p - log_q)
+# is its importance weight). --seed seeds the host sampler.
+
+
+def add_asap_args(g) -> None:
+    s = g.add_argument_group("grammar-aligned sampling (--method asap; needs a constraint flag)")
+    s.add_argument("--asap-samples", type=int, default=4,
+                   help="asap: output rows per prompt (samples of the grammar, drawn in sequence from one trie)")
+    s.add_argument("--asap-warmup", type=int, default=0,
+                   help="asap: samples drawn first to refine the trie's estimates, not returned")
+
+
+def validate_asap_args(args) -> None:
+    """Value checks of the ASAp flags (run before the model loads, whatever the method)."""
+    check_int(args, "asap_samples", 1)
+    check_int(args, "asap_warmup", 0)
+
+
+def _check_asap(args) -> None:
+    if args.max_new_tokens < 2:
+        raise BadInput(f"--max-new-tokens must be >= 2 with --method asap (a row holds the grammar's string and "
+                       f"its EOS), got {args.max_new_tokens}")
+
+
+@register_method("asap", add_asap_args, validate=validate_asap_args, check=_check_asap,
+                 uses=("asap_samples", "asap_warmup", "seed"))
+def asap_method(args, loaded, ids, progress):
+    from jaxdec.constrained.asap import grammar_aligned_generate
+    cons = chunk_constraints(args, len(ids))
+    if cons is None or any(c is None for c in cons):  # pragma: no cover - read_constraints refused it already
+        raise BadInput("--method asap needs a constraint on every row")
+    try:
+        g = grammar_aligned_generate(loaded.model, loaded.params, ids, cons, n=args.asap_samples,
+                                     max_new_tokens=args.max_new_tokens - 1, tokenizer=loaded.tokenizer,
+                                     seed=args.seed & (2 ** 64 - 1), warmup=args.asap_warmup)
+    except (ValueError, RuntimeError) as e:  # compile errors name their flag already; ASAp's own name its arguments
+        raise BadInput(_asap_error(args, str(e))) from None
+    per = {k: g.stats.get(k) for k in ("model_calls", "new_tokens", "seconds", "tokens_per_second", "model_tokens")}
+    rows = []
+    for p, t, x, f, ok, lq, lp in zip(g.prompt_ids, g.tokens, g.text, g.finish_reason, g.constraint_ok,
+                                      g.extras["log_q"], g.extras["log_p"]):
+        rows.append({"prompt_ids": p, "tokens": t, "text": x, "finish_reason": f, "stats": per,
+                     "constraint_ok": ok, "asap": {"log_q": float(lq), "log_p": float(lp)}})
+    return rows, dict(g.stats)
+
+
+def _asap_error(args, msg: str) -> str:
+    """ASAp's errors name its own arguments (``constraint_or_matcher``, ``n_samples``, ``max_len``); on the
+    CLI they name the flag (or prompts-file line) the constraint came from, and ``--max-new-tokens``."""
+    from jaxdec.cli import _flag_names
+    head, _, rest = msg.partition(": ")
+    if head in ("constraint_or_matcher", "n_samples"):
+        cons = getattr(args, "_constraints", None) or [None]
+        who = sorted({c.who for c in cons if c is not None}) or ["the constraint"]
+        rest = rest.replace(" of at most ", " of at most --max-new-tokens - 1 = ").replace(
+            "raise max_len", "raise --max-new-tokens")
+        if head == "constraint_or_matcher" and "tokens the model can produce" in rest:
+            rest += "; raise --max-new-tokens"
+        return f"{', '.join(who)}: {rest}"
+    return _flag_names(msg)
+
+
 register_papers({
+    "asap": ("Park et al. 2024, Grammar-Aligned Decoding (ASAp)",
+             "samples the model conditioned on a grammar: a trie of sampled prefixes with expected-future-"
+             "grammaticality estimates, the prompt's KV cache reused"),
     "beam": ("HF generate(num_beams) semantics", "beam search with length penalty and early stopping"),
     "diverse-beam": ("Vijayakumar et al. 2018, Diverse Beam Search", "beam groups with a Hamming diversity penalty"),
     "conditional-beam": ("conditional (non-degenerate) beam search; HF no_repeat_ngram_size",
