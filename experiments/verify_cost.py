@@ -92,7 +92,7 @@ def measure(cfg) -> dict:
     if cfg.base:
         tree = _base_tree(cfg.base)
         has_q8 = "ACTIVATIONS" in open(os.path.join(tree, "jaxdec", "models", "registry.py")).read()
-        jobs += [(f"base-{v}", tree, v) for v in cfg.variants if has_q8 or v != "q8"]
+        jobs += [(f"base-{v}", tree, v) for v in cfg.variants if has_q8 or "activations" not in VARIANTS[v][0]]
     runs: dict = {name: [] for name, _, _ in jobs}
     for r in range(cfg.rounds):
         for name, tree, v in (jobs if r % 2 == 0 else jobs[::-1]):
