@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdec.quant import QTensor
+from jaxdec.quant import PackedQ8, QTensor
 
 DATA, MODEL = "data", "model"
 _MESH_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -106,6 +106,9 @@ def param_shardings(params, mesh: Mesh, model=None):
     attention-head split when both head counts divide the model axis."""
     m = mesh.shape[MODEL]
     heads = heads_split(model, mesh)
+    if any(isinstance(w, PackedQ8) for w in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, PackedQ8))):
+        raise ValueError("params with int8 activations (activations='q8') run on one device: their kernel has no "
+                         "sharding rule; load with activations='f32' for a mesh run")
 
     def for_weight(name, w):
         if isinstance(w, QTensor):

@@ -166,6 +166,14 @@ def test_load_option_and_bad_input():
         quant.pack_q8(jnp.ones((16, 32)))
 
 
+def test_mesh_refuses_q8_params_by_name(model_q, q8_params):
+    from jaxdec import sharding
+    mesh = sharding.make_mesh(1, 1)
+    sharding.param_shardings(model_q[1], mesh, model_q[0])  # the exact q params place fine
+    with pytest.raises(ValueError, match="activations='q8'.*one device"):
+        sharding.param_shardings(q8_params, mesh, model_q[0])
+
+
 def test_speculative_with_q8_is_lossless_against_q8_greedy(model_q, q8_params):
     """Speculative decoding over q8 weights against q8 greedy, at batch 1 and ragged batch 3 on the held-out
     should-help prompts, drafts accepted and rejected. Not bit-exact, and this says how far: the int8

@@ -101,11 +101,15 @@ def draft_head(model, target_params, d2t=None):
     w = lm_head(model, target_params)
     if d2t is None:
         return w
-    from jaxdec.quant import QTensor
+    from jaxdec.quant import PackedQ8, QTensor, pack_q8, unpack_q8
     ids = jnp.asarray(d2t, jnp.int32)
+    packed = isinstance(w, PackedQ8)  # int8 activations (activations="q8"): gather rows, then repack them
+    if packed:
+        w = unpack_q8(w)
     if isinstance(w, QTensor):
-        return QTensor(jnp.take(w.codes, ids, axis=0), jnp.take(w.scale, ids, axis=0),
+        rows = QTensor(jnp.take(w.codes, ids, axis=0), jnp.take(w.scale, ids, axis=0),
                        None if w.offset is None else jnp.take(w.offset, ids, axis=0), w.kind)
+        return pack_q8(rows) if packed else rows
     return jnp.take(w, ids, axis=0)
 
 
