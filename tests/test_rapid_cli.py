@@ -186,6 +186,7 @@ def test_bad_input_after_load(tiny, capsys, tmp_path):
     check_bad(capsys, base[:-len(RAPID)] + list(RAPID) + ["--max-new-tokens", "16"], "--max-new-tokens", "context")
 
 
+@pytest.mark.slow  # ~2 min of two 1k-token prompts: the acceptance tier; CI keeps the tiny-model CLI checks
 def test_default_model_cli_rapid_equals_greedy(model_f32, tmp_path, capsys):
     """The two ~1k-token "ci" prompts of the shipped set (chat template), 16 new tokens, one ragged batch."""
     model, params = model_f32
