@@ -24,7 +24,6 @@ BATCHING = {"pad_batch", "row_keys", "batch_inputs", "prefix_groups"}
 BATCHING_OK = {
     "core/driver.py": "the driver",
     "core/slots.py": "prefill of new requests for decode slots (the serving path of the same driver)",
-    "serving/engine.py": "batched admission: one init over waiting requests with per-row max_new / min_new",
     "core/generate.py": "`score` pads prompt + continuation for one teacher-forced call",
     "cli.py": "--batch-size runs give each row the key of one call over all prompts (row_keys)",
 }

@@ -128,6 +128,46 @@ def test_engine_cancel_frees_the_slot(engine, chat_prompt_ids):
     assert out[b].finish_reason in ("eos", "length") and not engine.busy
 
 
+def test_warmup_compiles_what_the_first_requests_need():
+    """`Engine.warmup` (public seams only: `slots.prefill` with filler rows) compiles every admission shape of
+    its prompt lengths' buckets: requests in those buckets then trace no prefill and no insert, and decode as on
+    an engine without warm-up (the slots were left free). Negative control: a prompt in a bucket it did not warm
+    traces its prefill once. On the tiny model, with a cache size no other test compiles."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+    from tiny_llama import tiny_llama, tiny_prompts
+    model, params = tiny_llama()
+    cache, cap = 224, 8
+    short = tiny_prompts(7)  # 5..12 tokens: bucket 64
+    longer = [(p * 20)[:70 + i] for i, p in enumerate(short[:2])]  # bucket 128
+    fresh = (short[0] * 30)[:150]  # bucket 192: not warmed
+    assert {bucket(len(p)) for p in short} == {64} and {bucket(len(p)) for p in longer} == {128}
+    assert bucket(len(fresh)) == 192
+    reqs = [(p, 3 + i % 6, dict(temperature=0.7, seed=i) if i % 3 == 1 else {})
+            for i, p in enumerate(short + longer)]
+
+    def run(eng):
+        ids = [eng.submit(p, max_new_tokens=n, **kw) for p, n, kw in reqs]
+        got = eng.run_until_done()
+        return [got[i].tokens for i in ids]
+
+    counts = lambda: (_count("init:"), _count("engine_insert:"))  # noqa: E731
+    eng = Engine(model, params, slots=4, cache_size=cache, capacity=cap)
+    c0 = counts()
+    assert eng.warmup([5, 70]) == 2 * 3  # buckets 64 and 128, row counts 1, 2, 4
+    c1 = counts()
+    # positive control: the warm-up really traced: one prefill per shape but the 4 rows of bucket 64 (the engine's
+    # empty state compiled that one), one insert per row count
+    assert c1[0] - c0[0] == 5 and c1[1] - c0[1] == 3, (c0, c1)
+    assert eng.free_slots == 4 and bool(np.all(np.asarray(eng._state.done)))
+    warm = run(eng)
+    assert counts() == c1, "a request in a warmed bucket compiled an admission shape"
+    assert warm == run(Engine(model, params, slots=4, cache_size=cache, capacity=cap))  # same tokens without it
+    # negative control: a bucket the warm-up did not cover traces its prefill (the counter sees admissions)
+    eng.submit(fresh, max_new_tokens=2)
+    eng.run_until_done()
+    assert counts()[0] == c1[0] + 1
+
+
 # --------------------------------------------------------------------------- the OpenAI-compatible server
 NAME = "smollm2-test"
 

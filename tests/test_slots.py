@@ -83,6 +83,41 @@ def test_insert_refuses_bad_slots_and_mismatched_prefix(model_q, chat_prompt_ids
         slots.insert(dec, state, other, [0])
 
 
+def test_prefill_fillers_and_per_row_seeds():
+    """`prefill(fillers=k)` appends k inert rows (the first row's prompt and key, max_new 0) and leaves the real
+    rows as they are; ``seed=[...]`` gives row i `generate`'s key of seed i for one prompt (the engine's
+    per-request seeds). Negative controls: without them the shapes and keys differ; bad values are refused."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+    from tiny_llama import tiny_llama, tiny_prompts
+
+    from jaxdec.core.generate import row_keys
+    model, params = tiny_llama()
+    dec = TokenDecoder()
+    ps = tiny_prompts(3)
+    kw = dict(cache_size=96, capacity=8, max_new_tokens=[3, 5, 4], seed=[7, 2, 7])
+    plain = slots.prefill(dec, model, params, ps, **kw)
+    padded = slots.prefill(dec, model, params, ps, fillers=2, **kw)
+    assert plain.batch == 3 and padded.batch == 5
+    assert np.asarray(padded.max_new).tolist() == [3, 5, 4, 0, 0]
+    want = np.concatenate([row_keys(s, 1, 1) for s in (7, 2, 7)])
+    assert np.array_equal(np.asarray(plain.keys), want) and np.array_equal(np.asarray(padded.keys)[:3], want)
+    assert np.array_equal(np.asarray(padded.keys)[3:], np.repeat(want[:1], 2, 0))
+    assert np.array_equal(np.asarray(plain.keys)[0], np.asarray(plain.keys)[2])  # equal seeds, equal keys
+    assert not np.array_equal(np.asarray(slots.prefill(dec, model, params, ps, cache_size=96, capacity=8,
+                                                       max_new_tokens=3, seed=7).keys)[1:], want[1:])
+    for f in ("tokens", "num_new", "last"):
+        assert np.array_equal(np.asarray(getattr(padded, f))[:3], np.asarray(getattr(plain, f))), f
+    assert np.array_equal(np.asarray(padded.cache.lengths), [len(p) for p in ps] + [len(ps[0])] * 2)
+    with pytest.raises(ValueError, match="fillers must be an integer >= 0"):
+        slots.prefill(dec, model, params, ps, fillers=-1, **kw)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        slots.prefill(dec, model, params, ps, cache_size=96, capacity=8, max_new_tokens=3, seed=[1, 2])
+    with pytest.raises(ValueError, match=r"keys: expected uint32 \[3, 2\]"):
+        slots.prefill(dec, model, params, ps, cache_size=96, capacity=8, max_new_tokens=3, keys=row_keys(0, 2, 1))
+
+
 def test_cache_free_decoder_with_finalize_runs_through_the_driver(model_q):
     """A decoder that needs no KV cache (``needs_cache = False``) and writes its output canvas out of order
     (right to left, as a diffusion sampler may) returns its rows through ``finalize``."""

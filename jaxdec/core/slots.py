@@ -67,13 +67,17 @@ def _insert_jit(decoder, state, prefix, slots):
 
 def prefill(decoder, model, params, prompts: Sequence[Sequence[int]], *, like: Optional[DecodeState] = None,
             cache_size: Optional[int] = None, capacity: Optional[int] = None, max_new_tokens=64,
-            min_new_tokens=0, keys=None, seed: int = 0, stop_ids=None, sampling=None,
-            prompt_bucket: Optional[int] = None) -> DecodeState:
+            min_new_tokens=0, keys=None, seed=0, stop_ids=None, sampling=None,
+            prompt_bucket: Optional[int] = None, fillers: int = 0) -> DecodeState:
     """Run the decoder's ``init`` on the new rows alone. ``like``: the running state whose cache size and
     output capacity the rows must share (or give ``cache_size`` and ``capacity``). ``max_new_tokens`` /
     ``min_new_tokens``: one value for every row or a list of one per row. ``keys``: ``uint32 [n, 2]`` row
-    keys (default: `generate`'s keys of ``seed`` for these prompts). ``sampling``: a `SamplingParams` of
-    the n rows (sampling decoders). Compiles once per (rows, prompt bucket) shape."""
+    keys (default: `generate`'s keys of ``seed`` for these prompts; ``seed`` may also be a list of one seed per
+    row: row i gets `generate`'s key of ``seed[i]`` for one prompt, as a request decoded alone). ``sampling``: a
+    `SamplingParams` of the n rows (sampling decoders). ``fillers``: that many inert rows after the n rows (as
+    the driver pads a compiled batch: the first row's prompt, key and sampling parameters, ``max_new`` 0), so
+    a caller can compile (warm up) the program of n + fillers rows with one real row. Compiles once per
+    (rows, prompt bucket) shape."""
     check_decoder(decoder)
     rows = _check_prompts(prompts, model.vocab_size)
     max_new = _per_row("max_new_tokens", max_new_tokens, len(rows), allow_zero=False)
@@ -89,11 +93,22 @@ def prefill(decoder, model, params, prompts: Sequence[Sequence[int]], *, like: O
     if p > cache_size or need > cache_size:
         raise ValueError(f"prompt + max_new_tokens needs {need} cache slots (prompt bucket {p}); the cache has "
                          f"{cache_size}")
-    keys = row_keys(seed, len(rows), 1) if keys is None else np.asarray(keys, np.uint32)
+    fill = _positive_int("fillers", fillers, allow_zero=True)
+    if keys is None:
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != len(rows):
+                raise ValueError(f"seed: expected one seed per prompt ({len(rows)}), got {len(seed)}")
+            keys = np.concatenate([row_keys(s, 1, 1) for s in seed])
+        else:
+            keys = row_keys(seed, len(rows), 1)
+    keys = np.asarray(keys, np.uint32)
+    if keys.shape != (len(rows), 2):
+        raise ValueError(f"keys: expected uint32 [{len(rows)}, 2] (one key per prompt), got shape {keys.shape}")
     stop = tuple(model.eos_ids) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    inputs = batch_inputs(len(rows), 1, 0, keys, stop, capacity, sampling)
-    inputs = inputs.replace(max_new=jnp.asarray(max_new, jnp.int32), min_new=jnp.asarray(min_new, jnp.int32))
-    toks, lens = pad_batch(rows, p, int(hook(model, "pad_id")))
+    inputs = batch_inputs(len(rows) + fill, 1, 0, keys, stop, capacity, sampling)
+    inputs = inputs.replace(max_new=jnp.asarray(max_new + [0] * fill, jnp.int32),
+                            min_new=jnp.asarray(min_new + [0] * fill, jnp.int32))
+    toks, lens = pad_batch(rows + [rows[0]] * fill, p, int(hook(model, "pad_id")))
     return loop._init_jit(decoder, model, params, jnp.asarray(toks), jnp.asarray(lens), inputs, cache_size)
 
 

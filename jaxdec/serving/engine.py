@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxdec.cache.kv import bucket
 from jaxdec.core import loop, slots as slots_lib
-from jaxdec.core.driver import _check_prompts, batch_inputs, pad_batch, row_keys
+from jaxdec.core.driver import _check_prompts
 from jaxdec.core.processors import SamplingParams
 from jaxdec.core.protocols import hook
 from jaxdec.core.state import EOS, LENGTH, STOP_STRING
@@ -341,7 +341,7 @@ class Engine:
             return slots_lib.prefill(decoder, self.model, self.params, [r.prompt for r in group], like=self._state,
                                      max_new_tokens=[r.max_new_tokens for r in group],
                                      min_new_tokens=[r.min_new_tokens for r in group],
-                                     keys=np.concatenate([row_keys(r.seed, 1, 1) for r in group]),
+                                     seed=[r.seed for r in group],
                                      stop_ids=self.eos_ids, prompt_bucket=p,
                                      sampling=self._sampling([r.temperature for r in group], group))
 
@@ -365,18 +365,18 @@ class Engine:
     def warmup(self, prompt_lengths: Sequence[int]) -> int:
         """Compile every admission shape for these prompt lengths' buckets (each power-of-two row count's
         prefill and insert), so that no request waits on an admission compile; the slots are untouched
-        (the warm-up rows are all fillers, dropped by the insert). Returns the number of shapes."""
+        (the warm-up rows are all fillers, dropped by the insert). Only public seams: each shape is
+        `jaxdec.core.slots.prefill` of one pad-token row plus ``fillers`` (the admission path's program: same
+        rows, prompt bucket, cache and sampling inputs). Returns the number of shapes."""
         buckets = sorted({bucket(_int_field("prompt_lengths[]", n, 1)) for n in prompt_lengths})
         if any(b > self.cache_size for b in buckets):
             raise RequestError(f"prompt_lengths: a bucket of {buckets} does not fit a slot of {self.cache_size}")
         counts = [1 << b for b in range(self.slots.bit_length())]  # every part `_row_counts` can give
-        keys = row_keys(0, 1, 1)
         for p in buckets:
             for nb in counts:
-                inputs = batch_inputs(nb, 1, 0, keys, self.eos_ids, self.capacity, self._sampling([0.0]))
-                toks, lens = pad_batch([[self._pad]] * nb, p, self._pad)
-                prefix = loop._init_jit(self.decoder, self.model, self.params, jnp.asarray(toks),
-                                        jnp.asarray(lens), inputs, self.cache_size)
+                prefix = slots_lib.prefill(self.decoder, self.model, self.params, [[self._pad]], like=self._state,
+                                           max_new_tokens=1, stop_ids=self.eos_ids, prompt_bucket=p,
+                                           sampling=self._sampling([0.0]), fillers=nb - 1)
                 st = self._state
                 self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
                                       jnp.full((nb,), self.slots, jnp.int32))
