@@ -174,7 +174,8 @@ def test_mesh_refuses_q8_params_by_name(model_q, q8_params):
         sharding.param_shardings(q8_params, mesh, model_q[0])
 
 
-def test_speculative_with_q8_is_lossless_against_q8_greedy(model_q, q8_params):
+@pytest.mark.slow  # ~40-70 s: the acceptance tier (issue 17 gives CI one minute)
+def test_speculative_with_q8_matches_q8_greedy_up_to_near_ties(model_q, q8_params):
     """Speculative decoding over q8 weights against q8 greedy, at batch 1 and ragged batch 3 on the held-out
     should-help prompts, drafts accepted and rejected. Not bit-exact, and this says how far: the int8
     path quantizes each row on its own, but a verify block's activations differ from a 1-token step's by
