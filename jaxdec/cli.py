@@ -30,7 +30,8 @@ EXIT_INTERRUPTED = 130
 METHODS: dict = {}
 # method name -> {"uses": flags (argparse dests) the method honours beyond ALWAYS, "check": check(args)
 # run before the model loads when the method is chosen, "chunked": whether --batch-size batches may be
-# decoded (and written to --out) one after the other}
+# decoded (and written to --out) one after the other, "rows_per_prompt": None, or the dest of the flag giving
+# each prompt's state rows when --batch-size counts prompts (beam: num_beams)}
 METHOD_INFO: dict = {}
 # check(args) functions run before the model loads whatever the method: value checks of plugin flags
 VALIDATORS: list = []
@@ -53,15 +54,19 @@ SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_p
 INT64 = 2 ** 63
 
 
-def register_method(name: str, add_args=None, *, uses=(), check=None, chunked=False, validate=None):
+def register_method(name: str, add_args=None, *, uses=(), check=None, chunked=False, validate=None,
+                    rows_per_prompt=None):
     """Register a CLI method. ``uses``: the argparse dests (beyond `ALWAYS`) it honours; a flag it
     does not use given a non-default value is an error. ``check(args)``: method-specific checks run
     before the model loads (raise `BadInput`). ``validate(args)``: value checks of the flags that
     ``add_args`` adds, run whatever the method. ``chunked``: decoding prompts ``--batch-size`` at a time
-    in separate calls gives the same rows (so finished batches can be written as they complete)."""
+    in separate calls gives the same rows (so finished batches can be written as they complete).
+    ``rows_per_prompt``: for methods whose ``--batch-size`` counts prompts of several state rows each, the
+    dest of the flag giving that count (``--mesh`` checks its data axis against the rows it implies)."""
     def deco(fn):
         METHODS[name] = (fn, add_args)
-        METHOD_INFO[name] = {"uses": frozenset(uses), "check": check, "chunked": chunked}
+        METHOD_INFO[name] = {"uses": frozenset(uses), "check": check, "chunked": chunked,
+                             "rows_per_prompt": rows_per_prompt}
         if validate is not None and validate not in VALIDATORS:
             VALIDATORS.append(validate)
         return fn
@@ -305,14 +310,21 @@ def _build_mesh(args, data: int, model: int):
     calls = [prompts] if bs is None else [min(bs, prompts - s) for s in range(0, prompts, bs)]
     if not METHOD_INFO[args.method]["chunked"]:  # one call over every row; each batch padded to --batch-size
         calls = [prompts]
+    per = METHOD_INFO[args.method].get("rows_per_prompt")  # --batch-size counts prompts of `per` rows each
     for size in calls:
-        rows = size * n if bs is None else min(bs, size * n)
-        if rows % data:
+        if per is not None:
+            rows = size * getattr(args, per)
+            why = (f"{'the last batch: ' if len(calls) > 1 else ''}{size} prompt{'s' * (size != 1)} x "
+                   f"{flag(per)} {getattr(args, per)}")
+            hint = f"a {flag(per)} or --batch-size (prompts per batch) that makes them a multiple of {data}"
+        else:
+            rows = size * n if bs is None else min(bs, size * n)
             why = (f"--batch-size {bs}" if rows == bs else
                    f"{'the last batch: ' if bs is not None else ''}{size} prompt{'s' * (size != 1)} x --n {n}")
+            hint = f"--batch-size as a multiple of {data} that divides the rows"
+        if rows % data:
             raise BadInput(f"--mesh {args.mesh}: the data axis ({data}) must divide the rows of every compiled batch, "
-                           f"got {rows} rows ({why}); choose --batch-size as a multiple of {data} that divides the "
-                           f"rows, or a mesh whose data axis divides them")
+                           f"got {rows} rows ({why}); choose {hint}, or a mesh whose data axis divides them")
     import jax
     from jaxdec.sharding import make_mesh
     have = jax.devices()
@@ -594,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "decoding, renamed at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no text on stdout, no XLA log lines")
     g.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4: decode SPMD over a data x model mesh of the visible devices "
-                                  "(jaxdec.sharding; greedy, sample, speculative with drafters that keep the "
-                                  "target's params; the data axis must divide each batch's rows)")
+                                  "(jaxdec.sharding; greedy, sample, beam (rows: prompts x --num-beams), speculative "
+                                  "with drafters that keep the target's params; the data axis must divide each "
+                                  "batch's rows)")
     g.add_argument("--coordinator", help="HOST:PORT of process 0: run as one of --num-processes processes "
                                          "(jax.distributed; needs --mesh over every process's devices; process 0 "
                                          "prints and writes --out); default JAXDEC_COORDINATOR")

@@ -79,7 +79,8 @@ def test_cli_mesh_checks_devices_batch_and_method(capsys, monkeypatch):
     _bad(capsys, ["--mesh", f"1x{n + 1}"], f"--mesh 1x{n + 1} needs {n + 1} devices", f"only {n}")
     _bad(capsys, ["--mesh", "2x1"], "--mesh 2x1", "data axis (2)", "1 prompt x --n 1")
     _bad(capsys, ["--mesh", "2x1", "--n", "4", "--batch-size", "3"], "data axis (2)", "--batch-size 3")
-    _bad(capsys, ["--method", "beam", "--mesh", "1x1"], "--mesh is not used by --method beam", "greedy")
+    _bad(capsys, ["--method", "stochastic-beam", "--mesh", "1x1"], "--mesh is not used by --method stochastic-beam",
+         "greedy")
     for d in ("pearl", "draft-model", "medusa", "eagle"):  # their draft params are outside the partition rules
         _bad(capsys, ["--method", "speculative", "--drafter", d, "--mesh", "1x1"],
              f"--mesh is not supported by --drafter {d}", "pld")

@@ -106,7 +106,8 @@ def _beam(args, loaded, ids, progress, groups=1, diversity=0.0, ngram=None):
                     early_stopping=_EARLY[args.early_stopping], num_return_sequences=args.num_return_sequences,
                     num_beam_groups=groups, diversity_penalty=diversity,
                     no_repeat_ngram_size=args.no_repeat_ngram_size if ngram is None else ngram,
-                    batch_size=args.batch_size, tokenizer=loaded.tokenizer, **_constraint_kwargs(args, ids))
+                    batch_size=args.batch_size, tokenizer=loaded.tokenizer, mesh=getattr(args, "_mesh", None),
+                    **_constraint_kwargs(args, ids))
     return _constrained_rows(g, loaded, g.extras["beams"])
 
 
@@ -118,7 +119,17 @@ def _constraint_kwargs(args, ids) -> dict:
     return {} if cons is None else {"constraint": cons}
 
 
-@register_method("beam", add_search_args, uses=_BEAM, chunked=True, validate=validate_search_args)
+# --mesh DATAxMODEL: rows (prompts x --num-beams) split over the data axis; `beam_search` runs one SPMD program
+# (its beam reorder is a gather XLA partitions, so a prompt's beams may span data shards)
+def _check_beam(args):
+    import os
+    if args.coordinator is not None or os.environ.get("JAXDEC_COORDINATOR"):
+        raise BadInput("--method beam runs on one process's devices: --coordinator (a multi-process run) is not "
+                       "supported yet (its hypotheses are read without a cross-process gather); use --mesh alone")
+
+
+@register_method("beam", add_search_args, uses=_BEAM + ("mesh",), chunked=True, validate=validate_search_args,
+                 rows_per_prompt="num_beams", check=_check_beam)
 def beam_method(args, loaded, ids, progress):
     return _beam(args, loaded, ids, progress)
 
