@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdec.core import reduce as reduce_lib
 from jaxdec.core.processors import SamplingParams, process
 
 __all__ = ["sample", "sample_processed", "as_row_keys", "row_keys", "log_probs", "token_logprobs",
@@ -98,7 +99,7 @@ def sample_processed(keys, processed, greedy) -> jax.Array:
     keys = as_row_keys(keys)
     processed = jnp.asarray(processed, jnp.float32)
     greedy = jnp.asarray(greedy, bool)
-    argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    argmax = reduce_lib.argmax(processed)
 
     def draw(x):
         return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxdec.core import reduce as reduce_lib
 from jaxdec.core.keys import token_keys
 from jaxdec.core.logits import post_commit, run_processors, step_context, with_sampling
 from jaxdec.core.processors import SamplingParams
@@ -55,7 +56,7 @@ class TokenDecoder:
         ctx = step_context(state, sampling=sampling, seen=seen)
         x = run_processors(with_sampling(self.processors, not self.greedy, seen is not None), logits, ctx)
         if self.greedy:
-            return jnp.argmax(x, axis=-1).astype(jnp.int32), ctx
+            return reduce_lib.argmax(x), ctx
         from jaxdec.core import sampling as sampling_lib
         keys = token_keys(state.keys, state.num_new)
         return sampling_lib.sample_processed(keys, x, jnp.asarray(sampling.temperature) <= 0), ctx

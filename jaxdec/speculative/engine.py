@@ -34,6 +34,7 @@ from flax import struct
 
 from jaxdec.cache.kv import gather_block, rollback
 from jaxdec.core.state import EOS, LENGTH, DecodeState, emit
+from jaxdec.core import reduce as reduce_lib
 from jaxdec.core.keys import stream_keys, token_keys
 from jaxdec.core.protocols import check_drafter, hook
 from jaxdec.core.logits import post_commit, run_processors, step_context, with_sampling
@@ -118,7 +119,7 @@ def first_token(verifier: str, processors, logits, state: DecodeState):
     ctx = step_context(state, sampling=sampling)
     x = run_processors(chain, logits, ctx)
     if verifier == "greedy":
-        return jnp.argmax(x, axis=-1).astype(jnp.int32), ctx
+        return reduce_lib.argmax(x), ctx
     from jaxdec.core import sampling as sampling_lib
     keys = token_keys(state.keys, state.num_new)
     return sampling_lib.sample_processed(keys, x, jnp.asarray(sampling.temperature) <= 0), ctx
@@ -133,7 +134,7 @@ def block_targets(verifier: str, processors, logits, state: DecodeState, block, 
     ctx = step_context(state, block=block, depth=depth, sampling=sampling,
                        parents=jnp.concatenate([root, parents.astype(jnp.int32)], axis=1))
     x = run_processors(chain, logits, ctx)
-    am = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    am = reduce_lib.argmax(x)
     if verifier == "greedy":
         return am, None, ctx
     greedy_row = jnp.asarray(sampling.temperature, jnp.float32) <= 0  # [B]
