@@ -107,12 +107,14 @@ class LlamaCppRunner:
     blocks), default threads; driven by its own eval/sample loop, greedy (top_k=1), logits for the last position
     only (its normal setting). One sequence at a time: a batch of b prompts is b sequential generations."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 0):
+        """threads: 0 keeps llama-cpp-python's default (half the cores: 1 here), else n_threads."""
         import llama_cpp
         from peer import default_gguf_path
-        self.llm = llama_cpp.Llama(model_path=default_gguf_path(), n_ctx=512, n_batch=512, verbose=False)
+        kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+        self.llm = llama_cpp.Llama(model_path=default_gguf_path(), n_ctx=512, n_batch=512, verbose=False, **kw)
         self.version = getattr(llama_cpp, "__version__", "?")
-        self.name = "llama.cpp"
+        self.name = "llama.cpp" + (f"-{threads}threads" if threads else "")
 
     def __call__(self, prompts: list, n_new: int) -> list:
         outs = []
@@ -195,7 +197,7 @@ class Systems:
             runners = [PeerRunner()] + ([PeerRunner(threads=1)] if self.cfg.peer_1thread else [])
             if self.cfg.llamacpp:
                 try:
-                    runners.append(LlamaCppRunner())
+                    runners += [LlamaCppRunner(t) for t in self.cfg.llamacpp_threads]
                 except ImportError:
                     print("llama.cpp row skipped: llama-cpp-python is not installed (see the README)", flush=True)
             self.runners = runners + [JaxdecRunner(w) for w in self.cfg.jaxdec_weights]
@@ -265,9 +267,9 @@ def measure_batch(systems, cfg, b: int) -> dict:
     hf = tokens["hf-transformers"]
     f = tokens.get("jaxdec-f32", hf)
     agree = {"batch": b, "rows": len(f), "f32_equals_peer_rows": sum(x == y for x, y in zip(f, hf))}
-    for other in ("jaxdec-q", "jaxdec-q8", "llama.cpp"):  # agreement with f32 greedy (q8, llama.cpp: lossy)
-        if other in tokens:
-            agree[f"{other.split('-')[-1]}_equals_f32_rows"] = sum(x == y for x, y in zip(tokens[other], f))
+    for other in [n for n in tokens if n in ("jaxdec-q", "jaxdec-q8") or n.startswith("llama.cpp")]:
+        if other in tokens:  # agreement with f32 greedy (q8 and llama.cpp: int8 activations, lossy)
+            agree[f"{other.replace('jaxdec-', '')}_equals_f32_rows"] = sum(x == y for x, y in zip(tokens[other], f))
     return {"results": rows, "token_agreement": agree, "prompt_lengths": [len(p) for p in prompts],
             "load_average_before": load_before, "load_average_after": load_after}
 
@@ -477,6 +479,8 @@ class Config:
         "help": "jaxdec rows: f32, q, q8 (int8 activations, lossy)"})
     llamacpp: bool = dataclasses.field(default=True, metadata={
         "help": "the llama.cpp row (skipped with a message when llama-cpp-python is not installed)"})
+    llamacpp_threads: tuple[int, ...] = dataclasses.field(default=(0, 2), metadata={
+        "help": "a llama.cpp row per thread count (0: its default, half the cores)"})
     peer_1thread: bool = dataclasses.field(default=True, metadata={
         "help": "the supplementary torch.set_num_threads(1) peer row (--no-peer-1thread skips it)"})
     wait_idle: float = runner.select(0.0, "before timing, wait (up to 30 min) until the 1-minute load average "
@@ -516,7 +520,7 @@ def main(argv=None):
         return
     systems = Systems(cfg)
     deps = lambda c: ["new_tokens", "reps", "peer_1thread", "batches", "jaxdec_weights", "llamacpp",  # noqa: E731
-                      "b1_prompts"]
+                      "b1_prompts", "llamacpp_threads"]
     rec = runner.run_experiment("bench_greedy", cfg, cells, lambda c: measure_batch(systems, cfg, int(c[1:])),
                                 opts=opts, markdown=markdown, depends=deps, info=versions,
                                 title="Greedy decoding throughput: jaxdec vs HF transformers")
