@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import peer
 from jaxdec import quant
-from test_quant import assert_kernel_close, require_native
+from test_quant import assert_kernel_close, gguf_tensors, require_native  # noqa: F401 (a fixture)
 
 ROWS = (1, 2, 3, 5, 8, 16, 32)
 NAMES = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.21.ffn_down.weight", "blk.7.ffn_gate.weight",
@@ -27,16 +26,9 @@ NAMES = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.21.ffn_down.weight",
 
 
 @pytest.fixture(scope="module")
-def tensors():
-    from gguf import GGUFReader
-    r = GGUFReader(peer.default_gguf_path())
-    by_name = {t.name: t for t in r.tensors}
-    out = {}
-    for name in NAMES:
-        t = by_name[name]
-        shape = tuple(int(s) for s in reversed(list(t.shape)))
-        out[name] = quant.from_gguf_bytes(np.asarray(t.data), t.tensor_type.name.lower(), shape)
-    return out
+def tensors(gguf_tensors):
+    """The QTensors of test_quant's real tensors (every name here is among them)."""
+    return {name: gguf_tensors[name][1] for name in NAMES}
 
 
 def q8a_lib():

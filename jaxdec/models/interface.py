@@ -65,6 +65,7 @@ class ModelOutput(NamedTuple):
     layer_hidden: Optional[jax.Array] = None  # [L+1,B,T,E] (return_layer_hidden) or [k,B,T,E] (hidden_layers)
     qk: Optional[tuple] = None  # (q [L,B,T,H,D], k [L,B,T,KVH,D]) with collect_qk=True
     residual: Optional[jax.Array] = None  # [B,T,E] last run layer's output before the final norm (layer_range)
+    kv: Optional[tuple] = None  # (k, v [L,B,T,KVH,D]) of the block, not yet written (write_cache=False)
 
 
 class DecoderModel(Protocol):

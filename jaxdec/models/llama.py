@@ -80,6 +80,10 @@ class LlamaModel:
     attention_mesh: Optional[object] = None
     # the drivers may hand this model a shared-prefix KVCache (Hydragen; see jaxdec.cache.kv)
     supports_shared_prefix = True
+    # __call__(..., write_cache=False) returns the block's keys/values in ModelOutput.kv instead of writing
+    # them (`jaxdec.cache.kv.append` writes them later: the speculative engine keeps the cache out of its
+    # lax.cond, where XLA:CPU copied the whole cache twice per step)
+    supports_deferred_kv_write = True
 
     def __post_init__(self):
         if self.matmul_impl not in (None,) + IMPLS:
@@ -153,7 +157,7 @@ class LlamaModel:
                  logits_at=None, return_layer_hidden: bool = False, attn_fn: Optional[Callable] = None,
                  attn_extra=None, collect_qk: bool = False, *, embeds=None, attention="causal",
                  hidden_layers: Optional[tuple] = None, layer_range: Optional[tuple] = None,
-                 hidden_in=None) -> ModelOutput:
+                 hidden_in=None, write_cache: bool = True) -> ModelOutput:
         """One forward pass over a block of T tokens (see `jaxdec.models.interface`).
 
         Inputs (exactly one): ``tokens [B,T]`` int; ``embeds [B,T,E]`` input vectors in place of token
@@ -194,6 +198,10 @@ class LlamaModel:
         ``collect_qk=True`` also returns every layer's post-RoPE queries and keys of the block in
         ``ModelOutput.qk = (q [L,B,T,H,D], k [L,B,T,KVH,D])`` (zeros for skipped layers; the range's
         layers only with ``layer_range``).
+
+        ``write_cache=False`` (full calls only): the cache is returned as it came and the block's keys/values
+        ``[L,B,T,KVH,D]`` are in ``ModelOutput.kv``; ``jaxdec.cache.kv.append(cache, *kv)`` then gives the
+        cache the default call returns.
         """
         c = self.config
         lo, hi = self._layer_range(layer_range)
@@ -355,7 +363,12 @@ class LlamaModel:
             layer, init, (layer_xs, jnp.arange(lo, hi, dtype=jnp.int32), kc_xs, vc_xs, on, extra_xs, slots))
         h = carry if picks is None else carry[0]
         residual = h if partial else None
-        if partial:
+        kv = None
+        if not write_cache:
+            if partial:
+                raise ValueError("write_cache=False needs a full call (no layer_range)")
+            kv = (k_new, v_new)
+        elif partial:
             cache = _write_layers(cache, k_new, v_new, lo, hi, advance=hi == c.num_layers)
         else:
             cache = append(cache, k_new, v_new)
@@ -370,7 +383,7 @@ class LlamaModel:
             buf = carry[1]
             layer_hidden = buf if list(want) == uniq else buf[np.asarray([uniq.index(i) for i in want])]
         qk = (q_all, k_new) if collect_qk else None
-        return ModelOutput(logits, h, cache, layer_hidden, qk, residual)
+        return ModelOutput(logits, h, cache, layer_hidden, qk, residual, kv)
 
 
 def _slice_stack(v, lo: int, hi: int):

@@ -38,8 +38,13 @@ place, instead of XLA's copy of the layer followed by its dot (which also packs 
 ``einsum`` of the sliced layer, as before. Results equal ``x @ W[l].T`` up to float32 summation order;
 gradients (in x and in the stack) go through XLA (a `jax.custom_jvp`).
 
-Modules: `formats` (QTensor, LayerSlice, dequantize, GGUF conversion, scan_layer_params), `ops` (matmul,
-native and XLA paths), `native` (loading and registering the compiled kernels).
+Int8 activations (``jaxdec.load(..., activations="q8")``, lossy, opt-in): `pack_params_q8` repacks every
+block-quantized matrix (and the LM head) into `PackedQ8` (16 output features per 64-byte load); `matmul` then
+quantizes x per 32-element block (`quantize_activations`) and runs integer dot products (AVX512-VNNI kernel
+``jaxdec_q8a_matmul``; elsewhere `q8a_reference`, the same quantization in XLA). See perf_notes section 5.
+
+Modules: `formats` (QTensor, PackedQ8, LayerSlice, dequantize, GGUF conversion, packing, scan_layer_params),
+`ops` (matmul, native and XLA paths), `native` (loading and registering the compiled kernels).
 """
 from jaxdec.quant.formats import (BLOCK, LayerSlice, PackedQ8, QTensor, dequantize, embed_lookup, from_gguf_bytes,
                                   pack_params_q8, pack_q8, quantize_activations, scan_layer_params, stack,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdec.cache.kv import gather_block, rollback
+from jaxdec.cache.kv import append, gather_block, rollback
 from jaxdec.core.state import EOS, LENGTH, DecodeState, emit
 from jaxdec.core import reduce as reduce_lib
 from jaxdec.core.keys import stream_keys, token_keys
@@ -262,7 +262,23 @@ class SpeculativeDecoder:
                     jnp.broadcast_to(o.hidden, (o.hidden.shape[0], t) + o.hidden.shape[2:]), o.cache)
 
         has_draft = jnp.any(valid & live[:, None])
-        if self.skip_empty_drafts:
+        if self.skip_empty_drafts and getattr(model, "supports_deferred_kv_write", False):
+            # the branches return the block's keys/values, written after the cond: a cache passed out of a
+            # lax.cond is copied whole by XLA:CPU (into the cond's result, then into the loop's buffer)
+            def block_kv(c):
+                o = model(params, block, pos, c, mask=anc, write_cache=False)
+                return o.logits, o.hidden, o.kv
+
+            def single_kv(c):  # one token; its keys/values padded to the block (slots past it are rolled back)
+                o = model(params, block[:, :1], pos[:, :1], c, write_cache=False)
+                pad = [(0, 0), (0, 0), (0, t - 1), (0, 0), (0, 0)]
+                return (jnp.broadcast_to(o.logits, (o.logits.shape[0], t) + o.logits.shape[2:]),
+                        jnp.broadcast_to(o.hidden, (o.hidden.shape[0], t) + o.hidden.shape[2:]),
+                        tuple(jnp.pad(a, pad) for a in o.kv))
+
+            logits, hidden, (k_new, v_new) = jax.lax.cond(has_draft, block_kv, single_kv, cache)
+            out_cache = append(cache, k_new, v_new)
+        elif self.skip_empty_drafts:
             logits, hidden, out_cache = jax.lax.cond(has_draft, block_call, single_call, cache)
         else:
             logits, hidden, out_cache = block_call(cache)
