@@ -193,3 +193,16 @@ def test_speculative_with_q8_matches_q8_greedy_up_to_near_ties(model_q, q8_param
         neartie.assert_sequences_match([(f"q8 pld b{bs} prompt {i}", out.tokens[i], ref.tokens[i], logits[i])
                                         for i in range(len(prompts))], dlogit, max_excused_frac=0.34)
         assert_accepts_and_rejects(out.stats, f"q8 pld b{bs}")
+
+
+def test_gradient_in_x_is_straight_through(tensors):
+    """d/dx of the int8 product is that of the exact product (rounding has zero derivative almost everywhere,
+    which would stop every gradient through a q8 model)."""
+    q8a_lib()
+    w = tensors["blk.0.attn_q.weight"]
+    p = quant.pack_q8(w)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, w.shape[-1])).astype(np.float32))
+    ct = jnp.asarray(rng.standard_normal((3, w.shape[-2])).astype(np.float32))
+    g = jax.grad(lambda x: jnp.sum(quant.matmul(x, p, impl="native") * ct))(x)
+    assert_kernel_close(g, np.asarray(ct) @ np.asarray(quant.dequantize(w)))
