@@ -5,7 +5,7 @@ satisfies its constraint (choices membership, regex fullmatch), rows carry `cons
 equals the library call with the same arguments (same model, same prompts, same seed); for diverse beam and
 first-finish the same run without the constraint gives text the regex refuses (negative control). The search
 methods that cannot honour a constraint refuse it, saying why. CI runs stochastic-beam, momentum,
-diverse-beam, first-finish and the errors; best-of-n and conditional-beam (their own compiled programs) run
+diverse-beam and the errors; best-of-n, conditional-beam and first-finish (their own compiled programs) run
 in the slow tier."""
 from __future__ import annotations
 
@@ -151,6 +151,7 @@ def test_cli_diverse_and_conditional_beam_regex(method, extra, tmp_path, capsys)
     assert not any(re.fullmatch(PHONE, _text(tok, b["tokens"])) for b in free[0]["beams"]), free[0]["text"]
 
 
+@pytest.mark.slow  # three compiled programs (~40 s): issue 18's CI share is 4 minutes; `make acceptance` runs it
 def test_cli_first_finish_regex(tmp_path, capsys):
     """First Finish Search takes `--regex` (the mask on its inner sampling decoder): the answer and every
     partial sample are prefixes of strings of the regex, the answer ended by EOS and fullmatches it, and it is
