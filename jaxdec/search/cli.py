@@ -211,37 +211,10 @@ def best_of_n_method(args, loaded, ids, progress):
 def first_finish_method(args, loaded, ids, progress):
     from jaxdec.search.testtime import first_finish
     cons = _constraint_kwargs(args, ids)
-    if cons:
-        return _constrained_rows(_first_finish_constrained(args, loaded, ids, cons["constraint"]), loaded)
     g = first_finish(loaded.model, loaded.params, ids, n=args.n, sampling=_sampling(args), seed=args.seed,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer)
-    return _rows(g, loaded)
-
-
-def _first_finish_constrained(args, loaded, ids, constraint):
-    """First Finish Search under a constraint: `first_finish`'s decoder (`FirstFinish` over a sampling
-    `TokenDecoder`, the same rows and keys) run by `generate(constraint=)`, which masks the inner token decoder
-    (`jaxdec.constrained.api.WRAPPERS`); a group stops when one of its samples ends by EOS, which the grammar
-    allows only where it accepts. The answer is the shortest sample that ended, as in `first_finish`."""
-    from jaxdec.core.generate import Generation, generate
-    from jaxdec.search.testtime import FirstFinish, shortest_finished
-    from jaxdec.search.token import TokenDecoder
-    n = args.n
-    bs = n * (len(ids) if args.batch_size is None else int(args.batch_size))
-    g = generate(loaded.model, loaded.params, ids, decoder=FirstFinish(n=n, inner=TokenDecoder(greedy=False)),
-                 sampling=_sampling(args), n=n, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=bs,
-                 tokenizer=loaded.tokenizer, constraint=constraint)
-    best, fin, ok, samples = [], [], [], []
-    for i in range(len(ids)):
-        toks, rs = g.tokens[i * n:(i + 1) * n], g.finish_reason[i * n:(i + 1) * n]
-        j = shortest_finished(toks, rs)
-        best.append(toks[j])
-        fin.append(rs[j])
-        ok.append(g.constraint_ok[i * n + j])
-        samples.append(toks)
-    return Generation(prompt_ids=[list(p) for p in ids], tokens=best, finish_reason=fin, stats=g.stats,
-                      text=[loaded.tokenizer.decode(t) for t in best], extras={"partial_samples": samples},
-                      constraint_ok=ok)
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tokenizer=loaded.tokenizer,
+                     **cons)
+    return _constrained_rows(g, loaded) if cons else _rows(g, loaded)
 
 
 @register_method("astar", uses=("astar_max_children", "astar_max_expansions"))

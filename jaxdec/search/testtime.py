@@ -129,24 +129,29 @@ def shortest_finished(samples, reasons) -> int:
 
 
 def first_finish(model, params, prompts, *, n: int = 4, sampling=None, seed: int = 0, max_new_tokens: int = 64,
-                 batch_size: Optional[int] = None, tokenizer=None, processors=None) -> Generation:
+                 batch_size: Optional[int] = None, tokenizer=None, processors=None, constraint=None) -> Generation:
     """First Finish Search. batch_size counts prompts (each has n rows); ``processors``: logits processors
-    every sample is drawn with."""
+    every sample is drawn with. ``constraint``: `generate`'s (one for all prompts or one per prompt; needs
+    ``tokenizer``): it masks the inner token decoder, so a group stops when one of its samples ends by EOS,
+    which the grammar allows only where it accepts; ``constraint_ok`` is that of each chosen sample."""
     prompts = _check_prompts(prompts, model.vocab_size)
     bs = n * (len(prompts) if batch_size is None else int(batch_size))
     dec = FirstFinish(n=n, inner=TokenDecoder(greedy=False, processors=check_processors(processors, "first_finish")))
+    extra = {} if constraint is None else {"constraint": constraint, "tokenizer": tokenizer}
     g = generate(model, params, prompts, decoder=dec, sampling=sampling or {}, n=n, seed=seed,
-                 max_new_tokens=max_new_tokens, batch_size=bs)
-    best, fin, samples = [], [], []
+                 max_new_tokens=max_new_tokens, batch_size=bs, **extra)
+    best, fin, samples, ok = [], [], [], []
     for i in range(len(prompts)):
         toks, rs = g.tokens[i * n:(i + 1) * n], g.finish_reason[i * n:(i + 1) * n]
         j = shortest_finished(toks, rs)
         best.append(toks[j])
         fin.append(rs[j])
         samples.append(toks)
+        if constraint is not None:
+            ok.append(g.constraint_ok[i * n + j])
     text = [tokenizer.decode(t) for t in best] if tokenizer is not None else None
     return Generation(prompt_ids=prompts, tokens=best, finish_reason=fin, stats=g.stats, text=text,
-                      extras={"partial_samples": samples})
+                      extras={"partial_samples": samples}, **({"constraint_ok": ok} if constraint is not None else {}))
 
 
 # ------------------------------------------------------------------ A*-decoding
