@@ -49,6 +49,26 @@ def _bad(capsys, argv, *needles):
         assert n in err[0], (n, err[0])
 
 
+def _mesh_runs(runs, devices: int):
+    """Run `_MESH_RUNS` over ``runs`` (CLI argv lists) in a subprocess with ``devices`` CPU devices; returns
+    (its per-run results, the tail of its stderr)."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(__file__)
+    sys.path.insert(0, here)
+    from test_mesh_matrix import FAST_COMPILE, PATIENT_COLLECTIVES
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", PATIENT_COLLECTIVES,
+                                   FAST_COMPILE]),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _MESH_RUNS, json.dumps(runs)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), proc.stderr[-3000:]
+
+
 def test_cli_beam_mesh_bad_input(capsys, monkeypatch, tmp_path):
     """Before any model loads: the data axis must divide prompts x --num-beams of every compiled batch (the rows
     beam search decodes), other beam methods still refuse --mesh, a multi-process beam run is refused."""
@@ -100,24 +120,15 @@ def test_cli_beam_mesh_gives_single_device_beams(tmp_path):
     the data axis (the sharding spec of every batch's row keys; its prompt tokens, one row per prompt, split only
     where the prompts divide the axis); the single-device run placed nothing."""
     import os
-    import subprocess
     import sys
-    here = os.path.dirname(__file__)
-    sys.path.insert(0, here)
-    from test_mesh_matrix import FAST_COMPILE, PATIENT_COLLECTIVES
+    sys.path.insert(0, os.path.dirname(__file__))
     from test_sharding import tiny_cli_setup
     folder, prompts = tiny_cli_setup(tmp_path)
     base = ["generate", "--model", folder, "--prompts-file", prompts, "--max-new-tokens", "8", "--quiet",
             "--method", "beam", "--num-beams", "4", "--batch-size", "3"]
     runs = [base + ["--out", str(tmp_path / "one.jsonl")], base + ["--mesh", "2x2", "--out", str(tmp_path / "mesh.jsonl")]]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=4", PATIENT_COLLECTIVES, FAST_COMPILE]),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _MESH_RUNS, json.dumps(runs)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, mesh = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert one["rc"] == 0 and mesh["rc"] == 0, proc.stderr[-3000:]
+    (one, mesh), err = _mesh_runs(runs, 4)
+    assert one["rc"] == 0 and mesh["rc"] == 0, err
     assert one["specs"] == [] and mesh["specs"] and all("data" in s for s in mesh["specs"]), mesh["specs"]
     assert len(one["rows"]) == len(mesh["rows"]) == 8
     for i, (a, b) in enumerate(zip(one["rows"], mesh["rows"])):
@@ -132,26 +143,14 @@ def test_cli_beam_mesh_gives_single_device_beams(tmp_path):
 def test_cli_beam_mesh_default_model_two_prompts(tmp_path):
     """The default model, 2 chat prompts x 3 beams on 2 CPU devices: --mesh 2x1 (rows split over the data axis)
     and --mesh 1x2 (vocabulary and MLP split over the model axis) write the single-device hypotheses."""
-    import os
-    import subprocess
-    import sys
-    here = os.path.dirname(__file__)
-    sys.path.insert(0, here)
-    from test_mesh_matrix import FAST_COMPILE, PATIENT_COLLECTIVES
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "Name a colour."}\n')
     base = ["generate", "--prompts-file", str(prompts), "--chat", "--max-new-tokens", "12", "--quiet", "--method",
             "beam", "--num-beams", "3"]
     runs = [base + extra + ["--out", str(tmp_path / f"{i}.jsonl")]
             for i, extra in enumerate([[], ["--mesh", "2x1"], ["--mesh", "1x2"]])]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", PATIENT_COLLECTIVES, FAST_COMPILE]),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _MESH_RUNS, json.dumps(runs)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, *meshes = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert one["rc"] == 0 and all(m["rc"] == 0 for m in meshes), proc.stderr[-3000:]
+    (one, *meshes), err = _mesh_runs(runs, 2)
+    assert one["rc"] == 0 and all(m["rc"] == 0 for m in meshes), err
     assert one["specs"] == [] and meshes[0]["specs"] == ["P('data',)"], meshes[0]["specs"]
     for name, m in zip(("2x1", "1x2"), meshes):
         assert len(m["rows"]) == 2

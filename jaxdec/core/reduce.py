@@ -17,7 +17,7 @@ def argmax(x: jax.Array) -> jax.Array:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     n = x.shape[-1]
     iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    m = jnp.max(x, axis=-1, keepdims=True)  # (XLA:CPU's max does not always propagate a NaN: checked apart)
-    has_nan = jnp.any(jnp.isnan(x))
+    m = jnp.max(x, axis=-1, keepdims=True)  # without a NaN, some element of every row equals its max
     idx = jnp.min(jnp.where(x == m, iota, n), axis=-1)
-    return lax.cond(has_nan | jnp.any(idx == n), lambda: jnp.argmax(x, axis=-1).astype(jnp.int32), lambda: idx)
+    # XLA:CPU's max does not always propagate a NaN, so NaN inputs are found apart
+    return lax.cond(jnp.any(jnp.isnan(x)), lambda: jnp.argmax(x, axis=-1).astype(jnp.int32), lambda: idx)

@@ -252,37 +252,31 @@ class SpeculativeDecoder:
         pos = start[:, None] + depth
         t = block.shape[1]
 
+        # a model that can return the block's keys/values instead of writing them (write_cache=False) gets its
+        # cache written after the lax.cond: a cache passed out of a cond is copied whole by XLA:CPU (into the
+        # cond's result, then into the loop's buffer)
+        deferred = bool(getattr(model, "supports_deferred_kv_write", False))
+        kw = {"write_cache": False} if deferred else {}
+
+        def spread(a):  # [B,1,...] -> [B,T,...]
+            return jnp.broadcast_to(a, (a.shape[0], t) + a.shape[2:])
+
         def block_call(c):
-            o = model(params, block, pos, c, mask=anc)
-            return o.logits, o.hidden, o.cache
+            o = model(params, block, pos, c, mask=anc, **kw)
+            return o.logits, o.hidden, (o.kv if deferred else o.cache)
 
         def single_call(c):  # nothing to verify: one token, logits broadcast over the (invalid) nodes
-            o = model(params, block[:, :1], pos[:, :1], c)
-            return (jnp.broadcast_to(o.logits, (o.logits.shape[0], t) + o.logits.shape[2:]),
-                    jnp.broadcast_to(o.hidden, (o.hidden.shape[0], t) + o.hidden.shape[2:]), o.cache)
+            o = model(params, block[:, :1], pos[:, :1], c, **kw)
+            pad = [(0, 0), (0, 0), (0, t - 1), (0, 0), (0, 0)]  # its keys/values padded to the block (rolled back)
+            return spread(o.logits), spread(o.hidden), (tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache)
 
         has_draft = jnp.any(valid & live[:, None])
-        if self.skip_empty_drafts and getattr(model, "supports_deferred_kv_write", False):
-            # the branches return the block's keys/values, written after the cond: a cache passed out of a
-            # lax.cond is copied whole by XLA:CPU (into the cond's result, then into the loop's buffer)
-            def block_kv(c):
-                o = model(params, block, pos, c, mask=anc, write_cache=False)
-                return o.logits, o.hidden, o.kv
-
-            def single_kv(c):  # one token; its keys/values padded to the block (slots past it are rolled back)
-                o = model(params, block[:, :1], pos[:, :1], c, write_cache=False)
-                pad = [(0, 0), (0, 0), (0, t - 1), (0, 0), (0, 0)]
-                return (jnp.broadcast_to(o.logits, (o.logits.shape[0], t) + o.logits.shape[2:]),
-                        jnp.broadcast_to(o.hidden, (o.hidden.shape[0], t) + o.hidden.shape[2:]),
-                        tuple(jnp.pad(a, pad) for a in o.kv))
-
-            logits, hidden, (k_new, v_new) = jax.lax.cond(has_draft, block_kv, single_kv, cache)
-            out_cache = append(cache, k_new, v_new)
-        elif self.skip_empty_drafts:
-            logits, hidden, out_cache = jax.lax.cond(has_draft, block_call, single_call, cache)
+        if self.skip_empty_drafts:
+            logits, hidden, written = jax.lax.cond(has_draft, block_call, single_call, cache)
         else:
-            logits, hidden, out_cache = block_call(cache)
+            logits, hidden, written = block_call(cache)
             has_draft = jnp.ones((), bool)
+        out_cache = append(cache, *written) if deferred else written
         adjust = hook(drafter, "target_logits")
         if adjust is not None:  # the drafter redefines the target (RAPID's retrieval-augmented target: lossy)
             logits = adjust(logits, draft, dstate)
