@@ -461,6 +461,98 @@ def test_eagle_head_trains_raises_tau_and_stays_lossless(toy, tmp_path):
         M.medusa(toy["model"], toy["params"], path, target=FP)
 
 
+def test_eagle_fused_features_stored_equals_recomputed_and_calibrated_chain(toy, tmp_path):
+    """EAGLE-3 feature fusion on the toy: the feature fuses the residual stream after layer 1 (the one-hot of
+    the token before, which the toy's table reads) with the final hidden state; stored hidden states give
+    the same run as recomputing them in the step (one-hot values are exact in float16), and a fused head
+    that read the wrong stored streams (zeros) trains other params (control). --calibrate-chain stores a
+    chain length chosen on the measured cost curve, and the drafter uses it; lossless, τ above untrained."""
+    import dataclasses
+    from jaxdec.speculative.heads.eagle import init_params as eagle_init
+    import train.medusa as tm
+    from train.eagle import EagleTrainConfig, layer_config, predicted_speedup, train_eagle
+    c = toy["corpus"]
+    base = EagleTrainConfig(out=str(tmp_path / "fused"), steps=20, batch_size=8, lr=0.05, warmup=2, seq_len=32,
+                            eval_every=10, save_every=10, log_every=1, progress=False, draft_vocab=12, num_tokens=3,
+                            feature_layers=(1, -1))
+    res, path = train_eagle(base, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    hp, meta = read_heads(path, "eagle")
+    assert meta["config"]["feature_layers"] == [1, -1] and hp["fuse"].shape == (V, 2 * V)
+    st = dataclasses.replace(base, out=str(tmp_path / "stored"), hidden="stored", calibrate_chain=True)
+    res_s, path_s = train_eagle(st, toy["model"], toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    assert tree_hash(res_s.params) == tree_hash(res.params)
+    real = tm.store_hidden
+    tm.store_hidden = lambda *a, **k: np.zeros_like(real(*a, **k))
+    import train.eagle as te
+    te.store_hidden = tm.store_hidden
+    try:
+        res0, _ = train_eagle(dataclasses.replace(st, out=str(tmp_path / "zeros"), calibrate_chain=False), toy["model"],
+                              toy["params"], c["seqs"], c["prompt_lens"], FP, log=lambda *a: None)
+    finally:
+        tm.store_hidden = te.store_hidden = real
+    assert tree_hash(res0.params) != tree_hash(res.params)
+    _, meta_s = read_heads(path_s, "eagle")
+    cal = meta_s["calibration"]
+    k = meta_s["config"]["num_tokens"]
+    assert 1 <= k <= 3 and [r[0] for r in cal["candidates"]] == [1, 2, 3] and len(cal["accuracy"]) == 2
+    assert max(r[3] for r in cal["candidates"]) == cal["predicted_speedup"] == cal["candidates"][k - 1][3]
+    tau, cost, sp = predicted_speedup([0.5, 0.25], 2, {"1": 1.0, "3": 2.0}, 0.1)
+    assert (tau, cost, sp) == (1.0 + 0.5 + 0.125, 2.2, 1.625 / 2.2)
+    test = toy["prompts"][32:]
+    greedy = jaxdec.generate(toy["model"], toy["params"], test, max_new_tokens=MAX_NEW)
+    ec = layer_config(toy["model"], V, base)
+    taus = {}
+    for name, heads in (("untrained", (ec, eagle_init(ec, 1), res.d2t)), ("trained", path_s)):
+        dec, pp = M.eagle(toy["model"], toy["params"], heads, target=FP)
+        assert dec.drafter.target_hidden_layers == (1,)
+        out = jaxdec.generate(toy["model"], pp, test, decoder=dec, max_new_tokens=MAX_NEW, batch_size=4)
+        assert out.tokens == greedy.tokens, name  # lossless
+        taus[name] = out.stats["tau"]
+    assert dec.drafter.config.num_tokens == k
+    assert taus["trained"] > taus["untrained"] + 0.5, taus
+    with pytest.raises(ConfigError, match="--feature-layers"):
+        dataclasses.replace(base, feature_layers=(1, 1)).validate()
+
+
+def test_eagle_sampling_verification_follows_the_target_distribution():
+    """EAGLE chains drawn from the draft's q over the draft vocabulary (the rest probability 0), verified
+    by speculative sampling: the first three tokens' joint distribution is the target's (exact
+    enumeration); without residual resampling it is not (negative control)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from stat_checks import pooled_chisquare_p
+    from jaxdec.core import loop
+    from jaxdec.core.processors import SamplingParams
+    from jaxdec.core.state import DecodeInputs
+    from jaxdec.speculative import SpeculativeDecoder
+    from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, init_params as eagle_init
+    from jaxdec.testing.toy_speculative import exact_joint, random_table
+    tv, rows, alpha = 5, 100_000, 1e-4
+    tab = random_table(23, tv, 1.2)
+    model = TrigramModel(tv)
+    tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
+    ec = EagleConfig(hidden=tv, draft_vocab=4, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
+                     max_position=64, num_tokens=2)
+    _, params = M.eagle(model, tp, (ec, eagle_init(ec, 2), np.array([0, 1, 2, 4])), sampling=True)
+    joint = exact_joint(tab, (3, 1), 3, 1.0)
+
+    def run(dec, seed):
+        prompts = jnp.asarray(np.repeat(np.array([[3, 1]], np.int32), rows, 0))
+        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
+        inputs = DecodeInputs(max_new=jnp.full((rows,), 3, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
+                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((rows, 4), jnp.int32),
+                              sampling=SamplingParams.create(rows, temperature=1.0))
+        st = loop.run_jit(dec, model, params, prompts, jnp.full((rows,), 2, jnp.int32), inputs,
+                          2 + 4 + dec.cache_headroom + 1)
+        t = np.asarray(st.tokens)
+        return np.bincount((t[:, 0] * tv + t[:, 1]) * tv + t[:, 2], minlength=tv ** 3), dec.summarize(st)
+
+    good, stats = run(SpeculativeDecoder(EagleDrafter(ec, sample=True), "sampling"), 71)
+    assert pooled_chisquare_p(good, joint) > alpha
+    assert stats["tau"] > 1.05  # drafts were accepted: the speculative path really ran
+    bad, _ = run(SpeculativeDecoder(EagleDrafter(ec, sample=True), "sampling", residual=False), 72)
+    assert pooled_chisquare_p(bad, joint) < alpha
+
+
 # --------------------------------------------------------------------------- Medusa under sampling
 def test_medusa_sampling_verification_follows_the_target_distribution():
     """Medusa chain drafts drawn from each head's q, verified by speculative sampling: the first three

@@ -7,12 +7,17 @@ vocabulary (labels outside it are left out; ``in_vocab`` logs their share). Trai
 (``--ttt-steps S``, EAGLE-3): pass s + 1 feeds the layer its own outputs of pass s as the features
 (``f_{t+1} <- o_t``), as drafting at depth s + 1 does; pass s's loss is weighted ``decay**s``. (EAGLE-3
 masks each pass's attention to the target features of earlier positions; this slice does not yet.)
+``--feature-layers 3,15,-1`` fuses the residual streams after those target layers (-1: the final-norm
+hidden state) into the feature, as EAGLE-3 does (`jaxdec.speculative.heads.eagle.target_features`);
+``--calibrate-chain`` picks the chain length stored with the head from the held-out acceptance of each
+depth and the target's measured cost curve (`calibrate_chain`).
 
 Writes ``<out>/heads.safetensors`` (kind "eagle", with d2t) like train/medusa.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,8 @@ class EagleTrainConfig(TrainConfig):
     weights: str = "q"
     draft_vocab: int = 8192
     num_tokens: int = 4  # chain length stored with the head (what the drafter drafts)
+    feature_layers: tuple = ()  # target layers fused into the feature (EAGLE-3); -1 = final-norm hidden
+    calibrate_chain: bool = False  # choose num_tokens (<= --num-tokens) on the measured cost curve
     ttt_steps: int = 2
     decay: float = 0.8
     seq_len: int = 256
@@ -56,12 +63,22 @@ class EagleTrainConfig(TrainConfig):
             raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if self.hidden not in ("recompute", "stored"):
             raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
+        if any(i < -1 for i in self.feature_layers) or len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ConfigError(f"--feature-layers must be distinct layer counts >= 0 or -1, got "
+                              f"{','.join(map(str, self.feature_layers))}")
         if self.weights not in ("f32", "q", "bf16", "df11"):
             raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
 
 
+def split_stored(config, hid):
+    """A stored-hidden batch -> ``(hidden, layer_hidden)`` as `target_features` reads them."""
+    if not config.model_layers:
+        return hid[..., -1, :] if hid.ndim == 4 else hid, None
+    return hid[:, :, -1], jnp.moveaxis(hid[:, :, :-1], 2, 0)
+
+
 def make_loss(model, config, d2t, ttt_steps: int, decay: float):
-    from jaxdec.speculative.heads.eagle import draft_inputs, layer_params
+    from jaxdec.speculative.heads.eagle import draft_inputs, layer_params, target_call, target_features
     from jaxdec.speculative.heads.medusa import draft_head
     lm = config.layer_model("reference")
     t2d_np = np.full((model.vocab_size,), -1, np.int32)
@@ -71,10 +88,11 @@ def make_loss(model, config, d2t, ttt_steps: int, decay: float):
         tokens, length, plen = batch["tokens"], batch["length"], batch["prompt_len"]
         b, t = tokens.shape
         if "hidden" in batch:
-            hid = batch["hidden"].astype(jnp.float32)
+            hid = target_features(config, hp, *split_stored(config, batch["hidden"].astype(jnp.float32)))
         else:
             pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            hid = jax.lax.stop_gradient(model(tp, tokens, pos, model.init_cache(b, t)).hidden)
+            out = jax.lax.stop_gradient(target_call(config, model, tp, tokens, pos, model.init_cache(b, t)))
+            hid = target_features(config, hp, *out)
         head_w = draft_head(model, tp, d2t)
         lp = layer_params(hp, head_w)
         n = t - 2  # positions t = 0 .. T-3 have a label x_{t+2}
@@ -110,10 +128,60 @@ def layer_config(model, e: int, cfg: EagleTrainConfig):
     if c is not None and hasattr(c, "num_heads"):
         return EagleConfig(hidden=e, draft_vocab=cfg.draft_vocab, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                            head_dim=c.head_dim, intermediate=c.intermediate_size, rope_theta=float(c.rope_theta),
-                           max_position=int(c.max_position), num_tokens=cfg.num_tokens)
+                           max_position=int(c.max_position), num_tokens=cfg.num_tokens,
+                           feature_layers=cfg.feature_layers)
     heads = 2 if e % 2 == 0 else 1
     return EagleConfig(hidden=e, draft_vocab=cfg.draft_vocab, num_heads=heads, num_kv_heads=1, head_dim=e // heads,
-                       intermediate=2 * e, rope_theta=10000.0, max_position=4096, num_tokens=cfg.num_tokens)
+                       intermediate=2 * e, rope_theta=10000.0, max_position=4096, num_tokens=cfg.num_tokens,
+                       feature_layers=cfg.feature_layers)
+
+
+def predicted_speedup(acc, k: int, curve_relative: dict, draft_cost: float) -> tuple:
+    """(τ, cost, speedup) of a chain of k: depth d's token is accepted with probability ``acc[d-1]`` given
+    the ones before it (the last entry repeats for deeper depths); a step costs the target's block of
+    k + 1 tokens (relative to one) plus k draft steps of ``draft_cost`` each."""
+    from jaxdec.speculative.calibrate import relative_cost
+    p, tau = 1.0, 1.0
+    for d in range(k):
+        p *= float(acc[min(d, len(acc) - 1)])
+        tau += p
+    cost = relative_cost({"relative": curve_relative}, k + 1) + k * draft_cost
+    return tau, cost, tau / cost
+
+
+def calibrate_chain(model, ecfg, hp, target_params, d2t, acc, log=print) -> dict:
+    """The chain length for this machine: the target's cost curve (batch 1) and one draft step's cost are
+    measured; the length (1 .. ``ecfg.num_tokens``) with the best `predicted_speedup` under the held-out
+    per-depth accuracies ``acc`` (the training-time test's passes) is kept."""
+    from jaxdec.speculative.calibrate import measure_cost_curve
+    from jaxdec.speculative.heads.eagle import draft_inputs, layer_params
+    from jaxdec.speculative.heads.medusa import draft_head
+    curve = measure_cost_curve(model, target_params, sizes=range(1, ecfg.num_tokens + 2), batch=1, context=128, reps=5)
+    lm = ecfg.layer_model()
+    head_w = draft_head(model, target_params, d2t)
+    cache = lm.init_cache(1, 160)
+    cache = cache.replace(lengths=cache.lengths + 128)
+
+    @jax.jit
+    def step(hp, tp, hw, c):
+        x = draft_inputs(hp, model, tp, jnp.zeros((1, 1, ecfg.hidden), jnp.float32), jnp.zeros((1, 1), jnp.int32))
+        return lm(layer_params(hp, hw), None, c.lengths[:, None], c, embeds=x).logits
+
+    jax.block_until_ready(step(hp, target_params, head_w, cache))
+    secs = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(hp, target_params, head_w, cache))
+        secs.append(time.perf_counter() - t0)
+    draft_cost = float(np.min(secs)) / curve["seconds"][1]
+    rows = [(k,) + predicted_speedup(acc, k, curve["relative"], draft_cost) for k in range(1, ecfg.num_tokens + 1)]
+    best = max(rows, key=lambda r: r[3])
+    log(f"chain: {best[0]} tokens, predicted τ {best[1]:.2f}, speedup {best[3]:.2f} (draft step {draft_cost:.3f} "
+        f"of a target call; held-out accuracy per depth {[round(float(a), 3) for a in acc]})")
+    return {"num_tokens": int(best[0]),
+            "calibration": {"predicted_speedup": best[3], "draft_cost": draft_cost, "accuracy": [float(a) for a in acc],
+                            "cost_curve": {str(k): v for k, v in curve["relative"].items()},
+                            "candidates": [list(r) for r in rows]}}
 
 
 def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
@@ -127,7 +195,7 @@ def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, 
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     if cfg.hidden == "stored":
         arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log,
-                                        cfg.hidden_cache, f"{fingerprint}|{cfg.weights}")
+                                        cfg.hidden_cache, f"{fingerprint}|{cfg.weights}", ecfg.model_layers or ())
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     d2t = build_draft_vocab([seqs[i] for i in tr], [prompt_lens[i] for i in tr], model.vocab_size,
                             min(cfg.draft_vocab, model.vocab_size))
@@ -138,9 +206,19 @@ def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, 
     meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": ecfg.to_dict()}
     res = fit(cfg, init_params(ecfg, cfg.seed), make_loss(model, ecfg, d2t, cfg.ttt_steps, cfg.decay), train,
               frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
+    extra = {}
+    if cfg.calibrate_chain and int(res.state.step) == cfg.steps:
+        ev = res.final_eval or {}
+        acc = [ev[f"acc{s}"] for s in range(cfg.ttt_steps) if f"acc{s}" in ev]
+        if not acc:
+            raise ConfigError("--calibrate-chain needs a held-out evaluation (acc0 ...) at the end of the run")
+        cal = calibrate_chain(model, ecfg, res.params, target_params, d2t, acc, log)
+        ecfg = dataclasses.replace(ecfg, num_tokens=cal["num_tokens"])
+        extra["calibration"] = cal["calibration"]
     path = save_finished_heads(res, cfg, KIND, {**jax.device_get(res.params), "d2t": d2t}, ecfg.to_dict(),
                                fingerprint, target_name, command, int(len(tr)), int(np.sum(arrays["length"][tr])),
-                               log, data_generated_tokens=int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr])))
+                               log, data_generated_tokens=int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr])),
+                               **extra)
     res.d2t = d2t
     return res, path
 

@@ -152,8 +152,10 @@ def make_loss(model, config, positions: int, decay: float, d2t=None):
 
 
 def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache_dir: str = "",
-                 key: str = "") -> np.ndarray:
-    """The target's final-norm hidden states ``[N,T,E]`` float16 of every sequence (one forward each).
+                 key: str = "", layers: tuple = ()) -> np.ndarray:
+    """The target's final-norm hidden states ``[N,T,E]`` float16 of every sequence (one forward each);
+    with ``layers`` (the model's ``hidden_layers``), ``[N,T,k+1,E]``: the residual stream after each of
+    those layers, then the final-norm hidden state.
 
     cache_dir: a folder keeping them as ``hidden-<hash>.npy`` (hash of ``key``, e.g. the target's
     fingerprint and weight kind, and of the tokens), so the Medusa and EAGLE runs of one corpus compute
@@ -162,14 +164,20 @@ def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache
     n, t = tokens.shape
     path = None
     if cache_dir:
-        h = hashlib.sha256(f"{key}|{tokens.shape}|".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
+        h = hashlib.sha256(f"{key}|{tokens.shape}|{tuple(layers) if layers else ''}".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
         path = os.path.join(cache_dir, f"hidden-{h.hexdigest()[:20]}.npy")
         if os.path.isfile(path):
             hid = np.load(path)
             log(f"stored hidden states: {hid.shape} float16 read from {path}")
             return hid
-    fwd = jax.jit(lambda tp, x: model(tp, x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape),
-                                      model.init_cache(x.shape[0], t)).hidden.astype(jnp.float16))
+    def forward(tp, x):
+        o = model(tp, x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape), model.init_cache(x.shape[0], t),
+                  **({"hidden_layers": tuple(layers)} if layers else {}))
+        if not layers:
+            return o.hidden.astype(jnp.float16)
+        return jnp.concatenate([jnp.moveaxis(o.layer_hidden, 0, 2), o.hidden[:, :, None]], axis=2).astype(jnp.float16)
+
+    fwd = jax.jit(forward)
     t0 = time.time()
     out = []
     for lo in range(0, n, batch_size):

@@ -140,8 +140,6 @@ def check_args(args):
     _check_mesh(args)
     if args.drafter in ("medusa", "eagle"):
         d = args.drafter
-        if args.spec_sampling and d == "eagle":
-            raise BadInput(f"--drafter {d}: --spec-sampling is not implemented yet (greedy verification only)")
         if args.heads is None and _shipped(args) is None:
             raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
                            f"--heads PATH (a file written by python -m train.{d})")

@@ -158,6 +158,9 @@ class VerifyInfo:
     live: Any  # [B] rows that were running at the start of the step
     start: Any  # [B] cache length at the start of the step
     out: Any  # [B,D+1] the verdict's tokens (accepted drafts then the bonus/correction)
+    # [k,B,T,E] the residual stream after the layers the drafter names in ``target_hidden_layers``
+    # (the model's ``hidden_layers``; EAGLE-3's fused features); None when it names none
+    layer_hidden: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,24 +260,30 @@ class SpeculativeDecoder:
         # cond's result, then into the loop's buffer)
         deferred = bool(getattr(model, "supports_deferred_kv_write", False))
         kw = {"write_cache": False} if deferred else {}
+        want_layers = getattr(drafter, "target_hidden_layers", None)
+        if want_layers:
+            kw["hidden_layers"] = tuple(want_layers)
 
         def spread(a):  # [B,1,...] -> [B,T,...]
             return jnp.broadcast_to(a, (a.shape[0], t) + a.shape[2:])
 
         def block_call(c):
             o = model(params, block, pos, c, mask=anc, **kw)
-            return o.logits, o.hidden, (o.kv if deferred else o.cache)
+            return o.logits, o.hidden, (o.kv if deferred else o.cache), o.layer_hidden if want_layers else None
 
         def single_call(c):  # nothing to verify: one token, logits broadcast over the (invalid) nodes
             o = model(params, block[:, :1], pos[:, :1], c, **kw)
             pad = [(0, 0), (0, 0), (0, t - 1), (0, 0), (0, 0)]  # its keys/values padded to the block (rolled back)
-            return spread(o.logits), spread(o.hidden), (tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache)
+            lh = jnp.broadcast_to(o.layer_hidden, o.layer_hidden.shape[:2] + (t,) + o.layer_hidden.shape[3:]) \
+                if want_layers else None
+            return (spread(o.logits), spread(o.hidden),
+                    tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache, lh)
 
         has_draft = jnp.any(valid & live[:, None])
         if self.skip_empty_drafts:
-            logits, hidden, written = jax.lax.cond(has_draft, block_call, single_call, cache)
+            logits, hidden, written, layer_hidden = jax.lax.cond(has_draft, block_call, single_call, cache)
         else:
-            logits, hidden, written = block_call(cache)
+            logits, hidden, written, layer_hidden = block_call(cache)
             has_draft = jnp.ones((), bool)
         out_cache = append(cache, *written) if deferred else written
         adjust = hook(drafter, "target_logits")
@@ -301,7 +310,7 @@ class SpeculativeDecoder:
         state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
         info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
                           logits=logits, hidden=hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
-                          cnt=cnt, live=live, start=start, out=verdict.out)
+                          cnt=cnt, live=live, start=start, out=verdict.out, layer_hidden=layer_hidden)
         state2 = state2.replace(method=state2.method.replace(draft=drafter.update(model, dparams, state2, dstate, info)))
         st = self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth)
         st["block_calls"] = st["block_calls"] + has_draft.astype(jnp.int32)

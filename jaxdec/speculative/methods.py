@@ -40,8 +40,9 @@ PAPERS = {
               "pre-verify / post-verify schedule with a draft model"),
     "medusa": ("Cai et al. 2024, Medusa: multiple decoding heads (Medusa-1: frozen target, trained heads)",
                "K trained heads on the target's last hidden state draft a chain or Cartesian tree"),
-    "eagle": ("Li et al. 2024, EAGLE-1/2/3: feature-level autoregressive draft head (first slice)",
-              "one trained decoder layer over the target's features drafts a chain, reduced draft vocabulary"),
+    "eagle": ("Li et al. 2024, EAGLE-1/2/3: feature-level autoregressive draft head",
+              "one trained decoder layer over the target's (fused low/mid/high) features drafts a chain, "
+              "reduced draft vocabulary"),
 }
 
 
@@ -209,14 +210,13 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
 def eagle(model, params, heads, target=None, sampling: bool = False):
     """-> (decoder, params). The EAGLE-style head (`jaxdec.speculative.heads.eagle`): a heads file
     written by ``train/eagle.py`` (checked against the target like `medusa`) or an in-memory
-    ``(EagleConfig, head params, d2t)`` triple."""
+    ``(EagleConfig, head params, d2t)`` triple. sampling: the chain is drawn from the draft's distribution
+    and verified by speculative sampling (lossless for sampling)."""
     import os
     import numpy as np
     from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
     from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, load_eagle
     from jaxdec.speculative.heads.medusa import draft_head
-    if sampling:
-        raise NotImplementedError("eagle: sampling verification is not implemented yet (greedy verification only)")
     if isinstance(heads, tuple) and len(heads) == 3 and isinstance(heads[0], EagleConfig):
         config, hp, d2t = heads
     elif isinstance(heads, (str, os.PathLike)):
@@ -230,4 +230,4 @@ def eagle(model, params, heads, target=None, sampling: bool = False):
     if d2t.shape != (config.draft_vocab,) or d2t.min() < 0 or d2t.max() >= model.vocab_size:
         raise ValueError(f"eagle: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
     dparams = {"heads": hp, "target": params, "d2t": d2t.astype(np.int32), "head_w": draft_head(model, params, d2t)}
-    return SpeculativeDecoder(EagleDrafter(config), "greedy"), with_draft_params(params, dparams)
+    return SpeculativeDecoder(EagleDrafter(config, sample=sampling), _verifier(sampling)), with_draft_params(params, dparams)

@@ -31,7 +31,9 @@ class TrigramModel:
         return KVCache.create(1, batch, size, 1, 1)
 
     def __call__(self, params, tokens, positions, cache, mask=None, layers=None, logits_at=None,
-                 return_layer_hidden: bool = False) -> ModelOutput:
+                 return_layer_hidden: bool = False, hidden_layers=None) -> ModelOutput:
+        """``hidden_layers`` (static, counts in [0, 1]): ``layer_hidden [k,B,T,V]``, the one-hot of the
+        token itself after 0 layers and of the token before it after 1 (what the table reads)."""
         b, t = tokens.shape
         if mask is None:
             mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
@@ -49,9 +51,15 @@ class TrigramModel:
         kv = tokens.astype(jnp.float32)[None, :, :, None, None]
         cache = append(cache, kv, kv)
         hidden = jax.nn.one_hot(tokens, self.vocab_size)
+        layer_hidden = None
+        if hidden_layers is not None:
+            if not hidden_layers or any(i not in (0, 1) for i in hidden_layers):
+                raise ValueError(f"hidden_layers must be layer counts in [0, 1], got {hidden_layers!r}")
+            layer_hidden = jnp.stack([hidden if i == 0 else jax.nn.one_hot(prev, self.vocab_size)
+                                      for i in hidden_layers])
         if logits_at is not None:
             logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
-        return ModelOutput(logits, hidden, cache, None)
+        return ModelOutput(logits, hidden, cache, layer_hidden)
 
 
 def random_table(seed: int, vocab: int, sharpness: float = 2.0) -> np.ndarray:

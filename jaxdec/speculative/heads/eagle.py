@@ -1,20 +1,26 @@
-"""An EAGLE-style feature-level autoregressive draft head (Li et al. 2024, EAGLE-1/2/3), first slice.
+"""An EAGLE-style feature-level autoregressive draft head (Li et al. 2024, EAGLE-1/2/3).
 
 One decoder layer (a 1-layer `LlamaModel` with its own KV cache) runs over the target's features:
-the input at position t is ``fc([f_t ; embed(x_{t+1})])`` where ``f_t`` is the target's final-norm
-hidden state at t and ``embed`` the target's own (shared, frozen) token embedding; the layer's output
+the input at position t is ``fc([f_t ; embed(x_{t+1})])`` where ``embed`` is the target's own (shared,
+frozen) token embedding and ``f_t`` the target's feature at t: its final-norm hidden state
+(``feature_layers=()``, EAGLE-1), or, as EAGLE-3 fuses a low, a middle and a high layer,
+``fuse · [rms(h_a) ; rms(h_b) ; ...]`` over the residual streams after the layers named in
+``feature_layers`` (``-1``: the final-norm hidden state; each stream scaled to unit RMS first, since the
+raw residual stream of late layers is orders of magnitude larger than early ones). The layer's output
 ``o_t`` scores ``x_{t+2}`` through the target's LM head restricted to a reduced draft vocabulary
-(EAGLE-3's d2t map: ``draft_vocab`` rows, shared and frozen) and is fed back as the feature of the
-next draft position. Drafts are chains of ``num_tokens``; greedy verification (lossless).
+(EAGLE-3's d2t map: ``draft_vocab`` rows, shared and frozen) and is fed back as the feature of the next
+draft position (EAGLE-3 feeds the draft's own output back in place of the fused feature the same way).
+Drafts are chains of ``num_tokens``: greedy verification (lossless for greedy decoding), or
+``sample=True``: each token drawn from the draft's processed distribution over the draft vocabulary (the
+other tokens get probability 0) and verified by speculative sampling (lossless for sampling).
 
-Not yet here (issue 15, item 3): fusing a low, middle and high target layer (the verify call's
-`VerifyInfo` carries only the final hidden state; the fusion needs it to carry ``hidden_layers``), the
-EAGLE-2 dynamic draft tree, and the training-time test's EAGLE-3 attention masks (train/eagle.py's
-``--ttt-steps`` feeds the head its own features over the whole sequence, an approximation).
+Not yet here (issue 15, item 3): the EAGLE-2 dynamic draft tree, and the training-time test's EAGLE-3
+attention masks (train/eagle.py's ``--ttt-steps`` feeds the head its own features over the whole
+sequence, an approximation).
 
-Params: ``{"fc": [E, 2E], "final_norm": [E], "layers": the 1-layer stack}``; the drafter's params are
-``{"heads": those, "target": target params, "d2t": [Vd], "head_w": LM-head rows}``
-(`jaxdec.speculative.methods.eagle` builds them).
+Params: ``{"fc": [E, 2E], "final_norm": [E], "layers": the 1-layer stack}`` plus ``"fuse": [E, kE]``
+with k feature layers; the drafter's params are ``{"heads": those, "target": target params, "d2t":
+[Vd], "head_w": LM-head rows}`` (`jaxdec.speculative.methods.eagle` builds them).
 """
 from __future__ import annotations
 
@@ -42,8 +48,17 @@ class EagleConfig:
     rope_theta: float = 100000.0
     max_position: int = 8192
     num_tokens: int = 4  # chain length drafted per step
+    # target features fused (EAGLE-3): residual stream after that many layers, -1 = the final-norm hidden
+    # state; () = the final-norm hidden state alone, unfused (EAGLE-1)
+    feature_layers: tuple = ()
 
     def __post_init__(self):
+        fl = self.feature_layers
+        if not isinstance(fl, (tuple, list)) or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                                                     or i < -1 for i in fl) or len(set(fl)) != len(fl):
+            raise ValueError(f"EagleConfig.feature_layers must be distinct layer counts >= 0 or -1 (the final-norm "
+                             f"hidden state), got {fl!r}")
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in fl))
         for name in ("hidden", "draft_vocab", "num_heads", "num_kv_heads", "head_dim", "intermediate",
                      "max_position", "num_tokens"):
             v = getattr(self, name)
@@ -51,7 +66,17 @@ class EagleConfig:
                 raise ValueError(f"EagleConfig.{name} must be an integer >= 1, got {v!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["feature_layers"] = list(self.feature_layers)
+        if not self.feature_layers:  # files of the unfused head keep their old metadata
+            del d["feature_layers"]
+        return d
+
+    @property
+    def model_layers(self) -> Optional[tuple]:
+        """The target's ``hidden_layers`` the drafter needs (None: the final hidden state is enough)."""
+        fl = tuple(i for i in self.feature_layers if i >= 0)
+        return fl or None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EagleConfig":
@@ -79,7 +104,11 @@ def init_params(config: EagleConfig, seed: int = 0) -> dict:
     ks = jax.random.split(jax.random.key(seed), 7)
     n = lambda k, *s: jax.random.normal(k, (1,) + s, jnp.float32) * (1.0 / np.sqrt(s[-1]))  # noqa: E731
     fc = jnp.concatenate([jnp.eye(e), jnp.eye(e)], axis=1)
-    return {"fc": fc, "final_norm": jnp.ones((e,), jnp.float32),
+    extra = {}
+    if config.feature_layers:  # starts as the last named feature alone (the final hidden state when it is -1)
+        k = len(config.feature_layers)
+        extra["fuse"] = jnp.concatenate([jnp.zeros((e, (k - 1) * e), jnp.float32), jnp.eye(e)], axis=1)
+    return {**extra, "fc": fc, "final_norm": jnp.ones((e,), jnp.float32),
             "layers": {"attn_norm": jnp.ones((1, e), jnp.float32), "wq": n(ks[0], h * d, e), "wk": n(ks[1], kv * d, e),
                        "wv": n(ks[2], kv * d, e), "wo": n(ks[3], e, h * d) * 0.1, "mlp_norm": jnp.ones((1, e), jnp.float32),
                        "w_gate": n(ks[4], f, e), "w_up": n(ks[5], f, e), "w_down": n(ks[6], e, f) * 0.1}}
@@ -92,6 +121,26 @@ def target_embed(model, target_params, ids):
         return fn(target_params, ids)
     from jaxdec.quant import embed_lookup
     return embed_lookup(target_params["embed"], ids).astype(jnp.float32)
+
+
+def target_features(config: EagleConfig, hp, hidden, layer_hidden=None):
+    """The head's feature of each position ``[..., E]`` from the target's final-norm ``hidden [..., E]``
+    and, with ``feature_layers``, its ``layer_hidden [k', ..., E]`` of ``config.model_layers``."""
+    if not config.feature_layers:
+        return hidden.astype(jnp.float32)
+    order = config.model_layers or ()
+    parts = []
+    for i in config.feature_layers:
+        x = hidden if i < 0 else layer_hidden[order.index(i)]
+        x = x.astype(jnp.float32)
+        parts.append(x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6))
+    return jnp.einsum("...i,oi->...o", jnp.concatenate(parts, axis=-1), hp["fuse"])
+
+
+def target_call(config: EagleConfig, model, target_params, tokens, positions, cache):
+    """The target over ``tokens`` -> ``(hidden, layer_hidden)``, what `target_features` reads."""
+    out = model(target_params, tokens, positions, cache, hidden_layers=config.model_layers)
+    return out.hidden, out.layer_hidden
 
 
 def draft_inputs(hp, model, target_params, feats, next_ids):
@@ -123,6 +172,7 @@ class EagleState:
 @dataclasses.dataclass(frozen=True)
 class EagleDrafter:
     config: EagleConfig
+    sample: bool = False  # draw the chain from the draft's distribution (sampling verification)
 
     own_params = True
     max_children = 1
@@ -130,6 +180,8 @@ class EagleDrafter:
     extra_headroom = 0
 
     num_nodes = property(lambda self: self.config.num_tokens)
+    # the target layers the verify call returns in `VerifyInfo.layer_hidden` (EAGLE-3 feature fusion)
+    target_hidden_layers = property(lambda self: self.config.model_layers)
     max_depth = property(lambda self: self.config.num_tokens)
     draft_calls_per_step = property(lambda self: self.config.num_tokens)
 
@@ -147,7 +199,7 @@ class EagleDrafter:
         c = self.config
         # target features of every prompt position (a second prefill; the engine's is not shared yet)
         pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        feats = model(tp, prompts, pos, model.init_cache(b, p)).hidden  # [B,P,E]
+        feats = target_features(c, hp, *target_call(c, model, tp, prompts, pos, model.init_cache(b, p)))  # [B,P,E]
         nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros((b, 1), prompts.dtype)], axis=1).astype(jnp.int32)
         lm = c.layer_model()
         dcache = lm.init_cache(b, state.cache.size)
@@ -174,23 +226,38 @@ class EagleDrafter:
         committed = l0 + ds.npend
         cache = rollback(out.cache, committed)
         o = jnp.take_along_axis(out.hidden, (ds.npend - 1)[:, None, None], axis=1)[:, 0]  # [B,E]
-        tok = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
         d2t = jnp.asarray(d2t, jnp.int32)
-        toks = [d2t[tok]]
-        for _ in range(c.num_tokens - 1):
+        kk = jax.vmap(lambda k: jax.random.split(k, c.num_tokens))(keys) if self.sample else None  # [B,K] keys
+        qs = []
+
+        def pick(logits, i):  # [B,Vd] draft-vocabulary scores -> target token ids [B]
+            if not self.sample:
+                return d2t[jnp.argmax(logits, axis=-1).astype(jnp.int32)]
+            from jaxdec.speculative.drafters import _draw_rows, draft_distribution
+            full = jnp.full((logits.shape[0], model.vocab_size), -jnp.inf, jnp.float32)
+            full = full.at[:, d2t].set(logits.astype(jnp.float32))
+            _, q = draft_distribution(full, state, True)
+            qs.append(q)
+            return _draw_rows(kk[:, i], q)
+
+        toks = [pick(out.logits[:, 0], 0)]
+        for i in range(1, c.num_tokens):
             step = lm(lp, None, cache.lengths[:, None], cache,
                       embeds=draft_inputs(hp, model, tp, o[:, None], toks[-1][:, None]))
             cache = step.cache
             o = step.hidden[:, 0]
-            toks.append(d2t[jnp.argmax(step.logits[:, 0], axis=-1).astype(jnp.int32)])
+            toks.append(pick(step.logits[:, 0], i))
         toks = jnp.stack(toks, axis=1)
         b = toks.shape[0]
-        draft = Draft(toks, TreeSpec.chain(c.num_tokens).parents_array(b), jnp.ones(toks.shape, bool))
+        draft = Draft(toks, TreeSpec.chain(c.num_tokens).parents_array(b), jnp.ones(toks.shape, bool), None,
+                      jnp.stack(qs, axis=1) if self.sample else None)
         return draft, ds.replace(cache=rollback(cache, committed)), state.cache
 
     def update(self, model, dparams, state, dstate, info):
         # the accepted path's target features, each with the token that followed it
-        feats = jnp.take_along_axis(info.hidden, info.path[:, :, None], axis=1).astype(jnp.float32)  # [B,D+1,E]
+        hp = dparams["heads"]
+        feats = target_features(self.config, hp, info.hidden, info.layer_hidden)  # [B,T,E]
+        feats = jnp.take_along_axis(feats, info.path[:, :, None], axis=1)  # [B,D+1,E]
         run = info.live & (info.cnt > 0)
         return dstate.replace(pend_f=jnp.where(run[:, None, None], feats, dstate.pend_f),
                               pend_x=jnp.where(run[:, None], info.out.astype(jnp.int32), dstate.pend_x),
@@ -208,4 +275,8 @@ def load_eagle(path: str, fingerprint: Optional[str]):
         raise ValueError(f"heads file {str(path)!r}: bad eagle config in its metadata ({e})") from None
     if d2t is None or np.shape(d2t) != (config.draft_vocab,):
         raise ValueError(f"heads file {str(path)!r}: its d2t map does not match draft_vocab={config.draft_vocab}")
+    k = len(config.feature_layers)
+    if ("fuse" in params) != bool(k) or (k and np.shape(params["fuse"]) != (config.hidden, k * config.hidden)):
+        raise ValueError(f"heads file {str(path)!r}: its fuse matrix does not match feature_layers="
+                         f"{list(config.feature_layers)} (corrupt file)")
     return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta, d2t
