@@ -641,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
     s.add_argument("--cache-size", type=int, default=1024, help="KV positions per slot (prompt + new tokens)")
     s.add_argument("--max-tokens-limit", type=int, default=256, help="the largest max_tokens a request may ask for")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                   help="chunked prefill across decode steps: at most this many prompt tokens prefilled "
+                        "between two decode steps, longer prompts in pieces (bounds the stall of running "
+                        "requests; default: a whole prompt at once)")
     b = sub.add_parser("serve-bench", help="replay a request trace on the decode-slot engine: throughput, TTFT and "
                                            "TPOT percentiles (a Poisson trace unless --trace is given)")
     b.add_argument("--trace", help='JSONL trace: one {"arrival": s, "prompt_len": n, "output_len": n} per line')
@@ -653,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", default="q", choices=list(WEIGHTS))
     b.add_argument("--slots", type=int, default=8)
     b.add_argument("--cache-size", type=int, default=512)
+    b.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                   help="chunked prefill across decode steps: at most this many prompt tokens prefilled "
+                        "between two decode steps, longer prompts in pieces (bounds the stall of running "
+                        "requests; default: a whole prompt at once)")
     b.add_argument("--out", help="write the report (with per-request records) to this JSON file")
     ap.generate_parser = g
     ap.serve_parser = s
@@ -817,6 +825,7 @@ def cmd_serve(args) -> int:
     check_int(args, "slots", 1, 1024)
     check_int(args, "cache_size", 2)
     check_int(args, "max_tokens_limit", 1)
+    check_int(args, "prefill_chunk_tokens", 1, args.cache_size, allow_none=True)
     if args.max_tokens_limit >= args.cache_size:
         raise BadInput(f"--max-tokens-limit ({args.max_tokens_limit}) must be smaller than --cache-size "
                        f"({args.cache_size})")
@@ -829,7 +838,7 @@ def cmd_serve(args) -> int:
         raise BadInput(f"--cache-size ({args.cache_size}) exceeds the model's context ({max_pos})")
     from jaxdec.serving.engine import Engine
     engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size,
-                    capacity=args.max_tokens_limit, keep_results=False)
+                    capacity=args.max_tokens_limit, keep_results=False, prefill_chunk_tokens=args.prefill_chunk_tokens)
     app = server.create_app(engine, loaded.tokenizer, args.served_model_name or args.model)
     print(f"[serve] {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
           f"({args.slots} slots, {args.cache_size} positions each)", file=sys.stderr, flush=True)
@@ -856,6 +865,7 @@ def cmd_serve_bench(args) -> int:
     check_int(args, "slots", 1, 1024)
     check_int(args, "cache_size", 2)
     check_int(args, "requests", 1)
+    check_int(args, "prefill_chunk_tokens", 1, args.cache_size, allow_none=True)
     check_float(args, "rate", lambda v: v > 0, "> 0 requests per second")
     if isinstance(args.seed, int) and not -2 ** 63 <= args.seed < 2 ** 63:
         raise BadInput(f"--seed must be a 64-bit signed integer, got {args.seed}")
@@ -880,7 +890,7 @@ def cmd_serve_bench(args) -> int:
     from jaxdec.serving.engine import Engine
     cap = max(r["output_len"] for r in trace)
     engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size, capacity=cap,
-                    ignore_eos=True)
+                    ignore_eos=True, prefill_chunk_tokens=args.prefill_chunk_tokens)
     src = [3 + (j % 1000) for j in range(longest)]
     warm = tr.poisson_trace(min(args.slots, len(trace)), float("inf"), sorted({r["prompt_len"] for r in trace}),
                             [2], seed=0)

@@ -15,6 +15,15 @@ The engine keeps ``slots`` rows of one `DecodeState` on the device. Each `step`:
 3. reads the new tokens of each busy slot on the host, applies the request's own stop ids and frees
    the slots whose requests finished.
 
+Chunked prefill across decode steps (``prefill_chunk_tokens=C``, Sarathi-Serve's stall-free batching without
+the fused kernel): an engine iteration (one `step`) prefills at most C padded prompt tokens, so a running request
+never waits on a whole prompt's prefill. A prompt whose bucket exceeds C is prefilled in pieces of C tokens, one
+piece per iteration, in a one-row cache of its own (`jaxdec.core.slots.prefill(..., cache=)`: one compiled
+program for every piece of every request), ahead of a free slot; it is inserted into the first free slot once
+its last piece is in (the first token comes with that piece, as `generate`'s prefill gives it). Shorter prompts
+are admitted batched as above, within C padded tokens per iteration. One chunked prompt is in flight at a
+time, in arrival order. ``iteration_log`` records each iteration's prefill (padded tokens, calls).
+
 Every row decodes exactly as `jaxdec.generate` of its request alone (same keys: a request's ``seed``
 gives generate's keys of ``seed`` for one prompt). Sampling parameters are per row and traced
 (temperature 0 = greedy for that row), so new settings never recompile. Per-request ``stop_ids`` are
@@ -119,18 +128,36 @@ def _insert(decoder, cache, rest, prefix, slot):
     return state
 
 
+@dataclasses.dataclass
+class _Chunked:
+    """A request whose prompt is being prefilled in pieces: its one-row cache, the prompt tokens already in, and
+    (after the last piece) its row to insert."""
+
+    req: Request
+    cache: object
+    done: int = 0
+    prefix: object = None
+
+
 class Engine:
     """Fixed decode slots over one model. ``slots``: rows decoded together; ``cache_size``: KV positions
     per slot (prompt + new tokens of one request must fit); ``capacity``: the largest ``max_new_tokens``
-    a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate`."""
+    a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate` (pieces of one prefill
+    call). ``prefill_chunk_tokens``: at most this many padded prompt tokens prefilled per engine iteration, longer
+    prompts in pieces across decode steps (see the module doc; None: a whole admission between two steps).
+    ``prefill_budget``: padded prompt tokens of one batched admission."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
                  prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False,
-                 prefill_budget: Optional[int] = None, tokenizer=None):
+                 prefill_budget: Optional[int] = None, tokenizer=None,
+                 prefill_chunk_tokens: Optional[int] = None):
         self.slots = _int_field("slots", slots, 1)
         # padded prompt tokens prefilled between two decode steps (None: every free slot is filled at once)
         self.prefill_budget = None if prefill_budget is None else _int_field("prefill_budget", prefill_budget, 1)
         self.cache_size = _int_field("cache_size", cache_size, 2)
+        # prompt tokens prefilled per engine iteration, long prompts in pieces across decode steps (None: whole)
+        self.prefill_chunk_tokens = (None if prefill_chunk_tokens is None else
+                                     _int_field("prefill_chunk_tokens", prefill_chunk_tokens, 1, self.cache_size))
         self.capacity = _int_field("capacity", capacity, 1)
         if self.capacity >= self.cache_size:
             raise ValueError(f"capacity ({capacity}) must be smaller than cache_size ({cache_size})")
@@ -154,6 +181,11 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.steps = 0
+        self._pf: Optional[_Chunked] = None  # the request being prefilled in pieces (chunked prefill)
+        # per engine iteration (`step`): {"prefill_tokens": padded prompt tokens prefilled, "prefill_calls": n,
+        # "decode": whether a decode step ran}; the last 4096 iterations
+        self.iteration_log: collections.deque = collections.deque(maxlen=4096)
+        self._it: dict = {}
         self.keep_results = keep_results  # False: finished requests are only reported through on_tokens
 
     def _empty_state(self):
@@ -177,7 +209,10 @@ class Engine:
         if max_new > self.capacity:
             raise RequestError(f"max_new_tokens ({max_new}) exceeds the engine's capacity ({self.capacity})")
         need = len(prompt) + max_new + int(hook(self.decoder, "cache_headroom"))
-        if bucket(len(prompt)) > self.cache_size or need > self.cache_size:
+        block = bucket(len(prompt))  # the prompt block of its prefill (prompts in pieces: only their tokens)
+        if self.prefill_chunk_tokens is not None and block > self.prefill_chunk_tokens:
+            block = len(prompt)
+        if block > self.cache_size or need > self.cache_size:
             raise RequestError(f"request too long for a slot: prompt ({len(prompt)} tokens) + max_new_tokens "
                                f"({max_new}) needs {need} positions, a slot holds {self.cache_size}")
         return prompt
@@ -294,9 +329,9 @@ class Engine:
         engine compiles at most log2(slots) + 1 row counts per prompt bucket and never prefills a filler row."""
         return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
-    def _take(self, free: int) -> list:
-        """Waiting requests for ``free`` slots, in arrival order, within the prefill budget (padded prompt
-        tokens; the first request is always taken). Cancelled ones are finished here."""
+    def _take(self, free: int, budget: Optional[int]) -> list:
+        """Waiting requests for ``free`` slots, in arrival order, within ``budget`` padded prompt tokens (None: no
+        limit; the first request is always taken). Cancelled ones are finished here."""
         take, spent = [], {}
         while len(take) < free:
             with self._lock:
@@ -304,10 +339,10 @@ class Engine:
                     break
                 req = self._waiting[0]
                 cancelled = req.id in self._cancel
-                if not cancelled and take and self.prefill_budget is not None:
+                if not cancelled and take and budget is not None:
                     b = bucket(len(req.prompt))
                     rows = {**spent, b: spent.get(b, 0) + 1}
-                    if sum(n * k for k, n in rows.items()) > self.prefill_budget:
+                    if sum(n * k for k, n in rows.items()) > budget:
                         break
                 self._waiting.popleft()
             if cancelled:
@@ -320,13 +355,92 @@ class Engine:
         return take
 
     def _admit(self):
-        """Batched admission: the waiting requests that fit the free slots (and the prefill budget) are
-        prefilled together: per prompt bucket, one compiled `init` per power-of-two part of their count
+        """Admission for one iteration: batched (below), or with ``prefill_chunk_tokens`` one prefill action of at
+        most that many padded tokens: a piece of the chunked prompt in flight, else a new chunked prompt's first
+        piece when the first waiting prompt's bucket exceeds it, else batched admission within it."""
+        c = self.prefill_chunk_tokens
+        if c is None:
+            return self._admit_batched(self.prefill_budget)
+        self._place_chunked()  # a prompt whose last piece is in waits for a free slot
+        if self._pf is None:
+            head = self._head()
+            if head is None:
+                return
+            if bucket(len(head.prompt)) <= c:
+                return self._admit_batched(c if self.prefill_budget is None else min(c, self.prefill_budget))
+            with self._lock:
+                self._waiting.popleft()  # the head: only this thread removes waiting requests
+            self._pf = _Chunked(head, slots_lib.empty_cache(self.model, 1, like=self._state))
+        if self._pf.prefix is None:
+            self._prefill_piece()
+            self._place_chunked()
+
+    def _head(self):
+        """The first waiting request that is not cancelled (cancelled ones before it are finished here)."""
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return None
+                req = self._waiting[0]
+                if req.id not in self._cancel:
+                    return req
+                self._waiting.popleft()
+            self._notify(req, [], "cancelled")
+            self._finish(None, req, "cancelled")
+
+    def _prefill_piece(self) -> None:
+        """The next piece (``prefill_chunk_tokens`` tokens, one compiled program) of the chunked prompt in flight;
+        after its last piece, ``self._pf.prefix`` is its row (first token included)."""
+        pf, c = self._pf, self.prefill_chunk_tokens
+        req = pf.req
+        piece = req.prompt[pf.done:pf.done + c]
+        last = pf.done + len(piece) >= len(req.prompt)
+
+        def prefill(decoder):
+            return slots_lib.prefill(decoder, self.model, self.params, [piece], like=self._state,
+                                     max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens,
+                                     seed=[req.seed], stop_ids=self.eos_ids, prompt_bucket=c,
+                                     sampling=self._sampling([req.temperature], [req]), cache=pf.cache)
+
+        if last and req.constraint is not None:  # the first token is masked: a session over this row
+            from jaxdec.constrained.processor import Session, activate
+            sess = Session([req.constraint])
+            sess.begin_batch(1)
+            with activate(sess):
+                out = prefill(self._constrained()[0])
+                jax.block_until_ready(out.tokens)
+        else:
+            out = prefill(self.decoder)
+        self._log_prefill(c)
+        pf.cache, pf.done = out.cache, pf.done + len(piece)
+        if last:
+            pf.prefix = out
+
+    def _place_chunked(self) -> None:
+        """Insert the chunked prompt whose last piece is in into the first free slot (if one is free)."""
+        pf = self._pf
+        if pf is None or pf.prefix is None or self._slot_req.count(None) == 0:
+            return
+        slot = self._slot_req.index(None)
+        st = self._state
+        self._state = _insert(self.decoder, st.cache, st.replace(cache=None), pf.prefix, jnp.asarray([slot], jnp.int32))
+        self._slot_req[slot], self._seen[slot], self._pf = pf.req, 0, None
+        if pf.req.constraint is not None:
+            self._set_matcher(slot, pf.req.constraint)
+
+    def _log_prefill(self, tokens: int) -> None:
+        if self._it:
+            self._it["prefill_tokens"] += tokens
+            self._it["prefill_calls"] += 1
+
+    def _admit_batched(self, budget: Optional[int]):
+        """Batched admission: the waiting requests that fit the free slots (and ``budget``, padded prompt tokens)
+        are prefilled together: per prompt bucket, one compiled `init` per power-of-two part of their count
         (`_row_counts`), each part inserted at once."""
         free = [s for s in range(self.slots) if self._slot_req[s] is None]
         if not free:
             return
-        take = self._take(len(free))
+        take = self._take(len(free), budget)
         groups: dict = {}
         for req in take:
             groups.setdefault((bucket(len(req.prompt)), req.constraint is not None), []).append(req)
@@ -354,6 +468,7 @@ class Engine:
                 jax.block_until_ready(prefix.tokens)
         else:
             prefix = prefill(self.decoder)
+        self._log_prefill(p * len(group))
         st = self._state
         self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix, jnp.asarray(where, jnp.int32))
         for slot, req in zip(where, group):
@@ -367,11 +482,24 @@ class Engine:
         prefill and insert), so that no request waits on an admission compile; the slots are untouched
         (the warm-up rows are all fillers, dropped by the insert). Only public seams: each shape is
         `jaxdec.core.slots.prefill` of one pad-token row plus ``fillers`` (the admission path's program: same
-        rows, prompt bucket, cache and sampling inputs). Returns the number of shapes."""
+        rows, prompt bucket, cache and sampling inputs). With ``prefill_chunk_tokens``, buckets above it are
+        prefilled in pieces: their one shape is the piece program (`slots.prefill(..., cache=)` of one pad-token row)
+        and its one-row insert. Returns the number of shapes."""
         buckets = sorted({bucket(_int_field("prompt_lengths[]", n, 1)) for n in prompt_lengths})
         if any(b > self.cache_size for b in buckets):
             raise RequestError(f"prompt_lengths: a bucket of {buckets} does not fit a slot of {self.cache_size}")
         counts = [1 << b for b in range(self.slots.bit_length())]  # every part `_row_counts` can give
+        c = self.prefill_chunk_tokens
+        chunked = c is not None and any(p > c for p in buckets)
+        buckets = [p for p in buckets if c is None or p <= c]  # the others are prefilled in pieces
+        if chunked:  # the piece program (every piece of every chunked prompt) and its one-row insert
+            prefix = slots_lib.prefill(self.decoder, self.model, self.params, [[self._pad]], like=self._state,
+                                       max_new_tokens=1, stop_ids=self.eos_ids, prompt_bucket=c,
+                                       sampling=self._sampling([0.0]),
+                                       cache=slots_lib.empty_cache(self.model, 1, like=self._state))
+            st = self._state
+            self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
+                                  jnp.full((1,), self.slots, jnp.int32))
         for p in buckets:
             for nb in counts:
                 prefix = slots_lib.prefill(self.decoder, self.model, self.params, [[self._pad]], like=self._state,
@@ -381,7 +509,7 @@ class Engine:
                 self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
                                       jnp.full((nb,), self.slots, jnp.int32))
         jax.block_until_ready(self._state.done)
-        return len(buckets) * len(counts)
+        return len(buckets) * len(counts) + int(chunked)
 
     def _notify(self, req, toks, reason):
         if req.on_tokens is not None:
@@ -396,6 +524,12 @@ class Engine:
             if req is not None and req.id in cancel:
                 self._notify(req, [], "cancelled")
                 self._finish(slot, req, "cancelled")
+        if self._pf is not None and self._pf.req.id in cancel:  # a chunked prefill in flight: its cache is dropped
+            req, self._pf = self._pf.req, None
+            self._notify(req, [], "cancelled")
+            self._finish(None, req, "cancelled")
+        self._it = {"prefill_tokens": 0, "prefill_calls": 0, "decode": False}
+        self.iteration_log.append(self._it)
         self._admit()
         if all(r is None for r in self._slot_req):
             return len(self._requests)
@@ -416,6 +550,7 @@ class Engine:
             else:
                 self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
             self.steps += 1
+            self._it["decode"] = True
         else:
             small = (st.tokens, st.num_new, st.done, st.finish)
         tokens, num_new, done, finish = jax.device_get(small)
@@ -467,6 +602,9 @@ class Engine:
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()
+        if self._pf is not None:
+            waiting.insert(0, self._pf.req)
+            self._pf = None
         for req in waiting:
             self._notify(req, [], reason)
             self._finish(None, req, reason)
