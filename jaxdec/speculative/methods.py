@@ -207,11 +207,14 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
     return SpeculativeDecoder(drafter, _verifier(sampling)), with_draft_params(params, dparams)
 
 
-def eagle(model, params, heads, target=None, sampling: bool = False):
+def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens: Optional[int] = None,
+          tree_topk: Optional[int] = None, tree_nodes: Optional[int] = None):
     """-> (decoder, params). The EAGLE-style head (`jaxdec.speculative.heads.eagle`): a heads file
     written by ``train/eagle.py`` (checked against the target like `medusa`) or an in-memory
     ``(EagleConfig, head params, d2t)`` triple. sampling: the chain is drawn from the draft's distribution
-    and verified by speculative sampling (lossless for sampling)."""
+    and verified by speculative sampling (lossless for sampling). num_tokens / tree_topk / tree_nodes
+    override the stored chain length (the tree's depth) and EAGLE-2 dynamic tree (``tree_topk=0``: a
+    chain)."""
     import os
     import numpy as np
     from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
@@ -226,6 +229,13 @@ def eagle(model, params, heads, target=None, sampling: bool = False):
     else:
         raise TypeError(f"heads must be a heads file path or an (EagleConfig, params, d2t) triple, got "
                         f"{type(heads).__name__}")
+    import dataclasses
+    over = {k: v for k, v in (("num_tokens", num_tokens), ("tree_topk", tree_topk), ("tree_nodes", tree_nodes))
+            if v is not None}
+    if over.get("tree_topk") == 0 and "tree_nodes" not in over:
+        over["tree_nodes"] = 0
+    if over:
+        config = dataclasses.replace(config, **over)
     d2t = np.asarray(d2t)
     if d2t.shape != (config.draft_vocab,) or d2t.min() < 0 or d2t.max() >= model.vocab_size:
         raise ValueError(f"eagle: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")

@@ -14,9 +14,16 @@ Drafts are chains of ``num_tokens``: greedy verification (lossless for greedy de
 ``sample=True``: each token drawn from the draft's processed distribution over the draft vocabulary (the
 other tokens get probability 0) and verified by speculative sampling (lossless for sampling).
 
-Not yet here (issue 15, item 3): the EAGLE-2 dynamic draft tree, and the training-time test's EAGLE-3
-attention masks (train/eagle.py's ``--ttt-steps`` feeds the head its own features over the whole
-sequence, an approximation).
+EAGLE-2's dynamic draft tree (``tree_topk > 0``, greedy verification): depth 1 takes the ``tree_topk``
+best draft tokens; each further depth (up to ``num_tokens``) expands the ``tree_topk`` nodes of the
+depth before with the best cumulative draft log-probability (one draft-layer call over those nodes,
+each attending to the committed draft cache and its own ancestors through an explicit mask), each
+giving ``tree_topk`` children; then all candidates are reranked by cumulative log-probability and the
+best ``tree_nodes`` form the tree (prefix-closed: a child never scores above its parent, and ties keep
+the parent). The tree differs per row and per step.
+
+Not yet here: the training-time test's EAGLE-3 attention masks (train/eagle.py's ``--ttt-steps`` feeds
+the head its own features over the whole sequence, an approximation).
 
 Params: ``{"fc": [E, 2E], "final_norm": [E], "layers": the 1-layer stack}`` plus ``"fuse": [E, kE]``
 with k feature layers; the drafter's params are ``{"heads": those, "target": target params, "d2t":
@@ -51,6 +58,10 @@ class EagleConfig:
     # target features fused (EAGLE-3): residual stream after that many layers, -1 = the final-norm hidden
     # state; () = the final-norm hidden state alone, unfused (EAGLE-1)
     feature_layers: tuple = ()
+    # EAGLE-2 dynamic tree: 0 = a chain of num_tokens; else expand this many nodes per depth (num_tokens
+    # depths) and keep the best tree_nodes candidates
+    tree_topk: int = 0
+    tree_nodes: int = 0
 
     def __post_init__(self):
         fl = self.feature_layers
@@ -64,12 +75,29 @@ class EagleConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"EagleConfig.{name} must be an integer >= 1, got {v!r}")
+        for name in ("tree_topk", "tree_nodes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"EagleConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.tree_topk:
+            cands = self.num_candidates
+            if not 1 <= self.tree_nodes <= cands or self.tree_topk > self.draft_vocab:
+                raise ValueError(f"EagleConfig: a dynamic tree (tree_topk={self.tree_topk}) needs 1 <= tree_nodes <= "
+                                 f"{cands} candidates and tree_topk <= draft_vocab, got tree_nodes={self.tree_nodes}")
+        elif self.tree_nodes:
+            raise ValueError("EagleConfig.tree_nodes needs tree_topk > 0 (a dynamic tree)")
+
+    @property
+    def num_candidates(self) -> int:
+        """Candidate nodes a dynamic tree ranks: topk at depth 1, topk**2 at each deeper depth."""
+        return self.tree_topk + (self.num_tokens - 1) * self.tree_topk ** 2
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["feature_layers"] = list(self.feature_layers)
-        if not self.feature_layers:  # files of the unfused head keep their old metadata
-            del d["feature_layers"]
+        for name, empty in (("feature_layers", []), ("tree_topk", 0), ("tree_nodes", 0)):
+            if d[name] == empty:  # files of the first head keep their old metadata
+                del d[name]
         return d
 
     @property
@@ -175,11 +203,15 @@ class EagleDrafter:
     sample: bool = False  # draw the chain from the draft's distribution (sampling verification)
 
     own_params = True
-    max_children = 1
-    is_chain = True
     extra_headroom = 0
 
-    num_nodes = property(lambda self: self.config.num_tokens)
+    def __post_init__(self):
+        if self.sample and self.config.tree_topk:
+            raise ValueError("EagleDrafter: sample=True drafts a chain only (tree_topk=0)")
+
+    is_chain = property(lambda self: not self.config.tree_topk)
+    max_children = property(lambda self: self.config.tree_topk or 1)
+    num_nodes = property(lambda self: self.config.tree_nodes or self.config.num_tokens)
     # the target layers the verify call returns in `VerifyInfo.layer_hidden` (EAGLE-3 feature fusion)
     target_hidden_layers = property(lambda self: self.config.model_layers)
     max_depth = property(lambda self: self.config.num_tokens)
@@ -202,7 +234,8 @@ class EagleDrafter:
         feats = target_features(c, hp, *target_call(c, model, tp, prompts, pos, model.init_cache(b, p)))  # [B,P,E]
         nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros((b, 1), prompts.dtype)], axis=1).astype(jnp.int32)
         lm = c.layer_model()
-        dcache = lm.init_cache(b, state.cache.size)
+        # a dynamic tree writes its expanded nodes past the committed positions, then rolls them back
+        dcache = lm.init_cache(b, state.cache.size + (c.num_tokens - 1) * c.tree_topk)
         out = lm(layer_params(hp, head_w), None, pos, dcache, embeds=draft_inputs(hp, model, tp, feats, nxt))
         dcache = rollback(out.cache, prompt_lens - 1)  # positions 0 .. plen-2 committed
         slots = c.num_tokens + 1
@@ -227,6 +260,9 @@ class EagleDrafter:
         cache = rollback(out.cache, committed)
         o = jnp.take_along_axis(out.hidden, (ds.npend - 1)[:, None, None], axis=1)[:, 0]  # [B,E]
         d2t = jnp.asarray(d2t, jnp.int32)
+        if c.tree_topk:
+            draft = self._tree(lm, lp, hp, model, tp, d2t, cache, out.logits[:, 0], o)
+            return draft, ds.replace(cache=cache), state.cache
         kk = jax.vmap(lambda k: jax.random.split(k, c.num_tokens))(keys) if self.sample else None  # [B,K] keys
         qs = []
 
@@ -252,6 +288,62 @@ class EagleDrafter:
         draft = Draft(toks, TreeSpec.chain(c.num_tokens).parents_array(b), jnp.ones(toks.shape, bool), None,
                       jnp.stack(qs, axis=1) if self.sample else None)
         return draft, ds.replace(cache=rollback(cache, committed)), state.cache
+
+    def _tree(self, lm, lp, hp, model, tp, d2t, cache, logits0, o0):
+        """EAGLE-2's dynamic tree from the root's draft scores ``logits0 [B,Vd]`` and draft output ``o0``;
+        ``cache`` holds the committed draft positions (its expanded nodes are written past them and not
+        kept: the caller keeps ``cache``)."""
+        c = self.config
+        k, n = c.tree_topk, c.tree_nodes
+        b = logits0.shape[0]
+        c0 = cache.lengths  # [B] committed draft positions = position of the depth-1 nodes
+        size = cache.size
+        ls, ids = jax.lax.top_k(jax.nn.log_softmax(logits0.astype(jnp.float32), axis=-1), k)  # [B,k]
+        cand_tok, cand_score, cand_par = [ids], [ls], [jnp.full((b, k), -1, jnp.int32)]  # parent: candidate index
+        front_tok, front_score, front_idx = ids, ls, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+        front_feat = jnp.broadcast_to(o0[:, None], (b, k, o0.shape[-1]))
+        front_slots = jnp.zeros((b, k, 0), jnp.int32)  # cache slots of each front node's ancestors (excl. itself)
+        offset = k
+        for d in range(1, c.num_tokens):
+            # run the front (depth d) nodes: each sees the committed cache, its ancestors' slots, itself
+            here = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None]  # slots they are written to
+            cols = jnp.arange(size + k, dtype=jnp.int32)[None, None]
+            committed = cols < c0[:, None, None]
+            anc = jnp.any(cols[..., None] == front_slots[:, :, None, :], axis=-1) if d > 1 else jnp.zeros_like(committed)
+            own = cols == (size + jnp.arange(k, dtype=jnp.int32))[None, :, None]
+            mask = committed | anc | own  # [B,k,S+k]
+            pos = (c0 + d - 1)[:, None] + jnp.zeros((1, k), jnp.int32)
+            step = lm(lp, None, pos, cache, embeds=draft_inputs(hp, model, tp, front_feat, d2t[front_tok]),
+                      attention=mask)
+            cache = step.cache
+            cl, cid = jax.lax.top_k(jax.nn.log_softmax(step.logits.astype(jnp.float32), axis=-1), k)  # [B,k,k]
+            score = (front_score[:, :, None] + cl).reshape(b, k * k)
+            cand_tok.append(cid.reshape(b, k * k))
+            cand_score.append(score)
+            cand_par.append(jnp.repeat(front_idx, k, axis=1))
+            # next front: the k best children by cumulative score
+            best_s, best = jax.lax.top_k(score, k)
+            pnode = best // k  # which front node is the parent
+            front_tok = jnp.take_along_axis(cid.reshape(b, k * k), best, axis=1)
+            front_score = best_s
+            front_idx = offset + best
+            front_feat = jnp.take_along_axis(step.hidden, pnode[:, :, None], axis=1)
+            front_slots = jnp.concatenate([jnp.take_along_axis(front_slots, pnode[:, :, None], axis=1),
+                                           jnp.take_along_axis(here, pnode, axis=1)[:, :, None]], axis=2)
+            offset += k * k
+        toks = jnp.concatenate(cand_tok, axis=1)  # [B,C] draft ids, candidates in depth order
+        scores = jnp.concatenate(cand_score, axis=1)
+        par = jnp.concatenate(cand_par, axis=1)
+        cands = toks.shape[1]
+        # rerank: the n best (ties to the earlier candidate, i.e. the parent); block order = candidate order
+        _, keep = jax.lax.top_k(scores - 1e-6 * jnp.arange(cands, dtype=jnp.float32)[None] / cands, n)
+        keep = jnp.sort(keep, axis=1)  # [B,n] ascending: parents before children
+        kpar = jnp.take_along_axis(par, keep, axis=1)
+        # block index of the parent: 1 + its rank among the kept (it is kept: prefix-closed), 0 at depth 1
+        rank = jax.vmap(lambda kk, pp: jnp.searchsorted(kk, pp))(keep, jnp.maximum(kpar, 0)).astype(jnp.int32)
+        parents = jnp.where(kpar < 0, 0, rank + 1)
+        tokens = d2t[jnp.take_along_axis(toks, keep, axis=1)]
+        return Draft(tokens, parents, jnp.ones((b, n), bool))
 
     def update(self, model, dparams, state, dstate, info):
         # the accepted path's target features, each with the token that followed it
