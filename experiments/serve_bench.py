@@ -20,7 +20,11 @@ ratios compare runs made back to back under the same load):
              drains; output lengths mixed, so prefills of new requests interleave with decoding): TPOT (per
              request mean) and ITL (every gap) percentiles, against one decode step over the full slots timed
              alone (`Engine.time_steps`, median of --step-reps) and the engine's host step (`Engine.step` with
-             nothing to admit). Goal (issue 20): p99 TPOT <= 1.5x the step alone.
+             nothing to admit). Goal (issue 20): p99 TPOT <= 1.5x the step alone. The same trace is also replayed
+             with chunked prefill across decode steps (`Engine(prefill_chunk_tokens=C)` for each C of
+             --chunk-tokens: at most C prompt tokens prefilled per engine iteration, long prompts in pieces), each
+             with its throughput, the mean number of busy slots per decode step (the goal holds "with all slots
+             busy": a small C admits slower, so slots may idle) and its tokens compared with the unchunked engine.
 
 Conventions (DESIGN.md): time from token ids in to token ids on the host, prefill included, after a warm-up
 that compiles every program (first-call times reported separately); median [min, max] over --reps repetitions;
@@ -65,11 +69,14 @@ class Config:
     step_reps: int = field(default=20, metadata={"help": "decode steps timed alone in the tpot cell"})
     prefill_budget: int = field(default=0, metadata={"help": "engine prefill_budget: padded prompt tokens "
                                                             "prefilled between two steps (0: fill every free slot)"})
+    chunk_tokens: tuple[int, ...] = field(default=(64, 16), metadata={
+        "help": "tpot cell: engine prefill_chunk_tokens values replayed besides the unchunked engine (chunked "
+                "prefill across decode steps; empty: none)"})
     sections: tuple[str, ...] = runner.select(SECTIONS, help=f"cells to run, of {SECTIONS}")
 
 
-SMOKE = Config(requests=6, rate=50.0, prompt_lens=(8, 20), output_lens=(2, 4), slots=2, reps=1, tpot_requests=4,
-               step_reps=2)
+SMOKE = Config(requests=6, rate=50.0, prompt_lens=(8, 70), output_lens=(2, 4), slots=2, reps=1, tpot_requests=4,
+               step_reps=2, chunk_tokens=(32,))
 QUICK = Config(requests=16, output_lens=(8, 32), reps=2, tpot_requests=24)
 
 
@@ -77,7 +84,7 @@ def _depends(cell: str) -> list:
     common = ["prompt_lens", "output_lens", "slots", "weights", "seed", "prefill_budget"]
     if cell == "trace":
         return common + ["requests", "rate", "reps"]
-    return common + ["tpot_requests", "step_reps"]
+    return common + ["tpot_requests", "step_reps", "chunk_tokens"]
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -122,11 +129,11 @@ def sizes(cfg) -> tuple:
     return bucket(longest + cap + 1), cap, longest
 
 
-def make_engine(m, cfg):
+def make_engine(m, cfg, chunk: int = 0):
     from jaxdec.serving import Engine
     cache, cap, _ = sizes(cfg)
     return Engine(m.model, m.params, slots=cfg.slots, cache_size=cache, capacity=cap, ignore_eos=True,
-                  prefill_budget=cfg.prefill_budget or None)
+                  prefill_budget=cfg.prefill_budget or None, prefill_chunk_tokens=chunk or None)
 
 
 def _wait_for(arrival: float, t0: float) -> None:
@@ -244,15 +251,40 @@ def cell_trace(cfg, sys_: Systems) -> dict:
     return out
 
 
+def _replay_stats(eng, cfg, trace, prompts) -> dict:
+    """One timed replay on ``eng`` (warmed up): latency percentiles, throughput and, from the engine's iteration
+    log, how busy the slots were and the most prompt tokens prefilled in one iteration."""
+    n0 = len(eng.iteration_log)
+    full = engine_run(eng, trace, prompts)
+    its = list(eng.iteration_log)[n0:] if len(eng.iteration_log) < eng.iteration_log.maxlen else []
+    dec = [it["decode"] for it in its if it["decode"]]
+    out = {"tpot": full["tpot"], "itl": full["itl"], "ttft": full["ttft"], "seconds": full["seconds"],
+           "steps": full["steps"], "tokens": full["tokens"],
+           "tok_s": sum(r["output_len"] for r in trace) / full["seconds"]}
+    if dec:
+        out.update(busy_mean=float(np.mean(dec)), busy_full_frac=float(np.mean([d == cfg.slots for d in dec])),
+                   max_prefill_tokens=max(it["prefill_tokens"] for it in its),
+                   chunk_iterations=sum(it["prefill_tokens"] > 0 and it["decode"] > 0 for it in its))
+    return out
+
+
 def cell_tpot(cfg, sys_: Systems) -> dict:
     from jaxdec.serving.trace import poisson_trace
     m = sys_.jaxdec()
-    eng = make_engine(m, cfg)
     trace = poisson_trace(cfg.tpot_requests, float("inf"), list(cfg.prompt_lens), list(cfg.output_lens),
                           seed=cfg.seed + 1)
     prompts = sys_.requests(trace)
-    first = warm_engine(eng, cfg, sys_)
-    full = engine_run(eng, trace, prompts)
+    engines = []
+    for chunk in [0] + [c for c in cfg.chunk_tokens if c]:
+        e = make_engine(m, cfg, chunk)
+        first = warm_engine(e, cfg, sys_)
+        r = _replay_stats(e, cfg, trace, prompts)
+        r.update(chunk=chunk, first_call_s=first)
+        engines.append(r)
+        print(f"  chunk {chunk or 'none'}: p50/p99 TPOT {r['tpot']['p50'] * 1e3:.1f}/{r['tpot']['p99'] * 1e3:.1f} ms, "
+              f"{r['tok_s']:.1f} tok/s, busy slots {r.get('busy_mean', 0):.2f}", flush=True)
+        if chunk == 0:
+            eng = e  # the unchunked engine also times the step alone
     # one decode step over full slots, alone: every slot holds a request with room for the timed steps
     _, cap, _ = sizes(cfg)
     ids = [eng.submit(p, max_new_tokens=cap) for p in prompts[:cfg.slots]]
@@ -267,11 +299,20 @@ def cell_tpot(cfg, sys_: Systems) -> dict:
         eng.cancel(i)
     eng.run_until_done()
     step = float(np.median(alone))
-    return {"first_call_s": first, "requests": len(trace), "tpot": full["tpot"], "itl": full["itl"],
-            "ttft": full["ttft"], "seconds": full["seconds"], "steps": full["steps"],
+    base = engines[0]
+    for r in engines:
+        r["p99_tpot_over_step"] = r["tpot"]["p99"] / step
+        r["p50_tpot_over_step"] = r["tpot"]["p50"] / step
+        r["p99_itl_over_step"] = r["itl"]["p99"] / step
+        r["rows_equal_unchunked"] = same_rows(r["tokens"], base["tokens"])
+    for r in engines:
+        del r["tokens"]
+    return {"first_call_s": base["first_call_s"], "requests": len(trace), "tpot": base["tpot"], "itl": base["itl"],
+            "ttft": base["ttft"], "seconds": base["seconds"], "steps": base["steps"],
             "output_tokens": sum(r["output_len"] for r in trace),
             "step_alone_s": _stats(alone), "host_step_s": _stats(host) if host else None,
-            "p99_tpot_over_step": full["tpot"]["p99"] / step, "p99_itl_over_step": full["itl"]["p99"] / step}
+            "p99_tpot_over_step": base["p99_tpot_over_step"], "p99_itl_over_step": base["p99_itl_over_step"],
+            "engines": engines}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -322,7 +363,31 @@ def markdown(rec) -> list:
                   + (f"; the engine's host step with nothing to admit: {_fmt(host, 1e3)} ms" if host else "") + ".", "",
                   f"p99 TPOT / step alone: **{r['p99_tpot_over_step']:.2f}x** (goal <= 1.5x); p99 ITL / step alone: "
                   f"{r['p99_itl_over_step']:.2f}x.", ""]
+        if r.get("engines"):
+            lines += _chunk_table(r, cfg)
     return lines
+
+
+def _chunk_table(r: dict, cfg: dict) -> list:
+    step = r["step_alone_s"]["median"]
+    lines = ["### Chunked prefill across decode steps (same trace, same run)", "",
+             f"`prefill_chunk_tokens` C: at most C prompt tokens prefilled per engine iteration (prompts whose bucket "
+             f"exceeds C go in pieces of C, one per iteration, while the slots decode). Busy slots: mean live rows "
+             f"per decode step (of {cfg['slots']}) and the share of steps with every slot busy. Step alone: "
+             f"{step * 1e3:.1f} ms.", "",
+             "| prefill per iteration | TPOT p50 / p99 (ms) | p50 / p99 TPOT over a step | ITL p99 / step | "
+             "TTFT p50 / p99 (s) | output tok/s | busy slots (mean, all busy) | most prompt tokens in one "
+             "iteration | rows = unchunked |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for e in r["engines"]:
+        name = "whole prompts (unchunked)" if not e["chunk"] else f"C = {e['chunk']}"
+        busy = (f"{e['busy_mean']:.2f}, {e['busy_full_frac']:.0%}" if "busy_mean" in e else "-")
+        lines.append(f"| {name} | {_ms(e['tpot'], 'p50')} / {_ms(e['tpot'], 'p99')} | "
+                     f"{e['p50_tpot_over_step']:.2f}x / **{e['p99_tpot_over_step']:.2f}x** | "
+                     f"{e['p99_itl_over_step']:.2f}x | {e['ttft']['p50']:.2f} / {e['ttft']['p99']:.2f} | "
+                     f"{e['tok_s']:.1f} | {busy} | {e.get('max_prefill_tokens', '-')} | "
+                     f"{e['rows_equal_unchunked']}/{r['requests']} |")
+    return lines + [""]
 
 
 def _pcts(p: dict) -> str:

@@ -183,7 +183,7 @@ class Engine:
         self.steps = 0
         self._pf: Optional[_Chunked] = None  # the request being prefilled in pieces (chunked prefill)
         # per engine iteration (`step`): {"prefill_tokens": padded prompt tokens prefilled, "prefill_calls": n,
-        # "decode": whether a decode step ran}; the last 4096 iterations
+        # "decode": live slots of its decode step (0: no step ran)}; the last 4096 iterations
         self.iteration_log: collections.deque = collections.deque(maxlen=4096)
         self._it: dict = {}
         self.keep_results = keep_results  # False: finished requests are only reported through on_tokens
@@ -528,7 +528,7 @@ class Engine:
             req, self._pf = self._pf.req, None
             self._notify(req, [], "cancelled")
             self._finish(None, req, "cancelled")
-        self._it = {"prefill_tokens": 0, "prefill_calls": 0, "decode": False}
+        self._it = {"prefill_tokens": 0, "prefill_calls": 0, "decode": 0}
         self.iteration_log.append(self._it)
         self._admit()
         if all(r is None for r in self._slot_req):
@@ -550,7 +550,7 @@ class Engine:
             else:
                 self._state, small = _step(self.decoder, self.model, self.params, st.cache, st.replace(cache=None))
             self.steps += 1
-            self._it["decode"] = True
+            self._it["decode"] = sum(live)
         else:
             small = (st.tokens, st.num_new, st.done, st.finish)
         tokens, num_new, done, finish = jax.device_get(small)
