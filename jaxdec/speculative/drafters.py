@@ -312,12 +312,24 @@ def _draw_rows(keys, q):
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logq).astype(jnp.int32)
 
 
-def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold):
+def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold,
+                         stop=None, stop_params=None, first_feat=None):
     """Draft up to ``k`` tokens one call at a time. ``step(carry, x [B]) -> (carry, logits [B,V])`` feeds one
     token. SpecDec++'s stop rule with the draft's own confidence as the acceptance predictor: a row stops
     drafting once the predicted probability that some token of its draft is rejected,
     ``1 - prod_i max q_i``, exceeds ``stop_threshold``; the loop (a `while_loop`) ends when every row has
-    stopped, so the skipped draft calls really are not run. Returns (Draft, carry, calls made)."""
+    stopped, so the skipped draft calls really are not run. Returns (Draft, carry, calls made).
+
+    stop: a learned stop (e.g. `jaxdec.speculative.heads.acceptance.AcceptanceStop`) instead of the
+    confidence: ``step`` then returns ``(carry, logits, feat [B,E])`` (the draft state that produced those
+    logits), ``first_feat`` is the state behind ``first_logits``, and before token i is proposed the loop
+    calls ``stop.advance(stop_params, feat_i, surv, alive, i) -> (surv, proposed [B], go_on [B])``: a row
+    proposes token i only where ``proposed`` and takes part in the next draft call only where ``go_on``
+    (the loop ends when no row goes on). The draft tokens and q are unchanged."""
+    if stop is not None and stop_threshold is not None:
+        raise ValueError("give stop_threshold (confidence stop) or stop (a learned stop head), not both")
+    if stop is not None and first_feat is None:
+        raise ValueError("a learned stop needs first_feat (the draft state behind first_logits)")
     b, v = first_logits.shape
     toks = jnp.zeros((b, k), jnp.int32)
     valid = jnp.zeros((b, k), bool)
@@ -325,11 +337,15 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
     ks = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)
 
     def body(s):
-        i, logits, carry, toks, valid, qbuf, alive, surv, calls = s
+        i, logits, carry, toks, valid, qbuf, alive, surv, calls = s[:9]
         am, q = draft_distribution(logits, state, sample)
         x = _draw_rows(jnp.take(ks, i, axis=1), q) if sample else am
         toks = toks.at[:, i].set(x)
-        valid = valid.at[:, i].set(alive)
+        if stop is not None:  # learned stop: decide on token i from the state that scored it
+            surv, take, alive = stop.advance(stop_params, s[9], surv, alive, i)
+            valid = valid.at[:, i].set(take)
+        else:
+            valid = valid.at[:, i].set(alive)
         if sample:
             qbuf = qbuf.at[:, i].set(q)
         if stop_threshold is not None:
@@ -337,6 +353,9 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
             surv = surv * conf
             alive = alive & (1.0 - surv <= stop_threshold)
         more = (i + 1 < k) & jnp.any(alive)
+        if stop is not None:
+            carry, logits, feat = jax.lax.cond(more, lambda c: step(c, x), lambda c: (c, logits, s[9]), carry)
+            return i + 1, logits, carry, toks, valid, qbuf, alive, surv, calls + more.astype(jnp.int32), feat
         carry, logits = jax.lax.cond(more, lambda c: step(c, x), lambda c: (c, logits), carry)
         return i + 1, logits, carry, toks, valid, qbuf, alive, surv, calls + more.astype(jnp.int32)
 
@@ -345,7 +364,9 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
 
     init = (jnp.zeros((), jnp.int32), first_logits, carry, toks, valid, qbuf, jnp.ones((b,), bool),
             jnp.ones((b,), jnp.float32), jnp.zeros((), jnp.int32))
-    _, _, carry, toks, valid, qbuf, _, _, calls = jax.lax.while_loop(cond, body, init)
+    if stop is not None:
+        init = init + (first_feat.astype(jnp.float32),)
+    _, _, carry, toks, valid, qbuf, _, _, calls = jax.lax.while_loop(cond, body, init)[:9]
     draft = Draft(toks, TreeSpec.chain(k).parents_array(b), valid, None, qbuf if sample else None, calls + 1)
     return draft, carry
 
@@ -377,12 +398,19 @@ class DraftModelDrafter:
     sampling parameters and returns q for speculative sampling. The draft cache is kept in step with the
     target: at most two tokens (the last accepted draft token after a full accept, then the bonus) are
     fed at the start of the next proposal. stop_threshold: SpecDec++-style adaptive draft length (see
-    `autoregressive_chain`); None drafts all ``num_tokens``."""
+    `autoregressive_chain`); None drafts all ``num_tokens``.
+
+    stop_head: SpecDec++'s learned stop instead (an object with ``advance``, e.g.
+    `jaxdec.speculative.heads.acceptance.AcceptanceStop`) reading the draft model's final-norm hidden
+    state at each draft position; its params travel with the draft's:
+    ``with_draft_params(target, {"model": draft params, "stop": head params})``. None (the default)
+    leaves every output and the params layout as they were."""
 
     draft_model: object
     num_tokens: int = 4
     sample: bool = False
     stop_threshold: Optional[float] = None
+    stop_head: Any = None
 
     own_params = True
     max_children = 1
@@ -394,13 +422,30 @@ class DraftModelDrafter:
             raise ValueError(f"draft length (num_tokens) must be >= 1, got {self.num_tokens}")
         if self.stop_threshold is not None and not 0.0 <= self.stop_threshold < 1.0:
             raise ValueError("stop_threshold must be in [0, 1)")
+        if self.stop_head is not None:
+            if self.stop_threshold is not None:
+                raise ValueError("give stop_threshold (confidence stop) or stop_head (learned stop), not both")
+            if not callable(getattr(self.stop_head, "advance", None)):
+                raise TypeError(f"stop_head must have an advance(params, feat, surv, alive, index) method, got "
+                                f"{type(self.stop_head).__name__}")
 
     num_nodes = property(lambda self: self.num_tokens)
     max_depth = property(lambda self: self.num_tokens)
     draft_calls_per_step = property(lambda self: self.num_tokens)
 
+    def _params(self, dparams):
+        """(draft model params, stop head params or None)."""
+        if self.stop_head is None:
+            return dparams, None
+        if not (isinstance(dparams, dict) and set(dparams) == {"model", "stop"}):
+            raise ValueError("DraftModelDrafter with a stop_head needs params=with_draft_params(target, "
+                             "{'model': draft params, 'stop': stop head params}) "
+                             "(jaxdec.speculative.heads.acceptance.build makes them)")
+        return dparams["model"], dparams["stop"]
+
     def init(self, model, dparams, prompts, prompt_lens, state, inputs):
         from jaxdec.core.steps import prefill
+        dparams, _ = self._params(dparams)
         if self.draft_model.vocab_size != model.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.draft_model.vocab_size}) differs from the target's "
                              f"({model.vocab_size}): a draft model must share the target's tokenizer")
@@ -415,18 +460,28 @@ class DraftModelDrafter:
         from jaxdec.cache.kv import rollback
         ds = state.method.draft
         dm = self.draft_model
+        dparams, sparams = self._params(dparams)
         dc = ds.cache
         l0 = dc.lengths
         pos = l0[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
         out = dm(dparams, ds.pend, pos, dc, logits_at=(ds.npend - 1)[:, None])
         dc = rollback(out.cache, l0 + ds.npend)
 
-        def step(c, x):
-            o = dm(dparams, x[:, None], c.lengths[:, None], c)
-            return o.cache, o.logits[:, 0]
+        if self.stop_head is None:
+            def step(c, x):
+                o = dm(dparams, x[:, None], c.lengths[:, None], c)
+                return o.cache, o.logits[:, 0]
 
-        draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
-                                          self.stop_threshold)
+            draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
+                                              self.stop_threshold)
+        else:
+            def step(c, x):
+                o = dm(dparams, x[:, None], c.lengths[:, None], c)
+                return o.cache, o.logits[:, 0], o.hidden[:, 0]
+
+            feat0 = jnp.take_along_axis(out.hidden, (ds.npend - 1)[:, None, None], axis=1)[:, 0]
+            draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
+                                              None, self.stop_head, sparams, feat0)
         drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
         return draft, ds.replace(cache=dc, l0=l0, drafted=drafted), state.cache
 

@@ -1,0 +1,251 @@
+"""Issue 16: SpecDec++'s acceptance head (`jaxdec.speculative.heads.acceptance`), its training script
+(`train/specdec_pp.py`) and the learned stop in `DraftModelDrafter`, at tiny size.
+
+Toy target and draft (`jaxdec.testing.toy_speculative.TrigramModel`, V = 16): the target's greedy next
+token after ``tok`` is ``perm[tok]``; the draft's is the same for the tokens of a set G and a wrong one
+elsewhere. The draft's hidden state is the one-hot of its current token, so a trained head can tell
+whether the next draft token will be accepted (``tok in G``) while an untrained head guesses; the
+trained stop must beat the untrained one under a fixed cost model, and greedy verification must stay
+exact with the head on.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+import jaxdec
+from jaxdec.speculative import methods as M
+from jaxdec.speculative.drafters import DraftModelDrafter
+from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
+from jaxdec.speculative.heads import acceptance as A
+from jaxdec.speculative.heads.artefact import HeadsMismatch, save_heads
+from jaxdec.testing.toy_speculative import TrigramModel
+
+V = 16
+FP = "sha256:" + "5e" * 32
+MAX_NEW = 24
+K = 6
+COST_DRAFT = 0.3  # cost model: a draft call costs 0.3 target calls
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from train.specdec_pp import SpecDecPPTrainConfig, train_specdec_pp
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(V)
+    good = rng.permutation(V)[: V // 2]  # G: tokens after which the draft guesses right
+    wrong = (perm + 1 + rng.integers(0, V - 1, V)) % V
+    wrong = np.where(wrong == perm, (perm + 1) % V, wrong)
+    table = (rng.normal(size=(V, V, V)) * 0.3).astype(np.float32)
+    dtable = table.copy()
+    table[:, np.arange(V), perm] += 4.0
+    dnext = perm.copy()
+    bad = np.setdiff1d(np.arange(V), good)
+    dnext[bad] = wrong[bad]
+    dtable[:, np.arange(V), dnext] += 4.0
+    model = TrigramModel(V)
+    params = {"table": jnp.asarray(table), "embed": jnp.eye(V, dtype=jnp.float32)}
+    dparams = {"table": jnp.asarray(dtable), "embed": jnp.eye(V, dtype=jnp.float32)}
+    prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 6)))] for _ in range(48)]
+    gen = jaxdec.generate(model, params, prompts[:40], max_new_tokens=MAX_NEW)
+    seqs = [p + list(t) for p, t in zip(prompts[:40], gen.tokens)]
+    d = tmp_path_factory.mktemp("specdec_pp")
+    cfg = SpecDecPPTrainConfig(out=str(d / "run"), steps=20, batch_size=8, lr=0.1, warmup=2, seq_len=32,
+                               num_layers=1, eval_every=10, save_every=10, log_every=1, progress=False,
+                               eval_fraction=0.1)
+    res, path = train_specdec_pp(cfg, model, params, seqs, [len(p) for p in prompts[:40]], FP, target_name="toy",
+                                 command="pytest", log=lambda *a: None, draft=(model, dparams, "toy-draft"))
+    test = prompts[40:]
+    assert len({len(p) for p in test}) >= 3  # a ragged batch
+    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW).tokens
+    return dict(model=model, params=params, dparams=dparams, good=set(int(g) for g in good), prompts=prompts,
+                test=test, greedy=greedy, res=res, path=path, cfg=cfg, acfg=res.acceptance_config, dir=d)
+
+
+def _run(toy, hp, prompts=None, threshold=0.7, sampling=False, batch_size=None, **kw):
+    dec, pp = A.build(toy["model"], toy["params"], (toy["acfg"], hp), draft=(toy["model"], toy["dparams"]),
+                      num_tokens=K, threshold=threshold, sampling=sampling, **kw)
+    return jaxdec.generate(toy["model"], pp, prompts or toy["test"], decoder=dec, max_new_tokens=MAX_NEW,
+                           batch_size=batch_size, **({"sampling": {"temperature": 0.0}} if sampling else {}))
+
+
+def _cost_speedup(stats):
+    """Tokens per unit time under the fixed cost model (a target call 1, a draft call COST_DRAFT), and
+    rejected draft tokens per target call (runs at batch 1, so calls are per row)."""
+    raw = stats["raw"]
+    emitted = int(np.sum(raw["emitted"]))
+    cost = stats["target_calls"] + COST_DRAFT * stats["draft_calls"]
+    rejected = int(np.sum(raw["pos_offered"])) - int(np.sum(raw["accepted"]))
+    return emitted / cost, rejected / stats["target_calls"]
+
+
+# --------------------------------------------------------------------------- training
+def test_loss_falls_and_head_learns_the_set(toy):
+    recs = toy["res"].records
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert len(train) == 20 and [r["step"] for r in ev] == [10, 20]
+    assert train[-1] < 0.3 * train[0], train
+    assert ev[-1]["acc"] > 0.95 and ev[-1]["loss"] < 0.3 * train[0]
+    # labels: greedy acceptance is exactly "the current token is in G" at every labelled position
+    lab = toy["res"].labels
+    hp = toy["res"].params
+    p = np.asarray(A.accept_prob(hp, jnp.eye(V)))[:, 0]
+    g = np.array([i in toy["good"] for i in range(V)])
+    assert p[g].min() > 0.6 and p[~g].max() < 0.1, p  # separated (rejections weigh 6x: p_accept leans low)
+    assert 0.2 < lab["label"][lab["mask"]].mean() < 0.8  # both classes present
+
+
+def test_labels_match_the_rule_and_sampling_labels_are_min_p_over_q(toy):
+    from train.specdec_pp import label_pass
+    from train.medusa import sequences_to_arrays
+    seqs = [p + [int(x) for x in np.arange(5)] for p in toy["prompts"][:4]]
+    arr = sequences_to_arrays(seqs, [len(p) for p in toy["prompts"][:4]], 12)
+    lab = label_pass(toy["model"], toy["params"], toy["model"], toy["dparams"], arr, "greedy", 4, log=lambda *a: None)
+    tok = arr["tokens"]
+    want = np.array([[t in toy["good"] for t in row] for row in tok], np.float32)
+    assert np.array_equal(lab["label"][lab["mask"]], want[lab["mask"]])
+    assert np.array_equal(lab["feat"].astype(np.float32), np.eye(V, dtype=np.float32)[tok])
+    soft = label_pass(toy["model"], toy["params"], toy["model"], toy["dparams"], arr, "sampling", 4,
+                      log=lambda *a: None)["label"]
+    assert np.all((soft >= 0) & (soft <= 1)) and not np.all((soft == 0) | (soft == 1))
+
+
+# --------------------------------------------------------------------------- the stop rule
+def test_stop_rule():
+    surv = jnp.ones((4,))
+    alive = jnp.array([True, True, True, False])
+    p = jnp.array([0.9, 0.5, 0.2, 0.9])
+    s, take, go = A.stop_rule(surv, alive, p, 0, 0.3, min_tokens=0)
+    assert take.tolist() == [True, False, False, False] and np.allclose(s, [0.9, 1, 1, 1])
+    assert go.tolist() == take.tolist()  # the paper's rule: go on while proposing
+    s2, take2, _ = A.stop_rule(s, take, jnp.array([0.9, 0.9, 0.9, 0.9]), 1, 0.3, min_tokens=0)
+    assert take2.tolist() == [True, False, False, False] and np.isclose(s2[0], 0.81)
+    _, take3, _ = A.stop_rule(s2, take2, jnp.array([0.8, 1, 1, 1]), 2, 0.3, min_tokens=0)  # 1 - 0.648 > 0.3
+    assert take3.tolist() == [False] * 4
+    _, take4, _ = A.stop_rule(surv, alive, p, 0, 0.3, min_tokens=1)  # the first token always joins
+    assert take4.tolist() == [True, True, True, False]
+    # lookahead: 0.9 * 0.7 = 0.63 < 0.7 would be declined next, so no further draft call
+    _, take5, go5 = A.stop_rule(surv, alive, p, 0, 0.3, min_tokens=0, p_next=jnp.array([0.7, 1, 1, 1]))
+    assert take5.tolist() == [True, False, False, False] and go5.tolist() == [False] * 4
+    _, _, go6 = A.stop_rule(surv, alive, p, 0, 0.3, min_tokens=2, p_next=jnp.array([0.7, 1, 1, 1]))
+    assert go6.tolist() == [True, True, True, False]  # min_tokens forces the second call
+
+
+def test_trained_stop_beats_untrained_and_fixed_lengths(toy):
+    """Under the cost model (batch 1): the trained stop beats an untrained head, with the paper's rule and
+    with the lookahead, and the lookahead rule beats every fixed draft length tried (1 and K)."""
+    greedy = toy["greedy"]
+    sp = {}
+    for name, hp in (("trained", toy["res"].params), ("untrained", A.init_params(toy["acfg"], seed=3))):
+        for la in (True, False):
+            out = _run(toy, hp, batch_size=1, lookahead=la)
+            assert out.tokens == greedy
+            assert out.stats["tau"] > 1.0
+            sp[name, la] = _cost_speedup(out.stats)[0]
+    assert sp["trained", True] > 1.1 * sp["untrained", True], sp
+    assert sp["trained", False] > 1.1 * sp["untrained", False], sp
+    assert sp["trained", True] > sp["trained", False], sp  # no draft call spent on a declined token
+    for k in (1, K):
+        dec, pp = M.draft_model(toy["model"], toy["params"], draft=(toy["model"], toy["dparams"]), num_tokens=k)
+        fixed = jaxdec.generate(toy["model"], pp, toy["test"], decoder=dec, max_new_tokens=MAX_NEW, batch_size=1)
+        assert fixed.tokens == greedy
+        assert sp["trained", True] > 1.05 * _cost_speedup(fixed.stats)[0], (k, sp, _cost_speedup(fixed.stats))
+
+
+def test_lossless_ragged_batch_min_tokens_zero_and_sampling(toy):
+    """Batch 1 is covered above (every run at batch_size=1 equals greedy); here the ragged batch of 8."""
+    for mt in (1, 0):
+        out = _run(toy, toy["res"].params, min_tokens=mt)
+        assert out.tokens == toy["greedy"]
+        assert out.stats["tau"] > 1.0
+
+
+@pytest.mark.slow
+def test_sampling_verification_with_the_head(toy):
+    """Sampling verification with temperature-0 rows is greedy decoding (one more compiled program)."""
+    samp = _run(toy, toy["res"].params, sampling=True)
+    assert samp.tokens == toy["greedy"] and samp.stats["tau"] > 1.0
+
+
+def test_head_off_is_unchanged_and_a_never_stopping_head_drafts_the_full_chain(toy):
+    dec, pp = M.draft_model(toy["model"], toy["params"], draft=(toy["model"], toy["dparams"]), num_tokens=K)
+    off = jaxdec.generate(toy["model"], pp, toy["test"], decoder=dec, max_new_tokens=MAX_NEW, batch_size=1)
+    hp = dict(A.init_params(toy["acfg"]))
+    hp["out_b"] = jnp.full((2,), 50.0)  # p_accept = 1: never stops
+    on = _run(toy, hp, batch_size=1)
+    assert on.tokens == off.tokens == toy["greedy"]
+    for k in ("tau", "target_calls", "draft_calls"):
+        assert on.stats[k] == off.stats[k], k
+    np.testing.assert_array_equal(on.stats["acceptance_per_position"], off.stats["acceptance_per_position"])
+    # negative control: a head that always predicts rejection drafts one token per call
+    hp["out_b"] = jnp.full((2,), -50.0)
+    low = _run(toy, hp, batch_size=1)
+    assert low.tokens == off.tokens and low.stats["draft_calls"] <= low.stats["target_calls"]  # one per step
+    assert off.stats["draft_calls"] > 3 * off.stats["target_calls"]
+
+
+# --------------------------------------------------------------------------- files and bad input
+def test_heads_file_roundtrip_and_bad_input(toy, tmp_path):
+    path = toy["path"]
+    dec, pp = A.build(toy["model"], toy["params"], path, target=FP, draft=(toy["model"], toy["dparams"]),
+                      num_tokens=K)
+    out = jaxdec.generate(toy["model"], pp, toy["test"], decoder=dec, max_new_tokens=MAX_NEW)
+    ref = _run(toy, toy["res"].params)
+    assert out.tokens == ref.tokens and out.stats["draft_calls"] == ref.stats["draft_calls"]
+    cfg, hp, meta = A.load_acceptance(path, FP)
+    assert cfg.draft == "toy-draft" and meta["kind"] == A.KIND and meta["command"] == "pytest"
+    with pytest.raises(HeadsMismatch, match="another target"):
+        A.build(toy["model"], toy["params"], path, target="sha256:" + "cd" * 32, draft=(toy["model"], toy["dparams"]))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        A.load_acceptance(str(cut), FP)
+    other = tmp_path / "medusa.safetensors"
+    save_heads(str(other), "medusa", {"w": np.zeros((2, 2), np.float32)}, {"hidden": V}, FP)
+    with pytest.raises(ValueError, match="holds 'medusa' heads, expected 'specdec_pp'"):
+        A.load_acceptance(str(other), FP)
+    wrong = tmp_path / "wrong.safetensors"
+    save_heads(str(wrong), A.KIND, {"w": np.zeros((2, 2), np.float32)}, toy["acfg"].to_dict(), FP)
+    with pytest.raises(ValueError, match="expected tensors"):
+        A.load_acceptance(str(wrong), FP)
+    good = (toy["acfg"], toy["res"].params)
+    draft = (toy["model"], toy["dparams"])
+    with pytest.raises(ValueError, match="threshold"):
+        A.build(toy["model"], toy["params"], good, draft=draft, threshold=1.5)
+    with pytest.raises(ValueError, match="lookahead"):
+        A.build(toy["model"], toy["params"], good, draft=draft, lookahead="yes")
+    with pytest.raises(ValueError, match="min_tokens"):
+        A.build(toy["model"], toy["params"], good, draft=draft, min_tokens=-1)
+    with pytest.raises(ValueError, match="num_tokens"):
+        A.build(toy["model"], toy["params"], good, draft=draft, num_tokens=0)
+    with pytest.raises(TypeError, match="heads must be"):
+        A.build(toy["model"], toy["params"], 3, draft=draft)
+    with pytest.raises(ValueError, match="expected tensors"):
+        A.build(toy["model"], toy["params"], (toy["acfg"], {"w": 1}), draft=draft)
+    with pytest.raises(ValueError, match="hidden"):
+        A.AcceptanceConfig(hidden=0)
+    with pytest.raises(ValueError, match="labels"):
+        A.AcceptanceConfig(hidden=4, labels="soft")
+    with pytest.raises(ValueError, match="draft_layers=2.*first 3 layers"):
+        A.resolve_draft(toy["model"], toy["params"], A.AcceptanceConfig(hidden=4, draft="layers:3"), draft_layers=2)
+    stop = A.AcceptanceStop(toy["acfg"])
+    with pytest.raises(ValueError, match="not both"):
+        DraftModelDrafter(toy["model"], 4, stop_threshold=0.3, stop_head=stop)
+    with pytest.raises(TypeError, match="advance"):
+        DraftModelDrafter(toy["model"], 4, stop_head=object())
+    plain = SpeculativeDecoder(DraftModelDrafter(toy["model"], 4, stop_head=stop))
+    with pytest.raises(ValueError, match="'model'.*'stop'"):
+        jaxdec.generate(toy["model"], with_draft_params(toy["params"], toy["dparams"]), toy["test"][:1],
+                        decoder=plain, max_new_tokens=4)
+
+
+def test_train_config_bad_values():
+    from train.harness import ConfigError
+    from train.specdec_pp import SpecDecPPTrainConfig
+    for kw, flag in (({"labels": "soft"}, "--labels"), ({"weight_mismatch": 0.0}, "--weight-mismatch"),
+                     ({"num_layers": -1}, "--num-layers"), ({"draft": "x", "draft_layers": 3}, "--draft"),
+                     ({"draft_depth": 2}, "--draft-depth"), ({"seq_len": 2}, "--seq-len")):
+        with pytest.raises(ConfigError, match=flag):
+            SpecDecPPTrainConfig(**kw).validate()

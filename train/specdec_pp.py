@@ -1,0 +1,242 @@
+"""Train SpecDec++'s acceptance-prediction head (`jaxdec.speculative.heads.acceptance`):
+``python -m train.specdec_pp [--flags]``.
+
+The target and the draft model are frozen. One pass over the corpus, up front, runs both on the
+target's own text (teacher forcing: position t sees the true prefix, which is what a draft chain sees
+when every earlier candidate was accepted) and stores, per position t from the last prompt token on:
+
+* the draft's final-norm hidden state ``h_t`` (float16), the head's input;
+* the label of the draft token scored from ``h_t``: ``--labels greedy``: 1 if the draft's greedy token
+  equals the target's greedy token at t, else 0 (greedy verification accepts exactly then);
+  ``--labels sampling``: the paper's soft label ``min(1, p(x)/q(x))`` for one draft sample ``x ~ q``
+  (p, q: the target's and draft's softmax at t, temperature 1).
+
+Then the head is trained with the paper's weighted BCE (rejections weighted ``--weight-mismatch``,
+6 in the paper) on those stored pairs. The draft is the target's first ``--draft-layers`` layers (default
+half, as `jaxdec.speculative.methods.draft_model`) or ``--draft FILE``, a distilled draft's heads file
+(`jaxdec.speculative.heads.draft_lm`, ``--draft-depth`` for an S2D exit); the choice is recorded in the
+heads file's config (``draft``), and `acceptance.build` refuses another draft.
+
+Target states: ``--hidden stored`` reads/writes the target's final-norm hidden states through
+train.medusa's shared cache (``--hidden-cache``) and scores them with the LM head; ``recompute`` runs the
+target in the label pass. Writes ``<out>/heads.safetensors`` (kind "specdec_pp") like train/medusa.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.harness import ArrayData, ConfigError, TrainConfig, fit
+from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout, store_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecDecPPTrainConfig(TrainConfig):
+    out: str = "train/work/runs/specdec_pp"
+    data: str = "train/work/selfdistill"
+    model: str = "smollm2-135m"
+    weights: str = "q"
+    draft_layers: int = 0  # the target's first N layers as the draft (0: half the target's layers)
+    draft: str = ""  # or a distilled draft's heads file (train/distill_draft.py)
+    draft_depth: int = 0  # with --draft: the exit (0: its deepest)
+    num_layers: int = 3  # residual blocks of the head (the paper's 3)
+    weight_mismatch: float = 6.0  # BCE weight of rejected positions (the paper's 6)
+    labels: str = "greedy"  # "greedy" (0/1: draft argmax == target argmax) or "sampling" (min(1, p/q))
+    seq_len: int = 256
+    max_seqs: int = 0  # use only the first N corpus sequences (0: all)
+    label_batch: int = 4  # sequences per forward in the label pass
+    eval_fraction: float = 0.05
+    hidden: str = "recompute"
+    hidden_cache: str = ""
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    export: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        for name, lo in (("num_layers", 0), ("seq_len", 3), ("label_batch", 1), ("draft_layers", 0),
+                         ("draft_depth", 0), ("max_seqs", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.weight_mismatch, (int, float)) and np.isfinite(self.weight_mismatch)
+                and self.weight_mismatch > 0):
+            raise ConfigError(f"--weight-mismatch must be a finite number > 0, got {self.weight_mismatch!r}")
+        if self.labels not in ("greedy", "sampling"):
+            raise ConfigError(f"--labels must be 'greedy' or 'sampling', got {self.labels!r}")
+        if self.draft and self.draft_layers:
+            raise ConfigError("give --draft-layers or --draft FILE, not both")
+        if self.draft_depth and not self.draft:
+            raise ConfigError("--draft-depth needs --draft FILE")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.hidden not in ("recompute", "stored"):
+            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
+        if self.weights not in ("f32", "q", "bf16", "df11"):
+            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------------------
+
+def label_positions(length, prompt_len, t: int):
+    """``[N,T]`` bool: positions whose next token the target generated (t >= prompt_len - 1) and that
+    have a successor in the sequence (t < length - 1)."""
+    ar = np.arange(t)[None]
+    return (ar >= (np.asarray(prompt_len)[:, None] - 1)) & (ar < (np.asarray(length)[:, None] - 1))
+
+
+def make_label_fn(model, dm, labels: str, stored: bool):
+    """jitted ``(target params, draft params, tokens [b,T], target hidden [b,T,E] or None, key)
+    -> (draft hidden [b,T,E] float16, label [b,T] float32)``."""
+    from jaxdec.quant import matmul
+    from jaxdec.speculative.heads.medusa import lm_head
+
+    def fn(tp, dp, tokens, thid, key):
+        b, t = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if stored:
+            tl = matmul(thid.astype(jnp.float32), lm_head(model, tp)).astype(jnp.float32)
+        else:
+            tl = model(tp, tokens, pos, model.init_cache(b, t)).logits.astype(jnp.float32)
+        o = dm(dp, tokens, pos, dm.init_cache(b, t))
+        dl = o.logits.astype(jnp.float32)
+        if labels == "greedy":
+            y = (jnp.argmax(dl, -1) == jnp.argmax(tl, -1)).astype(jnp.float32)
+        else:
+            lq = jax.nn.log_softmax(dl, -1)
+            lp = jax.nn.log_softmax(tl, -1)
+            x = jax.random.categorical(key, lq, axis=-1)
+            gap = (jnp.take_along_axis(lp, x[..., None], -1) - jnp.take_along_axis(lq, x[..., None], -1))[..., 0]
+            y = jnp.exp(jnp.minimum(gap, 0.0))
+        return o.hidden.astype(jnp.float16), y
+
+    return jax.jit(fn)
+
+
+def label_pass(model, tparams, dm, dparams, arrays: dict, labels: str, batch: int, seed: int = 0,
+               target_hidden=None, log=print) -> dict:
+    """Run the frozen target and draft over ``arrays["tokens"]`` -> ``{"feat" [N,T,E] f16, "label" [N,T],
+    "mask" [N,T]}`` (see the module docstring)."""
+    tokens = arrays["tokens"]
+    n, t = tokens.shape
+    fn = make_label_fn(model, dm, labels, target_hidden is not None)
+    key = jax.random.key(seed)
+    feats, ys = [], []
+    t0 = time.time()
+    for lo in range(0, n, batch):
+        x = tokens[lo:lo + batch]
+        pad = batch - len(x)
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+        th = None
+        if target_hidden is not None:
+            th = target_hidden[lo:lo + batch]
+            th = np.concatenate([th, np.repeat(th[-1:], pad, 0)]) if pad else th
+        f, y = fn(tparams, dparams, jnp.asarray(x), th, jax.random.fold_in(key, lo))
+        feats.append(np.asarray(f)[:batch - pad])
+        ys.append(np.asarray(y)[:batch - pad])
+        done = lo + batch - pad
+        if lo == 0 or (lo // batch) % 20 == 19 or done == n:
+            log(f"labels: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA {(time.time() - t0) / done * (n - done):.0f} s")
+    mask = label_positions(arrays["length"], arrays["prompt_len"], t)
+    return {"feat": np.concatenate(feats), "label": np.concatenate(ys).astype(np.float32), "mask": mask}
+
+
+def make_loss(weight_mismatch: float):
+    """The weighted BCE of the head's output 0 (label y_t) plus that of its lookahead output 1 (label
+    y_{t+1}: under teacher forcing the true token at t+1 is the draft's token at t when that one is
+    accepted, so y_{t+1} is the next candidate's acceptance given this one's)."""
+    from jaxdec.speculative.heads.acceptance import accept_logits, weighted_bce
+
+    def loss_fn(hp, frozen, batch, key):
+        logits = accept_logits(hp, batch["feat"])
+        y, m = batch["label"], batch["mask"].astype(jnp.float32)
+        y1 = jnp.concatenate([y[:, 1:], jnp.zeros_like(y[:, :1])], axis=1)
+        m1 = m * jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+        loss0 = weighted_bce(logits[..., 0], y, m, weight_mismatch)
+        loss1 = weighted_bce(logits[..., 1], y1, m1, weight_mismatch)
+        p = jax.nn.sigmoid(logits[..., 0])
+        n = jnp.maximum(jnp.sum(m), 1.0)
+        aux = {"loss_accept": loss0, "loss_next": loss1,
+               "acc": jnp.sum(m * ((p > 0.5) == (y > 0.5))) / n,  # 0.5-threshold agreement with the label
+               "brier": jnp.sum(m * (p - y) ** 2) / n, "mean_p": jnp.sum(m * p) / n, "mean_label": jnp.sum(m * y) / n}
+        return loss0 + loss1, aux
+
+    return loss_fn
+
+
+def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerprint: str):
+    """(draft model, draft params, recorded draft id, draft file)."""
+    from jaxdec.speculative.drafters import truncated_draft
+    from jaxdec.speculative.heads.acceptance import draft_from_file
+    if cfg.draft:
+        import os
+        dm, dp, did = draft_from_file(model, target_params, cfg.draft, fingerprint, cfg.draft_depth or None)
+        return dm, dp, did, os.path.abspath(cfg.draft)
+    n = cfg.draft_layers or model.num_layers // 2
+    if not 1 <= n <= model.num_layers:
+        raise ConfigError(f"--draft-layers must be in [1, {model.num_layers}] (0: half), got {cfg.draft_layers}")
+    dm, dp = truncated_draft(model, target_params, n)
+    return dm, dp, f"layers:{n}", ""
+
+
+def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
+                     target_name: str = "", command: str = "", stop_after=None, log=print, draft=None):
+    """Label pass, then `fit`; writes ``<out>/heads.safetensors``; returns (FitResult, heads path).
+    draft: an in-memory ``(draft model, draft params, draft id)`` instead of the config's choice."""
+    from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, init_params
+    cfg.validate()
+    if cfg.max_seqs:
+        seqs, prompt_lens = seqs[:cfg.max_seqs], prompt_lens[:cfg.max_seqs]
+    if len(seqs) < 2:
+        raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
+    if draft is not None:
+        dm, dp, did = draft
+        dfile = ""
+    else:
+        dm, dp, did, dfile = resolve_train_draft(cfg, model, target_params, fingerprint)
+    acfg = AcceptanceConfig(hidden=draft_hidden_size(dm, dp), num_layers=cfg.num_layers,
+                            weight_mismatch=float(cfg.weight_mismatch), labels=cfg.labels, draft=did, draft_file=dfile)
+    arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
+    thid = None
+    if cfg.hidden == "stored":
+        thid = store_hidden(model, target_params, arrays["tokens"], cfg.label_batch, log, cfg.hidden_cache,
+                            f"{fingerprint}|{cfg.weights}")
+    t0 = time.time()
+    lab = label_pass(model, target_params, dm, dp, arrays, cfg.labels, cfg.label_batch, cfg.seed, thid, log)
+    label_s = time.time() - t0
+    tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
+    m = lab["mask"]
+    stats = {"label_positions": int(m[tr].sum()), "label_mean": round(float(lab["label"][tr][m[tr]].mean()), 4),
+             "label_pass_s": round(label_s, 1)}
+    log(f"labels: {stats['label_positions']:,} training positions, mean acceptance {stats['label_mean']:.3f} "
+        f"(draft {did[:40]}, labels {cfg.labels}), {label_s:.0f} s")
+    data = {"feat": lab["feat"], "label": lab["label"], "mask": m}
+    train = ArrayData({k: v[tr] for k, v in data.items()})
+    held = ArrayData({k: v[ho] for k, v in data.items()})
+    meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": acfg.to_dict()}
+    res = fit(cfg, init_params(acfg, cfg.seed), make_loss(float(cfg.weight_mismatch)), train, eval_data=held,
+              meta=meta, stop_after=stop_after, log=log)
+    path = save_finished_heads(res, cfg, KIND, dict(jax.device_get(res.params)), acfg.to_dict(), fingerprint,
+                               target_name, command, int(len(tr)), int(np.sum(arrays["length"][tr])), log,
+                               data_generated_tokens=int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr])),
+                               **stats)
+    res.acceptance_config = acfg
+    res.labels = lab
+    res.split = (tr, ho)
+    return res, path
+
+
+def main(argv=None):
+    return run_head_script("specdec_pp", SpecDecPPTrainConfig, train_specdec_pp, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()
