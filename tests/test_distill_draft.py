@@ -122,6 +122,13 @@ def test_lossless_at_batch_1_and_no_mass_outside_the_draft_vocabulary(toy):
     p = toy["test"][:1]
     out = _run(toy, toy["path"], 2, prompts=p)
     assert out.tokens == toy["greedy"].tokens[:1] and out.stats["tau"] > 1.0
+    # sampling verification (the draft's q over the full vocabulary, zero outside d2t): with top_k=1 the
+    # target's distribution is its argmax, so lossless speculative sampling must give the greedy tokens
+    dec, pp = D.build(toy["model"], toy["params"], toy["path"], target=FP, depth=2, num_tokens=NT, sampling=True)
+    assert dec.drafter.sample and dec.verifier == "sampling"
+    out = jaxdec.generate(toy["model"], pp, p, decoder=dec, max_new_tokens=MAX_NEW, seed=3,
+                          sampling={"temperature": 1.0, "top_k": 1})
+    assert out.tokens == toy["greedy"].tokens[:1] and out.stats["tau"] > 1.0
     # a reduced-vocabulary draft puts no mass outside d2t: the logits there are -inf
     cfg, dp, _, d2t = D.load_draft_lm(toy["path"], FP)
     dparams = D.draft_params(cfg, dp, toy["model"], toy["params"], d2t, 1)
@@ -226,3 +233,77 @@ def test_config_flags_and_bad_values_exit_2(capsys):
         model, params, _ = _toy_target()
         cfg = DistillDraftConfig(out="/tmp/s11/draftlm/never", init_layers=(0, 9), progress=False)
         train_distill_draft(cfg, model, params, [[1, 2, 3]] * 4, [1] * 4, FP, log=lambda *a: None)
+
+
+# --------------------------------------------------------------------------- the shipped default-model draft
+SHIPPED_MAX_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def shipped(model_q, gguf_path):
+    """tests/test_heads_shipped.py's pattern: 16 held-out prompts (10 chat, 6 copy, interleaved so each batch
+    of 8 is ragged), the greedy reference at batch 8, the teacher logits and block-vs-step |Δlogit| for the
+    near-tie rule."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits
+    from peer import peer_chat_ids, peer_tokenizer
+    from jaxdec.speculative.heads import shipped_path
+    path = shipped_path(D.KIND, "smollm2-135m")
+    model, params = model_q
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "jaxdec", "data", "prompts", "heads_heldout.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tok = peer_tokenizer()
+
+    def ids(r):
+        return peer_chat_ids(r["prompt"]) if r["kind"] == "chat" else tok(r["prompt"], add_special_tokens=False)["input_ids"]
+    chat = [ids(r) for r in rows if r["group"] == "chat"][:10]
+    copy = [ids(r) for r in rows if r["group"] == "copy"][:6]
+    prompts = [p for i in range(10) for p in ([chat[i]] + ([copy[i]] if i < len(copy) else []))]
+    ref = jaxdec.generate(model, params, prompts, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "gguf": gguf_path, "path": path,
+            "logits": lazy_teacher_logits(model, params, prompts, ref.tokens),
+            "dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
+
+
+@pytest.mark.slow
+def test_shipped_draft_provenance_and_size(gguf_path):
+    from jaxdec.speculative.heads import shipped_heads
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    path = shipped_heads(D.KIND, "smollm2-135m")
+    assert path is not None, "no draft_lm-smollm2-135m.safetensors shipped (python -m train.distill_draft --export)"
+    assert os.path.getsize(path) <= 20 * 2**20
+    hp, meta = read_heads(path, D.KIND)
+    assert meta["fingerprint"] == target_fingerprint(gguf_path)
+    assert meta["command"].startswith("python -m train.distill_draft")
+    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    cfg = D.DraftLMConfig.from_dict(meta["config"])
+    assert len(cfg.exits) >= 2 and hp["layers"]["wq"].dtype == np.float16  # S2D: several exits, float16 layers
+
+
+@pytest.mark.slow
+def test_shipped_draft_lossless_per_depth_batch1_and_ragged_batch8(shipped):
+    """Every exit of the shipped S2D draft: tokens equal greedy (near-tie rule) at batch 8 (ragged) and, for
+    the deepest exit, at batch 1; drafts both accepted and rejected; τ per depth printed."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import neartie
+    from jaxdec.cache.kv import bucket
+    from test_speculative import assert_accepts_and_rejects
+    t = shipped
+    assert len({bucket(len(p)) for p in t["prompts"]}) >= 2 and len(t["prompts"]) >= 16
+    cfg, _, _, _ = D.load_draft_lm(t["path"], None)
+    pairs, taus = [], {}
+    for depth in cfg.exits:
+        dec, pp = D.build(t["model"], t["params"], t["path"], target=t["gguf"], depth=depth)
+        for bs in ((8, 1) if depth == cfg.num_layers else (8,)):
+            out = jaxdec.generate(t["model"], pp, t["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW,
+                                  batch_size=bs)
+            pairs += [(f"draft_lm depth {depth} b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
+                      enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
+            assert_accepts_and_rejects(out.stats, f"depth {depth} b{bs}")
+            taus[depth, bs] = out.stats["tau"]
+    print("shipped draft_lm τ per (depth, batch):", taus)
+    neartie.assert_sequences_match(pairs, t["dlogit"])
