@@ -249,3 +249,79 @@ def test_train_config_bad_values():
                      ({"draft_depth": 2}, "--draft-depth"), ({"seq_len": 2}, "--seq-len")):
         with pytest.raises(ConfigError, match=flag):
             SpecDecPPTrainConfig(**kw).validate()
+
+
+# --------------------------------------------------------------------------- the shipped head (slow tier)
+SHIPPED_MAX_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def shipped(model_q, gguf_path):
+    """16 held-out prompts (10 chat, 6 copy, interleaved so each batch of 8 is ragged), the greedy reference
+    at batch 8, the teacher logits and block-vs-step |Δlogit| for the near-tie rule
+    (tests/test_distill_draft.py's pattern)."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits
+    from peer import peer_chat_ids, peer_tokenizer
+    from jaxdec.speculative.heads import shipped_path
+    model, params = model_q
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "jaxdec", "data", "prompts", "heads_heldout.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tok = peer_tokenizer()
+
+    def ids(r):
+        return peer_chat_ids(r["prompt"]) if r["kind"] == "chat" else tok(r["prompt"], add_special_tokens=False)["input_ids"]
+    chat = [ids(r) for r in rows if r["group"] == "chat"][:10]
+    copy = [ids(r) for r in rows if r["group"] == "copy"][:6]
+    prompts = [p for i in range(10) for p in ([chat[i]] + ([copy[i]] if i < len(copy) else []))]
+    ref = jaxdec.generate(model, params, prompts, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "gguf": gguf_path,
+            "path": shipped_path(A.KIND, "smollm2-135m"),
+            "logits": lazy_teacher_logits(model, params, prompts, ref.tokens),
+            "dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
+
+
+@pytest.mark.slow
+def test_shipped_head_provenance_and_size(gguf_path):
+    import os
+    from jaxdec.speculative.heads import shipped_heads
+    from jaxdec.speculative.heads.artefact import read_heads, target_fingerprint
+    path = shipped_heads(A.KIND, "smollm2-135m")
+    assert path is not None, "no specdec_pp-smollm2-135m.safetensors shipped (python -m train.specdec_pp --export)"
+    assert os.path.getsize(path) <= 20 * 2**20
+    hp, meta = read_heads(path, A.KIND)
+    assert meta["fingerprint"] == target_fingerprint(gguf_path)
+    assert meta["command"].startswith("python -m train.specdec_pp")
+    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    cfg = A.AcceptanceConfig.from_dict(meta["config"])
+    assert cfg.draft  # the draft it was trained on is recorded
+    assert 0.0 < meta["label_mean"] < 1.0
+
+
+@pytest.mark.slow
+def test_shipped_head_lossless_batch1_and_ragged_batch8(shipped):
+    """The shipped head's stop on its draft: tokens equal greedy (near-tie rule) at batch 8 (ragged) and
+    batch 1, with min_tokens 1 and 0; drafts both accepted and rejected."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import neartie
+    from jaxdec.cache.kv import bucket
+    from test_speculative import assert_accepts_and_rejects
+    t = shipped
+    assert len({bucket(len(p)) for p in t["prompts"]}) >= 2 and len(t["prompts"]) >= 16
+    dec, pp = A.build(t["model"], t["params"], t["path"], target=t["gguf"])
+    pairs, taus = [], {}
+    for bs, mt in ((8, 1), (1, 1), (8, 0)):
+        out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=mt), t["prompts"], decoder=dec,
+                              max_new_tokens=SHIPPED_MAX_NEW, batch_size=bs)
+        pairs += [(f"specdec_pp b{bs} min{mt} prompt {i}", o, r, lg) for i, (o, r, lg) in
+                  enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
+        assert_accepts_and_rejects(out.stats, f"b{bs} min{mt}")
+        taus[bs, mt] = (out.stats["tau"], out.stats["draft_calls"] / out.stats["target_calls"])
+    print("shipped specdec_pp (τ, draft calls per target call) per (batch, min_tokens):", taus)
+    neartie.assert_sequences_match(pairs, t["dlogit"])

@@ -47,13 +47,13 @@ class SpecDecPPTrainConfig(TrainConfig):
     weight_mismatch: float = 6.0  # BCE weight of rejected positions (the paper's 6)
     labels: str = "greedy"  # "greedy" (0/1: draft argmax == target argmax) or "sampling" (min(1, p/q))
     seq_len: int = 256
-    max_seqs: int = 0  # use only the first N corpus sequences (0: all)
+    max_seqs: int = 0  # use N evenly spaced corpus sequences (0: all)
     label_batch: int = 4  # sequences per forward in the label pass
     eval_fraction: float = 0.05
     hidden: str = "recompute"
     hidden_cache: str = ""
     steps: int = 600
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
     export: str = ""
 
@@ -178,8 +178,11 @@ def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerp
     from jaxdec.speculative.heads.acceptance import draft_from_file
     if cfg.draft:
         import os
+        from train.medusa import ROOT
         dm, dp, did = draft_from_file(model, target_params, cfg.draft, fingerprint, cfg.draft_depth or None)
-        return dm, dp, did, os.path.abspath(cfg.draft)
+        path = os.path.abspath(cfg.draft)
+        rel = os.path.relpath(path, ROOT)  # recorded relative to the repository when inside it
+        return dm, dp, did, path if rel.startswith("..") else rel
     n = cfg.draft_layers or model.num_layers // 2
     if not 1 <= n <= model.num_layers:
         raise ConfigError(f"--draft-layers must be in [1, {model.num_layers}] (0: half), got {cfg.draft_layers}")
@@ -193,8 +196,9 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
     draft: an in-memory ``(draft model, draft params, draft id)`` instead of the config's choice."""
     from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, init_params
     cfg.validate()
-    if cfg.max_seqs:
-        seqs, prompt_lens = seqs[:cfg.max_seqs], prompt_lens[:cfg.max_seqs]
+    if cfg.max_seqs and cfg.max_seqs < len(seqs):  # evenly spaced, so every prompt source keeps its share
+        pick = np.unique(np.linspace(0, len(seqs) - 1, cfg.max_seqs).round().astype(int))
+        seqs, prompt_lens = [seqs[i] for i in pick], [prompt_lens[i] for i in pick]
     if len(seqs) < 2:
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
     if draft is not None:

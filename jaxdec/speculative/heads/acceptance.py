@@ -270,10 +270,15 @@ def resolve_draft(model, params, config: Optional[AcceptanceConfig], draft_layer
     if draft is None:
         if draft_layers is None:
             if rec.startswith("draft_lm:"):
-                if not (config.draft_file and os.path.isfile(config.draft_file)):
+                root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                f = config.draft_file if os.path.isabs(config.draft_file) else os.path.join(root, config.draft_file)
+                if not (config.draft_file and os.path.isfile(f)):
                     raise ValueError(f"draft: the acceptance head was trained on a distilled draft ({rec[:30]}...) "
                                      f"whose file {config.draft_file!r} is not here: pass draft=")
-                dm, dp, _ = draft_from_file(model, params, config.draft_file, target, int(rec.rsplit(":", 1)[1]))
+                dm, dp, did = draft_from_file(model, params, f, target, int(rec.rsplit(":", 1)[1]))
+                if did != rec:
+                    raise ValueError(f"draft: {config.draft_file!r} is not the draft the acceptance head was trained "
+                                     f"on (file changed: {did[:40]}... vs {rec[:40]}...)")
                 return dm, dp
             draft_layers = config.draft_layers if config is not None and config.draft_layers else model.num_layers // 2
         if isinstance(draft_layers, bool) or not isinstance(draft_layers, (int, np.integer)) or \

@@ -1,0 +1,236 @@
+"""SpecDec++ (Huang et al. 2024): the learned stopping rule against fixed draft lengths, on held-out prompts.
+
+One draft model for every row (the one the acceptance head was trained on, read from its heads file:
+by default the target's first N layers), greedy verification, batch 1, weights q, a fixed N new tokens
+(EOS ignored), on the held-out prompts of experiments/heads_table.py (HumanEval 100-163 and the ``chat``
+/ ``copy`` groups of jaxdec/data/prompts/heads_heldout.jsonl):
+
+* jaxdec greedy (the baseline of every speedup, measured in the same run);
+* ``fixed-k``: the draft-model chain of exactly k tokens, k = ``--fixed`` (1..8);
+* ``conf-h``: the chain with the draft's own confidence as the acceptance predictor (today's
+  ``methods.specdec_pp``: stop once ``1 - prod max q > h``), up to ``--max-tokens``;
+* ``learned-h``: the trained acceptance head (`jaxdec.speculative.heads.acceptance`), stop once the
+  predicted P(at least one rejection) would exceed h, with the lookahead output (no draft call spent on a
+  token the rule would decline); ``paper-h``: the same head with the paper's rule as stated (go on while
+  the last token was proposed); ``-min0``: ``min_tokens=0`` (a step may propose nothing when the head
+  predicts a rejection of the first token: a one-token verify call instead of a two-token block).
+
+Per row: τ (tokens per target call per row, bonus included), draft calls per target call, acceptance per
+position, step cost (time per target call / greedy's time per token), tok/s, and the speedup over greedy
+(median of per-repetition ratios, >= 5 interleaved repetitions, [min, max]); rows whose tokens differ from
+greedy (must be 0). The summary names the best fixed length per group and whether a learned row beats it.
+
+    python experiments/specdec_pp_table.py --smoke
+    python experiments/specdec_pp_table.py --quick     # 2 prompts per group, 32 new tokens
+    python experiments/specdec_pp_table.py             # 4 + 4 + 3 prompts, 48 new tokens
+
+Writes experiments/results/specdec_pp/specdec_pp_table.{json,md}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+import runner  # noqa: E402
+from heads_table import GROUPS, heads_facts, heldout_prompts  # noqa: E402
+from spec_bench import Jaxdec as Method  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results", "specdec_pp")
+
+
+class Setup:
+    def __init__(self, cfg):
+        self.cfg, self.methods = cfg, None
+
+    def get(self):
+        if self.methods is not None:
+            return self
+        import jaxdec
+        from jaxdec.speculative import methods
+        from jaxdec.speculative.heads import acceptance as A
+        from jaxdec.speculative.heads import shipped_heads
+        cfg = self.cfg
+        m = jaxdec.load(weights=cfg.weights)
+        self.prompts = heldout_prompts(m.tokenizer, cfg.n_code, cfg.n_chat, cfg.n_copy)
+        path = cfg.heads or shipped_heads(A.KIND, "smollm2-135m")
+        if path is None:
+            raise SystemExit("no specdec_pp heads shipped and none given (--heads PATH)")
+        self.heads = heads_facts(path)
+        config, hp, meta = A.load_acceptance(path, None)
+        self.heads["draft"] = config.draft
+        dm, dp = A.resolve_draft(m.model, m.params, config, target=m.path)
+        draft = (dm, dp)
+        rows = [Method("jaxdec-greedy", m.model, m.params)]
+        for k in cfg.fixed:
+            dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=k)
+            rows.append(Method(f"fixed-{k}", m.model, p, dec))
+        for h in cfg.confidence:
+            dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=cfg.max_tokens, stop_threshold=h)
+            rows.append(Method(f"conf-{h:g}", m.model, p, dec))
+        dec, p = A.build(m.model, m.params, path, target=m.path, draft=draft, num_tokens=cfg.max_tokens)
+        for h in cfg.thresholds:  # one compiled program: the settings are traced params
+            for mt in cfg.min_tokens:
+                name = f"learned-{h:g}" + ("" if mt == 1 else f"-min{mt}")
+                rows.append(Method(name, m.model, A.with_settings(p, threshold=h, min_tokens=mt, lookahead=True), dec))
+        for h in cfg.paper_thresholds:
+            rows.append(Method(f"paper-{h:g}", m.model, A.with_settings(p, threshold=h, lookahead=False), dec))
+        self.methods = [r for r in rows if r.name == "jaxdec-greedy" or not cfg.methods
+                        or any(s in r.name for s in cfg.methods)]
+        return self
+
+
+def measure_group(setup, cfg, group):
+    st = setup.get()
+    ps = st.prompts[group]
+    if not ps:
+        raise ValueError(f"group {group!r} has no prompts")
+    outs, stats, first = {}, {}, {}
+    for m in st.methods:  # warm-up: compiles every prompt bucket
+        t0 = time.perf_counter()
+        outs[m.name], stats[m.name] = m(ps, cfg.new_tokens)
+        first[m.name] = time.perf_counter() - t0
+        print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name]['tau']:.2f}", flush=True)
+    times = {m.name: [] for m in st.methods}
+    for rep in range(cfg.reps):
+        for m in st.methods:
+            t0 = time.perf_counter()
+            toks, _ = m(ps, cfg.new_tokens)
+            times[m.name].append(time.perf_counter() - t0)
+            if toks != outs[m.name]:
+                raise RuntimeError(f"{m.name}: tokens changed between repetitions")
+        print(f"[{group}] rep {rep + 1}: " + ", ".join(f"{n} {len(ps) * cfg.new_tokens / t[-1]:.1f}"
+                                                      for n, t in times.items()), flush=True)
+    n_tok = len(ps) * cfg.new_tokens
+    base = np.asarray(times["jaxdec-greedy"])
+    greedy_s_per_token = float(np.median(base)) / n_tok
+    rows = []
+    for m in st.methods:
+        ts = np.asarray(times[m.name])
+        s = stats[m.name]
+        calls = s.get("target_calls") or n_tok
+        rows.append({"method": m.name, "tau": s.get("tau"), "acceptance_per_position": s.get("acceptance_per_position"),
+                     "target_calls": calls, "draft_calls": s.get("draft_calls", 0),
+                     "draft_calls_per_call": (s.get("draft_calls", 0) / calls) if calls else 0.0,
+                     "step_cost_vs_greedy": float(np.median(ts)) / calls / greedy_s_per_token,
+                     "tokens_per_s_median": float(np.median(n_tok / ts)), "speedup_median": float(np.median(base / ts)),
+                     "speedup_min": float((base / ts).min()), "speedup_max": float((base / ts).max()),
+                     "rows_differing_from_greedy": int(sum(a != b for a, b in zip(outs[m.name],
+                                                                                  outs["jaxdec-greedy"]))),
+                     "first_call_s": first[m.name], "seconds": ts.tolist()})
+    return {"rows": rows, "prompt_lengths": [len(p) for p in ps], "heads": st.heads}
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def verdict(rows) -> dict:
+    """The best fixed length and the best learned row by median speedup, and whether the learned one wins."""
+    fixed = [r for r in rows if r["method"].startswith("fixed-")]
+    learned = [r for r in rows if r["method"].startswith(("learned-", "paper-"))]
+    if not fixed or not learned:
+        return {}
+    bf = max(fixed, key=lambda r: r["speedup_median"])
+    bl = max(learned, key=lambda r: r["speedup_median"])
+    return {"best_fixed": bf["method"], "best_fixed_speedup": bf["speedup_median"], "best_learned": bl["method"],
+            "best_learned_speedup": bl["speedup_median"], "learned_wins": bl["speedup_median"] > bf["speedup_median"]}
+
+
+def markdown(rec):
+    c = rec["config"]
+    res = {k: r for k in rec["cells_order"] if (r := runner.result(rec, k))}
+    if not res:
+        return ["(no group measured)"]
+    lines = [f"Batch 1, {c['new_tokens']} new tokens per prompt (EOS ignored), weights {c['weights']}, greedy "
+             f"verification, {c['reps']} interleaved repetitions; speedup = median of per-repetition ratios to "
+             "jaxdec greedy in the same run [min, max]; step cost = time per target call / greedy's time per token "
+             "(draft calls and the verify block together); τ = tokens per target call per row, bonus included; "
+             "draft calls / call counts every call of the draft model (the first one feeds the last accepted "
+             "token and the bonus).", ""]
+    h = next(iter(res.values()))["heads"]
+    ev = h.get("final_eval") or {}
+    lines += [f"Acceptance head: `{h['file']}` ({h['size_mib']} MiB, draft `{h.get('draft')}`, {h.get('steps')} "
+              f"steps, {_f(None if h.get('wall_s') is None else h['wall_s'] / 60, '{:.1f}')} min, commit "
+              f"{str(h.get('commit'))[:12]}; held-out eval: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if isinstance(v, (int, float)) and k != "step")
+              + f"); trained with `{h.get('command')}`.", ""]
+    summary = ["## Summary: the learned stop against the best fixed draft length", "",
+               "| group | best fixed (speedup) | best learned (speedup) | learned wins |", "| --- | --- | --- | --- |"]
+    for group, g in res.items():
+        v = verdict(g["rows"])
+        if v:
+            summary.append(f"| {group} | {v['best_fixed']} ({v['best_fixed_speedup']:.2f}) | {v['best_learned']} "
+                           f"({v['best_learned_speedup']:.2f}) | {'yes' if v['learned_wins'] else 'no'} |")
+    lines += summary + [""]
+    for group, g in res.items():
+        lines += [f"## {group} (held-out prompts, lengths {g['prompt_lengths']})",
+                  benchlib.LoadMonitor.markdown_of(rec["cells"][group].get("load")), "",
+                  "| method | τ | draft calls / call | acceptance per position | step cost | tok/s | speedup vs greedy "
+                  "| rows ≠ greedy |", "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
+        for r in g["rows"]:
+            acc = r["acceptance_per_position"]
+            acc_s = "-" if not acc else " ".join("-" if a != a else f"{a:.2f}" for a in acc[:8])
+            lines.append(f"| {r['method']} | {_f(r['tau'])} | {r['draft_calls_per_call']:.2f} | {acc_s} | "
+                         f"{r['step_cost_vs_greedy']:.2f} | {r['tokens_per_s_median']:.1f} | {r['speedup_median']:.2f} "
+                         f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {r['rows_differing_from_greedy']} |")
+        lines.append("")
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    new_tokens: int = 48
+    n_code: int = dataclasses.field(default=4, metadata={"help": "HumanEval 100-163 prompts"})
+    n_chat: int = dataclasses.field(default=4, metadata={"help": "held-out chat prompts"})
+    n_copy: int = dataclasses.field(default=3, metadata={"help": "held-out copy-heavy prompts"})
+    reps: int = dataclasses.field(default=5, metadata={"help": ">= 5 interleaved repetitions"})
+    weights: str = dataclasses.field(default="q", metadata={"choices": ["f32", "q"]})
+    heads: str = dataclasses.field(default="", metadata={"help": "specdec_pp heads file (default: the shipped one)"})
+    fixed: tuple[int, ...] = dataclasses.field(default=(1, 2, 3, 4, 5, 6, 7, 8),
+                                               metadata={"help": "fixed draft lengths"})
+    confidence: tuple[float, ...] = dataclasses.field(default=(0.3,), metadata={
+        "help": "confidence-stop thresholds (methods.specdec_pp's default 0.3)"})
+    thresholds: tuple[float, ...] = dataclasses.field(default=(0.5, 0.7), metadata={
+        "help": "learned-stop thresholds (lookahead rule)"})
+    paper_thresholds: tuple[float, ...] = dataclasses.field(default=(0.7,), metadata={
+        "help": "learned-stop thresholds with the paper's rule as stated"})
+    max_tokens: int = dataclasses.field(default=8, metadata={"help": "longest draft of the adaptive rows"})
+    min_tokens: tuple[int, ...] = dataclasses.field(default=(1, 0), metadata={
+        "help": "candidates the learned rows always propose (one row per value; 0: a step may draft nothing)"})
+    methods: tuple[str, ...] = runner.select((), "only rows whose name contains one of these (greedy always runs)")
+    groups: tuple[str, ...] = runner.select(GROUPS, "prompt groups (cells)")
+
+
+QUICK = Config(new_tokens=32, n_code=2, n_chat=2, n_copy=2)
+SMOKE = Config(new_tokens=4, n_code=1, n_chat=1, n_copy=1, groups=("chat",), fixed=(1, 2), thresholds=(0.7,))
+
+
+def main(argv=None):
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE, presets={"quick": QUICK})
+    if cfg.reps < 5:
+        opts.parser.error("--reps must be >= 5 (DESIGN.md: median of at least 5 interleaved repetitions)")
+    bad = [g for g in cfg.groups if g not in GROUPS]
+    if bad:
+        opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
+    if cfg.heads and not os.path.isfile(cfg.heads):
+        opts.parser.error(f"heads file not found: {cfg.heads!r}")
+    if any(k < 1 for k in cfg.fixed) or cfg.max_tokens < 1 or any(k < 0 for k in cfg.min_tokens):
+        opts.parser.error("--fixed lengths and --max-tokens must be >= 1")
+    if any(not 0 <= h < 1 for h in (*cfg.confidence, *cfg.thresholds, *cfg.paper_thresholds)):
+        opts.parser.error("thresholds must be in [0, 1)")
+    setup = Setup(cfg)
+    rec = runner.run_experiment("specdec_pp_table", cfg, list(cfg.groups), lambda g: measure_group(setup, cfg, g),
+                                opts=opts, markdown=markdown, results_dir=RESULTS,
+                                title="SpecDec++: learned stop vs fixed draft lengths, held-out prompts, batch 1")
+    print("\n".join(markdown(rec)))
+
+
+if __name__ == "__main__":
+    main()
