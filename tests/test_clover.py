@@ -47,8 +47,8 @@ def toy(tmp_path_factory):
     model = TrigramModel(V)
     params = {"table": jnp.asarray(table), "embed": jnp.eye(V, dtype=jnp.float32)}
     prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 6)))] for _ in range(40)]
-    g = jaxdec.generate(model, params, prompts[:32], max_new_tokens=MAX_NEW)
-    seqs = [p + t for p, t in zip(prompts[:32], g.tokens)]
+    g = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW)  # corpus (32) and test (8) references
+    seqs = [p + t for p, t in zip(prompts[:32], g.tokens[:32])]
     plens = [len(p) for p in prompts[:32]]
     d = tmp_path_factory.mktemp("clover")
     cfg = CloverTrainConfig(out=str(d / "run"), steps=20, batch_size=8, lr=0.03, warmup=2, seq_len=32, positions=16,
@@ -56,8 +56,8 @@ def toy(tmp_path_factory):
                             aug_intermediate=32)
     res, heads = train_clover(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
                               log=lambda *a: None)
-    return dict(model=model, params=params, prompts=prompts, seqs=seqs, plens=plens, cfg=cfg, res=res, heads=heads,
-                dir=d)
+    return dict(model=model, params=params, prompts=prompts, greedy=g.tokens, seqs=seqs, plens=plens, cfg=cfg,
+                res=res, heads=heads, dir=d)
 
 
 def test_loss_falls_over_20_steps(toy):
@@ -77,17 +77,17 @@ def test_trained_heads_raise_tau_and_stay_lossless(toy):
     batch of 8 (prompt lengths 2-5) and at batch 1, and τ higher by a margin."""
     model, params, test = toy["model"], toy["params"], toy["prompts"][32:]
     assert len({len(p) for p in test}) >= 2
-    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW)
+    greedy = toy["greedy"][32:]
     ccfg = toy["res"].clover_config
     taus = {}
     for name, heads in (("untrained", (ccfg, C.init_params(ccfg, 1), toy["res"].d2t)), ("trained", toy["heads"])):
         dec, pp = C.build(model, params, heads, target=FP)
         out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
-        assert out.tokens == greedy.tokens, name  # lossless
+        assert out.tokens == greedy, name  # lossless
         taus[name] = out.stats["tau"]
         if name == "trained":
             one = jaxdec.generate(model, pp, test[:3], decoder=dec, max_new_tokens=MAX_NEW, batch_size=1)
-            assert one.tokens == greedy.tokens[:3]
+            assert one.tokens == greedy[:3]
             assert one.stats["tau"] > 2.0
     assert taus["untrained"] < 1.5  # the control: fresh heads rarely guess the toy's permutation
     assert taus["trained"] > taus["untrained"] + 1.0, taus

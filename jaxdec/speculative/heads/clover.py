@@ -17,6 +17,13 @@ Three pieces on top of the frozen target, as in the paper:
   next token), so the drafts are sequential, and ``s_k`` is the next head's hidden state. The weights are
   shared by the heads (Clover-2's recurrent form; the artefact stays under 20 MB).
 
+What is this module's own choice rather than the paper's: the official repository holds Clover-2 (its
+attention decoder runs before the augmenting block, queries from the hidden side and weighs each head's value
+by a cosine similarity; its heads share one recurrent block), while this module keeps the Clover paper's
+order (augmenting block, then per head a token-side query over the hidden side); the attention decoder's
+memory (the augmented state plus the earlier heads' states, so that the softmax has more than one key from
+the second head on) and the shared head weights are this module's.
+
 Each head scores a reduced draft vocabulary through the target's LM-head rows ``d2t`` (EAGLE-3's map; the
 rows are gathered by `jaxdec.speculative.heads.medusa.draft_head`, a quantized head stays quantized).
 
