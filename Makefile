@@ -39,7 +39,7 @@ heads: $(STAMP)
 		--hidden-cache train/work/hidden --draft-vocab 8192 --calibrate-tree --steps 1200 --lr 1e-3 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/medusa-smollm2-135m.safetensors
 	$(PY) -m train.eagle --data $(HEADS_DATA) --out train/work/runs/eagle --hidden stored \
-		--hidden-cache train/work/hidden --steps 600 $(HEADS_ARGS) \
+		--hidden-cache train/work/hidden --feature-layers 3,15,-1 --num-tokens 6 --calibrate-chain --steps 600 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors
 
 # the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then

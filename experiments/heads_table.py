@@ -14,6 +14,7 @@ ignored), the same weights for every row (``--weights``, q by default: the goal 
 * jaxdec greedy, the baseline of every speedup, measured in the same run;
 * the Medusa and EAGLE heads (the shipped files, or ``--medusa`` / ``--eagle`` PATH);
 * EAGLE heads trained on fewer tokens (``--eagle-curve PATH ...``): τ against training tokens;
+* the shipped EAGLE head drafting an EAGLE-2 dynamic tree (``--eagle-tree TOPK NODES``; default 2 6);
 * prompt lookup and token recycling, model-free reference rows.
 
 Per row: τ (tokens per target call per row, bonus included: the one convention of every jaxdec table),
@@ -106,6 +107,11 @@ class Setup:
             dec, params = methods.eagle(m.model, m.params, path, target=m.path)
             rows.append(Method(name, m.model, params, dec))
             self.heads[name] = facts
+        if cfg.eagle_tree and "eagle" in self.heads:
+            topk, nodes = cfg.eagle_tree
+            dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
+                                        target=m.path, tree_topk=topk, tree_nodes=nodes)
+            rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
         if not cfg.no_model_free:
             rows.append(Method("pld", m.model, m.params, SpeculativeDecoder(PromptLookupDrafter(num_tokens=8))))
             rows.append(Method("recycling", m.model, m.params, SpeculativeDecoder(TokenRecyclingDrafter())))
@@ -242,6 +248,8 @@ class Config:
     eagle: str = dataclasses.field(default="", metadata={"help": "EAGLE heads file (default: the shipped one)"})
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "EAGLE heads files trained on fewer tokens (τ against training tokens)"})
+    eagle_tree: tuple[int, ...] = dataclasses.field(default=(2, 6), metadata={
+        "help": "TOPK NODES of an EAGLE-2 dynamic-tree row for the EAGLE head (empty: no such row)"})
     no_model_free: bool = dataclasses.field(default=False, metadata={"help": "skip the PLD / recycling rows"})
     methods: tuple[str, ...] = runner.select((), "only rows whose name contains one of these (greedy always runs)")
     groups: tuple[str, ...] = runner.select(GROUPS, "prompt groups (cells)")
@@ -258,6 +266,8 @@ def main(argv=None):
     bad = [g for g in cfg.groups if g not in GROUPS]
     if bad:
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
+    if cfg.eagle_tree and (len(cfg.eagle_tree) != 2 or min(cfg.eagle_tree) < 1):
+        opts.parser.error(f"--eagle-tree takes TOPK NODES (two integers >= 1), got {cfg.eagle_tree}")
     for p in (cfg.medusa, cfg.eagle, *cfg.eagle_curve):
         if p and not os.path.isfile(p):
             opts.parser.error(f"heads file not found: {p!r}")

@@ -233,6 +233,11 @@ SWEEP = {
     "draft_model": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-model", "truncate:x"),
     "draft_layers": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--draft-layers", "0"),
     "heads": lambda t: G("--method", "speculative", "--drafter", "medusa", "--heads", os.path.join(t, "missing.st")),
+    "draft_depth": lambda t: G("--method", "speculative", "--drafter", "s2d", "--draft-depth", "0"),
+    "stop_head": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--stop-head",
+                             os.path.join(t, "missing.st")),
+    "stop_threshold": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--stop-head",
+                                  "--stop-threshold", "1.5"),
     "rapid_chunks": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunks", "0"),
     "rapid_chunk_chars": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunk-chars", "0"),
     "rapid_augment": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-augment", "-1"),
@@ -291,6 +296,7 @@ SERVE_SWEEP = {
     "slots": lambda t: S("--slots", "0"),
     "cache_size": lambda t: S("--cache-size", "1"),
     "max_tokens_limit": lambda t: S("--max-tokens-limit", "0"),
+    "prefill_chunk_tokens": lambda t: S("--prefill-chunk-tokens", "0"),
 }
 
 
@@ -305,6 +311,7 @@ SERVE_BENCH_SWEEP = {
     "weights": lambda t: ["serve-bench", "--weights", "int3"],
     "slots": lambda t: ["serve-bench", "--slots", "0"],
     "cache_size": lambda t: ["serve-bench", "--cache-size", "64"],
+    "prefill_chunk_tokens": lambda t: ["serve-bench", "--prefill-chunk-tokens", "0"],
     "out": lambda t: ["serve-bench", "--out", os.path.join(t, "no", "such", "out.json")],
 }
 

@@ -7,15 +7,20 @@ module as a plugin).
 Greedy verification by default (exactly the greedy tokens); ``--spec-sampling`` verifies by speculative
 sampling with the sampling flags (--temperature, --top-k, ...), lossless for sampling.
 
-Drafters: pld | iad | recycling | aded | stand | swift | del | draft-model | pearl | medusa | eagle.
+Drafters: pld | iad | recycling | aded | stand | swift | del | draft-model | pearl | medusa | eagle | clover |
+s2d | rapid.
 ``iad`` is input-guided aggressive decoding (`jaxdec.speculative.aggressive`). ``--spec-config F.json``
 loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`). ``pearl`` runs
 `jaxdec.speculative.pearl.PearlDecoder` (PEARL's pre-verify / post-verify schedule) with a draft model
 (``--draft-layers N``: the target's first N layers, or ``--draft-model``) and a window of
 ``--draft-tokens`` (default 4); its ``stats`` add the phase counts and the parallel-time model.
-``medusa`` drafts with trained Medusa-1 heads, ``eagle`` with the EAGLE-style head: the heads shipped for
-the model, or ``--heads PATH`` (a file written by ``python -m train.medusa`` / ``train.eagle``; refused
-when trained for another target).
+``medusa`` drafts with trained Medusa-1 heads, ``eagle`` with the EAGLE-style head, ``clover`` with
+Clover heads, ``s2d`` with the small draft model distilled from the target (S2D: ``--draft-depth D`` picks
+one of its nested exits; default the deepest): the files shipped for the model, or ``--heads PATH`` (a
+file written by ``python -m train.medusa`` / ``train.eagle`` / ``train.clover`` / ``train.distill_draft``;
+refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``): SpecDec++'s learned
+acceptance head stops each draft (the shipped head, trained on the target's first 15 layers, when no
+PATH is given; ``--stop-threshold`` sets its threshold).
 ``rapid`` is RAPID (`jaxdec.speculative.rapid`): each prompt is a long text whose last paragraph (after
 its last blank line) is the question; the draft is the same model reading the ``--rapid-chunks`` chunks
 (``--rapid-chunk-chars`` characters, cut at line ends) of the text before it that BM25 ranks best for the
@@ -28,7 +33,11 @@ from __future__ import annotations
 
 import argparse
 
-DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle", "rapid")
+DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle",
+            "clover", "s2d", "rapid")
+# trained drafters -> the kind of their heads file (shipped as <kind>-<model>.safetensors) and its script
+HEAD_KINDS = {"medusa": ("medusa", "train.medusa"), "eagle": ("eagle", "train.eagle"),
+              "clover": ("clover", "train.clover"), "s2d": ("draft_lm", "train.distill_draft")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=None,
                    help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
     g.add_argument("--heads", default=None,
-                   help="medusa/eagle: a heads file from python -m train.medusa / train.eagle (default: the heads "
-                        "shipped for the model)")
+                   help="medusa/eagle/clover/s2d: a heads file from python -m train.medusa / train.eagle / "
+                        "train.clover / train.distill_draft (default: the file shipped for the model)")
+    g.add_argument("--draft-depth", type=int, default=None,
+                   help="s2d: the nested exit (draft layers) to draft with (default: the deepest)")
+    g.add_argument("--stop-head", nargs="?", const="shipped", default=None,
+                   help="draft-model: stop drafts by SpecDec++'s learned acceptance head (a file from python -m "
+                        "train.specdec_pp; no value: the shipped head)")
+    g.add_argument("--stop-threshold", type=float, default=None,
+                   help="draft-model with --stop-head: stop once P(some draft token is rejected) would exceed this "
+                        "(default 0.7)")
     g.add_argument("--rapid-chunks", type=int, default=4,
                    help="rapid: chunks of the prompt (before its question paragraph) the draft reads, best by BM25")
     g.add_argument("--rapid-chunk-chars", type=int, default=800, help="rapid: characters per chunk (cut at line ends)")
@@ -69,14 +86,14 @@ DRAFTER_FLAGS = {
     "recycling": ("tree_size", "spec_config"), "aded": ("tree_size", "spec_config"),
     "stand": ("tree_size", "spec_config"),
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
-    "draft-model": ("draft_tokens", "draft_model", "draft_layers"),
+    "draft-model": ("draft_tokens", "draft_model", "draft_layers", "stop_head", "stop_threshold"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
-    "medusa": ("heads",), "eagle": ("heads",),
+    "medusa": ("heads",), "eagle": ("heads",), "clover": ("heads",), "s2d": ("heads", "draft_tokens", "draft_depth"),
     "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
              "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None,
-             "heads": None, "rapid_chunks": 4, "rapid_chunk_chars": 800, "rapid_augment": None, "rapid_alpha": 0.1}
+             "heads": None, "draft_depth": None, "stop_head": None, "stop_threshold": None, "rapid_chunks": 4, "rapid_chunk_chars": 800, "rapid_augment": None, "rapid_alpha": 0.1}
 
 
 def validate_args(args):
@@ -89,12 +106,16 @@ def validate_args(args):
     check_int(args, "tree_size", 1, allow_none=True)
     check_int(args, "exit_layer", 1, allow_none=True)
     check_int(args, "draft_layers", 1, allow_none=True)
+    check_int(args, "draft_depth", 1, allow_none=True)
     check_int(args, "rapid_chunks", 1)
     check_int(args, "rapid_chunk_chars", 1)
     from jaxdec.cli import check_float
     check_float(args, "rapid_augment", lambda v: v >= 0, "a finite number >= 0",
                 allow_none=True)
     check_float(args, "rapid_alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check_float(args, "stop_threshold", lambda v: 0 < v < 1, "in (0, 1)", allow_none=True)
+    if args.stop_head not in (None, "shipped") and not os.path.isfile(args.stop_head):
+        raise BadInput(f"--stop-head: no such file {args.stop_head!r}")
     if args.skip_layers is not None and any(x < 0 for x in args.skip_layers):
         raise BadInput(f"--skip-layers: expected layer indices >= 0, got {args.skip_layers}")
     if args.spec_config is not None and not os.path.isfile(args.spec_config):
@@ -138,12 +159,21 @@ def check_args(args):
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
     _check_mesh(args)
-    if args.drafter in ("medusa", "eagle"):
+    if args.drafter in HEAD_KINDS:
         d = args.drafter
         if args.heads is None and _shipped(args) is None:
-            raise BadInput(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
-                           f"--heads PATH (a file written by python -m train.{d})")
+            raise BadInput(f"--drafter {d}: no {d} heads are shipped for --model {args.model!r}; pass "
+                           f"--heads PATH (a file written by python -m {HEAD_KINDS[d][1]})")
         _check_heads(args, args.heads or _shipped(args))
+    if args.stop_threshold is not None and args.stop_head is None:
+        raise BadInput("--stop-threshold is used only with --stop-head")
+    if args.stop_head is not None:
+        from jaxdec.speculative.heads import shipped_heads
+        path = shipped_heads("specdec_pp", args.model) if args.stop_head == "shipped" else args.stop_head
+        if path is None:
+            raise BadInput(f"--stop-head: no SpecDec++ acceptance head is shipped for --model {args.model!r}; pass "
+                           f"--stop-head PATH (a file written by python -m train.specdec_pp)")
+        _check_heads(args, path, "specdec_pp", "--stop-head")
     if args.drafter == "rapid":
         if args.rapid_augment is not None and args.spec_sampling:
             raise BadInput("--rapid-augment (the retrieval-augmented target) works with greedy verification only: "
@@ -168,19 +198,19 @@ def _check_mesh(args):
                        f"jaxdec.sharding does not place); --mesh works with --drafter {', '.join(MESH_DRAFTERS)}")
 
 
-def _check_heads(args, path):
+def _check_heads(args, path, kind=None, flag="--heads"):
     """A heads file that cannot be read, or was trained for another target than --model: BadInput
     before the model loads (the fingerprint reads the model file, not its weights)."""
     from jaxdec.cli import BadInput
     from jaxdec.models.registry import resolve
     from jaxdec.speculative.heads.artefact import read_heads, target_fingerprint
     try:
-        _, meta = read_heads(path, args.drafter)
+        _, meta = read_heads(path, kind or HEAD_KINDS[args.drafter][0])
     except (OSError, ValueError) as e:
-        raise BadInput(f"--heads: {e}") from None
+        raise BadInput(f"{flag}: {e}") from None
     fp = target_fingerprint(resolve(args.model))
     if meta.get("fingerprint") != fp:
-        raise BadInput(f"--heads: {path!r} was trained for another target model or vocabulary "
+        raise BadInput(f"{flag}: {path!r} was trained for another target model or vocabulary "
                        f"({meta.get('target') or 'unnamed'}, fingerprint {str(meta.get('fingerprint'))[:19]}...), "
                        f"not --model {args.model!r} (fingerprint {fp[:19]}...)")
 
@@ -188,7 +218,7 @@ def _check_heads(args, path):
 def _shipped(args):
     """The heads file shipped for ``--model`` (a known name), or None."""
     from jaxdec.speculative.heads import shipped_heads
-    return shipped_heads(args.drafter, args.model)
+    return shipped_heads(HEAD_KINDS[args.drafter][0], args.model)
 
 
 def build(args, model, params, model_path=None):
@@ -238,13 +268,26 @@ def build(args, model, params, model_path=None):
             draft = (loaded.model, loaded.params)
         if d == "pearl":
             return M.pearl(model, params, layers, draft, gamma=k or 4, sampling=sampling)
+        stop = getattr(args, "stop_head", None)
+        if stop is not None:
+            from jaxdec.speculative.heads import shipped_heads
+            path = shipped_heads("specdec_pp", args.model) if stop == "shipped" else stop
+            if path is None:
+                raise ValueError(f"--stop-head: no SpecDec++ acceptance head is shipped for --model {args.model!r}")
+            try:
+                return M.specdec_pp(model, params, layers, draft, num_tokens=k or 8, sampling=sampling,
+                                    stop_head=path, target=model_path, stop_threshold=args.stop_threshold)
+            except ValueError as e:
+                raise ValueError(f"--stop-head: {e}") from None
         return M.draft_model(model, params, layers, draft, num_tokens=k or 3, sampling=sampling)
-    if d in ("medusa", "eagle"):
+    if d in HEAD_KINDS:
         heads = args.heads or _shipped(args)
         if heads is None:
-            raise ValueError(f"--drafter {d}: no {d.capitalize()} heads are shipped for --model {args.model!r}; pass "
-                             f"--heads PATH")
+            raise ValueError(f"--drafter {d}: no {d} heads are shipped for --model {args.model!r}; pass --heads PATH")
         try:
+            if d == "s2d":
+                return M.draft_lm(model, params, heads, target=model_path, depth=args.draft_depth,
+                                  num_tokens=k or 4, sampling=sampling)
             return getattr(M, d)(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
             raise ValueError(f"--heads: {e}") from None
@@ -330,7 +373,7 @@ def _rapid(args, loaded, prompt_ids, rows, bs, sampling, cons):
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
 DRAFTER_METHODS = {"pld": "prompt_lookup", "iad": "input_guided", "recycling": "token_recycling", "aded": "aded",
                    "stand": "stand", "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model",
-                   "pearl": "pearl", "medusa": "medusa", "eagle": "eagle"}
+                   "pearl": "pearl", "medusa": "medusa", "eagle": "eagle", "clover": "clover", "s2d": "draft_lm"}
 RAPID_PAPER = ("Chen et al. 2025, Long-Context Inference with Retrieval-Augmented Speculative Decoding (RAPID)",
                "the same model drafts over BM25-retrieved chunks of the long prompt; the target verifies with it "
                "all (exact; --rapid-augment: the retrieval-augmented target, lossy)")
@@ -346,5 +389,6 @@ try:  # register with the spine's CLI when it is importable
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
     register_papers({"speculative --drafter rapid": RAPID_PAPER})
+    register_papers({"speculative --drafter draft-model --stop-head": _PAPERS["specdec_pp"]})
 except ImportError:  # pragma: no cover
     pass

@@ -35,7 +35,11 @@ PAPERS = {
     "draft_model": ("Leviathan et al. 2023 / Chen et al. 2023, speculative decoding with a draft model",
                     "a separate (here: layer-truncated) model drafts a chain"),
     "specdec_pp": ("Huang et al. 2024, SpecDec++: stop drafting when acceptance looks unlikely",
-                   "draft model chain with a confidence stop threshold"),
+                   "draft model chain stopped by a learned acceptance head (or the draft's confidence)"),
+    "clover": ("Xiao et al. 2024, Clover: regressive lightweight speculative decoding with sequential knowledge",
+               "trained heads with a regressive connection, an attention decoder and an augmenting block"),
+    "draft_lm": ("Kavehzadeh et al. 2024, S2D: sorted speculative decoding (and a plain distilled draft)",
+                 "a few target-initialised layers distilled from the target; S2D: every exit a draft"),
     "pearl": ("Liu et al. 2025, PEARL: parallel speculative decoding with adaptive draft length",
               "pre-verify / post-verify schedule with a draft model"),
     "medusa": ("Cai et al. 2024, Medusa: multiple decoding heads (Medusa-1: frozen target, trained heads)",
@@ -144,10 +148,18 @@ def draft_model(model, params, draft_layers: Optional[int] = None, draft=None, n
 
 
 def specdec_pp(model, params, draft_layers: Optional[int] = None, draft=None, num_tokens: int = 8,
-               stop_threshold: float = 0.3, sampling: bool = False):
-    """-> (decoder, params): a draft-model chain that stops once the draft's confidence in its next token
-    falls below ``stop_threshold`` (the learned acceptance head of the paper is `train/`'s work)."""
-    return draft_model(model, params, draft_layers, draft, num_tokens, sampling, stop_threshold)
+               stop_threshold: Optional[float] = None, sampling: bool = False, stop_head=None, target=None):
+    """-> (decoder, params): a draft-model chain that stops once the predicted probability that some of its
+    tokens is rejected exceeds ``stop_threshold``. stop_head: the paper's learned acceptance head (a file
+    written by ``train/specdec_pp.py`` for this draft, checked against ``target`` like `medusa`, or an
+    ``(AcceptanceConfig, params)`` pair; `jaxdec.speculative.heads.acceptance`; default threshold 0.7);
+    None: the draft's own confidence predicts acceptance (default threshold 0.3)."""
+    if stop_head is None:
+        return draft_model(model, params, draft_layers, draft, num_tokens, sampling,
+                           0.3 if stop_threshold is None else stop_threshold)
+    from jaxdec.speculative.heads.acceptance import build
+    return build(model, params, stop_head, target=target, draft_layers=draft_layers, draft=draft, num_tokens=num_tokens,
+                 threshold=0.7 if stop_threshold is None else stop_threshold, sampling=sampling)
 
 
 def pearl(model, params, draft_layers: Optional[int] = None, draft=None, gamma: int = 4, sampling: bool = False):
@@ -205,6 +217,24 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
         dparams["d2t"] = d2t.astype(np.int32)
         dparams["head_w"] = draft_head(model, params, d2t)
     return SpeculativeDecoder(drafter, _verifier(sampling)), with_draft_params(params, dparams)
+
+
+def clover(model, params, heads, target=None, sampling: bool = False):
+    """-> (decoder, params). Clover heads (`jaxdec.speculative.heads.clover`): a heads file written by
+    ``train/clover.py`` (checked against the target like `medusa`) or a ``(CloverConfig, params, d2t)``
+    triple; sampling: drafts drawn from the heads' distributions, verified by speculative sampling."""
+    from jaxdec.speculative.heads.clover import build
+    return build(model, params, heads, target=target, sampling=sampling)
+
+
+def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num_tokens: int = 4,
+             sampling: bool = False):
+    """-> (decoder, params). A small draft model distilled from the target, or exit ``depth`` of an S2D
+    network of sorted nested drafts (`jaxdec.speculative.heads.draft_lm`): a heads file written by
+    ``train/distill_draft.py`` (checked against the target like `medusa`) or a ``(DraftLMConfig, params,
+    d2t)`` triple; drafts chains of ``num_tokens``."""
+    from jaxdec.speculative.heads.draft_lm import build
+    return build(model, params, heads, target=target, depth=depth, num_tokens=num_tokens, sampling=sampling)
 
 
 def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens: Optional[int] = None,
