@@ -307,3 +307,10 @@ def test_shipped_draft_lossless_per_depth_batch1_and_ragged_batch8(shipped):
             taus[depth, bs] = out.stats["tau"]
     print("shipped draft_lm τ per (depth, batch):", taus)
     neartie.assert_sequences_match(pairs, t["dlogit"])
+    # the distillation moved τ: the deepest exit above `methods.draft_model` with the same number of layers
+    # (the layer-truncated target, which is also this draft before training), at batch 8
+    from jaxdec.speculative import methods as M
+    dec, pp = M.draft_model(t["model"], t["params"], draft_layers=cfg.num_layers, num_tokens=4)
+    base = jaxdec.generate(t["model"], pp, t["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    print("truncated-target draft τ:", base.stats["tau"])
+    assert taus[cfg.num_layers, 8] > base.stats["tau"] + 0.05, (taus, base.stats["tau"])
