@@ -28,7 +28,7 @@ acceptance: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_greedy.py
 
-# the shipped trained heads (issue 15): the self-distillation corpus, then each head set; every step
+# the shipped trained heads and drafts (issues 15, 16): the self-distillation corpus, then each one; every step
 # resumes after an interruption (train/work/ keeps the corpus shards, the stored hidden states and the
 # orbax checkpoints). HEADS_ARGS passes extra flags to both trainings (e.g. --steps 20 for a smoke run).
 HEADS_DIR := jaxdec/speculative/heads/artefacts
@@ -41,6 +41,9 @@ heads: $(STAMP)
 	$(PY) -m train.eagle --data $(HEADS_DATA) --out train/work/runs/eagle --hidden stored \
 		--hidden-cache train/work/hidden --feature-layers 3,15,-1 --num-tokens 6 --calibrate-chain --steps 600 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors
+	$(PY) -m train.distill_draft --data $(HEADS_DATA) --out train/work/runs/draft_lm_150 --num-layers 2 --exits 1,2 \
+		--loss ce --draft-vocab 8192 --steps 150 --lr 1e-3 --warmup 15 --eval-every 75 --eval-batches 2 \
+		--save-every 75 $(HEADS_ARGS) --export $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors
 
 # the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then
 # the Learn2PD filter of the diffusion model; each step resumes after an interruption (orbax checkpoints under

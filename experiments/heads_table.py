@@ -12,7 +12,9 @@ Rows per group, all at batch 1 (one call per prompt), greedy verification, a fix
 ignored), the same weights for every row (``--weights``, q by default: the goal is stated for q):
 
 * jaxdec greedy, the baseline of every speedup, measured in the same run;
-* the Medusa and EAGLE heads (the shipped files, or ``--medusa`` / ``--eagle`` PATH);
+* the Medusa, EAGLE and Clover heads and the distilled S2D draft at each of its exits (the shipped files, or
+  ``--medusa`` / ``--eagle`` / ``--clover`` / ``--s2d`` PATH); SpecDec++'s learned stop on the draft its head
+  was trained on (experiments/specdec_pp_table.py compares it with fixed draft lengths);
 * EAGLE heads trained on fewer tokens (``--eagle-curve PATH ...``): τ against training tokens;
 * the shipped EAGLE head drafting an EAGLE-2 dynamic tree (``--eagle-tree TOPK NODES``; default 2 6);
 * prompt lookup and token recycling, model-free reference rows.
@@ -93,13 +95,23 @@ class Setup:
         self.prompts = heldout_prompts(m.tokenizer, cfg.n_code, cfg.n_chat, cfg.n_copy)
         rows = [Method("jaxdec-greedy", m.model, m.params)]
         self.heads = {}
-        for kind, given in (("medusa", cfg.medusa), ("eagle", cfg.eagle)):
+        for kind, given in (("medusa", cfg.medusa), ("eagle", cfg.eagle), ("clover", cfg.clover),
+                            ("draft_lm", cfg.s2d), ("specdec_pp", cfg.specdec_pp)):
             path = given or shipped_heads(kind, "smollm2-135m")
             if path is None:
                 print(f"no {kind} heads shipped and none given: row skipped", flush=True)
                 continue
-            dec, params = getattr(methods, kind)(m.model, m.params, path, target=m.path)
-            rows.append(Method(kind, m.model, params, dec))
+            if kind == "draft_lm":  # one row per nested exit
+                from jaxdec.speculative.heads.draft_lm import load_draft_lm
+                for depth in load_draft_lm(path, None)[0].exits:
+                    dec, params = methods.draft_lm(m.model, m.params, path, target=m.path, depth=depth)
+                    rows.append(Method(f"s2d@{depth}", m.model, params, dec))
+            elif kind == "specdec_pp":
+                dec, params = methods.specdec_pp(m.model, m.params, stop_head=path, target=m.path)
+                rows.append(Method("specdec_pp", m.model, params, dec))
+            else:
+                dec, params = getattr(methods, kind)(m.model, m.params, path, target=m.path)
+                rows.append(Method(kind, m.model, params, dec))
             self.heads[kind] = heads_facts(path)
         for path in cfg.eagle_curve:
             facts = heads_facts(path)
@@ -246,6 +258,10 @@ class Config:
         "weights of every row (q8: the q blocks with int8 activations, lossy; rows compared with q8 greedy)")})
     medusa: str = dataclasses.field(default="", metadata={"help": "Medusa heads file (default: the shipped one)"})
     eagle: str = dataclasses.field(default="", metadata={"help": "EAGLE heads file (default: the shipped one)"})
+    clover: str = dataclasses.field(default="", metadata={"help": "Clover heads file (default: the shipped one)"})
+    s2d: str = dataclasses.field(default="", metadata={"help": "distilled S2D draft file (default: the shipped one)"})
+    specdec_pp: str = dataclasses.field(default="", metadata={
+        "help": "SpecDec++ acceptance head file (default: the shipped one; its draft is the one it records)"})
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "EAGLE heads files trained on fewer tokens (τ against training tokens)"})
     eagle_tree: tuple[int, ...] = dataclasses.field(default=(2, 6), metadata={
@@ -268,13 +284,13 @@ def main(argv=None):
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
     if cfg.eagle_tree and (len(cfg.eagle_tree) != 2 or min(cfg.eagle_tree) < 1):
         opts.parser.error(f"--eagle-tree takes TOPK NODES (two integers >= 1), got {cfg.eagle_tree}")
-    for p in (cfg.medusa, cfg.eagle, *cfg.eagle_curve):
+    for p in (cfg.medusa, cfg.eagle, cfg.clover, cfg.s2d, cfg.specdec_pp, *cfg.eagle_curve):
         if p and not os.path.isfile(p):
             opts.parser.error(f"heads file not found: {p!r}")
     setup = Setup(cfg)
     rec = runner.run_experiment("heads_table", cfg, list(cfg.groups), lambda g: measure_group(setup, cfg, g),
                                 opts=opts, markdown=markdown, plot=plot,
-                                title="Trained draft heads (Medusa, EAGLE) on held-out prompts, batch 1")
+                                title="Trained draft heads and drafts on held-out prompts, batch 1")
     print("\n".join(markdown(rec)))
 
 
