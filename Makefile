@@ -44,6 +44,8 @@ heads: $(STAMP)
 	$(PY) -m train.distill_draft --data $(HEADS_DATA) --out train/work/runs/draft_lm_150 --num-layers 2 --exits 1,2 \
 		--loss ce --draft-vocab 8192 --steps 150 --lr 1e-3 --warmup 15 --eval-every 75 --eval-batches 2 \
 		--save-every 75 $(HEADS_ARGS) --export $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors
+	$(PY) -m train.specdec_pp --out train/work/runs/specdec_pp --draft $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors \
+		--max-seqs 200 --seq-len 192 --steps 400 $(HEADS_ARGS) --export $(HEADS_DIR)/specdec_pp-smollm2-135m.safetensors
 
 # the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then
 # the Learn2PD filter of the diffusion model; each step resumes after an interruption (orbax checkpoints under

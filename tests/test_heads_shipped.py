@@ -116,16 +116,22 @@ def test_shipped_heads_beat_untrained_heads(target, kind):
 
 
 def test_cli_finds_shipped_heads_and_reports_tau(tmp_path):
-    """`--drafter medusa|eagle` with no --heads: the shipped file; stats carry τ and per-position
-    acceptance, and the tokens are the CLI's greedy tokens."""
+    """`--drafter medusa|eagle|s2d|clover` and `--stop-head` with no path: the shipped files; stats carry τ
+    and per-position acceptance, and the tokens are the CLI's greedy tokens."""
     from jaxdec.cli import main
     common = ["--chat", "--quiet", "--weights", "q", "--max-new-tokens", "16",
               "--prompt", "Repeat exactly: one two three four five six seven eight nine ten."]
     ref = str(tmp_path / "g.jsonl")
     assert main(["generate", "--method", "greedy", *common, "--out", ref]) == 0
-    for kind in KINDS:
+    # issue 16's shipped files by name too: the S2D draft at its shallow exit, and the draft-model drafter
+    # stopped by the SpecDec++ head (trained on that distilled draft's deepest exit; its recorded draft)
+    runs = [(kind, [kind]) for kind in KINDS] + [("s2d", ["s2d", "--draft-depth", "1"]),
+                                                 ("stop-head", ["draft-model", "--stop-head"])]
+    if shipped_heads("clover", "smollm2-135m"):
+        runs.append(("clover", ["clover"]))
+    for kind, drafter in runs:
         out = str(tmp_path / f"{kind}.jsonl")
-        assert main(["generate", "--method", "speculative", "--drafter", kind, *common, "--out", out]) == 0
+        assert main(["generate", "--method", "speculative", "--drafter", *drafter, *common, "--out", out]) == 0
         (rec,) = [json.loads(x) for x in open(out)]
         st = rec["stats"]
         assert st["tau"] >= 1.0 and len(st["acceptance_per_position"]) >= 1 and st["target_calls"] >= 1, st
