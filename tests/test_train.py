@@ -533,38 +533,19 @@ def test_eagle_sampling_verification_follows_the_target_distribution():
     by speculative sampling: the first three tokens' joint distribution is the target's (exact
     enumeration); without residual resampling it is not (negative control)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stat_checks import pooled_chisquare_p
-    from jaxdec.core import loop
-    from jaxdec.core.processors import SamplingParams
-    from jaxdec.core.state import DecodeInputs
+    from stat_checks import assert_speculative_joint
     from jaxdec.speculative import SpeculativeDecoder
     from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, init_params as eagle_init
-    from jaxdec.testing.toy_speculative import exact_joint, random_table
-    tv, rows, alpha = 5, 100_000, 1e-4
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
     tab = random_table(23, tv, 1.2)
     model = TrigramModel(tv)
     tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
     ec = EagleConfig(hidden=tv, draft_vocab=4, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
                      max_position=64, num_tokens=2)
     _, params = M.eagle(model, tp, (ec, eagle_init(ec, 2), np.array([0, 1, 2, 4])), sampling=True)
-    joint = exact_joint(tab, (3, 1), 3, 1.0)
-
-    def run(dec, seed):
-        prompts = jnp.asarray(np.repeat(np.array([[3, 1]], np.int32), rows, 0))
-        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
-        inputs = DecodeInputs(max_new=jnp.full((rows,), 3, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
-                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((rows, 4), jnp.int32),
-                              sampling=SamplingParams.create(rows, temperature=1.0))
-        st = loop.run_jit(dec, model, params, prompts, jnp.full((rows,), 2, jnp.int32), inputs,
-                          2 + 4 + dec.cache_headroom + 1)
-        t = np.asarray(st.tokens)
-        return np.bincount((t[:, 0] * tv + t[:, 1]) * tv + t[:, 2], minlength=tv ** 3), dec.summarize(st)
-
-    good, stats = run(SpeculativeDecoder(EagleDrafter(ec, sample=True), "sampling"), 71)
-    assert pooled_chisquare_p(good, joint) > alpha
-    assert stats["tau"] > 1.05  # drafts were accepted: the speculative path really ran
-    bad, _ = run(SpeculativeDecoder(EagleDrafter(ec, sample=True), "sampling", residual=False), 72)
-    assert pooled_chisquare_p(bad, joint) < alpha
+    assert_speculative_joint(lambda residual: SpeculativeDecoder(EagleDrafter(ec, sample=True), "sampling",
+                                                                 residual=residual), model, params, tab, (71, 72))
 
 
 # --------------------------------------------------------------------------- Medusa under sampling
@@ -573,15 +554,11 @@ def test_medusa_sampling_verification_follows_the_target_distribution():
     tokens' joint distribution is the target's (exact enumeration, 100k rows); without residual
     resampling it is not (negative control). Same check as tests/test_speculative_sampling.py's."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import scipy.stats  # noqa: F401
-    from stat_checks import pooled_chisquare_p
-    from jaxdec.core import loop
-    from jaxdec.core.processors import SamplingParams
-    from jaxdec.core.state import DecodeInputs
+    from stat_checks import assert_speculative_joint
     from jaxdec.speculative import SpeculativeDecoder
     from jaxdec.speculative.heads.medusa import MedusaDrafter
-    from jaxdec.testing.toy_speculative import exact_joint, random_table
-    tv, rows, alpha = 5, 100_000, 1e-4
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
     tab = random_table(21, tv, 1.2)
     model = TrigramModel(tv)
     tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
@@ -589,24 +566,8 @@ def test_medusa_sampling_verification_follows_the_target_distribution():
     rng = np.random.default_rng(3)
     hp = {"w": jnp.asarray(rng.normal(0, 1.0, (2, 1, tv, tv)), jnp.float32), "b": jnp.zeros((2, 1, tv))}
     _, params = M.medusa(model, tp, (mc, hp), sampling=True)
-    joint = exact_joint(tab, (3, 1), 3, 1.0)
-
-    def run(dec, seed):
-        prompts = jnp.asarray(np.repeat(np.array([[3, 1]], np.int32), rows, 0))
-        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
-        inputs = DecodeInputs(max_new=jnp.full((rows,), 3, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
-                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((rows, 4), jnp.int32),
-                              sampling=SamplingParams.create(rows, temperature=1.0))
-        st = loop.run_jit(dec, model, params, prompts, jnp.full((rows,), 2, jnp.int32), inputs,
-                          2 + 4 + dec.cache_headroom + 1)
-        t = np.asarray(st.tokens)
-        return np.bincount((t[:, 0] * tv + t[:, 1]) * tv + t[:, 2], minlength=tv ** 3), dec.summarize(st)
-
-    good, stats = run(SpeculativeDecoder(MedusaDrafter(mc, sample=True), "sampling"), 61)
-    assert pooled_chisquare_p(good, joint) > alpha
-    assert stats["tau"] > 1.05  # drafts were accepted: the speculative path really ran
-    bad, _ = run(SpeculativeDecoder(MedusaDrafter(mc, sample=True), "sampling", residual=False), 62)
-    assert pooled_chisquare_p(bad, joint) < alpha
+    assert_speculative_joint(lambda residual: SpeculativeDecoder(MedusaDrafter(mc, sample=True), "sampling",
+                                                                 residual=residual), model, params, tab, (61, 62))
     with pytest.raises(ValueError, match="chain only"):
         MedusaDrafter(mc, tree=__import__("jaxdec.speculative.tree", fromlist=["TreeSpec"]).TreeSpec.from_widths((2, 1)),
                       sample=True)
