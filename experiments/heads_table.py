@@ -164,7 +164,9 @@ def measure_group(setup, cfg, group):
         calls = s.get("target_calls") or n_tok
         step_cost = float(np.median(ts)) / calls / greedy_s_per_token
         rows.append({"method": m.name, "tau": s.get("tau"), "acceptance_per_position": s.get("acceptance_per_position"),
-                     "target_calls": calls, "step_cost_vs_greedy": step_cost,
+                     "target_calls": calls, "draft_calls": s.get("draft_calls", 0),
+                     "draft_calls_per_call": (s.get("draft_calls", 0) / calls) if calls else 0.0,
+                     "step_cost_vs_greedy": step_cost,
                      "tokens_per_s_median": float(np.median(n_tok / ts)), "speedup_median": float(np.median(base / ts)),
                      "speedup_min": float((base / ts).min()), "speedup_max": float((base / ts).max()),
                      "rows_differing_from_greedy": int(sum(a != b for a, b in zip(outs[m.name],

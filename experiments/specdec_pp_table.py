@@ -31,14 +31,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import runner  # noqa: E402
-from heads_table import GROUPS, heads_facts, heldout_prompts  # noqa: E402
+from heads_table import GROUPS, heads_facts, heldout_prompts, measure_group  # noqa: E402
 from spec_bench import Jaxdec as Method  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,47 +82,6 @@ class Setup:
         self.methods = [r for r in rows if r.name == "jaxdec-greedy" or not cfg.methods
                         or any(s in r.name for s in cfg.methods)]
         return self
-
-
-def measure_group(setup, cfg, group):
-    st = setup.get()
-    ps = st.prompts[group]
-    if not ps:
-        raise ValueError(f"group {group!r} has no prompts")
-    outs, stats, first = {}, {}, {}
-    for m in st.methods:  # warm-up: compiles every prompt bucket
-        t0 = time.perf_counter()
-        outs[m.name], stats[m.name] = m(ps, cfg.new_tokens)
-        first[m.name] = time.perf_counter() - t0
-        print(f"[{group}] warm-up {m.name}: {first[m.name]:.1f} s, tau {stats[m.name]['tau']:.2f}", flush=True)
-    times = {m.name: [] for m in st.methods}
-    for rep in range(cfg.reps):
-        for m in st.methods:
-            t0 = time.perf_counter()
-            toks, _ = m(ps, cfg.new_tokens)
-            times[m.name].append(time.perf_counter() - t0)
-            if toks != outs[m.name]:
-                raise RuntimeError(f"{m.name}: tokens changed between repetitions")
-        print(f"[{group}] rep {rep + 1}: " + ", ".join(f"{n} {len(ps) * cfg.new_tokens / t[-1]:.1f}"
-                                                      for n, t in times.items()), flush=True)
-    n_tok = len(ps) * cfg.new_tokens
-    base = np.asarray(times["jaxdec-greedy"])
-    greedy_s_per_token = float(np.median(base)) / n_tok
-    rows = []
-    for m in st.methods:
-        ts = np.asarray(times[m.name])
-        s = stats[m.name]
-        calls = s.get("target_calls") or n_tok
-        rows.append({"method": m.name, "tau": s.get("tau"), "acceptance_per_position": s.get("acceptance_per_position"),
-                     "target_calls": calls, "draft_calls": s.get("draft_calls", 0),
-                     "draft_calls_per_call": (s.get("draft_calls", 0) / calls) if calls else 0.0,
-                     "step_cost_vs_greedy": float(np.median(ts)) / calls / greedy_s_per_token,
-                     "tokens_per_s_median": float(np.median(n_tok / ts)), "speedup_median": float(np.median(base / ts)),
-                     "speedup_min": float((base / ts).min()), "speedup_max": float((base / ts).max()),
-                     "rows_differing_from_greedy": int(sum(a != b for a, b in zip(outs[m.name],
-                                                                                  outs["jaxdec-greedy"]))),
-                     "first_call_s": first[m.name], "seconds": ts.tolist()})
-    return {"rows": rows, "prompt_lengths": [len(p) for p in ps], "heads": st.heads}
 
 
 def _f(x, fmt="{:.2f}"):
