@@ -32,7 +32,6 @@ import dataclasses
 import os
 import sys
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import runner  # noqa: E402
