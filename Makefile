@@ -41,6 +41,9 @@ heads: $(STAMP)
 	$(PY) -m train.eagle --data $(HEADS_DATA) --out train/work/runs/eagle --hidden stored \
 		--hidden-cache train/work/hidden --feature-layers 3,15,-1 --num-tokens 6 --calibrate-chain --steps 600 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/eagle-smollm2-135m.safetensors
+	$(PY) -m train.clover --data $(HEADS_DATA) --out train/work/runs/clover --hidden stored --hidden-cache train/work/hidden \
+		--steps 200 --positions 64 --lr 2e-3 --save-every 50 --eval-every 100 $(HEADS_ARGS) \
+		--export $(HEADS_DIR)/clover-smollm2-135m.safetensors
 	$(PY) -m train.distill_draft --data $(HEADS_DATA) --out train/work/runs/draft_lm_150 --num-layers 2 --exits 1,2 \
 		--loss ce --draft-vocab 8192 --steps 150 --lr 1e-3 --warmup 15 --eval-every 75 --eval-batches 2 \
 		--save-every 75 $(HEADS_ARGS) --export $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors

@@ -123,12 +123,10 @@ def test_cli_finds_shipped_heads_and_reports_tau(tmp_path):
               "--prompt", "Repeat exactly: one two three four five six seven eight nine ten."]
     ref = str(tmp_path / "g.jsonl")
     assert main(["generate", "--method", "greedy", *common, "--out", ref]) == 0
-    # issue 16's shipped files by name too: the S2D draft at its shallow exit, and the draft-model drafter
+    # issue 16's shipped files by name too: the S2D draft at its shallow exit, Clover, and the draft-model drafter
     # stopped by the SpecDec++ head (trained on that distilled draft's deepest exit; its recorded draft)
-    runs = [(kind, [kind]) for kind in KINDS] + [("s2d", ["s2d", "--draft-depth", "1"]),
+    runs = [(kind, [kind]) for kind in KINDS] + [("s2d", ["s2d", "--draft-depth", "1"]), ("clover", ["clover"]),
                                                  ("stop-head", ["draft-model", "--stop-head"])]
-    if shipped_heads("clover", "smollm2-135m"):
-        runs.append(("clover", ["clover"]))
     for kind, drafter in runs:
         out = str(tmp_path / f"{kind}.jsonl")
         assert main(["generate", "--method", "speculative", "--drafter", *drafter, *common, "--out", out]) == 0
