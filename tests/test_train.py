@@ -332,7 +332,7 @@ def test_cli_medusa_heads_errors_before_the_model_loads(toy, cli_no_load, capsys
     monkeypatch.setattr(heads_pkg, "ARTEFACT_DIR", str(tmp_path / "none"))  # as if nothing were shipped
     assert "no Medusa heads are shipped for --model 'smollm2-135m'; pass --heads" in \
         _cli_error(cli, capsys, ["--drafter", "medusa"])
-    assert "no Eagle heads are shipped for --model 'smollm2-135m'; pass --heads" in \
+    assert "no EAGLE heads are shipped for --model 'smollm2-135m'; pass --heads" in \
         _cli_error(cli, capsys, ["--drafter", "eagle"])
     assert "another target model or vocabulary" in \
         _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", toy["heads"]])  # trained for the toy

@@ -38,6 +38,14 @@ DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-m
 # trained drafters -> the kind of their heads file (shipped as <kind>-<model>.safetensors) and its script
 HEAD_KINDS = {"medusa": ("medusa", "train.medusa"), "eagle": ("eagle", "train.eagle"),
               "clover": ("clover", "train.clover"), "s2d": ("draft_lm", "train.distill_draft")}
+HEAD_LABELS = {"medusa": "Medusa heads", "eagle": "EAGLE heads", "clover": "Clover heads",
+               "s2d": "S2D draft models"}
+
+
+def _no_heads_message(args) -> str:
+    d = args.drafter
+    return (f"--drafter {d}: no {HEAD_LABELS[d]} are shipped for --model {args.model!r}; pass "
+            f"--heads PATH (a file written by python -m {HEAD_KINDS[d][1]})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,10 +168,8 @@ def check_args(args):
                            f"(it applies to --drafter {', '.join(users)})")
     _check_mesh(args)
     if args.drafter in HEAD_KINDS:
-        d = args.drafter
         if args.heads is None and _shipped(args) is None:
-            raise BadInput(f"--drafter {d}: no {d} heads are shipped for --model {args.model!r}; pass "
-                           f"--heads PATH (a file written by python -m {HEAD_KINDS[d][1]})")
+            raise BadInput(_no_heads_message(args))
         _check_heads(args, args.heads or _shipped(args))
     if args.stop_threshold is not None and args.stop_head is None:
         raise BadInput("--stop-threshold is used only with --stop-head")
@@ -283,7 +289,7 @@ def build(args, model, params, model_path=None):
     if d in HEAD_KINDS:
         heads = args.heads or _shipped(args)
         if heads is None:
-            raise ValueError(f"--drafter {d}: no {d} heads are shipped for --model {args.model!r}; pass --heads PATH")
+            raise ValueError(_no_heads_message(args))
         try:
             if d == "s2d":
                 return M.draft_lm(model, params, heads, target=model_path, depth=args.draft_depth,
