@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jaxdec  # noqa: E402
 from jaxdec.speculative.heads import clover as C  # noqa: E402
 from jaxdec.speculative.heads.artefact import HeadsMismatch, read_heads, save_heads  # noqa: E402
-from jaxdec.testing.toy_speculative import TrigramModel  # noqa: E402
+from jaxdec.testing.toy_speculative import TrigramModel, peaked_trigram  # noqa: E402
 from train.harness import ConfigError, tree_hash  # noqa: E402
 
 V = 16
@@ -40,13 +40,7 @@ MAX_NEW = 24
 def toy(tmp_path_factory):
     """The toy target, its greedy continuations as the corpus and a 20-step Clover run (checkpoints at 10, 20)."""
     from train.clover import CloverTrainConfig, train_clover
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(V)
-    table = (rng.normal(size=(V, V, V)) * 0.3).astype(np.float32)
-    table[:, np.arange(V), perm] += 4.0
-    model = TrigramModel(V)
-    params = {"table": jnp.asarray(table), "embed": jnp.eye(V, dtype=jnp.float32)}
-    prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 6)))] for _ in range(40)]
+    model, params, prompts = peaked_trigram(V, 40)
     g = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW)  # corpus (32) and test (8) references
     seqs = [p + t for p, t in zip(prompts[:32], g.tokens[:32])]
     plens = [len(p) for p in prompts[:32]]
@@ -200,13 +194,10 @@ def test_sampling_verification_follows_the_target_distribution():
     """Clover chain drafts drawn from each head's q (each head reading the token drawn before it), verified by
     speculative sampling: the first three tokens' joint distribution is the target's (exact enumeration,
     100k rows); without residual resampling it is not (negative control)."""
-    from stat_checks import pooled_chisquare_p
-    from jaxdec.core import loop
-    from jaxdec.core.processors import SamplingParams
-    from jaxdec.core.state import DecodeInputs
+    from stat_checks import assert_speculative_joint
     from jaxdec.speculative import SpeculativeDecoder
-    from jaxdec.testing.toy_speculative import exact_joint, random_table
-    tv, rows, alpha = 5, 100_000, 1e-4
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
     tab = random_table(21, tv, 1.2)
     model = TrigramModel(tv)
     tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
@@ -218,24 +209,8 @@ def test_sampling_verification_follows_the_target_distribution():
     hp["merge"]["w"] = hp["merge"]["w"] + jnp.asarray(rng.normal(0, 1.0, (tv, 2 * tv)), jnp.float32)
     dec0, params = C.build(model, tp, (cc, hp, np.arange(tv)), sampling=True)
     assert dec0.verifier == "sampling" and dec0.drafter.sample
-    joint = exact_joint(tab, (3, 1), 3, 1.0)
-
-    def run(dec, seed):
-        prompts = jnp.asarray(np.repeat(np.array([[3, 1]], np.int32), rows, 0))
-        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
-        inputs = DecodeInputs(max_new=jnp.full((rows,), 3, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
-                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((rows, 4), jnp.int32),
-                              sampling=SamplingParams.create(rows, temperature=1.0))
-        st = loop.run_jit(dec, model, params, prompts, jnp.full((rows,), 2, jnp.int32), inputs,
-                          2 + 4 + dec.cache_headroom + 1)
-        t = np.asarray(st.tokens)
-        return np.bincount((t[:, 0] * tv + t[:, 1]) * tv + t[:, 2], minlength=tv ** 3), dec.summarize(st)
-
-    good, stats = run(dec0, 61)
-    assert pooled_chisquare_p(good, joint) > alpha
-    assert stats["tau"] > 1.05  # drafts were accepted: the speculative path really ran
-    bad, _ = run(SpeculativeDecoder(dec0.drafter, "sampling", residual=False), 62)
-    assert pooled_chisquare_p(bad, joint) < alpha
+    assert_speculative_joint(lambda residual: SpeculativeDecoder(dec0.drafter, "sampling", residual=residual),
+                             model, params, tab, seeds=(61, 62))
 
 
 # --------------------------------------------------------------------------- default model (slow)

@@ -37,8 +37,9 @@ KINDS = ("medusa", "eagle")
 MAX_NEW = 32
 
 
-@pytest.fixture(scope="module")
-def target(model_q, gguf_path):
+def heldout_target(model_q, gguf_path, max_new=MAX_NEW) -> dict:
+    """The default model (q weights), the 16 held-out prompts and their greedy reference: what every shipped
+    drafter's slow tests check against ("path" and "gguf": the model file)."""
     model, params = model_q
     with open(HELDOUT) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -51,10 +52,15 @@ def target(model_q, gguf_path):
     copy = [ids(r) for r in rows if r["group"] == "copy"][:6]
     # interleaved, so each batch of 8 holds short chat turns and longer copy prompts (>= 2 length buckets)
     prompts = [p for i in range(10) for p in ([chat[i]] + ([copy[i]] if i < len(copy) else []))]
-    ref = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW, batch_size=8)
-    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "path": gguf_path,
+    ref = jaxdec.generate(model, params, prompts, max_new_tokens=max_new, batch_size=8)
+    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "path": gguf_path, "gguf": gguf_path,
             "logits": lazy_teacher_logits(model, params, prompts, ref.tokens),
             "dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
+
+
+@pytest.fixture(scope="module")
+def target(model_q, gguf_path):
+    return heldout_target(model_q, gguf_path)
 
 
 def _decoder(t, kind, heads=None):

@@ -260,29 +260,9 @@ def shipped(model_q, gguf_path):
     """16 held-out prompts (10 chat, 6 copy, interleaved so each batch of 8 is ragged), the greedy reference
     at batch 8, the teacher logits and block-vs-step |Δlogit| for the near-tie rule
     (tests/test_distill_draft.py's pattern)."""
-    import json
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits
-    from peer import peer_chat_ids, peer_tokenizer
+    from test_heads_shipped import heldout_target
     from jaxdec.speculative.heads import shipped_path
-    model, params = model_q
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "jaxdec", "data", "prompts", "heads_heldout.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    tok = peer_tokenizer()
-
-    def ids(r):
-        return peer_chat_ids(r["prompt"]) if r["kind"] == "chat" else tok(r["prompt"], add_special_tokens=False)["input_ids"]
-    chat = [ids(r) for r in rows if r["group"] == "chat"][:10]
-    copy = [ids(r) for r in rows if r["group"] == "copy"][:6]
-    prompts = [p for i in range(10) for p in ([chat[i]] + ([copy[i]] if i < len(copy) else []))]
-    ref = jaxdec.generate(model, params, prompts, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
-    return {"model": model, "params": params, "prompts": prompts, "ref": ref, "gguf": gguf_path,
-            "path": shipped_path(A.KIND, "smollm2-135m"),
-            "logits": lazy_teacher_logits(model, params, prompts, ref.tokens),
-            "dlogit": lazy_block_vs_step_dlogit(model, params, prompts[0], 16)}
+    return {**heldout_target(model_q, gguf_path, SHIPPED_MAX_NEW), "path": shipped_path(A.KIND, "smollm2-135m")}
 
 
 @pytest.mark.slow

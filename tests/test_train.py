@@ -22,7 +22,7 @@ import jaxdec
 from jaxdec.speculative import methods as M
 from jaxdec.speculative.heads.artefact import HeadsMismatch, read_heads, save_heads
 from jaxdec.speculative.heads.medusa import MedusaConfig, init_params
-from jaxdec.testing.toy_speculative import TrigramModel
+from jaxdec.testing.toy_speculative import TrigramModel, peaked_trigram
 from train.harness import ArrayData, ConfigError, TrainConfig, _manager, fit, restore_checkpoint, tree_hash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +36,7 @@ def toy(tmp_path_factory):
     """The toy target, its self-distillation corpus (through train.data) and a 20-step Medusa run."""
     from train.data import generate_corpus, load_corpus
     from train.medusa import MedusaTrainConfig, train_medusa
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(V)
-    table = (rng.normal(size=(V, V, V)) * 0.3).astype(np.float32)
-    table[:, np.arange(V), perm] += 4.0
-    model = TrigramModel(V)
-    params = {"table": jnp.asarray(table), "embed": jnp.eye(V, dtype=jnp.float32)}
-    prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 6)))] for _ in range(40)]
+    model, params, prompts = peaked_trigram(V, 40)
     d = tmp_path_factory.mktemp("train")
     data = str(d / "data")
     part = generate_corpus(model, params, prompts[:32], [f"p{i}" for i in range(32)], data, FP, "toy",

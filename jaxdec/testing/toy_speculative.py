@@ -68,6 +68,19 @@ def random_table(seed: int, vocab: int, sharpness: float = 2.0) -> np.ndarray:
     return (rng.standard_normal((vocab, vocab, vocab)) * sharpness).astype(np.float32)
 
 
+def peaked_trigram(vocab: int, n_prompts: int, seed: int = 0):
+    """A toy target whose next token is almost always ``perm[token]`` (a random permutation, +4 logits over
+    noise), the learnable pattern of the training tests, with ``n_prompts`` random prompts of 2-5 tokens.
+    -> (TrigramModel, params, prompts)."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(vocab)
+    table = (rng.normal(size=(vocab, vocab, vocab)) * 0.3).astype(np.float32)
+    table[:, np.arange(vocab), perm] += 4.0
+    params = {"table": jnp.asarray(table), "embed": jnp.eye(vocab, dtype=jnp.float32)}
+    prompts = [[int(x) for x in rng.integers(0, vocab, size=int(rng.integers(2, 6)))] for _ in range(n_prompts)]
+    return TrigramModel(vocab), params, prompts
+
+
 def next_probs(table: np.ndarray, prev: int, tok: int, temperature: float = 1.0) -> np.ndarray:
     z = table[prev, tok].astype(np.float64) / temperature
     z = np.exp(z - z.max())
