@@ -613,3 +613,24 @@ def test_calibrated_tree_is_stored_with_the_heads_and_used(toy, tmp_path):
     greedy = jaxdec.generate(toy["model"], toy["params"], test, max_new_tokens=MAX_NEW)
     out = jaxdec.generate(toy["model"], pp, test, decoder=dec, max_new_tokens=MAX_NEW)
     assert out.tokens == greedy.tokens and out.stats["tau"] > 1.5
+
+
+def test_every_head_script_names_the_bad_shared_flag():
+    """The flags all target runs share (`check_target_run_flags`) fail the same way in every script."""
+    from train.clover import CloverTrainConfig
+    from train.distill_draft import DistillDraftConfig
+    from train.eagle import EagleTrainConfig
+    from train.medusa import MedusaTrainConfig
+    from train.specdec_pp import SpecDecPPTrainConfig
+    cases = ((dict(eval_fraction=1.0), "--eval-fraction must be in (0, 1), got 1.0"),
+             (dict(hidden="disk"), "--hidden must be 'recompute' or 'stored', got 'disk'"),
+             (dict(weights="int4"), "--weights must be one of f32, q, bf16"),
+             (dict(seq_len=0), "--seq-len must be an integer >= "), (dict(decay=0.0), "--decay must be in (0, 1]"))
+    for cls in (MedusaTrainConfig, CloverTrainConfig, EagleTrainConfig, DistillDraftConfig, SpecDecPPTrainConfig):
+        cls().validate()  # the defaults are valid
+        for kw, needle in cases:
+            if not all(hasattr(cls, k) for k in kw):
+                continue
+            with pytest.raises(ConfigError) as e:
+                cls(**kw).validate()
+            assert needle in str(e.value), (cls.__name__, kw, str(e.value))

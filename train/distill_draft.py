@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.harness import ArrayData, ConfigError, TrainConfig, fit
+from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
 from train.medusa import (build_draft_vocab, run_head_script, save_finished_heads, sequences_to_arrays,
                           split_heldout, store_hidden)
 
@@ -64,10 +64,7 @@ class DistillDraftConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_layers", "draft_vocab", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        check_target_run_flags(self, ints=("num_layers", "draft_vocab", "seq_len"), weights=("f32", "q", "bf16"))
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len must be >= 2, got {self.seq_len}")
         k = self.num_layers
@@ -83,12 +80,6 @@ class DistillDraftConfig(TrainConfig):
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not (np.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ConfigError(f"--kl-weight must be a finite number >= 0, got {self.kl_weight}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.hidden not in ("recompute", "stored"):
-            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
-        if self.weights not in ("f32", "q", "bf16"):
-            raise ConfigError(f"--weights must be one of f32, q, bf16, got {self.weights!r}")
 
 
 def make_loss(model, config, d2t, loss: str = "ce+kl", kl_weight: float = 1.0):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.harness import ArrayData, ConfigError, TrainConfig, fit
+from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
 from train.medusa import (build_draft_vocab, run_head_script, save_finished_heads, sequences_to_arrays,
                           split_heldout, store_hidden)
 
@@ -51,23 +51,12 @@ class EagleTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("draft_vocab", "num_tokens", "ttt_steps", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        check_target_run_flags(self, ints=("draft_vocab", "num_tokens", "ttt_steps", "seq_len"))
         if self.seq_len < 3:
             raise ConfigError(f"--seq-len must be >= 3, got {self.seq_len}")
-        if not 0.0 < self.decay <= 1.0:
-            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.hidden not in ("recompute", "stored"):
-            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
         if any(i < -1 for i in self.feature_layers) or len(set(self.feature_layers)) != len(self.feature_layers):
             raise ConfigError(f"--feature-layers must be distinct layer counts >= 0 or -1, got "
                               f"{','.join(map(str, self.feature_layers))}")
-        if self.weights not in ("f32", "q", "bf16", "df11"):
-            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
 
 
 def split_stored(config, hid):

@@ -86,6 +86,23 @@ def check_int_flag(name: str, v, lo: int) -> None:
         raise ConfigError(f"{flag_name(name)} must be an integer >= {lo}, got {v!r}")
 
 
+def check_target_run_flags(cfg, ints=(), weights=("f32", "q", "bf16", "df11")) -> None:
+    """The flags every run against a frozen target shares, where its config has them: ``ints`` (field names,
+    or (name, minimum) pairs; minimum 1 by default), ``--eval-fraction`` in (0, 1), ``--decay`` in (0, 1],
+    ``--hidden`` recompute|stored and ``--weights`` one of ``weights``."""
+    for item in ints:
+        name, lo = item if isinstance(item, tuple) else (item, 1)
+        check_int_flag(name, getattr(cfg, name), lo)
+    if hasattr(cfg, "decay") and not 0.0 < cfg.decay <= 1.0:
+        raise ConfigError(f"--decay must be in (0, 1], got {cfg.decay}")
+    if hasattr(cfg, "eval_fraction") and not 0.0 < cfg.eval_fraction < 1.0:
+        raise ConfigError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if hasattr(cfg, "hidden") and cfg.hidden not in ("recompute", "stored"):
+        raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {cfg.hidden!r}")
+    if hasattr(cfg, "weights") and cfg.weights not in weights:
+        raise ConfigError(f"--weights must be one of {', '.join(weights)}, got {cfg.weights!r}")
+
+
 def config_from_args(cls, argv=None, prog: Optional[str] = None, description: Optional[str] = None):
     """An instance of the frozen dataclass ``cls`` with ``--field`` flags overriding its defaults
     (``--flag/--no-flag`` for bools), validated; a bad value exits 2 with one ``error:`` line."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.harness import ArrayData, ConfigError, TrainConfig, config_from_args, fit
+from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, config_from_args, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,20 +55,9 @@ class MedusaTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_heads", "num_layers", "positions", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        if not 0.0 < self.decay <= 1.0:
-            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        check_target_run_flags(self, ints=("num_heads", "num_layers", "positions", "seq_len"))
         if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
             raise ConfigError(f"--draft-vocab must be an integer >= 0 (0: the full vocabulary), got {self.draft_vocab!r}")
-        if self.hidden not in ("recompute", "stored"):
-            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
-        if self.weights not in ("f32", "q", "bf16", "df11"):
-            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.harness import ArrayData, ConfigError, TrainConfig, fit
+from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
 from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout, store_hidden
 
 
@@ -59,11 +59,8 @@ class SpecDecPPTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name, lo in (("num_layers", 0), ("seq_len", 3), ("label_batch", 1), ("draft_layers", 0),
-                         ("draft_depth", 0), ("max_seqs", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        check_target_run_flags(self, ints=(("num_layers", 0), ("seq_len", 3), "label_batch", ("draft_layers", 0),
+                                           ("draft_depth", 0), ("max_seqs", 0)))
         if not (isinstance(self.weight_mismatch, (int, float)) and np.isfinite(self.weight_mismatch)
                 and self.weight_mismatch > 0):
             raise ConfigError(f"--weight-mismatch must be a finite number > 0, got {self.weight_mismatch!r}")
@@ -73,12 +70,6 @@ class SpecDecPPTrainConfig(TrainConfig):
             raise ConfigError("give --draft-layers or --draft FILE, not both")
         if self.draft_depth and not self.draft:
             raise ConfigError("--draft-depth needs --draft FILE")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.hidden not in ("recompute", "stored"):
-            raise ConfigError(f"--hidden must be 'recompute' or 'stored', got {self.hidden!r}")
-        if self.weights not in ("f32", "q", "bf16", "df11"):
-            raise ConfigError(f"--weights must be one of f32, q, bf16, df11, got {self.weights!r}")
 
 
 # --------------------------------------------------------------------------------------------------
