@@ -634,3 +634,15 @@ def test_every_head_script_names_the_bad_shared_flag():
             with pytest.raises(ConfigError) as e:
                 cls(**kw).validate()
             assert needle in str(e.value), (cls.__name__, kw, str(e.value))
+
+
+def test_head_drafters_name_the_params_they_need():
+    from jaxdec.speculative.heads.clover import CloverDrafter
+    from jaxdec.speculative.heads.eagle import EagleDrafter
+    from jaxdec.speculative.heads.medusa import MedusaDrafter
+    for drafter, keys in ((MedusaDrafter, "'heads', 'target'"), (EagleDrafter, "'heads', 'target', 'head_w', 'd2t'"),
+                          (CloverDrafter, "'heads', 'target', 'head_w', 'd2t'")):
+        with pytest.raises(ValueError, match=f"{drafter.__name__} needs params=with_draft_params") as e:
+            drafter._split({"heads": {}})
+        assert keys in str(e.value)
+        assert len(drafter._split({"heads": 1, "target": 2, "head_w": 3, "d2t": 4})) == keys.count(",") + 1

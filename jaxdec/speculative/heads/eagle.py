@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdec.speculative.heads.medusa import split_draft_params
 from jaxdec.speculative.tree import Draft, TreeSpec
 
 KIND = "eagle"
@@ -219,10 +220,7 @@ class EagleDrafter:
 
     @staticmethod
     def _split(dparams):
-        if not (isinstance(dparams, dict) and {"heads", "target", "d2t", "head_w"} <= set(dparams)):
-            raise ValueError("EagleDrafter needs params=with_draft_params(target, {'heads', 'target', 'd2t', "
-                             "'head_w'}) (jaxdec.speculative.methods.eagle builds them)")
-        return dparams["heads"], dparams["target"], dparams["head_w"], dparams["d2t"]
+        return split_draft_params(dparams, "EagleDrafter", ("heads", "target", "head_w", "d2t"), "jaxdec.speculative.methods.eagle")
 
     def init(self, model, dparams, prompts, prompt_lens, state, inputs):
         from jaxdec.cache.kv import rollback

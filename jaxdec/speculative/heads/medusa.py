@@ -138,6 +138,15 @@ def _check_tree(tree: TreeSpec, num_heads: int) -> None:
                          f"head d)")
 
 
+def split_draft_params(dparams, who: str, keys: tuple, builder: str) -> tuple:
+    """The drafter's part of ``params = with_draft_params(target, {...})``: its ``keys`` in order, or a
+    ValueError naming the drafter, the keys it needs and the constructor that builds them."""
+    if not (isinstance(dparams, dict) and set(keys) <= set(dparams)):
+        raise ValueError(f"{who} needs params=with_draft_params(target, {{{', '.join(repr(k) for k in keys)}}}) "
+                         f"({builder} builds them)")
+    return tuple(dparams[k] for k in keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class MedusaDrafter:
     """Drafts with Medusa heads (see the module docstring); ``tree`` defaults to the chain of all heads."""
@@ -168,10 +177,7 @@ class MedusaDrafter:
 
     @staticmethod
     def _split(dparams):
-        if not (isinstance(dparams, dict) and "heads" in dparams and "target" in dparams):
-            raise ValueError("MedusaDrafter needs params=with_draft_params(target, {'heads': head params, "
-                             "'target': target params}) (jaxdec.speculative.methods.medusa builds them)")
-        return dparams["heads"], dparams["target"]
+        return split_draft_params(dparams, "MedusaDrafter", ("heads", "target"), "jaxdec.speculative.methods.medusa")
 
     def init(self, model, dparams, prompts, prompt_lens, state, inputs):
         from jaxdec.cache.kv import rollback
