@@ -217,3 +217,68 @@ def test_training_flags_and_bad_values_exit_2(capsys):
             config_from_args(LUDTrainConfig, argv)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err, argv
+
+
+# --------------------------------------------------------------------------- default model (slow)
+try:
+    from test_heads_shipped import target  # noqa: E402,F401  the held-out prompts fixture (q weights)
+except Exception:  # pragma: no cover - the slow tier needs test_heads_shipped's helpers
+    target = None
+
+
+def _shipped():
+    from jaxdec.speculative.heads import shipped_path
+    p = shipped_path(L.KIND, "smollm2-135m")
+    assert os.path.isfile(p), f"no lud heads shipped ({p}: python -m train.lexical_units --export {p})"
+    return p
+
+
+@pytest.mark.slow
+def test_shipped_file_provenance_and_size(gguf_path):
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    path = _shipped()
+    assert os.path.getsize(path) <= 20 * 2**20
+    hp, meta = read_heads(path, "lud")
+    assert meta["fingerprint"] == target_fingerprint(gguf_path)
+    assert meta["command"].startswith("python -m train.lexical_units")
+    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    assert set(hp) == {"w", "b", "len_w", "len_b", "d2t"}
+    hist = meta["unit_histogram"]
+    assert hist[0] < sum(hist) and sum(hist) > 10_000  # the corpus has confident units, not only length 0
+
+
+@pytest.mark.slow
+def test_shipped_lud_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
+    import neartie
+    from test_speculative import assert_accepts_and_rejects
+    from jaxdec.cache.kv import bucket
+    t = target
+    assert len(t["prompts"]) >= 16 and len({bucket(len(p)) for p in t["prompts"]}) >= 2
+    dec, params = L.build(t["model"], t["params"], _shipped(), target=t["path"])
+    pairs = []
+    for bs in (8, 1):
+        out = jaxdec.generate(t["model"], params, t["prompts"], decoder=dec, max_new_tokens=32, batch_size=bs)
+        pairs += [(f"lud b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
+                  enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
+        assert_accepts_and_rejects(out.stats, f"lud b{bs}")
+    neartie.assert_sequences_match(pairs, t["dlogit"])
+
+
+@pytest.mark.slow
+def test_shipped_lud_beats_untrained(target):  # noqa: F811
+    """τ on the held-out prompts and the should-help prompts: above the same decoder with fresh heads (the
+    control: fresh token heads repeat the next token) by a margin."""
+    from test_speculative import heldout_prompt_ids
+    t = target
+    path = _shipped()
+    cfg, _, _, d2t = L.load_lud(path, None)
+    taus = {}
+    for set_name, prompts in (("held-out", t["prompts"]), ("should-help", heldout_prompt_ids())):
+        for name in ("lud", "untrained"):
+            heads = path if name == "lud" else (cfg, L.init_params(cfg, 1), d2t)
+            dec, params = L.build(t["model"], t["params"], heads, target=t["path"])
+            out = jaxdec.generate(t["model"], params, prompts, decoder=dec, max_new_tokens=32, batch_size=8)
+            taus[set_name, name] = out.stats["tau"]
+    print(f"lud τ: {taus}")
+    for set_name in ("held-out", "should-help"):
+        assert taus[set_name, "lud"] > taus[set_name, "untrained"] + 0.1, taus

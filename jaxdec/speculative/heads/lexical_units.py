@@ -136,10 +136,10 @@ class LUDState:
 @dataclasses.dataclass(frozen=True)
 class LexicalUnitDrafter:
     """Drafts the predicted lexical unit: a chain of ``max_unit`` tokens whose nodes past the predicted unit
-    end are invalid (never accepted). ``cut`` overrides the config's."""
+    end are invalid (never accepted). The unit-end probability is ``dparams["cut"]`` (a traced scalar, so
+    decoders with other cuts share one compilation), else the config's."""
 
     config: LUDConfig
-    cut: Optional[float] = None
 
     own_params = True
     draft_calls_per_step = 0  # the head is not a model call (its cost shows in wall time)
@@ -147,9 +147,6 @@ class LexicalUnitDrafter:
     def __post_init__(self):
         if not isinstance(self.config, LUDConfig):
             raise TypeError(f"LexicalUnitDrafter.config must be an LUDConfig, got {type(self.config).__name__}")
-        c = self.cut
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c < 1.0):
-            raise ValueError(f"LexicalUnitDrafter.cut must be a number in (0, 1), got {c!r}")
 
     @property
     def spec(self) -> TreeSpec:
@@ -183,7 +180,7 @@ class LexicalUnitDrafter:
         toks = jnp.argmax(logits, axis=-1).astype(jnp.int32).T  # [B,K]
         if self.config.draft_vocab:
             toks = jnp.asarray(dparams["d2t"], jnp.int32)[toks]
-        m = predicted_length(self.config, length_logits(self.config, hp, ds.hidden), self.cut)  # [B]
+        m = predicted_length(self.config, length_logits(self.config, hp, ds.hidden), dparams.get("cut"))  # [B]
         b, k = toks.shape
         valid = jnp.arange(k)[None, :] < m[:, None]
         return Draft(toks, self.spec.parents_array(b), valid), ds, state.cache
@@ -243,7 +240,9 @@ def build(model, params, heads, target=None, cut: Optional[float] = None):
     else:
         raise TypeError(f"heads must be a heads file path or an (LUDConfig, params, d2t) triple, got "
                         f"{type(heads).__name__}")
-    dparams = {"heads": hp, "target": params}
+    if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or not 0.0 < cut < 1.0):
+        raise ValueError(f"lud: cut must be a number in (0, 1), got {cut!r}")
+    dparams = {"heads": hp, "target": params, "cut": jnp.float32(config.cut if cut is None else cut)}
     if config.draft_vocab:
         d2t = None if d2t is None else np.asarray(d2t)
         if (d2t is None or d2t.shape != (config.draft_vocab,) or not np.issubdtype(d2t.dtype, np.integer)
@@ -253,4 +252,4 @@ def build(model, params, heads, target=None, cut: Optional[float] = None):
         dparams["head_w"] = draft_head(model, params, d2t)
     elif d2t is not None:
         raise ValueError("lud: d2t must be None when the config's draft_vocab is 0")
-    return SpeculativeDecoder(LexicalUnitDrafter(config, cut), "greedy"), with_draft_params(params, dparams)
+    return SpeculativeDecoder(LexicalUnitDrafter(config), "greedy"), with_draft_params(params, dparams)
