@@ -1,0 +1,196 @@
+"""Issue 16: hidden-transfer drafting (`jaxdec.speculative.heads.hidden_transfer`, ``train/hidden_transfer.py``).
+
+CI tier: a tiny Llama target (2 layers, V = E = 32, untied LM head) whose greedy next token is a fixed
+permutation of the current one (the LM head's rows are the embeddings permuted; the layers are weak, with
+attention on), so the k tokens after the pending one are ``perm^i(x_{n+1})``: an untrained transfer (a copy
+of the anchor's residual) drafts almost nothing, a trained one drafts the chain. A 16-step run at layer
+t = 1. Checks: the loss falls; trained beats untrained τ and both are lossless on a ragged batch and at
+batch 1 (chain and tree); an interrupted run resumes bit-identically; bad input is refused naming the
+argument. Slow tier: the shipped default-model transfer is lossless on >= 16 held-out prompts at batch 1
+and a ragged batch 8, and its τ beats the untrained transfer on the held-out and should-help lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jaxdec  # noqa: E402
+from jaxdec.speculative.heads import hidden_transfer as HT  # noqa: E402
+from jaxdec.speculative.heads.artefact import HeadsMismatch, read_heads, save_heads  # noqa: E402
+from train.harness import ConfigError, tree_hash  # noqa: E402
+
+V, E, F, L, H, KVH, HD = 32, 32, 32, 2, 2, 1, 16
+FP = "sha256:" + "a7" * 32  # the toy target's fingerprint
+MAX_NEW = 16
+K = 3
+
+
+def _toy_target():
+    from jaxdec.models.config import LlamaConfig
+    from jaxdec.models.llama import LlamaModel
+    cfg = LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=F, num_layers=L, num_heads=H,
+                      num_kv_heads=KVH, head_dim=HD, rope_theta=10000.0, eos_ids=(), max_position=128,
+                      tie_embeddings=False)
+    rng = np.random.default_rng(0)
+    n = lambda *s, sc=1.0: jnp.asarray(rng.normal(0, sc, s) / np.sqrt(s[-1]), jnp.float32)  # noqa: E731
+    emb = rng.normal(0, 1.0, (V, E))
+    perm = rng.permutation(V)
+    head = np.zeros((V, E))
+    head[perm] = emb  # logits[y] = <h, emb[perm^-1 y]>: the greedy token after x is perm[x]
+    params = {"embed": jnp.asarray(emb, jnp.float32), "lm_head": jnp.asarray(head, jnp.float32),
+              "final_norm": jnp.ones((E,)),
+              "layers": {"attn_norm": jnp.ones((L, E)), "wq": n(L, H * HD, E), "wk": n(L, KVH * HD, E),
+                         "wv": n(L, KVH * HD, E), "wo": n(L, E, H * HD, sc=0.05), "mlp_norm": jnp.ones((L, E)),
+                         "w_gate": n(L, F, E), "w_up": n(L, F, E), "w_down": n(L, E, F, sc=0.05)}}
+    prompts = [[int(x) for x in rng.integers(0, V, size=int(rng.integers(2, 7)))] for _ in range(40)]
+    return LlamaModel(cfg), params, prompts
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The toy target, its greedy continuations as the corpus (32) and test references (8), a 16-step run
+    (checkpoints at 8 and 16)."""
+    from train.hidden_transfer import HiddenTransferTrainConfig, train_hidden_transfer
+    model, params, prompts = _toy_target()
+    g = jaxdec.generate(model, params, prompts, max_new_tokens=MAX_NEW)
+    seqs = [p + t for p, t in zip(prompts[:32], g.tokens[:32])]
+    plens = [len(p) for p in prompts[:32]]
+    d = tmp_path_factory.mktemp("ht")
+    cfg = HiddenTransferTrainConfig(out=str(d / "run"), steps=16, batch_size=8, lr=0.05, warmup=2, seq_len=24,
+                                    positions=8, eval_every=16, save_every=8, log_every=1, progress=False, layer=1,
+                                    num_tokens=K)
+    res, path = train_hidden_transfer(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
+                                      log=lambda *a: None)
+    return dict(model=model, params=params, prompts=prompts, greedy=g.tokens, seqs=seqs, plens=plens, cfg=cfg,
+                res=res, path=path)
+
+
+def test_loss_falls(toy):
+    recs = toy["res"].records
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert len(train) == 16 and [r["step"] for r in ev] == [16]
+    assert train[-1] < 0.5 * train[0], train
+    assert ev[-1]["loss"] < 0.5 * train[0], (ev, train[0])
+    assert ev[-1]["acc0"] > 0.8 and ev[-1]["acc2"] > 0.5, ev[-1]  # every pseudo position learnt, not just the first
+
+
+def test_trained_transfer_raises_tau_and_stays_lossless(toy):
+    """Trained vs untrained transfer through `SpeculativeDecoder`: the greedy tokens on a ragged batch of 8
+    (prompt lengths 2-6), at batch 1, and with a small Medusa-style tree; τ higher by a margin."""
+    from jaxdec.speculative.tree import TreeSpec
+    model, params, test, greedy = toy["model"], toy["params"], toy["prompts"][32:], toy["greedy"][32:]
+    assert len({len(p) for p in test}) >= 2
+    hc = toy["res"].ht_config
+    taus = {}
+    for name, heads in (("untrained", (hc, HT.init_params(hc, 1))), ("trained", toy["path"])):
+        dec, pp = HT.build(model, params, heads, target=FP)
+        out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+        assert out.tokens == greedy, name
+        taus[name] = out.stats["tau"]
+    assert taus["untrained"] < 1.4, taus  # control: a copied residual drafts the pending token again
+    assert taus["trained"] > taus["untrained"] + 1.0, taus
+    tree = TreeSpec((0, 0, 1, 1, 3), (0, 1, 0, 1, 0))  # 2 candidates at depths 1 and 2, then a chain
+    dec, pp = HT.build(model, params, toy["path"], target=FP, tree=tree)
+    assert dec.drafter.num_nodes == 5 and dec.drafter.target_hidden_layers == (1,)
+    one = jaxdec.generate(model, pp, test[:3], decoder=dec, max_new_tokens=MAX_NEW, batch_size=1)
+    assert one.tokens == greedy[:3]
+    assert one.stats["tau"] > 2.0, one.stats
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(toy, tmp_path):
+    from train.hidden_transfer import train_hidden_transfer
+    run = tmp_path / "run"
+    shutil.copytree(toy["cfg"].out, run)
+    shutil.rmtree(run / "checkpoints" / "16")
+    os.remove(run / "heads.safetensors")
+    cfg = dataclasses.replace(toy["cfg"], out=str(run))
+    res, path = train_hidden_transfer(cfg, toy["model"], toy["params"], toy["seqs"], toy["plens"], FP,
+                                      target_name="toy", command="pytest", log=lambda *a: None)
+    assert res.resumed_from == 8
+    assert tree_hash(res.params) == tree_hash(toy["res"].params)
+    assert tree_hash(read_heads(path, HT.KIND)[0]) == tree_hash(read_heads(toy["path"], HT.KIND)[0])
+    hc = res.ht_config
+    assert tree_hash(res.params) != tree_hash(HT.init_params(hc, 0))  # control: the hash tells params apart
+    with pytest.raises(ConfigError, match="--lr was 0.05"):
+        train_hidden_transfer(dataclasses.replace(cfg, lr=0.1), toy["model"], toy["params"], toy["seqs"],
+                              toy["plens"], FP, log=lambda *a: None)
+
+
+def test_heads_file_and_bad_input(toy, tmp_path):
+    model, params, path = toy["model"], toy["params"], toy["path"]
+    hp, meta = read_heads(path, HT.KIND)
+    for k in ("fingerprint", "command", "data_tokens", "data_examples", "commit", "wall_s", "config", "steps",
+              "draft_cost"):
+        assert k in meta, k
+    assert meta["kind"] == HT.KIND and meta["fingerprint"] == FP and set(hp) == {"w", "b"}
+    assert meta["draft_cost"] == 0.5  # layers [1, 2) of 2
+    with pytest.raises(HeadsMismatch, match="another target"):
+        HT.build(model, params, path, target="sha256:" + "cd" * 32)
+    with pytest.raises(HeadsMismatch, match="another target"):  # no target: the params' fingerprint
+        HT.build(model, params, path)
+    other = save_heads(str(tmp_path / "medusa.safetensors"), "medusa", {"w": np.zeros(2)}, {}, FP)
+    with pytest.raises(ValueError, match="holds 'medusa' heads, expected 'hidden_transfer'"):
+        HT.build(model, params, other, target=FP)
+    blob = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        HT.build(model, params, str(cut), target=FP)
+    hc = toy["res"].ht_config
+    bad = {"w": np.zeros((K, E, E), np.float32), "b": np.zeros((K, E), np.float32)}
+    badp = save_heads(str(tmp_path / "bad.safetensors"), HT.KIND, bad, meta["config"], FP)
+    with pytest.raises(ValueError, match=r"w has shape \(3, 32, 32\), the config needs \(3, 32, 64\)"):
+        HT.build(model, params, badp, target=FP)
+    badc = save_heads(str(tmp_path / "badc.safetensors"), HT.KIND, dict(hp), {**meta["config"], "layer": 2}, FP)
+    with pytest.raises(ValueError, match="bad hidden_transfer config.*layer must be in"):
+        HT.build(model, params, badc, target=FP)
+    with pytest.raises(ValueError, match="built for 2 layers of size 16, the target has 2 of size 32"):
+        HT.build(model, params, (dataclasses.replace(hc, hidden=16), HT.init_params(dataclasses.replace(hc, hidden=16))))
+    with pytest.raises(TypeError, match="heads must be a heads file path"):
+        HT.build(model, params, {"w": 1})
+    from jaxdec.speculative.tree import TreeSpec
+    with pytest.raises(ValueError, match="tree has depth 4, more than the 3 pseudo positions"):
+        HT.build(model, params, toy["path"], target=FP, tree=TreeSpec.chain(4))
+    with pytest.raises(ValueError, match="sampling=True drafts a chain"):
+        HT.build(model, params, toy["path"], target=FP, tree=TreeSpec((0, 0), (0, 1)), sampling=True)
+    for kw, needle in ((dict(num_tokens=0), "num_tokens must be an integer >= 1"),
+                       (dict(layer=0), "layer must be an integer >= 1"),
+                       (dict(layer=2), r"layer must be in \[1, num_layers=2\)"), (dict(rms_eps=0.0), "rms_eps"),
+                       (dict(hidden=True), "hidden")):
+        with pytest.raises(ValueError, match=needle):
+            dataclasses.replace(hc, **kw)
+    assert HT.HiddenTransferConfig.from_dict(hc.to_dict()) == hc
+    with pytest.raises(ValueError, match="hidden_transfer config must be a dict"):
+        HT.HiddenTransferConfig.from_dict({"hidden": 32, "num_layers": 2})
+
+
+def test_training_flags_and_bad_values_exit_2(capsys):
+    from train.hidden_transfer import HiddenTransferTrainConfig
+    from train.harness import config_from_args
+    c = config_from_args(HiddenTransferTrainConfig, ["--steps", "7", "--layer", "20", "--num-tokens", "3"])
+    assert (c.steps, c.layer, c.num_tokens) == (7, 20, 3)
+    for argv, needle in ((["--layer", "0"], "--layer must be an integer >= 1"),
+                         (["--num-tokens", "0"], "--num-tokens"), (["--decay", "2"], "--decay must be in (0, 1]"),
+                         (["--hidden", "disk"], "--hidden"), (["--max-sequences", "-1"], "--max-sequences"),
+                         (["--seq-len", "4"], "--seq-len must be >= num_tokens + 2")):
+        with pytest.raises(SystemExit) as e:
+            config_from_args(HiddenTransferTrainConfig, argv)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_layer_out_of_range_for_the_target(toy):
+    from train.hidden_transfer import train_hidden_transfer
+    with pytest.raises(ConfigError, match=r"--layer must be in \[1, 1\]"):
+        train_hidden_transfer(dataclasses.replace(toy["cfg"], layer=2), toy["model"], toy["params"], toy["seqs"],
+                              toy["plens"], FP, log=lambda *a: None)
