@@ -84,6 +84,25 @@ def test_unit_labels_are_runs_of_confident_tokens(toy):
     assert checked > 400 and seen == {0, 1, 2, 3}, (checked, seen)  # the labels are not all one value
 
 
+def test_confidence_from_stored_states(toy):
+    """The stored-states path (`target_confidence` with ``hidden``): softmax of the states times the LM head
+    (the toy's is the identity) at the positions asked for, in chunks with a padded last one; 0 elsewhere."""
+    from train.lexical_units import target_confidence
+    rng = np.random.default_rng(5)
+    h = rng.normal(size=(3, 7, V)).astype(np.float32)
+    toks = rng.integers(0, V, size=(3, 7))
+    need = rng.random((3, 7)) < 0.6
+    got = target_confidence(toy["model"], toy["params"], toks, hidden=h, need=need, chunk=4)
+    p = np.exp(h) / np.exp(h).sum(-1, keepdims=True)
+    want = np.zeros((3, 7))
+    for n in range(3):
+        for i in range(1, 7):
+            if need[n, i]:
+                want[n, i] = p[n, i - 1, toks[n, i]]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert np.count_nonzero(got) == np.count_nonzero(need[:, 1:])  # control: the mask is used
+
+
 def test_loss_falls_over_20_steps(toy):
     recs = toy["res"].records
     train = [r["loss"] for r in recs if r["kind"] == "train"]

@@ -20,6 +20,7 @@ Writes ``<out>/heads.safetensors`` (kind "lud"; with d2t when ``--draft-vocab`` 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,39 +75,50 @@ class LUDTrainConfig(TrainConfig):
 # labels
 # --------------------------------------------------------------------------------------------------
 
-def target_confidence(model, target_params, tokens, hidden=None, batch_size: int = 4) -> np.ndarray:
+def target_confidence(model, target_params, tokens, hidden=None, batch_size: int = 4, need=None,
+                      chunk: int = 1024) -> np.ndarray:
     """``conf [N,T]`` float32: the target's probability of ``tokens[:, i]`` given ``tokens[:, :i]``
     (``conf[:, 0] = 0``). With ``hidden`` (stored final-norm states ``[N,T,E]``) the logits are those states
-    times the target's LM head; otherwise one forward of each batch."""
+    times the target's LM head, computed only at the positions ``need [N,T]`` marks (others 0; None: all),
+    ``chunk`` rows per call; otherwise one forward of each batch of sequences."""
     from jaxdec.quant import matmul
     from jaxdec.speculative.heads.medusa import lm_head
+    tokens = np.asarray(tokens, np.int32)
     n, t = tokens.shape
+    if hidden is not None:
+        @jax.jit
+        def rows(tp, h, toks):  # [R,E] states before the tokens [R] -> p [R]
+            lp = jax.nn.log_softmax(matmul(h.astype(jnp.float32), lm_head(model, tp)).astype(jnp.float32), axis=-1)
+            return jnp.exp(jnp.take_along_axis(lp, toks[:, None], axis=-1)[:, 0])
 
-    def probs(logits, toks):  # [b,T,V], [b,T] -> [b,T]
-        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        p = jnp.exp(jnp.take_along_axis(lp, toks[:, 1:, None], axis=-1)[..., 0])
-        return jnp.concatenate([jnp.zeros((toks.shape[0], 1), jnp.float32), p], axis=1)
-
-    @jax.jit
-    def from_hidden(tp, h, toks):
-        return probs(matmul(h.astype(jnp.float32), lm_head(model, tp)), toks)
+        mask = np.ones((n, t), bool) if need is None else np.asarray(need, bool).copy()
+        mask[:, 0] = False
+        ni, ti = np.nonzero(mask)
+        conf = np.zeros((n, t), np.float32)
+        for lo in range(0, len(ni), chunk):
+            a, b = ni[lo:lo + chunk], ti[lo:lo + chunk]
+            pad = chunk - len(a)
+            h = np.asarray(hidden[a, b - 1])
+            x = tokens[a, b]
+            if pad:
+                h = np.concatenate([h, np.repeat(h[-1:], pad, 0)])
+                x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+            conf[a, b] = np.asarray(rows(target_params, h, x))[:len(a)]
+        return conf
 
     @jax.jit
     def from_tokens(tp, toks):
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), toks.shape)
-        return probs(model(tp, toks, pos, model.init_cache(toks.shape[0], t)).logits, toks)
+        logits = model(tp, toks, pos, model.init_cache(toks.shape[0], t)).logits
+        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        p = jnp.exp(jnp.take_along_axis(lp, toks[:, 1:, None], axis=-1)[..., 0])
+        return jnp.concatenate([jnp.zeros((toks.shape[0], 1), jnp.float32), p], axis=1)
 
     out = []
     for lo in range(0, n, batch_size):
-        x = np.asarray(tokens[lo:lo + batch_size], np.int32)
+        x = tokens[lo:lo + batch_size]
         pad = batch_size - len(x)
-        xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
-        if hidden is None:
-            c = from_tokens(target_params, xp)
-        else:
-            h = np.asarray(hidden[lo:lo + batch_size])
-            c = from_hidden(target_params, np.concatenate([h, np.repeat(h[-1:], pad, 0)]) if pad else h, xp)
-        out.append(np.asarray(c)[:len(x)])
+        out.append(np.asarray(from_tokens(target_params, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x))[:len(x)])
     return np.concatenate(out).astype(np.float32)
 
 
@@ -201,7 +213,11 @@ def train_lud(cfg: LUDTrainConfig, model, target_params, seqs, prompt_lens, fing
     if cfg.hidden == "stored":
         arrays["hidden"] = store_hidden(model, target_params, arrays["tokens"], cfg.batch_size, log,
                                         cfg.hidden_cache, f"{fingerprint}|{cfg.weights}")
-    conf = target_confidence(model, target_params, arrays["tokens"], arrays.get("hidden"))
+    ar = np.arange(cfg.seq_len)[None]
+    need = (ar >= arrays["prompt_len"][:, None] + 1) & (ar < arrays["length"][:, None])  # labels of anchors >= plen-1
+    t0 = time.time()
+    conf = target_confidence(model, target_params, arrays["tokens"], arrays.get("hidden"), need=need)
+    log(f"target confidences: {int(need.sum()):,} positions in {time.time() - t0:.0f} s")
     arrays["unit_len"] = unit_lengths(conf, arrays["length"], cfg.max_unit, cfg.alpha)
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     anchors = (np.arange(cfg.seq_len)[None] >= arrays["prompt_len"][:, None] - 1) & \
