@@ -194,3 +194,121 @@ def test_layer_out_of_range_for_the_target(toy):
     with pytest.raises(ConfigError, match=r"--layer must be in \[1, 1\]"):
         train_hidden_transfer(dataclasses.replace(toy["cfg"], layer=2), toy["model"], toy["params"], toy["seqs"],
                               toy["plens"], FP, log=lambda *a: None)
+
+
+@pytest.mark.slow  # 100k rows through the drafter twice: past this file's CI share
+def test_sampling_verification_follows_the_target_distribution():
+    """A chain drawn from each pseudo position's q, verified by speculative sampling on a tiny Llama (V = 5):
+    the first three tokens' joint distribution is the target's (enumerated exactly from the model's logits,
+    100k rows, pooled chi-square); without residual resampling it is not (negative control)."""
+    from stat_checks import pooled_chisquare_p
+    from jaxdec.core import loop
+    from jaxdec.core.processors import SamplingParams
+    from jaxdec.core.state import DecodeInputs
+    from jaxdec.models.config import LlamaConfig
+    from jaxdec.models.llama import LlamaModel
+    from jaxdec.speculative import SpeculativeDecoder
+    tv, e, rows = 5, 8, 100_000
+    model = LlamaModel(LlamaConfig(vocab_size=tv, hidden_size=e, intermediate_size=8, num_layers=2, num_heads=2,
+                                   num_kv_heads=1, head_dim=4, rope_theta=10000.0, eos_ids=(), max_position=32))
+    rng = np.random.default_rng(5)
+    n = lambda *s: jnp.asarray(rng.normal(0, 1.0, s) / np.sqrt(s[-1]), jnp.float32)  # noqa: E731
+    params = {"embed": n(tv, e) * 3, "final_norm": jnp.ones((e,)),
+              "layers": {"attn_norm": jnp.ones((2, e)), "wq": n(2, 8, e), "wk": n(2, 4, e), "wv": n(2, 4, e),
+                         "wo": n(2, e, 8), "mlp_norm": jnp.ones((2, e)), "w_gate": n(2, 8, e), "w_up": n(2, 8, e),
+                         "w_down": n(2, e, 8)}}
+    hc = HT.HiddenTransferConfig(hidden=e, num_layers=2, layer=1, num_tokens=2)
+    hp = {"w": n(2, e, 2 * e), "b": jnp.zeros((2, e))}
+    # the exact joint of the first three tokens after the prompt (3, 1)
+    ab = np.array([(a, b) for a in range(tv) for b in range(tv)], np.int32)
+    seq = jnp.asarray(np.concatenate([np.tile([[3, 1]], (len(ab), 1)), ab], 1))
+    lg = model(params, seq, jnp.broadcast_to(jnp.arange(4), seq.shape), model.init_cache(len(ab), 4)).logits
+    pr = np.asarray(jax.nn.softmax(lg.astype(jnp.float32), -1), np.float64)  # [25,4,V]
+    joint = np.zeros((tv,) * 3)
+    for r, (a, b) in enumerate(ab):
+        joint[a, b] = pr[r, 1, a] * pr[r, 2, b] * pr[r, 3]
+    assert abs(joint.sum() - 1) < 1e-5
+    joint /= joint.sum()
+
+    def run(residual, seed):
+        dec = SpeculativeDecoder(HT.HiddenTransferDrafter(hc, sample=True), "sampling", residual=residual)
+        _, dp = HT.build(model, params, (hc, hp), sampling=True)
+        prompts = jnp.asarray(np.repeat(np.array([[3, 1]], np.int32), rows, 0))
+        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
+        inputs = DecodeInputs(max_new=jnp.full((rows,), 3, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
+                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32), out_buffer=jnp.zeros((rows, 4), jnp.int32),
+                              sampling=SamplingParams.create(rows, temperature=1.0))
+        st = loop.run_jit(dec, model, dp, prompts, jnp.full((rows,), 2, jnp.int32), inputs,
+                          2 + 4 + dec.cache_headroom + 1)
+        t = np.asarray(st.tokens)
+        return np.bincount((t[:, 0] * tv + t[:, 1]) * tv + t[:, 2], minlength=tv ** 3), dec.summarize(st)
+
+    good, stats = run(True, 71)
+    assert pooled_chisquare_p(good, joint) > 1e-4
+    assert stats["tau"] > 1.05, stats
+    bad, _ = run(False, 72)
+    assert pooled_chisquare_p(bad, joint) < 1e-4
+
+
+# --------------------------------------------------------------------------- default model (slow)
+try:
+    from test_heads_shipped import target  # noqa: E402,F401  the held-out prompts fixture (q weights)
+except Exception:  # pragma: no cover - the slow tier needs test_heads_shipped's helpers
+    target = None
+
+
+def _shipped():
+    from jaxdec.speculative.heads import shipped_path
+    p = shipped_path(HT.KIND, "smollm2-135m")
+    assert os.path.isfile(p), f"no hidden-transfer artefact shipped ({p}: python -m train.hidden_transfer --export {p})"
+    return p
+
+
+@pytest.mark.slow
+def test_shipped_file_provenance_and_size(gguf_path):
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    path = _shipped()
+    assert os.path.getsize(path) <= 20 * 2**20
+    hp, meta = read_heads(path, HT.KIND)
+    assert meta["fingerprint"] == target_fingerprint(gguf_path)
+    assert meta["command"].startswith("python -m train.hidden_transfer")
+    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    cfg = HT.HiddenTransferConfig.from_dict(meta["config"])
+    assert (cfg.hidden, cfg.num_layers) == (576, 30) and meta["draft_cost"] == cfg.draft_cost
+    assert set(hp) == {"w", "b"}
+
+
+@pytest.mark.slow
+def test_shipped_hidden_transfer_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
+    import neartie
+    from test_speculative import assert_accepts_and_rejects
+    from jaxdec.cache.kv import bucket
+    t = target
+    assert len(t["prompts"]) >= 16 and len({bucket(len(p)) for p in t["prompts"]}) >= 2
+    dec, params = HT.build(t["model"], t["params"], _shipped(), target=t["path"])
+    pairs = []
+    for bs in (8, 1):
+        out = jaxdec.generate(t["model"], params, t["prompts"], decoder=dec, max_new_tokens=32, batch_size=bs)
+        pairs += [(f"hidden-transfer b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
+                  enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
+        assert_accepts_and_rejects(out.stats, f"hidden-transfer b{bs}")
+    neartie.assert_sequences_match(pairs, t["dlogit"])
+
+
+@pytest.mark.slow
+def test_shipped_hidden_transfer_beats_untrained(target):  # noqa: F811
+    """τ on the held-out prompts and the should-help prompts: above the same decoder with a fresh (copying)
+    transfer, the control, by a margin."""
+    from test_speculative import heldout_prompt_ids
+    t = target
+    path = _shipped()
+    cfg, _, _ = HT.load_hidden_transfer(path, None)
+    taus = {}
+    for set_name, prompts in (("held-out", t["prompts"]), ("should-help", heldout_prompt_ids())):
+        for name, heads in (("trained", path), ("untrained", (cfg, HT.init_params(cfg, 1)))):
+            dec, params = HT.build(t["model"], t["params"], heads, target=t["path"])
+            out = jaxdec.generate(t["model"], params, prompts, decoder=dec, max_new_tokens=32, batch_size=8)
+            taus[set_name, name] = out.stats["tau"]
+    print(f"hidden-transfer τ: {taus}")
+    for set_name in ("held-out", "should-help"):
+        assert taus[set_name, "trained"] > taus[set_name, "untrained"] + 0.1, taus
