@@ -45,6 +45,9 @@ class LongSpecTrainConfig(TrainConfig):
     batch_size: int = 8
     lr: float = 3e-4
     export: str = ""
+    # stop once this many steps are done (0: run to --steps) and write the heads of that step (a run cut short
+    # on this machine's time budget; the schedule stays that of --steps, so it resumes exactly)
+    stop_at: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -55,6 +58,8 @@ class LongSpecTrainConfig(TrainConfig):
             raise ConfigError(f"--sinks must be an integer >= 0, got {self.sinks}")
         if isinstance(self.max_offset, bool) or not isinstance(self.max_offset, int) or self.max_offset < 0:
             raise ConfigError(f"--max-offset must be an integer >= 0, got {self.max_offset}")
+        if isinstance(self.stop_at, bool) or not isinstance(self.stop_at, int) or not 0 <= self.stop_at <= self.steps:
+            raise ConfigError(f"--stop-at must be an integer in [0, --steps], got {self.stop_at}")
 
 
 def make_loss(model, config, d2t, ttt_steps: int, decay: float, max_offset: int):
@@ -135,11 +140,18 @@ def train_longspec(cfg: LongSpecTrainConfig, model, target_params, seqs, prompt_
     held = ArrayData({k: v[ho] for k, v in arrays.items()})
     meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": lcfg.to_dict()}
     res = fit(cfg, init_params(lcfg, cfg.seed), make_loss(model, lcfg, d2t, cfg.ttt_steps, cfg.decay, cfg.max_offset),
-              train, frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
+              train, frozen=target_params, eval_data=held, meta=meta,
+              stop_after=stop_after if stop_after is not None else (cfg.stop_at or None), log=log)
+    extra = {}
+    done = int(res.state.step)
+    if cfg.stop_at and stop_after is None and cfg.stop_at <= done < cfg.steps:
+        # (a run resumed from a checkpoint at --stop-at makes one step more before the harness stops it)
+        extra = {"stopped_at": done, "schedule_steps": cfg.steps}
+        cfg = dataclasses.replace(cfg, steps=done, stop_at=0)  # the heads of the step reached
     path = save_finished_heads(res, cfg, KIND, {**jax.device_get(res.params), "d2t": d2t}, lcfg.to_dict(),
                                fingerprint, target_name, command, int(len(tr)), int(np.sum(arrays["length"][tr])),
                                log, data_generated_tokens=int(np.sum(arrays["length"][tr] - arrays["prompt_len"][tr])),
-                               anchor_offset=cfg.max_offset)
+                               anchor_offset=cfg.max_offset, **extra)
     res.d2t = d2t
     res.longspec_config = lcfg
     return res, path
