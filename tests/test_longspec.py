@@ -132,6 +132,7 @@ def test_draft_memory_is_constant_in_the_prompt_length(toy):
     """`LongSpecDrafter.init` for 12-token and 400-token prompts: every array of the draft state has the same
     shape, and the 400-token cache holds exactly the sinks and the newest ring positions (the committed
     positions are 0..398); the engine's target cache for the same prompts grows (the control)."""
+    from jaxdec.cache.kv import rollback
     model, params = toy["model"], toy["params"]
     dec, pp = L.build(model, params, toy["heads"], target=FP)
     c = dec.drafter.config
@@ -139,8 +140,12 @@ def test_draft_memory_is_constant_in_the_prompt_length(toy):
     for p in (12, 400):
         prompts = jnp.asarray(np.random.default_rng(p).integers(0, V, size=(2, p)), jnp.int32)
         lens = jnp.asarray([p, p - 3], jnp.int32)
-        ds = jax.jit(lambda pr, ln: dec.drafter.init(model, pp["draft"], pr, ln, types.SimpleNamespace(last=pr[:, -1]),
-                                                     None))(prompts, lens)
+        def init(pr, ln):  # the engine's prefilled target cache, then the drafter's init
+            pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), pr.shape)
+            tc = rollback(model(params, pr, pos, model.init_cache(2, p + MAX_NEW)).cache, ln)
+            return dec.drafter.init(model, pp["draft"], pr, ln, types.SimpleNamespace(last=pr[:, -1], cache=tc), None)
+
+        ds = jax.jit(init)(prompts, lens)
         shapes.append([x.shape for x in jax.tree.leaves(ds)])
         sizes.append(model.init_cache(2, p + MAX_NEW).k.shape)
         if p == 400:
@@ -313,13 +318,14 @@ def _shipped():
 
 @pytest.fixture(scope="module")
 def long_target(model_q, gguf_path):
-    """The default model (q weights), the 13 RAPID held-out long prompts (chat template) and their greedy
-    reference (32 new tokens, batch 4)."""
+    """The default model (q weights), the first 8 of the 13 RAPID held-out long prompts (chat template; 2.2k-4.7k
+    tokens, ~10 min of prefill per pass over all 13 on this 2-core machine) and their greedy reference (32 new
+    tokens, batch 4)."""
     import peer
     from selfref import lazy_block_vs_step_dlogit, lazy_teacher_logits
     from jaxdec.speculative.rapid import heldout_prompts
     model, params = model_q
-    prompts = [peer.peer_chat_ids(r["prompt"]) for r in heldout_prompts()]
+    prompts = [peer.peer_chat_ids(r["prompt"]) for r in heldout_prompts()[:8]]
     ref = jaxdec.generate(model, params, prompts, max_new_tokens=32, batch_size=4)
     return {"model": model, "params": params, "prompts": prompts, "ref": ref, "path": gguf_path,
             "logits": lazy_teacher_logits(model, params, prompts, ref.tokens),
@@ -340,22 +346,21 @@ def test_shipped_file_provenance_and_size(gguf_path):
 
 @pytest.mark.slow
 def test_shipped_longspec_lossless_on_long_prompts(long_target):
-    """Batch 4 (ragged) and batch 1 over >= 8 held-out long prompts: the greedy tokens (near-tie rule); τ printed
-    and above an untrained draft's (the control)."""
+    """Batch 4 (ragged) and batch 1 over 8 held-out long prompts: the greedy tokens (near-tie rule); τ printed,
+    above 1.1 (a drafter that never proposes, or whose drafts are never accepted, has τ 1.0)."""
+    import time
     import neartie
     t = long_target
     lens = [len(p) for p in t["prompts"]]
     assert len(lens) >= 8 and min(lens) >= 2000 and len(set(lens)) == len(lens), lens
     dec, params = L.build(t["model"], t["params"], _shipped(), target=t["path"])
-    pairs, taus = [], {}
+    pairs, stats = [], {}
     for bs in (4, 1):
+        t0 = time.perf_counter()
         out = jaxdec.generate(t["model"], params, t["prompts"], decoder=dec, max_new_tokens=32, batch_size=bs)
         pairs += [(f"longspec b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
                   enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
-        taus[bs] = out.stats["tau"]
+        stats[bs] = (out.stats["tau"], out.stats["acceptance_per_position"], time.perf_counter() - t0)
     neartie.assert_sequences_match(pairs, t["dlogit"])
-    cfg, _, _, d2t = L.load_longspec(_shipped(), None)
-    dec0, p0 = L.build(t["model"], t["params"], (cfg, L.init_params(cfg, 1), d2t))
-    un = jaxdec.generate(t["model"], p0, t["prompts"], decoder=dec0, max_new_tokens=32, batch_size=4)
-    print(f"longspec long prompts ({lens} tokens): τ b4 {taus[4]:.3f}, b1 {taus[1]:.3f}, untrained {un.stats['tau']:.3f}")
-    assert taus[4] > un.stats["tau"] + 0.2, (taus, un.stats["tau"])
+    print(f"longspec long prompts ({lens} tokens): τ, acceptance per position, wall s (compile included): {stats}")
+    assert min(v[0] for v in stats.values()) > 1.1, stats

@@ -25,6 +25,10 @@ through the target's hidden states as in EAGLE instead of a cross-attention over
 second read of the long cache per draft step), the attention sinks are kept in the draft's own cache as well
 as in the position indices, and the sink count is the fixed ``sinks`` (default 4, window default 512).
 
+Initialisation reads the engine's prefilled target cache: one target call over the last ``ring + 1`` prompt
+positions (the cache rolled back to where they start) gives the features the draft cache holds, so a long
+prompt is prefilled once, not twice as a drafter with a full-length draft cache would need.
+
 Hybrid tree attention (the verify call over the long committed cache plus the draft block with its mask) is
 the target's own attention in this project (`jaxdec.attention`), not this module: see the report.
 Drafts are chains of ``num_tokens``, greedy verification (lossless for greedy decoding).
@@ -221,20 +225,33 @@ def empty_cache(c: LongSpecConfig, batch: int) -> DraftCache:
     return DraftCache(z, z, jnp.full((batch, c.slots), -1, jnp.int32))
 
 
-def fill_cache(c: LongSpecConfig, hp, x, lengths) -> DraftCache:
-    """The cache holding positions ``0 .. lengths-1`` of ``x [B,P,E]`` (inputs at positions 0..P-1): the sinks
-    and the last ring's worth. A position's keys depend on its input alone, so no attention is run."""
-    b, p, _ = x.shape
-    pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    _, k, v = qkv(c, hp, x, pos)
+def fill_cache(c: LongSpecConfig, hp, x, lengths, start=None, sink_x=None) -> DraftCache:
+    """The cache holding positions ``0 .. lengths-1``: the sinks and the last ring's worth. ``x [B,W,E]``: the
+    draft inputs at positions ``start .. start+W-1`` (``start [B]``, default 0); ``sink_x [B,s,E]``: those at
+    positions ``0..s-1`` (``s <= sinks``) when the block does not start at 0. A position's keys depend on its
+    input alone, so no attention is run."""
+    b, w, _ = x.shape
+    start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
+    _, k, v = qkv(c, hp, x, start[:, None] + jnp.arange(w, dtype=jnp.int32)[None])
     j = jnp.arange(c.slots, dtype=jnp.int32)[None]
     last = (lengths - 1)[:, None]
-    # the newest position <= last that lives at ring slot j (sinks: slot j holds position j)
+    # the newest position <= last that lives at slot j (sinks: slot j holds position j)
     src = jnp.where(j < c.sinks, j, last - jnp.mod(last - j, c.ring))
     ok = (src >= 0) & (src <= last) & ((j < c.sinks) | (src >= c.sinks))
-    idx = jnp.clip(src, 0, p - 1)
-    take = lambda a: jnp.take_along_axis(a, idx[:, :, None, None], axis=1) * ok[:, :, None, None]  # noqa: E731
-    return DraftCache(take(k), take(v), jnp.where(ok, src, -1))
+    rel = src - start[:, None]
+    in_blk = (rel >= 0) & (rel < w)
+    idx = jnp.clip(rel, 0, w - 1)[:, :, None, None]
+    k, v = jnp.take_along_axis(k, idx, axis=1), jnp.take_along_axis(v, idx, axis=1)
+    if sink_x is not None and sink_x.shape[1]:
+        s = sink_x.shape[1]
+        _, ks, vs = qkv(c, hp, sink_x, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
+        sidx = jnp.clip(j, 0, s - 1)[:, :, None, None] + jnp.zeros((b, 1, 1, 1), jnp.int32)
+        use_s = (~in_blk & (j < s))[:, :, None, None]
+        k = jnp.where(use_s, jnp.take_along_axis(ks, sidx, axis=1), k)
+        v = jnp.where(use_s, jnp.take_along_axis(vs, sidx, axis=1), v)
+        in_blk = in_blk | (j < s)
+    ok = ok & in_blk
+    return DraftCache(k * ok[:, :, None, None], v * ok[:, :, None, None], jnp.where(ok, src, -1))
 
 
 def cached_step(c: LongSpecConfig, hp, cache: DraftCache, x, pos, valid):
@@ -308,21 +325,34 @@ class LongSpecDrafter:
                                   "jaxdec.speculative.heads.longspec.build")
 
     def init(self, model, dparams, prompts, prompt_lens, state, inputs):
+        """The draft cache from the target's features at the positions it holds: the last ``ring + 1`` prompt
+        positions (one target call over them reading the engine's prefilled cache, rolled back to where they
+        start: O(ring x prompt) work, not a second prefill) and the sinks (the first tokens alone)."""
+        from jaxdec.cache.kv import rollback
         hp, tp, _, _ = self._split(dparams)
         b, p = prompts.shape
         c = self.config
-        pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        # the target's features at every prompt position (a second prefill; the engine's is not shared)
-        feats = model(tp, prompts, pos, model.init_cache(b, p)).hidden.astype(jnp.float32)
+        w = min(c.ring + 1, p)
+        plen = prompt_lens.astype(jnp.int32)
+        start = jnp.clip(plen - w, 0, p - w)
+        bpos = start[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
+        blk = jnp.take_along_axis(prompts, bpos, axis=1)
+        nxt = jnp.take_along_axis(prompts, jnp.minimum(bpos + 1, p - 1), axis=1).astype(jnp.int32)
+        feats = model(tp, blk, bpos, rollback(state.cache, start)).hidden.astype(jnp.float32)  # [B,w,E]
         if feats.shape[-1] != c.hidden:
             raise ValueError(f"longspec head was built for hidden size {c.hidden}, the target's is {feats.shape[-1]}")
-        nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros((b, 1), prompts.dtype)], axis=1).astype(jnp.int32)
-        cache = fill_cache(c, hp, draft_inputs(hp, model, tp, feats, nxt), prompt_lens - 1)
+        s = min(c.sinks, p - 1)
+        sink_x = None
+        if s:
+            spos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            sf = model(tp, prompts[:, :s], spos, model.init_cache(b, s)).hidden.astype(jnp.float32)
+            sink_x = draft_inputs(hp, model, tp, sf, prompts[:, 1:s + 1].astype(jnp.int32))
+        cache = fill_cache(c, hp, draft_inputs(hp, model, tp, feats, nxt), plen - 1, start, sink_x)
         slots = c.num_tokens + 1
-        last_f = jnp.take_along_axis(feats, (prompt_lens - 1)[:, None, None], axis=1)
+        last_f = jnp.take_along_axis(feats, (plen - 1 - start)[:, None, None], axis=1)
         pend_f = jnp.zeros((b, slots, c.hidden), jnp.float32).at[:, :1].set(last_f)
         pend_x = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(state.last)
-        return LongSpecState(cache=cache, length=(prompt_lens - 1).astype(jnp.int32), pend_f=pend_f, pend_x=pend_x,
+        return LongSpecState(cache=cache, length=plen - 1, pend_f=pend_f, pend_x=pend_x,
                              npend=jnp.ones((b,), jnp.int32))
 
     def propose(self, model, dparams, state, keys):
