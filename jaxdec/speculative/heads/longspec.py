@@ -29,8 +29,11 @@ Initialisation reads the engine's prefilled target cache: one target call over t
 positions (the cache rolled back to where they start) gives the features the draft cache holds, so a long
 prompt is prefilled once, not twice as a drafter with a full-length draft cache would need.
 
-Hybrid tree attention (the verify call over the long committed cache plus the draft block with its mask) is
-the target's own attention in this project (`jaxdec.attention`), not this module: see the report.
+Hybrid tree attention (LongSpec's verify call: Flash-Decoding over the long committed prefix, a tree-masked
+kernel over the draft block, the two merged by their log-sum-exp) is the target's own default "xla" attention
+here, not this module: `jaxdec.attention.blockwise` reads the committed cache in key chunks (trip count from the
+rows' lengths, an online softmax), the block's own keys under the tree/ancestor mask (`block_partial`), and
+merges the two online-softmax states; the Pallas tree-attention kernel does the same in one kernel.
 Drafts are chains of ``num_tokens``, greedy verification (lossless for greedy decoding).
 
 Params (a dict of arrays): ``{"fc": [E,2E], "attn_norm": [E], "wq": [H*D,E], "wk": [KV*D,E], "wv": [KV*D,E],
