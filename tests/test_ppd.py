@@ -93,14 +93,31 @@ def test_trained_prompts_raise_tau_and_stay_lossless(toy):
         out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
         assert out.tokens == greedy, name  # lossless
         taus[name] = out.stats["tau"]
-    assert taus["untrained"] < 2.5  # the control: fresh prompts guess depth 1 (the target's token) only
+    assert taus["untrained"] < 1.5  # the control: fresh prompts rarely guess the toy's next tokens
     assert taus["trained"] > taus["untrained"] + 1.0, taus
+    assert isinstance(dec.drafter, P.PPDInlineDrafter) and out.stats["draft_calls"] == 0  # no call of its own
     # the hardware-aware tree (flat cost curve: the largest tree that pays), batch 1
     dec, pp = P.build(model, params, toy["heads"], target=FP, tree="auto", curve={"relative": {1: 1.0, 64: 1.05}})
-    assert not dec.drafter.is_chain and dec.drafter.max_depth == 3
+    assert not dec.drafter.is_chain and dec.drafter.max_depth == 2
     one = jaxdec.generate(model, pp, test[:3], decoder=dec, max_new_tokens=MAX_NEW, batch_size=1)
     assert one.tokens == greedy[:3]
-    assert one.stats["tau"] > 3.0
+    assert one.stats["tau"] > 2.5
+
+
+@pytest.mark.slow  # one more decoder compile (~4 s): past this file's CI share
+def test_own_call_drafter_is_lossless_and_uses_the_prompts(toy):
+    """The first slice's drafter (its own target call per step over [last, prompts]; depth 1 is the target's
+    token from that call): exact greedy tokens in the ragged batch, and trained prompts beat fresh ones."""
+    model, params, test, greedy = toy["model"], toy["params"], toy["prompts"][40:], toy["greedy"][40:]
+    pcfg = toy["res"].ppd_config
+    taus = {}
+    for name, heads in (("untrained", (pcfg, P.init_params(pcfg, 1, 1.0))), ("trained", toy["heads"])):
+        dec, pp = P.build(model, params, heads, target=FP, inline=False)
+        assert isinstance(dec.drafter, P.PPDDrafter)
+        out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+        assert out.tokens == greedy and out.stats["draft_calls"] > 0, name
+        taus[name] = out.stats["tau"]
+    assert taus["untrained"] < 2.5 and taus["trained"] > 3.5, taus
 
 
 def test_embeds_path_is_bit_identical_to_tokens(toy):
@@ -198,7 +215,9 @@ def test_heads_file_and_bad_input(toy, tmp_path):
     with pytest.raises(TypeError, match="heads must be a heads file path"):
         P.build(model, params, {"prompt": 1})
     with pytest.raises(ValueError, match="tree depth 4 exceeds the 3 guesses"):
-        P.build(model, params, path, target=FP, tree=TreeSpec.chain(4))
+        P.build(model, params, path, target=FP, tree=TreeSpec.chain(4), inline=False)
+    with pytest.raises(ValueError, match="tree depth 3 exceeds the 2 prompt positions"):
+        P.build(model, params, path, target=FP, tree=TreeSpec.chain(3))
     with pytest.raises(ValueError, match="tree must be None, a TreeSpec or 'auto'"):
         P.build(model, params, path, target=FP, tree="big")
     with pytest.raises(ValueError, match="rank_probs must have 3 rows"):
@@ -274,9 +293,8 @@ def test_shipped_ppd_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
 
 @pytest.mark.slow
 def test_shipped_ppd_beats_untrained(target):  # noqa: F811
-    """τ on the held-out and should-help prompts: above fresh prompt tokens (the control) by a margin. τ counts
-    the depth-1 token that the drafter's own call computes (this slice's extra call), so fresh prompts give
-    about 2 and the prompt tokens' own contribution is τ - 2."""
+    """τ on the held-out and should-help prompts (the paper's layout: prompt tokens in the verify call): above
+    fresh prompt tokens (the control) by a margin, and above 1.3 (the issue's goal)."""
     from test_speculative import heldout_prompt_ids
     t = target
     path = _shipped()
@@ -292,3 +310,4 @@ def test_shipped_ppd_beats_untrained(target):  # noqa: F811
     print(f"ppd τ: {taus}")
     for set_name in ("held-out", "should-help"):
         assert taus[set_name, "ppd"] > taus[set_name, "untrained"] + 0.1, taus
+    assert taus["should-help", "ppd"] > 1.3, taus

@@ -161,6 +161,9 @@ class VerifyInfo:
     # [k,B,T,E] the residual stream after the layers the drafter names in ``target_hidden_layers``
     # (the model's ``hidden_layers``; EAGLE-3's fused features); None when it names none
     layer_hidden: Any = None
+    # [B,S,V] target logits at the S extra input vectors of a drafter with ``extra_inputs`` (PPD's prompt
+    # tokens riding in the verify call); None for every other drafter
+    extra_logits: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,30 @@ class SpeculativeDecoder:
     @property
     def cache_headroom(self) -> int:
         return int(self.drafter.num_nodes) + 1 + int(hook(self.drafter, "extra_headroom"))
+
+    def _extra_call(self, model, params, extra_fn, dparams, state, draft, dstate, block, pos, anc, cache, kw):
+        """The verify call with a drafter's S extra input vectors appended (``extra_fn(model, dparams, state,
+        draft, dstate, pos, anc) -> (embeds [B,S,E], positions [B,S], mask rows [B,S,T+S])``): the block's
+        tokens enter as ``model.embed`` vectors, the extra rows see what their mask rows say, no block row sees
+        them; their keys/values are sliced off before the cache is written. -> (logits, hidden, kv of the
+        block, layer_hidden, extra logits [B,S,V])."""
+        if not getattr(model, "supports_deferred_kv_write", False) or not callable(getattr(model, "embed", None)):
+            raise ValueError(f"drafter {type(self.drafter).__name__} appends extra inputs to the verify call: the "
+                             "model needs embed() and write_cache=False (supports_deferred_kv_write)")
+        x_emb, x_pos, x_mask = extra_fn(model, dparams, state, draft, dstate, pos, anc)
+        b, t = block.shape
+        s = x_emb.shape[1]
+        if x_pos.shape != (b, s) or x_mask.shape != (b, s, t + s):
+            raise ValueError(f"extra_inputs: positions must be [{b},{s}] and mask rows [{b},{s},{t + s}], got "
+                             f"{tuple(x_pos.shape)} and {tuple(x_mask.shape)}")
+        mask = jnp.concatenate([jnp.concatenate([anc, jnp.zeros((b, t, s), bool)], axis=2), x_mask.astype(bool)],
+                               axis=1)
+        emb = jnp.concatenate([model.embed(params, block).astype(jnp.float32), x_emb.astype(jnp.float32)], axis=1)
+        o = model(params, None, jnp.concatenate([pos, x_pos.astype(pos.dtype)], axis=1), cache, mask=mask,
+                  embeds=emb, **kw)
+        kv = tuple(a[:, :, :t] for a in o.kv)  # the extra positions never reach the cache
+        lh = o.layer_hidden[:, :, :t] if o.layer_hidden is not None and "hidden_layers" in kw else None
+        return o.logits[:, :t], o.hidden[:, :t], kv, lh, o.logits[:, t:]
 
     # ------------------------------------------------------------------------------------------
     def init(self, model, params, prompts, prompt_lens, cache, inputs):
@@ -280,7 +307,13 @@ class SpeculativeDecoder:
                     tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache, lh)
 
         has_draft = jnp.any(valid & live[:, None])
-        if self.skip_empty_drafts:
+        extra_fn = getattr(drafter, "extra_inputs", None)  # optional: only drafters that define it take this path
+        extra_logits = None
+        if extra_fn is not None:
+            logits, hidden, written, layer_hidden, extra_logits = self._extra_call(
+                model, params, extra_fn, dparams, state, draft, dstate, block, pos, anc, cache, kw)
+            has_draft = jnp.ones((), bool)
+        elif self.skip_empty_drafts:
             logits, hidden, written, layer_hidden = jax.lax.cond(has_draft, block_call, single_call, cache)
         else:
             logits, hidden, written, layer_hidden = block_call(cache)
@@ -310,7 +343,8 @@ class SpeculativeDecoder:
         state2 = state2.replace(cache=new_cache, method=m, step=state.step + 1)
         info = VerifyInfo(block=block, node_valid=jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1),
                           logits=logits, hidden=hidden, depth=depth, path=verdict.path, n_acc=verdict.n_acc,
-                          cnt=cnt, live=live, start=start, out=verdict.out, layer_hidden=layer_hidden)
+                          cnt=cnt, live=live, start=start, out=verdict.out, layer_hidden=layer_hidden,
+                          extra_logits=extra_logits)
         state2 = state2.replace(method=state2.method.replace(draft=drafter.update(model, dparams, state2, dstate, info)))
         st = self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth)
         st["block_calls"] = st["block_calls"] + has_draft.astype(jnp.int32)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct  # noqa: F401
+from flax import struct
 
 from jaxdec.speculative.heads.medusa import split_draft_params
 from jaxdec.speculative.tree import Draft, TreeSpec
@@ -190,17 +190,19 @@ def expected_accepted(tree: TreeSpec, rank_probs) -> float:
 
 
 def dynamic_tree(curve: dict, rank_probs, sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
-                 draft_tokens: int = 0) -> tuple:
+                 draft_tokens: int = 0, per_node: int = 0) -> tuple:
     """The tree size with the best predicted tokens per unit time on the measured cost curve:
-    ``(1 + E[accepted](N)) / (c(N + 1) + c(draft_tokens))`` (``draft_tokens``: the size of the drafter's own
-    call, 0 when the prompt tokens ride in the verify call). Returns (TreeSpec, predicted speedup, table of
+    ``(1 + E[accepted](N)) / (c((N + 1) * (1 + per_node)) + c(draft_tokens))`` (``draft_tokens``: the size of
+    the drafter's own call, 0 when the prompt tokens ride in the verify call; ``per_node``: prompt tokens
+    attached to every block node in the verify call). Returns (TreeSpec, predicted speedup, table of
     (N, expected accepted, cost, speedup))."""
     from jaxdec.speculative.calibrate import relative_cost
     table, best = [], None
     for n in sizes:
         tree = grow_tree(int(n), rank_probs)
         acc = expected_accepted(tree, rank_probs)
-        cost = relative_cost(curve, tree.num_nodes + 1) + (relative_cost(curve, draft_tokens) if draft_tokens else 0.0)
+        cost = (relative_cost(curve, (tree.num_nodes + 1) * (1 + per_node))
+                + (relative_cost(curve, draft_tokens) if draft_tokens else 0.0))
         table.append((tree.num_nodes, acc, cost, (1.0 + acc) / cost))
         if best is None or (1.0 + acc) / cost > best[1]:
             best = (tree, (1.0 + acc) / cost)
@@ -268,6 +270,96 @@ class PPDDrafter:
         return dstate
 
 
+@struct.dataclass
+class PPDState:
+    """guess: [B, k, R] the top-R token ids guessed for depths 1 .. k after ``state.last``."""
+
+    guess: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PPDInlineDrafter:
+    """The paper's layout (second slice): no call of its own. The ``k*e`` prompt tokens are attached to every
+    node of the verify block through the engine's ``extra_inputs`` hook (positions node + 1 + i; each sees
+    the node's ancestors, the node, and the earlier prompts of its own ensemble stream at the same node); the
+    outputs of the prompts attached to the accepted node are the next step's guesses (prompt i sits at the
+    bonus token's position + i and guesses depth i + 1 after it). ``tree``: depth d uses guess d (1 .. k)."""
+
+    config: PPDConfig
+    tree: Optional[TreeSpec] = None
+
+    own_params = True
+    draft_calls_per_step = 0  # the prompt tokens ride in the verify call
+
+    def __post_init__(self):
+        if not isinstance(self.config, PPDConfig):
+            raise TypeError(f"PPDInlineDrafter.config must be a PPDConfig, got {type(self.config).__name__}")
+        if self.tree is not None:
+            if not isinstance(self.tree, TreeSpec):
+                raise TypeError(f"PPDInlineDrafter.tree must be a TreeSpec, got {type(self.tree).__name__}")
+            if self.tree.max_depth > self.config.num_tokens:
+                raise ValueError(f"ppd tree depth {self.tree.max_depth} exceeds the {self.config.num_tokens} prompt "
+                                 f"positions (inline: num_tokens)")
+
+    @property
+    def spec(self) -> TreeSpec:
+        return self.tree if self.tree is not None else TreeSpec.chain(self.config.num_tokens)
+
+    num_nodes = property(lambda self: self.spec.num_nodes)
+    max_depth = property(lambda self: self.spec.max_depth)
+    max_children = property(lambda self: self.spec.max_branching)
+    is_chain = property(lambda self: self.spec.parents == tuple(range(self.spec.num_nodes)))
+    extra_headroom = property(lambda self: (self.spec.num_nodes + 1) * self.config.num_prompt)
+
+    @staticmethod
+    def _split(dparams):
+        return split_draft_params(dparams, "PPDInlineDrafter", ("prompt", "target"),
+                                  "jaxdec.speculative.heads.ppd.build")
+
+    def _ranks(self) -> int:
+        return max(self.spec.ranks) + 1
+
+    def init(self, model, dparams, prompts, prompt_lens, state, inputs):
+        hp, tp = self._split(dparams)
+        if hp.shape[-1] != self.config.hidden:
+            raise ValueError(f"ppd prompt embeddings have size {hp.shape[-1]}, the config says {self.config.hidden}")
+        # the first step's guesses: one call over [first token, prompts] on the prompt's cache (writes discarded)
+        lg = guess_logits(self.config, {"prompt": hp}, model, tp, state.last, state.cache)[:, :self.config.num_tokens]
+        return PPDState(guess=jax.lax.top_k(lg, self._ranks())[1].astype(jnp.int32))
+
+    def propose(self, model, dparams, state, keys):
+        spec = self.spec
+        ds = state.method.draft
+        depth = np.asarray(spec.depths[1:]) - 1
+        toks = ds.guess[:, depth, np.asarray(spec.ranks)]  # [B,N]
+        b = toks.shape[0]
+        return Draft(toks, spec.parents_array(b), jnp.ones(toks.shape, bool)), ds, state.cache
+
+    def extra_inputs(self, model, dparams, state, draft, dstate, pos, anc):
+        hp, _ = self._split(dparams)
+        c = self.config
+        n = c.num_prompt
+        b, t = pos.shape
+        ii, _ = prompt_layout(c)
+        emb = jnp.broadcast_to(hp.astype(jnp.float32).reshape(1, 1, n, -1), (b, t, n, c.hidden)).reshape(b, t * n, -1)
+        x_pos = (pos[:, :, None] + 1 + jnp.asarray(ii, pos.dtype)[None, None]).reshape(b, t * n)
+        to_block = jnp.repeat(anc, n, axis=1)  # [B,T*n,T]: node m's prompts see m's ancestors and m
+        own = np.kron(np.eye(t, dtype=bool), ensemble_mask(c)[1:, 1:])  # same node, same stream, earlier positions
+        x_mask = jnp.concatenate([to_block, jnp.broadcast_to(jnp.asarray(own), (b, t * n, t * n))], axis=2)
+        return emb, x_pos, x_mask
+
+    def update(self, model, dparams, state, dstate, info):
+        c = self.config
+        n = c.num_prompt
+        b, t = info.block.shape
+        node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)[:, 0]  # [B] the accepted node
+        lg = info.extra_logits.reshape(b, t, n, -1)
+        lg = jnp.take_along_axis(lg, node[:, None, None, None], axis=1)[:, 0]  # [B,n,V]
+        guess = jax.lax.top_k(average_ensemble(c, lg), self._ranks())[1].astype(jnp.int32)
+        keep = info.live & (info.cnt > 0)
+        return dstate.replace(guess=jnp.where(keep[:, None, None], guess, dstate.guess))
+
+
 # --------------------------------------------------------------------------------------------------
 # loading and the constructor
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +377,7 @@ def load_ppd(path: str, fingerprint: Optional[str]):
     return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta
 
 
-def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=None):
+def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=None, inline: bool = True):
     """-> (decoder, params): PPD prompt tokens drafting for the target, greedy verification.
 
     heads: a heads file written by ``train/ppd.py`` (checked against the target: `HeadsMismatch` when it was
@@ -294,7 +386,10 @@ def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=N
     fingerprinted (`params_fingerprint`).
     tree: None (the chain of the k + 1 guesses), a `TreeSpec`, or "auto": the hardware-aware dynamic tree
     (`dynamic_tree`) from ``curve`` (a `measure_cost_curve` result; measured here when None) and
-    ``rank_probs`` (per depth, per rank acceptance; default: the heads file's held-out measurement)."""
+    ``rank_probs`` (per depth, per rank acceptance; default: the heads file's held-out measurement).
+    inline: True (the paper's method, `PPDInlineDrafter`: the prompt tokens ride in the verify call through the
+    engine's ``extra_inputs`` hook; needs a model with ``embed`` and deferred cache writes) or False (the
+    first slice, `PPDDrafter`: an extra target call per step, whose output at the last token is depth 1)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
     from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
     meta = {}
@@ -323,8 +418,12 @@ def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=N
         if curve is None:
             from jaxdec.speculative.calibrate import measure_cost_curve
             curve = measure_cost_curve(model, params)
-        tree, _, _ = dynamic_tree(curve, probs, draft_tokens=1 + config.num_prompt)
+        if inline:  # depth d is prompt position d - 1's guess; every node carries k*e prompt tokens
+            tree, _, _ = dynamic_tree(curve, list(probs)[1:], per_node=config.num_prompt)
+        else:
+            tree, _, _ = dynamic_tree(curve, probs, draft_tokens=1 + config.num_prompt)
     elif tree is not None and not isinstance(tree, TreeSpec):
         raise TypeError(f"tree must be None, a TreeSpec or 'auto', got {type(tree).__name__}")
     dparams = {"prompt": jnp.asarray(hp["prompt"], jnp.float32), "target": params}
-    return SpeculativeDecoder(PPDDrafter(config, tree)), with_draft_params(params, dparams)
+    drafter = PPDInlineDrafter(config, tree) if inline else PPDDrafter(config, tree)
+    return SpeculativeDecoder(drafter), with_draft_params(params, dparams)
