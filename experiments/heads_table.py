@@ -12,9 +12,10 @@ Rows per group, all at batch 1 (one call per prompt), greedy verification, a fix
 ignored), the same weights for every row (``--weights``, q by default: the goal is stated for q):
 
 * jaxdec greedy, the baseline of every speedup, measured in the same run;
-* the Medusa, EAGLE and Clover heads and the distilled S2D draft at each of its exits (the shipped files, or
-  ``--medusa`` / ``--eagle`` / ``--clover`` / ``--s2d`` PATH); SpecDec++'s learned stop on the draft its head
-  was trained on (experiments/specdec_pp_table.py compares it with fixed draft lengths);
+* the Medusa, EAGLE, Clover, hidden-transfer, PPD, lexical-unit and LongSpec heads and the distilled S2D
+  draft at each of its exits (the shipped files, or ``--medusa`` / ``--eagle`` / ``--clover`` / ``--s2d`` /
+  ``--hidden-transfer`` / ``--ppd`` / ``--lud`` / ``--longspec`` PATH); SpecDec++'s learned stop on the draft
+  its head was trained on (experiments/specdec_pp_table.py compares it with fixed draft lengths);
 * EAGLE heads trained on fewer tokens (``--eagle-curve PATH ...``): τ against training tokens;
 * the shipped EAGLE head drafting an EAGLE-2 dynamic tree (``--eagle-tree TOPK NODES``; default 2 6);
 * prompt lookup and token recycling, model-free reference rows.
@@ -96,7 +97,9 @@ class Setup:
         rows = [Method("jaxdec-greedy", m.model, m.params)]
         self.heads = {}
         for kind, given in (("medusa", cfg.medusa), ("eagle", cfg.eagle), ("clover", cfg.clover),
-                            ("draft_lm", cfg.s2d), ("specdec_pp", cfg.specdec_pp)):
+                            ("draft_lm", cfg.s2d), ("specdec_pp", cfg.specdec_pp),
+                            ("hidden_transfer", cfg.hidden_transfer), ("ppd", cfg.ppd), ("lud", cfg.lud),
+                            ("longspec", cfg.longspec)):
             path = given or shipped_heads(kind, "smollm2-135m")
             if path is None:
                 print(f"no {kind} heads shipped and none given: row skipped", flush=True)
@@ -264,6 +267,10 @@ class Config:
     s2d: str = dataclasses.field(default="", metadata={"help": "distilled S2D draft file (default: the shipped one)"})
     specdec_pp: str = dataclasses.field(default="", metadata={
         "help": "SpecDec++ acceptance head file (default: the shipped one; its draft is the one it records)"})
+    hidden_transfer: str = dataclasses.field(default="", metadata={"help": "hidden-transfer file (default: shipped)"})
+    ppd: str = dataclasses.field(default="", metadata={"help": "PPD prompt-token file (default: the shipped one)"})
+    lud: str = dataclasses.field(default="", metadata={"help": "lexical-unit heads file (default: the shipped one)"})
+    longspec: str = dataclasses.field(default="", metadata={"help": "LongSpec draft file (default: the shipped one)"})
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "EAGLE heads files trained on fewer tokens (τ against training tokens)"})
     eagle_tree: tuple[int, ...] = dataclasses.field(default=(2, 6), metadata={
@@ -286,7 +293,8 @@ def main(argv=None):
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
     if cfg.eagle_tree and (len(cfg.eagle_tree) != 2 or min(cfg.eagle_tree) < 1):
         opts.parser.error(f"--eagle-tree takes TOPK NODES (two integers >= 1), got {cfg.eagle_tree}")
-    for p in (cfg.medusa, cfg.eagle, cfg.clover, cfg.s2d, cfg.specdec_pp, *cfg.eagle_curve):
+    for p in (cfg.medusa, cfg.eagle, cfg.clover, cfg.s2d, cfg.specdec_pp, cfg.hidden_transfer, cfg.ppd, cfg.lud,
+              cfg.longspec, *cfg.eagle_curve):
         if p and not os.path.isfile(p):
             opts.parser.error(f"heads file not found: {p!r}")
     setup = Setup(cfg)

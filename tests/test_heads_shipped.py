@@ -122,7 +122,7 @@ def test_shipped_heads_beat_untrained_heads(target, kind):
 
 
 def test_cli_finds_shipped_heads_and_reports_tau(tmp_path):
-    """`--drafter medusa|eagle|s2d|clover` and `--stop-head` with no path: the shipped files; stats carry τ
+    """`--drafter medusa|eagle|s2d|clover|hidden-transfer|ppd|lud|longspec` and `--stop-head` with no path: the shipped files; stats carry τ
     and per-position acceptance, and the tokens are the CLI's greedy tokens."""
     from jaxdec.cli import main
     common = ["--chat", "--quiet", "--weights", "q", "--max-new-tokens", "16",
@@ -133,6 +133,8 @@ def test_cli_finds_shipped_heads_and_reports_tau(tmp_path):
     # stopped by the SpecDec++ head (trained on that distilled draft's deepest exit; its recorded draft)
     runs = [(kind, [kind]) for kind in KINDS] + [("s2d", ["s2d", "--draft-depth", "1"]), ("clover", ["clover"]),
                                                  ("stop-head", ["draft-model", "--stop-head"])]
+    # session 12's: hidden transfer, PPD's prompt tokens, lexical units and the LongSpec draft (issues 16, 21)
+    runs += [(d, [d]) for d in ("hidden-transfer", "ppd", "lud", "longspec")]
     for kind, drafter in runs:
         out = str(tmp_path / f"{kind}.jsonl")
         assert main(["generate", "--method", "speculative", "--drafter", *drafter, *common, "--out", out]) == 0

@@ -34,12 +34,17 @@ from __future__ import annotations
 import argparse
 
 DRAFTERS = ("pld", "iad", "recycling", "aded", "stand", "swift", "del", "draft-model", "pearl", "medusa", "eagle",
-            "clover", "s2d", "rapid")
+            "clover", "s2d", "hidden-transfer", "ppd", "lud", "longspec", "rapid")
 # trained drafters -> the kind of their heads file (shipped as <kind>-<model>.safetensors) and its script
 HEAD_KINDS = {"medusa": ("medusa", "train.medusa"), "eagle": ("eagle", "train.eagle"),
-              "clover": ("clover", "train.clover"), "s2d": ("draft_lm", "train.distill_draft")}
+              "clover": ("clover", "train.clover"), "s2d": ("draft_lm", "train.distill_draft"),
+              "hidden-transfer": ("hidden_transfer", "train.hidden_transfer"), "ppd": ("ppd", "train.ppd"),
+              "lud": ("lud", "train.lexical_units"), "longspec": ("longspec", "train.longspec")}
 HEAD_LABELS = {"medusa": "Medusa heads", "eagle": "EAGLE heads", "clover": "Clover heads",
-               "s2d": "S2D draft models"}
+               "s2d": "S2D draft models", "hidden-transfer": "hidden-transfer heads",
+               "ppd": "PPD prompt tokens", "lud": "lexical-unit heads", "longspec": "LongSpec draft heads"}
+# trained drafters verified greedily only (no draft distribution for speculative sampling yet)
+GREEDY_ONLY = ("ppd", "lud", "longspec")
 
 
 def _no_heads_message(args) -> str:
@@ -68,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=None,
                    help="draft-model/pearl: the draft is the target's first N layers (= --draft-model truncate:N)")
     g.add_argument("--heads", default=None,
-                   help="medusa/eagle/clover/s2d: a heads file from python -m train.medusa / train.eagle / "
-                        "train.clover / train.distill_draft (default: the file shipped for the model)")
+                   help="medusa/eagle/clover/s2d/hidden-transfer/ppd/lud/longspec: a heads file from python -m "
+                        "train.medusa / train.eagle / train.clover / train.distill_draft / train.hidden_transfer / "
+                        "train.ppd / train.lexical_units / train.longspec (default: the file shipped for the model)")
     g.add_argument("--draft-depth", type=int, default=None,
                    help="s2d: the nested exit (draft layers) to draft with (default: the deepest)")
     g.add_argument("--stop-head", nargs="?", const="shipped", default=None,
@@ -97,6 +103,7 @@ DRAFTER_FLAGS = {
     "draft-model": ("draft_tokens", "draft_model", "draft_layers", "stop_head", "stop_threshold"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
     "medusa": ("heads",), "eagle": ("heads",), "clover": ("heads",), "s2d": ("heads", "draft_tokens", "draft_depth"),
+    "hidden-transfer": ("heads",), "ppd": ("heads",), "lud": ("heads",), "longspec": ("heads", "draft_tokens"),
     "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
@@ -167,6 +174,8 @@ def check_args(args):
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
     _check_mesh(args)
+    if args.drafter in GREEDY_ONLY and args.spec_sampling:
+        raise BadInput(f"--spec-sampling: --drafter {args.drafter} is verified greedily only (drop --spec-sampling)")
     if args.drafter in HEAD_KINDS:
         if args.heads is None and _shipped(args) is None:
             raise BadInput(_no_heads_message(args))
@@ -294,7 +303,11 @@ def build(args, model, params, model_path=None):
             if d == "s2d":
                 return M.draft_lm(model, params, heads, target=model_path, depth=args.draft_depth,
                                   num_tokens=k or 4, sampling=sampling)
-            return getattr(M, d)(model, params, heads, target=model_path, sampling=sampling)
+            if d == "longspec":
+                return M.longspec(model, params, heads, target=model_path, num_tokens=k)
+            if d in GREEDY_ONLY:
+                return getattr(M, d)(model, params, heads, target=model_path)
+            return getattr(M, d.replace("-", "_"))(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
             raise ValueError(f"--heads: {e}") from None
     if d == "rapid":
@@ -379,7 +392,8 @@ def _rapid(args, loaded, prompt_ids, rows, bs, sampling, cons):
 # --drafter -> the constructor in jaxdec.speculative.methods (its PAPERS entry is what `jaxdec methods` shows)
 DRAFTER_METHODS = {"pld": "prompt_lookup", "iad": "input_guided", "recycling": "token_recycling", "aded": "aded",
                    "stand": "stand", "swift": "swift", "del": "dynamic_exit", "draft-model": "draft_model",
-                   "pearl": "pearl", "medusa": "medusa", "eagle": "eagle", "clover": "clover", "s2d": "draft_lm"}
+                   "pearl": "pearl", "medusa": "medusa", "eagle": "eagle", "clover": "clover", "s2d": "draft_lm",
+                   "hidden-transfer": "hidden_transfer", "ppd": "ppd", "lud": "lud", "longspec": "longspec"}
 RAPID_PAPER = ("Chen et al. 2025, Long-Context Inference with Retrieval-Augmented Speculative Decoding (RAPID)",
                "the same model drafts over BM25-retrieved chunks of the long prompt; the target verifies with it "
                "all (exact; --rapid-augment: the retrieval-augmented target, lossy)")

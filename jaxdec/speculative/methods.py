@@ -47,6 +47,18 @@ PAPERS = {
     "eagle": ("Li et al. 2024, EAGLE-1/2/3: feature-level autoregressive draft head",
               "one trained decoder layer over the target's (fused low/mid/high) features drafts a chain, "
               "reduced draft vocabulary"),
+    "hidden_transfer": ("Wu et al. 2024, Parallel Decoding via Hidden Transfer for lossless LLM acceleration",
+                        "learned pseudo hidden states for the next positions carried through the target's last "
+                        "layers draft a chain or tree"),
+    "ppd": ("Chen et al. 2024, Hardware-aware parallel prompt decoding (PPD)",
+            "trained prompt-token embeddings ride in the verify call (ensemble attention) and guess the next "
+            "tokens; a sparse tree sized from the measured cost curve"),
+    "lud": ("Sun et al. 2024, Decoding at the speed of thought: lexical units for parallel decoding",
+            "a head proposes the next confident multi-token unit (labels from the target's confidence), verified "
+            "greedily"),
+    "longspec": ("Yang et al. 2025, LongSpec: long-context speculative decoding with efficient drafting and "
+                 "verification", "a draft head with a constant-size memory (attention sinks + sliding window) "
+                 "trained with anchor-offset positions"),
 }
 
 
@@ -235,6 +247,41 @@ def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num
     d2t)`` triple; drafts chains of ``num_tokens``."""
     from jaxdec.speculative.heads.draft_lm import build
     return build(model, params, heads, target=target, depth=depth, num_tokens=num_tokens, sampling=sampling)
+
+
+def hidden_transfer(model, params, heads, target=None, sampling: bool = False, tree: Optional[TreeSpec] = None):
+    """-> (decoder, params). Hidden-transfer drafting (`jaxdec.speculative.heads.hidden_transfer`): learned
+    pseudo hidden states for the next positions, carried through the target's last layers; a heads file
+    written by ``train/hidden_transfer.py`` (checked against the target like `medusa`) or an in-memory triple;
+    sampling: a chain drawn from the pseudo positions' distributions, verified by speculative sampling."""
+    from jaxdec.speculative.heads.hidden_transfer import build
+    return build(model, params, heads, target=target, tree=tree, sampling=sampling)
+
+
+def ppd(model, params, heads, target=None, inline: bool = True):
+    """-> (decoder, params). PPD's trained prompt tokens (`jaxdec.speculative.heads.ppd`): a file written by
+    ``train/ppd.py`` (checked against the target like `medusa`) or a ``(PPDConfig, params)`` pair. inline
+    (the paper's layout): the prompt tokens ride in the verify call (the engine's ``extra_inputs`` hook);
+    False: a separate draft call per step. Greedy verification."""
+    from jaxdec.speculative.heads.ppd import build
+    return build(model, params, heads, target=target, inline=inline)
+
+
+def lud(model, params, heads, target=None, cut: Optional[float] = None):
+    """-> (decoder, params). Lexical-unit drafting (`jaxdec.speculative.heads.lexical_units`): a head
+    proposing the next confident multi-token unit, cut where it predicts the unit ends; a file written by
+    ``train/lexical_units.py`` (checked against the target like `medusa`) or an in-memory triple. Greedy
+    verification (lossless)."""
+    from jaxdec.speculative.heads.lexical_units import build
+    return build(model, params, heads, target=target, cut=cut)
+
+
+def longspec(model, params, heads, target=None, num_tokens: Optional[int] = None):
+    """-> (decoder, params). LongSpec's constant-memory draft head for long contexts
+    (`jaxdec.speculative.heads.longspec`): a file written by ``train/longspec.py`` (checked against the
+    target like `medusa`) or an in-memory triple; greedy verification."""
+    from jaxdec.speculative.heads.longspec import build
+    return build(model, params, heads, target=target, num_tokens=num_tokens)
 
 
 def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens: Optional[int] = None,
