@@ -30,7 +30,7 @@ bench: $(STAMP)
 
 # the shipped trained heads and drafts (issues 15, 16): the self-distillation corpus, then each one; every step
 # resumes after an interruption (train/work/ keeps the corpus shards, the stored hidden states and the
-# orbax checkpoints). HEADS_ARGS passes extra flags to both trainings (e.g. --steps 20 for a smoke run).
+# orbax checkpoints). HEADS_ARGS passes extra flags to every training (e.g. --steps 20 for a smoke run).
 HEADS_DIR := jaxdec/speculative/heads/artefacts
 HEADS_DATA := train/work/selfdistill
 heads: $(STAMP)
@@ -49,6 +49,15 @@ heads: $(STAMP)
 		--save-every 75 $(HEADS_ARGS) --export $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors
 	$(PY) -m train.specdec_pp --out train/work/runs/specdec_pp --draft $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors \
 		--max-seqs 200 --seq-len 192 --steps 400 $(HEADS_ARGS) --export $(HEADS_DIR)/specdec_pp-smollm2-135m.safetensors
+	$(PY) -m train.lexical_units --data $(HEADS_DATA) --out train/work/runs/lud --hidden stored \
+		--hidden-cache train/work/hidden --steps 300 --positions 48 --lr 2e-3 --outside-weight 0.2 --save-every 150 \
+		--eval-every 300 $(HEADS_ARGS) --export $(HEADS_DIR)/lud-smollm2-135m.safetensors
+	$(PY) -m train.ppd --data $(HEADS_DATA) --out train/work/runs/ppd --steps 120 --batch-size 4 --seq-len 96 \
+		--positions 8 --lr 0.01 --warmup 10 --eval-every 60 --save-every 60 --log-every 10 $(HEADS_ARGS) \
+		--export $(HEADS_DIR)/ppd-smollm2-135m.safetensors
+	$(PY) -m train.longspec --data $(HEADS_DATA) --out train/work/runs/longspec --hidden stored \
+		--hidden-cache train/work/hidden --window 128 --sinks 4 --max-offset 8192 --steps 350 --lr 1e-3 --save-every 50 \
+		--eval-every 175 --stop-at 200 $(HEADS_ARGS) --export $(HEADS_DIR)/longspec-smollm2-135m.safetensors
 
 # the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then
 # the Learn2PD filter of the diffusion model; each step resumes after an interruption (orbax checkpoints under
