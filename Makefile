@@ -52,6 +52,10 @@ heads: $(STAMP)
 	$(PY) -m train.lexical_units --data $(HEADS_DATA) --out train/work/runs/lud --hidden stored \
 		--hidden-cache train/work/hidden --steps 300 --positions 48 --lr 2e-3 --outside-weight 0.2 --save-every 150 \
 		--eval-every 300 $(HEADS_ARGS) --export $(HEADS_DIR)/lud-smollm2-135m.safetensors
+	$(PY) -m train.hidden_transfer --data $(HEADS_DATA) --out train/work/runs/hidden_transfer --layer 24 \
+		--num-tokens 4 --max-sequences 80 --seq-len 160 --hidden stored --hidden-cache train/work/hidden --steps 60 \
+		--positions 8 --lr 3e-3 --warmup 10 --save-every 60 --eval-every 60 --log-every 5 $(HEADS_ARGS) \
+		--export $(HEADS_DIR)/hidden_transfer-smollm2-135m.safetensors
 	$(PY) -m train.ppd --data $(HEADS_DATA) --out train/work/runs/ppd --steps 120 --batch-size 4 --seq-len 96 \
 		--positions 8 --lr 0.01 --warmup 10 --eval-every 60 --save-every 60 --log-every 10 $(HEADS_ARGS) \
 		--export $(HEADS_DIR)/ppd-smollm2-135m.safetensors

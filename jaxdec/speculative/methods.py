@@ -252,7 +252,8 @@ def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num
 def hidden_transfer(model, params, heads, target=None, sampling: bool = False, tree: Optional[TreeSpec] = None):
     """-> (decoder, params). Hidden-transfer drafting (`jaxdec.speculative.heads.hidden_transfer`): learned
     pseudo hidden states for the next positions, carried through the target's last layers; a heads file
-    written by ``train/hidden_transfer.py`` (checked against the target like `medusa`) or an in-memory triple;
+    written by ``train/hidden_transfer.py`` (checked against the target like `medusa`) or an in-memory
+    ``(HiddenTransferConfig, params)`` pair;
     sampling: a chain drawn from the pseudo positions' distributions, verified by speculative sampling."""
     from jaxdec.speculative.heads.hidden_transfer import build
     return build(model, params, heads, target=target, tree=tree, sampling=sampling)
