@@ -73,6 +73,11 @@ DRAFTER_HOOKS = {
     "draft_calls_per_step": (0, "draft model calls per step when a Draft does not count them"),
     "target_logits": (None, "target_logits(logits [B,T,V], draft, drafter state) -> the logits the verifier reads "
                             "(a drafter that redefines the target distribution: lossy, named so)"),
+    "target_hidden_layers": (None, "layer counts whose residual stream the verify call returns in "
+                                   "VerifyInfo.layer_hidden (EAGLE-3's fused features, hidden transfer)"),
+    "extra_inputs": (None, "extra_inputs(model, dparams, state, draft, drafter state, pos, anc) -> (embeds [B,S,E], "
+                           "positions [B,S], mask rows [B,S,T+S]) appended to the verify call, their logits in "
+                           "VerifyInfo.extra_logits, their keys/values never cached (PPD's prompt tokens)"),
 }
 MODEL_HOOKS = {
     "supports_shared_prefix": (False, "the model accepts a shared-prefix KVCache (Hydragen)"),

@@ -287,7 +287,7 @@ class SpeculativeDecoder:
         # cond's result, then into the loop's buffer)
         deferred = bool(getattr(model, "supports_deferred_kv_write", False))
         kw = {"write_cache": False} if deferred else {}
-        want_layers = getattr(drafter, "target_hidden_layers", None)
+        want_layers = hook(drafter, "target_hidden_layers")
         if want_layers:
             kw["hidden_layers"] = tuple(want_layers)
 
@@ -307,7 +307,7 @@ class SpeculativeDecoder:
                     tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache, lh)
 
         has_draft = jnp.any(valid & live[:, None])
-        extra_fn = getattr(drafter, "extra_inputs", None)  # optional: only drafters that define it take this path
+        extra_fn = hook(drafter, "extra_inputs")  # optional: only drafters that define it take this path
         extra_logits = None
         if extra_fn is not None:
             logits, hidden, written, layer_hidden, extra_logits = self._extra_call(
