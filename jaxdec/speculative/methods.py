@@ -195,7 +195,7 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
     tree stored with the heads, else the chain of all heads). sampling: each head's token drawn from its
     distribution and verified by speculative sampling (a chain; lossless for sampling)."""
     import os
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     import numpy as np
     from jaxdec.speculative.heads.medusa import (MedusaConfig, MedusaDrafter, draft_head, load_medusa,
                                                  tree_from_meta)
@@ -205,12 +205,7 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
         d2t = heads[2] if len(heads) == 3 else None
         stored_tree = None
     elif isinstance(heads, (str, os.PathLike)):
-        if target is None:
-            fp = params_fingerprint(params, model.vocab_size)
-        elif isinstance(target, str) and target.startswith("sha256:"):
-            fp = target
-        else:
-            fp = target_fingerprint(str(target))
+        fp = expected_fingerprint(model, params, target)
         config, hp, meta, d2t = load_medusa(heads, fp)
         stored_tree = tree_from_meta(meta)
     else:
@@ -295,14 +290,13 @@ def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens:
     chain)."""
     import os
     import numpy as np
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, load_eagle
     from jaxdec.speculative.heads.medusa import draft_head
     if isinstance(heads, tuple) and len(heads) == 3 and isinstance(heads[0], EagleConfig):
         config, hp, d2t = heads
     elif isinstance(heads, (str, os.PathLike)):
-        fp = (params_fingerprint(params, model.vocab_size) if target is None else
-              target if isinstance(target, str) and target.startswith("sha256:") else target_fingerprint(str(target)))
+        fp = expected_fingerprint(model, params, target)
         config, hp, _, d2t = load_eagle(heads, fp)
     else:
         raise TypeError(f"heads must be a heads file path or an (EagleConfig, params, d2t) triple, got "

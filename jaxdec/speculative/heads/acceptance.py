@@ -233,12 +233,8 @@ def load_acceptance(path: str, fingerprint: Optional[str]):
 
 
 def _fingerprint(model, params, target):
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
-    if target is None:
-        return params_fingerprint(params, model.vocab_size)
-    if isinstance(target, str) and target.startswith("sha256:"):
-        return target
-    return target_fingerprint(str(target))
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
+    return expected_fingerprint(model, params, target)
 
 
 def file_sha256(path: str) -> str:

@@ -119,6 +119,17 @@ def params_fingerprint(params, vocab_size: int) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def expected_fingerprint(model, params, target) -> str:
+    """The fingerprint a heads file must carry to be used with this target: ``target`` is the model's file or
+    folder (what `jaxdec.load` opened), or a fingerprint string; None: the params' fingerprint (a model with
+    no file)."""
+    if target is None:
+        return params_fingerprint(params, model.vocab_size)
+    if isinstance(target, str) and target.startswith("sha256:"):
+        return target
+    return target_fingerprint(str(target))
+
+
 # --------------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------------

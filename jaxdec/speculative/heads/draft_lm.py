@@ -342,13 +342,12 @@ def build(model, params, heads, target=None, depth: Optional[int] = None, num_to
     import os
     from jaxdec.speculative.drafters import DraftModelDrafter
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     if isinstance(heads, tuple) and len(heads) == 3 and isinstance(heads[0], DraftLMConfig):
         config, dp, d2t = heads
         _check_params(config, dp, "draft_lm heads")
     elif isinstance(heads, (str, os.PathLike)):
-        fp = (params_fingerprint(params, model.vocab_size) if target is None else
-              target if isinstance(target, str) and target.startswith("sha256:") else target_fingerprint(str(target)))
+        fp = expected_fingerprint(model, params, target)
         config, dp, _, d2t = load_draft_lm(heads, fp)
     else:
         raise TypeError(f"heads must be a heads file path or a (DraftLMConfig, draft params, d2t) triple, got "

@@ -271,17 +271,12 @@ def build(model, params, heads, target=None, tree: Optional[TreeSpec] = None, sa
     target: the target's model file or folder (``m.path``), or a fingerprint string; None: the params are
     fingerprinted (`params_fingerprint`). tree: a `TreeSpec` of depth <= num_tokens (default: the chain)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], HiddenTransferConfig):
         config, hp = heads
         check_params(config, hp)
     elif isinstance(heads, (str, os.PathLike)):
-        if target is None:
-            fp = params_fingerprint(params, model.vocab_size)
-        elif isinstance(target, str) and target.startswith("sha256:"):
-            fp = target
-        else:
-            fp = target_fingerprint(str(target))
+        fp = expected_fingerprint(model, params, target)
         config, hp, _ = load_hidden_transfer(heads, fp)
     else:
         raise TypeError(f"heads must be a heads file path or a (HiddenTransferConfig, params) pair, got "

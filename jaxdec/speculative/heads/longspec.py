@@ -415,18 +415,13 @@ def build(model, params, heads, target=None, num_tokens: Optional[int] = None):
     target: the target's model file or folder, or a fingerprint string; None: the params are fingerprinted.
     num_tokens: overrides the stored chain length."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     from jaxdec.speculative.heads.medusa import draft_head
     if isinstance(heads, tuple) and len(heads) == 3 and isinstance(heads[0], LongSpecConfig):
         config, hp, d2t = heads
         check_params(config, hp)
     elif isinstance(heads, (str, os.PathLike)):
-        if target is None:
-            fp = params_fingerprint(params, model.vocab_size)
-        elif isinstance(target, str) and target.startswith("sha256:"):
-            fp = target
-        else:
-            fp = target_fingerprint(str(target))
+        fp = expected_fingerprint(model, params, target)
         config, hp, _, d2t = load_longspec(heads, fp)
     else:
         raise TypeError(f"heads must be a heads file path or a (LongSpecConfig, params, d2t) triple, got "

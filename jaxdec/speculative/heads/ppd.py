@@ -391,18 +391,13 @@ def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=N
     engine's ``extra_inputs`` hook; needs a model with ``embed`` and deferred cache writes) or False (the
     first slice, `PPDDrafter`: an extra target call per step, whose output at the last token is depth 1)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
-    from jaxdec.speculative.heads.artefact import params_fingerprint, target_fingerprint
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
     meta = {}
     if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], PPDConfig):
         config, hp = heads
         check_params(config, hp)
     elif isinstance(heads, (str, os.PathLike)):
-        if target is None:
-            fp = params_fingerprint(params, model.vocab_size)
-        elif isinstance(target, str) and target.startswith("sha256:"):
-            fp = target
-        else:
-            fp = target_fingerprint(str(target))
+        fp = expected_fingerprint(model, params, target)
         config, hp, meta = load_ppd(heads, fp)
     else:
         raise TypeError(f"heads must be a heads file path or a (PPDConfig, params) pair, got {type(heads).__name__}")
