@@ -256,15 +256,8 @@ def shipped(model_q, gguf_path):
 
 @pytest.mark.slow
 def test_shipped_draft_provenance_and_size(gguf_path):
-    from jaxdec.speculative.heads import shipped_heads
-    from jaxdec.speculative.heads.artefact import target_fingerprint
-    path = shipped_heads(D.KIND, "smollm2-135m")
-    assert path is not None, "no draft_lm-smollm2-135m.safetensors shipped (python -m train.distill_draft --export)"
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, D.KIND)
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.distill_draft")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance(D.KIND, "train.distill_draft", gguf_path)
     cfg = D.DraftLMConfig.from_dict(meta["config"])
     assert len(cfg.exits) >= 2 and hp["layers"]["wq"].dtype == np.float16  # S2D: several exits, float16 layers
 

@@ -67,16 +67,23 @@ def _decoder(t, kind, heads=None):
     return getattr(M, kind)(t["model"], t["params"], heads or shipped_heads(kind, "smollm2-135m"), target=t["path"])
 
 
+def shipped_provenance(kind: str, script: str, gguf_path: str):
+    """The file shipped for the default model under ``kind``: present, <= 20 MB, made for this model (its
+    fingerprint) by ``python -m <script>`` on > 10k corpus tokens, with steps, wall time and commit. -> (params,
+    meta)."""
+    path = shipped_heads(kind, "smollm2-135m")
+    assert path is not None, f"no {kind} file shipped (make heads)"
+    assert os.path.getsize(path) <= 20 * 2**20
+    hp, meta = read_heads(path, kind)
+    assert meta["fingerprint"] == target_fingerprint(gguf_path)
+    assert meta["command"].startswith(f"python -m {script}")
+    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    return hp, meta
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_shipped_file_provenance_and_size(kind, gguf_path):
-    path = shipped_heads(kind, "smollm2-135m")
-    assert path is not None, f"no {kind} heads shipped (make heads)"
-    assert os.path.getsize(path) <= 20 * 2**20
-    _, meta = read_heads(path, kind)
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith(f"python -m train.{kind}")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0
-    assert len(meta["commit"]) >= 40
+    shipped_provenance(kind, f"train.{kind}", gguf_path)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -273,13 +273,8 @@ def _shipped():
 
 @pytest.mark.slow
 def test_shipped_file_provenance_and_size(gguf_path):
-    from jaxdec.speculative.heads.artefact import target_fingerprint
-    path = _shipped()
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, HT.KIND)
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.hidden_transfer")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance(HT.KIND, "train.hidden_transfer", gguf_path)
     cfg = HT.HiddenTransferConfig.from_dict(meta["config"])
     assert (cfg.hidden, cfg.num_layers) == (576, 30) and meta["draft_cost"] == cfg.draft_cost
     assert set(hp) == {"w", "b"}

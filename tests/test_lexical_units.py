@@ -254,13 +254,8 @@ def _shipped():
 
 @pytest.mark.slow
 def test_shipped_file_provenance_and_size(gguf_path):
-    from jaxdec.speculative.heads.artefact import target_fingerprint
-    path = _shipped()
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, "lud")
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.lexical_units")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance("lud", "train.lexical_units", gguf_path)
     assert set(hp) == {"w", "b", "len_w", "len_b", "d2t"}
     hist = meta["unit_histogram"]
     assert hist[0] < sum(hist) and sum(hist) > 10_000  # the corpus has confident units, not only length 0

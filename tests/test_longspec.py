@@ -334,13 +334,8 @@ def long_target(model_q, gguf_path):
 
 @pytest.mark.slow
 def test_shipped_file_provenance_and_size(gguf_path):
-    from jaxdec.speculative.heads.artefact import target_fingerprint
-    path = _shipped()
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, "longspec")
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.longspec")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance("longspec", "train.longspec", gguf_path)
     assert meta["anchor_offset"] > 0
 
 

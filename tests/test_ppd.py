@@ -269,13 +269,8 @@ def _shipped():
 
 @pytest.mark.slow
 def test_shipped_file_provenance_and_size(gguf_path):
-    from jaxdec.speculative.heads.artefact import target_fingerprint
-    path = _shipped()
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, "ppd")
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.ppd")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance("ppd", "train.ppd", gguf_path)
     assert set(hp) == {"prompt"} and len(meta["rank_probs"]) == meta["config"]["num_tokens"] + 1
 
 

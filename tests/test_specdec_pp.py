@@ -267,16 +267,8 @@ def shipped(model_q, gguf_path):
 
 @pytest.mark.slow
 def test_shipped_head_provenance_and_size(gguf_path):
-    import os
-    from jaxdec.speculative.heads import shipped_heads
-    from jaxdec.speculative.heads.artefact import read_heads, target_fingerprint
-    path = shipped_heads(A.KIND, "smollm2-135m")
-    assert path is not None, "no specdec_pp-smollm2-135m.safetensors shipped (python -m train.specdec_pp --export)"
-    assert os.path.getsize(path) <= 20 * 2**20
-    hp, meta = read_heads(path, A.KIND)
-    assert meta["fingerprint"] == target_fingerprint(gguf_path)
-    assert meta["command"].startswith("python -m train.specdec_pp")
-    assert meta["data_tokens"] > 10_000 and meta["steps"] > 0 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40
+    from test_heads_shipped import shipped_provenance
+    hp, meta = shipped_provenance(A.KIND, "train.specdec_pp", gguf_path)
     cfg = A.AcceptanceConfig.from_dict(meta["config"])
     assert cfg.draft  # the draft it was trained on is recorded
     assert 0.0 < meta["label_mean"] < 1.0
