@@ -263,19 +263,9 @@ def test_shipped_file_provenance_and_size(gguf_path):
 
 @pytest.mark.slow
 def test_shipped_lud_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
-    import neartie
-    from test_speculative import assert_accepts_and_rejects
-    from jaxdec.cache.kv import bucket
+    from test_heads_shipped import assert_lossless_batch8_and_batch1
     t = target
-    assert len(t["prompts"]) >= 16 and len({bucket(len(p)) for p in t["prompts"]}) >= 2
-    dec, params = L.build(t["model"], t["params"], _shipped(), target=t["path"])
-    pairs = []
-    for bs in (8, 1):
-        out = jaxdec.generate(t["model"], params, t["prompts"], decoder=dec, max_new_tokens=32, batch_size=bs)
-        pairs += [(f"lud b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
-                  enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
-        assert_accepts_and_rejects(out.stats, f"lud b{bs}")
-    neartie.assert_sequences_match(pairs, t["dlogit"])
+    assert_lossless_batch8_and_batch1(t, *L.build(t["model"], t["params"], _shipped(), target=t["path"]), "lud", max_new=32)
 
 
 @pytest.mark.slow
