@@ -20,16 +20,13 @@ Writes ``<out>/heads.safetensors`` (kind "hidden_transfer") like train/medusa.py
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
-from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout
+from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout, store_states
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,34 +66,9 @@ def layer_residual(model, tp, tokens, layer: int):
 def store_layer_hidden(model, tp, tokens, layer: int, batch_size: int, log=print, cache_dir: str = "",
                        key: str = "") -> np.ndarray:
     """`layer_residual` of every sequence ``[N,T,E]`` float16 (optionally cached in ``cache_dir``)."""
-    n, t = tokens.shape
-    path = None
-    if cache_dir:
-        h = hashlib.sha256(f"{key}|{tokens.shape}|layer{layer}".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
-        path = os.path.join(cache_dir, f"ht{layer}-{h.hexdigest()[:20]}.npy")
-        if os.path.isfile(path):
-            hid = np.load(path)
-            log(f"stored layer-{layer} states: {hid.shape} float16 read from {path}")
-            return hid
     fwd = jax.jit(lambda p, x: layer_residual(model, p, x, layer).astype(jnp.float16))
-    t0 = time.time()
-    out = []
-    for lo in range(0, n, batch_size):
-        x = tokens[lo:lo + batch_size]
-        pad = batch_size - len(x)
-        out.append(np.asarray(fwd(tp, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x))[:len(x)])
-        if lo == 0 or (lo // batch_size) % 10 == 9:
-            done = lo + len(x)
-            log(f"layer-{layer} states: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA "
-                f"{(time.time() - t0) / done * (n - done):.0f} s")
-    hid = np.concatenate(out)
-    log(f"stored layer-{layer} states: {hid.shape} float16, {hid.nbytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s")
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(tmp, hid)
-        os.replace(tmp, path)
-    return hid
+    return store_states(fwd, tp, tokens, batch_size, log, cache_dir, key, tag=f"layer{layer}", prefix=f"ht{layer}",
+                        what=f"layer-{layer} states")
 
 
 def make_loss(model, config, positions: int, decay: float):

@@ -140,6 +140,42 @@ def make_loss(model, config, positions: int, decay: float, d2t=None):
     return loss_fn
 
 
+def store_states(fwd, params, tokens, batch_size: int, log=print, cache_dir: str = "", key: str = "",
+                 tag: str = "", prefix: str = "hidden", what: str = "hidden states") -> np.ndarray:
+    """``fwd(params, tokens [b,T]) -> float16 [b,T,...]`` (jitted) over every sequence, in batches (the last one
+    padded); with ``cache_dir`` kept as ``<prefix>-<hash>.npy`` (hash of ``key``, the tokens' shape, ``tag`` and
+    the tokens) and read back on the next call. ``what`` names the states in the progress lines."""
+    import hashlib
+    n, t = tokens.shape
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(f"{key}|{tokens.shape}|{tag}".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
+        path = os.path.join(cache_dir, f"{prefix}-{h.hexdigest()[:20]}.npy")
+        if os.path.isfile(path):
+            hid = np.load(path)
+            log(f"stored {what}: {hid.shape} float16 read from {path}")
+            return hid
+    t0 = time.time()
+    out = []
+    for lo in range(0, n, batch_size):
+        x = tokens[lo:lo + batch_size]
+        pad = batch_size - len(x)
+        h = np.asarray(fwd(params, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x))
+        out.append(h[:len(x)])
+        if lo == 0 or (lo // batch_size) % 10 == 9:
+            done = lo + len(x)
+            log(f"{what}: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA "
+                f"{(time.time() - t0) / done * (n - done):.0f} s")
+    hid = np.concatenate(out)
+    log(f"stored {what}: {hid.shape} float16, {hid.nbytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s")
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, hid)
+        os.replace(tmp, path)
+    return hid
+
+
 def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache_dir: str = "",
                  key: str = "", layers: tuple = ()) -> np.ndarray:
     """The target's final-norm hidden states ``[N,T,E]`` float16 of every sequence (one forward each);
@@ -149,16 +185,8 @@ def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache
     cache_dir: a folder keeping them as ``hidden-<hash>.npy`` (hash of ``key``, e.g. the target's
     fingerprint and weight kind, and of the tokens), so the Medusa and EAGLE runs of one corpus compute
     them once; "" keeps nothing."""
-    import hashlib
-    n, t = tokens.shape
-    path = None
-    if cache_dir:
-        h = hashlib.sha256(f"{key}|{tokens.shape}|{tuple(layers) if layers else ''}".encode() + np.ascontiguousarray(tokens, np.int32).tobytes())
-        path = os.path.join(cache_dir, f"hidden-{h.hexdigest()[:20]}.npy")
-        if os.path.isfile(path):
-            hid = np.load(path)
-            log(f"stored hidden states: {hid.shape} float16 read from {path}")
-            return hid
+    t = tokens.shape[1]
+
     def forward(tp, x):
         o = model(tp, x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape), model.init_cache(x.shape[0], t),
                   **({"hidden_layers": tuple(layers)} if layers else {}))
@@ -166,26 +194,8 @@ def store_hidden(model, target_params, tokens, batch_size: int, log=print, cache
             return o.hidden.astype(jnp.float16)
         return jnp.concatenate([jnp.moveaxis(o.layer_hidden, 0, 2), o.hidden[:, :, None]], axis=2).astype(jnp.float16)
 
-    fwd = jax.jit(forward)
-    t0 = time.time()
-    out = []
-    for lo in range(0, n, batch_size):
-        x = tokens[lo:lo + batch_size]
-        pad = batch_size - len(x)
-        h = np.asarray(fwd(target_params, np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x))
-        out.append(h[:len(x)])
-        if lo == 0 or (lo // batch_size) % 10 == 9:
-            done = lo + len(x)
-            log(f"hidden states: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA "
-                f"{(time.time() - t0) / done * (n - done):.0f} s")
-    hid = np.concatenate(out)
-    log(f"stored hidden states: {hid.shape} float16, {hid.nbytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s")
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(tmp, hid)
-        os.replace(tmp, path)
-    return hid
+    return store_states(jax.jit(forward), target_params, tokens, batch_size, log, cache_dir, key,
+                        tag=str(tuple(layers)) if layers else "")
 
 
 def split_heldout(n: int, fraction: float, seed: int = 1234):
