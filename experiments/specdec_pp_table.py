@@ -15,13 +15,19 @@ by default the target's first N layers), greedy verification, batch 1, weights q
   the last token was proposed); ``-min0``: ``min_tokens=0`` (a step may propose nothing when the head
   predicts a rejection of the first token: a one-token verify call instead of a two-token block).
 
-Per row: τ (tokens per target call per row, bonus included), draft calls per target call, acceptance per
-position, step cost (time per target call / greedy's time per token), tok/s, and the speedup over greedy
+Every speculative row verifies with ``--verify-buckets`` (default ``auto``: `SpeculativeDecoder`'s
+``verify_buckets``, the target call sized to the drafted tokens, so an adaptive row that stops early pays
+for a short block; ``off``: the full ``max_tokens + 1`` block every step, the table before buckets).
+
+Per row: τ (tokens per target call per row, bonus included), draft calls per target call, verify block
+tokens per target call (what the buckets ran), acceptance per position, step cost (time per target call /
+greedy's time per token), tok/s, and the speedup over greedy
 (median of per-repetition ratios, >= 5 interleaved repetitions, [min, max]); rows whose tokens differ from
 greedy (must be 0). The summary names the best fixed length per group and whether a learned row beats it.
 
     python experiments/specdec_pp_table.py --smoke
     python experiments/specdec_pp_table.py --quick     # 2 prompts per group, 32 new tokens
+    python experiments/specdec_pp_table.py --quick --verify-buckets off   # every step pays the full block
     python experiments/specdec_pp_table.py             # 4 + 4 + 3 prompts, 48 new tokens
 
 Writes experiments/results/specdec_pp/specdec_pp_table.{json,md}.
@@ -40,6 +46,43 @@ from spec_bench import Jaxdec as Method  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results", "specdec_pp")
+
+
+class Recorded(Method):
+    """A jaxdec row that keeps the statistics of its last call (measure_group reports timings only)."""
+
+    last_stats: dict = {}
+
+    def __call__(self, prompts, n_new):
+        toks, stats = super().__call__(prompts, n_new)
+        Recorded.last_stats[self.name] = stats
+        return toks, stats
+
+
+def parse_buckets(text: str):
+    """``--verify-buckets``: 'auto', 'off' or ascending block lengths '1,2,4,8' -> verify_buckets."""
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    if t == "off":
+        return ()
+    try:
+        vals = tuple(int(x) for x in t.split(","))
+    except ValueError:
+        raise ValueError(f"--verify-buckets: expected auto, off or e.g. 1,2,4,8, got {text!r}") from None
+    if min(vals) < 1 or any(a >= b for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"--verify-buckets: block lengths must be >= 1 and strictly ascending, got {text!r}")
+    return vals
+
+
+def with_buckets(dec, vb):
+    """The decoder with ``vb`` (a listed length past a short row's block is dropped: the block is always a bucket)."""
+    if not vb:
+        return dec
+    if isinstance(vb, tuple):
+        t = int(dec.drafter.num_nodes) + 1
+        vb = tuple(b for b in vb if b < t) + (t,)
+    return dataclasses.replace(dec, verify_buckets=vb)
 
 
 class Setup:
@@ -64,23 +107,37 @@ class Setup:
         self.heads["draft"] = config.draft
         dm, dp = A.resolve_draft(m.model, m.params, config, target=m.path)
         draft = (dm, dp)
-        rows = [Method("jaxdec-greedy", m.model, m.params)]
+        vb = parse_buckets(cfg.verify_buckets)
+        rows = [Recorded("jaxdec-greedy", m.model, m.params)]
         for k in cfg.fixed:
             dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=k)
-            rows.append(Method(f"fixed-{k}", m.model, p, dec))
+            rows.append(Recorded(f"fixed-{k}", m.model, p, with_buckets(dec, vb)))
         for h in cfg.confidence:
             dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=cfg.max_tokens, stop_threshold=h)
-            rows.append(Method(f"conf-{h:g}", m.model, p, dec))
+            rows.append(Recorded(f"conf-{h:g}", m.model, p, with_buckets(dec, vb)))
         dec, p = A.build(m.model, m.params, path, target=m.path, draft=draft, num_tokens=cfg.max_tokens)
+        dec = with_buckets(dec, vb)
         for h in cfg.thresholds:  # one compiled program: the settings are traced params
             for mt in cfg.min_tokens:
                 name = f"learned-{h:g}" + ("" if mt == 1 else f"-min{mt}")
-                rows.append(Method(name, m.model, A.with_settings(p, threshold=h, min_tokens=mt, lookahead=True), dec))
+                rows.append(Recorded(name, m.model, A.with_settings(p, threshold=h, min_tokens=mt, lookahead=True),
+                                     dec))
         for h in cfg.paper_thresholds:
-            rows.append(Method(f"paper-{h:g}", m.model, A.with_settings(p, threshold=h, lookahead=False), dec))
+            rows.append(Recorded(f"paper-{h:g}", m.model, A.with_settings(p, threshold=h, lookahead=False), dec))
         self.methods = [r for r in rows if r.name == "jaxdec-greedy" or not cfg.methods
                         or any(s in r.name for s in cfg.methods)]
         return self
+
+
+def measure(setup, cfg, group):
+    """heads_table's measurement, each row with the verify block tokens per target call it ran."""
+    Recorded.last_stats.clear()
+    out = measure_group(setup, cfg, group)
+    for r in out["rows"]:
+        raw = Recorded.last_stats.get(r["method"], {}).get("raw") or {}
+        calls = max(int(raw.get("model_calls", 0)) - 1, 0)  # the prefill call has no verify block
+        r["block_tokens_per_call"] = (float(raw["block_tokens"]) / calls) if calls and "block_tokens" in raw else None
+    return out
 
 
 def _f(x, fmt="{:.2f}"):
@@ -109,7 +166,8 @@ def markdown(rec):
              "jaxdec greedy in the same run [min, max]; step cost = time per target call / greedy's time per token "
              "(draft calls and the verify block together); τ = tokens per target call per row, bonus included; "
              "draft calls / call counts every call of the draft model (the first one feeds the last accepted "
-             "token and the bonus).", ""]
+             "token and the bonus); block = verify block tokens per target call (verify buckets: "
+             f"{c.get('verify_buckets', 'off')}).", ""]
     h = next(iter(res.values()))["heads"]
     ev = h.get("final_eval") or {}
     lines += [f"Acceptance head: `{h['file']}` ({h['size_mib']} MiB, draft `{h.get('draft')}`, {h.get('steps')} "
@@ -128,12 +186,13 @@ def markdown(rec):
     for group, g in res.items():
         lines += [f"## {group} (held-out prompts, lengths {g['prompt_lengths']})",
                   benchlib.LoadMonitor.markdown_of(rec["cells"][group].get("load")), "",
-                  "| method | τ | draft calls / call | acceptance per position | step cost | tok/s | speedup vs greedy "
-                  "| rows ≠ greedy |", "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
+                  "| method | τ | draft calls / call | block | acceptance per position | step cost | tok/s | speedup vs "
+                  "greedy | rows ≠ greedy |", "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |"]
         for r in g["rows"]:
             acc = r["acceptance_per_position"]
             acc_s = "-" if not acc else " ".join("-" if a != a else f"{a:.2f}" for a in acc[:8])
-            lines.append(f"| {r['method']} | {_f(r['tau'])} | {r['draft_calls_per_call']:.2f} | {acc_s} | "
+            lines.append(f"| {r['method']} | {_f(r['tau'])} | {r['draft_calls_per_call']:.2f} | "
+                         f"{_f(r.get('block_tokens_per_call'))} | {acc_s} | "
                          f"{r['step_cost_vs_greedy']:.2f} | {r['tokens_per_s_median']:.1f} | {r['speedup_median']:.2f} "
                          f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {r['rows_differing_from_greedy']} |")
         lines.append("")
@@ -160,6 +219,8 @@ class Config:
     max_tokens: int = dataclasses.field(default=8, metadata={"help": "longest draft of the adaptive rows"})
     min_tokens: tuple[int, ...] = dataclasses.field(default=(1, 0), metadata={
         "help": "candidates the learned rows always propose (one row per value; 0: a step may draft nothing)"})
+    verify_buckets: str = dataclasses.field(default="auto", metadata={
+        "help": "verify block sizing of every speculative row: auto, off, or ascending lengths such as 1,2,4,8"})
     methods: tuple[str, ...] = runner.select((), "only rows whose name contains one of these (greedy always runs)")
     groups: tuple[str, ...] = runner.select(GROUPS, "prompt groups (cells)")
 
@@ -181,8 +242,14 @@ def main(argv=None):
         opts.parser.error("--fixed lengths and --max-tokens must be >= 1")
     if any(not 0 <= h < 1 for h in (*cfg.confidence, *cfg.thresholds, *cfg.paper_thresholds)):
         opts.parser.error("thresholds must be in [0, 1)")
+    try:
+        vb = parse_buckets(cfg.verify_buckets)
+    except ValueError as e:
+        opts.parser.error(str(e))
+    if isinstance(vb, tuple) and vb and vb[-1] > cfg.max_tokens + 1:
+        opts.parser.error(f"--verify-buckets: block lengths must be <= --max-tokens + 1 = {cfg.max_tokens + 1}")
     setup = Setup(cfg)
-    rec = runner.run_experiment("specdec_pp_table", cfg, list(cfg.groups), lambda g: measure_group(setup, cfg, g),
+    rec = runner.run_experiment("specdec_pp_table", cfg, list(cfg.groups), lambda g: measure(setup, cfg, g),
                                 opts=opts, markdown=markdown, results_dir=RESULTS,
                                 title="SpecDec++: learned stop vs fixed draft lengths, held-out prompts, batch 1")
     print("\n".join(markdown(rec)))

@@ -21,6 +21,9 @@ file written by ``python -m train.medusa`` / ``train.eagle`` / ``train.clover`` 
 refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``): SpecDec++'s learned
 acceptance head stops each draft (the shipped head, trained on the target's first 15 layers, when no
 PATH is given; ``--stop-threshold`` sets its threshold).
+``--verify-buckets auto|off|1,2,4,8``: the verify call sized to the drafted nodes (`SpeculativeDecoder`'s
+``verify_buckets``: the smallest listed block length >= 1 + the last valid node, the full block added);
+on (``auto``) by default with ``--stop-head``, off otherwise; not for ``pearl`` / ``rapid``.
 ``rapid`` is RAPID (`jaxdec.speculative.rapid`): each prompt is a long text whose last paragraph (after
 its last blank line) is the question; the draft is the same model reading the ``--rapid-chunks`` chunks
 (``--rapid-chunk-chars`` characters, cut at line ends) of the text before it that BM25 ranks best for the
@@ -84,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-threshold", type=float, default=None,
                    help="draft-model with --stop-head: stop once P(some draft token is rejected) would exceed this "
                         "(default 0.7)")
+    g.add_argument("--verify-buckets", default=None, metavar="auto|off|B1,B2,...",
+                   help="size the verify call to what the drafter proposed: 'auto' (powers of two, then the full "
+                        "block), 'off', or ascending block lengths (the full block is added); default auto with "
+                        "--stop-head, else off")
     g.add_argument("--rapid-chunks", type=int, default=4,
                    help="rapid: chunks of the prompt (before its question paragraph) the draft reads, best by BM25")
     g.add_argument("--rapid-chunk-chars", type=int, default=800, help="rapid: characters per chunk (cut at line ends)")
@@ -131,6 +138,8 @@ def validate_args(args):
     check_float(args, "stop_threshold", lambda v: 0 < v < 1, "in (0, 1)", allow_none=True)
     if args.stop_head not in (None, "shipped") and not os.path.isfile(args.stop_head):
         raise BadInput(f"--stop-head: no such file {args.stop_head!r}")
+    if getattr(args, "verify_buckets", None) is not None:
+        parse_verify_buckets(args.verify_buckets)
     if args.skip_layers is not None and any(x < 0 for x in args.skip_layers):
         raise BadInput(f"--skip-layers: expected layer indices >= 0, got {args.skip_layers}")
     if args.spec_config is not None and not os.path.isfile(args.spec_config):
@@ -174,6 +183,9 @@ def check_args(args):
             raise BadInput(f"--{dest.replace('_', '-')} is not used by --drafter {args.drafter} "
                            f"(it applies to --drafter {', '.join(users)})")
     _check_mesh(args)
+    if getattr(args, "verify_buckets", None) is not None and args.drafter in ("pearl", "rapid"):
+        raise BadInput(f"--verify-buckets is not supported by --drafter {args.drafter} (it runs its own verify "
+                       f"schedule)")
     if args.drafter in GREEDY_ONLY and args.spec_sampling:
         raise BadInput(f"--spec-sampling: --drafter {args.drafter} is verified greedily only (drop --spec-sampling)")
     if args.drafter in HEAD_KINDS:
@@ -236,10 +248,55 @@ def _shipped(args):
     return shipped_heads(HEAD_KINDS[args.drafter][0], args.model)
 
 
+def parse_verify_buckets(text: str):
+    """``--verify-buckets`` -> `SpeculativeDecoder`'s ``verify_buckets``: "auto", () for "off", or a tuple of
+    strictly ascending block lengths >= 1 (checked against the drafter's block size when it is built)."""
+    from jaxdec.cli import BadInput
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    if t in ("off", "none"):
+        return ()
+    try:
+        vals = tuple(int(x) for x in t.split(","))
+    except ValueError:
+        raise BadInput(f"--verify-buckets: expected 'auto', 'off' or comma-separated block lengths such as 1,2,4,8, "
+                       f"got {text!r}") from None
+    if min(vals) < 1:
+        raise BadInput(f"--verify-buckets: block lengths must be >= 1, got {text!r}")
+    if any(a >= b for a, b in zip(vals, vals[1:])):
+        raise BadInput(f"--verify-buckets: block lengths must be strictly ascending, got {text!r}")
+    return vals
+
+
+def apply_verify_buckets(args, decoder):
+    """The decoder with ``--verify-buckets`` (auto by default with ``--stop-head``: SpecDec++'s learned stop
+    proposes fewer tokens than its maximum, and the verify call should cost only what it proposed)."""
+    import dataclasses
+    from jaxdec.speculative.engine import SpeculativeDecoder
+    text = getattr(args, "verify_buckets", None)
+    if text is None:
+        if getattr(args, "stop_head", None) is None or not isinstance(decoder, SpeculativeDecoder):
+            return decoder
+        text = "auto"
+    vb = parse_verify_buckets(text)
+    if not isinstance(decoder, SpeculativeDecoder):
+        raise ValueError(f"--verify-buckets is not supported by --drafter {getattr(args, 'drafter', '?')}")
+    try:
+        return dataclasses.replace(decoder, verify_buckets=vb)
+    except ValueError as e:
+        raise ValueError(f"--verify-buckets: {e}") from None
+
+
 def build(args, model, params, model_path=None):
     """Returns (decoder, params to pass to generate), built with the named constructors of
-    `jaxdec.speculative.methods`. Raises ValueError on bad flags. ``model_path``: the target's file
-    (trained heads are checked against its fingerprint)."""
+    `jaxdec.speculative.methods` (with ``--verify-buckets`` applied). Raises ValueError on bad flags.
+    ``model_path``: the target's file (trained heads are checked against its fingerprint)."""
+    decoder, params = _build(args, model, params, model_path)
+    return apply_verify_buckets(args, decoder), params
+
+
+def _build(args, model, params, model_path=None):
     from jaxdec.speculative import methods as M
     from jaxdec.speculative.calibrate import load_config, tree_from_config
 
@@ -403,7 +460,7 @@ try:  # register with the spine's CLI when it is importable
     from jaxdec.speculative.methods import PAPERS as _PAPERS
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
-                    uses=("drafter", "spec_sampling", *_DEFAULTS, "min_new_tokens", "batch_size", "n", "seed", "stream",
+                    uses=("drafter", "spec_sampling", *_DEFAULTS, "verify_buckets", "min_new_tokens", "batch_size", "n", "seed", "stream",
                           "forced_tokens", "mesh", *SAMPLING))(_handler)
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})

@@ -180,7 +180,18 @@ class SpeculativeDecoder:
     (`lax.cond`, both compiled once): same tokens, the cost of greedy decoding for that step.
     processors: the user's logits processors (`jaxdec.core.logits`); every node of the verify block is
     processed with its own depth and parent, so greedy verification gives exactly the tokens of greedy
-    decoding with the same processors, and sampling verification samples their processed distribution."""
+    decoding with the same processors, and sampling verification samples their processed distribution.
+    verify_buckets: the verify call sized to what the drafter proposed (for drafters that propose fewer
+    nodes than their maximum: SpecDec++'s learned stop, prompt lookup). ``()`` (default): the full block
+    of T = num_nodes + 1 tokens (or one token, see skip_empty_drafts). ``"auto"``: the powers of two below
+    T, then T; or an ascending tuple of block lengths in [1, T] (T is added when missing). Each step the
+    target runs over the first ``Tb`` block tokens, ``Tb`` the smallest bucket >= ``1 + (index of the last
+    valid node over the running rows)`` (`lax.switch`, each bucket compiled once; skip_empty_drafts is then
+    unused). The nodes after ``Tb`` are invalid for every running row, so the verdict is the same; the
+    logits come from a matmul with fewer rows and may differ in the last bits (greedy tokens equal plain
+    greedy decoding up to near-ties). Stats: ``block_tokens`` (the block tokens the target ran, summed
+    over steps) and ``bucket_steps`` (steps per bucket). Drafters with ``extra_inputs`` (PPD) keep the
+    full block."""
 
     drafter: Any
     verifier: str = "greedy"
@@ -188,6 +199,7 @@ class SpeculativeDecoder:
     residual: bool = True
     skip_empty_drafts: bool = True
     processors: tuple = ()
+    verify_buckets: Any = ()
 
     def __post_init__(self):
         check_drafter(self.drafter)
@@ -197,6 +209,42 @@ class SpeculativeDecoder:
             raise ValueError("draft length must be >= 1")
         if self.tree_sampling not in ("iid", "without_replacement"):
             raise ValueError("tree_sampling must be 'iid' or 'without_replacement'")
+        if isinstance(self.verify_buckets, list):  # a list is not hashable (the decoder is a jit static argument)
+            object.__setattr__(self, "verify_buckets", tuple(self.verify_buckets))
+        self._buckets()  # bad verify_buckets: ValueError now, not at trace time
+
+    def _buckets(self) -> tuple:
+        """The verify block lengths this decoder may run, ascending, the full block T last."""
+        t = int(self.drafter.num_nodes) + 1
+        vb = self.verify_buckets
+        if vb is None or (isinstance(vb, tuple) and not vb):
+            return (1, t) if self.skip_empty_drafts else (t,)
+        if isinstance(vb, str):
+            if vb != "auto":
+                raise ValueError(f"verify_buckets must be 'auto', () or an ascending tuple of block lengths in [1, {t}], "
+                                 f"got {vb!r}")
+            out = []
+            b = 1
+            while b < t:
+                out.append(b)
+                b *= 2
+            return (*out, t)
+        if not isinstance(vb, tuple) or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                                for x in vb):
+            raise ValueError(f"verify_buckets must be 'auto', () or a tuple of integer block lengths in [1, {t}], "
+                             f"got {vb!r}")
+        vb = tuple(int(x) for x in vb)
+        if min(vb) < 1 or max(vb) > t:
+            raise ValueError(f"verify_buckets: every block length must be in [1, {t}] (T = draft nodes + 1 = {t}), "
+                             f"got {vb}")
+        if any(a >= b for a, b in zip(vb, vb[1:])):
+            raise ValueError(f"verify_buckets must be strictly ascending, got {vb}")
+        return vb if vb[-1] == t else (*vb, t)
+
+    @property
+    def buckets_on(self) -> bool:
+        vb = self.verify_buckets
+        return not (vb is None or (isinstance(vb, tuple) and not vb))
 
     def _split(self, params):
         """(target params, drafter params): drafters with ``own_params`` (a separate draft model) take
@@ -254,7 +302,9 @@ class SpeculativeDecoder:
                  "pos_accepted": jnp.zeros((depth_slots,), jnp.int32),
                  "side_branch_accepts": jnp.zeros((), jnp.int32),
                  "rank_accepts": jnp.zeros((int(hook(self.drafter, "max_children")),), jnp.int32),
-                 "expanded": jnp.zeros((), jnp.int32), "block_calls": jnp.zeros((), jnp.int32)}
+                 "expanded": jnp.zeros((), jnp.int32), "block_calls": jnp.zeros((), jnp.int32),
+                 "block_tokens": jnp.zeros((), jnp.int32),
+                 "bucket_steps": jnp.zeros((len(self._buckets()),), jnp.int32)}
         state = initial_state(prompts, cache, inputs, method, stats)
         tok, ctx = first_token(self.verifier, self.processors, logits, state)
         post_commit(self.processors, ctx, tok[:, None], (~state.done).astype(jnp.int32))
@@ -306,15 +356,43 @@ class SpeculativeDecoder:
             return (spread(o.logits), spread(o.hidden),
                     tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache, lh)
 
-        has_draft = jnp.any(valid & live[:, None])
+        def prefix_call(tb, c):
+            """The first ``tb`` block tokens (their ancestors all come before them); outputs padded to T like
+            single_call's: logits/hidden repeat the last row, keys/values are zeros past ``tb`` (never kept:
+            the rollback / gather below keeps at most ``1 + accepted`` entries, all before ``tb``)."""
+            o = model(params, block[:, :tb], pos[:, :tb], c, mask=anc[:, :tb, :tb], **kw)
+
+            def edge(a, axis):
+                return jnp.pad(a, [(0, 0)] * axis + [(0, t - tb)] + [(0, 0)] * (a.ndim - axis - 1), mode="edge")
+
+            kv = tuple(jnp.pad(a, [(0, 0), (0, 0), (0, t - tb), (0, 0), (0, 0)]) for a in o.kv) if deferred \
+                else o.cache
+            return edge(o.logits, 1), edge(o.hidden, 1), kv, edge(o.layer_hidden, 2) if want_layers else None
+
+        def sized_call(tb):
+            if tb == t:
+                return block_call
+            if tb == 1:
+                return single_call
+            return lambda c: prefix_call(tb, c)
+
+        buckets = self._buckets()
+        # the block length the running rows need: the root, then up to their last valid node
+        need = 1 + jnp.max(jnp.where(valid & live[:, None], jnp.arange(1, n + 1, dtype=jnp.int32)[None, :], 0))
+        has_draft = need > 1
         extra_fn = hook(drafter, "extra_inputs")  # optional: only drafters that define it take this path
         extra_logits = None
+        ran = jnp.full((), len(buckets) - 1, jnp.int32)  # which bucket ran (the full block unless chosen below)
         if extra_fn is not None:
             logits, hidden, written, layer_hidden, extra_logits = self._extra_call(
                 model, params, extra_fn, dparams, state, draft, dstate, block, pos, anc, cache, kw)
             has_draft = jnp.ones((), bool)
+        elif self.buckets_on:
+            ran = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left").astype(jnp.int32)
+            logits, hidden, written, layer_hidden = jax.lax.switch(ran, [sized_call(b) for b in buckets], cache)
         elif self.skip_empty_drafts:
             logits, hidden, written, layer_hidden = jax.lax.cond(has_draft, block_call, single_call, cache)
+            ran = has_draft.astype(jnp.int32)
         else:
             logits, hidden, written, layer_hidden = block_call(cache)
             has_draft = jnp.ones((), bool)
@@ -348,6 +426,8 @@ class SpeculativeDecoder:
         state2 = state2.replace(method=state2.method.replace(draft=drafter.update(model, dparams, state2, dstate, info)))
         st = self._stats(state.stats, draft, parents, depth, verdict, live, cnt, max_depth)
         st["block_calls"] = st["block_calls"] + has_draft.astype(jnp.int32)
+        st["block_tokens"] = st["block_tokens"] + jnp.asarray(buckets, jnp.int32)[ran]
+        st["bucket_steps"] = st["bucket_steps"] + (jnp.arange(len(buckets)) == ran).astype(jnp.int32)
         return state2.replace(stats=st)
 
     def _stats(self, st, draft, parents, depth, verdict, live, cnt, max_depth):
@@ -400,6 +480,9 @@ class SpeculativeDecoder:
 
     def summarize(self, state) -> dict:
         out = summarize_stats(state.stats)
+        out["block_tokens"] = int(np.asarray(state.stats["block_tokens"]))
+        out["verify_buckets"] = list(self._buckets())
+        out["bucket_steps"] = [int(x) for x in np.asarray(state.stats["bucket_steps"])]
         export = hook(self.drafter, "export")
         if export is not None:  # drafter state a later run can start from (hot start), as host arrays
             out["carry"] = jax.tree.map(np.asarray, export(state.method.draft))
