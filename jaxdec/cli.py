@@ -645,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunked prefill across decode steps: at most this many prompt tokens prefilled "
                         "between two decode steps, longer prompts in pieces (bounds the stall of running "
                         "requests; default: a whole prompt at once)")
+    _add_serve_drafter(s, "every request: greedy ones get exactly their greedy tokens, sampled ones are verified "
+                          "by speculative sampling")
     b = sub.add_parser("serve-bench", help="replay a request trace on the decode-slot engine: throughput, TTFT and "
                                            "TPOT percentiles (a Poisson trace unless --trace is given)")
     b.add_argument("--trace", help='JSONL trace: one {"arrival": s, "prompt_len": n, "output_len": n} per line')
@@ -662,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "between two decode steps, longer prompts in pieces (bounds the stall of running "
                         "requests; default: a whole prompt at once)")
     b.add_argument("--out", help="write the report (with per-request records) to this JSON file")
+    _add_serve_drafter(b, "greedy verification (the trace's requests are greedy); the report gains tau")
     ap.generate_parser = g
     ap.serve_parser = s
     ap.serve_bench_parser = b
@@ -816,6 +819,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# model-free drafters the decode-slot engine runs (`jaxdec serve` / `serve-bench --drafter`), built with their
+# `jaxdec generate --method speculative --drafter` defaults
+SERVE_DRAFTERS = ("pld", "iad", "recycling", "aded", "stand")
+
+
+def _add_serve_drafter(p, how: str) -> None:
+    p.add_argument("--drafter", default=None, choices=SERVE_DRAFTERS,
+                   help=f"speculative decoding over the decode slots with this model-free drafter ({how}; "
+                        "default: one token per step)")
+
+
+def _serve_decoder(args, sampling: bool):
+    """The engine's `SpeculativeDecoder` for ``--drafter`` (None without it), through the speculative CLI's
+    `build` with its drafter flags at their defaults (model-free drafters: built before the model loads)."""
+    if args.drafter is None:
+        return None
+    from jaxdec.speculative import cli as spec_cli
+    ns = argparse.Namespace(**spec_cli._DEFAULTS)
+    ns.drafter, ns.spec_sampling, ns.model = args.drafter, sampling, args.model
+    return spec_cli.build(ns, None, None)[0]
+
+
 def cmd_serve(args) -> int:
     """Load the model, start the engine and serve the OpenAI-compatible API until Ctrl-C."""
     from jaxdec.serving import server
@@ -831,6 +856,7 @@ def cmd_serve(args) -> int:
                        f"({args.cache_size})")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise BadInput("--served-model-name is empty")
+    spec = _serve_decoder(args, sampling=True)
     check_model_path(args.model)
     loaded = load_model(args.model, args.weights)
     max_pos = getattr(loaded.model, "max_position", None)
@@ -838,7 +864,8 @@ def cmd_serve(args) -> int:
         raise BadInput(f"--cache-size ({args.cache_size}) exceeds the model's context ({max_pos})")
     from jaxdec.serving.engine import Engine
     engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size,
-                    capacity=args.max_tokens_limit, keep_results=False, prefill_chunk_tokens=args.prefill_chunk_tokens)
+                    capacity=args.max_tokens_limit, keep_results=False, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                    speculative=spec)
     app = server.create_app(engine, loaded.tokenizer, args.served_model_name or args.model)
     print(f"[serve] {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
           f"({args.slots} slots, {args.cache_size} positions each)", file=sys.stderr, flush=True)
@@ -881,6 +908,11 @@ def cmd_serve_bench(args) -> int:
     if longest >= args.cache_size:
         raise BadInput(f"--cache-size ({args.cache_size}) too small: the trace's longest request needs {longest} "
                        f"positions (prompt_len + output_len)")
+    spec = _serve_decoder(args, sampling=False)
+    if spec is not None and longest + spec.cache_headroom > args.cache_size:
+        raise BadInput(f"--cache-size ({args.cache_size}) too small for --drafter {args.drafter}: the trace's longest "
+                       f"request needs {longest} positions (prompt_len + output_len) + {spec.cache_headroom} of "
+                       f"draft headroom")
     if args.out:
         d = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(d) or not os.access(d, os.W_OK):
@@ -890,7 +922,8 @@ def cmd_serve_bench(args) -> int:
     from jaxdec.serving.engine import Engine
     cap = max(r["output_len"] for r in trace)
     engine = Engine(loaded.model, loaded.params, slots=args.slots, cache_size=args.cache_size, capacity=cap,
-                    ignore_eos=True, prefill_chunk_tokens=args.prefill_chunk_tokens)
+                    ignore_eos=True, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                    speculative=spec)
     src = [3 + (j % 1000) for j in range(longest)]
     warm = tr.poisson_trace(min(args.slots, len(trace)), float("inf"), sorted({r["prompt_len"] for r in trace}),
                             [2], seed=0)

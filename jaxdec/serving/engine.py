@@ -29,6 +29,27 @@ gives generate's keys of ``seed`` for one prompt). Sampling parameters are per r
 (temperature 0 = greedy for that row), so new settings never recompile. Per-request ``stop_ids`` are
 checked on the host after each step and add to the model's EOS ids, which end every row on the device.
 `step` is meant for one thread; `submit` and `cancel` may be called from any thread.
+
+Speculative decoding over the slots (``speculative=``): every step drafts, verifies with one target call and
+emits a block per row; rows accept different numbers of tokens, and the host reads each row's new tokens (a
+request's own stop id inside an accepted block ends it there).
+
+    eng = Engine(model, params, slots=4, speculative=PromptLookupDrafter())       # a drafter: sampling verifier
+    eng = Engine(model, params, slots=4, speculative=methods.prompt_lookup())     # or a SpeculativeDecoder
+
+A drafter is verified by `SpeculativeDecoder(drafter, verifier="sampling")`: temperature-0 requests get exactly
+their greedy tokens, sampled ones exactly what ``generate(decoder=that decoder, seed=...)`` of the request alone
+gives (lossless speculative sampling, per-row parameters). A `SpeculativeDecoder` is used as given; with
+``verifier="greedy"`` (cheaper: no softmax over the block) requests with ``temperature > 0`` are refused. The
+drafter's method state is inserted per row: the context history (``SpecState.hist``) is fitted to the engine's
+width (``cache_size``), leaves with a batch axis (found by comparing the state's shapes at two batch sizes, any
+axis) replace the slot's row, and leaves without one are shared by the slots (Token Recycling's matrix, n-gram
+tables: the running one stays and keeps learning across requests; this changes drafts, never greedy tokens, but
+a sampled row may then differ from the same request decoded alone). With ``prefill_chunk_tokens`` the history of
+a prompt prefilled in pieces is rebuilt from the whole prompt; a drafter's own ``init`` state sees only the last
+piece (model-free drafters only: drafters that run a model are refused there). Refused with speculative:
+constraints, and drafters with their own weights. ``tau`` (``stats()``): tokens per decode step per live row,
+1.0 for plain decoding.
 """
 from __future__ import annotations
 
@@ -48,7 +69,7 @@ from jaxdec.cache.kv import bucket
 from jaxdec.core import loop, slots as slots_lib
 from jaxdec.core.driver import _check_prompts
 from jaxdec.core.processors import SamplingParams
-from jaxdec.core.protocols import hook
+from jaxdec.core.protocols import check_drafter, hook
 from jaxdec.core.state import EOS, LENGTH, STOP_STRING
 from jaxdec.core.steps import with_prefill_chunk
 from jaxdec.core.token import TokenDecoder
@@ -119,13 +140,55 @@ def _step(decoder, model, params, cache, rest):
     return state, (state.tokens, state.num_new, state.done, state.finish)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder",), donate_argnames=("cache",))
-def _insert(decoder, cache, rest, prefix, slot):
+@functools.partial(jax.jit, static_argnames=("decoder", "axes"), donate_argnames=("cache",))
+def _insert(decoder, cache, rest, prefix, slot, axes=None):
     loop.count_trace(f"engine_insert:{type(decoder).__name__}")
     state = rest.replace(cache=cache)
+    if axes is not None:  # a speculative decoder: the engine fits its method state (module doc)
+        return _insert_fitted(state, prefix, slot, axes)
     own = hook(decoder, "insert")
     state = slots_lib.insert_rows(state, prefix, slot) if own is None else own(state, prefix, slot)
     return state
+
+
+def _fit_width(hist, width: int):
+    """A ``[B, H]`` history cropped or zero-padded to ``width`` columns (entries past ``hist_len`` are unused)."""
+    h = hist.shape[1]
+    return hist[:, :width] if h >= width else jnp.pad(hist, ((0, 0), (0, width - h)))
+
+
+def _insert_fitted(state, prefix, slots, axes):
+    """`slots_lib.insert_rows` for method state the generic insert refuses: ``prefix``'s history fitted to the
+    running width, each method leaf's rows replaced along its batch axis (``axes``: one per leaf, None for a
+    leaf shared by the batch, which keeps the running value)."""
+    pm = prefix.method
+    if getattr(pm, "hist", None) is not None:
+        pm = pm.replace(hist=_fit_width(pm.hist, state.method.hist.shape[1]))
+    run, tdef = jax.tree_util.tree_flatten(state.method)
+    new = jax.tree_util.tree_leaves(pm)
+    if jax.tree_util.tree_structure(pm) != tdef or len(axes) != len(run):
+        raise ValueError("speculative insert: the prefix's method state does not match the running state's")
+    out = []
+    for a, p, ax in zip(run, new, axes):
+        if ax is None:
+            out.append(a)
+            continue
+        a0, p0 = jnp.moveaxis(a, ax, 0), jnp.moveaxis(p, ax, 0)
+        out.append(jnp.moveaxis(a0.at[slots].set(p0.astype(a0.dtype)), 0, ax))
+    base = slots_lib.insert_rows(state.replace(method=None), prefix.replace(method=None), slots)
+    return base.replace(method=jax.tree_util.tree_unflatten(tdef, out))
+
+
+@jax.jit
+def _prompt_hist(prefix, prompt, plen):
+    """A speculative row prefilled in pieces: its history rebuilt from the whole prompt (``prompt [n, W]``,
+    ``plen [n]``) and its first token, as one prefill of the whole prompt writes it."""
+    m = prefix.method
+    col = jnp.arange(prompt.shape[1])[None, :]
+    hist = jnp.where(col < plen[:, None], prompt, 0)
+    hist = jnp.where(col == plen[:, None], prefix.tokens[:, :1], hist).astype(m.hist.dtype)
+    return prefix.replace(method=m.replace(hist=hist, hist_len=(plen + 1).astype(m.hist_len.dtype),
+                                           prompt_len=plen.astype(m.prompt_len.dtype)))
 
 
 @dataclasses.dataclass
@@ -145,12 +208,14 @@ class Engine:
     a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate` (pieces of one prefill
     call). ``prefill_chunk_tokens``: at most this many padded prompt tokens prefilled per engine iteration, longer
     prompts in pieces across decode steps (see the module doc; None: a whole admission between two steps).
-    ``prefill_budget``: padded prompt tokens of one batched admission."""
+    ``prefill_budget``: padded prompt tokens of one batched admission. ``speculative``: a drafter (verified by
+    speculative sampling, every request supported) or a `SpeculativeDecoder` to decode the slots with (see the
+    module doc); None: one token per step."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
                  prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False,
                  prefill_budget: Optional[int] = None, tokenizer=None,
-                 prefill_chunk_tokens: Optional[int] = None):
+                 prefill_chunk_tokens: Optional[int] = None, speculative=None):
         self.slots = _int_field("slots", slots, 1)
         # padded prompt tokens prefilled between two decode steps (None: every free slot is filled at once)
         self.prefill_budget = None if prefill_budget is None else _int_field("prefill_budget", prefill_budget, 1)
@@ -166,11 +231,19 @@ class Engine:
             raise ValueError(f"cache_size ({cache_size}) exceeds the model's context ({max_pos})")
         self.model = with_prefill_chunk(model, prefill_chunk)
         self.params = params
-        self.decoder = TokenDecoder(greedy=False)  # per-row SamplingParams; temperature 0 rows are greedy
+        # per-row SamplingParams; temperature 0 rows are greedy
+        self.decoder = TokenDecoder(greedy=False) if speculative is None else self._spec_decoder(speculative)
+        self.speculative = speculative is not None
+        if self.speculative and self.prefill_chunk_tokens is not None and \
+                int(hook(self.decoder.drafter, "draft_calls_per_step") or 0) > 0:
+            raise ValueError(f"prefill_chunk_tokens: drafter {type(self.decoder.drafter).__name__} runs a model, "
+                             "whose state a prompt prefilled in pieces would miss; use a model-free drafter "
+                             "(prompt lookup, token recycling, n-gram) or prefill_chunk_tokens=None")
         self.tokenizer = tokenizer  # needed for constraints (the grammar engines work on its vocabulary)
         self._cdecoder = self._csession = None  # the decoder with the constraint mask, and its slot matchers
         # ignore_eos (benchmarks: every request decodes exactly max_new_tokens): no stop id on the device
         self.eos_ids = () if ignore_eos else tuple(int(t) for t in model.eos_ids)
+        self._axes = None  # speculative: each method-state leaf's batch axis (None: shared by the slots)
         self._state = self._empty_state()
         self._slot_req: list = [None] * self.slots  # request in each slot
         self._seen = [0] * self.slots  # tokens of that slot already read on the host
@@ -187,6 +260,46 @@ class Engine:
         self.iteration_log: collections.deque = collections.deque(maxlen=4096)
         self._it: dict = {}
         self.keep_results = keep_results  # False: finished requests are only reported through on_tokens
+        # tau: tokens the decode steps gave live rows, and the rows they stepped (prefill tokens not counted)
+        self.decode_tokens = self.row_steps = 0
+        self._fresh = [False] * self.slots  # a slot whose first read includes its prefill token
+        self._tau_stale = False  # `time_steps` ran steps the host did not count
+
+    @staticmethod
+    def _spec_decoder(spec):
+        from jaxdec.speculative.engine import SpeculativeDecoder
+        if not isinstance(spec, SpeculativeDecoder):
+            try:
+                check_drafter(spec)
+            except TypeError as e:
+                raise ValueError(f"speculative: expected a drafter or a SpeculativeDecoder, got "
+                                 f"{type(spec).__name__} ({e})") from None
+            spec = SpeculativeDecoder(spec, verifier="sampling")
+        if hook(spec.drafter, "own_params"):
+            raise ValueError(f"speculative: drafter {type(spec.drafter).__name__} has its own weights (params "
+                             "bundle); the engine runs drafters on the target's params only")
+        return spec
+
+    def _batch_axes(self, state) -> tuple:
+        """Each method-state leaf's batch axis, from its shape at ``slots`` and ``slots + 1`` rows (an abstract
+        prefill: traced, not run); None for leaves of the same shape (shared by the batch)."""
+        n = self.slots
+        sampling, keys = self._sampling([0.0] * (n + 1)), np.zeros((n + 1, 2), np.uint32)  # concrete, outside
+        other = jax.eval_shape(lambda: slots_lib.start(
+            self.decoder, self.model, self.params, [[self._pad]] * (n + 1), cache_size=self.cache_size,
+            capacity=self.capacity, max_new_tokens=1, stop_ids=self.eos_ids, keys=keys, sampling=sampling).method)
+        leaves, _ = jax.tree_util.tree_flatten_with_path(state.method)
+        axes = []
+        for (path, a), o in zip(leaves, jax.tree_util.tree_leaves(other)):
+            if a.shape == o.shape:
+                axes.append(None)
+                continue
+            diff = [i for i, (x, y) in enumerate(zip(a.shape, o.shape)) if x != y]
+            if a.ndim != o.ndim or len(diff) != 1 or (a.shape[diff[0]], o.shape[diff[0]]) != (n, n + 1):
+                raise ValueError(f"speculative: method state leaf {jax.tree_util.keystr(path)} (shape {a.shape} "
+                                 f"for {n} rows, {o.shape} for {n + 1}) is neither per row nor shared")
+            axes.append(diff[0])
+        return tuple(axes)
 
     def _empty_state(self):
         pad = self._pad = int(hook(self.model, "pad_id"))
@@ -194,7 +307,18 @@ class Engine:
                                 cache_size=self.cache_size, capacity=self.capacity, max_new_tokens=1,
                                 stop_ids=self.eos_ids,
                                 sampling=self._sampling([0.0] * self.slots))
-        return state.replace(done=jnp.ones_like(state.done))  # every slot starts free
+        state = state.replace(done=jnp.ones_like(state.done))  # every slot starts free
+        if self.speculative:
+            if self._axes is None:
+                self._axes = self._batch_axes(state)
+            state = state.replace(method=state.method.replace(hist=_fit_width(state.method.hist, self.cache_size)))
+        return state
+
+    def _insert_prefix(self, prefix, slots) -> None:
+        """``prefix``'s rows into ``slots`` of the running state (one compiled insert per row count)."""
+        st = self._state
+        self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix, jnp.asarray(slots, jnp.int32),
+                              axes=self._axes)
 
     # ---------------------------------------------------------------- requests
     def check(self, prompt_ids, max_new_tokens: int = 16, min_new_tokens: int = 0) -> list:
@@ -226,11 +350,18 @@ class Engine:
         `jaxdec.constrained` constraint (json_schema, regex, lark, choices, or its dict form) for this request
         (the engine needs ``tokenizer=``); its tokens equal ``generate(..., constraint=...)`` of it alone."""
         prompt = self.check(prompt_ids, max_new_tokens, min_new_tokens)
+        if constraint is not None and self.speculative:
+            raise RequestError("constraint: not supported by a speculative engine (Engine(speculative=...)); "
+                               "constrained requests need an engine without speculative")
         unit = None if constraint is None else self._compile_constraint(constraint)
         if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (Sequence, np.ndarray)):
             raise RequestError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
         stops = tuple(_int_field("stop_ids[]", t, 0, self.model.vocab_size - 1) for t in stop_ids)
         temperature = _float_field("temperature", temperature, lambda v: 0 <= v < float("inf"), ">= 0 (0 = greedy)")
+        if temperature > 0 and self.speculative and self.decoder.verifier == "greedy":
+            raise RequestError(f"temperature must be 0 on this engine: it verifies drafts greedily "
+                               f"(SpeculativeDecoder(verifier='greedy')), got {temperature!r}; build it with "
+                               f"verifier='sampling' (or pass a drafter) to serve sampled requests")
         top_k = _int_field("top_k", top_k, 0)
         top_p = _float_field("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         min_p = _float_field("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -414,7 +545,14 @@ class Engine:
         self._log_prefill(c)
         pf.cache, pf.done = out.cache, pf.done + len(piece)
         if last:
-            pf.prefix = out
+            pf.prefix = self._whole_prompt_hist(out, [req.prompt]) if self.speculative else out
+
+    def _whole_prompt_hist(self, prefix, prompts):
+        """Speculative rows prefilled in pieces: the history of each whole prompt (`_prompt_hist`)."""
+        arr = np.zeros((len(prompts), self.cache_size), np.int32)
+        for i, p in enumerate(prompts):
+            arr[i, :len(p)] = p
+        return _prompt_hist(prefix, jnp.asarray(arr), jnp.asarray([len(p) for p in prompts], jnp.int32))
 
     def _place_chunked(self) -> None:
         """Insert the chunked prompt whose last piece is in into the first free slot (if one is free)."""
@@ -422,9 +560,9 @@ class Engine:
         if pf is None or pf.prefix is None or self._slot_req.count(None) == 0:
             return
         slot = self._slot_req.index(None)
-        st = self._state
-        self._state = _insert(self.decoder, st.cache, st.replace(cache=None), pf.prefix, jnp.asarray([slot], jnp.int32))
+        self._insert_prefix(pf.prefix, [slot])
         self._slot_req[slot], self._seen[slot], self._pf = pf.req, 0, None
+        self._fresh[slot] = True
         if pf.req.constraint is not None:
             self._set_matcher(slot, pf.req.constraint)
 
@@ -469,11 +607,11 @@ class Engine:
         else:
             prefix = prefill(self.decoder)
         self._log_prefill(p * len(group))
-        st = self._state
-        self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix, jnp.asarray(where, jnp.int32))
+        self._insert_prefix(prefix, where)
         for slot, req in zip(where, group):
             self._slot_req[slot] = req
             self._seen[slot] = 0
+            self._fresh[slot] = True
             if constrained:
                 self._set_matcher(slot, req.constraint)
 
@@ -497,17 +635,15 @@ class Engine:
                                        max_new_tokens=1, stop_ids=self.eos_ids, prompt_bucket=c,
                                        sampling=self._sampling([0.0]),
                                        cache=slots_lib.empty_cache(self.model, 1, like=self._state))
-            st = self._state
-            self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
-                                  jnp.full((1,), self.slots, jnp.int32))
+            if self.speculative:
+                prefix = self._whole_prompt_hist(prefix, [[self._pad]])
+            self._insert_prefix(prefix, [self.slots])
         for p in buckets:
             for nb in counts:
                 prefix = slots_lib.prefill(self.decoder, self.model, self.params, [[self._pad]], like=self._state,
                                            max_new_tokens=1, stop_ids=self.eos_ids, prompt_bucket=p,
                                            sampling=self._sampling([0.0]), fillers=nb - 1)
-                st = self._state
-                self._state = _insert(self.decoder, st.cache, st.replace(cache=None), prefix,
-                                      jnp.full((nb,), self.slots, jnp.int32))
+                self._insert_prefix(prefix, [self.slots] * nb)
         jax.block_until_ready(self._state.done)
         return len(buckets) * len(counts) + int(chunked)
 
@@ -528,7 +664,7 @@ class Engine:
             req, self._pf = self._pf.req, None
             self._notify(req, [], "cancelled")
             self._finish(None, req, "cancelled")
-        self._it = {"prefill_tokens": 0, "prefill_calls": 0, "decode": 0}
+        self._it = {"prefill_tokens": 0, "prefill_calls": 0, "decode": 0, "decode_tokens": 0}
         self.iteration_log.append(self._it)
         self._admit()
         if all(r is None for r in self._slot_req):
@@ -555,9 +691,17 @@ class Engine:
             small = (st.tokens, st.num_new, st.done, st.finish)
         tokens, num_new, done, finish = jax.device_get(small)
         now = time.perf_counter()
+        count = self._it["decode"] > 0 and not self._tau_stale
+        self._tau_stale = False
         for slot, req in enumerate(self._slot_req):
             if req is None:
                 continue
+            if count and live[slot]:  # tokens this decode step gave the row (its prefill token excluded)
+                got = int(num_new[slot]) - self._seen[slot] - int(self._fresh[slot])
+                self.decode_tokens += got
+                self.row_steps += 1
+                self._it["decode_tokens"] += got
+            self._fresh[slot] = False
             new = tokens[slot, self._seen[slot]:num_new[slot]].tolist()
             self._seen[slot] = int(num_new[slot])
             reason = None
@@ -594,7 +738,20 @@ class Engine:
             jax.block_until_ready(small)
             out.append(time.perf_counter() - t0)
             self.steps += 1
+            self._tau_stale = True  # the next `step` reads these tokens: not counted in tau
         return out
+
+    @property
+    def tau(self) -> Optional[float]:
+        """Tokens per decode step per live row (1.0 for plain decoding; speculative: accepted drafts + 1), over
+        the engine's life (None before its first decode step)."""
+        return self.decode_tokens / self.row_steps if self.row_steps else None
+
+    def stats(self) -> dict:
+        """Decode counters: ``steps`` (decode steps over the slots), ``row_steps`` (live rows stepped, summed over
+        steps), ``decode_tokens`` (tokens those steps gave them) and ``tau`` (their ratio)."""
+        return {"steps": self.steps, "row_steps": self.row_steps, "decode_tokens": self.decode_tokens,
+                "tau": self.tau, "speculative": self.speculative}
 
     def fail_all(self, reason: str = "error") -> None:
         """End every waiting and running request with ``reason`` (after a failed step); the slots are freed

@@ -91,7 +91,8 @@ def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, v
            prompts: Optional[list] = None, keep_tokens: bool = False, warmup: bool = True) -> dict:
     """Replay ``trace`` on ``engine`` (build it with ``ignore_eos=True`` for exact output lengths). Prompts as
     `trace_prompts` makes them. Returns throughput (output tokens per second of wall time), TTFT, TPOT and ITL
-    (every gap between two tokens of one request) percentiles, and per-request records ``{id, arrival,
+    (every gap between two tokens of one request) percentiles, ``tau`` (tokens per decode step per live row over
+    the replay: 1.0 plain, more with a speculative engine), and per-request records ``{id, arrival,
     prompt_len, output_len, tokens, ttft, tpot}`` in trace order (``keep_tokens``: with ``token_ids``, the
     request's new tokens). ``warmup``: first compile every admission shape of the trace's prompt buckets
     (`Engine.warmup`), outside the clock."""
@@ -109,6 +110,7 @@ def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, v
     if warmup and trace:
         engine.warmup([len(p) for p in ids_of])
     t0, steps0 = time.perf_counter(), engine.steps
+    tau0 = (getattr(engine, "decode_tokens", 0), getattr(engine, "row_steps", 0))
     nxt = 0
     while nxt < len(order) or engine.busy:
         now = time.perf_counter() - t0
@@ -142,4 +144,14 @@ def replay(engine, trace: list, prompt_source: Optional[Sequence[int]] = None, v
     return {"requests": len(recs), "output_tokens": total, "seconds": wall,
             "tokens_per_second": total / wall if wall > 0 else float("nan"), "ttft": _pct(ttft), "tpot": _pct(tpot),
             "itl": _pct(itl),
-            "slots": engine.slots, "steps": engine.steps - steps0, "records": recs}
+            "slots": engine.slots, "steps": engine.steps - steps0, **_tau(engine, tau0), "records": recs}
+
+
+def _tau(engine, before) -> dict:
+    """The replay's tau (tokens per decode step per live row: 1.0 plain, > 1 when speculative rows accept
+    drafts), from the engine's counters."""
+    if not hasattr(engine, "row_steps"):
+        return {}
+    rows = engine.row_steps - before[1]
+    return {"tau": (engine.decode_tokens - before[0]) / rows if rows else None,
+            "speculative": bool(getattr(engine, "speculative", False))}
