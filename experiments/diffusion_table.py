@@ -8,8 +8,7 @@ task's fixed held-out set (`jaxdec.diffusion.tasks.heldout`): accuracy with the 
 per row, tokens per call, wall seconds of the decode after a warm-up call (compile time reported separately).
 ``ar`` rows decode the autoregressive model greedily through ``jaxdec.generate`` (one call per token, KV cache).
 
-    python experiments/diffusion_table.py --diffusion-model train/work/runs/diffusion/model \\
-        --ar-model train/work/runs/diffusion-ar/model --n 64
+    python experiments/diffusion_table.py            # the shipped models and filter (jaxdec.diffusion.shipped)
     python experiments/diffusion_table.py --smoke     # trains two toy models and a filter for a few steps, temp dir
 
 Writes ``experiments/results/diffusion.{json,md}`` and ``diffusion_calls_vs_accuracy.png``.
@@ -29,31 +28,37 @@ import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells,
 
 from jaxdec.diffusion import tasks as T  # noqa: E402
 
-# schedule name -> SamplerConfig settings (block length and threshold from the config unless given)
+# schedule name -> SamplerConfig settings (block length and threshold from the config unless given;
+# "-b24": no semi-AR blocks, the whole 24-position window is one block)
 SCHEDULES = {
-    "one-per-step": dict(name="one-per-step"),
+    "one-per-step": dict(name="one-per-step", block_length=None),
     "llada-low-confidence": dict(name="llada-low-confidence", steps=8),
     "llada-random": dict(name="llada-random", steps=8),
     "dream-maskgit-plus": dict(name="dream-maskgit-plus", steps=8),
     "dream-topk-margin": dict(name="dream-topk-margin", steps=8),
     "dream-entropy": dict(name="dream-entropy", steps=8),
     "fast-dllm-threshold": dict(name="fast-dllm-threshold"),
+    "fast-dllm-threshold-b24": dict(name="fast-dllm-threshold", block_length=None),
+    "fast-dllm-threshold-dual": dict(name="fast-dllm-threshold", cache="dual"),
     "fast-dllm-factor": dict(name="fast-dllm-factor", factor=1.0),
-    "freedave": dict(name="freedave", drafts=4),
+    "freedave": dict(name="freedave", drafts=4, block_length=None),
     "localleap": dict(name="localleap", relaxed_threshold=0.6, radius=2),
     "credit": dict(name="credit"),
     "adablock": dict(name="adablock"),
     "ccd": dict(name="ccd", ccd_window=2),
     "remask": dict(name="remask", steps=12, remask_threshold=0.1),
     "learn2pd": dict(name="learn2pd", eos_id=T.EOS_ID),  # the filter of --learn2pd-filter at --threshold
+    "learn2pd-b24": dict(name="learn2pd", eos_id=T.EOS_ID, block_length=None),
 }
+LIST_TASKS = T.LIST_TASKS
+LENGTH = T.PROMPT_LEN + T.GEN_LEN  # one canvas length for every task: one compile per schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    diffusion_model: str = "train/work/runs/diffusion/model"
-    ar_model: str = "train/work/runs/diffusion-ar/model"
-    learn2pd_filter: str = "train/work/runs/learn2pd/filter.safetensors"  # python -m train.learn2pd_filter
+    diffusion_model: str = "diffusion-tasks"  # a shipped name (jaxdec.diffusion.shipped) or a model folder
+    ar_model: str = "diffusion-tasks-ar"
+    learn2pd_filter: str = "learn2pd-diffusion-tasks"  # a shipped filter name or a .safetensors file
     n: int = 64  # held-out examples per task
     block_length: int = 8
     threshold: float = 0.9
@@ -82,23 +87,95 @@ def _smoke_models() -> tuple:
     return tuple(out)
 
 
+def _identity(cfg) -> dict:
+    """What the cells' numbers depend on beyond the config: the weights of the models and filter used."""
+    from jaxdec.diffusion import shipped
+    from jaxdec.speculative.heads.artefact import target_fingerprint
+    out = {}
+    for key, name in (("diffusion_weights", cfg.diffusion_model), ("ar_weights", cfg.ar_model)):
+        out[key] = target_fingerprint(shipped.resolve(name))[:23]
+    f = shipped.shipped_path(cfg.learn2pd_filter) if cfg.learn2pd_filter in shipped.FILTERS else cfg.learn2pd_filter
+    if os.path.isfile(f):
+        import hashlib
+        out["filter_weights"] = hashlib.sha256(open(f, "rb").read()).hexdigest()[:16]
+    return out
+
+
+def goals(rec) -> list:
+    """The issue's goals from the stored cells: per schedule over the list tasks, mean accuracy and calls
+    against one-token-per-step; FreeDave's exactness; the dependent-task finding (ParallelBench)."""
+    cells = {c: runner.result(rec, c) for c in rec["cells_order"]}
+    tasks = sorted({c.split("/")[0] for c in cells if cells[c] is not None}, key=T.TASKS.index)
+    scheds = list(dict.fromkeys(c.split("/")[1] for c in cells if cells[c] is not None))
+    lt = [t for t in tasks if t in LIST_TASKS and cells.get(f"{t}/one-per-step") is not None]
+    if not lt:
+        return []
+    lines = ["", "## Goals", "",
+             f"List tasks ({', '.join(lt)}), held-out rows pooled: accuracy and model calls per row against "
+             "one-token-per-step (calls x: one-per-step's mean calls / the schedule's; a point = 1 % of accuracy). "
+             "`ar`: the autoregressive model of the same size (one call per generated token, KV cache).", "",
+             "| schedule | accuracy | calls/row | calls x fewer | accuracy loss (points) | 5x fewer at <= 1 point |",
+             "|---|---|---|---|---|---|"]
+
+    def pooled(s):
+        rs = [cells.get(f"{t}/{s}") for t in lt]
+        if any(r is None for r in rs):
+            return None
+        n = sum(r["n"] for r in rs)
+        return (sum(r["accuracy"] * r["n"] for r in rs) / n, sum(r["calls"] * r["n"] for r in rs) / n)
+
+    base = pooled("one-per-step")
+    for s in scheds:
+        p = pooled(s)
+        if p is None:
+            continue
+        x, loss = base[1] / p[1], 100 * (base[0] - p[0])
+        lines.append(f"| {s} | {p[0]:.3f} | {p[1]:.2f} | {x:.2f} | {loss:+.1f} | "
+                     f"{'yes' if x >= 5 and loss <= 1 else 'no'} |")
+    fd = [(t, cells.get(f"{t}/freedave"), cells.get(f"{t}/one-per-step")) for t in tasks]
+    fd = [(t, a, b) for t, a, b in fd if a is not None and b is not None]
+    if fd:
+        same = sum(sum(x == y for x, y in zip(a["outputs"], b["outputs"])) for _, a, b in fd)
+        tot = sum(len(a["outputs"]) for _, a, _ in fd)
+        calls = sum(a["calls"] * a["n"] for _, a, _ in fd) / sum(b["calls"] * b["n"] for _, _, b in fd)
+        lines += ["", f"FreeDave: {same}/{tot} held-out outputs identical to one-token-per-step's over "
+                      f"{len(fd)} tasks, {1 / calls:.2f}x fewer model calls (goal: exact, >= 2x)."]
+    dep = [t for t in ("shuffle", "latin", "sudoku") if t in tasks]
+    copyish = [t for t in ("copy", "reverse") if t in tasks]
+    if dep and copyish:
+        lines += ["", "ParallelBench's finding (accuracy; strongly dependent tasks vs copy-like ones):", "",
+                  "| schedule | " + " | ".join(copyish + dep) + " |", "|---" * (1 + len(copyish) + len(dep)) + "|"]
+        for s in scheds:
+            row = [cells.get(f"{t}/{s}") for t in copyish + dep]
+            lines.append(f"| {s} | " + " | ".join("-" if r is None else f"{r['accuracy']:.2f}" for r in row) + " |")
+    return lines
+
+
 def main(argv=None):
     cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
     import jaxdec
+    from jaxdec.diffusion import shipped
     from jaxdec.diffusion.model import logits_fn
     from jaxdec.diffusion.samplers import SamplerConfig, sample
     if opts.smoke:
         dm, am, fl = _smoke_models()
         cfg = dataclasses.replace(cfg, diffusion_model=dm, ar_model=am, learn2pd_filter=fl)
-    for path in (cfg.diffusion_model, cfg.ar_model):
-        if not os.path.isdir(path):
-            raise SystemExit(f"diffusion_table: no task model at {path!r} (train it with python -m "
-                             f"train.masked_diffusion; see the docstring)")
-    loaded = {"diffusion": jaxdec.load(cfg.diffusion_model), "ar": jaxdec.load(cfg.ar_model)}
+    paths = {}
+    for key, name in (("diffusion", cfg.diffusion_model), ("ar", cfg.ar_model)):
+        try:
+            paths[key] = shipped.resolve(name)
+        except FileNotFoundError as e:
+            raise SystemExit(f"diffusion_table: {e}") from None
+        if not os.path.isdir(paths[key]):
+            raise SystemExit(f"diffusion_table: no task model at {name!r} (a shipped name: "
+                             f"{', '.join(shipped.MODELS)}, or a folder of python -m train.masked_diffusion)")
+    loaded = {k: jaxdec.load(p) for k, p in paths.items()}
     filt = None
-    if "learn2pd" in cfg.schedules:
+    if "learn2pd" in {SCHEDULES.get(s, {}).get("name") for s in cfg.schedules}:
         from jaxdec.diffusion.learn2pd import load_filter
-        filt = load_filter(cfg.learn2pd_filter)  # a clear error naming the path when it is missing
+        filt = (shipped.load_filter(cfg.learn2pd_filter) if cfg.learn2pd_filter in shipped.FILTERS
+                else load_filter(cfg.learn2pd_filter))  # clear errors naming the file
+    warmed = set()
 
     def measure(cell):
         task, sched = cell.split("/")
@@ -109,42 +186,50 @@ def main(argv=None):
 
             def run():
                 g = jaxdec.generate(m.model, m.params, prompts, max_new_tokens=T.GEN_LEN)
-                return g.tokens, [len(t) for t in g.tokens]
+                return g.tokens, [min(len(t), T.GEN_LEN) for t in g.tokens]
         else:
             m = loaded["diffusion"]
             scfg = SamplerConfig(**{"block_length": cfg.block_length, "threshold": cfg.threshold,
                                     "delimiters": T.DELIMITER_IDS, "mask_id": T.MASK_ID, "pad_id": T.PAD_ID,
                                     **SCHEDULES[sched]})
-            if scfg.name == "one-per-step":
-                scfg = dataclasses.replace(scfg, block_length=None)
 
             def run():
-                toks, st = sample(logits_fn(m.model), m.params, prompts, T.GEN_LEN, scfg,
+                toks, st = sample(logits_fn(m.model), m.params, prompts, T.GEN_LEN, scfg, length=LENGTH,
                                   filter_params=filt if scfg.name == "learn2pd" else None)
                 return toks.tolist(), st["model_calls"]
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
+        first = 0.0
+        if sched == "ar" or sched not in warmed:  # compile (the sampler's canvas has one length for every task)
+            t0 = time.perf_counter()
+            run()
+            first = time.perf_counter() - t0
+            warmed.add(sched)
         t0 = time.perf_counter()
         toks, calls = run()
         wall = time.perf_counter() - t0
-        ok = [T.grade(e.prompt, T.decode(t)) for e, t in zip(ex, toks)]
+        outs = [T.decode(t) for t in toks]
+        ok = [T.grade(e.prompt, o) for e, o in zip(ex, outs)]
         return {"accuracy": float(np.mean(ok)), "calls": float(np.mean(calls)),
                 "tokens_per_call": float(np.mean([min(len(T.encode(e.answer)) + 1, T.GEN_LEN) / c
                                                   for e, c in zip(ex, calls)])),
-                "seconds": wall, "compile_s": max(first - wall, 0.0), "n": len(ex)}
+                "seconds": wall, "compile_s": max(first - wall, 0.0), "n": len(ex), "outputs": outs}
 
-    cells = [f"{t}/{s}" for t in cfg.tasks for s in cfg.schedules]
+    cells = [f"{t}/{s}" for s in cfg.schedules for t in cfg.tasks]
 
     def render(rec):
-        lines = ["| task | schedule | accuracy | calls/row | answer tokens/call | seconds |", "|---|---|---|---|---|---|"]
-        for c in rec["cells_order"]:
+        lines = ["Per task and schedule over the task's fixed held-out set: exact accuracy (the task's grader), "
+                 "mean model calls per row (one-per-step: one per window position, 24), answer tokens (+[EOS]) "
+                 "per call, wall seconds of the whole batch after compilation (a loaded, shared machine: "
+                 f"indicative only). Block length {cfg.block_length} and threshold {cfg.threshold} unless the "
+                 "schedule says otherwise (-b24: one block).", "",
+                 "| task | schedule | accuracy | calls/row | answer tokens/call | seconds |", "|---|---|---|---|---|---|"]
+        order = sorted(rec["cells_order"], key=lambda c: (T.TASKS.index(c.split("/")[0]), rec["cells_order"].index(c)))
+        for c in order:
             r = runner.result(rec, c)
             if r is not None:
                 t, s = c.split("/")
                 lines.append(f"| {t} | {s} | {r['accuracy']:.3f} | {r['calls']:.1f} | {r['tokens_per_call']:.2f} | "
                              f"{r['seconds']:.2f} |")
-        return lines
+        return goals(rec) + ["", "## All cells", ""] + lines
 
     def plot(rec, prefix):
         import matplotlib
@@ -153,21 +238,24 @@ def main(argv=None):
         by = {}
         for c in rec["cells_order"]:
             r = runner.result(rec, c)
-            if r is not None:
+            if r is not None and c.split("/")[0] in LIST_TASKS:
                 by.setdefault(c.split("/")[1], []).append((r["calls"], r["accuracy"]))
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         for s, pts in by.items():
             x, y = np.mean([p[0] for p in pts]), np.mean([p[1] for p in pts])
-            ax.scatter([x], [y])
-            ax.annotate(s, (x, y), fontsize=7)
-        ax.set_xlabel("model calls per row (mean over tasks)")
-        ax.set_ylabel("accuracy (mean over tasks)")
+            ax.scatter([x], [y], marker="s" if s == "ar" else "o")
+            ax.annotate(s, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("model calls per row (mean over the list tasks, log scale)")
+        ax.set_ylabel("exact accuracy (mean over the list tasks)")
+        ax.set_title("Masked-diffusion schedules: calls vs accuracy (list tasks, held-out)", fontsize=9)
         runner.stamp(fig, rec)
         fig.tight_layout()
         fig.savefig(prefix + "_calls_vs_accuracy.png", dpi=110)
         plt.close(fig)
 
     rec = runner.run_experiment("diffusion", cfg, cells, measure, opts=opts, markdown=render, plot=plot,
+                                identity=_identity(cfg),
                                 title="Masked-diffusion schedules vs one-token-per-step and the same-size AR model")
     print("\n".join(render(rec)))
 

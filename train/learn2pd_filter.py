@@ -7,7 +7,10 @@ argmax already equals the token one-per-step decoding finally put there. The fil
 per-position confidence features, ``--hidden`` units) is fitted with binary cross-entropy on the shared
 harness (`train.harness.fit`: AdamW, orbax checkpoints in ``--out``, resumable: start the same command
 again). The replayed examples are cached in ``<out>/replay.npz``. At the end ``<out>/filter.safetensors``
-(+ ``.json``) is the filter (`jaxdec.diffusion.learn2pd.load_filter`); ``--export PATH`` also writes it there.
+(+ ``.json``) is the filter (`jaxdec.diffusion.learn2pd.load_filter`); ``--export PATH`` also writes it there,
+and ``--ship learn2pd-diffusion-tasks`` writes it into the package as the shipped filter of the shipped model
+``diffusion-tasks`` (`jaxdec.diffusion.shipped`; needs ``--model diffusion-tasks``) with its provenance.
+``--model`` takes a task model folder or a shipped model name.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def replay_labels(logits_fn, aux, prompts, gen_len, mask_id: int, pad_id: int, e
 @dataclasses.dataclass(frozen=True)
 class FilterConfig(TrainConfig):
     out: str = "train/work/runs/learn2pd"
-    model: str = "train/work/runs/diffusion/model"  # the masked-diffusion task model folder
+    model: str = "diffusion-tasks"  # the masked-diffusion task model: a folder or a shipped model name
     tasks: str = "all"  # "all" or a comma list of jaxdec.diffusion.tasks.TASKS
     per_task: int = 200  # training prompts per task replayed
     heldout_per_task: int = 16  # held-out prompts per task replayed (evaluation)
@@ -85,9 +88,18 @@ class FilterConfig(TrainConfig):
     eval_every: int = 250
     save_every: int = 250
     export: str = ""  # also write the filter here (.safetensors)
+    ship: str = ""  # also write it into the package as this shipped filter (jaxdec.diffusion.shipped.FILTERS)
 
     def task_list(self) -> tuple:
         return parse_tasks(self.tasks)
+
+    def model_path(self) -> str:
+        """``--model`` as a folder (a shipped model name resolved)."""
+        from jaxdec.diffusion.shipped import resolve
+        try:
+            return resolve(self.model)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--model: {e}") from None
 
     def validate(self) -> None:
         super().validate()
@@ -97,9 +109,16 @@ class FilterConfig(TrainConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{n.replace('_', '-')} must be an integer >= 1, got {v!r}")
         from jaxdec.diffusion.model import objective_of
-        if objective_of(self.model) != "masked_diffusion":
+        if objective_of(self.model_path()) != "masked_diffusion":
             raise ConfigError(f"--model {self.model!r} must be a masked-diffusion task model folder (written by "
-                              f"python -m train.masked_diffusion), got objective {objective_of(self.model)!r}")
+                              f"python -m train.masked_diffusion) or shipped model name, got objective "
+                              f"{objective_of(self.model_path())!r}")
+        if self.ship:
+            from jaxdec.diffusion.shipped import FILTERS
+            if self.ship not in FILTERS or self.model != FILTERS[self.ship]:
+                raise ConfigError(f"--ship must be empty or a shipped filter name ({', '.join(FILTERS)}) with "
+                                  f"--model its shipped model ({', '.join(FILTERS.values())}), got --ship "
+                                  f"{self.ship!r} --model {self.model!r}")
 
 
 def bce_loss(params, frozen, batch, key):
@@ -119,7 +138,7 @@ def replay(cfg: FilterConfig, log=print):
         if str(z["fingerprint"]) == fingerprint(cfg):
             return (ArrayData({"features": z["tr_f"], "label": z["tr_y"]}),
                     ArrayData({"features": z["ho_f"], "label": z["ho_y"]}))
-    model, params, _ = load(cfg.model, require="masked_diffusion")
+    model, params, _ = load(cfg.model_path(), require="masked_diffusion")
     fn = logits_fn(model)
     names = cfg.task_list()
     out = []
@@ -138,7 +157,7 @@ def replay(cfg: FilterConfig, log=print):
 
 def fingerprint(cfg: FilterConfig) -> str:
     import hashlib
-    with open(os.path.join(cfg.model, "model.safetensors"), "rb") as f:  # the weights, not the file's date
+    with open(os.path.join(cfg.model_path(), "model.safetensors"), "rb") as f:  # the weights, not the file's date
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     return (f"learn2pd:{digest}:{','.join(cfg.task_list())}:{cfg.per_task}:{cfg.heldout_per_task}:{cfg.states}:"
             f"{cfg.data_seed}:{cfg.hidden}:f{L.NFEAT}")
@@ -161,6 +180,15 @@ def train(cfg: FilterConfig, stop_after=None, log=print, command: str = ""):
     if cfg.export:
         L.save_filter(cfg.export, res.params, meta)
         log(f"exported {cfg.export}")
+    if cfg.ship:
+        from jaxdec.diffusion import shipped
+        from train.medusa import git_commit
+        facts = {"command": command, "commit": git_commit(), "steps": cfg.steps, "batch_size": cfg.batch_size,
+                 "lr": cfg.lr, "tasks": list(cfg.task_list()), "data": f"extremely-greedy replay of {cfg.per_task} "
+                 f"training prompts per task (seed {cfg.data_seed}), {cfg.states} canvases each",
+                 "data_examples": len(tr), "train_fingerprint": fingerprint(cfg), "wall_s": round(res.wall_s, 1),
+                 "final_eval": final}
+        shipped.ship_filter(res.params, cfg.ship, facts, log=log)
     return res, path
 
 

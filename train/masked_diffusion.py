@@ -13,7 +13,11 @@ model with a tiny config over the task vocabulary (`jaxdec.diffusion.model`).
 
 Runs on `train.harness.fit` (AdamW, orbax checkpoints, resumable: start the same command again in the
 same ``--out``). At the end ``<out>/model`` is the model as a Hugging Face style folder (`jaxdec.load`,
-``jaxdec generate --model <out>/model --method diffusion``); ``--export DIR`` also copies it there.
+``jaxdec generate --model <out>/model --method diffusion``); ``--export DIR`` also copies it there, and
+``--ship NAME`` (``diffusion-tasks`` for ``--objective diffusion``, ``diffusion-tasks-ar`` for ``ar``) writes it
+into the package as that shipped model (`jaxdec.diffusion.shipped`) with its provenance (command, data,
+commit, fingerprint, held-out exact-match accuracy per task on ``--ship-heldout`` examples). The defaults are
+the shipped models' settings (``make diffusion-models``).
 """
 from __future__ import annotations
 
@@ -45,14 +49,16 @@ class MaskedDiffusionConfig(TrainConfig):
     heads: int = 4
     ffn: int = 384
     eps: float = 1e-3  # smallest mask ratio
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 2400
+    batch_size: int = 32
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
     eval_every: int = 250
     save_every: int = 250
     export: str = ""  # also copy the model folder here
+    ship: str = ""  # also write it into the package as this shipped model (jaxdec.diffusion.shipped.MODELS)
+    ship_heldout: int = 64  # held-out examples per task for the shipped model's accuracy record
 
     def task_list(self) -> tuple:
         return parse_tasks(self.tasks)
@@ -74,6 +80,14 @@ class MaskedDiffusionConfig(TrainConfig):
             raise ConfigError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})")
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"--eps must be in (0, 1), got {self.eps}")
+        if self.ship:
+            from jaxdec.diffusion.shipped import MODELS
+            if MODELS.get(self.ship) != OBJECTIVE_NAMES[self.objective]:
+                want = [n for n, o in MODELS.items() if o == OBJECTIVE_NAMES[self.objective]]
+                raise ConfigError(f"--ship must be empty or the shipped {self.objective} model name "
+                                  f"({', '.join(want)}), got {self.ship!r}")
+        if isinstance(self.ship_heldout, bool) or not isinstance(self.ship_heldout, int) or self.ship_heldout < 1:
+            raise ConfigError(f"--ship-heldout must be an integer >= 1, got {self.ship_heldout!r}")
 
 
 def parse_tasks(tasks: str) -> tuple:
@@ -154,7 +168,25 @@ def train(cfg: MaskedDiffusionConfig, stop_after=None, log=print, command: str =
             shutil.rmtree(cfg.export)
         shutil.copytree(folder, cfg.export)
         log(f"exported {cfg.export}")
+    if cfg.ship:
+        ship(cfg, folder, res, len(tr), command, log)
     return res, folder
+
+
+def ship(cfg: MaskedDiffusionConfig, folder: str, res, examples: int, command: str, log=print) -> str:
+    """Write the trained model ``folder`` into the package as shipped model ``cfg.ship`` with its
+    provenance (`jaxdec.diffusion.shipped.ship_model`)."""
+    from jaxdec.diffusion import shipped
+    from train.medusa import git_commit
+    acc = shipped.heldout_exact(folder, cfg.task_list(), cfg.ship_heldout)
+    log("held-out exact: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    facts = {"fingerprint": fingerprint(cfg), "command": command, "commit": git_commit(), "steps": cfg.steps,
+             "batch_size": cfg.batch_size, "lr": cfg.lr, "objective": cfg.objective, "tasks": list(cfg.task_list()),
+             "data_examples": examples, "data_tokens": examples * (T.PROMPT_LEN + T.GEN_LEN),
+             "data": f"jaxdec.diffusion.tasks.mixture(tasks, {cfg.per_task}, 'train', seed={cfg.data_seed})",
+             "tokens_seen": cfg.steps * cfg.batch_size * (T.PROMPT_LEN + T.GEN_LEN), "wall_s": round(res.wall_s, 1),
+             "final_eval": res.final_eval, "heldout_exact": acc, "heldout_per_task": cfg.ship_heldout}
+    return shipped.ship_model(folder, cfg.ship, facts, log=log)
 
 
 def main(argv=None):

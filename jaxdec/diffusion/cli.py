@@ -1,12 +1,16 @@
 """``jaxdec generate --method diffusion``: masked-diffusion task models through the spine's CLI.
 
-``jaxdec generate --model <task model folder> --method diffusion --sampler <name> [--steps N]
+``jaxdec generate --model <task model folder or shipped name> --method diffusion --sampler <name> [--steps N]
 [--block-length B] [--threshold T] [--learn2pd-filter PATH] [--diffusion-temperature T --seed S]
 --max-new-tokens G --prompt "copy : Ada Lovelace , Alan Turing =>"``
 decodes a generation window of G positions (``--max-new-tokens``) with one of
 `jaxdec.diffusion.samplers.SAMPLERS`. JSONL rows are the spine's (``prompt_ids``, ``tokens`` up to and
 including the first [EOS], ``text``, ``finish_reason`` "eos" or "length", ``stats``); ``stats`` adds
 the row's ``model_calls``, ``committed_per_call`` and ``tokens_per_call`` and the ``sampler``.
+
+Shipped models by name (`jaxdec.diffusion.shipped`): ``--model diffusion-tasks`` (``--sampler learn2pd`` then
+uses its shipped filter unless ``--learn2pd-filter`` is given) and ``--model diffusion-tasks-ar`` (``--method
+greedy``).
 
 Refused before the model loads: a model that is not a masked-diffusion task model (an autoregressive
 LM such as the default SmolLM2, or the autoregressive task model), ``--block-length`` not dividing the
@@ -43,7 +47,8 @@ def add_diffusion_args(g):
     s.add_argument("--dllm-cache", default="none", choices=CACHES,
                    help="Fast-dLLM's prefix or dual key/value cache (needs --block-length)")
     s.add_argument("--learn2pd-filter", default=None, metavar="PATH",
-                   help="--sampler learn2pd: the filter (.safetensors) written by python -m train.learn2pd_filter; "
+                   help="--sampler learn2pd: the filter (.safetensors) written by python -m train.learn2pd_filter "
+                        "or a shipped filter name (default for --model diffusion-tasks: its shipped filter); "
                         "--threshold is the filter's ready probability")
     s.add_argument("--diffusion-temperature", type=float, default=0.0,
                    help="0 (default): greedy; > 0: every position's prediction sampled from softmax(logits / T), "
@@ -68,11 +73,15 @@ def validate_diffusion_args(args):
     check_float(args, "threshold", lambda v: 0 < v <= 1, "in (0, 1]")
     check_float(args, "factor", lambda v: v > 0, "a finite number > 0")
     check_float(args, "diffusion_temperature", lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
+    if args.command == "generate":
+        _resolve_shipped(args)
     if args.command == "generate" and args.method == "diffusion":
         if args.sampler == "freedave" and args.diffusion_temperature > 0:
             raise BadInput(f"--diffusion-temperature {args.diffusion_temperature} is refused by --sampler freedave "
                            f"(it reproduces greedy one-per-step decoding exactly): leave it at 0")
-        if args.sampler == "learn2pd" and args.learn2pd_filter is None:
+        if args.sampler == "learn2pd" and args.learn2pd_filter is None and args._shipped_filter is not None:
+            args._learn2pd_params = _load_shipped_filter(args._shipped_filter)
+        elif args.sampler == "learn2pd" and args.learn2pd_filter is None:
             raise BadInput("--sampler learn2pd needs --learn2pd-filter PATH (a filter written by python -m "
                            "train.learn2pd_filter)")
         if args.learn2pd_filter is not None and args.sampler != "learn2pd":
@@ -86,8 +95,31 @@ def validate_diffusion_args(args):
                            f"(--method {args.method} needs an autoregressive model)")
 
 
+def _resolve_shipped(args):
+    """A shipped task model name in ``--model`` -> its folder in the package (`jaxdec.diffusion.shipped`);
+    ``args._shipped_filter``: the shipped Learn2PD filter of that model (None for any other model)."""
+    from jaxdec.diffusion import shipped
+    args._shipped_filter = shipped.filter_for(args.model) if isinstance(args.model, str) else None
+    if args.model in shipped.MODELS:
+        try:
+            args.model = shipped.resolve(args.model)
+        except FileNotFoundError as e:
+            raise BadInput(f"--model: {e}") from None
+
+
+def _load_shipped_filter(name: str):
+    from jaxdec.diffusion import shipped
+    try:
+        return shipped.load_filter(name)
+    except (FileNotFoundError, ValueError) as e:  # missing, or HeadsMismatch (the model was retrained alone)
+        raise BadInput(f"--sampler learn2pd: the shipped filter {name!r} of --model cannot be used: {e}") from None
+
+
 def _load_filter(path: str):
+    from jaxdec.diffusion import shipped
     from jaxdec.diffusion.learn2pd import load_filter
+    if path in shipped.FILTERS:
+        return _load_shipped_filter(path)
     try:
         return load_filter(path)
     except FileNotFoundError:
