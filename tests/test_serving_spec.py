@@ -243,3 +243,24 @@ def test_default_model_spec_engine_equals_generate(model_q, chat_prompt_ids):
         pairs.append((f"request {i}", got[r].tokens, ref, LazyStepLogits(model, params, p, ref)))
     assert_sequences_match(pairs, max_dlogit=1e-4)
     assert eng.tau > 1.0, eng.stats()
+
+
+@pytest.mark.slow
+def test_shared_drafter_state_stays_and_rows_equal_generate(tiny):
+    """Token Recycling's matrix has no batch axis: the engine keeps the running one (found by shape), and greedy
+    rows are still exactly their greedy tokens."""
+    from jaxdec.speculative.drafters import TokenRecyclingDrafter
+    model, params = tiny
+    eng = Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP, speculative=TokenRecyclingDrafter())
+    leaves = jax.tree_util.tree_flatten_with_path(eng._state.method)[0]
+    axes = {jax.tree_util.keystr(p): ax for (p, _), ax in zip(leaves, eng._axes)}
+    assert axes[".draft.adj"] is None and axes[".hist"] == 0 and axes[".hist_len"] == 0, axes
+    work = [(p, n) for p, n, kw in _workload() if not kw and len(p) < C][:5]
+    ids = [eng.submit(p, max_new_tokens=n) for p, n in work]
+    got = eng.run_until_done()
+    pairs = []
+    for i, (r, (p, n)) in enumerate(zip(ids, work)):
+        ref = _alone(model, params, p, n)
+        pairs.append((f"request {i}", got[r].tokens, ref, LazyStepLogits(model, params, p, ref)))
+    assert_sequences_match(pairs, max_dlogit=1e-4)
+    assert eng.tau > 1.0, eng.stats()
