@@ -819,26 +819,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
-# model-free drafters the decode-slot engine runs (`jaxdec serve` / `serve-bench --drafter`), built with their
-# `jaxdec generate --method speculative --drafter` defaults
-SERVE_DRAFTERS = ("pld", "iad", "recycling", "aded", "stand")
+# speculative decoding for `jaxdec serve` / `serve-bench --drafter NAME`: the speculative family registers the
+# drafter names and a builder (`register_serve_drafters`, from jaxdec.speculative.cli), so this module does not
+# import that family (the family imports this one to register its methods)
+SERVE_DRAFTERS: dict = {"names": (), "build": None}
+
+
+def register_serve_drafters(names, build) -> None:
+    """``names``: model-free drafters the decode-slot engine can run; ``build(name, sampling, model_path)`` -> the
+    engine's `SpeculativeDecoder` (sampling: the speculative-sampling verifier, else greedy verification)."""
+    SERVE_DRAFTERS.update(names=tuple(names), build=build)
 
 
 def _add_serve_drafter(p, how: str) -> None:
-    p.add_argument("--drafter", default=None, choices=SERVE_DRAFTERS,
+    p.add_argument("--drafter", default=None, choices=SERVE_DRAFTERS["names"] or None,
                    help=f"speculative decoding over the decode slots with this model-free drafter ({how}; "
                         "default: one token per step)")
 
 
 def _serve_decoder(args, sampling: bool):
-    """The engine's `SpeculativeDecoder` for ``--drafter`` (None without it), through the speculative CLI's
-    `build` with its drafter flags at their defaults (model-free drafters: built before the model loads)."""
+    """The engine's speculative decoder for ``--drafter`` (None without it), built by the registered builder
+    before the model loads."""
     if args.drafter is None:
         return None
-    from jaxdec.speculative import cli as spec_cli
-    ns = argparse.Namespace(**spec_cli._DEFAULTS)
-    ns.drafter, ns.spec_sampling, ns.model = args.drafter, sampling, args.model
-    return spec_cli.build(ns, None, None)[0]
+    if SERVE_DRAFTERS["build"] is None:
+        raise BadInput("--drafter: the speculative family (jaxdec.speculative) is not installed")
+    return SERVE_DRAFTERS["build"](args.drafter, sampling, args.model)
 
 
 def cmd_serve(args) -> int:

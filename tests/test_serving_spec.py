@@ -1,5 +1,5 @@
 """Speculative decoding over the decode slots (issue #20: "works with plain and speculative decoding, rows accept
-different numbers of tokens"): ``Engine(..., speculative=<drafter or SpeculativeDecoder>)``.
+different numbers of tokens"): ``Engine(..., speculative=SpeculativeDecoder(...))``.
 
 On the tiny random-weight Llama (tests/scripts/tiny_llama.py: greedy text partly repeats, so prompt lookup has
 drafts to accept):
@@ -93,7 +93,7 @@ def runs(tiny):
     model, params = tiny
     work = _workload()
     eng = Engine(model, params, slots=SLOTS, cache_size=CACHE, capacity=CAP, prefill_chunk_tokens=C,
-                 speculative=DRAFTER)
+                 speculative=SpeculativeDecoder(DRAFTER, verifier="sampling"))
     eng.warmup([len(p) for p, _, _ in work])
     before = tuple(_count(k) for k in ("init:", "init_continue:", "engine_insert:"))
     res = _replay(eng, work, check_hist=True)
@@ -184,11 +184,13 @@ def test_own_stop_id_inside_an_accepted_block_truncates_there(tiny, runs):
 
 def test_bad_input_names_the_argument(tiny, runs):
     model, params = tiny
-    with pytest.raises(ValueError, match="speculative: expected a drafter or a SpeculativeDecoder"):
+    with pytest.raises(ValueError, match="speculative: expected a SpeculativeDecoder .*got object"):
         Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP, speculative=object())
+    with pytest.raises(ValueError, match="got a drafter: wrap it as SpeculativeDecoder"):
+        Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP, speculative=DRAFTER)
     with pytest.raises(ValueError, match="prefill_chunk_tokens: drafter LayerSkipDrafter runs a model"):
         Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP, prefill_chunk_tokens=C,
-               speculative=LayerSkipDrafter((1,), 3))
+               speculative=SpeculativeDecoder(LayerSkipDrafter((1,), 3), verifier="sampling"))
     eng = runs["eng"]
     p = tiny_prompts(1)[0]
     with pytest.raises(RequestError, match="^constraint: not supported by a speculative engine"):
@@ -227,7 +229,8 @@ def test_cli_drafter_flag(cmd, capsys, monkeypatch):
 def test_default_model_spec_engine_equals_generate(model_q, chat_prompt_ids):
     model, params = model_q
     cache, cap = 384, 32
-    eng = Engine(model, params, slots=4, cache_size=cache, capacity=cap, speculative=PromptLookupDrafter(8))
+    eng = Engine(model, params, slots=4, cache_size=cache, capacity=cap,
+                 speculative=SpeculativeDecoder(PromptLookupDrafter(8), verifier="sampling"))
     ps = chat_prompt_ids
     prompts = [ps[i] + ps[i][1:] for i in range(6)] + [ps[6], ps[7]]  # mostly copy-heavy (repeated prompts)
     news = [32, 9, 24, 32, 17, 32, 5, 28]
@@ -251,7 +254,8 @@ def test_shared_drafter_state_stays_and_rows_equal_generate(tiny):
     rows are still exactly their greedy tokens."""
     from jaxdec.speculative.drafters import TokenRecyclingDrafter
     model, params = tiny
-    eng = Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP, speculative=TokenRecyclingDrafter())
+    eng = Engine(model, params, slots=2, cache_size=CACHE, capacity=CAP,
+                 speculative=SpeculativeDecoder(TokenRecyclingDrafter(), verifier="sampling"))
     leaves = jax.tree_util.tree_flatten_with_path(eng._state.method)[0]
     axes = {jax.tree_util.keystr(p): ax for (p, _), ax in zip(leaves, eng._axes)}
     assert axes[".draft.adj"] is None and axes[".hist"] == 0 and axes[".hist_len"] == 0, axes

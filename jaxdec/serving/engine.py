@@ -34,13 +34,13 @@ Speculative decoding over the slots (``speculative=``): every step drafts, verif
 emits a block per row; rows accept different numbers of tokens, and the host reads each row's new tokens (a
 request's own stop id inside an accepted block ends it there).
 
-    eng = Engine(model, params, slots=4, speculative=PromptLookupDrafter())       # a drafter: sampling verifier
-    eng = Engine(model, params, slots=4, speculative=methods.prompt_lookup())     # or a SpeculativeDecoder
+    eng = Engine(model, params, slots=4, speculative=methods.prompt_lookup(sampling=True))  # sampling verifier
+    eng = Engine(model, params, slots=4, speculative=SpeculativeDecoder(PromptLookupDrafter(), verifier="sampling"))
 
-A drafter is verified by `SpeculativeDecoder(drafter, verifier="sampling")`: temperature-0 requests get exactly
-their greedy tokens, sampled ones exactly what ``generate(decoder=that decoder, seed=...)`` of the request alone
-gives (lossless speculative sampling, per-row parameters). A `SpeculativeDecoder` is used as given; with
-``verifier="greedy"`` (cheaper: no softmax over the block) requests with ``temperature > 0`` are refused. The
+With ``verifier="sampling"`` temperature-0 requests get exactly their greedy tokens, sampled ones exactly what
+``generate(decoder=that decoder, seed=...)`` of the request alone gives (lossless speculative sampling, per-row
+parameters); with ``verifier="greedy"`` (cheaper: no softmax over the block) requests with ``temperature > 0``
+are refused. A bare drafter is refused with the wrapping to use. The
 drafter's method state is inserted per row: the context history (``SpecState.hist``) is fitted to the engine's
 width (``cache_size``), leaves with a batch axis (found by comparing the state's shapes at two batch sizes, any
 axis) replace the slot's row, and leaves without one are shared by the slots (Token Recycling's matrix, n-gram
@@ -208,9 +208,9 @@ class Engine:
     a request may ask for (the output buffer's width). ``prefill_chunk`` as in `generate` (pieces of one prefill
     call). ``prefill_chunk_tokens``: at most this many padded prompt tokens prefilled per engine iteration, longer
     prompts in pieces across decode steps (see the module doc; None: a whole admission between two steps).
-    ``prefill_budget``: padded prompt tokens of one batched admission. ``speculative``: a drafter (verified by
-    speculative sampling, every request supported) or a `SpeculativeDecoder` to decode the slots with (see the
-    module doc); None: one token per step."""
+    ``prefill_budget``: padded prompt tokens of one batched admission. ``speculative``: a `SpeculativeDecoder` to
+    decode the slots with (its sampling verifier serves every request; see the module doc); None: one token per
+    step."""
 
     def __init__(self, model, params, *, slots: int = 4, cache_size: int = 1024, capacity: int = 256,
                  prefill_chunk: Optional[int] = 512, keep_results: bool = True, ignore_eos: bool = False,
@@ -267,14 +267,15 @@ class Engine:
 
     @staticmethod
     def _spec_decoder(spec):
-        from jaxdec.speculative.engine import SpeculativeDecoder
-        if not isinstance(spec, SpeculativeDecoder):
+        # a speculative decoder (`jaxdec.speculative.engine.SpeculativeDecoder`: its drafter and verifier), known by
+        # its fields: serving does not import the speculative family (whose CLI imports the one serving is under)
+        if not (hasattr(spec, "drafter") and getattr(spec, "verifier", None) in ("greedy", "sampling")):
             try:
                 check_drafter(spec)
-            except TypeError as e:
-                raise ValueError(f"speculative: expected a drafter or a SpeculativeDecoder, got "
-                                 f"{type(spec).__name__} ({e})") from None
-            spec = SpeculativeDecoder(spec, verifier="sampling")
+                what = "a drafter: wrap it as SpeculativeDecoder(drafter, verifier='sampling')"
+            except TypeError:
+                what = type(spec).__name__
+            raise ValueError(f"speculative: expected a SpeculativeDecoder (jaxdec.speculative.engine), got {what}")
         if hook(spec.drafter, "own_params"):
             raise ValueError(f"speculative: drafter {type(spec.drafter).__name__} has its own weights (params "
                              "bundle); the engine runs drafters on the target's params only")

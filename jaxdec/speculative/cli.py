@@ -288,6 +288,19 @@ def apply_verify_buckets(args, decoder):
         raise ValueError(f"--verify-buckets: {e}") from None
 
 
+# model-free drafters the serving engine runs (`jaxdec serve` / `serve-bench --drafter`)
+SERVE_DRAFTERS = ("pld", "iad", "recycling", "aded", "stand")
+
+
+def build_serve_decoder(name: str, sampling: bool, model_path=None):
+    """The decode-slot engine's `SpeculativeDecoder` for a model-free drafter, with its ``jaxdec generate
+    --method speculative --drafter NAME`` defaults (``sampling``: the speculative-sampling verifier)."""
+    if name not in SERVE_DRAFTERS:
+        raise ValueError(f"--drafter for serving must be one of {SERVE_DRAFTERS}, got {name!r}")
+    ns = argparse.Namespace(**_DEFAULTS, drafter=name, spec_sampling=sampling, model=model_path)
+    return build(ns, None, None)[0]
+
+
 def build(args, model, params, model_path=None):
     """Returns (decoder, params to pass to generate), built with the named constructors of
     `jaxdec.speculative.methods` (with ``--verify-buckets`` applied). Raises ValueError on bad flags.
@@ -456,12 +469,13 @@ RAPID_PAPER = ("Chen et al. 2025, Long-Context Inference with Retrieval-Augmente
                "all (exact; --rapid-augment: the retrieval-augmented target, lossy)")
 
 try:  # register with the spine's CLI when it is importable
-    from jaxdec.cli import SAMPLING, register_method, register_papers
+    from jaxdec.cli import SAMPLING, register_method, register_papers, register_serve_drafters
     from jaxdec.speculative.methods import PAPERS as _PAPERS
 
     register_method("speculative", add_arguments, check=check_args, validate=validate_args,
-                    uses=("drafter", "spec_sampling", *_DEFAULTS, "verify_buckets", "min_new_tokens", "batch_size", "n", "seed", "stream",
-                          "forced_tokens", "mesh", *SAMPLING))(_handler)
+                    uses=("drafter", "spec_sampling", *_DEFAULTS, "verify_buckets", "min_new_tokens", "batch_size", "n",
+                          "seed", "stream", "forced_tokens", "mesh", *SAMPLING))(_handler)
+    register_serve_drafters(SERVE_DRAFTERS, build_serve_decoder)
     register_papers({"speculative": ("Leviathan et al. 2023; Chen et al. 2023 (speculative sampling)",
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
