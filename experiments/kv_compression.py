@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runner  # noqa: E402  (config -> results/NAME.{json,md}, resumable cells, load average, commit)
-from jaxdec.cache.kv import KVCache, bucket, rollback  # noqa: E402
+from jaxdec.cache.kv import KVCache, bucket, rollback, swap_heads_slots  # noqa: E402
 from jaxdec.cache.quantized import FP32, GEAR, KIVI, valid_mask  # noqa: E402
 from jaxdec.cache.sparse import DoubleSparsity, Mustafar, calibrate_channels, double_sparse_attend  # noqa: E402
 
@@ -101,9 +101,11 @@ def make_chunk_fn(model, method):
 
     def run(params, cache, tokens, positions, channels):
         del channels
-        kh, vh = jax.vmap(lambda k, v: method.compress(k, v, cache.lengths))(cache.k, cache.v)
-        out = model(params, tokens, positions, cache.replace(k=kh, v=vh))
-        committed = valid_mask(cache.lengths, cache.size)[None]
+        # compress works on one layer's [B,S,KVH,D]; the cache stores [L,B,KVH,S,D]
+        ks, vs = swap_heads_slots(cache.k), swap_heads_slots(cache.v)
+        kh, vh = jax.vmap(lambda k, v: method.compress(k, v, cache.lengths))(ks, vs)
+        out = model(params, tokens, positions, cache.replace(k=swap_heads_slots(kh), v=swap_heads_slots(vh)))
+        committed = jnp.swapaxes(valid_mask(cache.lengths, cache.size), 1, 2)[None]  # [1,B,1,S,1]
         new = out.cache
         return out.logits, new.replace(k=jnp.where(committed, cache.k, new.k),
                                        v=jnp.where(committed, cache.v, new.v))

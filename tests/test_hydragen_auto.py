@@ -25,7 +25,7 @@ from jaxdec.core.generate import prefix_groups, use_shared_prefix
 from jaxdec.models.llama import LlamaModel
 from jaxdec.search.common import expand_cache, reorder_cache
 
-L, KVH, D = 2, 1, 3
+L, KVH, D = 2, 2, 3  # the NumPy model below is slot-major [L,B,S,KVH,D]; KVCache buffers are head-major
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,8 +54,8 @@ def _make(b, g, p_cap, plen, s, suf, seed):
     for gi in range(g):  # prefix slots past prefix_len are garbage and must never show
         pk[:, gi, plen[gi]:] = np.nan
         pv[:, gi, plen[gi]:] = np.nan
-    cache = KVCache(jnp.asarray(sk), jnp.asarray(sv), jnp.asarray(lengths), jnp.asarray(pk), jnp.asarray(pv),
-                    jnp.asarray(plen, jnp.int32))
+    cache = KVCache(jnp.asarray(sk.swapaxes(2, 3)), jnp.asarray(sv.swapaxes(2, 3)), jnp.asarray(lengths),
+                    jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(plen, jnp.int32))
     kk = np.zeros((L, b, p_cap + s, KVH, D), np.float32)
     vv = np.zeros_like(kk)
     for r in range(b):
@@ -68,7 +68,7 @@ def _make(b, g, p_cap, plen, s, suf, seed):
 def _visible_equal(cache, kk, vv, lengths):
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
     plain = to_plain(cache)
-    pk, pv = np.asarray(plain.k), np.asarray(plain.v)
+    pk, pv = np.asarray(plain.k).swapaxes(2, 3), np.asarray(plain.v).swapaxes(2, 3)
     for r, n in enumerate(lengths):
         np.testing.assert_array_equal(pk[:, r, :n], kk[:, r, :n])
         np.testing.assert_array_equal(pv[:, r, :n], vv[:, r, :n])

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.attention.hydragen import hydragen_attend, split_shared_prefix
+from jaxdec.cache.kv import swap_heads_slots
 
 
 def _close(out, ref):
@@ -311,7 +312,7 @@ def test_attn_fn_hook_equals_default_and_scans_extra():
     _close(one.cache.k, out.cache.k)
     q, k = one.qk
     assert q.shape == (2, 2, 7, 6, 8) and k.shape == (2, 2, 7, 2, 8)
-    np.testing.assert_array_equal(np.asarray(k), np.asarray(one.cache.k[:, :, :7]))
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(swap_heads_slots(one.cache.k)[:, :, :7]))
     # layer 1 scaled by 0.5: layer 0 keys unchanged, layer 1 keys (from a changed residual) differ
     half = model(params, toks, pos, cache, attn_fn=scaled, attn_extra=jnp.asarray([1.0, 0.5]))
     np.testing.assert_array_equal(np.asarray(half.cache.k[0]), np.asarray(out.cache.k[0]))
@@ -353,7 +354,7 @@ def test_hydragen_sampling_n_rows_same_tokens_as_plain():
         cache, last = o.cache, o.logits[:, 0]
     # Hydragen: prefill once, decode the n rows against one shared prefix
     last, suffix, _ = prefill(model, params, prompts, lens, with_prefix_buffer(model.init_cache(n, steps), 16))
-    assert suffix.prefix_k.shape == (2, 1, 16, 2, 8) and suffix.k.shape == (2, n, steps, 2, 8)
+    assert suffix.prefix_k.shape == (2, 1, 16, 2, 8) and suffix.k.shape == (2, n, 2, steps, 8)
     for i in range(steps):
         _close(last, plain_logits[i])
         tok = jax.random.categorical(jax.random.fold_in(key, i), last, axis=-1).astype(jnp.int32)

@@ -7,6 +7,8 @@ past every row's length never reaches the output.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,59 @@ def test_blockwise_equals_reference_with_nan_past_lengths(case_i, layout):
     bw_nan, _ = run_both(plant_nan(case), window, kc, layout)
     assert np.isfinite(np.asarray(bw_nan)).all(), "NaN past a row's length reached the output"
     assert_close(bw_nan, ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case_i", range(len(CASES)))
+def test_blockwise_head_major_cache(case_i, layout):
+    """A head-major cache (`cache_layout="bksd"`, how KVCache stores it), whole or stacked and read at a layer:
+    equal to the reference; with the "head" loop it is the very program of the slot-major cache (bitwise). A
+    slot-major cache passed as head-major is read wrong (negative control)."""
+    b, t, h, kvh, s, lengths, tree, window, cm, kc = CASES[case_i]
+    case = make_case(case_i, b=b, t=t, h=h, kvh=kvh, d=16, s=s, lengths=lengths, tree=tree, cache_mask=cm)
+    args = {k: (None if v is None else jnp.asarray(v)) for k, v in case.items()}
+    ref = attend(**args, sliding_window=window)
+    run = jax.jit(lambda a, cl, layer=None: blockwise_attend(**a, sliding_window=window, key_chunk=kc, layout=layout,
+                                                             cache_layout=cl, layer=layer), static_argnums=1)
+    slot_major = run(args, "bskd")
+    head = {**args, "k_cache": jnp.swapaxes(args["k_cache"], 1, 2), "v_cache": jnp.swapaxes(args["v_cache"], 1, 2)}
+    out = run(head, "bksd")
+    assert_close(out, ref)
+    if layout == "head":
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(slot_major))
+    stacked = {**head, "k_cache": jnp.stack([head["k_cache"] * 0.5, head["k_cache"]]),
+               "v_cache": jnp.stack([head["v_cache"] * 0.5, head["v_cache"]])}
+    np.testing.assert_array_equal(np.asarray(run(stacked, "bksd", 1)), np.asarray(out))
+    if kvh > 1 and max(lengths) > 0:
+        wrong = run({**args, "k_cache": args["k_cache"].reshape(head["k_cache"].shape),
+                     "v_cache": args["v_cache"].reshape(head["v_cache"].shape)}, "bksd")
+        assert not np.allclose(np.asarray(wrong), np.asarray(ref), atol=1e-3)
+
+
+def test_head_major_cache_chunks_are_not_transposed():
+    """The point of the head-major cache: a decode step's attention reads each chunk of keys/values in place.
+    The compiled program of a stacked head-major read holds no transpose of a chunk; the slot-major read of
+    the same values (negative control) transposes one for the dots."""
+    b, kvh, s, d, h = 2, 3, 64, 16, 9
+    rng = np.random.default_rng(0)
+    kc = jnp.asarray(rng.normal(size=(2, b, s, kvh, d)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    kn = jnp.asarray(rng.normal(size=(b, 1, kvh, d)), jnp.float32)
+    lens = jnp.asarray([40, 64], jnp.int32)
+
+    def hlo(cache, cl):
+        f = jax.jit(lambda c, i: blockwise_attend(q, c, c, lens, kn, kn, causal_block_mask(b, 1), lens[:, None],
+                                                  layer=i, cache_layout=cl))
+        return f.lower(cache, 1).compile().as_text()
+
+    chunk = rf"f32\[{b},{kvh},{s},{d}\]"
+    transposes = lambda text: re.findall(rf"= {chunk}\S* (?:transpose\(|fusion\([^\n]*calls=%fused_transpose|"  # noqa: E731
+                                         rf"fusion\([^\n]*calls=%[\w.]*transpose)", text)
+    named = lambda text: re.findall(rf"%\S*transpose\S* = {chunk}", text)  # noqa: E731
+    old = hlo(kc, "bskd")
+    new = hlo(jnp.swapaxes(kc, 2, 3), "bksd")
+    assert named(old) or transposes(old), "negative control: the slot-major read should transpose a chunk"
+    assert not named(new) and not transposes(new)
 
 
 def test_blockwise_random_ragged():

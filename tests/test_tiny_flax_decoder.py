@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxdec.attention.reference import attend, causal_block_mask
 from jaxdec.cache import KVCache, append
+from jaxdec.cache.kv import swap_heads_slots
 from jaxdec.core.generate import generate, score
 from jaxdec.models.interface import ModelOutput
 
@@ -60,8 +61,9 @@ class TinyFlaxDecoder:
                  return_layer_hidden=False, *, embeds=None):
         b, t = positions.shape
         mask = causal_block_mask(b, t) if mask is None else mask
-        logits, h, k, v = TinyLM().apply(params, tokens, positions, cache.k[0], cache.v[0], cache.lengths, mask,
-                                         embeds=embeds)
+        # KVCache buffers are head-major [L,B,KVH,S,D]; this module's attention reads [B,S,KVH,D]
+        kc, vc = swap_heads_slots(cache.k)[0], swap_heads_slots(cache.v)[0]
+        logits, h, k, v = TinyLM().apply(params, tokens, positions, kc, vc, cache.lengths, mask, embeds=embeds)
         cache = append(cache, k[None], v[None])
         if logits_at is not None:
             logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
@@ -72,7 +74,8 @@ def _params():
     m = TinyFlaxDecoder()
     c = m.init_cache(1, 4)
     z = jnp.zeros((1, 4), jnp.int32)
-    return TinyLM().init(jax.random.PRNGKey(0), z, z, c.k[0], c.v[0], c.lengths, causal_block_mask(1, 4))
+    return TinyLM().init(jax.random.PRNGKey(0), z, z, swap_heads_slots(c.k)[0], swap_heads_slots(c.v)[0], c.lengths,
+                         causal_block_mask(1, 4))
 
 
 def _naive_greedy(model, params, prompt, n, width=32):

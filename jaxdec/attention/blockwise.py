@@ -19,6 +19,10 @@ How it differs from `attend`:
   data past a row's length (after a rollback, or never written) cannot reach the output. No masked
   copy of the whole cache is made.
 
+``cache_layout="bksd"`` takes head-major caches (``[B,KVH,S,D]``, stacked ``[L,B,KVH,S,D]``): how the model's
+`jaxdec.cache.kv.KVCache` stores them, so each chunk is read in place in the order the dots want (the default
+"bskd" is `attend`'s layout).
+
 The loop has a traced bound, so the function is forward-only (no reverse-mode derivative); code that
 differentiates through attention uses ``attend`` (the model's ``attention_impl="reference"``).
 
@@ -45,12 +49,14 @@ import jax.numpy as jnp
 from jaxdec.attention.reference import NEG
 
 KEY_CHUNK = 512  # cache slots read per loop trip
-# layout of the cache loop's scores and state: "token" ([B,T,KVH,G,C], the landed default) or "head"
-# ([B,KVH,T*G,C]: the dot's natural order, no transpose per chunk; measured 2.2-3x faster for a 512-token
-# prefill chunk over 3584 cached keys, experiments/results/long_attention_levers_t512.md). Both are tested
-# against the reference; "head" becomes the default once the golden outputs have been rerun with it.
-CACHE_LAYOUT = "token"
+# layout of the cache loop's scores and state: "head" ([B,KVH,T*G,C]: the dots' natural order; with the model's
+# head-major cache no transposing copy is made per chunk: experiments/results/perf_notes.md section 6) or "token"
+# ([B,T,KVH,G,C], the default until session 13). Both are tested against the reference; the golden outputs are
+# the same with either (tests/test_golden.py, full tier, session 13).
+CACHE_LAYOUT = "head"
 LAYOUTS = ("token", "head")
+# layout of the cache buffer itself: "bskd" ([B,S,KVH,D]) or "bksd" (head-major [B,KVH,S,D], what KVCache stores)
+CACHE_LAYOUTS = ("bskd", "bksd")
 
 __all__ = ["blockwise_attend", "block_partial", "cache_partial", "finish", "chunk_range", "KEY_CHUNK"]
 
@@ -85,7 +91,8 @@ def chunk_range(lengths, size: int, c: int, q_pos=None, sliding_window=None, kpo
 
 
 def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0, sliding_window=None,
-                  cache_mask=None, key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None):
+                  cache_mask=None, key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None,
+                  cache_layout: str = "bskd"):
     """Fold the committed entries of a ragged cache ``k_cache/v_cache [B,S,KVH,D]`` (or a stacked
     ``[L,B,S,KVH,D]`` read at ``layer``) into the online-softmax state ``carry = (m, l, o)`` of queries
     ``qg [B,T,KVH,G,D]`` (float32, scaled). Row b holds ``lengths[b]`` entries; slot j sits at position
@@ -93,9 +100,14 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
     slots are read by a loop over `chunk_range` (trip count from the lengths, not the buffer);
     ``cache_mask [B,T,S]`` optionally narrows the visible slots. Slots past a row's length never reach
     the state (scores and values are selected, never multiplied by 0). ``layout``: see `CACHE_LAYOUT`
-    (None: that default)."""
+    (None: that default). ``cache_layout``: "bskd" (``[B,S,KVH,D]``, stacked ``[L,B,S,KVH,D]``) or "bksd"
+    (head-major ``[B,KVH,S,D]`` / ``[L,B,KVH,S,D]``, the layout of `jaxdec.cache.kv.KVCache`: each chunk is
+    read as the dots want it, no transposing copy)."""
     b, t, kvh, g, d = qg.shape
-    s = k_cache.shape[-3]
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout must be one of {CACHE_LAYOUTS}, got {cache_layout!r}")
+    heads_major = cache_layout == "bksd"
+    s = k_cache.shape[-2] if heads_major else k_cache.shape[-3]
     if s == 0:
         return carry
     layout = CACHE_LAYOUT if layout is None else layout
@@ -103,7 +115,7 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "head":
         return _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset, sliding_window,
-                                   cache_mask, key_chunk, layer)
+                                   cache_mask, key_chunk, layer, heads_major)
     f32 = jnp.float32
     lengths = jnp.asarray(lengths, jnp.int32)
     c = min(int(key_chunk), s)
@@ -114,18 +126,11 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
         off = jnp.asarray(kpos_offset, jnp.int32)
         off = off.reshape(-1, 1, 1) if off.ndim else off
 
-    def read(buf, start):
-        if layer is None:
-            return jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1).astype(f32)  # [B,C,KVH,D]
-        z = jnp.zeros((), jnp.int32)
-        return jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z),
-                                     (1, b, c, kvh, d))[0].astype(f32)
-
     def body(i, carry):
         m, l, o = carry
         lo = i * c
         start = jnp.minimum(lo, s - c)  # the last chunk may overlap the one before: skip the overlap
-        kc, vc = read(k_cache, start), read(v_cache, start)  # [B,C,KVH,D]
+        kc, vc = _read_chunk(k_cache, start, c, layer, heads_major), _read_chunk(v_cache, start, c, layer, heads_major)
         kpos = start + ar  # [C] slot index
         slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
         vis = jnp.broadcast_to(slot_ok[:, None, :], (b, t, c))
@@ -134,14 +139,15 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
         if sliding_window is not None:
             vis = vis & (q_pos[:, :, None] - (off + kpos[None, None, :]) < sliding_window)
         vis5 = vis[:, :, None, None, :]
-        sc = jnp.einsum("btkgd,bckd->btkgc", qg, kc)
+        sc = jnp.einsum("btkgd,bkcd->btkgc" if heads_major else "btkgd,bckd->btkgc", qg, kc)
         sc = jnp.where(vis5, sc, NEG)
         m_new = jnp.maximum(m, sc.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(vis5, jnp.exp(sc - m_new[..., None]), 0.0)
-        vc = jnp.where(slot_ok[:, :, None, None], vc, 0.0)  # select: 0 * NaN would be NaN
+        ok_v = slot_ok[:, None, :, None] if heads_major else slot_ok[:, :, None, None]
+        vc = jnp.where(ok_v, vc, 0.0)  # select: 0 * NaN would be NaN
         l = l * alpha + p.sum(-1)
-        o = o * alpha[..., None] + jnp.einsum("btkgc,bckd->btkgd", p, vc)
+        o = o * alpha[..., None] + jnp.einsum("btkgc,bkcd->btkgd" if heads_major else "btkgc,bckd->btkgd", p, vc)
         return m_new, l, o
 
     if n_max == 1:  # the whole cache is one chunk: no loop (a short decode costs what it did)
@@ -151,11 +157,12 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
 
 
 def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset, sliding_window, cache_mask,
-                        key_chunk, layer):
-    """`cache_partial` in head-major layout: queries ``[B,KVH,T*G,D]``, each chunk's keys/values swapped to
-    ``[B,KVH,C,D]``, scores and state in the dot's natural order (row n = t*G + g)."""
+                        key_chunk, layer, heads_major):
+    """`cache_partial` in head-major layout: queries ``[B,KVH,T*G,D]``, each chunk's keys/values as
+    ``[B,KVH,C,D]`` (swapped unless the cache is head-major), scores and state in the dot's natural order (row
+    n = t*G + g)."""
     b, t, kvh, g, d = qg.shape
-    s = k_cache.shape[-3]
+    s = k_cache.shape[-2] if heads_major else k_cache.shape[-3]
     n_rows = t * g
     f32 = jnp.float32
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -171,13 +178,9 @@ def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset
         off = off.reshape(-1, 1, 1) if off.ndim else off
         qpos_rows = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)[:, None, :, None] - off[..., None]  # [B,1,N,1]
 
-    def read(buf, start):
-        if layer is None:
-            x = jax.lax.dynamic_slice_in_dim(buf, start, c, axis=1)
-        else:
-            z = jnp.zeros((), jnp.int32)
-            x = jax.lax.dynamic_slice(buf, (jnp.asarray(layer, jnp.int32), z, start, z, z), (1, b, c, kvh, d))[0]
-        return x.astype(f32)  # [B,C,KVH,D]
+    def read(buf, start):  # -> [B,KVH,C,D]
+        x = _read_chunk(buf, start, c, layer, heads_major)
+        return x if heads_major else jnp.swapaxes(x, 1, 2)
 
     def body(i, st):
         m, l, o = st
@@ -192,12 +195,12 @@ def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset
             vis = vis & jnp.repeat(cm, g, axis=1)[:, None]  # [B,1,N,C]
         if sliding_window is not None:
             vis = vis & (qpos_rows - kpos[None, None, None, :] < sliding_window)
-        sc = jnp.einsum("bknd,bkcd->bknc", qh, jnp.swapaxes(kc, 1, 2))
+        sc = jnp.einsum("bknd,bkcd->bknc", qh, kc)
         sc = jnp.where(vis, sc, NEG)
         m_new = jnp.maximum(m, sc.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
-        vc = jnp.swapaxes(jnp.where(slot_ok[:, :, None, None], vc, 0.0), 1, 2)  # select: 0 * NaN would be NaN
+        vc = jnp.where(slot_ok[:, None, :, None], vc, 0.0)  # select: 0 * NaN would be NaN
         return m_new, l * alpha + p.sum(-1), o * alpha[..., None] + jnp.einsum("bknc,bkcd->bknd", p, vc)
 
     if n_max == 1:
@@ -209,6 +212,21 @@ def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset
     return tuple(back(x) for x in state)
 
 
+def _read_chunk(buf, start, c: int, layer, heads_major: bool):
+    """Slots ``start .. start + c - 1`` of a cache buffer as float32: ``[B,KVH,C,D]`` from a head-major buffer
+    (``[B,KVH,S,D]``, or ``[L,B,KVH,S,D]`` read at ``layer``), else ``[B,C,KVH,D]``. A slice of the buffer in
+    its own layout (no copy of the layer)."""
+    axis = 2 if heads_major else 1
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(buf, start, c, axis=axis).astype(jnp.float32)
+    z = jnp.zeros((), jnp.int32)
+    idx = [jnp.asarray(layer, jnp.int32), z, z, z, z]
+    idx[axis + 1] = start
+    size = list(buf.shape)
+    size[0], size[axis + 1] = 1, c
+    return jax.lax.dynamic_slice(buf, tuple(idx), tuple(size))[0].astype(jnp.float32)
+
+
 def finish(m, l, o):
     """Normalise an online-softmax state; a query that saw no key (``l == 0``) outputs zeros."""
     ok = (l > 0)[..., None]
@@ -217,16 +235,20 @@ def finish(m, l, o):
 
 def blockwise_attend(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, q_pos,
                      sliding_window: Optional[int] = None, scale: Optional[float] = None, cache_mask=None,
-                     key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None):
+                     key_chunk: int = KEY_CHUNK, layer=None, layout: Optional[str] = None,
+                     cache_layout: str = "bskd"):
     """See the module docstring. ``layer`` (a traced int): ``k_cache/v_cache`` are a model's whole
     stacked cache ``[L,B,S,KVH,D]`` and layer ``layer`` is read, chunk by chunk, straight from the stack
-    (no per-layer copy of the cache enters the loop). ``layout``: the cache loop's layout (`CACHE_LAYOUT`)."""
+    (no per-layer copy of the cache enters the loop). ``layout``: the cache loop's layout (`CACHE_LAYOUT`).
+    ``cache_layout``: "bskd" (the shapes above) or "bksd" (head-major ``[B,KVH,S,D]`` / ``[L,B,KVH,S,D]``, how
+    `jaxdec.cache.kv.KVCache` stores its buffers)."""
     b, t, h, d = q.shape
-    kvh = k_cache.shape[-2]
+    kvh = k_cache.shape[-3] if cache_layout == "bksd" else k_cache.shape[-2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, kvh, g, d) * scale
     carry = block_partial(qg, k_new, v_new, block_mask, q_pos, sliding_window)
     carry = cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, sliding_window=sliding_window,
-                          cache_mask=cache_mask, key_chunk=key_chunk, layer=layer, layout=layout)
+                          cache_mask=cache_mask, key_chunk=key_chunk, layer=layer, layout=layout,
+                          cache_layout=cache_layout)
     return finish(*carry).reshape(b, t, h, d).astype(q.dtype)

@@ -114,22 +114,24 @@ def prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_window=None
 
 
 def suffix_partial(q, suffix_k, suffix_v, suffix_lengths, prefix_len, k_new, v_new, block_mask,
-                   q_pos, sliding_window=None, scale=None, key_chunk: int = KEY_CHUNK, layer=None):
+                   q_pos, sliding_window=None, scale=None, key_chunk: int = KEY_CHUNK, layer=None,
+                   cache_layout: str = "bskd"):
     """Per-row part: each row's suffix cache plus the block's own keys.
 
     Suffix slot j of row b sits at position ``prefix_len + j`` (``prefix_len`` scalar or ``[B]``). Returns ``m, l [B,T,KVH,G]``,
     ``o [B,T,KVH,G,D]``. The suffix is read through `jaxdec.attention.blockwise.cache_partial` (chunks up
     to the longest suffix only); ``layer``: ``suffix_k/suffix_v`` are a stacked ``[L,B,S,KVH,D]`` cache
-    read at that layer.
+    read at that layer. ``cache_layout`` "bksd": the suffixes are head-major (``[B,KVH,S,D]`` /
+    ``[L,B,KVH,S,D]``, a `jaxdec.cache.kv.KVCache`'s buffers).
     """
     b, t, h, d = q.shape
-    kvh = suffix_k.shape[-2]
+    kvh = suffix_k.shape[-3] if cache_layout == "bksd" else suffix_k.shape[-2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, kvh, g, d) * scale
     carry = block_partial(qg, k_new, v_new, block_mask, q_pos, sliding_window)
     return cache_partial(qg, suffix_k, suffix_v, suffix_lengths, carry, q_pos, kpos_offset=prefix_len,
-                         sliding_window=sliding_window, key_chunk=key_chunk, layer=layer)
+                         sliding_window=sliding_window, key_chunk=key_chunk, layer=layer, cache_layout=cache_layout)
 
 
 def merge_partials(parts):
@@ -165,7 +167,7 @@ def grouped_prefix_partial(q, prefix_k, prefix_v, prefix_len, q_pos, sliding_win
 
 def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffix_lengths,
                     k_new, v_new, block_mask, q_pos, sliding_window: Optional[int] = None,
-                    scale: Optional[float] = None, layer=None):
+                    scale: Optional[float] = None, layer=None, cache_layout: str = "bskd"):
     """Shared-prefix attention; equals ``attend`` on the concatenated per-row caches.
 
     ``q [B,T,H,D]``; ``prefix_k/prefix_v [P,KVH,D]`` with ``prefix_len`` (scalar) valid entries shared
@@ -173,7 +175,8 @@ def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffi
     B/G, each sharing its group's prefix: several prompts with n rows each); ``suffix_k/suffix_v
     [B,S,KVH,D]`` with ``suffix_lengths [B]``; ``k_new/v_new [B,T,KVH,D]``; ``block_mask [B,T,T]``;
     ``q_pos [B,T]``. Returns ``[B,T,H,D]``. ``layer`` (traced int): the suffixes are a model's stacked
-    ``[L,B,S,KVH,D]`` cache, read at that layer chunk by chunk (no per-layer copy).
+    ``[L,B,S,KVH,D]`` cache, read at that layer chunk by chunk (no per-layer copy). ``cache_layout`` "bksd":
+    the suffixes are head-major, ``[B,KVH,S,D]`` / ``[L,B,KVH,S,D]`` (a `jaxdec.cache.kv.KVCache`'s buffers).
 
     Both parts follow the committed lengths (`jaxdec.attention.blockwise`): the prefix is read up to
     ``max(prefix_len)``, the suffixes up to the longest suffix, in chunks.
@@ -184,11 +187,11 @@ def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffi
         raise ValueError(f"prefix_k/prefix_v must both be [P,KVH,D] or [G,P,KVH,D], got {prefix_k.shape}, "
                          f"{prefix_v.shape}")
     sfx_shape = suffix_k.shape if layer is None else suffix_k.shape[1:]
+    want = "[B,KVH,S,D]" if cache_layout == "bksd" else "[B,S,KVH,D]"
     if len(sfx_shape) != 4 or suffix_k.shape != suffix_v.shape or sfx_shape[0] != b:
-        raise ValueError(f"suffix_k/suffix_v must both be [B,S,KVH,D], got {suffix_k.shape}, "
-                         f"{suffix_v.shape}")
+        raise ValueError(f"suffix_k/suffix_v must both be {want}, got {suffix_k.shape}, {suffix_v.shape}")
     kvh = prefix_k.shape[-2]
-    if sfx_shape[2] != kvh or h % kvh or prefix_k.shape[-1] != d:
+    if sfx_shape[1 if cache_layout == "bksd" else 2] != kvh or h % kvh or prefix_k.shape[-1] != d:
         raise ValueError(f"head layout mismatch: q {q.shape}, prefix {prefix_k.shape}, "
                          f"suffix {suffix_k.shape}")
     qf = q.astype(jnp.float32)
@@ -202,7 +205,7 @@ def hydragen_attend(q, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, suffi
         p1 = prefix_partial(qf, prefix_k, prefix_v, prefix_len, q_pos, sliding_window, scale)
         row_plen = prefix_len
     p2 = suffix_partial(qf, suffix_k, suffix_v, suffix_lengths, row_plen, k_new, v_new, block_mask, q_pos,
-                        sliding_window, scale, layer=layer)
+                        sliding_window, scale, layer=layer, cache_layout=cache_layout)
     out = merge_partials([p1, p2])
     return out.reshape(b, t, h, d).astype(q.dtype)
 

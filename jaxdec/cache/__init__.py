@@ -1,3 +1,3 @@
-from jaxdec.cache.kv import KVCache, append, rollback, gather_block, check_room, bucket
+from jaxdec.cache.kv import KVCache, append, rollback, gather_block, check_room, bucket, swap_heads_slots
 
-__all__ = ["KVCache", "append", "rollback", "gather_block", "check_room", "bucket"]
+__all__ = ["KVCache", "append", "rollback", "gather_block", "check_room", "bucket", "swap_heads_slots"]

@@ -1,8 +1,11 @@
 """Contiguous KV cache with per-row lengths (rows of a batch may be at different positions).
 
-Layout: ``k``/``v`` are ``[L, B, S, KVH, D]``; ``lengths[b]`` is how many committed tokens row ``b``
-holds. Position ``j`` of a row always holds the token at sequence position ``j`` (no left padding), so a
-row's RoPE positions equal its cache indices. Everything here is a pure function with static shapes.
+Layout: ``k``/``v`` are head-major ``[L, B, KVH, S, D]`` (the slot axis next to the head dimension, so
+attention reads a layer's chunk of keys/values as its dots want them, with no transposing copy);
+``lengths[b]`` is how many committed tokens row ``b`` holds. Blocks of new keys/values (`append`, a model's
+``kv`` output) are ``[L, B, T, KVH, D]``; `swap_heads_slots` turns a buffer into ``[L, B, S, KVH, D]`` and
+back (a copy). Position ``j`` of a row always holds the token at sequence position ``j`` (no left padding),
+so a row's RoPE positions equal its cache indices. Everything here is a pure function with static shapes.
 
 Shared-prefix mode (Hydragen). When rows continue the same prompt, the cache may hold that prompt
 ONCE: ``prefix_k/prefix_v [L, G, P, KVH, D]`` with ``prefix_len [G]`` (int32) valid entries, for G
@@ -38,8 +41,8 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, KVH, D]   (the per-row suffix in shared-prefix mode)
-    v: jax.Array  # [L, B, S, KVH, D]
+    k: jax.Array  # [L, B, KVH, S, D]   (the per-row suffix in shared-prefix mode)
+    v: jax.Array  # [L, B, KVH, S, D]
     lengths: jax.Array  # [B] int32, total committed length (prefix included)
     prefix_k: Optional[jax.Array] = None  # [L, G, P, KVH, D], group g shared by its B // G rows
     prefix_v: Optional[jax.Array] = None  # [L, G, P, KVH, D]
@@ -48,7 +51,7 @@ class KVCache:
     @property
     def size(self) -> int:
         """Slots per row in ``k``/``v`` (suffix slots in shared-prefix mode)."""
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -90,7 +93,7 @@ class KVCache:
     def create(cls, num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32, prefix_size: Optional[int] = None, prefix_groups: int = 1) -> "KVCache":
         """An empty cache; with ``prefix_size`` an empty shared-prefix cache (``size`` suffix slots)."""
-        shape = (num_layers, batch, size, num_kv_heads, head_dim)
+        shape = (num_layers, batch, num_kv_heads, size, head_dim)
         c = cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
         return c if prefix_size is None else with_prefix_buffer(c, prefix_size, prefix_groups)
 
@@ -105,7 +108,7 @@ def with_prefix_buffer(cache: KVCache, prefix_size: int, groups: int = 1) -> KVC
         raise ValueError("cache already has a shared prefix")
     if not isinstance(prefix_size, int) or prefix_size < 1:
         raise ValueError(f"prefix_size must be an integer >= 1, got {prefix_size!r}")
-    l, b, _, kvh, d = cache.k.shape
+    l, b, kvh, _, d = cache.k.shape
     if not isinstance(groups, int) or groups < 1 or b % groups:
         raise ValueError(f"groups must be an integer >= 1 dividing the batch ({b}), got {groups!r}")
     z = jnp.zeros((l, groups, prefix_size, kvh, d), cache.k.dtype)
@@ -126,18 +129,18 @@ def to_plain(cache: KVCache, size: Optional[int] = None) -> KVCache:
     """A shared-prefix cache -> the equivalent ordinary cache (prefix copied into every row)."""
     if cache.prefix_k is None:
         return cache
-    l, b, s, kvh, d = cache.k.shape
+    l, b, kvh, s, d = cache.k.shape
     size = cache.prefix_size + s if size is None else size
     plen = cache.row_prefix_len[:, None]  # [B,1]
     pos = jnp.arange(size)[None, :]
     rows = jnp.arange(b) // (b // cache.prefix_groups)
     pidx = jnp.clip(pos, 0, cache.prefix_size - 1)[0]
-    pk = jnp.take(cache.prefix_k, rows, axis=1)[:, :, pidx]  # [L,B,size,KVH,D]
-    pv = jnp.take(cache.prefix_v, rows, axis=1)[:, :, pidx]
+    pk = jnp.swapaxes(jnp.take(cache.prefix_k, rows, axis=1)[:, :, pidx], 2, 3)  # [L,B,KVH,size,D]
+    pv = jnp.swapaxes(jnp.take(cache.prefix_v, rows, axis=1)[:, :, pidx], 2, 3)
     sl = jnp.clip(pos - plen, 0, s - 1)  # [B,size]
-    sk = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=1), in_axes=(1, 0), out_axes=1)(cache.k, sl)
-    sv = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=1), in_axes=(1, 0), out_axes=1)(cache.v, sl)
-    sel = (pos < plen)[None, :, :, None, None]
+    sk = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=2), in_axes=(1, 0), out_axes=1)(cache.k, sl)
+    sv = jax.vmap(lambda buf, ix: jnp.take(buf, ix, axis=2), in_axes=(1, 0), out_axes=1)(cache.v, sl)
+    sel = (pos < plen)[None, :, None, :, None]
     return KVCache(jnp.where(sel, pk, sk), jnp.where(sel, pv, sv), cache.lengths)
 
 
@@ -147,22 +150,29 @@ def _row_cols(offsets: jax.Array, n: int):
 
 
 def read_rows(buf: jax.Array, offsets: jax.Array, n: int) -> jax.Array:
-    """``buf [L,B,S,...]`` -> ``[L,B,n,...]``: row b's slots ``offsets[b] .. offsets[b] + n - 1``
+    """A cache buffer ``[L,B,KVH,S,D]`` -> ``[L,B,n,KVH,D]``: row b's slots ``offsets[b] .. offsets[b] + n - 1``
     (indices past the end are clamped)."""
     rows, cols = _row_cols(offsets, n)
-    return buf.at[:, rows, cols].get(mode="clip")
+    return jnp.transpose(buf.at[:, rows, :, cols].get(mode="clip"), (2, 0, 1, 3, 4))  # from [B,n,L,KVH,D]
 
 
 def write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
-    """``buf [L,B,S,...]`` <- ``new [L,B,T,...]`` at per-row offsets along S; slots past the end are
-    dropped (callers check room first).
+    """A cache buffer ``[L,B,KVH,S,D]`` <- ``new [L,B,T,KVH,D]`` at per-row offsets along S; slots past the
+    end are dropped (callers check room first).
 
-    One scatter in the buffer's own layout. (A ``vmap`` of ``dynamic_update_slice`` over the batch
-    axis made XLA pick a batch-major layout for the loop-carried cache and transpose the whole cache
-    twice per decode step: 1.6x slower at batch 8.)
+    One scatter in the buffer's own layout (only the small block of new entries is reordered). (A ``vmap``
+    of ``dynamic_update_slice`` over the batch axis made XLA pick a batch-major layout for the loop-carried
+    cache and transpose the whole cache twice per decode step: 1.6x slower at batch 8.)
     """
     rows, cols = _row_cols(offsets, new.shape[2])
-    return buf.at[:, rows, cols].set(new.astype(buf.dtype), mode="drop")
+    upd = jnp.transpose(new.astype(buf.dtype), (1, 2, 0, 3, 4))  # [B,T,L,KVH,D]: the indexed axes first
+    return buf.at[:, rows, :, cols].set(upd, mode="drop")
+
+
+def swap_heads_slots(buf: jax.Array) -> jax.Array:
+    """A cache buffer ``[L,B,KVH,S,D]`` as ``[L,B,S,KVH,D]``, or back (a transposed copy: the shared-prefix
+    buffers, tests, and code that wants one position's keys of every head together)."""
+    return jnp.swapaxes(buf, 2, 3)
 
 
 def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array, advance=None) -> KVCache:
@@ -189,12 +199,13 @@ def gather_block(cache: KVCache, start: jax.Array, idx: jax.Array, n_keep: jax.A
     Indices past ``n_keep`` are ignored (their slots hold whatever they gathered).
     """
     s0 = cache.to_slot(jnp.asarray(start, jnp.int32))
-    size = cache.k.shape[2]
-    src = jnp.clip(s0[:, None] + idx, 0, size - 1)  # [B,P]
+    src = jnp.clip(s0[:, None] + idx, 0, cache.size - 1)  # [B,P]
     rows = jnp.arange(idx.shape[0])[:, None]
 
-    def one(buf):
-        return write_rows(buf, buf.at[:, rows, src].get(mode="clip"), s0)
+    def one(buf):  # gathered [B,P,L,KVH,D], written back in the same index order
+        got = buf.at[:, rows, :, src].get(mode="clip")
+        _, cols = _row_cols(s0, idx.shape[1])
+        return buf.at[:, rows, :, cols].set(got, mode="drop")
 
     return cache.replace(k=one(cache.k), v=one(cache.v), lengths=(start + n_keep).astype(jnp.int32))
 

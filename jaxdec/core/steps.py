@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec.cache.kv import KVCache, rollback, set_prefix
+from jaxdec.cache.kv import KVCache, rollback, set_prefix, swap_heads_slots
 from jaxdec.core.logits import MIN_NEW, step_context
 from jaxdec.core.state import DecodeState, STOP_STRING, emit
 
@@ -56,10 +56,10 @@ def prefill(model, params, prompts, prompt_lens, cache, chunk="model"):
             raise ValueError(f"prompt block ({p}) longer than the shared-prefix buffer ({cache.prefix_size})")
         g = cache.prefix_groups
         r = b // g
-        # the prefix buffers [L,G,P,KVH,D] are exactly a batch-G ordinary cache
-        one = KVCache(cache.prefix_k, cache.prefix_v, jnp.zeros((g,), jnp.int32))
+        # the prefix buffers [L,G,P,KVH,D] are a batch-G ordinary cache once head-major ([L,G,KVH,P,D])
+        one = KVCache(swap_heads_slots(cache.prefix_k), swap_heads_slots(cache.prefix_v), jnp.zeros((g,), jnp.int32))
         logits, one, hidden = prefill(model, params, prompts[::r], prompt_lens[::r], one, chunk)
-        cache = set_prefix(cache, one.k, one.v, one.lengths)
+        cache = set_prefix(cache, swap_heads_slots(one.k), swap_heads_slots(one.v), one.lengths)
         return jnp.repeat(logits, r, axis=0), cache, jnp.repeat(hidden, r, axis=0)
     if chunk == "model":
         chunk = prefill_chunk_of(model)

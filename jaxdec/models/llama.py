@@ -242,7 +242,7 @@ class LlamaModel:
                 raise ValueError("an explicit attention array needs attention_impl='xla', no attn_fn and an "
                                  "ordinary (not shared-prefix) cache")
             full = jnp.asarray(attention, bool)
-            s = cache.k.shape[2]
+            s = cache.size
             if full.shape != (b, t, s + t):
                 raise ValueError(f"attention array must be [B, T, S+T] = {(b, t, s + t)} (S = cache.size), "
                                  f"got {full.shape}")
@@ -262,7 +262,7 @@ class LlamaModel:
             def attn(q, kc, vc, suf_len, k, v, bm, q_pos, extra, sliding_window=None, layer=None):
                 pk, pv = extra
                 return hydragen_attend(q, pk, pv, plen, kc, vc, suf_len, k, v, bm, q_pos,
-                                       sliding_window=sliding_window, layer=layer)
+                                       sliding_window=sliding_window, layer=layer, cache_layout="bksd")
             # the suffixes are read chunk by chunk from the stacked cache, like the "xla" path
             extra_xs, lengths = (cache.prefix_k, cache.prefix_v), cache.lengths - cache.row_prefix_len
             stacked = True
@@ -274,7 +274,7 @@ class LlamaModel:
         elif self.attention_impl == "xla":
             def attn(q, kc, vc, lens, k, v, bm, q_pos, extra, sliding_window=None, layer=None):
                 return blockwise_attend(q, kc, vc, lens, k, v, bm, q_pos, sliding_window=sliding_window,
-                                        cache_mask=cache_mask, layer=layer)
+                                        cache_mask=cache_mask, layer=layer, cache_layout="bksd")
             extra_xs, lengths, stacked = None, cache.lengths, True
         else:
             base = _attention_fn(self.attention_impl)
@@ -300,8 +300,9 @@ class LlamaModel:
             if stacked:
                 a = attn(q, cache.k, cache.v, lengths, k, v, block_mask, positions, extra,
                          sliding_window=c.sliding_window, layer=li)
-            else:
-                a = attn(q, kc, vc, lengths, k, v, block_mask, positions, extra, sliding_window=c.sliding_window)
+            else:  # per-layer attention functions take [B,S,KVH,D]; the cache stores [B,KVH,S,D]
+                a = attn(q, jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2), lengths, k, v, block_mask, positions,
+                         extra, sliding_window=c.sliding_window)
             h = h + matmul(a.reshape(b, t, c.num_heads * c.head_dim), p["wo"])
             hn = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
             h = h + matmul(jax.nn.silu(matmul(hn, p["w_gate"])) * matmul(hn, p["w_up"]), p["w_down"])
@@ -396,12 +397,15 @@ def _slice_stack(v, lo: int, hi: int):
 
 
 def _write_layers(cache: KVCache, k_new, v_new, lo: int, hi: int, advance: bool) -> KVCache:
-    """Write ``k_new/v_new [hi-lo,B,T,KVH,D]`` into cache layers ``lo .. hi-1`` at each row's write offset;
-    lengths advance by T only when ``advance``."""
+    """Write ``k_new/v_new [hi-lo,B,T,KVH,D]`` into cache layers ``lo .. hi-1`` (``[L,B,KVH,S,D]``) at each row's
+    write offset; lengths advance by T only when ``advance``."""
     b, t = k_new.shape[1:3]
     off = cache.offsets
     rows, cols = jnp.arange(b)[:, None], off[:, None] + jnp.arange(t)[None, :]
-    k = cache.k.at[lo:hi, rows, cols].set(k_new.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[lo:hi, rows, cols].set(v_new.astype(cache.v.dtype), mode="drop")
+
+    def upd(new, buf):  # [B,T,hi-lo,KVH,D]: the indexed axes first, as the scatter below wants them
+        return jnp.transpose(new.astype(buf.dtype), (1, 2, 0, 3, 4))
+    k = cache.k.at[lo:hi, rows, :, cols].set(upd(k_new, cache.k), mode="drop")
+    v = cache.v.at[lo:hi, rows, :, cols].set(upd(v_new, cache.v), mode="drop")
     lengths = cache.lengths + t if advance else cache.lengths
     return cache.replace(k=k, v=v, lengths=lengths)

@@ -46,9 +46,9 @@ def expand_cache(cache, r: int):
 
 
 def _window_take(buf, idx, start, window: int):
-    """buf [L,B,S,...]: row b's positions [start[b], start[b]+window) <- those of row idx[b] (start
-    clamped so the window fits, as ``dynamic_slice`` would)."""
-    start = jnp.clip(start, 0, buf.shape[2] - window)
+    """A cache buffer [L,B,KVH,S,D]: row b's positions [start[b], start[b]+window) <- those of row idx[b]
+    (start clamped so the window fits, as ``dynamic_slice`` would)."""
+    start = jnp.clip(start, 0, buf.shape[3] - window)
     win = jnp.take(read_rows(buf, start, window), idx, axis=1)
     return write_rows(buf, win, start)
 

@@ -44,7 +44,7 @@ class TableModel:
         b, t = tokens.shape
         v = self.vocab_size
         lengths = cache.lengths
-        cached_prev = jnp.take_along_axis(cache.k[0, :, :, 0, 0], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+        cached_prev = jnp.take_along_axis(cache.k[0, :, 0, :, 0], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
         cached_prev = jnp.where(lengths > 0, cached_prev.astype(jnp.int32), v)
         prev = jnp.concatenate([cached_prev[:, None], tokens[:, :-1]], axis=1)
         pos = jnp.clip(positions, 0, self.max_position - 1)

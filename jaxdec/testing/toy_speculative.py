@@ -40,7 +40,7 @@ class TrigramModel:
         pred = mask & (positions[:, None, :] == positions[:, :, None] - 1)  # [B,T,T] j precedes i
         in_block = jnp.any(pred, axis=-1)
         prev_blk = jnp.sum(jnp.where(pred, tokens[:, None, :], 0), axis=-1)
-        stored = cache.k[0, :, :, 0, 0]  # [B,S] token ids as floats
+        stored = cache.k[0, :, 0, :, 0]  # [B,S] token ids as floats (KVCache: [L,B,KVH,S,D])
         pidx = jnp.clip(positions - 1, 0, stored.shape[1] - 1)
         prev_cache = jnp.take_along_axis(stored, pidx, axis=1).astype(jnp.int32)
         prev = jnp.where(in_block, prev_blk, jnp.where(positions > 0, prev_cache, BOS_PREV))
