@@ -362,7 +362,7 @@ class Engine:
         if temperature > 0 and self.speculative and self.decoder.verifier == "greedy":
             raise RequestError(f"temperature must be 0 on this engine: it verifies drafts greedily "
                                f"(SpeculativeDecoder(verifier='greedy')), got {temperature!r}; build it with "
-                               f"verifier='sampling' (or pass a drafter) to serve sampled requests")
+                               f"verifier='sampling' to serve sampled requests")
         top_k = _int_field("top_k", top_k, 0)
         top_p = _float_field("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         min_p = _float_field("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
