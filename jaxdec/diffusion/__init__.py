@@ -12,7 +12,9 @@
 * `jaxdec.diffusion.model`: small task models (jaxdec's Llama model, tiny config, bidirectional or causal)
   saved as Hugging Face style folders that `jaxdec.load` opens.
 * `jaxdec.diffusion.cli`: ``jaxdec generate --method diffusion --sampler NAME``.
+* `jaxdec.diffusion.shipped`: the trained task models and Learn2PD filter shipped in the package, by name
+  (``diffusion-tasks``, ``diffusion-tasks-ar``, ``learn2pd-diffusion-tasks``), with their provenance.
 
 Training: ``python -m train.masked_diffusion`` (``--objective diffusion|ar``), ``python -m
-train.learn2pd_filter --model DIR``; ``make diffusion-models`` runs all three.
+train.learn2pd_filter --model DIR``; ``make diffusion-models`` retrains what is shipped.
 """

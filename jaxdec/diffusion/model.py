@@ -153,6 +153,25 @@ def write_tokenizer(folder: str) -> None:
         json.dump({"eos_token": T.EOS, "pad_token": T.PAD, "unk_token": T.UNK, "mask_token": T.MASK}, f, indent=1)
 
 
+_HF_NAMES = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+             "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+             "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
+             "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight"}
+
+
+def read_params(folder: str):
+    """``(TaskModelConfig, params)`` of a saved task model folder, in `init_params`' layout (to continue
+    training it: ``train.masked_diffusion --init-from``)."""
+    from safetensors.numpy import load_file
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = TaskModelConfig(**json.load(f)["jaxdec_task_model"])
+    t = load_file(os.path.join(folder, "model.safetensors"))
+    lay = {k: jnp.asarray(np.stack([t[f"model.layers.{i}.{name}"] for i in range(cfg.layers)]))
+           for k, name in _HF_NAMES.items()}
+    return cfg, {"embed": jnp.asarray(t["model.embed_tokens.weight"]), "final_norm": jnp.asarray(t["model.norm.weight"]),
+                 "layers": lay}
+
+
 def save(folder: str, cfg: TaskModelConfig, params, objective: str, meta: Optional[dict] = None) -> str:
     """Write the HF-style folder of a task model; returns the folder."""
     from safetensors.numpy import save_file
@@ -161,10 +180,7 @@ def save(folder: str, cfg: TaskModelConfig, params, objective: str, meta: Option
     os.makedirs(folder, exist_ok=True)
     p = jax.device_get(params)
     lay = p["layers"]
-    names = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-             "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
-             "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
-             "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight"}
+    names = _HF_NAMES
     tensors = {"model.embed_tokens.weight": np.asarray(p["embed"], np.float32),
                "model.norm.weight": np.asarray(p["final_norm"], np.float32)}
     for k, name in names.items():

@@ -1,9 +1,10 @@
 """The task models and the Learn2PD filter shipped in the package (issue 19), by name.
 
 * ``diffusion-tasks``: the masked-diffusion task model (``python -m train.masked_diffusion --objective
-  diffusion``), a Hugging Face style folder under ``jaxdec/diffusion/shipped/``.
+  diffusion``: 1500 steps from scratch, then 800 more from that model with ``--init-from``), a Hugging Face
+  style folder under ``jaxdec/diffusion/shipped/``.
 * ``diffusion-tasks-ar``: the autoregressive model of the same size trained on the same data
-  (``--objective ar``): decode it with jaxdec's autoregressive decoders (``--method greedy``).
+  (``--objective ar``, 900 steps): decode it with jaxdec's autoregressive decoders (``--method greedy``).
 * ``learn2pd-diffusion-tasks``: the Learn2PD filter of ``diffusion-tasks`` (``python -m
   train.learn2pd_filter``), one ``.safetensors`` file.
 
