@@ -237,7 +237,8 @@ def main(argv=None):
         return {"accuracy": float(np.mean(ok)), "calls": float(np.mean(calls)),
                 "tokens_per_call": float(np.mean([min(len(T.encode(e.answer)) + 1, T.GEN_LEN) / c
                                                   for e, c in zip(ex, calls)])),
-                "seconds": wall, "compile_s": max(first - wall, 0.0), "n": len(ex), "outputs": outs}
+                "seconds": wall, "compile_s": max(first - wall, 0.0), "n": len(ex),
+                **({"outputs": outs} if sched in ("one-per-step", "freedave") else {})}  # FreeDave's exactness
 
     cells = [f"{t}/{s}" for s in cfg.schedules for t in cfg.tasks]
 
