@@ -238,6 +238,7 @@ SWEEP = {
                              os.path.join(t, "missing.st")),
     "stop_threshold": lambda t: G("--method", "speculative", "--drafter", "draft-model", "--stop-head",
                                   "--stop-threshold", "1.5"),
+    "verify_buckets": lambda t: G("--method", "speculative", "--verify-buckets", "4,2"),
     "rapid_chunks": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunks", "0"),
     "rapid_chunk_chars": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunk-chars", "0"),
     "rapid_augment": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-augment", "-1"),
@@ -297,6 +298,7 @@ SERVE_SWEEP = {
     "cache_size": lambda t: S("--cache-size", "1"),
     "max_tokens_limit": lambda t: S("--max-tokens-limit", "0"),
     "prefill_chunk_tokens": lambda t: S("--prefill-chunk-tokens", "0"),
+    "drafter": lambda t: S("--drafter", "swift"),  # not a model-free drafter
 }
 
 
@@ -312,6 +314,7 @@ SERVE_BENCH_SWEEP = {
     "slots": lambda t: ["serve-bench", "--slots", "0"],
     "cache_size": lambda t: ["serve-bench", "--cache-size", "64"],
     "prefill_chunk_tokens": lambda t: ["serve-bench", "--prefill-chunk-tokens", "0"],
+    "drafter": lambda t: ["serve-bench", "--drafter", "oracle"],
     "out": lambda t: ["serve-bench", "--out", os.path.join(t, "no", "such", "out.json")],
 }
 
