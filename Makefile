@@ -63,12 +63,17 @@ heads: $(STAMP)
 		--hidden-cache train/work/hidden --window 128 --sinks 4 --max-offset 8192 --steps 350 --lr 1e-3 --save-every 50 \
 		--eval-every 175 --stop-at 200 $(HEADS_ARGS) --export $(HEADS_DIR)/longspec-smollm2-135m.safetensors
 
-# the masked-diffusion task models (issue 19): the diffusion model, the same-size autoregressive model, then
-# the Learn2PD filter of the diffusion model; each step resumes after an interruption (orbax checkpoints under
-# $(DIFFUSION_RUNS)); DIFFUSION_ARGS / FILTER_ARGS pass extra flags (e.g. --steps for a smoke run)
+# the shipped masked-diffusion task models (issue 19): the diffusion model (1500 steps, then 800 more from it), the
+# same-size autoregressive model, then the Learn2PD filter of the shipped diffusion model; each step resumes after
+# an interruption (orbax checkpoints under $(DIFFUSION_RUNS)) and --ship writes the package's files.
+# DIFFUSION_ARGS / FILTER_ARGS pass extra flags; a smoke run must not overwrite the shipped files:
+# DIFFUSION_ARGS='--steps 4 --ship ""' FILTER_ARGS='--model <its folder> --ship ""'
 DIFFUSION_RUNS := train/work/runs
 diffusion-models: $(STAMP)
 	$(PY) -m train.masked_diffusion --objective diffusion --out $(DIFFUSION_RUNS)/diffusion $(DIFFUSION_ARGS)
-	$(PY) -m train.masked_diffusion --objective ar --out $(DIFFUSION_RUNS)/diffusion-ar $(DIFFUSION_ARGS)
-	$(PY) -m train.learn2pd_filter --model $(DIFFUSION_RUNS)/diffusion/model --out $(DIFFUSION_RUNS)/learn2pd \
-		$(FILTER_ARGS)
+	$(PY) -m train.masked_diffusion --objective diffusion --init-from $(DIFFUSION_RUNS)/diffusion/model \
+		--out $(DIFFUSION_RUNS)/diffusion-2 --steps 800 --lr 1e-3 --warmup 50 --ship diffusion-tasks $(DIFFUSION_ARGS)
+	$(PY) -m train.masked_diffusion --objective ar --out $(DIFFUSION_RUNS)/diffusion-ar --ship diffusion-tasks-ar \
+		$(DIFFUSION_ARGS)
+	$(PY) -m train.learn2pd_filter --model diffusion-tasks --out $(DIFFUSION_RUNS)/learn2pd \
+		--ship learn2pd-diffusion-tasks $(FILTER_ARGS)
