@@ -10,13 +10,13 @@ The wall time of the same calls is measured without the profiler, next to the lo
     python experiments/profile_step.py --batch 32 --weights f32 [--cache 256 --committed 64 --tokens 1]
     python experiments/profile_step.py --smoke
 
-Writes experiments/results/profile_step/b{B}_{weights}_t{T}.{json,md} (the command, commit, machine and load
-average in the header; a loaded run is flagged).
+Runs through experiments/runner.py (one cell); writes experiments/results/profile_step/b{B}_{weights}_t{T}.{json,md}
+(the command, commit, machine and load average in the header; a loaded run is flagged).
 """
 from __future__ import annotations
 
-import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -28,7 +28,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
 import runner  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,16 +107,16 @@ def group_of(source: str) -> str:
     return "other"
 
 
-def measure(args) -> dict:
-    m = jaxdec.load(weights=args.weights)
+def measure(cfg) -> dict:
+    m = jaxdec.load(weights=cfg.weights)
     model, params = m.model, m.params
-    b, t = args.batch, args.tokens
-    cache = model.init_cache(b, args.cache)
+    b, t = cfg.batch, cfg.tokens
+    cache = model.init_cache(b, cfg.cache)
     rng = np.random.default_rng(0)
     kv = jnp.asarray(rng.normal(size=cache.k.shape).astype(np.float32) * 0.1)
-    cache = cache.replace(k=kv, v=kv, lengths=jnp.full((b,), args.committed, jnp.int32))
+    cache = cache.replace(k=kv, v=kv, lengths=jnp.full((b,), cfg.committed, jnp.int32))
     tok = jnp.ones((b, t), jnp.int32)
-    pos = jnp.broadcast_to(args.committed + jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos = jnp.broadcast_to(cfg.committed + jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     f = jax.jit(lambda p, tk, ps, c: argmax(model(p, tk, ps, c, mask=mask).logits[:, -1]))
     call = (params, tok, pos, cache)
@@ -126,13 +125,13 @@ def measure(args) -> dict:
     first = time.perf_counter() - t0
     sources = op_sources(f.lower(*call).compile().as_text())
     wall = []
-    for _ in range(args.reps):
+    for _ in range(cfg.reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(*call))
         wall.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(args.reps):
+            for _ in range(cfg.reps):
                 jax.block_until_ready(f(*call))
         files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
         if not files:
@@ -144,12 +143,12 @@ def measure(args) -> dict:
     calls = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in sources and sources[e["name"]][1] not in CONTROL:
-            per_op[e["name"]] += e.get("dur", 0) / 1e3 / args.reps  # ms per model call
+            per_op[e["name"]] += e.get("dur", 0) / 1e3 / cfg.reps  # ms per model call
             calls[e["name"]] += 1
     ops = []
     for name, ms in per_op.most_common():
         typ, _, op_name, src = sources[name]
-        ops.append({"op": name, "ms": ms, "per_call": calls[name] // args.reps, "type": typ,
+        ops.append({"op": name, "ms": ms, "per_call": calls[name] // cfg.reps, "type": typ,
                     "jax_op": op_name.split("/")[-1], "source": src.split("jaxdec/", 1)[-1],
                     "group": group_of(src)})
     # the LM head: the weight product whose output rows are the vocabulary
@@ -164,16 +163,29 @@ def measure(args) -> dict:
             "profiled_ms": sum(groups.values())}
 
 
-def markdown(rec: dict, args) -> list:
-    r = rec["result"]
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int = 32
+    weights: str = dataclasses.field(default="f32", metadata={"choices": ["f32", "q"]})
+    cache: int = dataclasses.field(default=256, metadata={"help": "KV slots per row"})
+    committed: int = dataclasses.field(default=64, metadata={"help": "tokens the cache holds"})
+    tokens: int = dataclasses.field(default=1, metadata={"help": "new tokens per row (a verify block when > 1)"})
+    reps: int = 5
+
+
+SMOKE = Config(batch=2, cache=64, committed=8, reps=2)
+
+
+def markdown(rec: dict) -> list:
+    c, r = rec["config"], runner.result(rec, "profile")
+    if r is None:
+        return ["(not measured)"]
     med = statistics.median(r["wall_ms"])
-    lines = [f"# One model call: batch {args.batch}, {args.tokens} new token(s) per row, weights {args.weights}, "
-             f"cache {args.cache} slots holding {args.committed}", ""]
-    lines += rec["header"]
-    lines += ["", f"Wall time per call (no profiler, {args.reps} calls): median {med:.1f} ms "
-              f"[{min(r['wall_ms']):.1f}, {max(r['wall_ms']):.1f}]; first call (compile) {r['first_call_s']:.1f} s; "
-              f"ops traced: {r['profiled_ms']:.1f} ms per call (ops of the two threads can overlap).", "",
-              "| group | ms per call | share of traced |", "| --- | ---: | ---: |"]
+    lines = [f"One model call: batch {c['batch']}, {c['tokens']} new token(s) per row, weights {c['weights']}, cache "
+             f"{c['cache']} slots holding {c['committed']}. Wall time per call (no profiler, {c['reps']} calls): "
+             f"median {med:.1f} ms [{min(r['wall_ms']):.1f}, {max(r['wall_ms']):.1f}]; first call (compile) "
+             f"{r['first_call_s']:.1f} s; ops traced: {r['profiled_ms']:.1f} ms per call (ops of the two threads can "
+             "overlap).", "", "| group | ms per call | share of traced |", "| --- | ---: | ---: |"]
     tot = r["profiled_ms"] or 1.0
     for g, ms in sorted(r["groups"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {g} | {ms:.1f} | {100 * ms / tot:.0f} % |")
@@ -188,40 +200,18 @@ def markdown(rec: dict, args) -> list:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--weights", default="f32", choices=["f32", "q"])
-    ap.add_argument("--cache", type=int, default=256, help="KV slots per row")
-    ap.add_argument("--committed", type=int, default=64, help="tokens the cache holds")
-    ap.add_argument("--tokens", type=int, default=1, help="new tokens per row (a verify block when > 1)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true", help="batch 2, 2 calls, to a temp dir")
-    ap.add_argument("--out-dir", default=os.path.join(runner.RESULTS, "profile_step"))
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.batch, args.reps, args.cache, args.committed = 2, 2, 64, 8
-        args.out_dir = tempfile.mkdtemp(prefix="profile_step_")
+    cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
     for name in ("batch", "cache", "tokens", "reps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.committed <= args.cache - args.tokens:
-        raise SystemExit(f"--committed must be in [0, --cache - --tokens] = [0, {args.cache - args.tokens}], "
-                         f"got {args.committed}")
-    mon = benchlib.LoadMonitor()
-    result = measure(args)
-    rec = {"command": "python experiments/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "commit": benchlib.git_commit(), "machine": runner.machine_info(), "load": mon.record(),
-           "config": vars(args), "result": result, "time": runner.now()}
-    rec["header"] = [f"Command: `{rec['command']}`  ", f"Commit: `{rec['commit']}`  ",
-                     f"Machine: {rec['machine'].get('cpu', '')}, {rec['machine'].get('cores', '')} cores  ",
-                     f"Time: {rec['time']}", "", mon.summary_line()]
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"b{args.batch}_{args.weights}_t{args.tokens}")
-    runner.atomic_write(stem + ".json", json.dumps(rec, indent=1, default=str))
-    text = "\n".join(markdown(rec, args)) + "\n"
-    runner.atomic_write(stem + ".md", text)
-    print(text)
-    print("wrote", stem + ".md")
+        if getattr(cfg, name) < 1:
+            opts.parser.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.committed <= cfg.cache - cfg.tokens:
+        opts.parser.error(f"--committed must be in [0, --cache - --tokens] = [0, {cfg.cache - cfg.tokens}], got "
+                          f"{cfg.committed}")
+    rec = runner.run_experiment(f"b{cfg.batch}_{cfg.weights}_t{cfg.tokens}", cfg, ["profile"],
+                                lambda cell: measure(cfg), opts=opts,
+                                results_dir=os.path.join(runner.RESULTS, "profile_step"), markdown=markdown,
+                                title="Where the time of one model call goes (op-level profile)")
+    print("\n".join(markdown(rec)))
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def test_every_experiment_script_follows_the_convention():
                                     "kv_compression", "mutation_checks", "search_table", "spec_bench",
                                     "decode_step_cost", "bench_long_context", "bench_throughput",
                                     "serve_bench", "diffusion_table", "seed_methods_table", "first_table",
-                                    "heads_table", "verify_cost", "compile_times"])
+                                    "heads_table", "verify_cost", "compile_times", "profile_step"])
 def test_cli_help_of_each_converted_script(script, capsys):
     import importlib
     mod = importlib.import_module(script)
