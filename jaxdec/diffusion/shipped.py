@@ -4,7 +4,7 @@
   diffusion``: 1500 steps from scratch, then 800 more from that model with ``--init-from``), a Hugging Face
   style folder under ``jaxdec/diffusion/shipped/``.
 * ``diffusion-tasks-ar``: the autoregressive model of the same size trained on the same data
-  (``--objective ar``, 900 steps): decode it with jaxdec's autoregressive decoders (``--method greedy``).
+  (``--objective ar``, 1500 steps): decode it with jaxdec's autoregressive decoders (``--method greedy``).
 * ``learn2pd-diffusion-tasks``: the Learn2PD filter of ``diffusion-tasks`` (``python -m
   train.learn2pd_filter``), one ``.safetensors`` file.
 
