@@ -341,26 +341,16 @@ class SpeculativeDecoder:
         if want_layers:
             kw["hidden_layers"] = tuple(want_layers)
 
-        def spread(a):  # [B,1,...] -> [B,T,...]
-            return jnp.broadcast_to(a, (a.shape[0], t) + a.shape[2:])
-
         def block_call(c):
             o = model(params, block, pos, c, mask=anc, **kw)
             return o.logits, o.hidden, (o.kv if deferred else o.cache), o.layer_hidden if want_layers else None
 
-        def single_call(c):  # nothing to verify: one token, logits broadcast over the (invalid) nodes
-            o = model(params, block[:, :1], pos[:, :1], c, **kw)
-            pad = [(0, 0), (0, 0), (0, t - 1), (0, 0), (0, 0)]  # its keys/values padded to the block (rolled back)
-            lh = jnp.broadcast_to(o.layer_hidden, o.layer_hidden.shape[:2] + (t,) + o.layer_hidden.shape[3:]) \
-                if want_layers else None
-            return (spread(o.logits), spread(o.hidden),
-                    tuple(jnp.pad(a, pad) for a in o.kv) if deferred else o.cache, lh)
-
         def prefix_call(tb, c):
-            """The first ``tb`` block tokens (their ancestors all come before them); outputs padded to T like
-            single_call's: logits/hidden repeat the last row, keys/values are zeros past ``tb`` (never kept:
-            the rollback / gather below keeps at most ``1 + accepted`` entries, all before ``tb``)."""
-            o = model(params, block[:, :tb], pos[:, :tb], c, mask=anc[:, :tb, :tb], **kw)
+            """The first ``tb`` block tokens (their ancestors all come before them; ``tb = 1``: nothing to verify,
+            the plain one-token call); outputs padded to T: logits/hidden repeat the last row, keys/values are
+            zeros past ``tb`` (never kept: the rollback / gather below keeps at most ``1 + accepted`` entries, all
+            before ``tb``)."""
+            o = model(params, block[:, :tb], pos[:, :tb], c, mask=None if tb == 1 else anc[:, :tb, :tb], **kw)
 
             def edge(a, axis):
                 return jnp.pad(a, [(0, 0)] * axis + [(0, t - tb)] + [(0, 0)] * (a.ndim - axis - 1), mode="edge")
@@ -369,12 +359,11 @@ class SpeculativeDecoder:
                 else o.cache
             return edge(o.logits, 1), edge(o.hidden, 1), kv, edge(o.layer_hidden, 2) if want_layers else None
 
+        def single_call(c):
+            return prefix_call(1, c)
+
         def sized_call(tb):
-            if tb == t:
-                return block_call
-            if tb == 1:
-                return single_call
-            return lambda c: prefix_call(tb, c)
+            return block_call if tb == t else (lambda c: prefix_call(tb, c))
 
         buckets = self._buckets()
         # the block length the running rows need: the root, then up to their last valid node
