@@ -159,8 +159,11 @@ def cache_partial(qg, k_cache, v_cache, lengths, carry, q_pos, *, kpos_offset=0,
 def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset, sliding_window, cache_mask,
                         key_chunk, layer, heads_major):
     """`cache_partial` in head-major layout: queries ``[B,KVH,T*G,D]``, each chunk's keys/values as
-    ``[B,KVH,C,D]`` (swapped unless the cache is head-major), scores and state in the dot's natural order (row
-    n = t*G + g)."""
+    ``[B,KVH,C,D]`` (swapped unless the cache is head-major), state ``[B,KVH,N(,D)]`` (row n = t*G + g). The
+    scores are computed key-major, ``[B,KVH,C,N]`` (``K.q^T``: the chunk's C keys are the dot's long side; the
+    ``q.K^T`` orientation, with the few query rows of a KV head as M, ran at about half speed on XLA:CPU,
+    perf_notes section 6), the softmax reduces over C, and the probabilities are turned to ``[N,C]`` (small)
+    for the value dot, whose batch axes are merged."""
     b, t, kvh, g, d = qg.shape
     s = k_cache.shape[-2] if heads_major else k_cache.shape[-3]
     n_rows = t * g
@@ -176,7 +179,7 @@ def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset
     if sliding_window is not None:
         off = jnp.asarray(kpos_offset, jnp.int32)
         off = off.reshape(-1, 1, 1) if off.ndim else off
-        qpos_rows = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)[:, None, :, None] - off[..., None]  # [B,1,N,1]
+        qpos_rows = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)[:, None, None, :] - off[..., None]  # [B,1,1,N]
 
     def read(buf, start):  # -> [B,KVH,C,D]
         x = _read_chunk(buf, start, c, layer, heads_major)
@@ -189,19 +192,21 @@ def _cache_partial_head(qg, k_cache, v_cache, lengths, carry, q_pos, kpos_offset
         kc, vc = read(k_cache, start), read(v_cache, start)
         kpos = start + ar
         slot_ok = (kpos >= lo)[None, :] & (kpos[None, :] < lengths[:, None])  # [B,C]
-        vis = slot_ok[:, None, None, :]  # [B,1,1,C]
+        vis = slot_ok[:, None, :, None]  # [B,1,C,1]
         if cache_mask is not None:
             cm = jax.lax.dynamic_slice_in_dim(cache_mask, start, c, axis=2)  # [B,T,C]
-            vis = vis & jnp.repeat(cm, g, axis=1)[:, None]  # [B,1,N,C]
+            vis = vis & jnp.swapaxes(jnp.repeat(cm, g, axis=1), 1, 2)[:, None]  # [B,1,C,N]
         if sliding_window is not None:
-            vis = vis & (qpos_rows - kpos[None, None, None, :] < sliding_window)
-        sc = jnp.einsum("bknd,bkcd->bknc", qh, kc)
+            vis = vis & (qpos_rows - kpos[None, None, :, None] < sliding_window)
+        sc = jnp.einsum("bkcd,bknd->bkcn", kc, qh)  # key-major scores [B,KVH,C,N]
         sc = jnp.where(vis, sc, NEG)
-        m_new = jnp.maximum(m, sc.max(-1))
+        m_new = jnp.maximum(m, sc.max(-2))
         alpha = jnp.exp(m - m_new)
-        p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
+        p = jnp.where(vis, jnp.exp(sc - m_new[:, :, None, :]), 0.0)
         vc = jnp.where(slot_ok[:, None, :, None], vc, 0.0)  # select: 0 * NaN would be NaN
-        return m_new, l * alpha + p.sum(-1), o * alpha[..., None] + jnp.einsum("bknc,bkcd->bknd", p, vc)
+        pv = jnp.einsum("bnc,bcd->bnd", jnp.swapaxes(p, -1, -2).reshape(b * kvh, n_rows, c),
+                        vc.reshape(b * kvh, c, d)).reshape(b, kvh, n_rows, d)
+        return m_new, l * alpha + p.sum(-2), o * alpha[..., None] + pv
 
     if n_max == 1:
         state = body(jnp.zeros((), jnp.int32), state)
