@@ -77,6 +77,18 @@ COPY_TASKS = [
     ("Repeat the following sentence three times: 'Speculative decoding verifies several tokens at once.'"),
     ("Copy this list exactly, then add one more item in the same style:\n- apples: 3 kg\n- pears: 2 kg\n"
      "- plums: 1 kg\n- grapes: 4 kg"),
+    # four more (session 14) so the copy group reaches the issue's 8 prompts at full size
+    ("Correct the grammar of this paragraph and return all of it: 'The train leave the station at seven every "
+     "mornings, and the passengers which are late has to wait for the next one, that come one hour later.'"),
+    ("Convert this Python loop into a list comprehension and show the whole function:\n\n"
+     "def squares_of_evens(numbers):\n    result = []\n    for n in numbers:\n        if n % 2 == 0:\n"
+     "            result.append(n * n)\n    return result\n"),
+    ("Rewrite this JSON object with the keys sorted alphabetically, values unchanged:\n"
+     '{"name": "Ada", "year": 1843, "field": "mathematics", "country": "England", "known_for": "notes on the '
+     'Analytical Engine"}'),
+    ("Add a docstring to this function and return the complete function:\n\n"
+     "def clamp(value, low, high):\n    if value < low:\n        return low\n    if value > high:\n"
+     "        return high\n    return value\n"),
 ]
 
 
