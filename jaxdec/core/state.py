@@ -95,9 +95,14 @@ def emit(state: DecodeState, new_tokens: jax.Array) -> DecodeState:
     `min_new` by `suppress_stops`, so they cannot be chosen early).
     """
     live = ~state.done
-    b = jnp.arange(state.batch)
     pos = jnp.minimum(state.num_new, state.capacity - 1)
-    tokens = state.tokens.at[b, pos].set(jnp.where(live, new_tokens, state.tokens[b, pos]))
+    # an elementwise select, not `tokens.at[arange(B), pos].set(...)`: on a mesh GSPMD cannot tell that row
+    # index from the data-axis split and lowers that gather/scatter to collective-permutes and all-gathers
+    # that do not depend on the model call. XLA:CPU's 8 simulated devices then ran them and the layer loop's
+    # all-reduces in different orders and deadlocked (issue 20, sampling at 2x4). Same tokens.
+    col = jnp.arange(state.capacity, dtype=pos.dtype)[None, :]
+    tokens = jnp.where((col == pos[:, None]) & live[:, None], new_tokens[:, None].astype(state.tokens.dtype),
+                       state.tokens)
     num_new = state.num_new + live.astype(jnp.int32)
     stop_ids = state.stop_ids
     is_stop = jnp.any(new_tokens[:, None] == stop_ids[None, :], axis=-1) if stop_ids.size else jnp.zeros_like(live)
