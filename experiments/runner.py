@@ -397,7 +397,7 @@ def _unwrap_optional(tp):
 
 
 def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of the dataclass `cls`: --field-name (bool: --x / --no-x; tuple/list: nargs='+')."""
+    """One flag per field of the dataclass `cls`: --field-name (bool: --x / --no-x, a field no_x: --no-x alone; tuple/list: nargs='+')."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
@@ -405,7 +405,11 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
         kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        if tp is bool:
+        if tp is bool and f.name.startswith("no_"):
+            # argparse's BooleanOptionalAction reads any "--no-..." spelling as False, so a field named no_x
+            # would be switched off by its own flag --no-x: such fields get a plain switch
+            ap.add_argument(flag, action="store_const", const=True, **kw)
+        elif tp is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) in (tuple, list):
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]

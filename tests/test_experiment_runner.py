@@ -183,6 +183,21 @@ def test_cli_from_the_dataclass(tmp_path):
         runner.parse_args(Cfg, ["--n", "x"])
 
 
+@dataclasses.dataclass(frozen=True)
+class NoCfg:
+    no_peer: bool = False
+    verbose: bool = True
+
+
+def test_a_bool_field_named_no_x_is_switched_on_by_its_flag():
+    """argparse's BooleanOptionalAction reads every "--no-..." spelling as False, so a field named no_peer
+    got False from its own flag --no-peer (spec_bench's --no-hf ran the HF rows); ordinary bools keep --x /
+    --no-x."""
+    assert runner.parse_args(NoCfg, ["--no-peer"])[0].no_peer is True
+    assert runner.parse_args(NoCfg, [])[0].no_peer is False
+    assert runner.parse_args(NoCfg, ["--no-verbose"])[0].verbose is False
+
+
 def test_custom_markdown_body_and_plot_hook(tmp_path):
     seen = []
     run(tmp_path, Counter(), markdown=lambda rec: ["custom body", f"{runner.result(rec, 'x')['value']}"],
