@@ -397,7 +397,8 @@ def _unwrap_optional(tp):
 
 
 def add_config_arguments(ap: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of the dataclass `cls`: --field-name (bool: --x / --no-x, a field no_x: --no-x alone; tuple/list: nargs='+')."""
+    """One flag per field of the dataclass `cls`: --field-name (bool: --x / --no-x, but a field no_x gets --no-x
+    alone; tuple/list: nargs='+')."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
