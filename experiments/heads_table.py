@@ -124,12 +124,9 @@ class Setup:
             self.heads[name] = facts
         if cfg.eagle_tree and "eagle" in self.heads:
             topk, nodes = cfg.eagle_tree
-            try:
-                dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
-                                            target=m.path, tree_topk=topk, tree_nodes=nodes)
-                rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
-            except ValueError as e:  # e.g. the shipped head's calibrated chain of 1 leaves only topk candidates
-                print(f"eagle-tree row skipped: {e}", flush=True)
+            dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
+                                        target=m.path, tree_topk=topk, tree_nodes=nodes)
+            rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
         if not cfg.no_model_free:
             rows.append(Method("pld", m.model, m.params, SpeculativeDecoder(PromptLookupDrafter(num_tokens=8))))
             rows.append(Method("recycling", m.model, m.params, SpeculativeDecoder(TokenRecyclingDrafter())))
@@ -276,8 +273,9 @@ class Config:
     longspec: str = dataclasses.field(default="", metadata={"help": "LongSpec draft file (default: the shipped one)"})
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "EAGLE heads files trained on fewer tokens (τ against training tokens)"})
-    eagle_tree: tuple[int, ...] = dataclasses.field(default=(2, 6), metadata={
-        "help": "TOPK NODES of an EAGLE-2 dynamic-tree row for the EAGLE head (empty: no such row)"})
+    eagle_tree: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "TOPK NODES of an EAGLE-2 dynamic-tree row for the EAGLE head (default none: the shipped head's "
+                "calibrated chain of 1 cannot grow a tree beyond TOPK nodes; EagleConfig refuses a larger one)"})
     no_model_free: bool = dataclasses.field(default=False, metadata={"help": "skip the PLD / recycling rows"})
     methods: tuple[str, ...] = runner.select((), "only rows whose name contains one of these (greedy always runs)")
     groups: tuple[str, ...] = runner.select(GROUPS, "prompt groups (cells)")
