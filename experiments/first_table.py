@@ -158,8 +158,10 @@ def measure_cell(cfg, cell):
 
 
 def markdown(rec):
-    lines = ["FiRST is LOSSY: agreement < 1 means other text than greedy. Speed is measured on a loaded shared "
-             "machine (see the load average above): a ratio from the same repetitions, not an absolute claim.", "",
+    where = ("a loaded shared machine (see the load average above)" if rec.get("loaded") else
+             "this shared machine (load average above)")
+    lines = ["FiRST is LOSSY: agreement < 1 means other text than greedy. Speed is measured on " + where +
+             ": a ratio from the same repetitions, not an absolute claim.", "",
              "| threshold | layers skipped (mean of L) | agreement teacher-forced | agreement free-running | "
              "matching prefix | NLL of greedy text (full) | random same-count: agreement tf / NLL | greedy tok/s | "
              "FiRST tok/s | speed vs greedy |",

@@ -4,6 +4,8 @@ Cells (run all, or pick with --cells):
 
 * ``iad``    input-guided aggressive decoding (`jaxdec.speculative.aggressive`) on the editing prompts of
              tests/data/editing_prompts.jsonl (chat turns asking to correct or reformat a given text);
+* ``longspec`` LongSpec (`jaxdec.speculative.heads.longspec`, the shipped constant-memory draft head) on the
+             same held-out long prompts as ``rapid``;
 * ``rapid``  RAPID (`jaxdec.speculative.rapid`): the same model drafting over BM25-retrieved chunks,
              the target verifying with the full long prompt, on the held-out long prompts of
              jaxdec/data/prompts/rapid_heldout.jsonl (standard-library sources with written questions, 2k-6k
@@ -16,11 +18,16 @@ Cells (run all, or pick with --cells):
              (greedy: one decoder run; PG-TD: decoder runs + teacher-forced forwards, at most --pgtd-rollouts
              decoder runs, stopping once the public tests all pass). Public tests: the docstring's ``>>>``
              examples and its written-out ``f(x) == y`` / ``=>`` lines (`jaxdec.search.pgtd.public_tests`); a
-             problem without any keeps greedy's answer (counted). Not at an equal budget of model calls:
-             PG-TD spends more.
+             problem without any keeps greedy's answer (counted). Beam search (--pgtd-rollouts beams) and
+             AdaDec (entropy-gated lookahead re-ranking, search_table.py's setting) in the same run. The
+             stated equal budget: PG-TD and beam search both score at most --pgtd-rollouts complete programs
+             per problem on the public tests (PG-TD: its rollouts; beam: its returned beams, the answer is the
+             beam passing most public tests, ties to the higher beam score); greedy and AdaDec write one
+             program each (references below that budget). The table also counts decoder runs and
+             teacher-forced forwards per problem and the wall time, which are not equal.
 
 The speculative cells: every method decodes a fixed N new tokens per prompt at batch 1 (EOS ignored: ``stop_ids=()``), greedily,
-with the same weights as the greedy baseline (float32). Timed from token ids in to ids on the host, prefill
+with the same weights as the greedy baseline (--weights, every cell). Timed from token ids in to ids on the host, prefill
 included, after one untimed warm-up call per system (its time is reported as the first call), median of
 --reps interleaved repetitions (order reversed every other repetition) with min/max; speedup = median of
 per-repetition ratios. Every output is compared with greedy's tokens (mismatching prompts are counted; the
@@ -29,6 +36,7 @@ tests check exactness under the near-tie rule). Writes experiments/results/seed_
     python experiments/seed_methods_table.py                 # 10 editing + 4 long prompts, 64 new, 5 reps
     python experiments/seed_methods_table.py --cells rapid --long-prompts 10
     python experiments/seed_methods_table.py --cells pgtd --pgtd-problems 10 --pgtd-rollouts 4
+    python experiments/seed_methods_table.py --cells longspec --long-prompts 8
     python experiments/seed_methods_table.py --smoke         # 1 editing prompt, 8 tokens, 1 rep, temp dir
 """
 from __future__ import annotations
@@ -49,6 +57,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    weights: str = field(default="q", metadata={"help": "target weights for every cell and its greedy baseline",
+                                                "choices": ("f32", "q")})
     new_tokens: int = field(default=64, metadata={"help": "new tokens per prompt (EOS ignored)"})
     reps: int = field(default=5, metadata={"help": "interleaved timed repetitions"})
     edit_prompts: int = field(default=10, metadata={"help": "editing prompts (iad cell)"})
@@ -59,29 +69,34 @@ class Config:
     pgtd_first: int = field(default=100, metadata={"help": "pgtd: first HumanEval problem (100-163 held out)"})
     pgtd_problems: int = field(default=64, metadata={"help": "pgtd: HumanEval problems from --pgtd-first"})
     pgtd_tokens: int = field(default=128, metadata={"help": "pgtd: max new tokens (greedy and every rollout)"})
-    pgtd_rollouts: int = field(default=8, metadata={"help": "pgtd: decoder runs per problem (at most; the first is "
-                                                            "greedy; rollouts the sequence cache answers are free)"})
+    pgtd_rollouts: int = field(default=4, metadata={"help": "pgtd: decoder runs per problem (at most; the first is "
+                                                            "greedy; rollouts the sequence cache answers are free); "
+                                                            "also beam search's width: the equal budget of programs"})
+    adadec_threshold: float = field(default=1.0, metadata={"help": "pgtd: AdaDec's entropy threshold (nats)"})
     pgtd_top_k: int = field(default=3, metadata={"help": "pgtd: children per expanded node"})
     pgtd_timeout: float = field(default=5.0, metadata={"help": "pgtd: seconds per program run"})
-    cells: tuple[str, ...] = runner.select(("iad", "rapid", "pgtd"), help="cells to run")
+    cells: tuple[str, ...] = runner.select(("iad", "rapid", "longspec", "pgtd"), help="cells to run")
 
 
 SMOKE = Config(new_tokens=8, reps=1, edit_prompts=1, long_prompts=1, cells=("iad",))
-CELL_FIELDS = {"iad": ("new_tokens", "reps", "edit_prompts", "iad_tokens"),
-               "rapid": ("new_tokens", "reps", "long_prompts", "rapid_tokens", "rapid_chunks"),
-               "pgtd": ("pgtd_first", "pgtd_problems", "pgtd_tokens", "pgtd_rollouts", "pgtd_top_k", "pgtd_timeout")}
+CELL_FIELDS = {"iad": ("weights", "new_tokens", "reps", "edit_prompts", "iad_tokens"),
+               "rapid": ("weights", "new_tokens", "reps", "long_prompts", "rapid_tokens", "rapid_chunks"),
+               "longspec": ("weights", "new_tokens", "reps", "long_prompts"),
+               "pgtd": ("weights", "pgtd_first", "pgtd_problems", "pgtd_tokens", "pgtd_rollouts", "pgtd_top_k",
+                        "pgtd_timeout", "adadec_threshold")}
 
 
 @functools.lru_cache(maxsize=None)
-def load_model():
+def load_model(weights):
     from conftest import _load
-    return _load("f32")
+    return _load(weights)
 
 
 def measure_cell(cfg, cell):
     from jaxdec import generate
     from jaxdec.speculative import methods as M
-    model, params = load_model()
+    model, params = load_model(cfg.weights)
+    spec_params = params
     n = cfg.new_tokens
     if cell == "iad":
         from test_aggressive import editing_prompt_ids
@@ -95,10 +110,19 @@ def measure_cell(cfg, cell):
         prompts = [peer.peer_chat_ids(r["prompt"]) for r in rows]
         drafts = [peer.peer_chat_ids(draft_text(r["prompt"], cfg.rapid_chunks)) for r in rows]
         method = None
+    elif cell == "longspec":
+        import peer
+        from jaxdec.speculative.heads import shipped_heads
+        from jaxdec.speculative.heads.longspec import build
+        from jaxdec.speculative.rapid import heldout_prompts
+        prompts = [peer.peer_chat_ids(r["prompt"]) for r in heldout_prompts()[:cfg.long_prompts]]
+        drafts = None
+        method, spec_params = build(model, params, shipped_heads("longspec", "smollm2-135m"),
+                                    target=peer.default_gguf_path())
     elif cell == "pgtd":
         return measure_pgtd(cfg)
     else:
-        raise SystemExit(f"unknown cell {cell!r}: choose from iad, rapid")
+        raise SystemExit(f"unknown cell {cell!r}: choose from iad, rapid, longspec, pgtd")
     stats = {}
 
     def greedy(ps):
@@ -113,7 +137,7 @@ def measure_cell(cfg, cell):
                 g = rapid_generate(model, params, [p], [drafts[prompts.index(p)]], num_tokens=cfg.rapid_tokens,
                                    max_new_tokens=n, stop_ids=(), longest_prompt=max(map(len, prompts)))
             else:
-                g = generate(model, params, [p], decoder=method, max_new_tokens=n, stop_ids=())
+                g = generate(model, spec_params, [p], decoder=method, max_new_tokens=n, stop_ids=())
             raw = merge_raw(raw, g.stats["raw"])
             toks.append(g.tokens[0])
         stats.update(summarize_stats(raw))
@@ -131,7 +155,8 @@ def measure_cell(cfg, cell):
 
 
 def measure_pgtd(cfg):
-    """PG-TD and greedy on HumanEval problems pgtd_first .. +pgtd_problems (chat format), same run."""
+    """Greedy, beam search, AdaDec and PG-TD on HumanEval problems pgtd_first .. +pgtd_problems (chat format),
+    batch 1, same run; beam and PG-TD at the equal budget of --pgtd-rollouts programs scored per problem."""
     import time
 
     import numpy as np
@@ -141,62 +166,84 @@ def measure_pgtd(cfg):
 
     from jaxdec import generate
     from jaxdec.cache.kv import bucket
+    from jaxdec.search.adadec import adadec_generate
+    from jaxdec.search.beam import beam_search
     from jaxdec.search.pgtd import PGTD, public_tests, run_public_tests
-    model, params = load_model()
+    model, params = load_model(cfg.weights)
     tok = peer.peer_tokenizer()
     problems = read_problems()
     ids = [f"HumanEval/{i}" for i in range(cfg.pgtd_first, cfg.pgtd_first + cfg.pgtd_problems)
            if f"HumanEval/{i}" in problems]
     to_input, to_completion = st.humaneval_prompt_and_completion("chat", tok)
-    n = cfg.pgtd_tokens
+    n, budget = cfg.pgtd_tokens, cfg.pgtd_rollouts
     prompts = [tok(to_input(problems[t]["prompt"]), add_special_tokens=False)["input_ids"] for t in ids]
 
     def completion(tokens):
         return to_completion(tok.decode(list(tokens), skip_special_tokens=True))
 
-    # greedy at batch 1 with the compiled program PG-TD's rollouts use (prompt bucket, output capacity)
-    t0 = time.perf_counter()
-    greedy = [generate(model, params, [p], method="greedy", max_new_tokens=n, capacity=bucket(n, 16),
-                       longest_prompt=len(p) + n).tokens[0] for p in prompts]
-    greedy_s = time.perf_counter() - t0
-    per, pgtd_tokens, t0 = [], [], time.perf_counter()
-    for t, p, g in zip(ids, prompts, greedy):
+    tests, rewards = {}, {}
+    for t in ids:
         text = problems[t]["prompt"]
         try:
-            tests = public_tests(text)
-        except ValueError:  # no doctest examples: nothing to search with, greedy's answer stands
-            per.append({"task_id": t, "public_tests": 0})
-            pgtd_tokens.append(g)
+            tests[t] = public_tests(text)
+        except ValueError:  # no public examples: nothing to choose or search with
             continue
+        rewards[t] = functools.partial(lambda toks, text, tt: run_public_tests(text + completion(toks), tt,
+                                                                                cfg.pgtd_timeout), text=text, tt=tests[t])
 
-        def reward(toks, text=text, tests=tests):
-            return run_public_tests(text + completion(toks), tests, cfg.pgtd_timeout)
-        s = PGTD(model, params, p, reward, top_k=cfg.pgtd_top_k, max_new_tokens=n)
-        seq, r = s.run(64 * cfg.pgtd_rollouts, max_decoder_calls=cfg.pgtd_rollouts)
-        first = next(iter(s.rewards))  # the first rollout: greedy from the root
-        per.append({"task_id": t, "public_tests": len(tests), "greedy_public": reward(g), "pgtd_public": r,
-                    "first_rollout_is_greedy": list(first) == list(g), **s.stats})
-        pgtd_tokens.append(seq)
-        print(f"[pgtd] {t}: {len(tests)} public tests, greedy {per[-1]['greedy_public']:.2f}, PG-TD {r:.2f} "
-              f"after {s.stats['rollouts']} rollouts ({s.stats['decoder_calls']} decoder runs, "
-              f"{s.stats['forward_calls']} forwards, {s.stats['cache_hits']} sequence-cache hits)", flush=True)
-    pgtd_s = time.perf_counter() - t0
+    def greedy(t, p):
+        # batch 1 with the compiled program PG-TD's rollouts use (prompt bucket, output capacity)
+        return generate(model, params, [p], method="greedy", max_new_tokens=n, capacity=bucket(n, 16),
+                        longest_prompt=len(p) + n).tokens[0], {"programs": 1, "decoder_runs": 1}
+
+    def adadec(t, p):
+        g = adadec_generate(model, params, [p], threshold=cfg.adadec_threshold, k=3, lookahead=5, max_new_tokens=n)
+        return g.tokens[0], {"programs": 1, "decoder_runs": 1}
+
+    def beam(t, p):
+        g = beam_search(model, params, [p], num_beams=budget, num_return_sequences=budget, max_new_tokens=n)
+        beams = [b["tokens"] for b in g.extras["beams"][0]]
+        if t not in rewards:
+            return beams[0], {"programs": 1, "decoder_runs": 1}
+        scores = [rewards[t](b) for b in beams]  # best public-test rate; max() keeps the first (best-scored) tie
+        return beams[int(np.argmax(scores))], {"programs": len(beams), "decoder_runs": 1}
+
+    def pgtd(t, p):
+        if t not in rewards:  # greedy's answer stands (counted in the table)
+            return greedy(t, p)
+        s = PGTD(model, params, p, rewards[t], top_k=cfg.pgtd_top_k, max_new_tokens=n)
+        seq, r = s.run(64 * budget, max_decoder_calls=budget)
+        return seq, {"programs": s.stats["reward_calls"], **s.stats}  # distinct programs scored
+
     out = {"problems": len(ids), "first": ids[0], "last": ids[-1], "format": st.HE_FORMATS["chat"],
-           "per_problem": per, "no_public_tests": [x["task_id"] for x in per if not x["public_tests"]]}
-    searched = [x for x in per if x["public_tests"]]
-    for name, toks, secs in (("greedy", greedy, greedy_s), ("pgtd", pgtd_tokens, pgtd_s)):
+           "budget_programs": budget, "no_public_tests": [t for t in ids if t not in rewards],
+           "public_tests": {t: len(v) for t, v in tests.items()}}
+    answers = {}
+    for name, fn in (("greedy", greedy), ("beam", beam), ("adadec", adadec), ("pgtd", pgtd)):
+        toks, per, t0 = [], [], time.perf_counter()
+        for t, p in zip(ids, prompts):
+            k, info = fn(t, p)
+            toks.append(list(k))
+            per.append({"task_id": t, **info})
+        secs = time.perf_counter() - t0
+        answers[name] = toks
         res = st.execute_completions([[t, completion(k)] for t, k in zip(ids, toks)], cfg.pgtd_timeout)
         k = sum(r["passed"] for r in res)
         lo, hi = st.wilson(k, len(res))
-        calls = [1] * len(ids) if name == "greedy" else [x.get("decoder_calls", 0) + x.get("forward_calls", 0) or 1
-                                                         for x in per]
+        pub = [rewards[t](a) for t, a in zip(ids, toks) if t in rewards]
         out[name] = {"passed": k, "total": len(res), "pass@1": k / len(res), "ci95": [lo, hi],
                      "passed_tasks": [r["task_id"] for r in res if r["passed"]], "seconds": secs,
-                     "public_pass_rate": float(np.mean([x[f"{name}_public"] for x in searched])) if searched else None,
-                     "model_calls_per_problem": float(np.mean(calls))}
+                     "public_pass_rate": float(np.mean(pub)) if pub else None,
+                     "programs_per_problem": float(np.mean([x["programs"] for x in per])),
+                     "decoder_runs_per_problem": float(np.mean([x["decoder_runs"] if "decoder_runs" in x else
+                                                                 x["decoder_calls"] for x in per])),
+                     "forwards_per_problem": float(np.mean([x.get("forward_calls", 0) for x in per])),
+                     "per_problem": per}
         print(f"[pgtd] {name}: pass@1 {k}/{len(res)} (95% CI {lo:.3f}-{hi:.3f}), public-test pass rate "
-              f"{out[name]['public_pass_rate']}, {secs:.0f} s", flush=True)
-    out["differing_answers"] = sum(list(a) != list(b) for a, b in zip(greedy, pgtd_tokens))
+              f"{out[name]['public_pass_rate']}, {out[name]['programs_per_problem']:.2f} programs/problem, "
+              f"{secs:.0f} s", flush=True)
+    out["differing_from_greedy"] = {m: sum(a != b for a, b in zip(answers["greedy"], answers[m]))
+                                    for m in ("beam", "adadec", "pgtd")}
     return out
 
 
@@ -213,19 +260,27 @@ def markdown(rec):
     r = runner.result(rec, "pgtd") if "pgtd" in rec["cells_order"] else None
     if r is not None:
         c = rec["config"]
-        lines += ["", f"## PG-TD vs greedy: HumanEval {r['first']} .. {r['last']} ({r['problems']} problems, "
-                      f"{c['pgtd_tokens']} new tokens, up to {c['pgtd_rollouts']} decoder runs per problem, top-{c['pgtd_top_k']})", "",
-                  "| method | pass@1 (hidden tests) | 95% CI | public-test pass rate | model calls / problem | seconds |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for m in ("greedy", "pgtd"):
+        B = r.get("budget_programs", c["pgtd_rollouts"])
+        lines += ["", f"## PG-TD vs greedy, beam {B} and AdaDec: HumanEval {r['first']} .. {r['last']} ({r['problems']} "
+                      f"problems, {c['pgtd_tokens']} new tokens, batch 1, {c.get('weights', 'f32')} weights)", "",
+                  "| method | pass@1 (hidden tests) | 95% CI | public-test pass rate | programs scored / problem "
+                  "| decoder runs / problem | forwards / problem | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        labels = {"greedy": "greedy", "beam": f"beam {B} (best beam on public tests)",
+                  "adadec": f"AdaDec (threshold {c.get('adadec_threshold', 1.0)})", "pgtd": f"PG-TD (top-{c['pgtd_top_k']})"}
+        for m in [m for m in labels if m in r]:
             x = r[m]
             pub = "-" if x["public_pass_rate"] is None else f"{x['public_pass_rate']:.3f}"
-            lines.append(f"| {m} | {x['passed']}/{x['total']} = {x['pass@1']:.3f} | {x['ci95'][0]:.3f}-{x['ci95'][1]:.3f} "
-                         f"| {pub} | {x['model_calls_per_problem']:.1f} | {x['seconds']:.0f} |")
-        lines += ["", f"Prompt format: {r['format']}. Problems without public tests (no >>> or written-out examples; greedy's answer kept): "
+            lines.append(f"| {labels[m]} | {x['passed']}/{x['total']} = {x['pass@1']:.3f} | "
+                         f"{x['ci95'][0]:.3f}-{x['ci95'][1]:.3f} | {pub} | {x['programs_per_problem']:.2f} | "
+                         f"{x['decoder_runs_per_problem']:.2f} | {x['forwards_per_problem']:.1f} | {x['seconds']:.0f} |")
+        lines += ["", f"Prompt format: {r['format']}. Budget: beam and PG-TD score at most {B} complete programs per "
+                      f"problem on the public tests (the docstring's examples; PG-TD stops early once they all pass); "
+                      f"greedy and AdaDec write one. Decoder runs are compiled greedy/beam/AdaDec runs (beam: one run "
+                      f"on {B} rows); forwards are PG-TD's teacher-forced expansion calls, so compute is not equal. "
+                      f"Problems without public tests (every method's first answer kept): "
                       f"{', '.join(r['no_public_tests']) or 'none'}. Answers that differ from greedy's: "
-                      f"{r['differing_answers']}. Model calls: greedy one decoder run per problem; PG-TD decoder runs "
-                      f"(compiled greedy rollouts) + teacher-forced forwards, so the budgets are not equal."]
+                      f"{r['differing_from_greedy']}."]
     return lines
 
 
