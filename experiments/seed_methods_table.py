@@ -2,14 +2,17 @@
 
 Cells (run all, or pick with --cells):
 
-* ``iad``    input-guided aggressive decoding (`jaxdec.speculative.aggressive`) on the editing prompts of
-             tests/data/editing_prompts.jsonl (chat turns asking to correct or reformat a given text);
-* ``longspec`` LongSpec (`jaxdec.speculative.heads.longspec`, the shipped constant-memory draft head) on the
-             same held-out long prompts as ``rapid``;
-* ``rapid``  RAPID (`jaxdec.speculative.rapid`): the same model drafting over BM25-retrieved chunks,
-             the target verifying with the full long prompt, on the held-out long prompts of
-             jaxdec/data/prompts/rapid_heldout.jsonl (standard-library sources with written questions, 2k-6k
-             tokens; the draft prompt is the CLI's: `jaxdec.speculative.rapid.draft_text`);
+* ``iad``    input-guided aggressive decoding (`jaxdec.speculative.aggressive`) at each --iad-tokens draft
+             length on the editing prompts of tests/data/editing_prompts.jsonl (chat turns asking to correct
+             or reformat a given text);
+* ``long``   on the held-out long prompts of jaxdec/data/prompts/rapid_heldout.jsonl (standard-library
+             sources with written questions, 2k-5k tokens), in the same repetitions: RAPID
+             (`jaxdec.speculative.rapid`: the same model drafting over the --rapid-chunks BM25-best chunks,
+             the draft prompt is the CLI's `draft_text`; the target verifies with the full prompt) and LongSpec
+             (the shipped constant-memory draft head, `jaxdec.speculative.heads.longspec`); each call's
+             prefill (the decoder's init: the target's prefill and any draft prefill) and decode loop are
+             timed apart (`jaxdec.core.loop.phase_times`), and ``decode speedup`` compares the decode loops
+             (a 2k-5k-token prefill is most of a batch-1 generation on this CPU);
 * ``pgtd``   PG-TD (`jaxdec.search.pgtd`) vs greedy on a HumanEval slice (default: the held-out problems
              100-163), same run, same weights, same chat prompt format as search_table.py's HumanEval: the
              search's reward is the fraction of the problem's doctest examples (its public tests) passed;
@@ -33,10 +36,9 @@ included, after one untimed warm-up call per system (its time is reported as the
 per-repetition ratios. Every output is compared with greedy's tokens (mismatching prompts are counted; the
 tests check exactness under the near-tie rule). Writes experiments/results/seed_methods_table.{json,md}.
 
-    python experiments/seed_methods_table.py                 # 10 editing + 4 long prompts, 64 new, 5 reps
-    python experiments/seed_methods_table.py --cells rapid --long-prompts 10
+    python experiments/seed_methods_table.py                 # 10 editing + 8 long prompts, 64 HumanEval
+    python experiments/seed_methods_table.py --cells long --long-prompts 4 --new-tokens 64
     python experiments/seed_methods_table.py --cells pgtd --pgtd-problems 10 --pgtd-rollouts 4
-    python experiments/seed_methods_table.py --cells longspec --long-prompts 8
     python experiments/seed_methods_table.py --smoke         # 1 editing prompt, 8 tokens, 1 rep, temp dir
 """
 from __future__ import annotations
@@ -59,11 +61,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 class Config:
     weights: str = field(default="q", metadata={"help": "target weights for every cell and its greedy baseline",
                                                 "choices": ("f32", "q")})
-    new_tokens: int = field(default=64, metadata={"help": "new tokens per prompt (EOS ignored)"})
-    reps: int = field(default=5, metadata={"help": "interleaved timed repetitions"})
+    new_tokens: int = field(default=128, metadata={"help": "new tokens per prompt (EOS ignored)"})
+    reps: int = field(default=3, metadata={"help": "interleaved timed repetitions"})
     edit_prompts: int = field(default=10, metadata={"help": "editing prompts (iad cell)"})
-    long_prompts: int = field(default=13, metadata={"help": "held-out long prompts (rapid cell; 13 shipped)"})
-    iad_tokens: int = field(default=16, metadata={"help": "iad: draft length"})
+    long_prompts: int = field(default=8, metadata={"help": "held-out long prompts (long cell; 13 shipped)"})
+    iad_tokens: tuple[int, ...] = field(default=(4, 16), metadata={"help": "iad: draft lengths (a row each)"})
     rapid_tokens: int = field(default=6, metadata={"help": "rapid: draft length"})
     rapid_chunks: int = field(default=4, metadata={"help": "rapid: retrieved chunks"})
     pgtd_first: int = field(default=100, metadata={"help": "pgtd: first HumanEval problem (100-163 held out)"})
@@ -75,13 +77,12 @@ class Config:
     adadec_threshold: float = field(default=1.0, metadata={"help": "pgtd: AdaDec's entropy threshold (nats)"})
     pgtd_top_k: int = field(default=3, metadata={"help": "pgtd: children per expanded node"})
     pgtd_timeout: float = field(default=5.0, metadata={"help": "pgtd: seconds per program run"})
-    cells: tuple[str, ...] = runner.select(("iad", "rapid", "longspec", "pgtd"), help="cells to run")
+    cells: tuple[str, ...] = runner.select(("iad", "long", "pgtd"), help="cells to run")
 
 
-SMOKE = Config(new_tokens=8, reps=1, edit_prompts=1, long_prompts=1, cells=("iad",))
+SMOKE = Config(new_tokens=8, reps=1, edit_prompts=1, long_prompts=1, iad_tokens=(4,), cells=("iad",))
 CELL_FIELDS = {"iad": ("weights", "new_tokens", "reps", "edit_prompts", "iad_tokens"),
-               "rapid": ("weights", "new_tokens", "reps", "long_prompts", "rapid_tokens", "rapid_chunks"),
-               "longspec": ("weights", "new_tokens", "reps", "long_prompts"),
+               "long": ("weights", "new_tokens", "reps", "long_prompts", "rapid_tokens", "rapid_chunks"),
                "pgtd": ("weights", "pgtd_first", "pgtd_problems", "pgtd_tokens", "pgtd_rollouts", "pgtd_top_k",
                         "pgtd_timeout", "adadec_threshold")}
 
@@ -93,64 +94,92 @@ def load_model(weights):
 
 
 def measure_cell(cfg, cell):
+    import numpy as np
+
     from jaxdec import generate
+    from jaxdec.speculative import merge_raw, summarize_stats
     from jaxdec.speculative import methods as M
     model, params = load_model(cfg.weights)
-    spec_params = params
     n = cfg.new_tokens
+    if cell == "pgtd":
+        return measure_pgtd(cfg)
+    if cell not in ("iad", "long"):
+        raise SystemExit(f"unknown cell {cell!r}: choose from iad, long, pgtd")
+    stats = {}
+
+    def greedy(ps, n=n):
+        return [generate(model, params, [p], method="greedy", max_new_tokens=n, stop_ids=()).tokens[0] for p in ps]
+
+    def speculative(name, decode_one):
+        def fn(ps):
+            toks, raw = [], None
+            for i, p in enumerate(ps):
+                g = decode_one(i, p)
+                raw = merge_raw(raw, g.stats["raw"])
+                toks.append(g.tokens[0])
+            stats[name] = summarize_stats(raw)
+            return toks
+        return fn
+
+    systems, out = {"greedy": greedy}, {}
     if cell == "iad":
         from test_aggressive import editing_prompt_ids
         prompts = editing_prompt_ids()[:cfg.edit_prompts]
-        drafts = None
-        method = M.input_guided(cfg.iad_tokens)
-    elif cell == "rapid":
-        import peer
-        from jaxdec.speculative.rapid import draft_text, heldout_prompts
-        rows = heldout_prompts()[:cfg.long_prompts]
-        prompts = [peer.peer_chat_ids(r["prompt"]) for r in rows]
-        drafts = [peer.peer_chat_ids(draft_text(r["prompt"], cfg.rapid_chunks)) for r in rows]
-        method = None
-    elif cell == "longspec":
+        for k in cfg.iad_tokens:
+            dec = M.input_guided(k)
+            systems[f"iad(k={k})"] = speculative(f"iad(k={k})", lambda i, p, dec=dec: generate(
+                model, params, [p], decoder=dec, max_new_tokens=n, stop_ids=()))
+    else:
         import peer
         from jaxdec.speculative.heads import shipped_heads
         from jaxdec.speculative.heads.longspec import build
-        from jaxdec.speculative.rapid import heldout_prompts
-        prompts = [peer.peer_chat_ids(r["prompt"]) for r in heldout_prompts()[:cfg.long_prompts]]
-        drafts = None
-        method, spec_params = build(model, params, shipped_heads("longspec", "smollm2-135m"),
-                                    target=peer.default_gguf_path())
-    elif cell == "pgtd":
-        return measure_pgtd(cfg)
-    else:
-        raise SystemExit(f"unknown cell {cell!r}: choose from iad, rapid, longspec, pgtd")
-    stats = {}
-
-    def greedy(ps):
-        return [generate(model, params, [p], method="greedy", max_new_tokens=n, stop_ids=()).tokens[0] for p in ps]
-
-    def spec(ps):
-        from jaxdec.speculative import merge_raw, summarize_stats
-        from jaxdec.speculative.rapid import rapid_generate
-        toks, raw = [], None
-        for i, p in enumerate(ps):
-            if method is None:
-                g = rapid_generate(model, params, [p], [drafts[prompts.index(p)]], num_tokens=cfg.rapid_tokens,
-                                   max_new_tokens=n, stop_ids=(), longest_prompt=max(map(len, prompts)))
-            else:
-                g = generate(model, spec_params, [p], decoder=method, max_new_tokens=n, stop_ids=())
-            raw = merge_raw(raw, g.stats["raw"])
-            toks.append(g.tokens[0])
-        stats.update(summarize_stats(raw))
-        return toks
-
-    res = interleaved({"greedy": greedy, cell: spec}, prompts, cfg.reps, n, len(prompts))
-    mismatch = sum(a != b for a, b in zip(res["greedy"]["tokens"], res[cell]["tokens"]))
-    out = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-           "tau": stats["tau"], "acceptance_per_position": stats["acceptance_per_position"],
-           "speedup": ratio(res, cell, "greedy"), "mismatching_prompts": mismatch, "timing": strip_tokens(res)}
-    if drafts is not None:
+        from jaxdec.speculative.rapid import draft_text, heldout_prompts, rapid_generate
+        rows = heldout_prompts()[:cfg.long_prompts]
+        prompts = [peer.peer_chat_ids(r["prompt"]) for r in rows]
+        drafts = [peer.peer_chat_ids(draft_text(r["prompt"], cfg.rapid_chunks)) for r in rows]
+        longest = max(map(len, prompts))
+        ls_dec, ls_params = build(model, params, shipped_heads("longspec", "smollm2-135m"),
+                                  target=peer.default_gguf_path())
+        systems["rapid"] = speculative("rapid", lambda i, p: rapid_generate(
+            model, params, [p], [drafts[i]], num_tokens=cfg.rapid_tokens, max_new_tokens=n, stop_ids=(),
+            longest_prompt=longest))
+        systems["longspec"] = speculative("longspec", lambda i, p: generate(
+            model, ls_params, [p], decoder=ls_dec, max_new_tokens=n, stop_ids=()))
         out["draft_prompt_tokens"] = [len(d) for d in drafts]
-    print(f"[{cell}] τ {out['tau']:.3f}, speedup {out['speedup']['median']:.2f}x, mismatches {mismatch}", flush=True)
+    phases = {}
+    if cell == "long":  # each call's prefill and decode phases (`phase_times`), summed over its prompts
+        from jaxdec.core.loop import phase_times
+
+        def timed(name, fn):
+            def run(ps):
+                with phase_times() as ph:
+                    toks = fn(ps)
+                phases.setdefault(name, []).append([sum(x[0] for x in ph), sum(x[1] for x in ph)])
+                return toks
+            return run
+        systems = {k: timed(k, f) for k, f in systems.items()}
+    res = interleaved(systems, prompts, cfg.reps, n, len(prompts))
+    out.update({"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "timing": strip_tokens(res),
+                "methods": {}})
+    if phases:  # drop the warm-up call; per system: prefill and decode seconds per repetition
+        out["phases"] = {k: {"prefill_s": [x[0] for x in v[1:]], "decode_s": [x[1] for x in v[1:]],
+                             "first_call": v[0]} for k, v in phases.items()}
+        for k, v in out["phases"].items():
+            v["decode_s_median"] = float(np.median(v["decode_s"]))
+            v["prefill_s_median"] = float(np.median(v["prefill_s"]))
+    for name in systems:
+        if name == "greedy":
+            continue
+        row = {"tau": stats[name]["tau"], "acceptance_per_position": stats[name]["acceptance_per_position"],
+               "speedup": ratio(res, name, "greedy"),
+               "mismatching_prompts": sum(a != b for a, b in zip(res["greedy"]["tokens"], res[name]["tokens"]))}
+        if phases:
+            x = np.array(out["phases"]["greedy"]["decode_s"]) / np.array(out["phases"][name]["decode_s"])
+            row["decode_speedup"] = {"median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
+        out["methods"][name] = row
+        print(f"[{cell}] {name}: τ {row['tau']:.3f}, speedup {row['speedup']['median']:.2f}x"
+              + (f", decode phase {row['decode_speedup']['median']:.2f}x" if phases else "")
+              + f", mismatches {row['mismatching_prompts']}", flush=True)
     return out
 
 
@@ -248,15 +277,34 @@ def measure_pgtd(cfg):
 
 
 def markdown(rec):
-    spec = [c for c in rec["cells_order"] if c != "pgtd"]
-    lines = [] if not spec else ["| cell | prompts | τ | greedy tok/s | method tok/s | speedup (median [min, max]) | mismatching |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for cell in spec:
+    lines = []
+    for cell in [c for c in rec["cells_order"] if c != "pgtd"]:
         r = runner.result(rec, cell)
-        sp = r["speedup"]
-        row = [cell, r["prompts"], f"{r['tau']:.3f}", *(f"{r['timing'][k]['tok_s']:.1f}" for k in ("greedy", cell)),
-               f"{sp['median']:.2f}x [{sp['min']:.2f}, {sp['max']:.2f}]", r["mismatching_prompts"]]
-        lines.append("| " + " | ".join(map(str, row)) + " |")
+        t, ph = r["timing"], r.get("phases")
+        lines += ["", f"## {cell}: {r['prompts']} prompts of {min(r['prompt_tokens'])}-{max(r['prompt_tokens'])} tokens, "
+                      f"{rec['config']['new_tokens']} new tokens, batch 1", ""]
+        head = "| method | τ | acceptance per position | tok/s | speedup (median [min, max]) |"
+        head += " prefill s | decode s | decode speedup |" if ph else ""
+        lines += [head + " mismatching |", "|" + " --- |" * (head.count("|") - 1 + 1)]
+        row = ["greedy", "1.000", "-", f"{t['greedy']['tok_s']:.1f}", "1.00x"]
+        row += [f"{ph['greedy']['prefill_s_median']:.1f}", f"{ph['greedy']['decode_s_median']:.1f}", "1.00x"] if ph else []
+        lines.append("| " + " | ".join(row + ["-"]) + " |")
+        for name, m in r["methods"].items():
+            sp = m["speedup"]
+            row = [name, f"{m['tau']:.3f}", " ".join(f"{a:.2f}" for a in m["acceptance_per_position"]),
+                   f"{t[name]['tok_s']:.1f}", f"{sp['median']:.2f}x [{sp['min']:.2f}, {sp['max']:.2f}]"]
+            if ph:
+                d = m["decode_speedup"]
+                row += [f"{ph[name]['prefill_s_median']:.1f}", f"{ph[name]['decode_s_median']:.1f}",
+                        f"{d['median']:.2f}x [{d['min']:.2f}, {d['max']:.2f}]"]
+            lines.append("| " + " | ".join(row + [str(m["mismatching_prompts"])]) + " |")
+        if ph:
+            lines += ["", "tok/s and speedup: whole calls, prefill included. prefill s and decode s (medians per pass over "
+                          "the prompts): the two phases of each call timed apart (`jaxdec.core.loop.phase_times`: the "
+                          "decoder's init, i.e. the target's prefill plus any draft prefill, then the decode loop); "
+                          "decode speedup = median of per-repetition ratios of greedy's decode seconds to the "
+                          f"method's. RAPID's draft prompts: {min(r['draft_prompt_tokens'])}-"
+                          f"{max(r['draft_prompt_tokens'])} tokens."]
     r = runner.result(rec, "pgtd") if "pgtd" in rec["cells_order"] else None
     if r is not None:
         c = rec["config"]

@@ -223,7 +223,7 @@ def build_methods(args, model, params, curve):
                           PearlDecoder(dm, pg, draft_cost=dl / L, cost_curve=curve_from_calibration(curve)),
                           relative_cost(curve, pg), pg * dl / L))
     if args.methods:
-        methods = [m for m in methods if m.name == "jaxdec-greedy" or any(x in m.name for x in args.methods)]
+        methods = [m for m in methods if m.name == "jaxdec-greedy" or any(m.name.startswith(x) for x in args.methods)]
     return methods, {"tree": {"parents": list(tree.parents), "ranks": list(tree.ranks)}, "predicted": pred,
                      "candidates": table, "layer_skip": layer_choice}
 
@@ -413,7 +413,8 @@ class Config:
     pearl_gamma: int = dataclasses.field(default=4, metadata={"help": "PEARL's window (draft tokens per draft "
                                                                       "phase)"})
     methods: tuple[str, ...] = dataclasses.field(default=(), metadata={
-        "help": "only methods whose name contains one of these (jaxdec-greedy always runs)"})
+        "help": "only methods whose name starts with one of these, e.g. del swift 'pld(k=4' (jaxdec-greedy always "
+                "runs)"})
     no_hf: bool = dataclasses.field(default=False, metadata={"help": "skip the HF peer rows"})
     groups: tuple[str, ...] = runner.select(("code", "chat", "copy"), "prompt groups (cells): HumanEval code, chat, "
                                                                       "copy-heavy chat (edit/repeat an input)")

@@ -320,8 +320,9 @@ def run(decoder, model, params, units, *, expand: int = 1, samples_per_prompt: i
             state = loop.run_debug(decoder, model, params, toks, lens, inputs, size, callback=callback,
                                    prefix_size=prefix_size, prefix_groups=max(groups, 1))
         else:
-            state = loop.run_jit(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size,
-                                 prefix_groups=max(groups, 1))
+            compiled = loop.run_phases if loop.timing_phases() else loop.run_jit
+            state = compiled(decoder, model, params, toks, lens, inputs, size, prefix_size=prefix_size,
+                             prefix_groups=max(groups, 1))
         state = jax.block_until_ready(state)
         results.append((state, real))
         if hot_start and hook(decoder, "carry") is not None:

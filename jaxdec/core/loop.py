@@ -9,12 +9,16 @@ A decoder is a frozen (hashable) dataclass of static configuration with three pu
 `inputs` is a dict of traced per-row arrays (max_new, min_new, keys, stop_ids, sampling parameters ...).
 A new method is a new `step`, not a new loop. `debug=True` runs the very same `init`/`step` functions in
 a Python loop (each jitted on its own, or not at all with `trace=False`) and calls `callback(state)`
-after every step: streaming and debugging use the code that production runs.
+after every step: streaming and debugging use the code that production runs. Inside a `phase_times()`
+block the driver runs `init` and the loop as two compiled programs and records each one's wall time
+(prefill vs decode, for benchmarks).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import time
 
 import jax
 
@@ -75,6 +79,46 @@ def _init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: 
 def _step_jit(decoder, model, params, state):
     count_trace(f"step:{type(decoder).__name__}")
     return decoder.step(model, params, state)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "model"))
+def _loop_jit(decoder, model, params, state):
+    count_trace(f"loop:{type(decoder).__name__}")
+    return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
+
+
+_PHASES: list = []  # the open `phase_times()` blocks' lists (innermost last)
+
+
+@contextlib.contextmanager
+def phase_times():
+    """Within the block the driver runs each batch's decoder ``init`` (the prompt's prefill) and its loop as
+    two compiled programs, waits for each, and appends ``(prefill_s, decode_s)`` to the yielded list, one pair
+    per batch. The same init and step, so the same tokens; only the one jit boundary between them differs
+    from the fused program. For benchmarks that time the decode phase apart from a long prompt's prefill
+    (first calls include compilation). Not thread-safe: one block at a time per process."""
+    times: list = []
+    _PHASES.append(times)
+    try:
+        yield times
+    finally:
+        _PHASES.remove(times)
+
+
+def timing_phases() -> bool:
+    return bool(_PHASES)
+
+
+def run_phases(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, prefix_size=None,
+               prefix_groups: int = 1):
+    """`run_jit` as init then loop, timed into the innermost open `phase_times()` list."""
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(_init_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size,
+                                            prefix_size, prefix_groups))
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(_loop_jit(decoder, model, params, state))
+    _PHASES[-1].append((t1 - t0, time.perf_counter() - t1))
+    return state
 
 
 def run_debug(decoder, model, params, prompts, prompt_lens, inputs, cache_size: int, callback=None,
