@@ -155,15 +155,17 @@ def hf_sampling(setting: dict) -> dict:
 
 def interleaved(systems: dict, prompts: list, reps: int, n_new: int, rows: int) -> dict:
     """Time every system: one untimed warm-up call (compile), then `reps` calls interleaved across systems
-    (order reversed every other repetition). Returns per system: seconds, tok/s stats, first-call time, tokens."""
-    out = {}
+    (order reversed every other repetition). Returns per system: seconds, tok/s stats, first-call time, tokens.
+    n_new=None: rows may end early (at EOS); tok/s counts the tokens each system's warm-up call wrote."""
+    out, count = {}, {}
     for name, fn in systems.items():
         t0 = time.perf_counter()
         toks = fn(prompts)
         out[name] = {"first_call_s": time.perf_counter() - t0, "seconds": [], "tokens": toks}
         lens = {len(t) for t in toks}
-        if lens != {n_new}:
+        if n_new is not None and lens != {n_new}:
             raise RuntimeError(f"{name}: expected exactly {n_new} new tokens per row, got lengths {sorted(lens)}")
+        count[name] = rows * n_new if n_new is not None else sum(len(t) for t in toks)
         print(f"  warm-up {name}: {out[name]['first_call_s']:.2f} s", flush=True)
     names = list(systems)
     for rep in range(reps):
@@ -171,10 +173,10 @@ def interleaved(systems: dict, prompts: list, reps: int, n_new: int, rows: int) 
             t0 = time.perf_counter()
             systems[name](prompts)
             out[name]["seconds"].append(time.perf_counter() - t0)
-        print(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{n} {rows * n_new / out[n]['seconds'][-1]:.1f} tok/s"
+        print(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{n} {count[n] / out[n]['seconds'][-1]:.1f} tok/s"
                                                     for n in names), flush=True)
     for name, r in out.items():
-        tps = np.array([rows * n_new / s for s in r["seconds"]])
+        tps = np.array([count[name] / s for s in r["seconds"]])
         r.update(tok_s=float(np.median(tps)), tok_s_min=float(tps.min()), tok_s_max=float(tps.max()))
     return out
 

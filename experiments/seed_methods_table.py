@@ -29,14 +29,15 @@ Cells (run all, or pick with --cells):
              program each (references below that budget). The table also counts decoder runs and
              teacher-forced forwards per problem and the wall time, which are not equal.
 
-The speculative cells: every method decodes a fixed N new tokens per prompt at batch 1 (EOS ignored: ``stop_ids=()``), greedily,
+The speculative cells: every method decodes a fixed N new tokens per prompt at batch 1 (EOS ignored: ``stop_ids=()``;
+iad with --iad-eos, the default: until EOS, at most N, so every lossless row writes greedy's tokens), greedily,
 with the same weights as the greedy baseline (--weights, every cell). Timed from token ids in to ids on the host, prefill
 included, after one untimed warm-up call per system (its time is reported as the first call), median of
 --reps interleaved repetitions (order reversed every other repetition) with min/max; speedup = median of
 per-repetition ratios. Every output is compared with greedy's tokens (mismatching prompts are counted; the
 tests check exactness under the near-tie rule). Writes experiments/results/seed_methods_table.{json,md}.
 
-    python experiments/seed_methods_table.py                 # 10 editing + 8 long prompts, 64 HumanEval
+    python experiments/seed_methods_table.py                 # 10 editing, 8 long prompts, 64 HumanEval problems
     python experiments/seed_methods_table.py --cells long --long-prompts 4 --new-tokens 64
     python experiments/seed_methods_table.py --cells pgtd --pgtd-problems 10 --pgtd-rollouts 4
     python experiments/seed_methods_table.py --smoke         # 1 editing prompt, 8 tokens, 1 rep, temp dir
@@ -66,6 +67,8 @@ class Config:
     edit_prompts: int = field(default=10, metadata={"help": "editing prompts (iad cell)"})
     long_prompts: int = field(default=8, metadata={"help": "held-out long prompts (long cell; 13 shipped)"})
     iad_tokens: tuple[int, ...] = field(default=(4, 16), metadata={"help": "iad: draft lengths (a row each)"})
+    iad_eos: bool = field(default=True, metadata={"help": "iad: rows end at EOS (the edited text's end; at most "
+                                                          "--new-tokens) instead of writing exactly --new-tokens"})
     rapid_tokens: int = field(default=6, metadata={"help": "rapid: draft length"})
     rapid_chunks: int = field(default=4, metadata={"help": "rapid: retrieved chunks"})
     pgtd_first: int = field(default=100, metadata={"help": "pgtd: first HumanEval problem (100-163 held out)"})
@@ -81,7 +84,7 @@ class Config:
 
 
 SMOKE = Config(new_tokens=8, reps=1, edit_prompts=1, long_prompts=1, iad_tokens=(4,), cells=("iad",))
-CELL_FIELDS = {"iad": ("weights", "new_tokens", "reps", "edit_prompts", "iad_tokens"),
+CELL_FIELDS = {"iad": ("weights", "new_tokens", "reps", "edit_prompts", "iad_tokens", "iad_eos"),
                "long": ("weights", "new_tokens", "reps", "long_prompts", "rapid_tokens", "rapid_chunks"),
                "pgtd": ("weights", "pgtd_first", "pgtd_problems", "pgtd_tokens", "pgtd_rollouts", "pgtd_top_k",
                         "pgtd_timeout", "adadec_threshold")}
@@ -106,9 +109,11 @@ def measure_cell(cfg, cell):
     if cell not in ("iad", "long"):
         raise SystemExit(f"unknown cell {cell!r}: choose from iad, long, pgtd")
     stats = {}
+    eos = cell == "iad" and cfg.iad_eos  # rows end at EOS: lossless methods write greedy's tokens, as many
+    stop = {} if eos else {"stop_ids": ()}
 
-    def greedy(ps, n=n):
-        return [generate(model, params, [p], method="greedy", max_new_tokens=n, stop_ids=()).tokens[0] for p in ps]
+    def greedy(ps):
+        return [generate(model, params, [p], method="greedy", max_new_tokens=n, **stop).tokens[0] for p in ps]
 
     def speculative(name, decode_one):
         def fn(ps):
@@ -128,7 +133,7 @@ def measure_cell(cfg, cell):
         for k in cfg.iad_tokens:
             dec = M.input_guided(k)
             systems[f"iad(k={k})"] = speculative(f"iad(k={k})", lambda i, p, dec=dec: generate(
-                model, params, [p], decoder=dec, max_new_tokens=n, stop_ids=()))
+                model, params, [p], decoder=dec, max_new_tokens=n, **stop))
     else:
         import peer
         from jaxdec.speculative.heads import shipped_heads
@@ -158,7 +163,9 @@ def measure_cell(cfg, cell):
                 return toks
             return run
         systems = {k: timed(k, f) for k, f in systems.items()}
-    res = interleaved(systems, prompts, cfg.reps, n, len(prompts))
+    res = interleaved(systems, prompts, cfg.reps, None if eos else n, len(prompts))
+    if eos:
+        out["new_tokens_per_prompt"] = [len(t) for t in res["greedy"]["tokens"]]
     out.update({"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "timing": strip_tokens(res),
                 "methods": {}})
     if phases:  # drop the warm-up call; per system: prefill and decode seconds per repetition
@@ -281,8 +288,11 @@ def markdown(rec):
     for cell in [c for c in rec["cells_order"] if c != "pgtd"]:
         r = runner.result(rec, cell)
         t, ph = r["timing"], r.get("phases")
+        c = rec["cells"][cell]["config"]
+        new = (f"until EOS ({min(r['new_tokens_per_prompt'])}-{max(r['new_tokens_per_prompt'])} new tokens, at most "
+               f"{c['new_tokens']})" if "new_tokens_per_prompt" in r else f"{c['new_tokens']} new tokens")
         lines += ["", f"## {cell}: {r['prompts']} prompts of {min(r['prompt_tokens'])}-{max(r['prompt_tokens'])} tokens, "
-                      f"{rec['config']['new_tokens']} new tokens, batch 1", ""]
+                      f"{new}, batch 1, {c['weights']} weights", ""]
         head = "| method | τ | acceptance per position | tok/s | speedup (median [min, max]) |"
         head += " prefill s | decode s | decode speedup |" if ph else ""
         lines += [head + " mismatching |", "|" + " --- |" * (head.count("|") - 1 + 1)]
@@ -307,15 +317,15 @@ def markdown(rec):
                           f"{max(r['draft_prompt_tokens'])} tokens."]
     r = runner.result(rec, "pgtd") if "pgtd" in rec["cells_order"] else None
     if r is not None:
-        c = rec["config"]
-        B = r.get("budget_programs", c["pgtd_rollouts"])
+        c = rec["cells"]["pgtd"]["config"]
+        B = r["budget_programs"]
         lines += ["", f"## PG-TD vs greedy, beam {B} and AdaDec: HumanEval {r['first']} .. {r['last']} ({r['problems']} "
-                      f"problems, {c['pgtd_tokens']} new tokens, batch 1, {c.get('weights', 'f32')} weights)", "",
+                      f"problems, {c['pgtd_tokens']} new tokens, batch 1, {c['weights']} weights)", "",
                   "| method | pass@1 (hidden tests) | 95% CI | public-test pass rate | programs scored / problem "
                   "| decoder runs / problem | forwards / problem | seconds |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         labels = {"greedy": "greedy", "beam": f"beam {B} (best beam on public tests)",
-                  "adadec": f"AdaDec (threshold {c.get('adadec_threshold', 1.0)})", "pgtd": f"PG-TD (top-{c['pgtd_top_k']})"}
+                  "adadec": f"AdaDec (threshold {c['adadec_threshold']})", "pgtd": f"PG-TD (top-{c['pgtd_top_k']})"}
         for m in [m for m in labels if m in r]:
             x = r[m]
             pub = "-" if x["public_pass_rate"] is None else f"{x['public_pass_rate']:.3f}"
@@ -335,7 +345,8 @@ def markdown(rec):
 def main(argv=None):
     cfg, opts = runner.parse_args(Config, argv, description=__doc__, smoke=SMOKE)
     runner.run_experiment("seed_methods_table", cfg, list(cfg.cells), lambda c: measure_cell(cfg, c), opts=opts,
-                          title="Seed methods (issue 21): τ and speedup over jaxdec greedy (batch 1, f32); PG-TD vs greedy on HumanEval",
+                          title="Seed methods (issue 21): τ and speedup over jaxdec greedy (batch 1); PG-TD vs greedy, beam "
+                                "and AdaDec on HumanEval",
                           markdown=markdown, depends=lambda c: list(CELL_FIELDS[c]))
 
 

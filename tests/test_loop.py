@@ -74,6 +74,23 @@ def test_trace_counter_moves_when_a_shape_changes(monkeypatch):
     assert moves(capacity=48) == 0  # a real retrace that the frozen counter hides: the check above fails
 
 
+def test_phase_times_splits_prefill_and_decode_with_the_same_tokens(model_f32, chat_prompt_ids):
+    """`loop.phase_times()`: init and loop compiled apart, one (prefill_s, decode_s) pair per batch, the fused
+    program's tokens (greedy and a speculative decoder); the block closes after it."""
+    from jaxdec.speculative import PromptLookupDrafter, SpeculativeDecoder
+    model, params = model_f32
+    prompts = chat_prompt_ids[:3]
+    spec = SpeculativeDecoder(PromptLookupDrafter(3, 2))
+    for kw in ({}, {"decoder": spec}):
+        ref = generate(model, params, prompts, max_new_tokens=6, batch_size=2, **kw)
+        with loop.phase_times() as ph:
+            assert loop.timing_phases()
+            out = generate(model, params, prompts, max_new_tokens=6, batch_size=2, **kw)
+        assert out.tokens == ref.tokens, kw
+        assert len(ph) == 2 and all(p > 0 and d > 0 for p, d in ph), ph  # two batches of the 3 prompts
+        assert not loop.timing_phases()
+
+
 def test_max_new_tokens_and_finish_reasons(model_f32, chat_prompt_ids):
     model, params = model_f32
     g = generate(model, params, chat_prompt_ids[:3], max_new_tokens=5, stop_ids=())

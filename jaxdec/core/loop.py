@@ -64,6 +64,11 @@ def run_jit(decoder, model, params, prompts, prompt_lens, inputs, cache_size: in
     count_trace(f"run:{type(decoder).__name__}")
     cache = _cache_for(decoder, model, prompts.shape[0], cache_size, prefix_size, prefix_groups)
     state = decoder.init(model, params, prompts, prompt_lens, cache, inputs)
+    return decode_loop(decoder, model, params, state)
+
+
+def decode_loop(decoder, model, params, state):
+    """`step` until `done`: the one decode loop (traced inside `run_jit`, and alone by `_loop_jit`)."""
     return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
 
 
@@ -84,7 +89,7 @@ def _step_jit(decoder, model, params, state):
 @functools.partial(jax.jit, static_argnames=("decoder", "model"))
 def _loop_jit(decoder, model, params, state):
     count_trace(f"loop:{type(decoder).__name__}")
-    return jax.lax.while_loop(lambda s: ~_done(decoder, s), lambda s: decoder.step(model, params, s), state)
+    return decode_loop(decoder, model, params, state)
 
 
 _PHASES: list = []  # the open `phase_times()` blocks' lists (innermost last)
