@@ -127,6 +127,12 @@ class Setup:
             dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
                                         target=m.path, tree_topk=topk, tree_nodes=nodes)
             rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
+        for spec in cfg.medusa_widths:
+            from jaxdec.speculative.tree import TreeSpec
+            tree = TreeSpec.from_widths([int(w) for w in spec.split(",")])
+            dec, params = methods.medusa(m.model, m.params, cfg.medusa or shipped_heads("medusa", "smollm2-135m"),
+                                         target=m.path, tree=tree)
+            rows.append(Method(f"medusa-tree{spec.replace(',', 'x')}", m.model, params, dec))
         if not cfg.no_model_free:
             rows.append(Method("pld", m.model, m.params, SpeculativeDecoder(PromptLookupDrafter(num_tokens=8))))
             rows.append(Method("recycling", m.model, m.params, SpeculativeDecoder(TokenRecyclingDrafter())))
@@ -276,6 +282,9 @@ class Config:
     eagle_tree: tuple[int, ...] = dataclasses.field(default=(), metadata={
         "help": "TOPK NODES of an EAGLE-2 dynamic-tree row for the EAGLE head (default none: the shipped head's "
                 "calibrated chain of 1 cannot grow a tree beyond TOPK nodes; EagleConfig refuses a larger one)"})
+    medusa_widths: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "extra Medusa rows, one per static tree given as its widths per depth (TreeSpec.from_widths), "
+                "e.g. 3 3,2: the first head's top 3, then each with the second head's top 2"})
     no_model_free: bool = dataclasses.field(default=False, metadata={"help": "skip the PLD / recycling rows"})
     methods: tuple[str, ...] = runner.select((), "only rows whose name contains one of these (greedy always runs)")
     groups: tuple[str, ...] = runner.select(GROUPS, "prompt groups (cells)")
@@ -294,6 +303,9 @@ def main(argv=None):
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
     if cfg.eagle_tree and (len(cfg.eagle_tree) != 2 or min(cfg.eagle_tree) < 1):
         opts.parser.error(f"--eagle-tree takes TOPK NODES (two integers >= 1), got {cfg.eagle_tree}")
+    for spec in cfg.medusa_widths:
+        if not all(w.isdigit() and int(w) >= 1 for w in spec.split(",")):
+            opts.parser.error(f"--medusa-widths takes comma-separated integers >= 1 per tree, got {spec!r}")
     for p in (cfg.medusa, cfg.eagle, cfg.clover, cfg.s2d, cfg.specdec_pp, cfg.hidden_transfer, cfg.ppd, cfg.lud,
               cfg.longspec, *cfg.eagle_curve):
         if p and not os.path.isfile(p):
