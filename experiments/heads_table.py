@@ -127,8 +127,8 @@ class Setup:
             dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
                                         target=m.path, tree_topk=topk, tree_nodes=nodes)
             rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
+        from jaxdec.speculative.tree import TreeSpec
         for spec in cfg.medusa_widths:
-            from jaxdec.speculative.tree import TreeSpec
             tree = TreeSpec.from_widths([int(w) for w in spec.split(",")])
             dec, params = methods.medusa(m.model, m.params, cfg.medusa or shipped_heads("medusa", "smollm2-135m"),
                                          target=m.path, tree=tree)
