@@ -297,3 +297,133 @@ def test_shipped_head_lossless_batch1_and_ragged_batch8(shipped):
         taus[bs, mt] = (out.stats["tau"], out.stats["draft_calls"] / out.stats["target_calls"])
     print("shipped specdec_pp (τ, draft calls per target call) per (batch, min_tokens):", taus)
     neartie.assert_sequences_match(pairs, t["dlogit"])
+
+
+# --------------------------------------------------------------------------- the learned stop on EAGLE chains
+# Toy: `peaked_trigram`'s target (greedy next token perm[tok]) and an EAGLE head trained 20 steps on its
+# greedy text with a draft vocabulary of 11 of the 16 tokens, so a draft is rejected where the target's next
+# token is outside it (and where the briefly trained head errs): what an acceptance head reading the EAGLE
+# layer's output can learn. The stop head is then trained on the EAGLE labels (train/specdec_pp.py
+# --drafter eagle). Every stop-head run shares one compiled program (same head shapes; settings are traced).
+EK = 4  # EAGLE chain length
+
+
+@pytest.fixture(scope="module")
+def eagle_toy(tmp_path_factory):
+    from jaxdec.speculative.heads.eagle import load_eagle
+    from jaxdec.testing.toy_speculative import peaked_trigram
+    from train.eagle import EagleTrainConfig, train_eagle
+    from train.specdec_pp import SpecDecPPTrainConfig, train_specdec_pp
+    model, params, prompts = peaked_trigram(V, 48, seed=1)
+    gen = jaxdec.generate(model, params, prompts[:40], max_new_tokens=MAX_NEW)
+    seqs = [p + list(t) for p, t in zip(prompts[:40], gen.tokens)]
+    plens = [len(p) for p in prompts[:40]]
+    d = tmp_path_factory.mktemp("specdec_pp_eagle")
+    ecfg = EagleTrainConfig(out=str(d / "eagle"), steps=20, batch_size=8, lr=0.05, warmup=2, seq_len=32,
+                            eval_every=20, save_every=20, log_every=1, progress=False, draft_vocab=11, num_tokens=EK)
+    _, epath = train_eagle(ecfg, model, params, seqs, plens, FP, log=lambda *a: None)
+    ec, ehp, _, d2t = load_eagle(epath, FP)
+    cfg = SpecDecPPTrainConfig(out=str(d / "stop"), steps=60, batch_size=8, lr=0.1, warmup=2, seq_len=32,
+                               num_layers=1, eval_every=30, save_every=30, log_every=1, progress=False,
+                               eval_fraction=0.1, drafter="eagle", depths=3)
+    res, path = train_specdec_pp(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
+                                 log=lambda *a: None, eagle=(ec, ehp, np.asarray(d2t)))
+    test = prompts[40:]
+    assert len({len(p) for p in test}) >= 3  # a ragged batch
+    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW).tokens
+    return dict(model=model, params=params, prompts=prompts, seqs=seqs, plens=plens, epath=epath, ec=ec, ehp=ehp,
+                d2t=np.asarray(d2t), res=res, path=path, acfg=res.acceptance_config, test=test, greedy=greedy,
+                dir=d)
+
+
+def _eagle(t, stop_head=None, prompts=None, **kw):
+    dec, pp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=stop_head, **kw)
+    return dec, pp, jaxdec.generate(t["model"], pp, prompts or t["test"], decoder=dec, max_new_tokens=MAX_NEW)
+
+
+def _fixed_head(t, logit):
+    hp = dict(A.init_params(t["acfg"]))
+    hp["out_b"] = jnp.full((2,), float(logit))  # p_accept = sigmoid(50) = 1 (never stops) or 0 (always)
+    return (t["acfg"], hp)
+
+
+def _row_cost_speedup(stats):
+    """Tokens per unit cost per row (ragged batch): a row step costs 1, each draft token it proposed
+    COST_DRAFT (one draft-layer call each)."""
+    raw = stats["raw"]
+    return int(np.sum(raw["emitted"])) / (stats["row_steps"] + COST_DRAFT * int(np.sum(raw["pos_offered"])))
+
+
+def test_eagle_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untrained(eagle_toy):
+    t = eagle_toy
+    _, _, off = _eagle(t)
+    assert off.tokens == t["greedy"] and off.stats["tau"] > 2.0  # the trained EAGLE head drafts well
+    assert np.all(np.asarray(off.stats["raw"]["pos_offered"]) > 0)  # the full chain of EK offered
+    runs = {}
+    for name, head in (("never", _fixed_head(t, 50.0)), ("always", _fixed_head(t, -50.0)), ("trained", t["path"]),
+                       ("untrained", (t["acfg"], A.init_params(t["acfg"], seed=3)))):
+        dec, pp, out = _eagle(t, head)
+        assert dec.verify_buckets == "auto" and dec.drafter.stop_head is not None
+        assert out.tokens == t["greedy"], name  # lossless on the ragged batch
+        runs[name] = (dec, pp, out)
+    never = runs["never"][2].stats
+    for k in ("tau", "target_calls", "draft_calls", "row_steps"):  # a head that never stops = EAGLE without one
+        assert never[k] == off.stats[k], k
+    np.testing.assert_array_equal(never["acceptance_per_position"], off.stats["acceptance_per_position"])
+    # a head that always predicts rejection drafts min_tokens per step (and one draft call each)
+    dec, pp, always = runs["always"]
+    for mt in (1, 2):
+        out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=mt), t["test"], decoder=dec,
+                              max_new_tokens=MAX_NEW)
+        assert out.tokens == t["greedy"]
+        off_pos = np.asarray(out.stats["raw"]["pos_offered"])
+        assert np.all(off_pos[:mt] > 0) and np.all(off_pos[mt:] == 0), (mt, off_pos)
+        assert out.stats["draft_calls"] == mt * out.stats["block_calls"], (mt, out.stats)
+        bucket = {1: 2, 2: 4}[mt]  # the smallest "auto" bucket (1, 2, 4, EK + 1) holding mt drafts + the root
+        assert out.stats["block_tokens"] == bucket * out.stats["block_calls"], (mt, out.stats["bucket_steps"])
+    # the trained head beats the untrained one under the per-row cost model, and drafts less than the full chain
+    sp = {n: _row_cost_speedup(r[2].stats) for n, r in runs.items()}
+    tr = runs["trained"][2].stats
+    assert sp["trained"] > 1.05 * sp["untrained"], sp
+    assert sp["trained"] > 1.02 * sp["never"], sp  # and the full chain (same τ here, fewer rejected drafts)
+    assert tr["tau"] > runs["untrained"][2].stats["tau"] and tr["tau"] > 1.5, (tr["tau"], sp)
+    drafted = lambda st: int(np.sum(st["raw"]["pos_offered"])) / st["row_steps"]  # noqa: E731
+    assert drafted(tr) < 0.9 * drafted(off.stats), (drafted(tr), drafted(off.stats))
+    print("EAGLE + stop (ragged batch 8): per-row cost speedup", sp, "tau", {n: r[2].stats["tau"] for n, r in runs.items()},
+          "drafted per row step", {n: drafted(r[2].stats) for n, r in runs.items()})
+
+
+def _simulate_first_draft(labels, plen, max_new):
+    """Row steps and accepted tokens of a chain of exactly one draft token per step, from depth-1 labels
+    ``labels[t]`` (the draft after the token at t + 1 is accepted iff 1): what the real drafter must do."""
+    length, steps, acc = plen + 1, 0, 0  # the prefill emitted the first new token
+    while length < plen + max_new:
+        ok = bool(labels[length - 2])  # (on the last step a right draft counts as accepted, its bonus is cut)
+        steps, acc, length = steps + 1, acc + int(ok), length + 1 + int(ok)
+    return steps, acc
+
+
+def test_eagle_labels_are_the_drafters_first_token_acceptance(eagle_toy):
+    """The depth-1 labels of the label pass (teacher forcing the EAGLE head on the target's greedy text)
+    predict exactly what the real drafter does when it drafts one token per step (an always-stopping head,
+    min_tokens 1): its row steps and accepted tokens on those sequences. Deeper passes exist and differ."""
+    from train.medusa import sequences_to_arrays
+    from train.specdec_pp import eagle_label_pass
+    t = eagle_toy
+    n = 8
+    arr = sequences_to_arrays(t["seqs"][:n], t["plens"][:n], 32)
+    lab = eagle_label_pass(t["model"], t["params"], t["ec"], t["ehp"], t["d2t"], arr, "greedy", 4, 3,
+                           log=lambda *a: None)
+    y = lab["label"].reshape(n, 3, -1)
+    m = lab["mask"].reshape(n, 3, -1)
+    assert lab["feat"].shape == (n, 3 * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
+    assert m[:, 1].sum() < m[:, 0].sum() and not np.array_equal(lab["feat"][:, :31], lab["feat"][:, 31:62])
+    want = [_simulate_first_draft(y[i, 0], t["plens"][i], MAX_NEW) for i in range(n)]
+    dec, pp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=_fixed_head(t, -50.0))
+    out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=1), t["prompts"][:n], decoder=dec,
+                          max_new_tokens=MAX_NEW)
+    assert [p + list(o) for p, o in zip(t["prompts"][:n], out.tokens)] == t["seqs"][:n]
+    assert (out.stats["row_steps"], int(out.stats["raw"]["accepted"])) == tuple(np.sum(want, axis=0)), want
+    # control: labels of another head (or shifted by one position) predict other counts
+    shifted = [_simulate_first_draft(np.roll(y[i, 0], 1), t["plens"][i], MAX_NEW) for i in range(n)]
+    assert tuple(np.sum(shifted, axis=0)) != tuple(np.sum(want, axis=0))

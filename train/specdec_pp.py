@@ -17,6 +17,23 @@ half, as `jaxdec.speculative.methods.draft_model`) or ``--draft FILE``, a distil
 (`jaxdec.speculative.heads.draft_lm`, ``--draft-depth`` for an S2D exit); the choice is recorded in the
 heads file's config (``draft``), and `acceptance.build` refuses another draft.
 
+``--drafter eagle`` (``--eagle FILE``, default the EAGLE head shipped for ``--model``): the head is
+trained to stop an EAGLE chain (`jaxdec.speculative.methods.eagle(..., stop_head=)`). Labels come from
+teacher forcing the EAGLE head on the target's text: its output ``o_t`` over (target feature at t, token
+t + 1) scores the token at t + 2 exactly as the first draft of a chain whose last accepted token is
+t + 1; greedy label 1 iff the head's top token (through d2t) equals the target's argmax there, sampling
+label ``min(1, p(x)/q(x))`` for ``x ~ q`` over the draft vocabulary. Deeper chain positions read the
+head's own outputs, not the target's features; they are labelled by unrolling the head over the
+sequence as train/eagle.py's training-time test does (``--depths D`` passes, pass s + 1 fed the
+outputs of pass s as features): pass s at t is the depth-(s + 1) draft of the token at t + 2, given
+every earlier draft of that chain was accepted. This is an approximation at depth >= 2: in a real chain
+the layer's cache holds the target's features at every earlier position, while the unrolled pass's
+attention sees its own outputs there (train/eagle.py's training-time test has the same gap); depths past
+``D`` get no labels of their own (the head applies what it learned at D). The lookahead output learns
+the next depth's label at t + 1 (the deepest pass learns its own depth's, the same approximation). The
+heads file records the EAGLE head's `jaxdec.speculative.heads.eagle.draft_id` (``draft``), so
+`methods.eagle` refuses the head on another EAGLE head.
+
 Target states: ``--hidden stored`` reads/writes the target's final-norm hidden states through
 train.medusa's shared cache (``--hidden-cache``) and scores them with the LM head; ``recompute`` runs the
 target in the label pass. Writes ``<out>/heads.safetensors`` (kind "specdec_pp") like train/medusa.py.
@@ -43,6 +60,9 @@ class SpecDecPPTrainConfig(TrainConfig):
     draft_layers: int = 0  # the target's first N layers as the draft (0: half the target's layers)
     draft: str = ""  # or a distilled draft's heads file (train/distill_draft.py)
     draft_depth: int = 0  # with --draft: the exit (0: its deepest)
+    drafter: str = "draft-model"  # the drafter the head stops: "draft-model" or "eagle"
+    eagle: str = ""  # --drafter eagle: the EAGLE heads file ("": the one shipped for --model)
+    depths: int = 3  # --drafter eagle: chain depths labelled by unrolled passes (see the module docstring)
     num_layers: int = 3  # residual blocks of the head (the paper's 3)
     weight_mismatch: float = 6.0  # BCE weight of rejected positions (the paper's 6)
     labels: str = "greedy"  # "greedy" (0/1: draft argmax == target argmax) or "sampling" (min(1, p/q))
@@ -70,6 +90,19 @@ class SpecDecPPTrainConfig(TrainConfig):
             raise ConfigError("give --draft-layers or --draft FILE, not both")
         if self.draft_depth and not self.draft:
             raise ConfigError("--draft-depth needs --draft FILE")
+        if self.drafter not in ("draft-model", "eagle"):
+            raise ConfigError(f"--drafter must be 'draft-model' or 'eagle', got {self.drafter!r}")
+        if isinstance(self.depths, bool) or not isinstance(self.depths, int) or self.depths < 1:
+            raise ConfigError(f"--depths must be an integer >= 1, got {self.depths!r}")
+        if self.drafter == "eagle":
+            if self.draft or self.draft_layers or self.draft_depth:
+                raise ConfigError("--draft / --draft-layers / --draft-depth choose a draft model: not with "
+                                  "--drafter eagle (its draft is --eagle FILE)")
+        elif self.eagle:
+            raise ConfigError("--eagle FILE needs --drafter eagle")
+        elif self.depths != 3:
+            raise ConfigError("--depths is used only with --drafter eagle (a draft model's label pass reads its "
+                              "own chain states)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,6 +173,102 @@ def label_pass(model, tparams, dm, dparams, arrays: dict, labels: str, batch: in
     return {"feat": np.concatenate(feats), "label": np.concatenate(ys).astype(np.float32), "mask": mask}
 
 
+def make_eagle_label_fn(model, ecfg, labels: str, stored: bool, depths: int):
+    """jitted ``(target params, EAGLE head params, head_w, d2t, tokens [b,T], stored target states or None,
+    key) -> (EAGLE outputs [b,D,T-1,E] float16, labels [b,D,T-1])``: pass s's output at t and the label of
+    the token it scores (t + 2; see the module docstring)."""
+    from jaxdec.quant import matmul
+    from jaxdec.speculative.heads.eagle import draft_inputs, layer_params, target_features
+    from jaxdec.speculative.heads.medusa import lm_head
+    from train.eagle import split_stored
+    lm = ecfg.layer_model("reference")
+
+    def fn(tp, hp, head_w, d2t, tokens, thid, key):
+        b, t = tokens.shape
+        if stored:
+            hidden, lh = split_stored(ecfg, thid.astype(jnp.float32))
+            tl = matmul(hidden, lm_head(model, tp)).astype(jnp.float32)
+        else:
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            o = model(tp, tokens, pos, model.init_cache(b, t), hidden_layers=ecfg.model_layers)
+            hidden, lh, tl = o.hidden, o.layer_hidden, o.logits.astype(jnp.float32)
+        hid = target_features(ecfg, hp, hidden, lh)  # [b,T,E]
+        n = t - 1  # o_t for t = 0 .. T-2 scores the token at t + 2, whose target logits are tl[:, t + 1]
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        nxt = tokens[:, 1:]
+        tgt = tl[:, 1:]
+        lp_t = jax.nn.log_softmax(tgt, -1)
+        lpar = layer_params(hp, head_w)
+        feat, outs, ys = hid[:, :n], [], []
+        for s in range(depths):
+            out = lm(lpar, None, pos, lm.init_cache(b, n), embeds=draft_inputs(hp, model, tp, feat, nxt))
+            dl = out.logits.astype(jnp.float32)  # [b,n,Vd]
+            if labels == "greedy":
+                y = (d2t[jnp.argmax(dl, -1)] == jnp.argmax(tgt, -1)).astype(jnp.float32)
+            else:
+                lq = jax.nn.log_softmax(dl, -1)
+                x = jax.random.categorical(jax.random.fold_in(key, s), lq, axis=-1)
+                gap = jnp.take_along_axis(lp_t, d2t[x][..., None], -1)[..., 0] - \
+                    jnp.take_along_axis(lq, x[..., None], -1)[..., 0]
+                y = jnp.exp(jnp.minimum(gap, 0.0))
+            outs.append(out.hidden.astype(jnp.float16))
+            ys.append(y)
+            feat = jnp.concatenate([hid[:, :1], out.hidden[:, :-1].astype(jnp.float32)], axis=1)  # f_{t+1} <- o_t
+        return jnp.stack(outs, 1), jnp.stack(ys, 1)
+
+    return jax.jit(fn)
+
+
+def eagle_label_positions(length, prompt_len, t: int, depths: int):
+    """``[N,D,T-1]`` bool: pass s at t labels the token at t + 2 (generated by the target and inside the
+    sequence) for a chain whose last accepted token, t + 1 - s, is at the last prompt token or later."""
+    ar = np.arange(t - 1)[None, None]
+    s = np.arange(depths)[None, :, None]
+    plen = np.asarray(prompt_len)[:, None, None]
+    return (ar >= plen - 2 + s) & (ar + 2 < np.asarray(length)[:, None, None])
+
+
+def eagle_label_pass(model, tparams, ecfg, hp, d2t, arrays: dict, labels: str, batch: int, depths: int, seed: int = 0,
+                     target_hidden=None, log=print) -> dict:
+    """The EAGLE head unrolled ``depths`` passes over ``arrays["tokens"]`` -> ``{"feat" [N,D*(T-1),E] f16,
+    "label", "mask", "label_next", "mask_next" [N,D*(T-1)]}``: the passes side by side on one axis; the
+    ``*_next`` pair is the lookahead output's target (depth s + 1 at t + 1; the deepest pass its own)."""
+    from jaxdec.speculative.heads.medusa import draft_head
+    tokens = arrays["tokens"]
+    n, t = tokens.shape
+    fn = make_eagle_label_fn(model, ecfg, labels, target_hidden is not None, depths)
+    head_w = draft_head(model, tparams, d2t)
+    d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
+    key = jax.random.key(seed)
+    feats, ys = [], []
+    t0 = time.time()
+    for lo in range(0, n, batch):
+        x = tokens[lo:lo + batch]
+        pad = batch - len(x)
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+        th = None
+        if target_hidden is not None:
+            th = target_hidden[lo:lo + batch]
+            th = np.concatenate([th, np.repeat(th[-1:], pad, 0)]) if pad else th
+        f, y = fn(tparams, hp, head_w, d2t_j, jnp.asarray(x), th, jax.random.fold_in(key, lo))
+        feats.append(np.asarray(f)[:batch - pad])
+        ys.append(np.asarray(y)[:batch - pad])
+        done = lo + batch - pad
+        if lo == 0 or (lo // batch) % 20 == 19 or done == n:
+            log(f"eagle labels: {done}/{n} sequences, {time.time() - t0:.0f} s, "
+                f"ETA {(time.time() - t0) / done * (n - done):.0f} s")
+    feat = np.concatenate(feats)  # [N,D,n,E]
+    y = np.concatenate(ys).astype(np.float32)  # [N,D,n]
+    m = eagle_label_positions(arrays["length"], arrays["prompt_len"], t, depths)
+    deeper = np.concatenate([y[:, 1:], y[:, -1:]], axis=1)  # depth s + 1 (the deepest: itself) ...
+    mdeep = np.concatenate([m[:, 1:], m[:, -1:]], axis=1)
+    y1 = np.concatenate([deeper[:, :, 1:], np.zeros_like(y[:, :, :1])], axis=2)  # ... at t + 1
+    m1 = m & np.concatenate([mdeep[:, :, 1:], np.zeros_like(m[:, :, :1])], axis=2)
+    flat = lambda a: a.reshape(a.shape[0], -1, *a.shape[3:])  # noqa: E731
+    return {"feat": flat(feat), "label": flat(y), "mask": flat(m), "label_next": flat(y1), "mask_next": flat(m1)}
+
+
 def make_loss(weight_mismatch: float):
     """The weighted BCE of the head's output 0 (label y_t) plus that of its lookahead output 1 (label
     y_{t+1}: under teacher forcing the true token at t+1 is the draft's token at t when that one is
@@ -149,8 +278,11 @@ def make_loss(weight_mismatch: float):
     def loss_fn(hp, frozen, batch, key):
         logits = accept_logits(hp, batch["feat"])
         y, m = batch["label"], batch["mask"].astype(jnp.float32)
-        y1 = jnp.concatenate([y[:, 1:], jnp.zeros_like(y[:, :1])], axis=1)
-        m1 = m * jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+        if "label_next" in batch:  # given by the label pass (EAGLE: the next depth's label)
+            y1, m1 = batch["label_next"], batch["mask_next"].astype(jnp.float32)
+        else:
+            y1 = jnp.concatenate([y[:, 1:], jnp.zeros_like(y[:, :1])], axis=1)
+            m1 = m * jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
         loss0 = weighted_bce(logits[..., 0], y, m, weight_mismatch)
         loss1 = weighted_bce(logits[..., 1], y1, m1, weight_mismatch)
         p = jax.nn.sigmoid(logits[..., 0])
@@ -181,10 +313,28 @@ def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerp
     return dm, dp, f"layers:{n}", ""
 
 
+def resolve_train_eagle(cfg: SpecDecPPTrainConfig, fingerprint: str):
+    """(EagleConfig, head params, d2t, draft id, recorded file) of ``--eagle`` (default: the shipped head)."""
+    import os
+    from jaxdec.speculative.heads import shipped_heads
+    from jaxdec.speculative.heads.eagle import draft_id, load_eagle
+    from train.medusa import ROOT
+    path = cfg.eagle or shipped_heads("eagle", cfg.model)
+    if path is None:
+        raise ConfigError(f"--eagle: no EAGLE head is shipped for --model {cfg.model!r}; pass --eagle FILE "
+                          f"(written by python -m train.eagle)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--eagle: no such file {path!r}")
+    ecfg, hp, _, d2t = load_eagle(path, fingerprint)
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return ecfg, hp, np.asarray(d2t), draft_id(ecfg, hp, d2t), os.path.abspath(path) if rel.startswith("..") else rel
+
+
 def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
-                     target_name: str = "", command: str = "", stop_after=None, log=print, draft=None):
+                     target_name: str = "", command: str = "", stop_after=None, log=print, draft=None, eagle=None):
     """Label pass, then `fit`; writes ``<out>/heads.safetensors``; returns (FitResult, heads path).
-    draft: an in-memory ``(draft model, draft params, draft id)`` instead of the config's choice."""
+    draft: an in-memory ``(draft model, draft params, draft id)`` instead of the config's choice; eagle
+    (``--drafter eagle``): an in-memory ``(EagleConfig, head params, d2t)`` instead of ``--eagle``."""
     from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, init_params
     cfg.validate()
     if cfg.max_seqs and cfg.max_seqs < len(seqs):  # evenly spaced, so every prompt source keeps its share
@@ -192,20 +342,40 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
         seqs, prompt_lens = [seqs[i] for i in pick], [prompt_lens[i] for i in pick]
     if len(seqs) < 2:
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
-    if draft is not None:
-        dm, dp, did = draft
-        dfile = ""
+    if cfg.drafter == "eagle":
+        from jaxdec.speculative.heads.eagle import draft_id
+        if draft is not None:
+            raise ConfigError("draft= (a draft model) does not apply to --drafter eagle: pass eagle=")
+        if eagle is not None:
+            ecfg, ehp, d2t = eagle
+            d2t = np.asarray(d2t)
+            did, dfile = draft_id(ecfg, ehp, d2t), ""
+        else:
+            ecfg, ehp, d2t, did, dfile = resolve_train_eagle(cfg, fingerprint)
+        hidden_size = ecfg.hidden
     else:
-        dm, dp, did, dfile = resolve_train_draft(cfg, model, target_params, fingerprint)
-    acfg = AcceptanceConfig(hidden=draft_hidden_size(dm, dp), num_layers=cfg.num_layers,
+        if eagle is not None:
+            raise ConfigError("eagle= needs --drafter eagle")
+        if draft is not None:
+            dm, dp, did = draft
+            dfile = ""
+        else:
+            dm, dp, did, dfile = resolve_train_draft(cfg, model, target_params, fingerprint)
+        hidden_size = draft_hidden_size(dm, dp)
+    acfg = AcceptanceConfig(hidden=hidden_size, num_layers=cfg.num_layers,
                             weight_mismatch=float(cfg.weight_mismatch), labels=cfg.labels, draft=did, draft_file=dfile)
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     thid = None
     if cfg.hidden == "stored":
+        layers = (ecfg.model_layers or ()) if cfg.drafter == "eagle" else ()
         thid = store_hidden(model, target_params, arrays["tokens"], cfg.label_batch, log, cfg.hidden_cache,
-                            f"{fingerprint}|{cfg.weights}")
+                            f"{fingerprint}|{cfg.weights}", *((layers,) if layers else ()))
     t0 = time.time()
-    lab = label_pass(model, target_params, dm, dp, arrays, cfg.labels, cfg.label_batch, cfg.seed, thid, log)
+    if cfg.drafter == "eagle":
+        lab = eagle_label_pass(model, target_params, ecfg, ehp, d2t, arrays, cfg.labels, cfg.label_batch,
+                               cfg.depths, cfg.seed, thid, log)
+    else:
+        lab = label_pass(model, target_params, dm, dp, arrays, cfg.labels, cfg.label_batch, cfg.seed, thid, log)
     label_s = time.time() - t0
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     m = lab["mask"]
@@ -213,7 +383,11 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
              "label_pass_s": round(label_s, 1)}
     log(f"labels: {stats['label_positions']:,} training positions, mean acceptance {stats['label_mean']:.3f} "
         f"(draft {did[:40]}, labels {cfg.labels}), {label_s:.0f} s")
-    data = {"feat": lab["feat"], "label": lab["label"], "mask": m}
+    data = {k: lab[k] for k in ("feat", "label", "mask", "label_next", "mask_next") if k in lab}
+    if cfg.drafter == "eagle":  # training positions of the first draft (the rest: deeper, approximate labels)
+        first = m[tr].reshape(len(tr), cfg.depths, -1)[:, 0]
+        stats["label_mean_depth1"] = round(float(lab["label"][tr].reshape(len(tr), cfg.depths, -1)[:, 0][first].mean()), 4)
+        stats["depths"] = cfg.depths
     train = ArrayData({k: v[tr] for k, v in data.items()})
     held = ArrayData({k: v[ho] for k, v in data.items()})
     meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": acfg.to_dict()}

@@ -313,7 +313,7 @@ def _draw_rows(keys, q):
 
 
 def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold,
-                         stop=None, stop_params=None, first_feat=None):
+                         stop=None, stop_params=None, first_feat=None, d2t=None, vocab_size: Optional[int] = None):
     """Draft up to ``k`` tokens one call at a time. ``step(carry, x [B]) -> (carry, logits [B,V])`` feeds one
     token. SpecDec++'s stop rule with the draft's own confidence as the acceptance predictor: a row stops
     drafting once the predicted probability that some token of its draft is rejected,
@@ -325,12 +325,21 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
     logits), ``first_feat`` is the state behind ``first_logits``, and before token i is proposed the loop
     calls ``stop.advance(stop_params, feat_i, surv, alive, i) -> (surv, proposed [B], go_on [B])``: a row
     proposes token i only where ``proposed`` and takes part in the next draft call only where ``go_on``
-    (the loop ends when no row goes on). The draft tokens and q are unchanged."""
+    (the loop ends when no row goes on). The draft tokens and q are unchanged.
+
+    d2t: ``[Vd]`` target token ids when ``step`` scores a reduced draft vocabulary (EAGLE-3's map): a
+    greedy token is ``d2t[argmax]``; a sampled one is drawn from the distribution over the target's
+    ``vocab_size`` tokens that gives every token outside ``d2t`` probability 0 (q is over the target's
+    vocabulary, as the speculative-sampling verifier reads it)."""
     if stop is not None and stop_threshold is not None:
         raise ValueError("give stop_threshold (confidence stop) or stop (a learned stop head), not both")
     if stop is not None and first_feat is None:
         raise ValueError("a learned stop needs first_feat (the draft state behind first_logits)")
     b, v = first_logits.shape
+    if d2t is not None:
+        if sample and vocab_size is None:
+            raise ValueError("autoregressive_chain: d2t with sample=True needs vocab_size (the target's vocabulary)")
+        v = vocab_size if sample else v
     toks = jnp.zeros((b, k), jnp.int32)
     valid = jnp.zeros((b, k), bool)
     qbuf = jnp.zeros((b, k, v), jnp.float32) if sample else jnp.zeros((b, k, 1), jnp.float32)
@@ -338,7 +347,13 @@ def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample:
 
     def body(s):
         i, logits, carry, toks, valid, qbuf, alive, surv, calls = s[:9]
-        am, q = draft_distribution(logits, state, sample)
+        if d2t is None:
+            am, q = draft_distribution(logits, state, sample)
+        elif sample:  # the draft vocabulary's scores in the target's vocabulary, -inf elsewhere
+            full = jnp.full((b, v), -jnp.inf, jnp.float32).at[:, d2t].set(logits.astype(jnp.float32))
+            am, q = draft_distribution(full, state, True)
+        else:
+            am, q = d2t[jnp.argmax(logits, axis=-1)].astype(jnp.int32), None
         x = _draw_rows(jnp.take(ks, i, axis=1), q) if sample else am
         toks = toks.at[:, i].set(x)
         if stop is not None:  # learned stop: decide on token i from the state that scored it

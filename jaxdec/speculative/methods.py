@@ -281,13 +281,21 @@ def longspec(model, params, heads, target=None, num_tokens: Optional[int] = None
 
 
 def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens: Optional[int] = None,
-          tree_topk: Optional[int] = None, tree_nodes: Optional[int] = None):
+          tree_topk: Optional[int] = None, tree_nodes: Optional[int] = None, stop_head=None,
+          stop_threshold: Optional[float] = None, verify_buckets=None):
     """-> (decoder, params). The EAGLE-style head (`jaxdec.speculative.heads.eagle`): a heads file
     written by ``train/eagle.py`` (checked against the target like `medusa`) or an in-memory
     ``(EagleConfig, head params, d2t)`` triple. sampling: the chain is drawn from the draft's distribution
     and verified by speculative sampling (lossless for sampling). num_tokens / tree_topk / tree_nodes
     override the stored chain length (the tree's depth) and EAGLE-2 dynamic tree (``tree_topk=0``: a
-    chain)."""
+    chain).
+
+    stop_head: SpecDec++'s learned stop on the chain (`jaxdec.speculative.heads.acceptance`): a heads file
+    written by ``train/specdec_pp.py --drafter eagle`` for this EAGLE head (checked against the target,
+    and refused when trained for another draft), or an ``(AcceptanceConfig, params)`` pair; the chain
+    stops once the predicted P(some draft token is rejected) would exceed ``stop_threshold`` (default
+    0.7). verify_buckets: `SpeculativeDecoder`'s (default "auto" with a stop head, so a short draft pays a
+    short verify block; () without)."""
     import os
     import numpy as np
     from jaxdec.speculative.heads.artefact import expected_fingerprint
@@ -312,4 +320,17 @@ def eagle(model, params, heads, target=None, sampling: bool = False, num_tokens:
     if d2t.shape != (config.draft_vocab,) or d2t.min() < 0 or d2t.max() >= model.vocab_size:
         raise ValueError(f"eagle: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
     dparams = {"heads": hp, "target": params, "d2t": d2t.astype(np.int32), "head_w": draft_head(model, params, d2t)}
-    return SpeculativeDecoder(EagleDrafter(config, sample=sampling), _verifier(sampling)), with_draft_params(params, dparams)
+    if stop_head is None:
+        if stop_threshold is not None:
+            raise ValueError("stop_threshold is used only with stop_head (SpecDec++'s learned stop)")
+        return SpeculativeDecoder(EagleDrafter(config, sample=sampling), _verifier(sampling),
+                                  verify_buckets=verify_buckets or ()), with_draft_params(params, dparams)
+    if config.tree_topk:
+        raise ValueError(f"stop_head: SpecDec++'s learned stop ends a chain; this EAGLE head drafts a dynamic tree "
+                         f"(tree_topk={config.tree_topk}): pass tree_topk=0")
+    from jaxdec.speculative.heads.acceptance import eagle_stop
+    stop, sp = eagle_stop(model, params, stop_head, config, hp, d2t, target,
+                          0.7 if stop_threshold is None else stop_threshold)
+    dec = SpeculativeDecoder(EagleDrafter(config, sample=sampling, stop_head=stop), _verifier(sampling),
+                             verify_buckets="auto" if verify_buckets is None else verify_buckets)
+    return dec, with_draft_params(params, {**dparams, "stop": sp})

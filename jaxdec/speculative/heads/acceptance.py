@@ -33,6 +33,10 @@ total weight: ``sum(w_rej (1-y) (-log(1-p)) + y (-log p)) / sum(w_rej (1-y) + y)
   takes; its params (`stop_params`: the head's weights and the traced threshold / min_tokens /
   lookahead) travel in the drafter's params: ``{"model": draft params, "stop": stop params}``.
 * `load_acceptance(path, fingerprint)`, `build(model, params, heads, ...) -> (decoder, params)`.
+* `eagle_stop(...)`: the stop and its params for `jaxdec.speculative.heads.eagle.EagleDrafter` (the head
+  reads the EAGLE layer's output that scores each draft token; `jaxdec.speculative.methods.eagle(...,
+  stop_head=)`). A head records the draft it was trained on (``AcceptanceConfig.draft``: ``"layers:N"``,
+  ``"draft_lm:..."`` or ``"eagle:<sha256 of the EAGLE head's weights>"``) and is refused on any other.
 """
 from __future__ import annotations
 
@@ -46,6 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 KIND = "specdec_pp"
+EAGLE_PREFIX = "eagle:"  # AcceptanceConfig.draft of a head trained for an EAGLE head
+# the shipped name of an acceptance head trained for the shipped EAGLE head (`shipped_heads(EAGLE_SHIPPED, model)`)
+EAGLE_SHIPPED = "specdec_pp_eagle"
 LABELS = ("greedy", "sampling")
 
 
@@ -60,7 +67,8 @@ class AcceptanceConfig:
     weight_mismatch: the BCE weight of rejected positions (training; the paper's 6). labels: "greedy" or
     "sampling" (what the head was trained to predict). draft: the draft model it was trained on
     (``"layers:N"``: the target's first N layers; ``"draft_lm:<sha256 of its file>[:depth]"``: a distilled
-    draft; ``""``: unrecorded). draft_file: where that draft's heads file was (for `build`)."""
+    draft; ``"eagle:<sha256>"``: an EAGLE head, `jaxdec.speculative.heads.eagle.draft_id`; ``""``:
+    unrecorded). draft_file: where that draft's heads file was (for `build`)."""
 
     hidden: int
     num_layers: int = 3
@@ -263,6 +271,9 @@ def resolve_draft(model, params, config: Optional[AcceptanceConfig], draft_layer
     if draft is not None and draft_layers is not None:
         raise ValueError("give draft_layers or draft=(model, params), not both")
     rec = config.draft if config is not None else ""
+    if rec.startswith(EAGLE_PREFIX):
+        raise ValueError(f"stop_head: the acceptance head was trained for an EAGLE head ({rec[:30]}...), not for a "
+                         f"draft model: use jaxdec.speculative.methods.eagle(..., stop_head=) with that EAGLE head")
     if draft is None:
         if draft_layers is None:
             if rec.startswith("draft_lm:"):
@@ -324,13 +335,7 @@ def build(model, params, heads, target=None, draft_layers: Optional[int] = None,
     drafts and greedy verification (lossless)."""
     from jaxdec.speculative.drafters import DraftModelDrafter
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
-    if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], AcceptanceConfig):
-        config, hp = heads
-    elif isinstance(heads, (str, os.PathLike)):
-        config, hp, _ = load_acceptance(heads, _fingerprint(model, params, target))
-    else:
-        raise TypeError(f"heads must be a heads file path or an (AcceptanceConfig, params) pair, got "
-                        f"{type(heads).__name__}")
+    config, hp, _ = load_stop_head(model, params, heads, target)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 1:
         raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
     check_settings(threshold, min_tokens, lookahead)
@@ -343,6 +348,48 @@ def build(model, params, heads, target=None, draft_layers: Optional[int] = None,
     dec = SpeculativeDecoder(DraftModelDrafter(dm, int(num_tokens), sample=sampling, stop_head=stop),
                              "sampling" if sampling else "greedy")
     return dec, with_draft_params(params, {"model": dp, "stop": stop_params(hp, threshold, min_tokens, lookahead)})
+
+
+def load_stop_head(model, params, heads, target=None, name: str = "heads"):
+    """(AcceptanceConfig, head params, from a file?) of a heads file written by ``train/specdec_pp.py``
+    (checked against the target) or an in-memory ``(AcceptanceConfig, params)`` pair."""
+    if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], AcceptanceConfig):
+        return heads[0], heads[1], False
+    if isinstance(heads, (str, os.PathLike)):
+        config, hp, _ = load_acceptance(heads, _fingerprint(model, params, target))
+        return config, hp, True
+    raise TypeError(f"{name} must be a heads file path or an (AcceptanceConfig, params) pair, got "
+                    f"{type(heads).__name__}")
+
+
+def check_draft_record(config: AcceptanceConfig, want: str, what: str, from_file: bool = True,
+                       name: str = "stop_head") -> None:
+    """Refuse a head trained on another draft than ``want`` (the draft id it will stop). An in-memory head
+    with no recorded draft (``draft=""``) is taken as given; a file must record the right one."""
+    rec = config.draft
+    if rec == want or (not rec and not from_file):
+        return
+    got = f"{rec[:46]}..." if rec else "an unrecorded draft"
+    raise ValueError(f"{name}: the acceptance head was trained on {got}, not on {what} ({want[:46]}...): its "
+                     f"predictions do not transfer to another draft; train one for it with python -m train.specdec_pp")
+
+
+def eagle_stop(model, params, heads, eagle_config, eagle_hp, d2t, target=None, threshold: float = 0.7,
+               min_tokens: int = 1, lookahead: bool = True):
+    """-> (AcceptanceStop, its params) for `jaxdec.speculative.heads.eagle.EagleDrafter(stop_head=)`.
+
+    heads: as `load_stop_head`; it must have been trained for this EAGLE head (``config.draft`` =
+    `jaxdec.speculative.heads.eagle.draft_id` of ``eagle_hp``/``d2t``) and read its hidden size."""
+    from jaxdec.speculative.heads.eagle import draft_id
+    config, hp, from_file = load_stop_head(model, params, heads, target, "stop_head")
+    check_settings(threshold, min_tokens, lookahead)
+    stop = AcceptanceStop(config)
+    stop.check_params(hp, "stop_head")
+    check_draft_record(config, draft_id(eagle_config, eagle_hp, d2t), "this EAGLE head", from_file)
+    if config.hidden != eagle_config.hidden:
+        raise ValueError(f"stop_head: the acceptance head reads hidden size {config.hidden}, the EAGLE layer's "
+                         f"output has {eagle_config.hidden}")
+    return stop, stop_params(hp, threshold, min_tokens, lookahead)
 
 
 def with_settings(params, threshold: Optional[float] = None, min_tokens: Optional[int] = None,

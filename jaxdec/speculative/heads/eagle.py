@@ -22,6 +22,15 @@ giving ``tree_topk`` children; then all candidates are reranked by cumulative lo
 best ``tree_nodes`` form the tree (prefix-closed: a child never scores above its parent, and ties keep
 the parent). The tree differs per row and per step.
 
+SpecDec++'s learned stop (``stop_head``, chains only; `jaxdec.speculative.heads.acceptance`): an
+acceptance head reads the layer's output ``o`` that scores each draft token and the chain (a
+`lax.while_loop` through `jaxdec.speculative.drafters.autoregressive_chain`, so the draft calls a row
+declines are not run) ends once the predicted probability that some of its tokens is rejected would
+pass the threshold; tokens past the stop are marked invalid and never accepted. The draft distribution
+is untouched (lossless greedy, exact sampling); without a stop head the drafter is the unrolled chain
+below, unchanged. `draft_id` names a head's weights, so an acceptance head records which EAGLE head it
+was trained for and is refused on another.
+
 Not yet here: the training-time test's EAGLE-3 attention masks (train/eagle.py's ``--ttt-steps`` feeds
 the head its own features over the whole sequence, an approximation).
 
@@ -32,7 +41,7 @@ with k feature layers; the drafter's params are ``{"heads": those, "target": tar
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -200,8 +209,15 @@ class EagleState:
 
 @dataclasses.dataclass(frozen=True)
 class EagleDrafter:
+    """stop_head: SpecDec++'s learned stop (an object with ``advance``, e.g.
+    `jaxdec.speculative.heads.acceptance.AcceptanceStop`) reading the layer's output feature that scores
+    each draft token; its params ride in the drafter's params under ``"stop"``
+    (`jaxdec.speculative.methods.eagle(..., stop_head=)` builds them). None (the default): every output and
+    the compiled program are as before."""
+
     config: EagleConfig
     sample: bool = False  # draw the chain from the draft's distribution (sampling verification)
+    stop_head: Any = None
 
     own_params = True
     extra_headroom = 0
@@ -209,6 +225,13 @@ class EagleDrafter:
     def __post_init__(self):
         if self.sample and self.config.tree_topk:
             raise ValueError("EagleDrafter: sample=True drafts a chain only (tree_topk=0)")
+        if self.stop_head is not None:
+            if self.config.tree_topk:
+                raise ValueError("EagleDrafter: a stop_head (SpecDec++'s learned stop) stops a chain only "
+                                 f"(tree_topk=0), got tree_topk={self.config.tree_topk}")
+            if not callable(getattr(self.stop_head, "advance", None)):
+                raise TypeError(f"EagleDrafter: stop_head must have an advance(params, feat, surv, alive, index) "
+                                f"method, got {type(self.stop_head).__name__}")
 
     is_chain = property(lambda self: not self.config.tree_topk)
     max_children = property(lambda self: self.config.tree_topk or 1)
@@ -225,6 +248,9 @@ class EagleDrafter:
     def init(self, model, dparams, prompts, prompt_lens, state, inputs):
         from jaxdec.cache.kv import rollback
         hp, tp, head_w, _ = self._split(dparams)
+        if self.stop_head is not None:
+            split_draft_params(dparams, "EagleDrafter with a stop_head", ("stop",),
+                               "jaxdec.speculative.methods.eagle(..., stop_head=)")
         b, p = prompts.shape
         c = self.config
         # target features of every prompt position (a second prefill; the engine's is not shared yet)
@@ -261,6 +287,11 @@ class EagleDrafter:
         if c.tree_topk:
             draft = self._tree(lm, lp, hp, model, tp, d2t, cache, out.logits[:, 0], o)
             return draft, ds.replace(cache=cache), state.cache
+        if self.stop_head is not None:
+            sparams, = split_draft_params(dparams, "EagleDrafter with a stop_head", ("stop",),
+                                          "jaxdec.speculative.methods.eagle(..., stop_head=)")
+            return self._stopped_chain(lm, lp, hp, model, tp, d2t, cache, committed, out.logits[:, 0], o, ds,
+                                       state, keys, sparams)
         kk = jax.vmap(lambda k: jax.random.split(k, c.num_tokens))(keys) if self.sample else None  # [B,K] keys
         qs = []
 
@@ -285,6 +316,22 @@ class EagleDrafter:
         b = toks.shape[0]
         draft = Draft(toks, TreeSpec.chain(c.num_tokens).parents_array(b), jnp.ones(toks.shape, bool), None,
                       jnp.stack(qs, axis=1) if self.sample else None)
+        return draft, ds.replace(cache=rollback(cache, committed)), state.cache
+
+    def _stopped_chain(self, lm, lp, hp, model, tp, d2t, cache, committed, logits0, o0, ds, state, keys, sparams):
+        """The chain under the learned stop: `autoregressive_chain`'s `while_loop` with a step that feeds the
+        last output ``o`` and token into the layer; ``o`` of each position is what the stop head reads."""
+        from jaxdec.cache.kv import rollback
+        from jaxdec.speculative.drafters import autoregressive_chain
+
+        def step(carry, x):
+            dc, o = carry
+            st = lm(lp, None, dc.lengths[:, None], dc, embeds=draft_inputs(hp, model, tp, o[:, None], x[:, None]))
+            return (st.cache, st.hidden[:, 0]), st.logits[:, 0], st.hidden[:, 0]
+
+        draft, (cache, _) = autoregressive_chain(step, (cache, o0.astype(jnp.float32)), logits0, state, keys,
+                                                 self.config.num_tokens, self.sample, None, self.stop_head, sparams,
+                                                 o0, d2t=d2t, vocab_size=model.vocab_size)
         return draft, ds.replace(cache=rollback(cache, committed)), state.cache
 
     def _tree(self, lm, lp, hp, model, tp, d2t, cache, logits0, o0):
@@ -352,6 +399,25 @@ class EagleDrafter:
         return dstate.replace(pend_f=jnp.where(run[:, None, None], feats, dstate.pend_f),
                               pend_x=jnp.where(run[:, None], info.out.astype(jnp.int32), dstate.pend_x),
                               npend=jnp.where(run, info.cnt, dstate.npend))
+
+
+def draft_id(config: EagleConfig, hp, d2t) -> str:
+    """``"eagle:<sha256>"`` of a head's weights (float32, by name), its d2t map and the config fields that
+    change what it computes (not the chain length or tree shape, which a caller may override): what an
+    acceptance head trained for it records (`jaxdec.speculative.heads.acceptance.AcceptanceConfig.draft`).
+    The same for the file and its loaded params."""
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    shape = {k: v for k, v in config.to_dict().items() if k not in ("num_tokens", "tree_topk", "tree_nodes")}
+    h.update(json.dumps(shape, sort_keys=True).encode())
+    flat = jax.tree_util.tree_flatten_with_path(hp)[0]
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(np.ascontiguousarray(np.asarray(d2t, np.int64)).tobytes())
+    return f"{KIND}:{h.hexdigest()}"
 
 
 def load_eagle(path: str, fingerprint: Optional[str]):
