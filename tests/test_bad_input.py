@@ -67,6 +67,16 @@ PRELOAD_CASES = [
     (G("--method", "speculative", "--temperature", "0.5"), ["--temperature", "--spec-sampling"]),
     (G("--method", "speculative", "--drafter", "swift", "--max-ngram", "2"), ["--max-ngram", "--drafter swift"]),
     (G("--method", "speculative", "--stop", "x"), ["--stop"]),
+    # SpecDec++'s learned stop on EAGLE: a head for another draft, none shipped, a drafter without a stop
+    (G("--method", "speculative", "--drafter", "eagle", "--stop-head", "/no/such/head.safetensors"),
+     ["--stop-head", "no such file"]),
+    (G("--method", "speculative", "--drafter", "eagle", "--stop-head"),
+     ["--stop-head", "for the EAGLE head", "--drafter eagle"]),
+    (G("--method", "speculative", "--drafter", "eagle", "--stop-head",
+       os.path.join(ROOT, "jaxdec", "speculative", "heads", "artefacts", "specdec_pp-smollm2-135m.safetensors")),
+     ["--stop-head", "trained on draft_lm:", "not on the EAGLE head"]),
+    (G("--method", "speculative", "--drafter", "eagle", "--stop-threshold", "0.5"), ["--stop-threshold", "--stop-head"]),
+    (G("--method", "speculative", "--drafter", "medusa", "--stop-head"), ["--stop-head", "--drafter draft-model, eagle"]),
     (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
     # int8 activations run against block-quantized weights only
     (G("--activations", "q8"), ["--activations q8", "--weights q", "got --weights f32"]),

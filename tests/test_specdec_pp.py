@@ -427,3 +427,122 @@ def test_eagle_labels_are_the_drafters_first_token_acceptance(eagle_toy):
     # control: labels of another head (or shifted by one position) predict other counts
     shifted = [_simulate_first_draft(np.roll(y[i, 0], 1), t["plens"][i], MAX_NEW) for i in range(n)]
     assert tuple(np.sum(shifted, axis=0)) != tuple(np.sum(want, axis=0))
+
+
+def test_eagle_stop_head_for_another_draft_refused_and_bad_input(eagle_toy, tmp_path):
+    import dataclasses
+    from jaxdec.speculative.heads.eagle import EagleDrafter, draft_id, init_params as eagle_init
+    t = eagle_toy
+    model, params = t["model"], t["params"]
+    cfg, _, meta = A.load_acceptance(t["path"], FP)
+    assert cfg.draft == draft_id(t["ec"], t["ehp"], t["d2t"]) and cfg.draft.startswith("eagle:")
+    assert meta["depths"] == 3 and 0 < meta["label_mean_depth1"] < 1
+    # the file's draft id is that of the loaded params, and the chain length does not enter it
+    assert draft_id(dataclasses.replace(t["ec"], num_tokens=2), t["ehp"], t["d2t"]) == cfg.draft
+    M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"])  # the right head: accepted
+    other = (t["ec"], eagle_init(t["ec"], 5), t["d2t"])  # another EAGLE head of the same shapes
+    with pytest.raises(ValueError, match="stop_head: the acceptance head was trained on eagle:.*not on this EAGLE head"):
+        M.eagle(model, params, other, target=FP, stop_head=t["path"])
+    with pytest.raises(ValueError, match="not on this EAGLE head"):  # the same, in memory
+        M.eagle(model, params, other, stop_head=(cfg, t["res"].params))
+    dm_head = (dataclasses.replace(cfg, draft="layers:1"), t["res"].params)  # trained on a draft model
+    with pytest.raises(ValueError, match="trained on layers:1"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=dm_head)
+    with pytest.raises(ValueError, match="trained for an EAGLE head.*methods.eagle"):  # and the reverse
+        A.build(model, params, t["path"], target=FP)
+    with pytest.raises(HeadsMismatch, match="another target"):
+        M.eagle(model, params, (t["ec"], t["ehp"], t["d2t"]), target="sha256:" + "cd" * 32, stop_head=t["path"])
+    unrec = tmp_path / "unrecorded.safetensors"  # a file that records no draft is refused ...
+    save_heads(str(unrec), A.KIND, dict(t["res"].params), dataclasses.replace(cfg, draft="").to_dict(), FP)
+    with pytest.raises(ValueError, match="trained on an unrecorded draft"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=str(unrec))
+    # ... an in-memory head without a record is taken as given, but must read the layer's hidden size
+    M.eagle(model, params, t["epath"], target=FP, stop_head=(dataclasses.replace(cfg, draft=""), t["res"].params))
+    small = A.AcceptanceConfig(hidden=8, num_layers=1)
+    with pytest.raises(ValueError, match="hidden size 8"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=(small, A.init_params(small)))
+    with pytest.raises(ValueError, match="expected tensors"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=(cfg, {"w": 1}))
+    with pytest.raises(TypeError, match="stop_head must be"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=3)
+    with pytest.raises(ValueError, match="threshold"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"], stop_threshold=1.5)
+    with pytest.raises(ValueError, match="stop_threshold is used only with stop_head"):
+        M.eagle(model, params, t["epath"], target=FP, stop_threshold=0.5)
+    with pytest.raises(ValueError, match="tree_topk=2"):
+        M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"], tree_topk=2, tree_nodes=4)
+    with pytest.raises(ValueError, match="chain only"):
+        EagleDrafter(dataclasses.replace(t["ec"], tree_topk=2, tree_nodes=4), stop_head=A.AcceptanceStop(cfg))
+    with pytest.raises(TypeError, match="advance"):
+        EagleDrafter(t["ec"], stop_head=object())
+    dec, pp = M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"])
+    plain, pp0 = M.eagle(model, params, t["epath"], target=FP)
+    with pytest.raises(ValueError, match="'stop'"):  # a stop head without its params
+        jaxdec.generate(model, pp0, t["test"][:1], decoder=dec, max_new_tokens=4)
+    assert plain.verify_buckets == () and dec.verify_buckets == "auto"
+
+
+def test_train_config_eagle_bad_values():
+    from train.harness import ConfigError
+    from train.specdec_pp import SpecDecPPTrainConfig
+    for kw, flag in (({"drafter": "medusa"}, "--drafter"), ({"drafter": "eagle", "depths": 0}, "--depths"),
+                     ({"eagle": "x.safetensors"}, "--eagle"), ({"drafter": "eagle", "draft_layers": 3}, "--draft"),
+                     ({"depths": 2}, "--depths")):
+        with pytest.raises(ConfigError, match=flag):
+            SpecDecPPTrainConfig(**kw).validate()
+    SpecDecPPTrainConfig(drafter="eagle", depths=2).validate()
+
+
+@pytest.mark.slow
+def test_eagle_stop_sampling_follows_the_target_distribution():
+    """EAGLE chains drawn from the draft's q and cut by a learned stop (a random head whose stop point varies
+    by row and step), verified by speculative sampling: the first three tokens' joint distribution is the
+    target's (exact enumeration, 100k rows, tests/stat_checks.py); without residual resampling it is not
+    (negative control). The stop really cut chains: later positions were offered less often."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from stat_checks import assert_speculative_joint
+    from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, init_params as eagle_init
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
+    tab = random_table(23, tv, 1.2)
+    model = TrigramModel(tv)
+    tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
+    ec = EagleConfig(hidden=tv, draft_vocab=4, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
+                     max_position=64, num_tokens=3)
+    acfg = A.AcceptanceConfig(hidden=tv, num_layers=1)
+    ahp = dict(A.init_params(acfg, seed=4))
+    ahp["out_w"] = ahp["out_w"] * 8.0  # predictions spread over (0, 1): some chains stop after 1 token, some after 2
+    ahp["out_b"] = jnp.array([1.0, 1.0])
+    dec, params = M.eagle(model, tp, (ec, eagle_init(ec, 2), np.array([0, 1, 2, 4])), sampling=True,
+                          stop_head=(acfg, ahp), stop_threshold=0.5)
+    stats = assert_speculative_joint(
+        lambda residual: SpeculativeDecoder(EagleDrafter(ec, sample=True, stop_head=dec.drafter.stop_head), "sampling",
+                                            residual=residual, verify_buckets="auto"), model, params, tab, (73, 74))
+    offered = np.asarray(stats["raw"]["pos_offered"])
+    assert offered[0] > 1.3 * offered[1] > 0 and offered[1] > offered[2], offered
+
+
+def test_cli_build_eagle_with_stop_head(eagle_toy, tmp_path):
+    """``--drafter eagle --heads E --stop-head S [--stop-threshold T]`` builds `methods.eagle(..., stop_head=)`
+    with verify buckets on; a head for another draft is a ``--stop-head:`` error, and without the flag EAGLE is
+    as before."""
+    import argparse
+    import dataclasses
+    from jaxdec.speculative import cli as scli
+    t = eagle_toy
+    ns = lambda **kw: argparse.Namespace(**{**scli._DEFAULTS, "drafter": "eagle", "spec_sampling": False,  # noqa: E731
+                                            "model": "toy", "heads": t["epath"], **kw})
+    dec, pp = scli.build(ns(stop_head=t["path"], stop_threshold=0.6), t["model"], t["params"], FP)
+    ref, rp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=t["path"], stop_threshold=0.6)
+    assert dec == ref and dec.verify_buckets == "auto" and np.isclose(float(pp["draft"]["stop"]["threshold"]), 0.6)
+    plain, _ = scli.build(ns(), t["model"], t["params"], FP)
+    assert plain == M.eagle(t["model"], t["params"], t["epath"], target=FP)[0] and plain.drafter.stop_head is None
+    wrong = tmp_path / "wrong.safetensors"
+    cfg, hp, _ = A.load_acceptance(t["path"], FP)
+    save_heads(str(wrong), A.KIND, dict(hp), dataclasses.replace(cfg, draft="layers:1").to_dict(), FP)
+    with pytest.raises(ValueError, match="^--stop-head: .*trained on layers:1"):
+        scli.build(ns(stop_head=str(wrong)), t["model"], t["params"], FP)
+    with pytest.raises(ValueError, match="^--heads: "):  # the EAGLE file's own errors stay --heads errors
+        scli.build(ns(stop_head=t["path"], heads=str(wrong)), t["model"], t["params"], FP)

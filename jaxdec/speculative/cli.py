@@ -18,7 +18,7 @@ loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`)
 Clover heads, ``s2d`` with the small draft model distilled from the target (S2D: ``--draft-depth D`` picks
 one of its nested exits; default the deepest): the files shipped for the model, or ``--heads PATH`` (a
 file written by ``python -m train.medusa`` / ``train.eagle`` / ``train.clover`` / ``train.distill_draft``;
-refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``): SpecDec++'s learned
+refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``, ``eagle``): SpecDec++'s learned
 acceptance head stops each draft (the shipped head, trained on the target's first 15 layers, when no
 PATH is given; ``--stop-threshold`` sets its threshold).
 ``--verify-buckets auto|off|1,2,4,8``: the verify call sized to the drafted nodes (`SpeculativeDecoder`'s
@@ -82,11 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-depth", type=int, default=None,
                    help="s2d: the nested exit (draft layers) to draft with (default: the deepest)")
     g.add_argument("--stop-head", nargs="?", const="shipped", default=None,
-                   help="draft-model: stop drafts by SpecDec++'s learned acceptance head (a file from python -m "
-                        "train.specdec_pp; no value: the shipped head)")
+                   help="draft-model/eagle: stop drafts by SpecDec++'s learned acceptance head (a file from python -m "
+                        "train.specdec_pp [--drafter eagle], trained for that draft; no value: the shipped head)")
     g.add_argument("--stop-threshold", type=float, default=None,
-                   help="draft-model with --stop-head: stop once P(some draft token is rejected) would exceed this "
-                        "(default 0.7)")
+                   help="draft-model/eagle with --stop-head: stop once P(some draft token is rejected) would exceed "
+                        "this (default 0.7)")
     g.add_argument("--verify-buckets", default=None, metavar="auto|off|B1,B2,...",
                    help="size the verify call to what the drafter proposed: 'auto' (powers of two, then the full "
                         "block), 'off', or ascending block lengths (the full block is added); default auto with "
@@ -109,7 +109,7 @@ DRAFTER_FLAGS = {
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
     "draft-model": ("draft_tokens", "draft_model", "draft_layers", "stop_head", "stop_threshold"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
-    "medusa": ("heads",), "eagle": ("heads",), "clover": ("heads",), "s2d": ("heads", "draft_tokens", "draft_depth"),
+    "medusa": ("heads",), "eagle": ("heads", "stop_head", "stop_threshold"), "clover": ("heads",), "s2d": ("heads", "draft_tokens", "draft_depth"),
     "hidden-transfer": ("heads",), "ppd": ("heads",), "lud": ("heads",), "longspec": ("heads", "draft_tokens"),
     "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
@@ -195,12 +195,18 @@ def check_args(args):
     if args.stop_threshold is not None and args.stop_head is None:
         raise BadInput("--stop-threshold is used only with --stop-head")
     if args.stop_head is not None:
-        from jaxdec.speculative.heads import shipped_heads
-        path = shipped_heads("specdec_pp", args.model) if args.stop_head == "shipped" else args.stop_head
+        from jaxdec.speculative.heads.acceptance import check_file_for_drafter
+        path = _stop_head_path(args)
         if path is None:
-            raise BadInput(f"--stop-head: no SpecDec++ acceptance head is shipped for --model {args.model!r}; pass "
-                           f"--stop-head PATH (a file written by python -m train.specdec_pp)")
+            eagle = args.drafter == "eagle"
+            raise BadInput(f"--stop-head: no SpecDec++ acceptance head {'for the EAGLE head ' if eagle else ''}is "
+                           f"shipped for --model {args.model!r}; pass --stop-head PATH (a file written by python -m "
+                           f"train.specdec_pp{' --drafter eagle' if eagle else ''})")
         _check_heads(args, path, "specdec_pp", "--stop-head")
+        try:  # trained for this drafter (an EAGLE head's file records which head)
+            check_file_for_drafter(path, (args.heads or _shipped(args)) if args.drafter == "eagle" else None)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--stop-head: {e}") from None
     if args.drafter == "rapid":
         if args.rapid_augment is not None and args.spec_sampling:
             raise BadInput("--rapid-augment (the retrieval-augmented target) works with greedy verification only: "
@@ -240,6 +246,15 @@ def _check_heads(args, path, kind=None, flag="--heads"):
         raise BadInput(f"{flag}: {path!r} was trained for another target model or vocabulary "
                        f"({meta.get('target') or 'unnamed'}, fingerprint {str(meta.get('fingerprint'))[:19]}...), "
                        f"not --model {args.model!r} (fingerprint {fp[:19]}...)")
+
+
+def _stop_head_path(args):
+    """``--stop-head``'s file: the given path, or (no value) the head shipped for --model and the drafter."""
+    from jaxdec.speculative.heads import shipped_heads
+    from jaxdec.speculative.heads.acceptance import EAGLE_SHIPPED, KIND
+    if args.stop_head != "shipped":
+        return args.stop_head
+    return shipped_heads(EAGLE_SHIPPED if args.drafter == "eagle" else KIND, args.model)
 
 
 def _shipped(args):
@@ -355,8 +370,7 @@ def _build(args, model, params, model_path=None):
             return M.pearl(model, params, layers, draft, gamma=k or 4, sampling=sampling)
         stop = getattr(args, "stop_head", None)
         if stop is not None:
-            from jaxdec.speculative.heads import shipped_heads
-            path = shipped_heads("specdec_pp", args.model) if stop == "shipped" else stop
+            path = _stop_head_path(args)
             if path is None:
                 raise ValueError(f"--stop-head: no SpecDec++ acceptance head is shipped for --model {args.model!r}")
             try:
@@ -377,13 +391,33 @@ def _build(args, model, params, model_path=None):
                 return M.longspec(model, params, heads, target=model_path, num_tokens=k)
             if d in GREEDY_ONLY:
                 return getattr(M, d)(model, params, heads, target=model_path)
+            if d == "eagle" and getattr(args, "stop_head", None) is not None:
+                return _eagle_with_stop(args, model, params, heads, model_path, sampling)
             return getattr(M, d.replace("-", "_"))(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
-            raise ValueError(f"--heads: {e}") from None
+            raise ValueError(str(e) if str(e).startswith("--stop-head: ") else f"--heads: {e}") from None
     if d == "rapid":
         raise ValueError("--drafter rapid drafts from each prompt's retrieved chunks: run it with jaxdec generate "
                          "(or jaxdec.speculative.rapid.rapid_generate), not through build()")
     raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
+
+
+def _eagle_with_stop(args, model, params, heads, model_path, sampling):
+    """``--drafter eagle --stop-head``: the EAGLE chain stopped by SpecDec++'s head trained for that head."""
+    from jaxdec.speculative import methods as M
+    from jaxdec.speculative.heads.artefact import HeadsMismatch
+    path = _stop_head_path(args)
+    if path is None:
+        raise ValueError(f"--stop-head: no SpecDec++ acceptance head for the EAGLE head is shipped for "
+                         f"--model {args.model!r}")
+    from jaxdec.speculative.heads.eagle import load_eagle
+    from jaxdec.speculative.heads.artefact import expected_fingerprint
+    eagle = load_eagle(heads, expected_fingerprint(model, params, model_path))  # --heads' own errors first
+    try:
+        return M.eagle(model, params, (eagle[0], eagle[1], eagle[3]), sampling=sampling, stop_head=path,
+                       target=model_path, stop_threshold=args.stop_threshold)
+    except (ValueError, HeadsMismatch) as e:
+        raise ValueError(f"--stop-head: {e}") from None
 
 
 def _handler(args, loaded, prompt_ids, progress):

@@ -374,6 +374,26 @@ def check_draft_record(config: AcceptanceConfig, want: str, what: str, from_file
                      f"predictions do not transfer to another draft; train one for it with python -m train.specdec_pp")
 
 
+def check_file_for_drafter(path: str, eagle: Optional[str] = None) -> None:
+    """Before any model loads (the CLI): the head in ``path`` must have been trained for the drafter it will
+    stop: the EAGLE heads file ``eagle``, or (None) a draft model, not an EAGLE head. ValueError if not."""
+    from jaxdec.speculative.heads.artefact import read_heads
+    _, meta = read_heads(path, KIND)
+    try:
+        config = AcceptanceConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"heads file {str(path)!r}: bad {KIND} config in its metadata ({e})") from None
+    if eagle is None:
+        if config.draft.startswith(EAGLE_PREFIX):
+            raise ValueError(f"{str(path)!r} was trained for an EAGLE head ({config.draft[:30]}...), not for a draft "
+                             f"model: use it with --drafter eagle")
+        return
+    from jaxdec.speculative.heads.eagle import draft_id, load_eagle
+    ec, hp, _, d2t = load_eagle(eagle, None)
+    check_draft_record(config, draft_id(ec, hp, d2t), f"the EAGLE head {os.path.basename(str(eagle))!r}",
+                       name=repr(str(path)))
+
+
 def eagle_stop(model, params, heads, eagle_config, eagle_hp, d2t, target=None, threshold: float = 0.7,
                min_tokens: int = 1, lookahead: bool = True):
     """-> (AcceptanceStop, its params) for `jaxdec.speculative.heads.eagle.EagleDrafter(stop_head=)`.
