@@ -414,6 +414,16 @@ def test_eagle_labels_are_the_drafters_first_token_acceptance(eagle_toy):
     arr = sequences_to_arrays(t["seqs"][:n], t["plens"][:n], 32)
     lab = eagle_label_pass(t["model"], t["params"], t["ec"], t["ehp"], t["d2t"], arr, "greedy", 4, 3,
                            log=lambda *a: None)
+    from train.medusa import store_hidden
+    # --hidden stored: the same EAGLE features (the toy's logits are not its LM head on its hidden state, so
+    # only the features compare here); sampling labels min(1, p/q) are soft
+    th = store_hidden(t["model"], t["params"], arr["tokens"], 4, log=lambda *a: None)
+    st = eagle_label_pass(t["model"], t["params"], t["ec"], t["ehp"], t["d2t"], arr, "sampling", 4, 3,
+                          target_hidden=th, log=lambda *a: None)
+    np.testing.assert_array_equal(st["feat"], lab["feat"])
+    np.testing.assert_array_equal(st["mask"], lab["mask"])
+    soft = st["label"][st["mask"]]
+    assert np.all((soft >= 0) & (soft <= 1)) and not np.all((soft == 0) | (soft == 1))
     y = lab["label"].reshape(n, 3, -1)
     m = lab["mask"].reshape(n, 3, -1)
     assert lab["feat"].shape == (n, 3 * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
