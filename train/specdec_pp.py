@@ -134,23 +134,24 @@ def make_label_fn(model, dm, labels: str, stored: bool):
         if labels == "greedy":
             y = (jnp.argmax(dl, -1) == jnp.argmax(tl, -1)).astype(jnp.float32)
         else:
-            lq = jax.nn.log_softmax(dl, -1)
             lp = jax.nn.log_softmax(tl, -1)
-            x = jax.random.categorical(key, lq, axis=-1)
-            gap = (jnp.take_along_axis(lp, x[..., None], -1) - jnp.take_along_axis(lq, x[..., None], -1))[..., 0]
-            y = jnp.exp(jnp.minimum(gap, 0.0))
+            y = sampling_label(key, jax.nn.log_softmax(dl, -1), lambda x: jnp.take_along_axis(lp, x[..., None], -1)[..., 0])
         return o.hidden.astype(jnp.float16), y
 
     return jax.jit(fn)
 
 
-def label_pass(model, tparams, dm, dparams, arrays: dict, labels: str, batch: int, seed: int = 0,
-               target_hidden=None, log=print) -> dict:
-    """Run the frozen target and draft over ``arrays["tokens"]`` -> ``{"feat" [N,T,E] f16, "label" [N,T],
-    "mask" [N,T]}`` (see the module docstring)."""
-    tokens = arrays["tokens"]
-    n, t = tokens.shape
-    fn = make_label_fn(model, dm, labels, target_hidden is not None)
+def sampling_label(key, lq, lp_of):
+    """The paper's soft label ``min(1, p(x)/q(x))`` for ``x ~ q``: ``lq [..., Vq]`` the draft's
+    log-probabilities, ``lp_of(x)`` the target's log-probability of draft index ``x``."""
+    x = jax.random.categorical(key, lq, axis=-1)
+    return jnp.exp(jnp.minimum(lp_of(x) - jnp.take_along_axis(lq, x[..., None], -1)[..., 0], 0.0))
+
+
+def batched_labels(fn, tokens, target_hidden, batch: int, seed: int, log, what: str):
+    """``fn(tokens [batch,T], target states or None, key) -> (feat, label)`` over every ``batch`` sequences
+    (the last batch padded with copies) -> the two concatenated over the N sequences, as numpy."""
+    n = tokens.shape[0]
     key = jax.random.key(seed)
     feats, ys = [], []
     t0 = time.time()
@@ -163,14 +164,26 @@ def label_pass(model, tparams, dm, dparams, arrays: dict, labels: str, batch: in
         if target_hidden is not None:
             th = target_hidden[lo:lo + batch]
             th = np.concatenate([th, np.repeat(th[-1:], pad, 0)]) if pad else th
-        f, y = fn(tparams, dparams, jnp.asarray(x), th, jax.random.fold_in(key, lo))
+        f, y = fn(jnp.asarray(x), th, jax.random.fold_in(key, lo))
         feats.append(np.asarray(f)[:batch - pad])
         ys.append(np.asarray(y)[:batch - pad])
         done = lo + batch - pad
         if lo == 0 or (lo // batch) % 20 == 19 or done == n:
-            log(f"labels: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA {(time.time() - t0) / done * (n - done):.0f} s")
+            log(f"{what}: {done}/{n} sequences, {time.time() - t0:.0f} s, ETA {(time.time() - t0) / done * (n - done):.0f} s")
+    return np.concatenate(feats), np.concatenate(ys)
+
+
+def label_pass(model, tparams, dm, dparams, arrays: dict, labels: str, batch: int, seed: int = 0,
+               target_hidden=None, log=print) -> dict:
+    """Run the frozen target and draft over ``arrays["tokens"]`` -> ``{"feat" [N,T,E] f16, "label" [N,T],
+    "mask" [N,T]}`` (see the module docstring)."""
+    tokens = arrays["tokens"]
+    t = tokens.shape[1]
+    fn = make_label_fn(model, dm, labels, target_hidden is not None)
+    feats, ys = batched_labels(lambda x, th, key: fn(tparams, dparams, x, th, key), tokens, target_hidden, batch, seed,
+                               log, "labels")
     mask = label_positions(arrays["length"], arrays["prompt_len"], t)
-    return {"feat": np.concatenate(feats), "label": np.concatenate(ys).astype(np.float32), "mask": mask}
+    return {"feat": feats, "label": ys.astype(np.float32), "mask": mask}
 
 
 def make_eagle_label_fn(model, ecfg, labels: str, stored: bool, depths: int):
@@ -206,11 +219,8 @@ def make_eagle_label_fn(model, ecfg, labels: str, stored: bool, depths: int):
             if labels == "greedy":
                 y = (d2t[jnp.argmax(dl, -1)] == jnp.argmax(tgt, -1)).astype(jnp.float32)
             else:
-                lq = jax.nn.log_softmax(dl, -1)
-                x = jax.random.categorical(jax.random.fold_in(key, s), lq, axis=-1)
-                gap = jnp.take_along_axis(lp_t, d2t[x][..., None], -1)[..., 0] - \
-                    jnp.take_along_axis(lq, x[..., None], -1)[..., 0]
-                y = jnp.exp(jnp.minimum(gap, 0.0))
+                y = sampling_label(jax.random.fold_in(key, s), jax.nn.log_softmax(dl, -1),
+                                   lambda x: jnp.take_along_axis(lp_t, d2t[x][..., None], -1)[..., 0])
             outs.append(out.hidden.astype(jnp.float16))
             ys.append(y)
             feat = jnp.concatenate([hid[:, :1], out.hidden[:, :-1].astype(jnp.float32)], axis=1)  # f_{t+1} <- o_t
@@ -235,31 +245,13 @@ def eagle_label_pass(model, tparams, ecfg, hp, d2t, arrays: dict, labels: str, b
     ``*_next`` pair is the lookahead output's target (depth s + 1 at t + 1; the deepest pass its own)."""
     from jaxdec.speculative.heads.medusa import draft_head
     tokens = arrays["tokens"]
-    n, t = tokens.shape
+    t = tokens.shape[1]
     fn = make_eagle_label_fn(model, ecfg, labels, target_hidden is not None, depths)
     head_w = draft_head(model, tparams, d2t)
     d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
-    key = jax.random.key(seed)
-    feats, ys = [], []
-    t0 = time.time()
-    for lo in range(0, n, batch):
-        x = tokens[lo:lo + batch]
-        pad = batch - len(x)
-        if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-        th = None
-        if target_hidden is not None:
-            th = target_hidden[lo:lo + batch]
-            th = np.concatenate([th, np.repeat(th[-1:], pad, 0)]) if pad else th
-        f, y = fn(tparams, hp, head_w, d2t_j, jnp.asarray(x), th, jax.random.fold_in(key, lo))
-        feats.append(np.asarray(f)[:batch - pad])
-        ys.append(np.asarray(y)[:batch - pad])
-        done = lo + batch - pad
-        if lo == 0 or (lo // batch) % 20 == 19 or done == n:
-            log(f"eagle labels: {done}/{n} sequences, {time.time() - t0:.0f} s, "
-                f"ETA {(time.time() - t0) / done * (n - done):.0f} s")
-    feat = np.concatenate(feats)  # [N,D,n,E]
-    y = np.concatenate(ys).astype(np.float32)  # [N,D,n]
+    feat, y = batched_labels(lambda x, th, key: fn(tparams, hp, head_w, d2t_j, x, th, key), tokens, target_hidden,
+                             batch, seed, log, "eagle labels")  # [N,D,n,E], [N,D,n]
+    y = y.astype(np.float32)
     m = eagle_label_positions(arrays["length"], arrays["prompt_len"], t, depths)
     deeper = np.concatenate([y[:, 1:], y[:, -1:]], axis=1)  # depth s + 1 (the deepest: itself) ...
     mdeep = np.concatenate([m[:, 1:], m[:, -1:]], axis=1)
