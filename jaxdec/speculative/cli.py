@@ -514,6 +514,7 @@ try:  # register with the spine's CLI when it is importable
                                      "draft -> one tree-masked target call -> verify; lossless")})
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
     register_papers({"speculative --drafter rapid": RAPID_PAPER})
-    register_papers({"speculative --drafter draft-model --stop-head": _PAPERS["specdec_pp"]})
+    register_papers({"speculative --drafter draft-model --stop-head": _PAPERS["specdec_pp"],
+                     "speculative --drafter eagle --stop-head": _PAPERS["specdec_pp"]})
 except ImportError:  # pragma: no cover
     pass

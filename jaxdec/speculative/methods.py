@@ -35,7 +35,8 @@ PAPERS = {
     "draft_model": ("Leviathan et al. 2023 / Chen et al. 2023, speculative decoding with a draft model",
                     "a separate (here: layer-truncated) model drafts a chain"),
     "specdec_pp": ("Huang et al. 2024, SpecDec++: stop drafting when acceptance looks unlikely",
-                   "draft model chain stopped by a learned acceptance head (or the draft's confidence)"),
+                   "draft model chain stopped by a learned acceptance head (or the draft's confidence); "
+                   "EAGLE chains too (eagle(..., stop_head=))"),
     "clover": ("Xiao et al. 2024, Clover: regressive lightweight speculative decoding with sequential knowledge",
                "trained heads with a regressive connection, an attention decoder and an augmenting block"),
     "draft_lm": ("Kavehzadeh et al. 2024, S2D: sorted speculative decoding (and a plain distilled draft)",
@@ -254,13 +255,15 @@ def hidden_transfer(model, params, heads, target=None, sampling: bool = False, t
     return build(model, params, heads, target=target, tree=tree, sampling=sampling)
 
 
-def ppd(model, params, heads, target=None, inline: bool = True):
+def ppd(model, params, heads, target=None, inline: bool = True, tree=None):
     """-> (decoder, params). PPD's trained prompt tokens (`jaxdec.speculative.heads.ppd`): a file written by
     ``train/ppd.py`` (checked against the target like `medusa`) or a ``(PPDConfig, params)`` pair. inline
     (the paper's layout): the prompt tokens ride in the verify call (the engine's ``extra_inputs`` hook);
-    False: a separate draft call per step. Greedy verification."""
+    False: a separate draft call per step. tree: None (the chain of the guesses), a `TreeSpec` (node at
+    depth d, rank r: depth d's r-th best guess) or "auto" (the hardware-aware tree from the measured cost
+    curve). Greedy verification."""
     from jaxdec.speculative.heads.ppd import build
-    return build(model, params, heads, target=target, inline=inline)
+    return build(model, params, heads, target=target, inline=inline, tree=tree)
 
 
 def lud(model, params, heads, target=None, cut: Optional[float] = None):
