@@ -7,6 +7,10 @@ elsewhere. The draft's hidden state is the one-hot of its current token, so a tr
 whether the next draft token will be accepted (``tok in G``) while an untrained head guesses; the
 trained stop must beat the untrained one under a fixed cost model, and greedy verification must stay
 exact with the head on.
+
+The second half stops EAGLE chains (`EagleDrafter(stop_head=)`, `methods.eagle(..., stop_head=)`,
+``train/specdec_pp.py --drafter eagle``) on a toy EAGLE head trained with a reduced draft vocabulary
+(see `eagle_toy`).
 """
 from __future__ import annotations
 
