@@ -76,7 +76,17 @@ PRELOAD_CASES = [
        os.path.join(ROOT, "jaxdec", "speculative", "heads", "artefacts", "specdec_pp-smollm2-135m.safetensors")),
      ["--stop-head", "trained on draft_lm:", "not on the EAGLE head"]),
     (G("--method", "speculative", "--drafter", "eagle", "--stop-threshold", "0.5"), ["--stop-threshold", "--stop-head"]),
-    (G("--method", "speculative", "--drafter", "medusa", "--stop-head"), ["--stop-head", "--drafter draft-model, eagle"]),
+    (G("--method", "speculative", "--drafter", "medusa", "--stop-head"),
+     ["--stop-head", "--drafter clover, draft-model, eagle"]),
+    # ... and on Clover
+    (G("--method", "speculative", "--drafter", "clover", "--stop-head", "/no/such/head.safetensors"),
+     ["--stop-head", "no such file"]),
+    (G("--method", "speculative", "--drafter", "clover", "--stop-head"),
+     ["--stop-head", "for the Clover heads", "--drafter clover"]),
+    (G("--method", "speculative", "--drafter", "clover", "--stop-head",
+       os.path.join(ROOT, "jaxdec", "speculative", "heads", "artefacts", "specdec_pp-smollm2-135m.safetensors")),
+     ["--stop-head", "trained on draft_lm:", "not on the Clover heads"]),
+    (G("--method", "speculative", "--drafter", "clover", "--stop-threshold", "0.5"), ["--stop-threshold", "--stop-head"]),
     (G("--method", "diverse-beam", "--num-beams", "4", "--num-beam-groups", "3"), ["--num-beam-groups", "divide"]),
     # int8 activations run against block-quantized weights only
     (G("--activations", "q8"), ["--activations q8", "--weights q", "got --weights f32"]),

@@ -10,7 +10,8 @@ exact with the head on.
 
 The second half stops EAGLE chains (`EagleDrafter(stop_head=)`, `methods.eagle(..., stop_head=)`,
 ``train/specdec_pp.py --drafter eagle``) on a toy EAGLE head trained with a reduced draft vocabulary
-(see `eagle_toy`).
+(see `eagle_toy`); the third stops Clover chains the same way (`CloverDrafter(stop_head=)`,
+`methods.clover(..., stop_head=)`, ``--drafter clover``; see `clover_toy`).
 """
 from __future__ import annotations
 
@@ -560,3 +561,267 @@ def test_cli_build_eagle_with_stop_head(eagle_toy, tmp_path):
         scli.build(ns(stop_head=str(wrong)), t["model"], t["params"], FP)
     with pytest.raises(ValueError, match="^--heads: "):  # the EAGLE file's own errors stay --heads errors
         scli.build(ns(stop_head=t["path"], heads=str(wrong)), t["model"], t["params"], FP)
+
+
+# --------------------------------------------------------------------------- SpecDec++ on Clover
+# The same toy target and corpus as the EAGLE half. Clover heads are set by hand rather than trained (training
+# them costs ~15 s of CI): every weight random (`clover.init_params`, the augmenting block switched on), then the
+# merge maps the token a head reads to the target's next token, ``perm[x]``, over half its state, so each head
+# drafts ``perm[x]`` whenever that token is in its reduced draft vocabulary (11 of 16 tokens) and something else
+# (decided by its earlier states through the memory) when it is not. A head whose next token lies outside the
+# vocabulary is always rejected, which the stop head, reading each head's regressive state, can learn; it is
+# trained on the Clover labels (train/specdec_pp.py --drafter clover).
+CK = 4  # Clover chain length (heads)
+
+
+def _clover_heads(params, seed: int = 0):
+    from jaxdec.speculative.heads import clover as C
+    cc = C.CloverConfig(hidden=V, draft_vocab=11, num_tokens=CK, dec_heads=2, aug_heads=2, aug_kv_heads=1,
+                        aug_head_dim=8, aug_intermediate=32, max_position=256)
+    perm = np.asarray(params["table"])[0].argmax(-1)  # the target's greedy next token after each token
+    hp = C.init_params(cc, seed)
+    hp["aug"]["final_norm"] = jnp.full((V,), 0.3)  # the augmenting block adds to the target's features
+    hp["merge"]["w"] = hp["merge"]["w"].at[:, :V].multiply(0.5).at[:, V:].set(jnp.eye(V)[perm].T)
+    d2t = np.sort(np.random.default_rng(seed).permutation(V)[:11])
+    return cc, hp, d2t
+
+
+@pytest.fixture(scope="module")
+def clover_toy(tmp_path_factory):
+    from jaxdec.speculative.heads.clover import KIND, load_clover
+    from jaxdec.testing.toy_speculative import peaked_trigram
+    from train.specdec_pp import SpecDecPPTrainConfig, train_specdec_pp
+    model, params, prompts = peaked_trigram(V, 48, seed=1)
+    gen = jaxdec.generate(model, params, prompts[:40], max_new_tokens=MAX_NEW)
+    seqs = [p + list(t) for p, t in zip(prompts[:40], gen.tokens)]
+    plens = [len(p) for p in prompts[:40]]
+    d = tmp_path_factory.mktemp("specdec_pp_clover")
+    cc, chp, d2t = _clover_heads(params)
+    cpath = save_heads(str(d / "clover.safetensors"), KIND, {**chp, "d2t": d2t}, cc.to_dict(), FP)
+    cc, chp, _, d2t = load_clover(cpath, FP)
+    cfg = SpecDecPPTrainConfig(out=str(d / "stop"), steps=60, batch_size=8, lr=0.1, warmup=2, seq_len=32,
+                               num_layers=1, eval_every=30, save_every=30, log_every=1, progress=False,
+                               eval_fraction=0.1, drafter="clover")
+    res, path = train_specdec_pp(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
+                                 log=lambda *a: None, clover=(cc, chp, np.asarray(d2t)))
+    test = prompts[40:]
+    assert len({len(p) for p in test}) >= 3  # a ragged batch
+    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW).tokens
+    return dict(model=model, params=params, prompts=prompts, seqs=seqs, plens=plens, cpath=cpath, cc=cc, chp=chp,
+                d2t=np.asarray(d2t), res=res, path=path, acfg=res.acceptance_config, test=test, greedy=greedy, dir=d)
+
+
+def _clover(t, stop_head=None, prompts=None, **kw):
+    dec, pp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=stop_head, **kw)
+    return dec, pp, jaxdec.generate(t["model"], pp, prompts or t["test"], decoder=dec, max_new_tokens=MAX_NEW)
+
+
+def test_clover_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untrained(clover_toy):
+    t = clover_toy
+    _, _, off = _clover(t)
+    assert off.tokens == t["greedy"] and off.stats["tau"] > 2.0  # the trained Clover heads draft well
+    assert np.all(np.asarray(off.stats["raw"]["pos_offered"]) > 0) and off.stats["draft_calls"] == 0
+    runs = {}
+    for name, head in (("never", _fixed_head(t, 50.0)), ("always", _fixed_head(t, -50.0)), ("trained", t["path"]),
+                       ("untrained", (t["acfg"], A.init_params(t["acfg"], seed=3)))):
+        dec, pp, out = _clover(t, head)
+        assert dec.verify_buckets == "auto" and dec.drafter.stop_head is not None
+        assert out.tokens == t["greedy"], name  # lossless on the ragged batch
+        runs[name] = (dec, pp, out)
+    never = runs["never"][2].stats
+    for k in ("tau", "target_calls", "row_steps"):  # a head that never stops = Clover without one
+        assert never[k] == off.stats[k], k
+    np.testing.assert_array_equal(never["acceptance_per_position"], off.stats["acceptance_per_position"])
+    assert never["draft_calls"] == CK * never["block_calls"]  # with a stop head, the head calls run are counted
+    # a head that always predicts rejection drafts min_tokens per step, and runs that many heads (the rest skipped)
+    dec, pp, always = runs["always"]
+    for mt in (1, 2):
+        out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=mt), t["test"], decoder=dec,
+                              max_new_tokens=MAX_NEW)
+        assert out.tokens == t["greedy"]
+        off_pos = np.asarray(out.stats["raw"]["pos_offered"])
+        assert np.all(off_pos[:mt] > 0) and np.all(off_pos[mt:] == 0), (mt, off_pos)
+        assert out.stats["draft_calls"] == mt * out.stats["block_calls"], (mt, out.stats)
+        bucket = {1: 2, 2: 4}[mt]  # the smallest "auto" bucket (1, 2, 4, CK + 1) holding mt drafts + the root
+        assert out.stats["block_tokens"] == bucket * out.stats["block_calls"], (mt, out.stats["bucket_steps"])
+    # the trained head beats the untrained one and the full chain under the per-row cost model
+    sp = {n: _row_cost_speedup(r[2].stats) for n, r in runs.items()}
+    tr = runs["trained"][2].stats
+    assert sp["trained"] > 1.05 * sp["untrained"], sp
+    assert sp["trained"] > 1.02 * sp["never"], sp
+    assert tr["tau"] > 1.5, (tr["tau"], sp)
+    drafted = lambda st: int(np.sum(st["raw"]["pos_offered"])) / st["row_steps"]  # noqa: E731
+    assert drafted(tr) < 0.9 * drafted(off.stats), (drafted(tr), drafted(off.stats))
+    print("Clover + stop (ragged batch 8): per-row cost speedup", sp, "tau",
+          {n: r[2].stats["tau"] for n, r in runs.items()}, "drafted per row step",
+          {n: drafted(r[2].stats) for n, r in runs.items()})
+
+
+def test_clover_labels_are_the_drafters_first_token_acceptance(clover_toy):
+    """The first head's labels (teacher forcing Clover on the target's greedy text) predict exactly what the
+    real drafter does when it drafts one token per step (an always-stopping head, min_tokens 1): its row
+    steps and accepted tokens on those sequences; labels shifted by one position do not. The later heads'
+    labels and states are there and differ from the first's."""
+    from train.medusa import sequences_to_arrays, store_hidden
+    from train.specdec_pp import clover_label_pass
+    t = clover_toy
+    n = 8
+    arr = sequences_to_arrays(t["seqs"][:n], t["plens"][:n], 32)
+    lab = clover_label_pass(t["model"], t["params"], t["cc"], t["chp"], t["d2t"], arr, "greedy", 4, log=lambda *a: None)
+    # --hidden stored: the same head states (the toy's logits are not its LM head on its hidden state, so only
+    # the states compare); sampling labels min(1, p/q) are soft
+    th = store_hidden(t["model"], t["params"], arr["tokens"], 4, log=lambda *a: None)
+    st = clover_label_pass(t["model"], t["params"], t["cc"], t["chp"], t["d2t"], arr, "sampling", 4, target_hidden=th,
+                           log=lambda *a: None)
+    np.testing.assert_allclose(st["feat"].astype(np.float32), lab["feat"].astype(np.float32), atol=1e-2)
+    np.testing.assert_array_equal(st["mask"], lab["mask"])
+    soft = st["label"][st["mask"]]
+    assert np.all((soft >= 0) & (soft <= 1)) and not np.all((soft == 0) | (soft == 1))
+    y = lab["label"].reshape(n, CK, -1)
+    m = lab["mask"].reshape(n, CK, -1)
+    assert lab["feat"].shape == (n, CK * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
+    assert m[:, 1].sum() < m[:, 0].sum() and not np.array_equal(lab["feat"][:, :31], lab["feat"][:, 31:62])
+    assert np.array_equal(lab["mask_next"].reshape(n, CK, -1)[:, 0], m[:, 0] & m[:, 1])
+    assert not lab["mask_next"].reshape(n, CK, -1)[:, -1].any()  # the last head has no next one
+    want = [_simulate_first_draft(y[i, 0], t["plens"][i], MAX_NEW) for i in range(n)]
+    dec, pp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=_fixed_head(t, -50.0))
+    out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=1), t["prompts"][:n], decoder=dec,
+                          max_new_tokens=MAX_NEW)
+    assert [p + list(o) for p, o in zip(t["prompts"][:n], out.tokens)] == t["seqs"][:n]
+    assert (out.stats["row_steps"], int(out.stats["raw"]["accepted"])) == tuple(np.sum(want, axis=0)), want
+    shifted = [_simulate_first_draft(np.roll(y[i, 0], 1), t["plens"][i], MAX_NEW) for i in range(n)]
+    assert tuple(np.sum(shifted, axis=0)) != tuple(np.sum(want, axis=0))
+
+
+def test_clover_stop_head_for_another_draft_refused_and_bad_input(clover_toy, tmp_path):
+    import dataclasses
+    from jaxdec.speculative.heads.clover import CloverDrafter, draft_id, init_params as clover_init
+    t = clover_toy
+    model, params = t["model"], t["params"]
+    cfg, _, meta = A.load_acceptance(t["path"], FP)
+    assert cfg.draft == draft_id(t["cc"], t["chp"], t["d2t"]) and cfg.draft.startswith("clover:")
+    assert meta["depths"] == CK and 0 < meta["label_mean_depth1"] < 1
+    M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"])  # the right head: accepted
+    other = (t["cc"], clover_init(t["cc"], 5), t["d2t"])  # other Clover heads of the same shapes
+    with pytest.raises(ValueError, match="stop_head: the acceptance head was trained on clover:.*not on these Clover"):
+        M.clover(model, params, other, target=FP, stop_head=t["path"])
+    with pytest.raises(ValueError, match="not on these Clover heads"):  # the same, in memory
+        M.clover(model, params, other, stop_head=(cfg, t["res"].params))
+    with pytest.raises(ValueError, match="not on these Clover heads"):  # another d2t map
+        M.clover(model, params, (t["cc"], t["chp"], (t["d2t"] + 1) % V), stop_head=(cfg, t["res"].params))
+    with pytest.raises(ValueError, match="trained on layers:1"):  # trained on a draft model
+        M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft="layers:1"),
+                                                                  t["res"].params))
+    with pytest.raises(ValueError, match="trained on eagle:"):  # trained for an EAGLE head
+        M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft="eagle:" + "0" * 64),
+                                                                  t["res"].params))
+    with pytest.raises(ValueError, match="trained on clover:.*not on this EAGLE head"):  # and the reverse
+        from jaxdec.speculative.heads.eagle import EagleConfig, init_params as eagle_init
+        ec = EagleConfig(hidden=V, draft_vocab=11, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
+                         max_position=64, num_tokens=3)
+        M.eagle(model, params, (ec, eagle_init(ec, 0), t["d2t"]), stop_head=t["path"], target=FP)
+    with pytest.raises(ValueError, match="trained for Clover heads.*methods.clover"):
+        A.build(model, params, t["path"], target=FP)
+    with pytest.raises(HeadsMismatch, match="another target"):
+        M.clover(model, params, (t["cc"], t["chp"], t["d2t"]), target="sha256:" + "cd" * 32, stop_head=t["path"])
+    unrec = tmp_path / "unrecorded.safetensors"  # a file that records no draft is refused ...
+    save_heads(str(unrec), A.KIND, dict(t["res"].params), dataclasses.replace(cfg, draft="").to_dict(), FP)
+    with pytest.raises(ValueError, match="trained on an unrecorded draft"):
+        M.clover(model, params, t["cpath"], target=FP, stop_head=str(unrec))
+    # ... an in-memory head without a record is taken as given, but must read the heads' hidden size
+    M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft=""), t["res"].params))
+    small = A.AcceptanceConfig(hidden=8, num_layers=1)
+    with pytest.raises(ValueError, match="hidden size 8, the Clover heads' state has 16"):
+        M.clover(model, params, t["cpath"], target=FP, stop_head=(small, A.init_params(small)))
+    with pytest.raises(ValueError, match="expected tensors"):
+        M.clover(model, params, t["cpath"], target=FP, stop_head=(cfg, {"w": 1}))
+    with pytest.raises(TypeError, match="stop_head must be"):
+        M.clover(model, params, t["cpath"], target=FP, stop_head=3)
+    with pytest.raises(ValueError, match="threshold"):
+        M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"], stop_threshold=1.5)
+    with pytest.raises(ValueError, match="stop_threshold is used only with stop_head"):
+        M.clover(model, params, t["cpath"], target=FP, stop_threshold=0.5)
+    with pytest.raises(TypeError, match="advance"):
+        CloverDrafter(t["cc"], stop_head=object())
+    dec, pp = M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"])
+    plain, pp0 = M.clover(model, params, t["cpath"], target=FP)
+    with pytest.raises(ValueError, match="'stop'"):  # a stop head without its params
+        jaxdec.generate(model, pp0, t["test"][:1], decoder=dec, max_new_tokens=4)
+    assert plain.verify_buckets == () and dec.verify_buckets == "auto"
+
+
+def test_train_config_clover_bad_values():
+    from train.harness import ConfigError
+    from train.specdec_pp import SpecDecPPTrainConfig
+    for kw, flag in (({"clover": "x.safetensors"}, "--clover FILE needs --drafter clover"),
+                     ({"drafter": "clover", "eagle": "x.safetensors"}, "--eagle FILE needs --drafter eagle"),
+                     ({"drafter": "clover", "draft": "d.safetensors"}, "--drafter clover"),
+                     ({"drafter": "clover", "depths": 2}, "--depths")):
+        with pytest.raises(ConfigError, match=flag):
+            SpecDecPPTrainConfig(**kw).validate()
+    SpecDecPPTrainConfig(drafter="clover", clover="x.safetensors").validate()
+
+
+@pytest.mark.slow
+def test_clover_stop_sampling_follows_the_target_distribution():
+    """Clover chains drawn from each head's q and cut by a learned stop (a random head whose stop point varies
+    by row and step), verified by speculative sampling: the first three tokens' joint distribution is the
+    target's (exact enumeration, 100k rows, tests/stat_checks.py); without residual resampling it is not
+    (negative control). The stop really cut chains: later positions were offered less often."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from stat_checks import assert_speculative_joint
+    from jaxdec.speculative.heads import clover as C
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
+    tab = random_table(21, tv, 1.2)
+    model = TrigramModel(tv)
+    tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
+    cc = C.CloverConfig(hidden=tv, draft_vocab=4, num_tokens=3, dec_heads=1, aug_heads=1, aug_kv_heads=1,
+                        aug_head_dim=4, aug_intermediate=8, max_position=64)
+    hp = C.init_params(cc, 3)
+    rng = np.random.default_rng(3)
+    hp["res"] = {"w": jnp.asarray(rng.normal(0, 1.0, (tv, tv)), jnp.float32), "b": jnp.zeros((tv,))}
+    hp["merge"]["w"] = hp["merge"]["w"] + jnp.asarray(rng.normal(0, 1.0, (tv, 2 * tv)), jnp.float32)
+    acfg = A.AcceptanceConfig(hidden=tv, num_layers=1)
+    ahp = dict(A.init_params(acfg, seed=4))
+    ahp["out_w"] = ahp["out_w"] * 8.0  # predictions spread over (0, 1): some chains stop after 1 token, some after 2
+    ahp["out_b"] = jnp.array([1.0, 1.0])
+    dec, params = M.clover(model, tp, (cc, hp, np.array([0, 1, 2, 4])), sampling=True, stop_head=(acfg, ahp),
+                           stop_threshold=0.5)
+    stats = assert_speculative_joint(
+        lambda residual: SpeculativeDecoder(C.CloverDrafter(cc, sample=True, stop_head=dec.drafter.stop_head),
+                                            "sampling", residual=residual, verify_buckets="auto"),
+        model, params, tab, (75, 76))
+    offered = np.asarray(stats["raw"]["pos_offered"])
+    assert offered[0] > 1.3 * offered[1] > 0 and offered[1] > offered[2], offered
+
+
+def test_cli_build_clover_with_stop_head(clover_toy, tmp_path):
+    """``--drafter clover --heads C --stop-head S [--stop-threshold T]`` builds `methods.clover(..., stop_head=)`
+    with verify buckets on; a head for another draft is a ``--stop-head:`` error (and, before the model loads,
+    a Clover head is refused for a draft model); without the flag Clover is as before."""
+    import argparse
+    import dataclasses
+    from jaxdec.speculative import cli as scli
+    t = clover_toy
+    ns = lambda **kw: argparse.Namespace(**{**scli._DEFAULTS, "drafter": "clover", "spec_sampling": False,  # noqa: E731
+                                            "model": "toy", "heads": t["cpath"], **kw})
+    dec, pp = scli.build(ns(stop_head=t["path"], stop_threshold=0.6), t["model"], t["params"], FP)
+    ref, rp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=t["path"], stop_threshold=0.6)
+    assert dec == ref and dec.verify_buckets == "auto" and np.isclose(float(pp["draft"]["stop"]["threshold"]), 0.6)
+    plain, _ = scli.build(ns(), t["model"], t["params"], FP)
+    assert plain == M.clover(t["model"], t["params"], t["cpath"], target=FP)[0] and plain.drafter.stop_head is None
+    wrong = tmp_path / "wrong.safetensors"
+    cfg, hp, _ = A.load_acceptance(t["path"], FP)
+    save_heads(str(wrong), A.KIND, dict(hp), dataclasses.replace(cfg, draft="layers:1").to_dict(), FP)
+    with pytest.raises(ValueError, match="^--stop-head: .*trained on layers:1"):
+        scli.build(ns(stop_head=str(wrong)), t["model"], t["params"], FP)
+    with pytest.raises(ValueError, match="^--heads: "):  # the Clover file's own errors stay --heads errors
+        scli.build(ns(stop_head=t["path"], heads=str(wrong)), t["model"], t["params"], FP)
+    A.check_file_for_drafter(t["path"], "clover", t["cpath"])  # the preload check: the right heads pass ...
+    with pytest.raises(ValueError, match="wrong.safetensors': .*trained on layers:1.*not on the Clover heads 'clover"):
+        A.check_file_for_drafter(str(wrong), "clover", t["cpath"])
+    with pytest.raises(ValueError, match="trained for Clover heads.*--drafter clover"):  # ... a draft model does not
+        A.check_file_for_drafter(t["path"], "draft-model")

@@ -34,6 +34,22 @@ the next depth's label at t + 1 (the deepest pass learns its own depth's, the sa
 heads file records the EAGLE head's `jaxdec.speculative.heads.eagle.draft_id` (``draft``), so
 `methods.eagle` refuses the head on another EAGLE head.
 
+``--drafter clover`` (``--clover FILE``, default the Clover heads shipped for ``--model``): the head is
+trained to stop a Clover chain (`jaxdec.speculative.methods.clover(..., stop_head=)`) and reads each Clover
+head's regressive state ``s_k``. Labels teacher-force Clover as train/clover.py trains it: the augmenting
+block over the target's features of the whole sequence (causal, so its state at t is the one the drafter
+computes incrementally), then at every anchor t the K heads with their regressive inputs set to the true
+tokens (head k, 0-based, reads token t + 1 + k and scores t + 2 + k). Head 1 at t is exactly the first draft
+of a chain whose last accepted token is t + 1. Head k's state is exactly the chain's when heads 1 .. k - 1
+drafted the true tokens, which is what "every earlier draft accepted" means under greedy verification of the
+target's greedy text (the self-distillation corpus); on other text (and for sampling labels, where an
+accepted draw is not always the corpus token) the deeper labels are teacher-forced approximations, the
+same as the draft-model labels. Greedy label 1 iff head k's top token (through d2t) is the target's argmax
+at t + 1 + k; sampling ``min(1, p(x)/q(x))`` for ``x ~ q`` over the draft vocabulary. The lookahead output
+learns head k + 1's label at the same anchor (the last head's is unused: the chain ends there). The heads
+file records the Clover heads' `jaxdec.speculative.heads.clover.draft_id`, so `methods.clover` refuses the
+head on other heads.
+
 Target states: ``--hidden stored`` reads/writes the target's final-norm hidden states through
 train.medusa's shared cache (``--hidden-cache``) and scores them with the LM head; ``recompute`` runs the
 target in the label pass. Writes ``<out>/heads.safetensors`` (kind "specdec_pp") like train/medusa.py.
@@ -60,8 +76,9 @@ class SpecDecPPTrainConfig(TrainConfig):
     draft_layers: int = 0  # the target's first N layers as the draft (0: half the target's layers)
     draft: str = ""  # or a distilled draft's heads file (train/distill_draft.py)
     draft_depth: int = 0  # with --draft: the exit (0: its deepest)
-    drafter: str = "draft-model"  # the drafter the head stops: "draft-model" or "eagle"
+    drafter: str = "draft-model"  # the drafter the head stops: "draft-model", "eagle" or "clover"
     eagle: str = ""  # --drafter eagle: the EAGLE heads file ("": the one shipped for --model)
+    clover: str = ""  # --drafter clover: the Clover heads file ("": the one shipped for --model)
     depths: int = 3  # --drafter eagle: chain depths labelled by unrolled passes (see the module docstring)
     num_layers: int = 3  # residual blocks of the head (the paper's 3)
     weight_mismatch: float = 6.0  # BCE weight of rejected positions (the paper's 6)
@@ -90,19 +107,19 @@ class SpecDecPPTrainConfig(TrainConfig):
             raise ConfigError("give --draft-layers or --draft FILE, not both")
         if self.draft_depth and not self.draft:
             raise ConfigError("--draft-depth needs --draft FILE")
-        if self.drafter not in ("draft-model", "eagle"):
-            raise ConfigError(f"--drafter must be 'draft-model' or 'eagle', got {self.drafter!r}")
+        if self.drafter not in ("draft-model", "eagle", "clover"):
+            raise ConfigError(f"--drafter must be 'draft-model', 'eagle' or 'clover', got {self.drafter!r}")
         if isinstance(self.depths, bool) or not isinstance(self.depths, int) or self.depths < 1:
             raise ConfigError(f"--depths must be an integer >= 1, got {self.depths!r}")
-        if self.drafter == "eagle":
-            if self.draft or self.draft_layers or self.draft_depth:
-                raise ConfigError("--draft / --draft-layers / --draft-depth choose a draft model: not with "
-                                  "--drafter eagle (its draft is --eagle FILE)")
-        elif self.eagle:
-            raise ConfigError("--eagle FILE needs --drafter eagle")
-        elif self.depths != 3:
+        if self.drafter != "draft-model" and (self.draft or self.draft_layers or self.draft_depth):
+            raise ConfigError(f"--draft / --draft-layers / --draft-depth choose a draft model: not with "
+                              f"--drafter {self.drafter} (its draft is --{self.drafter} FILE)")
+        for name in ("eagle", "clover"):
+            if getattr(self, name) and self.drafter != name:
+                raise ConfigError(f"--{name} FILE needs --drafter {name}")
+        if self.depths != 3 and self.drafter != "eagle":
             raise ConfigError("--depths is used only with --drafter eagle (a draft model's label pass reads its "
-                              "own chain states)")
+                              "own chain states; Clover's labels every head of its chain)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,16 +136,11 @@ def label_positions(length, prompt_len, t: int):
 def make_label_fn(model, dm, labels: str, stored: bool):
     """jitted ``(target params, draft params, tokens [b,T], target hidden [b,T,E] or None, key)
     -> (draft hidden [b,T,E] float16, label [b,T] float32)``."""
-    from jaxdec.quant import matmul
-    from jaxdec.speculative.heads.medusa import lm_head
 
     def fn(tp, dp, tokens, thid, key):
         b, t = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if stored:
-            tl = matmul(thid.astype(jnp.float32), lm_head(model, tp)).astype(jnp.float32)
-        else:
-            tl = model(tp, tokens, pos, model.init_cache(b, t)).logits.astype(jnp.float32)
+        _, tl = target_logits(model, tp, tokens, thid if stored else None)
         o = dm(dp, tokens, pos, dm.init_cache(b, t))
         dl = o.logits.astype(jnp.float32)
         if labels == "greedy":
@@ -139,6 +151,29 @@ def make_label_fn(model, dm, labels: str, stored: bool):
         return o.hidden.astype(jnp.float16), y
 
     return jax.jit(fn)
+
+
+def target_logits(model, tp, tokens, thid=None):
+    """(final-norm hidden states [b,T,E], logits [b,T,V] float32) of the target on ``tokens``: the stored
+    states ``thid`` scored by the LM head, or (None) a forward."""
+    from jaxdec.quant import matmul
+    from jaxdec.speculative.heads.medusa import lm_head
+    if thid is not None:
+        hidden = thid.astype(jnp.float32)
+        return hidden, matmul(hidden, lm_head(model, tp)).astype(jnp.float32)
+    b, t = tokens.shape
+    o = model(tp, tokens, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), model.init_cache(b, t))
+    return o.hidden, o.logits.astype(jnp.float32)
+
+
+def draft_vocab_label(labels: str, key, dl, tl, d2t):
+    """The label of the draft token scored by ``dl [..., Vd]`` (a reduced draft vocabulary, target ids
+    ``d2t``) against the target's logits ``tl [..., V]`` there: greedy 1 iff ``d2t[argmax dl]`` is the
+    target's argmax; sampling ``min(1, p(x)/q(x))`` for ``x ~ q``."""
+    if labels == "greedy":
+        return (d2t[jnp.argmax(dl, -1)] == jnp.argmax(tl, -1)).astype(jnp.float32)
+    lp = jax.nn.log_softmax(tl, -1)
+    return sampling_label(key, jax.nn.log_softmax(dl, -1), lambda x: jnp.take_along_axis(lp, d2t[x][..., None], -1)[..., 0])
 
 
 def sampling_label(key, lq, lp_of):
@@ -210,17 +245,11 @@ def make_eagle_label_fn(model, ecfg, labels: str, stored: bool, depths: int):
         pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         nxt = tokens[:, 1:]
         tgt = tl[:, 1:]
-        lp_t = jax.nn.log_softmax(tgt, -1)
         lpar = layer_params(hp, head_w)
         feat, outs, ys = hid[:, :n], [], []
         for s in range(depths):
             out = lm(lpar, None, pos, lm.init_cache(b, n), embeds=draft_inputs(hp, model, tp, feat, nxt))
-            dl = out.logits.astype(jnp.float32)  # [b,n,Vd]
-            if labels == "greedy":
-                y = (d2t[jnp.argmax(dl, -1)] == jnp.argmax(tgt, -1)).astype(jnp.float32)
-            else:
-                y = sampling_label(jax.random.fold_in(key, s), jax.nn.log_softmax(dl, -1),
-                                   lambda x: jnp.take_along_axis(lp_t, d2t[x][..., None], -1)[..., 0])
+            y = draft_vocab_label(labels, jax.random.fold_in(key, s), out.logits.astype(jnp.float32), tgt, d2t)
             outs.append(out.hidden.astype(jnp.float16))
             ys.append(y)
             feat = jnp.concatenate([hid[:, :1], out.hidden[:, :-1].astype(jnp.float32)], axis=1)  # f_{t+1} <- o_t
@@ -257,8 +286,65 @@ def eagle_label_pass(model, tparams, ecfg, hp, d2t, arrays: dict, labels: str, b
     mdeep = np.concatenate([m[:, 1:], m[:, -1:]], axis=1)
     y1 = np.concatenate([deeper[:, :, 1:], np.zeros_like(y[:, :, :1])], axis=2)  # ... at t + 1
     m1 = m & np.concatenate([mdeep[:, :, 1:], np.zeros_like(m[:, :, :1])], axis=2)
+    return _depths_flat(feat, y, m, y1, m1)
+
+
+def _depths_flat(feat, y, m, y1, m1) -> dict:
+    """A label pass's ``[N,D,n,...]`` arrays with the depths side by side on one axis ``[N,D*n,...]``."""
     flat = lambda a: a.reshape(a.shape[0], -1, *a.shape[3:])  # noqa: E731
     return {"feat": flat(feat), "label": flat(y), "mask": flat(m), "label_next": flat(y1), "mask_next": flat(m1)}
+
+
+def make_clover_label_fn(model, ccfg, labels: str):
+    """jitted ``(target params, Clover head params, head_w, d2t, tokens [b,T], stored target states or None,
+    key) -> (head states [b,K,T-1,E] float16, labels [b,K,T-1])``: head k's state at anchor t and the label
+    of the token it scores (t + 2 + k; see the module docstring)."""
+    from jaxdec.speculative.heads.clover import augment, heads_chain, target_embed
+    kk = ccfg.num_tokens
+
+    def fn(tp, hp, head_w, d2t, tokens, thid, key):
+        b, t = tokens.shape
+        hidden, tl = target_logits(model, tp, tokens, thid)
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        aug, _ = augment(ccfg, hp, head_w, hidden, pos, ccfg.aug_model().init_cache(b, t))  # [b,T,E]
+        n = t - 1  # anchors 0 .. T-2 (head 1 reads the token after the anchor)
+        at = jnp.minimum(jnp.arange(n)[:, None] + 1 + jnp.arange(kk)[None], t - 1)  # [n,K] token head k reads
+        dl, st = heads_chain(ccfg, hp, head_w, aug[:, :n], tokens[:, at], lambda ids: target_embed(model, tp, ids),
+                             states=True)  # [K,b,n,Vd], [K,b,n,E]
+        # head k at anchor a scores token a + 2 + k: the target's logits at a + 1 + k
+        ys = [draft_vocab_label(labels, jax.random.fold_in(key, k), dl[k].astype(jnp.float32), tl[:, at[:, k]], d2t)
+              for k in range(kk)]
+        return jnp.moveaxis(st, 0, 1).astype(jnp.float16), jnp.stack(ys, 1)
+
+    return jax.jit(fn)
+
+
+def clover_label_positions(length, prompt_len, t: int, kk: int):
+    """``[N,K,T-1]`` bool: head k at anchor a (the chain after the token at a + 1, whose target feature is at
+    a) labels the token at a + 2 + k: valid when the token at a + 1 was generated (a >= prompt_len - 1) and
+    a + 2 + k is inside the sequence."""
+    ar = np.arange(t - 1)[None, None]
+    k = np.arange(kk)[None, :, None]
+    return (ar >= np.asarray(prompt_len)[:, None, None] - 1) & (ar + 2 + k < np.asarray(length)[:, None, None])
+
+
+def clover_label_pass(model, tparams, ccfg, hp, d2t, arrays: dict, labels: str, batch: int, seed: int = 0,
+                      target_hidden=None, log=print) -> dict:
+    """Clover teacher-forced over ``arrays["tokens"]`` -> ``{"feat" [N,K*(T-1),E] f16, "label", "mask",
+    "label_next", "mask_next" [N,K*(T-1)]}``: the K heads side by side on one axis; the ``*_next`` pair is
+    the lookahead output's target (head k + 1 at the same anchor; none for the last head)."""
+    from jaxdec.speculative.heads.medusa import draft_head
+    tokens = arrays["tokens"]
+    fn = make_clover_label_fn(model, ccfg, labels)
+    head_w = draft_head(model, tparams, d2t)
+    d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
+    feat, y = batched_labels(lambda x, th, key: fn(tparams, hp, head_w, d2t_j, x, th, key), tokens, target_hidden,
+                             batch, seed, log, "clover labels")  # [N,K,n,E], [N,K,n]
+    y = y.astype(np.float32)
+    m = clover_label_positions(arrays["length"], arrays["prompt_len"], tokens.shape[1], ccfg.num_tokens)
+    y1 = np.concatenate([y[:, 1:], np.zeros_like(y[:, :1])], axis=1)
+    m1 = m & np.concatenate([m[:, 1:], np.zeros_like(m[:, :1])], axis=1)
+    return _depths_flat(feat, y, m, y1, m1)
 
 
 def make_loss(weight_mismatch: float):
@@ -305,49 +391,55 @@ def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerp
     return dm, dp, f"layers:{n}", ""
 
 
-def resolve_train_eagle(cfg: SpecDecPPTrainConfig, fingerprint: str):
-    """(EagleConfig, head params, d2t, draft id, recorded file) of ``--eagle`` (default: the shipped head)."""
+def resolve_train_heads(cfg: SpecDecPPTrainConfig, fingerprint: str):
+    """(heads config, head params, d2t, draft id, recorded file) of ``--eagle`` / ``--clover`` (per
+    ``--drafter``; default: the heads shipped for ``--model``)."""
     import os
     from jaxdec.speculative.heads import shipped_heads
-    from jaxdec.speculative.heads.eagle import draft_id, load_eagle
+    from jaxdec.speculative.heads.acceptance import heads_module
     from train.medusa import ROOT
-    path = cfg.eagle or shipped_heads("eagle", cfg.model)
+    d = cfg.drafter
+    draft_id, load = heads_module(d)
+    path = getattr(cfg, d) or shipped_heads(d, cfg.model)
     if path is None:
-        raise ConfigError(f"--eagle: no EAGLE head is shipped for --model {cfg.model!r}; pass --eagle FILE "
-                          f"(written by python -m train.eagle)")
+        raise ConfigError(f"--{d}: no {d} heads are shipped for --model {cfg.model!r}; pass --{d} FILE (written by "
+                          f"python -m train.{d})")
     if not os.path.isfile(path):
-        raise ConfigError(f"--eagle: no such file {path!r}")
-    ecfg, hp, _, d2t = load_eagle(path, fingerprint)
+        raise ConfigError(f"--{d}: no such file {path!r}")
+    hcfg, hp, _, d2t = load(path, fingerprint)
     rel = os.path.relpath(os.path.abspath(path), ROOT)
-    return ecfg, hp, np.asarray(d2t), draft_id(ecfg, hp, d2t), os.path.abspath(path) if rel.startswith("..") else rel
+    return hcfg, hp, np.asarray(d2t), draft_id(hcfg, hp, d2t), os.path.abspath(path) if rel.startswith("..") else rel
 
 
 def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
-                     target_name: str = "", command: str = "", stop_after=None, log=print, draft=None, eagle=None):
+                     target_name: str = "", command: str = "", stop_after=None, log=print, draft=None, eagle=None,
+                     clover=None):
     """Label pass, then `fit`; writes ``<out>/heads.safetensors``; returns (FitResult, heads path).
     draft: an in-memory ``(draft model, draft params, draft id)`` instead of the config's choice; eagle
-    (``--drafter eagle``): an in-memory ``(EagleConfig, head params, d2t)`` instead of ``--eagle``."""
-    from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, init_params
+    (``--drafter eagle``) / clover (``--drafter clover``): in-memory ``(EagleConfig or CloverConfig, head
+    params, d2t)`` instead of ``--eagle`` / ``--clover``."""
+    from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, heads_module, init_params
     cfg.validate()
     if cfg.max_seqs and cfg.max_seqs < len(seqs):  # evenly spaced, so every prompt source keeps its share
         pick = np.unique(np.linspace(0, len(seqs) - 1, cfg.max_seqs).round().astype(int))
         seqs, prompt_lens = [seqs[i] for i in pick], [prompt_lens[i] for i in pick]
     if len(seqs) < 2:
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
-    if cfg.drafter == "eagle":
-        from jaxdec.speculative.heads.eagle import draft_id
+    given = {"eagle": eagle, "clover": clover}
+    for name, v in given.items():
+        if v is not None and cfg.drafter != name:
+            raise ConfigError(f"{name}= needs --drafter {name}")
+    if cfg.drafter != "draft-model":  # EAGLE or Clover heads
         if draft is not None:
-            raise ConfigError("draft= (a draft model) does not apply to --drafter eagle: pass eagle=")
-        if eagle is not None:
-            ecfg, ehp, d2t = eagle
+            raise ConfigError(f"draft= (a draft model) does not apply to --drafter {cfg.drafter}: pass {cfg.drafter}=")
+        if given[cfg.drafter] is not None:
+            hcfg, ehp, d2t = given[cfg.drafter]
             d2t = np.asarray(d2t)
-            did, dfile = draft_id(ecfg, ehp, d2t), ""
+            did, dfile = heads_module(cfg.drafter)[0](hcfg, ehp, d2t), ""
         else:
-            ecfg, ehp, d2t, did, dfile = resolve_train_eagle(cfg, fingerprint)
-        hidden_size = ecfg.hidden
+            hcfg, ehp, d2t, did, dfile = resolve_train_heads(cfg, fingerprint)
+        hidden_size = hcfg.hidden
     else:
-        if eagle is not None:
-            raise ConfigError("eagle= needs --drafter eagle")
         if draft is not None:
             dm, dp, did = draft
             dfile = ""
@@ -359,13 +451,16 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
     arrays = sequences_to_arrays(seqs, prompt_lens, cfg.seq_len, int(getattr(model, "pad_id", 0)))
     thid = None
     if cfg.hidden == "stored":
-        layers = (ecfg.model_layers or ()) if cfg.drafter == "eagle" else ()
+        layers = (hcfg.model_layers or ()) if cfg.drafter == "eagle" else ()
         thid = store_hidden(model, target_params, arrays["tokens"], cfg.label_batch, log, cfg.hidden_cache,
                             f"{fingerprint}|{cfg.weights}", *((layers,) if layers else ()))
     t0 = time.time()
     if cfg.drafter == "eagle":
-        lab = eagle_label_pass(model, target_params, ecfg, ehp, d2t, arrays, cfg.labels, cfg.label_batch,
+        lab = eagle_label_pass(model, target_params, hcfg, ehp, d2t, arrays, cfg.labels, cfg.label_batch,
                                cfg.depths, cfg.seed, thid, log)
+    elif cfg.drafter == "clover":
+        lab = clover_label_pass(model, target_params, hcfg, ehp, d2t, arrays, cfg.labels, cfg.label_batch, cfg.seed,
+                                thid, log)
     else:
         lab = label_pass(model, target_params, dm, dp, arrays, cfg.labels, cfg.label_batch, cfg.seed, thid, log)
     label_s = time.time() - t0
@@ -376,10 +471,11 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
     log(f"labels: {stats['label_positions']:,} training positions, mean acceptance {stats['label_mean']:.3f} "
         f"(draft {did[:40]}, labels {cfg.labels}), {label_s:.0f} s")
     data = {k: lab[k] for k in ("feat", "label", "mask", "label_next", "mask_next") if k in lab}
-    if cfg.drafter == "eagle":  # training positions of the first draft (the rest: deeper, approximate labels)
-        first = m[tr].reshape(len(tr), cfg.depths, -1)[:, 0]
-        stats["label_mean_depth1"] = round(float(lab["label"][tr].reshape(len(tr), cfg.depths, -1)[:, 0][first].mean()), 4)
-        stats["depths"] = cfg.depths
+    if cfg.drafter != "draft-model":  # training positions of the first draft (the rest: deeper drafts)
+        depths = cfg.depths if cfg.drafter == "eagle" else hcfg.num_tokens
+        first = m[tr].reshape(len(tr), depths, -1)[:, 0]
+        stats["label_mean_depth1"] = round(float(lab["label"][tr].reshape(len(tr), depths, -1)[:, 0][first].mean()), 4)
+        stats["depths"] = depths
     train = ArrayData({k: v[tr] for k, v in data.items()})
     held = ArrayData({k: v[ho] for k, v in data.items()})
     meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": acfg.to_dict()}

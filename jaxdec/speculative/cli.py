@@ -18,9 +18,10 @@ loads a tree chosen by `jaxdec.speculative.calibrate` (saved with `save_config`)
 Clover heads, ``s2d`` with the small draft model distilled from the target (S2D: ``--draft-depth D`` picks
 one of its nested exits; default the deepest): the files shipped for the model, or ``--heads PATH`` (a
 file written by ``python -m train.medusa`` / ``train.eagle`` / ``train.clover`` / ``train.distill_draft``;
-refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``, ``eagle``): SpecDec++'s learned
-acceptance head stops each draft (the shipped head, trained on the target's first 15 layers, when no
-PATH is given; ``--stop-threshold`` sets its threshold).
+refused when trained for another target). ``--stop-head [PATH]`` (``draft-model``, ``eagle``, ``clover``):
+SpecDec++'s learned acceptance head stops each draft (the shipped head, trained on the target's first 15
+layers, when no PATH is given; with ``eagle`` / ``clover`` a head trained for those heads by
+``train.specdec_pp --drafter eagle|clover``; ``--stop-threshold`` sets its threshold).
 ``--verify-buckets auto|off|1,2,4,8``: the verify call sized to the drafted nodes (`SpeculativeDecoder`'s
 ``verify_buckets``: the smallest listed block length >= 1 + the last valid node, the full block added);
 on (``auto``) by default with ``--stop-head``, off otherwise; not for ``pearl`` / ``rapid``.
@@ -82,10 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-depth", type=int, default=None,
                    help="s2d: the nested exit (draft layers) to draft with (default: the deepest)")
     g.add_argument("--stop-head", nargs="?", const="shipped", default=None,
-                   help="draft-model/eagle: stop drafts by SpecDec++'s learned acceptance head (a file from python -m "
-                        "train.specdec_pp [--drafter eagle], trained for that draft; no value: the shipped head)")
+                   help="draft-model/eagle/clover: stop drafts by SpecDec++'s learned acceptance head (a file from "
+                        "python -m train.specdec_pp [--drafter eagle|clover], trained for that draft; no value: the "
+                        "shipped head)")
     g.add_argument("--stop-threshold", type=float, default=None,
-                   help="draft-model/eagle with --stop-head: stop once P(some draft token is rejected) would exceed "
+                   help="draft-model/eagle/clover with --stop-head: stop once P(some draft token is rejected) would exceed "
                         "this (default 0.7)")
     g.add_argument("--verify-buckets", default=None, metavar="auto|off|B1,B2,...",
                    help="size the verify call to what the drafter proposed: 'auto' (powers of two, then the full "
@@ -109,7 +111,8 @@ DRAFTER_FLAGS = {
     "swift": ("draft_tokens", "skip_layers"), "del": ("draft_tokens", "exit_layer"),
     "draft-model": ("draft_tokens", "draft_model", "draft_layers", "stop_head", "stop_threshold"),
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
-    "medusa": ("heads",), "eagle": ("heads", "stop_head", "stop_threshold"), "clover": ("heads",), "s2d": ("heads", "draft_tokens", "draft_depth"),
+    "medusa": ("heads",), "eagle": ("heads", "stop_head", "stop_threshold"), "clover": ("heads", "stop_head", "stop_threshold"),
+    "s2d": ("heads", "draft_tokens", "draft_depth"),
     "hidden-transfer": ("heads",), "ppd": ("heads",), "lud": ("heads",), "longspec": ("heads", "draft_tokens"),
     "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
@@ -197,14 +200,15 @@ def check_args(args):
     if args.stop_head is not None:
         from jaxdec.speculative.heads.acceptance import check_file_for_drafter
         path = _stop_head_path(args)
+        heads = args.drafter in ("eagle", "clover")
         if path is None:
-            eagle = args.drafter == "eagle"
-            raise BadInput(f"--stop-head: no SpecDec++ acceptance head {'for the EAGLE head ' if eagle else ''}is "
-                           f"shipped for --model {args.model!r}; pass --stop-head PATH (a file written by python -m "
-                           f"train.specdec_pp{' --drafter eagle' if eagle else ''})")
+            raise BadInput(f"--stop-head: no SpecDec++ acceptance head {_STOP_FOR.get(args.drafter, '')}is shipped for "
+                           f"--model {args.model!r}; pass --stop-head PATH (a file written by python -m "
+                           f"train.specdec_pp{f' --drafter {args.drafter}' if heads else ''})")
         _check_heads(args, path, "specdec_pp", "--stop-head")
-        try:  # trained for this drafter (an EAGLE head's file records which head)
-            check_file_for_drafter(path, (args.heads or _shipped(args)) if args.drafter == "eagle" else None)
+        try:  # trained for this drafter (an EAGLE or Clover heads file's record names which heads)
+            check_file_for_drafter(path, args.drafter if heads else "draft-model",
+                                   (args.heads or _shipped(args)) if heads else None)
         except (OSError, ValueError) as e:
             raise BadInput(f"--stop-head: {e}") from None
     if args.drafter == "rapid":
@@ -248,13 +252,17 @@ def _check_heads(args, path, kind=None, flag="--heads"):
                        f"not --model {args.model!r} (fingerprint {fp[:19]}...)")
 
 
+_STOP_FOR = {"eagle": "for the EAGLE head ", "clover": "for the Clover heads "}  # --stop-head's message per drafter
+
+
 def _stop_head_path(args):
     """``--stop-head``'s file: the given path, or (no value) the head shipped for --model and the drafter."""
     from jaxdec.speculative.heads import shipped_heads
-    from jaxdec.speculative.heads.acceptance import EAGLE_SHIPPED, KIND
+    from jaxdec.speculative.heads.acceptance import HEAD_DRAFTERS, KIND
     if args.stop_head != "shipped":
         return args.stop_head
-    return shipped_heads(EAGLE_SHIPPED if args.drafter == "eagle" else KIND, args.model)
+    shipped = {name: kind for name, kind in HEAD_DRAFTERS.values()}
+    return shipped_heads(shipped.get(args.drafter, KIND), args.model)
 
 
 def _shipped(args):
@@ -391,8 +399,8 @@ def _build(args, model, params, model_path=None):
                 return M.longspec(model, params, heads, target=model_path, num_tokens=k)
             if d in GREEDY_ONLY:
                 return getattr(M, d)(model, params, heads, target=model_path)
-            if d == "eagle" and getattr(args, "stop_head", None) is not None:
-                return _eagle_with_stop(args, model, params, heads, model_path, sampling)
+            if d in ("eagle", "clover") and getattr(args, "stop_head", None) is not None:
+                return _heads_with_stop(args, model, params, heads, model_path, sampling)
             return getattr(M, d.replace("-", "_"))(model, params, heads, target=model_path, sampling=sampling)
         except ValueError as e:
             raise ValueError(str(e) if str(e).startswith("--stop-head: ") else f"--heads: {e}") from None
@@ -402,20 +410,20 @@ def _build(args, model, params, model_path=None):
     raise ValueError(f"unknown drafter {d!r}; choose one of {DRAFTERS}")
 
 
-def _eagle_with_stop(args, model, params, heads, model_path, sampling):
-    """``--drafter eagle --stop-head``: the EAGLE chain stopped by SpecDec++'s head trained for that head."""
+def _heads_with_stop(args, model, params, heads, model_path, sampling):
+    """``--drafter eagle|clover --stop-head``: the EAGLE or Clover chain stopped by SpecDec++'s head trained
+    for those heads."""
     from jaxdec.speculative import methods as M
-    from jaxdec.speculative.heads.artefact import HeadsMismatch
+    from jaxdec.speculative.heads.acceptance import heads_module
+    from jaxdec.speculative.heads.artefact import HeadsMismatch, expected_fingerprint
+    d = args.drafter
     path = _stop_head_path(args)
     if path is None:
-        raise ValueError(f"--stop-head: no SpecDec++ acceptance head for the EAGLE head is shipped for "
-                         f"--model {args.model!r}")
-    from jaxdec.speculative.heads.eagle import load_eagle
-    from jaxdec.speculative.heads.artefact import expected_fingerprint
-    eagle = load_eagle(heads, expected_fingerprint(model, params, model_path))  # --heads' own errors first
+        raise ValueError(f"--stop-head: no SpecDec++ acceptance head {_STOP_FOR[d]}is shipped for --model {args.model!r}")
+    hcfg, hp, _, d2t = heads_module(d)[1](heads, expected_fingerprint(model, params, model_path))  # --heads' errors first
     try:
-        return M.eagle(model, params, (eagle[0], eagle[1], eagle[3]), sampling=sampling, stop_head=path,
-                       target=model_path, stop_threshold=args.stop_threshold)
+        return getattr(M, d)(model, params, (hcfg, hp, d2t), sampling=sampling, stop_head=path, target=model_path,
+                             stop_threshold=args.stop_threshold)
     except (ValueError, HeadsMismatch) as e:
         raise ValueError(f"--stop-head: {e}") from None
 
@@ -515,6 +523,7 @@ try:  # register with the spine's CLI when it is importable
     register_papers({f"speculative --drafter {d}": _PAPERS[m] for d, m in DRAFTER_METHODS.items()})
     register_papers({"speculative --drafter rapid": RAPID_PAPER})
     register_papers({"speculative --drafter draft-model --stop-head": _PAPERS["specdec_pp"],
-                     "speculative --drafter eagle --stop-head": _PAPERS["specdec_pp"]})
+                     "speculative --drafter eagle --stop-head": _PAPERS["specdec_pp"],
+                     "speculative --drafter clover --stop-head": _PAPERS["specdec_pp"]})
 except ImportError:  # pragma: no cover
     pass

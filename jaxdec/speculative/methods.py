@@ -227,12 +227,20 @@ def medusa(model, params, heads, target=None, tree: Optional[TreeSpec] = None, s
     return SpeculativeDecoder(drafter, _verifier(sampling)), with_draft_params(params, dparams)
 
 
-def clover(model, params, heads, target=None, sampling: bool = False):
+def clover(model, params, heads, target=None, sampling: bool = False, stop_head=None,
+           stop_threshold: Optional[float] = None, verify_buckets=None):
     """-> (decoder, params). Clover heads (`jaxdec.speculative.heads.clover`): a heads file written by
     ``train/clover.py`` (checked against the target like `medusa`) or a ``(CloverConfig, params, d2t)``
-    triple; sampling: drafts drawn from the heads' distributions, verified by speculative sampling."""
+    triple; sampling: drafts drawn from the heads' distributions, verified by speculative sampling.
+
+    stop_head: SpecDec++'s learned stop on the chain (`jaxdec.speculative.heads.acceptance`): a heads file
+    written by ``train/specdec_pp.py --drafter clover`` for these heads (checked against the target, and
+    refused when trained for another draft), or an ``(AcceptanceConfig, params)`` pair; the chain stops
+    once the predicted P(some draft token is rejected) would exceed ``stop_threshold`` (default 0.7).
+    verify_buckets: `SpeculativeDecoder`'s (default "auto" with a stop head; the engine's without)."""
     from jaxdec.speculative.heads.clover import build
-    return build(model, params, heads, target=target, sampling=sampling)
+    return build(model, params, heads, target=target, sampling=sampling, stop_head=stop_head,
+                 stop_threshold=stop_threshold, verify_buckets=verify_buckets)
 
 
 def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num_tokens: int = 4,

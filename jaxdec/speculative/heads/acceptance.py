@@ -35,8 +35,11 @@ total weight: ``sum(w_rej (1-y) (-log(1-p)) + y (-log p)) / sum(w_rej (1-y) + y)
 * `load_acceptance(path, fingerprint)`, `build(model, params, heads, ...) -> (decoder, params)`.
 * `eagle_stop(...)`: the stop and its params for `jaxdec.speculative.heads.eagle.EagleDrafter` (the head
   reads the EAGLE layer's output that scores each draft token; `jaxdec.speculative.methods.eagle(...,
-  stop_head=)`). A head records the draft it was trained on (``AcceptanceConfig.draft``: ``"layers:N"``,
-  ``"draft_lm:..."`` or ``"eagle:<sha256 of the EAGLE head's weights>"``) and is refused on any other.
+  stop_head=)`); `drafter_stop(...)` the same for any drafter that names its draft by an id, e.g.
+  `jaxdec.speculative.heads.clover.CloverDrafter` (the head reads each Clover head's regressive state;
+  `jaxdec.speculative.methods.clover(..., stop_head=)`). A head records the draft it was trained on
+  (``AcceptanceConfig.draft``: ``"layers:N"``, ``"draft_lm:..."``, ``"eagle:<sha256 of the EAGLE head's
+  weights>"`` or ``"clover:<sha256 of the Clover heads' weights>"``, `weights_id`) and is refused on any other.
 """
 from __future__ import annotations
 
@@ -53,6 +56,10 @@ KIND = "specdec_pp"
 EAGLE_PREFIX = "eagle:"  # AcceptanceConfig.draft of a head trained for an EAGLE head
 # the shipped name of an acceptance head trained for the shipped EAGLE head (`shipped_heads(EAGLE_SHIPPED, model)`)
 EAGLE_SHIPPED = "specdec_pp_eagle"
+CLOVER_PREFIX = "clover:"  # ... and for Clover heads (`jaxdec.speculative.heads.clover.draft_id`)
+CLOVER_SHIPPED = "specdec_pp_clover"
+# the drafter (its --drafter name) each head-draft prefix belongs to, and the shipped acceptance-head name for it
+HEAD_DRAFTERS = {EAGLE_PREFIX: ("eagle", EAGLE_SHIPPED), CLOVER_PREFIX: ("clover", CLOVER_SHIPPED)}
 LABELS = ("greedy", "sampling")
 
 
@@ -67,8 +74,8 @@ class AcceptanceConfig:
     weight_mismatch: the BCE weight of rejected positions (training; the paper's 6). labels: "greedy" or
     "sampling" (what the head was trained to predict). draft: the draft model it was trained on
     (``"layers:N"``: the target's first N layers; ``"draft_lm:<sha256 of its file>[:depth]"``: a distilled
-    draft; ``"eagle:<sha256>"``: an EAGLE head, `jaxdec.speculative.heads.eagle.draft_id`; ``""``:
-    unrecorded). draft_file: where that draft's heads file was (for `build`)."""
+    draft; ``"eagle:<sha256>"``: an EAGLE head, `jaxdec.speculative.heads.eagle.draft_id`;
+    ``"clover:<sha256>"``: Clover heads, `jaxdec.speculative.heads.clover.draft_id`; ``""``: unrecorded). draft_file: where that draft's heads file was (for `build`)."""
 
     hidden: int
     num_layers: int = 3
@@ -271,9 +278,11 @@ def resolve_draft(model, params, config: Optional[AcceptanceConfig], draft_layer
     if draft is not None and draft_layers is not None:
         raise ValueError("give draft_layers or draft=(model, params), not both")
     rec = config.draft if config is not None else ""
-    if rec.startswith(EAGLE_PREFIX):
-        raise ValueError(f"stop_head: the acceptance head was trained for an EAGLE head ({rec[:30]}...), not for a "
-                         f"draft model: use jaxdec.speculative.methods.eagle(..., stop_head=) with that EAGLE head")
+    for prefix, (name, _) in HEAD_DRAFTERS.items():
+        if rec.startswith(prefix):
+            what = "an EAGLE head" if name == "eagle" else "Clover heads"
+            raise ValueError(f"stop_head: the acceptance head was trained for {what} ({rec[:30]}...), not for a draft "
+                             f"model: use jaxdec.speculative.methods.{name}(..., stop_head=) with those heads")
     if draft is None:
         if draft_layers is None:
             if rec.startswith("draft_lm:"):
@@ -374,24 +383,77 @@ def check_draft_record(config: AcceptanceConfig, want: str, what: str, from_file
                      f"predictions do not transfer to another draft; train one for it with python -m train.specdec_pp")
 
 
-def check_file_for_drafter(path: str, eagle: Optional[str] = None) -> None:
+def weights_id(kind: str, config: dict, hp, d2t) -> str:
+    """``"<kind>:<sha256>"`` of a draft head's config fields (``config``, a JSON-able dict), its weights
+    (float32, by name) and its d2t map: the draft id an acceptance head trained for those heads records
+    (`jaxdec.speculative.heads.eagle.draft_id`, `jaxdec.speculative.heads.clover.draft_id`)."""
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    flat = jax.tree_util.tree_flatten_with_path(hp)[0]
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(np.ascontiguousarray(np.asarray(d2t, np.int64)).tobytes())
+    return f"{kind}:{h.hexdigest()}"
+
+
+def heads_module(drafter: str):
+    """(draft_id, load) of the heads a learned stop can stop by id: ``drafter`` "eagle" or "clover";
+    ``load(path, fingerprint) -> (config, params, metadata, d2t)``, ``draft_id(config, params, d2t)``."""
+    if drafter == "eagle":
+        from jaxdec.speculative.heads.eagle import draft_id, load_eagle as load
+    elif drafter == "clover":
+        from jaxdec.speculative.heads.clover import draft_id, load_clover as load
+    else:
+        raise ValueError(f"drafter must be 'eagle' or 'clover', got {drafter!r}")
+    return draft_id, load
+
+
+def heads_draft_id(drafter: str, path: str) -> str:
+    """The draft id (`weights_id`) of an EAGLE or Clover heads file, without the target check."""
+    draft_id, load = heads_module(drafter)
+    cfg, hp, _, d2t = load(path, None)
+    return draft_id(cfg, hp, d2t)
+
+
+def check_file_for_drafter(path: str, drafter: str = "draft-model", heads: Optional[str] = None) -> None:
     """Before any model loads (the CLI): the head in ``path`` must have been trained for the drafter it will
-    stop: the EAGLE heads file ``eagle``, or (None) a draft model, not an EAGLE head. ValueError if not."""
+    stop: ``drafter`` "eagle" or "clover" with its heads file ``heads``, or "draft-model" (then not for an
+    EAGLE or Clover head). ValueError if not."""
     from jaxdec.speculative.heads.artefact import read_heads
     _, meta = read_heads(path, KIND)
     try:
         config = AcceptanceConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"heads file {str(path)!r}: bad {KIND} config in its metadata ({e})") from None
-    if eagle is None:
-        if config.draft.startswith(EAGLE_PREFIX):
-            raise ValueError(f"{str(path)!r} was trained for an EAGLE head ({config.draft[:30]}...), not for a draft "
-                             f"model: use it with --drafter eagle")
+    if drafter == "draft-model":
+        for prefix, (name, _) in HEAD_DRAFTERS.items():
+            if config.draft.startswith(prefix):
+                what = "an EAGLE head" if name == "eagle" else "Clover heads"
+                raise ValueError(f"{str(path)!r} was trained for {what} ({config.draft[:30]}...), not for a draft "
+                                 f"model: use it with --drafter {name}")
         return
-    from jaxdec.speculative.heads.eagle import draft_id, load_eagle
-    ec, hp, _, d2t = load_eagle(eagle, None)
-    check_draft_record(config, draft_id(ec, hp, d2t), f"the EAGLE head {os.path.basename(str(eagle))!r}",
+    what = "the EAGLE head" if drafter == "eagle" else "the Clover heads"
+    check_draft_record(config, heads_draft_id(drafter, heads), f"{what} {os.path.basename(str(heads))!r}",
                        name=repr(str(path)))
+
+
+def drafter_stop(model, params, heads, hidden: int, want: str, what: str, feature: str, target=None,
+                 threshold: float = 0.7, min_tokens: int = 1, lookahead: bool = True):
+    """-> (AcceptanceStop, its params) for a drafter whose draft is named ``want`` (its draft id, e.g.
+    `jaxdec.speculative.heads.clover.draft_id`; ``what`` names it in errors) and whose stop head reads
+    ``feature`` of size ``hidden``. heads: as `load_stop_head`; it must have been trained for that draft."""
+    config, hp, from_file = load_stop_head(model, params, heads, target, "stop_head")
+    check_settings(threshold, min_tokens, lookahead)
+    stop = AcceptanceStop(config)
+    stop.check_params(hp, "stop_head")
+    check_draft_record(config, want, what, from_file)
+    if config.hidden != hidden:
+        raise ValueError(f"stop_head: the acceptance head reads hidden size {config.hidden}, {feature} has {hidden}")
+    return stop, stop_params(hp, threshold, min_tokens, lookahead)
 
 
 def eagle_stop(model, params, heads, eagle_config, eagle_hp, d2t, target=None, threshold: float = 0.7,
@@ -401,15 +463,8 @@ def eagle_stop(model, params, heads, eagle_config, eagle_hp, d2t, target=None, t
     heads: as `load_stop_head`; it must have been trained for this EAGLE head (``config.draft`` =
     `jaxdec.speculative.heads.eagle.draft_id` of ``eagle_hp``/``d2t``) and read its hidden size."""
     from jaxdec.speculative.heads.eagle import draft_id
-    config, hp, from_file = load_stop_head(model, params, heads, target, "stop_head")
-    check_settings(threshold, min_tokens, lookahead)
-    stop = AcceptanceStop(config)
-    stop.check_params(hp, "stop_head")
-    check_draft_record(config, draft_id(eagle_config, eagle_hp, d2t), "this EAGLE head", from_file)
-    if config.hidden != eagle_config.hidden:
-        raise ValueError(f"stop_head: the acceptance head reads hidden size {config.hidden}, the EAGLE layer's "
-                         f"output has {eagle_config.hidden}")
-    return stop, stop_params(hp, threshold, min_tokens, lookahead)
+    return drafter_stop(model, params, heads, eagle_config.hidden, draft_id(eagle_config, eagle_hp, d2t),
+                        "this EAGLE head", "the EAGLE layer's output", target, threshold, min_tokens, lookahead)
 
 
 def with_settings(params, threshold: Optional[float] = None, min_tokens: Optional[int] = None,

@@ -31,6 +31,18 @@ Drafts are chains of ``num_tokens``; greedy verification gives exactly the greed
 ``sampling=True`` each head's token is drawn from its processed distribution (the next head reads the drawn
 token) and the drafts carry those ``q``, so speculative sampling is lossless for sampling.
 
+SpecDec++'s learned stop (``CloverDrafter(stop_head=)``; `jaxdec.speculative.heads.acceptance`): an acceptance
+head reads each head's regressive state ``s_k`` (the state whose LM-head scores give draft token k) and the
+chain ends once the predicted probability that some of its tokens is rejected would pass the threshold;
+tokens past the stop are marked invalid and never accepted. The heads are sequential (head k reads the token
+head k-1 drafted and the earlier heads' states), so the stopped chain is a `lax.while_loop` (through
+`jaxdec.speculative.drafters.autoregressive_chain`) and the head calls a row declines are not run (once no
+row of the batch goes on); the augmenting block runs once per step either way, and a short draft also pays
+a short verify block (verify buckets). The draft distribution is untouched (lossless greedy, exact
+sampling); without a stop head the drafter is the unrolled chain below, unchanged. `draft_id` names a head
+file's weights, so an acceptance head records which Clover heads it was trained for and is refused on
+others.
+
 Params (a dict of arrays, no flax module): ``{"aug": {"final_norm", "layers"}, "dec": {"q_norm", "kv_norm",
 "wq", "wk", "wv", "wo"}, "merge": {"w", "b"}, "res": {"w", "b"}}``; the drafter's params are
 ``{"heads": those, "target": target params, "d2t": [Vd], "head_w": LM-head rows}`` (`build` makes them).
@@ -39,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -212,21 +224,22 @@ def head_scores(s, head_w):
     return matmul(s, head_w)
 
 
-def heads_chain(config: CloverConfig, hp, head_w, a, tokens, embed_fn):
+def heads_chain(config: CloverConfig, hp, head_w, a, tokens, embed_fn, states: bool = False):
     """Teacher-forced (training) or given-token run of the K heads: ``a [...,E]`` augmented states,
     ``tokens [..., K]`` the token each head reads (head 1: the target's next token; head k: the k-th token
-    after it) -> logits ``[K, ..., Vd]``."""
+    after it) -> logits ``[K, ..., Vd]`` (``states``: and the heads' states ``[K, ..., E]``)."""
     kk = config.num_tokens
     mem = jnp.zeros(a.shape[:-1] + (kk, a.shape[-1]), jnp.float32).at[..., 0, :].set(a)
     s = a.astype(jnp.float32)
-    out = []
+    out, ss = [], []
     for i in range(kk):
         valid = jnp.broadcast_to(jnp.arange(kk) <= i, a.shape[:-1] + (kk,))
         s = head_step(config, hp, s, mem, valid, embed_fn(tokens[..., i]))
         out.append(head_scores(s, head_w))
+        ss.append(s)
         if i + 1 < kk:
             mem = mem.at[..., i + 1, :].set(s)
-    return jnp.stack(out)
+    return (jnp.stack(out), jnp.stack(ss)) if states else jnp.stack(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,10 +269,17 @@ def target_embed(model, target_params, ids):
 @dataclasses.dataclass(frozen=True)
 class CloverDrafter:
     """Drafts a chain of ``config.num_tokens`` with Clover heads (see the module docstring); ``sample``:
-    each token drawn from its head's processed distribution (for the sampling verifier)."""
+    each token drawn from its head's processed distribution (for the sampling verifier).
+
+    stop_head: SpecDec++'s learned stop (an object with ``advance``, e.g.
+    `jaxdec.speculative.heads.acceptance.AcceptanceStop`) reading each head's state ``s_k``; its params ride
+    in the drafter's params under ``"stop"`` (`jaxdec.speculative.methods.clover(..., stop_head=)` builds
+    them), and the draft's ``calls`` (the ``draft_calls`` statistic) counts the head calls run. None (the
+    default): every output and the compiled program are as before (``draft_calls`` stays 0)."""
 
     config: CloverConfig
     sample: bool = False
+    stop_head: Any = None
 
     own_params = True
     max_children = 1
@@ -270,6 +290,9 @@ class CloverDrafter:
     def __post_init__(self):
         if not isinstance(self.config, CloverConfig):
             raise TypeError(f"CloverDrafter.config must be a CloverConfig, got {type(self.config).__name__}")
+        if self.stop_head is not None and not callable(getattr(self.stop_head, "advance", None)):
+            raise TypeError(f"CloverDrafter: stop_head must have an advance(params, feat, surv, alive, index) method, "
+                            f"got {type(self.stop_head).__name__}")
 
     num_nodes = property(lambda self: self.config.num_tokens)
     max_depth = property(lambda self: self.config.num_tokens)
@@ -309,6 +332,9 @@ class CloverDrafter:
         kk = c.num_tokens
         b = a.shape[0]
         mem = jnp.zeros((b, kk, c.hidden), jnp.float32).at[:, 0].set(a)
+        if self.stop_head is not None:
+            draft = self._stopped_chain(model, dparams, hp, tp, head_w, d2t, a, mem, state, keys)
+            return draft, ds.replace(cache=cache), state.cache
         s, x = a, state.last.astype(jnp.int32)
         toks, qs = [], []
         if self.sample:
@@ -333,6 +359,33 @@ class CloverDrafter:
         draft = Draft(toks, TreeSpec.chain(kk).parents_array(b), jnp.ones(toks.shape, bool), None, q)
         return draft, ds.replace(cache=cache), state.cache
 
+    def _stopped_chain(self, model, dparams, hp, tp, head_w, d2t, a, mem, state, keys):
+        """The chain under the learned stop: `autoregressive_chain`'s `while_loop`; its step is head i + 1
+        (the carry holds the last head's state ``s``, the memory and i), and each head's ``s`` is what the
+        stop head reads for the token it scores."""
+        from jaxdec.speculative.drafters import autoregressive_chain
+        sparams, = split_draft_params(dparams, "CloverDrafter with a stop_head", ("stop",),
+                                      "jaxdec.speculative.methods.clover(..., stop_head=)")
+        c = self.config
+        kk = c.num_tokens
+
+        def head(s, mem, i, x):  # head i (0-based) reading token x -> (its state, its draft-vocabulary logits)
+            valid = jnp.broadcast_to(jnp.arange(kk) <= i, mem.shape[:2])
+            s = head_step(c, hp, s, mem, valid, target_embed(model, tp, x))
+            return s, head_scores(s, head_w).astype(jnp.float32)
+
+        def step(carry, x):
+            s, mem, i = carry
+            mem = jax.lax.dynamic_update_slice_in_dim(mem, s[:, None], i + 1, axis=1)
+            s, logits = head(s, mem, i + 1, x)
+            return (s, mem, i + 1), logits, s
+
+        s0, logits0 = head(a, mem, 0, state.last.astype(jnp.int32))
+        draft, _ = autoregressive_chain(step, (s0, mem, jnp.zeros((), jnp.int32)), logits0, state, keys, kk,
+                                        self.sample, None, self.stop_head, sparams, s0, d2t=d2t,
+                                        vocab_size=model.vocab_size)
+        return draft
+
     def update(self, model, dparams, state, dstate, info):
         # the accepted path's target features: root .. last accepted node (cnt of them); the last one's
         # next token is the bonus token (state.last after this step)
@@ -340,6 +393,14 @@ class CloverDrafter:
         run = info.live & (info.cnt > 0)
         return dstate.replace(pend_f=jnp.where(run[:, None, None], feats, dstate.pend_f),
                               npend=jnp.where(run, info.cnt, dstate.npend))
+
+
+def draft_id(config: CloverConfig, hp, d2t) -> str:
+    """``"clover:<sha256>"`` of the heads' weights, their d2t map and their config: what an acceptance head
+    trained for them records (`jaxdec.speculative.heads.acceptance.AcceptanceConfig.draft`); the same for
+    the file and its loaded params."""
+    from jaxdec.speculative.heads.acceptance import weights_id
+    return weights_id(KIND, config.to_dict(), hp, d2t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,14 +424,22 @@ def load_clover(path: str, fingerprint: Optional[str]):
     return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta, np.asarray(d2t, np.int32)
 
 
-def build(model, params, heads, target=None, sampling: bool = False):
+def build(model, params, heads, target=None, sampling: bool = False, stop_head=None,
+          stop_threshold: Optional[float] = None, verify_buckets=None):
     """-> (decoder, params): Clover heads drafting for the target (greedy verification; ``sampling=True``:
     each head's token drawn from its distribution, verified by lossless speculative sampling).
 
     heads: a heads file written by ``train/clover.py`` (checked against the target: `HeadsMismatch` when it
     was trained for another one) or an in-memory ``(CloverConfig, head params, d2t)`` triple (no check).
     target: the target's model file or folder (``m.path``), or a fingerprint string; None: the params are
-    fingerprinted (`params_fingerprint`)."""
+    fingerprinted (`params_fingerprint`).
+
+    stop_head: SpecDec++'s learned stop (see the module docstring): a heads file written by
+    ``train/specdec_pp.py --drafter clover`` for these heads (checked against the target, refused when
+    trained for another draft) or an ``(AcceptanceConfig, params)`` pair; the chain stops once the predicted
+    P(some draft token is rejected) would exceed ``stop_threshold`` (default 0.7). verify_buckets:
+    `SpeculativeDecoder`'s (default "auto" with a stop head, so a short draft pays a short verify block;
+    the engine's default without)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
     from jaxdec.speculative.heads.artefact import expected_fingerprint
     from jaxdec.speculative.heads.medusa import draft_head
@@ -389,4 +458,15 @@ def build(model, params, heads, target=None, sampling: bool = False):
         raise ValueError(f"clover: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
     dparams = {"heads": hp, "target": params, "d2t": d2t.astype(np.int32), "head_w": draft_head(model, params, d2t)}
     verifier = "sampling" if sampling else "greedy"
-    return SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling)), verifier), with_draft_params(params, dparams)
+    if stop_head is None:
+        if stop_threshold is not None:
+            raise ValueError("stop_threshold is used only with stop_head (SpecDec++'s learned stop)")
+        kw = {} if verify_buckets is None else {"verify_buckets": verify_buckets}
+        return (SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling)), verifier, **kw),
+                with_draft_params(params, dparams))
+    from jaxdec.speculative.heads.acceptance import drafter_stop
+    stop, sp = drafter_stop(model, params, stop_head, config.hidden, draft_id(config, hp, d2t), "these Clover heads",
+                            "the Clover heads' state", target, 0.7 if stop_threshold is None else stop_threshold)
+    dec = SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling), stop_head=stop), verifier,
+                             verify_buckets="auto" if verify_buckets is None else verify_buckets)
+    return dec, with_draft_params(params, {**dparams, "stop": sp})

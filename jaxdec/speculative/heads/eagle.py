@@ -406,18 +406,9 @@ def draft_id(config: EagleConfig, hp, d2t) -> str:
     change what it computes (not the chain length or tree shape, which a caller may override): what an
     acceptance head trained for it records (`jaxdec.speculative.heads.acceptance.AcceptanceConfig.draft`).
     The same for the file and its loaded params."""
-    import hashlib
-    import json
-    h = hashlib.sha256()
+    from jaxdec.speculative.heads.acceptance import weights_id
     shape = {k: v for k, v in config.to_dict().items() if k not in ("num_tokens", "tree_topk", "tree_nodes")}
-    h.update(json.dumps(shape, sort_keys=True).encode())
-    flat = jax.tree_util.tree_flatten_with_path(hp)[0]
-    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
-        h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    h.update(np.ascontiguousarray(np.asarray(d2t, np.int64)).tobytes())
-    return f"{KIND}:{h.hexdigest()}"
+    return weights_id(KIND, shape, hp, d2t)
 
 
 def load_eagle(path: str, fingerprint: Optional[str]):
