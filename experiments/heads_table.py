@@ -17,7 +17,7 @@ ignored), the same weights for every row (``--weights``, q by default: the goal 
   ``--hidden-transfer`` / ``--ppd`` / ``--lud`` / ``--longspec`` PATH); SpecDec++'s learned stop on the draft
   its head was trained on (experiments/specdec_pp_table.py compares it with fixed draft lengths);
 * EAGLE heads trained on fewer tokens (``--eagle-curve PATH ...``): τ against training tokens;
-* the shipped EAGLE head drafting an EAGLE-2 dynamic tree (``--eagle-tree TOPK NODES``; default 2 6);
+* the shipped EAGLE head drafting an EAGLE-2 dynamic tree (``--eagle-tree TOPK NODES [DEPTH]``; default none);
 * prompt lookup and token recycling, model-free reference rows.
 
 Per row: τ (tokens per target call per row, bonus included: the one convention of every jaxdec table),
@@ -123,10 +123,11 @@ class Setup:
             rows.append(Method(name, m.model, params, dec))
             self.heads[name] = facts
         if cfg.eagle_tree and "eagle" in self.heads:
-            topk, nodes = cfg.eagle_tree
+            topk, nodes, *depth = cfg.eagle_tree
             dec, params = methods.eagle(m.model, m.params, cfg.eagle or shipped_heads("eagle", "smollm2-135m"),
-                                        target=m.path, tree_topk=topk, tree_nodes=nodes)
-            rows.append(Method(f"eagle-tree{topk}x{nodes}", m.model, params, dec))
+                                        target=m.path, tree_topk=topk, tree_nodes=nodes,
+                                        num_tokens=depth[0] if depth else None)
+            rows.append(Method(f"eagle-tree{topk}x{nodes}" + (f"d{depth[0]}" if depth else ""), m.model, params, dec))
         from jaxdec.speculative.tree import TreeSpec
         for spec in cfg.medusa_widths:
             tree = TreeSpec.from_widths([int(w) for w in spec.split(",")])
@@ -280,8 +281,8 @@ class Config:
     eagle_curve: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "EAGLE heads files trained on fewer tokens (τ against training tokens)"})
     eagle_tree: tuple[int, ...] = dataclasses.field(default=(), metadata={
-        "help": "TOPK NODES of an EAGLE-2 dynamic-tree row for the EAGLE head (default none: the shipped head's "
-                "calibrated chain of 1 cannot grow a tree beyond TOPK nodes; EagleConfig refuses a larger one)"})
+        "help": "TOPK NODES [DEPTH] of an EAGLE-2 dynamic-tree row for the EAGLE head (default none; DEPTH "
+                "defaults to the shipped head's calibrated chain of 1, which cannot grow a tree beyond TOPK nodes)"})
     medusa_widths: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "extra Medusa rows, one per static tree given as its widths per depth (TreeSpec.from_widths), "
                 "e.g. 3 3,2: the first head's top 3, then each with the second head's top 2"})
@@ -301,8 +302,8 @@ def main(argv=None):
     bad = [g for g in cfg.groups if g not in GROUPS]
     if bad:
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
-    if cfg.eagle_tree and (len(cfg.eagle_tree) != 2 or min(cfg.eagle_tree) < 1):
-        opts.parser.error(f"--eagle-tree takes TOPK NODES (two integers >= 1), got {cfg.eagle_tree}")
+    if cfg.eagle_tree and (len(cfg.eagle_tree) not in (2, 3) or min(cfg.eagle_tree) < 1):
+        opts.parser.error(f"--eagle-tree takes TOPK NODES [DEPTH] (integers >= 1), got {cfg.eagle_tree}")
     for spec in cfg.medusa_widths:
         if not all(w.isdigit() and int(w) >= 1 for w in spec.split(",")):
             opts.parser.error(f"--medusa-widths takes comma-separated integers >= 1 per tree, got {spec!r}")

@@ -1,7 +1,9 @@
 """SpecDec++ (Huang et al. 2024): the learned stopping rule against fixed draft lengths, on held-out prompts.
 
-One draft model for every row (the one the acceptance head was trained on, read from its heads file:
-by default the target's first N layers), greedy verification, batch 1, weights q, a fixed N new tokens
+One draft for every row (the one the acceptance head was trained on, read from its heads file: by
+default the target's first N layers; a head trained on the shipped EAGLE head's chain, ``python -m
+train.specdec_pp --drafter eagle``, gives EAGLE rows: fixed chains and the learned stop, no ``conf-`` rows),
+greedy verification, batch 1, weights q, a fixed N new tokens
 (EOS ignored), on the held-out prompts of experiments/heads_table.py (HumanEval 100-163 and the ``chat``
 / ``copy`` groups of jaxdec/data/prompts/heads_heldout.jsonl):
 
@@ -105,17 +107,27 @@ class Setup:
         self.heads = heads_facts(path)
         config, hp, meta = A.load_acceptance(path, None)
         self.heads["draft"] = config.draft
-        dm, dp = A.resolve_draft(m.model, m.params, config, target=m.path)
-        draft = (dm, dp)
         vb = parse_buckets(cfg.verify_buckets)
         rows = [Recorded("jaxdec-greedy", m.model, m.params)]
-        for k in cfg.fixed:
-            dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=k)
-            rows.append(Recorded(f"fixed-{k}", m.model, p, with_buckets(dec, vb)))
-        for h in cfg.confidence:
-            dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=cfg.max_tokens, stop_threshold=h)
-            rows.append(Recorded(f"conf-{h:g}", m.model, p, with_buckets(dec, vb)))
-        dec, p = A.build(m.model, m.params, path, target=m.path, draft=draft, num_tokens=cfg.max_tokens)
+        if config.draft.startswith("eagle:"):  # a head trained on an EAGLE head's chain (train.specdec_pp --drafter eagle)
+            eagle = cfg.eagle or shipped_heads("eagle", "smollm2-135m")
+            self.heads["eagle"] = heads_facts(eagle)
+            for k in cfg.fixed:
+                dec, p = methods.eagle(m.model, m.params, eagle, target=m.path, num_tokens=k, tree_topk=0)
+                rows.append(Recorded(f"fixed-{k}", m.model, p, with_buckets(dec, vb)))
+            dec, p = methods.eagle(m.model, m.params, eagle, target=m.path, num_tokens=cfg.max_tokens, tree_topk=0,
+                                   stop_head=path)
+        else:
+            dm, dp = A.resolve_draft(m.model, m.params, config, target=m.path)
+            draft = (dm, dp)
+            for k in cfg.fixed:
+                dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=k)
+                rows.append(Recorded(f"fixed-{k}", m.model, p, with_buckets(dec, vb)))
+            for h in cfg.confidence:
+                dec, p = methods.draft_model(m.model, m.params, draft=draft, num_tokens=cfg.max_tokens,
+                                             stop_threshold=h)
+                rows.append(Recorded(f"conf-{h:g}", m.model, p, with_buckets(dec, vb)))
+            dec, p = A.build(m.model, m.params, path, target=m.path, draft=draft, num_tokens=cfg.max_tokens)
         dec = with_buckets(dec, vb)
         for h in cfg.thresholds:  # one compiled program: the settings are traced params
             for mt in cfg.min_tokens:
@@ -208,6 +220,8 @@ class Config:
     reps: int = dataclasses.field(default=5, metadata={"help": ">= 5 interleaved repetitions"})
     weights: str = dataclasses.field(default="q", metadata={"choices": ["f32", "q"]})
     heads: str = dataclasses.field(default="", metadata={"help": "specdec_pp heads file (default: the shipped one)"})
+    eagle: str = dataclasses.field(default="", metadata={
+        "help": "with a head trained on an EAGLE chain: the EAGLE heads file (default: the shipped one)"})
     fixed: tuple[int, ...] = dataclasses.field(default=(1, 2, 3, 4, 5, 6, 7, 8),
                                                metadata={"help": "fixed draft lengths"})
     confidence: tuple[float, ...] = dataclasses.field(default=(0.3,), metadata={
@@ -236,8 +250,9 @@ def main(argv=None):
     bad = [g for g in cfg.groups if g not in GROUPS]
     if bad:
         opts.parser.error(f"unknown --groups {bad}; known: {', '.join(GROUPS)}")
-    if cfg.heads and not os.path.isfile(cfg.heads):
-        opts.parser.error(f"heads file not found: {cfg.heads!r}")
+    for p in (cfg.heads, cfg.eagle):
+        if p and not os.path.isfile(p):
+            opts.parser.error(f"heads file not found: {p!r}")
     if any(k < 1 for k in cfg.fixed) or cfg.max_tokens < 1 or any(k < 0 for k in cfg.min_tokens):
         opts.parser.error("--fixed lengths and --max-tokens must be >= 1")
     if any(not 0 <= h < 1 for h in (*cfg.confidence, *cfg.thresholds, *cfg.paper_thresholds)):

@@ -6,8 +6,9 @@
   held-out prompts (10 chat, 6 copy-heavy: jaxdec/data/prompts/heads_heldout.jsonl, never in the training
   corpus) at batch 1 and in ragged batches of 8 (DESIGN's near-tie rule);
 * useful: τ of the shipped heads above the same decoder's with untrained (freshly initialised) heads, on
-  the held-out prompts and on the committed "should help" prompts (tests/data/heldout_tau_prompts.jsonl),
-  with both accepted and rejected drafts (issue 15's τ > 1.5 there is not reached yet: see the README);
+  the held-out prompts (the heads' default: the calibrated chain) and on the committed "should help"
+  prompts (tests/data/heldout_tau_prompts.jsonl), where issue 15's bar τ > 1.5 is asserted with each head's
+  draft tree chosen on the held-out prompts (`TAU_CONFIG`), its tokens equal to greedy's there too;
 * the CLI finds the shipped heads with no --heads flag, and its JSONL stats carry τ and per-position
   acceptance.
 """
@@ -63,8 +64,36 @@ def target(model_q, gguf_path):
     return heldout_target(model_q, gguf_path)
 
 
-def _decoder(t, kind, heads=None):
-    return getattr(M, kind)(t["model"], t["params"], heads or shipped_heads(kind, "smollm2-135m"), target=t["path"])
+# The draft configuration issue 15's bar (τ > 1.5 on the should-help prompts) is asserted with: per head, the
+# highest τ on the 16 held-out prompts among trees of at most 16 nodes (experiments/heads_tau_configs.py ->
+# experiments/results/heads_tau_configs.md; none was chosen on the should-help prompts). The heads' default, the
+# chain of 1 their calibration chose as the fastest on this CPU, reaches 1.28 (Medusa) and 1.24 (EAGLE) there.
+TAU_CONFIG = {"medusa": {"tree": (5, 2)}, "eagle": {"num_tokens": 4, "tree_topk": 4, "tree_nodes": 16}}
+
+
+def _decoder(t, kind, heads=None, **kw):
+    if "tree" in kw:
+        from jaxdec.speculative.tree import TreeSpec
+        kw["tree"] = TreeSpec.from_widths(kw["tree"])
+    return getattr(M, kind)(t["model"], t["params"], heads or shipped_heads(kind, "smollm2-135m"), target=t["path"],
+                            **kw)
+
+
+def assert_greedy_on_should_help(t, should_help, out, name: str) -> None:
+    """``out`` (a `generate` result on ``should_help["prompts"]``) holds the greedy reference's tokens (DESIGN's
+    near-tie rule)."""
+    neartie.assert_sequences_match(
+        [(f"{name}, should-help prompt {i}", o, r, lg) for i, (o, r, lg) in
+         enumerate(zip(out.tokens, should_help["ref"].tokens, should_help["logits"]))], t["dlogit"])
+
+
+@pytest.fixture(scope="module")
+def should_help(target):
+    """The should-help prompts with their greedy reference and teacher logits (for DESIGN's near-tie rule)."""
+    prompts = heldout_prompt_ids()
+    ref = jaxdec.generate(target["model"], target["params"], prompts, max_new_tokens=MAX_NEW, batch_size=8)
+    return {"prompts": prompts, "ref": ref,
+            "logits": lazy_teacher_logits(target["model"], target["params"], prompts, ref.tokens)}
 
 
 def shipped_provenance(kind: str, script: str, gguf_path: str):
@@ -105,12 +134,12 @@ def test_shipped_heads_lossless_batch1_and_ragged_batch8(target, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_shipped_heads_beat_untrained_heads(target, kind):
+def test_shipped_heads_beat_untrained_heads(target, should_help, kind):
     """τ of the shipped heads against the same decoder with freshly initialised heads (the negative
     control: an untrained Medusa head repeats the target's next token, an untrained EAGLE layer is
-    random), on 8 of the held-out prompts and on the committed should-help prompts. Issue 15's bar of
-    τ > 1.5 on the should-help prompts is not met yet (README: the corpus has no copy tasks, and
-    these prompts are copy tasks), so the check here is that training moved τ, by a margin."""
+    random): with the heads' default draft on 8 of the held-out prompts, and with `TAU_CONFIG`'s tree on
+    the committed should-help prompts, where issue 15's τ > 1.5 is asserted and the tree's tokens must
+    equal greedy's (DESIGN's near-tie rule)."""
     from jaxdec.speculative.heads import eagle as E, medusa as Md
     t = target
     path = shipped_heads(kind, "smollm2-135m")
@@ -121,15 +150,19 @@ def test_shipped_heads_beat_untrained_heads(target, kind):
         cfg, _, _, d2t = E.load_eagle(path, None)
         untrained = (cfg, E.init_params(cfg, 1), d2t)
     taus = {}
-    for set_name, prompts in (("held-out", t["prompts"][:8]), ("should-help", heldout_prompt_ids())):
+    for set_name, prompts, kw in (("held-out", t["prompts"][:8], {}),
+                                  ("should-help", should_help["prompts"], TAU_CONFIG[kind])):
         for name, heads in (("shipped", path), ("untrained", untrained)):
-            dec, params = _decoder(t, kind, heads)
+            dec, params = _decoder(t, kind, heads, **kw)
             out = jaxdec.generate(t["model"], params, prompts, decoder=dec, max_new_tokens=MAX_NEW, batch_size=8)
             taus[set_name, name] = out.stats["tau"]
+            if set_name == "should-help" and name == "shipped":
+                assert_greedy_on_should_help(t, should_help, out, f"{kind} tree")
     print(f"{kind} τ: {taus}")
     for set_name in ("held-out", "should-help"):
         assert taus[set_name, "shipped"] > taus[set_name, "untrained"] + 0.1, taus
-    assert min(taus["held-out", "shipped"], taus["should-help", "shipped"]) > 1.1, taus
+    assert taus["held-out", "shipped"] > 1.1, taus
+    assert taus["should-help", "shipped"] > 1.5, taus
 
 
 def test_cli_finds_shipped_heads_and_reports_tau(tmp_path):

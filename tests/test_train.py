@@ -640,6 +640,20 @@ def test_every_head_script_names_the_bad_shared_flag():
             assert needle in str(e.value), (cls.__name__, kw, str(e.value))
 
 
+def test_evenly_spaced_subset_keeps_every_source_and_eagle_refuses_a_negative_count():
+    """`evenly_spaced` (EAGLE's --max-sequences, for τ against training tokens): n sequences spread over the
+    corpus order (so each prompt source keeps its share), all of them for 0 or n >= their count."""
+    from train.eagle import EagleTrainConfig
+    from train.medusa import evenly_spaced
+    seqs = [[i] * 3 for i in range(10)]
+    plens = list(range(10))
+    s, p = evenly_spaced(seqs, plens, 4)
+    assert [x[0] for x in s] == [0, 3, 6, 9] and p == [0, 3, 6, 9]
+    assert evenly_spaced(seqs, plens, 0) == (seqs, plens) and evenly_spaced(seqs, plens, 10) == (seqs, plens)
+    with pytest.raises(ConfigError, match="--max-sequences must be an integer >= 0"):
+        EagleTrainConfig(max_sequences=-1).validate()
+
+
 def test_head_drafters_name_the_params_they_need():
     from jaxdec.speculative.heads.clover import CloverDrafter
     from jaxdec.speculative.heads.eagle import EagleDrafter

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
-from train.medusa import (build_draft_vocab, run_head_script, save_finished_heads, sequences_to_arrays,
-                          split_heldout, store_hidden)
+from train.medusa import (build_draft_vocab, evenly_spaced, run_head_script, save_finished_heads,
+                          sequences_to_arrays, split_heldout, store_hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class EagleTrainConfig(TrainConfig):
     ttt_steps: int = 2
     decay: float = 0.8
     seq_len: int = 256
+    max_sequences: int = 0  # > 0: train on this many evenly spaced corpus sequences (τ against training tokens)
     eval_fraction: float = 0.05
     hidden: str = "recompute"
     hidden_cache: str = ""  # with --hidden stored: a folder keeping the states for the next run ("" : none)
@@ -51,7 +52,7 @@ class EagleTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_target_run_flags(self, ints=("draft_vocab", "num_tokens", "ttt_steps", "seq_len"))
+        check_target_run_flags(self, ints=("draft_vocab", "num_tokens", "ttt_steps", "seq_len", ("max_sequences", 0)))
         if self.seq_len < 3:
             raise ConfigError(f"--seq-len must be >= 3, got {self.seq_len}")
         if any(i < -1 for i in self.feature_layers) or len(set(self.feature_layers)) != len(self.feature_layers):
@@ -176,6 +177,7 @@ def calibrate_chain(model, ecfg, hp, target_params, d2t, acc, log=print) -> dict
 def train_eagle(cfg: EagleTrainConfig, model, target_params, seqs, prompt_lens, fingerprint: str,
                 target_name: str = "", command: str = "", stop_after=None, log=print):
     from jaxdec.speculative.heads.eagle import KIND, init_params
+    seqs, prompt_lens = evenly_spaced(seqs, prompt_lens, cfg.max_sequences)
     if len(seqs) < 2:
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
     e = int(model(target_params, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),

@@ -64,6 +64,15 @@ class MedusaTrainConfig(TrainConfig):
 # data and loss
 # --------------------------------------------------------------------------------------------------
 
+def evenly_spaced(seqs, prompt_lens, n: int):
+    """The ``n`` sequences at evenly spaced corpus indices (all when ``n`` is 0 or >= their count), so every
+    prompt source keeps its share of a smaller training set. -> (seqs, prompt_lens)."""
+    if not n or n >= len(seqs):
+        return seqs, prompt_lens
+    pick = np.unique(np.linspace(0, len(seqs) - 1, n).round().astype(int))
+    return [seqs[i] for i in pick], [prompt_lens[i] for i in pick]
+
+
 def sequences_to_arrays(seqs, prompt_lens, seq_len: int, pad_id: int = 0) -> dict:
     """Token sequences (prompt then the target's continuation) -> ``tokens [N,T]``, ``length [N]``,
     ``prompt_len [N]`` (cut to ``seq_len``)."""
