@@ -15,6 +15,8 @@ The second half stops EAGLE chains (`EagleDrafter(stop_head=)`, `methods.eagle(.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -313,37 +315,45 @@ def test_shipped_head_lossless_batch1_and_ragged_batch8(shipped):
 EK = 4  # EAGLE chain length
 
 
-@pytest.fixture(scope="module")
-def eagle_toy(tmp_path_factory):
-    from jaxdec.speculative.heads.eagle import load_eagle
+def _heads_toy(tmp_path_factory, name, make_heads, **stop_kw):
+    """The toy target (`peaked_trigram`, seed 1), its greedy continuations of 40 prompts as the corpus and 8
+    ragged test prompts; ``make_heads(model, params, seqs, plens, folder)`` writes the EAGLE or Clover heads
+    file (``name``), and the stop head is trained for it (train/specdec_pp.py --drafter name)."""
+    from jaxdec.speculative.heads.acceptance import heads_module
     from jaxdec.testing.toy_speculative import peaked_trigram
-    from train.eagle import EagleTrainConfig, train_eagle
     from train.specdec_pp import SpecDecPPTrainConfig, train_specdec_pp
     model, params, prompts = peaked_trigram(V, 48, seed=1)
     gen = jaxdec.generate(model, params, prompts[:40], max_new_tokens=MAX_NEW)
     seqs = [p + list(t) for p, t in zip(prompts[:40], gen.tokens)]
     plens = [len(p) for p in prompts[:40]]
-    d = tmp_path_factory.mktemp("specdec_pp_eagle")
-    ecfg = EagleTrainConfig(out=str(d / "eagle"), steps=20, batch_size=8, lr=0.05, warmup=2, seq_len=32,
-                            eval_every=20, save_every=20, log_every=1, progress=False, draft_vocab=11, num_tokens=EK)
-    _, epath = train_eagle(ecfg, model, params, seqs, plens, FP, log=lambda *a: None)
-    ec, ehp, _, d2t = load_eagle(epath, FP)
+    d = tmp_path_factory.mktemp(f"specdec_pp_{name}")
+    hpath = make_heads(model, params, seqs, plens, d)
+    hc, hhp, _, d2t = heads_module(name)[1](hpath, FP)
+    d2t = np.asarray(d2t)
     cfg = SpecDecPPTrainConfig(out=str(d / "stop"), steps=60, batch_size=8, lr=0.1, warmup=2, seq_len=32,
                                num_layers=1, eval_every=30, save_every=30, log_every=1, progress=False,
-                               eval_fraction=0.1, drafter="eagle", depths=3)
+                               eval_fraction=0.1, drafter=name, **stop_kw)
     res, path = train_specdec_pp(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
-                                 log=lambda *a: None, eagle=(ec, ehp, np.asarray(d2t)))
+                                 log=lambda *a: None, **{name: (hc, hhp, d2t)})
     test = prompts[40:]
     assert len({len(p) for p in test}) >= 3  # a ragged batch
     greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW).tokens
-    return dict(model=model, params=params, prompts=prompts, seqs=seqs, plens=plens, epath=epath, ec=ec, ehp=ehp,
-                d2t=np.asarray(d2t), res=res, path=path, acfg=res.acceptance_config, test=test, greedy=greedy,
-                dir=d)
+    return dict(name=name, file=hpath, triple=(hc, hhp, d2t), model=model, params=params, prompts=prompts, seqs=seqs,
+                plens=plens, d2t=d2t, res=res, path=path, acfg=res.acceptance_config, test=test, greedy=greedy, dir=d)
 
 
-def _eagle(t, stop_head=None, prompts=None, **kw):
-    dec, pp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=stop_head, **kw)
-    return dec, pp, jaxdec.generate(t["model"], pp, prompts or t["test"], decoder=dec, max_new_tokens=MAX_NEW)
+@pytest.fixture(scope="module")
+def eagle_toy(tmp_path_factory):
+    from train.eagle import EagleTrainConfig, train_eagle
+
+    def make(model, params, seqs, plens, d):
+        ecfg = EagleTrainConfig(out=str(d / "eagle"), steps=20, batch_size=8, lr=0.05, warmup=2, seq_len=32,
+                                eval_every=20, save_every=20, log_every=1, progress=False, draft_vocab=11,
+                                num_tokens=EK)
+        return train_eagle(ecfg, model, params, seqs, plens, FP, log=lambda *a: None)[1]
+
+    t = _heads_toy(tmp_path_factory, "eagle", make, depths=3)
+    return {**t, "epath": t["file"], "ec": t["triple"][0], "ehp": t["triple"][1]}
 
 
 def _fixed_head(t, logit):
@@ -359,22 +369,33 @@ def _row_cost_speedup(stats):
     return int(np.sum(raw["emitted"])) / (stats["row_steps"] + COST_DRAFT * int(np.sum(raw["pos_offered"])))
 
 
-def test_eagle_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untrained(eagle_toy):
-    t = eagle_toy
-    _, _, off = _eagle(t)
-    assert off.tokens == t["greedy"] and off.stats["tau"] > 2.0  # the trained EAGLE head drafts well
-    assert np.all(np.asarray(off.stats["raw"]["pos_offered"]) > 0)  # the full chain of EK offered
+def _heads_stop(t, stop_head=None, prompts=None, max_new=MAX_NEW, **kw):
+    """`methods.eagle` / `methods.clover` (per ``t["name"]``) on the toy's heads file -> (decoder, params, output)."""
+    dec, pp = getattr(M, t["name"])(t["model"], t["params"], t["file"], target=FP, stop_head=stop_head, **kw)
+    return dec, pp, jaxdec.generate(t["model"], pp, prompts or t["test"], decoder=dec, max_new_tokens=max_new)
+
+
+def _check_stop_runs(t, k):
+    """The shared checks of a learned stop on a chain of ``k`` heads (EAGLE, Clover) on the toy's ragged batch:
+    lossless with every head; a never-stopping head gives the heads' τ, calls and acceptance without a stop;
+    an always-stopping one drafts ``min_tokens`` per step with as many draft calls and the smallest verify
+    bucket; the trained head beats the untrained one (and the full chain) under the per-row cost model and
+    drafts less. -> (the run without a stop, {name: (decoder, params, output)})."""
+    _, _, off = _heads_stop(t)
+    assert off.tokens == t["greedy"] and off.stats["tau"] > 2.0  # the heads draft well
+    assert np.all(np.asarray(off.stats["raw"]["pos_offered"]) > 0)  # the full chain of k offered
     runs = {}
     for name, head in (("never", _fixed_head(t, 50.0)), ("always", _fixed_head(t, -50.0)), ("trained", t["path"]),
                        ("untrained", (t["acfg"], A.init_params(t["acfg"], seed=3)))):
-        dec, pp, out = _eagle(t, head)
+        dec, pp, out = _heads_stop(t, head)
         assert dec.verify_buckets == "auto" and dec.drafter.stop_head is not None
         assert out.tokens == t["greedy"], name  # lossless on the ragged batch
         runs[name] = (dec, pp, out)
     never = runs["never"][2].stats
-    for k in ("tau", "target_calls", "draft_calls", "row_steps"):  # a head that never stops = EAGLE without one
-        assert never[k] == off.stats[k], k
+    for key in ("tau", "target_calls", "row_steps"):  # a head that never stops = the heads without one
+        assert never[key] == off.stats[key], key
     np.testing.assert_array_equal(never["acceptance_per_position"], off.stats["acceptance_per_position"])
+    assert never["draft_calls"] == k * never["block_calls"]
     # a head that always predicts rejection drafts min_tokens per step (and one draft call each)
     dec, pp, always = runs["always"]
     for mt in (1, 2):
@@ -384,18 +405,26 @@ def test_eagle_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untr
         off_pos = np.asarray(out.stats["raw"]["pos_offered"])
         assert np.all(off_pos[:mt] > 0) and np.all(off_pos[mt:] == 0), (mt, off_pos)
         assert out.stats["draft_calls"] == mt * out.stats["block_calls"], (mt, out.stats)
-        bucket = {1: 2, 2: 4}[mt]  # the smallest "auto" bucket (1, 2, 4, EK + 1) holding mt drafts + the root
+        bucket = {1: 2, 2: 4}[mt]  # the smallest "auto" bucket (1, 2, 4, k + 1) holding mt drafts + the root
         assert out.stats["block_tokens"] == bucket * out.stats["block_calls"], (mt, out.stats["bucket_steps"])
     # the trained head beats the untrained one under the per-row cost model, and drafts less than the full chain
     sp = {n: _row_cost_speedup(r[2].stats) for n, r in runs.items()}
     tr = runs["trained"][2].stats
     assert sp["trained"] > 1.05 * sp["untrained"], sp
     assert sp["trained"] > 1.02 * sp["never"], sp  # and the full chain (same τ here, fewer rejected drafts)
-    assert tr["tau"] > runs["untrained"][2].stats["tau"] and tr["tau"] > 1.5, (tr["tau"], sp)
+    assert tr["tau"] > 1.5, (tr["tau"], sp)
     drafted = lambda st: int(np.sum(st["raw"]["pos_offered"])) / st["row_steps"]  # noqa: E731
     assert drafted(tr) < 0.9 * drafted(off.stats), (drafted(tr), drafted(off.stats))
-    print("EAGLE + stop (ragged batch 8): per-row cost speedup", sp, "tau", {n: r[2].stats["tau"] for n, r in runs.items()},
-          "drafted per row step", {n: drafted(r[2].stats) for n, r in runs.items()})
+    print(f"{t['name']} + stop (ragged batch 8): per-row cost speedup", sp, "tau",
+          {n: r[2].stats["tau"] for n, r in runs.items()}, "drafted per row step",
+          {n: drafted(r[2].stats) for n, r in runs.items()})
+    return off, runs
+
+
+def test_eagle_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untrained(eagle_toy):
+    off, runs = _check_stop_runs(eagle_toy, EK)
+    assert runs["never"][2].stats["draft_calls"] == off.stats["draft_calls"]  # EAGLE counts its layer calls anyway
+    assert runs["trained"][2].stats["tau"] > runs["untrained"][2].stats["tau"]
 
 
 def _simulate_first_draft(labels, plen, max_new):
@@ -426,15 +455,24 @@ def test_eagle_labels_are_the_drafters_first_token_acceptance(eagle_toy):
     st = eagle_label_pass(t["model"], t["params"], t["ec"], t["ehp"], t["d2t"], arr, "sampling", 4, 3,
                           target_hidden=th, log=lambda *a: None)
     np.testing.assert_array_equal(st["feat"], lab["feat"])
+    _check_first_draft_labels(t, lab, st, n, 3)
+
+
+def _check_first_draft_labels(t, lab, st, n, depths):
+    """The label passes' shared checks on the first ``n`` corpus sequences: ``lab`` greedy labels, ``st``
+    sampling labels (soft, same mask); both depths present (fewer positions deeper, other features); the
+    first draft's labels predict the real drafter's row steps and accepted tokens at one draft per step (an
+    always-stopping head, min_tokens 1), and labels shifted by one position do not. -> (labels, mask)
+    ``[n, depths, T-1]``."""
     np.testing.assert_array_equal(st["mask"], lab["mask"])
     soft = st["label"][st["mask"]]
     assert np.all((soft >= 0) & (soft <= 1)) and not np.all((soft == 0) | (soft == 1))
-    y = lab["label"].reshape(n, 3, -1)
-    m = lab["mask"].reshape(n, 3, -1)
-    assert lab["feat"].shape == (n, 3 * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
+    y = lab["label"].reshape(n, depths, -1)
+    m = lab["mask"].reshape(n, depths, -1)
+    assert lab["feat"].shape == (n, depths * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
     assert m[:, 1].sum() < m[:, 0].sum() and not np.array_equal(lab["feat"][:, :31], lab["feat"][:, 31:62])
     want = [_simulate_first_draft(y[i, 0], t["plens"][i], MAX_NEW) for i in range(n)]
-    dec, pp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=_fixed_head(t, -50.0))
+    dec, pp = getattr(M, t["name"])(t["model"], t["params"], t["file"], target=FP, stop_head=_fixed_head(t, -50.0))
     out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=1), t["prompts"][:n], decoder=dec,
                           max_new_tokens=MAX_NEW)
     assert [p + list(o) for p, o in zip(t["prompts"][:n], out.tokens)] == t["seqs"][:n]
@@ -442,59 +480,72 @@ def test_eagle_labels_are_the_drafters_first_token_acceptance(eagle_toy):
     # control: labels of another head (or shifted by one position) predict other counts
     shifted = [_simulate_first_draft(np.roll(y[i, 0], 1), t["plens"][i], MAX_NEW) for i in range(n)]
     assert tuple(np.sum(shifted, axis=0)) != tuple(np.sum(want, axis=0))
+    return y, m
 
 
-def test_eagle_stop_head_for_another_draft_refused_and_bad_input(eagle_toy, tmp_path):
-    import dataclasses
-    from jaxdec.speculative.heads.eagle import EagleDrafter, draft_id, init_params as eagle_init
-    t = eagle_toy
+def _check_stop_refusals(t, tmp_path, other, what, feature):
+    """The shared refusals of a learned stop on EAGLE / Clover heads (``t["name"]``): the file's head is accepted
+    on its heads and refused on ``other`` heads of the same shapes (file or in memory), on a draft model's
+    record, on another target and when its file records no draft; an in-memory head without a record is taken
+    but must read ``feature``'s size; bad stop params, thresholds and drafter params are named. -> the
+    head's config."""
     model, params = t["model"], t["params"]
+    build = lambda heads=None, **kw: getattr(M, t["name"])(model, params, t["file"] if heads is None else heads,  # noqa: E731
+                                                         **{"target": FP, **kw})
     cfg, _, meta = A.load_acceptance(t["path"], FP)
-    assert cfg.draft == draft_id(t["ec"], t["ehp"], t["d2t"]) and cfg.draft.startswith("eagle:")
-    assert meta["depths"] == 3 and 0 < meta["label_mean_depth1"] < 1
-    # the file's draft id is that of the loaded params, and the chain length does not enter it
-    assert draft_id(dataclasses.replace(t["ec"], num_tokens=2), t["ehp"], t["d2t"]) == cfg.draft
-    M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"])  # the right head: accepted
-    other = (t["ec"], eagle_init(t["ec"], 5), t["d2t"])  # another EAGLE head of the same shapes
-    with pytest.raises(ValueError, match="stop_head: the acceptance head was trained on eagle:.*not on this EAGLE head"):
-        M.eagle(model, params, other, target=FP, stop_head=t["path"])
-    with pytest.raises(ValueError, match="not on this EAGLE head"):  # the same, in memory
-        M.eagle(model, params, other, stop_head=(cfg, t["res"].params))
+    assert cfg.draft == A.heads_draft_id(t["name"], t["file"]) and cfg.draft.startswith(t["name"] + ":")
+    assert 0 < meta["label_mean_depth1"] < 1
+    build(stop_head=t["path"])  # the right head: accepted
+    with pytest.raises(ValueError, match=f"stop_head: the acceptance head was trained on {t['name']}:.*not on {what}"):
+        build(other, stop_head=t["path"])
+    with pytest.raises(ValueError, match=f"not on {what}"):  # the same, in memory
+        build(other, target=None, stop_head=(cfg, t["res"].params))
     dm_head = (dataclasses.replace(cfg, draft="layers:1"), t["res"].params)  # trained on a draft model
     with pytest.raises(ValueError, match="trained on layers:1"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=dm_head)
-    with pytest.raises(ValueError, match="trained for an EAGLE head.*methods.eagle"):  # and the reverse
+        build(stop_head=dm_head)
+    with pytest.raises(ValueError, match=f"trained for .*methods.{t['name']}"):  # and the reverse
         A.build(model, params, t["path"], target=FP)
     with pytest.raises(HeadsMismatch, match="another target"):
-        M.eagle(model, params, (t["ec"], t["ehp"], t["d2t"]), target="sha256:" + "cd" * 32, stop_head=t["path"])
+        build(t["triple"], target="sha256:" + "cd" * 32, stop_head=t["path"])
     unrec = tmp_path / "unrecorded.safetensors"  # a file that records no draft is refused ...
     save_heads(str(unrec), A.KIND, dict(t["res"].params), dataclasses.replace(cfg, draft="").to_dict(), FP)
     with pytest.raises(ValueError, match="trained on an unrecorded draft"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=str(unrec))
-    # ... an in-memory head without a record is taken as given, but must read the layer's hidden size
-    M.eagle(model, params, t["epath"], target=FP, stop_head=(dataclasses.replace(cfg, draft=""), t["res"].params))
+        build(stop_head=str(unrec))
+    # ... an in-memory head without a record is taken as given, but must read the heads' hidden size
+    build(stop_head=(dataclasses.replace(cfg, draft=""), t["res"].params))
     small = A.AcceptanceConfig(hidden=8, num_layers=1)
-    with pytest.raises(ValueError, match="hidden size 8"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=(small, A.init_params(small)))
+    with pytest.raises(ValueError, match=f"hidden size 8, {feature} has {V}"):
+        build(stop_head=(small, A.init_params(small)))
     with pytest.raises(ValueError, match="expected tensors"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=(cfg, {"w": 1}))
+        build(stop_head=(cfg, {"w": 1}))
     with pytest.raises(TypeError, match="stop_head must be"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=3)
+        build(stop_head=3)
     with pytest.raises(ValueError, match="threshold"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"], stop_threshold=1.5)
+        build(stop_head=t["path"], stop_threshold=1.5)
     with pytest.raises(ValueError, match="stop_threshold is used only with stop_head"):
-        M.eagle(model, params, t["epath"], target=FP, stop_threshold=0.5)
-    with pytest.raises(ValueError, match="tree_topk=2"):
-        M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"], tree_topk=2, tree_nodes=4)
-    with pytest.raises(ValueError, match="chain only"):
-        EagleDrafter(dataclasses.replace(t["ec"], tree_topk=2, tree_nodes=4), stop_head=A.AcceptanceStop(cfg))
+        build(stop_threshold=0.5)
     with pytest.raises(TypeError, match="advance"):
-        EagleDrafter(t["ec"], stop_head=object())
-    dec, pp = M.eagle(model, params, t["epath"], target=FP, stop_head=t["path"])
-    plain, pp0 = M.eagle(model, params, t["epath"], target=FP)
+        type(build()[0].drafter)(t["triple"][0], stop_head=object())
+    dec, pp = build(stop_head=t["path"])
+    plain, pp0 = build()
     with pytest.raises(ValueError, match="'stop'"):  # a stop head without its params
         jaxdec.generate(model, pp0, t["test"][:1], decoder=dec, max_new_tokens=4)
     assert plain.verify_buckets == () and dec.verify_buckets == "auto"
+    return cfg
+
+
+def test_eagle_stop_head_for_another_draft_refused_and_bad_input(eagle_toy, tmp_path):
+    from jaxdec.speculative.heads.eagle import EagleDrafter, draft_id, init_params as eagle_init
+    t = eagle_toy
+    other = (t["ec"], eagle_init(t["ec"], 5), t["d2t"])  # another EAGLE head of the same shapes
+    cfg = _check_stop_refusals(t, tmp_path, other, "this EAGLE head", "the EAGLE layer's output")
+    assert A.load_acceptance(t["path"], FP)[2]["depths"] == 3
+    # the file's draft id is that of the loaded params, and the chain length does not enter it
+    assert draft_id(dataclasses.replace(t["ec"], num_tokens=2), t["ehp"], t["d2t"]) == cfg.draft
+    with pytest.raises(ValueError, match="tree_topk=2"):
+        M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=t["path"], tree_topk=2, tree_nodes=4)
+    with pytest.raises(ValueError, match="chain only"):
+        EagleDrafter(dataclasses.replace(t["ec"], tree_topk=2, tree_nodes=4), stop_head=A.AcceptanceStop(cfg))
 
 
 def test_train_config_eagle_bad_values():
@@ -508,59 +559,74 @@ def test_train_config_eagle_bad_values():
     SpecDecPPTrainConfig(drafter="eagle", depths=2).validate()
 
 
-@pytest.mark.slow
-def test_eagle_stop_sampling_follows_the_target_distribution():
-    """EAGLE chains drawn from the draft's q and cut by a learned stop (a random head whose stop point varies
-    by row and step), verified by speculative sampling: the first three tokens' joint distribution is the
-    target's (exact enumeration, 100k rows, tests/stat_checks.py); without residual resampling it is not
-    (negative control). The stop really cut chains: later positions were offered less often."""
+def _check_stop_sampling(method, model, tp, tab, triple, seeds):
+    """Chains drawn from the draft's q and cut by a learned stop (a random head whose stop point varies by row
+    and step), verified by speculative sampling: the first three tokens' joint distribution is the target's
+    (exact enumeration, 100k rows, tests/stat_checks.py); without residual resampling it is not (negative
+    control). The stop really cut chains: later positions were offered less often."""
     import os
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from stat_checks import assert_speculative_joint
-    from jaxdec.speculative.heads.eagle import EagleConfig, EagleDrafter, init_params as eagle_init
-    from jaxdec.testing.toy_speculative import random_table
-    tv = 5
-    tab = random_table(23, tv, 1.2)
-    model = TrigramModel(tv)
-    tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
-    ec = EagleConfig(hidden=tv, draft_vocab=4, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
-                     max_position=64, num_tokens=3)
+    tv = model.vocab_size
     acfg = A.AcceptanceConfig(hidden=tv, num_layers=1)
     ahp = dict(A.init_params(acfg, seed=4))
     ahp["out_w"] = ahp["out_w"] * 8.0  # predictions spread over (0, 1): some chains stop after 1 token, some after 2
     ahp["out_b"] = jnp.array([1.0, 1.0])
-    dec, params = M.eagle(model, tp, (ec, eagle_init(ec, 2), np.array([0, 1, 2, 4])), sampling=True,
-                          stop_head=(acfg, ahp), stop_threshold=0.5)
+    dec, params = method(model, tp, triple, sampling=True, stop_head=(acfg, ahp), stop_threshold=0.5)
+    assert dec.drafter.sample and dec.drafter.stop_head is not None
     stats = assert_speculative_joint(
-        lambda residual: SpeculativeDecoder(EagleDrafter(ec, sample=True, stop_head=dec.drafter.stop_head), "sampling",
-                                            residual=residual, verify_buckets="auto"), model, params, tab, (73, 74))
+        lambda residual: SpeculativeDecoder(dec.drafter, "sampling", residual=residual, verify_buckets="auto"), model,
+        params, tab, seeds)
     offered = np.asarray(stats["raw"]["pos_offered"])
     assert offered[0] > 1.3 * offered[1] > 0 and offered[1] > offered[2], offered
 
 
-def test_cli_build_eagle_with_stop_head(eagle_toy, tmp_path):
-    """``--drafter eagle --heads E --stop-head S [--stop-threshold T]`` builds `methods.eagle(..., stop_head=)`
-    with verify buckets on; a head for another draft is a ``--stop-head:`` error, and without the flag EAGLE is
-    as before."""
+@pytest.mark.slow
+def test_eagle_stop_sampling_follows_the_target_distribution():
+    """`_check_stop_sampling` on an EAGLE head (draft vocabulary 4 of 5 tokens)."""
+    from jaxdec.speculative.heads.eagle import EagleConfig, init_params as eagle_init
+    from jaxdec.testing.toy_speculative import random_table
+    tv = 5
+    tab = random_table(23, tv, 1.2)
+    tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
+    ec = EagleConfig(hidden=tv, draft_vocab=4, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
+                     max_position=64, num_tokens=3)
+    _check_stop_sampling(M.eagle, TrigramModel(tv), tp, tab, (ec, eagle_init(ec, 2), np.array([0, 1, 2, 4])), (73, 74))
+
+
+def _check_cli_build(t, tmp_path, what):
+    """``--drafter eagle|clover --heads H --stop-head S [--stop-threshold T]`` builds `methods.eagle` /
+    `methods.clover` ``(..., stop_head=)`` with verify buckets on; a head for another draft is a ``--stop-head:``
+    error (and, in the check before the model loads, too; the head is refused for a draft model); without
+    the flag the drafter is as before."""
     import argparse
-    import dataclasses
     from jaxdec.speculative import cli as scli
-    t = eagle_toy
-    ns = lambda **kw: argparse.Namespace(**{**scli._DEFAULTS, "drafter": "eagle", "spec_sampling": False,  # noqa: E731
-                                            "model": "toy", "heads": t["epath"], **kw})
+    d = t["name"]
+    method = getattr(M, d)
+    ns = lambda **kw: argparse.Namespace(**{**scli._DEFAULTS, "drafter": d, "spec_sampling": False,  # noqa: E731
+                                            "model": "toy", "heads": t["file"], **kw})
     dec, pp = scli.build(ns(stop_head=t["path"], stop_threshold=0.6), t["model"], t["params"], FP)
-    ref, rp = M.eagle(t["model"], t["params"], t["epath"], target=FP, stop_head=t["path"], stop_threshold=0.6)
+    ref, rp = method(t["model"], t["params"], t["file"], target=FP, stop_head=t["path"], stop_threshold=0.6)
     assert dec == ref and dec.verify_buckets == "auto" and np.isclose(float(pp["draft"]["stop"]["threshold"]), 0.6)
     plain, _ = scli.build(ns(), t["model"], t["params"], FP)
-    assert plain == M.eagle(t["model"], t["params"], t["epath"], target=FP)[0] and plain.drafter.stop_head is None
+    assert plain == method(t["model"], t["params"], t["file"], target=FP)[0] and plain.drafter.stop_head is None
     wrong = tmp_path / "wrong.safetensors"
     cfg, hp, _ = A.load_acceptance(t["path"], FP)
     save_heads(str(wrong), A.KIND, dict(hp), dataclasses.replace(cfg, draft="layers:1").to_dict(), FP)
     with pytest.raises(ValueError, match="^--stop-head: .*trained on layers:1"):
         scli.build(ns(stop_head=str(wrong)), t["model"], t["params"], FP)
-    with pytest.raises(ValueError, match="^--heads: "):  # the EAGLE file's own errors stay --heads errors
+    with pytest.raises(ValueError, match="^--heads: "):  # the heads file's own errors stay --heads errors
         scli.build(ns(stop_head=t["path"], heads=str(wrong)), t["model"], t["params"], FP)
+    A.check_file_for_drafter(t["path"], d, t["file"])  # the check before the model loads: the right heads pass ...
+    with pytest.raises(ValueError, match=f"wrong.safetensors': .*trained on layers:1.*not on {what} '"):
+        A.check_file_for_drafter(str(wrong), d, t["file"])
+    with pytest.raises(ValueError, match=f"trained for .*--drafter {d}"):  # ... a draft model does not
+        A.check_file_for_drafter(t["path"], "draft-model")
+
+
+def test_cli_build_eagle_with_stop_head(eagle_toy, tmp_path):
+    _check_cli_build(eagle_toy, tmp_path, "the EAGLE head")
 
 
 # --------------------------------------------------------------------------- SpecDec++ on Clover
@@ -588,80 +654,37 @@ def _clover_heads(params, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def clover_toy(tmp_path_factory):
-    from jaxdec.speculative.heads.clover import KIND, load_clover
-    from jaxdec.testing.toy_speculative import peaked_trigram
-    from train.specdec_pp import SpecDecPPTrainConfig, train_specdec_pp
-    model, params, prompts = peaked_trigram(V, 48, seed=1)
-    gen = jaxdec.generate(model, params, prompts[:40], max_new_tokens=MAX_NEW)
-    seqs = [p + list(t) for p, t in zip(prompts[:40], gen.tokens)]
-    plens = [len(p) for p in prompts[:40]]
-    d = tmp_path_factory.mktemp("specdec_pp_clover")
-    cc, chp, d2t = _clover_heads(params)
-    cpath = save_heads(str(d / "clover.safetensors"), KIND, {**chp, "d2t": d2t}, cc.to_dict(), FP)
-    cc, chp, _, d2t = load_clover(cpath, FP)
-    cfg = SpecDecPPTrainConfig(out=str(d / "stop"), steps=60, batch_size=8, lr=0.1, warmup=2, seq_len=32,
-                               num_layers=1, eval_every=30, save_every=30, log_every=1, progress=False,
-                               eval_fraction=0.1, drafter="clover")
-    res, path = train_specdec_pp(cfg, model, params, seqs, plens, FP, target_name="toy", command="pytest",
-                                 log=lambda *a: None, clover=(cc, chp, np.asarray(d2t)))
-    test = prompts[40:]
-    assert len({len(p) for p in test}) >= 3  # a ragged batch
-    greedy = jaxdec.generate(model, params, test, max_new_tokens=MAX_NEW).tokens
-    return dict(model=model, params=params, prompts=prompts, seqs=seqs, plens=plens, cpath=cpath, cc=cc, chp=chp,
-                d2t=np.asarray(d2t), res=res, path=path, acfg=res.acceptance_config, test=test, greedy=greedy, dir=d)
+    from jaxdec.speculative.heads.clover import KIND
 
+    def make(model, params, seqs, plens, d):
+        cc, chp, d2t = _clover_heads(params)
+        return save_heads(str(d / "clover.safetensors"), KIND, {**chp, "d2t": d2t}, cc.to_dict(), FP)
 
-def _clover(t, stop_head=None, prompts=None, **kw):
-    dec, pp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=stop_head, **kw)
-    return dec, pp, jaxdec.generate(t["model"], pp, prompts or t["test"], decoder=dec, max_new_tokens=MAX_NEW)
+    t = _heads_toy(tmp_path_factory, "clover", make)
+    return {**t, "cpath": t["file"], "cc": t["triple"][0], "chp": t["triple"][1]}
 
 
 def test_clover_stop_lossless_ragged_full_chain_min_tokens_and_trained_beats_untrained(clover_toy):
-    t = clover_toy
-    _, _, off = _clover(t)
-    assert off.tokens == t["greedy"] and off.stats["tau"] > 2.0  # the trained Clover heads draft well
-    assert np.all(np.asarray(off.stats["raw"]["pos_offered"]) > 0) and off.stats["draft_calls"] == 0
-    runs = {}
-    for name, head in (("never", _fixed_head(t, 50.0)), ("always", _fixed_head(t, -50.0)), ("trained", t["path"]),
-                       ("untrained", (t["acfg"], A.init_params(t["acfg"], seed=3)))):
-        dec, pp, out = _clover(t, head)
-        assert dec.verify_buckets == "auto" and dec.drafter.stop_head is not None
-        assert out.tokens == t["greedy"], name  # lossless on the ragged batch
-        runs[name] = (dec, pp, out)
-    never = runs["never"][2].stats
-    for k in ("tau", "target_calls", "row_steps"):  # a head that never stops = Clover without one
-        assert never[k] == off.stats[k], k
-    np.testing.assert_array_equal(never["acceptance_per_position"], off.stats["acceptance_per_position"])
-    assert never["draft_calls"] == CK * never["block_calls"]  # with a stop head, the head calls run are counted
-    # a head that always predicts rejection drafts min_tokens per step, and runs that many heads (the rest skipped)
-    dec, pp, always = runs["always"]
-    for mt in (1, 2):
-        out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=mt), t["test"], decoder=dec,
-                              max_new_tokens=MAX_NEW)
-        assert out.tokens == t["greedy"]
-        off_pos = np.asarray(out.stats["raw"]["pos_offered"])
-        assert np.all(off_pos[:mt] > 0) and np.all(off_pos[mt:] == 0), (mt, off_pos)
-        assert out.stats["draft_calls"] == mt * out.stats["block_calls"], (mt, out.stats)
-        bucket = {1: 2, 2: 4}[mt]  # the smallest "auto" bucket (1, 2, 4, CK + 1) holding mt drafts + the root
-        assert out.stats["block_tokens"] == bucket * out.stats["block_calls"], (mt, out.stats["bucket_steps"])
-    # the trained head beats the untrained one and the full chain under the per-row cost model
-    sp = {n: _row_cost_speedup(r[2].stats) for n, r in runs.items()}
-    tr = runs["trained"][2].stats
-    assert sp["trained"] > 1.05 * sp["untrained"], sp
-    assert sp["trained"] > 1.02 * sp["never"], sp
-    assert tr["tau"] > 1.5, (tr["tau"], sp)
-    drafted = lambda st: int(np.sum(st["raw"]["pos_offered"])) / st["row_steps"]  # noqa: E731
-    assert drafted(tr) < 0.9 * drafted(off.stats), (drafted(tr), drafted(off.stats))
-    print("Clover + stop (ragged batch 8): per-row cost speedup", sp, "tau",
-          {n: r[2].stats["tau"] for n, r in runs.items()}, "drafted per row step",
-          {n: drafted(r[2].stats) for n, r in runs.items()})
+    off, runs = _check_stop_runs(clover_toy, CK)
+    assert off.stats["draft_calls"] == 0  # without a stop head Clover counts no draft calls (as before)
 
 
-def test_clover_labels_are_the_drafters_first_token_acceptance(clover_toy):
-    """The first head's labels (teacher forcing Clover on the target's greedy text) predict exactly what the
-    real drafter does when it drafts one token per step (an always-stopping head, min_tokens 1): its row
-    steps and accepted tokens on those sequences; labels shifted by one position do not. The later heads'
-    labels and states are there and differ from the first's."""
+def _simulate_chain(labels, plen, max_new):
+    """Row steps and accepted tokens of full Clover chains from the labels of every head ``labels [K,n]``
+    (head k after the token at a + 1: ``labels[k, a]``): each step accepts the leading run of 1s."""
+    length, steps, acc = plen + 1, 0, 0
+    while length < plen + max_new:
+        run = np.cumprod(labels[:, length - 2] > 0.5)
+        steps, acc, length = steps + 1, acc + int(run.sum()), length + 1 + int(run.sum())
+    return steps, acc
+
+
+def test_clover_labels_are_the_drafters_acceptance_at_every_head(clover_toy):
+    """The labels (teacher forcing Clover on the target's greedy text) predict exactly what the real drafter
+    does: the first head's, its row steps and accepted tokens when it drafts one token per step (an
+    always-stopping head, min_tokens 1); every head's, those of the full chain (a never-stopping head, with
+    max_new short enough that every label lies inside the sequences). Labels shifted by one position (the
+    first head's, or the later heads') predict other counts."""
     from train.medusa import sequences_to_arrays, store_hidden
     from train.specdec_pp import clover_label_pass
     t = clover_toy
@@ -674,80 +697,35 @@ def test_clover_labels_are_the_drafters_first_token_acceptance(clover_toy):
     st = clover_label_pass(t["model"], t["params"], t["cc"], t["chp"], t["d2t"], arr, "sampling", 4, target_hidden=th,
                            log=lambda *a: None)
     np.testing.assert_allclose(st["feat"].astype(np.float32), lab["feat"].astype(np.float32), atol=1e-2)
-    np.testing.assert_array_equal(st["mask"], lab["mask"])
-    soft = st["label"][st["mask"]]
-    assert np.all((soft >= 0) & (soft <= 1)) and not np.all((soft == 0) | (soft == 1))
-    y = lab["label"].reshape(n, CK, -1)
-    m = lab["mask"].reshape(n, CK, -1)
-    assert lab["feat"].shape == (n, CK * 31, V) and 0.2 < y[:, 0][m[:, 0]].mean() < 0.95
-    assert m[:, 1].sum() < m[:, 0].sum() and not np.array_equal(lab["feat"][:, :31], lab["feat"][:, 31:62])
+    y, m = _check_first_draft_labels(t, lab, st, n, CK)
     assert np.array_equal(lab["mask_next"].reshape(n, CK, -1)[:, 0], m[:, 0] & m[:, 1])
     assert not lab["mask_next"].reshape(n, CK, -1)[:, -1].any()  # the last head has no next one
-    want = [_simulate_first_draft(y[i, 0], t["plens"][i], MAX_NEW) for i in range(n)]
-    dec, pp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=_fixed_head(t, -50.0))
-    out = jaxdec.generate(t["model"], A.with_settings(pp, min_tokens=1), t["prompts"][:n], decoder=dec,
-                          max_new_tokens=MAX_NEW)
-    assert [p + list(o) for p, o in zip(t["prompts"][:n], out.tokens)] == t["seqs"][:n]
-    assert (out.stats["row_steps"], int(out.stats["raw"]["accepted"])) == tuple(np.sum(want, axis=0)), want
-    shifted = [_simulate_first_draft(np.roll(y[i, 0], 1), t["plens"][i], MAX_NEW) for i in range(n)]
-    assert tuple(np.sum(shifted, axis=0)) != tuple(np.sum(want, axis=0))
+    short = MAX_NEW - CK - 1  # the last step's deepest draft scores a token of the sequence
+    want = tuple(np.sum([_simulate_chain(y[i], t["plens"][i], short) for i in range(n)], axis=0))
+    dec, pp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=_fixed_head(t, 50.0))
+    out = jaxdec.generate(t["model"], pp, t["prompts"][:n], decoder=dec, max_new_tokens=short)
+    assert (out.stats["row_steps"], int(out.stats["raw"]["accepted"])) == want and want[1] > want[0], want
+    later = [np.concatenate([y[i, :1], np.roll(y[i, 1:], 1, axis=-1)]) for i in range(n)]
+    assert tuple(np.sum([_simulate_chain(later[i], t["plens"][i], short) for i in range(n)], axis=0)) != want
 
 
 def test_clover_stop_head_for_another_draft_refused_and_bad_input(clover_toy, tmp_path):
-    import dataclasses
-    from jaxdec.speculative.heads.clover import CloverDrafter, draft_id, init_params as clover_init
+    from jaxdec.speculative.heads.clover import init_params as clover_init
+    from jaxdec.speculative.heads.eagle import EagleConfig, init_params as eagle_init
     t = clover_toy
     model, params = t["model"], t["params"]
-    cfg, _, meta = A.load_acceptance(t["path"], FP)
-    assert cfg.draft == draft_id(t["cc"], t["chp"], t["d2t"]) and cfg.draft.startswith("clover:")
-    assert meta["depths"] == CK and 0 < meta["label_mean_depth1"] < 1
-    M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"])  # the right head: accepted
     other = (t["cc"], clover_init(t["cc"], 5), t["d2t"])  # other Clover heads of the same shapes
-    with pytest.raises(ValueError, match="stop_head: the acceptance head was trained on clover:.*not on these Clover"):
-        M.clover(model, params, other, target=FP, stop_head=t["path"])
-    with pytest.raises(ValueError, match="not on these Clover heads"):  # the same, in memory
-        M.clover(model, params, other, stop_head=(cfg, t["res"].params))
-    with pytest.raises(ValueError, match="not on these Clover heads"):  # another d2t map
+    cfg = _check_stop_refusals(t, tmp_path, other, "these Clover heads", "the Clover heads' state")
+    assert A.load_acceptance(t["path"], FP)[2]["depths"] == CK
+    with pytest.raises(ValueError, match="not on these Clover heads"):  # the same weights with another d2t map
         M.clover(model, params, (t["cc"], t["chp"], (t["d2t"] + 1) % V), stop_head=(cfg, t["res"].params))
-    with pytest.raises(ValueError, match="trained on layers:1"):  # trained on a draft model
-        M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft="layers:1"),
-                                                                  t["res"].params))
-    with pytest.raises(ValueError, match="trained on eagle:"):  # trained for an EAGLE head
+    with pytest.raises(ValueError, match="trained on eagle:"):  # trained for an EAGLE head ...
         M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft="eagle:" + "0" * 64),
                                                                   t["res"].params))
-    with pytest.raises(ValueError, match="trained on clover:.*not on this EAGLE head"):  # and the reverse
-        from jaxdec.speculative.heads.eagle import EagleConfig, init_params as eagle_init
-        ec = EagleConfig(hidden=V, draft_vocab=11, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
-                         max_position=64, num_tokens=3)
+    ec = EagleConfig(hidden=V, draft_vocab=11, num_heads=1, num_kv_heads=1, head_dim=4, intermediate=8,
+                     max_position=64, num_tokens=3)
+    with pytest.raises(ValueError, match="trained on clover:.*not on this EAGLE head"):  # ... and the reverse
         M.eagle(model, params, (ec, eagle_init(ec, 0), t["d2t"]), stop_head=t["path"], target=FP)
-    with pytest.raises(ValueError, match="trained for Clover heads.*methods.clover"):
-        A.build(model, params, t["path"], target=FP)
-    with pytest.raises(HeadsMismatch, match="another target"):
-        M.clover(model, params, (t["cc"], t["chp"], t["d2t"]), target="sha256:" + "cd" * 32, stop_head=t["path"])
-    unrec = tmp_path / "unrecorded.safetensors"  # a file that records no draft is refused ...
-    save_heads(str(unrec), A.KIND, dict(t["res"].params), dataclasses.replace(cfg, draft="").to_dict(), FP)
-    with pytest.raises(ValueError, match="trained on an unrecorded draft"):
-        M.clover(model, params, t["cpath"], target=FP, stop_head=str(unrec))
-    # ... an in-memory head without a record is taken as given, but must read the heads' hidden size
-    M.clover(model, params, t["cpath"], target=FP, stop_head=(dataclasses.replace(cfg, draft=""), t["res"].params))
-    small = A.AcceptanceConfig(hidden=8, num_layers=1)
-    with pytest.raises(ValueError, match="hidden size 8, the Clover heads' state has 16"):
-        M.clover(model, params, t["cpath"], target=FP, stop_head=(small, A.init_params(small)))
-    with pytest.raises(ValueError, match="expected tensors"):
-        M.clover(model, params, t["cpath"], target=FP, stop_head=(cfg, {"w": 1}))
-    with pytest.raises(TypeError, match="stop_head must be"):
-        M.clover(model, params, t["cpath"], target=FP, stop_head=3)
-    with pytest.raises(ValueError, match="threshold"):
-        M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"], stop_threshold=1.5)
-    with pytest.raises(ValueError, match="stop_threshold is used only with stop_head"):
-        M.clover(model, params, t["cpath"], target=FP, stop_threshold=0.5)
-    with pytest.raises(TypeError, match="advance"):
-        CloverDrafter(t["cc"], stop_head=object())
-    dec, pp = M.clover(model, params, t["cpath"], target=FP, stop_head=t["path"])
-    plain, pp0 = M.clover(model, params, t["cpath"], target=FP)
-    with pytest.raises(ValueError, match="'stop'"):  # a stop head without its params
-        jaxdec.generate(model, pp0, t["test"][:1], decoder=dec, max_new_tokens=4)
-    assert plain.verify_buckets == () and dec.verify_buckets == "auto"
 
 
 def test_train_config_clover_bad_values():
@@ -764,19 +742,12 @@ def test_train_config_clover_bad_values():
 
 @pytest.mark.slow
 def test_clover_stop_sampling_follows_the_target_distribution():
-    """Clover chains drawn from each head's q and cut by a learned stop (a random head whose stop point varies
-    by row and step), verified by speculative sampling: the first three tokens' joint distribution is the
-    target's (exact enumeration, 100k rows, tests/stat_checks.py); without residual resampling it is not
-    (negative control). The stop really cut chains: later positions were offered less often."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stat_checks import assert_speculative_joint
+    """`_check_stop_sampling` on Clover heads (draft vocabulary 4 of 5 tokens, random weights that make each
+    head's q depend on the tokens drawn before it)."""
     from jaxdec.speculative.heads import clover as C
     from jaxdec.testing.toy_speculative import random_table
     tv = 5
     tab = random_table(21, tv, 1.2)
-    model = TrigramModel(tv)
     tp = {"table": jnp.asarray(tab), "embed": jnp.eye(tv, dtype=jnp.float32)}
     cc = C.CloverConfig(hidden=tv, draft_vocab=4, num_tokens=3, dec_heads=1, aug_heads=1, aug_kv_heads=1,
                         aug_head_dim=4, aug_intermediate=8, max_position=64)
@@ -784,44 +755,8 @@ def test_clover_stop_sampling_follows_the_target_distribution():
     rng = np.random.default_rng(3)
     hp["res"] = {"w": jnp.asarray(rng.normal(0, 1.0, (tv, tv)), jnp.float32), "b": jnp.zeros((tv,))}
     hp["merge"]["w"] = hp["merge"]["w"] + jnp.asarray(rng.normal(0, 1.0, (tv, 2 * tv)), jnp.float32)
-    acfg = A.AcceptanceConfig(hidden=tv, num_layers=1)
-    ahp = dict(A.init_params(acfg, seed=4))
-    ahp["out_w"] = ahp["out_w"] * 8.0  # predictions spread over (0, 1): some chains stop after 1 token, some after 2
-    ahp["out_b"] = jnp.array([1.0, 1.0])
-    dec, params = M.clover(model, tp, (cc, hp, np.array([0, 1, 2, 4])), sampling=True, stop_head=(acfg, ahp),
-                           stop_threshold=0.5)
-    stats = assert_speculative_joint(
-        lambda residual: SpeculativeDecoder(C.CloverDrafter(cc, sample=True, stop_head=dec.drafter.stop_head),
-                                            "sampling", residual=residual, verify_buckets="auto"),
-        model, params, tab, (75, 76))
-    offered = np.asarray(stats["raw"]["pos_offered"])
-    assert offered[0] > 1.3 * offered[1] > 0 and offered[1] > offered[2], offered
+    _check_stop_sampling(M.clover, TrigramModel(tv), tp, tab, (cc, hp, np.array([0, 1, 2, 4])), (75, 76))
 
 
 def test_cli_build_clover_with_stop_head(clover_toy, tmp_path):
-    """``--drafter clover --heads C --stop-head S [--stop-threshold T]`` builds `methods.clover(..., stop_head=)`
-    with verify buckets on; a head for another draft is a ``--stop-head:`` error (and, before the model loads,
-    a Clover head is refused for a draft model); without the flag Clover is as before."""
-    import argparse
-    import dataclasses
-    from jaxdec.speculative import cli as scli
-    t = clover_toy
-    ns = lambda **kw: argparse.Namespace(**{**scli._DEFAULTS, "drafter": "clover", "spec_sampling": False,  # noqa: E731
-                                            "model": "toy", "heads": t["cpath"], **kw})
-    dec, pp = scli.build(ns(stop_head=t["path"], stop_threshold=0.6), t["model"], t["params"], FP)
-    ref, rp = M.clover(t["model"], t["params"], t["cpath"], target=FP, stop_head=t["path"], stop_threshold=0.6)
-    assert dec == ref and dec.verify_buckets == "auto" and np.isclose(float(pp["draft"]["stop"]["threshold"]), 0.6)
-    plain, _ = scli.build(ns(), t["model"], t["params"], FP)
-    assert plain == M.clover(t["model"], t["params"], t["cpath"], target=FP)[0] and plain.drafter.stop_head is None
-    wrong = tmp_path / "wrong.safetensors"
-    cfg, hp, _ = A.load_acceptance(t["path"], FP)
-    save_heads(str(wrong), A.KIND, dict(hp), dataclasses.replace(cfg, draft="layers:1").to_dict(), FP)
-    with pytest.raises(ValueError, match="^--stop-head: .*trained on layers:1"):
-        scli.build(ns(stop_head=str(wrong)), t["model"], t["params"], FP)
-    with pytest.raises(ValueError, match="^--heads: "):  # the Clover file's own errors stay --heads errors
-        scli.build(ns(stop_head=t["path"], heads=str(wrong)), t["model"], t["params"], FP)
-    A.check_file_for_drafter(t["path"], "clover", t["cpath"])  # the preload check: the right heads pass ...
-    with pytest.raises(ValueError, match="wrong.safetensors': .*trained on layers:1.*not on the Clover heads 'clover"):
-        A.check_file_for_drafter(str(wrong), "clover", t["cpath"])
-    with pytest.raises(ValueError, match="trained for Clover heads.*--drafter clover"):  # ... a draft model does not
-        A.check_file_for_drafter(t["path"], "draft-model")
+    _check_cli_build(clover_toy, tmp_path, "the Clover heads")

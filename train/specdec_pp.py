@@ -272,21 +272,27 @@ def eagle_label_pass(model, tparams, ecfg, hp, d2t, arrays: dict, labels: str, b
     """The EAGLE head unrolled ``depths`` passes over ``arrays["tokens"]`` -> ``{"feat" [N,D*(T-1),E] f16,
     "label", "mask", "label_next", "mask_next" [N,D*(T-1)]}``: the passes side by side on one axis; the
     ``*_next`` pair is the lookahead output's target (depth s + 1 at t + 1; the deepest pass its own)."""
-    from jaxdec.speculative.heads.medusa import draft_head
-    tokens = arrays["tokens"]
-    t = tokens.shape[1]
+    t = arrays["tokens"].shape[1]
     fn = make_eagle_label_fn(model, ecfg, labels, target_hidden is not None, depths)
-    head_w = draft_head(model, tparams, d2t)
-    d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
-    feat, y = batched_labels(lambda x, th, key: fn(tparams, hp, head_w, d2t_j, x, th, key), tokens, target_hidden,
-                             batch, seed, log, "eagle labels")  # [N,D,n,E], [N,D,n]
-    y = y.astype(np.float32)
+    feat, y = heads_labels(fn, model, tparams, hp, d2t, arrays["tokens"], target_hidden, batch, seed, log,
+                           "eagle labels")  # [N,D,n,E], [N,D,n]
     m = eagle_label_positions(arrays["length"], arrays["prompt_len"], t, depths)
     deeper = np.concatenate([y[:, 1:], y[:, -1:]], axis=1)  # depth s + 1 (the deepest: itself) ...
     mdeep = np.concatenate([m[:, 1:], m[:, -1:]], axis=1)
     y1 = np.concatenate([deeper[:, :, 1:], np.zeros_like(y[:, :, :1])], axis=2)  # ... at t + 1
     m1 = m & np.concatenate([mdeep[:, :, 1:], np.zeros_like(m[:, :, :1])], axis=2)
     return _depths_flat(feat, y, m, y1, m1)
+
+
+def heads_labels(fn, model, tparams, hp, d2t, tokens, target_hidden, batch: int, seed: int, log, what: str):
+    """An EAGLE or Clover label function ``fn(target params, head params, head_w, d2t, tokens, target states,
+    key)`` over every ``batch`` sequences (`batched_labels`) -> (features, float32 labels) as numpy."""
+    from jaxdec.speculative.heads.medusa import draft_head
+    head_w = draft_head(model, tparams, d2t)
+    d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
+    feat, y = batched_labels(lambda x, th, key: fn(tparams, hp, head_w, d2t_j, x, th, key), tokens, target_hidden,
+                             batch, seed, log, what)
+    return feat, y.astype(np.float32)
 
 
 def _depths_flat(feat, y, m, y1, m1) -> dict:
@@ -333,14 +339,9 @@ def clover_label_pass(model, tparams, ccfg, hp, d2t, arrays: dict, labels: str, 
     """Clover teacher-forced over ``arrays["tokens"]`` -> ``{"feat" [N,K*(T-1),E] f16, "label", "mask",
     "label_next", "mask_next" [N,K*(T-1)]}``: the K heads side by side on one axis; the ``*_next`` pair is
     the lookahead output's target (head k + 1 at the same anchor; none for the last head)."""
-    from jaxdec.speculative.heads.medusa import draft_head
     tokens = arrays["tokens"]
-    fn = make_clover_label_fn(model, ccfg, labels)
-    head_w = draft_head(model, tparams, d2t)
-    d2t_j = jnp.asarray(np.asarray(d2t), jnp.int32)
-    feat, y = batched_labels(lambda x, th, key: fn(tparams, hp, head_w, d2t_j, x, th, key), tokens, target_hidden,
-                             batch, seed, log, "clover labels")  # [N,K,n,E], [N,K,n]
-    y = y.astype(np.float32)
+    feat, y = heads_labels(make_clover_label_fn(model, ccfg, labels), model, tparams, hp, d2t, tokens, target_hidden,
+                           batch, seed, log, "clover labels")  # [N,K,n,E], [N,K,n]
     m = clover_label_positions(arrays["length"], arrays["prompt_len"], tokens.shape[1], ccfg.num_tokens)
     y1 = np.concatenate([y[:, 1:], np.zeros_like(y[:, :1])], axis=1)
     m1 = m & np.concatenate([m[:, 1:], np.zeros_like(m[:, :1])], axis=1)
