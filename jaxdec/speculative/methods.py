@@ -238,9 +238,17 @@ def clover(model, params, heads, target=None, sampling: bool = False, stop_head=
     refused when trained for another draft), or an ``(AcceptanceConfig, params)`` pair; the chain stops
     once the predicted P(some draft token is rejected) would exceed ``stop_threshold`` (default 0.7).
     verify_buckets: `SpeculativeDecoder`'s (default "auto" with a stop head; the engine's without)."""
-    from jaxdec.speculative.heads.clover import build
-    return build(model, params, heads, target=target, sampling=sampling, stop_head=stop_head,
-                 stop_threshold=stop_threshold, verify_buckets=verify_buckets)
+    from jaxdec.speculative.heads.clover import build, draft_id, resolve_heads
+    if stop_head is None:
+        if stop_threshold is not None:
+            raise ValueError("stop_threshold is used only with stop_head (SpecDec++'s learned stop)")
+        return build(model, params, heads, target=target, sampling=sampling, verify_buckets=verify_buckets)
+    from jaxdec.speculative.heads.acceptance import drafter_stop
+    config, hp, d2t = resolve_heads(model, params, heads, target)
+    stop = drafter_stop(model, params, stop_head, config.hidden, draft_id(config, hp, d2t), "these Clover heads",
+                        "the Clover heads' state", target, 0.7 if stop_threshold is None else stop_threshold)
+    return build(model, params, (config, hp, d2t), sampling=sampling, stop=stop,
+                 verify_buckets="auto" if verify_buckets is None else verify_buckets)
 
 
 def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num_tokens: int = 4,

@@ -39,7 +39,8 @@ total weight: ``sum(w_rej (1-y) (-log(1-p)) + y (-log p)) / sum(w_rej (1-y) + y)
   `jaxdec.speculative.heads.clover.CloverDrafter` (the head reads each Clover head's regressive state;
   `jaxdec.speculative.methods.clover(..., stop_head=)`). A head records the draft it was trained on
   (``AcceptanceConfig.draft``: ``"layers:N"``, ``"draft_lm:..."``, ``"eagle:<sha256 of the EAGLE head's
-  weights>"`` or ``"clover:<sha256 of the Clover heads' weights>"``, `weights_id`) and is refused on any other.
+  weights>"`` or ``"clover:<sha256 of the Clover heads' weights>"``, `jaxdec.speculative.heads.artefact.weights_id`) and
+  is refused on any other.
 """
 from __future__ import annotations
 
@@ -383,23 +384,6 @@ def check_draft_record(config: AcceptanceConfig, want: str, what: str, from_file
                      f"predictions do not transfer to another draft; train one for it with python -m train.specdec_pp")
 
 
-def weights_id(kind: str, config: dict, hp, d2t) -> str:
-    """``"<kind>:<sha256>"`` of a draft head's config fields (``config``, a JSON-able dict), its weights
-    (float32, by name) and its d2t map: the draft id an acceptance head trained for those heads records
-    (`jaxdec.speculative.heads.eagle.draft_id`, `jaxdec.speculative.heads.clover.draft_id`)."""
-    import hashlib
-    import json
-    h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True).encode())
-    flat = jax.tree_util.tree_flatten_with_path(hp)[0]
-    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
-        h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    h.update(np.ascontiguousarray(np.asarray(d2t, np.int64)).tobytes())
-    return f"{kind}:{h.hexdigest()}"
-
-
 def heads_module(drafter: str):
     """(draft_id, load) of the heads a learned stop can stop by id: ``drafter`` "eagle" or "clover";
     ``load(path, fingerprint) -> (config, params, metadata, d2t)``, ``draft_id(config, params, d2t)``."""
@@ -413,7 +397,8 @@ def heads_module(drafter: str):
 
 
 def heads_draft_id(drafter: str, path: str) -> str:
-    """The draft id (`weights_id`) of an EAGLE or Clover heads file, without the target check."""
+    """The draft id (`jaxdec.speculative.heads.artefact.weights_id`) of an EAGLE or Clover heads file,
+    without the target check."""
     draft_id, load = heads_module(drafter)
     cfg, hp, _, d2t = load(path, None)
     return draft_id(cfg, hp, d2t)

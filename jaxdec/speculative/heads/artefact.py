@@ -119,6 +119,22 @@ def params_fingerprint(params, vocab_size: int) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def weights_id(kind: str, config: dict, hp, d2t) -> str:
+    """``"<kind>:<sha256>"`` of a draft head's config fields (``config``, a JSON-able dict), its weights
+    (float32, by name) and its d2t map: the draft id an acceptance head trained for those heads records
+    (`jaxdec.speculative.heads.eagle.draft_id`, `jaxdec.speculative.heads.clover.draft_id`)."""
+    import jax
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    flat = jax.tree_util.tree_flatten_with_path(hp)[0]
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        h.update(jax.tree_util.keystr(path).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(np.ascontiguousarray(np.asarray(d2t, np.int64)).tobytes())
+    return f"{kind}:{h.hexdigest()}"
+
+
 def expected_fingerprint(model, params, target) -> str:
     """The fingerprint a heads file must carry to be used with this target: ``target`` is the model's file or
     folder (what `jaxdec.load` opened), or a fingerprint string; None: the params' fingerprint (a model with

@@ -399,7 +399,7 @@ def draft_id(config: CloverConfig, hp, d2t) -> str:
     """``"clover:<sha256>"`` of the heads' weights, their d2t map and their config: what an acceptance head
     trained for them records (`jaxdec.speculative.heads.acceptance.AcceptanceConfig.draft`); the same for
     the file and its loaded params."""
-    from jaxdec.speculative.heads.acceptance import weights_id
+    from jaxdec.speculative.heads.artefact import weights_id
     return weights_id(KIND, config.to_dict(), hp, d2t)
 
 
@@ -424,25 +424,11 @@ def load_clover(path: str, fingerprint: Optional[str]):
     return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta, np.asarray(d2t, np.int32)
 
 
-def build(model, params, heads, target=None, sampling: bool = False, stop_head=None,
-          stop_threshold: Optional[float] = None, verify_buckets=None):
-    """-> (decoder, params): Clover heads drafting for the target (greedy verification; ``sampling=True``:
-    each head's token drawn from its distribution, verified by lossless speculative sampling).
-
-    heads: a heads file written by ``train/clover.py`` (checked against the target: `HeadsMismatch` when it
-    was trained for another one) or an in-memory ``(CloverConfig, head params, d2t)`` triple (no check).
-    target: the target's model file or folder (``m.path``), or a fingerprint string; None: the params are
-    fingerprinted (`params_fingerprint`).
-
-    stop_head: SpecDec++'s learned stop (see the module docstring): a heads file written by
-    ``train/specdec_pp.py --drafter clover`` for these heads (checked against the target, refused when
-    trained for another draft) or an ``(AcceptanceConfig, params)`` pair; the chain stops once the predicted
-    P(some draft token is rejected) would exceed ``stop_threshold`` (default 0.7). verify_buckets:
-    `SpeculativeDecoder`'s (default "auto" with a stop head, so a short draft pays a short verify block;
-    the engine's default without)."""
-    from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
+def resolve_heads(model, params, heads, target=None):
+    """(CloverConfig, head params, d2t) of a heads file written by ``train/clover.py`` (checked against the
+    target: `HeadsMismatch` when it was trained for another one) or an in-memory ``(CloverConfig, head params,
+    d2t)`` triple (no check); d2t must be ``draft_vocab`` token ids of the target's vocabulary."""
     from jaxdec.speculative.heads.artefact import expected_fingerprint
-    from jaxdec.speculative.heads.medusa import draft_head
     if isinstance(heads, tuple) and len(heads) == 3 and isinstance(heads[0], CloverConfig):
         config, hp, d2t = heads
         check_params(config, hp)
@@ -456,17 +442,25 @@ def build(model, params, heads, target=None, sampling: bool = False, stop_head=N
     if (d2t.shape != (config.draft_vocab,) or not np.issubdtype(d2t.dtype, np.integer) or d2t.min() < 0
             or d2t.max() >= model.vocab_size):
         raise ValueError(f"clover: d2t must be {config.draft_vocab} token ids in [0, {model.vocab_size})")
+    return config, hp, d2t
+
+
+def build(model, params, heads, target=None, sampling: bool = False, stop=None, verify_buckets=None):
+    """-> (decoder, params): Clover heads drafting for the target (greedy verification; ``sampling=True``:
+    each head's token drawn from its distribution, verified by lossless speculative sampling).
+
+    heads: see `resolve_heads`. target: the target's model file or folder (``m.path``), or a fingerprint
+    string; None: the params are fingerprinted (`params_fingerprint`). stop: SpecDec++'s learned stop as a
+    ``(stop object, its params)`` pair (`jaxdec.speculative.methods.clover(..., stop_head=)` checks the head
+    and builds it); verify_buckets: `SpeculativeDecoder`'s (None: the engine's default)."""
+    from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
+    from jaxdec.speculative.heads.medusa import draft_head
+    config, hp, d2t = resolve_heads(model, params, heads, target)
     dparams = {"heads": hp, "target": params, "d2t": d2t.astype(np.int32), "head_w": draft_head(model, params, d2t)}
     verifier = "sampling" if sampling else "greedy"
-    if stop_head is None:
-        if stop_threshold is not None:
-            raise ValueError("stop_threshold is used only with stop_head (SpecDec++'s learned stop)")
-        kw = {} if verify_buckets is None else {"verify_buckets": verify_buckets}
+    kw = {} if verify_buckets is None else {"verify_buckets": verify_buckets}
+    if stop is None:
         return (SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling)), verifier, **kw),
                 with_draft_params(params, dparams))
-    from jaxdec.speculative.heads.acceptance import drafter_stop
-    stop, sp = drafter_stop(model, params, stop_head, config.hidden, draft_id(config, hp, d2t), "these Clover heads",
-                            "the Clover heads' state", target, 0.7 if stop_threshold is None else stop_threshold)
-    dec = SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling), stop_head=stop), verifier,
-                             verify_buckets="auto" if verify_buckets is None else verify_buckets)
-    return dec, with_draft_params(params, {**dparams, "stop": sp})
+    return (SpeculativeDecoder(CloverDrafter(config, sample=bool(sampling), stop_head=stop[0]), verifier, **kw),
+            with_draft_params(params, {**dparams, "stop": stop[1]}))

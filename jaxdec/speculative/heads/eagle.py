@@ -406,7 +406,7 @@ def draft_id(config: EagleConfig, hp, d2t) -> str:
     change what it computes (not the chain length or tree shape, which a caller may override): what an
     acceptance head trained for it records (`jaxdec.speculative.heads.acceptance.AcceptanceConfig.draft`).
     The same for the file and its loaded params."""
-    from jaxdec.speculative.heads.acceptance import weights_id
+    from jaxdec.speculative.heads.artefact import weights_id
     shape = {k: v for k, v in config.to_dict().items() if k not in ("num_tokens", "tree_topk", "tree_nodes")}
     return weights_id(KIND, shape, hp, d2t)
 
