@@ -255,9 +255,9 @@ def test_training_flags_and_bad_values_exit_2(capsys):
 
 # --------------------------------------------------------------------------- default model (slow)
 try:
-    from test_heads_shipped import target  # noqa: E402,F401  the held-out prompts fixture (q weights)
+    from test_heads_shipped import should_help, target  # noqa: E402,F401  the held-out prompts fixtures (q weights)
 except Exception:  # pragma: no cover - the slow tier needs test_heads_shipped's helpers
-    target = None
+    target = should_help = None
 
 
 def _shipped():
@@ -281,25 +281,37 @@ def test_shipped_ppd_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
     assert_lossless_batch8_and_batch1(t, *P.build(t["model"], t["params"], _shipped(), target=t["path"]), "ppd", max_new=32)
 
 
+# the tree issue 16's bar (τ > 1.3 on the should-help prompts) is asserted with: the highest τ on the 16 held-out
+# prompts among trees of at most 16 nodes (experiments/results/heads_tau_configs.md; not chosen on the should-help
+# prompts): the depth-1 guess's top 3, each with the depth-2 guess's top 2
+TAU_TREE = (3, 2)
+
+
 @pytest.mark.slow
-def test_shipped_ppd_beats_untrained(target):  # noqa: F811
-    """τ on the held-out and should-help prompts (the paper's layout: prompt tokens in the verify call): above
-    fresh prompt tokens (the control) by a margin on the held-out list and above 1.3 there."""
-    from test_speculative import heldout_prompt_ids
+def test_shipped_ppd_beats_untrained(target, should_help):  # noqa: F811
+    """τ on the held-out prompts (the chain) and the should-help prompts (`TAU_TREE`), the paper's layout
+    (prompt tokens in the verify call): above fresh prompt tokens (the control) by a margin on the held-out
+    list and above 1.3 there; on the should-help prompts above 1.3 (issue 16), not below the control, and the
+    tree's tokens equal greedy's."""
+    from test_heads_shipped import assert_greedy_on_should_help
+    from jaxdec.speculative.tree import TreeSpec
     t = target
     path = _shipped()
     cfg, _, _ = P.load_ppd(path, None)
     emb = np.asarray(P.target_embed(t["model"], t["params"], jnp.arange(256)[None]))
     taus = {}
-    for set_name, prompts in (("held-out", t["prompts"]), ("should-help", heldout_prompt_ids())):
+    for set_name, prompts, tree in (("held-out", t["prompts"], None),
+                                    ("should-help", should_help["prompts"], TreeSpec.from_widths(TAU_TREE))):
         for name in ("ppd", "untrained"):
             heads = path if name == "ppd" else (cfg, P.init_params(cfg, 1, float(emb.std())))
-            dec, params = P.build(t["model"], t["params"], heads, target=t["path"])
+            dec, params = P.build(t["model"], t["params"], heads, target=t["path"], tree=tree)
             out = jaxdec.generate(t["model"], params, prompts, decoder=dec, max_new_tokens=32, batch_size=8)
             taus[set_name, name] = out.stats["tau"]
+            if set_name == "should-help" and name == "ppd":
+                assert_greedy_on_should_help(t, should_help, out, "ppd tree")
     print(f"ppd τ: {taus}")
-    # measured 2026-12-04 (shipped file, 120 steps): held-out 1.33 vs 1.11 fresh; should-help (3 prompts) 1.27 vs
-    # 1.24, so the issue's goal (> 1.3 on should-help) is not met yet and the check there is only "not worse"
+    # measured 2026-12-05 (shipped file, 120 steps): held-out 1.33; should-help with the tree 1.47
     assert taus["held-out", "ppd"] > taus["held-out", "untrained"] + 0.1, taus
     assert taus["held-out", "ppd"] > 1.3, taus
+    assert taus["should-help", "ppd"] > 1.3, taus
     assert taus["should-help", "ppd"] >= taus["should-help", "untrained"], taus
