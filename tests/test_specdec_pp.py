@@ -734,10 +734,12 @@ def test_train_config_clover_bad_values():
     for kw, flag in (({"clover": "x.safetensors"}, "--clover FILE needs --drafter clover"),
                      ({"drafter": "clover", "eagle": "x.safetensors"}, "--eagle FILE needs --drafter eagle"),
                      ({"drafter": "clover", "draft": "d.safetensors"}, "--drafter clover"),
-                     ({"drafter": "clover", "depths": 2}, "--depths")):
+                     ({"drafter": "clover", "depths": 2}, "--depths"),
+                     ({"drafter": "clover", "clover": "/no/such.safetensors"}, "--clover: no such file")):
         with pytest.raises(ConfigError, match=flag):
             SpecDecPPTrainConfig(**kw).validate()
-    SpecDecPPTrainConfig(drafter="clover", clover="x.safetensors").validate()
+    from jaxdec.speculative.heads import shipped_heads
+    SpecDecPPTrainConfig(drafter="clover", clover=shipped_heads("clover", "smollm2-135m")).validate()
 
 
 @pytest.mark.slow

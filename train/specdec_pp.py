@@ -57,6 +57,7 @@ target in the label pass. Writes ``<out>/heads.safetensors`` (kind "specdec_pp")
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -117,6 +118,8 @@ class SpecDecPPTrainConfig(TrainConfig):
         for name in ("eagle", "clover"):
             if getattr(self, name) and self.drafter != name:
                 raise ConfigError(f"--{name} FILE needs --drafter {name}")
+            if getattr(self, name) and not os.path.isfile(getattr(self, name)):  # before the target loads
+                raise ConfigError(f"--{name}: no such file {getattr(self, name)!r}")
         if self.depths != 3 and self.drafter != "eagle":
             raise ConfigError("--depths is used only with --drafter eagle (a draft model's label pass reads its "
                               "own chain states; Clover's labels every head of its chain)")
@@ -379,7 +382,6 @@ def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerp
     from jaxdec.speculative.drafters import truncated_draft
     from jaxdec.speculative.heads.acceptance import draft_from_file
     if cfg.draft:
-        import os
         from train.medusa import ROOT
         dm, dp, did = draft_from_file(model, target_params, cfg.draft, fingerprint, cfg.draft_depth or None)
         path = os.path.abspath(cfg.draft)
@@ -395,7 +397,6 @@ def resolve_train_draft(cfg: SpecDecPPTrainConfig, model, target_params, fingerp
 def resolve_train_heads(cfg: SpecDecPPTrainConfig, fingerprint: str):
     """(heads config, head params, d2t, draft id, recorded file) of ``--eagle`` / ``--clover`` (per
     ``--drafter``; default: the heads shipped for ``--model``)."""
-    import os
     from jaxdec.speculative.heads import shipped_heads
     from jaxdec.speculative.heads.acceptance import heads_module
     from train.medusa import ROOT
