@@ -240,9 +240,9 @@ def test_training_flags_and_bad_values_exit_2(capsys):
 
 # --------------------------------------------------------------------------- default model (slow)
 try:
-    from test_heads_shipped import target  # noqa: E402,F401  the held-out prompts fixture (q weights)
+    from test_heads_shipped import should_help, target  # noqa: E402,F401  the held-out prompts fixtures (q weights)
 except Exception:  # pragma: no cover - the slow tier needs test_heads_shipped's helpers
-    target = None
+    target = should_help = None
 
 
 def _shipped():
