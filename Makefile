@@ -50,8 +50,8 @@ heads: $(STAMP)
 	$(PY) -m train.specdec_pp --out train/work/runs/specdec_pp --draft $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors \
 		--max-seqs 200 --seq-len 192 --steps 400 $(HEADS_ARGS) --export $(HEADS_DIR)/specdec_pp-smollm2-135m.safetensors
 	$(PY) -m train.lexical_units --data $(HEADS_DATA) --out train/work/runs/lud --hidden stored \
-		--hidden-cache train/work/hidden --steps 300 --positions 48 --lr 2e-3 --outside-weight 0.2 --save-every 150 \
-		--eval-every 300 $(HEADS_ARGS) --export $(HEADS_DIR)/lud-smollm2-135m.safetensors
+		--hidden-cache train/work/hidden --alpha 0.6 --steps 1000 --positions 48 --lr 2e-3 --outside-weight 0.2 \
+		--save-every 250 --eval-every 500 $(HEADS_ARGS) --export $(HEADS_DIR)/lud-smollm2-135m.safetensors
 	$(PY) -m train.hidden_transfer --data $(HEADS_DATA) --out train/work/runs/hidden_transfer --layer 24 \
 		--num-tokens 4 --max-sequences 80 --seq-len 160 --hidden stored --hidden-cache train/work/hidden --steps 60 \
 		--positions 8 --lr 3e-3 --warmup 10 --save-every 60 --eval-every 60 --log-every 5 $(HEADS_ARGS) \
