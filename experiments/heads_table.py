@@ -243,7 +243,8 @@ def plot(rec, prefix):
     axes[0].set_ylabel("speedup over jaxdec greedy")
     axes[0].legend()
     heads = res[groups[0]]["heads"]
-    curve = sorted((h["data_tokens"], n) for n, h in heads.items() if n.startswith("eagle") and h.get("data_tokens"))
+    # the --eagle-curve rows only (one training recipe, fewer tokens); the shipped row has its own steps and chain
+    curve = sorted((h["data_tokens"], n) for n, h in heads.items() if n.startswith("eagle@") and h.get("data_tokens"))
     for g in groups:
         tau = {r["method"]: r["tau"] for r in res[g]["rows"]}
         pts = [(t, tau[n]) for t, n in curve if n in tau]
