@@ -49,6 +49,9 @@ heads: $(STAMP)
 		--save-every 75 $(HEADS_ARGS) --export $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors
 	$(PY) -m train.specdec_pp --out train/work/runs/specdec_pp --draft $(HEADS_DIR)/draft_lm-smollm2-135m.safetensors \
 		--max-seqs 200 --seq-len 192 --steps 400 $(HEADS_ARGS) --export $(HEADS_DIR)/specdec_pp-smollm2-135m.safetensors
+	$(PY) -m train.specdec_pp --drafter eagle --out train/work/runs/specdec_pp_eagle --hidden stored \
+		--hidden-cache train/work/hidden --max-seqs 200 --seq-len 192 --steps 400 $(HEADS_ARGS) \
+		--export $(HEADS_DIR)/specdec_pp_eagle-smollm2-135m.safetensors
 	$(PY) -m train.lexical_units --data $(HEADS_DATA) --out train/work/runs/lud --hidden stored \
 		--hidden-cache train/work/hidden --alpha 0.6 --steps 1000 --positions 48 --lr 2e-3 --outside-weight 0.2 \
 		--save-every 250 --eval-every 500 $(HEADS_ARGS) --export $(HEADS_DIR)/lud-smollm2-135m.safetensors

@@ -762,3 +762,39 @@ def test_clover_stop_sampling_follows_the_target_distribution():
 
 def test_cli_build_clover_with_stop_head(clover_toy, tmp_path):
     _check_cli_build(clover_toy, tmp_path, "the Clover heads")
+
+
+@pytest.mark.slow
+def test_shipped_eagle_stop_head_provenance_lossless_and_stops(shipped):
+    """The acceptance head shipped for the shipped EAGLE head (``specdec_pp_eagle``): made for the default model
+    by ``python -m train.specdec_pp --drafter eagle``, recording that EAGLE head's weights id; on a chain of up
+    to 4 tokens its stop gives greedy's tokens (near-tie rule) at batch 8 (ragged) and batch 1, with drafts
+    accepted and rejected, and proposes fewer tokens than the full chain."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import neartie
+    from test_speculative import assert_accepts_and_rejects
+    from jaxdec.speculative.heads import shipped_heads
+    from jaxdec.speculative.heads.artefact import read_heads, target_fingerprint
+    from jaxdec.speculative.heads.eagle import draft_id, load_eagle
+    t = shipped
+    path, eagle = shipped_heads(A.EAGLE_SHIPPED, "smollm2-135m"), shipped_heads("eagle", "smollm2-135m")
+    assert path is not None and os.path.getsize(path) <= 20 * 2**20
+    _, meta = read_heads(path, A.KIND)
+    assert meta["fingerprint"] == target_fingerprint(t["gguf"]) and meta["command"].startswith(
+        "python -m train.specdec_pp --drafter eagle")
+    ecfg, ehp, _, d2t = load_eagle(eagle, None)
+    assert A.AcceptanceConfig.from_dict(meta["config"]).draft == draft_id(ecfg, ehp, d2t)
+    pairs, props = [], {}
+    for bs in (8, 1):
+        dec, pp = M.eagle(t["model"], t["params"], eagle, target=t["gguf"], num_tokens=4, tree_topk=0, stop_head=path)
+        out = jaxdec.generate(t["model"], pp, t["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW, batch_size=bs)
+        pairs += [(f"eagle stop b{bs} prompt {i}", o, r, lg) for i, (o, r, lg) in
+                  enumerate(zip(out.tokens, t["ref"].tokens, t["logits"]))]
+        assert_accepts_and_rejects(out.stats, f"eagle stop b{bs}")
+        raw = out.stats["raw"]
+        props[bs] = raw["block_tokens"] / (raw["model_calls"] - 1)  # the prefill call has no verify block
+    print("shipped EAGLE stop: verify block tokens per call per batch size:", props)
+    assert props[1] < 5.0, props  # a full chain of 4 verifies 5 tokens every call
+    neartie.assert_sequences_match(pairs, t["dlogit"])
