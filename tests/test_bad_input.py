@@ -67,11 +67,13 @@ PRELOAD_CASES = [
     (G("--method", "speculative", "--temperature", "0.5"), ["--temperature", "--spec-sampling"]),
     (G("--method", "speculative", "--drafter", "swift", "--max-ngram", "2"), ["--max-ngram", "--drafter swift"]),
     (G("--method", "speculative", "--stop", "x"), ["--stop"]),
-    # SpecDec++'s learned stop on EAGLE and Clover: a head for another draft, none shipped, a drafter without a stop
+    # SpecDec++'s learned stop on EAGLE and Clover: a head for another draft, none shipped (Clover: EAGLE's is
+    # shipped since session 16), a drafter without a stop
+    (G("--method", "speculative", "--drafter", "clover", "--stop-head"),
+     ["--stop-head", "for the Clover heads", "--drafter clover"]),
     *[case for d, heads in (("eagle", "the EAGLE head"), ("clover", "the Clover heads")) for case in (
         (G("--method", "speculative", "--drafter", d, "--stop-head", "/no/such/head.safetensors"),
          ["--stop-head", "no such file"]),
-        (G("--method", "speculative", "--drafter", d, "--stop-head"), ["--stop-head", f"for {heads}", f"--drafter {d}"]),
         (G("--method", "speculative", "--drafter", d, "--stop-head",
            os.path.join(ROOT, "jaxdec", "speculative", "heads", "artefacts", "specdec_pp-smollm2-135m.safetensors")),
          ["--stop-head", "trained on draft_lm:", f"not on {heads}"]),

@@ -36,7 +36,7 @@ PAPERS = {
                     "a separate (here: layer-truncated) model drafts a chain"),
     "specdec_pp": ("Huang et al. 2024, SpecDec++: stop drafting when acceptance looks unlikely",
                    "draft model chain stopped by a learned acceptance head (or the draft's confidence); "
-                   "EAGLE chains too (eagle(..., stop_head=))"),
+                   "EAGLE and Clover chains too (eagle / clover(..., stop_head=))"),
     "clover": ("Xiao et al. 2024, Clover: regressive lightweight speculative decoding with sequential knowledge",
                "trained heads with a regressive connection, an attention decoder and an augmenting block"),
     "draft_lm": ("Kavehzadeh et al. 2024, S2D: sorted speculative decoding (and a plain distilled draft)",
