@@ -65,7 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_flags, fit
-from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout, store_hidden
+from train.medusa import (evenly_spaced, run_head_script, save_finished_heads, sequences_to_arrays, split_heldout,
+                          store_hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,9 +423,7 @@ def train_specdec_pp(cfg: SpecDecPPTrainConfig, model, target_params, seqs, prom
     params, d2t)`` instead of ``--eagle`` / ``--clover``."""
     from jaxdec.speculative.heads.acceptance import KIND, AcceptanceConfig, draft_hidden_size, heads_module, init_params
     cfg.validate()
-    if cfg.max_seqs and cfg.max_seqs < len(seqs):  # evenly spaced, so every prompt source keeps its share
-        pick = np.unique(np.linspace(0, len(seqs) - 1, cfg.max_seqs).round().astype(int))
-        seqs, prompt_lens = [seqs[i] for i in pick], [prompt_lens[i] for i in pick]
+    seqs, prompt_lens = evenly_spaced(seqs, prompt_lens, cfg.max_seqs)  # every prompt source keeps its share
     if len(seqs) < 2:
         raise ConfigError(f"need at least 2 training sequences, got {len(seqs)}")
     given = {"eagle": eagle, "clover": clover}
