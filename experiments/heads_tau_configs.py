@@ -62,6 +62,12 @@ CONFIGS = {
     "lud-cut0.3": ("lud", {"cut": 0.3}),
     "lud-cut0.15": ("lud", {"cut": 0.15}),
     "lud-cut0.05": ("lud", {"cut": 0.05}),
+    "lud-tree3": ("lud", {"widths": (3,)}),
+    "lud-tree3-cut0.05": ("lud", {"widths": (3,), "cut": 0.05}),
+    "lud-tree5-cut0.05": ("lud", {"widths": (5,), "cut": 0.05}),
+    "lud-tree3x2-cut0.05": ("lud", {"widths": (3, 2), "cut": 0.05}),
+    "lud-tree5x2-cut0.05": ("lud", {"widths": (5, 2), "cut": 0.05}),
+    "lud-tree4x2x1-cut0.05": ("lud", {"widths": (4, 2, 1), "cut": 0.05}),
     "clover": ("clover", {}),
 }
 

@@ -282,13 +282,14 @@ def ppd(model, params, heads, target=None, inline: bool = True, tree=None):
     return build(model, params, heads, target=target, inline=inline, tree=tree)
 
 
-def lud(model, params, heads, target=None, cut: Optional[float] = None):
+def lud(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None):
     """-> (decoder, params). Lexical-unit drafting (`jaxdec.speculative.heads.lexical_units`): a head
     proposing the next confident multi-token unit, cut where it predicts the unit ends; a file written by
-    ``train/lexical_units.py`` (checked against the target like `medusa`) or an in-memory triple. Greedy
-    verification (lossless)."""
+    ``train/lexical_units.py`` (checked against the target like `medusa`) or an in-memory triple. tree: a
+    static `TreeSpec` of alternative units (node at depth d, rank r: token head d - 1's r-th best token; the
+    same cut per depth); None: the chain. Greedy verification (lossless)."""
     from jaxdec.speculative.heads.lexical_units import build
-    return build(model, params, heads, target=target, cut=cut)
+    return build(model, params, heads, target=target, cut=cut, tree=tree)
 
 
 def longspec(model, params, heads, target=None, num_tokens: Optional[int] = None):

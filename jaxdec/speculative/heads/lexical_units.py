@@ -19,6 +19,10 @@ Our adaptation (the target stays frozen; decoding stays lossless):
   predicted unit end ``m`` (the largest j with ``P(unit length >= j) >= cut``; nodes past it are
   invalid, so they are never accepted). The engine verifies it against the target (greedy verification):
   the output is exactly the greedy output, and τ measures how much of the unit was accepted.
+* With ``tree=`` (a `TreeSpec`, as Medusa's): alternative units. A node at depth d with sibling rank r
+  takes head d - 1's r-th best token, so the tree holds several candidate units sharing prefixes, and the
+  same unit-end cut applies per depth (nodes deeper than the predicted unit are invalid). This extension is
+  ours (the paper decodes one unit); the chain is the default.
 
 Params: ``{"w": [K,L,E,E], "b": [K,L,E], "len_w": [E,K+1], "len_b": [K+1]}`` (K = ``max_unit``); the
 drafter's params are ``{"heads": those, "target": target params}`` plus ``"d2t"``/``"head_w"`` with a draft
@@ -35,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdec.speculative.heads.medusa import MedusaConfig, head_logits as _medusa_logits, split_draft_params
+from jaxdec.speculative.heads.medusa import (MedusaConfig, head_logits as _medusa_logits, ranked_tree_tokens,
+                                             split_draft_params)
 from jaxdec.speculative.tree import Draft, TreeSpec
 
 KIND = "lud"
@@ -135,11 +140,13 @@ class LUDState:
 
 @dataclasses.dataclass(frozen=True)
 class LexicalUnitDrafter:
-    """Drafts the predicted lexical unit: a chain of ``max_unit`` tokens whose nodes past the predicted unit
-    end are invalid (never accepted). The unit-end probability is ``dparams["cut"]`` (a traced scalar, so
-    decoders with other cuts share one compilation), else the config's."""
+    """Drafts the predicted lexical unit: a chain of ``max_unit`` tokens (or the static ``tree`` of
+    alternative units) whose nodes past the predicted unit end are invalid (never accepted). The unit-end
+    probability is ``dparams["cut"]`` (a traced scalar, so decoders with other cuts share one compilation),
+    else the config's."""
 
     config: LUDConfig
+    tree: Optional[TreeSpec] = None
 
     own_params = True
     draft_calls_per_step = 0  # the head is not a model call (its cost shows in wall time)
@@ -147,15 +154,21 @@ class LexicalUnitDrafter:
     def __post_init__(self):
         if not isinstance(self.config, LUDConfig):
             raise TypeError(f"LexicalUnitDrafter.config must be an LUDConfig, got {type(self.config).__name__}")
+        if self.tree is not None:
+            if not isinstance(self.tree, TreeSpec):
+                raise TypeError(f"LexicalUnitDrafter.tree must be a TreeSpec or None, got {type(self.tree).__name__}")
+            if self.tree.max_depth > self.config.max_unit:
+                raise ValueError(f"lud tree depth {self.tree.max_depth} exceeds the heads' max_unit "
+                                 f"{self.config.max_unit} (node depth d uses token head d)")
 
     @property
     def spec(self) -> TreeSpec:
-        return TreeSpec.chain(self.config.max_unit)
+        return self.tree if self.tree is not None else TreeSpec.chain(self.config.max_unit)
 
-    num_nodes = property(lambda self: self.config.max_unit)
-    max_depth = property(lambda self: self.config.max_unit)
-    max_children = 1
-    is_chain = True
+    num_nodes = property(lambda self: self.spec.num_nodes)
+    max_depth = property(lambda self: self.spec.max_depth)
+    max_children = property(lambda self: self.spec.max_branching)
+    is_chain = property(lambda self: self.spec.parents == tuple(range(self.spec.num_nodes)))
 
     @staticmethod
     def _split(dparams):
@@ -176,14 +189,13 @@ class LexicalUnitDrafter:
     def propose(self, model, dparams, state, keys):
         hp, tp = self._split(dparams)
         ds = state.method.draft
+        spec = self.spec
         logits = token_logits(self.config, hp, model, tp, ds.hidden, dparams.get("head_w"))  # [K,B,V|Vd]
-        toks = jnp.argmax(logits, axis=-1).astype(jnp.int32).T  # [B,K]
-        if self.config.draft_vocab:
-            toks = jnp.asarray(dparams["d2t"], jnp.int32)[toks]
+        toks = ranked_tree_tokens(spec, logits, dparams.get("d2t") if self.config.draft_vocab else None)  # [B,N]
         m = predicted_length(self.config, length_logits(self.config, hp, ds.hidden), dparams.get("cut"))  # [B]
-        b, k = toks.shape
-        valid = jnp.arange(k)[None, :] < m[:, None]
-        return Draft(toks, self.spec.parents_array(b), valid), ds, state.cache
+        depth = jnp.asarray(spec.depths[1:], jnp.int32)  # node depth 1.. (the unit's token index + 1)
+        valid = depth[None, :] <= m[:, None]
+        return Draft(toks, spec.parents_array(toks.shape[0]), valid), ds, state.cache
 
     def update(self, model, dparams, state, dstate, info):
         node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)  # [B,1] block index of the last accepted
@@ -216,13 +228,14 @@ def load_lud(path: str, fingerprint: Optional[str]):
     return config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, meta, d2t
 
 
-def build(model, params, heads, target=None, cut: Optional[float] = None):
+def build(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None):
     """-> (decoder, params): lexical-unit drafting for the target, greedy verification (lossless).
 
     heads: a heads file written by ``train/lexical_units.py`` (checked against the target: `HeadsMismatch`
     when it was trained for another one) or an in-memory ``(LUDConfig, head params, d2t or None)`` triple
     (no check). target: the target's model file or folder (``m.path``), or a fingerprint string; None: the
-    params are fingerprinted (`params_fingerprint`). cut: the unit-end probability (None: the config's)."""
+    params are fingerprinted (`params_fingerprint`). cut: the unit-end probability (None: the config's).
+    tree: a static `TreeSpec` of alternative units (None: the chain of the heads' top-1 tokens)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
     from jaxdec.speculative.heads.artefact import expected_fingerprint
     from jaxdec.speculative.heads.medusa import draft_head
@@ -247,4 +260,4 @@ def build(model, params, heads, target=None, cut: Optional[float] = None):
         dparams["head_w"] = draft_head(model, params, d2t)
     elif d2t is not None:
         raise ValueError("lud: d2t must be None when the config's draft_vocab is 0")
-    return SpeculativeDecoder(LexicalUnitDrafter(config), "greedy"), with_draft_params(params, dparams)
+    return SpeculativeDecoder(LexicalUnitDrafter(config, tree), "greedy"), with_draft_params(params, dparams)

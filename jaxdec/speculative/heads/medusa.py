@@ -125,6 +125,16 @@ def head_logits(config: MedusaConfig, head_params, model, target_params, hidden,
 # drafter
 # --------------------------------------------------------------------------------------------------
 
+def ranked_tree_tokens(spec: TreeSpec, logits, d2t=None):
+    """Per-head scores ``[K,B,V or Vd]`` -> the static tree's tokens ``[B,N]``: node i at depth d with sibling
+    rank r takes the r-th best token of head d - 1 (``d2t``: draft ids -> target ids)."""
+    top = jax.lax.top_k(logits, max(spec.ranks) + 1)[1].astype(jnp.int32)  # [K,B,r]
+    if d2t is not None:
+        top = jnp.asarray(d2t, jnp.int32)[top]
+    depth = np.asarray(spec.depths[1:]) - 1  # head of each node
+    return top[depth, :, np.asarray(spec.ranks)].T
+
+
 @struct.dataclass
 class MedusaState:
     """hidden: [B,E] the target's final-norm hidden state whose next token is ``state.last``."""
@@ -201,12 +211,7 @@ class MedusaDrafter:
         logits = head_logits(self.config, hp, model, tp, ds.hidden, dparams.get("head_w"))  # [K,B,V or Vd]
         if self.sample:
             return self._sampled(model, dparams, state, keys, logits), ds, state.cache
-        r = max(spec.ranks) + 1
-        top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [K,B,r]
-        if self.config.draft_vocab:
-            top = jnp.asarray(dparams["d2t"], jnp.int32)[top]  # draft ids -> target ids
-        depth = np.asarray(spec.depths[1:]) - 1  # head of each node
-        toks = top[depth, :, np.asarray(spec.ranks)].T  # [B,N]
+        toks = ranked_tree_tokens(spec, logits, dparams.get("d2t") if self.config.draft_vocab else None)
         b = toks.shape[0]
         valid = jnp.ones(toks.shape, bool)
         return Draft(toks, spec.parents_array(b), valid), ds, state.cache
