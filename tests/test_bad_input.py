@@ -256,6 +256,8 @@ SWEEP = {
     "rapid_chunk_chars": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-chunk-chars", "0"),
     "rapid_augment": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-augment", "-1"),
     "rapid_alpha": lambda t: G("--method", "speculative", "--drafter", "rapid", "--rapid-alpha", "2"),
+    "lud_cut": lambda t: G("--method", "speculative", "--drafter", "lud", "--lud-cut", "1"),
+    "lud_lossy": lambda t: G("--method", "speculative", "--drafter", "medusa", "--lud-lossy"),  # lud's flag only
     # constrained decoding
     "json_schema": lambda t: G("--json-schema", os.path.join(t, "missing.json")),
     "regex": lambda t: G("--regex", "a(b"),

@@ -116,7 +116,7 @@ def test_loss_falls_over_20_steps(toy):
 
 
 def _decode(toy, heads, prompts, **kw):
-    own = ("cut", "tree")
+    own = ("cut", "tree", "lossy")
     dec, pp = L.build(toy["model"], toy["params"], heads, target=FP, **{k: v for k, v in kw.items() if k in own})
     return jaxdec.generate(toy["model"], pp, prompts, decoder=dec, max_new_tokens=MAX_NEW,
                            **{k: v for k, v in kw.items() if k not in own})
@@ -160,6 +160,33 @@ def test_tree_of_alternative_units_is_lossless_and_cut_per_depth(toy):
     assert none.tokens == greedy and none.stats["tau"] == 1.0
     with pytest.raises(ValueError, match="lud tree depth 4 exceeds the heads' max_unit 3"):
         L.build(toy["model"], toy["params"], toy["heads"], target=FP, tree=TreeSpec.from_widths((1, 1, 1, 1)))
+
+
+def test_lossy_mode_accepts_the_kept_unit_unverified(toy):
+    """lossy=True (the paper's decoding): every kept unit token is accepted whatever the target says. Fresh
+    token heads (they repeat the target's next token) at cut 0.05 keep all 3 unit tokens: verified, they give
+    exactly the greedy tokens at τ near 1; lossy, every position is accepted (τ = 1 + 3 per call up to the
+    token budget) and every row whose greedy output is not one repeated token leaves it (the control: the
+    mode really skips verification).
+    A cut that keeps nothing gives the greedy tokens at τ = 1 in lossy mode too; a tree is refused."""
+    from jaxdec.speculative.tree import TreeSpec
+    test, greedy = toy["prompts"][32:], toy["greedy"][32:]
+    lcfg = toy["res"].lud_config
+    fresh = (lcfg, L.init_params(lcfg, 1), toy["res"].d2t)
+    verified = _decode(toy, fresh, test, cut=0.05)
+    assert verified.tokens == greedy and verified.stats["tau"] < 1.3
+    lossy = _decode(toy, fresh, test, cut=0.05, lossy=True)
+    # rows whose greedy output repeats one token are left alone; every other row leaves it
+    moving = [len(set(g)) > 1 for g in greedy]
+    assert sum(moving) >= 6 and all(a != b for a, b, mv in zip(lossy.tokens, greedy, moving) if mv)
+    assert lossy.stats["acceptance_per_position"] == [1.0, 1.0, 1.0], lossy.stats
+    assert lossy.stats["tau"] > 3.0, lossy.stats["tau"]
+    none = _decode(toy, toy["heads"], test, cut=0.999999, lossy=True)
+    assert none.tokens == greedy and none.stats["tau"] == 1.0
+    with pytest.raises(ValueError, match="lossy=True accepts one unit unverified, so it needs the chain"):
+        L.build(toy["model"], toy["params"], toy["heads"], target=FP, tree=TreeSpec.from_widths((2, 1)), lossy=True)
+    with pytest.raises(ValueError, match="lud: lossy must be True or False, got 'yes'"):
+        L.build(toy["model"], toy["params"], toy["heads"], target=FP, lossy="yes")
 
 
 def test_predicted_length_cuts_the_chain():

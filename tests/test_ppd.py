@@ -6,7 +6,11 @@ prompt token, so the token two ahead is the one the context is full of): the los
 prompt tokens give a higher τ than fresh ones, with exactly the greedy tokens at batch 1 and in a ragged batch
 (chain; the dynamic tree and the first slice's own-call drafter in the slow tier); a run interrupted at a checkpoint and resumed ends bit-identical; the embeds= path is
 bit-identical to the tokens path; the ensemble mask, the training block layout and the dynamic tree are
-checked; bad input is refused with errors naming it.
+checked; bad input is refused with errors naming it. ``--loss kd`` (the paper's distillation): the same 20-step
+run's loss falls and its prompts beat fresh ones on τ (lossless); its value equals a NumPy KL(p_target || q_ppd)
+built from the inference path. Sampling (``sampling=True``): trees are refused; in the slow tier the sampled
+chain at temperature 0 is greedy, and on a tiny random Llama the tokens of 100k rows follow the target's exact
+joint (both layouts; without residual resampling they do not).
 
 Slow tier, on the default model (q weights): the shipped prompt tokens give exactly the greedy tokens on the 16
 held-out prompts of tests/test_heads_shipped.py at batch 1 and in ragged batches of 8 (DESIGN's near-tie rule),
@@ -251,6 +255,222 @@ def test_training_flags_and_bad_values_exit_2(capsys):
             config_from_args(PPDTrainConfig, argv)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --loss kd (the paper's distillation)
+@pytest.fixture(scope="module")
+def toy_kd(toy):
+    """The CE run's setup (same corpus, flags and step count) trained with ``--loss kd``."""
+    from train.ppd import train_ppd
+    cfg = dataclasses.replace(toy["cfg"], out=str(toy["dir"] / "run_kd"), loss="kd", save_every=20)
+    res, heads = train_ppd(cfg, toy["model"], toy["params"], toy["seqs"], toy["plens"], FP, target_name="toy",
+                           command="pytest", log=lambda *a: None)
+    return dict(res=res, heads=heads, cfg=cfg)
+
+
+def test_kd_loss_falls_and_trained_prompts_raise_tau(toy, toy_kd):
+    """``--loss kd``: the KL falls over the 20 steps, the held-out top-1 rates are high, the heads file records
+    the loss, and the trained prompt tokens beat fresh ones on τ with exactly the greedy tokens (ragged batch)."""
+    recs = toy_kd["res"].records
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert len(train) == 20 and [r["step"] for r in ev] == [20]
+    assert train[-1] < 0.3 * train[0], train
+    assert ev[-1]["acc0"] > 0.8 and ev[-1]["acc1"] > 0.5, ev[-1]
+    assert read_heads(toy_kd["heads"], "ppd")[1]["loss"] == "kd"
+    assert read_heads(toy["heads"], "ppd")[1]["loss"] == "ce"
+    assert tree_hash(toy_kd["res"].params) != tree_hash(toy["res"].params)  # another objective, other params
+    model, params, test, greedy = toy["model"], toy["params"], toy["prompts"][40:], toy["greedy"][40:]
+    pcfg = toy_kd["res"].ppd_config
+    taus = {}
+    for name, heads in (("untrained", (pcfg, P.init_params(pcfg, 1, 1.0))), ("kd", toy_kd["heads"])):
+        dec, pp = P.build(model, params, heads, target=FP)
+        out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW)
+        assert out.tokens == greedy, name
+        taus[name] = out.stats["tau"]
+    assert taus["untrained"] < 1.5 and taus["kd"] > taus["untrained"] + 1.0, taus
+
+
+def test_kd_loss_is_the_kl_from_the_target_distribution():
+    """The ``--loss kd`` value on a batch where every anchor is used equals a NumPy KL(p || q), with p the
+    target's softmax at t + 1 + i (a plain forward of the tokens) and q the prompts' averaged softmax from the
+    inference path (`guess_logits` over [x_t, prompts] on the cache of tokens < t), decay-weighted per prompt
+    position and masked past each row's length. A softened target (embeddings x 0.1) makes p far from
+    one-hot, so a wrong target position or a wrong direction of the KL does not pass."""
+    from train.ppd import kd_terms, make_loss
+    model, params, _ = _toy_target()
+    params = {**params, "embed": params["embed"] * 0.1}
+    cfg = P.PPDConfig(hidden=E, num_tokens=2, ensemble=2)
+    hp = P.init_params(cfg, 3, 1.0)
+    rng = np.random.default_rng(7)
+    t, decay = 10, 0.8
+    tokens = rng.integers(0, V, size=(2, t)).astype(np.int32)
+    length, plen = np.array([8, 7]), np.array([3, 2])  # 4 anchors each (<= positions: all of them are used)
+    batch = {"tokens": jnp.asarray(tokens), "length": jnp.asarray(length, jnp.int32),
+             "prompt_len": jnp.asarray(plen, jnp.int32)}
+    got = float(jax.jit(make_loss(model, cfg, 8, decay, "kd"))(hp, params, batch, jax.random.key(0))[0])
+
+    def softmax(x):
+        x = np.asarray(x, np.float64)
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    from jaxdec.cache.kv import rollback
+    pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+    out = jax.jit(lambda x: model(params, x, pos, model.init_cache(2, 32)))(batch["tokens"])  # p: plain forward
+    full = np.asarray(out.logits)
+    # q: the inference path at anchor a (= plen - 1 + j in both rows): [x_a, prompts] on the cache of tokens < a
+    guess = jax.jit(lambda a: P.guess_logits(cfg, hp, model, params, jnp.take_along_axis(
+        batch["tokens"], a[:, None], axis=1)[:, 0], rollback(out.cache, a))[:, 1:])
+    kl, shifted, reverse = [[], []], [[], []], [[], []]  # the right KL and two wrong ones (the controls)
+    for j in range(4):
+        a = plen - 1 + j
+        q = softmax(guess(jnp.asarray(a, jnp.int32)))  # [2,k,V]
+        for r in range(2):
+            for i in range(cfg.num_tokens):
+                if a[r] + 2 + i < length[r]:
+                    p = softmax(full[r, a[r] + 1 + i])
+                    kl[i].append(float(np.sum(p * (np.log(p) - np.log(q[r, i])))))
+                    reverse[i].append(float(np.sum(q[r, i] * (np.log(q[r, i]) - np.log(p)))))
+                    p2 = softmax(full[r, a[r] + 2 + i])  # one position late
+                    shifted[i].append(float(np.sum(p2 * (np.log(p2) - np.log(q[r, i])))))
+    w = decay ** np.arange(2)
+    want, bad_pos, bad_dir = (float(np.sum(w * np.array([np.mean(x) for x in v])) / w.sum())
+                              for v in (kl, shifted, reverse))
+    assert got == pytest.approx(want, rel=2e-4), (got, want)
+    for bad in (bad_pos, bad_dir):  # controls: the tolerance tells these apart
+        assert got != pytest.approx(bad, rel=1e-2), (got, bad)
+    # the helper itself, against NumPy on a small case; identical distributions give 0
+    a, b = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    pa, pb = softmax(a), softmax(b)
+    np.testing.assert_allclose(np.asarray(kd_terms(jnp.asarray(a), jnp.asarray(b))),
+                               np.sum(pa * (np.log(pa) - np.log(pb)), -1), rtol=1e-5)
+    assert np.abs(np.asarray(kd_terms(jnp.asarray(a), jnp.asarray(a)))).max() < 1e-6
+    g = jax.grad(lambda x: jnp.sum(kd_terms(x, jnp.asarray(b))))(jnp.asarray(a))
+    assert not np.asarray(g).any()  # stop_gradient on the target side
+
+
+def test_loss_flag_and_bad_values(capsys):
+    from train.harness import config_from_args
+    from train.ppd import PPDTrainConfig, make_loss
+    assert config_from_args(PPDTrainConfig, []).loss == "ce"
+    assert config_from_args(PPDTrainConfig, ["--loss", "kd"]).loss == "kd"
+    for bad in ("kl", "CE", ""):
+        with pytest.raises(SystemExit) as e:
+            config_from_args(PPDTrainConfig, ["--loss", bad])
+        assert e.value.code == 2
+        assert f"--loss must be one of ce, kd, got {bad!r}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_loss(None, P.PPDConfig(hidden=E), 8, 0.8, "mse")
+
+
+# --------------------------------------------------------------------------- sampling verification
+def test_sampling_build_refuses_trees(toy):
+    """``sampling=True`` drafts a chain in either layout: a tree or "auto" is refused, and the decoder uses the
+    sampling verifier with a sampling drafter."""
+    from jaxdec.speculative import methods as M
+    model, params, heads = toy["model"], toy["params"], toy["heads"]
+    for tree in (TreeSpec.from_widths((2, 1)), "auto"):
+        for inline in (True, False):
+            with pytest.raises(ValueError, match="sampling=True drafts a chain"):
+                P.build(model, params, heads, target=FP, tree=tree, inline=inline, sampling=True)
+    for cls in (P.PPDInlineDrafter, P.PPDDrafter):
+        with pytest.raises(ValueError, match="sample=True drafts a chain only"):
+            cls(toy["res"].ppd_config, TreeSpec.from_widths((2, 1)), sample=True)
+    with pytest.raises(TypeError, match="sampling must be a bool"):
+        P.build(model, params, heads, target=FP, sampling="yes")
+    for inline, cls in ((True, P.PPDInlineDrafter), (False, P.PPDDrafter)):
+        dec, _ = M.ppd(model, params, heads, target=FP, inline=inline, sampling=True, tree=TreeSpec.chain(2))
+        assert dec.verifier == "sampling" and dec.drafter.sample and isinstance(dec.drafter, cls)
+        dec, _ = P.build(model, params, heads, target=FP, inline=inline)
+        assert dec.verifier == "greedy" and not dec.drafter.sample
+
+
+@pytest.mark.slow  # one more decoder compile (~8 s): past this file's CI share
+def test_sampled_chain_at_temperature_0_is_greedy(toy):
+    """The sampling path (inline layout, trained prompts) with temperature-0 rows: exactly the greedy tokens
+    and τ as high as greedy verification's (the rows draw their drafts greedily)."""
+    model, params, test, greedy = toy["model"], toy["params"], toy["prompts"][40:44], toy["greedy"][40:44]
+    dec, pp = P.build(model, params, toy["heads"], target=FP, sampling=True)
+    out = jaxdec.generate(model, pp, test, decoder=dec, max_new_tokens=MAX_NEW, sampling={"temperature": 0.0})
+    assert out.tokens == greedy and out.stats["tau"] > 2.0, out.stats["tau"]
+
+
+def _sampling_target():
+    """A tiny random Llama (V = 5, 2 layers) whose next-token distributions are far from one-hot (the exact
+    joint of three tokens after (3, 1) has every bin above 5 expected draws in 100k, none above 0.11), and
+    random prompt tokens whose guesses are spread too (and differ from the target's)."""
+    from jaxdec.models.config import LlamaConfig
+    from jaxdec.models.llama import LlamaModel
+    tv, e = 5, 8
+    model = LlamaModel(LlamaConfig(vocab_size=tv, hidden_size=e, intermediate_size=8, num_layers=2, num_heads=2,
+                                   num_kv_heads=1, head_dim=4, rope_theta=10000.0, eos_ids=(), max_position=64))
+    rng = np.random.default_rng(2)
+    n = lambda *s: jnp.asarray(rng.normal(0, 1.0, s) / np.sqrt(s[-1]), jnp.float32)  # noqa: E731
+    params = {"embed": n(tv, e), "final_norm": jnp.ones((e,)),
+              "layers": {"attn_norm": jnp.ones((2, e)), "wq": n(2, 8, e), "wk": n(2, 4, e), "wv": n(2, 4, e),
+                         "wo": n(2, e, 8), "mlp_norm": jnp.ones((2, e)), "w_gate": n(2, 8, e), "w_up": n(2, 8, e),
+                         "w_down": n(2, e, 8)}}
+    cfg = P.PPDConfig(hidden=e, num_tokens=2, ensemble=2)
+    return model, params, cfg, {"prompt": n(2, 2, e)}
+
+
+def _exact_joint(model, params, prompt, m: int):
+    """The target's exact joint distribution of its first ``m`` sampled tokens after ``prompt`` ``[V]*m``
+    (every continuation enumerated in one call)."""
+    tv, lp = model.vocab_size, len(prompt)
+    cont = np.stack(np.meshgrid(*[np.arange(tv)] * m, indexing="ij"), -1).reshape(-1, m).astype(np.int32)
+    seq = jnp.asarray(np.concatenate([np.tile([prompt], (len(cont), 1)), cont], 1))
+    pos = jnp.broadcast_to(jnp.arange(lp + m), seq.shape)
+    lg = model(params, seq, pos, model.init_cache(len(cont), lp + m)).logits
+    pr = np.asarray(jax.nn.softmax(lg.astype(jnp.float32), -1), np.float64)  # [V^m, lp+m, V]
+    joint = np.prod([pr[np.arange(len(cont)), lp - 1 + i, cont[:, i]] for i in range(m)], axis=0).reshape((tv,) * m)
+    assert abs(joint.sum() - 1) < 1e-5
+    return joint / joint.sum()
+
+
+@pytest.mark.slow  # 100k rows through two compiled decoders per layout: past this file's CI share
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "own-call"])
+def test_sampling_verification_follows_the_target_distribution(inline):
+    """PPD's sampled chain verified by speculative sampling on a tiny random Llama (V = 5), 100k rows of 5
+    tokens: the joints of tokens 0-2 (the first step's drafts: the init call's guesses) and of tokens 2-4
+    (later steps: inline, the prompts that rode in the previous verify call) are the target's exact ones
+    (pooled chi-square, α = 1e-4 each), and drafts were accepted (τ > 1.05); the same decoder without residual
+    resampling is rejected (negative control)."""
+    from stat_checks import pooled_chisquare_p
+    from jaxdec.core import loop
+    from jaxdec.core.processors import SamplingParams
+    from jaxdec.core.state import DecodeInputs
+    from jaxdec.speculative import SpeculativeDecoder
+    model, params, cfg, hp = _sampling_target()
+    rows, m, tv, prompt = 100_000, 5, model.vocab_size, [3, 1]
+    joint = _exact_joint(model, params, prompt, m)
+    first, later = joint.sum(axis=(3, 4)), joint.sum(axis=(0, 1))
+    assert first.min() * rows > 5 and later.min() * rows > 5 and max(first.max(), later.max()) < 0.2  # spread
+    dec0, dp = P.build(model, params, (cfg, hp), inline=inline, sampling=True)
+    assert dec0.verifier == "sampling" and dec0.drafter.sample
+
+    def run(residual, seed):
+        dec = SpeculativeDecoder(dec0.drafter, "sampling", residual=residual)
+        prompts = jnp.asarray(np.repeat(np.array([prompt], np.int32), rows, 0))
+        keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(seed), rows)).astype(jnp.uint32)
+        inputs = DecodeInputs(max_new=jnp.full((rows,), m, jnp.int32), min_new=jnp.zeros((rows,), jnp.int32),
+                              keys=keys, stop_ids=jnp.zeros((0,), jnp.int32),
+                              out_buffer=jnp.zeros((rows, m + 1), jnp.int32),
+                              sampling=SamplingParams.create(rows, temperature=1.0))
+        st = loop.run_jit(dec, model, dp, prompts, jnp.full((rows,), len(prompt), jnp.int32), inputs,
+                          len(prompt) + m + 1 + dec.cache_headroom + 1)
+        t = np.asarray(st.tokens)[:, :m]
+        count = lambda c: np.bincount((c[:, 0] * tv + c[:, 1]) * tv + c[:, 2], minlength=tv ** 3)  # noqa: E731
+        return count(t[:, :3]), count(t[:, 2:]), dec.summarize(st)
+
+    good_first, good_later, stats = run(True, 81)
+    assert pooled_chisquare_p(good_first, first) > 1e-4
+    assert pooled_chisquare_p(good_later, later) > 1e-4
+    assert stats["tau"] > 1.05, stats
+    bad_first, bad_later, _ = run(False, 82)
+    assert pooled_chisquare_p(bad_first, first) < 1e-4
+    assert pooled_chisquare_p(bad_later, later) < 1e-4
 
 
 # --------------------------------------------------------------------------- default model (slow)

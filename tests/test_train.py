@@ -330,8 +330,8 @@ def test_cli_medusa_heads_errors_before_the_model_loads(toy, cli_no_load, capsys
         _cli_error(cli, capsys, ["--drafter", "eagle"])
     assert "no lexical-unit heads are shipped for --model 'smollm2-135m'; pass --heads PATH (a file written by " \
         "python -m train.lexical_units)" in _cli_error(cli, capsys, ["--drafter", "lud"])
-    assert "--spec-sampling: --drafter ppd is verified greedily only" in \
-        _cli_error(cli, capsys, ["--drafter", "ppd", "--spec-sampling"])
+    assert "--spec-sampling: --drafter lud is verified greedily only" in \
+        _cli_error(cli, capsys, ["--drafter", "lud", "--spec-sampling"])
     assert "another target model or vocabulary" in \
         _cli_error(cli, capsys, ["--drafter", "medusa", "--heads", toy["heads"]])  # trained for the toy
     assert "holds 'medusa' heads, expected 'eagle'" in \

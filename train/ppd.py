@@ -6,8 +6,11 @@ whole sequences plus, for ``--positions`` anchors ``t`` per row (from the last p
 prompt tokens appended to the block: prompt ``(i, j)`` at position ``t + 1 + i`` sees the tokens up to ``t``
 and the earlier prompts of its ensemble stream ``j`` (the paper's ensemble attention, `ensemble_mask`'s
 pattern repeated per anchor); the ``e`` outputs' logits are averaged and trained with cross-entropy against
-the target's greedy token at ``t + 2 + i`` (the corpus is the target's greedy continuations; the paper distils
-the target's distribution instead), weighted ``decay**i``. The final evaluation measures, per depth and rank,
+the target's greedy token at ``t + 2 + i`` (``--loss ce``, the default; the corpus is the target's greedy
+continuations) or, ``--loss kd`` (the paper's distillation), with ``KL(p || q)`` where ``p`` is the target's own
+next-token distribution at position ``t + 1 + i`` (the one that predicts ``t + 2 + i``; its logits come from the
+same forward pass, which the prompts never enter, under stop_gradient) and ``q`` the prompts' averaged one;
+either is weighted ``decay**i`` over the same anchors. The final evaluation measures, per depth and rank,
 how often the rank-r guess is the label (``rank_probs``, stored in the heads file for the dynamic tree).
 
 Writes ``<out>/heads.safetensors`` (kind "ppd") like train/medusa.py; ``--export PATH`` copies it.
@@ -24,6 +27,7 @@ from train.harness import ArrayData, ConfigError, TrainConfig, check_target_run_
 from train.medusa import run_head_script, save_finished_heads, sequences_to_arrays, split_heldout
 
 RANKS = 4  # ranks measured per depth for the dynamic tree
+LOSSES = ("ce", "kd")  # --loss: cross-entropy on the corpus' token, or KL from the target's distribution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,7 @@ class PPDTrainConfig(TrainConfig):
     steps: int = 150
     batch_size: int = 4
     lr: float = 1e-2
+    loss: str = "ce"  # one of LOSSES
     export: str = ""
 
     def validate(self) -> None:
@@ -48,6 +53,8 @@ class PPDTrainConfig(TrainConfig):
         check_target_run_flags(self, ints=("num_tokens", "ensemble", "positions", "seq_len"))
         if self.seq_len < 4:
             raise ConfigError(f"--seq-len must be >= 4, got {self.seq_len}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 def anchor_block(config, idx, t: int):
@@ -73,10 +80,22 @@ def anchor_block(config, idx, t: int):
     return pos, mask
 
 
-def make_loss(model, config, positions: int, decay: float):
+def kd_terms(target_logits, logits):
+    """``KL(softmax(target_logits) || softmax(logits))`` over the last axis (float32; no gradient reaches
+    ``target_logits``)."""
+    lp = jax.nn.log_softmax(jax.lax.stop_gradient(target_logits).astype(jnp.float32), axis=-1)
+    lq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+def make_loss(model, config, positions: int, decay: float, loss: str = "ce"):
     """``loss_fn(prompt_params, target_params, batch, key) -> (loss, aux)`` for `train.harness.fit`; aux has
-    ``acc{i}`` (top-1 per prompt position) and ``r{i}_{r}`` (the rank-r guess is the label)."""
+    ``acc{i}`` (top-1 per prompt position) and ``r{i}_{r}`` (the rank-r guess is the label). loss: "ce"
+    (the corpus' token at ``t + 2 + i``) or "kd" (`kd_terms` against the target's logits at ``t + 1 + i``)."""
     from jaxdec.speculative.heads.ppd import average_ensemble, target_embed
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    kd = loss == "kd"
     k, n = config.num_tokens, config.num_prompt
     tm = model.with_attention("reference") if hasattr(model, "with_attention") else model  # differentiable
     weights = jnp.asarray([decay ** i for i in range(k)], jnp.float32)
@@ -96,15 +115,21 @@ def make_loss(model, config, positions: int, decay: float):
                              jnp.broadcast_to(hp["prompt"].reshape(1, 1, n, -1), (b, p, n, config.hidden))
                              .reshape(b, p * n, config.hidden)], axis=1)
         at = jnp.broadcast_to(t + jnp.arange(p * n, dtype=jnp.int32), (b, p * n))
-        out = tm(tp, None, pos, tm.init_cache(b, t + p * n), mask=mask, embeds=x, logits_at=at)
-        logits = average_ensemble(config, out.logits.reshape(b, p, n, -1))  # [B,P,k,V]
         lab_pos = idx[:, :, None] + 2 + jnp.arange(k)[None, None]  # [B,P,k]
+        if kd:  # also the target's own logits at t + 1 + i (tokens never see the prompts: the plain target's)
+            at = jnp.concatenate([at, jnp.clip(lab_pos - 1, 0, t - 1).reshape(b, p * k).astype(jnp.int32)], axis=1)
+        out = tm(tp, None, pos, tm.init_cache(b, t + p * n), mask=mask, embeds=x, logits_at=at)
+        logits = average_ensemble(config, out.logits[:, :p * n].reshape(b, p, n, -1))  # [B,P,k,V]
         lab = jnp.take_along_axis(tokens, jnp.clip(lab_pos, 0, t - 1).reshape(b, -1), axis=1).reshape(lab_pos.shape)
         m = (sel[:, :, None] & (lab_pos < length[:, None, None])).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        ll = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
         cnt = jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)  # [k]
-        ce = jnp.sum((lse - ll) * m, axis=(0, 1)) / cnt
+        if kd:
+            per = kd_terms(out.logits[:, p * n:].reshape(b, p, k, -1), logits)  # [B,P,k]
+        else:
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            ll = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
+            per = lse - ll
+        ce = jnp.sum(per * m, axis=(0, 1)) / cnt
         loss = jnp.sum(weights * ce) / jnp.sum(weights)
         top = jax.lax.top_k(logits, RANKS)[1]  # [B,P,k,R]
         hit = (top == lab[..., None]).astype(jnp.float32) * m[..., None]
@@ -139,13 +164,14 @@ def train_ppd(cfg: PPDTrainConfig, model, target_params, seqs, prompt_lens, fing
     tr, ho = split_heldout(len(seqs), cfg.eval_fraction)
     train = ArrayData({k: v[tr] for k, v in arrays.items()})
     held = ArrayData({k: v[ho] for k, v in arrays.items()})
-    meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": pcfg.to_dict()}
+    meta = {"fingerprint": fingerprint, "kind": KIND, "heads_config": pcfg.to_dict(), "loss": cfg.loss}
     scale = float(np.std(np.asarray(emb, np.float32)))
-    res = fit(cfg, init_params(pcfg, cfg.seed, scale), make_loss(model, pcfg, cfg.positions, cfg.decay), train,
-              frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
+    res = fit(cfg, init_params(pcfg, cfg.seed, scale), make_loss(model, pcfg, cfg.positions, cfg.decay, cfg.loss),
+              train, frozen=target_params, eval_data=held, meta=meta, stop_after=stop_after, log=log)
     probs = rank_probs_from_eval(res.final_eval or {}, pcfg.num_tokens)
     path = save_finished_heads(res, cfg, KIND, jax.device_get(res.params), pcfg.to_dict(), fingerprint, target_name,
-                               command, int(len(tr)), int(np.sum(arrays["length"][tr])), log, rank_probs=probs)
+                               command, int(len(tr)), int(np.sum(arrays["length"][tr])), log, rank_probs=probs,
+                               loss=cfg.loss)
     res.ppd_config = pcfg
     res.rank_probs = probs
     return res, path

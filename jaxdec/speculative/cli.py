@@ -32,6 +32,9 @@ question, then the question; the target verifies with the whole prompt (exactly 
 the target distribution with ``--spec-sampling``). ``--rapid-augment BETA`` verifies against RAPID's
 retrieval-augmented target instead (LOSSY: not the greedy tokens; greedy verification only), with
 ``--rapid-alpha``. The shipped long prompts: jaxdec/data/prompts/rapid_heldout.jsonl.
+``lud`` takes ``--lud-cut P`` (keep unit token j while P(unit length >= j) >= P) and ``--lud-lossy``: the
+paper's unverified acceptance of the kept unit (LOSSY: not the greedy tokens; the stats say ``lossless:
+false``).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ HEAD_LABELS = {"medusa": "Medusa heads", "eagle": "EAGLE heads", "clover": "Clov
                "s2d": "S2D draft models", "hidden-transfer": "hidden-transfer heads",
                "ppd": "PPD prompt tokens", "lud": "lexical-unit heads", "longspec": "LongSpec draft heads"}
 # trained drafters verified greedily only (no draft distribution for speculative sampling yet)
-GREEDY_ONLY = ("ppd", "lud", "longspec")
+GREEDY_ONLY = ("lud", "longspec")
 
 
 def _no_heads_message(args) -> str:
@@ -93,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="size the verify call to what the drafter proposed: 'auto' (powers of two, then the full "
                         "block), 'off', or ascending block lengths (the full block is added); default auto with "
                         "--stop-head, else off")
+    g.add_argument("--lud-cut", type=float, default=None,
+                   help="lud: keep unit token j while P(unit length >= j) >= this, in (0, 1) (default: the heads' cut)")
+    g.add_argument("--lud-lossy", action="store_true",
+                   help="lud: accept the kept unit unverified, the paper's decoding (LOSSY: not the greedy tokens)")
     g.add_argument("--rapid-chunks", type=int, default=4,
                    help="rapid: chunks of the prompt (before its question paragraph) the draft reads, best by BM25")
     g.add_argument("--rapid-chunk-chars", type=int, default=800, help="rapid: characters per chunk (cut at line ends)")
@@ -113,12 +120,13 @@ DRAFTER_FLAGS = {
     "pearl": ("draft_tokens", "draft_model", "draft_layers"),
     "medusa": ("heads",), "eagle": ("heads", "stop_head", "stop_threshold"), "clover": ("heads", "stop_head", "stop_threshold"),
     "s2d": ("heads", "draft_tokens", "draft_depth"),
-    "hidden-transfer": ("heads",), "ppd": ("heads",), "lud": ("heads",), "longspec": ("heads", "draft_tokens"),
+    "hidden-transfer": ("heads",), "ppd": ("heads",), "lud": ("heads", "lud_cut", "lud_lossy"), "longspec": ("heads", "draft_tokens"),
     "rapid": ("draft_tokens", "rapid_chunks", "rapid_chunk_chars", "rapid_augment", "rapid_alpha"),
 }
 _DEFAULTS = {"draft_tokens": None, "max_ngram": 3, "copy_from": "context", "tree_size": None, "spec_config": None,
              "skip_layers": None, "exit_layer": None, "draft_model": None, "draft_layers": None,
-             "heads": None, "draft_depth": None, "stop_head": None, "stop_threshold": None, "rapid_chunks": 4, "rapid_chunk_chars": 800, "rapid_augment": None, "rapid_alpha": 0.1}
+             "heads": None, "draft_depth": None, "stop_head": None, "stop_threshold": None, "rapid_chunks": 4, "rapid_chunk_chars": 800, "rapid_augment": None, "rapid_alpha": 0.1,
+             "lud_cut": None, "lud_lossy": False}
 
 
 def validate_args(args):
@@ -138,6 +146,7 @@ def validate_args(args):
     check_float(args, "rapid_augment", lambda v: v >= 0, "a finite number >= 0",
                 allow_none=True)
     check_float(args, "rapid_alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check_float(args, "lud_cut", lambda v: 0 < v < 1, "in (0, 1)", allow_none=True)
     check_float(args, "stop_threshold", lambda v: 0 < v < 1, "in (0, 1)", allow_none=True)
     if args.stop_head not in (None, "shipped") and not os.path.isfile(args.stop_head):
         raise BadInput(f"--stop-head: no such file {args.stop_head!r}")
@@ -395,6 +404,8 @@ def _build(args, model, params, model_path=None):
             if d == "s2d":
                 return M.draft_lm(model, params, heads, target=model_path, depth=args.draft_depth,
                                   num_tokens=k or 4, sampling=sampling)
+            if d == "lud":
+                return M.lud(model, params, heads, target=model_path, cut=args.lud_cut, lossy=args.lud_lossy)
             if d == "longspec":
                 return M.longspec(model, params, heads, target=model_path, num_tokens=k)
             if d in GREEDY_ONLY:
@@ -449,6 +460,8 @@ def _handler(args, loaded, prompt_ids, progress):
     if args.drafter == "rapid":
         g, extra = _rapid(args, loaded, prompt_ids, rows, bs, sampling, cons)
     else:
+        if args.drafter == "lud":
+            extra = {"lossless": not args.lud_lossy}
         decoder, params = build(args, loaded.model, loaded.params, loaded.path)
         if cons is not None:
             from jaxdec.constrained.cli import speculative_decoder

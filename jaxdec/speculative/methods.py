@@ -271,25 +271,28 @@ def hidden_transfer(model, params, heads, target=None, sampling: bool = False, t
     return build(model, params, heads, target=target, tree=tree, sampling=sampling)
 
 
-def ppd(model, params, heads, target=None, inline: bool = True, tree=None):
+def ppd(model, params, heads, target=None, inline: bool = True, tree=None, sampling: bool = False):
     """-> (decoder, params). PPD's trained prompt tokens (`jaxdec.speculative.heads.ppd`): a file written by
     ``train/ppd.py`` (checked against the target like `medusa`) or a ``(PPDConfig, params)`` pair. inline
     (the paper's layout): the prompt tokens ride in the verify call (the engine's ``extra_inputs`` hook);
     False: a separate draft call per step. tree: None (the chain of the guesses), a `TreeSpec` (node at
     depth d, rank r: depth d's r-th best guess) or "auto" (the hardware-aware tree from the measured cost
-    curve). Greedy verification."""
+    curve). Greedy verification; sampling: a chain (tree None or a chain) drawn from the guesses'
+    distributions, verified by speculative sampling (lossless for sampling), in either layout."""
     from jaxdec.speculative.heads.ppd import build
-    return build(model, params, heads, target=target, inline=inline, tree=tree)
+    return build(model, params, heads, target=target, inline=inline, tree=tree, sampling=sampling)
 
 
-def lud(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None):
+def lud(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None,
+        lossy: bool = False):
     """-> (decoder, params). Lexical-unit drafting (`jaxdec.speculative.heads.lexical_units`): a head
     proposing the next confident multi-token unit, cut where it predicts the unit ends; a file written by
     ``train/lexical_units.py`` (checked against the target like `medusa`) or an in-memory triple. tree: a
     static `TreeSpec` of alternative units (node at depth d, rank r: token head d - 1's r-th best token; the
-    same cut per depth); None: the chain. Greedy verification (lossless)."""
+    same cut per depth); None: the chain. Greedy verification (lossless), unless ``lossy=True``: the paper's
+    unverified acceptance of the kept unit (chain only; NOT the greedy output)."""
     from jaxdec.speculative.heads.lexical_units import build
-    return build(model, params, heads, target=target, cut=cut, tree=tree)
+    return build(model, params, heads, target=target, cut=cut, tree=tree, lossy=lossy)
 
 
 def longspec(model, params, heads, target=None, num_tokens: Optional[int] = None):

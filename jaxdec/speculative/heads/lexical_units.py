@@ -23,6 +23,11 @@ Our adaptation (the target stays frozen; decoding stays lossless):
   takes head d - 1's r-th best token, so the tree holds several candidate units sharing prefixes, and the
   same unit-end cut applies per depth (nodes deeper than the predicted unit are invalid). This extension is
   ours (the paper decodes one unit); the chain is the default.
+* ``lossy=True``: the paper's unverified acceptance. Every drafted unit token is accepted as it is (the
+  drafter's `target_logits` hook makes each kept unit token the verifier's choice at its parent), and the
+  target's own token follows the unit. Tokens per model call = 1 + the kept unit length, whatever the target
+  would have said: NOT the greedy output (named lossy everywhere). The verify call still runs over the unit,
+  as the paper's next step does, to write its keys and values and give the next hidden state.
 
 Params: ``{"w": [K,L,E,E], "b": [K,L,E], "len_w": [E,K+1], "len_b": [K+1]}`` (K = ``max_unit``); the
 drafter's params are ``{"heads": those, "target": target params}`` plus ``"d2t"``/``"head_w"`` with a draft
@@ -147,6 +152,7 @@ class LexicalUnitDrafter:
 
     config: LUDConfig
     tree: Optional[TreeSpec] = None
+    lossy: bool = False  # accept the kept unit tokens unverified (the paper's decoding; not lossless)
 
     own_params = True
     draft_calls_per_step = 0  # the head is not a model call (its cost shows in wall time)
@@ -160,6 +166,8 @@ class LexicalUnitDrafter:
             if self.tree.max_depth > self.config.max_unit:
                 raise ValueError(f"lud tree depth {self.tree.max_depth} exceeds the heads' max_unit "
                                  f"{self.config.max_unit} (node depth d uses token head d)")
+        if self.lossy and not self.is_chain:
+            raise ValueError("lud: lossy=True accepts one unit unverified, so it needs the chain (tree=None)")
 
     @property
     def spec(self) -> TreeSpec:
@@ -197,6 +205,21 @@ class LexicalUnitDrafter:
         valid = depth[None, :] <= m[:, None]
         return Draft(toks, spec.parents_array(toks.shape[0]), valid), ds, state.cache
 
+    def target_logits(self, logits, draft, dstate):
+        """Lossless: the target's logits. lossy: at block index i (the parent of chain node i) every kept
+        unit token ``draft.tokens[:, i]`` is raised above the row's largest logit, so greedy verification
+        takes the whole kept unit; the bonus after it is the target's own choice."""
+        if not self.lossy:
+            return logits
+        b = draft.tokens.shape[0]
+        n = min(draft.tokens.shape[1], logits.shape[1])  # a verify bucket may hold fewer positions (no kept node past it)
+        x = logits.astype(jnp.float32)
+        at = x[:, :n]  # [B,n,V]: block positions 0 .. n-1, the parents of chain nodes 0 .. n-1
+        top = jnp.max(at, axis=-1)  # [B,n]
+        forced = at.at[jnp.arange(b)[:, None], jnp.arange(n)[None, :], draft.tokens[:, :n]].set(top + 1e4)
+        at = jnp.where(draft.valid[:, :n, None], forced, at)
+        return jnp.concatenate([at, x[:, n:]], axis=1).astype(logits.dtype)
+
     def update(self, model, dparams, state, dstate, info):
         node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)  # [B,1] block index of the last accepted
         h = jnp.take_along_axis(info.hidden, node[:, :, None], axis=1)[:, 0].astype(jnp.float32)
@@ -228,14 +251,16 @@ def load_lud(path: str, fingerprint: Optional[str]):
     return config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, meta, d2t
 
 
-def build(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None):
+def build(model, params, heads, target=None, cut: Optional[float] = None, tree: Optional[TreeSpec] = None,
+          lossy: bool = False):
     """-> (decoder, params): lexical-unit drafting for the target, greedy verification (lossless).
 
     heads: a heads file written by ``train/lexical_units.py`` (checked against the target: `HeadsMismatch`
     when it was trained for another one) or an in-memory ``(LUDConfig, head params, d2t or None)`` triple
     (no check). target: the target's model file or folder (``m.path``), or a fingerprint string; None: the
     params are fingerprinted (`params_fingerprint`). cut: the unit-end probability (None: the config's).
-    tree: a static `TreeSpec` of alternative units (None: the chain of the heads' top-1 tokens)."""
+    tree: a static `TreeSpec` of alternative units (None: the chain of the heads' top-1 tokens). lossy: the
+    paper's unverified acceptance of the kept unit (chain only; NOT the greedy output)."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
     from jaxdec.speculative.heads.artefact import expected_fingerprint
     from jaxdec.speculative.heads.medusa import draft_head
@@ -250,6 +275,8 @@ def build(model, params, heads, target=None, cut: Optional[float] = None, tree: 
                         f"{type(heads).__name__}")
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or not 0.0 < cut < 1.0):
         raise ValueError(f"lud: cut must be a number in (0, 1), got {cut!r}")
+    if not isinstance(lossy, (bool, np.bool_)):
+        raise ValueError(f"lud: lossy must be True or False, got {lossy!r}")
     dparams = {"heads": hp, "target": params, "cut": jnp.float32(config.cut if cut is None else cut)}
     if config.draft_vocab:
         d2t = None if d2t is None else np.asarray(d2t)
@@ -260,4 +287,4 @@ def build(model, params, heads, target=None, cut: Optional[float] = None, tree: 
         dparams["head_w"] = draft_head(model, params, d2t)
     elif d2t is not None:
         raise ValueError("lud: d2t must be None when the config's draft_vocab is 0")
-    return SpeculativeDecoder(LexicalUnitDrafter(config, tree), "greedy"), with_draft_params(params, dparams)
+    return SpeculativeDecoder(LexicalUnitDrafter(config, tree, bool(lossy)), "greedy"), with_draft_params(params, dparams)

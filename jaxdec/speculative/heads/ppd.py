@@ -24,12 +24,18 @@ token (depth 1 of the draft, always accepted), the prompt tokens' averaged outpu
 accepted node become the next step's guesses), which saves that extra call; the trained embeddings are the
 same for both (prompt ``i`` sits ``i + 1`` after the last visible token and guesses the one after it).
 Greedy verification gives exactly the greedy tokens whatever the prompt embeddings are.
+
+Sampling (``build(..., sampling=True)``, either layout, a chain only): depth d's token is drawn from guess d's
+distribution after the row's sampling processors (`jaxdec.speculative.drafters.draft_distribution`) and the
+draft carries those ``q``, so the engine's speculative-sampling verifier (residual resampling) is lossless for
+sampling. The guesses depend on the committed tokens only (the inline layout's prompts at the accepted node see
+its ancestors and itself, never the bonus token drawn after it), so drawing from them is a valid proposal.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +139,29 @@ def target_embed(model, target_params, ids):
     return fn(target_params, ids).astype(jnp.float32)
 
 
+def _sampled_chain(spec: TreeSpec, logits, state, keys) -> Draft:
+    """A chain whose node ``i`` (depth ``i + 1``) is drawn from guess ``i``'s processed distribution:
+    ``logits [B, >= N, V]``, ``keys [B]`` the rows' draft keys -> Draft with ``q [B,N,V]``."""
+    from jaxdec.speculative.drafters import _draw_rows, draft_distribution
+    n = spec.num_nodes
+    b = logits.shape[0]
+    ks = jax.vmap(lambda kk: jax.random.split(kk, n))(keys)  # [B,N]
+    toks, qs = [], []
+    for i in range(n):
+        _, q = draft_distribution(logits[:, i], state, True)
+        toks.append(_draw_rows(ks[:, i], q))
+        qs.append(q)
+    toks = jnp.stack(toks, axis=1)
+    return Draft(toks, spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1))
+
+
+def _check_sample(who: str, sample, is_chain: bool) -> None:
+    if not isinstance(sample, (bool, np.bool_)):
+        raise TypeError(f"{who}.sample must be a bool, got {type(sample).__name__}")
+    if sample and not is_chain:
+        raise ValueError(f"{who}: sample=True drafts a chain only (tree=None or a chain)")
+
+
 def guess_logits(config: PPDConfig, hp, model, target_params, last, cache):
     """One target call over ``[last, prompt tokens]`` on ``cache`` (its writes discarded) -> logits
     ``[B, k+1, V]``: the target's own next token's, then each prompt position's ensemble average."""
@@ -220,6 +249,7 @@ class PPDDrafter:
 
     config: PPDConfig
     tree: Optional[TreeSpec] = None
+    sample: bool = False  # draw the chain's tokens from the guesses' distributions (sampling verifier)
 
     own_params = True
     draft_calls_per_step = 1  # the drafter's own target call over [x_t, prompt tokens]
@@ -233,6 +263,7 @@ class PPDDrafter:
             if self.tree.max_depth > self.config.depths:
                 raise ValueError(f"ppd tree depth {self.tree.max_depth} exceeds the {self.config.depths} guesses "
                                  f"(num_tokens + 1)")
+        _check_sample("PPDDrafter", self.sample, self.is_chain)
 
     @property
     def spec(self) -> TreeSpec:
@@ -259,6 +290,8 @@ class PPDDrafter:
         hp, tp = self._split(dparams)
         spec = self.spec
         logits = guess_logits(self.config, {"prompt": hp}, model, tp, state.last, state.cache)  # [B,k+1,V]
+        if self.sample:
+            return _sampled_chain(spec, logits, state, keys), state.method.draft, state.cache
         r = max(spec.ranks) + 1
         top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [B,k+1,r]
         depth = np.asarray(spec.depths[1:]) - 1
@@ -272,9 +305,11 @@ class PPDDrafter:
 
 @struct.dataclass
 class PPDState:
-    """guess: [B, k, R] the top-R token ids guessed for depths 1 .. k after ``state.last``."""
+    """guess: [B, k, R] the top-R token ids guessed for depths 1 .. k after ``state.last`` (greedy);
+    logits: [B, k, V] float32 the guesses' ensemble-averaged logits (``sample=True``; guess is then None)."""
 
-    guess: jax.Array
+    guess: Any = None
+    logits: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +322,7 @@ class PPDInlineDrafter:
 
     config: PPDConfig
     tree: Optional[TreeSpec] = None
+    sample: bool = False  # draw the chain's tokens from the guesses' distributions (sampling verifier)
 
     own_params = True
     draft_calls_per_step = 0  # the prompt tokens ride in the verify call
@@ -300,6 +336,7 @@ class PPDInlineDrafter:
             if self.tree.max_depth > self.config.num_tokens:
                 raise ValueError(f"ppd tree depth {self.tree.max_depth} exceeds the {self.config.num_tokens} prompt "
                                  f"positions (inline: num_tokens)")
+        _check_sample("PPDInlineDrafter", self.sample, self.is_chain)
 
     @property
     def spec(self) -> TreeSpec:
@@ -325,11 +362,15 @@ class PPDInlineDrafter:
             raise ValueError(f"ppd prompt embeddings have size {hp.shape[-1]}, the config says {self.config.hidden}")
         # the first step's guesses: one call over [first token, prompts] on the prompt's cache (writes discarded)
         lg = guess_logits(self.config, {"prompt": hp}, model, tp, state.last, state.cache)[:, :self.config.num_tokens]
+        if self.sample:
+            return PPDState(logits=lg)
         return PPDState(guess=jax.lax.top_k(lg, self._ranks())[1].astype(jnp.int32))
 
     def propose(self, model, dparams, state, keys):
         spec = self.spec
         ds = state.method.draft
+        if self.sample:
+            return _sampled_chain(spec, ds.logits, state, keys), ds, state.cache
         depth = np.asarray(spec.depths[1:]) - 1
         toks = ds.guess[:, depth, np.asarray(spec.ranks)]  # [B,N]
         b = toks.shape[0]
@@ -355,8 +396,10 @@ class PPDInlineDrafter:
         node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)[:, 0]  # [B] the accepted node
         lg = info.extra_logits.reshape(b, t, n, -1)
         lg = jnp.take_along_axis(lg, node[:, None, None, None], axis=1)[:, 0]  # [B,n,V]
-        guess = jax.lax.top_k(average_ensemble(c, lg), self._ranks())[1].astype(jnp.int32)
         keep = info.live & (info.cnt > 0)
+        if self.sample:
+            return dstate.replace(logits=jnp.where(keep[:, None, None], average_ensemble(c, lg), dstate.logits))
+        guess = jax.lax.top_k(average_ensemble(c, lg), self._ranks())[1].astype(jnp.int32)
         return dstate.replace(guess=jnp.where(keep[:, None, None], guess, dstate.guess))
 
 
@@ -377,8 +420,10 @@ def load_ppd(path: str, fingerprint: Optional[str]):
     return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), meta
 
 
-def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=None, inline: bool = True):
-    """-> (decoder, params): PPD prompt tokens drafting for the target, greedy verification.
+def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=None, inline: bool = True,
+          sampling: bool = False):
+    """-> (decoder, params): PPD prompt tokens drafting for the target, greedy verification (``sampling=True``:
+    a chain drawn from the guesses' processed distributions, verified by lossless speculative sampling).
 
     heads: a heads file written by ``train/ppd.py`` (checked against the target: `HeadsMismatch` when it was
     trained for another one) or an in-memory ``(PPDConfig, params)`` pair (no check).
@@ -389,10 +434,17 @@ def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=N
     ``rank_probs`` (per depth, per rank acceptance; default: the heads file's held-out measurement).
     inline: True (the paper's method, `PPDInlineDrafter`: the prompt tokens ride in the verify call through the
     engine's ``extra_inputs`` hook; needs a model with ``embed`` and deferred cache writes) or False (the
-    first slice, `PPDDrafter`: an extra target call per step, whose output at the last token is depth 1)."""
+    first slice, `PPDDrafter`: an extra target call per step, whose output at the last token is depth 1).
+    sampling: tree must be None or a chain (not "auto": the dynamic tree is a tree); either layout."""
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
     from jaxdec.speculative.heads.artefact import expected_fingerprint
     meta = {}
+    if not isinstance(sampling, (bool, np.bool_)):
+        raise TypeError(f"sampling must be a bool, got {type(sampling).__name__}")
+    if sampling and isinstance(tree, str):
+        raise ValueError(f"sampling=True drafts a chain: pass tree=None (or a chain TreeSpec), not {tree!r}")
+    if sampling and isinstance(tree, TreeSpec) and tree.parents != tuple(range(tree.num_nodes)):
+        raise ValueError("sampling=True drafts a chain: pass tree=None (or a chain TreeSpec)")
     if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], PPDConfig):
         config, hp = heads
         check_params(config, hp)
@@ -420,5 +472,7 @@ def build(model, params, heads, target=None, tree=None, curve=None, rank_probs=N
     elif tree is not None and not isinstance(tree, TreeSpec):
         raise TypeError(f"tree must be None, a TreeSpec or 'auto', got {type(tree).__name__}")
     dparams = {"prompt": jnp.asarray(hp["prompt"], jnp.float32), "target": params}
-    drafter = PPDInlineDrafter(config, tree) if inline else PPDDrafter(config, tree)
-    return SpeculativeDecoder(drafter), with_draft_params(params, dparams)
+    sampling = bool(sampling)
+    drafter = PPDInlineDrafter(config, tree, sampling) if inline else PPDDrafter(config, tree, sampling)
+    return (SpeculativeDecoder(drafter, "sampling" if sampling else "greedy"),
+            with_draft_params(params, dparams))
