@@ -244,7 +244,9 @@ def test_shipped_clover_lossless_batch1_and_ragged_batch8(target):  # noqa: F811
 @pytest.mark.slow
 def test_shipped_clover_beats_untrained_and_medusa(target):  # noqa: F811
     """τ on the held-out prompts and the should-help prompts: above the same decoder with fresh heads (the
-    control) by a margin, and above the shipped Medusa heads (the paper's direction)."""
+    control) by a margin, and above the shipped Medusa heads (the paper's direction); above 1.3 on the
+    should-help prompts (issue 16) with the chain of 4, the only draft configuration Clover's heads have
+    (experiments/results/heads_tau_configs.md: 1.28 held-out, 1.34 should-help)."""
     from test_speculative import heldout_prompt_ids
     from jaxdec.speculative import methods as M
     from jaxdec.speculative.heads import shipped_heads
@@ -266,3 +268,4 @@ def test_shipped_clover_beats_untrained_and_medusa(target):  # noqa: F811
     for set_name in ("held-out", "should-help"):
         assert taus[set_name, "clover"] > taus[set_name, "untrained"] + 0.1, taus
         assert taus[set_name, "clover"] > taus[set_name, "medusa"], taus
+    assert taus["should-help", "clover"] > 1.3, taus

@@ -293,3 +293,34 @@ def test_shipped_draft_lossless_per_depth_batch1_and_ragged_batch8(shipped):
     base = jaxdec.generate(t["model"], pp, t["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
     print("truncated-target draft τ:", base.stats["tau"])
     assert taus[cfg.num_layers, 8] > base.stats["tau"] + 0.05, (taus, base.stats["tau"])
+
+
+# the configuration measured on the should-help prompts: the highest τ on the 16 held-out prompts among the exits
+# and chain lengths (experiments/results/heads_tau_configs.md, draft_lm-* cells; not chosen on the should-help
+# prompts)
+TAU_DEPTH, TAU_TOKENS = 2, 4
+
+
+@pytest.mark.slow
+def test_shipped_draft_tau_on_should_help(shipped):
+    """With `TAU_DEPTH` / `TAU_TOKENS` on the should-help prompts: the tokens equal greedy's (near-tie rule) and
+    τ is above the layer-truncated target with the same layers and chain (the control) by a margin. Issue 16's
+    τ > 1.3 there is NOT reached by the distilled draft (1.277 with this configuration; exit 1 reaches 1.31, but
+    it is not the held-out choice; a 600-step retraining lowered it: experiments/results/draft_lm_600steps.md),
+    so it is not asserted (README, #16 row)."""
+    from selfref import lazy_teacher_logits
+    from test_heads_shipped import assert_greedy_on_should_help
+    from test_speculative import heldout_prompt_ids
+    from jaxdec.speculative import methods as M
+    t = shipped
+    prompts = heldout_prompt_ids()
+    ref = jaxdec.generate(t["model"], t["params"], prompts, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    should_help = {"prompts": prompts, "ref": ref,  # test_heads_shipped's fixture of that name, on this target
+                   "logits": lazy_teacher_logits(t["model"], t["params"], prompts, ref.tokens)}
+    dec, pp = D.build(t["model"], t["params"], t["path"], target=t["gguf"], depth=TAU_DEPTH, num_tokens=TAU_TOKENS)
+    out = jaxdec.generate(t["model"], pp, should_help["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    assert_greedy_on_should_help(t, should_help, out, f"draft_lm depth {TAU_DEPTH}")
+    dec, pp = M.draft_model(t["model"], t["params"], draft_layers=TAU_DEPTH, num_tokens=TAU_TOKENS)
+    base = jaxdec.generate(t["model"], pp, should_help["prompts"], decoder=dec, max_new_tokens=SHIPPED_MAX_NEW, batch_size=8)
+    print(f"should-help τ: draft_lm {out.stats['tau']}, truncated target {base.stats['tau']}")
+    assert out.stats["tau"] > base.stats["tau"] + 0.1, (out.stats["tau"], base.stats["tau"])
