@@ -78,6 +78,11 @@ CONFIGS = {
     "draft_lm-d2-chain1": ("draft_lm", {"depth": 2, "num_tokens": 1}),
     "draft_lm-d2-chain2": ("draft_lm", {"depth": 2, "num_tokens": 2}),
     "draft_lm-d2": ("draft_lm", {"depth": 2}),
+    "draft_lm-d1-sib3": ("draft_lm", {"depth": 1, "siblings": 3}),
+    "draft_lm-d1-sib4": ("draft_lm", {"depth": 1, "siblings": 4}),
+    "draft_lm-d2-chain2-sib3": ("draft_lm", {"depth": 2, "num_tokens": 2, "siblings": 3}),
+    "draft_lm-d2-sib3": ("draft_lm", {"depth": 2, "siblings": 3}),
+    "draft_lm-d2-sib4": ("draft_lm", {"depth": 2, "siblings": 4}),
 }
 
 

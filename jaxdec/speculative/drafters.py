@@ -419,17 +419,20 @@ class DraftModelDrafter:
     `jaxdec.speculative.heads.acceptance.AcceptanceStop`) reading the draft model's final-norm hidden
     state at each draft position; its params travel with the draft's:
     ``with_draft_params(target, {"model": draft params, "stop": head params})``. None (the default)
-    leaves every output and the params layout as they were."""
+    leaves every output and the params layout as they were.
+
+    siblings: w > 1 drafts a tree instead of the chain, at no extra draft call: the greedy chain, and at every
+    depth the draft's next w - 1 best tokens as leaves beside the chain's node (greedy drafts only; no stop
+    rule). 1 (the default) is the chain."""
 
     draft_model: object
     num_tokens: int = 4
     sample: bool = False
     stop_threshold: Optional[float] = None
     stop_head: Any = None
+    siblings: int = 1
 
     own_params = True
-    max_children = 1
-    is_chain = True
     extra_headroom = 1
 
     def __post_init__(self):
@@ -443,8 +446,27 @@ class DraftModelDrafter:
             if not callable(getattr(self.stop_head, "advance", None)):
                 raise TypeError(f"stop_head must have an advance(params, feat, surv, alive, index) method, got "
                                 f"{type(self.stop_head).__name__}")
+        w = self.siblings
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+            raise ValueError(f"siblings must be an integer >= 1, got {w!r}")
+        if w > 1 and (self.sample or self.stop_threshold is not None or self.stop_head is not None):
+            raise ValueError("siblings > 1 (a tree of the draft's runner-up tokens) drafts greedily without a stop "
+                             "rule: sample, stop_threshold and stop_head must be off")
 
-    num_nodes = property(lambda self: self.num_tokens)
+    is_chain = property(lambda self: self.siblings == 1)
+    max_children = property(lambda self: self.siblings)
+
+    @property
+    def spec(self) -> TreeSpec:
+        """Node order: per depth d = 1 .. num_tokens, the chain's node (rank 0) then its w - 1 siblings."""
+        w, parents, ranks = self.siblings, [], []
+        for d in range(self.num_tokens):
+            for r in range(w):
+                parents.append(0 if d == 0 else (d - 1) * w + 1)  # block index of the chain node one depth up
+                ranks.append(r)
+        return TreeSpec(tuple(parents), tuple(ranks))
+
+    num_nodes = property(lambda self: self.num_tokens * self.siblings)
     max_depth = property(lambda self: self.num_tokens)
     draft_calls_per_step = property(lambda self: self.num_tokens)
 
@@ -482,7 +504,9 @@ class DraftModelDrafter:
         out = dm(dparams, ds.pend, pos, dc, logits_at=(ds.npend - 1)[:, None])
         dc = rollback(out.cache, l0 + ds.npend)
 
-        if self.stop_head is None:
+        if self.siblings > 1:
+            draft, dc = self._sibling_tree(dm, dparams, dc, out.logits[:, 0])
+        elif self.stop_head is None:
             def step(c, x):
                 o = dm(dparams, x[:, None], c.lengths[:, None], c)
                 return o.cache, o.logits[:, 0]
@@ -498,10 +522,31 @@ class DraftModelDrafter:
             draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
                                               None, self.stop_head, sparams, feat0)
         drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
+        if self.siblings > 1:
+            drafted = jnp.full_like(drafted, self.num_tokens)  # the chain's length (what the draft cache holds)
         return draft, ds.replace(cache=dc, l0=l0, drafted=drafted), state.cache
+
+    def _sibling_tree(self, dm, dparams, dc, logits0):
+        """The greedy chain fed through the draft (num_tokens - 1 calls after the pending tokens') and each
+        depth's top ``siblings`` tokens -> (Draft in `spec`'s order, the draft cache holding the chain)."""
+        w, k = self.siblings, self.num_tokens
+
+        def body(carry, _):
+            c, lg = carry
+            top = jax.lax.top_k(lg.astype(jnp.float32), w)[1].astype(jnp.int32)  # [B,w]
+            o = dm(dparams, top[:, :1], c.lengths[:, None], c)
+            return (o.cache, o.logits[:, 0]), top
+
+        (dc, last), tops = jax.lax.scan(body, (dc, logits0), None, length=k - 1)  # tops [k-1,B,w]
+        tops = jnp.concatenate([tops, jax.lax.top_k(last.astype(jnp.float32), w)[1].astype(jnp.int32)[None]], axis=0)
+        toks = jnp.swapaxes(tops, 0, 1).reshape(tops.shape[1], k * w)  # [B, k*w]: depth-major, rank-minor
+        b = toks.shape[0]
+        return Draft(toks, self.spec.parents_array(b), jnp.ones(toks.shape, bool)), dc
 
     def update(self, model, dparams, state, dstate, info):
         from jaxdec.cache.kv import rollback
+        if self.siblings > 1:
+            return self._tree_update(dstate, state, info)
         m = dstate.drafted  # valid drafted tokens this step (all k without a stop rule)
         a = info.n_acc
         full = a >= m
@@ -513,6 +558,23 @@ class DraftModelDrafter:
         running = info.live & ~state.done
         dc = dstate.cache
         dc = rollback(dc, jnp.where(running, length, dstate.l0))
+        return dstate.replace(cache=dc, pend=jnp.where(running[:, None], pend, dstate.pend),
+                              npend=jnp.where(running, npend, dstate.npend))
+
+    def _tree_update(self, dstate, state, info):
+        """After a sibling tree's verify: the draft cache keeps the accepted path's tokens it was fed (the
+        chain's nodes); an accepted sibling, or the chain's last node (never fed), is pending with the bonus."""
+        from jaxdec.cache.kv import rollback
+        a = info.n_acc
+        node = jnp.take_along_axis(info.path, a[:, None], axis=1)[:, 0]  # block index of the last accepted node
+        tok = jnp.take_along_axis(info.block, node[:, None], axis=1)[:, 0]
+        bonus = jnp.take_along_axis(info.out, a[:, None], axis=1)[:, 0]
+        unfed = (a > 0) & (((node - 1) % self.siblings != 0) | (a >= self.num_tokens))
+        pend = jnp.where(unfed[:, None], jnp.stack([tok, bonus], 1), jnp.stack([bonus, bonus], 1))
+        npend = jnp.where(unfed, 2, 1).astype(jnp.int32)
+        length = jnp.where(unfed, info.start + a, info.start + 1 + a)
+        running = info.live & ~state.done
+        dc = rollback(dstate.cache, jnp.where(running, length, dstate.l0))
         return dstate.replace(cache=dc, pend=jnp.where(running[:, None], pend, dstate.pend),
                               npend=jnp.where(running, npend, dstate.npend))
 

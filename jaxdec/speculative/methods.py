@@ -252,13 +252,15 @@ def clover(model, params, heads, target=None, sampling: bool = False, stop_head=
 
 
 def draft_lm(model, params, heads, target=None, depth: Optional[int] = None, num_tokens: int = 4,
-             sampling: bool = False):
+             sampling: bool = False, siblings: int = 1):
     """-> (decoder, params). A small draft model distilled from the target, or exit ``depth`` of an S2D
     network of sorted nested drafts (`jaxdec.speculative.heads.draft_lm`): a heads file written by
     ``train/distill_draft.py`` (checked against the target like `medusa`) or a ``(DraftLMConfig, params,
-    d2t)`` triple; drafts chains of ``num_tokens``."""
+    d2t)`` triple; drafts chains of ``num_tokens`` (``siblings`` w > 1: plus each depth's next w - 1 best
+    tokens as leaves, a tree at the chain's draft calls; greedy verification)."""
     from jaxdec.speculative.heads.draft_lm import build
-    return build(model, params, heads, target=target, depth=depth, num_tokens=num_tokens, sampling=sampling)
+    return build(model, params, heads, target=target, depth=depth, num_tokens=num_tokens, sampling=sampling,
+                 siblings=siblings)
 
 
 def hidden_transfer(model, params, heads, target=None, sampling: bool = False, tree: Optional[TreeSpec] = None):

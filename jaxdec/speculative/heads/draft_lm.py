@@ -328,7 +328,7 @@ def load_draft_lm(path: str, fingerprint: Optional[str]):
 
 
 def build(model, params, heads, target=None, depth: Optional[int] = None, num_tokens: int = 4,
-          sampling: bool = False, compute: str = "auto", stop_threshold: Optional[float] = None):
+          sampling: bool = False, compute: str = "auto", stop_threshold: Optional[float] = None, siblings: int = 1):
     """-> (decoder, params): the distilled draft (or exit ``depth`` of an S2D network) drafting chains of
     ``num_tokens`` for the target through `DraftModelDrafter`.
 
@@ -338,7 +338,9 @@ def build(model, params, heads, target=None, depth: Optional[int] = None, num_to
     triple (no check). depth: the exit to draft with (one of ``config.exits``; default the deepest).
     compute: "f32", "q8_0" (layer matrices re-quantized at load) or "auto" (q8_0 when the target's layers
     are block-quantized, else f32). sampling: the draft's tokens are drawn from its distribution and
-    verified by lossless speculative sampling; otherwise greedy drafts and greedy verification."""
+    verified by lossless speculative sampling; otherwise greedy drafts and greedy verification. siblings: w > 1
+    adds the draft's next w - 1 best tokens at every depth as leaves beside the greedy chain (a tree of
+    ``num_tokens * w`` nodes at the chain's draft calls; greedy only, `DraftModelDrafter`)."""
     import os
     from jaxdec.speculative.drafters import DraftModelDrafter
     from jaxdec.speculative.engine import SpeculativeDecoder, with_draft_params
@@ -366,6 +368,7 @@ def build(model, params, heads, target=None, depth: Optional[int] = None, num_to
         compute = "q8_0" if _target_quantized(params) and config.hidden % 32 == 0 else "f32"
     dparams = draft_params(config, dp, model, params, d2t, int(d), compute)
     dm = DraftLM(config, int(d), model.vocab_size)
-    dec = SpeculativeDecoder(DraftModelDrafter(dm, int(num_tokens), sample=sampling, stop_threshold=stop_threshold),
+    dec = SpeculativeDecoder(DraftModelDrafter(dm, int(num_tokens), sample=sampling, stop_threshold=stop_threshold,
+                                               siblings=siblings),
                              "sampling" if sampling else "greedy")
     return dec, with_draft_params(params, dparams)
