@@ -312,6 +312,23 @@ def _draw_rows(keys, q):
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logq).astype(jnp.int32)
 
 
+def sampled_chain(spec: TreeSpec, logits, state, keys) -> Draft:
+    """A chain of ``spec.num_nodes`` tokens drawn independently from per-position scores ``logits [B, >= N, V]``
+    (node i from position i, after the rows' sampling processors: `draft_distribution`), one key per node split
+    from each row's draft key ``keys [B]`` -> `Draft` with the ``q [B,N,V]`` each token was drawn from (for
+    speculative sampling). Medusa heads, hidden transfer and PPD draft their sampled chains this way."""
+    n = spec.num_nodes
+    b = logits.shape[0]
+    ks = jax.vmap(lambda kk: jax.random.split(kk, n))(keys)  # [B,N]
+    toks, qs = [], []
+    for i in range(n):
+        _, q = draft_distribution(logits[:, i], state, True)
+        toks.append(_draw_rows(ks[:, i], q))
+        qs.append(q)
+    toks = jnp.stack(toks, axis=1)
+    return Draft(toks, spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1))
+
+
 def autoregressive_chain(step, carry, first_logits, state, keys, k: int, sample: bool, stop_threshold,
                          stop=None, stop_params=None, first_feat=None, d2t=None, vocab_size: Optional[int] = None):
     """Draft up to ``k`` tokens one call at a time. ``step(carry, x [B]) -> (carry, logits [B,V])`` feeds one

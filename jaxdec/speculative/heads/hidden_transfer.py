@@ -220,18 +220,9 @@ class HiddenTransferDrafter:
         logits = pseudo_logits(self.config, model, hp, tp, ds.h, state.last, state.cache)  # [B,k,V]
         b = logits.shape[0]
         spec = self.spec
-        if self.sample:
-            from jaxdec.speculative.drafters import _draw_rows, draft_distribution
-            k = self.config.num_tokens
-            ks = jax.vmap(lambda kx: jax.random.split(kx, k))(keys)  # [B,k]
-            toks, qs = [], []
-            for i in range(k):
-                _, q = draft_distribution(logits[:, i], state, True)
-                toks.append(_draw_rows(ks[:, i], q))
-                qs.append(q)
-            toks = jnp.stack(toks, axis=1)
-            return (Draft(toks, spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1)),
-                    ds, state.cache)
+        if self.sample:  # a chain of the k pseudo positions (the sampling spec is the chain)
+            from jaxdec.speculative.drafters import sampled_chain
+            return sampled_chain(spec, logits, state, keys), ds, state.cache
         r = max(spec.ranks) + 1
         top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [B,k,r]
         depth = np.asarray(spec.depths[1:]) - 1  # pseudo position of each node

@@ -218,19 +218,12 @@ class MedusaDrafter:
 
     def _sampled(self, model, dparams, state, keys, logits):
         """Chain of the K heads' tokens, each drawn from its head's processed distribution ``q``."""
-        from jaxdec.speculative.drafters import _draw_rows, draft_distribution
+        from jaxdec.speculative.drafters import sampled_chain
         k, b = logits.shape[:2]
         if self.config.draft_vocab:  # scores over the draft vocabulary -> the full vocabulary (others -inf)
             full = jnp.full((k, b, model.vocab_size), -jnp.inf, jnp.float32)
             logits = full.at[:, :, jnp.asarray(dparams["d2t"], jnp.int32)].set(logits.astype(jnp.float32))
-        ks = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)  # [B,K] keys
-        toks, qs = [], []
-        for i in range(k):
-            _, q = draft_distribution(logits[i], state, True)
-            toks.append(_draw_rows(ks[:, i], q))
-            qs.append(q)
-        toks = jnp.stack(toks, axis=1)
-        return Draft(toks, self.spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1))
+        return sampled_chain(self.spec, jnp.swapaxes(logits, 0, 1), state, keys)
 
     def update(self, model, dparams, state, dstate, info):
         node = jnp.take_along_axis(info.path, info.n_acc[:, None], axis=1)  # [B,1] block index of the last accepted

@@ -139,22 +139,6 @@ def target_embed(model, target_params, ids):
     return fn(target_params, ids).astype(jnp.float32)
 
 
-def _sampled_chain(spec: TreeSpec, logits, state, keys) -> Draft:
-    """A chain whose node ``i`` (depth ``i + 1``) is drawn from guess ``i``'s processed distribution:
-    ``logits [B, >= N, V]``, ``keys [B]`` the rows' draft keys -> Draft with ``q [B,N,V]``."""
-    from jaxdec.speculative.drafters import _draw_rows, draft_distribution
-    n = spec.num_nodes
-    b = logits.shape[0]
-    ks = jax.vmap(lambda kk: jax.random.split(kk, n))(keys)  # [B,N]
-    toks, qs = [], []
-    for i in range(n):
-        _, q = draft_distribution(logits[:, i], state, True)
-        toks.append(_draw_rows(ks[:, i], q))
-        qs.append(q)
-    toks = jnp.stack(toks, axis=1)
-    return Draft(toks, spec.parents_array(b), jnp.ones(toks.shape, bool), None, jnp.stack(qs, axis=1))
-
-
 def _check_sample(who: str, sample, is_chain: bool) -> None:
     if not isinstance(sample, (bool, np.bool_)):
         raise TypeError(f"{who}.sample must be a bool, got {type(sample).__name__}")
@@ -291,7 +275,8 @@ class PPDDrafter:
         spec = self.spec
         logits = guess_logits(self.config, {"prompt": hp}, model, tp, state.last, state.cache)  # [B,k+1,V]
         if self.sample:
-            return _sampled_chain(spec, logits, state, keys), state.method.draft, state.cache
+            from jaxdec.speculative.drafters import sampled_chain
+            return sampled_chain(spec, logits, state, keys), state.method.draft, state.cache
         r = max(spec.ranks) + 1
         top = jax.lax.top_k(logits, r)[1].astype(jnp.int32)  # [B,k+1,r]
         depth = np.asarray(spec.depths[1:]) - 1
@@ -370,7 +355,8 @@ class PPDInlineDrafter:
         spec = self.spec
         ds = state.method.draft
         if self.sample:
-            return _sampled_chain(spec, ds.logits, state, keys), ds, state.cache
+            from jaxdec.speculative.drafters import sampled_chain
+            return sampled_chain(spec, ds.logits, state, keys), ds, state.cache
         depth = np.asarray(spec.depths[1:]) - 1
         toks = ds.guess[:, depth, np.asarray(spec.ranks)]  # [B,N]
         b = toks.shape[0]
