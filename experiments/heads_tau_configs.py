@@ -1,5 +1,6 @@
 """τ of the shipped trained drafters under the draft configurations they accept (trees, chain lengths, unit
-cuts), on two prompt sets, so the configuration asserted by the tests is chosen on prompts the assertion
+cuts, the distilled draft's exits and sibling trees; LUD's lossy units, reported against greedy's output and
+never chosen), on two prompt sets, so the configuration asserted by the tests is chosen on prompts the assertion
 does not use (issues 15 and 16):
 
 * ``selection``: the 16 held-out prompts of jaxdec/data/prompts/heads_heldout.jsonl (10 chat turns, 6

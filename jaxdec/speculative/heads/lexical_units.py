@@ -165,7 +165,7 @@ class LexicalUnitDrafter:
                 raise TypeError(f"LexicalUnitDrafter.tree must be a TreeSpec or None, got {type(self.tree).__name__}")
             if self.tree.max_depth > self.config.max_unit:
                 raise ValueError(f"lud tree depth {self.tree.max_depth} exceeds the heads' max_unit "
-                                 f"{self.config.max_unit} (node depth d uses token head d)")
+                                 f"{self.config.max_unit} (a node at depth d uses token head d - 1)")
         if self.lossy and not self.is_chain:
             raise ValueError("lud: lossy=True accepts one unit unverified, so it needs the chain (tree=None)")
 
