@@ -538,9 +538,7 @@ class DraftModelDrafter:
             feat0 = jnp.take_along_axis(out.hidden, (ds.npend - 1)[:, None, None], axis=1)[:, 0]
             draft, dc = autoregressive_chain(step, dc, out.logits[:, 0], state, keys, self.num_tokens, self.sample,
                                               None, self.stop_head, sparams, feat0)
-        drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)
-        if self.siblings > 1:
-            drafted = jnp.full_like(drafted, self.num_tokens)  # the chain's length (what the draft cache holds)
+        drafted = jnp.sum(draft.valid, axis=1).astype(jnp.int32)  # (a sibling tree's update does not read it)
         return draft, ds.replace(cache=dc, l0=l0, drafted=drafted), state.cache
 
     def _sibling_tree(self, dm, dparams, dc, logits0):
